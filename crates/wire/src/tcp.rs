@@ -1,0 +1,397 @@
+//! The TCP transport: one multiplexed connection per peer address.
+//!
+//! Each connection has a reader task and a writer task. The writer coalesces
+//! queued frames into one `write` so many small calls cost one syscall; the
+//! reader routes replies to waiting callers by correlation id.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::frame::{Decoder, Frame, Kind};
+use crate::{
+    BoxFuture, CallError, ErrorCode, Handler, RemoteError, Request, ServeHandle, ServerStats,
+    Transport,
+};
+
+/// Calls waiting for a reply on one connection. Why bounded: a peer that
+/// stops answering must not make us queue without limit.
+pub const CALLS_IN_FLIGHT_MAX: usize = 4096;
+/// Requests one server connection handles at once; further requests wait
+/// (TCP back-pressure reaches the client).
+pub const REQUESTS_IN_FLIGHT_PER_CONNECTION_MAX: usize = 1024;
+/// Connections one server accepts at once.
+pub const CONNECTIONS_MAX: usize = 4096;
+/// Frames queued for one connection's writer.
+const WRITE_QUEUE_FRAMES_MAX: usize = 8192;
+/// The writer flushes once this much is buffered even if more frames wait.
+const WRITE_BATCH_BYTES_MAX: usize = 1024 * 1024;
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Frame>>>;
+
+struct Connection {
+    address: String,
+    writer: mpsc::Sender<Frame>,
+    pending: Pending,
+    next_correlation: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl Connection {
+    fn fail_all_pending(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        // Dropping the senders wakes every waiter with ConnectionLost.
+        self.pending.lock().expect("pending lock poisoned").clear();
+    }
+}
+
+/// The real transport. Cheap to clone; clones share their connections.
+#[derive(Clone, Default)]
+pub struct TcpTransport {
+    connections: Arc<tokio::sync::Mutex<HashMap<String, Arc<Connection>>>>,
+}
+
+impl TcpTransport {
+    pub fn new() -> TcpTransport {
+        TcpTransport::default()
+    }
+
+    async fn connection(
+        &self,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<Arc<Connection>, CallError> {
+        let mut connections = self.connections.lock().await;
+        if let Some(connection) = connections.get(address) {
+            if !connection.closed.load(Ordering::SeqCst) {
+                return Ok(connection.clone());
+            }
+            connections.remove(address);
+        }
+        let connect_error = |reason: String| CallError::Connect {
+            address: address.to_string(),
+            reason,
+        };
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| connect_error(format!("timed out after {} ms", timeout.as_millis())))?
+            .map_err(|error| connect_error(error.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|error| connect_error(error.to_string()))?;
+        let (read_half, write_half) = stream.into_split();
+        let (writer, queue) = mpsc::channel(WRITE_QUEUE_FRAMES_MAX);
+        let connection = Arc::new(Connection {
+            address: address.to_string(),
+            writer,
+            pending: Mutex::new(HashMap::new()),
+            next_correlation: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(write_frames(write_half, queue, address.to_string()));
+        tokio::spawn(read_replies(read_half, connection.clone()));
+        connections.insert(address.to_string(), connection.clone());
+        Ok(connection)
+    }
+
+    async fn call_inner(
+        &self,
+        address: String,
+        method: u32,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, CallError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let connection = self.connection(&address, timeout).await?;
+        let correlation = connection.next_correlation.fetch_add(1, Ordering::Relaxed);
+        let (reply_sender, reply) = oneshot::channel();
+        {
+            let mut pending = connection.pending.lock().expect("pending lock poisoned");
+            if pending.len() >= CALLS_IN_FLIGHT_MAX {
+                return Err(CallError::Overloaded { address });
+            }
+            if connection.closed.load(Ordering::SeqCst) {
+                return Err(CallError::ConnectionLost { address });
+            }
+            pending.insert(correlation, reply_sender);
+        }
+        let frame = Frame {
+            kind: Kind::Request,
+            method,
+            correlation,
+            payload,
+        };
+        let outcome = tokio::time::timeout_at(deadline, async {
+            connection
+                .writer
+                .send(frame)
+                .await
+                .map_err(|_| CallError::ConnectionLost {
+                    address: address.clone(),
+                })?;
+            reply.await.map_err(|_| CallError::ConnectionLost {
+                address: address.clone(),
+            })
+        })
+        .await;
+        let frame = match outcome {
+            Ok(result) => result?,
+            Err(_) => {
+                connection
+                    .pending
+                    .lock()
+                    .expect("pending lock poisoned")
+                    .remove(&correlation);
+                return Err(CallError::Timeout {
+                    address,
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+        };
+        match frame.kind {
+            Kind::Response => Ok(frame.payload),
+            Kind::Error => {
+                let error =
+                    postcard::from_bytes::<RemoteError>(&frame.payload).unwrap_or_else(|error| {
+                        RemoteError::new(
+                            ErrorCode::Internal,
+                            format!("undecodable error reply: {error}"),
+                        )
+                    });
+                Err(CallError::Remote { address, error })
+            }
+            Kind::Request => unreachable!("read_replies never routes requests"),
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn call(
+        &self,
+        to: &str,
+        method: u32,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> BoxFuture<Result<Bytes, CallError>> {
+        let transport = self.clone();
+        let address = to.to_string();
+        Box::pin(async move {
+            transport
+                .call_inner(address, method, payload, timeout)
+                .await
+        })
+    }
+
+    fn serve(
+        &self,
+        address: &str,
+        handler: Arc<dyn Handler>,
+    ) -> BoxFuture<std::io::Result<ServeHandle>> {
+        let address = address.to_string();
+        Box::pin(async move { serve_tcp(&address, handler).await })
+    }
+}
+
+async fn write_frames(mut stream: OwnedWriteHalf, mut queue: mpsc::Receiver<Frame>, peer: String) {
+    let mut buffer = BytesMut::with_capacity(64 * 1024);
+    while let Some(frame) = queue.recv().await {
+        frame.encode(&mut buffer);
+        while buffer.len() < WRITE_BATCH_BYTES_MAX {
+            match queue.try_recv() {
+                Ok(frame) => frame.encode(&mut buffer),
+                Err(_) => break,
+            }
+        }
+        if let Err(error) = stream.write_all(&buffer).await {
+            tracing::debug!(%peer, %error, "write failed; closing connection");
+            return;
+        }
+        buffer.clear();
+    }
+    let _ = stream.shutdown().await;
+}
+
+async fn read_replies(mut stream: OwnedReadHalf, connection: Arc<Connection>) {
+    let decoder = Decoder::default();
+    let mut buffer = BytesMut::with_capacity(READ_BUFFER_BYTES);
+    loop {
+        loop {
+            match decoder.decode(&mut buffer) {
+                Ok(Some(frame)) if frame.kind != Kind::Request => {
+                    let waiter = connection
+                        .pending
+                        .lock()
+                        .expect("pending lock poisoned")
+                        .remove(&frame.correlation);
+                    // A reply for a call that timed out is dropped.
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(frame);
+                    }
+                }
+                Ok(Some(frame)) => {
+                    tracing::warn!(peer = %connection.address, method = frame.method,
+                        "server sent a request on a client connection; closing");
+                    connection.fail_all_pending();
+                    return;
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(peer = %connection.address, %error, "bad frame from server; closing connection");
+                    connection.fail_all_pending();
+                    return;
+                }
+            }
+        }
+        match stream.read_buf(&mut buffer).await {
+            Ok(0) | Err(_) => {
+                connection.fail_all_pending();
+                return;
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn serve_tcp(address: &str, handler: Arc<dyn Handler>) -> std::io::Result<ServeHandle> {
+    let listener = TcpListener::bind(address).await?;
+    let local_address = listener.local_addr()?.to_string();
+    let stats = Arc::new(ServerStats::default());
+    let (stop_sender, mut stop) = tokio::sync::watch::channel(false);
+    let accept_stats = stats.clone();
+    tokio::spawn(async move {
+        let connections = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.changed() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                accept_stats
+                    .connections_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, limit = CONNECTIONS_MAX, "connection limit reached; refusing");
+                continue;
+            };
+            accept_stats
+                .connections_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            let _ = stream.set_nodelay(true);
+            let handler = handler.clone();
+            let stats = accept_stats.clone();
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = serve_connection(stream, peer.to_string(), handler, stats) => {}
+                    _ = stop.changed() => {}
+                }
+                drop(permit);
+            });
+        }
+    });
+    Ok(ServeHandle::new(
+        local_address,
+        stats,
+        Box::new(move || {
+            let _ = stop_sender.send(true);
+        }),
+    ))
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: String,
+    handler: Arc<dyn Handler>,
+    stats: Arc<ServerStats>,
+) {
+    let (mut read_half, write_half) = stream.into_split();
+    let (writer, queue) = mpsc::channel(WRITE_QUEUE_FRAMES_MAX);
+    let writer_task = tokio::spawn(write_frames(write_half, queue, peer.clone()));
+    let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_PER_CONNECTION_MAX));
+    let decoder = Decoder::default();
+    let mut buffer = BytesMut::with_capacity(READ_BUFFER_BYTES);
+    'connection: loop {
+        loop {
+            match decoder.decode(&mut buffer) {
+                Ok(Some(frame)) if frame.kind == Kind::Request => {
+                    stats.requests.fetch_add(1, Ordering::Relaxed);
+                    let permit = in_flight
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore never closed");
+                    let handler = handler.clone();
+                    let writer = writer.clone();
+                    let peer = peer.clone();
+                    tokio::spawn(async move {
+                        let request = Request {
+                            method: frame.method,
+                            payload: frame.payload,
+                            peer,
+                        };
+                        let reply = match handler.handle(request).await {
+                            Ok(payload) => Frame {
+                                kind: Kind::Response,
+                                method: frame.method,
+                                correlation: frame.correlation,
+                                payload,
+                            },
+                            Err(error) => Frame {
+                                kind: Kind::Error,
+                                method: frame.method,
+                                correlation: frame.correlation,
+                                payload: crate::encode(&error),
+                            },
+                        };
+                        let _ = writer.send(reply).await;
+                        drop(permit);
+                    });
+                }
+                Ok(Some(frame)) => {
+                    stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, kind = ?frame.kind, "client sent a non-request frame; closing connection");
+                    break 'connection;
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, %error, "bad frame; closing connection");
+                    break 'connection;
+                }
+            }
+        }
+        match read_half.read_buf(&mut buffer).await {
+            Ok(0) => {
+                if let Err(error) = decoder.finish(&buffer) {
+                    stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, %error, "bad frame; closing connection");
+                }
+                break;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::debug!(%peer, %error, "read failed; closing connection");
+                break;
+            }
+        }
+    }
+    drop(writer);
+    // Let replies already queued go out, but do not wait on a dead peer forever.
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+}

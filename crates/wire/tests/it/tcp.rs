@@ -1,0 +1,190 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wire::frame::{Frame, Kind, PAYLOAD_SIZE_MAX};
+use wire::tcp::TcpTransport;
+use wire::{CallError, ErrorCode, RemoteError, Request, Transport};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn echo_server() -> wire::ServeHandle {
+    let handler = |request: Request| async move {
+        match request.method {
+            1 => Ok(request.payload),
+            2 => Err(RemoteError::new(ErrorCode::Internal, "asked to fail")),
+            3 => {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok(Bytes::new())
+            }
+            _ => Err(RemoteError::new(ErrorCode::UnknownMethod, "no such method")),
+        }
+    };
+    TcpTransport::new()
+        .serve("127.0.0.1:0", Arc::new(handler))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn calls_are_answered_and_correlated() {
+    let server = echo_server().await;
+    let transport = TcpTransport::new();
+    let mut calls = Vec::new();
+    for index in 0..200u32 {
+        let transport = transport.clone();
+        let address = server.local_address.clone();
+        calls.push(tokio::spawn(async move {
+            let payload = Bytes::from(index.to_le_bytes().repeat(index as usize % 50 + 1));
+            let reply = transport
+                .call(&address, 1, payload.clone(), TIMEOUT)
+                .await
+                .unwrap();
+            assert_eq!(reply, payload);
+        }));
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    server.stop();
+}
+
+#[tokio::test]
+async fn remote_errors_and_timeouts_are_distinct() {
+    let server = echo_server().await;
+    let transport = TcpTransport::new();
+    let error = transport
+        .call(&server.local_address, 2, Bytes::new(), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        CallError::Remote {
+            error: RemoteError {
+                code: ErrorCode::Internal,
+                ..
+            },
+            ..
+        }
+    ));
+    let error = transport
+        .call(
+            &server.local_address,
+            3,
+            Bytes::new(),
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, CallError::Timeout { .. }), "{error:?}");
+    assert!(error.is_ambiguous());
+    // The connection still works after a timed-out call.
+    let reply = transport
+        .call(&server.local_address, 1, Bytes::from_static(b"ok"), TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(&reply[..], b"ok");
+}
+
+#[tokio::test]
+async fn connect_failure_is_reported() {
+    let transport = TcpTransport::new();
+    // Port 1 on loopback is closed on these machines.
+    let error = transport
+        .call("127.0.0.1:1", 1, Bytes::new(), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, CallError::Connect { .. }), "{error:?}");
+}
+
+/// Sends `bytes` on a fresh connection and expects the server to close it.
+async fn expect_closed_after(address: &str, bytes: &[u8], close_write: bool) {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    if close_write {
+        stream.shutdown().await.unwrap();
+    }
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut sink)).await;
+    assert!(
+        read.is_ok(),
+        "server kept a connection open after bad input {:?}",
+        &bytes[..bytes.len().min(8)]
+    );
+}
+
+fn encode(frame: &Frame) -> BytesMut {
+    let mut buffer = BytesMut::new();
+    frame.encode(&mut buffer);
+    buffer
+}
+
+fn reseal_header(buffer: &mut BytesMut) {
+    let crc = crc32c::crc32c(&buffer[..28]);
+    buffer[28..32].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[tokio::test]
+async fn bad_input_closes_only_that_connection() {
+    let server = echo_server().await;
+    let address = server.local_address.clone();
+    let transport = TcpTransport::new();
+    // A healthy client keeps calling throughout.
+    let healthy = {
+        let transport = transport.clone();
+        let address = address.clone();
+        tokio::spawn(async move {
+            for index in 0..400u32 {
+                let payload = Bytes::from(index.to_le_bytes().to_vec());
+                let reply = transport
+                    .call(&address, 1, payload.clone(), TIMEOUT)
+                    .await
+                    .unwrap();
+                assert_eq!(reply, payload);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let good = Frame {
+        kind: Kind::Request,
+        method: 1,
+        correlation: 1,
+        payload: Bytes::from_static(b"abc"),
+    };
+
+    // Garbage.
+    expect_closed_after(
+        &address,
+        b"\x00\x01garbage garbage garbage garbage garbage",
+        false,
+    )
+    .await;
+    // Truncated: a valid header whose payload never comes.
+    let whole = encode(&good);
+    expect_closed_after(&address, &whole[..whole.len() - 2], true).await;
+    // Oversize.
+    let mut oversize = encode(&good);
+    oversize[12..16].copy_from_slice(&((PAYLOAD_SIZE_MAX as u32) + 1).to_le_bytes());
+    reseal_header(&mut oversize);
+    expect_closed_after(&address, &oversize, false).await;
+    // Wrong version.
+    let mut wrong_version = encode(&good);
+    wrong_version[4] = 2;
+    reseal_header(&mut wrong_version);
+    expect_closed_after(&address, &wrong_version, false).await;
+    // Corrupted payload.
+    let mut corrupted = encode(&good);
+    let last = corrupted.len() - 1;
+    corrupted[last] ^= 0xff;
+    expect_closed_after(&address, &corrupted, false).await;
+
+    healthy.await.unwrap();
+    let bad = server
+        .stats
+        .bad_frames
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(bad, 5, "every bad connection is counted");
+    server.stop();
+}
