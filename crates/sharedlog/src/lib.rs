@@ -1,0 +1,3 @@
+//! `sharedlog`: Tessera's replicated shared log.
+pub mod store;
+pub mod types;
