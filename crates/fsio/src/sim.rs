@@ -79,12 +79,6 @@ impl SimFs {
         state.inodes = fresh;
         state.current = state.durable.clone();
     }
-
-    fn inode(&self, path: &Path) -> io::Result<Arc<Mutex<Inode>>> {
-        let state = self.state.lock().expect("simfs lock poisoned");
-        let index = state.current.get(path).ok_or_else(|| not_found(path))?;
-        Ok(state.inodes[*index].clone())
-    }
 }
 
 fn not_found(path: &Path) -> io::Error {

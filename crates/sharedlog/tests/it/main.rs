@@ -1,0 +1,4 @@
+//! Integration tests for `sharedlog`: in-process replicas over real TCP.
+
+mod cluster;
+mod replication;
