@@ -367,10 +367,8 @@ impl<T: Transport> LogClient<T> {
         self.caller.call_leader(method::UNREGISTER, &client).await
     }
 
-    pub async fn gc_report(&self, report: GcReport) -> Result<GcOutcome, ClientError> {
-        self.caller
-            .call_leader(method::GC_REPORT, &GcReportRequest { report })
-            .await
+    pub async fn gc_report(&self, report: &GcReport) -> Result<GcOutcome, ClientError> {
+        self.caller.call_leader(method::GC_REPORT, report).await
     }
 
     pub async fn status(&self, address: &str) -> Result<LogStatus, ClientError> {

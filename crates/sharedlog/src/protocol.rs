@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::machine::GcClient;
-use crate::raft::{AppendBatch, AppendRejected, GcReport, NodeId};
+use crate::raft::{AppendBatch, AppendRejected, NodeId};
 use crate::types::{ClientId, Entry, Position, ReadOutcome, StreamId};
 
 /// Method numbers; the log owns 0x0100..0x0200.
@@ -84,11 +84,6 @@ pub struct RegisterRequest {
     pub client: ClientId,
     pub name: String,
     pub streams: Vec<StreamId>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct GcReportRequest {
-    pub report: GcReport,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

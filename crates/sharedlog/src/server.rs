@@ -19,7 +19,7 @@ use wire::{ErrorCode, RemoteError, Request, Transport};
 use crate::machine::{Shared, SnapshotData, StateMachine};
 use crate::network::Network;
 use crate::protocol::*;
-use crate::raft::{AppendBatch, Command, CommandResult, NodeId, Raft};
+use crate::raft::{AppendBatch, Command, CommandResult, GcReport, NodeId, Raft};
 use crate::raftlog::{IoMode, RaftLogStore};
 use crate::types::{Position, ReadOutcome};
 
@@ -367,8 +367,8 @@ impl LogServer {
         }
     }
 
-    pub async fn gc_report(&self, request: GcReportRequest) -> LogResult<GcOutcome> {
-        match self.write_command(Command::Gc(request.report)).await? {
+    pub async fn gc_report(&self, report: GcReport) -> LogResult<GcOutcome> {
+        match self.write_command(Command::Gc(report)).await? {
             CommandResult::Collected {
                 deleted,
                 snapshot_mark,
@@ -523,7 +523,7 @@ impl LogServer {
             }
             method::TAIL => encode(&self.tail().await),
             method::GC_REPORT => {
-                let report: GcReportRequest = decode_request(&request)?;
+                let report: GcReport = decode_request(&request)?;
                 encode(&self.gc_report(report).await)
             }
             method::REGISTER => {

@@ -38,6 +38,8 @@ pub const PAYLOAD_SIZE_MAX: usize = 8 * 1024 * 1024;
 /// The most streams one entry may belong to.
 pub const STREAMS_PER_ENTRY_MAX: usize = 16;
 const DELETED: u32 = 1 << 31;
+/// The file system block size hole punching works in.
+const HOLE_BLOCK: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -80,6 +82,101 @@ impl Segment {
     fn slot(&self, position: Position) -> Option<u32> {
         let index = position.checked_sub(self.first_position)? as usize;
         self.offsets.get(index).copied()
+    }
+
+    /// Reads the header of the record at `index`: its streams, kind and
+    /// length on disk (cheaper than the whole record when deleting).
+    fn read_header(&self, index: usize) -> Result<(Vec<StreamId>, EntryKind, u64), StoreError> {
+        let start = (self.offsets[index] & !DELETED) as u64;
+        let position = self.first_position + index as u64;
+        let corrupt = || StoreError::Corrupt {
+            position,
+            segment: self.name(),
+        };
+        let mut header = [0u8; RECORD_HEADER_SIZE];
+        self.file.read_exact_at(&mut header, start)?;
+        let u32_at = |offset: usize| {
+            u32::from_le_bytes(header[offset..offset + 4].try_into().expect("4 bytes"))
+        };
+        let stored_position = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        let stream_count = u16::from_le_bytes(header[24..26].try_into().expect("2 bytes")) as usize;
+        let kind = EntryKind::from_u8(header[26]).ok_or_else(corrupt)?;
+        if u32_at(0) != RECORD_MAGIC
+            || stored_position != position
+            || stream_count > STREAMS_PER_ENTRY_MAX
+        {
+            return Err(corrupt());
+        }
+        let mut streams = vec![0u8; stream_count * 8];
+        self.file
+            .read_exact_at(&mut streams, start + RECORD_HEADER_SIZE as u64)?;
+        let streams = streams
+            .chunks_exact(8)
+            .map(|bytes| StreamId(u64::from_le_bytes(bytes.try_into().expect("8 bytes"))))
+            .collect();
+        Ok((streams, kind, u32_at(20) as u64))
+    }
+
+    /// Widens the byte range of newly deleted slots `first_slot..end_slot`
+    /// over neighbouring dead bytes, up to the enclosing block boundaries,
+    /// so that a block shared with records deleted earlier is freed too
+    /// (punching only frees whole blocks). Never widens over a live record.
+    fn widen_dead_range(
+        &self,
+        start: u64,
+        end: u64,
+        first_slot: usize,
+        end_slot: usize,
+    ) -> (u64, u64) {
+        let floor = start & !(HOLE_BLOCK - 1);
+        let ceiling = (end + HOLE_BLOCK - 1) & !(HOLE_BLOCK - 1);
+        let mut low = start;
+        let mut slot = first_slot;
+        while slot > 0 && low > floor {
+            let previous = self.offsets[slot - 1];
+            if previous & DELETED == 0 {
+                break;
+            }
+            low = (previous & !DELETED) as u64;
+            slot -= 1;
+        }
+        if slot == 0
+            && self
+                .offsets
+                .first()
+                .is_none_or(|offset| offset & DELETED != 0)
+        {
+            low = 0;
+        }
+        let mut high = end;
+        let mut slot = end_slot;
+        loop {
+            if high >= ceiling {
+                break;
+            }
+            match self.offsets.get(slot) {
+                // Past the last record nothing is written (yet): the
+                // whole block is ours to free.
+                None => {
+                    high = ceiling;
+                    break;
+                }
+                Some(next) if next & DELETED == 0 => {
+                    high = high.max((next & !DELETED) as u64);
+                    break;
+                }
+                Some(_) => {
+                    slot += 1;
+                    high = self
+                        .offsets
+                        .get(slot)
+                        .map(|offset| (offset & !DELETED) as u64)
+                        .unwrap_or(self.end)
+                        .max(high);
+                }
+            }
+        }
+        (low.max(floor), high.min(ceiling).max(end))
     }
 
     /// Reads and verifies the record of the live position at `index`.
@@ -591,7 +688,8 @@ impl EntryStore {
                 .next()
                 .map(|(next, _)| *next)
                 .unwrap_or(u64::MAX);
-            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            // (start offset, end offset, first slot, slot after the last).
+            let mut ranges: Vec<(u64, u64, usize, usize)> = Vec::new();
             while index < sorted.len() && sorted[index] < segment_last {
                 let position = sorted[index];
                 index += 1;
@@ -603,23 +701,21 @@ impl EntryStore {
                     continue;
                 }
                 let slot_index = (position - first) as usize;
-                let entry = segment.read_record(slot_index)?;
+                let (streams, kind, record_len) = segment.read_header(slot_index)?;
                 let start = (slot & !DELETED) as u64;
-                let end = start
-                    + record_size(&Record {
-                        streams: entry.streams.clone(),
-                        kind: entry.kind,
-                        payload: entry.payload.clone(),
-                    }) as u64;
-                for stream in &entry.streams {
-                    touched_streams.push((*stream, entry.kind == EntryKind::Checkpoint));
+                let end = start + record_len;
+                for stream in &streams {
+                    touched_streams.push((*stream, kind == EntryKind::Checkpoint));
                 }
                 let segment = self.segments.get_mut(&first).expect("found above");
                 segment.offsets[slot_index] |= DELETED;
                 segment.live_entries -= 1;
                 match ranges.last_mut() {
-                    Some(last) if last.1 == start => last.1 = end,
-                    _ => ranges.push((start, end)),
+                    Some(last) if last.1 == start => {
+                        last.1 = end;
+                        last.3 = slot_index + 1;
+                    }
+                    _ => ranges.push((start, end, slot_index, slot_index + 1)),
                 }
                 freed += end - start;
                 self.live_entries -= 1;
@@ -632,7 +728,8 @@ impl EntryStore {
                 continue;
             }
             let file = segment.file.clone();
-            for (start, end) in ranges {
+            for (start, end, first_slot, end_slot) in ranges {
+                let (start, end) = segment.widen_dead_range(start, end, first_slot, end_slot);
                 if let Err(error) = file.punch_hole(start, end - start) {
                     return self.fail(error);
                 }

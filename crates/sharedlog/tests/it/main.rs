@@ -1,4 +1,6 @@
 //! Integration tests for `sharedlog`: in-process replicas over real TCP.
 
 mod cluster;
+mod gc;
 mod replication;
+mod smr;
