@@ -354,9 +354,15 @@ impl<T: Transport> LogClient<T> {
             .await
     }
 
-    pub async fn register(&self, name: &str, streams: Vec<StreamId>) -> Result<(), ClientError> {
+    /// Registers GC client `client` as a reader of `streams` (all if empty).
+    pub async fn register(
+        &self,
+        client: ClientId,
+        name: &str,
+        streams: Vec<StreamId>,
+    ) -> Result<(), ClientError> {
         let request = RegisterRequest {
-            client: self.client_id(),
+            client,
             name: name.to_string(),
             streams,
         };

@@ -265,6 +265,10 @@ pub struct RuntimeConfig {
     pub poll_wait: Duration,
     /// Whether this runtime writes checkpoints (several may; duplicates are harmless).
     pub checkpoints: bool,
+    /// The id this runtime reports GC progress under. Stable across restarts
+    /// (so a returning host keeps its progress), unlike the log client's id,
+    /// which must be new for every process (it keys append deduplication).
+    pub gc_client_id: Option<ClientId>,
 }
 
 impl RuntimeConfig {
@@ -275,6 +279,7 @@ impl RuntimeConfig {
             apply_timeout: Duration::from_secs(30),
             poll_wait: Duration::from_secs(1),
             checkpoints: true,
+            gc_client_id: None,
         }
     }
 }
@@ -592,7 +597,15 @@ async fn report_gc<T: Transport>(inner: Weak<RuntimeInner<T>>) {
                     objects.iter().map(|(stream, _)| *stream).collect();
                 streams.sort();
                 streams.dedup();
-                match runtime.client.register(&runtime.config.name, streams).await {
+                let client = runtime
+                    .config
+                    .gc_client_id
+                    .unwrap_or(runtime.client.client_id());
+                match runtime
+                    .client
+                    .register(client, &runtime.config.name, streams)
+                    .await
+                {
                     Ok(()) => registered_version = version,
                     Err(error) => {
                         tracing::debug!(%error, "GC client registration failed; will retry")

@@ -176,7 +176,7 @@ async fn overwriting_one_key_keeps_the_store_small() {
 
     // A client that registers and then stops reporting holds the mark back.
     let stalled = cluster.client(42);
-    stalled.register("stalled", vec![stream]).await.unwrap();
+    stalled.register(42, "stalled", vec![stream]).await.unwrap();
     let tail = client.tail().await.unwrap();
     stalled
         .gc_report(&GcReport {

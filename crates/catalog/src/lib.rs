@@ -1,0 +1,158 @@
+//! `catalog`: the cluster's metadata.
+//!
+//! - [`bootstrap`]: the config that exists before the log does (cluster id,
+//!   seed hosts, log replicas), kept in a directory of numbered versions that
+//!   hosts update by atomic directory rename.
+//! - [`Catalog`]: hosts, disks and sites as replicated maps on the shared log,
+//!   with compare-and-set on versions and change notification. Later issues
+//!   add objects, LUNs, targets, the VIP, reservations and the memory pool.
+//!
+//! **Boundary:** knows the shared log and its SMR objects; knows nothing of
+//! storage, iSCSI or the node daemon.
+
+pub mod bootstrap;
+pub mod records;
+
+use sharedlog::objects::{Conflict, Map};
+use sharedlog::smr::{Replicated, Runtime, SmrError};
+use sharedlog::types::{Position, StreamId};
+use tokio::sync::watch;
+use wire::Transport;
+
+pub use records::*;
+
+pub const HOSTS_STREAM: StreamId = StreamId::from_name("catalog/hosts");
+pub const DISKS_STREAM: StreamId = StreamId::from_name("catalog/disks");
+pub const SITES_STREAM: StreamId = StreamId::from_name("catalog/sites");
+
+/// Compare-and-set retries before an update gives up (contention is between
+/// a handful of hosts; this bounds a pathological loop).
+pub const UPDATE_RETRIES_MAX: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error(transparent)]
+    Log(#[from] SmrError),
+    #[error("gave up after {UPDATE_RETRIES_MAX} conflicting updates of {0}")]
+    Contended(String),
+    #[error("{0} not found")]
+    NotFound(String),
+}
+
+/// The cluster catalog as one host sees it.
+pub struct Catalog<T: Transport> {
+    pub hosts: Replicated<Map<HostId, HostRecord>, T>,
+    pub disks: Replicated<Map<String, DiskRecord>, T>,
+    pub sites: Replicated<Map<String, SiteRecord>, T>,
+}
+
+impl<T: Transport> Catalog<T> {
+    /// Opens every catalog object (each catches up with the log first).
+    pub async fn open(runtime: &Runtime<T>) -> Result<Catalog<T>, CatalogError> {
+        Ok(Catalog {
+            hosts: runtime.open(HOSTS_STREAM).await?,
+            disks: runtime.open(DISKS_STREAM).await?,
+            sites: runtime.open(SITES_STREAM).await?,
+        })
+    }
+
+    /// Changes whenever the host table changes.
+    pub fn watch_hosts(&self) -> watch::Receiver<u64> {
+        self.hosts.changes()
+    }
+
+    /// All hosts, linearizably.
+    pub async fn hosts(&self) -> Result<Vec<(HostRecord, Position)>, CatalogError> {
+        Ok(self
+            .hosts
+            .entries()
+            .await?
+            .into_iter()
+            .map(|(_, record, version)| (record, version))
+            .collect())
+    }
+
+    /// Reads, modifies and writes a host record with compare-and-set,
+    /// retrying on conflict. `modify` returns `None` to leave it as it is.
+    /// Every change bumps the record's epoch.
+    pub async fn update_host(
+        &self,
+        id: HostId,
+        mut modify: impl FnMut(Option<&HostRecord>) -> Option<HostRecord>,
+    ) -> Result<Option<(HostRecord, Position)>, CatalogError> {
+        for _ in 0..UPDATE_RETRIES_MAX {
+            let current = self.hosts.get(&id).await?;
+            let Some(mut updated) = modify(current.as_ref().map(|(record, _)| record)) else {
+                return Ok(current);
+            };
+            updated.epoch = current
+                .as_ref()
+                .map(|(record, _)| record.epoch + 1)
+                .unwrap_or(1);
+            let expected = current.as_ref().map(|(_, version)| *version);
+            match self
+                .hosts
+                .compare_and_set(id, expected, Some(updated.clone()))
+                .await?
+            {
+                Ok(version) => return Ok(Some((updated, version))),
+                Err(Conflict { .. }) => continue,
+            }
+        }
+        Err(CatalogError::Contended(format!("host {id}")))
+    }
+
+    /// Registers (or re-registers after a restart) a host as up.
+    pub async fn register_host(
+        &self,
+        record: HostRecord,
+    ) -> Result<(HostRecord, Position), CatalogError> {
+        let id = record.id;
+        let registered = self
+            .update_host(id, |current| {
+                let mut updated = record.clone();
+                updated.state = HostState::Up;
+                match current {
+                    Some(current) if current.same_registration(&updated) => None,
+                    _ => Some(updated),
+                }
+            })
+            .await?;
+        registered.ok_or_else(|| CatalogError::NotFound(format!("host {id}")))
+    }
+
+    /// Sets a host's state if its epoch is still `expected_epoch` (fencing:
+    /// a decision made on stale information does not apply).
+    pub async fn set_host_state(
+        &self,
+        id: HostId,
+        state: HostState,
+        expected_epoch: u64,
+    ) -> Result<Result<u64, Conflict>, CatalogError> {
+        let Some((current, version)) = self.hosts.get(&id).await? else {
+            return Err(CatalogError::NotFound(format!("host {id}")));
+        };
+        if current.epoch != expected_epoch {
+            return Ok(Err(Conflict {
+                current: Some(version),
+            }));
+        }
+        let mut updated = current;
+        updated.state = state;
+        updated.epoch += 1;
+        let epoch = updated.epoch;
+        Ok(self
+            .hosts
+            .compare_and_set(id, Some(version), Some(updated))
+            .await?
+            .map(|_| epoch))
+    }
+
+    pub async fn put_disk(&self, disk: DiskRecord) -> Result<Position, CatalogError> {
+        Ok(self.disks.put(disk.id.clone(), disk).await?)
+    }
+
+    pub async fn put_site(&self, site: SiteRecord) -> Result<Position, CatalogError> {
+        Ok(self.sites.put(site.name.clone(), site).await?)
+    }
+}
