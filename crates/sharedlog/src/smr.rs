@@ -293,6 +293,12 @@ struct RuntimeInner<T: Transport> {
     streams_version: AtomicU64,
 }
 
+impl<T: Transport> RuntimeInner<T> {
+    fn gc_client_id(&self) -> ClientId {
+        self.config.gc_client_id.unwrap_or(self.client.client_id())
+    }
+}
+
 /// The SMR runtime of one process: owns the GC reporter for its objects.
 #[derive(Clone)]
 pub struct Runtime<T: Transport> {
@@ -622,7 +628,7 @@ async fn report_gc<T: Transport>(inner: Weak<RuntimeInner<T>>) {
                 .flat_map(|(_, object)| object.take_locators())
                 .collect();
             let report = GcReport {
-                client: runtime.client.client_id(),
+                client: runtime.gc_client_id(),
                 progress,
                 locators,
             };

@@ -1,1 +1,200 @@
-fn main() {}
+//! `tessera`: the command-line tool and the node daemon's entry point.
+//!
+//! `tessera up` runs a whole local cluster; `tessera node` runs one host of
+//! a real cluster; the other commands talk to a running cluster's admin API.
+
+mod admin;
+mod up;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Tessera: pooled block storage and memory for a cluster of hosts"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs one host of a cluster.
+    Node {
+        /// The node's config file (node.toml).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Starts a local cluster of node processes on 127.0.0.x and keeps it
+    /// running until Ctrl-C. Restarting reuses the data directory.
+    Up {
+        /// Number of hosts (node processes).
+        #[arg(long, default_value_t = 3)]
+        hosts: u32,
+        /// Where the cluster keeps its data and logs.
+        #[arg(long, default_value = "tessera-data")]
+        data: PathBuf,
+        /// Node-to-node port; the admin API listens on this plus 80.
+        #[arg(long, default_value_t = 7400)]
+        base_port: u16,
+    },
+    /// Shows the cluster's health, hosts and shared log.
+    Status {
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: admin::Target,
+    },
+    /// Reads or updates a bootstrap config directory.
+    ClusterConfig {
+        #[command(subcommand)]
+        command: ClusterConfigCommand,
+    },
+    /// Lists, adds or removes jobs in the cluster task queue.
+    Task {
+        #[command(subcommand)]
+        command: TaskCommand,
+        #[command(flatten)]
+        target: admin::Target,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterConfigCommand {
+    /// Prints the latest version.
+    Show {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Sets settings (KEY=VALUE) in a new version.
+    Set {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Commit each KEY=VALUE as its own version.
+        #[arg(long)]
+        each: bool,
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// Lists the queue in order.
+    Ls,
+    /// Adds a task.
+    Add {
+        kind: String,
+        detail: Option<String>,
+    },
+    /// Removes a task by id.
+    Rm { id: String },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(error) = run(cli) {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Node { config, log_format } => {
+            node::init_logging(match log_format {
+                LogFormat::Text => node::LogFormat::Text,
+                LogFormat::Json => node::LogFormat::Json,
+            });
+            let config = node::NodeConfig::load(&config)?;
+            runtime()?
+                .block_on(node::run(config))
+                .map_err(anyhow::Error::msg)
+        }
+        Command::Up {
+            hosts,
+            data,
+            base_port,
+        } => up::run(hosts, &data, base_port),
+        Command::Status { json, target } => admin::status(&target, json),
+        Command::ClusterConfig { command } => cluster_config(command),
+        Command::Task { command, target } => match command {
+            TaskCommand::Ls => admin::list_tasks(&target),
+            TaskCommand::Add { kind, detail } => {
+                admin::add_task(&target, &kind, detail.as_deref().unwrap_or(""))
+            }
+            TaskCommand::Rm { id } => admin::remove_task(&target, &id),
+        },
+    }
+}
+
+fn cluster_config(command: ClusterConfigCommand) -> Result<()> {
+    match command {
+        ClusterConfigCommand::Show { dir } => {
+            let config_dir = catalog::bootstrap::ConfigDir::new(fsio::real(), dir.clone());
+            match config_dir.latest()? {
+                Some((version, config)) => {
+                    println!("# {}/v{version}/cluster.toml", dir.display());
+                    print!("{}", toml_text(&config));
+                    Ok(())
+                }
+                None => bail!("{} holds no config version", dir.display()),
+            }
+        }
+        ClusterConfigCommand::Set {
+            dir,
+            each,
+            settings,
+        } => {
+            let pairs: Vec<(String, String)> = settings
+                .iter()
+                .map(|setting| {
+                    setting
+                        .split_once('=')
+                        .map(|(key, value)| (key.to_string(), value.to_string()))
+                        .with_context(|| format!("{setting:?} is not KEY=VALUE"))
+                })
+                .collect::<Result<_>>()?;
+            let config_dir = catalog::bootstrap::ConfigDir::new(fsio::real(), dir);
+            let groups: Vec<Vec<(String, String)>> = if each {
+                pairs.into_iter().map(|pair| vec![pair]).collect()
+            } else {
+                vec![pairs]
+            };
+            for group in groups {
+                let (version, _) = config_dir.update(|config| {
+                    for (key, value) in &group {
+                        config.settings.insert(key.clone(), value.clone());
+                    }
+                })?;
+                println!("v{version}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn toml_text(config: &catalog::bootstrap::BootstrapConfig) -> String {
+    toml::to_string_pretty(config).expect("a BootstrapConfig always serializes to TOML")
+}

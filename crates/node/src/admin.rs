@@ -1,0 +1,191 @@
+//! The admin HTTP/JSON API, Prometheus metrics and a small dashboard.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use sharedlog::queue::QueueId;
+
+use crate::daemon::{Node, Task};
+
+#[derive(Serialize)]
+struct ApiError {
+    error: String,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(ApiError {
+            error: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+fn not_ready() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the catalog is not open yet (the shared log may have no leader)",
+    )
+}
+
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/hosts", get(hosts))
+        .route("/api/v1/log", get(log_status))
+        .route("/api/v1/tasks", get(list_tasks).post(add_task))
+        .route("/api/v1/tasks/{id}", delete(remove_task))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see /api/v1/status",
+            )
+        })
+        .with_state(node)
+}
+
+async fn status(State(node): State<Arc<Node>>) -> Response {
+    Json(node.cluster_status().await).into_response()
+}
+
+async fn hosts(State(node): State<Arc<Node>>) -> Response {
+    let Some(services) = node.services() else {
+        return not_ready();
+    };
+    match services.catalog.hosts().await {
+        Ok(hosts) => Json(
+            hosts
+                .into_iter()
+                .map(|(record, _)| record)
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(failure) => error(StatusCode::SERVICE_UNAVAILABLE, failure.to_string()),
+    }
+}
+
+async fn log_status(State(node): State<Arc<Node>>) -> Response {
+    match &node.log_server {
+        Some(server) => Json(server.status()).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("host {} holds no log replica", node.config.node_id),
+        ),
+    }
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        node.render_metrics(),
+    )
+        .into_response()
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct TaskView {
+    pub id: String,
+    pub position: u64,
+    pub kind: String,
+    pub detail: String,
+    pub created_by: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct NewTask {
+    pub kind: String,
+    #[serde(default)]
+    pub detail: String,
+}
+
+async fn list_tasks(State(node): State<Arc<Node>>) -> Response {
+    let Some(services) = node.services() else {
+        return not_ready();
+    };
+    match services.tasks.items().await {
+        Ok(items) => Json(
+            items
+                .into_iter()
+                .map(|(id, position, task)| TaskView {
+                    id: id.to_string(),
+                    position,
+                    kind: task.kind,
+                    detail: task.detail,
+                    created_by: task.created_by,
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(failure) => error(StatusCode::SERVICE_UNAVAILABLE, failure.to_string()),
+    }
+}
+
+async fn add_task(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<NewTask>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(new) = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    if new.kind.is_empty() || new.kind.len() > 256 || new.detail.len() > 64 * 1024 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "kind must be 1-256 bytes and detail at most 64 KiB",
+        );
+    }
+    let Some(services) = node.services() else {
+        return not_ready();
+    };
+    let task = Task {
+        kind: new.kind,
+        detail: new.detail,
+        created_by: node.config.node_id,
+    };
+    match services.tasks.enqueue(task.clone()).await {
+        Ok((id, position)) => (
+            StatusCode::CREATED,
+            Json(TaskView {
+                id: id.to_string(),
+                position,
+                kind: task.kind,
+                detail: task.detail,
+                created_by: task.created_by,
+            }),
+        )
+            .into_response(),
+        Err(failure) => error(StatusCode::SERVICE_UNAVAILABLE, failure.to_string()),
+    }
+}
+
+#[derive(Serialize)]
+struct Removed {
+    removed: bool,
+}
+
+async fn remove_task(State(node): State<Arc<Node>>, Path(id): Path<String>) -> Response {
+    let id: QueueId = match id.parse() {
+        Ok(id) => id,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let Some(services) = node.services() else {
+        return not_ready();
+    };
+    match services.tasks.remove(id).await {
+        Ok(true) => Json(Removed { removed: true }).into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no task {id}")),
+        Err(failure) => error(StatusCode::SERVICE_UNAVAILABLE, failure.to_string()),
+    }
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}

@@ -1,0 +1,93 @@
+//! `node`: the Tessera daemon.
+//!
+//! One `tessera node` process per host. It reads its `node.toml` and the
+//! cluster's bootstrap config, starts a shared-log replica if the bootstrap
+//! config names it one, serves node-to-node traffic over `wire`, opens the
+//! catalog (registering itself) and the cluster task queue, and serves the
+//! admin HTTP/JSON API, Prometheus metrics at `/metrics` and a dashboard.
+//!
+//! **Boundary:** wires the crates below together; holds no mechanism of its
+//! own that a lower crate could own.
+
+pub mod admin;
+pub mod config;
+pub mod daemon;
+pub mod status;
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+pub use config::NodeConfig;
+pub use daemon::Node;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Sets up structured logging (`RUST_LOG` filters; default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    if let Err(error) = result {
+        eprintln!("logging already initialised: {error}");
+    }
+}
+
+/// Runs a node until SIGTERM or Ctrl-C.
+pub async fn run(config: NodeConfig) -> Result<(), String> {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_err() {
+        tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+    }
+    let node = Node::start(config, Some(handle))
+        .await
+        .map_err(|error| error.to_string())?;
+    let listener = tokio::net::TcpListener::bind(&node.me.admin_address)
+        .await
+        .map_err(|error| {
+            format!(
+                "cannot listen on {} for the admin API: {error}",
+                node.me.admin_address
+            )
+        })?;
+    tracing::info!(address = %node.me.admin_address, "serving the admin API");
+    let router = admin::router(node.clone());
+    let mut stop = node.shutdown_signal();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+    });
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    node.stop().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+/// Keeps `Arc<Node>` nameable for callers.
+pub type NodeHandle = Arc<Node>;

@@ -1,0 +1,71 @@
+//! The cluster status as the admin API returns it (`GET /api/v1/status`)
+//! and `tessera status --json` prints it.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster_id: String,
+    /// True when every host is reachable and registered up, the log has a
+    /// leader and every log replica is caught up.
+    pub healthy: bool,
+    /// Why the cluster is not healthy, in words.
+    pub problems: Vec<String>,
+    /// The host that answered.
+    pub served_by: u64,
+    pub hosts: Vec<HostStatus>,
+    pub log: LogSummary,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub id: u64,
+    pub name: String,
+    pub address: String,
+    pub admin_address: String,
+    pub roles: Vec<String>,
+    pub site: Option<String>,
+    /// "up", "down", "unreachable" or "unregistered".
+    pub state: String,
+    /// The state the catalog records, if the host registered.
+    pub catalog_state: Option<String>,
+    pub reachable: bool,
+    /// "leader", "follower", … for log replicas.
+    pub log_role: Option<String>,
+    pub epoch: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogSummary {
+    pub leader: Option<u64>,
+    pub leader_name: Option<String>,
+    pub term: u64,
+    pub commit_index: Option<u64>,
+    /// The shared log's next position.
+    pub tail: u64,
+    pub snapshot_mark: u64,
+    pub live_entries: u64,
+    pub live_bytes: u64,
+    pub disk_bytes: u64,
+    pub replicas: Vec<ReplicaStatus>,
+    pub gc_clients: Vec<GcClientStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub id: u64,
+    pub address: String,
+    pub reachable: bool,
+    pub role: Option<String>,
+    pub applied_index: Option<u64>,
+    pub tail: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GcClientStatus {
+    pub id: u64,
+    pub name: String,
+    pub progress: u64,
+    /// Log entries between its progress and the tail.
+    pub lag: u64,
+}
