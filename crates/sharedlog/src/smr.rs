@@ -603,13 +603,9 @@ async fn report_gc<T: Transport>(inner: Weak<RuntimeInner<T>>) {
                     objects.iter().map(|(stream, _)| *stream).collect();
                 streams.sort();
                 streams.dedup();
-                let client = runtime
-                    .config
-                    .gc_client_id
-                    .unwrap_or(runtime.client.client_id());
                 match runtime
                     .client
-                    .register(client, &runtime.config.name, streams)
+                    .register(runtime.gc_client_id(), &runtime.config.name, streams)
                     .await
                 {
                     Ok(()) => registered_version = version,
