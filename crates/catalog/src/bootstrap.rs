@@ -66,10 +66,7 @@ impl BootstrapConfig {
 
     /// Addresses of the log replicas, by host id.
     pub fn log_replica_addresses(&self) -> BTreeMap<u64, String> {
-        self.log_replicas
-            .iter()
-            .filter_map(|id| self.host(*id).map(|host| (*id, host.address.clone())))
-            .collect()
+        self.log_replicas.iter().filter_map(|id| self.host(*id).map(|host| (*id, host.address.clone()))).collect()
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -77,10 +74,7 @@ impl BootstrapConfig {
             return Err("cluster_id is empty".into());
         }
         if ![1, 3, 5].contains(&self.log_replicas.len()) {
-            return Err(format!(
-                "the log needs 1, 3 or 5 replicas, not {}",
-                self.log_replicas.len()
-            ));
+            return Err(format!("the log needs 1, 3 or 5 replicas, not {}", self.log_replicas.len()));
         }
         for id in &self.log_replicas {
             if self.host(*id).is_none() {
@@ -119,10 +113,7 @@ fn version_of(name: &str) -> Option<u64> {
 
 impl ConfigDir {
     pub fn new(fs: Arc<dyn Fs>, root: impl Into<PathBuf>) -> ConfigDir {
-        ConfigDir {
-            fs,
-            root: root.into(),
-        }
+        ConfigDir { fs, root: root.into() }
     }
 
     pub fn root(&self) -> &Path {
@@ -130,10 +121,7 @@ impl ConfigDir {
     }
 
     fn io_error(&self, source: io::Error) -> BootstrapError {
-        BootstrapError::Io {
-            dir: self.root.display().to_string(),
-            source,
-        }
+        BootstrapError::Io { dir: self.root.display().to_string(), source }
     }
 
     /// Version numbers present, highest first.
@@ -159,10 +147,7 @@ impl ConfigDir {
             if !self.fs.exists(&path) {
                 continue; // pruned
             }
-            let bytes = self
-                .fs
-                .read_file(&path)
-                .map_err(|error| self.io_error(error))?;
+            let bytes = self.fs.read_file(&path).map_err(|error| self.io_error(error))?;
             let text = String::from_utf8_lossy(&bytes);
             let config = toml::from_str(&text).map_err(|error| BootstrapError::Parse {
                 path: path.display().to_string(),
@@ -180,27 +165,17 @@ impl ConfigDir {
         &self,
         mut modify: impl FnMut(&mut BootstrapConfig),
     ) -> Result<(u64, BootstrapConfig), BootstrapError> {
-        self.fs
-            .create_dir_all(&self.root)
-            .map_err(|error| self.io_error(error))?;
+        self.fs.create_dir_all(&self.root).map_err(|error| self.io_error(error))?;
         for _ in 0..UPDATE_ATTEMPTS_MAX {
             let (version, mut config) = self.latest()?.unwrap_or_default();
             modify(&mut config);
-            let text = toml::to_string_pretty(&config)
-                .expect("a BootstrapConfig always serializes to TOML");
-            let temporary = self.root.join(format!(
-                ".tmp-{}-{:016x}",
-                std::process::id(),
-                rand::random::<u64>()
-            ));
-            self.write_version_dir(&temporary, text.as_bytes())
-                .map_err(|error| self.io_error(error))?;
+            let text = toml::to_string_pretty(&config).expect("a BootstrapConfig always serializes to TOML");
+            let temporary = self.root.join(format!(".tmp-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+            self.write_version_dir(&temporary, text.as_bytes()).map_err(|error| self.io_error(error))?;
             let target = self.root.join(format!("v{}", version + 1));
             match self.fs.rename(&temporary, &target) {
                 Ok(()) => {
-                    self.fs
-                        .sync_dir(&self.root)
-                        .map_err(|error| self.io_error(error))?;
+                    self.fs.sync_dir(&self.root).map_err(|error| self.io_error(error))?;
                     self.prune(version + 1);
                     return Ok((version + 1, config));
                 }
@@ -231,10 +206,7 @@ impl ConfigDir {
         let Ok(versions) = self.versions() else {
             return;
         };
-        for version in versions
-            .into_iter()
-            .filter(|version| version + VERSIONS_KEPT < latest)
-        {
+        for version in versions.into_iter().filter(|version| version + VERSIONS_KEPT < latest) {
             let dir = self.root.join(format!("v{version}"));
             let config = dir.join(CONFIG_FILE);
             if !self.fs.exists(&config) {
@@ -287,8 +259,7 @@ mod tests {
                     for update in 0..25 {
                         config
                             .update(|c| {
-                                c.settings
-                                    .insert(format!("w{writer}-u{update}"), "x".into());
+                                c.settings.insert(format!("w{writer}-u{update}"), "x".into());
                             })
                             .unwrap();
                     }
@@ -307,31 +278,21 @@ mod tests {
     fn pruned_versions_still_block_a_stale_rename() {
         let (_dir, config) = config_dir();
         for index in 0..(VERSIONS_KEPT + 5) {
-            config
-                .update(|c| c.cluster_id = format!("c{index}"))
-                .unwrap();
+            config.update(|c| c.cluster_id = format!("c{index}")).unwrap();
         }
         let pruned = config.root().join("v1");
         assert!(config.fs.exists(&pruned.join(PRUNED_MARKER)));
         assert!(!config.fs.exists(&pruned.join(CONFIG_FILE)));
         // A writer that read v0 long ago tries to commit v1: refused.
         let stale = config.root().join(".tmp-stale");
-        config
-            .write_version_dir(&stale, b"cluster_id = \"stale\"")
-            .unwrap();
+        config.write_version_dir(&stale, b"cluster_id = \"stale\"").unwrap();
         assert!(config.fs.rename(&stale, &pruned).is_err());
-        assert_eq!(
-            config.latest().unwrap().unwrap().1.cluster_id,
-            format!("c{}", VERSIONS_KEPT + 4)
-        );
+        assert_eq!(config.latest().unwrap().unwrap().1.cluster_id, format!("c{}", VERSIONS_KEPT + 4));
     }
 
     #[test]
     fn validation_names_the_problem() {
-        let mut config = BootstrapConfig {
-            cluster_id: "c".into(),
-            ..Default::default()
-        };
+        let mut config = BootstrapConfig { cluster_id: "c".into(), ..Default::default() };
         assert!(config.validate().unwrap_err().contains("1, 3 or 5"));
         config.hosts.push(SeedHost {
             id: 1,

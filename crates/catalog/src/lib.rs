@@ -63,13 +63,7 @@ impl<T: Transport> Catalog<T> {
 
     /// All hosts, linearizably.
     pub async fn hosts(&self) -> Result<Vec<(HostRecord, Position)>, CatalogError> {
-        Ok(self
-            .hosts
-            .entries()
-            .await?
-            .into_iter()
-            .map(|(_, record, version)| (record, version))
-            .collect())
+        Ok(self.hosts.entries().await?.into_iter().map(|(_, record, version)| (record, version)).collect())
     }
 
     /// Reads, modifies and writes a host record with compare-and-set,
@@ -85,16 +79,9 @@ impl<T: Transport> Catalog<T> {
             let Some(mut updated) = modify(current.as_ref().map(|(record, _)| record)) else {
                 return Ok(current);
             };
-            updated.epoch = current
-                .as_ref()
-                .map(|(record, _)| record.epoch + 1)
-                .unwrap_or(1);
+            updated.epoch = current.as_ref().map(|(record, _)| record.epoch + 1).unwrap_or(1);
             let expected = current.as_ref().map(|(_, version)| *version);
-            match self
-                .hosts
-                .compare_and_set(id, expected, Some(updated.clone()))
-                .await?
-            {
+            match self.hosts.compare_and_set(id, expected, Some(updated.clone())).await? {
                 Ok(version) => return Ok(Some((updated, version))),
                 Err(Conflict { .. }) => continue,
             }
@@ -103,10 +90,7 @@ impl<T: Transport> Catalog<T> {
     }
 
     /// Registers (or re-registers after a restart) a host as up.
-    pub async fn register_host(
-        &self,
-        record: HostRecord,
-    ) -> Result<(HostRecord, Position), CatalogError> {
+    pub async fn register_host(&self, record: HostRecord) -> Result<(HostRecord, Position), CatalogError> {
         let id = record.id;
         let registered = self
             .update_host(id, |current| {
@@ -133,19 +117,13 @@ impl<T: Transport> Catalog<T> {
             return Err(CatalogError::NotFound(format!("host {id}")));
         };
         if current.epoch != expected_epoch {
-            return Ok(Err(Conflict {
-                current: Some(version),
-            }));
+            return Ok(Err(Conflict { current: Some(version) }));
         }
         let mut updated = current;
         updated.state = state;
         updated.epoch += 1;
         let epoch = updated.epoch;
-        Ok(self
-            .hosts
-            .compare_and_set(id, Some(version), Some(updated))
-            .await?
-            .map(|_| epoch))
+        Ok(self.hosts.compare_and_set(id, Some(version), Some(updated)).await?.map(|_| epoch))
     }
 
     pub async fn put_disk(&self, disk: DiskRecord) -> Result<Position, CatalogError> {

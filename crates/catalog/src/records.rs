@@ -43,11 +43,7 @@ impl Roles {
                 "storage" => roles.storage = true,
                 "memory" => roles.memory = true,
                 "target" => roles.target = true,
-                other => {
-                    return Err(format!(
-                        "unknown role {other:?} (known: log, storage, memory, target)"
-                    ))
-                }
+                other => return Err(format!("unknown role {other:?} (known: log, storage, memory, target)")),
             }
         }
         Ok(roles)

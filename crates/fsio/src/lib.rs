@@ -46,10 +46,7 @@ pub trait File: Send + Sync {
         while done < buffer.len() {
             let read = self.read_at(&mut buffer[done..], offset + done as u64)?;
             if read == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "read past end of file",
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past end of file"));
             }
             done += read;
         }

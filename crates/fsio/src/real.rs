@@ -79,12 +79,7 @@ impl Fs for RealFs {
     }
 
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn File>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
         Ok(Arc::new(RealFile(file)))
     }
 
@@ -119,10 +114,7 @@ mod tests {
         let before = file.allocated_bytes().unwrap();
         file.punch_hole(4096, 512 * 1024).unwrap();
         let after = file.allocated_bytes().unwrap();
-        assert!(
-            after + 500 * 1024 <= before,
-            "before {before} after {after}"
-        );
+        assert!(after + 500 * 1024 <= before, "before {before} after {after}");
         let mut buffer = vec![1u8; 4096];
         file.read_exact_at(&mut buffer, 8192).unwrap();
         assert!(buffer.iter().all(|byte| *byte == 0));

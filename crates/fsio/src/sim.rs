@@ -43,10 +43,7 @@ pub struct SimFs {
 
 impl SimFs {
     pub fn new(seed: u64) -> SimFs {
-        SimFs {
-            state: Arc::new(Mutex::new(State::default())),
-            rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed))),
-        }
+        SimFs { state: Arc::new(Mutex::new(State::default())), rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed))) }
     }
 
     /// What a power loss does: every file reverts to its last synced
@@ -82,10 +79,7 @@ impl SimFs {
 }
 
 fn not_found(path: &Path) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{}: no such file", path.display()),
-    )
+    io::Error::new(io::ErrorKind::NotFound, format!("{}: no such file", path.display()))
 }
 
 struct SimFile(Arc<Mutex<Inode>>);
@@ -192,10 +186,7 @@ impl Fs for SimFs {
             .keys()
             .chain(state.directories.iter())
             .filter(|path| path.parent() == Some(dir))
-            .filter_map(|path| {
-                path.file_name()
-                    .map(|name| name.to_string_lossy().into_owned())
-            })
+            .filter_map(|path| path.file_name().map(|name| name.to_string_lossy().into_owned()))
             .collect();
         names.sort();
         names.dedup();
@@ -227,20 +218,14 @@ impl Fs for SimFs {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state.lock().expect("simfs lock poisoned");
-        state
-            .current
-            .remove(path)
-            .map(|_| ())
-            .ok_or_else(|| not_found(path))
+        state.current.remove(path).map(|_| ()).ok_or_else(|| not_found(path))
     }
 
     fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state.lock().expect("simfs lock poisoned");
         state.current.retain(|file, _| !file.starts_with(path));
         state.durable.retain(|file, _| !file.starts_with(path));
-        state
-            .directories
-            .retain(|directory| !directory.starts_with(path));
+        state.directories.retain(|directory| !directory.starts_with(path));
         Ok(())
     }
 
@@ -248,17 +233,9 @@ impl Fs for SimFs {
         let mut state = self.state.lock().expect("simfs lock poisoned");
         if state.directories.contains(from) {
             if state.directories.contains(to) || state.current.contains_key(to) {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("{} exists", to.display()),
-                ));
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists", to.display())));
             }
-            let moved: Vec<PathBuf> = state
-                .current
-                .keys()
-                .filter(|path| path.starts_with(from))
-                .cloned()
-                .collect();
+            let moved: Vec<PathBuf> = state.current.keys().filter(|path| path.starts_with(from)).cloned().collect();
             for path in moved {
                 let index = state.current.remove(&path).expect("listed above");
                 let renamed = to.join(path.strip_prefix(from).expect("listed under from"));
@@ -309,10 +286,7 @@ mod tests {
         unsynced_entry.sync_data().unwrap();
         fs.crash(false);
         assert_eq!(fs.read_file(&dir.join("a")).unwrap(), b"durable");
-        assert!(
-            !fs.exists(&dir.join("b")),
-            "a file whose directory entry was never synced is gone"
-        );
+        assert!(!fs.exists(&dir.join("b")), "a file whose directory entry was never synced is gone");
     }
 
     #[test]
@@ -327,10 +301,7 @@ mod tests {
         file.write_at(b"456789", 4).unwrap();
         fs.crash(true);
         let contents = fs.read_file(&dir.join("log")).unwrap();
-        assert!(
-            contents.len() >= 4 && b"0123456789".starts_with(&contents),
-            "{contents:?}"
-        );
+        assert!(contents.len() >= 4 && b"0123456789".starts_with(&contents), "{contents:?}");
     }
 
     #[test]

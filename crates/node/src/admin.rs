@@ -18,20 +18,11 @@ struct ApiError {
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(ApiError {
-            error: message.into(),
-        }),
-    )
-        .into_response()
+    (status, Json(ApiError { error: message.into() })).into_response()
 }
 
 fn not_ready() -> Response {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the catalog is not open yet (the shared log may have no leader)",
-    )
+    error(StatusCode::SERVICE_UNAVAILABLE, "the catalog is not open yet (the shared log may have no leader)")
 }
 
 pub fn router(node: Arc<Node>) -> Router {
@@ -43,12 +34,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/v1/log", get(log_status))
         .route("/api/v1/tasks", get(list_tasks).post(add_task))
         .route("/api/v1/tasks/{id}", delete(remove_task))
-        .fallback(|| async {
-            error(
-                StatusCode::NOT_FOUND,
-                "no such endpoint; see /api/v1/status",
-            )
-        })
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /api/v1/status") })
         .with_state(node)
 }
 
@@ -61,13 +47,7 @@ async fn hosts(State(node): State<Arc<Node>>) -> Response {
         return not_ready();
     };
     match services.catalog.hosts().await {
-        Ok(hosts) => Json(
-            hosts
-                .into_iter()
-                .map(|(record, _)| record)
-                .collect::<Vec<_>>(),
-        )
-        .into_response(),
+        Ok(hosts) => Json(hosts.into_iter().map(|(record, _)| record).collect::<Vec<_>>()).into_response(),
         Err(failure) => error(StatusCode::SERVICE_UNAVAILABLE, failure.to_string()),
     }
 }
@@ -75,19 +55,12 @@ async fn hosts(State(node): State<Arc<Node>>) -> Response {
 async fn log_status(State(node): State<Arc<Node>>) -> Response {
     match &node.log_server {
         Some(server) => Json(server.status()).into_response(),
-        None => error(
-            StatusCode::NOT_FOUND,
-            format!("host {} holds no log replica", node.config.node_id),
-        ),
+        None => error(StatusCode::NOT_FOUND, format!("host {} holds no log replica", node.config.node_id)),
     }
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        node.render_metrics(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.render_metrics()).into_response()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -137,19 +110,12 @@ async fn add_task(
         Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
     };
     if new.kind.is_empty() || new.kind.len() > 256 || new.detail.len() > 64 * 1024 {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "kind must be 1-256 bytes and detail at most 64 KiB",
-        );
+        return error(StatusCode::BAD_REQUEST, "kind must be 1-256 bytes and detail at most 64 KiB");
     }
     let Some(services) = node.services() else {
         return not_ready();
     };
-    let task = Task {
-        kind: new.kind,
-        detail: new.detail,
-        created_by: node.config.node_id,
-    };
+    let task = Task { kind: new.kind, detail: new.detail, created_by: node.config.node_id };
     match services.tasks.enqueue(task.clone()).await {
         Ok((id, position)) => (
             StatusCode::CREATED,

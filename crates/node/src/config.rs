@@ -33,25 +33,17 @@ fn default_gc_interval_ms() -> u64 {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}: {reason}")]
     Invalid { path: String, reason: String },
 }
 
 impl NodeConfig {
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let mut config: NodeConfig =
-            toml::from_str(&text).map_err(|error| ConfigError::Invalid {
-                path: path.display().to_string(),
-                reason: error.to_string(),
-            })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut config: NodeConfig = toml::from_str(&text)
+            .map_err(|error| ConfigError::Invalid { path: path.display().to_string(), reason: error.to_string() })?;
         // Relative paths are relative to the config file, so a cluster
         // directory can be moved as a whole.
         let base = path.parent().unwrap_or(Path::new("."));
@@ -61,10 +53,8 @@ impl NodeConfig {
         if config.cluster_config_dir.is_relative() {
             config.cluster_config_dir = base.join(&config.cluster_config_dir);
         }
-        catalog::Roles::parse(&config.roles).map_err(|reason| ConfigError::Invalid {
-            path: path.display().to_string(),
-            reason,
-        })?;
+        catalog::Roles::parse(&config.roles)
+            .map_err(|reason| ConfigError::Invalid { path: path.display().to_string(), reason })?;
         if config.gc_interval_ms == 0 {
             return Err(ConfigError::Invalid {
                 path: path.display().to_string(),
@@ -87,32 +77,26 @@ mod tests {
     fn relative_paths_follow_the_file_and_bad_roles_are_named() {
         let dir = tempfile_dir();
         let path = dir.join("node.toml");
-        std::fs::write(&path, "node_id = 1\ndata_dir = \"data\"\ncluster_config_dir = \"../config\"\nroles = [\"storage\"]\n").unwrap();
+        std::fs::write(
+            &path,
+            "node_id = 1\ndata_dir = \"data\"\ncluster_config_dir = \"../config\"\nroles = [\"storage\"]\n",
+        )
+        .unwrap();
         let config = NodeConfig::load(&path).unwrap();
         assert_eq!(config.data_dir, dir.join("data"));
-        std::fs::write(
-            &path,
-            "node_id = 1\ndata_dir = \"d\"\ncluster_config_dir = \"c\"\nroles = [\"chef\"]\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "node_id = 1\ndata_dir = \"d\"\ncluster_config_dir = \"c\"\nroles = [\"chef\"]\n")
+            .unwrap();
         let error = NodeConfig::load(&path).unwrap_err().to_string();
         assert!(error.contains("unknown role \"chef\""), "{error}");
-        std::fs::write(
-            &path,
-            "node_id = 1\ndata_dir = \"d\"\ncluster_config_dir = \"c\"\ntypo = 3\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "node_id = 1\ndata_dir = \"d\"\ncluster_config_dir = \"c\"\ntypo = 3\n").unwrap();
         let error = NodeConfig::load(&path).unwrap_err().to_string();
         assert!(error.contains("typo"), "{error}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
     fn tempfile_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "tessera-config-test-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("tessera-config-test-{}-{}", std::process::id(), rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }

@@ -56,10 +56,7 @@ pub enum NodeError {
     #[error("bootstrap config: {0}")]
     Bootstrap(String),
     #[error("cannot listen on {address}: {source}")]
-    Listen {
-        address: String,
-        source: std::io::Error,
-    },
+    Listen { address: String, source: std::io::Error },
     #[error("shared log: {0}")]
     Log(String),
 }
@@ -101,9 +98,9 @@ async fn load_bootstrap(dir: &PathBuf) -> Result<BootstrapConfig, NodeError> {
     loop {
         match config_dir.latest() {
             Ok(Some((version, config))) => {
-                config.validate().map_err(|reason| {
-                    NodeError::Bootstrap(format!("{}/v{version}: {reason}", dir.display()))
-                })?;
+                config
+                    .validate()
+                    .map_err(|reason| NodeError::Bootstrap(format!("{}/v{version}: {reason}", dir.display())))?;
                 tracing::info!(version, cluster = %config.cluster_id, "loaded the bootstrap config");
                 return Ok(config);
             }
@@ -112,10 +109,7 @@ async fn load_bootstrap(dir: &PathBuf) -> Result<BootstrapConfig, NodeError> {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Ok(None) => {
-                return Err(NodeError::Bootstrap(format!(
-                    "no config in {} after {BOOTSTRAP_WAIT:?}",
-                    dir.display()
-                )))
+                return Err(NodeError::Bootstrap(format!("no config in {} after {BOOTSTRAP_WAIT:?}", dir.display())))
             }
             Err(error) => return Err(NodeError::Bootstrap(error.to_string())),
         }
@@ -125,25 +119,15 @@ async fn load_bootstrap(dir: &PathBuf) -> Result<BootstrapConfig, NodeError> {
 impl Node {
     /// Starts the node and returns once its servers listen. The catalog
     /// opens in the background.
-    pub async fn start(
-        config: NodeConfig,
-        prometheus: Option<PrometheusHandle>,
-    ) -> Result<Arc<Node>, NodeError> {
+    pub async fn start(config: NodeConfig, prometheus: Option<PrometheusHandle>) -> Result<Arc<Node>, NodeError> {
         let bootstrap = load_bootstrap(&config.cluster_config_dir).await?;
         let me = bootstrap.host(config.node_id).cloned().ok_or_else(|| {
-            NodeError::Bootstrap(format!(
-                "node_id {} is not among the cluster's hosts",
-                config.node_id
-            ))
+            NodeError::Bootstrap(format!("node_id {} is not among the cluster's hosts", config.node_id))
         })?;
         let transport = TcpTransport::new();
         let replicas = bootstrap.log_replica_addresses();
         let log_server = if replicas.contains_key(&config.node_id) {
-            let server_config = ServerConfig::new(
-                config.node_id,
-                me.address.clone(),
-                config.data_dir.join("log"),
-            );
+            let server_config = ServerConfig::new(config.node_id, me.address.clone(), config.data_dir.join("log"));
             let server = LogServer::start(server_config, fsio::real(), transport.clone())
                 .await
                 .map_err(|error| NodeError::Log(error.to_string()))?;
@@ -200,10 +184,7 @@ impl Node {
             let node = node.upgrade();
             async move {
                 let Some(node) = node else {
-                    return Err(RemoteError::new(
-                        ErrorCode::Unavailable,
-                        "node is shutting down",
-                    ));
+                    return Err(RemoteError::new(ErrorCode::Unavailable, "node is shutting down"));
                 };
                 node.handle(request).await
             }
@@ -212,10 +193,7 @@ impl Node {
             .transport
             .serve(&self.me.address, Arc::new(handler))
             .await
-            .map_err(|source| NodeError::Listen {
-                address: self.me.address.clone(),
-                source,
-            })?;
+            .map_err(|source| NodeError::Listen { address: self.me.address.clone(), source })?;
         tracing::info!(address = %serve.local_address, "serving node-to-node traffic");
         let _ = self.wire_stats.set(serve.stats.clone());
         let mut shutdown = self.shutdown.subscribe();
@@ -237,14 +215,8 @@ impl Node {
             };
         }
         match request.method {
-            method::PING => Ok(wire::encode(&Pong {
-                node_id: self.config.node_id,
-                incarnation: self.incarnation,
-            })),
-            other => Err(RemoteError::new(
-                ErrorCode::UnknownMethod,
-                format!("unknown method {other:#06x}"),
-            )),
+            method::PING => Ok(wire::encode(&Pong { node_id: self.config.node_id, incarnation: self.incarnation })),
+            other => Err(RemoteError::new(ErrorCode::UnknownMethod, format!("unknown method {other:#06x}"))),
         }
     }
 
@@ -270,8 +242,7 @@ impl Node {
     }
 
     async fn ping(&self, address: &str) -> bool {
-        let reply: Result<Pong, _> =
-            wire::call(&self.transport, address, method::PING, &(), PING_TIMEOUT).await;
+        let reply: Result<Pong, _> = wire::call(&self.transport, address, method::PING, &(), PING_TIMEOUT).await;
         reply.is_ok()
     }
 
@@ -279,45 +250,26 @@ impl Node {
     /// replica, reads the catalog.
     pub async fn cluster_status(&self) -> ClusterStatus {
         let hosts = self.bootstrap.hosts.clone();
-        let pings =
-            futures::future::join_all(hosts.iter().map(|host| self.ping(&host.address))).await;
+        let pings = futures::future::join_all(hosts.iter().map(|host| self.ping(&host.address))).await;
         let replica_addresses = self.bootstrap.log_replica_addresses();
-        let replica_statuses = futures::future::join_all(
-            replica_addresses
-                .values()
-                .map(|address| self.status_client.status(address)),
-        )
-        .await;
+        let replica_statuses =
+            futures::future::join_all(replica_addresses.values().map(|address| self.status_client.status(address)))
+                .await;
         let replica_statuses: BTreeMap<u64, Option<sharedlog::protocol::LogStatus>> =
-            replica_addresses
-                .keys()
-                .copied()
-                .zip(replica_statuses.into_iter().map(Result::ok))
-                .collect();
+            replica_addresses.keys().copied().zip(replica_statuses.into_iter().map(Result::ok)).collect();
         let catalog_hosts: BTreeMap<u64, HostRecord> = match self.services() {
-            Some(services) => services
-                .catalog
-                .hosts
-                .entries_local()
-                .into_iter()
-                .map(|(id, record, _)| (id, record))
-                .collect(),
+            Some(services) => {
+                services.catalog.hosts.entries_local().into_iter().map(|(id, record, _)| (id, record)).collect()
+            }
             None => BTreeMap::new(),
         };
-        let leader_status = replica_statuses
-            .values()
-            .flatten()
-            .find(|status| status.role == "Leader")
-            .cloned();
+        let leader_status = replica_statuses.values().flatten().find(|status| status.role == "Leader").cloned();
         let mut problems = Vec::new();
         let mut host_statuses = Vec::new();
         for (host, reachable) in hosts.iter().zip(pings) {
             let record = catalog_hosts.get(&host.id);
             let log_role = replica_statuses.get(&host.id).map(|status| {
-                status
-                    .as_ref()
-                    .map(|status| status.role.to_lowercase())
-                    .unwrap_or_else(|| "unreachable".into())
+                status.as_ref().map(|status| status.role.to_lowercase()).unwrap_or_else(|| "unreachable".into())
             });
             let state = match (reachable, record.map(|record| record.state)) {
                 (false, _) => "unreachable",
@@ -357,10 +309,7 @@ impl Node {
         match &leader_status {
             Some(leader) => {
                 log.leader = Some(leader.node_id);
-                log.leader_name = self
-                    .bootstrap
-                    .host(leader.node_id)
-                    .map(|host| host.name.clone());
+                log.leader_name = self.bootstrap.host(leader.node_id).map(|host| host.name.clone());
                 log.term = leader.term;
                 log.commit_index = leader.commit_index;
                 log.tail = leader.tail;
@@ -402,20 +351,12 @@ impl Node {
                 }
                 None => {
                     problems.push(format!("log replica {id} does not answer"));
-                    log.replicas.push(ReplicaStatus {
-                        id: *id,
-                        address,
-                        reachable: false,
-                        ..Default::default()
-                    });
+                    log.replicas.push(ReplicaStatus { id: *id, address, reachable: false, ..Default::default() });
                 }
             }
         }
         if self.services().is_none() {
-            problems.push(format!(
-                "host {} has not opened the catalog yet",
-                self.config.node_id
-            ));
+            problems.push(format!("host {} has not opened the catalog yet", self.config.node_id));
         }
         problems.dedup();
         ClusterStatus {
@@ -432,10 +373,8 @@ impl Node {
     pub fn render_metrics(&self) -> String {
         if let Some(stats) = self.wire_stats.get() {
             use std::sync::atomic::Ordering::Relaxed;
-            metrics::gauge!("wire_connections_accepted")
-                .set(stats.connections_accepted.load(Relaxed) as f64);
-            metrics::gauge!("wire_connections_rejected")
-                .set(stats.connections_rejected.load(Relaxed) as f64);
+            metrics::gauge!("wire_connections_accepted").set(stats.connections_accepted.load(Relaxed) as f64);
+            metrics::gauge!("wire_connections_rejected").set(stats.connections_rejected.load(Relaxed) as f64);
             metrics::gauge!("wire_bad_frames").set(stats.bad_frames.load(Relaxed) as f64);
             metrics::gauge!("wire_requests").set(stats.requests.load(Relaxed) as f64);
         }
@@ -444,22 +383,11 @@ impl Node {
             metrics::gauge!("sharedlog_live_entries").set(status.live_entries as f64);
             metrics::gauge!("sharedlog_live_bytes").set(status.live_bytes as f64);
             metrics::gauge!("sharedlog_disk_bytes").set(status.disk_bytes as f64);
-            metrics::gauge!("sharedlog_is_leader").set(if status.role == "Leader" {
-                1.0
-            } else {
-                0.0
-            });
+            metrics::gauge!("sharedlog_is_leader").set(if status.role == "Leader" { 1.0 } else { 0.0 });
             metrics::gauge!("sharedlog_term").set(status.term as f64);
         }
-        metrics::gauge!("tessera_node_catalog_ready").set(if self.services().is_some() {
-            1.0
-        } else {
-            0.0
-        });
-        self.prometheus
-            .as_ref()
-            .map(|handle| handle.render())
-            .unwrap_or_default()
+        metrics::gauge!("tessera_node_catalog_ready").set(if self.services().is_some() { 1.0 } else { 0.0 });
+        self.prometheus.as_ref().map(|handle| handle.render()).unwrap_or_default()
     }
 }
 
@@ -493,9 +421,7 @@ async fn open_services(node: Arc<Node>) {
 }
 
 async fn try_open_services(node: &Node) -> Result<Services, String> {
-    let catalog = Catalog::open(&node.runtime)
-        .await
-        .map_err(|error| error.to_string())?;
+    let catalog = Catalog::open(&node.runtime).await.map_err(|error| error.to_string())?;
     let mut roles = Roles::parse(&node.config.roles).map_err(|error| error.to_string())?;
     roles.log = node.log_server.is_some();
     let record = HostRecord {
@@ -510,17 +436,9 @@ async fn try_open_services(node: &Node) -> Result<Services, String> {
         epoch: 0,
         incarnation: node.incarnation,
     };
-    catalog
-        .register_host(record)
+    catalog.register_host(record).await.map_err(|error| error.to_string())?;
+    let tasks = PersistentQueue::open(&node.runtime, TASKS_STREAM, node.config.node_id as u32, Arc::new(SystemClock))
         .await
         .map_err(|error| error.to_string())?;
-    let tasks = PersistentQueue::open(
-        &node.runtime,
-        TASKS_STREAM,
-        node.config.node_id as u32,
-        Arc::new(SystemClock),
-    )
-    .await
-    .map_err(|error| error.to_string())?;
     Ok(Services { catalog, tasks })
 }

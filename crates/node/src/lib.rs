@@ -32,9 +32,7 @@ pub enum LogFormat {
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -51,17 +49,10 @@ pub async fn run(config: NodeConfig) -> Result<(), String> {
     if metrics::set_global_recorder(recorder).is_err() {
         tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
     }
-    let node = Node::start(config, Some(handle))
-        .await
-        .map_err(|error| error.to_string())?;
+    let node = Node::start(config, Some(handle)).await.map_err(|error| error.to_string())?;
     let listener = tokio::net::TcpListener::bind(&node.me.admin_address)
         .await
-        .map_err(|error| {
-            format!(
-                "cannot listen on {} for the admin API: {error}",
-                node.me.admin_address
-            )
-        })?;
+        .map_err(|error| format!("cannot listen on {} for the admin API: {error}", node.me.admin_address))?;
     tracing::info!(address = %node.me.admin_address, "serving the admin API");
     let router = admin::router(node.clone());
     let mut stop = node.shutdown_signal();

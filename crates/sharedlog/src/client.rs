@@ -95,22 +95,14 @@ impl<T: Transport> Caller<T> {
         let mut last_error;
         loop {
             let address = self.pick();
-            let reply: Result<LogResult<Resp>, wire::CallError> = wire::call(
-                &self.transport,
-                &address,
-                method,
-                request,
-                self.config.call_timeout,
-            )
-            .await;
+            let reply: Result<LogResult<Resp>, wire::CallError> =
+                wire::call(&self.transport, &address, method, request, self.config.call_timeout).await;
             let pause = match reply {
                 Ok(Ok(response)) => {
                     *self.leader.lock().expect("leader lock") = Some(address);
                     return Ok(response);
                 }
-                Ok(Err(LogError::NotLeader {
-                    leader: Some((_, leader)),
-                })) if leader != address => {
+                Ok(Err(LogError::NotLeader { leader: Some((_, leader)) })) if leader != address => {
                     *self.leader.lock().expect("leader lock") = Some(leader);
                     last_error = format!("{address} is not the leader");
                     false
@@ -167,24 +159,13 @@ pub struct LogClient<T: Transport> {
 
 impl<T: Transport> LogClient<T> {
     pub fn new(transport: T, config: ClientConfig) -> LogClient<T> {
-        assert!(
-            !config.replicas.is_empty(),
-            "a log client needs at least one replica address"
-        );
-        let caller = Arc::new(Caller {
-            transport,
-            config,
-            leader: Mutex::new(None),
-            next_replica: AtomicUsize::new(0),
-        });
+        assert!(!config.replicas.is_empty(), "a log client needs at least one replica address");
+        let caller =
+            Arc::new(Caller { transport, config, leader: Mutex::new(None), next_replica: AtomicUsize::new(0) });
         let (appends, queue) = mpsc::channel(64 * 1024);
         let sequence = Arc::new(AtomicU64::new(1));
         tokio::spawn(run_appender(caller.clone(), queue, sequence.clone()));
-        LogClient {
-            caller,
-            appends,
-            sequence,
-        }
+        LogClient { caller, appends, sequence }
     }
 
     pub fn client_id(&self) -> ClientId {
@@ -199,62 +180,34 @@ impl<T: Transport> LogClient<T> {
     /// majority of replicas and applied.
     pub async fn append_record(&self, record: Record) -> Result<Position, ClientError> {
         if let Err(invalid) = crate::store::validate(&record) {
-            return Err(ClientError::Log(LogError::Rejected(
-                crate::raft::AppendRejected::Invalid(invalid.to_string()),
-            )));
+            return Err(ClientError::Log(LogError::Rejected(crate::raft::AppendRejected::Invalid(
+                invalid.to_string(),
+            ))));
         }
         let (reply, done) = oneshot::channel();
-        self.appends
-            .send(PendingAppend { record, reply })
-            .await
-            .map_err(|_| ClientError::Closed)?;
+        self.appends.send(PendingAppend { record, reply }).await.map_err(|_| ClientError::Closed)?;
         done.await.map_err(|_| ClientError::Closed)?
     }
 
-    pub async fn append(
-        &self,
-        streams: &[StreamId],
-        payload: impl Into<Bytes>,
-    ) -> Result<Position, ClientError> {
-        self.append_record(Record {
-            streams: streams.to_vec(),
-            kind: EntryKind::Data,
-            payload: payload.into(),
-        })
-        .await
+    pub async fn append(&self, streams: &[StreamId], payload: impl Into<Bytes>) -> Result<Position, ClientError> {
+        self.append_record(Record { streams: streams.to_vec(), kind: EntryKind::Data, payload: payload.into() }).await
     }
 
     /// Appends several records as one batch at consecutive positions.
     pub async fn append_batch(&self, records: Vec<Record>) -> Result<Position, ClientError> {
-        let batch = AppendBatch {
-            client: self.client_id(),
-            sequence: self.sequence.fetch_add(1, Ordering::Relaxed),
-            records,
-        };
-        self.caller
-            .call_leader(method::APPEND, &AppendRequest { batch })
-            .await
+        let batch =
+            AppendBatch { client: self.client_id(), sequence: self.sequence.fetch_add(1, Ordering::Relaxed), records };
+        self.caller.call_leader(method::APPEND, &AppendRequest { batch }).await
     }
 
     pub async fn read(&self, position: Position) -> Result<ReadOutcome, ClientError> {
-        self.caller
-            .call_leader(method::READ, &ReadRequest { position })
-            .await
+        self.caller.call_leader(method::READ, &ReadRequest { position }).await
     }
 
     /// Reads one position from a given replica (no leader involved).
-    pub async fn read_at_replica(
-        &self,
-        address: &str,
-        position: Position,
-    ) -> Result<ReadOutcome, ClientError> {
+    pub async fn read_at_replica(&self, address: &str, position: Position) -> Result<ReadOutcome, ClientError> {
         self.caller
-            .call_replica(
-                address,
-                method::READ,
-                &ReadRequest { position },
-                self.caller.config.call_timeout,
-            )
+            .call_replica(address, method::READ, &ReadRequest { position }, self.caller.config.call_timeout)
             .await
     }
 
@@ -285,11 +238,7 @@ impl<T: Transport> LogClient<T> {
         };
         if let Some(address) = &self.caller.config.read_replica {
             let timeout = self.caller.config.call_timeout + wait;
-            match self
-                .caller
-                .call_replica(address, method::READ_STREAM, &request, timeout)
-                .await
-            {
+            match self.caller.call_replica(address, method::READ_STREAM, &request, timeout).await {
                 Ok(chunk) => return Ok(chunk),
                 Err(ClientError::Log(error @ LogError::SnapshotBelowMark { .. })) => {
                     return Err(ClientError::Log(error))
@@ -311,15 +260,11 @@ impl<T: Transport> LogClient<T> {
         let mut entries = Vec::new();
         let mut cursor = from;
         while cursor < to {
-            let chunk = self
-                .read_stream(stream, cursor, to, as_of, Duration::ZERO)
-                .await?;
+            let chunk = self.read_stream(stream, cursor, to, as_of, Duration::ZERO).await?;
             entries.extend(chunk.entries);
             if chunk.next <= cursor {
                 // The replica has not applied up to `to` yet: wait for it.
-                let chunk = self
-                    .read_stream(stream, cursor, to, as_of, Duration::from_millis(200))
-                    .await?;
+                let chunk = self.read_stream(stream, cursor, to, as_of, Duration::from_millis(200)).await?;
                 let advanced = chunk.next > cursor;
                 entries.extend(chunk.entries);
                 cursor = chunk.next.max(cursor);
@@ -338,34 +283,18 @@ impl<T: Transport> LogClient<T> {
         if let Some(address) = &self.caller.config.read_replica {
             if let Ok(entry) = self
                 .caller
-                .call_replica(
-                    address,
-                    method::LATEST_CHECKPOINT,
-                    &request,
-                    self.caller.config.call_timeout,
-                )
+                .call_replica(address, method::LATEST_CHECKPOINT, &request, self.caller.config.call_timeout)
                 .await
             {
                 return Ok(entry);
             }
         }
-        self.caller
-            .call_leader(method::LATEST_CHECKPOINT, &request)
-            .await
+        self.caller.call_leader(method::LATEST_CHECKPOINT, &request).await
     }
 
     /// Registers GC client `client` as a reader of `streams` (all if empty).
-    pub async fn register(
-        &self,
-        client: ClientId,
-        name: &str,
-        streams: Vec<StreamId>,
-    ) -> Result<(), ClientError> {
-        let request = RegisterRequest {
-            client,
-            name: name.to_string(),
-            streams,
-        };
+    pub async fn register(&self, client: ClientId, name: &str, streams: Vec<StreamId>) -> Result<(), ClientError> {
+        let request = RegisterRequest { client, name: name.to_string(), streams };
         self.caller.call_leader(method::REGISTER, &request).await
     }
 
@@ -378,36 +307,17 @@ impl<T: Transport> LogClient<T> {
     }
 
     pub async fn status(&self, address: &str) -> Result<LogStatus, ClientError> {
-        self.caller
-            .call_replica(
-                address,
-                method::STATUS,
-                &(),
-                self.caller.config.call_timeout,
-            )
-            .await
+        self.caller.call_replica(address, method::STATUS, &(), self.caller.config.call_timeout).await
     }
 
     /// Asks one replica to checkpoint now (and so purge its Raft log).
     pub async fn checkpoint_now(&self, address: &str) -> Result<(), ClientError> {
-        self.caller
-            .call_replica(
-                address,
-                method::CHECKPOINT_NOW,
-                &(),
-                self.caller.config.call_timeout,
-            )
-            .await
+        self.caller.call_replica(address, method::CHECKPOINT_NOW, &(), self.caller.config.call_timeout).await
     }
 
     /// Follows `stream` from `from`.
     pub fn subscribe(&self, stream: StreamId, from: Position) -> Subscription<T> {
-        Subscription {
-            client: self.clone(),
-            stream,
-            next: from,
-            buffered: VecDeque::new(),
-        }
+        Subscription { client: self.clone(), stream, next: from, buffered: VecDeque::new() }
     }
 }
 
@@ -426,16 +336,7 @@ impl<T: Transport> Subscription<T> {
             if let Some(entry) = self.buffered.pop_front() {
                 return Ok(entry);
             }
-            let chunk = self
-                .client
-                .read_stream(
-                    self.stream,
-                    self.next,
-                    u64::MAX,
-                    None,
-                    Duration::from_secs(1),
-                )
-                .await?;
+            let chunk = self.client.read_stream(self.stream, self.next, u64::MAX, None, Duration::from_secs(1)).await?;
             self.next = chunk.next.max(self.next);
             self.buffered.extend(chunk.entries);
         }
@@ -454,19 +355,13 @@ async fn run_appender<T: Transport>(
 ) {
     let in_flight = Arc::new(Semaphore::new(caller.config.batches_in_flight_max));
     loop {
-        let permit = in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
         let Some(first) = queue.recv().await else {
             return;
         };
         let mut bytes = first.record.payload.len();
         let mut pending = vec![first];
-        while pending.len() < caller.config.batch_records_max
-            && bytes < caller.config.batch_bytes_max
-        {
+        while pending.len() < caller.config.batch_records_max && bytes < caller.config.batch_bytes_max {
             match queue.try_recv() {
                 Ok(append) => {
                     bytes += append.record.payload.len();
@@ -475,10 +370,8 @@ async fn run_appender<T: Transport>(
                 Err(_) => break,
             }
         }
-        let (records, replies): (Vec<Record>, Vec<_>) = pending
-            .into_iter()
-            .map(|append| (append.record, append.reply))
-            .unzip();
+        let (records, replies): (Vec<Record>, Vec<_>) =
+            pending.into_iter().map(|append| (append.record, append.reply)).unzip();
         let batch = AppendBatch {
             client: caller.config.client_id,
             sequence: sequence.fetch_add(1, Ordering::Relaxed),
@@ -486,9 +379,8 @@ async fn run_appender<T: Transport>(
         };
         let caller = caller.clone();
         tokio::spawn(async move {
-            let result: Result<Position, ClientError> = caller
-                .call_leader(method::APPEND, &AppendRequest { batch })
-                .await;
+            let result: Result<Position, ClientError> =
+                caller.call_leader(method::APPEND, &AppendRequest { batch }).await;
             for (index, reply) in replies.into_iter().enumerate() {
                 let _ = reply.send(result.clone().map(|first| first + index as u64));
             }

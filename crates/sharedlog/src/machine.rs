@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::raft::{
-    AppendBatch, AppendRejected, Command, CommandResult, GcReport, LogId, Node, NodeId, RaftEntry,
-    StorageError, TypeConfig,
+    AppendBatch, AppendRejected, Command, CommandResult, GcReport, LogId, Node, NodeId, RaftEntry, StorageError,
+    TypeConfig,
 };
 use crate::store::{self, EntryStore, StoreCheckpoint, StoreError};
 use crate::types::{ClientId, Entry, Position, StreamId};
@@ -145,10 +145,7 @@ impl Shared {
 pub enum SnapshotData {
     /// This replica's checkpoint; its entries are streamed from the entry
     /// store when it is sent.
-    Local {
-        shared: Arc<Shared>,
-        header: MachineHeader,
-    },
+    Local { shared: Arc<Shared>, header: MachineHeader },
     /// A snapshot received from the leader, spooled to a file.
     Received { path: PathBuf },
 }
@@ -180,18 +177,11 @@ impl StateMachine {
         let checkpoint_path = dir.join("checkpoint");
         let checkpoint: Option<CheckpointFile> = if fs.exists(&checkpoint_path) {
             let bytes = fs.read_file(&checkpoint_path)?;
-            Some(
-                decode_checked(&bytes)
-                    .map_err(|error| StoreError::Invalid(format!("checkpoint: {error}")))?,
-            )
+            Some(decode_checked(&bytes).map_err(|error| StoreError::Invalid(format!("checkpoint: {error}")))?)
         } else {
             None
         };
-        let store = store::open(
-            fs.clone(),
-            &dir.join("entries"),
-            checkpoint.as_ref().map(|file| &file.store),
-        )?;
+        let store = store::open(fs.clone(), &dir.join("entries"), checkpoint.as_ref().map(|file| &file.store))?;
         let inner = match checkpoint {
             Some(file) => Inner {
                 store,
@@ -211,14 +201,7 @@ impl StateMachine {
             },
         };
         let (tail, _) = watch::channel(inner.store.next_position());
-        Ok(StateMachine {
-            shared: Arc::new(Shared {
-                inner: RwLock::new(inner),
-                tail,
-                fs,
-                dir: dir.to_path_buf(),
-            }),
-        })
+        Ok(StateMachine { shared: Arc::new(Shared { inner: RwLock::new(inner), tail, fs, dir: dir.to_path_buf() }) })
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -245,11 +228,7 @@ fn decode_checked<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Str
 }
 
 impl Inner {
-    fn apply_append(
-        &mut self,
-        batches: Vec<AppendBatch>,
-        log_index: u64,
-    ) -> Result<CommandResult, StoreError> {
+    fn apply_append(&mut self, batches: Vec<AppendBatch>, log_index: u64) -> Result<CommandResult, StoreError> {
         let mut results = Vec::with_capacity(batches.len());
         for batch in batches {
             let session = self.sessions.clients.entry(batch.client).or_default();
@@ -260,28 +239,17 @@ impl Inner {
                 continue;
             }
             if session.recent.len() >= SESSION_WINDOW
-                && session
-                    .recent
-                    .first_key_value()
-                    .is_some_and(|(oldest, _)| batch.sequence < *oldest)
+                && session.recent.first_key_value().is_some_and(|(oldest, _)| batch.sequence < *oldest)
             {
                 results.push(Err(AppendRejected::SequenceTooOld));
                 continue;
             }
-            if let Some(invalid) = batch
-                .records
-                .iter()
-                .find_map(|record| store::validate(record).err())
-            {
+            if let Some(invalid) = batch.records.iter().find_map(|record| store::validate(record).err()) {
                 results.push(Err(AppendRejected::Invalid(invalid.to_string())));
                 continue;
             }
             let first = self.store.append(&batch.records)?;
-            let session = self
-                .sessions
-                .clients
-                .get_mut(&batch.client)
-                .expect("inserted above");
+            let session = self.sessions.clients.get_mut(&batch.client).expect("inserted above");
             session.recent.insert(batch.sequence, first);
             while session.recent.len() > SESSION_WINDOW {
                 session.recent.pop_first();
@@ -305,16 +273,12 @@ impl Inner {
 
     fn apply_gc(&mut self, report: GcReport) -> Result<CommandResult, StoreError> {
         let tail = self.store.next_position();
-        let client = self
-            .gc
-            .clients
-            .entry(report.client)
-            .or_insert_with(|| GcClient {
-                name: format!("client-{:016x}", report.client),
-                streams: Vec::new(),
-                progress: 0,
-                reports: 0,
-            });
+        let client = self.gc.clients.entry(report.client).or_insert_with(|| GcClient {
+            name: format!("client-{:016x}", report.client),
+            streams: Vec::new(),
+            progress: 0,
+            reports: 0,
+        });
         client.progress = client.progress.max(report.progress.min(tail));
         client.reports += 1;
         for locator in report.locators {
@@ -322,9 +286,7 @@ impl Inner {
                 continue;
             }
             if let Some(pending) = self.gc.pending.get_mut(&locator.position) {
-                pending
-                    .unreported
-                    .retain(|stream| !locator.streams.contains(stream));
+                pending.unreported.retain(|stream| !locator.streams.contains(stream));
                 continue;
             }
             if self.gc.pending.len() >= GC_PENDING_MAX {
@@ -335,29 +297,16 @@ impl Inner {
                 crate::types::ReadOutcome::Entry(entry) => entry,
                 _ => continue,
             };
-            let unreported: Vec<StreamId> = entry
-                .streams
-                .iter()
-                .copied()
-                .filter(|stream| !locator.streams.contains(stream))
-                .collect();
-            self.gc
-                .by_obsoleter
-                .insert((locator.obsoleted_by, locator.position));
+            let unreported: Vec<StreamId> =
+                entry.streams.iter().copied().filter(|stream| !locator.streams.contains(stream)).collect();
+            self.gc.by_obsoleter.insert((locator.obsoleted_by, locator.position));
             self.gc.pending.insert(
                 locator.position,
-                Pending {
-                    streams: entry.streams,
-                    unreported,
-                    obsoleted_by: locator.obsoleted_by,
-                },
+                Pending { streams: entry.streams, unreported, obsoleted_by: locator.obsoleted_by },
             );
         }
         let deleted = self.collect()?;
-        Ok(CommandResult::Collected {
-            deleted,
-            snapshot_mark: self.gc.snapshot_mark,
-        })
+        Ok(CommandResult::Collected { deleted, snapshot_mark: self.gc.snapshot_mark })
     }
 
     /// Deletes every pending entry whose obsoleter every reader of its
@@ -375,23 +324,14 @@ impl Inner {
                     .unwrap_or(u64::MAX)
             })
         };
-        let progress_max = clients
-            .values()
-            .map(|client| client.progress)
-            .max()
-            .unwrap_or(u64::MAX);
+        let progress_max = clients.values().map(|client| client.progress).max().unwrap_or(u64::MAX);
         let mut doomed: Vec<(Position, Position)> = Vec::new();
         for (obsoleted_by, position) in self.gc.by_obsoleter.iter().take(GC_SCAN_MAX) {
             if *obsoleted_by >= progress_max {
                 break;
             }
             let pending = &self.gc.pending[position];
-            if pending.unreported.is_empty()
-                && pending
-                    .streams
-                    .iter()
-                    .all(|stream| *obsoleted_by < horizon(*stream))
-            {
+            if pending.unreported.is_empty() && pending.streams.iter().all(|stream| *obsoleted_by < horizon(*stream)) {
                 doomed.push((*obsoleted_by, *position));
             }
         }
@@ -410,19 +350,11 @@ impl Inner {
         Ok(doomed.len() as u64)
     }
 
-    fn apply_command(
-        &mut self,
-        command: Command,
-        log_index: u64,
-    ) -> Result<CommandResult, StoreError> {
+    fn apply_command(&mut self, command: Command, log_index: u64) -> Result<CommandResult, StoreError> {
         match command {
             Command::Append(batches) => self.apply_append(batches, log_index),
             Command::Gc(report) => self.apply_gc(report),
-            Command::RegisterClient {
-                client,
-                name,
-                streams,
-            } => {
+            Command::RegisterClient { client, name, streams } => {
                 let registered = self.gc.clients.entry(client).or_insert_with(|| GcClient {
                     name: name.clone(),
                     streams: streams.clone(),
@@ -438,10 +370,7 @@ impl Inner {
             Command::UnregisterClient { client } => {
                 self.gc.clients.remove(&client);
                 let deleted = self.collect()?;
-                Ok(CommandResult::Collected {
-                    deleted,
-                    snapshot_mark: self.gc.snapshot_mark,
-                })
+                Ok(CommandResult::Collected { deleted, snapshot_mark: self.gc.snapshot_mark })
             }
         }
     }
@@ -450,8 +379,7 @@ impl Inner {
         let tail = self.store.next_position();
         metrics::gauge!("sharedlog_tail_position").set(tail as f64);
         metrics::gauge!("sharedlog_snapshot_mark").set(self.gc.snapshot_mark as f64);
-        metrics::gauge!("sharedlog_snapshot_mark_lag_entries")
-            .set(tail.saturating_sub(self.gc.snapshot_mark) as f64);
+        metrics::gauge!("sharedlog_snapshot_mark_lag_entries").set(tail.saturating_sub(self.gc.snapshot_mark) as f64);
         metrics::gauge!("sharedlog_gc_pending_entries").set(self.gc.pending.len() as f64);
         metrics::gauge!("sharedlog_gc_locators_dropped").set(self.gc.locators_dropped as f64);
         for client in self.gc.clients.values() {
@@ -475,17 +403,11 @@ impl Inner {
             sessions: self.sessions.clone(),
         };
         let snapshot_id = match &self.last_applied {
-            Some(log_id) => format!(
-                "{}-{}-{}",
-                log_id.leader_id.term, log_id.index, header.next_position
-            ),
+            Some(log_id) => format!("{}-{}-{}", log_id.leader_id.term, log_id.index, header.next_position),
             None => format!("empty-{}", header.next_position),
         };
-        let meta = SnapshotMeta {
-            last_log_id: self.last_applied,
-            last_membership: self.membership.clone(),
-            snapshot_id,
-        };
+        let meta =
+            SnapshotMeta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id };
         let file = CheckpointFile {
             version: CHECKPOINT_VERSION,
             meta: meta.clone(),
@@ -505,13 +427,7 @@ impl RaftSnapshotBuilder<TypeConfig> for Arc<Shared> {
             inner.checkpoint(&*self.fs, &self.dir).map_err(sm_error)?
         };
         tracing::info!(snapshot = %meta.snapshot_id, "checkpointed the entry store");
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(SnapshotData::Local {
-                shared: self.clone(),
-                header,
-            }),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(SnapshotData::Local { shared: self.clone(), header }) })
     }
 }
 
@@ -531,13 +447,10 @@ pub fn read_snapshot_items(fs: &dyn Fs, path: &Path) -> io::Result<Vec<SnapshotI
         if offset + 8 > bytes.len() {
             return Err(io::Error::other("snapshot file truncated"));
         }
-        let len =
-            u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes")) as usize;
-        let checksum =
-            u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().expect("4 bytes"));
-        let body = bytes
-            .get(offset + 8..offset + 8 + len)
-            .ok_or_else(|| io::Error::other("snapshot file truncated"))?;
+        let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes")) as usize;
+        let checksum = u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().expect("4 bytes"));
+        let body =
+            bytes.get(offset + 8..offset + 8 + len).ok_or_else(|| io::Error::other("snapshot file truncated"))?;
         if crc32c::crc32c(body) != checksum {
             return Err(io::Error::other("snapshot item fails its checksum"));
         }
@@ -560,9 +473,7 @@ pub fn frame_snapshot_item(item: &SnapshotItem) -> Vec<u8> {
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Arc<Shared>;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership<NodeId, Node>), StorageError> {
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership<NodeId, Node>), StorageError> {
         let inner = self.shared.read();
         Ok((inner.last_applied, inner.membership.clone()))
     }
@@ -579,9 +490,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 inner.last_applied = Some(entry.log_id);
                 let result = match entry.payload {
                     EntryPayload::Blank => CommandResult::Done,
-                    EntryPayload::Normal(command) => inner
-                        .apply_command(command, entry.log_id.index)
-                        .map_err(sm_error)?,
+                    EntryPayload::Normal(command) => {
+                        inner.apply_command(command, entry.log_id.index).map_err(sm_error)?
+                    }
                     EntryPayload::Membership(membership) => {
                         inner.membership = StoredMembership::new(Some(entry.log_id), membership);
                         CommandResult::Done
@@ -601,9 +512,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
-        Ok(Box::new(SnapshotData::Received {
-            path: self.shared.dir.join("incoming.snapshot"),
-        }))
+        Ok(Box::new(SnapshotData::Received { path: self.shared.dir.join("incoming.snapshot") }))
     }
 
     async fn install_snapshot(
@@ -612,9 +521,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
         let SnapshotData::Received { path } = *snapshot else {
-            return Err(sm_error(
-                "cannot install a local checkpoint as a received snapshot",
-            ));
+            return Err(sm_error("cannot install a local checkpoint as a received snapshot"));
         };
         let items = read_snapshot_items(&*self.shared.fs, &path).map_err(sm_error)?;
         let mut items = items.into_iter();
@@ -637,9 +544,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             inner.sessions = header.sessions;
             inner.last_applied = meta.last_log_id;
             inner.membership = meta.last_membership.clone();
-            inner
-                .checkpoint(&*self.shared.fs, &self.shared.dir)
-                .map_err(sm_error)?;
+            inner.checkpoint(&*self.shared.fs, &self.shared.dir).map_err(sm_error)?;
             inner.publish_metrics();
             inner.store.next_position()
         };
@@ -653,10 +558,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let inner = self.shared.read();
         Ok(inner.checkpoint.clone().map(|(meta, header)| Snapshot {
             meta,
-            snapshot: Box::new(SnapshotData::Local {
-                shared: self.shared.clone(),
-                header,
-            }),
+            snapshot: Box::new(SnapshotData::Local { shared: self.shared.clone(), header }),
         }))
     }
 }

@@ -4,13 +4,13 @@ use std::future::Future;
 use std::time::Duration;
 
 use openraft::error::{
-    Fatal, InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
-    ReplicationClosed, StreamingError, Unreachable,
+    Fatal, InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, SnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::Snapshot;
 use wire::{CallError, Transport};
@@ -46,11 +46,7 @@ impl<T: Transport> RaftNetworkFactory<TypeConfig> for Network<T> {
     type Network = Peer<T>;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
-        Peer {
-            transport: self.transport.clone(),
-            target,
-            address: node.addr.clone(),
-        }
+        Peer { transport: self.transport.clone(), target, address: node.addr.clone() }
     }
 }
 
@@ -74,24 +70,13 @@ impl<T: Transport> Peer<T> {
         E: std::error::Error + serde::de::DeserializeOwned,
     {
         let reply: Result<Resp, RaftError<NodeId, E>> =
-            wire::call(&self.transport, &self.address, method, request, timeout)
-                .await
-                .map_err(to_rpc_error)?;
+            wire::call(&self.transport, &self.address, method, request, timeout).await.map_err(to_rpc_error)?;
         reply.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))
     }
 
-    async fn send_chunk(
-        &self,
-        chunk: &SnapshotChunk,
-    ) -> Result<Option<SnapshotResponse<NodeId>>, CallError> {
-        let reply: Result<Option<SnapshotResponse<NodeId>>, String> = wire::call(
-            &self.transport,
-            &self.address,
-            method::RAFT_SNAPSHOT,
-            chunk,
-            SNAPSHOT_CHUNK_TIMEOUT,
-        )
-        .await?;
+    async fn send_chunk(&self, chunk: &SnapshotChunk) -> Result<Option<SnapshotResponse<NodeId>>, CallError> {
+        let reply: Result<Option<SnapshotResponse<NodeId>>, String> =
+            wire::call(&self.transport, &self.address, method::RAFT_SNAPSHOT, chunk, SNAPSHOT_CHUNK_TIMEOUT).await?;
         reply.map_err(|message| CallError::Remote {
             address: self.address.clone(),
             error: wire::RemoteError::new(wire::ErrorCode::Internal, message),
@@ -104,9 +89,9 @@ impl<T: Transport> Peer<T> {
         snapshot: Snapshot<TypeConfig>,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
         let SnapshotData::Local { shared, header } = *snapshot.snapshot else {
-            return Err(StreamingError::Network(NetworkError::new(
-                &std::io::Error::other("only a local checkpoint can be sent"),
-            )));
+            return Err(StreamingError::Network(NetworkError::new(&std::io::Error::other(
+                "only a local checkpoint can be sent",
+            ))));
         };
         let network_error = |error: CallError| StreamingError::Network(NetworkError::new(&error));
         let upto = header.next_position;
@@ -141,9 +126,9 @@ impl<T: Transport> Peer<T> {
         chunk.done = true;
         match self.send_chunk(&chunk).await.map_err(network_error)? {
             Some(response) => Ok(response),
-            None => Err(StreamingError::Network(NetworkError::new(
-                &std::io::Error::other("follower did not install the snapshot"),
-            ))),
+            None => Err(StreamingError::Network(NetworkError::new(&std::io::Error::other(
+                "follower did not install the snapshot",
+            )))),
         }
     }
 }
@@ -156,23 +141,15 @@ impl<T: Transport> RaftNetwork<TypeConfig> for Peer<T> {
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
         let encoded = wire::encode(&request);
         if encoded.len() > APPEND_PAYLOAD_BYTES_MAX && request.entries.len() > 1 {
-            return Err(RPCError::PayloadTooLarge(
-                PayloadTooLarge::new_entries_hint(request.entries.len() as u64 / 2),
-            ));
+            return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(request.entries.len() as u64 / 2)));
         }
         let reply: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = {
             let bytes = self
                 .transport
-                .call(
-                    &self.address,
-                    method::RAFT_APPEND,
-                    encoded,
-                    option.hard_ttl(),
-                )
+                .call(&self.address, method::RAFT_APPEND, encoded, option.hard_ttl())
                 .await
                 .map_err(to_rpc_error)?;
-            postcard::from_bytes(&bytes)
-                .map_err(|error| RPCError::Network(NetworkError::new(&error)))?
+            postcard::from_bytes(&bytes).map_err(|error| RPCError::Network(NetworkError::new(&error)))?
         };
         reply.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))
     }
@@ -181,14 +158,9 @@ impl<T: Transport> RaftNetwork<TypeConfig> for Peer<T> {
         &mut self,
         _request: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
-    > {
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>> {
         // With generic snapshot data openraft only calls full_snapshot.
-        Err(RPCError::Unreachable(Unreachable::new(
-            &std::io::Error::other("chunked install_snapshot is not used"),
-        )))
+        Err(RPCError::Unreachable(Unreachable::new(&std::io::Error::other("chunked install_snapshot is not used"))))
     }
 
     async fn vote(
@@ -196,8 +168,7 @@ impl<T: Transport> RaftNetwork<TypeConfig> for Peer<T> {
         request: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call(method::RAFT_VOTE, &request, option.hard_ttl())
-            .await
+        self.call(method::RAFT_VOTE, &request, option.hard_ttl()).await
     }
 
     async fn full_snapshot(

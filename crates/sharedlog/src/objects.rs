@@ -30,9 +30,7 @@ pub struct Map<K, V> {
 
 impl<K, V> Default for Map<K, V> {
     fn default() -> Self {
-        Map {
-            entries: BTreeMap::new(),
-        }
+        Map { entries: BTreeMap::new() }
     }
 }
 
@@ -97,23 +95,14 @@ impl<K: Value + Ord, V: Value> Object for Map<K, V> {
     type Outcome = Result<bool, Conflict>;
     type State = Vec<(K, V, Position)>;
 
-    fn apply(
-        &mut self,
-        position: Position,
-        op: MapOp<K, V>,
-        obsoleted: &mut Obsoleted,
-    ) -> Result<bool, Conflict> {
+    fn apply(&mut self, position: Position, op: MapOp<K, V>, obsoleted: &mut Obsoleted) -> Result<bool, Conflict> {
         match op {
             MapOp::Put { key, value } => {
                 self.put(key, value, position, obsoleted);
                 Ok(true)
             }
             MapOp::Delete { key } => Ok(self.delete(&key, obsoleted)),
-            MapOp::CompareAndSet {
-                key,
-                expected,
-                value,
-            } => {
+            MapOp::CompareAndSet { key, expected, value } => {
                 let current = self.entries.get(&key).map(|(_, version)| *version);
                 if current != expected {
                     obsoleted.without_effect = true;
@@ -131,19 +120,11 @@ impl<K: Value + Ord, V: Value> Object for Map<K, V> {
     }
 
     fn to_state(&self) -> Self::State {
-        self.entries
-            .iter()
-            .map(|(key, (value, version))| (key.clone(), value.clone(), *version))
-            .collect()
+        self.entries.iter().map(|(key, (value, version))| (key.clone(), value.clone(), *version)).collect()
     }
 
     fn from_state(state: Self::State) -> Self {
-        Map {
-            entries: state
-                .into_iter()
-                .map(|(key, value, version)| (key, (value, version)))
-                .collect(),
-        }
+        Map { entries: state.into_iter().map(|(key, value, version)| (key, (value, version))).collect() }
     }
 }
 
@@ -168,13 +149,7 @@ impl<K: Value + Ord, V: Value, T: Transport> Replicated<Map<K, V>, T> {
         expected: Option<Position>,
         value: Option<V>,
     ) -> Result<Result<Position, Conflict>, SmrError> {
-        let (position, outcome) = self
-            .submit(MapOp::CompareAndSet {
-                key,
-                expected,
-                value,
-            })
-            .await?;
+        let (position, outcome) = self.submit(MapOp::CompareAndSet { key, expected, value }).await?;
         Ok(outcome.map(|_| position))
     }
 
@@ -213,10 +188,7 @@ impl<V> Default for Register<V> {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum RegisterOp<V> {
     Set(V),
-    CompareAndSet {
-        expected: Option<Position>,
-        value: V,
-    },
+    CompareAndSet { expected: Option<Position>, value: V },
 }
 
 impl<V: Value> Object for Register<V> {
@@ -224,12 +196,7 @@ impl<V: Value> Object for Register<V> {
     type Outcome = Result<(), Conflict>;
     type State = Option<(V, Position)>;
 
-    fn apply(
-        &mut self,
-        position: Position,
-        op: RegisterOp<V>,
-        obsoleted: &mut Obsoleted,
-    ) -> Result<(), Conflict> {
+    fn apply(&mut self, position: Position, op: RegisterOp<V>, obsoleted: &mut Obsoleted) -> Result<(), Conflict> {
         let value = match op {
             RegisterOp::Set(value) => value,
             RegisterOp::CompareAndSet { expected, value } => {
@@ -266,9 +233,7 @@ impl<V: Value, T: Transport> Replicated<Register<V>, T> {
         expected: Option<Position>,
         value: V,
     ) -> Result<Result<Position, Conflict>, SmrError> {
-        let (position, outcome) = self
-            .submit(RegisterOp::CompareAndSet { expected, value })
-            .await?;
+        let (position, outcome) = self.submit(RegisterOp::CompareAndSet { expected, value }).await?;
         Ok(outcome.map(|_| position))
     }
 
@@ -291,10 +256,7 @@ pub struct Queue<V> {
 
 impl<V> Default for Queue<V> {
     fn default() -> Self {
-        Queue {
-            items: BTreeMap::new(),
-            positions: BTreeMap::new(),
-        }
+        Queue { items: BTreeMap::new(), positions: BTreeMap::new() }
     }
 }
 
@@ -307,10 +269,7 @@ pub enum QueueOp<V> {
 impl<V: Value> Queue<V> {
     /// Every item's id and log position, in queue order.
     pub fn entries(&self) -> Vec<(QueueId, Position)> {
-        self.items
-            .keys()
-            .map(|(position, id)| (*id, *position))
-            .collect()
+        self.items.keys().map(|(position, id)| (*id, *position)).collect()
     }
 
     pub fn get(&self, id: &QueueId) -> Option<&V> {
@@ -319,9 +278,7 @@ impl<V: Value> Queue<V> {
     }
 
     pub fn items(&self) -> impl Iterator<Item = (QueueId, Position, &V)> {
-        self.items
-            .iter()
-            .map(|((position, id), item)| (*id, *position, item))
+        self.items.iter().map(|((position, id), item)| (*id, *position, item))
     }
 
     pub fn len(&self) -> usize {
@@ -370,10 +327,7 @@ impl<V: Value> Object for Queue<V> {
     }
 
     fn to_state(&self) -> Self::State {
-        self.items
-            .iter()
-            .map(|((position, id), item)| (*position, *id, item.clone()))
-            .collect()
+        self.items.iter().map(|((position, id), item)| (*position, *id, item.clone())).collect()
     }
 
     fn from_state(state: Self::State) -> Self {
@@ -394,67 +348,31 @@ mod tests {
     fn map_reports_what_each_update_obsoletes() {
         let mut map: Map<String, u32> = Map::default();
         let mut obsoleted = Obsoleted::default();
-        assert_eq!(
-            map.apply(
-                1,
-                MapOp::Put {
-                    key: "a".into(),
-                    value: 1
-                },
-                &mut obsoleted
-            ),
-            Ok(true)
-        );
+        assert_eq!(map.apply(1, MapOp::Put { key: "a".into(), value: 1 }, &mut obsoleted), Ok(true));
         assert!(obsoleted.superseded.is_empty());
         let mut obsoleted = Obsoleted::default();
-        map.apply(
-            2,
-            MapOp::Put {
-                key: "a".into(),
-                value: 2,
-            },
-            &mut obsoleted,
-        )
-        .unwrap();
+        map.apply(2, MapOp::Put { key: "a".into(), value: 2 }, &mut obsoleted).unwrap();
         assert_eq!(obsoleted.superseded, vec![1]);
         let mut obsoleted = Obsoleted::default();
-        let lost = map.apply(
-            3,
-            MapOp::CompareAndSet {
-                key: "a".into(),
-                expected: Some(1),
-                value: Some(9),
-            },
-            &mut obsoleted,
-        );
+        let lost =
+            map.apply(3, MapOp::CompareAndSet { key: "a".into(), expected: Some(1), value: Some(9) }, &mut obsoleted);
         assert_eq!(lost, Err(Conflict { current: Some(2) }));
         assert!(obsoleted.without_effect);
         let mut obsoleted = Obsoleted::default();
-        map.apply(4, MapOp::Delete { key: "a".into() }, &mut obsoleted)
-            .unwrap();
+        map.apply(4, MapOp::Delete { key: "a".into() }, &mut obsoleted).unwrap();
         assert_eq!(obsoleted.superseded, vec![2]);
-        assert!(
-            obsoleted.until_checkpoint,
-            "a delete outlives what it deleted"
-        );
+        assert!(obsoleted.until_checkpoint, "a delete outlives what it deleted");
         assert!(map.is_empty());
     }
 
     #[test]
     fn queue_orders_by_position_and_removes_anywhere() {
         let mut queue: Queue<String> = Queue::default();
-        let id = |n: u32| QueueId {
-            timestamp_micros: 100 - n as u64,
-            host: n,
-            sequence: 0,
-        };
+        let id = |n: u32| QueueId { timestamp_micros: 100 - n as u64, host: n, sequence: 0 };
         for (position, n) in [(10u64, 1u32), (11, 2), (12, 3)] {
             assert!(queue.apply(
                 position,
-                QueueOp::Enqueue {
-                    id: id(n),
-                    item: "x".to_string()
-                },
+                QueueOp::Enqueue { id: id(n), item: "x".to_string() },
                 &mut Obsoleted::default()
             ));
         }

@@ -23,11 +23,7 @@ pub struct QueueId {
 
 impl std::fmt::Display for QueueId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}-{}-{}",
-            self.timestamp_micros, self.host, self.sequence
-        )
+        write!(f, "{}-{}-{}", self.timestamp_micros, self.host, self.sequence)
     }
 }
 
@@ -37,14 +33,9 @@ impl std::str::FromStr for QueueId {
     fn from_str(text: &str) -> Result<QueueId, String> {
         let parts: Vec<&str> = text.split('-').collect();
         let [timestamp, host, sequence] = parts[..] else {
-            return Err(format!(
-                "queue id {text:?} is not <timestamp>-<host>-<sequence>"
-            ));
+            return Err(format!("queue id {text:?} is not <timestamp>-<host>-<sequence>"));
         };
-        let parse = |part: &str| {
-            part.parse::<u64>()
-                .map_err(|error| format!("queue id {text:?}: {error}"))
-        };
+        let parse = |part: &str| part.parse::<u64>().map_err(|error| format!("queue id {text:?}: {error}"));
         Ok(QueueId {
             timestamp_micros: parse(timestamp)?,
             host: parse(host)? as u32,
@@ -90,11 +81,7 @@ pub struct IdGenerator {
 
 impl IdGenerator {
     pub fn new(host: u32, clock: Arc<dyn Clock>) -> IdGenerator {
-        IdGenerator {
-            host,
-            clock,
-            state: Mutex::new(GeneratorState::default()),
-        }
+        IdGenerator { host, clock, state: Mutex::new(GeneratorState::default()) }
     }
 
     /// Tells the generator about an id another host issued: if that host's
@@ -106,9 +93,7 @@ impl IdGenerator {
         let ours = now + state.correction;
         if timestamp_micros > ours {
             let needed = timestamp_micros - now;
-            state.correction = needed
-                .min(DRIFT_CORRECTION_MAX_MICROS)
-                .max(state.correction);
+            state.correction = needed.min(DRIFT_CORRECTION_MAX_MICROS).max(state.correction);
         }
     }
 
@@ -132,11 +117,7 @@ impl IdGenerator {
             state.last_timestamp = timestamp;
             state.sequence = 0;
         }
-        QueueId {
-            timestamp_micros: state.last_timestamp,
-            host: self.host,
-            sequence: state.sequence,
-        }
+        QueueId { timestamp_micros: state.last_timestamp, host: self.host, sequence: state.sequence }
     }
 }
 
@@ -154,10 +135,7 @@ impl<V: Value, T: Transport> PersistentQueue<V, T> {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, SmrError> {
         let object = runtime.open::<Queue<V>>(stream).await?;
-        Ok(PersistentQueue {
-            object,
-            ids: IdGenerator::new(host, clock),
-        })
+        Ok(PersistentQueue { object, ids: IdGenerator::new(host, clock) })
     }
 
     /// Adds `item` at the end of the queue; returns its id and position.
@@ -183,14 +161,7 @@ impl<V: Value, T: Transport> PersistentQueue<V, T> {
 
     /// The items themselves, in queue order (linearizable).
     pub async fn items(&self) -> Result<Vec<(QueueId, Position, V)>, SmrError> {
-        self.object
-            .read(|queue| {
-                queue
-                    .items()
-                    .map(|(id, position, item)| (id, position, item.clone()))
-                    .collect()
-            })
-            .await
+        self.object.read(|queue| queue.items().map(|(id, position, item)| (id, position, item.clone())).collect()).await
     }
 
     pub fn object(&self) -> &Replicated<Queue<V>, T> {
@@ -221,10 +192,7 @@ mod tests {
         assert!(second > first);
         clock.0.store(500, Ordering::SeqCst);
         let after_step_back = generator.next();
-        assert!(
-            after_step_back > second,
-            "{after_step_back:?} after {second:?}"
-        );
+        assert!(after_step_back > second, "{after_step_back:?} after {second:?}");
         assert_eq!(after_step_back.host, 7);
     }
 
@@ -252,11 +220,7 @@ mod tests {
 
     #[test]
     fn ids_round_trip_as_text() {
-        let id = QueueId {
-            timestamp_micros: 123,
-            host: 4,
-            sequence: 5,
-        };
+        let id = QueueId { timestamp_micros: 123, host: 4, sequence: 5 };
         assert_eq!(id.to_string().parse::<QueueId>().unwrap(), id);
         assert!("nonsense".parse::<QueueId>().is_err());
     }

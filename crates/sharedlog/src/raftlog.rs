@@ -128,8 +128,7 @@ fn decode_entry(bytes: &[u8]) -> Option<(RaftEntry, usize)> {
     if bytes.len() < RECORD_HEADER_SIZE {
         return None;
     }
-    let u32_at =
-        |offset: usize| u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"));
+    let u32_at = |offset: usize| u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"));
     if u32_at(0) != RECORD_MAGIC {
         return None;
     }
@@ -145,13 +144,7 @@ fn decode_entry(bytes: &[u8]) -> Option<(RaftEntry, usize)> {
 /// Runs a batch of writer operations: writes, one sync per touched file,
 /// then the callbacks. `Run` operations are barriers: everything before them
 /// is made durable first.
-fn execute(
-    fs: &dyn Fs,
-    dir: &Path,
-    ops: Vec<Op>,
-    failed: &Mutex<Option<String>>,
-    shared_state: &Mutex<State>,
-) {
+fn execute(fs: &dyn Fs, dir: &Path, ops: Vec<Op>, failed: &Mutex<Option<String>>, shared_state: &Mutex<State>) {
     let mut touched: Vec<Arc<dyn File>> = Vec::new();
     let mut callbacks: Vec<LogFlushed<TypeConfig>> = Vec::new();
     let mut new_segment = false;
@@ -172,9 +165,7 @@ fn execute(
             }
             if error.is_none() && *new_segment {
                 if let Err(sync_error) = fs.sync_dir(dir) {
-                    *error = Some(format!(
-                        "syncing the Raft log directory failed: {sync_error}"
-                    ));
+                    *error = Some(format!("syncing the Raft log directory failed: {sync_error}"));
                 }
             }
         }
@@ -183,8 +174,7 @@ fn execute(
         if error.is_none() {
             if let Some(index) = durable_index.take() {
                 let mut state = shared_state.lock().expect("state lock poisoned");
-                state.durable_index =
-                    Some(state.durable_index.map_or(index, |old: u64| old.max(index)));
+                state.durable_index = Some(state.durable_index.map_or(index, |old: u64| old.max(index)));
             }
         }
         for callback in callbacks.drain(..) {
@@ -197,14 +187,7 @@ fn execute(
 
     for op in ops {
         match op {
-            Op::Write {
-                file,
-                offset,
-                bytes,
-                new_segment: created,
-                last_index,
-                callback,
-            } => {
+            Op::Write { file, offset, bytes, new_segment: created, last_index, callback } => {
                 if error.is_none() {
                     if let Err(write_error) = file.write_at(&bytes, offset) {
                         error = Some(format!("writing the Raft log failed: {write_error}"));
@@ -218,13 +201,7 @@ fn execute(
                 callbacks.extend(callback);
             }
             Op::Run { work, reply } => {
-                flush(
-                    &mut touched,
-                    &mut callbacks,
-                    &mut new_segment,
-                    &mut durable_index,
-                    &mut error,
-                );
+                flush(&mut touched, &mut callbacks, &mut new_segment, &mut durable_index, &mut error);
                 let result = match &error {
                     Some(reason) => Err(io_error(reason)),
                     None => work(),
@@ -238,13 +215,7 @@ fn execute(
             }
         }
     }
-    flush(
-        &mut touched,
-        &mut callbacks,
-        &mut new_segment,
-        &mut durable_index,
-        &mut error,
-    );
+    flush(&mut touched, &mut callbacks, &mut new_segment, &mut durable_index, &mut error);
     if let Some(reason) = error {
         let mut latched = failed.lock().expect("failed lock");
         if latched.is_none() {
@@ -260,8 +231,7 @@ impl RaftLogStore {
         fs.create_dir_all(dir)?;
         let purged: Option<LogId> = read_meta(&*fs, &dir.join("purged"))?;
         let vote: Option<Vote> = read_meta(&*fs, &dir.join("vote"))?;
-        let committed: Option<LogId> =
-            read_meta::<Option<LogId>>(&*fs, &dir.join("committed"))?.flatten();
+        let committed: Option<LogId> = read_meta::<Option<LogId>>(&*fs, &dir.join("committed"))?.flatten();
         let mut state = State {
             slots: BTreeMap::new(),
             cache: BTreeMap::new(),
@@ -272,16 +242,13 @@ impl RaftLogStore {
             committed,
             durable_index: None,
         };
-        let names: Vec<String> = fs
-            .list(dir)?
-            .into_iter()
-            .filter(|name| name.ends_with(".log"))
-            .collect();
+        let names: Vec<String> = fs.list(dir)?.into_iter().filter(|name| name.ends_with(".log")).collect();
         for (position, name) in names.iter().enumerate() {
             let is_last = position + 1 == names.len();
-            let first_index: u64 = name.trim_end_matches(".log").parse().map_err(|_| {
-                io_error(format!("unexpected file {name} in the Raft log directory"))
-            })?;
+            let first_index: u64 = name
+                .trim_end_matches(".log")
+                .parse()
+                .map_err(|_| io_error(format!("unexpected file {name} in the Raft log directory")))?;
             let file = fs.open(&dir.join(name), false)?;
             let mut bytes = vec![0u8; file.len()? as usize];
             file.read_exact_at(&mut bytes, 0)?;
@@ -294,27 +261,18 @@ impl RaftLogStore {
                         file.sync_data()?;
                         break;
                     }
-                    return Err(io_error(format!(
-                        "Raft log segment {name} is corrupt at offset {offset}"
-                    )));
+                    return Err(io_error(format!("Raft log segment {name} is corrupt at offset {offset}")));
                 };
                 let index = entry.log_id.index;
                 if let Some((last, _)) = state.slots.last_key_value() {
                     if index != last + 1 {
-                        return Err(io_error(format!(
-                            "Raft log is not contiguous: {last} then {index} in {name}"
-                        )));
+                        return Err(io_error(format!("Raft log is not contiguous: {last} then {index} in {name}")));
                     }
                 }
                 if state.purged.is_none_or(|purged| index > purged.index) {
                     state.slots.insert(
                         index,
-                        Slot {
-                            log_id: entry.log_id,
-                            segment: first_index,
-                            offset: offset as u64,
-                            len: len as u32,
-                        },
+                        Slot { log_id: entry.log_id, segment: first_index, offset: offset as u64, len: len as u32 },
                     );
                 }
                 offset += len;
@@ -347,25 +305,15 @@ impl RaftLogStore {
                     }
                 }
             }
-            None => execute(
-                &*self.shared.fs,
-                &self.shared.dir,
-                ops,
-                &self.shared.failed,
-                &self.shared.state,
-            ),
+            None => execute(&*self.shared.fs, &self.shared.dir, ops, &self.shared.failed, &self.shared.state),
         }
     }
 
     /// Runs `work` after every write queued so far is durable.
     async fn barrier(&self, work: Box<dyn FnOnce() -> io::Result<()> + Send>) -> io::Result<()> {
         let (reply, done) = tokio::sync::oneshot::channel();
-        self.submit(vec![Op::Run {
-            work,
-            reply: Some(reply),
-        }]);
-        done.await
-            .map_err(|_| io_error("Raft log writer stopped"))?
+        self.submit(vec![Op::Run { work, reply: Some(reply) }]);
+        done.await.map_err(|_| io_error("Raft log writer stopped"))?
     }
 
     fn check_failed(&self) -> Result<(), StorageError> {
@@ -381,14 +329,10 @@ impl RaftLogStore {
 
     fn read_slot(&self, slot: &Slot, file: &Arc<dyn File>) -> Result<RaftEntry, StorageError> {
         let mut bytes = vec![0u8; slot.len as usize];
-        file.read_exact_at(&mut bytes, slot.offset)
-            .map_err(read_error)?;
+        file.read_exact_at(&mut bytes, slot.offset).map_err(read_error)?;
         match decode_entry(&bytes) {
             Some((entry, _)) if entry.log_id == slot.log_id => Ok(entry),
-            _ => Err(read_error(format!(
-                "Raft log entry {} fails its checksum",
-                slot.log_id.index
-            ))),
+            _ => Err(read_error(format!("Raft log entry {} fails its checksum", slot.log_id.index))),
         }
     }
 
@@ -400,11 +344,7 @@ impl RaftLogStore {
             if state.durable_index.is_none_or(|durable| index > durable) {
                 break;
             }
-            let len = state
-                .slots
-                .get(&index)
-                .map(|slot| slot.len as usize)
-                .unwrap_or(0);
+            let len = state.slots.get(&index).map(|slot| slot.len as usize).unwrap_or(0);
             state.cache.remove(&index);
             state.cache_bytes = state.cache_bytes.saturating_sub(len);
         }
@@ -415,23 +355,21 @@ impl RaftLogStore {
 /// holds only a weak reference, so it exits once the store is dropped.
 fn spawn_writer(shared: std::sync::Weak<Shared>) -> io::Result<mpsc::Sender<Op>> {
     let (sender, receiver) = mpsc::channel::<Op>();
-    std::thread::Builder::new()
-        .name("raft-log-writer".into())
-        .spawn(move || {
-            while let Ok(first) = receiver.recv() {
-                let mut ops = vec![first];
-                while ops.len() < GROUP_COMMIT_OPS_MAX {
-                    match receiver.try_recv() {
-                        Ok(op) => ops.push(op),
-                        Err(_) => break,
-                    }
+    std::thread::Builder::new().name("raft-log-writer".into()).spawn(move || {
+        while let Ok(first) = receiver.recv() {
+            let mut ops = vec![first];
+            while ops.len() < GROUP_COMMIT_OPS_MAX {
+                match receiver.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
                 }
-                let Some(shared) = shared.upgrade() else {
-                    return;
-                };
-                execute(&*shared.fs, &shared.dir, ops, &shared.failed, &shared.state);
             }
-        })?;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            execute(&*shared.fs, &shared.dir, ops, &shared.failed, &shared.state);
+        }
+    })?;
     Ok(sender)
 }
 
@@ -447,9 +385,7 @@ fn read_meta<T: serde::de::DeserializeOwned>(fs: &dyn Fs, path: &Path) -> io::Re
     if crc32c::crc32c(body).to_le_bytes() != checksum {
         return Err(io_error(format!("{} fails its checksum", path.display())));
     }
-    postcard::from_bytes::<T>(body)
-        .map(Some)
-        .map_err(|error| io_error(format!("{}: {error}", path.display())))
+    postcard::from_bytes::<T>(body).map(Some).map_err(|error| io_error(format!("{}: {error}", path.display())))
 }
 
 fn meta_bytes<T: serde::Serialize>(value: &T) -> Vec<u8> {
@@ -470,10 +406,7 @@ impl RaftLogReader<TypeConfig> for RaftLogStore {
             match state.cache.get(index) {
                 Some(entry) => entries.push(entry.clone()),
                 None => {
-                    let segment = state
-                        .segments
-                        .get(&slot.segment)
-                        .ok_or_else(|| read_error("segment missing"))?;
+                    let segment = state.segments.get(&slot.segment).ok_or_else(|| read_error("segment missing"))?;
                     entries.push(self.read_slot(slot, &segment.file)?);
                 }
             }
@@ -487,15 +420,8 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let state = self.lock();
-        let last = state
-            .slots
-            .last_key_value()
-            .map(|(_, slot)| slot.log_id)
-            .or(state.purged);
-        Ok(LogState {
-            last_purged_log_id: state.purged,
-            last_log_id: last,
-        })
+        let last = state.slots.last_key_value().map(|(_, slot)| slot.log_id).or(state.purged);
+        Ok(LogState { last_purged_log_id: state.purged, last_log_id: last })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -507,13 +433,9 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
         let bytes = meta_bytes(vote);
         let fs = self.shared.fs.clone();
         let path = self.shared.dir.join("vote");
-        self.barrier(Box::new(move || fs.write_file_atomic(&path, &bytes)))
-            .await
-            .map_err(|error| {
-                StorageError::from(StorageIOError::write_vote(openraft::AnyError::error(
-                    error.to_string(),
-                )))
-            })?;
+        self.barrier(Box::new(move || fs.write_file_atomic(&path, &bytes))).await.map_err(|error| {
+            StorageError::from(StorageIOError::write_vote(openraft::AnyError::error(error.to_string())))
+        })?;
         self.lock().vote = Some(*vote);
         Ok(())
     }
@@ -546,11 +468,7 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
         Ok(self.lock().committed)
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = RaftEntry> + Send,
         I::IntoIter: Send,
@@ -565,34 +483,18 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
                 let index = entry.log_id.index;
                 let rollover = match state.segments.last_key_value() {
                     None => true,
-                    Some((_, segment)) => {
-                        segment.end + record.len() as u64 > SEGMENT_SIZE_MAX && segment.end > 0
-                    }
+                    Some((_, segment)) => segment.end + record.len() as u64 > SEGMENT_SIZE_MAX && segment.end > 0,
                 };
                 if rollover {
                     if let Some((segment, bytes, offset, created, last_index)) = pending.take() {
                         let file = state.segments[&segment].file.clone();
-                        ops.push(Op::Write {
-                            file,
-                            offset,
-                            bytes,
-                            new_segment: created,
-                            last_index,
-                            callback: None,
-                        });
+                        ops.push(Op::Write { file, offset, bytes, new_segment: created, last_index, callback: None });
                     }
-                    let file = self
-                        .shared
-                        .fs
-                        .open(&segment_path(&self.shared.dir, index), true)
-                        .map_err(write_error)?;
+                    let file =
+                        self.shared.fs.open(&segment_path(&self.shared.dir, index), true).map_err(write_error)?;
                     state.segments.insert(index, Segment { file, end: 0 });
                 }
-                let (&segment_first, segment) = state
-                    .segments
-                    .iter_mut()
-                    .next_back()
-                    .expect("segment exists");
+                let (&segment_first, segment) = state.segments.iter_mut().next_back().expect("segment exists");
                 let offset = segment.end;
                 segment.end += record.len() as u64;
                 match &mut pending {
@@ -600,18 +502,11 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
                         bytes.extend_from_slice(&record);
                         *last_index = index;
                     }
-                    None => {
-                        pending = Some((segment_first, record.clone(), offset, rollover, index))
-                    }
+                    None => pending = Some((segment_first, record.clone(), offset, rollover, index)),
                 }
                 state.slots.insert(
                     index,
-                    Slot {
-                        log_id: entry.log_id,
-                        segment: segment_first,
-                        offset,
-                        len: record.len() as u32,
-                    },
+                    Slot { log_id: entry.log_id, segment: segment_first, offset, len: record.len() as u32 },
                 );
                 state.cache_bytes += record.len();
                 state.cache.insert(index, entry);
@@ -644,42 +539,26 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
             let Some(first_removed) = state.slots.get(&log_id.index).copied() else {
                 return Ok(());
             };
-            let later: Vec<u64> = state
-                .segments
-                .range(first_removed.segment + 1..)
-                .map(|(first, _)| *first)
-                .collect();
+            let later: Vec<u64> = state.segments.range(first_removed.segment + 1..).map(|(first, _)| *first).collect();
             for first in later {
                 let path = segment_path(&self.shared.dir, first);
                 let fs = self.shared.fs.clone();
                 work.push(Box::new(move || fs.remove_file(&path)));
                 state.segments.remove(&first);
             }
-            let segment = state
-                .segments
-                .get_mut(&first_removed.segment)
-                .expect("slot's segment exists");
+            let segment = state.segments.get_mut(&first_removed.segment).expect("slot's segment exists");
             segment.end = first_removed.offset;
             let file = segment.file.clone();
             let len = first_removed.offset;
-            work.push(Box::new(move || {
-                file.set_len(len).and_then(|_| file.sync_data())
-            }));
+            work.push(Box::new(move || file.set_len(len).and_then(|_| file.sync_data())));
             let fs = self.shared.fs.clone();
             let dir = self.shared.dir.clone();
             work.push(Box::new(move || fs.sync_dir(&dir)));
             state.slots.split_off(&log_id.index);
             state.cache.split_off(&log_id.index);
-            state.cache_bytes = state
-                .cache
-                .keys()
-                .filter_map(|index| state.slots.get(index))
-                .map(|slot| slot.len as usize)
-                .sum();
-            if state
-                .durable_index
-                .is_some_and(|durable| durable >= log_id.index)
-            {
+            state.cache_bytes =
+                state.cache.keys().filter_map(|index| state.slots.get(index)).map(|slot| slot.len as usize).sum();
+            if state.durable_index.is_some_and(|durable| durable >= log_id.index) {
                 state.durable_index = log_id.index.checked_sub(1);
             }
         }
@@ -696,9 +575,7 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
         let path = self.shared.dir.join("purged");
         // Record the purge point first, so a crash in between leaves files
         // whose entries are ignored, never a log that claims to have them.
-        self.barrier(Box::new(move || fs.write_file_atomic(&path, &bytes)))
-            .await
-            .map_err(write_error)?;
+        self.barrier(Box::new(move || fs.write_file_atomic(&path, &bytes))).await.map_err(write_error)?;
         let mut removals: Vec<PathBuf> = Vec::new();
         {
             let mut state = self.lock();
@@ -707,12 +584,8 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
             state.slots = kept;
             let kept_cache = state.cache.split_off(&(log_id.index + 1));
             state.cache = kept_cache;
-            state.cache_bytes = state
-                .cache
-                .keys()
-                .filter_map(|index| state.slots.get(index))
-                .map(|slot| slot.len as usize)
-                .sum();
+            state.cache_bytes =
+                state.cache.keys().filter_map(|index| state.slots.get(index)).map(|slot| slot.len as usize).sum();
             // A segment is fully purged when the next one starts at or
             // below the first kept index. The last segment is kept for appends.
             let firsts: Vec<u64> = state.segments.keys().copied().collect();

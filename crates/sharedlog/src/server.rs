@@ -56,11 +56,7 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    pub fn new(
-        node_id: NodeId,
-        address: impl Into<String>,
-        dir: impl Into<PathBuf>,
-    ) -> ServerConfig {
+    pub fn new(node_id: NodeId, address: impl Into<String>, dir: impl Into<PathBuf>) -> ServerConfig {
         ServerConfig {
             node_id,
             address: address.into(),
@@ -117,9 +113,7 @@ where
 {
     match error {
         RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => LogError::NotLeader {
-            leader: forward
-                .leader_id
-                .zip(forward.leader_node.as_ref().map(|node| node.addr.clone())),
+            leader: forward.leader_id.zip(forward.leader_node.as_ref().map(|node| node.addr.clone())),
         },
         other => LogError::Unavailable(other.to_string()),
     }
@@ -133,8 +127,8 @@ impl LogServer {
         fs: Arc<dyn Fs>,
         transport: T,
     ) -> Result<Arc<LogServer>, StartError> {
-        let log_store = RaftLogStore::open(fs.clone(), &config.dir.join("raft"), config.io_mode)
-            .map_err(StartError::RaftLog)?;
+        let log_store =
+            RaftLogStore::open(fs.clone(), &config.dir.join("raft"), config.io_mode).map_err(StartError::RaftLog)?;
         let state_machine = StateMachine::open(fs.clone(), &config.dir.join("state"))?;
         let shared = state_machine.shared();
         let raft_config = Config {
@@ -149,25 +143,12 @@ impl LogServer {
             ..Default::default()
         }
         .validate()?;
-        let raft = Raft::new(
-            config.node_id,
-            Arc::new(raft_config),
-            Network::new(transport),
-            log_store,
-            state_machine,
-        )
-        .await
-        .map_err(|error| StartError::Raft(error.to_string()))?;
+        let raft = Raft::new(config.node_id, Arc::new(raft_config), Network::new(transport), log_store, state_machine)
+            .await
+            .map_err(|error| StartError::Raft(error.to_string()))?;
         let (proposals, queue) = mpsc::channel(PROPOSAL_QUEUE_MAX);
         tokio::spawn(propose(raft.clone(), queue));
-        Ok(Arc::new(LogServer {
-            config,
-            raft,
-            shared,
-            proposals,
-            receiving: tokio::sync::Mutex::new(None),
-            fs,
-        }))
+        Ok(Arc::new(LogServer { config, raft, shared, proposals, receiving: tokio::sync::Mutex::new(None), fs }))
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -185,17 +166,8 @@ impl LogServer {
     /// Forms the cluster if it has never been formed. Safe to call on every
     /// replica with the same members: a replica with any Raft state ignores it.
     pub async fn initialize(&self, members: &BTreeMap<NodeId, String>) -> Result<(), String> {
-        let nodes: BTreeMap<NodeId, BasicNode> = members
-            .iter()
-            .map(|(id, address)| {
-                (
-                    *id,
-                    BasicNode {
-                        addr: address.clone(),
-                    },
-                )
-            })
-            .collect();
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            members.iter().map(|(id, address)| (*id, BasicNode { addr: address.clone() })).collect();
         match self.raft.initialize(nodes).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
@@ -212,11 +184,7 @@ impl LogServer {
     fn leader(&self) -> Option<(NodeId, String)> {
         let metrics = self.raft.metrics().borrow().clone();
         let leader = metrics.current_leader?;
-        let address = metrics
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|node| node.addr.clone())?;
+        let address = metrics.membership_config.membership().get_node(&leader).map(|node| node.addr.clone())?;
         Some((leader, address))
     }
 
@@ -225,9 +193,7 @@ impl LogServer {
     }
 
     fn not_leader(&self) -> LogError {
-        LogError::NotLeader {
-            leader: self.leader().filter(|(id, _)| *id != self.config.node_id),
-        }
+        LogError::NotLeader { leader: self.leader().filter(|(id, _)| *id != self.config.node_id) }
     }
 
     /// Waits until this replica has applied everything committed before the
@@ -238,13 +204,9 @@ impl LogServer {
         }
         match self.raft.ensure_linearizable().await {
             Ok(_) => Ok(()),
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
-                forward,
-            ))) => Err(LogError::NotLeader {
-                leader: forward
-                    .leader_id
-                    .zip(forward.leader_node.map(|node| node.addr)),
-            }),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(forward))) => {
+                Err(LogError::NotLeader { leader: forward.leader_id.zip(forward.leader_node.map(|node| node.addr)) })
+            }
             Err(error) => Err(LogError::Unavailable(error.to_string())),
         }
     }
@@ -262,8 +224,7 @@ impl LogServer {
             .send(Proposal { batch, reply })
             .await
             .map_err(|_| LogError::Unavailable("the log server is shutting down".into()))?;
-        done.await
-            .map_err(|_| LogError::Unavailable("the proposal was dropped".into()))?
+        done.await.map_err(|_| LogError::Unavailable("the proposal was dropped".into()))?
     }
 
     pub async fn read(&self, position: Position) -> LogResult<ReadOutcome> {
@@ -273,11 +234,7 @@ impl LogServer {
         if position >= self.tail_local() {
             self.linearize().await?;
         }
-        self.shared
-            .read()
-            .store
-            .read(position)
-            .map_err(|error| LogError::Storage(error.to_string()))
+        self.shared.read().store.read(position).map_err(|error| LogError::Storage(error.to_string()))
     }
 
     pub async fn read_stream(&self, request: ReadStreamRequest) -> LogResult<StreamChunk> {
@@ -285,27 +242,21 @@ impl LogServer {
         if let Some(version) = request.as_of {
             let mark = self.shared.read().gc.snapshot_mark;
             if version < mark {
-                return Err(LogError::SnapshotBelowMark {
-                    requested: version,
-                    mark,
-                });
+                return Err(LogError::SnapshotBelowMark { requested: version, mark });
             }
             to = to.min(version);
         }
         let max_entries = request.max_entries.clamp(1, READ_ENTRIES_MAX) as usize;
         let max_bytes = request.max_bytes.clamp(1, READ_BYTES_MAX) as usize;
-        let deadline = tokio::time::Instant::now()
-            + Duration::from_millis(request.wait_ms.min(READ_WAIT_MS_MAX) as u64);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(request.wait_ms.min(READ_WAIT_MS_MAX) as u64);
         let mut tail_watch = self.shared.tail.subscribe();
         loop {
             let chunk = {
                 let inner = self.shared.read();
                 let tail = inner.store.next_position();
                 let upto = to.min(tail);
-                let positions =
-                    inner
-                        .store
-                        .stream_positions(request.stream, request.from, upto, max_entries);
+                let positions = inner.store.stream_positions(request.stream, request.from, upto, max_entries);
                 let mut entries = Vec::with_capacity(positions.len());
                 let mut bytes = 0usize;
                 let mut next = upto.max(request.from);
@@ -314,11 +265,7 @@ impl LogServer {
                         next = position;
                         break;
                     }
-                    match inner
-                        .store
-                        .read(position)
-                        .map_err(|error| LogError::Storage(error.to_string()))?
-                    {
+                    match inner.store.read(position).map_err(|error| LogError::Storage(error.to_string()))? {
                         ReadOutcome::Entry(entry) => {
                             bytes += entry.payload.len() + 64;
                             entries.push(entry);
@@ -328,25 +275,15 @@ impl LogServer {
                     }
                 }
                 if entries.len() == max_entries {
-                    next = entries
-                        .last()
-                        .map(|entry| entry.position + 1)
-                        .unwrap_or(next);
+                    next = entries.last().map(|entry| entry.position + 1).unwrap_or(next);
                 }
-                StreamChunk {
-                    entries,
-                    next,
-                    tail,
-                }
+                StreamChunk { entries, next, tail }
             };
             let done = !chunk.entries.is_empty() || chunk.next >= to;
             if done || tokio::time::Instant::now() >= deadline {
                 return Ok(chunk);
             }
-            if tokio::time::timeout_at(deadline, tail_watch.changed())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, tail_watch.changed()).await.is_err() {
                 continue; // one last look, then return at the deadline
             }
         }
@@ -369,39 +306,23 @@ impl LogServer {
 
     pub async fn gc_report(&self, report: GcReport) -> LogResult<GcOutcome> {
         match self.write_command(Command::Gc(report)).await? {
-            CommandResult::Collected {
-                deleted,
-                snapshot_mark,
-            } => Ok(GcOutcome {
-                deleted,
-                snapshot_mark,
-            }),
+            CommandResult::Collected { deleted, snapshot_mark } => Ok(GcOutcome { deleted, snapshot_mark }),
             other => Err(LogError::Storage(format!("unexpected result {other:?}"))),
         }
     }
 
     pub fn status(&self) -> LogStatus {
         let metrics = self.raft.metrics().borrow().clone();
-        let members: Vec<(NodeId, String)> = metrics
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(id, node)| (*id, node.addr.clone()))
-            .collect();
-        let leader_address = metrics.current_leader.and_then(|leader| {
-            members
-                .iter()
-                .find(|(id, _)| *id == leader)
-                .map(|(_, a)| a.clone())
-        });
+        let members: Vec<(NodeId, String)> =
+            metrics.membership_config.membership().nodes().map(|(id, node)| (*id, node.addr.clone())).collect();
+        let leader_address = metrics
+            .current_leader
+            .and_then(|leader| members.iter().find(|(id, _)| *id == leader).map(|(_, a)| a.clone()));
         let replication = metrics
             .replication
             .as_ref()
             .map(|replication| {
-                replication
-                    .iter()
-                    .map(|(id, log_id)| (*id, log_id.map(|log_id| log_id.index)))
-                    .collect()
+                replication.iter().map(|(id, log_id)| (*id, log_id.map(|log_id| log_id.index))).collect()
             })
             .unwrap_or_default();
         let inner = self.shared.read();
@@ -431,12 +352,7 @@ impl LogServer {
             disk_bytes: stats.disk_bytes,
             gc_pending_entries: inner.gc.pending_entries() as u64,
             gc_deleted_entries: inner.gc.deleted_entries,
-            gc_clients: inner
-                .gc
-                .clients
-                .iter()
-                .map(|(id, client)| (*id, client.clone()))
-                .collect(),
+            gc_clients: inner.gc.clients.iter().map(|(id, client)| (*id, client.clone())).collect(),
             replication,
             checkpoint_index: metrics.snapshot.map(|log_id| log_id.index),
             purged_index: metrics.purged.map(|log_id| log_id.index),
@@ -450,30 +366,17 @@ impl LogServer {
         let mut receiving = self.receiving.lock().await;
         if chunk.offset == 0 {
             let path = self.config.dir.join("state").join("incoming.snapshot");
-            let file = self
-                .fs
-                .open(&path, true)
-                .map_err(|error| error.to_string())?;
+            let file = self.fs.open(&path, true).map_err(|error| error.to_string())?;
             file.set_len(0).map_err(|error| error.to_string())?;
-            *receiving = Some(Receiving {
-                snapshot_id: chunk.meta.snapshot_id.clone(),
-                path,
-                file,
-                offset: 0,
-            });
+            *receiving = Some(Receiving { snapshot_id: chunk.meta.snapshot_id.clone(), path, file, offset: 0 });
         }
-        let Some(state) = receiving.as_mut().filter(|state| {
-            state.snapshot_id == chunk.meta.snapshot_id && state.offset == chunk.offset
-        }) else {
-            return Err(format!(
-                "unexpected snapshot chunk at offset {} of {}",
-                chunk.offset, chunk.meta.snapshot_id
-            ));
+        let Some(state) = receiving
+            .as_mut()
+            .filter(|state| state.snapshot_id == chunk.meta.snapshot_id && state.offset == chunk.offset)
+        else {
+            return Err(format!("unexpected snapshot chunk at offset {} of {}", chunk.offset, chunk.meta.snapshot_id));
         };
-        state
-            .file
-            .write_at(&chunk.data, state.offset)
-            .map_err(|error| error.to_string())?;
+        state.file.write_at(&chunk.data, state.offset).map_err(|error| error.to_string())?;
         state.offset += chunk.data.len() as u64;
         if !chunk.done {
             return Ok(None);
@@ -482,15 +385,8 @@ impl LogServer {
         let path = state.path.clone();
         *receiving = None;
         drop(receiving);
-        let snapshot = openraft::Snapshot {
-            meta: chunk.meta,
-            snapshot: Box::new(SnapshotData::Received { path }),
-        };
-        self.raft
-            .install_full_snapshot(chunk.vote, snapshot)
-            .await
-            .map(Some)
-            .map_err(|error| error.to_string())
+        let snapshot = openraft::Snapshot { meta: chunk.meta, snapshot: Box::new(SnapshotData::Received { path }) };
+        self.raft.install_full_snapshot(chunk.vote, snapshot).await.map(Some).map_err(|error| error.to_string())
     }
 
     /// Serves one of the log's methods ([`method::is_log_method`]).
@@ -528,21 +424,13 @@ impl LogServer {
             }
             method::REGISTER => {
                 let register: RegisterRequest = decode_request(&request)?;
-                let command = Command::RegisterClient {
-                    client: register.client,
-                    name: register.name,
-                    streams: register.streams,
-                };
+                let command =
+                    Command::RegisterClient { client: register.client, name: register.name, streams: register.streams };
                 encode(&self.write_command(command).await.map(|_| ()))
             }
             method::UNREGISTER => {
                 let client: u64 = decode_request(&request)?;
-                encode(
-                    &self
-                        .write_command(Command::UnregisterClient { client })
-                        .await
-                        .map(|_| ()),
-                )
+                encode(&self.write_command(Command::UnregisterClient { client }).await.map(|_| ()))
             }
             method::STATUS => encode(&LogResult::Ok(self.status())),
             method::LATEST_CHECKPOINT => {
@@ -559,12 +447,8 @@ impl LogServer {
                 encode(&outcome)
             }
             method::CHECKPOINT_NOW => {
-                let outcome: LogResult<()> = self
-                    .raft
-                    .trigger()
-                    .snapshot()
-                    .await
-                    .map_err(|error| LogError::Unavailable(error.to_string()));
+                let outcome: LogResult<()> =
+                    self.raft.trigger().snapshot().await.map_err(|error| LogError::Unavailable(error.to_string()));
                 encode(&outcome)
             }
             other => {
@@ -587,11 +471,7 @@ impl LogServer {
 async fn propose(raft: Raft, mut queue: mpsc::Receiver<Proposal>) {
     let in_flight = Arc::new(Semaphore::new(PROPOSALS_IN_FLIGHT_MAX));
     loop {
-        let permit = in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
         let Some(first) = queue.recv().await else {
             return;
         };
@@ -608,10 +488,8 @@ async fn propose(raft: Raft, mut queue: mpsc::Receiver<Proposal>) {
         }
         let raft = raft.clone();
         tokio::spawn(async move {
-            let (batches, replies): (Vec<AppendBatch>, Vec<_>) = proposals
-                .into_iter()
-                .map(|proposal| (proposal.batch, proposal.reply))
-                .unzip();
+            let (batches, replies): (Vec<AppendBatch>, Vec<_>) =
+                proposals.into_iter().map(|proposal| (proposal.batch, proposal.reply)).unzip();
             metrics::histogram!("sharedlog_proposal_batches").record(batches.len() as f64);
             match raft.client_write(Command::Append(batches)).await {
                 Ok(response) => match response.data {
@@ -622,9 +500,7 @@ async fn propose(raft: Raft, mut queue: mpsc::Receiver<Proposal>) {
                     }
                     other => {
                         for reply in replies {
-                            let _ = reply.send(Err(LogError::Storage(format!(
-                                "unexpected result {other:?}"
-                            ))));
+                            let _ = reply.send(Err(LogError::Storage(format!("unexpected result {other:?}"))));
                         }
                     }
                 },
@@ -641,11 +517,7 @@ async fn propose(raft: Raft, mut queue: mpsc::Receiver<Proposal>) {
 }
 
 fn batch_bytes(batch: &AppendBatch) -> usize {
-    batch
-        .records
-        .iter()
-        .map(|record| record.payload.len() + 16 + record.streams.len() * 8)
-        .sum()
+    batch.records.iter().map(|record| record.payload.len() + 16 + record.streams.len() * 8).sum()
 }
 
 /// A `wire` handler serving only the log's methods (a node composes this

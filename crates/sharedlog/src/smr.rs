@@ -54,12 +54,7 @@ pub trait Object: Default + Send + 'static {
 
     /// Applies `op`, written at `position`. Earlier entries this makes
     /// obsolete go to `obsoleted`.
-    fn apply(
-        &mut self,
-        position: Position,
-        op: Self::Op,
-        obsoleted: &mut Obsoleted,
-    ) -> Self::Outcome;
+    fn apply(&mut self, position: Position, op: Self::Op, obsoleted: &mut Obsoleted) -> Self::Outcome;
     fn to_state(&self) -> Self::State;
     fn from_state(state: Self::State) -> Self;
 }
@@ -151,20 +146,16 @@ impl<O: Object> Tracked for Shared<O> {
 
 impl<O: Object> Shared<O> {
     fn apply_entry(&self, entry: Entry, me: ClientId) {
-        let size = record_size(&Record {
-            streams: entry.streams.clone(),
-            kind: entry.kind,
-            payload: entry.payload.clone(),
-        }) as u32;
+        let size =
+            record_size(&Record { streams: entry.streams.clone(), kind: entry.kind, payload: entry.payload.clone() })
+                as u32;
         let mut core = self.core.lock().expect("object lock");
         if entry.position < core.applied {
             return;
         }
         match entry.kind {
             EntryKind::Checkpoint => {
-                let version = match postcard::from_bytes::<CheckpointPayload<serde::de::IgnoredAny>>(
-                    &entry.payload,
-                ) {
+                let version = match postcard::from_bytes::<CheckpointPayload<serde::de::IgnoredAny>>(&entry.payload) {
                     Ok(payload) => payload.version,
                     Err(error) => {
                         tracing::warn!(stream = %self.stream, position = entry.position, %error, "undecodable checkpoint ignored");
@@ -174,16 +165,10 @@ impl<O: Object> Shared<O> {
                 // Everything the checkpoint covers is obsolete, including
                 // older checkpoints (a checkpoint written concurrently with
                 // this one is covered by the next).
-                let covered: Vec<(Position, u32)> =
-                    core.live.range(..version).map(|(p, s)| (*p, *s)).collect();
+                let covered: Vec<(Position, u32)> = core.live.range(..version).map(|(p, s)| (*p, *s)).collect();
                 for (position, entry_size) in covered {
                     core.live.remove(&position);
-                    core.unreported.push(locator(
-                        self.stream,
-                        position,
-                        entry_size,
-                        entry.position,
-                    ));
+                    core.unreported.push(locator(self.stream, position, entry_size, entry.position));
                 }
                 // Entries after `version` that wait for a checkpoint wait for
                 // the next one; counting from zero again is close enough.
@@ -196,37 +181,20 @@ impl<O: Object> Shared<O> {
                     Ok(envelope) => envelope,
                     Err(error) => {
                         tracing::warn!(stream = %self.stream, position = entry.position, %error, "undecodable update ignored");
-                        core.unreported.push(locator(
-                            self.stream,
-                            entry.position,
-                            size,
-                            entry.position,
-                        ));
+                        core.unreported.push(locator(self.stream, entry.position, size, entry.position));
                         core.applied = entry.position + 1;
                         return;
                     }
                 };
                 let mut obsoleted = Obsoleted::default();
-                let outcome = core
-                    .object
-                    .apply(entry.position, envelope.op, &mut obsoleted);
+                let outcome = core.object.apply(entry.position, envelope.op, &mut obsoleted);
                 for position in obsoleted.superseded {
                     if let Some(entry_size) = core.live.remove(&position) {
-                        core.unreported.push(locator(
-                            self.stream,
-                            position,
-                            entry_size,
-                            entry.position,
-                        ));
+                        core.unreported.push(locator(self.stream, position, entry_size, entry.position));
                     }
                 }
                 if obsoleted.without_effect {
-                    core.unreported.push(locator(
-                        self.stream,
-                        entry.position,
-                        size,
-                        entry.position,
-                    ));
+                    core.unreported.push(locator(self.stream, entry.position, size, entry.position));
                 } else {
                     core.live.insert(entry.position, size);
                     if obsoleted.until_checkpoint {
@@ -246,12 +214,7 @@ impl<O: Object> Shared<O> {
 }
 
 fn locator(stream: StreamId, position: Position, size: u32, obsoleted_by: Position) -> Locator {
-    Locator {
-        position,
-        streams: vec![stream],
-        size_bytes: size,
-        obsoleted_by,
-    }
+    Locator { position, streams: vec![stream], size_bytes: size, obsoleted_by }
 }
 
 #[derive(Clone, Debug)]
@@ -357,12 +320,7 @@ impl<T: Transport> Runtime<T> {
         let start = core.applied;
         let (applied, _) = watch::channel(start);
         let (changes, _) = watch::channel(0);
-        let shared = Arc::new(Shared {
-            stream,
-            core: Mutex::new(core),
-            applied,
-            changes,
-        });
+        let shared = Arc::new(Shared { stream, core: Mutex::new(core), applied, changes });
         {
             let tracked: Weak<Shared<O>> = Arc::downgrade(&shared);
             let tracked: Weak<dyn Tracked> = tracked;
@@ -371,15 +329,8 @@ impl<T: Transport> Runtime<T> {
             objects.push((stream, tracked));
         }
         self.inner.streams_version.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(follow(
-            Arc::downgrade(&shared),
-            self.inner.client.clone(),
-            self.inner.config.poll_wait,
-        ));
-        let object = Replicated {
-            shared,
-            runtime: self.clone(),
-        };
+        tokio::spawn(follow(Arc::downgrade(&shared), self.inner.client.clone(), self.inner.config.poll_wait));
+        let object = Replicated { shared, runtime: self.clone() };
         object.sync().await?;
         Ok(object)
     }
@@ -393,10 +344,7 @@ pub struct Replicated<O: Object, T: Transport> {
 
 impl<O: Object, T: Transport> Clone for Replicated<O, T> {
     fn clone(&self) -> Self {
-        Replicated {
-            shared: self.shared.clone(),
-            runtime: self.runtime.clone(),
-        }
+        Replicated { shared: self.shared.clone(), runtime: self.runtime.clone() }
     }
 }
 
@@ -409,22 +357,11 @@ impl<O: Object, T: Transport> Replicated<O, T> {
     pub async fn submit(&self, op: O::Op) -> Result<(Position, O::Outcome), SmrError> {
         let inner = &self.runtime.inner;
         let nonce = inner.nonce.fetch_add(1, Ordering::Relaxed);
-        let envelope = Envelope {
-            writer: inner.client.client_id(),
-            nonce,
-            op,
-        };
-        let payload =
-            postcard::to_stdvec(&envelope).expect("postcard encoding to a Vec cannot fail");
+        let envelope = Envelope { writer: inner.client.client_id(), nonce, op };
+        let payload = postcard::to_stdvec(&envelope).expect("postcard encoding to a Vec cannot fail");
         let position = inner.client.append(&[self.shared.stream], payload).await?;
         self.wait_applied(position + 1).await?;
-        let outcome = self
-            .shared
-            .core
-            .lock()
-            .expect("object lock")
-            .outcomes
-            .remove(&nonce);
+        let outcome = self.shared.core.lock().expect("object lock").outcomes.remove(&nonce);
         let outcome = outcome.ok_or(SmrError::Stopped)?;
         self.maybe_checkpoint();
         Ok((position, outcome))
@@ -434,10 +371,7 @@ impl<O: Object, T: Transport> Replicated<O, T> {
     pub async fn wait_applied(&self, position: Position) -> Result<(), SmrError> {
         let mut applied = self.shared.applied.subscribe();
         let outcome = tokio::time::timeout(self.runtime.inner.config.apply_timeout, async {
-            applied
-                .wait_for(|applied| *applied >= position)
-                .await
-                .map(|_| ())
+            applied.wait_for(|applied| *applied >= position).await.map(|_| ())
         })
         .await;
         match outcome {
@@ -498,12 +432,7 @@ impl<O: Object, T: Transport> Replicated<O, T> {
                 if let Err(error) = object.checkpoint().await {
                     tracing::warn!(stream = %object.stream(), %error, "checkpoint failed");
                 }
-                object
-                    .shared
-                    .core
-                    .lock()
-                    .expect("object lock")
-                    .checkpointing = false;
+                object.shared.core.lock().expect("object lock").checkpointing = false;
             });
         }
     }
@@ -512,21 +441,14 @@ impl<O: Object, T: Transport> Replicated<O, T> {
     pub async fn checkpoint(&self) -> Result<Option<Position>, SmrError> {
         let payload = {
             let core = self.shared.core.lock().expect("object lock");
-            let payload = CheckpointPayload {
-                version: core.applied,
-                state: core.object.to_state(),
-            };
+            let payload = CheckpointPayload { version: core.applied, state: core.object.to_state() };
             postcard::to_stdvec(&payload).expect("postcard encoding to a Vec cannot fail")
         };
         if payload.len() > CHECKPOINT_BYTES_MAX {
             tracing::warn!(stream = %self.stream(), bytes = payload.len(), "state too large to checkpoint");
             return Ok(None);
         }
-        let record = Record {
-            streams: vec![self.shared.stream],
-            kind: EntryKind::Checkpoint,
-            payload: payload.into(),
-        };
+        let record = Record { streams: vec![self.shared.stream], kind: EntryKind::Checkpoint, payload: payload.into() };
         let position = self.runtime.inner.client.append_record(record).await?;
         self.wait_applied(position + 1).await?;
         metrics::counter!("smr_checkpoints_total").increment(1);
@@ -535,11 +457,7 @@ impl<O: Object, T: Transport> Replicated<O, T> {
 }
 
 /// The follower: applies the stream to the object, forever.
-async fn follow<O: Object, T: Transport>(
-    shared: Weak<Shared<O>>,
-    client: LogClient<T>,
-    poll_wait: Duration,
-) {
+async fn follow<O: Object, T: Transport>(shared: Weak<Shared<O>>, client: LogClient<T>, poll_wait: Duration) {
     let me = client.client_id();
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -549,10 +467,7 @@ async fn follow<O: Object, T: Transport>(
         let from = object.core.lock().expect("object lock").applied;
         let stream = object.stream;
         drop(object);
-        let chunk = match client
-            .read_stream(stream, from, u64::MAX, None, poll_wait)
-            .await
-        {
+        let chunk = match client.read_stream(stream, from, u64::MAX, None, poll_wait).await {
             Ok(chunk) => chunk,
             Err(error) => {
                 tracing::debug!(%stream, %error, "stream read failed; retrying");
@@ -599,35 +514,19 @@ async fn report_gc<T: Transport>(inner: Weak<RuntimeInner<T>>) {
         if !objects.is_empty() {
             let version = runtime.streams_version.load(Ordering::SeqCst);
             if version != registered_version {
-                let mut streams: Vec<StreamId> =
-                    objects.iter().map(|(stream, _)| *stream).collect();
+                let mut streams: Vec<StreamId> = objects.iter().map(|(stream, _)| *stream).collect();
                 streams.sort();
                 streams.dedup();
-                match runtime
-                    .client
-                    .register(runtime.gc_client_id(), &runtime.config.name, streams)
-                    .await
-                {
+                match runtime.client.register(runtime.gc_client_id(), &runtime.config.name, streams).await {
                     Ok(()) => registered_version = version,
                     Err(error) => {
                         tracing::debug!(%error, "GC client registration failed; will retry")
                     }
                 }
             }
-            let progress = objects
-                .iter()
-                .map(|(_, object)| object.applied())
-                .min()
-                .unwrap_or(0);
-            let locators: Vec<Locator> = objects
-                .iter()
-                .flat_map(|(_, object)| object.take_locators())
-                .collect();
-            let report = GcReport {
-                client: runtime.gc_client_id(),
-                progress,
-                locators,
-            };
+            let progress = objects.iter().map(|(_, object)| object.applied()).min().unwrap_or(0);
+            let locators: Vec<Locator> = objects.iter().flat_map(|(_, object)| object.take_locators()).collect();
+            let report = GcReport { client: runtime.gc_client_id(), progress, locators };
             if let Err(error) = runtime.client.gc_report(&report).await {
                 tracing::debug!(%error, "GC report failed; keeping its locators for the next one");
                 // Locators name their streams, so any object may hold them.

@@ -89,27 +89,18 @@ impl Segment {
     fn read_header(&self, index: usize) -> Result<(Vec<StreamId>, EntryKind, u64), StoreError> {
         let start = (self.offsets[index] & !DELETED) as u64;
         let position = self.first_position + index as u64;
-        let corrupt = || StoreError::Corrupt {
-            position,
-            segment: self.name(),
-        };
+        let corrupt = || StoreError::Corrupt { position, segment: self.name() };
         let mut header = [0u8; RECORD_HEADER_SIZE];
         self.file.read_exact_at(&mut header, start)?;
-        let u32_at = |offset: usize| {
-            u32::from_le_bytes(header[offset..offset + 4].try_into().expect("4 bytes"))
-        };
+        let u32_at = |offset: usize| u32::from_le_bytes(header[offset..offset + 4].try_into().expect("4 bytes"));
         let stored_position = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
         let stream_count = u16::from_le_bytes(header[24..26].try_into().expect("2 bytes")) as usize;
         let kind = EntryKind::from_u8(header[26]).ok_or_else(corrupt)?;
-        if u32_at(0) != RECORD_MAGIC
-            || stored_position != position
-            || stream_count > STREAMS_PER_ENTRY_MAX
-        {
+        if u32_at(0) != RECORD_MAGIC || stored_position != position || stream_count > STREAMS_PER_ENTRY_MAX {
             return Err(corrupt());
         }
         let mut streams = vec![0u8; stream_count * 8];
-        self.file
-            .read_exact_at(&mut streams, start + RECORD_HEADER_SIZE as u64)?;
+        self.file.read_exact_at(&mut streams, start + RECORD_HEADER_SIZE as u64)?;
         let streams = streams
             .chunks_exact(8)
             .map(|bytes| StreamId(u64::from_le_bytes(bytes.try_into().expect("8 bytes"))))
@@ -121,13 +112,7 @@ impl Segment {
     /// over neighbouring dead bytes, up to the enclosing block boundaries,
     /// so that a block shared with records deleted earlier is freed too
     /// (punching only frees whole blocks). Never widens over a live record.
-    fn widen_dead_range(
-        &self,
-        start: u64,
-        end: u64,
-        first_slot: usize,
-        end_slot: usize,
-    ) -> (u64, u64) {
+    fn widen_dead_range(&self, start: u64, end: u64, first_slot: usize, end_slot: usize) -> (u64, u64) {
         let floor = start & !(HOLE_BLOCK - 1);
         let ceiling = (end + HOLE_BLOCK - 1) & !(HOLE_BLOCK - 1);
         let mut low = start;
@@ -140,12 +125,7 @@ impl Segment {
             low = (previous & !DELETED) as u64;
             slot -= 1;
         }
-        if slot == 0
-            && self
-                .offsets
-                .first()
-                .is_none_or(|offset| offset & DELETED != 0)
-        {
+        if slot == 0 && self.offsets.first().is_none_or(|offset| offset & DELETED != 0) {
             low = 0;
         }
         let mut high = end;
@@ -167,12 +147,8 @@ impl Segment {
                 }
                 Some(_) => {
                     slot += 1;
-                    high = self
-                        .offsets
-                        .get(slot)
-                        .map(|offset| (offset & !DELETED) as u64)
-                        .unwrap_or(self.end)
-                        .max(high);
+                    high =
+                        self.offsets.get(slot).map(|offset| (offset & !DELETED) as u64).unwrap_or(self.end).max(high);
                 }
             }
         }
@@ -183,10 +159,7 @@ impl Segment {
     fn read_record(&self, index: usize) -> Result<Entry, StoreError> {
         let start = (self.offsets[index] & !DELETED) as u64;
         let position = self.first_position + index as u64;
-        let corrupt = || StoreError::Corrupt {
-            position,
-            segment: self.name(),
-        };
+        let corrupt = || StoreError::Corrupt { position, segment: self.name() };
         let mut header = [0u8; RECORD_HEADER_SIZE];
         self.file.read_exact_at(&mut header, start)?;
         let record_len = u32::from_le_bytes(header[20..24].try_into().expect("4 bytes")) as u64;
@@ -195,10 +168,7 @@ impl Segment {
         }
         let mut bytes = vec![0u8; record_len as usize];
         bytes[..RECORD_HEADER_SIZE].copy_from_slice(&header);
-        self.file.read_exact_at(
-            &mut bytes[RECORD_HEADER_SIZE..],
-            start + RECORD_HEADER_SIZE as u64,
-        )?;
+        self.file.read_exact_at(&mut bytes[RECORD_HEADER_SIZE..], start + RECORD_HEADER_SIZE as u64)?;
         match decode_record(&bytes) {
             Some((entry, _)) if entry.position == position => Ok(entry),
             _ => {
@@ -277,8 +247,7 @@ pub fn decode_record(bytes: &[u8]) -> Option<(Entry, usize)> {
     if bytes.len() < RECORD_HEADER_SIZE {
         return None;
     }
-    let u32_at =
-        |offset: usize| u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"));
+    let u32_at = |offset: usize| u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"));
     if u32_at(0) != RECORD_MAGIC {
         return None;
     }
@@ -301,22 +270,12 @@ pub fn decode_record(bytes: &[u8]) -> Option<(Entry, usize)> {
     let streams = (0..stream_count)
         .map(|index| {
             let offset = RECORD_HEADER_SIZE + index * 8;
-            StreamId(u64::from_le_bytes(
-                bytes[offset..offset + 8].try_into().expect("8 bytes"),
-            ))
+            StreamId(u64::from_le_bytes(bytes[offset..offset + 8].try_into().expect("8 bytes")))
         })
         .collect();
     let payload_start = RECORD_HEADER_SIZE + stream_count * 8;
     let payload = Bytes::copy_from_slice(&bytes[payload_start..payload_start + payload_len]);
-    Some((
-        Entry {
-            position,
-            streams,
-            kind,
-            payload,
-        },
-        record_len,
-    ))
+    Some((Entry { position, streams, kind, payload }, record_len))
 }
 
 /// Size on disk of a record.
@@ -344,11 +303,7 @@ pub fn validate(record: &Record) -> Result<(), StoreError> {
 impl EntryStore {
     /// Opens the store in `dir`, cutting it back to `checkpoint` (or to
     /// empty when there is none): anything later is replayed by Raft.
-    pub fn open(
-        fs: Arc<dyn Fs>,
-        dir: &Path,
-        checkpoint: Option<&StoreCheckpoint>,
-    ) -> Result<EntryStore, StoreError> {
+    pub fn open(fs: Arc<dyn Fs>, dir: &Path, checkpoint: Option<&StoreCheckpoint>) -> Result<EntryStore, StoreError> {
         fs.create_dir_all(dir)?;
         let empty = StoreCheckpoint::default();
         let checkpoint = checkpoint.unwrap_or(&empty);
@@ -368,10 +323,7 @@ impl EntryStore {
         };
         let mut removed_any = false;
         for name in fs.list(dir)? {
-            let Some(first_position) = name
-                .strip_suffix(".seg")
-                .and_then(|stem| stem.parse::<u64>().ok())
-            else {
+            let Some(first_position) = name.strip_suffix(".seg").and_then(|stem| stem.parse::<u64>().ok()) else {
                 continue;
             };
             let path = dir.join(&name);
@@ -404,13 +356,7 @@ impl EntryStore {
         let length = file.len()?.min(end);
         let mut bytes = vec![0u8; length as usize];
         file.read_exact_at(&mut bytes, 0)?;
-        let mut segment = Segment {
-            first_position,
-            file,
-            offsets: Vec::new(),
-            end: length,
-            live_entries: 0,
-        };
+        let mut segment = Segment { first_position, file, offsets: Vec::new(), end: length, live_entries: 0 };
         let mut offset = 0usize;
         while offset + 8 <= bytes.len() {
             if bytes[offset..offset + 8].iter().all(|byte| *byte == 0) {
@@ -424,10 +370,7 @@ impl EntryStore {
                     segment: segment.name(),
                 });
             };
-            let index = entry
-                .position
-                .checked_sub(first_position)
-                .map(|index| index as usize);
+            let index = entry.position.checked_sub(first_position).map(|index| index as usize);
             match index {
                 Some(index) if index >= segment.offsets.len() => {
                     // Positions skipped since the previous live record were collected.
@@ -512,30 +455,18 @@ impl EntryStore {
             let size = record_size(record) as u64;
             let rollover = match self.segments.last_key_value() {
                 None => true,
-                Some((_, segment)) => {
-                    segment.end + buffer.len() as u64 + size > self.segment_size_max
-                }
+                Some((_, segment)) => segment.end + buffer.len() as u64 + size > self.segment_size_max,
             };
             if rollover {
                 self.flush_buffer(&mut buffer, &mut pending)?;
                 self.start_segment(self.next_position)?;
             }
             let position = self.next_position;
-            let segment_end = self
-                .segments
-                .last_key_value()
-                .expect("segment exists")
-                .1
-                .end;
+            let segment_end = self.segments.last_key_value().expect("segment exists").1.end;
             pending.push((position, (segment_end + buffer.len() as u64) as u32));
             encode_record(&mut buffer, position, record);
             self.next_position += 1;
-            let entry = Entry {
-                position,
-                streams: record.streams.clone(),
-                kind: record.kind,
-                payload: Bytes::new(),
-            };
+            let entry = Entry { position, streams: record.streams.clone(), kind: record.kind, payload: Bytes::new() };
             self.index_streams(&entry);
             self.live_entries += 1;
             self.live_bytes += size;
@@ -544,19 +475,11 @@ impl EntryStore {
         Ok(first)
     }
 
-    fn flush_buffer(
-        &mut self,
-        buffer: &mut BytesMut,
-        pending: &mut Vec<(Position, u32)>,
-    ) -> Result<(), StoreError> {
+    fn flush_buffer(&mut self, buffer: &mut BytesMut, pending: &mut Vec<(Position, u32)>) -> Result<(), StoreError> {
         if buffer.is_empty() {
             return Ok(());
         }
-        let (first, segment) = self
-            .segments
-            .iter_mut()
-            .next_back()
-            .expect("segment exists");
+        let (first, segment) = self.segments.iter_mut().next_back().expect("segment exists");
         let first = *first;
         if let Err(error) = segment.file.write_at(buffer, segment.end) {
             return self.fail(error);
@@ -578,25 +501,14 @@ impl EntryStore {
             Ok(file) => file,
             Err(error) => return self.fail(error),
         };
-        self.segments.insert(
-            first,
-            Segment {
-                first_position: first,
-                file,
-                offsets: Vec::new(),
-                end: 0,
-                live_entries: 0,
-            },
-        );
+        self.segments
+            .insert(first, Segment { first_position: first, file, offsets: Vec::new(), end: 0, live_entries: 0 });
         self.dirty.insert(first);
         Ok(())
     }
 
     fn segment_for(&self, position: Position) -> Option<&Segment> {
-        self.segments
-            .range(..=position)
-            .next_back()
-            .map(|(_, segment)| segment)
+        self.segments.range(..=position).next_back().map(|(_, segment)| segment)
     }
 
     /// Reads one position.
@@ -619,13 +531,7 @@ impl EntryStore {
     }
 
     /// Positions of `stream`'s live entries in `[from, to)`, at most `limit`.
-    pub fn stream_positions(
-        &self,
-        stream: StreamId,
-        from: Position,
-        to: Position,
-        limit: usize,
-    ) -> Vec<Position> {
+    pub fn stream_positions(&self, stream: StreamId, from: Position, to: Position, limit: usize) -> Vec<Position> {
         let Some(index) = self.streams.get(&stream) else {
             return Vec::new();
         };
@@ -642,29 +548,18 @@ impl EntryStore {
     /// The newest live checkpoint entry of `stream`.
     pub fn latest_checkpoint(&self, stream: StreamId) -> Option<Position> {
         let index = self.streams.get(&stream)?;
-        index
-            .checkpoints
-            .iter()
-            .rev()
-            .find(|position| self.is_live(**position))
-            .copied()
+        index.checkpoints.iter().rev().find(|position| self.is_live(**position)).copied()
     }
 
     pub fn is_live(&self, position: Position) -> bool {
-        self.segment_for(position)
-            .and_then(|segment| segment.slot(position))
-            .is_some_and(|slot| slot & DELETED == 0)
+        self.segment_for(position).and_then(|segment| segment.slot(position)).is_some_and(|slot| slot & DELETED == 0)
     }
 
     /// Deletes entries in place. Returns the bytes freed. Positions already
     /// deleted or never written are ignored (replay makes this idempotent).
     pub fn delete(&mut self, positions: &[Position]) -> Result<u64, StoreError> {
         self.check_failed()?;
-        let mut sorted: Vec<Position> = positions
-            .iter()
-            .copied()
-            .filter(|p| *p < self.next_position)
-            .collect();
+        let mut sorted: Vec<Position> = positions.iter().copied().filter(|p| *p < self.next_position).collect();
         sorted.sort_unstable();
         sorted.dedup();
         let mut freed = 0u64;
@@ -672,22 +567,12 @@ impl EntryStore {
         let mut touched_streams: Vec<(StreamId, bool)> = Vec::new();
         let mut index = 0;
         while index < sorted.len() {
-            let Some(first) = self
-                .segments
-                .range(..=sorted[index])
-                .next_back()
-                .map(|(first, _)| *first)
-            else {
+            let Some(first) = self.segments.range(..=sorted[index]).next_back().map(|(first, _)| *first) else {
                 index += 1;
                 continue;
             };
             // All positions of this batch that fall in this segment.
-            let segment_last = self
-                .segments
-                .range(first + 1..)
-                .next()
-                .map(|(next, _)| *next)
-                .unwrap_or(u64::MAX);
+            let segment_last = self.segments.range(first + 1..).next().map(|(next, _)| *next).unwrap_or(u64::MAX);
             // (start offset, end offset, first slot, slot after the last).
             let mut ranges: Vec<(u64, u64, usize, usize)> = Vec::new();
             while index < sorted.len() && sorted[index] < segment_last {
@@ -767,18 +652,10 @@ impl EntryStore {
             // Rebuild when most of the index is dead, so scans stay
             // proportional to live entries; amortised O(1) per deletion.
             if index.positions.len() >= 64 && index.live * 2 < index.positions.len() {
-                let positions: Vec<Position> = index
-                    .positions
-                    .iter()
-                    .copied()
-                    .filter(|position| self.is_live(*position))
-                    .collect();
-                let checkpoints: Vec<Position> = index
-                    .checkpoints
-                    .iter()
-                    .copied()
-                    .filter(|position| self.is_live(*position))
-                    .collect();
+                let positions: Vec<Position> =
+                    index.positions.iter().copied().filter(|position| self.is_live(*position)).collect();
+                let checkpoints: Vec<Position> =
+                    index.checkpoints.iter().copied().filter(|position| self.is_live(*position)).collect();
                 let index = self.streams.get_mut(&stream).expect("looked up above");
                 index.positions = positions;
                 index.checkpoints = checkpoints;
@@ -806,11 +683,7 @@ impl EntryStore {
         }
         Ok(StoreCheckpoint {
             next_position: self.next_position,
-            segments: self
-                .segments
-                .values()
-                .map(|segment| (segment.first_position, segment.end))
-                .collect(),
+            segments: self.segments.values().map(|segment| (segment.first_position, segment.end)).collect(),
         })
     }
 
@@ -818,8 +691,7 @@ impl EntryStore {
     pub fn clear(&mut self, next_position: Position) -> Result<(), StoreError> {
         self.check_failed()?;
         for segment in self.segments.values() {
-            self.fs
-                .remove_file(&Segment::path(&self.dir, segment.first_position))?;
+            self.fs.remove_file(&Segment::path(&self.dir, segment.first_position))?;
         }
         self.fs.sync_dir(&self.dir)?;
         self.segments.clear();
@@ -843,20 +715,13 @@ impl EntryStore {
                 entry.position, self.next_position
             )));
         }
-        let record = Record {
-            streams: entry.streams.clone(),
-            kind: entry.kind,
-            payload: entry.payload.clone(),
-        };
+        let record = Record { streams: entry.streams.clone(), kind: entry.kind, payload: entry.payload.clone() };
         let size = record_size(&record) as u64;
         let needs_segment = match self.segments.last_key_value() {
             None => true,
             Some((_, segment)) => {
                 if segment.first_position + segment.offsets.len() as u64 > entry.position {
-                    return Err(StoreError::Invalid(format!(
-                        "snapshot entry {} out of order",
-                        entry.position
-                    )));
+                    return Err(StoreError::Invalid(format!("snapshot entry {} out of order", entry.position)));
                 }
                 segment.end + size > self.segment_size_max
             }
@@ -864,11 +729,7 @@ impl EntryStore {
         if needs_segment {
             self.start_segment(entry.position)?;
         }
-        let (first, segment) = self
-            .segments
-            .iter_mut()
-            .next_back()
-            .expect("segment exists");
+        let (first, segment) = self.segments.iter_mut().next_back().expect("segment exists");
         let first = *first;
         while segment.first_position + (segment.offsets.len() as u64) < entry.position {
             segment.offsets.push(segment.end as u32 | DELETED);
@@ -899,11 +760,7 @@ impl EntryStore {
     }
 
     pub fn stats(&self) -> StoreStats {
-        let disk_bytes = self
-            .segments
-            .values()
-            .map(|segment| segment.file.allocated_bytes().unwrap_or(0))
-            .sum();
+        let disk_bytes = self.segments.values().map(|segment| segment.file.allocated_bytes().unwrap_or(0)).sum();
         StoreStats {
             next_position: self.next_position,
             live_entries: self.live_entries,
@@ -962,11 +819,7 @@ impl EntryStore {
 }
 
 /// Opens a store and finishes loading (the public entry point).
-pub fn open(
-    fs: Arc<dyn Fs>,
-    dir: &Path,
-    checkpoint: Option<&StoreCheckpoint>,
-) -> Result<EntryStore, StoreError> {
+pub fn open(fs: Arc<dyn Fs>, dir: &Path, checkpoint: Option<&StoreCheckpoint>) -> Result<EntryStore, StoreError> {
     open_with_segment_size(fs, dir, checkpoint, SEGMENT_SIZE_MAX)
 }
 
@@ -1023,27 +876,20 @@ mod tests {
             if [3, 4, 5, 50, 99].contains(&position) {
                 assert_eq!(outcome, ReadOutcome::Trimmed, "position {position}");
             } else {
-                let ReadOutcome::Entry(entry) = outcome else {
-                    panic!("position {position}: {outcome:?}")
-                };
+                let ReadOutcome::Entry(entry) = outcome else { panic!("position {position}: {outcome:?}") };
                 assert_eq!(entry.payload[..8], position.to_le_bytes());
             }
         }
         assert_eq!(store.read(100).unwrap(), ReadOutcome::NotWritten);
         assert_eq!(store.stats().live_entries, 95);
-        assert_eq!(
-            store.stream_positions(STREAM_A, 0, 10, 100),
-            vec![0, 1, 2, 6, 7, 8, 9]
-        );
+        assert_eq!(store.stream_positions(STREAM_A, 0, 10, 100), vec![0, 1, 2, 6, 7, 8, 9]);
     }
 
     #[test]
     fn writes_after_the_checkpoint_are_cut_off_on_open() {
         let fs = SimFs::new(2);
         let mut store = open(Arc::new(fs.clone()), &dir(), None).unwrap();
-        store
-            .append(&[record(STREAM_A, 0, 10), record(STREAM_A, 1, 10)])
-            .unwrap();
+        store.append(&[record(STREAM_A, 0, 10), record(STREAM_A, 1, 10)]).unwrap();
         let checkpoint = store.sync().unwrap();
         store.append(&[record(STREAM_A, 2, 10)]).unwrap();
         store.sync().unwrap();
@@ -1056,11 +902,8 @@ mod tests {
     #[test]
     fn emptied_segments_are_removed_and_space_returns() {
         let fs = SimFs::new(3);
-        let mut store =
-            open_with_segment_size(Arc::new(fs.clone()), &dir(), None, 64 * 1024).unwrap();
-        let records: Vec<Record> = (0..2000)
-            .map(|value| record(STREAM_A, value, 200))
-            .collect();
+        let mut store = open_with_segment_size(Arc::new(fs.clone()), &dir(), None, 64 * 1024).unwrap();
+        let records: Vec<Record> = (0..2000).map(|value| record(STREAM_A, value, 200)).collect();
         store.append(&records).unwrap();
         let before = store.stats();
         assert!(before.segments > 4, "{before:?}");
@@ -1069,23 +912,16 @@ mod tests {
         let after = store.stats();
         assert_eq!(after.live_entries, 10);
         assert!(after.segments <= 2, "{after:?}");
-        assert!(
-            after.disk_bytes * 20 < before.disk_bytes,
-            "before {before:?} after {after:?}"
-        );
+        assert!(after.disk_bytes * 20 < before.disk_bytes, "before {before:?} after {after:?}");
         let checkpoint = store.sync().unwrap();
         drop(store);
         fs.crash(false);
-        let mut store =
-            open_with_segment_size(Arc::new(fs), &dir(), Some(&checkpoint), 64 * 1024).unwrap();
+        let mut store = open_with_segment_size(Arc::new(fs), &dir(), Some(&checkpoint), 64 * 1024).unwrap();
         assert_eq!(store.read(5).unwrap(), ReadOutcome::Trimmed);
         assert!(matches!(store.read(1995).unwrap(), ReadOutcome::Entry(_)));
         // Appending continues at the tail.
         assert_eq!(store.append(&[record(STREAM_B, 7, 10)]).unwrap(), 2000);
-        assert_eq!(
-            store.stream_positions(STREAM_B, 0, u64::MAX, 10),
-            vec![2000]
-        );
+        assert_eq!(store.stream_positions(STREAM_B, 0, u64::MAX, 10), vec![2000]);
     }
 
     #[test]
@@ -1095,10 +931,7 @@ mod tests {
         store.append(&[record(STREAM_A, 0, 64)]).unwrap();
         let file = Fs::open(&fs, &dir().join(format!("{:020}.seg", 0)), false).unwrap();
         file.write_at(b"X", 40).unwrap();
-        assert!(matches!(
-            store.read(0),
-            Err(StoreError::Corrupt { position: 0, .. })
-        ));
+        assert!(matches!(store.read(0), Err(StoreError::Corrupt { position: 0, .. })));
     }
 
     #[test]
@@ -1119,10 +952,7 @@ mod tests {
         }
         target.finish_install();
         for position in 0..50 {
-            assert_eq!(
-                target.read(position).unwrap(),
-                source.read(position).unwrap()
-            );
+            assert_eq!(target.read(position).unwrap(), source.read(position).unwrap());
         }
         assert_eq!(target.append(&[record(STREAM_A, 50, 30)]).unwrap(), 50);
     }
@@ -1145,23 +975,12 @@ mod tests {
     }
 
     /// Applies one mutating op to both the store and the model.
-    fn apply(
-        store: &mut EntryStore,
-        model: &mut BTreeMap<Position, Record>,
-        next: &mut Position,
-        op: &Op,
-    ) {
+    fn apply(store: &mut EntryStore, model: &mut BTreeMap<Position, Record>, next: &mut Position, op: &Op) {
         match op {
             Op::Append(items) => {
                 let records: Vec<Record> = items
                     .iter()
-                    .map(|(in_b, size)| {
-                        record(
-                            if *in_b { STREAM_B } else { STREAM_A },
-                            *next,
-                            *size as usize,
-                        )
-                    })
+                    .map(|(in_b, size)| record(if *in_b { STREAM_B } else { STREAM_A }, *next, *size as usize))
                     .collect();
                 assert_eq!(store.append(&records).unwrap(), *next);
                 for record in records {
@@ -1173,8 +992,7 @@ mod tests {
                 if *next == 0 {
                     return;
                 }
-                let positions: Vec<Position> =
-                    picks.iter().map(|pick| *pick as u64 % *next).collect();
+                let positions: Vec<Position> = picks.iter().map(|pick| *pick as u64 % *next).collect();
                 store.delete(&positions).unwrap();
                 for position in positions {
                     model.remove(&position);

@@ -67,11 +67,7 @@ pub struct Record {
 
 impl Record {
     pub fn data(stream: StreamId, payload: impl Into<Bytes>) -> Record {
-        Record {
-            streams: vec![stream],
-            kind: EntryKind::Data,
-            payload: payload.into(),
-        }
+        Record { streams: vec![stream], kind: EntryKind::Data, payload: payload.into() }
     }
 }
 

@@ -25,30 +25,18 @@ impl Target {
         }
         let config_dir = catalog::bootstrap::ConfigDir::new(fsio::real(), self.data.join("config"));
         if let Ok(Some((_, config))) = config_dir.latest() {
-            return config
-                .hosts
-                .iter()
-                .map(|host| host.admin_address.clone())
-                .collect();
+            return config.hosts.iter().map(|host| host.admin_address.clone()).collect();
         }
         (1..=5).map(|host| format!("127.0.0.{host}:7480")).collect()
     }
 }
 
 fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .build()
+    ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(2)).timeout(Duration::from_secs(10)).build()
 }
 
 /// Sends a request to the first endpoint that answers at all.
-fn request(
-    target: &Target,
-    method: &str,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> Result<serde_json::Value> {
+fn request(target: &Target, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<serde_json::Value> {
     let agent = agent();
     let mut failures = Vec::new();
     for endpoint in target.endpoints() {
@@ -59,21 +47,12 @@ fn request(
             None => call.call(),
         };
         match response {
-            Ok(response) => {
-                return response
-                    .into_json()
-                    .with_context(|| format!("{url} returned malformed JSON"))
-            }
+            Ok(response) => return response.into_json().with_context(|| format!("{url} returned malformed JSON")),
             Err(ureq::Error::Status(code, response)) => {
                 let text = response.into_string().unwrap_or_default();
                 let message = serde_json::from_str::<serde_json::Value>(&text)
                     .ok()
-                    .and_then(|value| {
-                        value
-                            .get("error")
-                            .and_then(|error| error.as_str())
-                            .map(String::from)
-                    })
+                    .and_then(|value| value.get("error").and_then(|error| error.as_str()).map(String::from))
                     .unwrap_or(text);
                 bail!("{url}: HTTP {code}: {message}");
             }
@@ -103,16 +82,8 @@ pub fn status(target: &Target, json: bool) -> Result<()> {
 
 pub fn render_status(status: &ClusterStatus) -> String {
     let mut out = String::new();
-    let health = if status.healthy {
-        "healthy"
-    } else {
-        "DEGRADED"
-    };
-    out.push_str(&format!(
-        "Cluster {}: {health} ({} hosts)\n",
-        status.cluster_id,
-        status.hosts.len()
-    ));
+    let health = if status.healthy { "healthy" } else { "DEGRADED" };
+    out.push_str(&format!("Cluster {}: {health} ({} hosts)\n", status.cluster_id, status.hosts.len()));
     let log = &status.log;
     match &log.leader {
         Some(leader) => out.push_str(&format!(
@@ -148,10 +119,7 @@ pub fn render_status(status: &ClusterStatus) -> String {
     if !log.gc_clients.is_empty() {
         out.push_str("\nGC clients (progress / lag behind the tail):\n");
         for client in &log.gc_clients {
-            out.push_str(&format!(
-                "  {:<24} {:>10} / {}\n",
-                client.name, client.progress, client.lag
-            ));
+            out.push_str(&format!("  {:<24} {:>10} / {}\n", client.name, client.progress, client.lag));
         }
     }
     if !status.problems.is_empty() {
@@ -182,12 +150,7 @@ pub fn list_tasks(target: &Target) -> Result<()> {
 }
 
 pub fn add_task(target: &Target, kind: &str, detail: &str) -> Result<()> {
-    let task = request(
-        target,
-        "POST",
-        "/api/v1/tasks",
-        Some(serde_json::json!({ "kind": kind, "detail": detail })),
-    )?;
+    let task = request(target, "POST", "/api/v1/tasks", Some(serde_json::json!({ "kind": kind, "detail": detail })))?;
     println!("{}", task["id"].as_str().unwrap_or("?"));
     Ok(())
 }

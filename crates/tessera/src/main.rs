@@ -12,11 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(
-    name = "tessera",
-    version,
-    about = "Tessera: pooled block storage and memory for a cluster of hosts"
-)]
+#[command(name = "tessera", version, about = "Tessera: pooled block storage and memory for a cluster of hosts")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -97,10 +93,7 @@ enum TaskCommand {
     /// Lists the queue in order.
     Ls,
     /// Adds a task.
-    Add {
-        kind: String,
-        detail: Option<String>,
-    },
+    Add { kind: String, detail: Option<String> },
     /// Removes a task by id.
     Rm { id: String },
 }
@@ -114,10 +107,7 @@ fn main() {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -128,22 +118,14 @@ fn run(cli: Cli) -> Result<()> {
                 LogFormat::Json => node::LogFormat::Json,
             });
             let config = node::NodeConfig::load(&config)?;
-            runtime()?
-                .block_on(node::run(config))
-                .map_err(anyhow::Error::msg)
+            runtime()?.block_on(node::run(config)).map_err(anyhow::Error::msg)
         }
-        Command::Up {
-            hosts,
-            data,
-            base_port,
-        } => up::run(hosts, &data, base_port),
+        Command::Up { hosts, data, base_port } => up::run(hosts, &data, base_port),
         Command::Status { json, target } => admin::status(&target, json),
         Command::ClusterConfig { command } => cluster_config(command),
         Command::Task { command, target } => match command {
             TaskCommand::Ls => admin::list_tasks(&target),
-            TaskCommand::Add { kind, detail } => {
-                admin::add_task(&target, &kind, detail.as_deref().unwrap_or(""))
-            }
+            TaskCommand::Add { kind, detail } => admin::add_task(&target, &kind, detail.as_deref().unwrap_or("")),
             TaskCommand::Rm { id } => admin::remove_task(&target, &id),
         },
     }
@@ -162,11 +144,7 @@ fn cluster_config(command: ClusterConfigCommand) -> Result<()> {
                 None => bail!("{} holds no config version", dir.display()),
             }
         }
-        ClusterConfigCommand::Set {
-            dir,
-            each,
-            settings,
-        } => {
+        ClusterConfigCommand::Set { dir, each, settings } => {
             let pairs: Vec<(String, String)> = settings
                 .iter()
                 .map(|setting| {
@@ -177,11 +155,8 @@ fn cluster_config(command: ClusterConfigCommand) -> Result<()> {
                 })
                 .collect::<Result<_>>()?;
             let config_dir = catalog::bootstrap::ConfigDir::new(fsio::real(), dir);
-            let groups: Vec<Vec<(String, String)>> = if each {
-                pairs.into_iter().map(|pair| vec![pair]).collect()
-            } else {
-                vec![pairs]
-            };
+            let groups: Vec<Vec<(String, String)>> =
+                if each { pairs.into_iter().map(|pair| vec![pair]).collect() } else { vec![pairs] };
             for group in groups {
                 let (version, _) = config_dir.update(|config| {
                     for (key, value) in &group {

@@ -53,15 +53,10 @@ fn bootstrap(data: &Path, hosts: u32, base_port: u16) -> Result<BootstrapConfig>
                 config.hosts.len()
             );
         }
-        println!(
-            "Reusing the cluster in {} (config v{version}).",
-            data.display()
-        );
+        println!("Reusing the cluster in {} (config v{version}).", data.display());
         return Ok(config);
     }
-    let admin_port = base_port
-        .checked_add(80)
-        .context("--base-port is too high")?;
+    let admin_port = base_port.checked_add(80).context("--base-port is too high")?;
     let cluster_id = format!("{:016x}", rand::random::<u64>());
     let (_, config) = config_dir.update(|config| {
         config.cluster_id = cluster_id.clone();
@@ -77,11 +72,7 @@ fn bootstrap(data: &Path, hosts: u32, base_port: u16) -> Result<BootstrapConfig>
         config.log_replicas = log_replicas_for(hosts);
     })?;
     config.validate().map_err(anyhow::Error::msg)?;
-    println!(
-        "Created a {hosts}-host cluster {} in {}.",
-        config.cluster_id,
-        data.display()
-    );
+    println!("Created a {hosts}-host cluster {} in {}.", config.cluster_id, data.display());
     Ok(config)
 }
 
@@ -149,9 +140,7 @@ fn spawn(host: &mut Host) -> Result<()> {
             Ok(())
         });
     }
-    let child = command
-        .spawn()
-        .with_context(|| format!("starting {}", host.seed.name))?;
+    let child = command.spawn().with_context(|| format!("starting {}", host.seed.name))?;
     host.child = Some(child);
     Ok(())
 }
@@ -180,9 +169,7 @@ fn stop_all(hosts: &mut [Host]) {
         loop {
             match child.try_wait() {
                 Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
                 _ => {
                     eprintln!("{} did not stop in time; killing it", host.seed.name);
                     let _ = child.kill();
@@ -197,27 +184,18 @@ fn stop_all(hosts: &mut [Host]) {
 fn print_summary(data: &Path, config: &BootstrapConfig, status: &ClusterStatus) {
     let first = &config.hosts[0];
     println!();
-    println!(
-        "Tessera is up: {} hosts, cluster {}.",
-        config.hosts.len(),
-        config.cluster_id
-    );
+    println!("Tessera is up: {} hosts, cluster {}.", config.hosts.len(), config.cluster_id);
     println!();
     print!("{}", render_status(status));
     println!();
     println!("  Dashboard:  http://{}/", first.admin_address);
     println!("  Metrics:    http://{}/metrics", first.admin_address);
-    println!(
-        "  Status:     tessera status      (from this directory; or --admin {})",
-        first.admin_address
-    );
+    println!("  Status:     tessera status      (from this directory; or --admin {})", first.admin_address);
     println!("  Logs:       {}/host-N/node.log", data.display());
     println!("  Data:       {}", data.display());
     println!();
     println!("Volumes and iSCSI targets are not served yet in this version; the control plane is.");
-    println!(
-        "Press Ctrl-C to stop the cluster (running `tessera up` again restarts it with its data)."
-    );
+    println!("Press Ctrl-C to stop the cluster (running `tessera up` again restarts it with its data).");
 }
 
 pub fn run(hosts: u32, data: &Path, base_port: u16) -> Result<()> {
@@ -232,9 +210,7 @@ pub fn run(hosts: u32, data: &Path, base_port: u16) -> Result<()> {
     for host in hosts.iter_mut() {
         spawn(host)?;
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let result = runtime.block_on(supervise(&data, &config, &mut hosts));
     println!("Stopping the cluster…");
     stop_all(&mut hosts);
@@ -246,10 +222,7 @@ async fn supervise(data: &Path, config: &BootstrapConfig, hosts: &mut [Host]) ->
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let target = Target {
-        admin: None,
-        data: data.to_path_buf(),
-    };
+    let target = Target { admin: None, data: data.to_path_buf() };
     let progress = indicatif::ProgressBar::new_spinner();
     progress.enable_steady_tick(Duration::from_millis(120));
     progress.set_message("waiting for the cluster to become healthy…");
@@ -275,12 +248,9 @@ async fn supervise(data: &Path, config: &BootstrapConfig, hosts: &mut [Host]) ->
                         tail_of(&host.log_path, 15)
                     );
                 });
-                host.restarts
-                    .retain(|when| when.elapsed() < Duration::from_secs(60));
+                host.restarts.retain(|when| when.elapsed() < Duration::from_secs(60));
                 if host.restarts.len() >= RESTARTS_PER_MINUTE_MAX {
-                    progress.suspend(|| {
-                        eprintln!("{} keeps failing; not restarting it again", host.seed.name)
-                    });
+                    progress.suspend(|| eprintln!("{} keeps failing; not restarting it again", host.seed.name));
                     continue;
                 }
                 host.restarts.push(Instant::now());
@@ -289,12 +259,8 @@ async fn supervise(data: &Path, config: &BootstrapConfig, hosts: &mut [Host]) ->
             }
         }
         if !healthy {
-            let target = Target {
-                admin: target.admin.clone(),
-                data: target.data.clone(),
-            };
-            let status =
-                tokio::task::spawn_blocking(move || crate::admin::fetch_status(&target)).await?;
+            let target = Target { admin: target.admin.clone(), data: target.data.clone() };
+            let status = tokio::task::spawn_blocking(move || crate::admin::fetch_status(&target)).await?;
             match status {
                 Ok(status) if status.healthy => {
                     healthy = true;
@@ -305,19 +271,12 @@ async fn supervise(data: &Path, config: &BootstrapConfig, hosts: &mut [Host]) ->
                     "waiting for the cluster to become healthy… {}",
                     status.problems.first().cloned().unwrap_or_default()
                 )),
-                Err(_) => {
-                    progress.set_message("waiting for the cluster to become healthy… (starting)")
-                }
+                Err(_) => progress.set_message("waiting for the cluster to become healthy… (starting)"),
             }
             if !healthy && started.elapsed() > HEALTHY_TIMEOUT {
                 progress.finish_and_clear();
                 for host in hosts.iter() {
-                    eprintln!(
-                        "--- {} ({}):\n{}",
-                        host.seed.name,
-                        host.log_path.display(),
-                        tail_of(&host.log_path, 10)
-                    );
+                    eprintln!("--- {} ({}):\n{}", host.seed.name, host.log_path.display(), tail_of(&host.log_path, 10));
                 }
                 bail!("the cluster did not become healthy within {HEALTHY_TIMEOUT:?}");
             }

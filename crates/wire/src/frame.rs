@@ -82,10 +82,7 @@ impl Frame {
 
     /// Appends the encoded frame to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
-        assert!(
-            self.payload.len() <= PAYLOAD_SIZE_MAX,
-            "caller must chunk payloads above PAYLOAD_SIZE_MAX"
-        );
+        assert!(self.payload.len() <= PAYLOAD_SIZE_MAX, "caller must chunk payloads above PAYLOAD_SIZE_MAX");
         out.reserve(self.encoded_len());
         let start = out.len();
         out.put_slice(&MAGIC);
@@ -116,17 +113,13 @@ pub struct Decoder {
 
 impl Default for Decoder {
     fn default() -> Self {
-        Decoder {
-            payload_size_max: PAYLOAD_SIZE_MAX,
-        }
+        Decoder { payload_size_max: PAYLOAD_SIZE_MAX }
     }
 }
 
 impl Decoder {
     pub fn with_limit(payload_size_max: usize) -> Decoder {
-        Decoder {
-            payload_size_max: payload_size_max.min(PAYLOAD_SIZE_MAX),
-        }
+        Decoder { payload_size_max: payload_size_max.min(PAYLOAD_SIZE_MAX) }
     }
 
     /// Takes one frame off the front of `buf`, or returns `Ok(None)` if more
@@ -152,10 +145,7 @@ impl Decoder {
         let stored_header_crc = u32::from_le_bytes(header[28..32].try_into().expect("slice of 4"));
         let computed_header_crc = crc32c::crc32c(&header[..28]);
         if stored_header_crc != computed_header_crc {
-            return Err(FrameError::HeaderChecksum {
-                stored: stored_header_crc,
-                computed: computed_header_crc,
-            });
+            return Err(FrameError::HeaderChecksum { stored: stored_header_crc, computed: computed_header_crc });
         }
         let version = header[4];
         if version != VERSION {
@@ -167,13 +157,9 @@ impl Decoder {
             return Err(FrameError::ReservedFlags(flags));
         }
         let method = u32::from_le_bytes(header[8..12].try_into().expect("slice of 4"));
-        let payload_len =
-            u32::from_le_bytes(header[12..16].try_into().expect("slice of 4")) as usize;
+        let payload_len = u32::from_le_bytes(header[12..16].try_into().expect("slice of 4")) as usize;
         if payload_len > self.payload_size_max {
-            return Err(FrameError::TooLarge {
-                size: payload_len,
-                limit: self.payload_size_max,
-            });
+            return Err(FrameError::TooLarge { size: payload_len, limit: self.payload_size_max });
         }
         let correlation = u64::from_le_bytes(header[16..24].try_into().expect("slice of 8"));
         let stored_payload_crc = u32::from_le_bytes(header[24..28].try_into().expect("slice of 4"));
@@ -185,17 +171,9 @@ impl Decoder {
         let payload = buf.split_to(payload_len).freeze();
         let computed_payload_crc = crc32c::crc32c(&payload);
         if computed_payload_crc != stored_payload_crc {
-            return Err(FrameError::PayloadChecksum {
-                stored: stored_payload_crc,
-                computed: computed_payload_crc,
-            });
+            return Err(FrameError::PayloadChecksum { stored: stored_payload_crc, computed: computed_payload_crc });
         }
-        Ok(Some(Frame {
-            kind,
-            method,
-            correlation,
-            payload,
-        }))
+        Ok(Some(Frame { kind, method, correlation, payload }))
     }
 
     /// Called at end of stream: leftover bytes mean the peer hung up mid-frame.
@@ -203,9 +181,7 @@ impl Decoder {
         if buf.is_empty() {
             Ok(())
         } else {
-            Err(FrameError::Truncated {
-                buffered: buf.len(),
-            })
+            Err(FrameError::Truncated { buffered: buf.len() })
         }
     }
 }
@@ -216,12 +192,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn frame(payload: &[u8]) -> Frame {
-        Frame {
-            kind: Kind::Request,
-            method: 7,
-            correlation: 42,
-            payload: Bytes::copy_from_slice(payload),
-        }
+        Frame { kind: Kind::Request, method: 7, correlation: 42, payload: Bytes::copy_from_slice(payload) }
     }
 
     fn check_error(bytes: &[u8], expected: FrameError) {
@@ -250,10 +221,7 @@ mod tests {
             let mut buf = BytesMut::from(&bytes[..cut]);
             assert_eq!(decoder.decode(&mut buf).unwrap(), None, "cut at {cut}");
             if cut > 0 {
-                assert_eq!(
-                    decoder.finish(&buf),
-                    Err(FrameError::Truncated { buffered: cut })
-                );
+                assert_eq!(decoder.finish(&buf), Err(FrameError::Truncated { buffered: cut }));
             }
         }
     }
@@ -280,13 +248,7 @@ mod tests {
         bytes[12..16].copy_from_slice(&huge.to_le_bytes());
         let crc = crc32c::crc32c(&bytes[..28]);
         bytes[28..32].copy_from_slice(&crc.to_le_bytes());
-        check_error(
-            &bytes,
-            FrameError::TooLarge {
-                size: huge as usize,
-                limit: PAYLOAD_SIZE_MAX,
-            },
-        );
+        check_error(&bytes, FrameError::TooLarge { size: huge as usize, limit: PAYLOAD_SIZE_MAX });
     }
 
     #[test]
@@ -294,16 +256,10 @@ mod tests {
         let good = frame(b"payload").to_bytes();
         let mut header_flip = BytesMut::from(&good[..]);
         header_flip[9] ^= 1;
-        assert!(matches!(
-            Decoder::default().decode(&mut header_flip),
-            Err(FrameError::HeaderChecksum { .. })
-        ));
+        assert!(matches!(Decoder::default().decode(&mut header_flip), Err(FrameError::HeaderChecksum { .. })));
         let mut payload_flip = BytesMut::from(&good[..]);
         payload_flip[HEADER_SIZE + 2] ^= 0x40;
-        assert!(matches!(
-            Decoder::default().decode(&mut payload_flip),
-            Err(FrameError::PayloadChecksum { .. })
-        ));
+        assert!(matches!(Decoder::default().decode(&mut payload_flip), Err(FrameError::PayloadChecksum { .. })));
     }
 
     proptest! {

@@ -67,10 +67,7 @@ pub struct RemoteError {
 
 impl RemoteError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> RemoteError {
-        RemoteError {
-            code,
-            message: message.into(),
-        }
+        RemoteError { code, message: message.into() }
     }
 }
 
@@ -95,10 +92,7 @@ impl CallError {
     /// True when the call may have reached the handler: a retry must be
     /// idempotent.
     pub fn is_ambiguous(&self) -> bool {
-        matches!(
-            self,
-            CallError::ConnectionLost { .. } | CallError::Timeout { .. }
-        )
+        matches!(self, CallError::ConnectionLost { .. } | CallError::Timeout { .. })
     }
 }
 
@@ -135,23 +129,13 @@ pub struct ServeHandle {
 
 impl fmt::Debug for ServeHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServeHandle")
-            .field("local_address", &self.local_address)
-            .finish()
+        f.debug_struct("ServeHandle").field("local_address", &self.local_address).finish()
     }
 }
 
 impl ServeHandle {
-    pub fn new(
-        local_address: String,
-        stats: Arc<ServerStats>,
-        stop: Box<dyn FnOnce() + Send>,
-    ) -> Self {
-        ServeHandle {
-            local_address,
-            stats,
-            stop,
-        }
+    pub fn new(local_address: String, stats: Arc<ServerStats>, stop: Box<dyn FnOnce() + Send>) -> Self {
+        ServeHandle { local_address, stats, stop }
     }
 
     /// Stops accepting and closes every connection.
@@ -163,20 +147,10 @@ impl ServeHandle {
 /// How a node reaches other nodes and serves them.
 pub trait Transport: Clone + Send + Sync + 'static {
     /// Sends one request and waits for its reply, at most `timeout`.
-    fn call(
-        &self,
-        to: &str,
-        method: u32,
-        payload: Bytes,
-        timeout: Duration,
-    ) -> BoxFuture<Result<Bytes, CallError>>;
+    fn call(&self, to: &str, method: u32, payload: Bytes, timeout: Duration) -> BoxFuture<Result<Bytes, CallError>>;
 
     /// Serves `handler` at `address` (for TCP, `host:port`; port 0 picks one).
-    fn serve(
-        &self,
-        address: &str,
-        handler: Arc<dyn Handler>,
-    ) -> BoxFuture<std::io::Result<ServeHandle>>;
+    fn serve(&self, address: &str, handler: Arc<dyn Handler>) -> BoxFuture<std::io::Result<ServeHandle>>;
 }
 
 /// Encodes a message as a payload.
@@ -206,8 +180,6 @@ where
     Resp: DeserializeOwned,
 {
     let reply = transport.call(to, method, encode(request), timeout).await?;
-    postcard::from_bytes(&reply).map_err(|error| CallError::Decode {
-        address: to.to_string(),
-        reason: error.to_string(),
-    })
+    postcard::from_bytes(&reply)
+        .map_err(|error| CallError::Decode { address: to.to_string(), reason: error.to_string() })
 }

@@ -29,11 +29,7 @@ pub struct Faults {
 
 impl Default for Faults {
     fn default() -> Self {
-        Faults {
-            loss_probability: 0.0,
-            delay_min: Duration::from_micros(100),
-            delay_max: Duration::from_millis(1),
-        }
+        Faults { loss_probability: 0.0, delay_min: Duration::from_micros(100), delay_max: Duration::from_millis(1) }
     }
 }
 
@@ -86,10 +82,7 @@ impl SimNetwork {
 
     /// A transport whose calls originate from `local` (an address).
     pub fn transport(&self, local: &str) -> SimTransport {
-        SimTransport {
-            network: self.clone(),
-            local: local.to_string(),
-        }
+        SimTransport { network: self.clone(), local: local.to_string() }
     }
 
     pub fn set_faults(&self, faults: Faults) {
@@ -155,15 +148,8 @@ impl SimNetwork {
             state.messages_dropped += 1;
             return Delivery::Drop;
         }
-        let (low, high) = (
-            state.faults.delay_min,
-            state.faults.delay_max.max(state.faults.delay_min),
-        );
-        let mut delay = if high > low {
-            state.rng.gen_range(low..=high)
-        } else {
-            low
-        };
+        let (low, high) = (state.faults.delay_min, state.faults.delay_max.max(state.faults.delay_min));
+        let mut delay = if high > low { state.rng.gen_range(low..=high) } else { low };
         delay += state.slow.get(from).copied().unwrap_or_default();
         delay += state.slow.get(to).copied().unwrap_or_default();
         Delivery::Deliver { delay }
@@ -177,23 +163,14 @@ impl SimNetwork {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, CallError> {
-        let timed_out = || CallError::Timeout {
-            address: to.clone(),
-            timeout_ms: timeout.as_millis() as u64,
-        };
+        let timed_out = || CallError::Timeout { address: to.clone(), timeout_ms: timeout.as_millis() as u64 };
         let deadline = tokio::time::Instant::now() + timeout;
         let endpoint = {
             let state = self.lock();
-            state
-                .endpoints
-                .get(&to)
-                .map(|endpoint| (endpoint.handler.clone(), endpoint.incarnation))
+            state.endpoints.get(&to).map(|endpoint| (endpoint.handler.clone(), endpoint.incarnation))
         };
         let Some((handler, incarnation)) = endpoint else {
-            return Err(CallError::Connect {
-                address: to.clone(),
-                reason: "connection refused".into(),
-            });
+            return Err(CallError::Connect { address: to.clone(), reason: "connection refused".into() });
         };
         let Delivery::Deliver { delay } = self.decide(&from, &to) else {
             tokio::time::sleep_until(deadline).await;
@@ -204,22 +181,13 @@ impl SimNetwork {
             return Err(timed_out());
         }
         tokio::time::sleep(delay).await;
-        let request = Request {
-            method,
-            payload,
-            peer: from.clone(),
-        };
+        let request = Request { method, payload, peer: from.clone() };
         let reply = match tokio::time::timeout_at(deadline, handler.handle(request)).await {
             Ok(reply) => reply,
             Err(_) => return Err(timed_out()),
         };
         // The reply travels back through the same faults.
-        let alive = self
-            .lock()
-            .endpoints
-            .get(&to)
-            .map(|endpoint| endpoint.incarnation)
-            == Some(incarnation);
+        let alive = self.lock().endpoints.get(&to).map(|endpoint| endpoint.incarnation) == Some(incarnation);
         if !alive {
             tokio::time::sleep_until(deadline).await;
             return Err(CallError::ConnectionLost { address: to });
@@ -253,24 +221,14 @@ pub struct SimTransport {
 }
 
 impl Transport for SimTransport {
-    fn call(
-        &self,
-        to: &str,
-        method: u32,
-        payload: Bytes,
-        timeout: Duration,
-    ) -> BoxFuture<Result<Bytes, CallError>> {
+    fn call(&self, to: &str, method: u32, payload: Bytes, timeout: Duration) -> BoxFuture<Result<Bytes, CallError>> {
         let network = self.network.clone();
         let from = self.local.clone();
         let to = to.to_string();
         Box::pin(async move { network.call_inner(from, to, method, payload, timeout).await })
     }
 
-    fn serve(
-        &self,
-        address: &str,
-        handler: Arc<dyn Handler>,
-    ) -> BoxFuture<std::io::Result<ServeHandle>> {
+    fn serve(&self, address: &str, handler: Arc<dyn Handler>) -> BoxFuture<std::io::Result<ServeHandle>> {
         let network = self.network.clone();
         let address = address.to_string();
         Box::pin(async move {
@@ -278,13 +236,7 @@ impl Transport for SimTransport {
                 let mut state = network.lock();
                 state.incarnations += 1;
                 let incarnation = state.incarnations;
-                state.endpoints.insert(
-                    address.clone(),
-                    Endpoint {
-                        handler,
-                        incarnation,
-                    },
-                );
+                state.endpoints.insert(address.clone(), Endpoint { handler, incarnation });
                 incarnation
             };
             let stop_network = network.clone();
@@ -294,12 +246,7 @@ impl Transport for SimTransport {
                 Arc::new(ServerStats::default()),
                 Box::new(move || {
                     let mut state = stop_network.lock();
-                    if state
-                        .endpoints
-                        .get(&stop_address)
-                        .map(|endpoint| endpoint.incarnation)
-                        == Some(incarnation)
-                    {
+                    if state.endpoints.get(&stop_address).map(|endpoint| endpoint.incarnation) == Some(incarnation) {
                         state.endpoints.remove(&stop_address);
                     }
                 }),

@@ -16,10 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::frame::{Decoder, Frame, Kind};
-use crate::{
-    BoxFuture, CallError, ErrorCode, Handler, RemoteError, Request, ServeHandle, ServerStats,
-    Transport,
-};
+use crate::{BoxFuture, CallError, ErrorCode, Handler, RemoteError, Request, ServeHandle, ServerStats, Transport};
 
 /// Calls waiting for a reply on one connection. Why bounded: a peer that
 /// stops answering must not make us queue without limit.
@@ -64,11 +61,7 @@ impl TcpTransport {
         TcpTransport::default()
     }
 
-    async fn connection(
-        &self,
-        address: &str,
-        timeout: Duration,
-    ) -> Result<Arc<Connection>, CallError> {
+    async fn connection(&self, address: &str, timeout: Duration) -> Result<Arc<Connection>, CallError> {
         let mut connections = self.connections.lock().await;
         if let Some(connection) = connections.get(address) {
             if !connection.closed.load(Ordering::SeqCst) {
@@ -76,17 +69,12 @@ impl TcpTransport {
             }
             connections.remove(address);
         }
-        let connect_error = |reason: String| CallError::Connect {
-            address: address.to_string(),
-            reason,
-        };
+        let connect_error = |reason: String| CallError::Connect { address: address.to_string(), reason };
         let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
             .await
             .map_err(|_| connect_error(format!("timed out after {} ms", timeout.as_millis())))?
             .map_err(|error| connect_error(error.to_string()))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|error| connect_error(error.to_string()))?;
+        stream.set_nodelay(true).map_err(|error| connect_error(error.to_string()))?;
         let (read_half, write_half) = stream.into_split();
         let (writer, queue) = mpsc::channel(WRITE_QUEUE_FRAMES_MAX);
         let connection = Arc::new(Connection {
@@ -123,49 +111,25 @@ impl TcpTransport {
             }
             pending.insert(correlation, reply_sender);
         }
-        let frame = Frame {
-            kind: Kind::Request,
-            method,
-            correlation,
-            payload,
-        };
+        let frame = Frame { kind: Kind::Request, method, correlation, payload };
         let outcome = tokio::time::timeout_at(deadline, async {
-            connection
-                .writer
-                .send(frame)
-                .await
-                .map_err(|_| CallError::ConnectionLost {
-                    address: address.clone(),
-                })?;
-            reply.await.map_err(|_| CallError::ConnectionLost {
-                address: address.clone(),
-            })
+            connection.writer.send(frame).await.map_err(|_| CallError::ConnectionLost { address: address.clone() })?;
+            reply.await.map_err(|_| CallError::ConnectionLost { address: address.clone() })
         })
         .await;
         let frame = match outcome {
             Ok(result) => result?,
             Err(_) => {
-                connection
-                    .pending
-                    .lock()
-                    .expect("pending lock poisoned")
-                    .remove(&correlation);
-                return Err(CallError::Timeout {
-                    address,
-                    timeout_ms: timeout.as_millis() as u64,
-                });
+                connection.pending.lock().expect("pending lock poisoned").remove(&correlation);
+                return Err(CallError::Timeout { address, timeout_ms: timeout.as_millis() as u64 });
             }
         };
         match frame.kind {
             Kind::Response => Ok(frame.payload),
             Kind::Error => {
-                let error =
-                    postcard::from_bytes::<RemoteError>(&frame.payload).unwrap_or_else(|error| {
-                        RemoteError::new(
-                            ErrorCode::Internal,
-                            format!("undecodable error reply: {error}"),
-                        )
-                    });
+                let error = postcard::from_bytes::<RemoteError>(&frame.payload).unwrap_or_else(|error| {
+                    RemoteError::new(ErrorCode::Internal, format!("undecodable error reply: {error}"))
+                });
                 Err(CallError::Remote { address, error })
             }
             Kind::Request => unreachable!("read_replies never routes requests"),
@@ -174,27 +138,13 @@ impl TcpTransport {
 }
 
 impl Transport for TcpTransport {
-    fn call(
-        &self,
-        to: &str,
-        method: u32,
-        payload: Bytes,
-        timeout: Duration,
-    ) -> BoxFuture<Result<Bytes, CallError>> {
+    fn call(&self, to: &str, method: u32, payload: Bytes, timeout: Duration) -> BoxFuture<Result<Bytes, CallError>> {
         let transport = self.clone();
         let address = to.to_string();
-        Box::pin(async move {
-            transport
-                .call_inner(address, method, payload, timeout)
-                .await
-        })
+        Box::pin(async move { transport.call_inner(address, method, payload, timeout).await })
     }
 
-    fn serve(
-        &self,
-        address: &str,
-        handler: Arc<dyn Handler>,
-    ) -> BoxFuture<std::io::Result<ServeHandle>> {
+    fn serve(&self, address: &str, handler: Arc<dyn Handler>) -> BoxFuture<std::io::Result<ServeHandle>> {
         let address = address.to_string();
         Box::pin(async move { serve_tcp(&address, handler).await })
     }
@@ -226,11 +176,7 @@ async fn read_replies(mut stream: OwnedReadHalf, connection: Arc<Connection>) {
         loop {
             match decoder.decode(&mut buffer) {
                 Ok(Some(frame)) if frame.kind != Kind::Request => {
-                    let waiter = connection
-                        .pending
-                        .lock()
-                        .expect("pending lock poisoned")
-                        .remove(&frame.correlation);
+                    let waiter = connection.pending.lock().expect("pending lock poisoned").remove(&frame.correlation);
                     // A reply for a call that timed out is dropped.
                     if let Some(waiter) = waiter {
                         let _ = waiter.send(frame);
@@ -283,15 +229,11 @@ async fn serve_tcp(address: &str, handler: Arc<dyn Handler>) -> std::io::Result<
                 }
             };
             let Ok(permit) = connections.clone().try_acquire_owned() else {
-                accept_stats
-                    .connections_rejected
-                    .fetch_add(1, Ordering::Relaxed);
+                accept_stats.connections_rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, limit = CONNECTIONS_MAX, "connection limit reached; refusing");
                 continue;
             };
-            accept_stats
-                .connections_accepted
-                .fetch_add(1, Ordering::Relaxed);
+            accept_stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
             let _ = stream.set_nodelay(true);
             let handler = handler.clone();
             let stats = accept_stats.clone();
@@ -314,12 +256,7 @@ async fn serve_tcp(address: &str, handler: Arc<dyn Handler>) -> std::io::Result<
     ))
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    peer: String,
-    handler: Arc<dyn Handler>,
-    stats: Arc<ServerStats>,
-) {
+async fn serve_connection(stream: TcpStream, peer: String, handler: Arc<dyn Handler>, stats: Arc<ServerStats>) {
     let (mut read_half, write_half) = stream.into_split();
     let (writer, queue) = mpsc::channel(WRITE_QUEUE_FRAMES_MAX);
     let writer_task = tokio::spawn(write_frames(write_half, queue, peer.clone()));
@@ -331,20 +268,12 @@ async fn serve_connection(
             match decoder.decode(&mut buffer) {
                 Ok(Some(frame)) if frame.kind == Kind::Request => {
                     stats.requests.fetch_add(1, Ordering::Relaxed);
-                    let permit = in_flight
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("semaphore never closed");
+                    let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
                     let handler = handler.clone();
                     let writer = writer.clone();
                     let peer = peer.clone();
                     tokio::spawn(async move {
-                        let request = Request {
-                            method: frame.method,
-                            payload: frame.payload,
-                            peer,
-                        };
+                        let request = Request { method: frame.method, payload: frame.payload, peer };
                         let reply = match handler.handle(request).await {
                             Ok(payload) => Frame {
                                 kind: Kind::Response,

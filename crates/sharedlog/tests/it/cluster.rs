@@ -30,14 +30,8 @@ fn free_address() -> String {
 impl Cluster {
     pub async fn start(size: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let addresses: BTreeMap<NodeId, String> =
-            (1..=size).map(|id| (id, free_address())).collect();
-        let mut cluster = Cluster {
-            dir,
-            addresses,
-            replicas: BTreeMap::new(),
-            transport: TcpTransport::new(),
-        };
+        let addresses: BTreeMap<NodeId, String> = (1..=size).map(|id| (id, free_address())).collect();
+        let mut cluster = Cluster { dir, addresses, replicas: BTreeMap::new(), transport: TcpTransport::new() };
         for id in 1..=size {
             cluster.start_replica(id).await;
         }
@@ -48,11 +42,7 @@ impl Cluster {
     }
 
     pub fn config(&self, id: NodeId) -> ServerConfig {
-        let mut config = ServerConfig::new(
-            id,
-            self.addresses[&id].clone(),
-            self.dir.path().join(format!("node{id}")),
-        );
+        let mut config = ServerConfig::new(id, self.addresses[&id].clone(), self.dir.path().join(format!("node{id}")));
         config.election_timeout_min_ms = 300;
         config.election_timeout_max_ms = 600;
         config.logs_kept_after_checkpoint = 0;
@@ -61,14 +51,8 @@ impl Cluster {
 
     pub async fn start_replica(&mut self, id: NodeId) {
         let config = self.config(id);
-        let server = LogServer::start(config, fsio::real(), self.transport.clone())
-            .await
-            .unwrap();
-        let serve = self
-            .transport
-            .serve(&self.addresses[&id], handler(server.clone()))
-            .await
-            .unwrap();
+        let server = LogServer::start(config, fsio::real(), self.transport.clone()).await.unwrap();
+        let serve = self.transport.serve(&self.addresses[&id], handler(server.clone())).await.unwrap();
         self.replicas.insert(id, Replica { server, serve });
     }
 
@@ -92,10 +76,7 @@ impl Cluster {
     }
 
     pub fn client(&self, client_id: u64) -> LogClient<TcpTransport> {
-        LogClient::new(
-            self.transport.clone(),
-            ClientConfig::new(self.addresses.values().cloned().collect(), client_id),
-        )
+        LogClient::new(self.transport.clone(), ClientConfig::new(self.addresses.values().cloned().collect(), client_id))
     }
 
     pub async fn shutdown(mut self) {

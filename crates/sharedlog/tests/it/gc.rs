@@ -63,11 +63,7 @@ async fn overwriting_one_key_keeps_the_store_small() {
     let runtime = Runtime::new(cluster.client(40), config);
     let map = runtime.open::<Map<u64, Vec<u8>>>(stream).await.unwrap();
     let leader = cluster.wait_for_leader().await;
-    let state_dir = cluster
-        .dir
-        .path()
-        .join(format!("node{leader}"))
-        .join("state");
+    let state_dir = cluster.dir.path().join(format!("node{leader}")).join("state");
 
     let first_position = map.put(0, vec![0; VALUE_BYTES]).await.unwrap();
     let mut writers = Vec::new();
@@ -122,10 +118,7 @@ async fn overwriting_one_key_keeps_the_store_small() {
     assert!(samples >= 3, "too few steady-state samples ({samples})");
     let mean_ratio = disk_sum / live_sum;
     println!("steady state: mean disk/live {mean_ratio:.3}, worst sample {worst_ratio:.2} over {samples} samples");
-    assert!(
-        mean_ratio <= 1.5,
-        "disk bytes averaged {mean_ratio:.2}x the live bytes"
-    );
+    assert!(mean_ratio <= 1.5, "disk bytes averaged {mean_ratio:.2}x the live bytes");
 
     // Let the last report go through, then check what is left.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -145,32 +138,11 @@ async fn overwriting_one_key_keeps_the_store_small() {
         status.gc_deleted_entries,
         OVERWRITES
     );
-    assert!(
-        status.live_entries <= 10,
-        "still {} live entries",
-        status.live_entries
-    );
+    assert!(status.live_entries <= 10, "still {} live entries", status.live_entries);
     let client = cluster.client(41);
-    assert_eq!(
-        client.read(first_position).await.unwrap(),
-        ReadOutcome::Trimmed
-    );
-    let snapshot = client
-        .read_stream(
-            stream,
-            0,
-            u64::MAX,
-            Some(first_position + 1),
-            Duration::ZERO,
-        )
-        .await;
-    assert!(
-        matches!(
-            snapshot,
-            Err(ClientError::Log(LogError::SnapshotBelowMark { .. }))
-        ),
-        "{snapshot:?}"
-    );
+    assert_eq!(client.read(first_position).await.unwrap(), ReadOutcome::Trimmed);
+    let snapshot = client.read_stream(stream, 0, u64::MAX, Some(first_position + 1), Duration::ZERO).await;
+    assert!(matches!(snapshot, Err(ClientError::Log(LogError::SnapshotBelowMark { .. }))), "{snapshot:?}");
     let (value, _) = map.get(&0).await.unwrap().unwrap();
     assert_eq!(value.len(), VALUE_BYTES);
 
@@ -178,14 +150,7 @@ async fn overwriting_one_key_keeps_the_store_small() {
     let stalled = cluster.client(42);
     stalled.register(42, "stalled", vec![stream]).await.unwrap();
     let tail = client.tail().await.unwrap();
-    stalled
-        .gc_report(&GcReport {
-            client: 42,
-            progress: tail,
-            locators: vec![],
-        })
-        .await
-        .unwrap();
+    stalled.gc_report(&GcReport { client: 42, progress: tail, locators: vec![] }).await.unwrap();
     let mark_before = server.status().snapshot_mark;
     let deleted_before = server.status().gc_deleted_entries;
     let map = Arc::new(map);
@@ -194,32 +159,14 @@ async fn overwriting_one_key_keeps_the_store_small() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let status = server.status();
-    assert_eq!(
-        status.snapshot_mark, mark_before,
-        "the mark must not pass a silent client"
-    );
-    assert_eq!(
-        status.gc_deleted_entries, deleted_before,
-        "nothing past the silent client is deleted"
-    );
+    assert_eq!(status.snapshot_mark, mark_before, "the mark must not pass a silent client");
+    assert_eq!(status.gc_deleted_entries, deleted_before, "nothing past the silent client is deleted");
     let rendered = metrics.render();
-    let lag = metric(
-        &rendered,
-        "sharedlog_gc_client_lag_entries",
-        "client=\"stalled\"",
-    )
-    .expect("lag metric exported");
-    let writer_lag = metric(
-        &rendered,
-        "sharedlog_gc_client_lag_entries",
-        "client=\"writer\"",
-    )
-    .expect("writer lag exported");
+    let lag = metric(&rendered, "sharedlog_gc_client_lag_entries", "client=\"stalled\"").expect("lag metric exported");
+    let writer_lag =
+        metric(&rendered, "sharedlog_gc_client_lag_entries", "client=\"writer\"").expect("writer lag exported");
     println!("stalled client lag {lag}, writer lag {writer_lag}");
-    assert!(
-        lag >= 2000.0,
-        "stalled client's lag shows in metrics: {lag}"
-    );
+    assert!(lag >= 2000.0, "stalled client's lag shows in metrics: {lag}");
     assert!(writer_lag < lag);
     // Once it is unregistered, collection resumes.
     client.unregister(42).await.unwrap();

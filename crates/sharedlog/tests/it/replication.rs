@@ -12,12 +12,7 @@ async fn appends_are_readable_on_every_replica() {
     let client = cluster.client(1);
     let mut positions = Vec::new();
     for index in 0..100u32 {
-        positions.push(
-            client
-                .append(&[STREAM], index.to_le_bytes().to_vec())
-                .await
-                .unwrap(),
-        );
+        positions.push(client.append(&[STREAM], index.to_le_bytes().to_vec()).await.unwrap());
     }
     let mut sorted = positions.clone();
     sorted.sort();
@@ -33,9 +28,7 @@ async fn appends_are_readable_on_every_replica() {
                     outcome => break outcome,
                 }
             };
-            let ReadOutcome::Entry(entry) = outcome else {
-                panic!("{outcome:?}")
-            };
+            let ReadOutcome::Entry(entry) = outcome else { panic!("{outcome:?}") };
             assert_eq!(&entry.payload[..], &(index as u32).to_le_bytes());
         }
     }
@@ -49,25 +42,17 @@ async fn appends_continue_after_the_leader_stops() {
     let mut cluster = Cluster::start(3).await;
     let client = cluster.client(2);
     for index in 0..20u32 {
-        client
-            .append(&[STREAM], index.to_le_bytes().to_vec())
-            .await
-            .unwrap();
+        client.append(&[STREAM], index.to_le_bytes().to_vec()).await.unwrap();
     }
     let leader = cluster.wait_for_leader().await;
     cluster.stop_replica(leader).await;
     for index in 20..40u32 {
-        client
-            .append(&[STREAM], index.to_le_bytes().to_vec())
-            .await
-            .unwrap();
+        client.append(&[STREAM], index.to_le_bytes().to_vec()).await.unwrap();
     }
     let tail = client.tail().await.unwrap();
     let entries = client.read_stream_all(STREAM, 0, tail, None).await.unwrap();
-    let values: Vec<u32> = entries
-        .iter()
-        .map(|entry| u32::from_le_bytes(entry.payload[..4].try_into().unwrap()))
-        .collect();
+    let values: Vec<u32> =
+        entries.iter().map(|entry| u32::from_le_bytes(entry.payload[..4].try_into().unwrap())).collect();
     assert_eq!(values, (0..40).collect::<Vec<_>>());
     // The stopped replica catches up when it returns.
     cluster.start_replica(leader).await;
@@ -90,10 +75,7 @@ async fn a_lagging_replica_catches_up_through_a_snapshot() {
     let lagging = *cluster.addresses.keys().find(|id| **id != leader).unwrap();
     cluster.stop_replica(lagging).await;
     for index in 0..300u32 {
-        client
-            .append(&[STREAM], index.to_le_bytes().repeat(8))
-            .await
-            .unwrap();
+        client.append(&[STREAM], index.to_le_bytes().repeat(8)).await.unwrap();
     }
     // Checkpoint and purge the Raft log on the others, so the lagging
     // replica cannot be caught up from log entries alone.
@@ -112,15 +94,8 @@ async fn a_lagging_replica_catches_up_through_a_snapshot() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        server.tail_local() >= tail,
-        "lagging replica at {} of {tail}",
-        server.tail_local()
-    );
-    assert!(
-        server.status().checkpoint_index.is_some(),
-        "caught up by installing the leader's checkpoint"
-    );
+    assert!(server.tail_local() >= tail, "lagging replica at {} of {tail}", server.tail_local());
+    assert!(server.status().checkpoint_index.is_some(), "caught up by installing the leader's checkpoint");
     let address = cluster.addresses[&lagging].clone();
     for position in [0u64, 150, 299] {
         let outcome = client.read_at_replica(&address, position).await.unwrap();

@@ -19,20 +19,10 @@ fn runtime(cluster: &Cluster, client_id: u64, name: &str) -> Runtime<TcpTranspor
 async fn maps_agree_across_runtimes_and_compare_and_set_has_one_winner() {
     let cluster = Cluster::start(3).await;
     let stream = StreamId::from_name("map");
-    let a = runtime(&cluster, 10, "a")
-        .open::<Map<String, u64>>(stream)
-        .await
-        .unwrap();
-    let b = runtime(&cluster, 11, "b")
-        .open::<Map<String, u64>>(stream)
-        .await
-        .unwrap();
+    let a = runtime(&cluster, 10, "a").open::<Map<String, u64>>(stream).await.unwrap();
+    let b = runtime(&cluster, 11, "b").open::<Map<String, u64>>(stream).await.unwrap();
     let version = a.put("k".into(), 1).await.unwrap();
-    assert_eq!(
-        b.get(&"k".into()).await.unwrap(),
-        Some((1, version)),
-        "b sees a's write after syncing"
-    );
+    assert_eq!(b.get(&"k".into()).await.unwrap(), Some((1, version)), "b sees a's write after syncing");
     // Both race to move the key from `version`; exactly one wins.
     let (first, second) = tokio::join!(
         a.compare_and_set("k".into(), Some(version), Some(2)),
@@ -43,12 +33,7 @@ async fn maps_agree_across_runtimes_and_compare_and_set_has_one_winner() {
     assert_eq!(winners.len(), 1, "{outcomes:?}");
     let winning_version = *winners[0].as_ref().unwrap();
     let loser = outcomes.iter().find(|outcome| outcome.is_err()).unwrap();
-    assert_eq!(
-        *loser,
-        Err(Conflict {
-            current: Some(winning_version)
-        })
-    );
+    assert_eq!(*loser, Err(Conflict { current: Some(winning_version) }));
     assert_eq!(a.entries().await.unwrap(), b.entries().await.unwrap());
     assert!(a.delete("k".into()).await.unwrap());
     assert_eq!(b.get(&"k".into()).await.unwrap(), None);
@@ -59,33 +44,16 @@ async fn maps_agree_across_runtimes_and_compare_and_set_has_one_winner() {
 async fn a_new_runtime_starts_from_a_checkpoint() {
     let cluster = Cluster::start(3).await;
     let stream = StreamId::from_name("register");
-    let writer = runtime(&cluster, 20, "writer")
-        .open::<Register<u64>>(stream)
-        .await
-        .unwrap();
+    let writer = runtime(&cluster, 20, "writer").open::<Register<u64>>(stream).await.unwrap();
     for value in 0..50 {
         writer.set(value).await.unwrap();
     }
-    let checkpoint = writer
-        .checkpoint()
-        .await
-        .unwrap()
-        .expect("small state checkpoints");
+    let checkpoint = writer.checkpoint().await.unwrap().expect("small state checkpoints");
     writer.set(50).await.unwrap();
-    let reader = runtime(&cluster, 21, "reader")
-        .open::<Register<u64>>(stream)
-        .await
-        .unwrap();
-    assert_eq!(
-        reader.get().await.unwrap().map(|(value, _)| value),
-        Some(50)
-    );
+    let reader = runtime(&cluster, 21, "reader").open::<Register<u64>>(stream).await.unwrap();
+    assert_eq!(reader.get().await.unwrap().map(|(value, _)| value), Some(50));
     // The reader loaded the checkpoint and replayed only what came after it.
-    assert!(
-        reader.live_entries() <= 2,
-        "live entries {}",
-        reader.live_entries()
-    );
+    assert!(reader.live_entries() <= 2, "live entries {}", reader.live_entries());
     assert!(checkpoint > 49);
     cluster.shutdown().await;
 }
@@ -98,9 +66,7 @@ async fn queue_order_is_identical_everywhere_and_removal_works_anywhere() {
     for host in 0..3u32 {
         let runtime = runtime(&cluster, 30 + host as u64, &format!("host{host}"));
         queues.push(Arc::new(
-            PersistentQueue::<String, _>::open(&runtime, stream, host, Arc::new(SystemClock))
-                .await
-                .unwrap(),
+            PersistentQueue::<String, _>::open(&runtime, stream, host, Arc::new(SystemClock)).await.unwrap(),
         ));
     }
     let mut writers = Vec::new();
@@ -108,30 +74,21 @@ async fn queue_order_is_identical_everywhere_and_removal_works_anywhere() {
         let queue = queue.clone();
         writers.push(tokio::spawn(async move {
             for index in 0..30 {
-                queue
-                    .enqueue(format!("host{host}-item{index}"))
-                    .await
-                    .unwrap();
+                queue.enqueue(format!("host{host}-item{index}")).await.unwrap();
             }
         }));
     }
     for writer in writers {
         writer.await.unwrap();
     }
-    let orders = [
-        queues[0].entries().await.unwrap(),
-        queues[1].entries().await.unwrap(),
-        queues[2].entries().await.unwrap(),
-    ];
+    let orders =
+        [queues[0].entries().await.unwrap(), queues[1].entries().await.unwrap(), queues[2].entries().await.unwrap()];
     assert_eq!(orders[0].len(), 90);
     assert_eq!(orders[0], orders[1]);
     assert_eq!(orders[1], orders[2]);
     let middle = orders[0][45].0;
     assert!(queues[2].remove(middle).await.unwrap());
-    assert!(
-        !queues[1].remove(middle).await.unwrap(),
-        "removing twice finds nothing"
-    );
+    assert!(!queues[1].remove(middle).await.unwrap(), "removing twice finds nothing");
     let after = queues[0].entries().await.unwrap();
     assert_eq!(after.len(), 89);
     assert!(!after.iter().any(|(id, _)| *id == middle));

@@ -22,10 +22,7 @@ async fn echo_server() -> wire::ServeHandle {
             _ => Err(RemoteError::new(ErrorCode::UnknownMethod, "no such method")),
         }
     };
-    TcpTransport::new()
-        .serve("127.0.0.1:0", Arc::new(handler))
-        .await
-        .unwrap()
+    TcpTransport::new().serve("127.0.0.1:0", Arc::new(handler)).await.unwrap()
 }
 
 #[tokio::test]
@@ -38,10 +35,7 @@ async fn calls_are_answered_and_correlated() {
         let address = server.local_address.clone();
         calls.push(tokio::spawn(async move {
             let payload = Bytes::from(index.to_le_bytes().repeat(index as usize % 50 + 1));
-            let reply = transport
-                .call(&address, 1, payload.clone(), TIMEOUT)
-                .await
-                .unwrap();
+            let reply = transport.call(&address, 1, payload.clone(), TIMEOUT).await.unwrap();
             assert_eq!(reply, payload);
         }));
     }
@@ -55,36 +49,13 @@ async fn calls_are_answered_and_correlated() {
 async fn remote_errors_and_timeouts_are_distinct() {
     let server = echo_server().await;
     let transport = TcpTransport::new();
-    let error = transport
-        .call(&server.local_address, 2, Bytes::new(), TIMEOUT)
-        .await
-        .unwrap_err();
-    assert!(matches!(
-        error,
-        CallError::Remote {
-            error: RemoteError {
-                code: ErrorCode::Internal,
-                ..
-            },
-            ..
-        }
-    ));
-    let error = transport
-        .call(
-            &server.local_address,
-            3,
-            Bytes::new(),
-            Duration::from_millis(100),
-        )
-        .await
-        .unwrap_err();
+    let error = transport.call(&server.local_address, 2, Bytes::new(), TIMEOUT).await.unwrap_err();
+    assert!(matches!(error, CallError::Remote { error: RemoteError { code: ErrorCode::Internal, .. }, .. }));
+    let error = transport.call(&server.local_address, 3, Bytes::new(), Duration::from_millis(100)).await.unwrap_err();
     assert!(matches!(error, CallError::Timeout { .. }), "{error:?}");
     assert!(error.is_ambiguous());
     // The connection still works after a timed-out call.
-    let reply = transport
-        .call(&server.local_address, 1, Bytes::from_static(b"ok"), TIMEOUT)
-        .await
-        .unwrap();
+    let reply = transport.call(&server.local_address, 1, Bytes::from_static(b"ok"), TIMEOUT).await.unwrap();
     assert_eq!(&reply[..], b"ok");
 }
 
@@ -92,10 +63,7 @@ async fn remote_errors_and_timeouts_are_distinct() {
 async fn connect_failure_is_reported() {
     let transport = TcpTransport::new();
     // Port 1 on loopback is closed on these machines.
-    let error = transport
-        .call("127.0.0.1:1", 1, Bytes::new(), TIMEOUT)
-        .await
-        .unwrap_err();
+    let error = transport.call("127.0.0.1:1", 1, Bytes::new(), TIMEOUT).await.unwrap_err();
     assert!(matches!(error, CallError::Connect { .. }), "{error:?}");
 }
 
@@ -108,11 +76,7 @@ async fn expect_closed_after(address: &str, bytes: &[u8], close_write: bool) {
     }
     let mut sink = Vec::new();
     let read = tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut sink)).await;
-    assert!(
-        read.is_ok(),
-        "server kept a connection open after bad input {:?}",
-        &bytes[..bytes.len().min(8)]
-    );
+    assert!(read.is_ok(), "server kept a connection open after bad input {:?}", &bytes[..bytes.len().min(8)]);
 }
 
 fn encode(frame: &Frame) -> BytesMut {
@@ -138,29 +102,16 @@ async fn bad_input_closes_only_that_connection() {
         tokio::spawn(async move {
             for index in 0..400u32 {
                 let payload = Bytes::from(index.to_le_bytes().to_vec());
-                let reply = transport
-                    .call(&address, 1, payload.clone(), TIMEOUT)
-                    .await
-                    .unwrap();
+                let reply = transport.call(&address, 1, payload.clone(), TIMEOUT).await.unwrap();
                 assert_eq!(reply, payload);
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         })
     };
-    let good = Frame {
-        kind: Kind::Request,
-        method: 1,
-        correlation: 1,
-        payload: Bytes::from_static(b"abc"),
-    };
+    let good = Frame { kind: Kind::Request, method: 1, correlation: 1, payload: Bytes::from_static(b"abc") };
 
     // Garbage.
-    expect_closed_after(
-        &address,
-        b"\x00\x01garbage garbage garbage garbage garbage",
-        false,
-    )
-    .await;
+    expect_closed_after(&address, b"\x00\x01garbage garbage garbage garbage garbage", false).await;
     // Truncated: a valid header whose payload never comes.
     let whole = encode(&good);
     expect_closed_after(&address, &whole[..whole.len() - 2], true).await;
@@ -181,10 +132,7 @@ async fn bad_input_closes_only_that_connection() {
     expect_closed_after(&address, &corrupted, false).await;
 
     healthy.await.unwrap();
-    let bad = server
-        .stats
-        .bad_frames
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let bad = server.stats.bad_frames.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(bad, 5, "every bad connection is counted");
     server.stop();
 }
