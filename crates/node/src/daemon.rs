@@ -422,6 +422,10 @@ async fn open_services(node: Arc<Node>) {
 
 async fn try_open_services(node: &Node) -> Result<Services, String> {
     let catalog = Catalog::open(&node.runtime).await.map_err(|error| error.to_string())?;
+    // Open everything before registering: a host registered as up is ready.
+    let tasks = PersistentQueue::open(&node.runtime, TASKS_STREAM, node.config.node_id as u32, Arc::new(SystemClock))
+        .await
+        .map_err(|error| error.to_string())?;
     let mut roles = Roles::parse(&node.config.roles).map_err(|error| error.to_string())?;
     roles.log = node.log_server.is_some();
     let record = HostRecord {
@@ -437,8 +441,5 @@ async fn try_open_services(node: &Node) -> Result<Services, String> {
         incarnation: node.incarnation,
     };
     catalog.register_host(record).await.map_err(|error| error.to_string())?;
-    let tasks = PersistentQueue::open(&node.runtime, TASKS_STREAM, node.config.node_id as u32, Arc::new(SystemClock))
-        .await
-        .map_err(|error| error.to_string())?;
     Ok(Services { catalog, tasks })
 }

@@ -6,7 +6,7 @@
 //! state machine and every append lands exactly once.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -144,6 +144,29 @@ impl<T: Transport> Caller<T> {
     }
 }
 
+/// Hands out batch sequences and remembers which are still unanswered.
+#[derive(Default)]
+struct Sequencer {
+    next: u64,
+    unanswered: std::collections::BTreeSet<u64>,
+}
+
+impl Sequencer {
+    /// A new sequence and the lowest one still unanswered (itself included).
+    fn begin(sequencer: &Mutex<Sequencer>) -> (u64, u64) {
+        let mut sequencer = sequencer.lock().expect("sequencer lock");
+        sequencer.next += 1;
+        let sequence = sequencer.next;
+        sequencer.unanswered.insert(sequence);
+        let first = *sequencer.unanswered.first().expect("just inserted");
+        (sequence, first)
+    }
+
+    fn end(sequencer: &Mutex<Sequencer>, sequence: u64) {
+        sequencer.lock().expect("sequencer lock").unanswered.remove(&sequence);
+    }
+}
+
 struct PendingAppend {
     record: Record,
     reply: oneshot::Sender<Result<Position, ClientError>>,
@@ -154,7 +177,7 @@ struct PendingAppend {
 pub struct LogClient<T: Transport> {
     caller: Arc<Caller<T>>,
     appends: mpsc::Sender<PendingAppend>,
-    sequence: Arc<AtomicU64>,
+    sequencer: Arc<Mutex<Sequencer>>,
 }
 
 impl<T: Transport> LogClient<T> {
@@ -163,9 +186,9 @@ impl<T: Transport> LogClient<T> {
         let caller =
             Arc::new(Caller { transport, config, leader: Mutex::new(None), next_replica: AtomicUsize::new(0) });
         let (appends, queue) = mpsc::channel(64 * 1024);
-        let sequence = Arc::new(AtomicU64::new(1));
-        tokio::spawn(run_appender(caller.clone(), queue, sequence.clone()));
-        LogClient { caller, appends, sequence }
+        let sequencer = Arc::new(Mutex::new(Sequencer::default()));
+        tokio::spawn(run_appender(caller.clone(), queue, sequencer.clone()));
+        LogClient { caller, appends, sequencer }
     }
 
     pub fn client_id(&self) -> ClientId {
@@ -195,9 +218,11 @@ impl<T: Transport> LogClient<T> {
 
     /// Appends several records as one batch at consecutive positions.
     pub async fn append_batch(&self, records: Vec<Record>) -> Result<Position, ClientError> {
-        let batch =
-            AppendBatch { client: self.client_id(), sequence: self.sequence.fetch_add(1, Ordering::Relaxed), records };
-        self.caller.call_leader(method::APPEND, &AppendRequest { batch }).await
+        let (sequence, first_unanswered) = Sequencer::begin(&self.sequencer);
+        let batch = AppendBatch { client: self.client_id(), sequence, first_unanswered, records };
+        let result = self.caller.call_leader(method::APPEND, &AppendRequest { batch }).await;
+        Sequencer::end(&self.sequencer, sequence);
+        result
     }
 
     pub async fn read(&self, position: Position) -> Result<ReadOutcome, ClientError> {
@@ -351,7 +376,7 @@ impl<T: Transport> Subscription<T> {
 async fn run_appender<T: Transport>(
     caller: Arc<Caller<T>>,
     mut queue: mpsc::Receiver<PendingAppend>,
-    sequence: Arc<AtomicU64>,
+    sequencer: Arc<Mutex<Sequencer>>,
 ) {
     let in_flight = Arc::new(Semaphore::new(caller.config.batches_in_flight_max));
     loop {
@@ -372,15 +397,14 @@ async fn run_appender<T: Transport>(
         }
         let (records, replies): (Vec<Record>, Vec<_>) =
             pending.into_iter().map(|append| (append.record, append.reply)).unzip();
-        let batch = AppendBatch {
-            client: caller.config.client_id,
-            sequence: sequence.fetch_add(1, Ordering::Relaxed),
-            records,
-        };
+        let (sequence, first_unanswered) = Sequencer::begin(&sequencer);
+        let batch = AppendBatch { client: caller.config.client_id, sequence, first_unanswered, records };
         let caller = caller.clone();
+        let sequencer = sequencer.clone();
         tokio::spawn(async move {
             let result: Result<Position, ClientError> =
                 caller.call_leader(method::APPEND, &AppendRequest { batch }).await;
+            Sequencer::end(&sequencer, sequence);
             for (index, reply) in replies.into_iter().enumerate() {
                 let _ = reply.send(result.clone().map(|first| first + index as u64));
             }

@@ -24,9 +24,11 @@ use crate::raft::{
 use crate::store::{self, EntryStore, StoreCheckpoint, StoreError};
 use crate::types::{ClientId, Entry, Position, StreamId};
 
-/// Batches remembered per client for deduplication. Why 256: a client keeps
-/// at most a few batches in flight, so a retry always finds its batch here.
-pub const SESSION_WINDOW: usize = 256;
+/// Batch results remembered per client. A client's batch stays remembered
+/// until the client says it has its answer (`first_unanswered`), so a batch
+/// retried through a failover while the client's other batches move on is
+/// still recognised; this bounds a client that never says so.
+pub const SESSION_RESULTS_MAX: usize = 16_384;
 /// Clients remembered for deduplication; the least recently active is
 /// forgotten first.
 pub const SESSIONS_MAX: usize = 4096;
@@ -39,6 +41,8 @@ const GC_SCAN_MAX: usize = 200_000;
 struct Session {
     /// Sequence → first position of the batch.
     recent: BTreeMap<u64, Position>,
+    /// Every sequence below this has been answered to the client.
+    answered_below: u64,
     last_active: u64,
 }
 
@@ -233,14 +237,21 @@ impl Inner {
         for batch in batches {
             let session = self.sessions.clients.entry(batch.client).or_default();
             session.last_active = log_index;
+            if batch.first_unanswered > session.answered_below {
+                session.answered_below = batch.first_unanswered.min(batch.sequence);
+                session.recent = session.recent.split_off(&session.answered_below);
+            }
             if let Some(first) = session.recent.get(&batch.sequence) {
                 metrics::counter!("sharedlog_append_duplicates_total").increment(1);
                 results.push(Ok(*first));
                 continue;
             }
-            if session.recent.len() >= SESSION_WINDOW
-                && session.recent.first_key_value().is_some_and(|(oldest, _)| batch.sequence < *oldest)
-            {
+            if batch.sequence < session.answered_below {
+                tracing::debug!(
+                    client = batch.client,
+                    sequence = batch.sequence,
+                    "late duplicate of an answered batch"
+                );
                 results.push(Err(AppendRejected::SequenceTooOld));
                 continue;
             }
@@ -251,8 +262,10 @@ impl Inner {
             let first = self.store.append(&batch.records)?;
             let session = self.sessions.clients.get_mut(&batch.client).expect("inserted above");
             session.recent.insert(batch.sequence, first);
-            while session.recent.len() > SESSION_WINDOW {
-                session.recent.pop_first();
+            while session.recent.len() > SESSION_RESULTS_MAX {
+                if let Some((oldest, _)) = session.recent.pop_first() {
+                    session.answered_below = oldest + 1;
+                }
             }
             results.push(Ok(first));
         }
@@ -560,5 +573,58 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             snapshot: Box::new(SnapshotData::Local { shared: self.shared.clone(), header }),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fsio::SimFs;
+
+    use super::*;
+    use crate::types::Record;
+
+    fn inner() -> Inner {
+        let store = store::open(Arc::new(SimFs::new(1)), Path::new("/entries"), None).unwrap();
+        Inner {
+            store,
+            gc: GcState::default(),
+            sessions: Sessions::default(),
+            last_applied: None,
+            membership: StoredMembership::default(),
+            checkpoint: None,
+        }
+    }
+
+    fn batch(sequence: u64, first_unanswered: u64) -> AppendBatch {
+        AppendBatch {
+            client: 7,
+            sequence,
+            first_unanswered,
+            records: vec![Record::data(StreamId(1), vec![sequence as u8])],
+        }
+    }
+
+    fn append(inner: &mut Inner, batch: AppendBatch) -> Result<Position, AppendRejected> {
+        match inner.apply_append(vec![batch], 1).unwrap() {
+            CommandResult::Appended(mut results) => results.remove(0),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_retry_far_behind_the_clients_other_batches_is_still_deduplicated() {
+        let mut inner = inner();
+        // Sequence 5 is stuck (unanswered) while 1000 later batches go through.
+        let first = append(&mut inner, batch(5, 1)).unwrap();
+        for sequence in 6..1006 {
+            append(&mut inner, batch(sequence, 5)).unwrap();
+        }
+        assert_eq!(append(&mut inner, batch(5, 5)), Ok(first), "the retry finds its first application");
+        assert_eq!(inner.store.next_position(), 1001, "nothing was appended twice");
+        // Once the client says 5 is answered, a late copy is refused, not applied.
+        append(&mut inner, batch(1006, 1006)).unwrap();
+        assert_eq!(append(&mut inner, batch(5, 1006)), Err(AppendRejected::SequenceTooOld));
+        assert_eq!(inner.store.next_position(), 1002);
+        assert!(inner.sessions.clients[&7].recent.len() <= 1, "answered results are forgotten");
     }
 }

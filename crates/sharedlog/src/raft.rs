@@ -39,6 +39,9 @@ pub type StorageError = openraft::StorageError<NodeId>;
 pub struct AppendBatch {
     pub client: ClientId,
     pub sequence: u64,
+    /// The client's lowest sequence still waiting for an answer: it will
+    /// never retry anything below, so the log may forget those results.
+    pub first_unanswered: u64,
     pub records: Vec<Record>,
 }
 
@@ -72,8 +75,9 @@ pub enum Command {
 /// Why one batch of an `Append` command was not applied.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AppendRejected {
-    /// The batch's sequence is older than the client's dedup window: it may
-    /// or may not have been applied long ago.
+    /// The client had already been answered for this sequence (this is a
+    /// late duplicate nobody waits for), or it was too far behind the
+    /// client's other batches to be remembered.
     SequenceTooOld,
     Invalid(String),
 }

@@ -1,0 +1,13 @@
+//! Multi-process scenarios: real `tessera` node processes on loopback,
+//! killed with SIGKILL and restarted. Each scenario asserts that nothing
+//! acknowledged is lost.
+//!
+//! Scenarios take a process-wide lock so that only one cluster runs at a
+//! time: the machines these run on have two cores.
+
+mod bad_input;
+mod bootstrap;
+mod harness;
+mod leader_kill;
+mod queue;
+mod up;
