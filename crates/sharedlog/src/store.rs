@@ -257,11 +257,16 @@ pub fn decode_record(bytes: &[u8]) -> Option<(Entry, usize)> {
     let record_len = u32_at(20) as usize;
     let stream_count = u16::from_le_bytes(bytes[24..26].try_into().expect("2 bytes")) as usize;
     let kind = EntryKind::from_u8(bytes[26])?;
-    if stream_count > STREAMS_PER_ENTRY_MAX || payload_len > PAYLOAD_SIZE_MAX {
+    if !(1..=STREAMS_PER_ENTRY_MAX).contains(&stream_count) || payload_len > PAYLOAD_SIZE_MAX {
         return None;
     }
     let unpadded = RECORD_HEADER_SIZE + stream_count * 8 + payload_len;
     if record_len != align8(unpadded) || bytes.len() < record_len {
+        return None;
+    }
+    // Only canonical records: reserved bytes and padding are zero, so a
+    // record decodes to exactly one byte string.
+    if bytes[27..32].iter().chain(&bytes[unpadded..record_len]).any(|byte| *byte != 0) {
         return None;
     }
     if crc32c::crc32c(&bytes[8..unpadded]) != stored_checksum {
@@ -922,6 +927,21 @@ mod tests {
         // Appending continues at the tail.
         assert_eq!(store.append(&[record(STREAM_B, 7, 10)]).unwrap(), 2000);
         assert_eq!(store.stream_positions(STREAM_B, 0, u64::MAX, 10), vec![2000]);
+    }
+
+    #[test]
+    fn only_canonical_records_decode() {
+        // Found by the log_record fuzz target: a valid checksum over a
+        // non-zero reserved byte. It must not decode.
+        let input: [u8; 32] =
+            [84, 83, 69, 78, 50, 83, 51, 181, 0, 0, 0, 0, 0, 1, 7, 0, 0, 0, 0, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 84];
+        assert!(decode_record(&input).is_none());
+        let mut encoded = BytesMut::new();
+        encode_record(&mut encoded, 3, &Record::data(STREAM_A, vec![1, 2, 3, 4, 5]));
+        assert_eq!(encoded.len(), 48, "32 header + 8 stream + 5 payload, padded to 48");
+        assert!(decode_record(&encoded).is_some());
+        encoded[47] = 1; // a padding byte, outside the checksum
+        assert!(decode_record(&encoded).is_none());
     }
 
     #[test]
