@@ -6,7 +6,6 @@
 //! the log has a leader (the node retries until then).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -92,8 +91,8 @@ fn now_micros() -> u64 {
 }
 
 /// Waits for the bootstrap config to exist (another host may be writing it).
-async fn load_bootstrap(dir: &PathBuf) -> Result<BootstrapConfig, NodeError> {
-    let config_dir = ConfigDir::new(fsio::real(), dir.clone());
+async fn load_bootstrap(dir: &std::path::Path) -> Result<BootstrapConfig, NodeError> {
+    let config_dir = ConfigDir::new(fsio::real(), dir.to_path_buf());
     let deadline = tokio::time::Instant::now() + BOOTSTRAP_WAIT;
     loop {
         match config_dir.latest() {

@@ -11,6 +11,10 @@
 //! last index; a torn record can only be at the tail of the last segment
 //! and is cut off on open.
 
+// openraft's `StorageError` is large; these helpers return it because the
+// storage traits they serve do.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;

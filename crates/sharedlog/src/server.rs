@@ -107,10 +107,7 @@ pub struct LogServer {
     fs: Arc<dyn Fs>,
 }
 
-fn not_leader_from<E>(error: &RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> LogError
-where
-    E: Sized,
-{
+fn not_leader_from(error: &RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> LogError {
     match error {
         RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => LogError::NotLeader {
             leader: forward.leader_id.zip(forward.leader_node.as_ref().map(|node| node.addr.clone())),
@@ -265,13 +262,12 @@ impl LogServer {
                         next = position;
                         break;
                     }
-                    match inner.store.read(position).map_err(|error| LogError::Storage(error.to_string()))? {
-                        ReadOutcome::Entry(entry) => {
-                            bytes += entry.payload.len() + 64;
-                            entries.push(entry);
-                        }
-                        // Collected between listing and reading: skip it.
-                        _ => {}
+                    // Listed as live under the same read lock, so it is an entry.
+                    if let ReadOutcome::Entry(entry) =
+                        inner.store.read(position).map_err(|error| LogError::Storage(error.to_string()))?
+                    {
+                        bytes += entry.payload.len() + 64;
+                        entries.push(entry);
                     }
                 }
                 if entries.len() == max_entries {
@@ -300,7 +296,7 @@ impl LogServer {
         }
         match self.raft.client_write(command).await {
             Ok(response) => Ok(response.data),
-            Err(error) => Err(not_leader_from::<()>(&error)),
+            Err(error) => Err(not_leader_from(&error)),
         }
     }
 
@@ -505,7 +501,7 @@ async fn propose(raft: Raft, mut queue: mpsc::Receiver<Proposal>) {
                     }
                 },
                 Err(error) => {
-                    let error = not_leader_from::<()>(&error);
+                    let error = not_leader_from(&error);
                     for reply in replies {
                         let _ = reply.send(Err(error.clone()));
                     }
