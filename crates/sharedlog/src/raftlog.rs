@@ -235,7 +235,16 @@ impl RaftLogStore {
         fs.create_dir_all(dir)?;
         let purged: Option<LogId> = read_meta(&*fs, &dir.join("purged"))?;
         let vote: Option<Vote> = read_meta(&*fs, &dir.join("vote"))?;
-        let committed: Option<LogId> = read_meta::<Option<LogId>>(&*fs, &dir.join("committed"))?.flatten();
+        // `committed` is written without a sync (it is a hint that saves
+        // re-applying after a restart), so a crash may leave it torn: then it
+        // is ignored and the leader re-commits.
+        let committed: Option<LogId> = match read_meta::<Option<LogId>>(&*fs, &dir.join("committed")) {
+            Ok(committed) => committed.flatten(),
+            Err(error) => {
+                tracing::warn!(%error, "ignoring a damaged committed-index hint");
+                None
+            }
+        };
         let mut state = State {
             slots: BTreeMap::new(),
             cache: BTreeMap::new(),
