@@ -46,7 +46,7 @@ impl ClientConfig {
             operation_deadline: Duration::from_secs(30),
             batch_records_max: 4096,
             batch_bytes_max: 512 * 1024,
-            batches_in_flight_max: 8,
+            batches_in_flight_max: 16,
         }
     }
 }

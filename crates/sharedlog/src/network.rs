@@ -143,6 +143,8 @@ impl<T: Transport> RaftNetwork<TypeConfig> for Peer<T> {
         if encoded.len() > APPEND_PAYLOAD_BYTES_MAX && request.entries.len() > 1 {
             return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(request.entries.len() as u64 / 2)));
         }
+        let entries = request.entries.len();
+        let started = std::time::Instant::now();
         let reply: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = {
             let bytes = self
                 .transport
@@ -151,6 +153,8 @@ impl<T: Transport> RaftNetwork<TypeConfig> for Peer<T> {
                 .map_err(to_rpc_error)?;
             postcard::from_bytes(&bytes).map_err(|error| RPCError::Network(NetworkError::new(&error)))?
         };
+        metrics::histogram!("sharedlog_append_entries_rpc_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("sharedlog_append_entries_rpc_entries").record(entries as f64);
         reply.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))
     }
 

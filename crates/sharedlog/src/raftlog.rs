@@ -83,7 +83,14 @@ enum Op {
         work: Box<dyn FnOnce() -> io::Result<()> + Send>,
         reply: Option<tokio::sync::oneshot::Sender<io::Result<()>>>,
     },
+    /// The committed-index hint: written after the batch's sync, in place.
+    SaveCommitted { bytes: Vec<u8> },
 }
+
+/// The committed hint is a fixed-size record written in place: no rename
+/// (on ext4 a rename over a file forces writeback), no sync (a torn hint is
+/// detected by its checksum and ignored).
+const COMMITTED_RECORD_SIZE: usize = 64;
 
 struct Shared {
     fs: Arc<dyn Fs>,
@@ -154,19 +161,23 @@ fn execute(fs: &dyn Fs, dir: &Path, ops: Vec<Op>, failed: &Mutex<Option<String>>
     let mut new_segment = false;
     let mut durable_index = None;
     let mut error: Option<String> = failed.lock().expect("failed lock").clone();
+    let mut committed: Option<Vec<u8>> = None;
 
     let flush = |touched: &mut Vec<Arc<dyn File>>,
                  callbacks: &mut Vec<LogFlushed<TypeConfig>>,
                  new_segment: &mut bool,
                  durable_index: &mut Option<u64>,
                  error: &mut Option<String>| {
-        if error.is_none() {
+        if error.is_none() && !touched.is_empty() {
+            let started = std::time::Instant::now();
             for file in touched.iter() {
                 if let Err(sync_error) = file.sync_data() {
                     *error = Some(format!("fdatasync of the Raft log failed: {sync_error}"));
                     break;
                 }
             }
+            metrics::histogram!("sharedlog_raft_log_sync_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("sharedlog_raft_log_sync_appends").record(callbacks.len() as f64);
             if error.is_none() && *new_segment {
                 if let Err(sync_error) = fs.sync_dir(dir) {
                     *error = Some(format!("syncing the Raft log directory failed: {sync_error}"));
@@ -204,6 +215,7 @@ fn execute(fs: &dyn Fs, dir: &Path, ops: Vec<Op>, failed: &Mutex<Option<String>>
                 durable_index = Some(last_index);
                 callbacks.extend(callback);
             }
+            Op::SaveCommitted { bytes } => committed = Some(bytes),
             Op::Run { work, reply } => {
                 flush(&mut touched, &mut callbacks, &mut new_segment, &mut durable_index, &mut error);
                 let result = match &error {
@@ -220,6 +232,13 @@ fn execute(fs: &dyn Fs, dir: &Path, ops: Vec<Op>, failed: &Mutex<Option<String>>
         }
     }
     flush(&mut touched, &mut callbacks, &mut new_segment, &mut durable_index, &mut error);
+    if let (Some(bytes), None) = (committed, &error) {
+        // After the flush: the hint never names an entry that is not durable.
+        let path = dir.join("committed");
+        if let Err(write_error) = fs.open(&path, true).and_then(|file| file.write_at(&bytes, 0)) {
+            tracing::warn!(%write_error, "could not write the committed-index hint");
+        }
+    }
     if let Some(reason) = error {
         let mut latched = failed.lock().expect("failed lock");
         if latched.is_none() {
@@ -238,8 +257,8 @@ impl RaftLogStore {
         // `committed` is written without a sync (it is a hint that saves
         // re-applying after a restart), so a crash may leave it torn: then it
         // is ignored and the leader re-commits.
-        let committed: Option<LogId> = match read_meta::<Option<LogId>>(&*fs, &dir.join("committed")) {
-            Ok(committed) => committed.flatten(),
+        let committed: Option<LogId> = match read_committed_record(&*fs, &dir.join("committed")) {
+            Ok(committed) => committed,
             Err(error) => {
                 tracing::warn!(%error, "ignoring a damaged committed-index hint");
                 None
@@ -401,6 +420,32 @@ fn read_meta<T: serde::de::DeserializeOwned>(fs: &dyn Fs, path: &Path) -> io::Re
     postcard::from_bytes::<T>(body).map(Some).map_err(|error| io_error(format!("{}: {error}", path.display())))
 }
 
+/// `[length u32][postcard][crc32c u32]`, zero-padded to a fixed size.
+fn committed_record(committed: &Option<LogId>) -> Vec<u8> {
+    let body = meta_bytes(committed);
+    let mut record = Vec::with_capacity(COMMITTED_RECORD_SIZE);
+    record.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    record.extend_from_slice(&body);
+    assert!(record.len() <= COMMITTED_RECORD_SIZE, "a LogId always fits in the committed record");
+    record.resize(COMMITTED_RECORD_SIZE, 0);
+    record
+}
+
+fn read_committed_record(fs: &dyn Fs, path: &Path) -> io::Result<Option<LogId>> {
+    if !fs.exists(path) {
+        return Ok(None);
+    }
+    let bytes = fs.read_file(path)?;
+    let length = bytes.get(..4).map(|raw| u32::from_le_bytes(raw.try_into().expect("4 bytes")) as usize).unwrap_or(0);
+    let body = bytes.get(4..4 + length).ok_or_else(|| io_error("committed hint truncated"))?;
+    let (payload, checksum) = body.split_at(body.len().saturating_sub(4));
+    if body.len() < 4 || crc32c::crc32c(payload).to_le_bytes() != checksum {
+        return Err(io_error("committed hint fails its checksum"));
+    }
+    let committed: Option<LogId> = postcard::from_bytes(payload).map_err(io_error)?;
+    Ok(committed)
+}
+
 fn meta_bytes<T: serde::Serialize>(value: &T) -> Vec<u8> {
     let mut bytes = postcard::to_stdvec(value).expect("postcard encoding to a Vec cannot fail");
     let checksum = crc32c::crc32c(&bytes);
@@ -461,19 +506,7 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
         // Not synced: a lost `committed` only means re-applying from the
         // state machine's last checkpoint after the leader re-commits.
         self.lock().committed = committed;
-        let bytes = meta_bytes(&committed);
-        let fs = self.shared.fs.clone();
-        let path = self.shared.dir.join("committed");
-        let temporary = self.shared.dir.join("committed.tmp");
-        self.submit(vec![Op::Run {
-            work: Box::new(move || {
-                let file = fs.open(&temporary, true)?;
-                file.set_len(0)?;
-                file.write_at(&bytes, 0)?;
-                fs.rename(&temporary, &path)
-            }),
-            reply: None,
-        }]);
+        self.submit(vec![Op::SaveCommitted { bytes: committed_record(&committed) }]);
         Ok(())
     }
 
