@@ -103,3 +103,30 @@ async fn a_lagging_replica_catches_up_through_a_snapshot() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_sees_every_entry_of_its_stream_in_order() {
+    let cluster = Cluster::start(3).await;
+    let client = cluster.client(4);
+    let other = StreamId::from_name("other");
+    let mut subscription = client.subscribe(STREAM, 0);
+    let writer = {
+        let client = cluster.client(5);
+        tokio::spawn(async move {
+            for index in 0..50u32 {
+                client.append(&[STREAM], index.to_le_bytes().to_vec()).await.unwrap();
+                client.append(&[other], b"noise".to_vec()).await.unwrap();
+            }
+        })
+    };
+    let mut last_position = None;
+    for index in 0..50u32 {
+        let entry =
+            tokio::time::timeout(Duration::from_secs(10), subscription.next()).await.expect("entry arrives").unwrap();
+        assert_eq!(&entry.payload[..], &index.to_le_bytes(), "in append order, nothing skipped");
+        assert!(last_position.is_none_or(|last| entry.position > last));
+        last_position = Some(entry.position);
+    }
+    writer.await.unwrap();
+    cluster.shutdown().await;
+}
