@@ -303,18 +303,10 @@ impl<T: Transport> LogClient<T> {
         Ok(entries)
     }
 
-    pub async fn latest_checkpoint(&self, stream: StreamId) -> Result<Option<Entry>, ClientError> {
-        let request = LatestCheckpointRequest { stream };
-        if let Some(address) = &self.caller.config.read_replica {
-            if let Ok(entry) = self
-                .caller
-                .call_replica(address, method::LATEST_CHECKPOINT, &request, self.caller.config.call_timeout)
-                .await
-            {
-                return Ok(entry);
-            }
-        }
-        self.caller.call_leader(method::LATEST_CHECKPOINT, &request).await
+    /// Every live checkpoint entry of `stream`, read linearizably (the
+    /// leader answers after a read-index round).
+    pub async fn checkpoints(&self, stream: StreamId) -> Result<Vec<Entry>, ClientError> {
+        self.caller.call_leader(method::CHECKPOINTS, &CheckpointsRequest { stream }).await
     }
 
     /// Registers GC client `client` as a reader of `streams` (all if empty).

@@ -93,42 +93,56 @@ impl<T: Transport> Peer<T> {
                 "only a local checkpoint can be sent",
             ))));
         };
-        let network_error = |error: CallError| StreamingError::Network(NetworkError::new(&error));
-        let upto = header.next_position;
-        let mut offset = 0u64;
-        let mut chunk = SnapshotChunk {
-            vote,
-            meta: snapshot.meta.clone(),
-            offset,
-            data: frame_snapshot_item(&SnapshotItem::Header(header)),
-            done: false,
+        // A peer that refuses connections is down: say Unreachable so
+        // openraft backs off instead of retrying the snapshot at once.
+        let network_error = |error: CallError| match error {
+            CallError::Connect { .. } => StreamingError::Unreachable(Unreachable::new(&error)),
+            _ => StreamingError::Network(NetworkError::new(&error)),
         };
+        let upto = header.next_position;
+        // The stream is a byte sequence of framed items (header, entry
+        // batches, trailer), cut into chunks of at most SNAPSHOT_CHUNK_BYTES
+        // whatever the items' sizes, so no frame exceeds the wire's limit.
+        let mut pending: Vec<u8> = frame_snapshot_item(&SnapshotItem::Header {
+            meta: Box::new(snapshot.meta.clone()),
+            machine: Box::new(header),
+        });
+        let mut chunk = SnapshotChunk { vote, meta: snapshot.meta.clone(), offset: 0, data: Vec::new(), done: false };
         let mut from = 0;
+        let mut sent_entries = 0u64;
+        let mut finished = false;
         loop {
-            let (entries, next) = {
-                let inner = shared.read();
-                inner
-                    .store
-                    .live_entries_from(from, upto, SNAPSHOT_CHUNK_BYTES)
-                    .map_err(|error| StreamingError::Network(NetworkError::new(&error)))?
-            };
-            from = next;
-            if !entries.is_empty() {
-                self.send_chunk(&chunk).await.map_err(network_error)?;
-                offset += chunk.data.len() as u64;
-                chunk.offset = offset;
-                chunk.data = frame_snapshot_item(&SnapshotItem::Entries(entries));
+            while pending.len() < SNAPSHOT_CHUNK_BYTES && !finished {
+                if from < upto {
+                    let (entries, next) = {
+                        let inner = shared.read();
+                        inner
+                            .store
+                            .live_entries_from(from, upto, SNAPSHOT_CHUNK_BYTES)
+                            .map_err(|error| StreamingError::Network(NetworkError::new(&error)))?
+                    };
+                    from = next;
+                    if !entries.is_empty() {
+                        sent_entries += entries.len() as u64;
+                        pending.extend(frame_snapshot_item(&SnapshotItem::Entries(entries)));
+                    }
+                } else {
+                    pending.extend(frame_snapshot_item(&SnapshotItem::End { entries: sent_entries }));
+                    finished = true;
+                }
             }
-            if from >= upto {
-                break;
+            let take = pending.len().min(SNAPSHOT_CHUNK_BYTES);
+            chunk.data = pending.drain(..take).collect();
+            chunk.done = finished && pending.is_empty();
+            let response = self.send_chunk(&chunk).await.map_err(network_error)?;
+            chunk.offset += chunk.data.len() as u64;
+            if chunk.done {
+                return response.ok_or_else(|| {
+                    StreamingError::Network(NetworkError::new(&std::io::Error::other(
+                        "follower did not install the snapshot",
+                    )))
+                });
             }
-        }
-        chunk.done = true;
-        match self.send_chunk(&chunk).await.map_err(network_error)? {
-            Some(response) => Ok(response),
-            None => Err(StreamingError::Network(NetworkError::new(&std::io::Error::other(
-                "follower did not install the snapshot",
-            )))),
         }
     }
 }

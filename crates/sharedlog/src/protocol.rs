@@ -19,7 +19,7 @@ pub mod method {
     pub const REGISTER: u32 = 0x0115;
     pub const UNREGISTER: u32 = 0x0116;
     pub const STATUS: u32 = 0x0117;
-    pub const LATEST_CHECKPOINT: u32 = 0x0118;
+    pub const CHECKPOINTS: u32 = 0x0118;
     pub const CHECKPOINT_NOW: u32 = 0x0119;
 
     pub fn is_log_method(method: u32) -> bool {
@@ -90,10 +90,12 @@ pub struct RegisterRequest {
 pub struct GcOutcome {
     pub deleted: u64,
     pub snapshot_mark: Position,
+    /// Locators taken, from the front of the report; resend the rest.
+    pub accepted: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct LatestCheckpointRequest {
+pub struct CheckpointsRequest {
     pub stream: StreamId,
 }
 
@@ -124,6 +126,8 @@ pub struct LogStatus {
     /// The Raft index of the newest checkpoint (built or installed).
     pub checkpoint_index: Option<u64>,
     pub purged_index: Option<u64>,
+    /// Snapshots this replica installed from a leader since it started.
+    pub snapshots_installed: u64,
 }
 
 /// A chunk of a snapshot being sent to a follower.

@@ -86,9 +86,12 @@ pub enum AppendRejected {
 pub enum CommandResult {
     /// Per batch: the position of its first record (records are consecutive).
     Appended(Vec<Result<Position, AppendRejected>>),
+    /// `accepted`: how many of the report's locators (from the front) the
+    /// log took; the client keeps the rest for its next report.
     Collected {
         deleted: u64,
         snapshot_mark: Position,
+        accepted: u64,
     },
     Done,
 }

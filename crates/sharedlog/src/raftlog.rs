@@ -68,6 +68,9 @@ struct State {
     committed: Option<LogId>,
     /// Highest index whose record is known to be written and synced.
     durable_index: Option<u64>,
+    /// Bumped by every truncate, so a write queued before it cannot mark
+    /// entries appended after it durable.
+    generation: u64,
 }
 
 enum Op {
@@ -77,6 +80,7 @@ enum Op {
         bytes: BytesMut,
         new_segment: bool,
         last_index: u64,
+        generation: u64,
         callback: Option<LogFlushed<TypeConfig>>,
     },
     Run {
@@ -95,6 +99,7 @@ const COMMITTED_RECORD_SIZE: usize = 64;
 struct Shared {
     fs: Arc<dyn Fs>,
     dir: PathBuf,
+    segment_size_max: u64,
     state: Mutex<State>,
     /// Set once at open in thread mode; unset means inline I/O.
     writer: std::sync::OnceLock<Mutex<mpsc::Sender<Op>>>,
@@ -166,7 +171,7 @@ fn execute(fs: &dyn Fs, dir: &Path, ops: Vec<Op>, failed: &Mutex<Option<String>>
     let flush = |touched: &mut Vec<Arc<dyn File>>,
                  callbacks: &mut Vec<LogFlushed<TypeConfig>>,
                  new_segment: &mut bool,
-                 durable_index: &mut Option<u64>,
+                 durable_index: &mut Option<(u64, u64)>,
                  error: &mut Option<String>| {
         if error.is_none() && !touched.is_empty() {
             let started = std::time::Instant::now();
@@ -187,9 +192,11 @@ fn execute(fs: &dyn Fs, dir: &Path, ops: Vec<Op>, failed: &Mutex<Option<String>>
         touched.clear();
         *new_segment = false;
         if error.is_none() {
-            if let Some(index) = durable_index.take() {
+            if let Some((index, generation)) = durable_index.take() {
                 let mut state = shared_state.lock().expect("state lock poisoned");
-                state.durable_index = Some(state.durable_index.map_or(index, |old: u64| old.max(index)));
+                if state.generation == generation {
+                    state.durable_index = Some(state.durable_index.map_or(index, |old: u64| old.max(index)));
+                }
             }
         }
         for callback in callbacks.drain(..) {
@@ -202,7 +209,7 @@ fn execute(fs: &dyn Fs, dir: &Path, ops: Vec<Op>, failed: &Mutex<Option<String>>
 
     for op in ops {
         match op {
-            Op::Write { file, offset, bytes, new_segment: created, last_index, callback } => {
+            Op::Write { file, offset, bytes, new_segment: created, last_index, generation, callback } => {
                 if error.is_none() {
                     if let Err(write_error) = file.write_at(&bytes, offset) {
                         error = Some(format!("writing the Raft log failed: {write_error}"));
@@ -212,7 +219,7 @@ fn execute(fs: &dyn Fs, dir: &Path, ops: Vec<Op>, failed: &Mutex<Option<String>>
                     touched.push(file);
                 }
                 new_segment |= created;
-                durable_index = Some(last_index);
+                durable_index = Some((last_index, generation));
                 callbacks.extend(callback);
             }
             Op::SaveCommitted { bytes } => committed = Some(bytes),
@@ -251,6 +258,17 @@ fn execute(fs: &dyn Fs, dir: &Path, ops: Vec<Op>, failed: &Mutex<Option<String>>
 impl RaftLogStore {
     /// Opens (or creates) the log in `dir`.
     pub fn open(fs: Arc<dyn Fs>, dir: &Path, io_mode: IoMode) -> io::Result<RaftLogStore> {
+        Self::open_with_segment_size(fs, dir, io_mode, SEGMENT_SIZE_MAX)
+    }
+
+    /// As [`RaftLogStore::open`] with smaller segments (tests use it to
+    /// exercise rollover).
+    fn open_with_segment_size(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        io_mode: IoMode,
+        segment_size_max: u64,
+    ) -> io::Result<RaftLogStore> {
         fs.create_dir_all(dir)?;
         let purged: Option<LogId> = read_meta(&*fs, &dir.join("purged"))?;
         let vote: Option<Vote> = read_meta(&*fs, &dir.join("vote"))?;
@@ -273,10 +291,19 @@ impl RaftLogStore {
             vote,
             committed,
             durable_index: None,
+            generation: 0,
         };
         let names: Vec<String> = fs.list(dir)?.into_iter().filter(|name| name.ends_with(".log")).collect();
+        let mut cut_after: Option<usize> = None;
         for (position, name) in names.iter().enumerate() {
-            let is_last = position + 1 == names.len();
+            if cut_after.is_some() {
+                // A group commit that spanned a rollover was torn in an
+                // earlier segment: nothing here was acknowledged (callbacks
+                // fire only after every touched file is synced).
+                tracing::warn!(segment = %name, "removing a Raft log segment written after a torn record");
+                fs.remove_file(&dir.join(name))?;
+                continue;
+            }
             let first_index: u64 = name
                 .trim_end_matches(".log")
                 .parse()
@@ -287,13 +314,16 @@ impl RaftLogStore {
             let mut offset = 0usize;
             while offset < bytes.len() {
                 let Some((entry, len)) = decode_entry(&bytes[offset..]) else {
-                    if is_last {
-                        tracing::warn!(segment = %name, offset, dropped = bytes.len() - offset, "cutting a torn tail off the Raft log");
-                        file.set_len(offset as u64)?;
-                        file.sync_data()?;
-                        break;
+                    if (offset + 1..bytes.len()).any(|later| decode_entry(&bytes[later..]).is_some()) {
+                        // A valid record after a bad one is not a torn write
+                        // but damage to acknowledged data: refuse to guess.
+                        return Err(io_error(format!("Raft log segment {name} is corrupt at offset {offset}")));
                     }
-                    return Err(io_error(format!("Raft log segment {name} is corrupt at offset {offset}")));
+                    tracing::warn!(segment = %name, offset, dropped = bytes.len() - offset, "cutting a torn tail off the Raft log");
+                    file.set_len(offset as u64)?;
+                    file.sync_data()?;
+                    cut_after = Some(position);
+                    break;
                 };
                 let index = entry.log_id.index;
                 if let Some((last, _)) = state.slots.last_key_value() {
@@ -312,10 +342,14 @@ impl RaftLogStore {
             let end = offset.min(bytes.len()) as u64;
             state.segments.insert(first_index, Segment { file, end });
         }
+        if cut_after.is_some() {
+            fs.sync_dir(dir)?;
+        }
         state.durable_index = state.slots.last_key_value().map(|(index, _)| *index);
         let shared = Arc::new(Shared {
             fs,
             dir: dir.to_path_buf(),
+            segment_size_max,
             state: Mutex::new(state),
             writer: std::sync::OnceLock::new(),
             failed: Mutex::new(None),
@@ -529,12 +563,22 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
                 let index = entry.log_id.index;
                 let rollover = match state.segments.last_key_value() {
                     None => true,
-                    Some((_, segment)) => segment.end + record.len() as u64 > SEGMENT_SIZE_MAX && segment.end > 0,
+                    Some((_, segment)) => {
+                        segment.end + record.len() as u64 > self.shared.segment_size_max && segment.end > 0
+                    }
                 };
                 if rollover {
                     if let Some((segment, bytes, offset, created, last_index)) = pending.take() {
                         let file = state.segments[&segment].file.clone();
-                        ops.push(Op::Write { file, offset, bytes, new_segment: created, last_index, callback: None });
+                        ops.push(Op::Write {
+                            file,
+                            offset,
+                            bytes,
+                            new_segment: created,
+                            last_index,
+                            generation: state.generation,
+                            callback: None,
+                        });
                     }
                     let file =
                         self.shared.fs.open(&segment_path(&self.shared.dir, index), true).map_err(write_error)?;
@@ -566,6 +610,7 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
                         bytes,
                         new_segment: created,
                         last_index,
+                        generation: state.generation,
                         callback: Some(callback),
                     });
                 }
@@ -604,6 +649,7 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
             state.cache.split_off(&log_id.index);
             state.cache_bytes =
                 state.cache.keys().filter_map(|index| state.slots.get(index)).map(|slot| slot.len as usize).sum();
+            state.generation += 1;
             if state.durable_index.is_some_and(|durable| durable >= log_id.index) {
                 state.durable_index = log_id.index.checked_sub(1);
             }
@@ -615,6 +661,10 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // openraft purges after a checkpoint is durable, or right after
+        // handing over a received snapshot, which is then durable in its
+        // spool file (the state machine redoes an unfinished install on
+        // start), so the state machine is never behind a purged log.
         self.check_failed()?;
         let bytes = meta_bytes(&log_id);
         let fs = self.shared.fs.clone();
@@ -655,5 +705,89 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
             .map_err(write_error)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fsio::SimFs;
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    const DIR: &str = "/raft";
+
+    fn entry(index: u64) -> RaftEntry {
+        RaftEntry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Blank }
+    }
+
+    fn open(fs: &SimFs) -> RaftLogStore {
+        RaftLogStore::open_with_segment_size(Arc::new(fs.clone()), Path::new(DIR), IoMode::Inline, 256).unwrap()
+    }
+
+    async fn indexes(store: &mut RaftLogStore) -> Vec<u64> {
+        store.try_get_log_entries(0..u64::MAX).await.unwrap().iter().map(|entry| entry.log_id.index).collect()
+    }
+
+    #[tokio::test]
+    async fn survives_a_crash_with_rollover_truncate_and_purge() {
+        let fs = SimFs::new(1);
+        let mut store = open(&fs);
+        store.blocking_append((1..=40).map(entry)).await.unwrap();
+        assert!(
+            fs.list(Path::new(DIR)).unwrap().iter().filter(|name| name.ends_with(".log")).count() > 3,
+            "rolled over"
+        );
+        store.truncate(entry(31).log_id).await.unwrap();
+        store.purge(entry(10).log_id).await.unwrap();
+        store.save_vote(&Vote::new(3, 2)).await.unwrap();
+        drop(store);
+        fs.crash(true);
+        let mut store = open(&fs);
+        assert_eq!(indexes(&mut store).await, (11..=30).collect::<Vec<_>>());
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id.map(|log_id| log_id.index), Some(10));
+        assert_eq!(state.last_log_id.map(|log_id| log_id.index), Some(30));
+        assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
+        store.blocking_append((31..=35).map(entry)).await.unwrap();
+        assert_eq!(indexes(&mut store).await, (11..=35).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_torn_record_ends_the_log_even_before_a_later_segment() {
+        let fs = SimFs::new(2);
+        let mut store = open(&fs);
+        store.blocking_append((1..=20).map(entry)).await.unwrap();
+        drop(store);
+        // Tear the last record of the first segment, as a crash in a group
+        // commit that spanned a rollover would; later segments then hold
+        // nothing that was acknowledged.
+        let names: Vec<String> =
+            fs.list(Path::new(DIR)).unwrap().into_iter().filter(|name| name.ends_with(".log")).collect();
+        let first = Fs::open(&fs, &Path::new(DIR).join(&names[0]), false).unwrap();
+        let len = first.len().unwrap();
+        first.set_len(len - 3).unwrap();
+        first.sync_data().unwrap();
+        let mut store = open(&fs);
+        let kept = indexes(&mut store).await;
+        assert!(!kept.is_empty() && kept.len() < 20, "{kept:?}");
+        assert_eq!(kept, (1..=kept.len() as u64).collect::<Vec<_>>(), "contiguous from the start");
+        let survivors = fs.list(Path::new(DIR)).unwrap().into_iter().filter(|name| name.ends_with(".log")).count();
+        assert_eq!(survivors, 1, "segments after the tear are removed");
+        // Damage that is followed by valid records is not a tear: refuse.
+        let fs = SimFs::new(3);
+        let mut store = open(&fs);
+        store.blocking_append((1..=3).map(entry)).await.unwrap();
+        drop(store);
+        let names: Vec<String> =
+            fs.list(Path::new(DIR)).unwrap().into_iter().filter(|name| name.ends_with(".log")).collect();
+        let file = Fs::open(&fs, &Path::new(DIR).join(&names[0]), false).unwrap();
+        file.write_at(&[0xff], 20).unwrap();
+        file.sync_data().unwrap();
+        let error = RaftLogStore::open_with_segment_size(Arc::new(fs.clone()), Path::new(DIR), IoMode::Inline, 256)
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("corrupt"), "{error}");
     }
 }

@@ -131,9 +131,11 @@ impl LogServer {
         fs: Arc<dyn Fs>,
         transport: T,
     ) -> Result<Arc<LogServer>, StartError> {
+        // The state machine first: it may finish a snapshot install a crash
+        // interrupted, which the Raft log's purge point relies on.
+        let state_machine = StateMachine::open(fs.clone(), &config.dir.join("state"))?;
         let log_store =
             RaftLogStore::open(fs.clone(), &config.dir.join("raft"), config.io_mode).map_err(StartError::RaftLog)?;
-        let state_machine = StateMachine::open(fs.clone(), &config.dir.join("state"))?;
         let shared = state_machine.shared();
         let raft_config = Config {
             cluster_name: "tessera".into(),
@@ -242,14 +244,7 @@ impl LogServer {
     }
 
     pub async fn read_stream(&self, request: ReadStreamRequest) -> LogResult<StreamChunk> {
-        let mut to = request.to;
-        if let Some(version) = request.as_of {
-            let mark = self.shared.read().gc.snapshot_mark;
-            if version < mark {
-                return Err(LogError::SnapshotBelowMark { requested: version, mark });
-            }
-            to = to.min(version);
-        }
+        let to = request.as_of.map_or(request.to, |version| request.to.min(version));
         let max_entries = request.max_entries.clamp(1, READ_ENTRIES_MAX) as usize;
         let max_bytes = request.max_bytes.clamp(1, READ_BYTES_MAX) as usize;
         let deadline =
@@ -258,6 +253,13 @@ impl LogServer {
         loop {
             let chunk = {
                 let inner = self.shared.read();
+                // Checked under the same lock as the read: GC may raise the
+                // mark while a long poll waits.
+                if let Some(version) = request.as_of {
+                    if version < inner.gc.snapshot_mark {
+                        return Err(LogError::SnapshotBelowMark { requested: version, mark: inner.gc.snapshot_mark });
+                    }
+                }
                 let tail = inner.store.next_position();
                 let upto = to.min(tail);
                 let positions = inner.store.stream_positions(request.stream, request.from, upto, max_entries);
@@ -292,6 +294,23 @@ impl LogServer {
         }
     }
 
+    /// Every live checkpoint of `stream`, after a read-index round (so a
+    /// checkpoint acknowledged before the call is among them).
+    pub async fn checkpoints(&self, stream: crate::types::StreamId) -> LogResult<Vec<crate::types::Entry>> {
+        self.linearize().await?;
+        let inner = self.shared.read();
+        inner
+            .store
+            .checkpoints(stream)
+            .into_iter()
+            .map(|position| match inner.store.read(position) {
+                Ok(ReadOutcome::Entry(entry)) => Ok(entry),
+                Ok(other) => Err(LogError::Storage(format!("checkpoint at {position} reads as {other:?}"))),
+                Err(error) => Err(LogError::Storage(error.to_string())),
+            })
+            .collect()
+    }
+
     pub async fn tail(&self) -> LogResult<Position> {
         self.linearize().await?;
         Ok(self.tail_local())
@@ -309,7 +328,9 @@ impl LogServer {
 
     pub async fn gc_report(&self, report: GcReport) -> LogResult<GcOutcome> {
         match self.write_command(Command::Gc(report)).await? {
-            CommandResult::Collected { deleted, snapshot_mark } => Ok(GcOutcome { deleted, snapshot_mark }),
+            CommandResult::Collected { deleted, snapshot_mark, accepted } => {
+                Ok(GcOutcome { deleted, snapshot_mark, accepted })
+            }
             other => Err(LogError::Storage(format!("unexpected result {other:?}"))),
         }
     }
@@ -359,6 +380,7 @@ impl LogServer {
             replication,
             checkpoint_index: metrics.snapshot.map(|log_id| log_id.index),
             purged_index: metrics.purged.map(|log_id| log_id.index),
+            snapshots_installed: self.shared.snapshots_installed.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -368,9 +390,13 @@ impl LogServer {
     ) -> Result<Option<openraft::raft::SnapshotResponse<NodeId>>, String> {
         let mut receiving = self.receiving.lock().await;
         if chunk.offset == 0 {
-            let path = self.config.dir.join("state").join("incoming.snapshot");
+            // A new transfer (perhaps a retry): its own spool file, so an
+            // install already queued keeps reading the file it was given.
+            if let Some(abandoned) = receiving.take() {
+                let _ = self.fs.remove_file(&abandoned.path);
+            }
+            let path = self.shared.spool_path();
             let file = self.fs.open(&path, true).map_err(|error| error.to_string())?;
-            file.set_len(0).map_err(|error| error.to_string())?;
             *receiving = Some(Receiving { snapshot_id: chunk.meta.snapshot_id.clone(), path, file, offset: 0 });
         }
         let Some(state) = receiving
@@ -384,7 +410,10 @@ impl LogServer {
         if !chunk.done {
             return Ok(None);
         }
+        // Durable before openraft hears of it: openraft purges its log right
+        // after, and a crash must find the snapshot here to finish installing.
         state.file.sync_data().map_err(|error| error.to_string())?;
+        self.fs.sync_dir(&self.config.dir.join("state")).map_err(|error| error.to_string())?;
         let path = state.path.clone();
         *receiving = None;
         drop(receiving);
@@ -439,18 +468,9 @@ impl LogServer {
                 encode(&self.write_command(Command::UnregisterClient { client }).await.map(|_| ()))
             }
             method::STATUS => encode(&LogResult::Ok(self.status())),
-            method::LATEST_CHECKPOINT => {
-                let latest: LatestCheckpointRequest = decode_request(&request)?;
-                let inner = self.shared.read();
-                let outcome = match inner.store.latest_checkpoint(latest.stream) {
-                    None => Ok(None),
-                    Some(position) => match inner.store.read(position) {
-                        Ok(ReadOutcome::Entry(entry)) => Ok(Some(entry)),
-                        Ok(_) => Ok(None),
-                        Err(error) => Err(LogError::Storage(error.to_string())),
-                    },
-                };
-                encode(&outcome)
+            method::CHECKPOINTS => {
+                let request: CheckpointsRequest = decode_request(&request)?;
+                encode(&self.checkpoints(request.stream).await)
             }
             method::CHECKPOINT_NOW => {
                 let outcome: LogResult<()> =

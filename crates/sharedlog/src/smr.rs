@@ -45,6 +45,8 @@ pub const CHECKPOINT_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const UNREPORTED_LOCATORS_MAX: usize = 1_000_000;
 /// Outcomes kept for this runtime's own writes that nobody collected.
 const OUTCOMES_MAX: usize = 65_536;
+/// Locators per GC report (keeps a report far below the 16 MiB frame limit).
+pub const LOCATORS_PER_REPORT_MAX: usize = 50_000;
 
 /// A replicated object: state plus the rule that folds updates into it.
 pub trait Object: Default + Send + 'static {
@@ -95,12 +97,38 @@ pub enum SmrError {
     Stopped,
 }
 
+/// What the runtime remembers of an entry the state depends on: enough to
+/// report it obsolete later.
+#[derive(Clone, Debug)]
+struct LiveEntry {
+    size: u32,
+    /// The entry's streams when it is in others besides the object's own.
+    other_streams: Option<Box<[StreamId]>>,
+}
+
+impl LiveEntry {
+    fn new(entry: &Entry, own: StreamId, size: u32) -> LiveEntry {
+        let other_streams = (entry.streams != [own]).then(|| entry.streams.clone().into_boxed_slice());
+        LiveEntry { size, other_streams }
+    }
+
+    fn locator(&self, own: StreamId, position: Position, obsoleted_by: Position) -> Locator {
+        Locator {
+            position,
+            streams: self.other_streams.as_deref().map(<[StreamId]>::to_vec).unwrap_or_else(|| vec![own]),
+            obsolete_in: vec![own],
+            size_bytes: self.size,
+            obsoleted_by,
+        }
+    }
+}
+
 struct Core<O: Object> {
     object: O,
     /// Every entry of the stream below this has been applied.
     applied: Position,
-    /// Entries the state depends on, with their sizes.
-    live: BTreeMap<Position, u32>,
+    /// Entries the state depends on.
+    live: BTreeMap<Position, LiveEntry>,
     /// Entries to drop at the next checkpoint.
     dead: usize,
     unreported: Vec<Locator>,
@@ -159,29 +187,34 @@ impl<O: Object> Shared<O> {
                     Ok(payload) => payload.version,
                     Err(error) => {
                         tracing::warn!(stream = %self.stream, position = entry.position, %error, "undecodable checkpoint ignored");
+                        let this = LiveEntry::new(&entry, self.stream, size);
+                        core.unreported.push(this.locator(self.stream, entry.position, entry.position));
+                        core.applied = entry.position + 1;
                         return;
                     }
                 };
                 // Everything the checkpoint covers is obsolete, including
                 // older checkpoints (a checkpoint written concurrently with
                 // this one is covered by the next).
-                let covered: Vec<(Position, u32)> = core.live.range(..version).map(|(p, s)| (*p, *s)).collect();
-                for (position, entry_size) in covered {
+                let covered: Vec<(Position, LiveEntry)> =
+                    core.live.range(..version).map(|(position, live)| (*position, live.clone())).collect();
+                for (position, live) in covered {
                     core.live.remove(&position);
-                    core.unreported.push(locator(self.stream, position, entry_size, entry.position));
+                    core.unreported.push(live.locator(self.stream, position, entry.position));
                 }
                 // Entries after `version` that wait for a checkpoint wait for
                 // the next one; counting from zero again is close enough.
                 core.dead = 0;
                 core.checkpoint_version = core.checkpoint_version.max(version);
-                core.live.insert(entry.position, size);
+                core.live.insert(entry.position, LiveEntry::new(&entry, self.stream, size));
             }
             EntryKind::Data => {
+                let this = LiveEntry::new(&entry, self.stream, size);
                 let envelope: Envelope<O::Op> = match postcard::from_bytes(&entry.payload) {
                     Ok(envelope) => envelope,
                     Err(error) => {
                         tracing::warn!(stream = %self.stream, position = entry.position, %error, "undecodable update ignored");
-                        core.unreported.push(locator(self.stream, entry.position, size, entry.position));
+                        core.unreported.push(this.locator(self.stream, entry.position, entry.position));
                         core.applied = entry.position + 1;
                         return;
                     }
@@ -189,14 +222,14 @@ impl<O: Object> Shared<O> {
                 let mut obsoleted = Obsoleted::default();
                 let outcome = core.object.apply(entry.position, envelope.op, &mut obsoleted);
                 for position in obsoleted.superseded {
-                    if let Some(entry_size) = core.live.remove(&position) {
-                        core.unreported.push(locator(self.stream, position, entry_size, entry.position));
+                    if let Some(live) = core.live.remove(&position) {
+                        core.unreported.push(live.locator(self.stream, position, entry.position));
                     }
                 }
                 if obsoleted.without_effect {
-                    core.unreported.push(locator(self.stream, entry.position, size, entry.position));
+                    core.unreported.push(this.locator(self.stream, entry.position, entry.position));
                 } else {
-                    core.live.insert(entry.position, size);
+                    core.live.insert(entry.position, this);
                     if obsoleted.until_checkpoint {
                         core.dead += 1;
                     }
@@ -211,10 +244,6 @@ impl<O: Object> Shared<O> {
         }
         core.applied = entry.position + 1;
     }
-}
-
-fn locator(stream: StreamId, position: Position, size: u32, obsoleted_by: Position) -> Locator {
-    Locator { position, streams: vec![stream], size_bytes: size, obsoleted_by }
 }
 
 #[derive(Clone, Debug)]
@@ -254,11 +283,49 @@ struct RuntimeInner<T: Transport> {
     nonce: AtomicU64,
     /// Bumped when the set of streams changes, so the reporter re-registers.
     streams_version: AtomicU64,
+    /// Progress limits of objects being opened (their checkpoint version,
+    /// or 0 before one is chosen): the runtime must not report past an
+    /// entry it has not read yet.
+    floors: Mutex<BTreeMap<u64, Position>>,
+    next_floor: AtomicU64,
 }
 
 impl<T: Transport> RuntimeInner<T> {
     fn gc_client_id(&self) -> ClientId {
         self.config.gc_client_id.unwrap_or(self.client.client_id())
+    }
+
+    /// Streams of every open object, plus `extra`.
+    fn streams_with(&self, extra: Option<StreamId>) -> Vec<StreamId> {
+        let objects = self.objects.lock().expect("objects lock");
+        let mut streams: Vec<StreamId> = objects
+            .iter()
+            .filter(|(_, object)| object.strong_count() > 0)
+            .map(|(stream, _)| *stream)
+            .chain(extra)
+            .collect();
+        streams.sort();
+        streams.dedup();
+        streams
+    }
+}
+
+/// Holds the runtime's reported progress at or below a floor while an
+/// object opens; removed on drop.
+struct Floor<'a> {
+    floors: &'a Mutex<BTreeMap<u64, Position>>,
+    id: u64,
+}
+
+impl Floor<'_> {
+    fn set(&self, position: Position) {
+        self.floors.lock().expect("floors lock").insert(self.id, position);
+    }
+}
+
+impl Drop for Floor<'_> {
+    fn drop(&mut self) {
+        self.floors.lock().expect("floors lock").remove(&self.id);
     }
 }
 
@@ -277,6 +344,8 @@ impl<T: Transport> Runtime<T> {
             objects: Mutex::new(Vec::new()),
             nonce: AtomicU64::new(1),
             streams_version: AtomicU64::new(0),
+            floors: Mutex::new(BTreeMap::new()),
+            next_floor: AtomicU64::new(0),
         });
         tokio::spawn(report_gc(Arc::downgrade(&inner)));
         Runtime { inner }
@@ -289,6 +358,14 @@ impl<T: Transport> Runtime<T> {
     /// Opens the object replicated on `stream`: loads its newest checkpoint,
     /// then follows the stream. Returns once it has caught up with the tail.
     pub async fn open<O: Object>(&self, stream: StreamId) -> Result<Replicated<O, T>, SmrError> {
+        let inner = &self.inner;
+        let floor = Floor { floors: &inner.floors, id: inner.next_floor.fetch_add(1, Ordering::Relaxed) };
+        floor.set(0);
+        // Register as a reader of the stream before choosing a checkpoint:
+        // from then on the log keeps every entry this runtime has not
+        // passed, so a delete newer than the checkpoint cannot be collected
+        // before this object reads it (which would resurrect the key).
+        inner.client.register(inner.gc_client_id(), &inner.config.name, inner.streams_with(Some(stream))).await?;
         let mut core = Core {
             object: O::default(),
             applied: 0,
@@ -299,9 +376,25 @@ impl<T: Transport> Runtime<T> {
             checkpoint_version: 0,
             checkpointing: false,
         };
-        if let Some(entry) = self.inner.client.latest_checkpoint(stream).await? {
+        // Of the live checkpoints (read linearizably, from the leader), the
+        // one covering the most: two runtimes may checkpoint at once, and the
+        // later position need not be the later version.
+        let mut chosen: Option<(Position, Entry)> = None;
+        for entry in inner.client.checkpoints(stream).await? {
+            match postcard::from_bytes::<CheckpointPayload<serde::de::IgnoredAny>>(&entry.payload) {
+                Ok(payload) if chosen.as_ref().is_none_or(|(version, _)| payload.version > *version) => {
+                    chosen = Some((payload.version, entry));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%stream, position = entry.position, %error, "skipping an undecodable checkpoint")
+                }
+            }
+        }
+        if let Some((_, entry)) = chosen {
             match postcard::from_bytes::<CheckpointPayload<O::State>>(&entry.payload) {
                 Ok(payload) => {
+                    floor.set(payload.version);
                     core.object = O::from_state(payload.state);
                     core.applied = payload.version;
                     core.checkpoint_version = payload.version;
@@ -310,10 +403,10 @@ impl<T: Transport> Runtime<T> {
                         kind: entry.kind,
                         payload: entry.payload.clone(),
                     });
-                    core.live.insert(entry.position, size as u32);
+                    core.live.insert(entry.position, LiveEntry::new(&entry, stream, size as u32));
                 }
                 Err(error) => {
-                    tracing::warn!(%stream, %error, "newest checkpoint does not decode; replaying the whole stream")
+                    tracing::warn!(%stream, %error, "the newest checkpoint does not decode; replaying the whole stream")
                 }
             }
         }
@@ -328,6 +421,8 @@ impl<T: Transport> Runtime<T> {
             objects.retain(|(_, object)| object.strong_count() > 0);
             objects.push((stream, tracked));
         }
+        // The object now holds the runtime's progress down itself.
+        drop(floor);
         self.inner.streams_version.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(follow(Arc::downgrade(&shared), self.inner.client.clone(), self.inner.config.poll_wait));
         let object = Replicated { shared, runtime: self.clone() };
@@ -524,13 +619,33 @@ async fn report_gc<T: Transport>(inner: Weak<RuntimeInner<T>>) {
                     }
                 }
             }
-            let progress = objects.iter().map(|(_, object)| object.applied()).min().unwrap_or(0);
-            let locators: Vec<Locator> = objects.iter().flat_map(|(_, object)| object.take_locators()).collect();
-            let report = GcReport { client: runtime.gc_client_id(), progress, locators };
-            if let Err(error) = runtime.client.gc_report(&report).await {
-                tracing::debug!(%error, "GC report failed; keeping its locators for the next one");
-                // Locators name their streams, so any object may hold them.
-                objects[0].1.return_locators(report.locators);
+            let floor = runtime.floors.lock().expect("floors lock").values().min().copied();
+            let progress = objects.iter().map(|(_, object)| object.applied()).chain(floor).min().unwrap_or(0);
+            let mut locators: Vec<Locator> = objects.iter().flat_map(|(_, object)| object.take_locators()).collect();
+            // Reports go out in bounded pieces; what the log does not take
+            // (its pending set is full) or what fails waits for next time.
+            loop {
+                let rest = locators.split_off(locators.len().min(LOCATORS_PER_REPORT_MAX));
+                let report = GcReport { client: runtime.gc_client_id(), progress, locators };
+                let sent = report.locators.len();
+                let unsent = match runtime.client.gc_report(&report).await {
+                    Ok(outcome) if outcome.accepted as usize >= sent => None,
+                    Ok(outcome) => Some(report.locators[outcome.accepted as usize..].to_vec()),
+                    Err(error) => {
+                        tracing::debug!(%error, "GC report failed; keeping its locators for the next one");
+                        Some(report.locators)
+                    }
+                };
+                if let Some(mut unsent) = unsent {
+                    unsent.extend(rest);
+                    // Locators name their streams, so any object may hold them.
+                    objects[0].1.return_locators(unsent);
+                    break;
+                }
+                if rest.is_empty() {
+                    break;
+                }
+                locators = rest;
             }
         }
         drop(runtime);

@@ -197,6 +197,26 @@ pub struct StoreStats {
     pub disk_bytes: u64,
 }
 
+/// A sync prepared under the store's lock, run without it.
+pub struct PendingSync {
+    files: Vec<Arc<dyn File>>,
+    fs: Arc<dyn Fs>,
+    dir: PathBuf,
+    checkpoint: StoreCheckpoint,
+}
+
+impl PendingSync {
+    /// fdatasyncs every file written since the last sync, then the
+    /// directory (creations and removals of segments).
+    pub fn run(self) -> io::Result<StoreCheckpoint> {
+        for file in &self.files {
+            file.sync_data()?;
+        }
+        self.fs.sync_dir(&self.dir)?;
+        Ok(self.checkpoint)
+    }
+}
+
 pub struct EntryStore {
     fs: Arc<dyn Fs>,
     dir: PathBuf,
@@ -550,10 +570,10 @@ impl EntryStore {
             .collect()
     }
 
-    /// The newest live checkpoint entry of `stream`.
-    pub fn latest_checkpoint(&self, stream: StreamId) -> Option<Position> {
-        let index = self.streams.get(&stream)?;
-        index.checkpoints.iter().rev().find(|position| self.is_live(**position)).copied()
+    /// Positions of `stream`'s live checkpoint entries.
+    pub fn checkpoints(&self, stream: StreamId) -> Vec<Position> {
+        let Some(index) = self.streams.get(&stream) else { return Vec::new() };
+        index.checkpoints.iter().copied().filter(|position| self.is_live(*position)).collect()
     }
 
     pub fn is_live(&self, position: Position) -> bool {
@@ -673,23 +693,40 @@ impl EntryStore {
 
     /// Makes everything so far durable and says where that is.
     pub fn sync(&mut self) -> Result<StoreCheckpoint, StoreError> {
+        let pending = self.prepare_sync()?;
+        match pending.run() {
+            Ok(checkpoint) => Ok(checkpoint),
+            Err(error) => self.fail(error),
+        }
+    }
+
+    /// Notes where the store stands and which files need syncing, so the
+    /// slow part ([`PendingSync::run`]) can run without holding up readers.
+    /// Writes after this call may or may not be covered by the sync; the
+    /// checkpoint it returns says what is.
+    pub fn prepare_sync(&mut self) -> Result<PendingSync, StoreError> {
         self.check_failed()?;
         let dirty: Vec<Position> = std::mem::take(&mut self.dirty).into_iter().collect();
-        for first in dirty {
-            if let Some(segment) = self.segments.get(&first) {
-                let file = segment.file.clone();
-                if let Err(error) = file.sync_data() {
-                    return self.fail(error);
-                }
-            }
-        }
-        if let Err(error) = self.fs.sync_dir(&self.dir) {
-            return self.fail(error);
-        }
-        Ok(StoreCheckpoint {
-            next_position: self.next_position,
-            segments: self.segments.values().map(|segment| (segment.first_position, segment.end)).collect(),
+        let files =
+            dirty.iter().filter_map(|first| self.segments.get(first)).map(|segment| segment.file.clone()).collect();
+        Ok(PendingSync {
+            files,
+            fs: self.fs.clone(),
+            dir: self.dir.clone(),
+            checkpoint: StoreCheckpoint {
+                next_position: self.next_position,
+                segments: self.segments.values().map(|segment| (segment.first_position, segment.end)).collect(),
+            },
         })
+    }
+
+    /// Latches the store failed after an I/O error outside it (a sync run
+    /// without the lock).
+    pub fn latch_failed(&mut self, error: io::Error) -> StoreError {
+        match self.fail::<()>(error) {
+            Err(error) => error,
+            Ok(()) => unreachable!("fail always returns an error"),
+        }
     }
 
     /// Deletes every entry and file, for installing a snapshot.

@@ -91,13 +91,19 @@ pub enum ReadOutcome {
 }
 
 /// A client's report that an entry is obsolete: its state is superseded by
-/// the entry at `obsoleted_by`.
+/// the entry at `obsoleted_by` (equal to `position` for an entry that had no
+/// effect at all).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Locator {
     pub position: Position,
-    /// Every stream the entry belongs to; it is deleted only once all of them
-    /// have reported it obsolete.
+    /// Every stream the entry belongs to. It carries them so that the log
+    /// decides on the report alone, never on what a replica's disk holds:
+    /// that keeps GC deterministic on replicas that crashed or installed a
+    /// snapshot.
     pub streams: Vec<StreamId>,
+    /// The streams whose reader reports it obsolete; it is deleted once all
+    /// of `streams` have.
+    pub obsolete_in: Vec<StreamId>,
     /// The entry's size on disk, for accounting.
     pub size_bytes: u32,
     pub obsoleted_by: Position,

@@ -58,6 +58,7 @@ pub struct Report {
     pub failed_operations: usize,
     pub crashes: usize,
     pub partitions: usize,
+    pub snapshot_installs: u64,
     pub final_length: usize,
     pub virtual_seconds: f64,
     pub messages: (u64, u64),
@@ -249,16 +250,39 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
     // The nemesis.
     let mut rng = StdRng::seed_from_u64(seed ^ 0xDEAD_BEEF);
     let (mut crashes, mut partitions) = (0, 0);
+    let mut snapshot_installs = 0;
     while !clients.iter().all(|client| client.is_finished()) {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(500..2500))).await;
-        match rng.gen_range(0..3) {
+        match rng.gen_range(0..4) {
             0 if scenario.leader_crashes => {
-                if let Some(leader) = cluster.leader() {
+                // Mostly the leader; sometimes any replica (a follower may be
+                // in the middle of installing a snapshot).
+                let victim = match cluster.leader() {
+                    Some(leader) if rng.gen_bool(0.7) => Some(leader),
+                    _ => Some(rng.gen_range(1..=scenario.replicas)),
+                };
+                if let Some(victim) = victim {
                     crashes += 1;
-                    cluster.crash(leader).await;
+                    snapshot_installs += cluster.replicas[&victim]
+                        .server
+                        .as_ref()
+                        .map_or(0, |server| server.status().snapshots_installed);
+                    cluster.crash(victim).await;
                     tokio::time::sleep(Duration::from_millis(rng.gen_range(300..3000))).await;
-                    cluster.start(leader).await;
+                    cluster.start(victim).await;
                 }
+            }
+            3 if scenario.partitions => {
+                // A long isolation of one follower: the others checkpoint and
+                // purge, so it catches up through a snapshot.
+                partitions += 1;
+                let followers: Vec<u64> =
+                    cluster.replicas.keys().copied().filter(|id| Some(*id) != cluster.leader()).collect();
+                let victim = followers[rng.gen_range(0..followers.len())];
+                let victim_address = cluster.replicas[&victim].address.clone();
+                network.isolate(&victim_address, &cluster.addresses());
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(4000..9000))).await;
+                network.heal_all();
             }
             1 if scenario.partitions => {
                 partitions += 1;
@@ -335,6 +359,8 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
     }
     lengths.hash(&mut hasher);
     for id in cluster.replicas.keys().copied().collect::<Vec<_>>() {
+        snapshot_installs +=
+            cluster.replicas[&id].server.as_ref().map_or(0, |server| server.status().snapshots_installed);
         cluster.crash(id).await;
     }
     Report {
@@ -345,6 +371,7 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
         failed_operations: history.iter().filter(|event| matches!(event.outcome, Outcome::Failed(_))).count(),
         crashes,
         partitions,
+        snapshot_installs,
         final_length: finals.first().map(Vec::len).unwrap_or(0),
         virtual_seconds: start.elapsed().as_secs_f64(),
         messages: network.message_counts(),
