@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use catalog::bootstrap::{BootstrapConfig, ConfigDir, SeedHost};
+use catalog::bootstrap::{BootstrapConfig, ConfigDir};
 
 /// Node processes started for a benchmark; stopped (SIGTERM, then SIGKILL)
 /// on drop.
@@ -46,19 +46,8 @@ impl LocalCluster {
         let ips: Vec<String> = (1..=hosts).map(|id| format!("127.0.0.{}", 100 + id)).collect();
         let wire_port = free_port(&ips);
         let admin_port = free_port(&ips);
-        let (_, config) = ConfigDir::new(fsio::real(), dir.join("config")).update(|config| {
-            config.cluster_id = "bench".into();
-            config.hosts = (1..=hosts)
-                .map(|id| SeedHost {
-                    id,
-                    name: format!("host-{id}"),
-                    address: format!("{}:{wire_port}", ips[id as usize - 1]),
-                    admin_address: format!("{}:{admin_port}", ips[id as usize - 1]),
-                    site: None,
-                })
-                .collect();
-            config.log_replicas = (1..=hosts.min(3)).collect();
-        })?;
+        let local = BootstrapConfig::local("bench", hosts, 101, wire_port, admin_port);
+        let (_, config) = ConfigDir::new(fsio::real(), dir.join("config")).update(|config| *config = local.clone())?;
         let binary = tessera_binary()?;
         let mut children = Vec::new();
         for seed in &config.hosts {

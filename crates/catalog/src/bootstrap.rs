@@ -60,6 +60,35 @@ pub struct BootstrapConfig {
 }
 
 impl BootstrapConfig {
+    /// A cluster of `hosts` on one machine: host `n` is `host-n` on loopback
+    /// address `127.0.0.<first_octet + n - 1>`, every host on the same two
+    /// ports; the first 1, 3 or 5 hosts hold the log (see
+    /// [`log_replica_count`]). `tessera up`, the scenarios and the benchmarks
+    /// all lay clusters out this way.
+    pub fn local(
+        cluster_id: impl Into<String>,
+        hosts: u64,
+        first_octet: u8,
+        wire_port: u16,
+        admin_port: u16,
+    ) -> BootstrapConfig {
+        let address = |id: u64, port: u16| format!("127.0.0.{}:{port}", first_octet as u64 + id - 1);
+        BootstrapConfig {
+            cluster_id: cluster_id.into(),
+            hosts: (1..=hosts)
+                .map(|id| SeedHost {
+                    id,
+                    name: format!("host-{id}"),
+                    address: address(id, wire_port),
+                    admin_address: address(id, admin_port),
+                    site: None,
+                })
+                .collect(),
+            log_replicas: (1..=log_replica_count(hosts)).collect(),
+            settings: BTreeMap::new(),
+        }
+    }
+
     pub fn host(&self, id: u64) -> Option<&SeedHost> {
         self.hosts.iter().find(|host| host.id == id)
     }
@@ -88,6 +117,16 @@ impl BootstrapConfig {
             return Err("host ids are not unique".into());
         }
         Ok(())
+    }
+}
+
+/// Log replicas for a cluster of `hosts`: a majority must survive one
+/// failure once there are three hosts, two once there are five.
+pub fn log_replica_count(hosts: u64) -> u64 {
+    match hosts {
+        0..=2 => 1,
+        3 | 4 => 3,
+        _ => 5,
     }
 }
 

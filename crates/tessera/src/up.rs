@@ -31,15 +31,6 @@ struct Host {
     restarts: Vec<Instant>,
 }
 
-fn log_replicas_for(hosts: u32) -> Vec<u64> {
-    let count = match hosts {
-        1 | 2 => 1,
-        3 | 4 => 3,
-        _ => 5,
-    };
-    (1..=count).collect()
-}
-
 /// Creates the bootstrap config of a new local cluster, or checks the
 /// existing one matches what was asked.
 fn bootstrap(data: &Path, hosts: u32, base_port: u16) -> Result<BootstrapConfig> {
@@ -57,20 +48,9 @@ fn bootstrap(data: &Path, hosts: u32, base_port: u16) -> Result<BootstrapConfig>
         return Ok(config);
     }
     let admin_port = base_port.checked_add(80).context("--base-port is too high")?;
-    let cluster_id = format!("{:016x}", rand::random::<u64>());
-    let (_, config) = config_dir.update(|config| {
-        config.cluster_id = cluster_id.clone();
-        config.hosts = (1..=hosts as u64)
-            .map(|id| SeedHost {
-                id,
-                name: format!("host-{id}"),
-                address: format!("127.0.0.{id}:{base_port}"),
-                admin_address: format!("127.0.0.{id}:{admin_port}"),
-                site: None,
-            })
-            .collect();
-        config.log_replicas = log_replicas_for(hosts);
-    })?;
+    let local =
+        BootstrapConfig::local(format!("{:016x}", rand::random::<u64>()), hosts as u64, 1, base_port, admin_port);
+    let (_, config) = config_dir.update(|config| *config = local.clone())?;
     config.validate().map_err(anyhow::Error::msg)?;
     println!("Created a {hosts}-host cluster {} in {}.", config.cluster_id, data.display());
     Ok(config)

@@ -57,22 +57,9 @@ impl TestCluster {
         let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
         let wire_port = free_port(&ip_refs);
         let admin_port = free_port(&ip_refs);
+        let local = BootstrapConfig::local("test", count, 11, wire_port, admin_port);
         let config_dir = ConfigDir::new(fsio::real(), dir.path().join("config"));
-        let (_, config) = config_dir
-            .update(|config| {
-                config.cluster_id = "test".into();
-                config.hosts = (1..=count)
-                    .map(|id| SeedHost {
-                        id,
-                        name: format!("host-{id}"),
-                        address: format!("{}:{wire_port}", ips[id as usize - 1]),
-                        admin_address: format!("{}:{admin_port}", ips[id as usize - 1]),
-                        site: None,
-                    })
-                    .collect();
-                config.log_replicas = (1..=count.min(3)).collect();
-            })
-            .unwrap();
+        let (_, config) = config_dir.update(|config| *config = local.clone()).unwrap();
         let mut hosts = BTreeMap::new();
         for seed in &config.hosts {
             let host_dir = dir.path().join(&seed.name);
