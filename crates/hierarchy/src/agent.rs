@@ -1,0 +1,314 @@
+//! A host's side of the hierarchy: heartbeats up, watching down.
+//!
+//! A leaf sends a heartbeat to its branch every `heartbeat_interval`. A
+//! branch sends one summary to the root instead (its own liveness and any
+//! children it found failed). The root watches the branch hosts; a branch
+//! watches its children. A watched host silent for `suspect_after` is
+//! suspected and probed every `probe_interval`; any answer clears it. Silent
+//! for `fail_after`, it is failed: a branch reports it in a summary sent at
+//! once, the root reports it to the manager. Suspicion and probes keep a
+//! few lost messages or a short stall from flapping membership.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::tree::{Role, Tree};
+use crate::{HostId, Millis};
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub heartbeat_interval: Millis,
+    pub suspect_after: Millis,
+    pub fail_after: Millis,
+    pub probe_interval: Millis,
+}
+
+impl Default for AgentConfig {
+    /// One message per host per second; a failure is confirmed after 3.5 s
+    /// of silence, which the last second of probes must also meet.
+    fn default() -> Self {
+        AgentConfig { heartbeat_interval: 1000, suspect_after: 2500, fail_after: 3500, probe_interval: 250 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Leaf → branch.
+    Heartbeat {
+        epoch: u64,
+    },
+    /// Branch → root: the branch is alive; these children failed.
+    Summary {
+        epoch: u64,
+        failed: Vec<HostId>,
+    },
+    Probe {
+        nonce: u64,
+    },
+    ProbeReply {
+        nonce: u64,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// The tree changed (from the catalog).
+    Tree(Arc<Tree>),
+    Received {
+        from: HostId,
+        message: Message,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Send {
+        to: HostId,
+        message: Message,
+    },
+    /// The root found these hosts failed: the manager decides.
+    Failed(HostId),
+    /// A watched host became suspect (for metrics and logs).
+    Suspected(HostId),
+    /// A suspect answered after all.
+    Cleared(HostId),
+}
+
+#[derive(Clone, Debug)]
+struct Watch {
+    last_heard: Millis,
+    suspected: bool,
+    last_probe: Option<Millis>,
+}
+
+pub struct Agent {
+    me: HostId,
+    config: AgentConfig,
+    tree: Arc<Tree>,
+    role: Option<Role>,
+    watched: BTreeMap<HostId, Watch>,
+    /// Children found failed that the next summary reports.
+    failed_children: Vec<HostId>,
+    last_report: Option<Millis>,
+    next_nonce: u64,
+}
+
+impl Agent {
+    pub fn new(me: HostId, config: AgentConfig) -> Agent {
+        Agent {
+            me,
+            config,
+            tree: Arc::new(Tree::default()),
+            role: None,
+            watched: BTreeMap::new(),
+            failed_children: Vec::new(),
+            last_report: None,
+            next_nonce: 0,
+        }
+    }
+
+    pub fn role(&self) -> Option<&Role> {
+        self.role.as_ref()
+    }
+
+    pub fn suspects(&self) -> Vec<HostId> {
+        self.watched.iter().filter(|(_, watch)| watch.suspected).map(|(host, _)| *host).collect()
+    }
+
+    /// Handles one input at time `now`; call [`Agent::tick`] too.
+    pub fn handle(&mut self, now: Millis, input: Input, out: &mut Vec<Output>) {
+        match input {
+            Input::Tree(tree) => self.set_tree(now, tree),
+            Input::Received { from, message } => match message {
+                Message::Heartbeat { .. } => self.heard(from, now, out),
+                Message::Summary { failed, .. } => {
+                    self.heard(from, now, out);
+                    if self.role.as_ref().is_some_and(|role| role.is_root) {
+                        out.extend(failed.into_iter().map(Output::Failed));
+                    }
+                }
+                Message::Probe { nonce } => out.push(Output::Send { to: from, message: Message::ProbeReply { nonce } }),
+                Message::ProbeReply { .. } => self.heard(from, now, out),
+            },
+        }
+    }
+
+    fn heard(&mut self, from: HostId, now: Millis, out: &mut Vec<Output>) {
+        if let Some(watch) = self.watched.get_mut(&from) {
+            watch.last_heard = watch.last_heard.max(now);
+            if watch.suspected {
+                watch.suspected = false;
+                watch.last_probe = None;
+                out.push(Output::Cleared(from));
+            }
+        }
+    }
+
+    fn set_tree(&mut self, now: Millis, tree: Arc<Tree>) {
+        if tree.epoch < self.tree.epoch {
+            return; // an older tree delivered late
+        }
+        let role = tree.role(self.me);
+        let watches = role.as_ref().map(|role| role.watches.clone()).unwrap_or_default();
+        // Newly watched hosts get a full grace period; hosts still watched
+        // keep their history.
+        let mut watched = BTreeMap::new();
+        for host in watches {
+            let watch =
+                self.watched.remove(&host).unwrap_or(Watch { last_heard: now, suspected: false, last_probe: None });
+            watched.insert(host, watch);
+        }
+        self.watched = watched;
+        let was_root = self.role.as_ref().is_some_and(|role| role.is_root);
+        if role.as_ref().map(|role| role.parent) != self.role.as_ref().map(|role| role.parent) && !was_root {
+            // A new parent should hear from us at once.
+            self.last_report = None;
+        }
+        self.role = role;
+        self.tree = tree;
+    }
+
+    /// Advances time: heartbeats, probes, failures. Returns when it next
+    /// needs to run.
+    pub fn tick(&mut self, now: Millis, out: &mut Vec<Output>) -> Millis {
+        let Some(role) = self.role.clone() else { return now + self.config.heartbeat_interval };
+        let mut confirmed = Vec::new();
+        let mut next = now + self.config.heartbeat_interval;
+        for (host, watch) in self.watched.iter_mut() {
+            let silence = now.saturating_sub(watch.last_heard);
+            if silence >= self.config.fail_after {
+                confirmed.push(*host);
+                continue;
+            }
+            if silence >= self.config.suspect_after {
+                if !watch.suspected {
+                    watch.suspected = true;
+                    out.push(Output::Suspected(*host));
+                }
+                if watch.last_probe.is_none_or(|last| now >= last + self.config.probe_interval) {
+                    watch.last_probe = Some(now);
+                    self.next_nonce += 1;
+                    out.push(Output::Send { to: *host, message: Message::Probe { nonce: self.next_nonce } });
+                }
+                next = next.min(now + self.config.probe_interval);
+            } else {
+                next = next.min(watch.last_heard + self.config.suspect_after);
+            }
+            next = next.min(watch.last_heard + self.config.fail_after);
+        }
+        for host in confirmed {
+            self.watched.remove(&host);
+            if role.is_root {
+                out.push(Output::Failed(host));
+            } else {
+                self.failed_children.push(host);
+            }
+        }
+        if let Some(parent) = role.parent {
+            let due = self.last_report.is_none_or(|last| now >= last + self.config.heartbeat_interval);
+            // A failure goes up at once, not at the next period.
+            if due || !self.failed_children.is_empty() {
+                let message = if role.is_branch {
+                    Message::Summary { epoch: self.tree.epoch, failed: std::mem::take(&mut self.failed_children) }
+                } else {
+                    Message::Heartbeat { epoch: self.tree.epoch }
+                };
+                out.push(Output::Send { to: parent, message });
+                self.last_report = Some(now);
+            }
+            next = next.min(self.last_report.unwrap_or(now) + self.config.heartbeat_interval);
+        } else if role.is_root && !self.failed_children.is_empty() {
+            // The root's own children: reported straight to the manager.
+            out.extend(self.failed_children.drain(..).map(Output::Failed));
+        }
+        next.max(now + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::tree::Branch;
+
+    /// Root 1 (branch of 2, 3); branch 4 (children 5, 6).
+    fn tree() -> Arc<Tree> {
+        let mut tree = Tree { epoch: 1, root: Some(1), branches: BTreeMap::new() };
+        tree.branches.insert(1, Branch { site: None, children: BTreeSet::from([2, 3]) });
+        tree.branches.insert(4, Branch { site: None, children: BTreeSet::from([5, 6]) });
+        Arc::new(tree)
+    }
+
+    fn agent(me: HostId) -> Agent {
+        let mut agent = Agent::new(me, AgentConfig::default());
+        agent.handle(0, Input::Tree(tree()), &mut Vec::new());
+        agent
+    }
+
+    #[test]
+    fn leaves_heartbeat_and_branches_summarize_once_per_period() {
+        let mut leaf = agent(5);
+        let mut out = Vec::new();
+        leaf.tick(0, &mut out);
+        assert_eq!(out, vec![Output::Send { to: 4, message: Message::Heartbeat { epoch: 1 } }]);
+        out.clear();
+        leaf.tick(500, &mut out);
+        assert!(out.is_empty(), "nothing before the period is up");
+        let mut branch = agent(4);
+        branch.tick(0, &mut out);
+        assert_eq!(out, vec![Output::Send { to: 1, message: Message::Summary { epoch: 1, failed: vec![] } }]);
+    }
+
+    #[test]
+    fn silence_leads_to_suspicion_probes_then_failure() {
+        let mut branch = agent(4);
+        let mut out = Vec::new();
+        for now in (0..=2000).step_by(1000) {
+            branch.handle(now, Input::Received { from: 5, message: Message::Heartbeat { epoch: 1 } }, &mut out);
+            branch.handle(now, Input::Received { from: 6, message: Message::Heartbeat { epoch: 1 } }, &mut out);
+            branch.tick(now, &mut out);
+        }
+        out.clear();
+        // Host 6 goes quiet at 2000; host 5 keeps going.
+        let mut failed_at = None;
+        for now in (2100..8000).step_by(100) {
+            if now % 1000 == 0 {
+                branch.handle(now, Input::Received { from: 5, message: Message::Heartbeat { epoch: 1 } }, &mut out);
+            }
+            branch.tick(now, &mut out);
+            if out.contains(&Output::Send { to: 1, message: Message::Summary { epoch: 1, failed: vec![6] } }) {
+                failed_at = Some(now);
+                break;
+            }
+        }
+        assert!(out.contains(&Output::Suspected(6)));
+        assert!(out.iter().any(|output| matches!(output, Output::Send { to: 6, message: Message::Probe { .. } })));
+        assert!(!out.contains(&Output::Suspected(5)));
+        assert_eq!(failed_at, Some(2000 + 3500), "failed exactly fail_after after the last heartbeat");
+    }
+
+    #[test]
+    fn a_probe_answer_clears_suspicion() {
+        let mut root = agent(1);
+        let mut out = Vec::new();
+        root.tick(2600, &mut out); // every watched host is now suspect
+        assert!(out.contains(&Output::Suspected(4)));
+        root.handle(2700, Input::Received { from: 4, message: Message::ProbeReply { nonce: 1 } }, &mut out);
+        assert!(out.contains(&Output::Cleared(4)));
+        out.clear();
+        root.tick(3600, &mut out);
+        assert!(!out.contains(&Output::Failed(4)), "{out:?}");
+        assert!(out.contains(&Output::Failed(2)), "the root's own silent children fail");
+    }
+
+    #[test]
+    fn the_root_forwards_failures_from_summaries() {
+        let mut root = agent(1);
+        let mut out = Vec::new();
+        root.handle(10, Input::Received { from: 4, message: Message::Summary { epoch: 1, failed: vec![6] } }, &mut out);
+        assert_eq!(out, vec![Output::Failed(6)]);
+    }
+}
