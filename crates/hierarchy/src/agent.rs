@@ -26,10 +26,12 @@ pub struct AgentConfig {
 }
 
 impl Default for AgentConfig {
-    /// One message per host per second; a failure is confirmed after 3.5 s
-    /// of silence, which the last second of probes must also meet.
+    /// A report every 1.05 s: 5% under one message per host per second, so
+    /// probes and the re-reports that follow tree changes keep the total
+    /// under one. A failure is confirmed after 3.5 s of silence, the last
+    /// second of it probed.
     fn default() -> Self {
-        AgentConfig { heartbeat_interval: 1000, suspect_after: 2500, fail_after: 3500, probe_interval: 250 }
+        AgentConfig { heartbeat_interval: 1050, suspect_after: 2500, fail_after: 3500, probe_interval: 250 }
     }
 }
 
@@ -56,6 +58,9 @@ pub enum Message {
 pub enum Input {
     /// The tree changed (from the catalog).
     Tree(Arc<Tree>),
+    /// Start probing this watched host now (a new manager's hint that the
+    /// previous root, whose leadership it lost, is probably gone).
+    Suspect(HostId),
     Received {
         from: HostId,
         message: Message,
@@ -92,6 +97,8 @@ pub struct Agent {
     /// Children found failed that the next summary reports.
     failed_children: Vec<HostId>,
     last_report: Option<Millis>,
+    /// When `tick` last ran: a long gap means this host was paused.
+    last_tick: Option<Millis>,
     next_nonce: u64,
 }
 
@@ -105,6 +112,7 @@ impl Agent {
             watched: BTreeMap::new(),
             failed_children: Vec::new(),
             last_report: None,
+            last_tick: None,
             next_nonce: 0,
         }
     }
@@ -121,6 +129,11 @@ impl Agent {
     pub fn handle(&mut self, now: Millis, input: Input, out: &mut Vec<Output>) {
         match input {
             Input::Tree(tree) => self.set_tree(now, tree),
+            Input::Suspect(host) => {
+                if let Some(watch) = self.watched.get_mut(&host) {
+                    watch.last_heard = watch.last_heard.min(now.saturating_sub(self.config.suspect_after));
+                }
+            }
             Input::Received { from, message } => match message {
                 Message::Heartbeat { .. } => self.heard(from, now, out),
                 Message::Summary { failed, .. } => {
@@ -173,6 +186,15 @@ impl Agent {
     /// Advances time: heartbeats, probes, failures. Returns when it next
     /// needs to run.
     pub fn tick(&mut self, now: Millis, out: &mut Vec<Output>) -> Millis {
+        // If this host itself was paused (a stall, a long GC, a suspended
+        // VM) it heard nothing for a while through no fault of the watched
+        // hosts: give each a fresh window rather than fail them all.
+        if self.last_tick.is_some_and(|last| now.saturating_sub(last) >= self.config.suspect_after) {
+            for watch in self.watched.values_mut() {
+                watch.last_heard = watch.last_heard.max(now.saturating_sub(self.config.heartbeat_interval));
+            }
+        }
+        self.last_tick = Some(now);
         let Some(role) = self.role.clone() else { return now + self.config.heartbeat_interval };
         let mut confirmed = Vec::new();
         let mut next = now + self.config.heartbeat_interval;
@@ -242,8 +264,12 @@ mod tests {
         Arc::new(tree)
     }
 
+    fn config() -> AgentConfig {
+        AgentConfig { heartbeat_interval: 1000, ..AgentConfig::default() }
+    }
+
     fn agent(me: HostId) -> Agent {
-        let mut agent = Agent::new(me, AgentConfig::default());
+        let mut agent = Agent::new(me, config());
         agent.handle(0, Input::Tree(tree()), &mut Vec::new());
         agent
     }
@@ -302,6 +328,42 @@ mod tests {
         root.tick(3600, &mut out);
         assert!(!out.contains(&Output::Failed(4)), "{out:?}");
         assert!(out.contains(&Output::Failed(2)), "the root's own silent children fail");
+    }
+
+    #[test]
+    fn a_hinted_host_is_probed_at_once_and_failed_sooner() {
+        let mut root = Agent::new(1, config());
+        let mut out = Vec::new();
+        root.handle(10_000, Input::Tree(tree()), &mut out);
+        root.handle(10_100, Input::Suspect(4), &mut out);
+        root.tick(10_100, &mut out);
+        assert!(out.contains(&Output::Suspected(4)));
+        assert!(!out.contains(&Output::Suspected(2)), "only the hinted host");
+        out.clear();
+        root.tick(10_100 + 1000, &mut out);
+        assert!(out.contains(&Output::Failed(4)), "fail_after - suspect_after after the hint: {out:?}");
+    }
+
+    #[test]
+    fn a_host_that_was_paused_does_not_fail_those_it_watches() {
+        let mut branch = agent(4);
+        let mut out = Vec::new();
+        branch.tick(1000, &mut out);
+        // Paused from 1000 to 6000: its children's heartbeats wait unread.
+        branch.tick(6000, &mut out);
+        assert!(!out.iter().any(|output| matches!(output, Output::Send { message: Message::Summary { failed, .. }, .. } if !failed.is_empty())), "{out:?}");
+        branch.handle(6001, Input::Received { from: 5, message: Message::Heartbeat { epoch: 1 } }, &mut out);
+        out.clear();
+        // Host 6 really is gone: it fails a window later.
+        let mut failed = false;
+        for now in (6100..12000).step_by(100) {
+            if now % 1000 == 0 {
+                branch.handle(now, Input::Received { from: 5, message: Message::Heartbeat { epoch: 1 } }, &mut out);
+            }
+            branch.tick(now, &mut out);
+            failed |= out.iter().any(|output| matches!(output, Output::Send { message: Message::Summary { failed, .. }, .. } if failed == &vec![6]));
+        }
+        assert!(failed);
     }
 
     #[test]

@@ -94,7 +94,8 @@ impl Manager {
         self.bump(changed)
     }
 
-    /// The manager moved to `home` (a new log leader).
+    /// The manager moved to `home` (a new log leader). The caller should
+    /// hint the previous root (`Input::Suspect`) to the new root's agent.
     pub fn take_over(&mut self, home: HostId) -> bool {
         self.home = Some(home);
         let changed = self.settle_root();

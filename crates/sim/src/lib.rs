@@ -10,4 +10,5 @@
 //! **Boundary:** drives the crates' public APIs; holds checkers, not mechanisms.
 
 pub mod checker;
+pub mod hierarchy;
 pub mod log;

@@ -1,6 +1,8 @@
 //! Seeded simulation runs. `TESSERA_SIM_SEED=<seed>` replays one seed;
 //! `TESSERA_SLOW=1` runs many more seeds.
 
+mod hierarchy;
+
 use sim::log::{run, Report, Scenario};
 
 fn seeds() -> Vec<u64> {
