@@ -46,9 +46,11 @@ impl Default for SchedulerConfig {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum SchedulerMessage {
-    /// Parent → child: answer for your subtree.
+    /// Parent → child: answer for your subtree (asking every child, not a
+    /// sample, when `everyone`).
     Query {
         request: Request,
+        everyone: bool,
     },
     /// Child → parent.
     Answer {
@@ -91,6 +93,9 @@ enum Requester {
 struct Pending {
     requester: Requester,
     request: Request,
+    /// Whether children were sampled (a failed sampled attempt is retried
+    /// asking everyone).
+    sampled: bool,
     waiting: BTreeSet<HostId>,
     candidates: Vec<Candidate>,
     deadline: Millis,
@@ -188,12 +193,14 @@ impl Scheduler {
             out.push(Output::Placed { request_id, result: Err(PlacementError::Busy) });
             return;
         }
-        self.start(now, Requester::Client, request, out);
+        self.start(now, Requester::Client, request, true, out);
     }
 
     pub fn handle(&mut self, now: Millis, from: HostId, message: SchedulerMessage, out: &mut Vec<Output>) {
         match message {
-            SchedulerMessage::Query { request } => self.start(now, Requester::Parent(from), request, out),
+            SchedulerMessage::Query { request, everyone } => {
+                self.start(now, Requester::Parent(from), request, !everyone, out)
+            }
             SchedulerMessage::Answer { request_id, candidates } => {
                 // An answer after the deadline (or from a host not asked) is dropped.
                 if let Some(pending) =
@@ -227,49 +234,68 @@ impl Scheduler {
         }
     }
 
-    /// Whom this host asks, as its role in the tree says, sampled as
-    /// configured.
-    fn children(&mut self) -> Vec<HostId> {
+    /// Whom this host asks, as its role in the tree says: every child, or
+    /// a random sample as configured. The root asks only branches of the
+    /// request's site (a branch aggregates one site).
+    fn children(&mut self, request: &Request, sample: bool) -> Vec<HostId> {
         let Some(branch) = self.tree.branches.get(&self.me) else { return Vec::new() };
-        let mut leaves: Vec<HostId> = branch.children.iter().copied().collect();
-        if let Some(sample) = self.config.sample_leaves {
+        let same_site = |site: &Option<String>| request.site.is_none() || request.site == *site;
+        let mut leaves: Vec<HostId> =
+            if same_site(&branch.site) { branch.children.iter().copied().collect() } else { Vec::new() };
+        if let Some(size) = self.config.sample_leaves.filter(|_| sample) {
             leaves.shuffle(&mut self.rng);
-            leaves.truncate(sample);
+            leaves.truncate(size);
         }
         if self.tree.root == Some(self.me) {
-            let mut branches: Vec<HostId> =
-                self.tree.branches.keys().copied().filter(|host| *host != self.me).collect();
-            if let Some(sample) = self.config.sample_branches {
+            let mut branches: Vec<HostId> = self
+                .tree
+                .branches
+                .iter()
+                .filter(|(host, other)| **host != self.me && same_site(&other.site))
+                .map(|(host, _)| *host)
+                .collect();
+            if let Some(size) = self.config.sample_branches.filter(|_| sample) {
                 branches.shuffle(&mut self.rng);
-                branches.truncate(sample);
+                branches.truncate(size);
             }
             leaves.extend(branches);
         }
         leaves
     }
 
+    fn samples(&self) -> bool {
+        self.config.sample_branches.is_some() || self.config.sample_leaves.is_some()
+    }
+
     fn local_candidates(&self, request: &Request) -> Vec<Candidate> {
         self.buckets.values().map(Candidate::from_bucket).filter(|c| c.free_bytes >= request.bytes).collect()
     }
 
-    fn start(&mut self, now: Millis, requester: Requester, request: Request, out: &mut Vec<Output>) {
+    /// Starts answering for this host's subtree; `may_sample` is false when
+    /// every child must be asked.
+    fn start(&mut self, now: Millis, requester: Requester, request: Request, may_sample: bool, out: &mut Vec<Output>) {
         let key = request.id;
         if self.pending.contains_key(&key) {
             return; // a duplicate query
         }
+        let sample = may_sample && self.samples();
         let candidates = self.local_candidates(&request);
-        let children = self.children();
+        let children = self.children(&request, sample);
         let timeout = if self.is_root() && requester == Requester::Client {
             self.config.root_timeout
         } else {
             self.config.branch_timeout
         };
         for child in &children {
-            out.push(Output::Send { to: *child, message: SchedulerMessage::Query { request: request.clone() } });
+            out.push(Output::Send {
+                to: *child,
+                message: SchedulerMessage::Query { request: request.clone(), everyone: !sample },
+            });
         }
         let waiting: BTreeSet<HostId> = children.into_iter().collect();
         let done = waiting.is_empty();
-        self.pending.insert(key, Pending { requester, request, waiting, candidates, deadline: now + timeout });
+        self.pending
+            .insert(key, Pending { requester, request, sampled: sample, waiting, candidates, deadline: now + timeout });
         self.deadlines.insert((now + timeout, key));
         if done {
             self.finish(now, key, out);
@@ -299,6 +325,11 @@ impl Scheduler {
                     }
                 }
                 let result = choose(&request, &candidates);
+                if result.is_err() && pending.sampled {
+                    // The sample was unlucky: ask everyone before saying no.
+                    self.start(now, Requester::Client, request, false, out);
+                    return;
+                }
                 if let Ok(chosen) = &result {
                     for candidate in chosen {
                         let host = candidate.bucket.host;

@@ -12,3 +12,4 @@
 pub mod checker;
 pub mod hierarchy;
 pub mod log;
+pub mod placement;
