@@ -59,6 +59,7 @@ impl LocalCluster {
                 cluster_config_dir: "../config".into(),
                 roles: vec!["storage".into()],
                 gc_interval_ms: 1000,
+                fault_domain: None,
             };
             std::fs::write(host_dir.join("node.toml"), node_config.to_toml())?;
             let log = std::fs::File::create(host_dir.join("node.log"))?;

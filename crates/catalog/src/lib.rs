@@ -4,8 +4,9 @@
 //!   seed hosts, log replicas), kept in a directory of numbered versions that
 //!   hosts update by atomic directory rename.
 //! - [`Catalog`]: hosts, disks and sites as replicated maps on the shared log,
-//!   with compare-and-set on versions and change notification. Later issues
-//!   add objects, LUNs, targets, the VIP, reservations and the memory pool.
+//!   and the aggregation tree as a replicated register, with compare-and-set
+//!   on versions and change notification. Later issues add objects, LUNs,
+//!   targets, the VIP, reservations and the memory pool.
 //!
 //! **Boundary:** knows the shared log and its SMR objects; knows nothing of
 //! storage, iSCSI or the node daemon.
@@ -13,7 +14,7 @@
 pub mod bootstrap;
 pub mod records;
 
-use sharedlog::objects::{Conflict, Map};
+use sharedlog::objects::{Conflict, Map, Register};
 use sharedlog::smr::{Replicated, Runtime, SmrError};
 use sharedlog::types::{Position, StreamId};
 use tokio::sync::watch;
@@ -24,6 +25,7 @@ pub use records::*;
 pub const HOSTS_STREAM: StreamId = StreamId::from_name("catalog/hosts");
 pub const DISKS_STREAM: StreamId = StreamId::from_name("catalog/disks");
 pub const SITES_STREAM: StreamId = StreamId::from_name("catalog/sites");
+pub const TREE_STREAM: StreamId = StreamId::from_name("catalog/tree");
 
 /// Compare-and-set retries before an update gives up (contention is between
 /// a handful of hosts; this bounds a pathological loop).
@@ -44,6 +46,8 @@ pub struct Catalog<T: Transport> {
     pub hosts: Replicated<Map<HostId, HostRecord>, T>,
     pub disks: Replicated<Map<String, DiskRecord>, T>,
     pub sites: Replicated<Map<String, SiteRecord>, T>,
+    /// The aggregation hierarchy: roles and parents, with its epoch.
+    pub tree: Replicated<Register<hierarchy::Tree>, T>,
 }
 
 impl<T: Transport> Catalog<T> {
@@ -53,6 +57,7 @@ impl<T: Transport> Catalog<T> {
             hosts: runtime.open(HOSTS_STREAM).await?,
             disks: runtime.open(DISKS_STREAM).await?,
             sites: runtime.open(SITES_STREAM).await?,
+            tree: runtime.open(TREE_STREAM).await?,
         })
     }
 
@@ -124,6 +129,20 @@ impl<T: Transport> Catalog<T> {
         updated.epoch += 1;
         let epoch = updated.epoch;
         Ok(self.hosts.compare_and_set(id, Some(version), Some(updated)).await?.map(|_| epoch))
+    }
+
+    /// The tree as this host knows it (may be a moment stale) with the
+    /// register's version.
+    pub fn tree_local(&self) -> (hierarchy::Tree, Option<Position>) {
+        match self.tree.get_local() {
+            Some((tree, version)) => (tree, Some(version)),
+            None => (hierarchy::Tree::default(), None),
+        }
+    }
+
+    /// Changes whenever the tree changes.
+    pub fn watch_tree(&self) -> watch::Receiver<u64> {
+        self.tree.changes()
     }
 
     pub async fn put_disk(&self, disk: DiskRecord) -> Result<Position, CatalogError> {

@@ -34,6 +34,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/v1/log", get(log_status))
         .route("/api/v1/tasks", get(list_tasks).post(add_task))
         .route("/api/v1/tasks/{id}", delete(remove_task))
+        .route("/api/v1/placement", axum::routing::post(place))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /api/v1/status") })
         .with_state(node)
 }
@@ -149,6 +150,47 @@ async fn remove_task(State(node): State<Arc<Node>>, Path(id): Path<String>) -> R
         Ok(true) => Json(Removed { removed: true }).into_response(),
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no task {id}")),
         Err(failure) => error(StatusCode::SERVICE_UNAVAILABLE, failure.to_string()),
+    }
+}
+
+/// A placement request as the API takes it.
+#[derive(Serialize, Deserialize)]
+pub struct PlacementRequest {
+    pub count: usize,
+    pub bytes: u64,
+    #[serde(default)]
+    pub distinct_hosts: bool,
+    #[serde(default)]
+    pub distinct_fault_domains: bool,
+    #[serde(default)]
+    pub site: Option<String>,
+    #[serde(default)]
+    pub excluded_hosts: Vec<u64>,
+}
+
+async fn place(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<PlacementRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(asked) = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    if asked.count == 0 || asked.count > 64 {
+        return error(StatusCode::BAD_REQUEST, "count must be 1 to 64");
+    }
+    let request = placement::Request {
+        id: 0,
+        count: asked.count,
+        bytes: asked.bytes,
+        distinct_hosts: asked.distinct_hosts,
+        distinct_fault_domains: asked.distinct_fault_domains,
+        site: asked.site,
+        excluded_hosts: asked.excluded_hosts.into_iter().collect(),
+    };
+    match crate::membership::place(&node, request).await {
+        Ok(chosen) => Json(chosen).into_response(),
+        Err(message) => error(StatusCode::CONFLICT, message),
     }
 }
 

@@ -17,9 +17,13 @@ pub struct NodeConfig {
     /// a log replica is decided by the bootstrap config's `log_replicas`.
     #[serde(default = "default_roles")]
     pub roles: Vec<String>,
-    /// Seconds between GC reports of this node's SMR runtime.
+    /// Milliseconds between GC reports of this node's SMR runtime.
     #[serde(default = "default_gc_interval_ms")]
     pub gc_interval_ms: u64,
+    /// The failure domain within the site (a rack, a power feed): objects
+    /// keep their copies in distinct ones.
+    #[serde(default)]
+    pub fault_domain: Option<String>,
 }
 
 fn default_roles() -> Vec<String> {

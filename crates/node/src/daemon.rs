@@ -80,6 +80,7 @@ pub struct Node {
     pub services: OnceLock<Services>,
     pub prometheus: Option<PrometheusHandle>,
     pub wire_stats: OnceLock<Arc<ServerStats>>,
+    pub membership: crate::membership::Membership,
     shutdown: watch::Sender<bool>,
 }
 
@@ -154,6 +155,16 @@ impl Node {
         runtime_config.gc_client_id = Some(0x7e55_0000_0000_0000 | config.node_id);
         let runtime = Runtime::new(client.clone(), runtime_config);
         let (shutdown, _) = watch::channel(false);
+        let fanout = match bootstrap.settings.get(crate::membership::FANOUT_SETTING) {
+            Some(value) => value.parse::<usize>().ok().filter(|fanout| *fanout >= 2).ok_or_else(|| {
+                NodeError::Bootstrap(format!(
+                    "setting {} = {value:?} is not a number of at least 2",
+                    crate::membership::FANOUT_SETTING
+                ))
+            })?,
+            None => 32,
+        };
+        let membership = crate::membership::Membership::new(config.node_id, fanout, incarnation);
         let node = Arc::new(Node {
             config,
             bootstrap,
@@ -167,6 +178,7 @@ impl Node {
             services: OnceLock::new(),
             prometheus,
             wire_stats: OnceLock::new(),
+            membership,
             shutdown,
         });
         node.serve_wire().await?;
@@ -215,6 +227,12 @@ impl Node {
         }
         match request.method {
             method::PING => Ok(wire::encode(&Pong { node_id: self.config.node_id, incarnation: self.incarnation })),
+            crate::membership::method::HIERARCHY
+            | crate::membership::method::SCHEDULER
+            | crate::membership::method::PLACE => {
+                let method = request.method;
+                crate::membership::handle(self, method, &request).await
+            }
             other => Err(RemoteError::new(ErrorCode::UnknownMethod, format!("unknown method {other:#06x}"))),
         }
     }
@@ -263,6 +281,7 @@ impl Node {
             None => BTreeMap::new(),
         };
         let leader_status = replica_statuses.values().flatten().find(|status| status.role == "Leader").cloned();
+        let tree = self.services().map(|services| services.catalog.tree_local().0).unwrap_or_default();
         let mut problems = Vec::new();
         let mut host_statuses = Vec::new();
         for (host, reachable) in hosts.iter().zip(pings) {
@@ -277,8 +296,11 @@ impl Node {
                 (true, Some(HostState::Decommissioned)) => "decommissioned",
                 (true, None) => "unregistered",
             };
+            let role = tree.role(host.id);
             if state != "up" {
                 problems.push(format!("host {} ({}) is {state}", host.name, host.id));
+            } else if role.is_none() && self.services().is_some() {
+                problems.push(format!("host {} ({}) has no place in the hierarchy yet", host.name, host.id));
             }
             let roles = match record {
                 Some(record) => record.roles.names().into_iter().map(String::from).collect(),
@@ -302,6 +324,8 @@ impl Node {
                 reachable,
                 log_role,
                 epoch: record.map(|record| record.epoch),
+                tree_role: role.as_ref().map(|role| role.describe().to_string()),
+                parent: role.and_then(|role| role.parent),
             });
         }
         let mut log = LogSummary::default();
@@ -359,6 +383,7 @@ impl Node {
         }
         problems.dedup();
         ClusterStatus {
+            tree_epoch: tree.epoch,
             cluster_id: self.bootstrap.cluster_id.clone(),
             healthy: problems.is_empty(),
             problems,
@@ -404,6 +429,7 @@ async fn open_services(node: Arc<Node>) {
             Ok(services) => {
                 let _ = node.services.set(services);
                 tracing::info!("catalog open; host registered");
+                crate::membership::start(node.clone());
                 return;
             }
             Err(error) => {
@@ -434,7 +460,7 @@ async fn try_open_services(node: &Node) -> Result<Services, String> {
         admin_address: node.me.admin_address.clone(),
         roles,
         site: node.me.site.clone(),
-        fault_domain: None,
+        fault_domain: node.config.fault_domain.clone(),
         state: HostState::Up,
         epoch: 0,
         incarnation: node.incarnation,

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod config;
 pub mod daemon;
+pub mod membership;
 pub mod status;
 
 use std::sync::Arc;

@@ -15,6 +15,8 @@ pub struct ClusterStatus {
     pub served_by: u64,
     pub hosts: Vec<HostStatus>,
     pub log: LogSummary,
+    /// Epoch of the aggregation hierarchy (bumped by every change).
+    pub tree_epoch: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -33,6 +35,10 @@ pub struct HostStatus {
     /// "leader", "follower", … for log replicas.
     pub log_role: Option<String>,
     pub epoch: Option<u64>,
+    /// "root", "branch" or "leaf" in the aggregation hierarchy.
+    pub tree_role: Option<String>,
+    /// The host it reports to (none for the root).
+    pub parent: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -69,16 +69,26 @@ impl<K: Value + Ord, V: Value> Map<K, V> {
         self.entries.is_empty()
     }
 
-    fn put(&mut self, key: K, value: V, position: Position, obsoleted: &mut Obsoleted) {
+    /// Writes `key`. `conditional`: the write was a compare-and-set, whose
+    /// replay needs the old version's entry until a checkpoint.
+    fn put(&mut self, key: K, value: V, position: Position, conditional: bool, obsoleted: &mut Obsoleted) {
         if let Some((_, old)) = self.entries.insert(key, (value, position)) {
-            obsoleted.superseded.push(old);
+            if conditional {
+                obsoleted.needed_until_checkpoint.push(old);
+            } else {
+                obsoleted.superseded.push(old);
+            }
         }
     }
 
-    fn delete(&mut self, key: &K, obsoleted: &mut Obsoleted) -> bool {
+    fn delete(&mut self, key: &K, conditional: bool, obsoleted: &mut Obsoleted) -> bool {
         match self.entries.remove(key) {
             Some((_, old)) => {
-                obsoleted.superseded.push(old);
+                if conditional {
+                    obsoleted.needed_until_checkpoint.push(old);
+                } else {
+                    obsoleted.superseded.push(old);
+                }
                 obsoleted.until_checkpoint = true;
                 true
             }
@@ -98,10 +108,10 @@ impl<K: Value + Ord, V: Value> Object for Map<K, V> {
     fn apply(&mut self, position: Position, op: MapOp<K, V>, obsoleted: &mut Obsoleted) -> Result<bool, Conflict> {
         match op {
             MapOp::Put { key, value } => {
-                self.put(key, value, position, obsoleted);
+                self.put(key, value, position, false, obsoleted);
                 Ok(true)
             }
-            MapOp::Delete { key } => Ok(self.delete(&key, obsoleted)),
+            MapOp::Delete { key } => Ok(self.delete(&key, false, obsoleted)),
             MapOp::CompareAndSet { key, expected, value } => {
                 let current = self.entries.get(&key).map(|(_, version)| *version);
                 if current != expected {
@@ -109,9 +119,9 @@ impl<K: Value + Ord, V: Value> Object for Map<K, V> {
                     return Err(Conflict { current });
                 }
                 match value {
-                    Some(value) => self.put(key, value, position, obsoleted),
+                    Some(value) => self.put(key, value, position, true, obsoleted),
                     None => {
-                        self.delete(&key, obsoleted);
+                        self.delete(&key, true, obsoleted);
                     }
                 }
                 Ok(true)
@@ -197,19 +207,23 @@ impl<V: Value> Object for Register<V> {
     type State = Option<(V, Position)>;
 
     fn apply(&mut self, position: Position, op: RegisterOp<V>, obsoleted: &mut Obsoleted) -> Result<(), Conflict> {
-        let value = match op {
-            RegisterOp::Set(value) => value,
+        let (value, conditional) = match op {
+            RegisterOp::Set(value) => (value, false),
             RegisterOp::CompareAndSet { expected, value } => {
                 let current = self.value.as_ref().map(|(_, version)| *version);
                 if current != expected {
                     obsoleted.without_effect = true;
                     return Err(Conflict { current });
                 }
-                value
+                (value, true)
             }
         };
         if let Some((_, old)) = self.value.replace((value, position)) {
-            obsoleted.superseded.push(old);
+            if conditional {
+                obsoleted.needed_until_checkpoint.push(old);
+            } else {
+                obsoleted.superseded.push(old);
+            }
         }
         Ok(())
     }
@@ -342,7 +356,165 @@ impl<V: Value> Object for Queue<V> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
     use super::*;
+
+    enum Logged<O: Object> {
+        Data(O::Op),
+        Checkpoint { version: Position, state: Vec<u8> },
+    }
+
+    /// Applies `ops` to an object the way the runtime does, reporting and
+    /// deleting obsolete entries as GC may (any subset, at any time after
+    /// their obsoleter), with checkpoints where `checkpoint_at` says; then
+    /// replays what is left, from the newest live checkpoint, and checks the
+    /// state is the same.
+    fn replays_the_same<O: Object, I>(
+        intents: Vec<I>,
+        resolve: impl Fn(&O, I) -> O::Op,
+        checkpoint_at: &[bool],
+        collect: &[bool],
+    ) -> Result<(), String>
+    where
+        O::Op: Clone,
+    {
+        let mut original = O::default();
+        let mut log: Vec<Logged<O>> = Vec::new();
+        let mut live: BTreeSet<Position> = BTreeSet::new();
+        let mut obsolete: Vec<Position> = Vec::new();
+        let mut deleted: BTreeSet<Position> = BTreeSet::new();
+        let mut decisions = collect.iter().cycle();
+        for (index, intent) in intents.into_iter().enumerate() {
+            // Resolved against the state as the writer would have read it.
+            let op = resolve(&original, intent);
+            if checkpoint_at.get(index).copied().unwrap_or(false) {
+                let position = log.len() as Position;
+                let state = postcard::to_stdvec(&original.to_state()).unwrap();
+                obsolete.extend(live.range(..position).copied());
+                live.retain(|live_position| *live_position >= position);
+                live.insert(position);
+                log.push(Logged::Checkpoint { version: position, state });
+            }
+            let position = log.len() as Position;
+            let mut obsoleted = Obsoleted::default();
+            original.apply(position, op.clone(), &mut obsoleted);
+            for superseded in obsoleted.superseded {
+                live.remove(&superseded);
+                obsolete.push(superseded);
+            }
+            if obsoleted.without_effect {
+                obsolete.push(position);
+            } else {
+                live.insert(position);
+            }
+            log.push(Logged::Data(op));
+            // GC deletes some of what is obsolete by now.
+            obsolete.retain(|candidate| {
+                let delete = *decisions.next().unwrap_or(&false);
+                if delete {
+                    deleted.insert(*candidate);
+                }
+                !delete
+            });
+        }
+        let mut replayed = O::default();
+        let mut from = 0;
+        let newest = log
+            .iter()
+            .enumerate()
+            .filter(|(position, _)| !deleted.contains(&(*position as Position)))
+            .filter_map(|(_, entry)| match entry {
+                Logged::Checkpoint { version, state } => Some((*version, state)),
+                Logged::Data(_) => None,
+            })
+            .max_by_key(|(version, _)| *version);
+        if let Some((version, state)) = newest {
+            replayed = O::from_state(postcard::from_bytes(state).unwrap());
+            from = version;
+        }
+        for (position, entry) in log.iter().enumerate().skip(from as usize) {
+            if deleted.contains(&(position as Position)) {
+                continue;
+            }
+            if let Logged::Data(op) = entry {
+                replayed.apply(position as Position, op.clone(), &mut Obsoleted::default());
+            }
+        }
+        let want = postcard::to_stdvec(&original.to_state()).unwrap();
+        let got = postcard::to_stdvec(&replayed.to_state()).unwrap();
+        if want == got {
+            Ok(())
+        } else {
+            Err(format!("replay diverged after deleting {deleted:?}"))
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Intent {
+        Put(u8, u8),
+        Delete(u8),
+        /// Compare-and-set against the version the writer just read.
+        SetIfCurrent(u8, Option<u8>),
+        /// Compare-and-set against a stale or made-up version.
+        SetIfStale(u8, Option<u64>, Option<u8>),
+    }
+
+    fn intent() -> impl Strategy<Value = Intent> {
+        prop_oneof![
+            3 => (0u8..3, any::<u8>()).prop_map(|(key, value)| Intent::Put(key, value)),
+            1 => (0u8..3).prop_map(Intent::Delete),
+            4 => (0u8..3, proptest::option::of(any::<u8>())).prop_map(|(key, value)| Intent::SetIfCurrent(key, value)),
+            1 => (0u8..3, proptest::option::of(0u64..40), proptest::option::of(any::<u8>()))
+                .prop_map(|(key, expected, value)| Intent::SetIfStale(key, expected, value)),
+        ]
+    }
+
+    fn resolve_map(map: &Map<u8, u8>, intent: Intent) -> MapOp<u8, u8> {
+        match intent {
+            Intent::Put(key, value) => MapOp::Put { key, value },
+            Intent::Delete(key) => MapOp::Delete { key },
+            Intent::SetIfCurrent(key, value) => {
+                MapOp::CompareAndSet { key, expected: map.get(&key).map(|(_, version)| *version), value }
+            }
+            Intent::SetIfStale(key, expected, value) => MapOp::CompareAndSet { key, expected, value },
+        }
+    }
+
+    fn resolve_register(register: &Register<u8>, intent: Intent) -> RegisterOp<u8> {
+        match intent {
+            Intent::Put(_, value) | Intent::Delete(value) => RegisterOp::Set(value),
+            Intent::SetIfCurrent(_, value) => RegisterOp::CompareAndSet {
+                expected: register.value.as_ref().map(|(_, version)| *version),
+                value: value.unwrap_or(0),
+            },
+            Intent::SetIfStale(_, expected, value) => RegisterOp::CompareAndSet { expected, value: value.unwrap_or(0) },
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_map_replays_to_the_same_state_whatever_gc_removed(
+            intents in proptest::collection::vec(intent(), 1..40),
+            checkpoints in proptest::collection::vec(proptest::bool::weighted(0.1), 40),
+            collect in proptest::collection::vec(any::<bool>(), 1..64),
+        ) {
+            let outcome = replays_the_same::<Map<u8, u8>, Intent>(intents, resolve_map, &checkpoints, &collect);
+            prop_assert!(outcome.is_ok(), "{:?}", outcome);
+        }
+
+        #[test]
+        fn a_register_replays_to_the_same_state_whatever_gc_removed(
+            intents in proptest::collection::vec(intent(), 1..40),
+            checkpoints in proptest::collection::vec(proptest::bool::weighted(0.1), 40),
+            collect in proptest::collection::vec(any::<bool>(), 1..64),
+        ) {
+            let outcome = replays_the_same::<Register<u8>, Intent>(intents, resolve_register, &checkpoints, &collect);
+            prop_assert!(outcome.is_ok(), "{:?}", outcome);
+        }
+    }
 
     #[test]
     fn map_reports_what_each_update_obsoletes() {

@@ -11,10 +11,13 @@
 //! which earlier entries an update made obsolete (an overwritten map value, a
 //! removed queue item). The runtime reports them, with its progress, to the
 //! log servers every `gc_interval`, independently of the object's updates.
-//! Entries that only matter until their victims are gone (a delete, a
-//! queue removal, a compare-and-set that lost) are kept until the object's
-//! next checkpoint, which makes every entry it covers obsolete at once, so a
-//! deletion can never be collected before what it deleted.
+//! Entries that only matter until their victims are gone (a delete, a queue
+//! removal) are kept until the object's next checkpoint, which makes every
+//! entry it covers obsolete at once, so a deletion can never be collected
+//! before what it deleted. Likewise the version a successful compare-and-set
+//! expected: a replay re-evaluates the condition and must find it. (An entry
+//! that had no effect at all, such as a compare-and-set that lost, goes at
+//! once.)
 //!
 //! **Invariant:** an object's state after applying through position `p` is
 //! the same on every host, whatever entries GC has removed, because only
@@ -71,6 +74,10 @@ pub struct Obsoleted {
     /// The applied entry is needed only until the next checkpoint (e.g. a
     /// delete: it must outlive the entry it deleted).
     pub until_checkpoint: bool,
+    /// Entries whose effect is gone but that a replay still needs until the
+    /// next checkpoint: the version a successful compare-and-set expected
+    /// (a replay re-evaluates the condition, and must find that version).
+    pub needed_until_checkpoint: Vec<Position>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -226,6 +233,9 @@ impl<O: Object> Shared<O> {
                         core.unreported.push(live.locator(self.stream, position, entry.position));
                     }
                 }
+                // They stay live (a checkpoint covers them) but count as dead
+                // weight towards the next checkpoint.
+                core.dead += obsoleted.needed_until_checkpoint.len();
                 if obsoleted.without_effect {
                     core.unreported.push(this.locator(self.stream, entry.position, entry.position));
                 } else {

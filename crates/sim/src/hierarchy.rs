@@ -89,6 +89,9 @@ pub struct Report {
     /// Heartbeats, summaries, probes, probe replies.
     pub messages_by_kind: [u64; 4],
     pub tree_changes: u64,
+    /// Messages per second arriving at the busiest host (the root's home,
+    /// usually): what a central monitor would take for every host.
+    pub busiest_inbound_per_second: f64,
     pub invariant_violations: Vec<String>,
 }
 
@@ -147,6 +150,7 @@ struct Sim {
     messages: u64,
     /// Heartbeats, summaries, probes, probe replies.
     by_kind: [u64; 4],
+    inbound: BTreeMap<HostId, u64>,
     tree_changes: u64,
     detections: Vec<Detection>,
     /// Hosts each pending detection waits to see re-placed.
@@ -202,6 +206,7 @@ impl Sim {
             Message::ProbeReply { .. } => 3,
         };
         self.by_kind[kind] += 1;
+        *self.inbound.entry(to).or_default() += 1;
         if self.rng.gen_bool(self.scenario.loss_probability.clamp(0.0, 1.0)) {
             return;
         }
@@ -438,6 +443,7 @@ pub fn run(seed: u64, scenario: &Scenario) -> Report {
         manager_home: 1,
         messages: 0,
         by_kind: [0; 4],
+        inbound: BTreeMap::new(),
         tree_changes: 0,
         detections: Vec::new(),
         repairs: Vec::new(),
@@ -513,6 +519,180 @@ pub fn run(seed: u64, scenario: &Scenario) -> Report {
         messages_sent: sim.messages,
         messages_by_kind: sim.by_kind,
         tree_changes: sim.tree_changes,
+        busiest_inbound_per_second: sim.inbound.values().copied().max().unwrap_or(0) as f64
+            / (scenario.duration as f64 / 1000.0).max(f64::MIN_POSITIVE),
         invariant_violations: sim.violations,
+    }
+}
+
+/// The reference the hierarchy is measured against: a flat monitor. Every
+/// host heartbeats one central monitor (host 1, never faulted) at the same
+/// interval, over the same lossy network, with the same stalls and kills;
+/// the monitor declares a host failed after the same `fail_after` of
+/// silence, with no suspicion and no probing. Detection and messages per
+/// host are comparable; the monitor's inbound load grows with the cluster.
+pub fn run_flat(seed: u64, scenario: &Scenario) -> Report {
+    enum Flat {
+        Beat(HostId),
+        Deadline(HostId, Millis),
+        Rejoin(HostId),
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let config = &scenario.agent;
+    struct Queue {
+        heap: BinaryHeap<Reverse<(Millis, u64, usize)>>,
+        events: Vec<Option<Flat>>,
+    }
+    impl Queue {
+        fn schedule(&mut self, at: Millis, event: Flat) {
+            self.events.push(Some(event));
+            let index = self.events.len() - 1;
+            self.heap.push(Reverse((at, index as u64, index)));
+        }
+        fn pop(&mut self) -> Option<(Millis, Flat)> {
+            let Reverse((at, _, index)) = self.heap.pop()?;
+            Some((at, self.events[index].take().expect("each event runs once")))
+        }
+    }
+    let mut queue = Queue { heap: BinaryHeap::new(), events: Vec::new() };
+    struct State {
+        alive: bool,
+        killed_at: Option<Millis>,
+        stalled_until: Millis,
+        long_stall: bool,
+        last_heard: Millis,
+        failed: bool,
+    }
+    let mut hosts: BTreeMap<HostId, State> = (1..=scenario.hosts)
+        .map(|id| {
+            let state = State {
+                alive: true,
+                killed_at: None,
+                stalled_until: 0,
+                long_stall: false,
+                last_heard: 0,
+                failed: false,
+            };
+            (id, state)
+        })
+        .collect();
+    for id in 2..=scenario.hosts {
+        let start = rng.gen_range(0..config.heartbeat_interval);
+        queue.schedule(start, Flat::Beat(id));
+        queue.schedule(config.fail_after, Flat::Deadline(id, 0));
+    }
+    let warm_up = 10_000;
+    let span = scenario.duration.saturating_sub(warm_up + 20_000).max(1);
+    let mut kills: Vec<(Millis, HostId)> = (0..scenario.kills)
+        .map(|kill| (warm_up + span * kill as u64 / scenario.kills.max(1) as u64, rng.gen_range(2..=scenario.hosts)))
+        .collect();
+    let mut stalls: Vec<(Millis, HostId, Millis)> = Vec::new();
+    for (count, durations) in [(scenario.stalls, 500..2000), (scenario.long_stalls, 5000..10_000)] {
+        for _ in 0..count {
+            let at = rng.gen_range(warm_up..warm_up + span);
+            stalls.push((at, rng.gen_range(2..=scenario.hosts), rng.gen_range(durations.clone())));
+        }
+    }
+    kills.sort();
+    stalls.sort();
+    let (mut messages, mut inbound, mut alive_host_millis, mut last_accounting) = (0u64, 0u64, 0u128, 0);
+    let (mut detections, mut false_positives, mut stall_detections) = (Vec::new(), 0, 0);
+    while let Some((now, event)) = queue.pop() {
+        if now > scenario.duration {
+            break;
+        }
+        let alive = hosts.values().filter(|host| host.alive).count() as u128;
+        alive_host_millis += alive * (now - last_accounting) as u128;
+        last_accounting = now;
+        while kills.first().is_some_and(|(at, _)| *at <= now) {
+            let (at, id) = kills.remove(0);
+            let host = hosts.get_mut(&id).expect("known host");
+            if host.alive {
+                host.alive = false;
+                host.killed_at = Some(at);
+                detections.push(Detection {
+                    victim: Victim::Leaf,
+                    host: id,
+                    detected_after: None,
+                    repaired_after: None,
+                });
+            }
+        }
+        while stalls.first().is_some_and(|(at, _, _)| *at <= now) {
+            let (at, id, duration) = stalls.remove(0);
+            let host = hosts.get_mut(&id).expect("known host");
+            host.stalled_until = at + duration;
+            host.long_stall = duration >= 5000;
+        }
+        match event {
+            Flat::Beat(id) => {
+                let host = &hosts[&id];
+                if !host.alive {
+                    continue;
+                }
+                if host.stalled_until > now {
+                    queue.schedule(host.stalled_until, Flat::Beat(id));
+                    continue;
+                }
+                queue.schedule(now + config.heartbeat_interval, Flat::Beat(id));
+                messages += 1;
+                inbound += 1;
+                if rng.gen_bool(scenario.loss_probability.clamp(0.0, 1.0)) {
+                    continue;
+                }
+                let delay = rng.gen_range(scenario.delay_min..=scenario.delay_max.max(scenario.delay_min));
+                let host = hosts.get_mut(&id).expect("known host");
+                if !host.failed {
+                    host.last_heard = host.last_heard.max(now + delay);
+                    queue.schedule(host.last_heard + config.fail_after, Flat::Deadline(id, host.last_heard));
+                }
+            }
+            Flat::Deadline(id, heard) => {
+                let host = hosts.get_mut(&id).expect("known host");
+                if host.failed || host.last_heard != heard {
+                    continue;
+                }
+                host.failed = true;
+                match host.killed_at {
+                    Some(killed_at) => {
+                        if let Some(detection) = detections.iter_mut().find(|d: &&mut Detection| d.host == id) {
+                            detection.detected_after = Some(now - killed_at);
+                        }
+                    }
+                    None if host.stalled_until > now && host.long_stall => {
+                        stall_detections += 1;
+                        let at = host.stalled_until + 1000;
+                        queue.schedule(at, Flat::Rejoin(id));
+                    }
+                    None => {
+                        false_positives += 1;
+                        queue.schedule(now + 1000, Flat::Rejoin(id));
+                    }
+                }
+            }
+            Flat::Rejoin(id) => {
+                let host = hosts.get_mut(&id).expect("known host");
+                host.failed = false;
+                host.last_heard = now;
+                queue.schedule(now + config.fail_after, Flat::Deadline(id, now));
+            }
+        }
+    }
+    let alive = hosts.values().filter(|host| host.alive).count() as u128;
+    alive_host_millis += alive * (scenario.duration - last_accounting.min(scenario.duration)) as u128;
+    let host_seconds = alive_host_millis as f64 / 1000.0;
+    Report {
+        seed,
+        hosts: scenario.hosts,
+        detections,
+        false_positives,
+        stall_detections,
+        host_hours: host_seconds / 3600.0,
+        messages_per_host_per_second: messages as f64 / host_seconds.max(f64::MIN_POSITIVE),
+        messages_sent: messages,
+        messages_by_kind: [messages, 0, 0, 0],
+        tree_changes: 0,
+        busiest_inbound_per_second: inbound as f64 / (scenario.duration as f64 / 1000.0).max(f64::MIN_POSITIVE),
+        invariant_violations: Vec::new(),
     }
 }

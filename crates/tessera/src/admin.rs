@@ -83,7 +83,12 @@ pub fn status(target: &Target, json: bool) -> Result<()> {
 pub fn render_status(status: &ClusterStatus) -> String {
     let mut out = String::new();
     let health = if status.healthy { "healthy" } else { "DEGRADED" };
-    out.push_str(&format!("Cluster {}: {health} ({} hosts)\n", status.cluster_id, status.hosts.len()));
+    out.push_str(&format!(
+        "Cluster {}: {health} ({} hosts, hierarchy epoch {})\n",
+        status.cluster_id,
+        status.hosts.len(),
+        status.tree_epoch
+    ));
     let log = &status.log;
     match &log.leader {
         Some(leader) => out.push_str(&format!(
@@ -100,21 +105,26 @@ pub fn render_status(status: &ClusterStatus) -> String {
         None => out.push_str("Shared log: NO LEADER\n"),
     }
     out.push('\n');
-    out.push_str(&format!(
-        "{:<10} {:>3}  {:<18} {:<18} {:<20} {:<13} {}\n",
-        "HOST", "ID", "ADDRESS", "ADMIN", "ROLES", "STATE", "LOG"
-    ));
+    let row = |cells: [&str; 9]| {
+        format!(
+            "{:<10} {:>3}  {:<18} {:<18} {:<20} {:<13} {:<10} {:<10} {}\n",
+            cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7], cells[8]
+        )
+    };
+    out.push_str(&row(["HOST", "ID", "ADDRESS", "ADMIN", "ROLES", "STATE", "LOG", "HIERARCHY", "PARENT"]));
     for host in &status.hosts {
-        out.push_str(&format!(
-            "{:<10} {:>3}  {:<18} {:<18} {:<20} {:<13} {}\n",
-            host.name,
-            host.id,
-            host.address,
-            host.admin_address,
-            host.roles.join(","),
-            host.state,
+        let parent = host.parent.map(|parent| parent.to_string()).unwrap_or_else(|| "-".into());
+        out.push_str(&row([
+            &host.name,
+            &host.id.to_string(),
+            &host.address,
+            &host.admin_address,
+            &host.roles.join(","),
+            &host.state,
             host.log_role.as_deref().unwrap_or("-"),
-        ));
+            host.tree_role.as_deref().unwrap_or("-"),
+            &parent,
+        ]));
     }
     if !log.gc_clients.is_empty() {
         out.push_str("\nGC clients (progress / lag behind the tail):\n");
@@ -129,6 +139,22 @@ pub fn render_status(status: &ClusterStatus) -> String {
         }
     }
     out
+}
+
+pub fn place(target: &Target, asked: serde_json::Value) -> Result<()> {
+    let chosen = request(target, "POST", "/api/v1/placement", Some(asked))?;
+    for candidate in chosen.as_array().cloned().unwrap_or_default() {
+        println!(
+            "host {} disk {}  site {}  fault domain {}  {} of {} bytes free",
+            candidate["bucket"]["host"],
+            candidate["bucket"]["disk"],
+            candidate["site"].as_str().unwrap_or("-"),
+            candidate["fault_domain"].as_str().unwrap_or("-"),
+            candidate["free_bytes"],
+            candidate["capacity_bytes"],
+        );
+    }
+    Ok(())
 }
 
 pub fn list_tasks(target: &Target) -> Result<()> {

@@ -60,6 +60,24 @@ enum Command {
         #[command(subcommand)]
         command: ClusterConfigCommand,
     },
+    /// Asks the hierarchical scheduler where to put something (it only
+    /// answers; nothing is reserved beyond the scheduler's own ledger).
+    Place {
+        /// Buckets (disks) wanted.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Bytes needed on each.
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        #[arg(long)]
+        distinct_hosts: bool,
+        #[arg(long)]
+        distinct_fault_domains: bool,
+        #[arg(long)]
+        site: Option<String>,
+        #[command(flatten)]
+        target: admin::Target,
+    },
     /// Lists, adds or removes jobs in the cluster task queue.
     Task {
         #[command(subcommand)]
@@ -123,6 +141,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::Up { hosts, data, base_port } => up::run(hosts, &data, base_port),
         Command::Status { json, target } => admin::status(&target, json),
         Command::ClusterConfig { command } => cluster_config(command),
+        Command::Place { count, bytes, distinct_hosts, distinct_fault_domains, site, target } => admin::place(
+            &target,
+            serde_json::json!({
+                "count": count,
+                "bytes": bytes,
+                "distinct_hosts": distinct_hosts,
+                "distinct_fault_domains": distinct_fault_domains,
+                "site": site,
+            }),
+        ),
         Command::Task { command, target } => match command {
             TaskCommand::Ls => admin::list_tasks(&target),
             TaskCommand::Add { kind, detail } => admin::add_task(&target, &kind, detail.as_deref().unwrap_or("")),

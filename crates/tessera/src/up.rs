@@ -69,6 +69,7 @@ fn write_node_configs(data: &Path, config: &BootstrapConfig) -> Result<Vec<Host>
                 cluster_config_dir: PathBuf::from("../config"),
                 roles: vec!["storage".into(), "target".into()],
                 gc_interval_ms: 1000,
+                fault_domain: None,
             };
             std::fs::write(&config_path, node_config.to_toml())
                 .with_context(|| format!("writing {}", config_path.display()))?;

@@ -52,12 +52,21 @@ impl TestCluster {
     /// Writes a cluster of `count` hosts (each on its own 127.0.0.x) and
     /// starts every node.
     pub fn start(count: u64) -> TestCluster {
+        TestCluster::start_with(count, &[])
+    }
+
+    /// As [`TestCluster::start`], with bootstrap settings (e.g. the
+    /// hierarchy's fan-out).
+    pub fn start_with(count: u64, settings: &[(&str, &str)]) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let ips: Vec<String> = (1..=count).map(|id| format!("127.0.0.{}", id + 10)).collect();
         let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
         let wire_port = free_port(&ip_refs);
         let admin_port = free_port(&ip_refs);
-        let local = BootstrapConfig::local("test", count, 11, wire_port, admin_port);
+        let mut local = BootstrapConfig::local("test", count, 11, wire_port, admin_port);
+        for (key, value) in settings {
+            local.settings.insert(key.to_string(), value.to_string());
+        }
         let config_dir = ConfigDir::new(fsio::real(), dir.path().join("config"));
         let (_, config) = config_dir.update(|config| *config = local.clone()).unwrap();
         let mut hosts = BTreeMap::new();
@@ -70,6 +79,7 @@ impl TestCluster {
                 cluster_config_dir: "../config".into(),
                 roles: vec!["storage".into()],
                 gc_interval_ms: 200,
+                fault_domain: None,
             };
             let config_path = host_dir.join("node.toml");
             std::fs::write(&config_path, node_config.to_toml()).unwrap();

@@ -8,6 +8,7 @@
 mod bad_input;
 mod bootstrap;
 mod harness;
+mod hierarchy;
 mod leader_kill;
 mod queue;
 mod up;

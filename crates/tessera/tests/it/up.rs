@@ -81,7 +81,8 @@ fn up_then_status_shows_a_healthy_cluster_and_restart_reuses_data() {
     assert!(first.log.leader.is_some());
     let human = Command::new(binary()).args(["status", "--data"]).arg(&data).output().unwrap();
     let human = String::from_utf8(human.stdout).unwrap();
-    assert!(human.contains("healthy (3 hosts)") && human.contains("leader"), "{human}");
+    assert!(human.contains("healthy (3 hosts, hierarchy epoch") && human.contains("leader"), "{human}");
+    assert!(human.contains("HIERARCHY") && human.contains("root"), "the tree is shown: {human}");
     stop(child);
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", port + 80)).is_err(),
