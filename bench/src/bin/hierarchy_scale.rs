@@ -81,6 +81,10 @@ fn main() {
             let hierarchy = run(args.seed, &scenario);
             assert!(hierarchy.invariant_violations.is_empty(), "{:?}", hierarchy.invariant_violations);
             println!("{}", row("hierarchy", &scenario, &hierarchy));
+            for detection in hierarchy.detections.iter().filter(|d| d.detected_after.is_none_or(|after| after >= 5000))
+            {
+                eprintln!("slow detection at {hosts} hosts, {loss}% loss: {detection:?}");
+            }
             let flat = run_flat(args.seed, &scenario);
             println!("{}", row("flat monitor", &scenario, &flat));
         }

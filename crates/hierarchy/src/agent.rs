@@ -86,7 +86,14 @@ struct Watch {
     last_heard: Millis,
     suspected: bool,
     last_probe: Option<Millis>,
+    /// Probes sent since it became suspect.
+    probes: u32,
 }
+
+/// Probes that must go unanswered before a silent host is failed: silence
+/// alone is not enough (the watcher may have been the one paused, or a
+/// heartbeat lost just before a short stall).
+const PROBES_BEFORE_FAILURE: u32 = 2;
 
 pub struct Agent {
     me: HostId,
@@ -96,6 +103,11 @@ pub struct Agent {
     watched: BTreeMap<HostId, Watch>,
     /// Children found failed that the next summary reports.
     failed_children: Vec<HostId>,
+    /// Hosts this agent found failed that the tree still has it watch, with
+    /// when the root last reported them: a report can be lost (a dropped
+    /// summary, no manager during a hand-over), so it is repeated until
+    /// the tree lets them go or they speak again.
+    reported: BTreeMap<HostId, Millis>,
     last_report: Option<Millis>,
     /// When `tick` last ran: a long gap means this host was paused.
     last_tick: Option<Millis>,
@@ -111,6 +123,7 @@ impl Agent {
             role: None,
             watched: BTreeMap::new(),
             failed_children: Vec::new(),
+            reported: BTreeMap::new(),
             last_report: None,
             last_tick: None,
             next_nonce: 0,
@@ -149,11 +162,18 @@ impl Agent {
     }
 
     fn heard(&mut self, from: HostId, now: Millis, out: &mut Vec<Output>) {
+        if self.reported.remove(&from).is_some() {
+            // Found failed, yet it speaks (it was paused, or it came back
+            // and is in the tree again): watch it afresh.
+            self.watched.insert(from, Watch { last_heard: now, suspected: false, last_probe: None, probes: 0 });
+            return;
+        }
         if let Some(watch) = self.watched.get_mut(&from) {
             watch.last_heard = watch.last_heard.max(now);
             if watch.suspected {
                 watch.suspected = false;
                 watch.last_probe = None;
+                watch.probes = 0;
                 out.push(Output::Cleared(from));
             }
         }
@@ -167,10 +187,20 @@ impl Agent {
         let watches = role.as_ref().map(|role| role.watches.clone()).unwrap_or_default();
         // Newly watched hosts get a full grace period; hosts still watched
         // keep their history.
+        // Hosts found failed stay failed while the tree still has them
+        // here; the rest are forgotten.
         let mut watched = BTreeMap::new();
+        self.reported.retain(|host, _| watches.contains(host));
         for host in watches {
-            let watch =
-                self.watched.remove(&host).unwrap_or(Watch { last_heard: now, suspected: false, last_probe: None });
+            if self.reported.contains_key(&host) {
+                continue;
+            }
+            let watch = self.watched.remove(&host).unwrap_or(Watch {
+                last_heard: now,
+                suspected: false,
+                last_probe: None,
+                probes: 0,
+            });
             watched.insert(host, watch);
         }
         self.watched = watched;
@@ -200,7 +230,7 @@ impl Agent {
         let mut next = now + self.config.heartbeat_interval;
         for (host, watch) in self.watched.iter_mut() {
             let silence = now.saturating_sub(watch.last_heard);
-            if silence >= self.config.fail_after {
+            if silence >= self.config.fail_after && watch.probes >= PROBES_BEFORE_FAILURE {
                 confirmed.push(*host);
                 continue;
             }
@@ -211,6 +241,7 @@ impl Agent {
                 }
                 if watch.last_probe.is_none_or(|last| now >= last + self.config.probe_interval) {
                     watch.last_probe = Some(now);
+                    watch.probes += 1;
                     self.next_nonce += 1;
                     out.push(Output::Send { to: *host, message: Message::Probe { nonce: self.next_nonce } });
                 }
@@ -222,10 +253,22 @@ impl Agent {
         }
         for host in confirmed {
             self.watched.remove(&host);
+            self.reported.insert(host, now);
             if role.is_root {
                 out.push(Output::Failed(host));
             } else {
                 self.failed_children.push(host);
+            }
+        }
+        // A report can be lost: the root repeats its own every period; a
+        // branch repeats them in every summary.
+        if role.is_root {
+            for (host, last) in self.reported.iter_mut() {
+                if now >= *last + self.config.heartbeat_interval {
+                    *last = now;
+                    out.push(Output::Failed(*host));
+                }
+                next = next.min(*last + self.config.heartbeat_interval);
             }
         }
         if let Some(parent) = role.parent {
@@ -233,7 +276,8 @@ impl Agent {
             // A failure goes up at once, not at the next period.
             if due || !self.failed_children.is_empty() {
                 let message = if role.is_branch {
-                    Message::Summary { epoch: self.tree.epoch, failed: std::mem::take(&mut self.failed_children) }
+                    self.failed_children.clear();
+                    Message::Summary { epoch: self.tree.epoch, failed: self.reported.keys().copied().collect() }
                 } else {
                     Message::Heartbeat { epoch: self.tree.epoch }
                 };
@@ -325,7 +369,9 @@ mod tests {
         root.handle(2700, Input::Received { from: 4, message: Message::ProbeReply { nonce: 1 } }, &mut out);
         assert!(out.contains(&Output::Cleared(4)));
         out.clear();
-        root.tick(3600, &mut out);
+        for now in (2650..=3600).step_by(50) {
+            root.tick(now, &mut out);
+        }
         assert!(!out.contains(&Output::Failed(4)), "{out:?}");
         assert!(out.contains(&Output::Failed(2)), "the root's own silent children fail");
     }
@@ -340,7 +386,9 @@ mod tests {
         assert!(out.contains(&Output::Suspected(4)));
         assert!(!out.contains(&Output::Suspected(2)), "only the hinted host");
         out.clear();
-        root.tick(10_100 + 1000, &mut out);
+        for now in (10_150..=10_100 + 1000).step_by(50) {
+            root.tick(now, &mut out);
+        }
         assert!(out.contains(&Output::Failed(4)), "fail_after - suspect_after after the hint: {out:?}");
     }
 
@@ -372,5 +420,102 @@ mod tests {
         let mut out = Vec::new();
         root.handle(10, Input::Received { from: 4, message: Message::Summary { epoch: 1, failed: vec![6] } }, &mut out);
         assert_eq!(out, vec![Output::Failed(6)]);
+    }
+
+    fn summarized(out: &[Output], host: HostId) -> bool {
+        out.iter().any(|output| {
+            matches!(output, Output::Send { message: Message::Summary { failed, .. }, .. } if failed.contains(&host))
+        })
+    }
+
+    #[test]
+    fn a_failure_is_reported_again_until_the_tree_lets_the_host_go() {
+        let mut branch = agent(4);
+        let mut out = Vec::new();
+        branch.tick(0, &mut out);
+        let mut reports = Vec::new();
+        for now in (100..20_000).step_by(100) {
+            if now % 1000 == 0 {
+                branch.handle(now, Input::Received { from: 5, message: Message::Heartbeat { epoch: 1 } }, &mut out);
+            }
+            out.clear();
+            branch.tick(now, &mut out);
+            if summarized(&out, 6) {
+                reports.push(now);
+            }
+        }
+        // Every report may be lost: it rides every summary from then on.
+        assert_eq!(reports[0], 3500);
+        assert!(reports.len() >= 15, "{reports:?}");
+        assert!(reports.windows(2).all(|pair| pair[1] - pair[0] <= 1100), "{reports:?}");
+        // The manager took it out: no more reports.
+        let mut tree = (*tree()).clone();
+        tree.epoch = 2;
+        tree.branches.get_mut(&4).unwrap().children.remove(&6);
+        branch.handle(20_000, Input::Tree(Arc::new(tree)), &mut out);
+        out.clear();
+        for now in (20_100..40_000).step_by(100) {
+            branch.tick(now, &mut out);
+        }
+        assert!(!summarized(&out, 6), "{out:?}");
+    }
+
+    #[test]
+    fn a_failed_host_that_speaks_again_is_watched_again() {
+        let mut branch = agent(4);
+        let mut out = Vec::new();
+        branch.tick(0, &mut out);
+        for now in (100..=3500).step_by(100) {
+            branch.handle(now, Input::Received { from: 5, message: Message::Heartbeat { epoch: 1 } }, &mut out);
+            branch.tick(now, &mut out);
+        }
+        assert!(summarized(&out, 6), "host 6 failed");
+        // It was only paused: it heartbeats again.
+        branch.handle(3600, Input::Received { from: 6, message: Message::Heartbeat { epoch: 1 } }, &mut out);
+        out.clear();
+        for now in (3700..9000).step_by(100) {
+            if now % 1000 == 0 {
+                for child in [5, 6] {
+                    branch.handle(
+                        now,
+                        Input::Received { from: child, message: Message::Heartbeat { epoch: 1 } },
+                        &mut out,
+                    );
+                }
+            }
+            branch.tick(now, &mut out);
+        }
+        assert!(!summarized(&out, 6), "not reported again: {out:?}");
+        // And when it goes quiet for good, it fails again.
+        for now in (9000..14_000).step_by(100) {
+            if now % 1000 == 0 {
+                branch.handle(now, Input::Received { from: 5, message: Message::Heartbeat { epoch: 1 } }, &mut out);
+            }
+            branch.tick(now, &mut out);
+        }
+        assert!(summarized(&out, 6), "{out:?}");
+    }
+
+    #[test]
+    fn a_watcher_paused_briefly_after_a_lost_heartbeat_probes_before_failing() {
+        let mut branch = agent(4);
+        let mut out = Vec::new();
+        for child in [5, 6] {
+            branch.handle(1000, Input::Received { from: child, message: Message::Heartbeat { epoch: 1 } }, &mut out);
+        }
+        branch.tick(1000, &mut out);
+        branch.tick(2500, &mut out);
+        // Host 6's heartbeat at 2000 was lost; the branch stalls from 2500
+        // to 4600 (too short to look like a pause) with 6 unheard for 3.6 s.
+        out.clear();
+        branch.tick(4600, &mut out);
+        assert!(!summarized(&out, 6), "failed on silence alone: {out:?}");
+        assert!(out.iter().any(|output| matches!(output, Output::Send { to: 6, message: Message::Probe { .. } })));
+        branch.handle(4610, Input::Received { from: 6, message: Message::ProbeReply { nonce: 1 } }, &mut out);
+        for now in (4700..6000).step_by(100) {
+            branch.tick(now, &mut out);
+        }
+        assert!(!summarized(&out, 6), "{out:?}");
+        assert!(out.contains(&Output::Cleared(6)));
     }
 }

@@ -12,8 +12,10 @@
 //!
 //! Constraints: capacity, distinct hosts and distinct fault domains for the
 //! buckets of one request, site affinity, excluded hosts. The root keeps a
-//! ledger of what it granted until each leaf confirms it, so concurrent
-//! requests do not overcommit a bucket.
+//! ledger of what it granted; a leaf's answer says which of that root's
+//! grants it had applied, and the root counts the others as used, so
+//! concurrent requests do not overcommit a bucket even when an answer was
+//! measured before a grant reached its leaf.
 //!
 //! **Invariant:** every placement returned satisfies every constraint of its
 //! request ([`check`]); the property tests drive this under random host
@@ -73,6 +75,15 @@ pub struct Candidate {
     pub fault_domain: Option<String>,
     pub capacity_bytes: u64,
     pub free_bytes: u64,
+    /// The asking root's commits the leaf had applied when it measured
+    /// `free_bytes` (every sequence up to this one): the root counts its
+    /// later grants on this bucket as used.
+    #[serde(default)]
+    pub applied: u64,
+    /// The leaf's incarnation: a leaf that restarted measured its disks
+    /// afresh, after every grant an earlier incarnation acknowledged.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 impl Candidate {
@@ -92,6 +103,8 @@ impl Candidate {
             fault_domain: bucket.fault_domain.clone(),
             capacity_bytes: bucket.capacity_bytes,
             free_bytes: bucket.free_bytes,
+            applied: 0,
+            incarnation: 0,
         }
     }
 }

@@ -51,24 +51,21 @@ pub enum SchedulerMessage {
     Query {
         request: Request,
         everyone: bool,
+        /// The root asking, and its incarnation: leaves stamp their answers
+        /// with the commits from it they had applied.
+        root: HostId,
+        incarnation: u64,
     },
     /// Child → parent.
-    Answer {
-        request_id: u64,
-        candidates: Vec<Candidate>,
-    },
+    Answer { request_id: u64, candidates: Vec<Candidate> },
     /// Root → leaf: `bytes` of `bucket` are granted; count them as used.
     /// Sequences are per root incarnation: a root that restarts counts from
     /// one again, and must not be taken for a duplicate of its past self.
-    Commit {
-        incarnation: u64,
-        sequence: u64,
-        bucket: BucketId,
-        bytes: u64,
-    },
-    CommitAck {
-        sequence: u64,
-    },
+    /// `floor`: every sequence up to it was acknowledged (by this leaf or
+    /// an earlier incarnation of it) and will not be sent again.
+    Commit { incarnation: u64, sequence: u64, floor: u64, bucket: BucketId, bytes: u64 },
+    /// Leaf → root, with the leaf's incarnation.
+    CommitAck { sequence: u64, incarnation: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -105,6 +102,10 @@ struct Grant {
     bucket: BucketId,
     bytes: u64,
     sent: Millis,
+    /// When the leaf confirmed it, and the leaf's incarnation. An answer
+    /// measured before then may still arrive until every request started
+    /// before then has timed out, so the grant is kept that long.
+    acked: Option<(Millis, u64)>,
 }
 
 /// Commits applied from one root: everything up to `watermark`, plus some
@@ -132,7 +133,8 @@ pub struct Scheduler {
     deadlines: BTreeSet<(Millis, u64)>,
     /// The root rescans grants for retransmission no more often than this.
     next_grant_scan: Millis,
-    /// Root: grants not yet acknowledged, by (leaf host, sequence).
+    /// Root: grants not yet acknowledged, or acknowledged too recently for
+    /// every answer to reflect them, by (leaf host, sequence).
     grants: BTreeMap<(HostId, u64), Grant>,
     next_sequence: BTreeMap<HostId, u64>,
     /// Leaf: commits applied, per granting root incarnation.
@@ -193,13 +195,13 @@ impl Scheduler {
             out.push(Output::Placed { request_id, result: Err(PlacementError::Busy) });
             return;
         }
-        self.start(now, Requester::Client, request, true, out);
+        self.start(now, Requester::Client, request, true, (self.me, self.incarnation), out);
     }
 
     pub fn handle(&mut self, now: Millis, from: HostId, message: SchedulerMessage, out: &mut Vec<Output>) {
         match message {
-            SchedulerMessage::Query { request, everyone } => {
-                self.start(now, Requester::Parent(from), request, !everyone, out)
+            SchedulerMessage::Query { request, everyone, root, incarnation } => {
+                self.start(now, Requester::Parent(from), request, !everyone, (root, incarnation), out)
             }
             SchedulerMessage::Answer { request_id, candidates } => {
                 // An answer after the deadline (or from a host not asked) is dropped.
@@ -213,11 +215,20 @@ impl Scheduler {
                     }
                 }
             }
-            SchedulerMessage::Commit { incarnation, sequence, bucket, bytes } => {
+            SchedulerMessage::Commit { incarnation, sequence, floor, bucket, bytes } => {
                 if !self.applied.contains_key(&(from, incarnation)) && self.applied.len() >= ROOTS_REMEMBERED_MAX {
                     self.applied.pop_first();
                 }
                 let applied = self.applied.entry((from, incarnation)).or_default();
+                // Below the floor everything was applied, here or before a
+                // restart (and then counted in what the disks report).
+                if floor > applied.watermark {
+                    applied.watermark = floor;
+                    applied.above = applied.above.split_off(&(floor + 1));
+                }
+                while applied.above.remove(&(applied.watermark + 1)) {
+                    applied.watermark += 1;
+                }
                 if sequence > applied.watermark && applied.above.insert(sequence) {
                     if let Some(local) = self.buckets.get_mut(&bucket) {
                         local.free_bytes = local.free_bytes.saturating_sub(bytes);
@@ -226,10 +237,13 @@ impl Scheduler {
                         applied.watermark += 1;
                     }
                 }
-                out.push(Output::Send { to: from, message: SchedulerMessage::CommitAck { sequence } });
+                let incarnation = self.incarnation;
+                out.push(Output::Send { to: from, message: SchedulerMessage::CommitAck { sequence, incarnation } });
             }
-            SchedulerMessage::CommitAck { sequence } => {
-                self.grants.remove(&(from, sequence));
+            SchedulerMessage::CommitAck { sequence, incarnation } => {
+                if let Some(grant) = self.grants.get_mut(&(from, sequence)) {
+                    grant.acked.get_or_insert((now, incarnation));
+                }
             }
         }
     }
@@ -267,19 +281,35 @@ impl Scheduler {
         self.config.sample_branches.is_some() || self.config.sample_leaves.is_some()
     }
 
-    fn local_candidates(&self, request: &Request) -> Vec<Candidate> {
-        self.buckets.values().map(Candidate::from_bucket).filter(|c| c.free_bytes >= request.bytes).collect()
+    /// This host's buckets with room for the request, stamped with the
+    /// commits from the asking root applied so far.
+    fn local_candidates(&self, request: &Request, root: (HostId, u64)) -> Vec<Candidate> {
+        let applied = self.applied.get(&root).map_or(0, |applied| applied.watermark);
+        let incarnation = self.incarnation;
+        self.buckets
+            .values()
+            .map(|bucket| Candidate { applied, incarnation, ..Candidate::from_bucket(bucket) })
+            .filter(|c| c.free_bytes >= request.bytes)
+            .collect()
     }
 
     /// Starts answering for this host's subtree; `may_sample` is false when
     /// every child must be asked.
-    fn start(&mut self, now: Millis, requester: Requester, request: Request, may_sample: bool, out: &mut Vec<Output>) {
+    fn start(
+        &mut self,
+        now: Millis,
+        requester: Requester,
+        request: Request,
+        may_sample: bool,
+        root: (HostId, u64),
+        out: &mut Vec<Output>,
+    ) {
         let key = request.id;
         if self.pending.contains_key(&key) {
             return; // a duplicate query
         }
         let sample = may_sample && self.samples();
-        let candidates = self.local_candidates(&request);
+        let candidates = self.local_candidates(&request, root);
         let children = self.children(&request, sample);
         let timeout = if self.is_root() && requester == Requester::Client {
             self.config.root_timeout
@@ -289,7 +319,12 @@ impl Scheduler {
         for child in &children {
             out.push(Output::Send {
                 to: *child,
-                message: SchedulerMessage::Query { request: request.clone(), everyone: !sample },
+                message: SchedulerMessage::Query {
+                    request: request.clone(),
+                    everyone: !sample,
+                    root: root.0,
+                    incarnation: root.1,
+                },
             });
         }
         let waiting: BTreeSet<HostId> = children.into_iter().collect();
@@ -317,17 +352,30 @@ impl Scheduler {
             }
             Requester::Client => {
                 let mut candidates = pending.candidates;
-                // What this root granted and the leaf has not confirmed may
-                // not be in the leaf's answer yet: count it as used.
-                for grant in self.grants.values() {
-                    for candidate in candidates.iter_mut().filter(|c| c.bucket == grant.bucket) {
-                        candidate.free_bytes = candidate.free_bytes.saturating_sub(grant.bytes);
-                    }
+                // What this root granted and the leaf had not applied when
+                // it measured its answer is not in the answer: count it as
+                // used. A grant a leaf acknowledged is in what any later
+                // incarnation of that leaf measures.
+                let mut granted: BTreeMap<BucketId, Vec<(u64, &Grant)>> = BTreeMap::new();
+                for ((_, sequence), grant) in &self.grants {
+                    granted.entry(grant.bucket).or_default().push((*sequence, grant));
+                }
+                for candidate in candidates.iter_mut() {
+                    let Some(grants) = granted.get(&candidate.bucket) else { continue };
+                    let later: u64 = grants
+                        .iter()
+                        .filter(|(sequence, grant)| {
+                            *sequence > candidate.applied
+                                && grant.acked.is_none_or(|(_, leaf)| candidate.incarnation <= leaf)
+                        })
+                        .map(|(_, grant)| grant.bytes)
+                        .sum();
+                    candidate.free_bytes = candidate.free_bytes.saturating_sub(later);
                 }
                 let result = choose(&request, &candidates);
                 if result.is_err() && pending.sampled {
                     // The sample was unlucky: ask everyone before saying no.
-                    self.start(now, Requester::Client, request, false, out);
+                    self.start(now, Requester::Client, request, false, (self.me, self.incarnation), out);
                     return;
                 }
                 if let Ok(chosen) = &result {
@@ -338,11 +386,12 @@ impl Scheduler {
                         let sequence = *sequence;
                         self.grants.insert(
                             (host, sequence),
-                            Grant { bucket: candidate.bucket, bytes: request.bytes, sent: now },
+                            Grant { bucket: candidate.bucket, bytes: request.bytes, sent: now, acked: None },
                         );
                         let message = SchedulerMessage::Commit {
                             incarnation: self.incarnation,
                             sequence,
+                            floor: self.floor(host),
                             bucket: candidate.bucket,
                             bytes: request.bytes,
                         };
@@ -358,6 +407,19 @@ impl Scheduler {
         }
     }
 
+    /// Every sequence to `host` up to this one was acknowledged.
+    fn floor(&self, host: HostId) -> u64 {
+        let unacked = self
+            .grants
+            .range((host, 0)..=(host, u64::MAX))
+            .find(|(_, grant)| grant.acked.is_none())
+            .map(|((_, sequence), _)| *sequence);
+        match unacked {
+            Some(sequence) => sequence - 1,
+            None => self.next_sequence.get(&host).copied().unwrap_or(0),
+        }
+    }
+
     /// Timeouts and retransmissions. Returns when it next needs to run.
     pub fn tick(&mut self, now: Millis, out: &mut Vec<Output>) -> Option<Millis> {
         while let Some(&(deadline, key)) = self.deadlines.first() {
@@ -368,14 +430,20 @@ impl Scheduler {
         }
         if now >= self.next_grant_scan && !self.grants.is_empty() {
             self.next_grant_scan = now + self.config.commit_retry / 2;
+            // Every request started before the ack has finished by now.
+            let forget_before = now.saturating_sub(self.config.root_timeout + 1);
+            self.grants.retain(|_, grant| grant.acked.is_none_or(|(acked, _)| acked >= forget_before));
+            let floors: BTreeMap<HostId, u64> =
+                self.next_sequence.keys().map(|host| (*host, self.floor(*host))).collect();
             for ((host, sequence), grant) in self.grants.iter_mut() {
-                if now >= grant.sent + self.config.commit_retry {
+                if grant.acked.is_none() && now >= grant.sent + self.config.commit_retry {
                     grant.sent = now;
                     out.push(Output::Send {
                         to: *host,
                         message: SchedulerMessage::Commit {
                             incarnation: self.incarnation,
                             sequence: *sequence,
+                            floor: floors.get(host).copied().unwrap_or(0),
                             bucket: grant.bucket,
                             bytes: grant.bytes,
                         },

@@ -347,6 +347,7 @@ impl Sim {
     }
 
     fn manager_failed(&mut self, host: HostId) {
+        let role_before = self.last_tree.role(host);
         let Some(manager) = self.manager.as_mut() else { return };
         if !manager.host_down(host) {
             return;
@@ -373,10 +374,9 @@ impl Sim {
             None => {
                 self.false_positives += 1;
                 if std::env::var_os("TESSERA_SIM_DEBUG").is_some() {
-                    let tree = self.last_tree.role(host);
                     eprintln!(
                         "false positive at {now}: host {host} (stalled until {}, role before {:?})",
-                        state.stalled_until, tree
+                        state.stalled_until, role_before
                     );
                 }
                 // A live host that finds itself out of the tree registers

@@ -245,3 +245,107 @@ proptest! {
         run(events, config, true)?;
     }
 }
+
+/// Many requests in flight at once, every message delivered in a random
+/// order: a leaf's answer may be measured before a grant reaches it and
+/// arrive at the root after the grant was acknowledged. No bucket may be
+/// granted more than it holds.
+fn run_concurrent(
+    requests: Vec<Request>,
+    submit_every: Vec<u8>,
+    seed: u64,
+    config: SchedulerConfig,
+) -> Result<(), TestCaseError> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut cluster = Cluster::new(&config);
+    let root = cluster.manager.tree().root.expect("a root");
+    let mut queue: Vec<(HostId, HostId, SchedulerMessage)> = Vec::new();
+    let mut placed: BTreeMap<u64, Request> = BTreeMap::new();
+    let mut results: Vec<(u64, Result<Vec<Candidate>, PlacementError>)> = Vec::new();
+    let mut pending = requests.into_iter().enumerate().map(|(index, mut request)| {
+        request.id = index as u64 + 1;
+        request
+    });
+    let mut gaps = submit_every.into_iter().cycle();
+    let mut until_next = 0u8;
+    let mut out = Vec::new();
+    let mut exhausted = false;
+    for _ in 0..200_000 {
+        if until_next == 0 && !exhausted {
+            match pending.next() {
+                Some(request) => {
+                    placed.insert(request.id, request.clone());
+                    cluster.schedulers.get_mut(&root).expect("root").place(cluster.now, request, &mut out);
+                    until_next = gaps.next().unwrap_or(0);
+                }
+                None => exhausted = true,
+            }
+        } else {
+            until_next = until_next.saturating_sub(1);
+        }
+        for output in out.drain(..) {
+            match output {
+                Output::Send { to, message } => queue.push((root, to, message)),
+                Output::Placed { request_id, result } => results.push((request_id, result)),
+            }
+        }
+        if queue.is_empty() {
+            if exhausted && results.len() == placed.len() {
+                break;
+            }
+            cluster.now += 10;
+            for (host, scheduler) in cluster.schedulers.iter_mut() {
+                let mut local = Vec::new();
+                scheduler.tick(cluster.now, &mut local);
+                for output in local {
+                    match output {
+                        Output::Send { to, message } => queue.push((*host, to, message)),
+                        Output::Placed { request_id, result } => results.push((request_id, result)),
+                    }
+                }
+            }
+            continue;
+        }
+        let (from, to, message) = queue.swap_remove(rng.gen_range(0..queue.len()));
+        if rng.gen_bool(0.05) {
+            cluster.now += 1;
+        }
+        let Some(scheduler) = cluster.schedulers.get_mut(&to) else { continue };
+        let mut local = Vec::new();
+        scheduler.handle(cluster.now, from, message, &mut local);
+        for output in local {
+            match output {
+                Output::Send { to: next, message } => queue.push((to, next, message)),
+                Output::Placed { request_id, result } => results.push((request_id, result)),
+            }
+        }
+    }
+    prop_assert_eq!(results.len(), placed.len(), "every request was answered");
+    let mut granted: BTreeMap<BucketId, u64> = BTreeMap::new();
+    for (id, result) in results {
+        let request = &placed[&id];
+        if let Ok(chosen) = result {
+            prop_assert!(check(request, &chosen).is_ok(), "{:?}", check(request, &chosen));
+            for candidate in chosen {
+                let total = granted.entry(candidate.bucket).or_insert(0);
+                *total += request.bytes;
+                prop_assert!(*total <= CAPACITY, "{:?} overcommitted: {} of {}", candidate.bucket, total, CAPACITY);
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #[test]
+    fn concurrent_requests_on_a_reordering_network_never_overcommit(
+        requests in proptest::collection::vec(request_strategy(), 1..40),
+        submit_every in proptest::collection::vec(0u8..20, 1..8),
+        seed in any::<u64>(),
+    ) {
+        run_concurrent(requests.clone(), submit_every.clone(), seed, SchedulerConfig::default())?;
+        let sampled = SchedulerConfig { sample_branches: Some(1), sample_leaves: Some(2), ..SchedulerConfig::default() };
+        run_concurrent(requests, submit_every, seed, sampled)?;
+    }
+}
