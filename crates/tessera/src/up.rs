@@ -29,7 +29,15 @@ struct Host {
     log_path: PathBuf,
     child: Option<Child>,
     restarts: Vec<Instant>,
+    /// When an exited node is started again.
+    restart_at: Option<Instant>,
 }
+
+/// How long an exited node stays down before `up` starts it again, as a
+/// rebooting host would: long enough for the cluster to notice (a host is
+/// marked down about 3.5 s after it goes silent), so what a failure looks
+/// like can be watched with `tessera status`.
+const RESTART_DELAY: Duration = Duration::from_secs(10);
 
 /// Creates the bootstrap config of a new local cluster, or checks the
 /// existing one matches what was asked.
@@ -80,6 +88,7 @@ fn write_node_configs(data: &Path, config: &BootstrapConfig) -> Result<Vec<Host>
             log_path: dir.join("node.log"),
             child: None,
             restarts: Vec::new(),
+            restart_at: None,
         });
     }
     Ok(hosts)
@@ -216,6 +225,11 @@ async fn supervise(data: &Path, config: &BootstrapConfig, hosts: &mut [Host]) ->
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
         for host in hosts.iter_mut() {
+            if host.restart_at.is_some_and(|at| Instant::now() >= at) {
+                host.restart_at = None;
+                progress.suspend(|| eprintln!("restarting {}", host.seed.name));
+                spawn(host)?;
+            }
             let Some(child) = host.child.as_mut() else {
                 continue;
             };
@@ -235,8 +249,8 @@ async fn supervise(data: &Path, config: &BootstrapConfig, hosts: &mut [Host]) ->
                     continue;
                 }
                 host.restarts.push(Instant::now());
-                progress.suspend(|| eprintln!("restarting {}", host.seed.name));
-                spawn(host)?;
+                progress.suspend(|| eprintln!("{} will be restarted in {} s", host.seed.name, RESTART_DELAY.as_secs()));
+                host.restart_at = Some(Instant::now() + RESTART_DELAY);
             }
         }
         if !healthy {

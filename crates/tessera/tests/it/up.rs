@@ -43,6 +43,23 @@ fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str, timeout: Duration
     panic!("`tessera up` did not print {needle:?} within {timeout:?}; it printed:\n{}", seen.join("\n"));
 }
 
+/// The pid of the node process `up` (pid `parent`) runs for `host`.
+fn node_process(parent: u32, host: &str) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // After the command name in parentheses: state, then the parent pid.
+        let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest.to_string()) else { continue };
+        let ppid = after.split_whitespace().nth(1).and_then(|field| field.parse::<u32>().ok());
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if ppid == Some(parent) && cmdline.contains(&format!("{host}/node.toml")) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
 fn status(data: &std::path::Path) -> ClusterStatus {
     let output = Command::new(binary()).args(["status", "--json", "--data"]).arg(data).output().unwrap();
     assert!(output.status.success(), "tessera status failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -83,6 +100,39 @@ fn up_then_status_shows_a_healthy_cluster_and_restart_reuses_data() {
     let human = String::from_utf8(human.stdout).unwrap();
     assert!(human.contains("healthy (3 hosts, hierarchy epoch") && human.contains("leader"), "{human}");
     assert!(human.contains("HIERARCHY") && human.contains("root"), "the tree is shown: {human}");
+
+    // What the README suggests trying: kill -9 a node; it is marked down,
+    // and `up` starts it again after a while, when it comes back.
+    let victim = node_process(child.id(), "host-2").expect("host-2's node process is a child of `up`");
+    // SAFETY: kill() on a process `up` (our child) started for this test.
+    unsafe {
+        libc::kill(victim as libc::pid_t, libc::SIGKILL);
+    }
+    let killed = Instant::now();
+    let host_state = |status: &ClusterStatus| {
+        status.hosts.iter().find(|host| host.id == 2).and_then(|host| host.catalog_state.clone())
+    };
+    let mut down_after = None;
+    while killed.elapsed() < Duration::from_secs(30) {
+        if host_state(&status(&data)).as_deref() == Some("down") {
+            down_after = Some(killed.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let down_after = down_after.expect("host-2 was not marked down within 30 s of kill -9");
+    println!("host-2 marked down {down_after:?} after kill -9");
+    let mut back = false;
+    while killed.elapsed() < Duration::from_secs(90) {
+        let now = status(&data);
+        if host_state(&now).as_deref() == Some("up") && now.healthy {
+            back = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(back, "host-2 did not come back after `up` restarted it");
+    println!("host-2 back up {:?} after kill -9 (restarted after 10 s)", killed.elapsed());
     stop(child);
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", port + 80)).is_err(),
