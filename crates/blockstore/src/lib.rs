@@ -1,0 +1,910 @@
+//! `blockstore`: the per-disk component store.
+//!
+//! A [`Disk`] is a directory on one physical disk. It holds the components
+//! (replicas or chunks of distributed objects) placed on that disk: each
+//! component's blocks (4 KiB) with a CRC32C per block, its last committed
+//! LSN, its tracking bitmaps (blocks written above a stale LSN of an absent
+//! peer) and, while it is being resynchronized, its synchronization bitmap.
+//!
+//! **Durability.** Every change is a [`record::Record`] appended to the
+//! disk's journal by one writer thread that drains everything queued, writes
+//! it in one go and calls `fdatasync` once (group commit). Only then is the
+//! change applied to the component files (page cache, no sync) and its
+//! caller answered. A checkpoint (when the journal passes a size, and on
+//! close) syncs the component files, writes the metadata file atomically
+//! with the next journal generation, and drops the old journal. On open,
+//! the journal of the checkpoint's generation is replayed over it; replay is
+//! idempotent and stops at the first torn or corrupt record.
+//!
+//! **Failure latch.** If a write or sync of the journal or a checkpoint
+//! fails, the disk latches failed: every waiting and later operation gets
+//! [`Error::DiskFailed`]. A failed `fdatasync` may have dropped dirty pages,
+//! so nothing written since the last good sync can be trusted again.
+//!
+//! **Invariant:** after a crash, every change that was acknowledged is
+//! there: its data (and checksum), the LSN it carried, and its marks in
+//! the tracking and synchronization bitmaps.
+//!
+//! **Boundary:** no networking, no knowledge of objects or policies; the
+//! `objects` crate decides what to write where.
+
+pub mod record;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+use bytes::Bytes;
+use fsio::{File, Fs};
+use roaring::RoaringBitmap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+pub use record::Record;
+
+pub const BLOCK_SIZE: usize = 4096;
+const CRC_SIZE: u64 = 4;
+/// Blocks per write record (4 MiB): larger writes are split.
+pub const WRITE_BLOCKS_MAX: u64 = 1024;
+/// Block numbers are kept in 32-bit bitmaps: 16 TiB per component.
+pub const COMPONENT_BLOCKS_MAX: u64 = u32::MAX as u64;
+
+pub type ComponentId = u64;
+pub type Lsn = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("disk {disk} failed: {reason}")]
+    DiskFailed { disk: String, reason: String },
+    #[error("component {0} does not exist on this disk")]
+    NoSuchComponent(ComponentId),
+    #[error("component {0} already exists on this disk")]
+    Exists(ComponentId),
+    #[error("blocks {first}..{end} are outside component {component} ({blocks} blocks)")]
+    OutOfRange { component: ComponentId, first: u64, end: u64, blocks: u64 },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("component {component}: checksum mismatch in blocks {blocks:?}")]
+    Corrupt { component: ComponentId, blocks: Vec<u64> },
+    #[error("i/o error: {0}")]
+    Io(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    /// A checkpoint runs when the journal grows past this.
+    pub journal_max_bytes: u64,
+    /// Bytes of records one group commit takes at most.
+    pub batch_max_bytes: usize,
+    /// Records queued for the writer at most; submitters wait beyond it.
+    pub queue_max: usize,
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig { journal_max_bytes: 256 << 20, batch_max_bytes: 8 << 20, queue_max: 4096 }
+    }
+}
+
+/// What a component looks like from outside.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentInfo {
+    pub id: ComponentId,
+    pub blocks: u64,
+    pub committed_lsn: Lsn,
+    /// Stale LSNs this component keeps tracking bitmaps for, with the
+    /// number of blocks marked in each.
+    pub tracking: Vec<(Lsn, u64)>,
+    /// While resynchronizing: (stale LSN, target LSN, blocks done).
+    pub sync: Option<(Lsn, Lsn, u64)>,
+    /// Bytes the component's data file holds on disk.
+    pub allocated_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Sync {
+    stale: Lsn,
+    target: Lsn,
+    done: RoaringBitmap,
+    /// The newest LSN written here during the resync: the committed LSN
+    /// once it ends (until then the component is only current to `stale`).
+    newest: Lsn,
+}
+
+struct Component {
+    data: Arc<dyn File>,
+    crc: Arc<dyn File>,
+    /// Guards the metadata and orders reads against applies (a read never
+    /// sees a block's new data with its old checksum).
+    state: RwLock<ComponentState>,
+}
+
+impl ComponentState {
+    /// Bookkeeping for a write or unmap under `lsn`.
+    fn written(&mut self, lsn: Lsn, first: u64, count: u64) {
+        match self.sync.as_mut() {
+            Some(sync) => {
+                sync.newest = sync.newest.max(lsn);
+                mark(&mut sync.done, first, count);
+            }
+            None => self.committed_lsn = self.committed_lsn.max(lsn),
+        }
+        for (stale, bitmap) in self.tracking.iter_mut() {
+            if lsn > *stale {
+                mark(bitmap, first, count);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct ComponentState {
+    blocks: u64,
+    committed_lsn: Lsn,
+    tracking: BTreeMap<Lsn, RoaringBitmap>,
+    sync: Option<Sync>,
+    /// Written since the last checkpoint (its files need a sync).
+    dirty: bool,
+}
+
+/// The checkpoint: what the component files hold once synced, and which
+/// journal follows.
+#[derive(Serialize, Deserialize, Default)]
+struct Meta {
+    generation: u64,
+    components: Vec<ComponentMeta>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ComponentMeta {
+    id: ComponentId,
+    blocks: u64,
+    committed_lsn: Lsn,
+    tracking: Vec<(Lsn, Vec<u8>)>,
+    /// stale, target, newest, done.
+    sync: Option<(Lsn, Lsn, Lsn, Vec<u8>)>,
+}
+
+struct Op {
+    record: Record,
+    done: oneshot::Sender<Result<()>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    ops: VecDeque<Op>,
+    closing: bool,
+}
+
+struct Inner {
+    fs: Arc<dyn Fs>,
+    dir: PathBuf,
+    name: String,
+    config: DiskConfig,
+    components: RwLock<BTreeMap<ComponentId, Arc<Component>>>,
+    failed: Mutex<Option<String>>,
+    queue: Mutex<Queue>,
+    /// Wakes the writer (work queued) and submitters (room in the queue).
+    wake: Condvar,
+    room: Condvar,
+}
+
+/// One disk's component store. Cheap to clone; the writer thread stops,
+/// with a final checkpoint, when [`Disk::close`] is called or the last
+/// clone is dropped.
+#[derive(Clone)]
+pub struct Disk {
+    inner: Arc<Inner>,
+    writer: Arc<Writer>,
+}
+
+struct Writer {
+    inner: Arc<Inner>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Writer {
+    fn stop(&self, checkpoint: bool) {
+        {
+            let mut queue = self.inner.queue.lock().expect("queue lock");
+            queue.closing = true;
+            if !checkpoint {
+                // Nothing more may reach the files.
+                self.inner.failed.lock().expect("failed lock").get_or_insert_with(|| "abandoned".into());
+            }
+        }
+        self.inner.wake.notify_all();
+        self.inner.room.notify_all();
+        if let Some(thread) = self.thread.lock().expect("writer lock").take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
+}
+
+fn io(error: std::io::Error) -> Error {
+    Error::Io(error.to_string())
+}
+
+fn journal_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("journal-{generation}"))
+}
+
+fn data_path(dir: &Path, component: ComponentId) -> PathBuf {
+    dir.join(format!("c-{component}.data"))
+}
+
+fn crc_path(dir: &Path, component: ComponentId) -> PathBuf {
+    dir.join(format!("c-{component}.crc"))
+}
+
+fn bitmap_bytes(bitmap: &RoaringBitmap) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(bitmap.serialized_size());
+    bitmap.serialize_into(&mut bytes).expect("writing to a Vec cannot fail");
+    bytes
+}
+
+fn bitmap_from(bytes: &[u8]) -> Result<RoaringBitmap> {
+    RoaringBitmap::deserialize_from(bytes).map_err(|error| Error::Io(format!("corrupt bitmap in metadata: {error}")))
+}
+
+/// Marks `count` blocks from `first`.
+fn mark(bitmap: &mut RoaringBitmap, first: u64, count: u64) {
+    bitmap.insert_range(first as u32..(first + count) as u32);
+}
+
+/// The CRC a block's checksum slot holds: 0 for a block never written (or
+/// deallocated), which then reads as zeros.
+fn block_crc(block: &[u8]) -> u32 {
+    crc32c::crc32c(block)
+}
+
+impl Disk {
+    /// Opens (or creates) the store in `dir`: loads the checkpoint, replays
+    /// the journal after it, checkpoints, and starts the writer thread.
+    pub fn open(fs: Arc<dyn Fs>, dir: &Path, config: DiskConfig) -> Result<Disk> {
+        fs.create_dir_all(dir).map_err(io)?;
+        let name = dir.display().to_string();
+        let meta: Meta = match fs.read_file(&dir.join("meta")) {
+            Ok(bytes) => postcard::from_bytes(&bytes)
+                .map_err(|error| Error::Io(format!("{name}: unreadable metadata: {error}")))?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Meta::default(),
+            Err(error) => return Err(io(error)),
+        };
+        let inner = Arc::new(Inner {
+            fs: fs.clone(),
+            dir: dir.to_path_buf(),
+            name,
+            config,
+            components: RwLock::new(BTreeMap::new()),
+            failed: Mutex::new(None),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            room: Condvar::new(),
+        });
+        {
+            let mut components = inner.components.write().expect("components lock");
+            for component in &meta.components {
+                let state = ComponentState {
+                    blocks: component.blocks,
+                    committed_lsn: component.committed_lsn,
+                    tracking: component
+                        .tracking
+                        .iter()
+                        .map(|(lsn, bytes)| Ok((*lsn, bitmap_from(bytes)?)))
+                        .collect::<Result<_>>()?,
+                    sync: match &component.sync {
+                        Some((stale, target, newest, bytes)) => {
+                            Some(Sync { stale: *stale, target: *target, newest: *newest, done: bitmap_from(bytes)? })
+                        }
+                        None => None,
+                    },
+                    dirty: false,
+                };
+                components.insert(component.id, inner.open_component(component.id, state)?);
+            }
+        }
+        // Replay the journal that follows the checkpoint.
+        let journal = journal_path(dir, meta.generation);
+        let mut replayed = 0usize;
+        if fs.exists(&journal) {
+            let bytes = fs.read_file(&journal).map_err(io)?;
+            let mut offset = 0;
+            while let Some((record, used)) = Record::decode(&bytes[offset..]) {
+                // A record that cannot apply now could not have applied
+                // before either (it was answered with that error); an I/O
+                // error is real.
+                if let Err(Error::Io(reason)) = inner.apply(&record) {
+                    return Err(Error::Io(format!("{}: replaying the journal: {reason}", inner.name)));
+                }
+                offset += used;
+                replayed += 1;
+            }
+            if offset < bytes.len() {
+                tracing::info!(disk = %inner.name, replayed, torn_bytes = bytes.len() - offset, "journal ends in a torn record");
+            }
+        }
+        inner.checkpoint(meta.generation)?;
+        // Anything else in the directory is left from an interrupted
+        // checkpoint or a deleted component.
+        inner.remove_strays(meta.generation + 1)?;
+        tracing::info!(disk = %inner.name, components = meta.components.len(), replayed, "disk open");
+        let writer_inner = inner.clone();
+        let generation = meta.generation + 1;
+        let writer = std::thread::Builder::new()
+            .name("blockstore-writer".into())
+            .spawn(move || writer_inner.run_writer(generation))
+            .map_err(io)?;
+        let writer = Arc::new(Writer { inner: inner.clone(), thread: Mutex::new(Some(writer)) });
+        Ok(Disk { inner, writer })
+    }
+
+    /// Stops the writer after what is queued, with a final checkpoint.
+    pub fn close(&self) {
+        self.writer.stop(true);
+    }
+
+    /// Stops the writer without a checkpoint, as a crash would leave things
+    /// (for tests: the files are not touched again by this instance).
+    pub fn abandon(&self) {
+        self.writer.stop(false);
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Why the disk latched failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.failed.lock().expect("failed lock").clone()
+    }
+
+    pub fn components(&self) -> Vec<ComponentInfo> {
+        let ids: Vec<ComponentId> = self.inner.components.read().expect("components lock").keys().copied().collect();
+        ids.into_iter().filter_map(|id| self.component(id).ok()).collect()
+    }
+
+    pub fn component(&self, id: ComponentId) -> Result<ComponentInfo> {
+        let component = self.inner.get(id)?;
+        let state = component.state.read().expect("component lock");
+        Ok(ComponentInfo {
+            id,
+            blocks: state.blocks,
+            committed_lsn: state.committed_lsn,
+            tracking: state.tracking.iter().map(|(lsn, bitmap)| (*lsn, bitmap.len())).collect(),
+            sync: state.sync.as_ref().map(|sync| (sync.stale, sync.target, sync.done.len())),
+            allocated_bytes: component.data.allocated_bytes().unwrap_or(0),
+        })
+    }
+
+    /// The blocks written above `stale` since tracking began for it.
+    pub fn tracking_bitmap(&self, id: ComponentId, stale: Lsn) -> Result<Option<RoaringBitmap>> {
+        let component = self.inner.get(id)?;
+        let state = component.state.read().expect("component lock");
+        Ok(state.tracking.get(&stale).cloned())
+    }
+
+    /// The blocks a resync has brought up to date (or newer writes covered).
+    pub fn sync_bitmap(&self, id: ComponentId) -> Result<Option<RoaringBitmap>> {
+        let component = self.inner.get(id)?;
+        let state = component.state.read().expect("component lock");
+        Ok(state.sync.as_ref().map(|sync| sync.done.clone()))
+    }
+
+    /// Reads `count` blocks from `first`, checking every block's CRC32C.
+    /// Deallocated and never-written blocks read as zeros.
+    pub fn read(&self, id: ComponentId, first: u64, count: u64) -> Result<Bytes> {
+        self.inner.check_failed()?;
+        if count > WRITE_BLOCKS_MAX {
+            return Err(Error::Invalid(format!("reads are of {WRITE_BLOCKS_MAX} blocks at most, not {count}")));
+        }
+        let component = self.inner.get(id)?;
+        let state = component.state.read().expect("component lock");
+        check_range(id, first, count, state.blocks)?;
+        let mut data = vec![0u8; count as usize * BLOCK_SIZE];
+        let mut crcs = vec![0u8; count as usize * CRC_SIZE as usize];
+        read_fully(component.data.as_ref(), &mut data, first * BLOCK_SIZE as u64)?;
+        read_fully(component.crc.as_ref(), &mut crcs, first * CRC_SIZE)?;
+        drop(state);
+        let mut bad = Vec::new();
+        for (index, block) in data.chunks(BLOCK_SIZE).enumerate() {
+            let stored = u32::from_le_bytes(crcs[index * 4..index * 4 + 4].try_into().expect("4 bytes"));
+            let fine = if stored == 0 {
+                block.iter().all(|byte| *byte == 0) || block_crc(block) == 0
+            } else {
+                block_crc(block) == stored
+            };
+            if !fine {
+                bad.push(first + index as u64);
+            }
+        }
+        if !bad.is_empty() {
+            metrics::counter!("blockstore_checksum_errors_total").increment(bad.len() as u64);
+            tracing::error!(disk = %self.inner.name, component = id, blocks = ?bad, "checksum mismatch");
+            return Err(Error::Corrupt { component: id, blocks: bad });
+        }
+        Ok(Bytes::from(data))
+    }
+
+    pub async fn create(&self, id: ComponentId, blocks: u64) -> Result<()> {
+        if blocks > COMPONENT_BLOCKS_MAX {
+            return Err(Error::Invalid(format!("{blocks} blocks is more than a component holds")));
+        }
+        if self.inner.get(id).is_ok() {
+            return Err(Error::Exists(id));
+        }
+        self.submit(Record::Create { component: id, blocks }).await
+    }
+
+    pub async fn delete(&self, id: ComponentId) -> Result<()> {
+        self.inner.get(id)?;
+        self.submit(Record::Delete { component: id }).await
+    }
+
+    pub async fn resize(&self, id: ComponentId, blocks: u64) -> Result<()> {
+        if blocks > COMPONENT_BLOCKS_MAX {
+            return Err(Error::Invalid(format!("{blocks} blocks is more than a component holds")));
+        }
+        self.inner.get(id)?;
+        self.submit(Record::Resize { component: id, blocks }).await
+    }
+
+    /// Writes whole blocks from `first` under `lsn`; returns once durable.
+    pub async fn write(&self, id: ComponentId, lsn: Lsn, first: u64, data: Bytes) -> Result<()> {
+        self.write_records(id, first, data, |first, data| Record::Write { component: id, lsn, first, data }).await
+    }
+
+    /// Resync data from a source component: lands only on blocks no newer
+    /// write has reached.
+    pub async fn sync_write(&self, id: ComponentId, first: u64, data: Bytes) -> Result<()> {
+        self.write_records(id, first, data, |first, data| Record::SyncWrite { component: id, first, data }).await
+    }
+
+    /// Rewrites blocks found corrupt with good data from another replica.
+    pub async fn repair(&self, id: ComponentId, first: u64, data: Bytes) -> Result<()> {
+        self.write_records(id, first, data, |first, data| Record::Repair { component: id, first, data }).await
+    }
+
+    async fn write_records(
+        &self,
+        id: ComponentId,
+        first: u64,
+        data: Bytes,
+        make: impl Fn(u64, Bytes) -> Record,
+    ) -> Result<()> {
+        if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE) {
+            return Err(Error::Invalid(format!("{} bytes is not a whole number of blocks", data.len())));
+        }
+        let count = (data.len() / BLOCK_SIZE) as u64;
+        {
+            let component = self.inner.get(id)?;
+            let state = component.state.read().expect("component lock");
+            check_range(id, first, count, state.blocks)?;
+        }
+        let mut waits = Vec::new();
+        let step = WRITE_BLOCKS_MAX as usize * BLOCK_SIZE;
+        for (index, start) in (0..data.len()).step_by(step).enumerate() {
+            let piece = data.slice(start..(start + step).min(data.len()));
+            waits.push(self.enqueue(make(first + index as u64 * WRITE_BLOCKS_MAX, piece)));
+        }
+        for wait in waits {
+            wait.await?;
+        }
+        Ok(())
+    }
+
+    /// Deallocates blocks under `lsn`: their space goes back to the disk and
+    /// they read as zeros.
+    pub async fn unmap(&self, id: ComponentId, lsn: Lsn, first: u64, count: u64) -> Result<()> {
+        {
+            let component = self.inner.get(id)?;
+            let state = component.state.read().expect("component lock");
+            check_range(id, first, count, state.blocks)?;
+        }
+        self.submit(Record::Unmap { component: id, lsn, first, count }).await
+    }
+
+    /// Starts a tracking bitmap for a peer that went stale at `stale`.
+    pub async fn track(&self, id: ComponentId, stale: Lsn) -> Result<()> {
+        self.inner.get(id)?;
+        self.submit(Record::Track { component: id, stale }).await
+    }
+
+    pub async fn untrack(&self, id: ComponentId, stale: Lsn) -> Result<()> {
+        self.inner.get(id)?;
+        self.submit(Record::Untrack { component: id, stale }).await
+    }
+
+    /// This component missed the writes after `stale`, up to `target`: a
+    /// synchronization bitmap records what the resync brings.
+    pub async fn begin_sync(&self, id: ComponentId, stale: Lsn, target: Lsn) -> Result<()> {
+        if target < stale {
+            return Err(Error::Invalid(format!("resync target {target} is below the stale LSN {stale}")));
+        }
+        self.inner.get(id)?;
+        self.submit(Record::BeginSync { component: id, stale, target }).await
+    }
+
+    /// The resync is complete: the component is current up to its target.
+    pub async fn end_sync(&self, id: ComponentId) -> Result<()> {
+        let component = self.inner.get(id)?;
+        if component.state.read().expect("component lock").sync.is_none() {
+            return Err(Error::Invalid(format!("component {id} is not resynchronizing")));
+        }
+        self.submit(Record::EndSync { component: id }).await
+    }
+
+    async fn submit(&self, record: Record) -> Result<()> {
+        self.enqueue(record).await
+    }
+
+    /// Queues a record for the writer; the future completes when it is
+    /// durable and applied.
+    fn enqueue(&self, record: Record) -> impl std::future::Future<Output = Result<()>> {
+        let (done, wait) = oneshot::channel();
+        let refused = {
+            let mut queue = self.inner.queue.lock().expect("queue lock");
+            while queue.ops.len() >= self.inner.config.queue_max && !queue.closing {
+                queue = self.inner.room.wait(queue).expect("queue lock");
+            }
+            if queue.closing {
+                Some(self.inner.failed_error("closing"))
+            } else if let Err(error) = self.inner.check_failed() {
+                Some(error)
+            } else {
+                queue.ops.push_back(Op { record, done });
+                None
+            }
+        };
+        self.inner.wake.notify_one();
+        let name = self.inner.name.clone();
+        async move {
+            if let Some(error) = refused {
+                return Err(error);
+            }
+            wait.await.unwrap_or_else(|_| Err(Error::DiskFailed { disk: name, reason: "writer stopped".into() }))
+        }
+    }
+}
+
+fn check_range(component: ComponentId, first: u64, count: u64, blocks: u64) -> Result<()> {
+    let end = first.saturating_add(count);
+    if count == 0 || end > blocks {
+        return Err(Error::OutOfRange { component, first, end, blocks });
+    }
+    Ok(())
+}
+
+/// Reads what the file holds; bytes past its end read as zeros.
+fn read_fully(file: &dyn File, buffer: &mut [u8], offset: u64) -> Result<()> {
+    let mut done = 0;
+    while done < buffer.len() {
+        let read = file.read_at(&mut buffer[done..], offset + done as u64).map_err(io)?;
+        if read == 0 {
+            break;
+        }
+        done += read;
+    }
+    Ok(())
+}
+
+impl Inner {
+    fn get(&self, id: ComponentId) -> Result<Arc<Component>> {
+        self.components.read().expect("components lock").get(&id).cloned().ok_or(Error::NoSuchComponent(id))
+    }
+
+    fn failed_error(&self, reason: &str) -> Error {
+        Error::DiskFailed { disk: self.name.clone(), reason: reason.to_string() }
+    }
+
+    fn check_failed(&self) -> Result<()> {
+        match self.failed.lock().expect("failed lock").as_ref() {
+            Some(reason) => Err(self.failed_error(reason)),
+            None => Ok(()),
+        }
+    }
+
+    fn latch(&self, reason: String) {
+        tracing::error!(disk = %self.name, %reason, "disk failed; refusing all further I/O");
+        metrics::counter!("blockstore_disk_failures_total").increment(1);
+        self.failed.lock().expect("failed lock").get_or_insert(reason);
+    }
+
+    fn open_component(&self, id: ComponentId, state: ComponentState) -> Result<Arc<Component>> {
+        let data = self.fs.open(&data_path(&self.dir, id), true).map_err(io)?;
+        let crc = self.fs.open(&crc_path(&self.dir, id), true).map_err(io)?;
+        Ok(Arc::new(Component { data, crc, state: RwLock::new(state) }))
+    }
+
+    /// Applies a durable record to the component files and metadata.
+    /// Idempotent: replaying a record already applied changes nothing.
+    fn apply(&self, record: &Record) -> Result<()> {
+        let id = record.component();
+        match record {
+            Record::Create { blocks, .. } => {
+                if self.get(id).is_ok() {
+                    return Ok(());
+                }
+                let component =
+                    self.open_component(id, ComponentState { blocks: *blocks, dirty: true, ..Default::default() })?;
+                component.data.set_len(*blocks * BLOCK_SIZE as u64).map_err(io)?;
+                component.crc.set_len(*blocks * CRC_SIZE).map_err(io)?;
+                self.components.write().expect("components lock").insert(id, component);
+                return Ok(());
+            }
+            Record::Delete { .. } => {
+                self.components.write().expect("components lock").remove(&id);
+                for path in [data_path(&self.dir, id), crc_path(&self.dir, id)] {
+                    match self.fs.remove_file(&path) {
+                        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
+                        _ => {}
+                    }
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        let component = self.get(id)?;
+        let mut state = component.state.write().expect("component lock");
+        state.dirty = true;
+        match record {
+            Record::Create { .. } | Record::Delete { .. } => unreachable!("handled above"),
+            Record::Resize { blocks, .. } => {
+                if *blocks < state.blocks {
+                    // Shrinking deallocates the tail.
+                    let keep = *blocks * BLOCK_SIZE as u64;
+                    component.data.punch_hole(keep, (state.blocks - *blocks) * BLOCK_SIZE as u64).map_err(io)?;
+                    for bitmap in state.tracking.values_mut() {
+                        bitmap.remove_range(*blocks as u32..);
+                    }
+                }
+                component.data.set_len(*blocks * BLOCK_SIZE as u64).map_err(io)?;
+                component.crc.set_len(*blocks * CRC_SIZE).map_err(io)?;
+                state.blocks = *blocks;
+            }
+            Record::Write { lsn, first, data, .. } => {
+                let count = (data.len() / BLOCK_SIZE) as u64;
+                check_range(id, *first, count, state.blocks)?;
+                write_blocks(&component, *first, data)?;
+                state.written(*lsn, *first, count);
+            }
+            Record::Unmap { lsn, first, count, .. } => {
+                check_range(id, *first, *count, state.blocks)?;
+                component.data.punch_hole(*first * BLOCK_SIZE as u64, *count * BLOCK_SIZE as u64).map_err(io)?;
+                let zeros = vec![0u8; (WRITE_BLOCKS_MAX * CRC_SIZE) as usize];
+                for start in (*first..*first + *count).step_by(WRITE_BLOCKS_MAX as usize) {
+                    let blocks = WRITE_BLOCKS_MAX.min(*first + *count - start);
+                    component.crc.write_at(&zeros[..(blocks * CRC_SIZE) as usize], start * CRC_SIZE).map_err(io)?;
+                }
+                state.written(*lsn, *first, *count);
+            }
+            Record::Track { stale, .. } => {
+                state.tracking.entry(*stale).or_default();
+            }
+            Record::Untrack { stale, .. } => {
+                state.tracking.remove(stale);
+            }
+            Record::BeginSync { stale, target, .. } => {
+                let current = state.sync.as_ref().map(|sync| (sync.stale, sync.target));
+                if current != Some((*stale, *target)) {
+                    let newest = state.committed_lsn.max(*target);
+                    state.sync = Some(Sync { stale: *stale, target: *target, done: RoaringBitmap::new(), newest });
+                    // Until the resync ends, this component is current only
+                    // up to its stale LSN.
+                    state.committed_lsn = *stale;
+                }
+            }
+            Record::SyncWrite { first, data, .. } => {
+                let count = (data.len() / BLOCK_SIZE) as u64;
+                check_range(id, *first, count, state.blocks)?;
+                let Some(sync) = state.sync.as_mut() else {
+                    return Err(Error::Invalid(format!("component {id} is not resynchronizing")));
+                };
+                // Block by block: a block a newer write reached keeps it.
+                for index in 0..count {
+                    let block = *first + index;
+                    if sync.done.insert(block as u32) {
+                        let start = index as usize * BLOCK_SIZE;
+                        write_blocks(&component, block, &data[start..start + BLOCK_SIZE])?;
+                    }
+                }
+                // Blocks resync writes also count for the trackers of other
+                // absent peers: they changed here after those went stale.
+                let marks: Vec<Lsn> = state.tracking.keys().copied().collect();
+                for stale in marks {
+                    if let Some(bitmap) = state.tracking.get_mut(&stale) {
+                        mark(bitmap, *first, count);
+                    }
+                }
+            }
+            Record::EndSync { .. } => {
+                if let Some(sync) = state.sync.take() {
+                    state.committed_lsn = state.committed_lsn.max(sync.newest);
+                }
+            }
+            Record::Repair { first, data, .. } => {
+                let count = (data.len() / BLOCK_SIZE) as u64;
+                check_range(id, *first, count, state.blocks)?;
+                write_blocks(&component, *first, data)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs until closed: drains the queue, writes the batch to the journal,
+    /// syncs once, applies, answers.
+    fn run_writer(self: Arc<Self>, mut generation: u64) {
+        let journal = match self.fs.open(&journal_path(&self.dir, generation), true) {
+            Ok(journal) => journal,
+            Err(error) => {
+                self.latch(format!("cannot open the journal: {error}"));
+                self.fail_queued();
+                return;
+            }
+        };
+        let mut journal = journal;
+        let mut journal_len = journal.len().unwrap_or(0);
+        let mut buffer = Vec::new();
+        loop {
+            let (batch, closing) = {
+                let mut queue = self.queue.lock().expect("queue lock");
+                while queue.ops.is_empty() && !queue.closing {
+                    queue = self.wake.wait(queue).expect("queue lock");
+                }
+                let mut batch = Vec::new();
+                let mut bytes = 0;
+                while let Some(op) = queue.ops.pop_front() {
+                    bytes += record_size(&op.record);
+                    batch.push(op);
+                    if bytes >= self.config.batch_max_bytes {
+                        break;
+                    }
+                }
+                (batch, queue.closing && queue.ops.is_empty())
+            };
+            self.room.notify_all();
+            if !batch.is_empty() {
+                if let Err(error) = self.check_failed() {
+                    for op in batch {
+                        let _ = op.done.send(Err(error.clone()));
+                    }
+                } else {
+                    buffer.clear();
+                    for op in &batch {
+                        op.record.encode(&mut buffer);
+                    }
+                    let written = journal.write_at(&buffer, journal_len).and_then(|()| journal.sync_data());
+                    match written {
+                        Ok(()) => {
+                            journal_len += buffer.len() as u64;
+                            metrics::counter!("blockstore_group_commits_total").increment(1);
+                            metrics::counter!("blockstore_records_total").increment(batch.len() as u64);
+                            for op in batch {
+                                let result = self.apply(&op.record);
+                                if let Err(Error::Io(reason)) = &result {
+                                    self.latch(format!("applying a journaled change: {reason}"));
+                                }
+                                let _ = op.done.send(result);
+                            }
+                        }
+                        Err(error) => {
+                            self.latch(format!("journal write or fdatasync failed: {error}"));
+                            let error = self.failed_error("journal write or fdatasync failed");
+                            for op in batch {
+                                let _ = op.done.send(Err(error.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+            let stopping_hard = closing && self.check_failed().is_err();
+            if (journal_len >= self.config.journal_max_bytes || closing) && !stopping_hard {
+                match self.checkpoint(generation) {
+                    Ok(()) => {
+                        let _ = self.fs.remove_file(&journal_path(&self.dir, generation));
+                        generation += 1;
+                        match self.fs.open(&journal_path(&self.dir, generation), true) {
+                            Ok(next) => {
+                                journal = next;
+                                journal_len = 0;
+                            }
+                            Err(error) => self.latch(format!("cannot open the next journal: {error}")),
+                        }
+                    }
+                    Err(error) => self.latch(format!("checkpoint failed: {error}")),
+                }
+            }
+            if closing {
+                self.fail_queued();
+                return;
+            }
+        }
+    }
+
+    fn fail_queued(&self) {
+        let mut queue = self.queue.lock().expect("queue lock");
+        for op in queue.ops.drain(..) {
+            let _ = op.done.send(Err(self.failed_error("closing")));
+        }
+    }
+
+    /// Makes the component files durable and records the state as the
+    /// checkpoint followed by journal `generation + 1` (created empty first).
+    fn checkpoint(&self, generation: u64) -> Result<()> {
+        let components: Vec<(ComponentId, Arc<Component>)> =
+            self.components.read().expect("components lock").iter().map(|(id, c)| (*id, c.clone())).collect();
+        let mut metas = Vec::with_capacity(components.len());
+        for (id, component) in components {
+            let mut state = component.state.write().expect("component lock");
+            if state.dirty {
+                component.data.sync_data().map_err(io)?;
+                component.crc.sync_data().map_err(io)?;
+                state.dirty = false;
+            }
+            metas.push(ComponentMeta {
+                id,
+                blocks: state.blocks,
+                committed_lsn: state.committed_lsn,
+                tracking: state.tracking.iter().map(|(lsn, bitmap)| (*lsn, bitmap_bytes(bitmap))).collect(),
+                sync: state.sync.as_ref().map(|sync| (sync.stale, sync.target, sync.newest, bitmap_bytes(&sync.done))),
+            });
+        }
+        let next = journal_path(&self.dir, generation + 1);
+        let journal = self.fs.open(&next, true).map_err(io)?;
+        journal.set_len(0).map_err(io)?;
+        journal.sync_data().map_err(io)?;
+        self.fs.sync_dir(&self.dir).map_err(io)?;
+        let meta = Meta { generation: generation + 1, components: metas };
+        let bytes = postcard::to_stdvec(&meta).map_err(|error| Error::Io(error.to_string()))?;
+        self.fs.write_file_atomic(&self.dir.join("meta"), &bytes).map_err(io)?;
+        metrics::counter!("blockstore_checkpoints_total").increment(1);
+        Ok(())
+    }
+
+    /// Removes journals of other generations and files of components the
+    /// store does not hold.
+    fn remove_strays(&self, generation: u64) -> Result<()> {
+        let keep_journal = format!("journal-{generation}");
+        let components = self.components.read().expect("components lock");
+        for name in self.fs.list(&self.dir).map_err(io)? {
+            let stray = if name.starts_with("journal-") {
+                name != keep_journal
+            } else if let Some(rest) = name.strip_prefix("c-") {
+                let id = rest.split('.').next().and_then(|id| id.parse::<u64>().ok());
+                id.is_some_and(|id| !components.contains_key(&id))
+            } else {
+                false
+            };
+            if stray {
+                tracing::info!(disk = %self.name, file = %name, "removing a stray file");
+                self.fs.remove_file(&self.dir.join(&name)).map_err(io)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn record_size(record: &Record) -> usize {
+    match record {
+        Record::Write { data, .. } | Record::SyncWrite { data, .. } | Record::Repair { data, .. } => data.len() + 64,
+        _ => 64,
+    }
+}
+
+/// Writes whole blocks and their checksums.
+fn write_blocks(component: &Component, first: u64, data: &[u8]) -> Result<()> {
+    let mut crcs = Vec::with_capacity(data.len() / BLOCK_SIZE * CRC_SIZE as usize);
+    for block in data.chunks(BLOCK_SIZE) {
+        crcs.extend_from_slice(&block_crc(block).to_le_bytes());
+    }
+    component.data.write_at(data, first * BLOCK_SIZE as u64).map_err(io)?;
+    component.crc.write_at(&crcs, first * CRC_SIZE).map_err(io)?;
+    Ok(())
+}

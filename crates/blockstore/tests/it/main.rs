@@ -1,0 +1,248 @@
+//! The component store on a real directory and on the simulated file
+//! system: round trips, checksums, unmap, bitmaps, resync, crashes, and the
+//! failure latch.
+
+mod crash;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use blockstore::{Disk, DiskConfig, Error, BLOCK_SIZE};
+use bytes::Bytes;
+
+/// A block that says what it is: its number and a version.
+pub fn block(number: u64, version: u64) -> Vec<u8> {
+    let mut data = vec![0u8; BLOCK_SIZE];
+    for (index, chunk) in data.chunks_mut(16).enumerate() {
+        chunk[..8].copy_from_slice(&number.to_le_bytes());
+        chunk[8..].copy_from_slice(&(version ^ index as u64).to_le_bytes());
+    }
+    data
+}
+
+fn blocks(first: u64, count: u64, version: u64) -> Bytes {
+    Bytes::from((first..first + count).flat_map(|number| block(number, version)).collect::<Vec<u8>>())
+}
+
+fn open(dir: &Path) -> Disk {
+    Disk::open(fsio::real(), dir, DiskConfig::default()).unwrap()
+}
+
+#[tokio::test]
+async fn writes_survive_a_restart_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 1000).await.unwrap();
+    disk.write(1, 1, 10, blocks(10, 5, 1)).await.unwrap();
+    disk.write(1, 2, 12, blocks(12, 1, 2)).await.unwrap();
+    assert_eq!(disk.read(1, 10, 2).unwrap(), blocks(10, 2, 1));
+    disk.close();
+    drop(disk);
+    let disk = open(dir.path());
+    let info = disk.component(1).unwrap();
+    assert_eq!((info.blocks, info.committed_lsn), (1000, 2));
+    assert_eq!(disk.read(1, 12, 1).unwrap(), blocks(12, 1, 2));
+    assert_eq!(disk.read(1, 13, 2).unwrap(), blocks(13, 2, 1));
+    assert_eq!(disk.read(1, 0, 1).unwrap(), Bytes::from(vec![0u8; BLOCK_SIZE]), "never written reads as zeros");
+    assert!(matches!(disk.read(1, 999, 2), Err(Error::OutOfRange { .. })));
+    assert!(matches!(disk.create(1, 5).await, Err(Error::Exists(1))));
+    assert!(matches!(disk.read(2, 0, 1), Err(Error::NoSuchComponent(2))));
+}
+
+#[tokio::test]
+async fn a_corrupted_block_is_detected_and_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(7, 64).await.unwrap();
+    disk.write(7, 1, 0, blocks(0, 8, 1)).await.unwrap();
+    disk.close();
+    drop(disk);
+    // Flip one byte of block 5 on disk, behind the store's back.
+    let path = dir.path().join("c-7.data");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[5 * BLOCK_SIZE + 100] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let disk = open(dir.path());
+    match disk.read(7, 0, 8) {
+        Err(Error::Corrupt { component: 7, blocks }) => assert_eq!(blocks, vec![5]),
+        other => panic!("expected a checksum error, got {other:?}"),
+    }
+    assert_eq!(disk.read(7, 0, 5).unwrap(), blocks(0, 5, 1), "the other blocks read fine");
+    disk.repair(7, 5, blocks(5, 1, 1)).await.unwrap();
+    assert_eq!(disk.read(7, 0, 8).unwrap(), blocks(0, 8, 1));
+    assert_eq!(disk.component(7).unwrap().committed_lsn, 1, "a repair carries no LSN");
+}
+
+#[tokio::test]
+async fn unmapped_blocks_read_as_zeros_and_free_their_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(3, 4096).await.unwrap();
+    disk.write(3, 1, 0, blocks(0, 1024, 1)).await.unwrap();
+    disk.write(3, 2, 1024, blocks(1024, 1024, 1)).await.unwrap();
+    disk.close();
+    drop(disk);
+    let disk = open(dir.path());
+    let before = disk.component(3).unwrap().allocated_bytes;
+    assert!(before >= 2048 * BLOCK_SIZE as u64, "{before}");
+    disk.unmap(3, 3, 0, 1024).await.unwrap();
+    let after = disk.component(3).unwrap().allocated_bytes;
+    assert!(after <= before - 1000 * BLOCK_SIZE as u64, "space returned: {before} -> {after}");
+    assert_eq!(disk.read(3, 1000, 24).unwrap(), Bytes::from(vec![0u8; 24 * BLOCK_SIZE]));
+    assert_eq!(disk.read(3, 1024, 4).unwrap(), blocks(1024, 4, 1));
+    assert_eq!(disk.component(3).unwrap().committed_lsn, 3);
+}
+
+#[tokio::test]
+async fn tracking_bitmaps_mark_blocks_written_after_their_stale_lsn_and_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 100).await.unwrap();
+    disk.write(1, 5, 0, blocks(0, 2, 1)).await.unwrap();
+    // A peer went stale at LSN 5, another at 7.
+    disk.track(1, 5).await.unwrap();
+    disk.track(1, 7).await.unwrap();
+    disk.write(1, 6, 10, blocks(10, 2, 1)).await.unwrap();
+    disk.write(1, 8, 20, blocks(20, 1, 1)).await.unwrap();
+    disk.unmap(1, 9, 30, 3).await.unwrap();
+    disk.close();
+    drop(disk);
+    let disk = open(dir.path());
+    let five: Vec<u32> = disk.tracking_bitmap(1, 5).unwrap().unwrap().iter().collect();
+    let seven: Vec<u32> = disk.tracking_bitmap(1, 7).unwrap().unwrap().iter().collect();
+    assert_eq!(five, vec![10, 11, 20, 30, 31, 32]);
+    assert_eq!(seven, vec![20, 30, 31, 32]);
+    disk.untrack(1, 5).await.unwrap();
+    assert!(disk.tracking_bitmap(1, 5).unwrap().is_none());
+    assert_eq!(disk.component(1).unwrap().tracking, vec![(7, 4)]);
+}
+
+#[tokio::test]
+async fn resync_data_never_overwrites_a_newer_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 100).await.unwrap();
+    disk.write(1, 3, 0, blocks(0, 10, 1)).await.unwrap();
+    // Back from an absence at LSN 3; the object is at LSN 9.
+    disk.begin_sync(1, 3, 9).await.unwrap();
+    assert_eq!(disk.component(1).unwrap().committed_lsn, 3, "current only to its stale LSN while resyncing");
+    // A new write lands on block 4 during the resync (LSN 10) ...
+    disk.write(1, 10, 4, blocks(4, 1, 10)).await.unwrap();
+    // ... then older resync data for blocks 3-5 arrives.
+    disk.sync_write(1, 3, blocks(3, 3, 9)).await.unwrap();
+    assert_eq!(disk.read(1, 3, 1).unwrap(), blocks(3, 1, 9));
+    assert_eq!(disk.read(1, 4, 1).unwrap(), blocks(4, 1, 10), "the newer write stays");
+    assert_eq!(disk.read(1, 5, 1).unwrap(), blocks(5, 1, 9));
+    let done: Vec<u32> = disk.sync_bitmap(1).unwrap().unwrap().iter().collect();
+    assert_eq!(done, vec![3, 4, 5]);
+    disk.close();
+    drop(disk);
+    let disk = open(dir.path());
+    assert_eq!(disk.component(1).unwrap().sync, Some((3, 9, 3)), "the resync survives a restart");
+    disk.end_sync(1).await.unwrap();
+    let info = disk.component(1).unwrap();
+    assert_eq!((info.committed_lsn, info.sync), (10, None));
+}
+
+#[tokio::test]
+async fn concurrent_writers_share_group_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 4096).await.unwrap();
+    let mut tasks = Vec::new();
+    for writer in 0..16u64 {
+        let disk = disk.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..32u64 {
+                let number = writer * 32 + round;
+                disk.write(1, number + 1, number, blocks(number, 1, 1)).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(disk.read(1, 0, 512).unwrap(), blocks(0, 512, 1));
+    assert_eq!(disk.component(1).unwrap().committed_lsn, 512);
+}
+
+/// A file system whose syncs start failing on demand, as a dying disk's do.
+struct FailingFs {
+    inner: Arc<dyn fsio::Fs>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct FailingFile {
+    inner: Arc<dyn fsio::File>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl fsio::File for FailingFile {
+    fn read_at(&self, buffer: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.inner.read_at(buffer, offset)
+    }
+    fn write_at(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(bytes, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("EIO (injected)"));
+        }
+        self.inner.sync_data()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn allocated_bytes(&self) -> std::io::Result<u64> {
+        self.inner.allocated_bytes()
+    }
+}
+
+impl fsio::Fs for FailingFs {
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(path)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        self.inner.exists(path)
+    }
+    fn open(&self, path: &Path, create: bool) -> std::io::Result<Arc<dyn fsio::File>> {
+        Ok(Arc::new(FailingFile { inner: self.inner.open(path, create)?, failing: self.failing.clone() }))
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.remove_file(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.remove_dir_all(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+}
+
+#[tokio::test]
+async fn a_failed_fdatasync_latches_the_disk_failed() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fs = Arc::new(FailingFs { inner: Arc::new(fsio::SimFs::new(1)), failing: failing.clone() });
+    let disk = Disk::open(fs, Path::new("/disk"), DiskConfig::default()).unwrap();
+    disk.create(1, 10).await.unwrap();
+    disk.write(1, 1, 0, blocks(0, 1, 1)).await.unwrap();
+    failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(disk.write(1, 2, 1, blocks(1, 1, 1)).await, Err(Error::DiskFailed { .. })));
+    // The disk stays failed even once syncs would work again.
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(disk.write(1, 3, 2, blocks(2, 1, 1)).await, Err(Error::DiskFailed { .. })));
+    assert!(matches!(disk.read(1, 0, 1), Err(Error::DiskFailed { .. })));
+    assert!(disk.failure().unwrap().contains("fdatasync"), "{:?}", disk.failure());
+}
