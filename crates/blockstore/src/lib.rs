@@ -52,6 +52,14 @@ pub const COMPONENT_BLOCKS_MAX: u64 = u32::MAX as u64;
 pub type ComponentId = u64;
 pub type Lsn = u64;
 
+/// LSNs per window of recent writes.
+pub const WINDOW_LSNS: Lsn = 64;
+/// Windows of recent writes kept per component: a tracking bitmap started
+/// for a stale LSN within them is seeded with every block written above it
+/// (so writes that reached this component before the tracking began are not
+/// missed, and a new owner can start tracking after the fact).
+pub const RECENT_WINDOWS: usize = 256;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     #[error("disk {disk} failed: {reason}")]
@@ -95,8 +103,10 @@ pub struct ComponentInfo {
     pub blocks: u64,
     pub committed_lsn: Lsn,
     /// Stale LSNs this component keeps tracking bitmaps for, with the
-    /// number of blocks marked in each.
-    pub tracking: Vec<(Lsn, u64)>,
+    /// number of blocks marked in each and whether the bitmap is complete
+    /// (it is not when it was started for a stale LSN older than the
+    /// recent-write windows reach: a resync from it would miss blocks).
+    pub tracking: Vec<(Lsn, u64, bool)>,
     /// While resynchronizing: (stale LSN, target LSN, blocks done).
     pub sync: Option<(Lsn, Lsn, u64)>,
     /// Bytes the component's data file holds on disk.
@@ -122,8 +132,54 @@ struct Component {
 }
 
 impl ComponentState {
+    fn remember(&mut self, lsn: Lsn, first: u64, count: u64) {
+        mark(self.recent.entry(lsn / WINDOW_LSNS).or_default(), first, count);
+        while self.recent.len() > RECENT_WINDOWS {
+            self.recent.pop_first();
+        }
+    }
+
+    /// Starts tracking for `stale`, seeded with `seed`, or else with the
+    /// recent writes above it.
+    fn track(&mut self, stale: Lsn, seed: Option<&[(u64, u64)]>) {
+        if self.tracking.contains_key(&stale) {
+            return;
+        }
+        if let Some(seed) = seed {
+            let mut bitmap = RoaringBitmap::new();
+            for (first, count) in seed {
+                let end = (first.saturating_add(*count)).min(self.blocks);
+                if *first < end {
+                    mark(&mut bitmap, *first, end - first);
+                }
+            }
+            self.tracking.insert(stale, bitmap);
+            return;
+        }
+        let from = (stale + 1) / WINDOW_LSNS;
+        let mut bitmap = RoaringBitmap::new();
+        for window in self.recent.range(from..).map(|(_, window)| window) {
+            bitmap |= window;
+        }
+        // Windows are only ever dropped once there are RECENT_WINDOWS of
+        // them, oldest first: with fewer, none was; with that many, writes
+        // above `stale` may have been in a dropped one unless the oldest kept
+        // window reaches back to `stale`.
+        let oldest = self.recent.keys().next().copied();
+        let reaches = self.recent.len() < RECENT_WINDOWS || oldest.is_some_and(|oldest| oldest <= from);
+        if !reaches && self.newest_lsn() > stale {
+            self.incomplete.insert(stale);
+        }
+        self.tracking.insert(stale, bitmap);
+    }
+
+    fn newest_lsn(&self) -> Lsn {
+        self.sync.as_ref().map_or(self.committed_lsn, |sync| sync.newest.max(self.committed_lsn))
+    }
+
     /// Bookkeeping for a write or unmap under `lsn`.
     fn written(&mut self, lsn: Lsn, first: u64, count: u64) {
+        self.remember(lsn, first, count);
         match self.sync.as_mut() {
             Some(sync) => {
                 sync.newest = sync.newest.max(lsn);
@@ -144,6 +200,10 @@ struct ComponentState {
     blocks: u64,
     committed_lsn: Lsn,
     tracking: BTreeMap<Lsn, RoaringBitmap>,
+    /// Tracking bitmaps that may miss blocks (started too late).
+    incomplete: std::collections::BTreeSet<Lsn>,
+    /// Blocks written per window of `WINDOW_LSNS` LSNs, the newest windows.
+    recent: BTreeMap<u64, RoaringBitmap>,
     sync: Option<Sync>,
     /// Written since the last checkpoint (its files need a sync).
     dirty: bool,
@@ -163,6 +223,8 @@ struct ComponentMeta {
     blocks: u64,
     committed_lsn: Lsn,
     tracking: Vec<(Lsn, Vec<u8>)>,
+    incomplete: Vec<Lsn>,
+    recent: Vec<(u64, Vec<u8>)>,
     /// stale, target, newest, done.
     sync: Option<(Lsn, Lsn, Lsn, Vec<u8>)>,
 }
@@ -300,6 +362,12 @@ impl Disk {
                         .iter()
                         .map(|(lsn, bytes)| Ok((*lsn, bitmap_from(bytes)?)))
                         .collect::<Result<_>>()?,
+                    incomplete: component.incomplete.iter().copied().collect(),
+                    recent: component
+                        .recent
+                        .iter()
+                        .map(|(window, bytes)| Ok((*window, bitmap_from(bytes)?)))
+                        .collect::<Result<_>>()?,
                     sync: match &component.sync {
                         Some((stale, target, newest, bytes)) => {
                             Some(Sync { stale: *stale, target: *target, newest: *newest, done: bitmap_from(bytes)? })
@@ -378,7 +446,11 @@ impl Disk {
             id,
             blocks: state.blocks,
             committed_lsn: state.committed_lsn,
-            tracking: state.tracking.iter().map(|(lsn, bitmap)| (*lsn, bitmap.len())).collect(),
+            tracking: state
+                .tracking
+                .iter()
+                .map(|(lsn, bitmap)| (*lsn, bitmap.len(), !state.incomplete.contains(lsn)))
+                .collect(),
             sync: state.sync.as_ref().map(|sync| (sync.stale, sync.target, sync.done.len())),
             allocated_bytes: component.data.allocated_bytes().unwrap_or(0),
         })
@@ -512,9 +584,15 @@ impl Disk {
     }
 
     /// Starts a tracking bitmap for a peer that went stale at `stale`.
-    pub async fn track(&self, id: ComponentId, stale: Lsn) -> Result<()> {
+    /// `seed`: the block ranges written above `stale` that reached this
+    /// component before now, when the caller knows them exactly (the owner
+    /// does: they are its writes in flight); `None` seeds it from the
+    /// recent-write windows instead, a superset by at most a window's writes
+    /// (see [`ComponentInfo::tracking`] for whether that reached back far
+    /// enough).
+    pub async fn track(&self, id: ComponentId, stale: Lsn, seed: Option<Vec<(u64, u64)>>) -> Result<()> {
         self.inner.get(id)?;
-        self.submit(Record::Track { component: id, stale }).await
+        self.submit(Record::Track { component: id, stale, seed }).await
     }
 
     pub async fn untrack(&self, id: ComponentId, stale: Lsn) -> Result<()> {
@@ -685,11 +763,10 @@ impl Inner {
                 }
                 state.written(*lsn, *first, *count);
             }
-            Record::Track { stale, .. } => {
-                state.tracking.entry(*stale).or_default();
-            }
+            Record::Track { stale, seed, .. } => state.track(*stale, seed.as_deref()),
             Record::Untrack { stale, .. } => {
                 state.tracking.remove(stale);
+                state.incomplete.remove(stale);
             }
             Record::BeginSync { stale, target, .. } => {
                 let current = state.sync.as_ref().map(|sync| (sync.stale, sync.target));
@@ -715,6 +792,8 @@ impl Inner {
                         write_blocks(&component, block, &data[start..start + BLOCK_SIZE])?;
                     }
                 }
+                let newest = sync.newest;
+                state.remember(newest, *first, count);
                 // Blocks resync writes also count for the trackers of other
                 // absent peers: they changed here after those went stale.
                 let marks: Vec<Lsn> = state.tracking.keys().copied().collect();
@@ -853,6 +932,8 @@ impl Inner {
                 blocks: state.blocks,
                 committed_lsn: state.committed_lsn,
                 tracking: state.tracking.iter().map(|(lsn, bitmap)| (*lsn, bitmap_bytes(bitmap))).collect(),
+                incomplete: state.incomplete.iter().copied().collect(),
+                recent: state.recent.iter().map(|(window, bitmap)| (*window, bitmap_bytes(bitmap))).collect(),
                 sync: state.sync.as_ref().map(|sync| (sync.stale, sync.target, sync.newest, bitmap_bytes(&sync.done))),
             });
         }

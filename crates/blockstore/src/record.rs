@@ -41,10 +41,14 @@ pub enum Record {
         first: u64,
         count: u64,
     },
-    /// Starts a tracking bitmap for a component that went stale at `stale`.
+    /// Starts a tracking bitmap for a component that went stale at `stale`,
+    /// marking `seed` (block ranges written above `stale` before now, as the
+    /// owner knows them), or, without a seed, the recent-write windows above
+    /// `stale` (a superset).
     Track {
         component: ComponentId,
         stale: Lsn,
+        seed: Option<Vec<(u64, u64)>>,
     },
     Untrack {
         component: ComponentId,
@@ -123,7 +127,13 @@ impl Record {
                 out.extend_from_slice(data);
             }
             Record::Unmap { component, lsn, first, count } => u64s(out, UNMAP, &[*component, *lsn, *first, *count]),
-            Record::Track { component, stale } => u64s(out, TRACK, &[*component, *stale]),
+            Record::Track { component, stale, seed } => {
+                u64s(out, TRACK, &[*component, *stale, seed.is_some() as u64]);
+                for (first, count) in seed.iter().flatten() {
+                    out.extend_from_slice(&first.to_le_bytes());
+                    out.extend_from_slice(&count.to_le_bytes());
+                }
+            }
             Record::Untrack { component, stale } => u64s(out, UNTRACK, &[*component, *stale]),
             Record::BeginSync { component, stale, target } => u64s(out, BEGIN_SYNC, &[*component, *stale, *target]),
             Record::SyncWrite { component, first, data } => {
@@ -177,7 +187,21 @@ impl Record {
                 Record::Write { component, lsn, first, data: blocks(rest)? }
             }
             UNMAP => Record::Unmap { component: next()?, lsn: next()?, first: next()?, count: next()? },
-            TRACK => Record::Track { component: next()?, stale: next()? },
+            TRACK => {
+                let (component, stale, seeded) = (next()?, next()?, next()?);
+                let seed = match seeded {
+                    0 => None,
+                    1 => {
+                        let mut ranges = Vec::new();
+                        while let Some(first) = next() {
+                            ranges.push((first, next()?));
+                        }
+                        Some(ranges)
+                    }
+                    _ => return None,
+                };
+                Record::Track { component, stale, seed }
+            }
             UNTRACK => Record::Untrack { component: next()?, stale: next()? },
             BEGIN_SYNC => Record::BeginSync { component: next()?, stale: next()?, target: next()? },
             SYNC_WRITE => {
@@ -216,7 +240,8 @@ mod tests {
             Record::Resize { component: 3, blocks: 5 },
             Record::Write { component: 4, lsn: 9, first: 3, data: data.clone() },
             Record::Unmap { component: 5, lsn: 10, first: 1, count: 7 },
-            Record::Track { component: 6, stale: 11 },
+            Record::Track { component: 6, stale: 11, seed: None },
+            Record::Track { component: 6, stale: 11, seed: Some(vec![(1, 2), (9, 1)]) },
             Record::Untrack { component: 7, stale: 12 },
             Record::BeginSync { component: 8, stale: 3, target: 40 },
             Record::SyncWrite { component: 9, first: 2, data: data.clone() },

@@ -89,7 +89,7 @@ fn check(disk: &Disk, models: &BTreeMap<u64, Model>) -> Result<(), TestCaseError
             let at = number as usize * BLOCK_SIZE;
             prop_assert!(data[at..at + BLOCK_SIZE] == expected(model, number)[..], "component {} block {}", id, number);
         }
-        let tracked: Vec<Lsn> = info.tracking.iter().map(|(lsn, _)| *lsn).collect();
+        let tracked: Vec<Lsn> = info.tracking.iter().map(|(lsn, _, _)| *lsn).collect();
         prop_assert_eq!(tracked, model.tracking.keys().copied().collect::<Vec<_>>());
         for (stale, marked) in &model.tracking {
             let bitmap = disk.tracking_bitmap(*id, *stale).unwrap().unwrap();
@@ -141,7 +141,7 @@ fn run(ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
                 }
                 Op::Track { component } => {
                     let model = models.get_mut(&component).unwrap();
-                    disk.track(component, model.lsn).await.unwrap();
+                    disk.track(component, model.lsn, Some(vec![])).await.unwrap();
                     model.tracking.entry(model.lsn).or_default();
                 }
                 Op::Untrack { component } => {

@@ -100,8 +100,8 @@ async fn tracking_bitmaps_mark_blocks_written_after_their_stale_lsn_and_persist(
     disk.create(1, 100).await.unwrap();
     disk.write(1, 5, 0, blocks(0, 2, 1)).await.unwrap();
     // A peer went stale at LSN 5, another at 7.
-    disk.track(1, 5).await.unwrap();
-    disk.track(1, 7).await.unwrap();
+    disk.track(1, 5, Some(vec![])).await.unwrap();
+    disk.track(1, 7, Some(vec![])).await.unwrap();
     disk.write(1, 6, 10, blocks(10, 2, 1)).await.unwrap();
     disk.write(1, 8, 20, blocks(20, 1, 1)).await.unwrap();
     disk.unmap(1, 9, 30, 3).await.unwrap();
@@ -114,7 +114,7 @@ async fn tracking_bitmaps_mark_blocks_written_after_their_stale_lsn_and_persist(
     assert_eq!(seven, vec![20, 30, 31, 32]);
     disk.untrack(1, 5).await.unwrap();
     assert!(disk.tracking_bitmap(1, 5).unwrap().is_none());
-    assert_eq!(disk.component(1).unwrap().tracking, vec![(7, 4)]);
+    assert_eq!(disk.component(1).unwrap().tracking, vec![(7, 4, true)]);
 }
 
 #[tokio::test]
@@ -245,4 +245,47 @@ async fn a_failed_fdatasync_latches_the_disk_failed() {
     assert!(matches!(disk.write(1, 3, 2, blocks(2, 1, 1)).await, Err(Error::DiskFailed { .. })));
     assert!(matches!(disk.read(1, 0, 1), Err(Error::DiskFailed { .. })));
     assert!(disk.failure().unwrap().contains("fdatasync"), "{:?}", disk.failure());
+}
+
+#[tokio::test]
+async fn tracking_started_late_is_seeded_with_recent_writes_above_its_lsn() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 100).await.unwrap();
+    disk.write(1, 1, 0, blocks(0, 1, 1)).await.unwrap();
+    disk.write(1, 2, 1, blocks(1, 1, 1)).await.unwrap();
+    disk.write(1, 3, 2, blocks(2, 1, 1)).await.unwrap();
+    // A peer's absence at LSN 1 is noticed only now: blocks 1 and 2 were
+    // written above it before the tracking began.
+    disk.track(1, 1, None).await.unwrap();
+    let marked: Vec<u32> = disk.tracking_bitmap(1, 1).unwrap().unwrap().iter().collect();
+    // A superset, by at most the writes of one window (here block 0).
+    assert!(marked == vec![1, 2] || marked == vec![0, 1, 2], "{marked:?}");
+    assert!(disk.component(1).unwrap().tracking[0].2, "complete");
+    // The owner, which knows its writes in flight, seeds it exactly.
+    disk.track(1, 2, Some(vec![(2, 1)])).await.unwrap();
+    let marked: Vec<u32> = disk.tracking_bitmap(1, 2).unwrap().unwrap().iter().collect();
+    assert_eq!(marked, vec![2]);
+}
+
+#[tokio::test]
+async fn tracking_started_beyond_the_recent_windows_says_it_is_incomplete() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 100).await.unwrap();
+    let windows = blockstore::RECENT_WINDOWS as u64 + 2;
+    for window in 0..windows {
+        let lsn = window * blockstore::WINDOW_LSNS + 1;
+        disk.write(1, lsn, window % 100, blocks(window % 100, 1, lsn)).await.unwrap();
+    }
+    disk.track(1, 5, None).await.unwrap();
+    let newest = (windows - 1) * blockstore::WINDOW_LSNS;
+    disk.track(1, newest, None).await.unwrap();
+    disk.close();
+    drop(disk);
+    let disk = open(dir.path());
+    let tracking = disk.component(1).unwrap().tracking;
+    assert_eq!(tracking[0].0, 5);
+    assert!(!tracking[0].2, "writes above LSN 5 fell out of the windows: {tracking:?}");
+    assert_eq!(tracking[1], (newest, 1, true));
 }
