@@ -115,6 +115,7 @@ pub struct ComponentInfo {
 
 #[derive(Clone, Debug, Default)]
 struct Sync {
+    plan: u64,
     stale: Lsn,
     target: Lsn,
     done: RoaringBitmap,
@@ -225,8 +226,8 @@ struct ComponentMeta {
     tracking: Vec<(Lsn, Vec<u8>)>,
     incomplete: Vec<Lsn>,
     recent: Vec<(u64, Vec<u8>)>,
-    /// stale, target, newest, done.
-    sync: Option<(Lsn, Lsn, Lsn, Vec<u8>)>,
+    /// plan, stale, target, newest, done.
+    sync: Option<(u64, Lsn, Lsn, Lsn, Vec<u8>)>,
 }
 
 struct Op {
@@ -369,9 +370,13 @@ impl Disk {
                         .map(|(window, bytes)| Ok((*window, bitmap_from(bytes)?)))
                         .collect::<Result<_>>()?,
                     sync: match &component.sync {
-                        Some((stale, target, newest, bytes)) => {
-                            Some(Sync { stale: *stale, target: *target, newest: *newest, done: bitmap_from(bytes)? })
-                        }
+                        Some((plan, stale, target, newest, bytes)) => Some(Sync {
+                            plan: *plan,
+                            stale: *stale,
+                            target: *target,
+                            newest: *newest,
+                            done: bitmap_from(bytes)?,
+                        }),
                         None => None,
                     },
                     dirty: false,
@@ -601,22 +606,39 @@ impl Disk {
     }
 
     /// This component missed the writes after `stale`, up to `target`: a
-    /// synchronization bitmap records what the resync brings.
-    pub async fn begin_sync(&self, id: ComponentId, stale: Lsn, target: Lsn) -> Result<()> {
+    /// synchronization bitmap records what resync `plan` (non-zero, unique
+    /// per resync the owner plans) brings. Beginning the same plan again
+    /// keeps what it brought so far; a different plan starts afresh (the
+    /// component may have missed writes in between).
+    pub async fn begin_sync(&self, id: ComponentId, stale: Lsn, target: Lsn, plan: u64) -> Result<()> {
         if target < stale {
             return Err(Error::Invalid(format!("resync target {target} is below the stale LSN {stale}")));
         }
+        if plan == 0 {
+            return Err(Error::Invalid("resync plan 0 is reserved".into()));
+        }
         self.inner.get(id)?;
-        self.submit(Record::BeginSync { component: id, stale, target }).await
+        self.submit(Record::BeginSync { component: id, stale, target, plan }).await
     }
 
-    /// The resync is complete: the component is current up to its target.
-    pub async fn end_sync(&self, id: ComponentId) -> Result<()> {
+    /// Resync `plan` is complete: the component is current up to its
+    /// target. Plan 0 ends any resync as it stands (the component becomes
+    /// the copy of record). Returns whether a resync ended.
+    pub async fn end_sync(&self, id: ComponentId, plan: u64) -> Result<bool> {
         let component = self.inner.get(id)?;
-        if component.state.read().expect("component lock").sync.is_none() {
-            return Err(Error::Invalid(format!("component {id} is not resynchronizing")));
+        let matches = |state: &ComponentState| state.sync.as_ref().is_some_and(|sync| plan == 0 || sync.plan == plan);
+        if !matches(&component.state.read().expect("component lock")) {
+            return Ok(false);
         }
-        self.submit(Record::EndSync { component: id }).await
+        self.submit(Record::EndSync { component: id, plan }).await?;
+        Ok(true)
+    }
+
+    /// The resync under way, if any: (plan, stale, target).
+    pub fn sync_plan(&self, id: ComponentId) -> Result<Option<(u64, Lsn, Lsn)>> {
+        let component = self.inner.get(id)?;
+        let state = component.state.read().expect("component lock");
+        Ok(state.sync.as_ref().map(|sync| (sync.plan, sync.stale, sync.target)))
     }
 
     async fn submit(&self, record: Record) -> Result<()> {
@@ -768,11 +790,11 @@ impl Inner {
                 state.tracking.remove(stale);
                 state.incomplete.remove(stale);
             }
-            Record::BeginSync { stale, target, .. } => {
-                let current = state.sync.as_ref().map(|sync| (sync.stale, sync.target));
-                if current != Some((*stale, *target)) {
+            Record::BeginSync { stale, target, plan, .. } => {
+                if state.sync.as_ref().map(|sync| sync.plan) != Some(*plan) {
                     let newest = state.committed_lsn.max(*target);
-                    state.sync = Some(Sync { stale: *stale, target: *target, done: RoaringBitmap::new(), newest });
+                    state.sync =
+                        Some(Sync { plan: *plan, stale: *stale, target: *target, done: RoaringBitmap::new(), newest });
                     // Until the resync ends, this component is current only
                     // up to its stale LSN.
                     state.committed_lsn = *stale;
@@ -803,8 +825,9 @@ impl Inner {
                     }
                 }
             }
-            Record::EndSync { .. } => {
-                if let Some(sync) = state.sync.take() {
+            Record::EndSync { plan, .. } => {
+                if state.sync.as_ref().is_some_and(|sync| *plan == 0 || sync.plan == *plan) {
+                    let sync = state.sync.take().expect("checked");
                     state.committed_lsn = state.committed_lsn.max(sync.newest);
                 }
             }
@@ -934,7 +957,10 @@ impl Inner {
                 tracking: state.tracking.iter().map(|(lsn, bitmap)| (*lsn, bitmap_bytes(bitmap))).collect(),
                 incomplete: state.incomplete.iter().copied().collect(),
                 recent: state.recent.iter().map(|(window, bitmap)| (*window, bitmap_bytes(bitmap))).collect(),
-                sync: state.sync.as_ref().map(|sync| (sync.stale, sync.target, sync.newest, bitmap_bytes(&sync.done))),
+                sync: state
+                    .sync
+                    .as_ref()
+                    .map(|sync| (sync.plan, sync.stale, sync.target, sync.newest, bitmap_bytes(&sync.done))),
             });
         }
         let next = journal_path(&self.dir, generation + 1);

@@ -54,11 +54,14 @@ pub enum Record {
         component: ComponentId,
         stale: Lsn,
     },
-    /// This component is being resynchronized from `stale` up to `target`.
+    /// This component is being resynchronized from `stale` up to `target`
+    /// by resync `plan` (a new plan starts a fresh synchronization bitmap;
+    /// the same plan again keeps it).
     BeginSync {
         component: ComponentId,
         stale: Lsn,
         target: Lsn,
+        plan: u64,
     },
     /// Resync data: written only to blocks no newer write has touched.
     SyncWrite {
@@ -66,9 +69,12 @@ pub enum Record {
         first: u64,
         data: Bytes,
     },
-    /// The resync finished: the component is current up to its target.
+    /// Resync `plan` finished: the component is current up to its target
+    /// (an end for another plan changes nothing). Plan 0 ends whatever resync
+    /// is under way: the component is current as it stands.
     EndSync {
         component: ComponentId,
+        plan: u64,
     },
     /// A block rewritten from another replica after a checksum mismatch
     /// (no LSN: the data is what the LSN already covers).
@@ -103,7 +109,7 @@ impl Record {
             | Record::Untrack { component, .. }
             | Record::BeginSync { component, .. }
             | Record::SyncWrite { component, .. }
-            | Record::EndSync { component }
+            | Record::EndSync { component, .. }
             | Record::Repair { component, .. } => *component,
         }
     }
@@ -135,12 +141,14 @@ impl Record {
                 }
             }
             Record::Untrack { component, stale } => u64s(out, UNTRACK, &[*component, *stale]),
-            Record::BeginSync { component, stale, target } => u64s(out, BEGIN_SYNC, &[*component, *stale, *target]),
+            Record::BeginSync { component, stale, target, plan } => {
+                u64s(out, BEGIN_SYNC, &[*component, *stale, *target, *plan])
+            }
             Record::SyncWrite { component, first, data } => {
                 u64s(out, SYNC_WRITE, &[*component, *first]);
                 out.extend_from_slice(data);
             }
-            Record::EndSync { component } => u64s(out, END_SYNC, &[*component]),
+            Record::EndSync { component, plan } => u64s(out, END_SYNC, &[*component, *plan]),
             Record::Repair { component, first, data } => {
                 u64s(out, REPAIR, &[*component, *first]);
                 out.extend_from_slice(data);
@@ -203,12 +211,12 @@ impl Record {
                 Record::Track { component, stale, seed }
             }
             UNTRACK => Record::Untrack { component: next()?, stale: next()? },
-            BEGIN_SYNC => Record::BeginSync { component: next()?, stale: next()?, target: next()? },
+            BEGIN_SYNC => Record::BeginSync { component: next()?, stale: next()?, target: next()?, plan: next()? },
             SYNC_WRITE => {
                 let (component, first) = (next()?, next()?);
                 Record::SyncWrite { component, first, data: blocks(rest)? }
             }
-            END_SYNC => Record::EndSync { component: next()? },
+            END_SYNC => Record::EndSync { component: next()?, plan: next()? },
             REPAIR => {
                 let (component, first) = (next()?, next()?);
                 Record::Repair { component, first, data: blocks(rest)? }
@@ -243,9 +251,9 @@ mod tests {
             Record::Track { component: 6, stale: 11, seed: None },
             Record::Track { component: 6, stale: 11, seed: Some(vec![(1, 2), (9, 1)]) },
             Record::Untrack { component: 7, stale: 12 },
-            Record::BeginSync { component: 8, stale: 3, target: 40 },
+            Record::BeginSync { component: 8, stale: 3, target: 40, plan: 2 },
             Record::SyncWrite { component: 9, first: 2, data: data.clone() },
-            Record::EndSync { component: 10 },
+            Record::EndSync { component: 10, plan: 2 },
             Record::Repair { component: 11, first: 0, data },
         ]
     }

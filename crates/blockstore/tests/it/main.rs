@@ -124,7 +124,7 @@ async fn resync_data_never_overwrites_a_newer_write() {
     disk.create(1, 100).await.unwrap();
     disk.write(1, 3, 0, blocks(0, 10, 1)).await.unwrap();
     // Back from an absence at LSN 3; the object is at LSN 9.
-    disk.begin_sync(1, 3, 9).await.unwrap();
+    disk.begin_sync(1, 3, 9, 1).await.unwrap();
     assert_eq!(disk.component(1).unwrap().committed_lsn, 3, "current only to its stale LSN while resyncing");
     // A new write lands on block 4 during the resync (LSN 10) ...
     disk.write(1, 10, 4, blocks(4, 1, 10)).await.unwrap();
@@ -139,7 +139,8 @@ async fn resync_data_never_overwrites_a_newer_write() {
     drop(disk);
     let disk = open(dir.path());
     assert_eq!(disk.component(1).unwrap().sync, Some((3, 9, 3)), "the resync survives a restart");
-    disk.end_sync(1).await.unwrap();
+    assert!(!disk.end_sync(1, 2).await.unwrap(), "the end of another plan changes nothing");
+    assert!(disk.end_sync(1, 1).await.unwrap());
     let info = disk.component(1).unwrap();
     assert_eq!((info.committed_lsn, info.sync), (10, None));
 }

@@ -1,0 +1,13 @@
+//! `objects`: distributed objects over the components in `blockstore`.
+//!
+//! Built so far: [`owner`], the sans-IO owner of one object (LSNs, fan-out,
+//! acknowledgement when every active component has a write, degraded mode,
+//! tracking bitmaps for absent components seeded with the writes they may
+//! have missed, the choice of resync source). Still to come (issue 4): the
+//! owner and component threads and their connections, the block client API,
+//! resync jobs through the persistent queue, rebuild after the repair delay.
+//! The plan: `docs/design/objects.md`.
+//!
+//! **Boundary:** the owner decides; it does no I/O (contract 6).
+
+pub mod owner;

@@ -1,0 +1,641 @@
+//! The owner of one object, sans-IO: LSNs, fan-out, acknowledgement,
+//! degraded mode, tracking for absent components, and the choice of resync
+//! source when one comes back (see `docs/design/objects.md`).
+//!
+//! The I/O layer feeds it [`Input`]s and carries out its [`Action`]s: sends
+//! writes to components (each component's connection delivers in order),
+//! answers clients, runs resync jobs, records component states in the
+//! catalog.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use blockstore::Lsn;
+use serde::{Deserialize, Serialize};
+
+/// A component's place in the object's layout.
+pub type Index = usize;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    Active,
+    /// Unavailable since `since` (ms); it has every write up to `stale`.
+    Absent {
+        stale: Lsn,
+        since: u64,
+    },
+    /// Coming back: has everything up to `stale`, is being brought to
+    /// `target` by a resync, and receives every new write meanwhile.
+    Resyncing {
+        stale: Lsn,
+        target: Lsn,
+    },
+}
+
+/// Where a resync copies from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The blocks marked in `source`'s tracking bitmap for `tracking`
+    /// (equal to the stale LSN, or the largest below it: a superset).
+    Tracked { source: Index, tracking: Lsn },
+    /// No tracking bitmap covers the absence: every block (allocated on the
+    /// source: copied; not allocated there: deallocated on the component).
+    FullCopy { source: Index },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Write { first: u64, count: u64 },
+    Unmap { first: u64, count: u64 },
+}
+
+impl Op {
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Op::Write { first, count } | Op::Unmap { first, count } => (*first, *count),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send the client's operation, under `lsn`, to `component`.
+    Send {
+        component: Index,
+        lsn: Lsn,
+        request: u64,
+    },
+    /// The client's operation is durable on every active component.
+    Done {
+        request: u64,
+        lsn: Lsn,
+    },
+    /// The object cannot take I/O: no active component.
+    Refused {
+        request: u64,
+    },
+    /// Start a tracking bitmap on `component` for a peer stale at `stale`,
+    /// seeded with these block ranges (writes above `stale` it may already
+    /// have).
+    Track {
+        component: Index,
+        stale: Lsn,
+        seed: Vec<(u64, u64)>,
+    },
+    Untrack {
+        component: Index,
+        stale: Lsn,
+    },
+    /// Bring `component` from `stale` to `target`: begin; wait until the
+    /// source reports `ready` as its committed LSN (it then has every write
+    /// sent to it so far, and the tracking bitmap sent before them; LSNs
+    /// refused while every copy was away are never sent to anyone); copy;
+    /// end behind the writes already sent to the component.
+    /// `plan` identifies this resync (the block store keeps a
+    /// synchronization bitmap per plan; see `blockstore::Disk::begin_sync`).
+    Resync {
+        component: Index,
+        stale: Lsn,
+        target: Lsn,
+        source: Source,
+        ready: Lsn,
+        plan: u64,
+    },
+    /// `component` is the copy of record as it stands (every other copy
+    /// was away): drop any resync state it has, and go on from there. Sent
+    /// in order behind the writes already sent to it.
+    Current {
+        component: Index,
+    },
+    /// The component states changed: record them in the catalog.
+    Persist,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// A client operation (`request` identifies it to the caller).
+    Submit { request: u64, op: Op },
+    /// `component` made `lsn` durable.
+    Acked { component: Index, lsn: Lsn },
+    /// `component` could not (or its host or disk is gone).
+    Failed { component: Index },
+    /// A `Track` action was carried out (informational: the owner counts a
+    /// tracking bitmap from when it sends it, as the connection keeps order).
+    Tracking { component: Index, stale: Lsn },
+    /// An absent component is reachable again, with everything up to
+    /// `committed` (its own committed LSN).
+    Back { component: Index, committed: Lsn },
+    /// Resync `plan` of `component` finished (its end was acknowledged
+    /// after every write sent to it before). The end of a resync planned
+    /// before the current one is ignored.
+    Resynced { component: Index, plan: u64 },
+}
+
+struct Pending {
+    request: u64,
+    op: Op,
+    /// Active components that have not acknowledged yet.
+    waiting: BTreeSet<Index>,
+    /// Whether an active component has it durably (if every one that was
+    /// active failed before acknowledging, it is not done: it is refused).
+    held: bool,
+}
+
+struct Component {
+    status: Status,
+    /// Every LSN up to this one is durable there.
+    acked: Lsn,
+    /// Acknowledged above `acked`, out of order.
+    acked_above: BTreeSet<Lsn>,
+    /// Stale LSNs this component holds tracking bitmaps for (sent to it).
+    tracking: BTreeSet<Lsn>,
+    /// The newest LSN sent to it (or that it held when it became current).
+    last_sent: Lsn,
+    /// While resyncing: the component it copies from, the tracking bitmap
+    /// it copies by, and the plan.
+    source: Option<Index>,
+    uses: Option<Lsn>,
+    plan: u64,
+}
+
+pub struct Owner {
+    components: Vec<Component>,
+    last_lsn: Lsn,
+    pending: BTreeMap<Lsn, Pending>,
+    /// The operations not yet acknowledged by every component that is not
+    /// absent: the seed of a tracking bitmap when one becomes absent.
+    history: BTreeMap<Lsn, (u64, u64)>,
+    /// Every operation up to this LSN has left `history`.
+    history_floor: Lsn,
+    /// The newest LSN answered as done.
+    done_lsn: Lsn,
+    /// The last resync plan issued.
+    plans: u64,
+    /// After every component was absent, the one that came back first
+    /// became the copy of record at `.0`; writes up to `.1` were issued
+    /// before, and a component holding some of them above `.0` diverged.
+    restarted: Option<(Lsn, Lsn)>,
+}
+
+impl Owner {
+    /// An owner for an object whose components are all current up to
+    /// `committed` (a new object: 0), or in the given states.
+    pub fn new(statuses: Vec<Status>, committed: Lsn) -> Owner {
+        let components = statuses
+            .into_iter()
+            .map(|status| {
+                let acked = match status {
+                    Status::Active => committed,
+                    Status::Absent { stale, .. } | Status::Resyncing { stale, .. } => stale,
+                };
+                Component {
+                    status,
+                    acked,
+                    acked_above: BTreeSet::new(),
+                    tracking: BTreeSet::new(),
+                    last_sent: acked,
+                    source: None,
+                    uses: None,
+                    plan: 0,
+                }
+            })
+            .collect();
+        Owner {
+            components,
+            last_lsn: committed,
+            pending: BTreeMap::new(),
+            history: BTreeMap::new(),
+            history_floor: committed,
+            done_lsn: committed,
+            plans: 0,
+            restarted: None,
+        }
+    }
+
+    pub fn status(&self, component: Index) -> &Status {
+        &self.components[component].status
+    }
+
+    pub fn statuses(&self) -> Vec<Status> {
+        self.components.iter().map(|component| component.status.clone()).collect()
+    }
+
+    pub fn last_lsn(&self) -> Lsn {
+        self.last_lsn
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Tracking bitmaps the owner knows `component` holds.
+    pub fn tracking(&self, component: Index) -> &BTreeSet<Lsn> {
+        &self.components[component].tracking
+    }
+
+    fn receives_writes(&self, index: Index) -> bool {
+        !matches!(self.components[index].status, Status::Absent { .. })
+    }
+
+    pub fn handle(&mut self, now: u64, input: Input, out: &mut Vec<Action>) {
+        match input {
+            Input::Submit { request, op } => self.submit(request, op, out),
+            Input::Acked { component, lsn } => self.acked(component, lsn, out),
+            Input::Failed { component } => self.failed(now, component, out),
+            Input::Tracking { .. } => {}
+            Input::Back { component, committed } => self.back(component, committed, false, out),
+            Input::Resynced { component, plan } => self.resynced(component, plan, out),
+        }
+    }
+
+    fn submit(&mut self, request: u64, op: Op, out: &mut Vec<Action>) {
+        let active: BTreeSet<Index> = (0..self.components.len())
+            .filter(|index| matches!(self.components[*index].status, Status::Active))
+            .collect();
+        if active.is_empty() {
+            out.push(Action::Refused { request });
+            return;
+        }
+        self.last_lsn += 1;
+        let lsn = self.last_lsn;
+        for index in 0..self.components.len() {
+            if self.receives_writes(index) {
+                self.components[index].last_sent = lsn;
+                out.push(Action::Send { component: index, lsn, request });
+            }
+        }
+        self.history.insert(lsn, op.range());
+        self.pending.insert(lsn, Pending { request, op, waiting: active, held: false });
+    }
+
+    pub fn op(&self, lsn: Lsn) -> Option<&Op> {
+        self.pending.get(&lsn).map(|pending| &pending.op)
+    }
+
+    fn acked(&mut self, index: Index, lsn: Lsn, out: &mut Vec<Action>) {
+        let component = &mut self.components[index];
+        if matches!(component.status, Status::Absent { .. }) || lsn <= component.acked {
+            return;
+        }
+        component.acked_above.insert(lsn);
+        while component.acked_above.remove(&(component.acked + 1)) {
+            component.acked += 1;
+        }
+        if let Some(pending) = self.pending.get_mut(&lsn) {
+            if pending.waiting.remove(&index) {
+                pending.held = true;
+            }
+        }
+        self.complete(out);
+        self.prune_history();
+    }
+
+    /// Answers the operations no active component still owes, in LSN order
+    /// (a client sees its writes complete in the order they were made).
+    fn complete(&mut self, out: &mut Vec<Action>) {
+        while let Some(entry) = self.pending.first_entry() {
+            if !entry.get().waiting.is_empty() {
+                break;
+            }
+            let (lsn, pending) = entry.remove_entry();
+            if pending.held {
+                self.done_lsn = self.done_lsn.max(lsn);
+                out.push(Action::Done { request: pending.request, lsn });
+            } else {
+                out.push(Action::Refused { request: pending.request });
+            }
+        }
+    }
+
+    fn prune_history(&mut self) {
+        let floor = (0..self.components.len())
+            .filter(|index| self.receives_writes(*index))
+            .map(|index| self.components[index].acked)
+            .min()
+            .unwrap_or(self.last_lsn);
+        while self.history.first_key_value().is_some_and(|(lsn, _)| *lsn <= floor) {
+            self.history.pop_first();
+        }
+        self.history_floor = self.history_floor.max(floor);
+    }
+
+    fn failed(&mut self, now: u64, index: Index, out: &mut Vec<Action>) {
+        let stale = match self.components[index].status {
+            Status::Absent { .. } => return,
+            // A resyncing component that fails is still only current to
+            // where it started.
+            Status::Resyncing { stale, .. } => stale,
+            Status::Active => self.components[index].acked,
+        };
+        let component = &mut self.components[index];
+        component.status = Status::Absent { stale, since: now };
+        component.acked = stale;
+        component.acked_above.clear();
+        component.tracking.clear();
+        for pending in self.pending.values_mut() {
+            pending.waiting.remove(&index);
+        }
+        // Every active component tracks what this one misses from now on,
+        // seeded with the writes above `stale` that may have reached it. If
+        // some of those have left the history (a component that failed in
+        // the middle of its resync is current only to where the resync
+        // began), no exact seed exists: it will resync from an older
+        // tracking bitmap or by full copy.
+        if stale < self.history_floor {
+            tracing::info!(component = index, stale, floor = self.history_floor, "too far behind to track exactly");
+            out.push(Action::Persist);
+            self.complete(out);
+            self.prune_history();
+            self.replan_resyncs_from(now, index, out);
+            return;
+        }
+        let seed: Vec<(u64, u64)> = self.history.range(stale + 1..).map(|(_, range)| *range).collect();
+        // The connection to each delivers in order, so a resync job that
+        // finds the source caught up to its target finds the bitmap there.
+        for other in 0..self.components.len() {
+            if other != index
+                && matches!(self.components[other].status, Status::Active)
+                && self.components[other].tracking.insert(stale)
+            {
+                out.push(Action::Track { component: other, stale, seed: seed.clone() });
+            }
+        }
+        out.push(Action::Persist);
+        self.complete(out);
+        self.prune_history();
+        self.replan_resyncs_from(now, index, out);
+    }
+
+    /// Resyncs that copied from `index` start again from another source
+    /// (the new Resync action supersedes the old one's job).
+    fn replan_resyncs_from(&mut self, now: u64, index: Index, out: &mut Vec<Action>) {
+        let orphaned: Vec<(Index, Lsn)> = (0..self.components.len())
+            .filter(|other| self.components[*other].source == Some(index))
+            .filter_map(|other| match self.components[other].status {
+                Status::Resyncing { stale, .. } => Some((other, stale)),
+                _ => None,
+            })
+            .collect();
+        for (other, stale) in orphaned {
+            let component = &mut self.components[other];
+            component.status = Status::Absent { stale, since: now };
+            component.acked = stale;
+            component.source = None;
+            self.back(other, stale, true, out);
+        }
+    }
+
+    /// `connected`: the component's connection was never broken (a resync
+    /// being planned again): what was sent to it will still arrive.
+    fn back(&mut self, index: Index, committed: Lsn, connected: bool, out: &mut Vec<Action>) {
+        let Status::Absent { stale, .. } = self.components[index].status else { return };
+        // What the component says it has is what counts (it may have made
+        // durable more than it acknowledged before it went away).
+        let from = committed.max(stale).min(self.last_lsn);
+        let candidates: Vec<Index> = (0..self.components.len())
+            .filter(|other| *other != index && matches!(self.components[*other].status, Status::Active))
+            .collect();
+        let Some(&first) = candidates.first() else {
+            // Every other copy is away. One that has every write answered as
+            // done becomes the copy of record; others wait for it.
+            if committed < self.done_lsn {
+                return;
+            }
+            tracing::warn!(component = index, committed, "every copy was away: this one is the copy of record now");
+            self.restarted = Some((committed, self.last_lsn));
+            let component = &mut self.components[index];
+            component.status = Status::Active;
+            // The LSNs after `committed` issued before were refused: it has
+            // everything that counts up to the last one.
+            component.acked = self.last_lsn;
+            if !connected {
+                component.last_sent = committed;
+            }
+            component.acked_above.clear();
+            component.tracking.clear();
+            component.source = None;
+            out.push(Action::Current { component: index });
+            out.push(Action::Persist);
+            return;
+        };
+        // Holding writes the copy of record never had: only a full copy
+        // makes it the same.
+        let diverged = self.restarted.is_some_and(|(basis, issued)| from > basis && from <= issued);
+        let exact = candidates.iter().find(|other| self.components[**other].tracking.contains(&from));
+        let source = match exact.filter(|_| !diverged) {
+            _ if diverged => {
+                tracing::warn!(component = index, from, "diverged after every copy was away: full copy");
+                Source::FullCopy { source: first }
+            }
+            Some(source) => Source::Tracked { source: *source, tracking: from },
+            None => {
+                // The largest tracking LSN below `from`: a superset.
+                let below = candidates
+                    .iter()
+                    .filter_map(|other| {
+                        self.components[*other].tracking.range(..from).next_back().map(|lsn| (*lsn, *other))
+                    })
+                    .max();
+                match below {
+                    Some((tracking, source)) => {
+                        tracing::info!(component = index, from, tracking, "resync from an older tracking bitmap");
+                        Source::Tracked { source, tracking }
+                    }
+                    _ => {
+                        tracing::warn!(component = index, from, "no tracking bitmap covers the absence: full copy");
+                        Source::FullCopy { source: first }
+                    }
+                }
+            }
+        };
+        let target = self.last_lsn;
+        let ready = match source {
+            Source::Tracked { source, .. } | Source::FullCopy { source } => self.components[source].last_sent,
+        };
+        self.plans += 1;
+        let plan = self.plans;
+        let component = &mut self.components[index];
+        component.status = Status::Resyncing { stale: from, target };
+        component.plan = plan;
+        component.last_sent = target;
+        component.source = Some(match source {
+            Source::Tracked { source, .. } | Source::FullCopy { source } => source,
+        });
+        component.uses = match source {
+            Source::Tracked { tracking, .. } => Some(tracking),
+            Source::FullCopy { .. } => None,
+        };
+        // The resync brings everything up to `target`; writes above it are
+        // sent to it from now on.
+        component.acked = target;
+        component.acked_above.clear();
+        out.push(Action::Resync { component: index, stale: from, target, source, ready, plan });
+        out.push(Action::Persist);
+    }
+
+    fn resynced(&mut self, index: Index, ended: u64, out: &mut Vec<Action>) {
+        let Status::Resyncing { stale, target } = self.components[index].status else { return };
+        if self.components[index].plan != ended {
+            return;
+        }
+        let component = &mut self.components[index];
+        component.status = Status::Active;
+        component.source = None;
+        component.acked = component.acked.max(target);
+        let used = component.uses.take();
+        // The tracking bitmaps it needed are no longer needed unless another
+        // absent component went stale at the same LSN or another resync
+        // copies by them.
+        for lsn in [Some(stale), used].into_iter().flatten() {
+            let needed = self.components.iter().any(|other| match other.status {
+                Status::Absent { stale: other_stale, .. } => other_stale == lsn,
+                Status::Resyncing { stale: other_stale, .. } => other_stale == lsn || other.uses == Some(lsn),
+                Status::Active => false,
+            });
+            if !needed {
+                for other in 0..self.components.len() {
+                    if self.components[other].tracking.remove(&lsn) {
+                        out.push(Action::Untrack { component: other, stale: lsn });
+                    }
+                }
+            }
+        }
+        out.push(Action::Persist);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(copies: usize) -> Owner {
+        Owner::new(vec![Status::Active; copies], 0)
+    }
+
+    fn write(owner: &mut Owner, request: u64, first: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        owner.handle(0, Input::Submit { request, op: Op::Write { first, count: 1 } }, &mut out);
+        out
+    }
+
+    fn ack(owner: &mut Owner, component: Index, lsn: Lsn) -> Vec<Action> {
+        let mut out = Vec::new();
+        owner.handle(0, Input::Acked { component, lsn }, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_write_is_done_when_every_active_component_has_it() {
+        let mut owner = owner(3);
+        let sent = write(&mut owner, 7, 10);
+        assert_eq!(sent.len(), 3);
+        assert!(ack(&mut owner, 0, 1).is_empty());
+        assert!(ack(&mut owner, 2, 1).is_empty());
+        assert_eq!(ack(&mut owner, 1, 1), vec![Action::Done { request: 7, lsn: 1 }]);
+    }
+
+    #[test]
+    fn writes_complete_in_lsn_order() {
+        let mut owner = owner(2);
+        write(&mut owner, 1, 0);
+        write(&mut owner, 2, 1);
+        ack(&mut owner, 0, 2);
+        assert!(ack(&mut owner, 1, 2).is_empty(), "LSN 1 is still owed");
+        let done = [ack(&mut owner, 0, 1), ack(&mut owner, 1, 1)].concat();
+        assert_eq!(done, vec![Action::Done { request: 1, lsn: 1 }, Action::Done { request: 2, lsn: 2 }]);
+    }
+
+    #[test]
+    fn a_failed_component_is_absent_at_its_last_acknowledged_lsn_and_the_others_track_it() {
+        let mut owner = owner(3);
+        write(&mut owner, 1, 5);
+        for component in 0..3 {
+            ack(&mut owner, component, 1);
+        }
+        write(&mut owner, 2, 6);
+        write(&mut owner, 3, 7);
+        ack(&mut owner, 0, 2);
+        ack(&mut owner, 1, 2);
+        ack(&mut owner, 0, 3);
+        ack(&mut owner, 1, 3);
+        let mut out = Vec::new();
+        owner.handle(100, Input::Failed { component: 2 }, &mut out);
+        assert_eq!(owner.status(2), &Status::Absent { stale: 1, since: 100 });
+        // Writes 2 and 3 may have reached the other two before tracking
+        // starts: they seed it.
+        for component in [0, 1] {
+            assert!(out.contains(&Action::Track { component, stale: 1, seed: vec![(6, 1), (7, 1)] }), "{out:?}");
+        }
+        assert!(
+            out.contains(&Action::Done { request: 2, lsn: 2 }) && out.contains(&Action::Done { request: 3, lsn: 3 })
+        );
+        // Degraded: new writes go to the two that are left.
+        let sent = write(&mut owner, 4, 8);
+        assert_eq!(sent.len(), 2);
+    }
+
+    #[test]
+    fn a_returning_component_resyncs_from_a_tracking_bitmap_for_exactly_its_stale_lsn() {
+        let mut owner = owner(3);
+        write(&mut owner, 1, 5);
+        for component in 0..3 {
+            ack(&mut owner, component, 1);
+        }
+        let mut out = Vec::new();
+        owner.handle(0, Input::Failed { component: 2 }, &mut out);
+        owner.handle(0, Input::Tracking { component: 1, stale: 1 }, &mut out);
+        owner.handle(0, Input::Tracking { component: 0, stale: 1 }, &mut out);
+        write(&mut owner, 2, 6);
+        ack(&mut owner, 0, 2);
+        ack(&mut owner, 1, 2);
+        out.clear();
+        owner.handle(0, Input::Back { component: 2, committed: 1 }, &mut out);
+        assert_eq!(
+            out[0],
+            Action::Resync {
+                component: 2,
+                stale: 1,
+                target: 2,
+                source: Source::Tracked { source: 0, tracking: 1 },
+                ready: 2,
+                plan: 1
+            }
+        );
+        // New writes reach it during the resync; clients wait only for the
+        // active two.
+        let sent = write(&mut owner, 3, 7);
+        assert_eq!(sent.len(), 3);
+        ack(&mut owner, 0, 3);
+        assert_eq!(ack(&mut owner, 1, 3), vec![Action::Done { request: 3, lsn: 3 }]);
+        out.clear();
+        owner.handle(0, Input::Resynced { component: 2, plan: 1 }, &mut out);
+        assert_eq!(owner.status(2), &Status::Active);
+        assert!(out.contains(&Action::Untrack { component: 0, stale: 1 }));
+        assert!(out.contains(&Action::Untrack { component: 1, stale: 1 }));
+    }
+
+    #[test]
+    fn without_a_tracking_bitmap_it_falls_back_to_a_full_copy() {
+        let mut owner = Owner::new(vec![Status::Active, Status::Absent { stale: 3, since: 0 }], 9);
+        let mut out = Vec::new();
+        owner.handle(0, Input::Back { component: 1, committed: 3 }, &mut out);
+        assert_eq!(
+            out[0],
+            Action::Resync {
+                component: 1,
+                stale: 3,
+                target: 9,
+                source: Source::FullCopy { source: 0 },
+                ready: 9,
+                plan: 1
+            }
+        );
+    }
+
+    #[test]
+    fn with_no_active_component_io_is_refused() {
+        let mut owner = owner(1);
+        let mut out = Vec::new();
+        owner.handle(0, Input::Failed { component: 0 }, &mut out);
+        assert_eq!(write(&mut owner, 1, 0), vec![Action::Refused { request: 1 }]);
+    }
+}

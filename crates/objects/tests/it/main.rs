@@ -1,0 +1,333 @@
+//! The owner against modelled components: ordered connections, failures at
+//! any point, returns with resync from the source the owner picks. After
+//! everything is delivered and every component is back, all copies are
+//! identical and hold every acknowledged write.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use objects::owner::{Action, Input, Op, Owner, Source, Status};
+use proptest::prelude::*;
+
+const BLOCKS: u64 = 16;
+
+#[derive(Clone, Debug)]
+enum Message {
+    Write { lsn: u64, block: u64 },
+    Track { stale: u64, seed: Vec<(u64, u64)> },
+    Untrack { stale: u64 },
+    BeginSync { stale: u64, target: u64, plan: u64 },
+    EndSync { plan: u64 },
+    Current,
+}
+
+#[derive(Default)]
+struct Component {
+    up: bool,
+    /// Block → the LSN of the write it holds (its value).
+    blocks: BTreeMap<u64, u64>,
+    /// The newest LSN applied.
+    applied: u64,
+    tracking: BTreeMap<u64, BTreeSet<u64>>,
+    /// While resyncing (kept across failures, as the block store keeps it):
+    /// stale LSN, target LSN, blocks done, plan.
+    sync: Option<(u64, u64, BTreeSet<u64>, u64)>,
+    queue: VecDeque<Message>,
+}
+
+impl Component {
+    /// What the block store reports: while resyncing, only the stale LSN.
+    fn committed(&self) -> u64 {
+        self.sync.as_ref().map_or(self.applied, |(stale, _, _, _)| *stale)
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    Write(u64),
+    Deliver(usize),
+    Fail(usize),
+    Back(usize),
+    Copy,
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        4 => (0..BLOCKS).prop_map(Event::Write),
+        6 => (0usize..3).prop_map(Event::Deliver),
+        1 => (0usize..3).prop_map(Event::Fail),
+        1 => (0usize..3).prop_map(Event::Back),
+        1 => Just(Event::Copy),
+    ]
+}
+
+struct World {
+    owner: Owner,
+    components: Vec<Component>,
+    /// request → (block, lsn) for writes the owner answered.
+    done: BTreeMap<u64, u64>,
+    blocks_of: BTreeMap<u64, u64>,
+    /// Resyncs started, not yet copied: (component, source, target LSN).
+    jobs: Vec<(usize, Source, u64)>,
+    full_copies: usize,
+    refused: BTreeSet<u64>,
+    /// The current resync plan per component.
+    plans: BTreeMap<usize, u64>,
+}
+
+impl World {
+    fn new(copies: usize) -> World {
+        World {
+            owner: Owner::new(vec![Status::Active; copies], 0),
+            components: (0..copies).map(|_| Component { up: true, ..Component::default() }).collect(),
+            done: BTreeMap::new(),
+            blocks_of: BTreeMap::new(),
+            jobs: Vec::new(),
+            full_copies: 0,
+            refused: BTreeSet::new(),
+            plans: BTreeMap::new(),
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        let mut out = Vec::new();
+        let debug = std::env::var_os("OBJECTS_DEBUG").is_some();
+        if debug {
+            eprintln!("in: {input:?}");
+        }
+        self.owner.handle(0, input, &mut out);
+        if debug {
+            eprintln!("  out: {out:?}\n  statuses: {:?}", self.owner.statuses());
+        }
+        // A component the owner counts absent gets nothing more until it
+        // comes back (its host learns it from the catalog).
+        for index in 0..self.components.len() {
+            if !matches!(self.owner.status(index), Status::Resyncing { .. }) {
+                self.jobs.retain(|(target, _, _)| *target != index);
+            }
+            if matches!(self.owner.status(index), Status::Absent { .. }) && self.components[index].up {
+                self.components[index].up = false;
+                self.components[index].queue.clear();
+                self.jobs.retain(|(target, _, _)| *target != index);
+            }
+        }
+        for action in out {
+            match action {
+                Action::Send { component, lsn, request } => {
+                    let block = self.blocks_of[&request];
+                    self.components[component].queue.push_back(Message::Write { lsn, block });
+                }
+                Action::Done { request, lsn } => {
+                    self.done.insert(lsn, self.blocks_of[&request]);
+                }
+                Action::Refused { request } => {
+                    self.refused.insert(request);
+                }
+                Action::Persist => {}
+                Action::Current { component } => self.components[component].queue.push_back(Message::Current),
+                Action::Track { component, stale, seed } => {
+                    self.components[component].queue.push_back(Message::Track { stale, seed })
+                }
+                Action::Untrack { component, stale } => {
+                    self.components[component].queue.push_back(Message::Untrack { stale })
+                }
+                Action::Resync { component, source, ready, stale, target, plan } => {
+                    // Begins in order behind what was sent to it before.
+                    self.components[component].queue.push_back(Message::BeginSync { stale, target, plan });
+                    let target = ready;
+                    if matches!(source, Source::FullCopy { .. }) {
+                        self.full_copies += 1;
+                    }
+                    // A new plan for a component replaces its old job.
+                    self.plans.insert(component, plan);
+                    self.jobs.retain(|(other, _, _)| *other != component);
+                    self.jobs.push((component, source, target));
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, index: usize) {
+        let component = &mut self.components[index];
+        if !component.up {
+            return;
+        }
+        let Some(message) = component.queue.pop_front() else { return };
+        match message {
+            Message::Write { lsn, block } => {
+                component.blocks.insert(block, lsn);
+                component.applied = component.applied.max(lsn);
+                for (stale, marked) in component.tracking.iter_mut() {
+                    if lsn > *stale {
+                        marked.insert(block);
+                    }
+                }
+                if let Some((_, _, done, _)) = component.sync.as_mut() {
+                    done.insert(block);
+                }
+                self.input(Input::Acked { component: index, lsn });
+            }
+            Message::Track { stale, seed } => {
+                let marked = seed.iter().flat_map(|(first, count)| *first..first + count).collect();
+                component.tracking.entry(stale).or_insert(marked);
+                self.input(Input::Tracking { component: index, stale });
+            }
+            Message::Untrack { stale } => {
+                component.tracking.remove(&stale);
+            }
+            Message::BeginSync { stale, target, plan } => {
+                if component.sync.as_ref().map(|(_, _, _, p)| *p) != Some(plan) {
+                    component.sync = Some((stale, target, BTreeSet::new(), plan));
+                }
+            }
+            Message::Current => {
+                if let Some((_, target, _, _)) = component.sync.take() {
+                    component.applied = component.applied.max(target);
+                }
+            }
+            Message::EndSync { plan } => {
+                // Only the resync it belongs to (the block store checks).
+                if component.sync.as_ref().is_some_and(|(_, _, _, p)| *p == plan) {
+                    let (_, target, _, _) = component.sync.take().expect("checked");
+                    component.applied = component.applied.max(target);
+                    self.input(Input::Resynced { component: index, plan });
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, index: usize) {
+        if !self.components[index].up {
+            return;
+        }
+        let component = &mut self.components[index];
+        component.up = false;
+        component.queue.clear();
+        self.jobs.retain(|(target, _, _)| *target != index);
+        self.input(Input::Failed { component: index });
+    }
+
+    fn back(&mut self, index: usize) {
+        if self.components[index].up || !matches!(self.owner.status(index), Status::Absent { .. }) {
+            return;
+        }
+        self.components[index].up = true;
+        let committed = self.components[index].committed();
+        self.input(Input::Back { component: index, committed });
+        if matches!(self.owner.status(index), Status::Absent { .. }) {
+            // Not taken back yet (no copy to resync from): it tries again.
+            self.components[index].up = false;
+        }
+    }
+
+    /// Runs the oldest resync job: copies what its source says changed,
+    /// never over a block a newer write reached, then ends the resync
+    /// behind the writes already queued to the target.
+    fn copy(&mut self) {
+        for job in 0..self.jobs.len() {
+            if self.copy_one(job) {
+                return;
+            }
+        }
+    }
+
+    /// Runs job `job` if it can run now; true if it ran (or failed).
+    fn copy_one(&mut self, job: usize) -> bool {
+        let (target, source, target_lsn) = self.jobs[job].clone();
+        let from = match source {
+            Source::Tracked { source, .. } | Source::FullCopy { source } => source,
+        };
+        assert!(self.components[from].up, "the owner replans a resync whose source failed");
+        // Wait until the source has every write up to the target LSN (and,
+        // sent before those, the tracking bitmap), and the target has begun.
+        if self.components[from].committed() < target_lsn {
+            return false;
+        }
+        let Some(plan) = self.plans.get(&target).copied() else { return false };
+        if self.components[target].sync.as_ref().map(|(_, _, _, p)| *p) != Some(plan) {
+            return false;
+        }
+        let blocks: BTreeSet<u64> = match source {
+            Source::Tracked { tracking, .. } => match self.components[from].tracking.get(&tracking) {
+                Some(marked) => marked.clone(),
+                None => return false,
+            },
+            Source::FullCopy { .. } => (0..BLOCKS).collect(),
+        };
+        self.jobs.remove(job);
+        if std::env::var_os("OBJECTS_DEBUG").is_some() {
+            eprintln!("copy to {target} from {from}: {blocks:?} (source holds {:?})", self.components[from].blocks);
+        }
+        for block in blocks {
+            let value = self.components[from].blocks.get(&block).copied();
+            let target_component = &mut self.components[target];
+            let (_, _, done, _) = target_component.sync.as_mut().expect("resyncing");
+            if done.insert(block) {
+                match value {
+                    Some(value) => target_component.blocks.insert(block, value),
+                    None => target_component.blocks.remove(&block),
+                };
+            }
+        }
+        let (_, _, _, plan) = self.components[target].sync.clone().expect("resyncing");
+        self.components[target].queue.push_back(Message::EndSync { plan });
+        true
+    }
+}
+
+fn run(events: Vec<Event>, copies: usize) -> Result<(), TestCaseError> {
+    let mut world = World::new(copies);
+    let mut request = 0;
+    for event in events {
+        match event {
+            Event::Write(block) => {
+                request += 1;
+                world.blocks_of.insert(request, block);
+                world.input(Input::Submit { request, op: Op::Write { first: block, count: 1 } });
+            }
+            Event::Deliver(index) => world.deliver(index % copies),
+            Event::Fail(index) => world.fail(index % copies),
+            Event::Back(index) => world.back(index % copies),
+            Event::Copy => world.copy(),
+        }
+    }
+    // Settle: everything delivered, every component back and resynced.
+    for _ in 0..1000 {
+        for index in 0..copies {
+            world.back(index);
+            while !world.components[index].queue.is_empty() {
+                world.deliver(index);
+            }
+        }
+        world.copy();
+        if world.jobs.is_empty() && (0..copies).all(|index| *world.owner.status(index) == Status::Active) {
+            break;
+        }
+    }
+    for index in 0..copies {
+        prop_assert_eq!(world.owner.status(index), &Status::Active, "component {} never came back", index);
+    }
+    let first = &world.components[0].blocks;
+    for index in 1..copies {
+        prop_assert_eq!(&world.components[index].blocks, first, "component {} differs from component 0", index);
+    }
+    // Every acknowledged write is there, or a later write to its block.
+    for (lsn, block) in &world.done {
+        let held = first.get(block).copied();
+        prop_assert!(held.is_some_and(|held| held >= *lsn), "write {} to block {} lost: holds {:?}", lsn, block, held);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn two_copies_converge_and_keep_every_acknowledged_write(events in proptest::collection::vec(event(), 1..120)) {
+        run(events, 2)?;
+    }
+
+    #[test]
+    fn three_copies_converge_and_keep_every_acknowledged_write(events in proptest::collection::vec(event(), 1..160)) {
+        run(events, 3)?;
+    }
+}
