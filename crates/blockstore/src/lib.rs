@@ -102,6 +102,8 @@ pub struct ComponentInfo {
     pub id: ComponentId,
     pub blocks: u64,
     pub committed_lsn: Lsn,
+    /// The lowest owner epoch the component accepts.
+    pub epoch: u64,
     /// Stale LSNs this component keeps tracking bitmaps for, with the
     /// number of blocks marked in each and whether the bitmap is complete
     /// (it is not when it was started for a stale LSN older than the
@@ -200,6 +202,8 @@ impl ComponentState {
 struct ComponentState {
     blocks: u64,
     committed_lsn: Lsn,
+    /// The lowest owner epoch accepted.
+    epoch: u64,
     tracking: BTreeMap<Lsn, RoaringBitmap>,
     /// Tracking bitmaps that may miss blocks (started too late).
     incomplete: std::collections::BTreeSet<Lsn>,
@@ -223,6 +227,7 @@ struct ComponentMeta {
     id: ComponentId,
     blocks: u64,
     committed_lsn: Lsn,
+    epoch: u64,
     tracking: Vec<(Lsn, Vec<u8>)>,
     incomplete: Vec<Lsn>,
     recent: Vec<(u64, Vec<u8>)>,
@@ -358,6 +363,7 @@ impl Disk {
                 let state = ComponentState {
                     blocks: component.blocks,
                     committed_lsn: component.committed_lsn,
+                    epoch: component.epoch,
                     tracking: component
                         .tracking
                         .iter()
@@ -451,6 +457,7 @@ impl Disk {
             id,
             blocks: state.blocks,
             committed_lsn: state.committed_lsn,
+            epoch: state.epoch,
             tracking: state
                 .tracking
                 .iter()
@@ -639,6 +646,12 @@ impl Disk {
         let component = self.inner.get(id)?;
         let state = component.state.read().expect("component lock");
         Ok(state.sync.as_ref().map(|sync| (sync.plan, sync.stale, sync.target)))
+    }
+
+    /// Raises the lowest owner epoch the component accepts (never lowers it).
+    pub async fn fence(&self, id: ComponentId, epoch: u64) -> Result<()> {
+        self.inner.get(id)?;
+        self.submit(Record::Fence { component: id, epoch }).await
     }
 
     async fn submit(&self, record: Record) -> Result<()> {
@@ -831,6 +844,7 @@ impl Inner {
                     state.committed_lsn = state.committed_lsn.max(sync.newest);
                 }
             }
+            Record::Fence { epoch, .. } => state.epoch = state.epoch.max(*epoch),
             Record::Repair { first, data, .. } => {
                 let count = (data.len() / BLOCK_SIZE) as u64;
                 check_range(id, *first, count, state.blocks)?;
@@ -954,6 +968,7 @@ impl Inner {
                 id,
                 blocks: state.blocks,
                 committed_lsn: state.committed_lsn,
+                epoch: state.epoch,
                 tracking: state.tracking.iter().map(|(lsn, bitmap)| (*lsn, bitmap_bytes(bitmap))).collect(),
                 incomplete: state.incomplete.iter().copied().collect(),
                 recent: state.recent.iter().map(|(window, bitmap)| (*window, bitmap_bytes(bitmap))).collect(),

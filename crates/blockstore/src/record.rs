@@ -83,6 +83,12 @@ pub enum Record {
         first: u64,
         data: Bytes,
     },
+    /// From now on the component refuses its object's owners of epochs
+    /// below `epoch` (contract 2: fencing by epoch).
+    Fence {
+        component: ComponentId,
+        epoch: u64,
+    },
 }
 
 const CREATE: u8 = 1;
@@ -96,6 +102,7 @@ const BEGIN_SYNC: u8 = 8;
 const SYNC_WRITE: u8 = 9;
 const END_SYNC: u8 = 10;
 const REPAIR: u8 = 11;
+const FENCE: u8 = 12;
 
 impl Record {
     pub fn component(&self) -> ComponentId {
@@ -110,7 +117,8 @@ impl Record {
             | Record::BeginSync { component, .. }
             | Record::SyncWrite { component, .. }
             | Record::EndSync { component, .. }
-            | Record::Repair { component, .. } => *component,
+            | Record::Repair { component, .. }
+            | Record::Fence { component, .. } => *component,
         }
     }
 
@@ -149,6 +157,7 @@ impl Record {
                 out.extend_from_slice(data);
             }
             Record::EndSync { component, plan } => u64s(out, END_SYNC, &[*component, *plan]),
+            Record::Fence { component, epoch } => u64s(out, FENCE, &[*component, *epoch]),
             Record::Repair { component, first, data } => {
                 u64s(out, REPAIR, &[*component, *first]);
                 out.extend_from_slice(data);
@@ -217,6 +226,7 @@ impl Record {
                 Record::SyncWrite { component, first, data: blocks(rest)? }
             }
             END_SYNC => Record::EndSync { component: next()?, plan: next()? },
+            FENCE => Record::Fence { component: next()?, epoch: next()? },
             REPAIR => {
                 let (component, first) = (next()?, next()?);
                 Record::Repair { component, first, data: blocks(rest)? }
@@ -254,6 +264,7 @@ mod tests {
             Record::BeginSync { component: 8, stale: 3, target: 40, plan: 2 },
             Record::SyncWrite { component: 9, first: 2, data: data.clone() },
             Record::EndSync { component: 10, plan: 2 },
+            Record::Fence { component: 12, epoch: 4 },
             Record::Repair { component: 11, first: 0, data },
         ]
     }

@@ -290,3 +290,17 @@ async fn tracking_started_beyond_the_recent_windows_says_it_is_incomplete() {
     assert!(!tracking[0].2, "writes above LSN 5 fell out of the windows: {tracking:?}");
     assert_eq!(tracking[1], (newest, 1, true));
 }
+
+#[tokio::test]
+async fn a_fence_only_rises_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 10).await.unwrap();
+    assert_eq!(disk.component(1).unwrap().epoch, 0);
+    disk.fence(1, 5).await.unwrap();
+    disk.fence(1, 3).await.unwrap();
+    assert_eq!(disk.component(1).unwrap().epoch, 5);
+    disk.close();
+    drop(disk);
+    assert_eq!(open(dir.path()).component(1).unwrap().epoch, 5);
+}
