@@ -1,6 +1,8 @@
 //! `objects`: distributed objects over the components in `blockstore`.
 //!
-//! Built so far: [`owner`], the sans-IO owner of one object (LSNs, fan-out,
+//! Built so far: [`component`], a host's component service over its disks
+//! (epoch-fenced requests over `wire`) and the client owners use; [`owner`],
+//! the sans-IO owner of one object (LSNs, fan-out,
 //! acknowledgement when every active component has a write, degraded mode,
 //! tracking bitmaps for absent components seeded with the writes they may
 //! have missed, the choice of resync source). Still to come (issue 4): the
@@ -10,4 +12,5 @@
 //!
 //! **Boundary:** the owner decides; it does no I/O (contract 6).
 
+pub mod component;
 pub mod owner;

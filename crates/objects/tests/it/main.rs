@@ -3,6 +3,8 @@
 //! everything is delivered and every component is back, all copies are
 //! identical and hold every acknowledged write.
 
+mod component;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use objects::owner::{Action, Input, Op, Owner, Source, Status};

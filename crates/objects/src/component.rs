@@ -1,0 +1,362 @@
+//! The component side: a host's component service over its disks, and the
+//! client an owner uses to reach it, over `wire`.
+//!
+//! Every request names the owner's epoch. A component refuses an epoch
+//! below the highest it has seen (the old owner of a moved object is
+//! fenced off), and records a higher one durably before it acts on it
+//! (contract 2).
+//!
+//! Payload layout (both ways): `[header length: u32 LE][postcard header]
+//! [raw block data]`, so block data is never copied through the serializer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use blockstore::{ComponentId, ComponentInfo, Disk, Lsn, BLOCK_SIZE};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use wire::{ErrorCode, RemoteError, Transport};
+
+/// Wire method of the component service (objects own 0x0300..0x0400).
+pub const METHOD: u32 = 0x0301;
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Create {
+        component: ComponentId,
+        disk: u32,
+        blocks: u64,
+    },
+    Delete {
+        component: ComponentId,
+    },
+    /// Data follows the header.
+    Write {
+        component: ComponentId,
+        lsn: Lsn,
+        first: u64,
+    },
+    Unmap {
+        component: ComponentId,
+        lsn: Lsn,
+        first: u64,
+        count: u64,
+    },
+    Read {
+        component: ComponentId,
+        first: u64,
+        count: u64,
+    },
+    Track {
+        component: ComponentId,
+        stale: Lsn,
+        seed: Option<Vec<(u64, u64)>>,
+    },
+    Untrack {
+        component: ComponentId,
+        stale: Lsn,
+    },
+    TrackingBitmap {
+        component: ComponentId,
+        stale: Lsn,
+    },
+    BeginSync {
+        component: ComponentId,
+        stale: Lsn,
+        target: Lsn,
+        plan: u64,
+    },
+    /// Data follows the header.
+    SyncWrite {
+        component: ComponentId,
+        first: u64,
+    },
+    EndSync {
+        component: ComponentId,
+        plan: u64,
+    },
+    /// Data follows the header.
+    Repair {
+        component: ComponentId,
+        first: u64,
+    },
+    Info {
+        component: ComponentId,
+    },
+}
+
+impl Request {
+    pub fn component(&self) -> ComponentId {
+        match self {
+            Request::Create { component, .. }
+            | Request::Delete { component }
+            | Request::Write { component, .. }
+            | Request::Unmap { component, .. }
+            | Request::Read { component, .. }
+            | Request::Track { component, .. }
+            | Request::Untrack { component, .. }
+            | Request::TrackingBitmap { component, .. }
+            | Request::BeginSync { component, .. }
+            | Request::SyncWrite { component, .. }
+            | Request::EndSync { component, .. }
+            | Request::Repair { component, .. }
+            | Request::Info { component } => *component,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The owner's epoch for the component's object.
+    pub epoch: u64,
+    pub request: Request,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Done,
+    /// Data follows the header (reads).
+    Data,
+    Info(ComponentInfo),
+    /// A tracking bitmap, serialized (roaring's portable format), if held.
+    Bitmap(Option<Vec<u8>>),
+    /// Whether a resync ended.
+    Ended(bool),
+    Error(ComponentError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ComponentError {
+    #[error("owner epoch {epoch} is stale: the component accepts {current} and above")]
+    StaleEpoch { epoch: u64, current: u64 },
+    #[error("checksum mismatch in blocks {blocks:?}")]
+    Corrupt { blocks: Vec<u64> },
+    #[error("no disk {0} on this host")]
+    NoSuchDisk(u32),
+    #[error("{0}")]
+    Store(String),
+}
+
+impl From<blockstore::Error> for ComponentError {
+    fn from(error: blockstore::Error) -> Self {
+        match error {
+            blockstore::Error::Corrupt { blocks, .. } => ComponentError::Corrupt { blocks },
+            other => ComponentError::Store(other.to_string()),
+        }
+    }
+}
+
+pub fn frame<H: Serialize>(header: &H, data: &[u8]) -> Bytes {
+    let header = postcard::to_stdvec(header).expect("postcard encoding to a Vec cannot fail");
+    let mut out = BytesMut::with_capacity(4 + header.len() + data.len());
+    out.put_u32_le(header.len() as u32);
+    out.extend_from_slice(&header);
+    out.extend_from_slice(data);
+    out.freeze()
+}
+
+pub fn unframe<H: for<'de> Deserialize<'de>>(payload: &Bytes) -> Result<(H, Bytes), String> {
+    let length = payload.get(..4).ok_or("payload shorter than its header length")?;
+    let length = u32::from_le_bytes(length.try_into().expect("4 bytes")) as usize;
+    let end = 4usize.checked_add(length).filter(|end| *end <= payload.len()).ok_or("header runs past the payload")?;
+    let header = postcard::from_bytes(&payload[4..end]).map_err(|error| error.to_string())?;
+    Ok((header, payload.slice(end..)))
+}
+
+/// A host's component service: its disks and the components on them.
+pub struct Service {
+    disks: Vec<Disk>,
+    located: RwLock<HashMap<ComponentId, usize>>,
+}
+
+impl Service {
+    pub fn new(disks: Vec<Disk>) -> Arc<Service> {
+        let mut located = HashMap::new();
+        for (index, disk) in disks.iter().enumerate() {
+            for component in disk.components() {
+                located.insert(component.id, index);
+            }
+        }
+        Arc::new(Service { disks, located: RwLock::new(located) })
+    }
+
+    pub fn disks(&self) -> &[Disk] {
+        &self.disks
+    }
+
+    fn disk_of(&self, component: ComponentId) -> Result<&Disk, ComponentError> {
+        let index = self.located.read().expect("located lock").get(&component).copied();
+        index
+            .map(|index| &self.disks[index])
+            .ok_or_else(|| ComponentError::Store(blockstore::Error::NoSuchComponent(component).to_string()))
+    }
+
+    /// Refuses a stale epoch; records a newer one before going on.
+    async fn fence(&self, disk: &Disk, component: ComponentId, epoch: u64) -> Result<(), ComponentError> {
+        let current = disk.component(component)?.epoch;
+        if epoch < current {
+            metrics::counter!("objects_stale_epoch_refusals_total").increment(1);
+            return Err(ComponentError::StaleEpoch { epoch, current });
+        }
+        if epoch > current {
+            disk.fence(component, epoch).await?;
+        }
+        Ok(())
+    }
+
+    /// Serves one request; returns the reply header and its data.
+    pub async fn serve(&self, envelope: Envelope, data: Bytes) -> (Reply, Bytes) {
+        match self.serve_inner(envelope, data).await {
+            Ok(reply) => reply,
+            Err(error) => (Reply::Error(error), Bytes::new()),
+        }
+    }
+
+    async fn serve_inner(&self, envelope: Envelope, data: Bytes) -> Result<(Reply, Bytes), ComponentError> {
+        let Envelope { epoch, request } = envelope;
+        let done = Ok((Reply::Done, Bytes::new()));
+        if let Request::Create { component, disk, blocks } = request {
+            let store = self.disks.get(disk as usize).ok_or(ComponentError::NoSuchDisk(disk))?;
+            match store.create(component, blocks).await {
+                Ok(()) | Err(blockstore::Error::Exists(_)) => {}
+                Err(error) => return Err(error.into()),
+            }
+            self.located.write().expect("located lock").insert(component, disk as usize);
+            self.fence(store, component, epoch).await?;
+            return done;
+        }
+        let component = request.component();
+        let disk = self.disk_of(component)?;
+        if !matches!(request, Request::Info { .. } | Request::Read { .. } | Request::TrackingBitmap { .. }) {
+            self.fence(disk, component, epoch).await?;
+        }
+        match request {
+            Request::Create { .. } => unreachable!("handled above"),
+            Request::Delete { .. } => {
+                disk.delete(component).await?;
+                self.located.write().expect("located lock").remove(&component);
+                done
+            }
+            Request::Write { lsn, first, .. } => {
+                disk.write(component, lsn, first, data).await?;
+                done
+            }
+            Request::Unmap { lsn, first, count, .. } => {
+                disk.unmap(component, lsn, first, count).await?;
+                done
+            }
+            Request::Read { first, count, .. } => {
+                // Reads by a stale owner are refused too, without fencing.
+                let current = disk.component(component)?.epoch;
+                if epoch < current {
+                    return Err(ComponentError::StaleEpoch { epoch, current });
+                }
+                Ok((Reply::Data, disk.read(component, first, count)?))
+            }
+            Request::Track { stale, seed, .. } => {
+                disk.track(component, stale, seed).await?;
+                done
+            }
+            Request::Untrack { stale, .. } => {
+                disk.untrack(component, stale).await?;
+                done
+            }
+            Request::TrackingBitmap { stale, .. } => {
+                let bitmap = disk.tracking_bitmap(component, stale)?.map(|bitmap| {
+                    let mut bytes = Vec::with_capacity(bitmap.serialized_size());
+                    bitmap.serialize_into(&mut bytes).expect("writing to a Vec cannot fail");
+                    bytes
+                });
+                Ok((Reply::Bitmap(bitmap), Bytes::new()))
+            }
+            Request::BeginSync { stale, target, plan, .. } => {
+                disk.begin_sync(component, stale, target, plan).await?;
+                done
+            }
+            Request::SyncWrite { first, .. } => {
+                disk.sync_write(component, first, data).await?;
+                done
+            }
+            Request::EndSync { plan, .. } => Ok((Reply::Ended(disk.end_sync(component, plan).await?), Bytes::new())),
+            Request::Repair { first, .. } => {
+                disk.repair(component, first, data).await?;
+                done
+            }
+            Request::Info { .. } => Ok((Reply::Info(disk.component(component)?), Bytes::new())),
+        }
+    }
+
+    /// Serves the wire method.
+    pub async fn handle(self: Arc<Self>, request: wire::Request) -> Result<Bytes, RemoteError> {
+        if request.method != METHOD {
+            return Err(RemoteError::new(ErrorCode::UnknownMethod, format!("unknown method {:#06x}", request.method)));
+        }
+        let (envelope, data): (Envelope, Bytes) = unframe(&request.payload).map_err(|reason| {
+            tracing::warn!(peer = %request.peer, %reason, "component request did not decode");
+            RemoteError::new(ErrorCode::BadRequest, format!("component request: {reason}"))
+        })?;
+        let (reply, data) = self.serve(envelope, data).await;
+        Ok(frame(&reply, &data))
+    }
+}
+
+/// An owner's view of one component host.
+#[derive(Clone)]
+pub struct Client<T: Transport> {
+    transport: T,
+    address: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Component(#[from] ComponentError),
+    #[error(transparent)]
+    Call(#[from] wire::CallError),
+    #[error("unexpected reply: {0}")]
+    Protocol(String),
+}
+
+impl<T: Transport> Client<T> {
+    pub fn new(transport: T, address: impl Into<String>) -> Client<T> {
+        Client { transport, address: address.into() }
+    }
+
+    pub async fn call(&self, epoch: u64, request: Request, data: &[u8]) -> Result<(Reply, Bytes), ClientError> {
+        let payload = frame(&Envelope { epoch, request }, data);
+        let reply = self.transport.call(&self.address, METHOD, payload, CALL_TIMEOUT).await?;
+        let (reply, data): (Reply, Bytes) = unframe(&reply).map_err(ClientError::Protocol)?;
+        match reply {
+            Reply::Error(error) => Err(error.into()),
+            other => Ok((other, data)),
+        }
+    }
+
+    pub async fn write(
+        &self,
+        epoch: u64,
+        component: ComponentId,
+        lsn: Lsn,
+        first: u64,
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        debug_assert!(data.len().is_multiple_of(BLOCK_SIZE));
+        self.call(epoch, Request::Write { component, lsn, first }, data).await.map(|_| ())
+    }
+
+    pub async fn read(&self, epoch: u64, component: ComponentId, first: u64, count: u64) -> Result<Bytes, ClientError> {
+        match self.call(epoch, Request::Read { component, first, count }, &[]).await? {
+            (Reply::Data, data) => Ok(data),
+            (other, _) => Err(ClientError::Protocol(format!("{other:?} to a read"))),
+        }
+    }
+
+    pub async fn info(&self, epoch: u64, component: ComponentId) -> Result<ComponentInfo, ClientError> {
+        match self.call(epoch, Request::Info { component }, &[]).await? {
+            (Reply::Info(info), _) => Ok(info),
+            (other, _) => Err(ClientError::Protocol(format!("{other:?} to an info request"))),
+        }
+    }
+}
