@@ -658,6 +658,41 @@ impl Disk {
         self.enqueue(record).await
     }
 
+    /// Checks `record` and hands it to the journal now, before returning:
+    /// records submitted one after another are journaled (and applied) in
+    /// that order. The future completes when the record is durable and
+    /// applied. Writes are of [`WRITE_BLOCKS_MAX`] blocks at most.
+    pub fn submit_now(&self, record: Record) -> Result<impl std::future::Future<Output = Result<()>> + Send + 'static> {
+        let id = record.component();
+        if !matches!(record, Record::Create { .. }) {
+            let component = self.inner.get(id)?;
+            let state = component.state.read().expect("component lock");
+            let range = match &record {
+                Record::Write { first, data, .. }
+                | Record::SyncWrite { first, data, .. }
+                | Record::Repair { first, data, .. } => {
+                    if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE) {
+                        return Err(Error::Invalid(format!("{} bytes is not a whole number of blocks", data.len())));
+                    }
+                    let count = (data.len() / BLOCK_SIZE) as u64;
+                    if count > WRITE_BLOCKS_MAX {
+                        return Err(Error::Invalid(format!(
+                            "{count} blocks in one record; at most {WRITE_BLOCKS_MAX}"
+                        )));
+                    }
+                    Some((*first, count))
+                }
+                Record::Unmap { first, count, .. } => Some((*first, *count)),
+                _ => None,
+            };
+            if let Some((first, count)) = range {
+                check_range(id, first, count, state.blocks)?;
+            }
+        }
+        self.inner.check_failed()?;
+        Ok(self.enqueue(record))
+    }
+
     /// Queues a record for the writer; the future completes when it is
     /// durable and applied.
     fn enqueue(&self, record: Record) -> impl std::future::Future<Output = Result<()>> {

@@ -304,3 +304,22 @@ async fn a_fence_only_rises_and_survives_a_restart() {
     drop(disk);
     assert_eq!(open(dir.path()).component(1).unwrap().epoch, 5);
 }
+
+#[tokio::test]
+async fn records_submitted_in_order_are_applied_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 8).await.unwrap();
+    let mut waits = Vec::new();
+    for lsn in 1..=200u64 {
+        let record = blockstore::Record::Write { component: 1, lsn, first: lsn % 2, data: blocks(lsn % 2, 1, lsn) };
+        waits.push(disk.submit_now(record).unwrap());
+    }
+    for wait in waits {
+        wait.await.unwrap();
+    }
+    assert_eq!(disk.read(1, 0, 2).unwrap(), [blocks(0, 1, 200), blocks(1, 1, 199)].concat());
+    assert_eq!(disk.component(1).unwrap().committed_lsn, 200);
+    let too_big = blockstore::Record::Write { component: 1, lsn: 201, first: 0, data: blocks(0, 9, 1) };
+    assert!(matches!(disk.submit_now(too_big), Err(Error::OutOfRange { .. })));
+}
