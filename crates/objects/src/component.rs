@@ -111,6 +111,10 @@ impl Request {
 pub struct Envelope {
     /// The owner's epoch for the component's object.
     pub epoch: u64,
+    /// The owner's session with this component, and the message's place in
+    /// it (from 1). `seq` 0: not ordered (reads, queries, create).
+    pub session: u64,
+    pub seq: u64,
     pub request: Request,
 }
 
@@ -137,6 +141,16 @@ pub enum ComponentError {
     NoSuchDisk(u32),
     #[error("{0}")]
     Store(String),
+    #[error("session {session} of epoch {epoch} is over: the component follows a newer one")]
+    StaleSession { epoch: u64, session: u64 },
+    #[error("message {seq} was already handled in this session")]
+    Duplicate { seq: u64 },
+    #[error("message {seq} waited too long for the messages before it")]
+    Gap { seq: u64 },
+    #[error("too many messages waiting for their predecessors")]
+    Busy,
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl From<blockstore::Error> for ComponentError {
@@ -165,10 +179,33 @@ pub fn unframe<H: for<'de> Deserialize<'de>>(payload: &Bytes) -> Result<(H, Byte
     Ok((header, payload.slice(end..)))
 }
 
+/// Messages parked per component waiting for their predecessors, at most.
+const PARKED_MAX: usize = 1024;
+/// How long a message waits for its predecessors.
+const GAP_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Started = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Reply, Bytes), ComponentError>> + Send>>;
+
+struct Parked {
+    epoch: u64,
+    request: Request,
+    data: Bytes,
+    started: tokio::sync::oneshot::Sender<Result<Started, ComponentError>>,
+}
+
+/// The ordered stream of one owner session to one component.
+struct Session {
+    epoch: u64,
+    session: u64,
+    next: u64,
+    parked: std::collections::BTreeMap<u64, Parked>,
+}
+
 /// A host's component service: its disks and the components on them.
 pub struct Service {
     disks: Vec<Disk>,
     located: RwLock<HashMap<ComponentId, usize>>,
+    sessions: std::sync::Mutex<HashMap<ComponentId, Session>>,
 }
 
 impl Service {
@@ -179,7 +216,7 @@ impl Service {
                 located.insert(component.id, index);
             }
         }
-        Arc::new(Service { disks, located: RwLock::new(located) })
+        Arc::new(Service { disks, located: RwLock::new(located), sessions: std::sync::Mutex::new(HashMap::new()) })
     }
 
     pub fn disks(&self) -> &[Disk] {
@@ -214,8 +251,117 @@ impl Service {
         }
     }
 
+    /// An ordered message: handed to the block store in `seq` order within
+    /// its session (waiting for its predecessors if it came early), then
+    /// awaited concurrently with the others.
+    async fn serve_ordered(&self, envelope: Envelope, data: Bytes) -> Result<(Reply, Bytes), ComponentError> {
+        let Envelope { epoch, session, seq, request } = envelope;
+        let component = request.component();
+        let waiting = {
+            let mut sessions = self.sessions.lock().expect("sessions lock");
+            let state = sessions.entry(component).or_insert_with(|| Session {
+                epoch,
+                session,
+                next: 1,
+                parked: Default::default(),
+            });
+            if (epoch, session) < (state.epoch, state.session) {
+                return Err(ComponentError::StaleSession { epoch, session });
+            }
+            if (epoch, session) > (state.epoch, state.session) {
+                for (_, parked) in std::mem::take(&mut state.parked) {
+                    let _ = parked
+                        .started
+                        .send(Err(ComponentError::StaleSession { epoch: state.epoch, session: state.session }));
+                }
+                *state = Session { epoch, session, next: 1, parked: Default::default() };
+            }
+            if seq < state.next {
+                return Err(ComponentError::Duplicate { seq });
+            }
+            if seq > state.next {
+                if state.parked.len() >= PARKED_MAX {
+                    return Err(ComponentError::Busy);
+                }
+                let (started, wait) = tokio::sync::oneshot::channel();
+                state.parked.insert(seq, Parked { epoch, request, data, started });
+                Err(wait)
+            } else {
+                let started = self.start(epoch, request, data);
+                state.next += 1;
+                while let Some(parked) = state.parked.remove(&state.next) {
+                    let _ = parked.started.send(self.start(parked.epoch, parked.request, parked.data));
+                    state.next += 1;
+                }
+                Ok(started)
+            }
+        };
+        let started = match waiting {
+            Ok(started) => started?,
+            Err(wait) => match tokio::time::timeout(GAP_TIMEOUT, wait).await {
+                Ok(Ok(started)) => started?,
+                Ok(Err(_)) => return Err(ComponentError::Gap { seq }),
+                Err(_) => {
+                    let mut sessions = self.sessions.lock().expect("sessions lock");
+                    if let Some(state) = sessions.get_mut(&component) {
+                        state.parked.remove(&seq);
+                    }
+                    metrics::counter!("objects_ordering_gaps_total").increment(1);
+                    return Err(ComponentError::Gap { seq });
+                }
+            },
+        };
+        started.await
+    }
+
+    /// Checks the epoch and hands the request to the block store now;
+    /// returns the wait for its durability.
+    fn start(&self, epoch: u64, request: Request, data: Bytes) -> Result<Started, ComponentError> {
+        use blockstore::Record;
+        let component = request.component();
+        let disk = self.disk_of(component)?.clone();
+        let current = disk.component(component)?.epoch;
+        if epoch < current {
+            metrics::counter!("objects_stale_epoch_refusals_total").increment(1);
+            return Err(ComponentError::StaleEpoch { epoch, current });
+        }
+        let fence = if epoch > current { Some(disk.submit_now(Record::Fence { component, epoch })?) } else { None };
+        let mut reply = Reply::Done;
+        let record = match request {
+            Request::Write { lsn, first, .. } => Record::Write { component, lsn, first, data },
+            Request::Unmap { lsn, first, count, .. } => Record::Unmap { component, lsn, first, count },
+            Request::Track { stale, seed, .. } => Record::Track { component, stale, seed },
+            Request::Untrack { stale, .. } => Record::Untrack { component, stale },
+            Request::BeginSync { stale, target, plan, .. } => {
+                if target < stale || plan == 0 {
+                    return Err(ComponentError::Invalid(format!("resync plan {plan} from {stale} to {target}")));
+                }
+                Record::BeginSync { component, stale, target, plan }
+            }
+            Request::SyncWrite { first, .. } => Record::SyncWrite { component, first, data },
+            Request::Repair { first, .. } => Record::Repair { component, first, data },
+            Request::EndSync { plan, .. } => {
+                let ended = disk.sync_plan(component)?.is_some_and(|(current, _, _)| plan == 0 || current == plan);
+                reply = Reply::Ended(ended);
+                Record::EndSync { component, plan }
+            }
+            other => return Err(ComponentError::Invalid(format!("{other:?} is not an ordered request"))),
+        };
+        let wait = disk.submit_now(record)?;
+        Ok(Box::pin(async move {
+            if let Some(fence) = fence {
+                fence.await?;
+            }
+            wait.await?;
+            Ok((reply, Bytes::new()))
+        }))
+    }
+
     async fn serve_inner(&self, envelope: Envelope, data: Bytes) -> Result<(Reply, Bytes), ComponentError> {
-        let Envelope { epoch, request } = envelope;
+        if envelope.seq > 0 {
+            return self.serve_ordered(envelope, data).await;
+        }
+        let Envelope { epoch, request, .. } = envelope;
         let done = Ok((Reply::Done, Bytes::new()));
         if let Request::Create { component, disk, blocks } = request {
             let store = self.disks.get(disk as usize).ok_or(ComponentError::NoSuchDisk(disk))?;
@@ -324,8 +470,22 @@ impl<T: Transport> Client<T> {
         Client { transport, address: address.into() }
     }
 
+    /// An unordered request (reads, queries, create, and tests).
     pub async fn call(&self, epoch: u64, request: Request, data: &[u8]) -> Result<(Reply, Bytes), ClientError> {
-        let payload = frame(&Envelope { epoch, request }, data);
+        self.call_in(epoch, 0, 0, request, data).await
+    }
+
+    /// Message `seq` (from 1) of the owner's `session` with the component:
+    /// the component hands them to its store in `seq` order.
+    pub async fn call_in(
+        &self,
+        epoch: u64,
+        session: u64,
+        seq: u64,
+        request: Request,
+        data: &[u8],
+    ) -> Result<(Reply, Bytes), ClientError> {
+        let payload = frame(&Envelope { epoch, session, seq, request }, data);
         let reply = self.transport.call(&self.address, METHOD, payload, CALL_TIMEOUT).await?;
         let (reply, data): (Reply, Bytes) = unframe(&reply).map_err(ClientError::Protocol)?;
         match reply {

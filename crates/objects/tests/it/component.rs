@@ -60,3 +60,33 @@ async fn a_corrupt_block_comes_back_as_a_checksum_error_naming_it() {
     }
     handle.stop();
 }
+
+#[tokio::test]
+async fn a_session_is_applied_in_sequence_order_whatever_order_it_arrives_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, client, handle) = start(dir.path()).await;
+    client.call(1, Request::Create { component: 5, disk: 0, blocks: 4 }, &[]).await.unwrap();
+    // 100 writes to one block, sent in reverse order: each must wait for
+    // the ones before it, so the last one in the session wins.
+    let mut tasks = Vec::new();
+    for seq in (1..=100u64).rev() {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let data = vec![seq as u8; BLOCK_SIZE];
+            client.call_in(1, 1, seq, Request::Write { component: 5, lsn: seq, first: 0 }, &data).await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(&client.read(1, 5, 0, 1).await.unwrap()[..], &vec![100u8; BLOCK_SIZE][..]);
+    assert_eq!(service.disks()[0].component(5).unwrap().committed_lsn, 100);
+    // A repeat is refused; so is the old session once a new one began.
+    let data = vec![0u8; BLOCK_SIZE];
+    let repeat = client.call_in(1, 1, 100, Request::Write { component: 5, lsn: 100, first: 0 }, &data).await;
+    assert!(matches!(repeat, Err(ClientError::Component(ComponentError::Duplicate { seq: 100 }))), "{repeat:?}");
+    client.call_in(1, 2, 1, Request::Write { component: 5, lsn: 101, first: 1 }, &data).await.unwrap();
+    let old = client.call_in(1, 1, 101, Request::Write { component: 5, lsn: 102, first: 1 }, &data).await;
+    assert!(matches!(old, Err(ClientError::Component(ComponentError::StaleSession { .. }))), "{old:?}");
+    handle.stop();
+}
