@@ -62,6 +62,10 @@ pub enum Request {
         component: ComponentId,
         stale: Lsn,
     },
+    /// The synchronization bitmap of the resync under way.
+    SyncBitmap {
+        component: ComponentId,
+    },
     BeginSync {
         component: ComponentId,
         stale: Lsn,
@@ -98,6 +102,7 @@ impl Request {
             | Request::Track { component, .. }
             | Request::Untrack { component, .. }
             | Request::TrackingBitmap { component, .. }
+            | Request::SyncBitmap { component }
             | Request::BeginSync { component, .. }
             | Request::SyncWrite { component, .. }
             | Request::EndSync { component, .. }
@@ -375,7 +380,10 @@ impl Service {
         }
         let component = request.component();
         let disk = self.disk_of(component)?;
-        if !matches!(request, Request::Info { .. } | Request::Read { .. } | Request::TrackingBitmap { .. }) {
+        if !matches!(
+            request,
+            Request::Info { .. } | Request::Read { .. } | Request::TrackingBitmap { .. } | Request::SyncBitmap { .. }
+        ) {
             self.fence(disk, component, epoch).await?;
         }
         match request {
@@ -411,6 +419,14 @@ impl Service {
             }
             Request::TrackingBitmap { stale, .. } => {
                 let bitmap = disk.tracking_bitmap(component, stale)?.map(|bitmap| {
+                    let mut bytes = Vec::with_capacity(bitmap.serialized_size());
+                    bitmap.serialize_into(&mut bytes).expect("writing to a Vec cannot fail");
+                    bytes
+                });
+                Ok((Reply::Bitmap(bitmap), Bytes::new()))
+            }
+            Request::SyncBitmap { .. } => {
+                let bitmap = disk.sync_bitmap(component)?.map(|bitmap| {
                     let mut bytes = Vec::with_capacity(bitmap.serialized_size());
                     bitmap.serialize_into(&mut bytes).expect("writing to a Vec cannot fail");
                     bytes

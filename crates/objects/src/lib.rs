@@ -13,4 +13,5 @@
 //! **Boundary:** the owner decides; it does no I/O (contract 6).
 
 pub mod component;
+pub mod object;
 pub mod owner;

@@ -4,6 +4,7 @@
 //! identical and hold every acknowledged write.
 
 mod component;
+mod object;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 

@@ -1,0 +1,136 @@
+//! An object with three copies on three component services (real TCP on
+//! loopback): a copy goes away under writes, comes back, and is resynced
+//! from a tracking bitmap; every copy ends identical, and the resync copies
+//! only what changed while it was away.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockstore::{Disk, DiskConfig, BLOCK_SIZE};
+use bytes::Bytes;
+use objects::component::{Client, Request, Service};
+use objects::object::Object;
+use objects::owner::Status;
+use wire::tcp::TcpTransport;
+use wire::{ErrorCode, RemoteError, Transport};
+
+const BLOCKS: u64 = 256;
+
+struct Host {
+    service: Arc<Service>,
+    online: Arc<AtomicBool>,
+    client: Client<TcpTransport>,
+    _handle: wire::ServeHandle,
+}
+
+/// A component service whose host can be taken off the network.
+async fn host(dir: &std::path::Path, transport: &TcpTransport) -> Host {
+    let disk = Disk::open(fsio::real(), dir, DiskConfig::default()).unwrap();
+    let service = Service::new(vec![disk]);
+    let online = Arc::new(AtomicBool::new(true));
+    let (handler, up) = (service.clone(), online.clone());
+    let handle = transport
+        .serve(
+            "127.0.0.1:0",
+            Arc::new(move |request| {
+                let (handler, up) = (handler.clone(), up.clone());
+                async move {
+                    if !up.load(Ordering::SeqCst) {
+                        return Err(RemoteError::new(ErrorCode::Unavailable, "host is down"));
+                    }
+                    handler.handle(request).await
+                }
+            }),
+        )
+        .await
+        .unwrap();
+    let client = Client::new(transport.clone(), handle.local_address.clone());
+    Host { service, online, client, _handle: handle }
+}
+
+/// A block that says which block it is and which pass wrote it.
+fn pattern(block: u64, pass: u64) -> Vec<u8> {
+    let mut data = vec![0u8; BLOCK_SIZE];
+    for (index, word) in data.chunks_mut(8).enumerate() {
+        word.copy_from_slice(&(block << 32 | pass << 16 | index as u64).to_le_bytes());
+    }
+    data
+}
+
+async fn write(object: &Arc<Object<TcpTransport>>, first: u64, count: u64, pass: u64) {
+    let data: Vec<u8> = (first..first + count).flat_map(|block| pattern(block, pass)).collect();
+    object.write_at(first * BLOCK_SIZE as u64, Bytes::from(data)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_was_away_is_resynced_from_its_tracking_bitmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let mut hosts = Vec::new();
+    for index in 0..3 {
+        hosts.push(host(&dir.path().join(format!("host{index}")), &transport).await);
+    }
+    for (index, host) in hosts.iter().enumerate() {
+        let request = Request::Create { component: 100 + index as u64, disk: 0, blocks: BLOCKS };
+        host.client.call(1, request, &[]).await.unwrap();
+    }
+    let components = hosts.iter().enumerate().map(|(index, host)| (100 + index as u64, host.client.clone())).collect();
+    let object = Object::open(1, BLOCKS, components, 0);
+    write(&object, 0, BLOCKS, 1).await;
+
+    // Host 2 goes away; writes go on with two copies.
+    hosts[2].online.store(false, Ordering::SeqCst);
+    let mut written_while_away = 0;
+    for pass in 2..6u64 {
+        let first = pass * 20;
+        write(&object, first, 8, pass).await;
+        written_while_away += 8;
+    }
+    assert!(matches!(object.statuses()[2], Status::Absent { .. }), "{:?}", object.statuses());
+    assert_eq!(object.statuses()[..2], [Status::Active, Status::Active]);
+
+    // It comes back and is resynced while writes go on.
+    hosts[2].online.store(true, Ordering::SeqCst);
+    assert!(object.probe(2).await);
+    // Written before the copy is current again: it counts as changed while
+    // it was away (the resync may copy it rather than wait for it).
+    write(&object, 200, 4, 9).await;
+    written_while_away += 4;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while object.statuses() != vec![Status::Active; 3] {
+        assert!(Instant::now() < deadline, "resync did not finish: {:?}", object.statuses());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let copied = object.resync_stats.blocks_copied.load(Ordering::Relaxed);
+    println!("resync copied {copied} blocks for {written_while_away} written until the copy was current again");
+    assert_eq!(object.resync_stats.full_copies.load(Ordering::Relaxed), 0);
+    assert!(copied <= written_while_away * 11 / 10, "copied {copied} for {written_while_away} written");
+
+    // Every copy holds the same, and what was written last.
+    let mut expected: Vec<u8> = (0..BLOCKS).flat_map(|block| pattern(block, 1)).collect();
+    for pass in 2..6u64 {
+        for block in pass * 20..pass * 20 + 8 {
+            let at = block as usize * BLOCK_SIZE;
+            expected[at..at + BLOCK_SIZE].copy_from_slice(&pattern(block, pass));
+        }
+    }
+    for block in 200..204 {
+        let at = block as usize * BLOCK_SIZE;
+        expected[at..at + BLOCK_SIZE].copy_from_slice(&pattern(block, 9));
+    }
+    for (index, host) in hosts.iter().enumerate() {
+        let id = 100 + index as u64;
+        let mut held = Vec::new();
+        for first in (0..BLOCKS).step_by(64) {
+            held.extend_from_slice(&host.client.read(1, id, first, 64).await.unwrap());
+        }
+        assert!(held == expected, "copy {index} differs");
+        let info = host.service.disks()[0].component(id).unwrap();
+        assert!(info.sync.is_none(), "copy {index} still resyncing: {info:?}");
+    }
+    assert_eq!(
+        &object.read_at(20 * BLOCK_SIZE as u64, 4096).await.unwrap()[..],
+        &expected[20 * BLOCK_SIZE..21 * BLOCK_SIZE]
+    );
+}
