@@ -101,8 +101,9 @@ pub struct Agent {
     tree: Arc<Tree>,
     role: Option<Role>,
     watched: BTreeMap<HostId, Watch>,
-    /// Children found failed that the next summary reports.
-    failed_children: Vec<HostId>,
+    /// A child was just found failed: the summary goes up now, not at the
+    /// next period.
+    report_now: bool,
     /// Hosts this agent found failed that the tree still has it watch, with
     /// when the root last reported them: a report can be lost (a dropped
     /// summary, no manager during a hand-over), so it is repeated until
@@ -122,7 +123,7 @@ impl Agent {
             tree: Arc::new(Tree::default()),
             role: None,
             watched: BTreeMap::new(),
-            failed_children: Vec::new(),
+            report_now: false,
             reported: BTreeMap::new(),
             last_report: None,
             last_tick: None,
@@ -257,7 +258,7 @@ impl Agent {
             if role.is_root {
                 out.push(Output::Failed(host));
             } else {
-                self.failed_children.push(host);
+                self.report_now = true;
             }
         }
         // A report can be lost: the root repeats its own every period; a
@@ -274,9 +275,9 @@ impl Agent {
         if let Some(parent) = role.parent {
             let due = self.last_report.is_none_or(|last| now >= last + self.config.heartbeat_interval);
             // A failure goes up at once, not at the next period.
-            if due || !self.failed_children.is_empty() {
+            if due || self.report_now {
+                self.report_now = false;
                 let message = if role.is_branch {
-                    self.failed_children.clear();
                     Message::Summary { epoch: self.tree.epoch, failed: self.reported.keys().copied().collect() }
                 } else {
                     Message::Heartbeat { epoch: self.tree.epoch }
@@ -285,9 +286,6 @@ impl Agent {
                 self.last_report = Some(now);
             }
             next = next.min(self.last_report.unwrap_or(now) + self.config.heartbeat_interval);
-        } else if role.is_root && !self.failed_children.is_empty() {
-            // The root's own children: reported straight to the manager.
-            out.extend(self.failed_children.drain(..).map(Output::Failed));
         }
         next.max(now + 1)
     }

@@ -206,6 +206,35 @@ struct Session {
     parked: std::collections::BTreeMap<u64, Parked>,
 }
 
+/// Refuses an owner epoch below the component's.
+fn refuse_stale(disk: &Disk, component: ComponentId, epoch: u64) -> Result<u64, ComponentError> {
+    let current = disk.component(component)?.epoch;
+    if epoch < current {
+        metrics::counter!("objects_stale_epoch_refusals_total").increment(1);
+        return Err(ComponentError::StaleEpoch { epoch, current });
+    }
+    Ok(current)
+}
+
+/// Refuses a stale epoch; a newer one is handed to the journal now (before
+/// the request it came with), and the wait for it returned.
+fn fence(
+    disk: &Disk,
+    component: ComponentId,
+    epoch: u64,
+) -> Result<Option<impl std::future::Future<Output = blockstore::Result<()>> + Send + 'static>, ComponentError> {
+    if epoch > refuse_stale(disk, component, epoch)? {
+        return Ok(Some(disk.submit_now(blockstore::Record::Fence { component, epoch })?));
+    }
+    Ok(None)
+}
+
+fn bitmap_bytes(bitmap: roaring::RoaringBitmap) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(bitmap.serialized_size());
+    bitmap.serialize_into(&mut bytes).expect("writing to a Vec cannot fail");
+    bytes
+}
+
 /// A host's component service: its disks and the components on them.
 pub struct Service {
     disks: Vec<Disk>,
@@ -233,19 +262,6 @@ impl Service {
         index
             .map(|index| &self.disks[index])
             .ok_or_else(|| ComponentError::Store(blockstore::Error::NoSuchComponent(component).to_string()))
-    }
-
-    /// Refuses a stale epoch; records a newer one before going on.
-    async fn fence(&self, disk: &Disk, component: ComponentId, epoch: u64) -> Result<(), ComponentError> {
-        let current = disk.component(component)?.epoch;
-        if epoch < current {
-            metrics::counter!("objects_stale_epoch_refusals_total").increment(1);
-            return Err(ComponentError::StaleEpoch { epoch, current });
-        }
-        if epoch > current {
-            disk.fence(component, epoch).await?;
-        }
-        Ok(())
     }
 
     /// Serves one request; returns the reply header and its data.
@@ -325,12 +341,7 @@ impl Service {
         use blockstore::Record;
         let component = request.component();
         let disk = self.disk_of(component)?.clone();
-        let current = disk.component(component)?.epoch;
-        if epoch < current {
-            metrics::counter!("objects_stale_epoch_refusals_total").increment(1);
-            return Err(ComponentError::StaleEpoch { epoch, current });
-        }
-        let fence = if epoch > current { Some(disk.submit_now(Record::Fence { component, epoch })?) } else { None };
+        let fence = fence(&disk, component, epoch)?;
         let mut reply = Reply::Done;
         let record = match request {
             Request::Write { lsn, first, .. } => Record::Write { component, lsn, first, data },
@@ -375,78 +386,36 @@ impl Service {
                 Err(error) => return Err(error.into()),
             }
             self.located.write().expect("located lock").insert(component, disk as usize);
-            self.fence(store, component, epoch).await?;
+            if let Some(fence) = fence(store, component, epoch)? {
+                fence.await?;
+            }
             return done;
         }
         let component = request.component();
         let disk = self.disk_of(component)?;
-        if !matches!(
-            request,
-            Request::Info { .. } | Request::Read { .. } | Request::TrackingBitmap { .. } | Request::SyncBitmap { .. }
-        ) {
-            self.fence(disk, component, epoch).await?;
-        }
         match request {
-            Request::Create { .. } => unreachable!("handled above"),
             Request::Delete { .. } => {
+                if let Some(fence) = fence(disk, component, epoch)? {
+                    fence.await?;
+                }
                 disk.delete(component).await?;
                 self.located.write().expect("located lock").remove(&component);
                 done
             }
-            Request::Write { lsn, first, .. } => {
-                disk.write(component, lsn, first, data).await?;
-                done
-            }
-            Request::Unmap { lsn, first, count, .. } => {
-                disk.unmap(component, lsn, first, count).await?;
-                done
-            }
+            // Queries: a stale owner is refused, without fencing.
             Request::Read { first, count, .. } => {
-                // Reads by a stale owner are refused too, without fencing.
-                let current = disk.component(component)?.epoch;
-                if epoch < current {
-                    return Err(ComponentError::StaleEpoch { epoch, current });
-                }
+                refuse_stale(disk, component, epoch)?;
                 Ok((Reply::Data, disk.read(component, first, count)?))
             }
-            Request::Track { stale, seed, .. } => {
-                disk.track(component, stale, seed).await?;
-                done
-            }
-            Request::Untrack { stale, .. } => {
-                disk.untrack(component, stale).await?;
-                done
-            }
             Request::TrackingBitmap { stale, .. } => {
-                let bitmap = disk.tracking_bitmap(component, stale)?.map(|bitmap| {
-                    let mut bytes = Vec::with_capacity(bitmap.serialized_size());
-                    bitmap.serialize_into(&mut bytes).expect("writing to a Vec cannot fail");
-                    bytes
-                });
-                Ok((Reply::Bitmap(bitmap), Bytes::new()))
+                Ok((Reply::Bitmap(disk.tracking_bitmap(component, stale)?.map(bitmap_bytes)), Bytes::new()))
             }
             Request::SyncBitmap { .. } => {
-                let bitmap = disk.sync_bitmap(component)?.map(|bitmap| {
-                    let mut bytes = Vec::with_capacity(bitmap.serialized_size());
-                    bitmap.serialize_into(&mut bytes).expect("writing to a Vec cannot fail");
-                    bytes
-                });
-                Ok((Reply::Bitmap(bitmap), Bytes::new()))
-            }
-            Request::BeginSync { stale, target, plan, .. } => {
-                disk.begin_sync(component, stale, target, plan).await?;
-                done
-            }
-            Request::SyncWrite { first, .. } => {
-                disk.sync_write(component, first, data).await?;
-                done
-            }
-            Request::EndSync { plan, .. } => Ok((Reply::Ended(disk.end_sync(component, plan).await?), Bytes::new())),
-            Request::Repair { first, .. } => {
-                disk.repair(component, first, data).await?;
-                done
+                Ok((Reply::Bitmap(disk.sync_bitmap(component)?.map(bitmap_bytes)), Bytes::new()))
             }
             Request::Info { .. } => Ok((Reply::Info(disk.component(component)?), Bytes::new())),
+            // Changes: the same path as an ordered session's, unordered.
+            other => self.start(epoch, other, data)?.await,
         }
     }
 

@@ -52,8 +52,6 @@ struct State {
     /// Per component: its session and the next sequence number.
     sessions: Vec<(u64, u64)>,
     waiters: HashMap<u64, oneshot::Sender<Result<Lsn, ObjectError>>>,
-    /// Data of operations in flight, by LSN (kept until every send of it is out).
-    data: HashMap<Lsn, Bytes>,
     next_request: u64,
 }
 
@@ -79,7 +77,6 @@ impl<T: Transport> Object<T> {
                 owner: Owner::new(vec![Status::Active; count], committed),
                 sessions: (0..count).map(|index| (index as u64 + 1, 1)).collect(),
                 waiters: HashMap::new(),
-                data: HashMap::new(),
                 next_request: 0,
             }),
             next_session: AtomicU64::new(count as u64 + 1),
@@ -140,24 +137,21 @@ impl<T: Transport> Object<T> {
         state.next_request += 1;
         let request = state.next_request;
         state.waiters.insert(request, done);
-        let lsn = state.owner.last_lsn() + 1;
-        state.data.insert(lsn, data);
         let mut out = Vec::new();
         state.owner.handle(0, Input::Submit { request, op }, &mut out);
-        self.act(&mut state, out);
-        // Every copy was sent its data while the owner decided.
-        state.data.remove(&lsn);
+        self.act(&mut state, out, &data);
         wait
     }
 
     /// Carries out the owner's actions (under the lock: sequence numbers
-    /// are taken in the order the owner decided).
-    fn act(self: &Arc<Self>, state: &mut State, actions: Vec<Action>) {
+    /// are taken in the order the owner decided). `data`: the submitted
+    /// operation's, which its `Send` actions carry (the owner sends only
+    /// when an operation is submitted).
+    fn act(self: &Arc<Self>, state: &mut State, actions: Vec<Action>, data: &Bytes) {
         for action in actions {
             match action {
                 Action::Send { component, lsn, .. } => {
                     let op = state.owner.op(lsn).cloned();
-                    let data = state.data.get(&lsn).cloned().unwrap_or_default();
                     let request = match op {
                         Some(Op::Write { first, .. }) => {
                             Request::Write { component: self.components[component].0, lsn, first }
@@ -167,7 +161,7 @@ impl<T: Transport> Object<T> {
                         }
                         None => continue,
                     };
-                    self.send(state, component, request, data, Some(lsn));
+                    self.send(state, component, request, data.clone(), Some(lsn));
                 }
                 Action::Done { request, lsn } => {
                     if let Some(waiter) = state.waiters.remove(&request) {
@@ -253,7 +247,7 @@ impl<T: Transport> Object<T> {
         }
         let mut out = Vec::new();
         state.owner.handle(now_ms(), input, &mut out);
-        self.act(&mut state, out);
+        self.act(&mut state, out, &Bytes::new());
     }
 
     /// Asks an absent component whether it is back; if so, the owner plans
@@ -269,7 +263,7 @@ impl<T: Transport> Object<T> {
         state.sessions[component] = (self.next_session.fetch_add(1, Ordering::Relaxed), 1);
         let mut out = Vec::new();
         state.owner.handle(now_ms(), Input::Back { component, committed: info.committed_lsn }, &mut out);
-        self.act(&mut state, out);
+        self.act(&mut state, out, &Bytes::new());
         true
     }
 
@@ -284,9 +278,10 @@ impl<T: Transport> Object<T> {
         if !matches!(begun.await, Ok(Ok(_))) {
             return; // the target failed; the owner knows
         }
-        let (from, tracking) = match source {
-            Source::Tracked { source, tracking } => (source, Some(tracking)),
-            Source::FullCopy { source } => (source, None),
+        let from = source.index();
+        let tracking = match source {
+            Source::Tracked { tracking, .. } => Some(tracking),
+            Source::FullCopy { .. } => None,
         };
         let (source_id, source_client) = &self.components[from];
         // Wait until the source has everything sent to it so far.

@@ -42,6 +42,15 @@ pub enum Source {
     FullCopy { source: Index },
 }
 
+impl Source {
+    /// The component copied from.
+    pub fn index(&self) -> Index {
+        match self {
+            Source::Tracked { source, .. } | Source::FullCopy { source } => *source,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     Write { first: u64, count: u64 },
@@ -448,18 +457,14 @@ impl Owner {
             }
         };
         let target = self.last_lsn;
-        let ready = match source {
-            Source::Tracked { source, .. } | Source::FullCopy { source } => self.components[source].last_sent,
-        };
+        let ready = self.components[source.index()].last_sent;
         self.plans += 1;
         let plan = self.plans;
         let component = &mut self.components[index];
         component.status = Status::Resyncing { stale: from, target };
         component.plan = plan;
         component.last_sent = target;
-        component.source = Some(match source {
-            Source::Tracked { source, .. } | Source::FullCopy { source } => source,
-        });
+        component.source = Some(source.index());
         component.uses = match source {
             Source::Tracked { tracking, .. } => Some(tracking),
             Source::FullCopy { .. } => None,

@@ -356,16 +356,13 @@ impl Scheduler {
                 // it measured its answer is not in the answer: count it as
                 // used. A grant a leaf acknowledged is in what any later
                 // incarnation of that leaf measures.
-                let mut granted: BTreeMap<BucketId, Vec<(u64, &Grant)>> = BTreeMap::new();
-                for ((_, sequence), grant) in &self.grants {
-                    granted.entry(grant.bucket).or_default().push((*sequence, grant));
-                }
                 for candidate in candidates.iter_mut() {
-                    let Some(grants) = granted.get(&candidate.bucket) else { continue };
-                    let later: u64 = grants
-                        .iter()
-                        .filter(|(sequence, grant)| {
-                            *sequence > candidate.applied
+                    let host = candidate.bucket.host;
+                    let later: u64 = self
+                        .grants
+                        .range((host, candidate.applied + 1)..=(host, u64::MAX))
+                        .filter(|(_, grant)| {
+                            grant.bucket == candidate.bucket
                                 && grant.acked.is_none_or(|(_, leaf)| candidate.incarnation <= leaf)
                         })
                         .map(|(_, grant)| grant.bytes)

@@ -236,9 +236,7 @@ impl World {
     /// Runs job `job` if it can run now; true if it ran (or failed).
     fn copy_one(&mut self, job: usize) -> bool {
         let (target, source, target_lsn) = self.jobs[job].clone();
-        let from = match source {
-            Source::Tracked { source, .. } | Source::FullCopy { source } => source,
-        };
+        let from = source.index();
         assert!(self.components[from].up, "the owner replans a resync whose source failed");
         // Wait until the source has every write up to the target LSN (and,
         // sent before those, the tracking bitmap), and the target has begun.
