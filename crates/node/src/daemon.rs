@@ -40,6 +40,9 @@ const PING_TIMEOUT: Duration = Duration::from_millis(800);
 pub struct Pong {
     pub node_id: u64,
     pub incarnation: u64,
+    /// Whether the node has opened the catalog (it serves the admin API's
+    /// cluster operations only then).
+    pub ready: bool,
 }
 
 /// A job in the cluster's task queue (resync, rebalance, reclamation …).
@@ -226,7 +229,11 @@ impl Node {
             };
         }
         match request.method {
-            method::PING => Ok(wire::encode(&Pong { node_id: self.config.node_id, incarnation: self.incarnation })),
+            method::PING => Ok(wire::encode(&Pong {
+                node_id: self.config.node_id,
+                incarnation: self.incarnation,
+                ready: self.services().is_some(),
+            })),
             crate::membership::method::HIERARCHY
             | crate::membership::method::SCHEDULER
             | crate::membership::method::PLACE => {
@@ -258,9 +265,8 @@ impl Node {
         }
     }
 
-    async fn ping(&self, address: &str) -> bool {
-        let reply: Result<Pong, _> = wire::call(&self.transport, address, method::PING, &(), PING_TIMEOUT).await;
-        reply.is_ok()
+    async fn ping(&self, address: &str) -> Option<Pong> {
+        wire::call(&self.transport, address, method::PING, &(), PING_TIMEOUT).await.ok()
     }
 
     /// Gathers the whole cluster's status: pings every host, asks every log
@@ -284,7 +290,8 @@ impl Node {
         let tree = self.services().map(|services| services.catalog.tree_local().0).unwrap_or_default();
         let mut problems = Vec::new();
         let mut host_statuses = Vec::new();
-        for (host, reachable) in hosts.iter().zip(pings) {
+        for (host, pong) in hosts.iter().zip(pings) {
+            let reachable = pong.is_some();
             let record = catalog_hosts.get(&host.id);
             let log_role = replica_statuses.get(&host.id).map(|status| {
                 status.as_ref().map(|status| status.role.to_lowercase()).unwrap_or_else(|| "unreachable".into())
@@ -299,6 +306,8 @@ impl Node {
             let role = tree.role(host.id);
             if state != "up" {
                 problems.push(format!("host {} ({}) is {state}", host.name, host.id));
+            } else if pong.is_some_and(|pong| !pong.ready) {
+                problems.push(format!("host {} ({}) has not opened the catalog yet", host.name, host.id));
             } else if role.is_none() && self.services().is_some() {
                 problems.push(format!("host {} ({}) has no place in the hierarchy yet", host.name, host.id));
             }
