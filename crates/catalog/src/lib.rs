@@ -26,6 +26,7 @@ pub const HOSTS_STREAM: StreamId = StreamId::from_name("catalog/hosts");
 pub const DISKS_STREAM: StreamId = StreamId::from_name("catalog/disks");
 pub const SITES_STREAM: StreamId = StreamId::from_name("catalog/sites");
 pub const TREE_STREAM: StreamId = StreamId::from_name("catalog/tree");
+pub const OBJECTS_STREAM: StreamId = StreamId::from_name("catalog/objects");
 
 /// Compare-and-set retries before an update gives up (contention is between
 /// a handful of hosts; this bounds a pathological loop).
@@ -48,6 +49,8 @@ pub struct Catalog<T: Transport> {
     pub sites: Replicated<Map<String, SiteRecord>, T>,
     /// The aggregation hierarchy: roles and parents, with its epoch.
     pub tree: Replicated<Register<hierarchy::Tree>, T>,
+    /// Objects by name.
+    pub objects: Replicated<Map<String, ObjectRecord>, T>,
 }
 
 impl<T: Transport> Catalog<T> {
@@ -58,6 +61,7 @@ impl<T: Transport> Catalog<T> {
             disks: runtime.open(DISKS_STREAM).await?,
             sites: runtime.open(SITES_STREAM).await?,
             tree: runtime.open(TREE_STREAM).await?,
+            objects: runtime.open(OBJECTS_STREAM).await?,
         })
     }
 
@@ -143,6 +147,49 @@ impl<T: Transport> Catalog<T> {
     /// Changes whenever the tree changes.
     pub fn watch_tree(&self) -> watch::Receiver<u64> {
         self.tree.changes()
+    }
+
+    /// Adds a new object; `Ok(Err(_))` when the name is taken.
+    pub async fn create_object(&self, record: ObjectRecord) -> Result<Result<Position, Conflict>, CatalogError> {
+        Ok(self.objects.compare_and_set(record.name.clone(), None, Some(record)).await?)
+    }
+
+    /// Reads, modifies and writes an object record with compare-and-set,
+    /// retrying on conflict. `modify` returns `None` to leave it as it is
+    /// (or when it decides the change no longer applies).
+    pub async fn update_object(
+        &self,
+        name: &str,
+        mut modify: impl FnMut(&ObjectRecord) -> Option<ObjectRecord>,
+    ) -> Result<Option<ObjectRecord>, CatalogError> {
+        for _ in 0..UPDATE_RETRIES_MAX {
+            let Some((current, version)) = self.objects.get(&name.to_string()).await? else {
+                return Err(CatalogError::NotFound(format!("object {name:?}")));
+            };
+            let Some(updated) = modify(&current) else { return Ok(None) };
+            match self.objects.compare_and_set(name.to_string(), Some(version), Some(updated.clone())).await? {
+                Ok(_) => return Ok(Some(updated)),
+                Err(Conflict { .. }) => continue,
+            }
+        }
+        Err(CatalogError::Contended(format!("object {name:?}")))
+    }
+
+    /// Removes an object record.
+    pub async fn remove_object(&self, name: &str) -> Result<Option<ObjectRecord>, CatalogError> {
+        for _ in 0..UPDATE_RETRIES_MAX {
+            let Some((current, version)) = self.objects.get(&name.to_string()).await? else { return Ok(None) };
+            match self.objects.compare_and_set(name.to_string(), Some(version), None).await? {
+                Ok(_) => return Ok(Some(current)),
+                Err(Conflict { .. }) => continue,
+            }
+        }
+        Err(CatalogError::Contended(format!("object {name:?}")))
+    }
+
+    /// Changes whenever an object record changes.
+    pub fn watch_objects(&self) -> watch::Receiver<u64> {
+        self.objects.changes()
     }
 
     pub async fn put_disk(&self, disk: DiskRecord) -> Result<Position, CatalogError> {

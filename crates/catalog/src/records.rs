@@ -85,6 +85,10 @@ pub struct HostRecord {
     /// When the host's current process started (microseconds since the
     /// epoch): tells a restart from a long-running process.
     pub incarnation: u64,
+    /// Where this host's component threads listen (one address each); an
+    /// owner thread `i` talks to thread `i mod len` (empty: no storage).
+    #[serde(default)]
+    pub component_addresses: Vec<String>,
 }
 
 impl HostRecord {
@@ -98,6 +102,7 @@ impl HostRecord {
             && self.fault_domain == other.fault_domain
             && self.state == other.state
             && self.incarnation == other.incarnation
+            && self.component_addresses == other.component_addresses
     }
 }
 
@@ -115,4 +120,108 @@ pub struct DiskRecord {
 pub struct SiteRecord {
     pub name: String,
     pub description: String,
+}
+
+/// An object's id; its components are `id << 8 | index`.
+pub type ObjectId = u64;
+
+/// How an object keeps its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Policy {
+    /// One copy.
+    None,
+    /// `copies` (2 or 3) identical copies on distinct hosts.
+    Raid1 { copies: u8 },
+}
+
+impl Policy {
+    pub fn copies(&self) -> usize {
+        match self {
+            Policy::None => 1,
+            Policy::Raid1 { copies } => *copies as usize,
+        }
+    }
+
+    /// `none`, `raid1` (2 copies), `raid1:2`, `raid1:3`.
+    pub fn parse(text: &str) -> Result<Policy, String> {
+        match text {
+            "none" => Ok(Policy::None),
+            "raid1" | "raid1:2" => Ok(Policy::Raid1 { copies: 2 }),
+            "raid1:3" => Ok(Policy::Raid1 { copies: 3 }),
+            other => Err(format!("unknown policy {other:?} (known: none, raid1:2, raid1:3)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Policy::None => write!(f, "none"),
+            Policy::Raid1 { copies } => write!(f, "raid1:{copies}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentRecord {
+    pub id: u64,
+    pub host: HostId,
+    /// The disk's index on its host.
+    pub disk: u32,
+}
+
+/// A component's state as its owner last recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ComponentState {
+    Active,
+    /// Unavailable since `since_ms`; holds every write up to `stale`.
+    Absent {
+        stale: u64,
+        since_ms: u64,
+    },
+    /// Being brought from `stale` to `target`.
+    Resyncing {
+        stale: u64,
+        target: u64,
+    },
+}
+
+impl ComponentState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ComponentState::Active => "active",
+            ComponentState::Absent { .. } => "absent",
+            ComponentState::Resyncing { .. } => "resyncing",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRecord {
+    pub id: ObjectId,
+    pub name: String,
+    pub policy: Policy,
+    pub size_bytes: u64,
+    pub components: Vec<ComponentRecord>,
+    /// The host all I/O goes through.
+    pub owner: HostId,
+    /// Bumped by every owner that opens the object; components refuse an
+    /// owner with an older one (fencing).
+    pub owner_epoch: u64,
+    /// One per component, as the owner last recorded them.
+    pub states: Vec<ComponentState>,
+    pub created_ms: u64,
+}
+
+impl ObjectRecord {
+    /// `healthy`, `degraded` or `resyncing`.
+    pub fn health(&self) -> &'static str {
+        if self.states.iter().any(|state| matches!(state, ComponentState::Absent { .. })) {
+            "degraded"
+        } else if self.states.iter().any(|state| matches!(state, ComponentState::Resyncing { .. })) {
+            "resyncing"
+        } else {
+            "healthy"
+        }
+    }
 }

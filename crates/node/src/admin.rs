@@ -35,6 +35,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/v1/tasks", get(list_tasks).post(add_task))
         .route("/api/v1/tasks/{id}", delete(remove_task))
         .route("/api/v1/placement", axum::routing::post(place))
+        .route("/api/v1/objects", get(list_objects).post(create_object))
+        .route("/api/v1/objects/{name}", get(show_object).delete(remove_object))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /api/v1/status") })
         .with_state(node)
 }
@@ -191,6 +193,72 @@ async fn place(
     match crate::membership::place(&node, request).await {
         Ok(chosen) => Json(chosen).into_response(),
         Err(message) => error(StatusCode::CONFLICT, message),
+    }
+}
+
+/// A new object as the API takes it.
+#[derive(Serialize, Deserialize)]
+pub struct NewObject {
+    pub name: String,
+    /// `none`, `raid1:2` or `raid1:3`.
+    pub policy: String,
+    pub size_bytes: u64,
+}
+
+async fn list_objects(State(node): State<Arc<Node>>) -> Response {
+    if node.services().is_none() {
+        return not_ready();
+    }
+    Json(crate::storage::object_statuses(&node).await).into_response()
+}
+
+async fn show_object(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Response {
+    let Some(services) = node.services() else {
+        return not_ready();
+    };
+    match services.catalog.objects.get(&name).await {
+        Ok(Some((record, _))) => {
+            let stats = crate::storage::gather_stats(&node, std::slice::from_ref(&record)).await;
+            Json(crate::storage::object_status(&record, stats.get(&name))).into_response()
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no object named {name:?}")),
+        Err(failure) => error(StatusCode::SERVICE_UNAVAILABLE, failure.to_string()),
+    }
+}
+
+async fn create_object(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<NewObject>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(new) = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    let policy = match catalog::Policy::parse(&new.policy) {
+        Ok(policy) => policy,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    use crate::storage::CreateError;
+    match crate::storage::create(&node, &new.name, policy, new.size_bytes).await {
+        Ok(record) => (StatusCode::CREATED, Json(crate::storage::object_status(&record, None))).into_response(),
+        Err(failure @ CreateError::Invalid(_)) => error(StatusCode::BAD_REQUEST, failure.to_string()),
+        Err(failure @ CreateError::Exists(_)) => error(StatusCode::CONFLICT, failure.to_string()),
+        Err(failure @ CreateError::Unavailable(_)) => error(StatusCode::SERVICE_UNAVAILABLE, failure.to_string()),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct RemovedObject {
+    pub removed: String,
+    /// Components that could not be deleted now (their host is away).
+    pub leftovers: Vec<String>,
+}
+
+async fn remove_object(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Response {
+    match crate::storage::remove(&node, &name).await {
+        Ok(Some((_, leftovers))) => Json(RemovedObject { removed: name, leftovers }).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no object named {name:?}")),
+        Err(failure) => error(StatusCode::SERVICE_UNAVAILABLE, failure),
     }
 }
 

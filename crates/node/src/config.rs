@@ -24,6 +24,22 @@ pub struct NodeConfig {
     /// keep their copies in distinct ones.
     #[serde(default)]
     pub fault_domain: Option<String>,
+    /// Disks for object components (hosts with the storage role): each a
+    /// directory. None given: one under `data_dir/disks/0`.
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    /// Owner threads (default: the number of cores).
+    #[serde(default)]
+    pub owner_threads: Option<usize>,
+    /// Component threads (default: the number of cores).
+    #[serde(default)]
+    pub component_threads: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub path: PathBuf,
 }
 
 fn default_roles() -> Vec<String> {
@@ -57,6 +73,17 @@ impl NodeConfig {
         if config.cluster_config_dir.is_relative() {
             config.cluster_config_dir = base.join(&config.cluster_config_dir);
         }
+        for disk in &mut config.disks {
+            if disk.path.is_relative() {
+                disk.path = base.join(&disk.path);
+            }
+        }
+        if config.owner_threads == Some(0) || config.component_threads == Some(0) {
+            return Err(ConfigError::Invalid {
+                path: path.display().to_string(),
+                reason: "owner_threads and component_threads must be at least 1".into(),
+            });
+        }
         catalog::Roles::parse(&config.roles)
             .map_err(|reason| ConfigError::Invalid { path: path.display().to_string(), reason })?;
         if config.gc_interval_ms == 0 {
@@ -66,6 +93,15 @@ impl NodeConfig {
             });
         }
         Ok(config)
+    }
+
+    /// The component disks' directories.
+    pub fn disk_paths(&self) -> Vec<PathBuf> {
+        if self.disks.is_empty() {
+            vec![self.data_dir.join("disks").join("0")]
+        } else {
+            self.disks.iter().map(|disk| disk.path.clone()).collect()
+        }
     }
 
     pub fn to_toml(&self) -> String {

@@ -61,6 +61,8 @@ pub enum NodeError {
     Listen { address: String, source: std::io::Error },
     #[error("shared log: {0}")]
     Log(String),
+    #[error("storage: {0}")]
+    Storage(String),
 }
 
 /// What opens once the log is available.
@@ -84,6 +86,7 @@ pub struct Node {
     pub prometheus: Option<PrometheusHandle>,
     pub wire_stats: OnceLock<Arc<ServerStats>>,
     pub membership: crate::membership::Membership,
+    pub storage: crate::storage::Storage,
     shutdown: watch::Sender<bool>,
 }
 
@@ -168,6 +171,9 @@ impl Node {
             None => 32,
         };
         let membership = crate::membership::Membership::new(config.node_id, fanout, incarnation);
+        let ip = me.address.rsplit_once(':').map(|(ip, _)| ip.trim_matches(['[', ']'])).unwrap_or("127.0.0.1");
+        let storage_role = config.roles.iter().any(|role| role == "storage");
+        let storage = crate::storage::Storage::start(&config, ip, storage_role).map_err(NodeError::Storage)?;
         let node = Arc::new(Node {
             config,
             bootstrap,
@@ -182,6 +188,7 @@ impl Node {
             prometheus,
             wire_stats: OnceLock::new(),
             membership,
+            storage,
             shutdown,
         });
         node.serve_wire().await?;
@@ -239,6 +246,9 @@ impl Node {
             | crate::membership::method::PLACE => {
                 let method = request.method;
                 crate::membership::handle(self, method, &request).await
+            }
+            crate::storage::method::OBJECT_IO | crate::storage::method::OBJECT_STATS => {
+                crate::storage::handle(self, &request).await
             }
             other => Err(RemoteError::new(ErrorCode::UnknownMethod, format!("unknown method {other:#06x}"))),
         }
@@ -390,6 +400,12 @@ impl Node {
         if self.services().is_none() {
             problems.push(format!("host {} has not opened the catalog yet", self.config.node_id));
         }
+        let objects = crate::storage::object_statuses(self).await;
+        for object in &objects {
+            if object.health != "healthy" {
+                problems.push(format!("object {} is {}", object.name, object.health));
+            }
+        }
         problems.dedup();
         ClusterStatus {
             tree_epoch: tree.epoch,
@@ -399,6 +415,7 @@ impl Node {
             served_by: self.config.node_id,
             hosts: host_statuses,
             log,
+            objects,
         }
     }
 
@@ -419,6 +436,7 @@ impl Node {
             metrics::gauge!("sharedlog_is_leader").set(if status.role == "Leader" { 1.0 } else { 0.0 });
             metrics::gauge!("sharedlog_term").set(status.term as f64);
         }
+        self.storage.record_metrics();
         metrics::gauge!("tessera_node_catalog_ready").set(if self.services().is_some() { 1.0 } else { 0.0 });
         self.prometheus.as_ref().map(|handle| handle.render()).unwrap_or_default()
     }
@@ -439,6 +457,7 @@ async fn open_services(node: Arc<Node>) {
                 let _ = node.services.set(services);
                 tracing::info!("catalog open; host registered");
                 crate::membership::start(node.clone());
+                crate::storage::start(node.clone());
                 return;
             }
             Err(error) => {
@@ -473,6 +492,7 @@ async fn try_open_services(node: &Node) -> Result<Services, String> {
         state: HostState::Up,
         epoch: 0,
         incarnation: node.incarnation,
+        component_addresses: node.storage.component_addresses(),
     };
     catalog.register_host(record).await.map_err(|error| error.to_string())?;
     Ok(Services { catalog, tasks })

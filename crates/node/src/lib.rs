@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod membership;
 pub mod status;
+pub mod storage;
 
 use std::sync::Arc;
 

@@ -290,21 +290,26 @@ fn apply_tree(node: &Arc<Node>, tree: Arc<Tree>) {
     agent_outputs(node, out);
 }
 
-/// Free space of this host's data directory, as its one bucket for now
-/// (issue-4 disks will each be one).
+/// One bucket per component disk, sized by its filesystem's free space.
 async fn refresh_buckets(node: Arc<Node>) {
     let mut shutdown = node.shutdown_signal();
+    let disks = if node.storage.service.is_some() { node.config.disk_paths() } else { Vec::new() };
     loop {
-        if let Some((capacity, free)) = filesystem_space(&node.config.data_dir) {
-            let bucket = Bucket {
-                id: BucketId { host: node.config.node_id, disk: 0 },
-                site: node.me.site.clone(),
-                fault_domain: node.config.fault_domain.clone(),
-                capacity_bytes: capacity,
-                free_bytes: free,
-            };
-            node.membership.scheduler.lock().expect("scheduler lock").set_buckets(vec![bucket]);
-        }
+        let buckets = disks
+            .iter()
+            .enumerate()
+            .filter_map(|(index, path)| {
+                let (capacity, free) = filesystem_space(path)?;
+                Some(Bucket {
+                    id: BucketId { host: node.config.node_id, disk: index as u32 },
+                    site: node.me.site.clone(),
+                    fault_domain: node.config.fault_domain.clone(),
+                    capacity_bytes: capacity,
+                    free_bytes: free,
+                })
+            })
+            .collect();
+        node.membership.scheduler.lock().expect("scheduler lock").set_buckets(buckets);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(10)) => {}
             _ = shutdown.changed() => return,

@@ -17,6 +17,51 @@ pub struct ClusterStatus {
     pub log: LogSummary,
     /// Epoch of the aggregation hierarchy (bumped by every change).
     pub tree_epoch: u64,
+    #[serde(default)]
+    pub objects: Vec<ObjectStatus>,
+}
+
+/// An object as `tessera status` and `tessera object show` see it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ObjectStatus {
+    pub name: String,
+    pub id: u64,
+    pub policy: String,
+    pub size_bytes: u64,
+    pub owner: u64,
+    pub owner_epoch: u64,
+    /// "healthy", "degraded" or "resyncing" (as the catalog records it).
+    pub health: String,
+    pub components: Vec<ComponentStatus>,
+    /// Live figures from the owner, when it answered.
+    pub resync: Option<ResyncProgress>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ComponentStatus {
+    pub id: u64,
+    pub host: u64,
+    pub disk: u32,
+    /// "active", "absent" or "resyncing".
+    pub state: String,
+    /// Absent or resyncing: the LSN it holds every write up to.
+    pub stale_lsn: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResyncProgress {
+    /// Bytes the resyncs under way still have to copy.
+    pub bytes_to_go: u64,
+    /// Bytes they copied so far, and the rate since they began.
+    pub bytes_copied: u64,
+    pub bytes_per_second: f64,
+    /// Seconds left at that rate (none before any progress).
+    pub eta_seconds: Option<f64>,
+    /// Bytes copied by every resync of this owner, and how many were full
+    /// copies.
+    pub bytes_copied_total: u64,
+    pub full_copies: u64,
+    pub resyncs_done: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

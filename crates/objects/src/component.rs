@@ -413,7 +413,15 @@ impl Service {
             Request::SyncBitmap { .. } => {
                 Ok((Reply::Bitmap(disk.sync_bitmap(component)?.map(bitmap_bytes)), Bytes::new()))
             }
-            Request::Info { .. } => Ok((Reply::Info(disk.component(component)?), Bytes::new())),
+            // A newer owner's first question also fences the older one:
+            // once answered, the committed LSN it reports can only grow
+            // by the newer owner's writes.
+            Request::Info { .. } => {
+                if let Some(fence) = fence(disk, component, epoch)? {
+                    fence.await?;
+                }
+                Ok((Reply::Info(disk.component(component)?), Bytes::new()))
+            }
             // Changes: the same path as an ordered session's, unordered.
             other => self.start(epoch, other, data)?.await,
         }
@@ -437,7 +445,7 @@ impl Service {
 #[derive(Clone)]
 pub struct Client<T: Transport> {
     transport: T,
-    address: String,
+    address: Arc<str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -452,7 +460,17 @@ pub enum ClientError {
 
 impl<T: Transport> Client<T> {
     pub fn new(transport: T, address: impl Into<String>) -> Client<T> {
-        Client { transport, address: address.into() }
+        Client { transport, address: Arc::from(address.into()) }
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The same transport, another address (the host restarted and
+    /// listens elsewhere).
+    pub fn with_address(&self, address: impl Into<String>) -> Client<T> {
+        Client::new(self.transport.clone(), address)
     }
 
     /// An unordered request (reads, queries, create, and tests).

@@ -15,3 +15,4 @@
 pub mod component;
 pub mod object;
 pub mod owner;
+pub mod threads;

@@ -9,11 +9,13 @@
 //! source's tracking bitmap marks (or every block), end.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use blockstore::{ComponentId, Lsn, BLOCK_SIZE};
+use blockstore::{ComponentId, ComponentInfo, Lsn, BLOCK_SIZE};
 use bytes::Bytes;
 use roaring::RoaringBitmap;
 use tokio::sync::oneshot;
@@ -26,6 +28,12 @@ use crate::owner::{Action, Index, Input, Op, Owner, Source, Status};
 const MESSAGE_BLOCKS_MAX: u64 = 256;
 /// Blocks copied per resync step.
 const RESYNC_BLOCKS: u64 = 64;
+/// Operations in flight per object. A new owner relies on it: a component
+/// that was active has every LSN up to `c - INFLIGHT_MAX`, where `c` is
+/// any other component's committed LSN.
+pub const INFLIGHT_MAX: usize = 256;
+/// How long a new owner waits for each component's first answer.
+const RECOVER_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
@@ -37,7 +45,27 @@ pub enum ObjectError {
     Unavailable,
     #[error("every copy failed to read: {0}")]
     Read(String),
+    #[error("this host no longer owns the object (a newer owner took it over)")]
+    Deposed,
+    #[error("cannot open the object: {0}")]
+    Recover(String),
 }
+
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The catalog names a newer owner: this one must stop.
+    #[error("a newer owner holds the object")]
+    Deposed,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Records component states where a new owner will find them (the
+/// catalog). Writes acknowledged only by the remaining copies after a copy
+/// went away are answered once its absence is recorded, so a new owner
+/// never takes a copy that missed them for a current one.
+pub type Persister =
+    Arc<dyn Fn(Vec<Status>) -> Pin<Box<dyn Future<Output = Result<(), PersistError>> + Send>> + Send + Sync>;
 
 /// Resync figures, for status and tests.
 #[derive(Debug, Default)]
@@ -45,6 +73,11 @@ pub struct ResyncStats {
     pub blocks_copied: AtomicU64,
     pub full_copies: AtomicU64,
     pub resyncs_done: AtomicU64,
+    /// Blocks the resyncs under way still have to copy.
+    pub blocks_to_go: AtomicU64,
+    /// Blocks copied since the resyncs under way began, and when (ms).
+    pub blocks_copied_current: AtomicU64,
+    pub current_started_ms: AtomicU64,
 }
 
 struct State {
@@ -53,14 +86,26 @@ struct State {
     sessions: Vec<(u64, u64)>,
     waiters: HashMap<u64, oneshot::Sender<Result<Lsn, ObjectError>>>,
     next_request: u64,
+    /// Completions held until a new absence is recorded.
+    held: Vec<(u64, Lsn)>,
+    barrier: bool,
+    /// The statuses last recorded, and whether newer ones wait.
+    persisted: Vec<Status>,
+    persisting: bool,
+    dirty: bool,
+    /// Deposed or closed: no more I/O.
+    closed: bool,
 }
 
 pub struct Object<T: Transport> {
     epoch: u64,
     blocks: u64,
-    components: Vec<(ComponentId, Client<T>)>,
+    ids: Vec<ComponentId>,
+    clients: Vec<std::sync::RwLock<Client<T>>>,
     state: Mutex<State>,
     next_session: AtomicU64,
+    inflight: tokio::sync::Semaphore,
+    persister: Option<Persister>,
     pub resync_stats: ResyncStats,
 }
 
@@ -69,19 +114,201 @@ impl<T: Transport> Object<T> {
     /// `committed` (a new object: 0).
     pub fn open(epoch: u64, blocks: u64, components: Vec<(ComponentId, Client<T>)>, committed: Lsn) -> Arc<Self> {
         let count = components.len();
+        Self::with_owner(epoch, blocks, components, Owner::new(vec![Status::Active; count], committed), None)
+    }
+
+    fn with_owner(
+        epoch: u64,
+        blocks: u64,
+        components: Vec<(ComponentId, Client<T>)>,
+        owner: Owner,
+        persister: Option<Persister>,
+    ) -> Arc<Self> {
+        let count = components.len();
+        let persisted = owner.statuses();
+        let (ids, clients) = components.into_iter().map(|(id, client)| (id, std::sync::RwLock::new(client))).unzip();
         Arc::new(Object {
             epoch,
             blocks,
-            components,
+            ids,
+            clients,
             state: Mutex::new(State {
-                owner: Owner::new(vec![Status::Active; count], committed),
+                owner,
                 sessions: (0..count).map(|index| (index as u64 + 1, 1)).collect(),
                 waiters: HashMap::new(),
                 next_request: 0,
+                held: Vec::new(),
+                barrier: false,
+                persisted,
+                persisting: false,
+                dirty: false,
+                closed: false,
             }),
             next_session: AtomicU64::new(count as u64 + 1),
+            inflight: tokio::sync::Semaphore::new(INFLIGHT_MAX),
+            persister,
             resync_stats: ResyncStats::default(),
         })
+    }
+
+    /// Opens an object as its new owner at `epoch` (higher than any owner
+    /// before): asks every component for its state (which fences the older
+    /// owner), takes the components the catalog last recorded as active
+    /// (`recorded_active`) and that are not mid-resync as candidates, and
+    /// goes on from the highest committed LSN among them. Components
+    /// behind it are resynced from the recent-write windows of one at it;
+    /// components that do not answer are absent, tracked from a lower
+    /// bound of what they hold.
+    pub async fn recover(
+        epoch: u64,
+        blocks: u64,
+        components: Vec<(ComponentId, Client<T>)>,
+        recorded_active: Vec<bool>,
+        persister: Option<Persister>,
+    ) -> Result<Arc<Self>, ObjectError> {
+        let asks = components.iter().map(|(id, client)| async move {
+            match tokio::time::timeout(RECOVER_ASK_TIMEOUT, client.info(epoch, *id)).await {
+                Ok(Ok(info)) => Ok(info),
+                Ok(Err(ClientError::Component(ComponentError::StaleEpoch { .. }))) => Err(None),
+                Ok(Err(error)) => Err(Some(error.to_string())),
+                Err(_) => Err(Some("no answer".to_string())),
+            }
+        });
+        let infos = futures::future::join_all(asks).await;
+        if infos.iter().any(|info| matches!(info, Err(None))) {
+            return Err(ObjectError::Deposed);
+        }
+        let infos: Vec<Result<ComponentInfo, String>> =
+            infos.into_iter().map(|info| info.map_err(|reason| reason.unwrap_or_default())).collect();
+        for (index, info) in infos.iter().enumerate() {
+            if let Err(reason) = info {
+                tracing::warn!(component = index, %reason, "component does not answer the new owner");
+            }
+        }
+        let candidate = |index: usize| -> Option<Lsn> {
+            let info = infos[index].as_ref().ok()?;
+            (recorded_active[index] && info.sync.is_none()).then_some(info.committed_lsn)
+        };
+        let Some(committed) = (0..components.len()).filter_map(candidate).max() else {
+            let reasons: Vec<String> = infos
+                .iter()
+                .enumerate()
+                .map(|(index, info)| match info {
+                    Ok(info) if info.sync.is_some() => format!("component {index} is mid-resync"),
+                    Ok(_) => format!("component {index} missed writes (recorded absent)"),
+                    Err(reason) => format!("component {index}: {reason}"),
+                })
+                .collect();
+            return Err(ObjectError::Recover(format!("no current copy answers: {}", reasons.join("; "))));
+        };
+        let current: Vec<Index> = (0..components.len()).filter(|index| candidate(*index) == Some(committed)).collect();
+        let now = now_ms();
+        let lower_bound = committed.saturating_sub(INFLIGHT_MAX as Lsn);
+        let mut statuses = Vec::new();
+        let mut behind = Vec::new();
+        let mut missing = false;
+        for (index, info) in infos.iter().enumerate() {
+            statuses.push(match info {
+                _ if current.contains(&index) => Status::Active,
+                Ok(info) => {
+                    behind.push((index, info.committed_lsn));
+                    Status::Absent { stale: info.committed_lsn, since: now }
+                }
+                Err(_) => {
+                    missing = true;
+                    Status::Absent { stale: lower_bound, since: now }
+                }
+            });
+        }
+        // Tracking bitmaps for every stale LSN a component behind or away
+        // needs, from the recent-write windows; kept only where complete.
+        let mut wanted: Vec<Lsn> = behind.iter().map(|(_, lsn)| *lsn).collect();
+        if missing {
+            wanted.push(lower_bound);
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut tracking: Vec<Vec<Lsn>> = vec![Vec::new(); components.len()];
+        for &index in &current {
+            let (id, client) = &components[index];
+            for &stale in &wanted {
+                let held = infos[index].as_ref().map(|info| info.tracking.iter().any(|(lsn, _, _)| *lsn == stale));
+                if held != Ok(true) {
+                    if let Err(error) =
+                        client.call(epoch, Request::Track { component: *id, stale, seed: None }, &[]).await
+                    {
+                        tracing::warn!(component = index, %error, "could not start tracking");
+                    }
+                }
+            }
+            match client.info(epoch, *id).await {
+                Ok(info) => {
+                    tracking[index] =
+                        info.tracking.iter().filter(|(_, _, complete)| *complete).map(|(lsn, _, _)| *lsn).collect()
+                }
+                Err(error) => tracing::warn!(component = index, %error, "component failed while opening"),
+            }
+        }
+        let mut owner = Owner::new(statuses, committed);
+        for (index, lsns) in tracking.into_iter().enumerate() {
+            owner.set_tracking(index, lsns);
+        }
+        tracing::info!(epoch, committed, current = ?current, behind = ?behind, missing, "opened as the new owner");
+        let object = Self::with_owner(epoch, blocks, components, owner, persister);
+        {
+            let mut state = object.state.lock().expect("object lock");
+            // Record the states found before taking I/O.
+            state.persisted = Vec::new();
+            let mut out = vec![Action::Persist];
+            for (index, committed) in behind {
+                state.sessions[index] = (object.next_session.fetch_add(1, Ordering::Relaxed), 1);
+                state.owner.handle(now, Input::Back { component: index, committed }, &mut out);
+            }
+            object.act(&mut state, out, &Bytes::new());
+        }
+        Ok(object)
+    }
+
+    fn client(&self, component: Index) -> Client<T> {
+        self.clients[component].read().expect("client lock").clone()
+    }
+
+    /// Points a component's client at a new address (its host restarted).
+    pub fn set_address(&self, component: Index, address: &str) {
+        let mut client = self.clients[component].write().expect("client lock");
+        if client.address() != address {
+            *client = client.with_address(address);
+        }
+    }
+
+    /// Where a component's client sends.
+    pub fn address(&self, component: Index) -> String {
+        self.client(component).address().to_string()
+    }
+
+    /// Stops taking I/O (the object was deposed, deleted, or moved):
+    /// everything waiting fails.
+    pub fn close(&self) {
+        let mut state = self.state.lock().expect("object lock");
+        state.closed = true;
+        state.held.clear();
+        for (_, waiter) in state.waiters.drain() {
+            let _ = waiter.send(Err(ObjectError::Deposed));
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().expect("object lock").closed
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The components on a host that went down (the catalog says so)
+    /// fail now rather than when a call to them times out.
+    pub fn fail_component(self: &Arc<Self>, component: Index) {
+        self.input(Input::Failed { component });
     }
 
     pub fn statuses(&self) -> Vec<Status> {
@@ -111,9 +338,10 @@ impl<T: Transport> Object<T> {
         for start in (0..count).step_by(MESSAGE_BLOCKS_MAX as usize) {
             let blocks = MESSAGE_BLOCKS_MAX.min(count - start);
             let piece = data.slice((start as usize * BLOCK_SIZE)..((start + blocks) as usize * BLOCK_SIZE));
-            waits.push(self.submit(Op::Write { first: first + start, count: blocks }, piece));
+            let permit = self.inflight.acquire().await.map_err(|_| ObjectError::Unavailable)?;
+            waits.push((permit, self.submit(Op::Write { first: first + start, count: blocks }, piece)));
         }
-        for wait in waits {
+        for (_permit, wait) in waits {
             wait.await.map_err(|_| ObjectError::Unavailable)??;
         }
         Ok(())
@@ -122,6 +350,7 @@ impl<T: Transport> Object<T> {
     /// Deallocates whole blocks (they read as zeros).
     pub async fn unmap(self: &Arc<Self>, offset: u64, length: u64) -> Result<(), ObjectError> {
         let (first, count) = self.check(offset, length)?;
+        let _permit = self.inflight.acquire().await.map_err(|_| ObjectError::Unavailable)?;
         self.submit(Op::Unmap { first, count }, Bytes::new()).await.map_err(|_| ObjectError::Unavailable)??;
         Ok(())
     }
@@ -134,6 +363,10 @@ impl<T: Transport> Object<T> {
     fn submit(self: &Arc<Self>, op: Op, data: Bytes) -> oneshot::Receiver<Result<Lsn, ObjectError>> {
         let (done, wait) = oneshot::channel();
         let mut state = self.state.lock().expect("object lock");
+        if state.closed {
+            let _ = done.send(Err(ObjectError::Deposed));
+            return wait;
+        }
         state.next_request += 1;
         let request = state.next_request;
         state.waiters.insert(request, done);
@@ -153,18 +386,18 @@ impl<T: Transport> Object<T> {
                 Action::Send { component, lsn, .. } => {
                     let op = state.owner.op(lsn).cloned();
                     let request = match op {
-                        Some(Op::Write { first, .. }) => {
-                            Request::Write { component: self.components[component].0, lsn, first }
-                        }
+                        Some(Op::Write { first, .. }) => Request::Write { component: self.ids[component], lsn, first },
                         Some(Op::Unmap { first, count }) => {
-                            Request::Unmap { component: self.components[component].0, lsn, first, count }
+                            Request::Unmap { component: self.ids[component], lsn, first, count }
                         }
                         None => continue,
                     };
                     self.send(state, component, request, data.clone(), Some(lsn));
                 }
                 Action::Done { request, lsn } => {
-                    if let Some(waiter) = state.waiters.remove(&request) {
+                    if state.barrier {
+                        state.held.push((request, lsn));
+                    } else if let Some(waiter) = state.waiters.remove(&request) {
                         let _ = waiter.send(Ok(lsn));
                     }
                 }
@@ -174,24 +407,83 @@ impl<T: Transport> Object<T> {
                     }
                 }
                 Action::Track { component, stale, seed } => {
-                    let request = Request::Track { component: self.components[component].0, stale, seed: Some(seed) };
+                    let request = Request::Track { component: self.ids[component], stale, seed: Some(seed) };
                     self.send(state, component, request, Bytes::new(), None);
                 }
                 Action::Untrack { component, stale } => {
-                    let request = Request::Untrack { component: self.components[component].0, stale };
+                    let request = Request::Untrack { component: self.ids[component], stale };
                     self.send(state, component, request, Bytes::new(), None);
                 }
                 Action::Resync { component, stale, target, source, ready, plan } => {
-                    let request = Request::BeginSync { component: self.components[component].0, stale, target, plan };
+                    let request = Request::BeginSync { component: self.ids[component], stale, target, plan };
                     let begun = self.send(state, component, request, Bytes::new(), None);
                     let object = self.clone();
                     tokio::spawn(async move { object.resync(component, source, ready, plan, begun).await });
                 }
                 Action::Current { component } => {
-                    let request = Request::EndSync { component: self.components[component].0, plan: 0 };
+                    let request = Request::EndSync { component: self.ids[component], plan: 0 };
                     self.send(state, component, request, Bytes::new(), None);
                 }
-                Action::Persist => {}
+                Action::Persist => self.persist(state),
+            }
+        }
+    }
+
+    /// Has the statuses recorded (coalesced: one write at a time, the
+    /// newest statuses each time). A new absence holds completions until
+    /// it is recorded.
+    fn persist(self: &Arc<Self>, state: &mut State) {
+        if self.persister.is_none() {
+            return;
+        }
+        if newly_absent(&state.owner.statuses(), &state.persisted) {
+            state.barrier = true;
+        }
+        state.dirty = true;
+        if state.persisting {
+            return;
+        }
+        state.persisting = true;
+        let object = self.clone();
+        tokio::spawn(async move { object.persist_loop().await });
+    }
+
+    async fn persist_loop(self: Arc<Self>) {
+        let persister = self.persister.clone().expect("a persister");
+        loop {
+            let statuses = {
+                let mut state = self.state.lock().expect("object lock");
+                if !state.dirty || state.closed {
+                    state.persisting = false;
+                    return;
+                }
+                state.dirty = false;
+                state.owner.statuses()
+            };
+            match persister(statuses.clone()).await {
+                Ok(()) => {
+                    let mut state = self.state.lock().expect("object lock");
+                    state.persisted = statuses;
+                    if state.barrier && !newly_absent(&state.owner.statuses(), &state.persisted) {
+                        state.barrier = false;
+                        for (request, lsn) in std::mem::take(&mut state.held) {
+                            if let Some(waiter) = state.waiters.remove(&request) {
+                                let _ = waiter.send(Ok(lsn));
+                            }
+                        }
+                    }
+                }
+                Err(PersistError::Deposed) => {
+                    tracing::warn!("a newer owner holds the object: closing it here");
+                    self.close();
+                    self.state.lock().expect("object lock").persisting = false;
+                    return;
+                }
+                Err(PersistError::Failed(reason)) => {
+                    tracing::warn!(%reason, "could not record component states; retrying");
+                    self.state.lock().expect("object lock").dirty = true;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         }
     }
@@ -211,7 +503,7 @@ impl<T: Transport> Object<T> {
         let (answered, answer) = oneshot::channel();
         let object = self.clone();
         tokio::spawn(async move {
-            let client = &object.components[component].1;
+            let client = object.client(component);
             let result = client.call_in(object.epoch, session, seq, request, &data).await.map(|(reply, _)| reply);
             let input = match (&result, lsn) {
                 (Ok(_), Some(lsn)) => Some(Input::Acked { component, lsn }),
@@ -256,7 +548,7 @@ impl<T: Transport> Object<T> {
         if !matches!(self.statuses()[component], Status::Absent { .. }) {
             return false;
         }
-        let (id, client) = &self.components[component];
+        let (id, client) = (&self.ids[component], self.client(component));
         let Ok(info) = client.info(self.epoch, *id).await else { return false };
         let mut state = self.state.lock().expect("object lock");
         // A new session: the old one's messages are void.
@@ -283,7 +575,7 @@ impl<T: Transport> Object<T> {
             Source::Tracked { tracking, .. } => Some(tracking),
             Source::FullCopy { .. } => None,
         };
-        let (source_id, source_client) = &self.components[from];
+        let (source_id, source_client) = (&self.ids[from], self.client(from));
         // Wait until the source has everything sent to it so far.
         loop {
             match source_client.info(self.epoch, *source_id).await {
@@ -306,14 +598,15 @@ impl<T: Transport> Object<T> {
             }
             None => {
                 self.resync_stats.full_copies.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("objects_resync_full_copies_total").increment(1);
                 tracing::warn!(component = target, "resync by full copy");
                 (0..self.blocks as u32).collect()
             }
         };
-        let target_id = self.components[target].0;
+        let target_id = self.ids[target];
         // Blocks the target already has newer writes for need no copy.
         let mut blocks = blocks;
-        let target_client = &self.components[target].1;
+        let target_client = self.client(target);
         if let Ok((Reply::Bitmap(Some(bytes)), _)) =
             target_client.call(self.epoch, Request::SyncBitmap { component: target_id }, &[]).await
         {
@@ -322,6 +615,7 @@ impl<T: Transport> Object<T> {
             }
         }
         let list: Vec<u32> = blocks.iter().collect();
+        let mut progress = Progress::start(&self.resync_stats, list.len() as u64);
         for run in list.chunk_by(|a, b| b == &(a + 1)) {
             for piece in run.chunks(RESYNC_BLOCKS as usize) {
                 let first = piece[0] as u64;
@@ -341,7 +635,7 @@ impl<T: Transport> Object<T> {
                 if !matches!(sent.await, Ok(Ok(_))) {
                     return;
                 }
-                self.resync_stats.blocks_copied.fetch_add(count, Ordering::Relaxed);
+                progress.copied(count);
             }
         }
         let ended = {
@@ -373,7 +667,7 @@ impl<T: Transport> Object<T> {
         let mut errors = Vec::new();
         let mut corrupt: Vec<(Index, Vec<u64>)> = Vec::new();
         for index in active {
-            let (id, client) = &self.components[index];
+            let (id, client) = (&self.ids[index], self.client(index));
             match client.read(self.epoch, *id, first, count).await {
                 Ok(data) => {
                     for (bad, blocks) in corrupt {
@@ -402,10 +696,49 @@ impl<T: Transport> Object<T> {
         metrics::counter!("objects_blocks_repaired_total").increment(blocks.len() as u64);
         for block in blocks {
             let at = ((block - first) as usize) * BLOCK_SIZE;
-            let request = Request::Repair { component: self.components[component].0, first: *block };
+            let request = Request::Repair { component: self.ids[component], first: *block };
             drop(self.send(&mut state, component, request, data.slice(at..at + BLOCK_SIZE), None));
         }
     }
+}
+
+/// A resync job's share of [`ResyncStats`]: what it still has to copy is
+/// taken off when it ends, however it ends.
+struct Progress<'a> {
+    stats: &'a ResyncStats,
+    left: u64,
+}
+
+impl<'a> Progress<'a> {
+    fn start(stats: &'a ResyncStats, blocks: u64) -> Progress<'a> {
+        if stats.blocks_to_go.fetch_add(blocks, Ordering::Relaxed) == 0 {
+            stats.blocks_copied_current.store(0, Ordering::Relaxed);
+            stats.current_started_ms.store(now_ms(), Ordering::Relaxed);
+        }
+        Progress { stats, left: blocks }
+    }
+
+    fn copied(&mut self, blocks: u64) {
+        let blocks = blocks.min(self.left);
+        self.left -= blocks;
+        self.stats.blocks_to_go.fetch_sub(blocks, Ordering::Relaxed);
+        self.stats.blocks_copied.fetch_add(blocks, Ordering::Relaxed);
+        self.stats.blocks_copied_current.fetch_add(blocks, Ordering::Relaxed);
+        metrics::counter!("objects_resync_blocks_copied_total").increment(blocks);
+    }
+}
+
+impl Drop for Progress<'_> {
+    fn drop(&mut self) {
+        self.stats.blocks_to_go.fetch_sub(self.left, Ordering::Relaxed);
+    }
+}
+
+/// Whether a component absent in `now` was not absent when last recorded.
+fn newly_absent(now: &[Status], recorded: &[Status]) -> bool {
+    now.iter().enumerate().any(|(index, status)| {
+        matches!(status, Status::Absent { .. }) && !matches!(recorded.get(index), Some(Status::Absent { .. }))
+    })
 }
 
 fn now_ms() -> u64 {

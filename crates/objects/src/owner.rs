@@ -220,6 +220,12 @@ impl Owner {
         }
     }
 
+    /// Records that `component` holds complete tracking bitmaps for these
+    /// stale LSNs (a new owner learns them from the component).
+    pub fn set_tracking(&mut self, component: Index, stale: impl IntoIterator<Item = Lsn>) {
+        self.components[component].tracking.extend(stale);
+    }
+
     pub fn status(&self, component: Index) -> &Status {
         &self.components[component].status
     }

@@ -132,6 +132,10 @@ pub fn render_status(status: &ClusterStatus) -> String {
             out.push_str(&format!("  {:<24} {:>10} / {}\n", client.name, client.progress, client.lag));
         }
     }
+    if !status.objects.is_empty() {
+        out.push_str(&format!("\nObjects ({}):\n", status.objects.len()));
+        out.push_str(&render_objects(&status.objects));
+    }
     if !status.problems.is_empty() {
         out.push_str("\nProblems:\n");
         for problem in &status.problems {
@@ -184,5 +188,169 @@ pub fn add_task(target: &Target, kind: &str, detail: &str) -> Result<()> {
 pub fn remove_task(target: &Target, id: &str) -> Result<()> {
     request(target, "DELETE", &format!("/api/v1/tasks/{id}"), None)?;
     println!("removed {id}");
+    Ok(())
+}
+
+/// `1GiB`, `512MiB`, `64KiB`, `10GB`, or plain bytes.
+pub fn parse_size(text: &str) -> Result<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().with_context(|| format!("{text:?} is not a size (e.g. 1GiB, 512MiB)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => bail!("unknown size unit {other:?} in {text:?} (KiB, MiB, GiB, TiB, KB, MB, GB, TB)"),
+    };
+    number.checked_mul(scale).with_context(|| format!("{text:?} is too large"))
+}
+
+fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
+}
+
+/// `[#######.............]  35%  12.0 MiB to go at 40.0 MiB/s, ETA 0.3 s`
+pub fn progress_bar(resync: &node::status::ResyncProgress) -> Option<String> {
+    if resync.bytes_to_go == 0 {
+        return None;
+    }
+    let total = resync.bytes_to_go + resync.bytes_copied;
+    let done = resync.bytes_copied as f64 / total.max(1) as f64;
+    let width = 20;
+    let filled = ((done * width as f64).round() as usize).min(width);
+    let eta = match resync.eta_seconds {
+        Some(eta) => format!("ETA {eta:.1} s"),
+        None => "ETA -".into(),
+    };
+    Some(format!(
+        "[{}{}] {:>3.0}%  {} to go at {}/s, {eta}",
+        "#".repeat(filled),
+        ".".repeat(width - filled),
+        done * 100.0,
+        human_bytes(resync.bytes_to_go),
+        human_bytes(resync.bytes_per_second as u64),
+    ))
+}
+
+fn render_objects(objects: &[node::status::ObjectStatus]) -> String {
+    let mut out =
+        format!("{:<20} {:<8} {:>10} {:>6} {:<10} {}\n", "NAME", "POLICY", "SIZE", "OWNER", "HEALTH", "COMPONENTS");
+    for object in objects {
+        let components: Vec<String> = object
+            .components
+            .iter()
+            .map(|component| match component.stale_lsn {
+                Some(stale) => format!("host {}: {} (LSN {stale})", component.host, component.state),
+                None => format!("host {}: {}", component.host, component.state),
+            })
+            .collect();
+        out.push_str(&format!(
+            "{:<20} {:<8} {:>10} {:>6} {:<10} {}\n",
+            object.name,
+            object.policy,
+            human_bytes(object.size_bytes),
+            object.owner,
+            object.health,
+            components.join(", ")
+        ));
+        if let Some(bar) = object.resync.as_ref().and_then(progress_bar) {
+            out.push_str(&format!("  resync {bar}\n"));
+        }
+    }
+    out
+}
+
+pub fn create_object(target: &Target, name: &str, size_bytes: u64, policy: &str) -> Result<()> {
+    let body = serde_json::json!({ "name": name, "policy": policy, "size_bytes": size_bytes });
+    let created = request(target, "POST", "/api/v1/objects", Some(body))?;
+    let object: node::status::ObjectStatus =
+        serde_json::from_value(created).context("create reply did not match this version of tessera")?;
+    let hosts: Vec<String> = object.components.iter().map(|component| component.host.to_string()).collect();
+    println!(
+        "created {} ({}, {}), components on hosts {}, owner host {}",
+        object.name,
+        object.policy,
+        human_bytes(object.size_bytes),
+        hosts.join(", "),
+        object.owner
+    );
+    Ok(())
+}
+
+pub fn list_objects(target: &Target, json: bool) -> Result<()> {
+    let value = request(target, "GET", "/api/v1/objects", None)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let objects: Vec<node::status::ObjectStatus> =
+        serde_json::from_value(value).context("object list did not match this version of tessera")?;
+    if objects.is_empty() {
+        println!("No objects. Create one with `tessera object create NAME --size 1GiB`.");
+    } else {
+        print!("{}", render_objects(&objects));
+    }
+    Ok(())
+}
+
+pub fn show_object(target: &Target, name: &str, json: bool) -> Result<()> {
+    let value = request(target, "GET", &format!("/api/v1/objects/{name}"), None)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let object: node::status::ObjectStatus =
+        serde_json::from_value(value).context("object reply did not match this version of tessera")?;
+    println!("Object {} (id {:#x})", object.name, object.id);
+    println!("  policy {}, size {} ({} bytes)", object.policy, human_bytes(object.size_bytes), object.size_bytes);
+    println!("  owner host {} at epoch {}; {}", object.owner, object.owner_epoch, object.health);
+    for (index, component) in object.components.iter().enumerate() {
+        let stale = component.stale_lsn.map(|lsn| format!(", has every write up to LSN {lsn}")).unwrap_or_default();
+        println!(
+            "  component {index} ({:#x}) on host {} disk {}: {}{stale}",
+            component.id, component.host, component.disk, component.state
+        );
+    }
+    match &object.resync {
+        Some(resync) => {
+            if let Some(bar) = progress_bar(resync) {
+                println!("  resync {bar}");
+            }
+            println!(
+                "  resync so far: {} copied in {} resyncs, {} full copies",
+                human_bytes(resync.bytes_copied_total),
+                resync.resyncs_done,
+                resync.full_copies
+            );
+        }
+        None => println!("  (the owner did not answer: no live figures)"),
+    }
+    Ok(())
+}
+
+pub fn remove_object(target: &Target, name: &str) -> Result<()> {
+    let removed = request(target, "DELETE", &format!("/api/v1/objects/{name}"), None)?;
+    println!("removed {name}");
+    for leftover in removed["leftovers"].as_array().cloned().unwrap_or_default() {
+        println!("  not deleted yet: {}", leftover.as_str().unwrap_or("?"));
+    }
     Ok(())
 }

@@ -78,6 +78,14 @@ enum Command {
         #[command(flatten)]
         target: admin::Target,
     },
+    /// Creates, lists, shows or removes objects (replicated block
+    /// address spaces).
+    Object {
+        #[command(subcommand)]
+        command: ObjectCommand,
+        #[command(flatten)]
+        target: admin::Target,
+    },
     /// Lists, adds or removes jobs in the cluster task queue.
     Task {
         #[command(subcommand)]
@@ -104,6 +112,33 @@ enum ClusterConfigCommand {
         #[arg(required = true)]
         settings: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum ObjectCommand {
+    /// Creates an object; its components go on distinct hosts.
+    Create {
+        name: String,
+        /// Size, e.g. 1GiB, 512MiB, 4096 (bytes; a multiple of 4 KiB).
+        #[arg(long)]
+        size: String,
+        /// none, raid1:2 or raid1:3.
+        #[arg(long, default_value = "raid1:2")]
+        policy: String,
+    },
+    /// Lists objects with their health.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shows one object: components, states, resync progress.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deletes an object and its components.
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]
@@ -151,6 +186,14 @@ fn run(cli: Cli) -> Result<()> {
                 "site": site,
             }),
         ),
+        Command::Object { command, target } => match command {
+            ObjectCommand::Create { name, size, policy } => {
+                admin::create_object(&target, &name, admin::parse_size(&size)?, &policy)
+            }
+            ObjectCommand::Ls { json } => admin::list_objects(&target, json),
+            ObjectCommand::Show { name, json } => admin::show_object(&target, &name, json),
+            ObjectCommand::Rm { name } => admin::remove_object(&target, &name),
+        },
         Command::Task { command, target } => match command {
             TaskCommand::Ls => admin::list_tasks(&target),
             TaskCommand::Add { kind, detail } => admin::add_task(&target, &kind, detail.as_deref().unwrap_or("")),

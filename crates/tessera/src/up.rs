@@ -78,6 +78,9 @@ fn write_node_configs(data: &Path, config: &BootstrapConfig) -> Result<Vec<Host>
                 roles: vec!["storage".into(), "target".into()],
                 gc_interval_ms: 1000,
                 fault_domain: None,
+                disks: Vec::new(),
+                owner_threads: None,
+                component_threads: None,
             };
             std::fs::write(&config_path, node_config.to_toml())
                 .with_context(|| format!("writing {}", config_path.display()))?;

@@ -49,6 +49,7 @@ fn host(id: u64, incarnation: u64) -> HostRecord {
         state: HostState::Up,
         epoch: 0,
         incarnation,
+        component_addresses: Vec::new(),
     }
 }
 

@@ -80,6 +80,9 @@ impl TestCluster {
                 roles: vec!["storage".into()],
                 gc_interval_ms: 200,
                 fault_domain: None,
+                disks: Vec::new(),
+                owner_threads: None,
+                component_threads: None,
             };
             let config_path = host_dir.join("node.toml");
             std::fs::write(&config_path, node_config.to_toml()).unwrap();

@@ -1,0 +1,825 @@
+//! Objects on a node: the component disks and threads, the owner threads,
+//! and the objects this host owns.
+//!
+//! - Every host with the storage role opens its disks and serves them on
+//!   its component threads; their addresses go into its host record.
+//! - The host named owner in an object's record opens it: it bumps the
+//!   owner epoch by compare-and-set and recovers the object's state from
+//!   its components (`Object::recover`), on owner thread `id % T`.
+//! - When the catalog marks an owner's host down, the lowest-numbered live
+//!   host holding one of the object's components takes ownership the same
+//!   way; the old owner, if it comes back, finds the record names another
+//!   host (and its components refuse its epoch).
+//! - The owner fails components whose host the catalog marks down, probes
+//!   absent components whose host is up again (they then resync), and
+//!   records component states in the catalog.
+//! - The block client API reaches an object through any host (wire method
+//!   [`method::OBJECT_IO`]); a host that does not own it names the owner.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blockstore::{Disk, DiskConfig, BLOCK_SIZE};
+use bytes::Bytes;
+use catalog::{ComponentRecord, ComponentState, HostRecord, HostState, ObjectRecord, Policy};
+use objects::component::{frame, unframe, Client, Request as ComponentRequest, Service};
+use objects::object::{Object, ObjectError, PersistError, Persister};
+use objects::owner::Status;
+use objects::threads::{component_address, ComponentThreads, OwnerThreads};
+use serde::{Deserialize, Serialize};
+use wire::tcp::TcpTransport;
+use wire::{ErrorCode, RemoteError, Transport};
+
+use crate::daemon::Node;
+
+/// Wire methods (the node owns 0x0200..0x0300).
+pub mod method {
+    /// The block client API.
+    pub const OBJECT_IO: u32 = 0x0204;
+    /// Live figures of the objects a host owns.
+    pub const OBJECT_STATS: u32 = 0x0205;
+}
+
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+const STATS_TIMEOUT: Duration = Duration::from_millis(800);
+/// How often an owner looks for absent components that are back, and a
+/// host for objects to open or take over.
+const MANAGE_INTERVAL: Duration = Duration::from_millis(500);
+/// Between two attempts to open an object that could not be opened.
+const OPEN_RETRY: Duration = Duration::from_secs(1);
+/// Object names: letters, digits, `-`, `_`, `.`; at most this long.
+const NAME_MAX: usize = 64;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum IoRequest {
+    Read {
+        name: String,
+        offset: u64,
+        length: u64,
+    },
+    /// Data follows the header.
+    Write {
+        name: String,
+        offset: u64,
+    },
+    Unmap {
+        name: String,
+        offset: u64,
+        length: u64,
+    },
+    Flush {
+        name: String,
+    },
+}
+
+impl IoRequest {
+    fn name(&self) -> &str {
+        match self {
+            IoRequest::Read { name, .. }
+            | IoRequest::Write { name, .. }
+            | IoRequest::Unmap { name, .. }
+            | IoRequest::Flush { name } => name,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum IoReply {
+    Done,
+    /// Data follows the header.
+    Data,
+    /// This host does not own the object; the catalog names `owner`.
+    NotOwner {
+        owner: Option<u64>,
+        address: Option<String>,
+    },
+    Error(String),
+}
+
+/// Live figures of an owned object.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ObjectStats {
+    pub name: String,
+    pub epoch: u64,
+    pub owner_thread: usize,
+    pub statuses: Vec<String>,
+    pub resync_blocks_to_go: u64,
+    pub resync_blocks_copied: u64,
+    /// Blocks copied by the resyncs under way, and since when (ms).
+    pub resync_blocks_copied_current: u64,
+    pub resync_started_ms: u64,
+    pub full_copies: u64,
+    pub resyncs_done: u64,
+}
+
+struct Owned {
+    epoch: u64,
+    thread: usize,
+    /// The components' hosts, by index.
+    hosts: Vec<u64>,
+    object: Arc<Object<TcpTransport>>,
+    /// When each absent component was last probed.
+    probed: Vec<Option<Instant>>,
+}
+
+pub struct Storage {
+    pub service: Option<Arc<Service>>,
+    pub component_threads: Option<ComponentThreads>,
+    pub owner_threads: OwnerThreads,
+    owned: Mutex<HashMap<String, Owned>>,
+    /// Objects being opened, and when an attempt last failed.
+    opening: Mutex<HashSet<String>>,
+    failed_opens: Mutex<HashMap<String, Instant>>,
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|cores| cores.get()).unwrap_or(2)
+}
+
+impl Storage {
+    /// Opens the disks (storage hosts) and starts the threads.
+    pub fn start(config: &crate::NodeConfig, ip: &str, storage_role: bool) -> Result<Storage, String> {
+        let owner_threads = OwnerThreads::start(config.owner_threads.unwrap_or_else(cores))
+            .map_err(|error| format!("starting owner threads: {error}"))?;
+        let (service, component_threads) = if storage_role {
+            let mut disks = Vec::new();
+            for path in config.disk_paths() {
+                std::fs::create_dir_all(&path).map_err(|error| format!("creating {}: {error}", path.display()))?;
+                let disk = Disk::open(fsio::real(), &path, DiskConfig::default())
+                    .map_err(|error| format!("opening disk {}: {error}", path.display()))?;
+                tracing::info!(path = %path.display(), components = disk.components().len(), "disk open");
+                disks.push(disk);
+            }
+            let service = Service::new(disks);
+            let threads = ComponentThreads::start(service.clone(), ip, config.component_threads.unwrap_or_else(cores))
+                .map_err(|error| format!("starting component threads on {ip}: {error}"))?;
+            tracing::info!(addresses = ?threads.addresses(), "component threads listening");
+            (Some(service), Some(threads))
+        } else {
+            (None, None)
+        };
+        Ok(Storage {
+            service,
+            component_threads,
+            owner_threads,
+            owned: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashSet::new()),
+            failed_opens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn component_addresses(&self) -> Vec<String> {
+        self.component_threads.as_ref().map(|threads| threads.addresses().to_vec()).unwrap_or_default()
+    }
+
+    fn owned(&self, name: &str) -> Option<(Arc<Object<TcpTransport>>, usize)> {
+        self.owned.lock().expect("owned lock").get(name).map(|owned| (owned.object.clone(), owned.thread))
+    }
+
+    /// Live figures of the objects this host owns.
+    pub fn stats(&self) -> Vec<ObjectStats> {
+        let owned = self.owned.lock().expect("owned lock");
+        let mut stats: Vec<ObjectStats> = owned
+            .iter()
+            .map(|(name, owned)| {
+                let resync = &owned.object.resync_stats;
+                ObjectStats {
+                    name: name.clone(),
+                    epoch: owned.epoch,
+                    owner_thread: owned.thread,
+                    statuses: owned.object.statuses().iter().map(describe).collect(),
+                    resync_blocks_to_go: resync.blocks_to_go.load(Ordering::Relaxed),
+                    resync_blocks_copied: resync.blocks_copied.load(Ordering::Relaxed),
+                    resync_blocks_copied_current: resync.blocks_copied_current.load(Ordering::Relaxed),
+                    resync_started_ms: resync.current_started_ms.load(Ordering::Relaxed),
+                    full_copies: resync.full_copies.load(Ordering::Relaxed),
+                    resyncs_done: resync.resyncs_done.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        stats.sort_by(|a, b| a.name.cmp(&b.name));
+        stats
+    }
+
+    /// Publishes per-thread and per-object gauges.
+    pub fn record_metrics(&self) {
+        for (index, stats) in self.owner_threads.stats().iter().enumerate() {
+            let thread = index.to_string();
+            metrics::gauge!("objects_owner_thread_depth", "thread" => thread.clone())
+                .set(stats.depth.load(Ordering::Relaxed) as f64);
+            metrics::gauge!("objects_owner_thread_jobs", "thread" => thread)
+                .set(stats.total.load(Ordering::Relaxed) as f64);
+        }
+        if let Some(threads) = &self.component_threads {
+            for (index, stats) in threads.stats().iter().enumerate() {
+                let thread = index.to_string();
+                metrics::gauge!("objects_component_thread_depth", "thread" => thread.clone())
+                    .set(stats.depth.load(Ordering::Relaxed) as f64);
+                metrics::gauge!("objects_component_thread_requests", "thread" => thread)
+                    .set(stats.total.load(Ordering::Relaxed) as f64);
+            }
+        }
+        for stats in self.stats() {
+            let name = stats.name.clone();
+            metrics::gauge!("objects_resync_blocks_to_go", "object" => name.clone())
+                .set(stats.resync_blocks_to_go as f64);
+            let absent = stats.statuses.iter().filter(|status| status.starts_with("absent")).count();
+            metrics::gauge!("objects_absent_components", "object" => name).set(absent as f64);
+        }
+    }
+}
+
+fn describe(status: &Status) -> String {
+    match status {
+        Status::Active => "active".into(),
+        Status::Absent { stale, .. } => format!("absent (stale at LSN {stale})"),
+        Status::Resyncing { stale, target } => format!("resyncing ({stale} -> {target})"),
+    }
+}
+
+fn to_state(status: &Status) -> ComponentState {
+    match status {
+        Status::Active => ComponentState::Active,
+        Status::Absent { stale, since } => ComponentState::Absent { stale: *stale, since_ms: *since },
+        Status::Resyncing { stale, target } => ComponentState::Resyncing { stale: *stale, target: *target },
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Checks an object name.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= NAME_MAX
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("object name {name:?} must be 1-{NAME_MAX} letters, digits, '-', '_' or '.'"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("an object named {0:?} exists")]
+    Exists(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+fn hosts_by_id(node: &Node) -> BTreeMap<u64, HostRecord> {
+    node.services()
+        .map(|services| {
+            services.catalog.hosts.entries_local().into_iter().map(|(id, record, _)| (id, record)).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Creates an object: places its components on distinct hosts, creates
+/// them, and records the object with the first component's host as owner.
+pub async fn create(
+    node: &Arc<Node>,
+    name: &str,
+    policy: Policy,
+    size_bytes: u64,
+) -> Result<ObjectRecord, CreateError> {
+    check_name(name).map_err(CreateError::Invalid)?;
+    if size_bytes == 0 || !size_bytes.is_multiple_of(BLOCK_SIZE as u64) {
+        return Err(CreateError::Invalid(format!(
+            "size {size_bytes} is not a positive multiple of {BLOCK_SIZE} bytes"
+        )));
+    }
+    if let Policy::Raid1 { copies } = policy {
+        if !(2..=3).contains(&copies) {
+            return Err(CreateError::Invalid(format!("raid1 takes 2 or 3 copies, not {copies}")));
+        }
+    }
+    let services = node.services().ok_or_else(|| CreateError::Unavailable("the catalog is not open yet".into()))?;
+    if services.catalog.objects.get_local(&name.to_string()).is_some() {
+        return Err(CreateError::Exists(name.into()));
+    }
+    let request = placement::Request {
+        id: 0,
+        count: policy.copies(),
+        bytes: size_bytes,
+        distinct_hosts: true,
+        distinct_fault_domains: false,
+        site: None,
+        excluded_hosts: Default::default(),
+    };
+    let placed = crate::membership::place(node, request)
+        .await
+        .map_err(|reason| CreateError::Unavailable(format!("placing {} components: {reason}", policy.copies())))?;
+    let id = loop {
+        let id = rand::random::<u64>() >> 16;
+        if id != 0 {
+            break id;
+        }
+    };
+    let blocks = size_bytes / BLOCK_SIZE as u64;
+    let hosts = hosts_by_id(node);
+    let components: Vec<ComponentRecord> = placed
+        .iter()
+        .enumerate()
+        .map(|(index, candidate)| ComponentRecord {
+            id: id << 8 | index as u64,
+            host: candidate.bucket.host,
+            disk: candidate.bucket.disk,
+        })
+        .collect();
+    for component in &components {
+        let address = hosts
+            .get(&component.host)
+            .and_then(|host| component_address(&host.component_addresses, 0).map(String::from))
+            .ok_or_else(|| CreateError::Unavailable(format!("host {} serves no components", component.host)))?;
+        let client = Client::new(node.transport.clone(), address);
+        let create = ComponentRequest::Create { component: component.id, disk: component.disk, blocks };
+        client.call(0, create, &[]).await.map_err(|error| {
+            CreateError::Unavailable(format!(
+                "creating component {:#x} on host {}: {error}",
+                component.id, component.host
+            ))
+        })?;
+    }
+    let record = ObjectRecord {
+        id,
+        name: name.into(),
+        policy,
+        size_bytes,
+        owner: components[0].host,
+        owner_epoch: 0,
+        states: vec![ComponentState::Active; components.len()],
+        components,
+        created_ms: now_ms(),
+    };
+    match services.catalog.create_object(record.clone()).await {
+        Ok(Ok(_)) => {
+            tracing::info!(name, id, %policy, size_bytes, owner = record.owner, "object created");
+            Ok(record)
+        }
+        Ok(Err(_)) => {
+            delete_components(node, &record, 1).await;
+            Err(CreateError::Exists(name.into()))
+        }
+        Err(error) => {
+            delete_components(node, &record, 1).await;
+            Err(CreateError::Unavailable(error.to_string()))
+        }
+    }
+}
+
+/// Deletes an object: its record, then its components (fenced past every
+/// owner). Components on hosts that are away stay until deleted again.
+pub async fn remove(node: &Arc<Node>, name: &str) -> Result<Option<(ObjectRecord, Vec<String>)>, String> {
+    let services = node.services().ok_or("the catalog is not open yet")?;
+    let Some(record) = services.catalog.remove_object(name).await.map_err(|error| error.to_string())? else {
+        return Ok(None);
+    };
+    let leftovers = delete_components(node, &record, record.owner_epoch + 1).await;
+    tracing::info!(name, id = record.id, "object deleted");
+    Ok(Some((record, leftovers)))
+}
+
+async fn delete_components(node: &Arc<Node>, record: &ObjectRecord, epoch: u64) -> Vec<String> {
+    let hosts = hosts_by_id(node);
+    let mut leftovers = Vec::new();
+    for component in &record.components {
+        let address = hosts
+            .get(&component.host)
+            .and_then(|host| component_address(&host.component_addresses, 0).map(String::from));
+        let result = match address {
+            Some(address) => Client::new(node.transport.clone(), address)
+                .call(epoch, ComponentRequest::Delete { component: component.id }, &[])
+                .await
+                .map(|_| ())
+                .map_err(|error| error.to_string()),
+            None => Err("host unknown".into()),
+        };
+        if let Err(reason) = result {
+            leftovers.push(format!("component {:#x} on host {}: {reason}", component.id, component.host));
+        }
+    }
+    leftovers
+}
+
+/// Serves the node's object wire methods.
+pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<Bytes, RemoteError> {
+    match request.method {
+        method::OBJECT_IO => {
+            let (io, data): (IoRequest, Bytes) = unframe(&request.payload)
+                .map_err(|reason| RemoteError::new(ErrorCode::BadRequest, format!("object request: {reason}")))?;
+            let (reply, data) = serve_io(&node, io, data).await;
+            Ok(frame(&reply, &data))
+        }
+        method::OBJECT_STATS => Ok(wire::encode(&node.storage.stats())),
+        other => Err(RemoteError::new(ErrorCode::UnknownMethod, format!("unknown method {other:#06x}"))),
+    }
+}
+
+async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (IoReply, Bytes) {
+    let Some((object, thread)) = node.storage.owned(io.name()) else {
+        let record = node.services().and_then(|services| services.catalog.objects.get_local(&io.name().to_string()));
+        return match record {
+            None => (IoReply::Error(format!("no object named {:?}", io.name())), Bytes::new()),
+            Some((record, _)) => {
+                let address = hosts_by_id(node).get(&record.owner).map(|host| host.address.clone());
+                let owner = (record.owner != node.config.node_id).then_some(record.owner);
+                (IoReply::NotOwner { owner, address: owner.and(address) }, Bytes::new())
+            }
+        };
+    };
+    let result = node
+        .storage
+        .owner_threads
+        .run(thread, move |_| async move {
+            match io {
+                IoRequest::Read { offset, length, .. } => object.read_at(offset, length).await.map(Some),
+                IoRequest::Write { offset, .. } => object.write_at(offset, data).await.map(|_| None),
+                IoRequest::Unmap { offset, length, .. } => object.unmap(offset, length).await.map(|_| None),
+                IoRequest::Flush { .. } => object.flush().await.map(|_| None),
+            }
+        })
+        .await;
+    match result {
+        Ok(Ok(Some(data))) => (IoReply::Data, data),
+        Ok(Ok(None)) => (IoReply::Done, Bytes::new()),
+        Ok(Err(ObjectError::Deposed)) => (IoReply::NotOwner { owner: None, address: None }, Bytes::new()),
+        Ok(Err(error)) => (IoReply::Error(error.to_string()), Bytes::new()),
+        Err(error) => (IoReply::Error(error.to_string()), Bytes::new()),
+    }
+}
+
+/// Starts the object tasks once the catalog is open.
+pub fn start(node: Arc<Node>) {
+    tokio::spawn(manage(node));
+}
+
+/// Opens, takes over, closes, fails and probes, whenever the catalog
+/// changes and at a steady interval.
+async fn manage(node: Arc<Node>) {
+    let Some(services) = node.services() else { return };
+    let mut objects = services.catalog.watch_objects();
+    let mut hosts = services.catalog.watch_hosts();
+    let mut shutdown = node.shutdown_signal();
+    loop {
+        manage_once(&node);
+        tokio::select! {
+            _ = objects.changed() => {}
+            _ = hosts.changed() => {}
+            _ = tokio::time::sleep(MANAGE_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+fn manage_once(node: &Arc<Node>) {
+    let Some(services) = node.services() else { return };
+    let me = node.config.node_id;
+    let hosts = hosts_by_id(node);
+    let up = |host: u64| hosts.get(&host).is_some_and(|record| record.state == HostState::Up);
+    let records: BTreeMap<String, ObjectRecord> =
+        services.catalog.objects.entries_local().into_iter().map(|(name, record, _)| (name, record)).collect();
+    let storage = &node.storage;
+    // Close what this host no longer owns.
+    {
+        let mut owned = storage.owned.lock().expect("owned lock");
+        owned.retain(|name, owned| {
+            let keep = records.get(name).is_some_and(|record| record.owner == me && record.owner_epoch == owned.epoch)
+                && !owned.object.is_closed();
+            if !keep {
+                tracing::info!(name, "closing the object here: deleted, or owned by another host now");
+                owned.object.close();
+            }
+            keep
+        });
+    }
+    for (name, record) in &records {
+        let is_open = storage.owned.lock().expect("owned lock").contains_key(name);
+        if is_open {
+            tend(node, name, &hosts);
+            continue;
+        }
+        let owner_gone = !up(record.owner);
+        let successor = record.components.iter().map(|component| component.host).filter(|host| up(*host)).min();
+        let mine = record.owner == me || (owner_gone && successor == Some(me));
+        if !mine {
+            continue;
+        }
+        let recently_failed =
+            storage.failed_opens.lock().expect("failed lock").get(name).is_some_and(|when| when.elapsed() < OPEN_RETRY);
+        if recently_failed || !storage.opening.lock().expect("opening lock").insert(name.clone()) {
+            continue;
+        }
+        let node = node.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            if let Err(reason) = open(&node, &name).await {
+                tracing::warn!(name, %reason, "could not open the object; retrying");
+                node.storage.failed_opens.lock().expect("failed lock").insert(name.clone(), Instant::now());
+            }
+            node.storage.opening.lock().expect("opening lock").remove(&name);
+        });
+    }
+}
+
+/// An owned object's components: fail those whose host went down, probe
+/// absent ones whose host is up.
+fn tend(node: &Arc<Node>, name: &str, hosts: &BTreeMap<u64, HostRecord>) {
+    let storage = &node.storage;
+    let mut owned = storage.owned.lock().expect("owned lock");
+    let Some(entry) = owned.get_mut(name) else { return };
+    let statuses = entry.object.statuses();
+    for (index, status) in statuses.iter().enumerate() {
+        let host = hosts.get(&entry.hosts[index]);
+        let host_up = host.is_some_and(|host| host.state == HostState::Up);
+        match status {
+            Status::Active | Status::Resyncing { .. } if !host_up => {
+                let object = entry.object.clone();
+                let thread = entry.thread;
+                tracing::warn!(name, component = index, host = entry.hosts[index], "component's host is down");
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let _ = node
+                        .storage
+                        .owner_threads
+                        .run(thread, move |_| async move { object.fail_component(index) })
+                        .await;
+                });
+            }
+            Status::Absent { .. } if host_up => {
+                if entry.probed[index].is_some_and(|when| when.elapsed() < Duration::from_secs(1)) {
+                    continue;
+                }
+                entry.probed[index] = Some(Instant::now());
+                let object = entry.object.clone();
+                if let Some(address) = host.and_then(|host| component_address(&host.component_addresses, entry.thread))
+                {
+                    object.set_address(index, address);
+                }
+                let thread = entry.thread;
+                let name = name.to_string();
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let run = node.storage.owner_threads.run(thread, move |_| async move { object.probe(index).await });
+                    if let Ok(true) = run.await {
+                        tracing::info!(name, component = index, "absent component is back; resyncing");
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Takes ownership (a new epoch, by compare-and-set) and recovers the
+/// object on its owner thread.
+async fn open(node: &Arc<Node>, name: &str) -> Result<(), String> {
+    let services = node.services().ok_or("the catalog is not open")?;
+    let me = node.config.node_id;
+    let hosts = hosts_by_id(node);
+    let up = |host: u64| hosts.get(&host).is_some_and(|record| record.state == HostState::Up);
+    let claimed = services
+        .catalog
+        .update_object(name, |record| {
+            let owner_gone = !up(record.owner);
+            let successor = record.components.iter().map(|component| component.host).filter(|host| up(*host)).min();
+            if record.owner != me && !(owner_gone && successor == Some(me)) {
+                return None;
+            }
+            let mut updated = record.clone();
+            updated.owner = me;
+            updated.owner_epoch += 1;
+            Some(updated)
+        })
+        .await
+        .map_err(|error| error.to_string())?;
+    let Some(record) = claimed else { return Ok(()) };
+    tracing::info!(name, epoch = record.owner_epoch, "taking ownership");
+    let thread = node.storage.owner_threads.thread_of(record.id);
+    let mut addresses = Vec::new();
+    for component in &record.components {
+        let host = hosts.get(&component.host).ok_or_else(|| format!("host {} is unknown", component.host))?;
+        let address = component_address(&host.component_addresses, thread)
+            .ok_or_else(|| format!("host {} serves no components", component.host))?;
+        addresses.push((component.id, address.to_string()));
+    }
+    let recorded_active: Vec<bool> =
+        record.states.iter().map(|state| matches!(state, ComponentState::Active)).collect();
+    let persister = persister(node, name, record.owner_epoch);
+    let epoch = record.owner_epoch;
+    let blocks = record.size_bytes / BLOCK_SIZE as u64;
+    let opened = node
+        .storage
+        .owner_threads
+        .run(thread, move |transport| async move {
+            let components =
+                addresses.into_iter().map(|(id, address)| (id, Client::new(transport.clone(), address))).collect();
+            Object::recover(epoch, blocks, components, recorded_active, Some(persister)).await
+        })
+        .await
+        .map_err(|error| error.to_string())?
+        .map_err(|error| error.to_string())?;
+    let count = record.components.len();
+    node.storage.owned.lock().expect("owned lock").insert(
+        name.to_string(),
+        Owned {
+            epoch,
+            thread,
+            hosts: record.components.iter().map(|component| component.host).collect(),
+            object: opened,
+            probed: vec![None; count],
+        },
+    );
+    node.storage.failed_opens.lock().expect("failed lock").remove(name);
+    tracing::info!(name, epoch, thread, "object open");
+    Ok(())
+}
+
+/// Writes component states into the object's record, as long as it still
+/// names this host and epoch as owner. Runs the catalog call on the node's
+/// runtime (the catalog's connections live there).
+fn persister(node: &Arc<Node>, name: &str, epoch: u64) -> Persister {
+    let node = Arc::downgrade(node);
+    let name = name.to_string();
+    let runtime = tokio::runtime::Handle::current();
+    Arc::new(move |statuses: Vec<Status>| {
+        let node = node.clone();
+        let name = name.clone();
+        let work = runtime.spawn(async move {
+            let Some(node) = node.upgrade() else { return Err(PersistError::Failed("node stopped".into())) };
+            let Some(services) = node.services() else { return Err(PersistError::Failed("no catalog".into())) };
+            let me = node.config.node_id;
+            let mut deposed = false;
+            let states: Vec<ComponentState> = statuses.iter().map(to_state).collect();
+            let result = services
+                .catalog
+                .update_object(&name, |record| {
+                    deposed = record.owner != me || record.owner_epoch != epoch;
+                    if deposed || record.states == states {
+                        return None;
+                    }
+                    let mut updated = record.clone();
+                    updated.states = states.clone();
+                    Some(updated)
+                })
+                .await;
+            match result {
+                Ok(_) if deposed => Err(PersistError::Deposed),
+                Ok(_) => Ok(()),
+                Err(catalog::CatalogError::NotFound(_)) => Err(PersistError::Deposed),
+                Err(error) => Err(PersistError::Failed(error.to_string())),
+            }
+        });
+        Box::pin(async move { work.await.unwrap_or_else(|error| Err(PersistError::Failed(error.to_string()))) })
+    })
+}
+
+/// Figures gathered from the owners, for status.
+pub async fn gather_stats(node: &Node, records: &[ObjectRecord]) -> HashMap<String, ObjectStats> {
+    let hosts = hosts_by_id(node);
+    let owners: HashSet<u64> = records.iter().map(|record| record.owner).collect();
+    let asks = owners.into_iter().filter_map(|owner| hosts.get(&owner).map(|host| host.address.clone())).map(
+        |address| async move {
+            wire::call::<_, _, Vec<ObjectStats>>(&node.transport, &address, method::OBJECT_STATS, &(), STATS_TIMEOUT)
+                .await
+                .unwrap_or_default()
+        },
+    );
+    futures::future::join_all(asks).await.into_iter().flatten().map(|stats| (stats.name.clone(), stats)).collect()
+}
+
+/// The block client API from anywhere: finds the owner through any host.
+#[derive(Clone)]
+pub struct ObjectClient<T: Transport> {
+    transport: T,
+    /// Node addresses to start from.
+    hosts: Vec<String>,
+    owner: Arc<Mutex<Option<String>>>,
+    name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("no host answered: {0}")]
+    Unreachable(String),
+}
+
+impl<T: Transport> ObjectClient<T> {
+    pub fn new(transport: T, hosts: Vec<String>, name: impl Into<String>) -> ObjectClient<T> {
+        ObjectClient { transport, hosts, owner: Arc::new(Mutex::new(None)), name: name.into() }
+    }
+
+    pub async fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+        self.call(IoRequest::Write { name: self.name.clone(), offset }, data).await.map(|_| ())
+    }
+
+    pub async fn read_at(&self, offset: u64, length: u64) -> Result<Bytes, ClientError> {
+        self.call(IoRequest::Read { name: self.name.clone(), offset, length }, &[]).await
+    }
+
+    pub async fn unmap(&self, offset: u64, length: u64) -> Result<(), ClientError> {
+        self.call(IoRequest::Unmap { name: self.name.clone(), offset, length }, &[]).await.map(|_| ())
+    }
+
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        self.call(IoRequest::Flush { name: self.name.clone() }, &[]).await.map(|_| ())
+    }
+
+    /// Sends to the owner it knows, else to each host in turn, following
+    /// one redirect per host.
+    async fn call(&self, request: IoRequest, data: &[u8]) -> Result<Bytes, ClientError> {
+        let payload = frame(&request, data);
+        let known = self.owner.lock().expect("owner lock").clone();
+        let mut tried = Vec::new();
+        let mut candidates: Vec<String> = known.into_iter().chain(self.hosts.iter().cloned()).collect();
+        let mut index = 0;
+        while index < candidates.len() && index < 16 {
+            let address = candidates[index].clone();
+            index += 1;
+            let reply = match self.transport.call(&address, method::OBJECT_IO, payload.clone(), IO_TIMEOUT).await {
+                Ok(reply) => reply,
+                Err(error) => {
+                    tried.push(format!("{address}: {error}"));
+                    continue;
+                }
+            };
+            let (reply, data): (IoReply, Bytes) =
+                unframe(&reply).map_err(|reason| ClientError::Failed(format!("bad reply from {address}: {reason}")))?;
+            match reply {
+                IoReply::Done | IoReply::Data => {
+                    *self.owner.lock().expect("owner lock") = Some(address);
+                    return Ok(data);
+                }
+                IoReply::NotOwner { address: Some(owner), .. } => {
+                    tried.push(format!("{address}: not the owner"));
+                    candidates.insert(index, owner);
+                }
+                IoReply::NotOwner { .. } => tried.push(format!("{address}: no owner open yet")),
+                IoReply::Error(reason) => return Err(ClientError::Failed(reason)),
+            }
+        }
+        *self.owner.lock().expect("owner lock") = None;
+        Err(ClientError::Unreachable(tried.join("; ")))
+    }
+}
+
+/// Every object's status: the catalog's record and the owner's figures.
+pub async fn object_statuses(node: &Node) -> Vec<crate::status::ObjectStatus> {
+    let Some(services) = node.services() else { return Vec::new() };
+    let records: Vec<ObjectRecord> =
+        services.catalog.objects.entries_local().into_iter().map(|(_, record, _)| record).collect();
+    let stats = gather_stats(node, &records).await;
+    records.iter().map(|record| object_status(record, stats.get(&record.name))).collect()
+}
+
+pub fn object_status(record: &ObjectRecord, stats: Option<&ObjectStats>) -> crate::status::ObjectStatus {
+    let block = BLOCK_SIZE as u64;
+    let resync = stats.filter(|stats| stats.epoch == record.owner_epoch).map(|stats| {
+        let elapsed = now_ms().saturating_sub(stats.resync_started_ms) as f64 / 1000.0;
+        let copied = stats.resync_blocks_copied_current * block;
+        let rate = if stats.resync_blocks_to_go > 0 && elapsed > 0.0 { copied as f64 / elapsed } else { 0.0 };
+        let to_go = stats.resync_blocks_to_go * block;
+        crate::status::ResyncProgress {
+            bytes_to_go: to_go,
+            bytes_copied: if stats.resync_blocks_to_go > 0 { copied } else { 0 },
+            bytes_per_second: rate,
+            eta_seconds: (rate > 0.0).then(|| to_go as f64 / rate),
+            bytes_copied_total: stats.resync_blocks_copied * block,
+            full_copies: stats.full_copies,
+            resyncs_done: stats.resyncs_done,
+        }
+    });
+    crate::status::ObjectStatus {
+        name: record.name.clone(),
+        id: record.id,
+        policy: record.policy.to_string(),
+        size_bytes: record.size_bytes,
+        owner: record.owner,
+        owner_epoch: record.owner_epoch,
+        health: record.health().into(),
+        components: record
+            .components
+            .iter()
+            .zip(&record.states)
+            .map(|(component, state)| crate::status::ComponentStatus {
+                id: component.id,
+                host: component.host,
+                disk: component.disk,
+                state: state.name().into(),
+                stale_lsn: match state {
+                    ComponentState::Active => None,
+                    ComponentState::Absent { stale, .. } | ComponentState::Resyncing { stale, .. } => Some(*stale),
+                },
+            })
+            .collect(),
+        resync,
+    }
+}
