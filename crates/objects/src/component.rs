@@ -286,6 +286,9 @@ impl Service {
                 next: 1,
                 parked: Default::default(),
             });
+            if epoch < state.epoch {
+                return Err(ComponentError::StaleEpoch { epoch, current: state.epoch });
+            }
             if (epoch, session) < (state.epoch, state.session) {
                 return Err(ComponentError::StaleSession { epoch, session });
             }

@@ -106,6 +106,11 @@ pub struct Object<T: Transport> {
     next_session: AtomicU64,
     inflight: tokio::sync::Semaphore,
     persister: Option<Persister>,
+    /// Blocks a component's next resync copies besides its source's
+    /// tracking bitmap: what an interrupted resync under the previous
+    /// owner had marked (a write that owner had in flight may have reached
+    /// only that component).
+    extra: Mutex<HashMap<Index, RoaringBitmap>>,
     pub resync_stats: ResyncStats,
 }
 
@@ -147,6 +152,7 @@ impl<T: Transport> Object<T> {
             next_session: AtomicU64::new(count as u64 + 1),
             inflight: tokio::sync::Semaphore::new(INFLIGHT_MAX),
             persister,
+            extra: Mutex::new(HashMap::new()),
             resync_stats: ResyncStats::default(),
         })
     }
@@ -249,12 +255,27 @@ impl<T: Transport> Object<T> {
                 Err(error) => tracing::warn!(component = index, %error, "component failed while opening"),
             }
         }
+        let mut extra = HashMap::new();
+        for (index, info) in infos.iter().enumerate() {
+            if !info.as_ref().is_ok_and(|info| info.sync.is_some()) {
+                continue;
+            }
+            let (id, client) = &components[index];
+            if let Ok((Reply::Bitmap(Some(bytes)), _)) =
+                client.call(epoch, Request::SyncBitmap { component: *id }, &[]).await
+            {
+                if let Ok(bitmap) = RoaringBitmap::deserialize_from(&bytes[..]) {
+                    extra.insert(index, bitmap);
+                }
+            }
+        }
         let mut owner = Owner::new(statuses, committed);
         for (index, lsns) in tracking.into_iter().enumerate() {
             owner.set_tracking(index, lsns);
         }
         tracing::info!(epoch, committed, current = ?current, behind = ?behind, missing, "opened as the new owner");
         let object = Self::with_owner(epoch, blocks, components, owner, persister);
+        *object.extra.lock().expect("extra lock") = extra;
         {
             let mut state = object.state.lock().expect("object lock");
             // Record the states found before taking I/O.
@@ -550,13 +571,51 @@ impl<T: Transport> Object<T> {
         }
         let (id, client) = (&self.ids[component], self.client(component));
         let Ok(info) = client.info(self.epoch, *id).await else { return false };
+        self.track_exactly(info.committed_lsn).await;
         let mut state = self.state.lock().expect("object lock");
+        if !matches!(state.owner.status(component), Status::Absent { .. }) {
+            return false;
+        }
         // A new session: the old one's messages are void.
         state.sessions[component] = (self.next_session.fetch_add(1, Ordering::Relaxed), 1);
         let mut out = Vec::new();
         state.owner.handle(now_ms(), Input::Back { component, committed: info.committed_lsn }, &mut out);
         self.act(&mut state, out, &Bytes::new());
         true
+    }
+
+    /// Makes sure an active component holds a complete tracking bitmap for
+    /// exactly `stale`: when none does (this owner took over, or the
+    /// component made writes durable that it never acknowledged), one is
+    /// built from the recent-write windows of an active component, in
+    /// order behind the writes already sent to it. A bitmap for an older
+    /// stale LSN would do, but would copy more.
+    async fn track_exactly(self: &Arc<Self>, stale: Lsn) {
+        let (source, sent) = {
+            let mut state = self.state.lock().expect("object lock");
+            let active: Vec<Index> =
+                (0..self.ids.len()).filter(|index| state.owner.status(*index) == &Status::Active).collect();
+            if stale >= state.owner.last_lsn()
+                || active.iter().any(|index| state.owner.tracking(*index).contains(&stale))
+            {
+                return;
+            }
+            let Some(&source) = active.first() else { return };
+            let request = Request::Track { component: self.ids[source], stale, seed: None };
+            (source, self.send(&mut state, source, request, Bytes::new(), None))
+        };
+        if !matches!(sent.await, Ok(Ok(_))) {
+            return;
+        }
+        let Ok(info) = self.client(source).info(self.epoch, self.ids[source]).await else { return };
+        if info.tracking.iter().any(|(lsn, _, complete)| *lsn == stale && *complete) {
+            let mut state = self.state.lock().expect("object lock");
+            if state.owner.status(source) == &Status::Active {
+                state.owner.set_tracking(source, [stale]);
+            }
+        } else {
+            tracing::info!(stale, "the recent-write windows do not reach back that far");
+        }
     }
 
     async fn resync(
@@ -603,6 +662,10 @@ impl<T: Transport> Object<T> {
                 (0..self.blocks as u32).collect()
             }
         };
+        let mut blocks = blocks;
+        if let Some(extra) = self.extra.lock().expect("extra lock").remove(&target) {
+            blocks |= extra;
+        }
         let target_id = self.ids[target];
         // Blocks the target already has newer writes for need no copy.
         let mut blocks = blocks;

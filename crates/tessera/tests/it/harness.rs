@@ -159,6 +159,15 @@ impl TestCluster {
         self.hosts.iter().filter(|(_, host)| host.child.is_some()).map(|(id, _)| *id).collect()
     }
 
+    pub fn hosts_ids(&self) -> Vec<u64> {
+        self.hosts.keys().copied().collect()
+    }
+
+    /// A host's node-to-node (wire) address.
+    pub fn address(&self, id: u64) -> String {
+        self.hosts[&id].seed.address.clone()
+    }
+
     pub fn admin(&self, id: u64) -> String {
         self.hosts[&id].seed.admin_address.clone()
     }

@@ -10,5 +10,6 @@ mod bootstrap;
 mod harness;
 mod hierarchy;
 mod leader_kill;
+mod objects;
 mod queue;
 mod up;
