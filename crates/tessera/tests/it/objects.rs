@@ -131,8 +131,13 @@ impl Writers {
     }
 }
 
+/// Hosts cut off the network: status is asked elsewhere (their admin API
+/// does not answer either).
+static CUT_HOSTS: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
 fn object(cluster: &TestCluster) -> Option<ObjectStatus> {
-    cluster.running().into_iter().find_map(|id| {
+    let cut = CUT_HOSTS.lock().unwrap().clone();
+    cluster.running().into_iter().filter(|id| !cut.contains(id)).find_map(|id| {
         cluster.get(id, &format!("/api/v1/objects/{NAME}")).ok().and_then(|value| serde_json::from_value(value).ok())
     })
 }
@@ -242,11 +247,47 @@ fn verify(
     assert!(lost.is_empty(), "acknowledged writes lost: {} blocks, e.g. {:?}", lost.len(), &lost[..lost.len().min(10)]);
 }
 
+#[derive(PartialEq)]
 enum Outage {
     /// SIGKILL a component host that is not the owner, restart it later.
     KillComponentHost,
     /// SIGKILL the owner's host: another host takes the object over.
     KillOwner,
+    /// Cut a component host (not the owner) off the network, then heal.
+    Partition,
+    /// As `KillComponentHost`, and once the host is back and resyncing,
+    /// SIGKILL the owner and restart it at once.
+    OwnerRestartMidResync,
+}
+
+/// Drops every packet from or to one loopback address while it lives: a
+/// host cut off from all its peers (nftables, in a table of its own).
+struct Cut {
+    table: String,
+}
+
+impl Cut {
+    fn off(ip: &str) -> Cut {
+        let table = format!("tessera_test_{}", std::process::id());
+        let rules = format!(
+            "table inet {table} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    ip saddr {ip} drop\n    ip daddr {ip} drop\n  }}\n}}\n"
+        );
+        let mut child = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("this test needs nftables (`nft`; scripts/test installs it) and root");
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "nft refused the partition rules");
+        Cut { table }
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -264,7 +305,7 @@ fn scenario(outage: Outage) {
     std::thread::sleep(Duration::from_secs(2));
     let victim = match outage {
         Outage::KillOwner => created.owner,
-        Outage::KillComponentHost => {
+        Outage::KillComponentHost | Outage::Partition | Outage::OwnerRestartMidResync => {
             let leader = cluster.status().and_then(|status| status.log.leader);
             let others: Vec<u64> =
                 created.components.iter().map(|c| c.host).filter(|host| *host != created.owner).collect();
@@ -275,8 +316,16 @@ fn scenario(outage: Outage) {
     let written_at_kill = writers.acked.load(Ordering::Relaxed) + writers.failed.load(Ordering::Relaxed);
     let seq_at_kill = writers.seq.load(Ordering::Relaxed);
     let killed_at = Instant::now();
-    cluster.kill(victim);
-    println!("killed host {victim} after {before} acknowledged writes");
+    let mut cut = None;
+    if outage == Outage::Partition {
+        let ip = cluster.address(victim).rsplit_once(':').unwrap().0.to_string();
+        cut = Some(Cut::off(&ip));
+        CUT_HOSTS.lock().unwrap().push(victim);
+        println!("cut host {victim} ({ip}) off the network after {before} acknowledged writes");
+    } else {
+        cluster.kill(victim);
+        println!("killed host {victim} after {before} acknowledged writes");
+    }
     if let Outage::KillOwner = outage {
         let moved = wait_object(&cluster, "taken over", Duration::from_secs(30), |status| {
             status.owner != victim && status.owner_epoch > created.owner_epoch && status.resync.is_some()
@@ -293,8 +342,33 @@ fn scenario(outage: Outage) {
     let during = writers.acked.load(Ordering::Relaxed) - before;
     assert!(during > 50, "I/O did not go on while host {victim} was away: {during} writes acknowledged");
     println!("{during} writes acknowledged while host {victim} was away ({:?} since the kill)", killed_at.elapsed());
-    cluster.start_host(victim);
-    let back =
+    match cut.take() {
+        Some(cut) => {
+            drop(cut);
+            CUT_HOSTS.lock().unwrap().clear();
+        }
+        None => cluster.start_host(victim),
+    }
+    let back_at = Instant::now();
+    // Bytes copied by an owner process that is killed before it finishes.
+    let mut copied_by_killed_owner = 0;
+    if outage == Outage::OwnerRestartMidResync {
+        let resyncing = wait_object(&cluster, "resyncing", Duration::from_secs(60), |status| {
+            status.resync.as_ref().is_some_and(|resync| resync.bytes_to_go > 0)
+        });
+        let resync = resyncing.resync.as_ref().unwrap();
+        println!(
+            "resyncing: {} bytes copied, {} to go; killing the owner (host {}) and restarting it",
+            resync.bytes_copied, resync.bytes_to_go, resyncing.owner
+        );
+        // Read just before the kill (a few ms of copying may be missed).
+        copied_by_killed_owner = object(&cluster)
+            .and_then(|status| status.resync)
+            .map_or(resync.bytes_copied_total, |resync| resync.bytes_copied_total);
+        cluster.kill(resyncing.owner);
+        cluster.start_host(resyncing.owner);
+    }
+    let _back =
         wait_object(&cluster, "resyncing or healthy", Duration::from_secs(60), |status| status.health != "degraded");
     let outage_writes =
         writers.acked.load(Ordering::Relaxed) + writers.failed.load(Ordering::Relaxed) - written_at_kill;
@@ -303,6 +377,7 @@ fn scenario(outage: Outage) {
         status.health == "healthy"
             && status.resync.as_ref().is_some_and(|resync| resync.resyncs_done >= 1 && resync.bytes_to_go == 0)
     });
+    println!("healed {:?} after the host was back", back_at.elapsed());
     let ledger = writers.finish(&runtime);
     let distinct: std::collections::BTreeSet<u64> = ledger
         .log
@@ -310,12 +385,13 @@ fn scenario(outage: Outage) {
         .filter(|(seq, _)| (seq_at_kill..seq_at_back).contains(seq))
         .map(|(_, block)| *block)
         .collect();
-    let resync = healed.resync.clone().unwrap();
+    let mut resync = healed.resync.clone().unwrap();
+    resync.bytes_copied_total += copied_by_killed_owner;
     let outage_bytes = outage_writes * BLOCK as u64;
     let ratio = resync.bytes_copied_total as f64 / outage_bytes.max(1) as f64;
     println!(
         "outage: {outage_writes} writes ({outage_bytes} bytes) from the kill until the host was back; resync copied {} bytes: {ratio:.3}x; full copies {}; owner epoch {} -> {}",
-        resync.bytes_copied_total, resync.full_copies, degraded.owner_epoch, back.owner_epoch
+        resync.bytes_copied_total, resync.full_copies, degraded.owner_epoch, healed.owner_epoch
     );
     println!(
         "distinct blocks written in that time: {} ({} bytes): copied / distinct = {:.3}",
@@ -357,4 +433,14 @@ fn a_killed_component_host_resyncs_only_what_it_missed() {
 #[test]
 fn a_killed_owner_is_replaced_and_its_epoch_refused() {
     scenario(Outage::KillOwner);
+}
+
+#[test]
+fn a_partitioned_component_host_resyncs_only_what_it_missed() {
+    scenario(Outage::Partition);
+}
+
+#[test]
+fn an_owner_restarted_mid_resync_still_copies_no_more() {
+    scenario(Outage::OwnerRestartMidResync);
 }
