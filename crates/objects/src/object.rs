@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use blockstore::{ComponentId, ComponentInfo, Lsn, BLOCK_SIZE};
 use bytes::Bytes;
+use futures::StreamExt;
 use roaring::RoaringBitmap;
 use tokio::sync::oneshot;
 use wire::Transport;
@@ -26,8 +27,9 @@ use crate::owner::{Action, Index, Input, Op, Owner, Source, Status};
 
 /// Blocks per message to a component.
 const MESSAGE_BLOCKS_MAX: u64 = 256;
-/// Blocks copied per resync step.
+/// Blocks copied per resync step, and steps in flight.
 const RESYNC_BLOCKS: u64 = 64;
+const RESYNC_IN_FLIGHT: usize = 8;
 /// Operations in flight per object. A new owner relies on it: a component
 /// that was active has every LSN up to `c - INFLIGHT_MAX`, where `c` is
 /// any other component's committed LSN.
@@ -679,28 +681,40 @@ impl<T: Transport> Object<T> {
         }
         let list: Vec<u32> = blocks.iter().collect();
         let mut progress = Progress::start(&self.resync_stats, list.len() as u64);
-        for run in list.chunk_by(|a, b| b == &(a + 1)) {
-            for piece in run.chunks(RESYNC_BLOCKS as usize) {
-                let first = piece[0] as u64;
-                let count = piece.len() as u64;
-                let data = match source_client.read(self.epoch, *source_id, first, count).await {
-                    Ok(data) => data,
-                    Err(_) => return,
-                };
+        let pieces: Vec<(u64, u64)> = list
+            .chunk_by(|a, b| b == &(a + 1))
+            .flat_map(|run| run.chunks(RESYNC_BLOCKS as usize))
+            .map(|piece| (piece[0] as u64, piece.len() as u64))
+            .collect();
+        // Several pieces in flight: reading one while another is written.
+        let copies = futures::stream::iter(pieces).map(|(first, count)| {
+            let source_client = source_client.clone();
+            let object = self.clone();
+            let source_id = *source_id;
+            async move {
+                let data = source_client.read(object.epoch, source_id, first, count).await.map_err(|_| ())?;
                 let sent = {
-                    let mut state = self.state.lock().expect("object lock");
+                    let mut state = object.state.lock().expect("object lock");
                     if state.owner.status(target) == &Status::Active {
-                        return;
+                        return Err(());
                     }
                     let request = Request::SyncWrite { component: target_id, first };
-                    self.send(&mut state, target, request, data, None)
+                    object.send(&mut state, target, request, data, None)
                 };
-                if !matches!(sent.await, Ok(Ok(_))) {
-                    return;
+                match sent.await {
+                    Ok(Ok(_)) => Ok(count),
+                    _ => Err(()),
                 }
-                progress.copied(count);
+            }
+        });
+        let mut copies = std::pin::pin!(copies.buffer_unordered(RESYNC_IN_FLIGHT));
+        while let Some(copied) = copies.next().await {
+            match copied {
+                Ok(count) => progress.copied(count),
+                Err(()) => return,
             }
         }
+        drop(copies);
         let ended = {
             let mut state = self.state.lock().expect("object lock");
             let request = Request::EndSync { component: target_id, plan };
