@@ -62,6 +62,9 @@ pub struct ResyncProgress {
     pub bytes_copied_total: u64,
     pub full_copies: u64,
     pub resyncs_done: u64,
+    /// Blocks found corrupt on read and repaired from another copy.
+    #[serde(default)]
+    pub blocks_repaired: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

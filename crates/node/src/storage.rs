@@ -112,6 +112,8 @@ pub struct ObjectStats {
     pub resync_started_ms: u64,
     pub full_copies: u64,
     pub resyncs_done: u64,
+    #[serde(default)]
+    pub blocks_repaired: u64,
 }
 
 struct Owned {
@@ -196,6 +198,7 @@ impl Storage {
                     resync_started_ms: resync.current_started_ms.load(Ordering::Relaxed),
                     full_copies: resync.full_copies.load(Ordering::Relaxed),
                     resyncs_done: resync.resyncs_done.load(Ordering::Relaxed),
+                    blocks_repaired: resync.blocks_repaired.load(Ordering::Relaxed),
                 }
             })
             .collect();
@@ -795,6 +798,7 @@ pub fn object_status(record: &ObjectRecord, stats: Option<&ObjectStats>) -> crat
             bytes_copied_total: stats.resync_blocks_copied * block,
             full_copies: stats.full_copies,
             resyncs_done: stats.resyncs_done,
+            blocks_repaired: stats.blocks_repaired,
         }
     });
     crate::status::ObjectStatus {

@@ -77,6 +77,8 @@ pub struct ResyncStats {
     pub resyncs_done: AtomicU64,
     /// Blocks the resyncs under way still have to copy.
     pub blocks_to_go: AtomicU64,
+    /// Blocks found corrupt on read and rewritten from another copy.
+    pub blocks_repaired: AtomicU64,
     /// Blocks copied since the resyncs under way began, and when (ms).
     pub blocks_copied_current: AtomicU64,
     pub current_started_ms: AtomicU64,
@@ -771,6 +773,8 @@ impl<T: Transport> Object<T> {
             return;
         }
         metrics::counter!("objects_blocks_repaired_total").increment(blocks.len() as u64);
+        self.resync_stats.blocks_repaired.fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        tracing::warn!(component, ?blocks, "repairing corrupt blocks from another copy");
         for block in blocks {
             let at = ((block - first) as usize) * BLOCK_SIZE;
             let request = Request::Repair { component: self.ids[component], first: *block };

@@ -335,10 +335,11 @@ pub fn show_object(target: &Target, name: &str, json: bool) -> Result<()> {
                 println!("  resync {bar}");
             }
             println!(
-                "  resync so far: {} copied in {} resyncs, {} full copies",
+                "  resync so far: {} copied in {} resyncs, {} full copies; {} corrupt blocks repaired",
                 human_bytes(resync.bytes_copied_total),
                 resync.resyncs_done,
-                resync.full_copies
+                resync.full_copies,
+                resync.blocks_repaired
             );
         }
         None => println!("  (the owner did not answer: no live figures)"),

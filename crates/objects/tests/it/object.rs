@@ -134,3 +134,44 @@ async fn a_copy_that_was_away_is_resynced_from_its_tracking_bitmap() {
         &expected[20 * BLOCK_SIZE..21 * BLOCK_SIZE]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_corrupted_on_disk_is_detected_repaired_from_another_copy_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let mut hosts = Vec::new();
+    for index in 0..2 {
+        hosts.push(host(&dir.path().join(format!("host{index}")), &transport).await);
+    }
+    for (index, host) in hosts.iter().enumerate() {
+        let request = Request::Create { component: 200 + index as u64, disk: 0, blocks: BLOCKS };
+        host.client.call(1, request, &[]).await.unwrap();
+    }
+    let components = hosts.iter().enumerate().map(|(index, host)| (200 + index as u64, host.client.clone())).collect();
+    let object = Object::open(1, BLOCKS, components, 0);
+    write(&object, 0, 16, 1).await;
+    // Flip a bit of block 5 in copy 0's data file, under the store.
+    let path = dir.path().join("host0").join("c-200.data");
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    use std::os::unix::fs::FileExt;
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, 5 * BLOCK_SIZE as u64 + 100).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x10], 5 * BLOCK_SIZE as u64 + 100).unwrap();
+    assert!(hosts[0].client.read(1, 200, 5, 1).await.is_err(), "the corruption is not seen by the store");
+
+    // The read detects it, answers from the other copy, and repairs it.
+    let data = object.read_at(0, 16 * BLOCK_SIZE as u64).await.unwrap();
+    let expected: Vec<u8> = (0..16).flat_map(|block| pattern(block, 1)).collect();
+    assert!(data[..] == expected[..], "the read returned wrong data");
+    assert_eq!(object.resync_stats.blocks_repaired.load(Ordering::Relaxed), 1, "the repair was not reported");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match hosts[0].client.read(1, 200, 5, 1).await {
+            Ok(block) if block[..] == pattern(5, 1)[..] => break,
+            other => {
+                assert!(Instant::now() < deadline, "copy 0 was not repaired: {other:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
