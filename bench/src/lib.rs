@@ -60,6 +60,9 @@ impl LocalCluster {
                 roles: vec!["storage".into()],
                 gc_interval_ms: 1000,
                 fault_domain: None,
+                disks: Vec::new(),
+                owner_threads: None,
+                component_threads: None,
             };
             std::fs::write(host_dir.join("node.toml"), node_config.to_toml())?;
             let log = std::fs::File::create(host_dir.join("node.log"))?;

@@ -1,0 +1,314 @@
+//! 4 KiB random writes and reads through the block client API
+//! (`Object::write_at` / `read_at`) for policies none, raid1(2) and
+//! raid1(3), side by side with pwrite+fdatasync and pread on a plain file in
+//! the same run; then resync throughput.
+//!
+//! Three component hosts run in this process, each with its own disk
+//! directory and component threads serving real TCP on 127.0.0.1; the
+//! objects run on an owner thread, as on a node. Every write is durable
+//! (fdatasync'd by group commit) on every copy before it is acknowledged,
+//! like the file's pwrite+fdatasync.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bench::Latencies;
+use blockstore::{Disk, DiskConfig, BLOCK_SIZE};
+use bytes::Bytes;
+use clap::Parser;
+use objects::component::{Client, Request, Service};
+use objects::object::Object;
+use objects::owner::Status;
+use objects::threads::{ComponentThreads, OwnerThreads};
+use wire::tcp::TcpTransport;
+
+#[derive(Parser)]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Operations outstanding (closed loop), comma-separated.
+    #[arg(long, default_value = "1,16")]
+    depths: String,
+    /// Object size in 4 KiB blocks.
+    #[arg(long, default_value_t = 65536)]
+    blocks: u64,
+    /// Blocks written while a copy is away, for the resync measurement.
+    #[arg(long, default_value_t = 16384)]
+    resync_blocks: u64,
+    /// Where the disks and the file go (default: the system temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+struct Host {
+    service: Arc<Service>,
+    threads: ComponentThreads,
+}
+
+fn start_host(dir: &Path) -> Result<Host> {
+    std::fs::create_dir_all(dir)?;
+    let disk = Disk::open(fsio::real(), dir, DiskConfig::default()).context("opening a disk")?;
+    let service = Service::new(vec![disk]);
+    let threads = ComponentThreads::start(service.clone(), "127.0.0.1", 2)?;
+    Ok(Host { service, threads })
+}
+
+struct Row {
+    label: String,
+    depth: usize,
+    ops_per_second: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn block_data(block: u64) -> Bytes {
+    Bytes::from(vec![(block % 251) as u8 + 1; BLOCK_SIZE])
+}
+
+/// Runs `depth` closed-loop clients against an object for `seconds`.
+async fn drive(
+    object: Arc<Object<TcpTransport>>,
+    depth: usize,
+    seconds: u64,
+    write: bool,
+    blocks: u64,
+) -> (u64, Latencies) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..depth)
+        .map(|client| {
+            let object = object.clone();
+            tokio::spawn(async move {
+                let mut latencies = Latencies::default();
+                let mut random = (client as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                while Instant::now() < deadline {
+                    random ^= random << 13;
+                    random ^= random >> 7;
+                    random ^= random << 17;
+                    let block = random % blocks;
+                    let started = Instant::now();
+                    if write {
+                        object.write_at(block * BLOCK_SIZE as u64, block_data(block)).await.expect("write");
+                    } else {
+                        object.read_at(block * BLOCK_SIZE as u64, BLOCK_SIZE as u64).await.expect("read");
+                    }
+                    latencies.record(started.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Latencies::default();
+    for task in tasks {
+        all.0.extend(task.await.expect("client task").0);
+    }
+    (all.0.len() as u64, all)
+}
+
+fn file_rows(path: &Path, blocks: u64, depth: usize, seconds: u64) -> Result<(Row, Row)> {
+    use std::os::unix::fs::FileExt;
+    let file = Arc::new(std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(path)?);
+    file.set_len(blocks * BLOCK_SIZE as u64)?;
+    // Fill it, so reads find data (as the objects' reads do).
+    let chunk = vec![7u8; 256 * BLOCK_SIZE];
+    for first in (0..blocks).step_by(256) {
+        file.write_all_at(&chunk, first * BLOCK_SIZE as u64)?;
+    }
+    file.sync_all()?;
+    let mut rows = Vec::new();
+    for write in [true, false] {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let threads: Vec<_> = (0..depth)
+            .map(|client| {
+                let file = file.clone();
+                std::thread::spawn(move || {
+                    let mut latencies = Latencies::default();
+                    let mut random = (client as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    let data = vec![3u8; BLOCK_SIZE];
+                    let mut buffer = vec![0u8; BLOCK_SIZE];
+                    while Instant::now() < deadline {
+                        random ^= random << 13;
+                        random ^= random >> 7;
+                        random ^= random << 17;
+                        let offset = (random % blocks) * BLOCK_SIZE as u64;
+                        let started = Instant::now();
+                        if write {
+                            file.write_all_at(&data, offset).expect("pwrite");
+                            file.sync_data().expect("fdatasync");
+                        } else {
+                            file.read_exact_at(&mut buffer, offset).expect("pread");
+                        }
+                        latencies.record(started.elapsed());
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut all = Latencies::default();
+        for thread in threads {
+            all.0.extend(thread.join().expect("file thread").0);
+        }
+        let count = all.0.len() as f64;
+        rows.push(Row {
+            label: if write { "file pwrite+fdatasync".into() } else { "file pread".into() },
+            depth,
+            ops_per_second: count / seconds as f64,
+            p50: all.percentile(0.5),
+            p99: all.percentile(0.99),
+        });
+    }
+    let read = rows.pop().unwrap();
+    let write = rows.pop().unwrap();
+    Ok((write, read))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let depths: Vec<usize> =
+        args.depths.split(',').map(|depth| depth.trim().parse().context("--depths: numbers")).collect::<Result<_>>()?;
+    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("tessera-object-io-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run(&args, &depths, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run(args: &Args, depths: &[usize], dir: &Path) -> Result<()> {
+    let hosts: Vec<Host> = (0..3).map(|index| start_host(&dir.join(format!("host{index}")))).collect::<Result<_>>()?;
+    let owners = OwnerThreads::start(1)?;
+    let main_runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let blocks = args.blocks;
+    let policies: [(&str, usize); 3] = [("none", 1), ("raid1(2)", 2), ("raid1(3)", 3)];
+    let mut objects = Vec::new();
+    for (index, (_, copies)) in policies.iter().enumerate() {
+        let copies = *copies;
+        let addresses: Vec<(u64, String)> = (0..copies)
+            .map(|copy| (((index as u64 + 1) << 8) | copy as u64, hosts[copy].threads.addresses()[0].clone()))
+            .collect();
+        let object = main_runtime.block_on(owners.run(0, move |transport| async move {
+            let mut components = Vec::new();
+            for (id, address) in addresses {
+                let client = Client::new(transport.clone(), address);
+                client.call(1, Request::Create { component: id, disk: 0, blocks }, &[]).await.expect("create");
+                components.push((id, client));
+            }
+            Object::open(1, blocks, components, 0)
+        }))?;
+        // Fill it, so reads find data.
+        let filling = object.clone();
+        main_runtime.block_on(owners.run(0, move |_| async move {
+            let chunk = Bytes::from(vec![9u8; 256 * BLOCK_SIZE]);
+            for first in (0..blocks).step_by(256) {
+                filling.write_at(first * BLOCK_SIZE as u64, chunk.clone()).await.expect("fill");
+            }
+        }))?;
+        objects.push(object);
+    }
+    println!(
+        "# 4 KiB random I/O, {} s per row, {} MiB objects; one owner thread, 2 component threads per host",
+        args.seconds,
+        blocks * BLOCK_SIZE as u64 >> 20
+    );
+    println!();
+    println!("| workload | outstanding | target | IOPS | p50 | p99 | vs none | vs file |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for &depth in depths {
+        let (file_write, file_read) = file_rows(&dir.join("plain.file"), blocks, depth, args.seconds)?;
+        for write in [true, false] {
+            let mut rows = Vec::new();
+            for ((label, _), object) in policies.iter().zip(&objects) {
+                let object = object.clone();
+                let seconds = args.seconds;
+                let (count, mut latencies) = main_runtime.block_on(
+                    owners.run(0, move |_| async move { drive(object, depth, seconds, write, blocks).await }),
+                )?;
+                rows.push(Row {
+                    label: label.to_string(),
+                    depth,
+                    ops_per_second: count as f64 / seconds as f64,
+                    p50: latencies.percentile(0.5),
+                    p99: latencies.percentile(0.99),
+                });
+            }
+            let file = if write { &file_write } else { &file_read };
+            let none = rows[0].ops_per_second;
+            let workload = if write { "write" } else { "read" };
+            for row in rows.iter().chain(std::iter::once(file)) {
+                println!(
+                    "| {workload} | {} | {} | {:.0} | {} µs | {} µs | {:.2} | {:.2} |",
+                    row.depth,
+                    row.label,
+                    row.ops_per_second,
+                    row.p50.as_micros(),
+                    row.p99.as_micros(),
+                    row.ops_per_second / none,
+                    row.ops_per_second / file.ops_per_second
+                );
+            }
+        }
+    }
+    resync(args, &hosts, &owners, &main_runtime, &objects[1])?;
+    Ok(())
+}
+
+/// Takes raid1(2)'s second host off the network, writes distinct blocks,
+/// brings it back on a new address and times the resync.
+fn resync(
+    args: &Args,
+    hosts: &[Host],
+    owners: &OwnerThreads,
+    runtime: &tokio::runtime::Runtime,
+    object: &Arc<Object<TcpTransport>>,
+) -> Result<()> {
+    hosts[1].threads.stop();
+    let count = args.resync_blocks.min(args.blocks);
+    let writing = object.clone();
+    let started = Instant::now();
+    runtime.block_on(owners.run(0, move |_| async move {
+        let stride = (writing.size() / BLOCK_SIZE as u64 / count).max(1);
+        let mut block = 0;
+        let mut waits = Vec::new();
+        for _ in 0..count {
+            let object = writing.clone();
+            let at = block;
+            waits.push(tokio::spawn(async move { object.write_at(at * BLOCK_SIZE as u64, block_data(at + 1)).await }));
+            block += stride;
+            if waits.len() >= 32 {
+                for wait in waits.drain(..) {
+                    wait.await.expect("task").expect("degraded write");
+                }
+            }
+        }
+        for wait in waits {
+            wait.await.expect("task").expect("degraded write");
+        }
+    }))?;
+    let degraded_seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(matches!(object.statuses()[1], Status::Absent { .. }), "the copy did not go absent");
+    let back = ComponentThreads::start(hosts[1].service.clone(), "127.0.0.1", 2)?;
+    object.set_address(1, &back.addresses()[0]);
+    let copied_before = object.resync_stats.blocks_copied.load(std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    let probing = object.clone();
+    anyhow::ensure!(runtime.block_on(owners.run(0, move |_| async move { probing.probe(1).await }))?, "probe failed");
+    while object.statuses()[1] != Status::Active {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "resync did not finish in 10 minutes");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let copied = object.resync_stats.blocks_copied.load(std::sync::atomic::Ordering::Relaxed) - copied_before;
+    let bytes = copied * BLOCK_SIZE as u64;
+    println!();
+    println!(
+        "resync: raid1(2), {count} distinct blocks written while one copy was away ({degraded_seconds:.1} s degraded); copied {copied} blocks ({} MiB) in {seconds:.2} s: {:.1} MiB/s; copied / written = {:.3}; full copies {}",
+        bytes >> 20,
+        bytes as f64 / seconds / (1 << 20) as f64,
+        copied as f64 / count as f64,
+        object.resync_stats.full_copies.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    drop(back);
+    Ok(())
+}
