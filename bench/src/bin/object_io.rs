@@ -210,7 +210,7 @@ fn run(args: &Args, depths: &[usize], dir: &Path) -> Result<()> {
     println!(
         "# 4 KiB random I/O, {} s per row, {} MiB objects; one owner thread, 2 component threads per host",
         args.seconds,
-        blocks * BLOCK_SIZE as u64 >> 20
+        (blocks * BLOCK_SIZE as u64) >> 20
     );
     println!();
     println!("| workload | outstanding | target | IOPS | p50 | p99 | vs none | vs file |");

@@ -672,7 +672,6 @@ impl<T: Transport> Object<T> {
         }
         let target_id = self.ids[target];
         // Blocks the target already has newer writes for need no copy.
-        let mut blocks = blocks;
         let target_client = self.client(target);
         if let Ok((Reply::Bitmap(Some(bytes)), _)) =
             target_client.call(self.epoch, Request::SyncBitmap { component: target_id }, &[]).await
@@ -716,7 +715,6 @@ impl<T: Transport> Object<T> {
                 Err(()) => return,
             }
         }
-        drop(copies);
         let ended = {
             let mut state = self.state.lock().expect("object lock");
             let request = Request::EndSync { component: target_id, plan };

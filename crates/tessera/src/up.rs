@@ -186,8 +186,9 @@ fn print_summary(data: &Path, config: &BootstrapConfig, status: &ClusterStatus) 
     println!("  Status:     tessera status      (from this directory; or --admin {})", first.admin_address);
     println!("  Logs:       {}/host-N/node.log", data.display());
     println!("  Data:       {}", data.display());
+    println!("  Objects:    tessera object create vol1 --size 1GiB --policy raid1:3; tessera object ls");
     println!();
-    println!("Volumes and iSCSI targets are not served yet in this version; the control plane is.");
+    println!("Replicated objects work; volumes and iSCSI targets are not served yet in this version.");
     println!("Press Ctrl-C to stop the cluster (running `tessera up` again restarts it with its data).");
 }
 
