@@ -90,7 +90,7 @@ pub struct Node {
     shutdown: watch::Sender<bool>,
 }
 
-fn now_micros() -> u64 {
+pub(crate) fn now_micros() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_micros() as u64)

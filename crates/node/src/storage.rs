@@ -251,7 +251,7 @@ fn to_state(status: &Status) -> ComponentState {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    crate::daemon::now_micros() / 1000
 }
 
 /// Checks an object name.
@@ -508,10 +508,7 @@ fn manage_once(node: &Arc<Node>) {
             tend(node, name, &hosts);
             continue;
         }
-        let owner_gone = !up(record.owner);
-        let successor = record.components.iter().map(|component| component.host).filter(|host| up(*host)).min();
-        let mine = record.owner == me || (owner_gone && successor == Some(me));
-        if !mine {
+        if !should_own(record, me, &up) {
             continue;
         }
         let recently_failed =
@@ -529,6 +526,14 @@ fn manage_once(node: &Arc<Node>) {
             node.storage.opening.lock().expect("opening lock").remove(&name);
         });
     }
+}
+
+/// Whether host `me` should own the object: the record names it, or the
+/// named owner's host is not up and `me` is the lowest-numbered live host
+/// holding one of its components.
+fn should_own(record: &ObjectRecord, me: u64, up: &impl Fn(u64) -> bool) -> bool {
+    let successor = record.components.iter().map(|component| component.host).filter(|host| up(*host)).min();
+    record.owner == me || (!up(record.owner) && successor == Some(me))
 }
 
 /// An owned object's components: fail those whose host went down, probe
@@ -590,9 +595,7 @@ async fn open(node: &Arc<Node>, name: &str) -> Result<(), String> {
     let claimed = services
         .catalog
         .update_object(name, |record| {
-            let owner_gone = !up(record.owner);
-            let successor = record.components.iter().map(|component| component.host).filter(|host| up(*host)).min();
-            if record.owner != me && !(owner_gone && successor == Some(me)) {
+            if !should_own(record, me, &up) {
                 return None;
             }
             let mut updated = record.clone();

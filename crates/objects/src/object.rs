@@ -230,35 +230,13 @@ impl<T: Transport> Object<T> {
                 }
             });
         }
-        // Tracking bitmaps for every stale LSN a component behind or away
-        // needs, from the recent-write windows; kept only where complete.
+        // Stale LSNs the components behind or away need tracking bitmaps for.
         let mut wanted: Vec<Lsn> = behind.iter().map(|(_, lsn)| *lsn).collect();
         if missing {
             wanted.push(lower_bound);
         }
         wanted.sort_unstable();
         wanted.dedup();
-        let mut tracking: Vec<Vec<Lsn>> = vec![Vec::new(); components.len()];
-        for &index in &current {
-            let (id, client) = &components[index];
-            for &stale in &wanted {
-                let held = infos[index].as_ref().map(|info| info.tracking.iter().any(|(lsn, _, _)| *lsn == stale));
-                if held != Ok(true) {
-                    if let Err(error) =
-                        client.call(epoch, Request::Track { component: *id, stale, seed: None }, &[]).await
-                    {
-                        tracing::warn!(component = index, %error, "could not start tracking");
-                    }
-                }
-            }
-            match client.info(epoch, *id).await {
-                Ok(info) => {
-                    tracking[index] =
-                        info.tracking.iter().filter(|(_, _, complete)| *complete).map(|(lsn, _, _)| *lsn).collect()
-                }
-                Err(error) => tracing::warn!(component = index, %error, "component failed while opening"),
-            }
-        }
         let mut extra = HashMap::new();
         for (index, info) in infos.iter().enumerate() {
             if !info.as_ref().is_ok_and(|info| info.sync.is_some()) {
@@ -274,12 +252,17 @@ impl<T: Transport> Object<T> {
             }
         }
         let mut owner = Owner::new(statuses, committed);
-        for (index, lsns) in tracking.into_iter().enumerate() {
-            owner.set_tracking(index, lsns);
+        for &index in &current {
+            if let Ok(info) = &infos[index] {
+                owner.set_tracking(index, complete_tracking(info));
+            }
         }
         tracing::info!(epoch, committed, current = ?current, behind = ?behind, missing, "opened as the new owner");
         let object = Self::with_owner(epoch, blocks, components, owner, persister);
         *object.extra.lock().expect("extra lock") = extra;
+        for stale in wanted {
+            object.track_exactly(stale).await;
+        }
         {
             let mut state = object.state.lock().expect("object lock");
             // Record the states found before taking I/O.
@@ -306,11 +289,6 @@ impl<T: Transport> Object<T> {
         }
     }
 
-    /// Where a component's client sends.
-    pub fn address(&self, component: Index) -> String {
-        self.client(component).address().to_string()
-    }
-
     /// Stops taking I/O (the object was deposed, deleted, or moved):
     /// everything waiting fails.
     pub fn close(&self) {
@@ -324,10 +302,6 @@ impl<T: Transport> Object<T> {
 
     pub fn is_closed(&self) -> bool {
         self.state.lock().expect("object lock").closed
-    }
-
-    pub fn epoch(&self) -> u64 {
-        self.epoch
     }
 
     /// The components on a host that went down (the catalog says so)
@@ -588,37 +562,43 @@ impl<T: Transport> Object<T> {
         true
     }
 
-    /// Makes sure an active component holds a complete tracking bitmap for
-    /// exactly `stale`: when none does (this owner took over, or the
-    /// component made writes durable that it never acknowledged), one is
-    /// built from the recent-write windows of an active component, in
-    /// order behind the writes already sent to it. A bitmap for an older
+    /// Makes sure every active component holds a complete tracking bitmap
+    /// for exactly `stale`: one that lacks it builds it from its
+    /// recent-write windows, in order behind the writes already sent to it
+    /// (a new owner knows no exact seed; a returning component may have
+    /// made durable writes it never acknowledged). A bitmap for an older
     /// stale LSN would do, but would copy more.
     async fn track_exactly(self: &Arc<Self>, stale: Lsn) {
-        let (source, sent) = {
+        let sent: Vec<(Index, oneshot::Receiver<Result<Reply, ClientError>>)> = {
             let mut state = self.state.lock().expect("object lock");
-            let active: Vec<Index> =
-                (0..self.ids.len()).filter(|index| state.owner.status(*index) == &Status::Active).collect();
-            if stale >= state.owner.last_lsn()
-                || active.iter().any(|index| state.owner.tracking(*index).contains(&stale))
-            {
+            if stale >= state.owner.last_lsn() {
                 return;
             }
-            let Some(&source) = active.first() else { return };
-            let request = Request::Track { component: self.ids[source], stale, seed: None };
-            (source, self.send(&mut state, source, request, Bytes::new(), None))
+            let lacking: Vec<Index> = (0..self.ids.len())
+                .filter(|index| state.owner.status(*index) == &Status::Active)
+                .filter(|index| !state.owner.tracking(*index).contains(&stale))
+                .collect();
+            lacking
+                .into_iter()
+                .map(|index| {
+                    let request = Request::Track { component: self.ids[index], stale, seed: None };
+                    (index, self.send(&mut state, index, request, Bytes::new(), None))
+                })
+                .collect()
         };
-        if !matches!(sent.await, Ok(Ok(_))) {
-            return;
-        }
-        let Ok(info) = self.client(source).info(self.epoch, self.ids[source]).await else { return };
-        if info.tracking.iter().any(|(lsn, _, complete)| *lsn == stale && *complete) {
-            let mut state = self.state.lock().expect("object lock");
-            if state.owner.status(source) == &Status::Active {
-                state.owner.set_tracking(source, [stale]);
+        for (index, answer) in sent {
+            if !matches!(answer.await, Ok(Ok(_))) {
+                continue;
             }
-        } else {
-            tracing::info!(stale, "the recent-write windows do not reach back that far");
+            let Ok(info) = self.client(index).info(self.epoch, self.ids[index]).await else { continue };
+            if complete_tracking(&info).contains(&stale) {
+                let mut state = self.state.lock().expect("object lock");
+                if state.owner.status(index) == &Status::Active {
+                    state.owner.set_tracking(index, [stale]);
+                }
+            } else {
+                tracing::info!(component = index, stale, "the recent-write windows do not reach back that far");
+            }
         }
     }
 
@@ -811,6 +791,11 @@ impl Drop for Progress<'_> {
     fn drop(&mut self) {
         self.stats.blocks_to_go.fetch_sub(self.left, Ordering::Relaxed);
     }
+}
+
+/// The stale LSNs a component holds complete tracking bitmaps for.
+fn complete_tracking(info: &ComponentInfo) -> Vec<Lsn> {
+    info.tracking.iter().filter(|(_, _, complete)| *complete).map(|(lsn, _, _)| *lsn).collect()
 }
 
 /// Whether a component absent in `now` was not absent when last recorded.

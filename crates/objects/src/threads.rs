@@ -73,10 +73,6 @@ impl OwnerThreads {
         Ok(OwnerThreads { senders, stats })
     }
 
-    pub fn count(&self) -> usize {
-        self.senders.len()
-    }
-
     /// The owner thread of an object.
     pub fn thread_of(&self, object: u64) -> usize {
         (object % self.senders.len() as u64) as usize

@@ -176,15 +176,20 @@ fn node_addresses(cluster: &TestCluster) -> Vec<String> {
     cluster.hosts_ids().iter().map(|id| cluster.address(*id)).collect()
 }
 
-/// Each component's whole content, read directly from its host.
-fn replicas(runtime: &tokio::runtime::Runtime, cluster: &TestCluster, status: &ObjectStatus) -> Vec<Vec<u8>> {
+/// Each host's first component thread address, from the catalog.
+fn component_addresses(cluster: &TestCluster) -> BTreeMap<u64, String> {
     let hosts = cluster.get(cluster.running()[0], "/api/v1/hosts").unwrap();
-    let addresses: BTreeMap<u64, String> = hosts
+    hosts
         .as_array()
         .unwrap()
         .iter()
         .map(|host| (host["id"].as_u64().unwrap(), host["component_addresses"][0].as_str().unwrap().to_string()))
-        .collect();
+        .collect()
+}
+
+/// Each component's whole content, read directly from its host.
+fn replicas(runtime: &tokio::runtime::Runtime, cluster: &TestCluster, status: &ObjectStatus) -> Vec<Vec<u8>> {
+    let addresses = component_addresses(cluster);
     let transport = TcpTransport::new();
     status
         .components
@@ -405,15 +410,8 @@ fn scenario(outage: Outage) {
     if let Outage::KillOwner = outage {
         // The old owner's epoch is refused by every component.
         let status = object(&cluster).unwrap();
-        let hosts = cluster.get(cluster.running()[0], "/api/v1/hosts").unwrap();
         let component = &status.components[0];
-        let address =
-            hosts.as_array().unwrap().iter().find(|host| host["id"].as_u64() == Some(component.host)).unwrap()
-                ["component_addresses"][0]
-                .as_str()
-                .unwrap()
-                .to_string();
-        let stale = Client::new(TcpTransport::new(), address);
+        let stale = Client::new(TcpTransport::new(), component_addresses(&cluster)[&component.host].clone());
         let write = Request::Write { component: component.id, lsn: u64::MAX, first: 0 };
         let refused = runtime.block_on(stale.call_in(created.owner_epoch, 1, 1, write, &pattern(0, u64::MAX)));
         match refused {
