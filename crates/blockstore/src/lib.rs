@@ -88,11 +88,15 @@ pub struct DiskConfig {
     pub batch_max_bytes: usize,
     /// Records queued for the writer at most; submitters wait beyond it.
     pub queue_max: usize,
+    /// Commits on the submitting task instead of a writer thread, so that
+    /// a simulation on one thread replays exactly (for `fsio::SimFs`; with
+    /// a real disk it would block the caller on every `fdatasync`).
+    pub inline_writer: bool,
 }
 
 impl Default for DiskConfig {
     fn default() -> Self {
-        DiskConfig { journal_max_bytes: 256 << 20, batch_max_bytes: 8 << 20, queue_max: 4096 }
+        DiskConfig { journal_max_bytes: 256 << 20, batch_max_bytes: 8 << 20, queue_max: 4096, inline_writer: false }
     }
 }
 
@@ -102,6 +106,9 @@ pub struct ComponentInfo {
     pub id: ComponentId,
     pub blocks: u64,
     pub committed_lsn: Lsn,
+    /// The highest LSN written here (above `committed_lsn` while a resync
+    /// is under way): a new owner numbers its writes above it.
+    pub newest_lsn: Lsn,
     /// The lowest owner epoch the component accepts.
     pub epoch: u64,
     /// Stale LSNs this component keeps tracking bitmaps for, with the
@@ -159,6 +166,17 @@ impl ComponentState {
             self.tracking.insert(stale, bitmap);
             return;
         }
+        let (bitmap, complete) = self.written_since(stale);
+        if !complete {
+            self.incomplete.insert(stale);
+        }
+        self.tracking.insert(stale, bitmap);
+    }
+
+    /// The blocks the recent-write windows saw written above `stale` (a
+    /// superset: whole windows), and whether the windows reach back that
+    /// far.
+    fn written_since(&self, stale: Lsn) -> (RoaringBitmap, bool) {
         let from = (stale + 1) / WINDOW_LSNS;
         let mut bitmap = RoaringBitmap::new();
         for window in self.recent.range(from..).map(|(_, window)| window) {
@@ -170,10 +188,7 @@ impl ComponentState {
         // window reaches back to `stale`.
         let oldest = self.recent.keys().next().copied();
         let reaches = self.recent.len() < RECENT_WINDOWS || oldest.is_some_and(|oldest| oldest <= from);
-        if !reaches && self.newest_lsn() > stale {
-            self.incomplete.insert(stale);
-        }
-        self.tracking.insert(stale, bitmap);
+        (bitmap, reaches || self.newest_lsn() <= stale)
     }
 
     fn newest_lsn(&self) -> Lsn {
@@ -257,6 +272,16 @@ struct Inner {
     /// Wakes the writer (work queued) and submitters (room in the queue).
     wake: Condvar,
     room: Condvar,
+    /// The journal, when the writer runs inline.
+    inline: Mutex<Option<Journal>>,
+}
+
+/// The open journal and where the next record goes.
+struct Journal {
+    file: Arc<dyn File>,
+    len: u64,
+    generation: u64,
+    buffer: Vec<u8>,
 }
 
 /// One disk's component store. Cheap to clone; the writer thread stops,
@@ -270,6 +295,7 @@ pub struct Disk {
 
 struct Writer {
     inner: Arc<Inner>,
+    /// None when the writer runs inline.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -285,6 +311,9 @@ impl Writer {
         }
         self.inner.wake.notify_all();
         self.inner.room.notify_all();
+        if self.inner.config.inline_writer {
+            self.inner.run_inline();
+        }
         if let Some(thread) = self.thread.lock().expect("writer lock").take() {
             let _ = thread.join();
         }
@@ -356,6 +385,7 @@ impl Disk {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             room: Condvar::new(),
+            inline: Mutex::new(None),
         });
         {
             let mut components = inner.components.write().expect("components lock");
@@ -415,13 +445,19 @@ impl Disk {
         // checkpoint or a deleted component.
         inner.remove_strays(meta.generation + 1)?;
         tracing::info!(disk = %inner.name, components = meta.components.len(), replayed, "disk open");
-        let writer_inner = inner.clone();
         let generation = meta.generation + 1;
-        let writer = std::thread::Builder::new()
-            .name("blockstore-writer".into())
-            .spawn(move || writer_inner.run_writer(generation))
-            .map_err(io)?;
-        let writer = Arc::new(Writer { inner: inner.clone(), thread: Mutex::new(Some(writer)) });
+        let thread = if inner.config.inline_writer {
+            *inner.inline.lock().expect("inline writer lock") = inner.open_journal(generation);
+            None
+        } else {
+            let writer_inner = inner.clone();
+            let thread = std::thread::Builder::new()
+                .name("blockstore-writer".into())
+                .spawn(move || writer_inner.run_writer(generation))
+                .map_err(io)?;
+            Some(thread)
+        };
+        let writer = Arc::new(Writer { inner: inner.clone(), thread: Mutex::new(thread) });
         Ok(Disk { inner, writer })
     }
 
@@ -457,6 +493,7 @@ impl Disk {
             id,
             blocks: state.blocks,
             committed_lsn: state.committed_lsn,
+            newest_lsn: state.newest_lsn(),
             epoch: state.epoch,
             tracking: state
                 .tracking
@@ -473,6 +510,15 @@ impl Disk {
         let component = self.inner.get(id)?;
         let state = component.state.read().expect("component lock");
         Ok(state.tracking.get(&stale).cloned())
+    }
+
+    /// The blocks written here above `stale`, from the recent-write
+    /// windows; None if the windows do not reach back that far.
+    pub fn written_since(&self, id: ComponentId, stale: Lsn) -> Result<Option<RoaringBitmap>> {
+        let component = self.inner.get(id)?;
+        let state = component.state.read().expect("component lock");
+        let (bitmap, complete) = state.written_since(stale);
+        Ok(complete.then_some(bitmap))
     }
 
     /// The blocks a resync has brought up to date (or newer writes covered).
@@ -699,7 +745,7 @@ impl Disk {
         let (done, wait) = oneshot::channel();
         let refused = {
             let mut queue = self.inner.queue.lock().expect("queue lock");
-            while queue.ops.len() >= self.inner.config.queue_max && !queue.closing {
+            while queue.ops.len() >= self.inner.config.queue_max && !queue.closing && !self.inner.config.inline_writer {
                 queue = self.inner.room.wait(queue).expect("queue lock");
             }
             if queue.closing {
@@ -711,7 +757,11 @@ impl Disk {
                 None
             }
         };
-        self.inner.wake.notify_one();
+        if self.inner.config.inline_writer {
+            self.inner.run_inline();
+        } else {
+            self.inner.wake.notify_one();
+        }
         let name = self.inner.name.clone();
         async move {
             if let Some(error) = refused {
@@ -891,90 +941,131 @@ impl Inner {
 
     /// Runs until closed: drains the queue, writes the batch to the journal,
     /// syncs once, applies, answers.
-    fn run_writer(self: Arc<Self>, mut generation: u64) {
-        let journal = match self.fs.open(&journal_path(&self.dir, generation), true) {
-            Ok(journal) => journal,
-            Err(error) => {
-                self.latch(format!("cannot open the journal: {error}"));
-                self.fail_queued();
-                return;
-            }
-        };
-        let mut journal = journal;
-        let mut journal_len = journal.len().unwrap_or(0);
-        let mut buffer = Vec::new();
+    fn run_writer(self: Arc<Self>, generation: u64) {
+        let Some(mut journal) = self.open_journal(generation) else { return };
         loop {
             let (batch, closing) = {
                 let mut queue = self.queue.lock().expect("queue lock");
                 while queue.ops.is_empty() && !queue.closing {
                     queue = self.wake.wait(queue).expect("queue lock");
                 }
-                let mut batch = Vec::new();
-                let mut bytes = 0;
-                while let Some(op) = queue.ops.pop_front() {
-                    bytes += record_size(&op.record);
-                    batch.push(op);
-                    if bytes >= self.config.batch_max_bytes {
-                        break;
-                    }
-                }
+                let batch = self.take_batch(&mut queue);
                 (batch, queue.closing && queue.ops.is_empty())
             };
             self.room.notify_all();
-            if !batch.is_empty() {
-                if let Err(error) = self.check_failed() {
-                    for op in batch {
-                        let _ = op.done.send(Err(error.clone()));
-                    }
-                } else {
-                    buffer.clear();
-                    for op in &batch {
-                        op.record.encode(&mut buffer);
-                    }
-                    let written = journal.write_at(&buffer, journal_len).and_then(|()| journal.sync_data());
-                    match written {
-                        Ok(()) => {
-                            journal_len += buffer.len() as u64;
-                            metrics::counter!("blockstore_group_commits_total").increment(1);
-                            metrics::counter!("blockstore_records_total").increment(batch.len() as u64);
-                            for op in batch {
-                                let result = self.apply(&op.record);
-                                if let Err(Error::Io(reason)) = &result {
-                                    self.latch(format!("applying a journaled change: {reason}"));
-                                }
-                                let _ = op.done.send(result);
-                            }
-                        }
-                        Err(error) => {
-                            self.latch(format!("journal write or fdatasync failed: {error}"));
-                            let error = self.failed_error("journal write or fdatasync failed");
-                            for op in batch {
-                                let _ = op.done.send(Err(error.clone()));
-                            }
-                        }
-                    }
-                }
-            }
-            let stopping_hard = closing && self.check_failed().is_err();
-            if (journal_len >= self.config.journal_max_bytes || closing) && !stopping_hard {
-                match self.checkpoint(generation) {
-                    Ok(()) => {
-                        let _ = self.fs.remove_file(&journal_path(&self.dir, generation));
-                        generation += 1;
-                        match self.fs.open(&journal_path(&self.dir, generation), true) {
-                            Ok(next) => {
-                                journal = next;
-                                journal_len = 0;
-                            }
-                            Err(error) => self.latch(format!("cannot open the next journal: {error}")),
-                        }
-                    }
-                    Err(error) => self.latch(format!("checkpoint failed: {error}")),
-                }
-            }
+            self.commit(&mut journal, batch, closing);
             if closing {
                 self.fail_queued();
                 return;
+            }
+        }
+    }
+
+    /// The inline writer's turn (see [`DiskConfig::inline_writer`]): commits
+    /// everything queued, batch by batch, on the caller.
+    fn run_inline(&self) {
+        let mut slot = self.inline.lock().expect("inline writer lock");
+        let Some(journal) = slot.as_mut() else {
+            self.fail_queued();
+            return;
+        };
+        loop {
+            let (batch, closing) = {
+                let mut queue = self.queue.lock().expect("queue lock");
+                let batch = self.take_batch(&mut queue);
+                (batch, queue.closing)
+            };
+            if batch.is_empty() && !closing {
+                return;
+            }
+            self.commit(journal, batch, closing);
+            if closing {
+                self.fail_queued();
+                *slot = None;
+                return;
+            }
+        }
+    }
+
+    fn open_journal(&self, generation: u64) -> Option<Journal> {
+        match self.fs.open(&journal_path(&self.dir, generation), true) {
+            Ok(file) => Some(Journal { len: file.len().unwrap_or(0), file, generation, buffer: Vec::new() }),
+            Err(error) => {
+                self.latch(format!("cannot open the journal: {error}"));
+                self.fail_queued();
+                None
+            }
+        }
+    }
+
+    /// Up to `batch_max_bytes` of queued records.
+    fn take_batch(&self, queue: &mut Queue) -> Vec<Op> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(op) = queue.ops.pop_front() {
+            bytes += record_size(&op.record);
+            batch.push(op);
+            if bytes >= self.config.batch_max_bytes {
+                break;
+            }
+        }
+        batch
+    }
+
+    /// One group commit: writes the batch to the journal, syncs once,
+    /// applies, answers; then checkpoints if the journal is long enough
+    /// or the disk is closing.
+    fn commit(&self, journal: &mut Journal, batch: Vec<Op>, closing: bool) {
+        if !batch.is_empty() {
+            if let Err(error) = self.check_failed() {
+                for op in batch {
+                    let _ = op.done.send(Err(error.clone()));
+                }
+            } else {
+                journal.buffer.clear();
+                for op in &batch {
+                    op.record.encode(&mut journal.buffer);
+                }
+                let written =
+                    journal.file.write_at(&journal.buffer, journal.len).and_then(|()| journal.file.sync_data());
+                match written {
+                    Ok(()) => {
+                        journal.len += journal.buffer.len() as u64;
+                        metrics::counter!("blockstore_group_commits_total").increment(1);
+                        metrics::counter!("blockstore_records_total").increment(batch.len() as u64);
+                        for op in batch {
+                            let result = self.apply(&op.record);
+                            if let Err(Error::Io(reason)) = &result {
+                                self.latch(format!("applying a journaled change: {reason}"));
+                            }
+                            let _ = op.done.send(result);
+                        }
+                    }
+                    Err(error) => {
+                        self.latch(format!("journal write or fdatasync failed: {error}"));
+                        let error = self.failed_error("journal write or fdatasync failed");
+                        for op in batch {
+                            let _ = op.done.send(Err(error.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        let stopping_hard = closing && self.check_failed().is_err();
+        if (journal.len >= self.config.journal_max_bytes || closing) && !stopping_hard {
+            match self.checkpoint(journal.generation) {
+                Ok(()) => {
+                    let _ = self.fs.remove_file(&journal_path(&self.dir, journal.generation));
+                    journal.generation += 1;
+                    match self.fs.open(&journal_path(&self.dir, journal.generation), true) {
+                        Ok(next) => {
+                            journal.file = next;
+                            journal.len = 0;
+                        }
+                        Err(error) => self.latch(format!("cannot open the next journal: {error}")),
+                    }
+                }
+                Err(error) => self.latch(format!("checkpoint failed: {error}")),
             }
         }
     }

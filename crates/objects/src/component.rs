@@ -89,6 +89,13 @@ pub enum Request {
     Info {
         component: ComponentId,
     },
+    /// The blocks written on the component above `stale`, from its
+    /// recent-write windows (None if they do not reach back that far): a
+    /// returning copy may hold writes of a deposed owner no other copy has.
+    WrittenSince {
+        component: ComponentId,
+        stale: Lsn,
+    },
 }
 
 impl Request {
@@ -107,7 +114,8 @@ impl Request {
             | Request::SyncWrite { component, .. }
             | Request::EndSync { component, .. }
             | Request::Repair { component, .. }
-            | Request::Info { component } => *component,
+            | Request::Info { component }
+            | Request::WrittenSince { component, .. } => *component,
         }
     }
 }
@@ -416,6 +424,9 @@ impl Service {
             Request::SyncBitmap { .. } => {
                 Ok((Reply::Bitmap(disk.sync_bitmap(component)?.map(bitmap_bytes)), Bytes::new()))
             }
+            Request::WrittenSince { stale, .. } => {
+                Ok((Reply::Bitmap(disk.written_since(component, stale)?.map(bitmap_bytes)), Bytes::new()))
+            }
             // A newer owner's first question also fences the older one:
             // once answered, the committed LSN it reports can only grow
             // by the newer owner's writes.
@@ -459,6 +470,9 @@ pub enum ClientError {
     Call(#[from] wire::CallError),
     #[error("unexpected reply: {0}")]
     Protocol(String),
+    /// Not sent: the owner's object is closed (deposed or stopped).
+    #[error("the object is closed")]
+    Closed,
 }
 
 impl<T: Transport> Client<T> {

@@ -8,7 +8,7 @@
 //! run as tasks: begin, wait for the source to be ready, copy the blocks the
 //! source's tracking bitmap marks (or every block), end.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,7 +88,7 @@ struct State {
     owner: Owner,
     /// Per component: its session and the next sequence number.
     sessions: Vec<(u64, u64)>,
-    waiters: HashMap<u64, oneshot::Sender<Result<Lsn, ObjectError>>>,
+    waiters: BTreeMap<u64, oneshot::Sender<Result<Lsn, ObjectError>>>,
     next_request: u64,
     /// Completions held until a new absence is recorded.
     held: Vec<(u64, Lsn)>,
@@ -115,6 +115,9 @@ pub struct Object<T: Transport> {
     /// owner had marked (a write that owner had in flight may have reached
     /// only that component).
     extra: Mutex<HashMap<Index, RoaringBitmap>>,
+    /// The newest LSN a returning copy said it holds: above its stale LSN,
+    /// its resync also copies the blocks it wrote itself.
+    reported_newest: Mutex<HashMap<Index, Lsn>>,
     pub resync_stats: ResyncStats,
 }
 
@@ -144,7 +147,7 @@ impl<T: Transport> Object<T> {
             state: Mutex::new(State {
                 owner,
                 sessions: (0..count).map(|index| (index as u64 + 1, 1)).collect(),
-                waiters: HashMap::new(),
+                waiters: BTreeMap::new(),
                 next_request: 0,
                 held: Vec::new(),
                 barrier: false,
@@ -157,6 +160,7 @@ impl<T: Transport> Object<T> {
             inflight: tokio::sync::Semaphore::new(INFLIGHT_MAX),
             persister,
             extra: Mutex::new(HashMap::new()),
+            reported_newest: Mutex::new(HashMap::new()),
             resync_stats: ResyncStats::default(),
         })
     }
@@ -195,16 +199,19 @@ impl<T: Transport> Object<T> {
                 tracing::warn!(component = index, %reason, "component does not answer the new owner");
             }
         }
+        // A copy recorded active has every acknowledged write, even one
+        // still mid-resync on its disk (its resync had ended, or it became
+        // the copy of record, before it was recorded active); such a copy
+        // counts as current only up to its stale LSN.
         let candidate = |index: usize| -> Option<Lsn> {
             let info = infos[index].as_ref().ok()?;
-            (recorded_active[index] && info.sync.is_none()).then_some(info.committed_lsn)
+            recorded_active[index].then_some(info.committed_lsn)
         };
         let Some(committed) = (0..components.len()).filter_map(candidate).max() else {
             let reasons: Vec<String> = infos
                 .iter()
                 .enumerate()
                 .map(|(index, info)| match info {
-                    Ok(info) if info.sync.is_some() => format!("component {index} is mid-resync"),
                     Ok(_) => format!("component {index} missed writes (recorded absent)"),
                     Err(reason) => format!("component {index}: {reason}"),
                 })
@@ -212,16 +219,22 @@ impl<T: Transport> Object<T> {
             return Err(ObjectError::Recover(format!("no current copy answers: {}", reasons.join("; "))));
         };
         let current: Vec<Index> = (0..components.len()).filter(|index| candidate(*index) == Some(committed)).collect();
+        // New writes are numbered above every LSN any copy that answers
+        // holds, so none is taken for one of the older owner's.
+        let start =
+            infos.iter().filter_map(|info| info.as_ref().ok()).map(|info| info.newest_lsn).fold(committed, Lsn::max);
         let now = now_ms();
         let lower_bound = committed.saturating_sub(INFLIGHT_MAX as Lsn);
         let mut statuses = Vec::new();
         let mut behind = Vec::new();
         let mut missing = false;
+        let mut reported_newest = HashMap::new();
         for (index, info) in infos.iter().enumerate() {
             statuses.push(match info {
                 _ if current.contains(&index) => Status::Active,
                 Ok(info) => {
                     behind.push((index, info.committed_lsn));
+                    reported_newest.insert(index, info.newest_lsn);
                     Status::Absent { stale: info.committed_lsn, since: now }
                 }
                 Err(_) => {
@@ -239,7 +252,7 @@ impl<T: Transport> Object<T> {
         wanted.dedup();
         let mut extra = HashMap::new();
         for (index, info) in infos.iter().enumerate() {
-            if !info.as_ref().is_ok_and(|info| info.sync.is_some()) {
+            if current.contains(&index) || !info.as_ref().is_ok_and(|info| info.sync.is_some()) {
                 continue;
             }
             let (id, client) = &components[index];
@@ -251,15 +264,16 @@ impl<T: Transport> Object<T> {
                 }
             }
         }
-        let mut owner = Owner::new(statuses, committed);
+        let mut owner = Owner::new(statuses, start);
         for &index in &current {
             if let Ok(info) = &infos[index] {
                 owner.set_tracking(index, complete_tracking(info));
             }
         }
-        tracing::info!(epoch, committed, current = ?current, behind = ?behind, missing, "opened as the new owner");
+        tracing::info!(epoch, committed, start, current = ?current, behind = ?behind, missing, "opened as the new owner");
         let object = Self::with_owner(epoch, blocks, components, owner, persister);
         *object.extra.lock().expect("extra lock") = extra;
+        *object.reported_newest.lock().expect("reported lock") = reported_newest;
         for stale in wanted {
             object.track_exactly(stale).await;
         }
@@ -268,6 +282,13 @@ impl<T: Transport> Object<T> {
             // Record the states found before taking I/O.
             state.persisted = Vec::new();
             let mut out = vec![Action::Persist];
+            // A current copy still mid-resync on its disk ends it before
+            // it takes writes.
+            for &index in &current {
+                if infos[index].as_ref().is_ok_and(|info| info.sync.is_some()) {
+                    out.push(Action::Current { component: index });
+                }
+            }
             for (index, committed) in behind {
                 state.sessions[index] = (object.next_session.fetch_add(1, Ordering::Relaxed), 1);
                 state.owner.handle(now, Input::Back { component: index, committed }, &mut out);
@@ -295,7 +316,7 @@ impl<T: Transport> Object<T> {
         let mut state = self.state.lock().expect("object lock");
         state.closed = true;
         state.held.clear();
-        for (_, waiter) in state.waiters.drain() {
+        for (_, waiter) in std::mem::take(&mut state.waiters) {
             let _ = waiter.send(Err(ObjectError::Deposed));
         }
     }
@@ -417,7 +438,7 @@ impl<T: Transport> Object<T> {
                     let request = Request::BeginSync { component: self.ids[component], stale, target, plan };
                     let begun = self.send(state, component, request, Bytes::new(), None);
                     let object = self.clone();
-                    tokio::spawn(async move { object.resync(component, source, ready, plan, begun).await });
+                    tokio::spawn(async move { object.resync(component, stale, source, ready, plan, begun).await });
                 }
                 Action::Current { component } => {
                     let request = Request::EndSync { component: self.ids[component], plan: 0 };
@@ -497,9 +518,14 @@ impl<T: Transport> Object<T> {
         data: Bytes,
         lsn: Option<Lsn>,
     ) -> oneshot::Receiver<Result<Reply, ClientError>> {
+        let (answered, answer) = oneshot::channel();
+        if state.closed {
+            // Deposed or stopped: nothing more goes out under this epoch.
+            let _ = answered.send(Err(ClientError::Closed));
+            return answer;
+        }
         let (session, seq) = state.sessions[component];
         state.sessions[component].1 += 1;
-        let (answered, answer) = oneshot::channel();
         let object = self.clone();
         tokio::spawn(async move {
             let client = object.client(component);
@@ -549,7 +575,10 @@ impl<T: Transport> Object<T> {
         }
         let (id, client) = (&self.ids[component], self.client(component));
         let Ok(info) = client.info(self.epoch, *id).await else { return false };
-        self.track_exactly(info.committed_lsn).await;
+        let from = self.state.lock().expect("object lock").owner.resync_from(component, info.committed_lsn);
+        let Some(from) = from else { return false };
+        self.reported_newest.lock().expect("reported lock").insert(component, info.newest_lsn);
+        self.track_exactly(from).await;
         let mut state = self.state.lock().expect("object lock");
         if !matches!(state.owner.status(component), Status::Absent { .. }) {
             return false;
@@ -605,6 +634,7 @@ impl<T: Transport> Object<T> {
     async fn resync(
         self: Arc<Self>,
         target: Index,
+        stale: Lsn,
         source: Source,
         ready: Lsn,
         plan: u64,
@@ -621,6 +651,9 @@ impl<T: Transport> Object<T> {
         let (source_id, source_client) = (&self.ids[from], self.client(from));
         // Wait until the source has everything sent to it so far.
         loop {
+            if self.is_closed() {
+                return;
+            }
             match source_client.info(self.epoch, *source_id).await {
                 Ok(info) if info.committed_lsn >= ready => break,
                 Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
@@ -651,8 +684,33 @@ impl<T: Transport> Object<T> {
             blocks |= extra;
         }
         let target_id = self.ids[target];
-        // Blocks the target already has newer writes for need no copy.
         let target_client = self.client(target);
+        // What the target wrote above its stale LSN may be a deposed
+        // owner's writes that no other copy has: those blocks are copied
+        // too, so every copy ends the same.
+        let newest = self.reported_newest.lock().expect("reported lock").remove(&target);
+        if newest.is_some_and(|newest| newest > stale) {
+            let request = Request::WrittenSince { component: target_id, stale };
+            match target_client.call(self.epoch, request, &[]).await {
+                Ok((Reply::Bitmap(Some(bytes)), _)) => match RoaringBitmap::deserialize_from(&bytes[..]) {
+                    Ok(own) => blocks |= own,
+                    Err(_) => return,
+                },
+                Ok((Reply::Bitmap(None), _)) if blocks.len() < self.blocks => {
+                    self.resync_stats.full_copies.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("objects_resync_full_copies_total").increment(1);
+                    tracing::warn!(
+                        component = target,
+                        stale,
+                        "its own writes above its stale LSN are not known: full copy"
+                    );
+                    blocks = (0..self.blocks as u32).collect();
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+        // Blocks the target already has newer writes for need no copy.
         if let Ok((Reply::Bitmap(Some(bytes)), _)) =
             target_client.call(self.epoch, Request::SyncBitmap { component: target_id }, &[]).await
         {

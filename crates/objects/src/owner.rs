@@ -401,11 +401,20 @@ impl Owner {
 
     /// `connected`: the component's connection was never broken (a resync
     /// being planned again): what was sent to it will still arrive.
+    /// Where the resync of an absent component that reports `committed`
+    /// starts: at its recorded stale LSN, or lower if it holds less. Not
+    /// higher even when it holds more: above its stale LSN it may hold
+    /// writes no other copy has (a deposed owner's, never acknowledged), so
+    /// its resync also copies what it wrote itself above this LSN.
+    pub fn resync_from(&self, component: Index, committed: Lsn) -> Option<Lsn> {
+        match self.components[component].status {
+            Status::Absent { stale, .. } => Some(committed.min(stale).min(self.last_lsn)),
+            _ => None,
+        }
+    }
+
     fn back(&mut self, index: Index, committed: Lsn, connected: bool, out: &mut Vec<Action>) {
-        let Status::Absent { stale, .. } = self.components[index].status else { return };
-        // What the component says it has is what counts (it may have made
-        // durable more than it acknowledged before it went away).
-        let from = committed.max(stale).min(self.last_lsn);
+        let Some(from) = self.resync_from(index, committed) else { return };
         let candidates: Vec<Index> = (0..self.components.len())
             .filter(|other| *other != index && matches!(self.components[*other].status, Status::Active))
             .collect();
@@ -434,7 +443,7 @@ impl Owner {
         };
         // Holding writes the copy of record never had: only a full copy
         // makes it the same.
-        let diverged = self.restarted.is_some_and(|(basis, issued)| from > basis && from <= issued);
+        let diverged = self.restarted.is_some_and(|(basis, issued)| committed > basis && committed <= issued);
         let exact = candidates.iter().find(|other| self.components[**other].tracking.contains(&from));
         let source = match exact.filter(|_| !diverged) {
             _ if diverged => {
@@ -479,6 +488,7 @@ impl Owner {
         // sent to it from now on.
         component.acked = target;
         component.acked_above.clear();
+        tracing::info!(component = index, from, target, ?source, plan, "resync planned");
         out.push(Action::Resync { component: index, stale: from, target, source, ready, plan });
         out.push(Action::Persist);
     }
@@ -488,6 +498,7 @@ impl Owner {
         if self.components[index].plan != ended {
             return;
         }
+        tracing::info!(component = index, stale, target, plan = ended, "resync done: the component is active");
         let component = &mut self.components[index];
         component.status = Status::Active;
         component.source = None;

@@ -12,4 +12,5 @@
 pub mod checker;
 pub mod hierarchy;
 pub mod log;
+pub mod objects;
 pub mod placement;

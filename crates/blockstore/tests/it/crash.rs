@@ -67,13 +67,13 @@ struct Model {
     tracking: BTreeMap<Lsn, BTreeSet<u64>>,
 }
 
-fn config() -> DiskConfig {
+fn config(inline_writer: bool) -> DiskConfig {
     // Small journals: checkpoints happen all through a run.
-    DiskConfig { journal_max_bytes: 96 * 1024, ..DiskConfig::default() }
+    DiskConfig { journal_max_bytes: 96 * 1024, inline_writer, ..DiskConfig::default() }
 }
 
-fn open(fs: &fsio::SimFs) -> Disk {
-    Disk::open(Arc::new(fs.clone()), Path::new("/disk"), config()).expect("the store opens after a crash")
+fn open(fs: &fsio::SimFs, inline_writer: bool) -> Disk {
+    Disk::open(Arc::new(fs.clone()), Path::new("/disk"), config(inline_writer)).expect("the store opens after a crash")
 }
 
 fn expected(model: &Model, number: u64) -> Vec<u8> {
@@ -100,11 +100,11 @@ fn check(disk: &Disk, models: &BTreeMap<u64, Model>) -> Result<(), TestCaseError
     Ok(())
 }
 
-fn run(ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
+fn run(ops: Vec<Op>, seed: u64, inline_writer: bool) -> Result<(), TestCaseError> {
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     runtime.block_on(async move {
         let fs = fsio::SimFs::new(seed);
-        let mut disk = open(&fs);
+        let mut disk = open(&fs, inline_writer);
         let mut models: BTreeMap<u64, Model> = BTreeMap::new();
         for id in 1..3 {
             disk.create(id, BLOCKS).await.unwrap();
@@ -164,7 +164,7 @@ fn run(ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
                     }
                     disk.abandon();
                     fs.crash(true);
-                    disk = open(&fs);
+                    disk = open(&fs, inline_writer);
                     // What survived must be a prefix of the queue.
                     let survived_lsn = disk.component(component).unwrap().committed_lsn;
                     prop_assert!(survived_lsn >= base && survived_lsn <= base + blocks.len() as u64);
@@ -182,11 +182,11 @@ fn run(ops: Vec<Op>, seed: u64) -> Result<(), TestCaseError> {
                 Op::Crash { torn } => {
                     disk.abandon();
                     fs.crash(torn);
-                    disk = open(&fs);
+                    disk = open(&fs, inline_writer);
                 }
                 Op::Reopen => {
                     disk.close();
-                    disk = open(&fs);
+                    disk = open(&fs, inline_writer);
                 }
             }
             check(&disk, &models)?;
@@ -202,7 +202,8 @@ proptest! {
     fn after_any_crash_the_store_holds_what_was_acknowledged(
         ops in proptest::collection::vec(op(), 1..60),
         seed in any::<u64>(),
+        inline_writer in any::<bool>(),
     ) {
-        run(ops, seed)?;
+        run(ops, seed, inline_writer)?;
     }
 }

@@ -2,6 +2,7 @@
 //! `TESSERA_SLOW=1` runs many more seeds.
 
 mod hierarchy;
+mod objects;
 mod placement;
 
 use sim::log::{run, Report, Scenario};
