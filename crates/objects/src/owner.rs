@@ -144,9 +144,10 @@ struct Pending {
     op: Op,
     /// Active components that have not acknowledged yet.
     waiting: BTreeSet<Index>,
-    /// Whether an active component has it durably (if every one that was
-    /// active failed before acknowledging, it is not done: it is refused).
-    held: bool,
+    /// Components that acknowledged it and still count as holding it (one
+    /// that fails later is current only to its stale LSN). If none is left
+    /// when no active component owes it, it is not done: it is refused.
+    holders: BTreeSet<Index>,
 }
 
 struct Component {
@@ -279,7 +280,7 @@ impl Owner {
             }
         }
         self.history.insert(lsn, op.range());
-        self.pending.insert(lsn, Pending { request, op, waiting: active, held: false });
+        self.pending.insert(lsn, Pending { request, op, waiting: active, holders: BTreeSet::new() });
     }
 
     pub fn op(&self, lsn: Lsn) -> Option<&Op> {
@@ -287,6 +288,7 @@ impl Owner {
     }
 
     fn acked(&mut self, index: Index, lsn: Lsn, out: &mut Vec<Action>) {
+        tracing::debug!(component = index, lsn, status = ?self.components[index].status, "acknowledged");
         let component = &mut self.components[index];
         if matches!(component.status, Status::Absent { .. }) || lsn <= component.acked {
             return;
@@ -297,7 +299,7 @@ impl Owner {
         }
         if let Some(pending) = self.pending.get_mut(&lsn) {
             if pending.waiting.remove(&index) {
-                pending.held = true;
+                pending.holders.insert(index);
             }
         }
         self.complete(out);
@@ -312,7 +314,8 @@ impl Owner {
                 break;
             }
             let (lsn, pending) = entry.remove_entry();
-            if pending.held {
+            tracing::debug!(lsn, holders = ?pending.holders, "operation answered");
+            if !pending.holders.is_empty() {
                 self.done_lsn = self.done_lsn.max(lsn);
                 out.push(Action::Done { request: pending.request, lsn });
             } else {
@@ -346,8 +349,13 @@ impl Owner {
         component.acked = stale;
         component.acked_above.clear();
         component.tracking.clear();
-        for pending in self.pending.values_mut() {
+        for (lsn, pending) in self.pending.iter_mut() {
             pending.waiting.remove(&index);
+            // Its acknowledgements above `stale` no longer count: nothing
+            // says it holds them now.
+            if *lsn > stale {
+                pending.holders.remove(&index);
+            }
         }
         // Every active component tracks what this one misses from now on,
         // seeded with the writes above `stale` that may have reached it. If
@@ -422,6 +430,12 @@ impl Owner {
             // Every other copy is away. One that has every write answered as
             // done becomes the copy of record; others wait for it.
             if committed < self.done_lsn {
+                tracing::info!(
+                    component = index,
+                    committed,
+                    done = self.done_lsn,
+                    "every copy is away; this one lacks writes answered as done"
+                );
                 return;
             }
             tracing::warn!(component = index, committed, "every copy was away: this one is the copy of record now");

@@ -266,11 +266,15 @@ fn component_id(index: usize) -> u64 {
 /// host cut off cannot reach the catalog; an owner whose epoch is not the
 /// record's is deposed.
 fn persister(world: &Shared, host: usize, epoch: u64) -> Persister {
-    let world = world.clone();
+    // Weak: the world holds the owner, which holds this.
+    let world = Arc::downgrade(world);
     Arc::new(move |statuses: Vec<Status>| {
         let world = world.clone();
         Box::pin(async move {
             tokio::time::sleep(Duration::from_millis(2)).await;
+            let Some(world) = world.upgrade() else {
+                return Err(PersistError::Failed("the simulation is over".into()));
+            };
             let reachable = {
                 let world = lock(&world);
                 !world.isolated.contains_key(&host) && !world.down.contains_key(&host)
@@ -576,6 +580,14 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
     lock(&world).writers_done = true;
     let healed = tokio::time::timeout(Duration::from_secs(600), cluster).await;
     let mut report = check(&world, healed.is_ok()).await;
+    {
+        let mut world = lock(&world);
+        world.owner = None;
+        world.old_owners.clear();
+        for host in &mut world.hosts {
+            host.process = None;
+        }
+    }
     report.virtual_seconds = started.elapsed().as_secs_f64();
     report.messages = network.message_counts();
     report
