@@ -34,6 +34,14 @@ pub struct NodeConfig {
     /// Component threads (default: the number of cores).
     #[serde(default)]
     pub component_threads: Option<usize>,
+    /// Seconds a component may stay absent before it is rebuilt on
+    /// another host (default: one hour).
+    #[serde(default = "default_repair_delay_secs")]
+    pub repair_delay_secs: u64,
+    /// Seconds a component no object names stays on this host's disks
+    /// before it is deleted (default: five minutes).
+    #[serde(default = "default_orphan_grace_secs")]
+    pub orphan_grace_secs: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +56,14 @@ fn default_roles() -> Vec<String> {
 
 fn default_gc_interval_ms() -> u64 {
     1000
+}
+
+fn default_repair_delay_secs() -> u64 {
+    3600
+}
+
+fn default_orphan_grace_secs() -> u64 {
+    300
 }
 
 #[derive(Debug, thiserror::Error)]

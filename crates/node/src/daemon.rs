@@ -87,6 +87,7 @@ pub struct Node {
     pub wire_stats: OnceLock<Arc<ServerStats>>,
     pub membership: crate::membership::Membership,
     pub storage: crate::storage::Storage,
+    pub repairs: crate::repair::Repairs,
     shutdown: watch::Sender<bool>,
 }
 
@@ -189,6 +190,7 @@ impl Node {
             wire_stats: OnceLock::new(),
             membership,
             storage,
+            repairs: crate::repair::Repairs::default(),
             shutdown,
         });
         node.serve_wire().await?;
@@ -458,6 +460,7 @@ async fn open_services(node: Arc<Node>) {
                 tracing::info!("catalog open; host registered");
                 crate::membership::start(node.clone());
                 crate::storage::start(node.clone());
+                crate::repair::start(node.clone());
                 return;
             }
             Err(error) => {

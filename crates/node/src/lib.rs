@@ -13,6 +13,7 @@ pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod membership;
+pub mod repair;
 pub mod status;
 pub mod storage;
 

@@ -250,6 +250,14 @@ fn to_state(status: &Status) -> ComponentState {
     }
 }
 
+fn to_status(state: &ComponentState) -> Status {
+    match state {
+        ComponentState::Active => Status::Active,
+        ComponentState::Absent { stale, since_ms } => Status::Absent { stale: *stale, since: *since_ms },
+        ComponentState::Resyncing { stale, target } => Status::Resyncing { stale: *stale, target: *target },
+    }
+}
+
 fn now_ms() -> u64 {
     crate::daemon::now_micros() / 1000
 }
@@ -615,8 +623,7 @@ async fn open(node: &Arc<Node>, name: &str) -> Result<(), String> {
             .ok_or_else(|| format!("host {} serves no components", component.host))?;
         addresses.push((component.id, address.to_string()));
     }
-    let recorded_active: Vec<bool> =
-        record.states.iter().map(|state| matches!(state, ComponentState::Active)).collect();
+    let recorded: Vec<Status> = record.states.iter().map(to_status).collect();
     let persister = persister(node, name, record.owner_epoch);
     let epoch = record.owner_epoch;
     let blocks = record.size_bytes / BLOCK_SIZE as u64;
@@ -626,7 +633,7 @@ async fn open(node: &Arc<Node>, name: &str) -> Result<(), String> {
         .run(thread, move |transport| async move {
             let components =
                 addresses.into_iter().map(|(id, address)| (id, Client::new(transport.clone(), address))).collect();
-            Object::recover(epoch, blocks, components, recorded_active, Some(persister)).await
+            Object::recover(epoch, blocks, components, recorded, Some(persister)).await
         })
         .await
         .map_err(|error| error.to_string())?

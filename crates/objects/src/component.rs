@@ -265,6 +265,14 @@ impl Service {
         &self.disks
     }
 
+    /// Deletes a component this host holds (one no object names any more).
+    pub async fn remove(&self, component: ComponentId) -> Result<(), ComponentError> {
+        self.disk_of(component)?.delete(component).await?;
+        self.located.write().expect("located lock").remove(&component);
+        self.sessions.lock().expect("sessions lock").remove(&component);
+        Ok(())
+    }
+
     fn disk_of(&self, component: ComponentId) -> Result<&Disk, ComponentError> {
         let index = self.located.read().expect("located lock").get(&component).copied();
         index

@@ -167,9 +167,11 @@ impl<T: Transport> Object<T> {
 
     /// Opens an object as its new owner at `epoch` (higher than any owner
     /// before): asks every component for its state (which fences the older
-    /// owner), takes the components the catalog last recorded as active
-    /// (`recorded_active`) and that are not mid-resync as candidates, and
-    /// goes on from the highest committed LSN among them. Components
+    /// owner), takes the components the catalog last recorded (`recorded`)
+    /// as active as candidates, and goes on from the highest committed LSN
+    /// among them. If every copy is recorded away, the one recorded with
+    /// the highest stale LSN holds every acknowledged write (it was the
+    /// last to go): it is the candidate once it answers. Components
     /// behind it are resynced from the recent-write windows of one at it;
     /// components that do not answer are absent, tracked from a lower
     /// bound of what they hold.
@@ -177,7 +179,7 @@ impl<T: Transport> Object<T> {
         epoch: u64,
         blocks: u64,
         components: Vec<(ComponentId, Client<T>)>,
-        recorded_active: Vec<bool>,
+        recorded: Vec<Status>,
         persister: Option<Persister>,
     ) -> Result<Arc<Self>, ObjectError> {
         let asks = components.iter().map(|(id, client)| async move {
@@ -203,9 +205,22 @@ impl<T: Transport> Object<T> {
         // still mid-resync on its disk (its resync had ended, or it became
         // the copy of record, before it was recorded active); such a copy
         // counts as current only up to its stale LSN.
+        let recorded_stale = |status: &Status| match status {
+            Status::Active => None,
+            Status::Absent { stale, .. } | Status::Resyncing { stale, .. } => Some(*stale),
+        };
+        let all_away = recorded.iter().all(|status| *status != Status::Active);
+        let last_away = recorded.iter().filter_map(recorded_stale).max();
         let candidate = |index: usize| -> Option<Lsn> {
             let info = infos[index].as_ref().ok()?;
-            recorded_active[index].then_some(info.committed_lsn)
+            match &recorded[index] {
+                Status::Active => Some(info.committed_lsn),
+                status if all_away && recorded_stale(status) == last_away => {
+                    let stale = last_away.unwrap_or(0);
+                    (info.committed_lsn >= stale).then_some(stale)
+                }
+                _ => None,
+            }
         };
         let Some(committed) = (0..components.len()).filter_map(candidate).max() else {
             let reasons: Vec<String> = infos

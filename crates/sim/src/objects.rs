@@ -376,13 +376,12 @@ async fn take_over(world: &Shared, host: usize, record: &Record) {
         world.report.owner_moves += 1;
     }
     note(world, format!("host {host} takes the object over at epoch {epoch}"));
-    let (components, active, blocks) = {
+    let (components, recorded, blocks) = {
         let world = lock(world);
-        let active = world.record.states.iter().map(|status| *status == Status::Active).collect();
-        (clients(&world, host), active, world.scenario.blocks)
+        (clients(&world, host), world.record.states.clone(), world.scenario.blocks)
     };
     let persist = persister(world, host, epoch);
-    match Object::recover(epoch, blocks, components, active, Some(persist)).await {
+    match Object::recover(epoch, blocks, components, recorded, Some(persist)).await {
         Ok(object) => {
             let mut world = lock(world);
             if world.record.epoch == epoch && !world.down.contains_key(&host) {
@@ -560,9 +559,10 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
                 .expect("creating a component on a healthy network");
         }
         let persist = persister(&world, 0, 0);
-        let object = Object::recover(0, scenario.blocks, components, vec![true; scenario.copies], Some(persist))
-            .await
-            .expect("opening a new object");
+        let object =
+            Object::recover(0, scenario.blocks, components, vec![Status::Active; scenario.copies], Some(persist))
+                .await
+                .expect("opening a new object");
         lock(&world).owner = Some(object);
     }
     let cluster = tokio::spawn(cluster(world.clone()));

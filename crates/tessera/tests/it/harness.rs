@@ -58,6 +58,16 @@ impl TestCluster {
     /// As [`TestCluster::start`], with bootstrap settings (e.g. the
     /// hierarchy's fan-out).
     pub fn start_with(count: u64, settings: &[(&str, &str)]) -> TestCluster {
+        TestCluster::start_configured(count, settings, |_| {})
+    }
+
+    /// As [`TestCluster::start_with`], with each node's config edited
+    /// before it starts.
+    pub fn start_configured(
+        count: u64,
+        settings: &[(&str, &str)],
+        edit: impl Fn(&mut node::NodeConfig),
+    ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let ips: Vec<String> = (1..=count).map(|id| format!("127.0.0.{}", id + 10)).collect();
         let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
@@ -73,7 +83,7 @@ impl TestCluster {
         for seed in &config.hosts {
             let host_dir = dir.path().join(&seed.name);
             std::fs::create_dir_all(&host_dir).unwrap();
-            let node_config = node::NodeConfig {
+            let mut node_config = node::NodeConfig {
                 node_id: seed.id,
                 data_dir: "data".into(),
                 cluster_config_dir: "../config".into(),
@@ -83,7 +93,10 @@ impl TestCluster {
                 disks: Vec::new(),
                 owner_threads: None,
                 component_threads: None,
+                repair_delay_secs: 3600,
+                orphan_grace_secs: 300,
             };
+            edit(&mut node_config);
             let config_path = host_dir.join("node.toml");
             std::fs::write(&config_path, node_config.to_toml()).unwrap();
             hosts.insert(

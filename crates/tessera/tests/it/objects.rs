@@ -165,9 +165,13 @@ fn wait_object(
 }
 
 fn create(cluster: &TestCluster) -> ObjectStatus {
+    create_with(cluster, "raid1:3")
+}
+
+fn create_with(cluster: &TestCluster, policy: &str) -> ObjectStatus {
     let host = cluster.running()[0];
     let url = format!("http://{}/api/v1/objects", cluster.admin(host));
-    let body = serde_json::json!({ "name": NAME, "policy": "raid1:3", "size_bytes": BLOCKS * BLOCK as u64 });
+    let body = serde_json::json!({ "name": NAME, "policy": policy, "size_bytes": BLOCKS * BLOCK as u64 });
     ureq::post(&url).timeout(Duration::from_secs(20)).send_json(body).expect("creating the object");
     wait_object(cluster, "open", Duration::from_secs(20), |status| status.resync.is_some())
 }
@@ -441,4 +445,72 @@ fn a_partitioned_component_host_resyncs_only_what_it_missed() {
 #[test]
 fn an_owner_restarted_mid_resync_still_copies_no_more() {
     scenario(Outage::OwnerRestartMidResync);
+}
+
+/// A copy away past the repair delay is rebuilt on the host the object did
+/// not use, through a task in the cluster's queue, while writes go on; when
+/// the old host returns, its copy (named by no object now) is deleted.
+#[test]
+fn a_copy_away_past_the_repair_delay_is_rebuilt_elsewhere_and_its_orphan_removed() {
+    let _guard = exclusive();
+    let mut cluster = TestCluster::start_configured(3, &[], |config| {
+        config.repair_delay_secs = 3;
+        config.orphan_grace_secs = 4;
+    });
+    cluster.wait_healthy(Duration::from_secs(60));
+    let created = create_with(&cluster, "raid1:2");
+    let leader = cluster.status().and_then(|status| status.log.leader);
+    let victim = created.components.iter().map(|c| c.host).find(|host| *host != created.owner).unwrap();
+    let spare =
+        cluster.hosts_ids().into_iter().find(|host| created.components.iter().all(|c| c.host != *host)).unwrap();
+    let old = created.components.iter().find(|c| c.host == victim).unwrap().id;
+    let runtime = runtime();
+    let client = ObjectClient::new(TcpTransport::new(), node_addresses(&cluster), NAME);
+    let writers = Writers::start(&runtime, client.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    println!("killing host {victim} (log leader: {leader:?}); host {spare} is spare");
+    let killed_at = Instant::now();
+    cluster.kill(victim);
+    let rebuilt = wait_object(&cluster, "rebuilt on the spare host and healthy", Duration::from_secs(120), |status| {
+        status.health == "healthy" && status.components.iter().any(|c| c.host == spare)
+    });
+    println!(
+        "rebuilt on host {spare} and healthy {:.1} s after the kill (epoch {} -> {}); {} writes acknowledged, {} failed",
+        killed_at.elapsed().as_secs_f64(),
+        created.owner_epoch,
+        rebuilt.owner_epoch,
+        writers.acked.load(Ordering::Relaxed),
+        writers.failed.load(Ordering::Relaxed)
+    );
+    assert!(rebuilt.components.iter().all(|c| c.host != victim), "{rebuilt:#?}");
+    std::thread::sleep(Duration::from_secs(1));
+    let ledger = writers.finish(&runtime);
+    verify(&runtime, &cluster, &ledger, &client);
+    let tasks = cluster.get(cluster.running()[0], "/api/v1/tasks").unwrap();
+    let rebuilds = tasks.as_array().unwrap().iter().filter(|task| task["kind"] == "rebuild").count();
+    assert_eq!(rebuilds, 0, "the rebuild task must leave the queue once done: {tasks:#}");
+
+    // The old host returns: its copy of the object is deleted.
+    cluster.start_host(victim);
+    let transport = TcpTransport::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // Its component threads listen on new ports once it has registered.
+        let hosts = cluster.get(created.owner, "/api/v1/hosts").unwrap();
+        let host = hosts.as_array().unwrap().iter().find(|host| host["id"].as_u64() == Some(victim)).unwrap();
+        let address = host["component_addresses"][0].as_str().unwrap_or_default().to_string();
+        let old_copy = Client::new(transport.clone(), address);
+        match runtime.block_on(old_copy.info(0, old)) {
+            Err(objects::component::ClientError::Component(ComponentError::Store(reason)))
+                if reason.contains("does not exist") =>
+            {
+                break;
+            }
+            other => {
+                assert!(Instant::now() < deadline, "the orphaned copy was not deleted: {other:?}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+    println!("the orphaned copy {old:#x} on host {victim} was deleted");
 }
