@@ -34,6 +34,8 @@ const RESYNC_IN_FLIGHT: usize = 8;
 /// that was active has every LSN up to `c - INFLIGHT_MAX`, where `c` is
 /// any other component's committed LSN.
 pub const INFLIGHT_MAX: usize = 256;
+/// How long a resync waits for its source to hold what was sent to it.
+const SOURCE_WAIT_MAX: Duration = Duration::from_secs(30);
 /// How long a new owner waits for each component's first answer.
 const RECOVER_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -646,7 +648,30 @@ impl<T: Transport> Object<T> {
         }
     }
 
+    /// Runs resync `plan`; one that stops short while its plan still
+    /// stands (a lost message, a step that failed) fails the target, which
+    /// is then probed and resynced again, rather than resyncing forever.
     async fn resync(
+        self: Arc<Self>,
+        target: Index,
+        stale: Lsn,
+        source: Source,
+        ready: Lsn,
+        plan: u64,
+        begun: oneshot::Receiver<Result<Reply, ClientError>>,
+    ) {
+        self.clone().resync_steps(target, stale, source, ready, plan, begun).await;
+        let stalled = {
+            let state = self.state.lock().expect("object lock");
+            !state.closed && state.owner.resyncing_under(target, plan)
+        };
+        if stalled {
+            tracing::warn!(component = target, plan, "resync stopped short: failing the copy to resync it again");
+            self.input(Input::Failed { component: target });
+        }
+    }
+
+    async fn resync_steps(
         self: Arc<Self>,
         target: Index,
         stale: Lsn,
@@ -664,9 +689,11 @@ impl<T: Transport> Object<T> {
             Source::FullCopy { .. } => None,
         };
         let (source_id, source_client) = (&self.ids[from], self.client(from));
-        // Wait until the source has everything sent to it so far.
+        // Wait until the source has everything sent to it so far (bounded:
+        // a write lost on the way may never come).
+        let deadline = tokio::time::Instant::now() + SOURCE_WAIT_MAX;
         loop {
-            if self.is_closed() {
+            if self.is_closed() || tokio::time::Instant::now() > deadline {
                 return;
             }
             match source_client.info(self.epoch, *source_id).await {

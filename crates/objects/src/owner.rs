@@ -239,6 +239,11 @@ impl Owner {
         self.last_lsn
     }
 
+    /// Whether `component` is resyncing under `plan`.
+    pub fn resyncing_under(&self, component: Index, plan: u64) -> bool {
+        matches!(self.components[component].status, Status::Resyncing { .. }) && self.components[component].plan == plan
+    }
+
     pub fn in_flight(&self) -> usize {
         self.pending.len()
     }
