@@ -22,7 +22,7 @@ use catalog::{ComponentRecord, ComponentState, ObjectRecord};
 use objects::component::{Client, Request as ComponentRequest};
 
 use crate::daemon::{Node, Task};
-use objects::threads::component_address;
+use crate::storage::{first_component_address, hosts_by_id, now_ms};
 
 pub const TASK_KIND: &str = "rebuild";
 /// How often tasks and orphans are looked at.
@@ -94,7 +94,7 @@ async fn tick(node: &Arc<Node>) -> Result<(), String> {
         .collect();
     // Ask for the rebuilds that are due on the objects this host owns.
     let delay_ms = node.config.repair_delay_secs.saturating_mul(1000);
-    let now = crate::daemon::now_micros() / 1000;
+    let now = now_ms();
     for (name, record) in &records {
         if record.owner != me {
             continue;
@@ -161,11 +161,7 @@ async fn rebuild(node: &Arc<Node>, job: &Job, record: &ObjectRecord) -> Result<(
     };
     let placed = crate::membership::place(node, request).await.map_err(|reason| format!("placing: {reason}"))?;
     let bucket = placed.first().ok_or("placement offered nothing")?.bucket;
-    let hosts: BTreeMap<u64, catalog::HostRecord> =
-        services.catalog.hosts.entries_local().into_iter().map(|(id, host, _)| (id, host)).collect();
-    let address = hosts
-        .get(&bucket.host)
-        .and_then(|host| component_address(&host.component_addresses, 0).map(String::from))
+    let address = first_component_address(&hosts_by_id(node), bucket.host)
         .ok_or_else(|| format!("host {} serves no components", bucket.host))?;
     // A fresh id: the old one may still exist on the host that is away.
     let id = (rand::random::<u64>() >> 16) << 8 | job.index as u64;
@@ -176,7 +172,7 @@ async fn rebuild(node: &Arc<Node>, job: &Job, record: &ObjectRecord) -> Result<(
         .await
         .map_err(|error| format!("creating component {id:#x} on host {}: {error}", bucket.host))?;
     let me = node.config.node_id;
-    let now = crate::daemon::now_micros() / 1000;
+    let now = now_ms();
     let swapped = services
         .catalog
         .update_object(&job.object, |current| {

@@ -258,7 +258,7 @@ fn to_status(state: &ComponentState) -> Status {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     crate::daemon::now_micros() / 1000
 }
 
@@ -284,7 +284,13 @@ pub enum CreateError {
     Unavailable(String),
 }
 
-fn hosts_by_id(node: &Node) -> BTreeMap<u64, HostRecord> {
+/// Where a host's first component thread listens, for requests outside any
+/// owner thread (create, delete).
+pub(crate) fn first_component_address(hosts: &BTreeMap<u64, HostRecord>, host: u64) -> Option<String> {
+    hosts.get(&host).and_then(|record| component_address(&record.component_addresses, 0).map(String::from))
+}
+
+pub(crate) fn hosts_by_id(node: &Node) -> BTreeMap<u64, HostRecord> {
     node.services()
         .map(|services| {
             services.catalog.hosts.entries_local().into_iter().map(|(id, record, _)| (id, record)).collect()
@@ -345,9 +351,7 @@ pub async fn create(
         })
         .collect();
     for component in &components {
-        let address = hosts
-            .get(&component.host)
-            .and_then(|host| component_address(&host.component_addresses, 0).map(String::from))
+        let address = first_component_address(&hosts, component.host)
             .ok_or_else(|| CreateError::Unavailable(format!("host {} serves no components", component.host)))?;
         let client = Client::new(node.transport.clone(), address);
         let create = ComponentRequest::Create { component: component.id, disk: component.disk, blocks };
@@ -401,9 +405,7 @@ async fn delete_components(node: &Arc<Node>, record: &ObjectRecord, epoch: u64) 
     let hosts = hosts_by_id(node);
     let mut leftovers = Vec::new();
     for component in &record.components {
-        let address = hosts
-            .get(&component.host)
-            .and_then(|host| component_address(&host.component_addresses, 0).map(String::from));
+        let address = first_component_address(&hosts, component.host);
         let result = match address {
             Some(address) => Client::new(node.transport.clone(), address)
                 .call(epoch, ComponentRequest::Delete { component: component.id }, &[])

@@ -455,7 +455,10 @@ impl<T: Transport> Object<T> {
                     let request = Request::BeginSync { component: self.ids[component], stale, target, plan };
                     let begun = self.send(state, component, request, Bytes::new(), None);
                     let object = self.clone();
-                    tokio::spawn(async move { object.resync(component, stale, source, ready, plan, begun).await });
+                    tokio::spawn(async move {
+                        object.clone().resync(component, stale, source, ready, plan, begun).await;
+                        object.resync_ended(component, plan);
+                    });
                 }
                 Action::Current { component } => {
                     let request = Request::EndSync { component: self.ids[component], plan: 0 };
@@ -648,19 +651,11 @@ impl<T: Transport> Object<T> {
         }
     }
 
-    /// Runs resync `plan`; one that stops short while its plan still
-    /// stands (a lost message, a step that failed) fails the target, which
-    /// is then probed and resynced again, rather than resyncing forever.
-    async fn resync(
-        self: Arc<Self>,
-        target: Index,
-        stale: Lsn,
-        source: Source,
-        ready: Lsn,
-        plan: u64,
-        begun: oneshot::Receiver<Result<Reply, ClientError>>,
-    ) {
-        self.clone().resync_steps(target, stale, source, ready, plan, begun).await;
+    /// After resync `plan`'s task: one that stopped short while its plan
+    /// still stands (a lost message, a step that failed) fails the target,
+    /// which is then probed and resynced again, rather than resyncing
+    /// forever.
+    fn resync_ended(self: &Arc<Self>, target: Index, plan: u64) {
         let stalled = {
             let state = self.state.lock().expect("object lock");
             !state.closed && state.owner.resyncing_under(target, plan)
@@ -671,7 +666,7 @@ impl<T: Transport> Object<T> {
         }
     }
 
-    async fn resync_steps(
+    async fn resync(
         self: Arc<Self>,
         target: Index,
         stale: Lsn,

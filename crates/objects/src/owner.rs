@@ -293,7 +293,6 @@ impl Owner {
     }
 
     fn acked(&mut self, index: Index, lsn: Lsn, out: &mut Vec<Action>) {
-        tracing::debug!(component = index, lsn, status = ?self.components[index].status, "acknowledged");
         let component = &mut self.components[index];
         if matches!(component.status, Status::Absent { .. }) || lsn <= component.acked {
             return;
@@ -319,7 +318,6 @@ impl Owner {
                 break;
             }
             let (lsn, pending) = entry.remove_entry();
-            tracing::debug!(lsn, holders = ?pending.holders, "operation answered");
             if !pending.holders.is_empty() {
                 self.done_lsn = self.done_lsn.max(lsn);
                 out.push(Action::Done { request: pending.request, lsn });

@@ -14,3 +14,14 @@ pub mod hierarchy;
 pub mod log;
 pub mod objects;
 pub mod placement;
+
+/// The runtime a scenario runs on: one thread, paused time, and (with
+/// `tokio_unstable`) the scheduler's randomness from the seed.
+#[cfg_attr(not(tokio_unstable), allow(unused_variables))]
+pub(crate) fn runtime(seed: u64) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_time().start_paused(true);
+    #[cfg(tokio_unstable)]
+    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
+    builder.build().expect("building the simulation runtime")
+}

@@ -193,12 +193,7 @@ async fn run_client(
 /// Runs the scenario for `seed` and checks it.
 pub fn run(seed: u64, scenario: &Scenario) -> Report {
     sharedlog::raft::seed_thread_rng(seed);
-    let mut builder = tokio::runtime::Builder::new_current_thread();
-    builder.enable_time().start_paused(true);
-    #[cfg(tokio_unstable)]
-    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
-    let runtime = builder.build().expect("building the simulation runtime");
-    runtime.block_on(simulate(seed, scenario.clone()))
+    crate::runtime(seed).block_on(simulate(seed, scenario.clone()))
 }
 
 async fn simulate(seed: u64, scenario: Scenario) -> Report {

@@ -93,12 +93,7 @@ pub struct Report {
 
 /// Runs one seed.
 pub fn run(seed: u64, scenario: &Scenario) -> Report {
-    let mut builder = tokio::runtime::Builder::new_current_thread();
-    builder.enable_time().start_paused(true);
-    #[cfg(tokio_unstable)]
-    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
-    let runtime = builder.build().expect("building the simulation runtime");
-    runtime.block_on(simulate(seed, scenario.clone()))
+    crate::runtime(seed).block_on(simulate(seed, scenario.clone()))
 }
 
 fn address(host: usize) -> String {

@@ -7,12 +7,18 @@ mod placement;
 
 use sim::log::{run, Report, Scenario};
 
-fn seeds() -> Vec<u64> {
+/// The seeds to run: the one `TESSERA_SIM_SEED` names, else 1..=`quick`,
+/// or 1..=`slow` with `TESSERA_SLOW`.
+fn seeds_up_to(quick: u64, slow: u64) -> Vec<u64> {
     if let Ok(seed) = std::env::var("TESSERA_SIM_SEED") {
         return vec![seed.parse().expect("TESSERA_SIM_SEED must be a number")];
     }
-    let count = if std::env::var_os("TESSERA_SLOW").is_some() { 500 } else { 40 };
+    let count = if std::env::var_os("TESSERA_SLOW").is_some() { slow } else { quick };
     (1..=count).collect()
+}
+
+fn seeds() -> Vec<u64> {
+    seeds_up_to(40, 500)
 }
 
 fn assert_clean(report: &Report) {

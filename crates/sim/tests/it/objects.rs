@@ -16,17 +16,15 @@ impl tracing_subscriber::fmt::time::FormatTime for VirtualTime {
 }
 
 fn seeds() -> Vec<u64> {
-    if let Ok(seed) = std::env::var("TESSERA_SIM_SEED") {
+    if std::env::var_os("TESSERA_SIM_SEED").is_some() {
         // A replay shows the components' own account (RUST_LOG=info, say).
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_timer(VirtualTime)
             .with_ansi(false)
             .try_init();
-        return vec![seed.parse().expect("TESSERA_SIM_SEED must be a number")];
     }
-    let count = if std::env::var_os("TESSERA_SLOW").is_some() { 300 } else { 12 };
-    (1..=count).collect()
+    crate::seeds_up_to(12, 300)
 }
 
 fn assert_clean(report: &Report) {
