@@ -281,7 +281,7 @@ impl<T: Transport> Object<T> {
                 }
             }
         }
-        let mut owner = Owner::new(statuses, start);
+        let mut owner = Owner::new(statuses, committed).numbering_from(start);
         for &index in &current {
             if let Ok(info) = &infos[index] {
                 owner.set_tracking(index, complete_tracking(info));

@@ -221,6 +221,25 @@ impl Owner {
         }
     }
 
+    /// Numbers new writes above `start` (a new owner: above every LSN any
+    /// copy holds, so none is taken for one of an older owner's). The
+    /// current copies count as acknowledged up to `start`, since the LSNs
+    /// between are never issued, but what was sent to them stays what they
+    /// hold: a resync copying from one waits for that, not for `start`.
+    pub fn numbering_from(mut self, start: Lsn) -> Owner {
+        if start <= self.last_lsn {
+            return self;
+        }
+        for component in &mut self.components {
+            if component.status == Status::Active {
+                component.acked = start;
+            }
+        }
+        self.last_lsn = start;
+        self.history_floor = start;
+        self
+    }
+
     /// Records that `component` holds complete tracking bitmaps for these
     /// stale LSNs (a new owner learns them from the component).
     pub fn set_tracking(&mut self, component: Index, stale: impl IntoIterator<Item = Lsn>) {
@@ -668,6 +687,35 @@ mod tests {
                 plan: 1
             }
         );
+    }
+
+    #[test]
+    fn a_new_owner_numbering_above_its_copies_waits_for_what_the_source_holds_not_for_its_start() {
+        // The current copy holds 9; a copy mid-resync under the deposed
+        // owner wrote up to 12, so new writes are numbered from 13. No write
+        // may ever come: the resync must not wait for LSN 12 on the source
+        // (seed 167 of the object simulation hung there forever).
+        let statuses = vec![Status::Active, Status::Absent { stale: 5, since: 0 }];
+        let mut owner = Owner::new(statuses, 9).numbering_from(12);
+        owner.set_tracking(0, [5]);
+        let mut out = Vec::new();
+        owner.handle(0, Input::Back { component: 1, committed: 5 }, &mut out);
+        assert_eq!(
+            out[0],
+            Action::Resync {
+                component: 1,
+                stale: 5,
+                target: 12,
+                source: Source::Tracked { source: 0, tracking: 5 },
+                ready: 9,
+                plan: 1
+            }
+        );
+        // The first new write is 13 and goes to both; it is done when the
+        // active copy has it (the LSNs skipped count as acknowledged).
+        assert!(write(&mut owner, 1, 0).contains(&Action::Send { component: 1, lsn: 13, request: 1 }));
+        assert!(ack(&mut owner, 1, 13).is_empty());
+        assert_eq!(ack(&mut owner, 0, 13), vec![Action::Done { request: 1, lsn: 13 }]);
     }
 
     #[test]
