@@ -65,6 +65,7 @@ impl LocalCluster {
                 component_threads: None,
                 repair_delay_secs: 3600,
                 orphan_grace_secs: 300,
+                resync_concurrency: 2,
             };
             std::fs::write(host_dir.join("node.toml"), node_config.to_toml())?;
             let log = std::fs::File::create(host_dir.join("node.log"))?;

@@ -42,6 +42,10 @@ pub struct NodeConfig {
     /// before it is deleted (default: five minutes).
     #[serde(default = "default_orphan_grace_secs")]
     pub orphan_grace_secs: u64,
+    /// Resyncs of the objects this host owns that copy at once; the rest
+    /// wait their turn in the cluster's task queue (default: 2).
+    #[serde(default = "default_resync_concurrency")]
+    pub resync_concurrency: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +68,10 @@ fn default_repair_delay_secs() -> u64 {
 
 fn default_orphan_grace_secs() -> u64 {
     300
+}
+
+fn default_resync_concurrency() -> usize {
+    2
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -9,22 +9,33 @@
 //!   next owner epoch (by compare-and-set). The owner reopens the object at
 //!   that epoch and resyncs the new component from scratch. The task leaves
 //!   the queue once the swap is recorded, or when it no longer applies.
+//! - Resyncs go through the same queue: an owner puts a `resync` task there
+//!   for each resync it plans and copies once the task is among the first
+//!   `resync_concurrency` of its own in queue order; the task leaves the
+//!   queue when the resync ends. Tasks left behind by an owner that is no
+//!   longer the object's owner at that epoch (it died, or was deposed) are
+//!   removed by whichever host sees them.
 //! - A component on this host that no object record names (its object was
 //!   deleted, or it was rebuilt elsewhere, while this host was away) is
 //!   deleted once it has been seen unnamed for `orphan_grace_secs`: long
 //!   enough that a create in progress has recorded its object.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use catalog::{ComponentRecord, ComponentState, ObjectRecord};
 use objects::component::{Client, Request as ComponentRequest};
+use objects::object::{Admission, ResyncJob};
+use sharedlog::queue::QueueId;
 
 use crate::daemon::{Node, Task};
 use crate::storage::{first_component_address, hosts_by_id, now_ms};
 
 pub const TASK_KIND: &str = "rebuild";
+pub const RESYNC_KIND: &str = "resync";
+/// How often a queued resync looks whether its turn has come.
+const TURN_POLL: Duration = Duration::from_millis(200);
 /// How often tasks and orphans are looked at.
 const INTERVAL: Duration = Duration::from_secs(2);
 
@@ -64,6 +75,129 @@ impl Job {
     }
 }
 
+/// What a resync task names: the object, the owner's epoch, the copy
+/// being brought back and the resync plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Turn {
+    object: String,
+    epoch: u64,
+    component: usize,
+    plan: u64,
+}
+
+impl Turn {
+    fn detail(&self) -> String {
+        format!("{} epoch {} component {} plan {}", self.object, self.epoch, self.component, self.plan)
+    }
+
+    fn parse(detail: &str) -> Option<Turn> {
+        let parts: Vec<&str> = detail.split_whitespace().collect();
+        let [object, "epoch", epoch, "component", component, "plan", plan] = parts[..] else { return None };
+        Some(Turn {
+            object: object.to_string(),
+            epoch: epoch.parse().ok()?,
+            component: component.parse().ok()?,
+            plan: plan.parse().ok()?,
+        })
+    }
+
+    /// Whether the host that queued it still owns the object at its epoch.
+    fn applies(&self, created_by: u64, records: &BTreeMap<String, ObjectRecord>) -> bool {
+        records.get(&self.object).is_some_and(|record| record.owner == created_by && record.owner_epoch == self.epoch)
+    }
+}
+
+/// A resync's task in the queue, removed when this is dropped.
+struct Queued {
+    node: Weak<Node>,
+    id: QueueId,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        let (node, id) = (self.node.clone(), self.id);
+        self.runtime.spawn(async move {
+            let Some(node) = node.upgrade() else { return };
+            let Some(services) = node.services() else { return };
+            if let Err(error) = services.tasks.remove(id).await {
+                tracing::warn!(%id, %error, "cannot remove a finished resync task (the repair loop will)");
+            }
+        });
+    }
+}
+
+/// Gives up the wait (and with it the task) when the owner does.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The owner's admission for object `name` at `epoch`: each resync queues a
+/// `resync` task and copies once the task is among this host's first
+/// `resync_concurrency` resync tasks in queue order. If the queue cannot be
+/// written the resync runs anyway: healing is not held up by the log.
+pub fn admission(node: &Arc<Node>, name: &str, epoch: u64) -> Admission {
+    let node = Arc::downgrade(node);
+    let name = name.to_string();
+    let runtime = tokio::runtime::Handle::current();
+    Arc::new(move |job: ResyncJob| {
+        let turn = Turn { object: name.clone(), epoch, component: job.component, plan: job.plan };
+        let waiting = AbortOnDrop(runtime.spawn(wait_turn(node.clone(), turn, runtime.clone())));
+        Box::pin(async move {
+            let mut waiting = waiting;
+            match (&mut waiting.0).await {
+                Ok(Some(queued)) => Box::new(queued) as Box<dyn Send>,
+                _ => Box::new(()) as Box<dyn Send>,
+            }
+        })
+    })
+}
+
+async fn wait_turn(node: Weak<Node>, turn: Turn, runtime: tokio::runtime::Handle) -> Option<Queued> {
+    let strong = node.upgrade()?;
+    let services = strong.services()?;
+    let me = strong.config.node_id;
+    let concurrency = strong.config.resync_concurrency.max(1);
+    let task = crate::daemon::Task { kind: RESYNC_KIND.into(), detail: turn.detail(), created_by: me };
+    let id = match services.tasks.enqueue(task).await {
+        Ok((id, _)) => id,
+        Err(error) => {
+            tracing::warn!(detail = %turn.detail(), %error, "cannot queue the resync: running it now");
+            return None;
+        }
+    };
+    metrics::counter!("objects_resync_tasks_total").increment(1);
+    let queued = Queued { node, id, runtime };
+    let mut said = false;
+    loop {
+        match services.tasks.items().await {
+            Ok(items) => {
+                let mine: Vec<QueueId> = items
+                    .iter()
+                    .filter(|(_, _, task)| task.kind == RESYNC_KIND && task.created_by == me)
+                    .map(|(id, _, _)| *id)
+                    .collect();
+                // Gone (removed as left behind by a lagging view): no wait.
+                match mine.iter().position(|queued| *queued == id) {
+                    Some(ahead) if ahead >= concurrency => {
+                        if !said {
+                            tracing::info!(detail = %turn.detail(), ahead, "resync queued behind others");
+                            said = true;
+                        }
+                    }
+                    _ => return Some(queued),
+                }
+            }
+            Err(error) => tracing::debug!(%error, "reading the task queue"),
+        }
+        tokio::time::sleep(TURN_POLL).await;
+    }
+}
+
 /// Starts the repair loop once the catalog is open.
 pub fn start(node: Arc<Node>) {
     tokio::spawn(async move {
@@ -87,7 +221,13 @@ async fn tick(node: &Arc<Node>) -> Result<(), String> {
     let records: BTreeMap<String, ObjectRecord> =
         services.catalog.objects.entries_local().into_iter().map(|(name, record, _)| (name, record)).collect();
     let items = services.tasks.items().await.map_err(|error| error.to_string())?;
-    let jobs: Vec<(sharedlog::queue::QueueId, Job)> = items
+    for (id, _, task) in items.iter().filter(|(_, _, task)| task.kind == RESYNC_KIND) {
+        if !Turn::parse(&task.detail).is_some_and(|turn| turn.applies(task.created_by, &records)) {
+            tracing::info!(detail = %task.detail, owner = task.created_by, "removing a resync task its owner left behind");
+            services.tasks.remove(*id).await.map_err(|error| error.to_string())?;
+        }
+    }
+    let jobs: Vec<(QueueId, Job)> = items
         .into_iter()
         .filter(|(_, _, task)| task.kind == TASK_KIND)
         .filter_map(|(id, _, task)| Job::parse(&task.detail).map(|job| (id, job)))

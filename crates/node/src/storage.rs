@@ -25,7 +25,7 @@ use blockstore::{Disk, DiskConfig, BLOCK_SIZE};
 use bytes::Bytes;
 use catalog::{ComponentRecord, ComponentState, HostRecord, HostState, ObjectRecord, Policy};
 use objects::component::{frame, unframe, Client, Request as ComponentRequest, Service};
-use objects::object::{Object, ObjectError, PersistError, Persister};
+use objects::object::{Hooks, Object, ObjectError, PersistError, Persister};
 use objects::owner::Status;
 use objects::threads::{component_address, ComponentThreads, OwnerThreads};
 use serde::{Deserialize, Serialize};
@@ -626,8 +626,11 @@ async fn open(node: &Arc<Node>, name: &str) -> Result<(), String> {
         addresses.push((component.id, address.to_string()));
     }
     let recorded: Vec<Status> = record.states.iter().map(to_status).collect();
-    let persister = persister(node, name, record.owner_epoch);
     let epoch = record.owner_epoch;
+    let hooks = Hooks {
+        persister: Some(persister(node, name, epoch)),
+        admission: Some(crate::repair::admission(node, name, epoch)),
+    };
     let blocks = record.size_bytes / BLOCK_SIZE as u64;
     let opened = node
         .storage
@@ -635,7 +638,7 @@ async fn open(node: &Arc<Node>, name: &str) -> Result<(), String> {
         .run(thread, move |transport| async move {
             let components =
                 addresses.into_iter().map(|(id, address)| (id, Client::new(transport.clone(), address))).collect();
-            Object::recover(epoch, blocks, components, recorded, Some(persister)).await
+            Object::recover(epoch, blocks, components, recorded, hooks).await
         })
         .await
         .map_err(|error| error.to_string())?

@@ -36,6 +36,8 @@ const RESYNC_IN_FLIGHT: usize = 8;
 pub const INFLIGHT_MAX: usize = 256;
 /// How long a resync waits for its source to hold what was sent to it.
 const SOURCE_WAIT_MAX: Duration = Duration::from_secs(30);
+/// How often a resync waiting for its turn checks its plan still stands.
+const ADMISSION_CHECK: Duration = Duration::from_millis(500);
 /// How long a new owner waits for each component's first answer.
 const RECOVER_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -70,6 +72,30 @@ pub enum PersistError {
 /// never takes a copy that missed them for a current one.
 pub type Persister =
     Arc<dyn Fn(Vec<Status>) -> Pin<Box<dyn Future<Output = Result<(), PersistError>> + Send>> + Send + Sync>;
+
+/// A resync waiting to copy: the owner's epoch, the copy it brings back
+/// and its plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResyncJob {
+    pub epoch: u64,
+    pub component: Index,
+    pub plan: u64,
+}
+
+/// Lets a resync copy when its turn comes (the node orders resyncs through
+/// the cluster's persistent task queue and bounds how many run at once).
+/// What the future yields is held while the resync copies; dropping it, or
+/// the future before it is ready, gives the turn up.
+pub type Admission = Arc<dyn Fn(ResyncJob) -> Pin<Box<dyn Future<Output = Box<dyn Send>> + Send>> + Send + Sync>;
+
+/// What an owner calls out to: where it records component states, and who
+/// lets its resyncs run. Without them (tests, the simulator) nothing is
+/// recorded and resyncs run at once.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    pub persister: Option<Persister>,
+    pub admission: Option<Admission>,
+}
 
 /// Resync figures, for status and tests.
 #[derive(Debug, Default)]
@@ -112,6 +138,7 @@ pub struct Object<T: Transport> {
     next_session: AtomicU64,
     inflight: tokio::sync::Semaphore,
     persister: Option<Persister>,
+    admission: Option<Admission>,
     /// Blocks a component's next resync copies besides its source's
     /// tracking bitmap: what an interrupted resync under the previous
     /// owner had marked (a write that owner had in flight may have reached
@@ -128,7 +155,13 @@ impl<T: Transport> Object<T> {
     /// `committed` (a new object: 0).
     pub fn open(epoch: u64, blocks: u64, components: Vec<(ComponentId, Client<T>)>, committed: Lsn) -> Arc<Self> {
         let count = components.len();
-        Self::with_owner(epoch, blocks, components, Owner::new(vec![Status::Active; count], committed), None)
+        Self::with_owner(
+            epoch,
+            blocks,
+            components,
+            Owner::new(vec![Status::Active; count], committed),
+            Hooks::default(),
+        )
     }
 
     fn with_owner(
@@ -136,7 +169,7 @@ impl<T: Transport> Object<T> {
         blocks: u64,
         components: Vec<(ComponentId, Client<T>)>,
         owner: Owner,
-        persister: Option<Persister>,
+        hooks: Hooks,
     ) -> Arc<Self> {
         let count = components.len();
         let persisted = owner.statuses();
@@ -160,7 +193,8 @@ impl<T: Transport> Object<T> {
             }),
             next_session: AtomicU64::new(count as u64 + 1),
             inflight: tokio::sync::Semaphore::new(INFLIGHT_MAX),
-            persister,
+            persister: hooks.persister,
+            admission: hooks.admission,
             extra: Mutex::new(HashMap::new()),
             reported_newest: Mutex::new(HashMap::new()),
             resync_stats: ResyncStats::default(),
@@ -182,7 +216,7 @@ impl<T: Transport> Object<T> {
         blocks: u64,
         components: Vec<(ComponentId, Client<T>)>,
         recorded: Vec<Status>,
-        persister: Option<Persister>,
+        hooks: Hooks,
     ) -> Result<Arc<Self>, ObjectError> {
         let asks = components.iter().map(|(id, client)| async move {
             match tokio::time::timeout(RECOVER_ASK_TIMEOUT, client.info(epoch, *id)).await {
@@ -247,16 +281,22 @@ impl<T: Transport> Object<T> {
         let mut missing = false;
         let mut reported_newest = HashMap::new();
         for (index, info) in infos.iter().enumerate() {
+            // A copy already recorded away has been away since then (the
+            // repair delay counts from there, whoever owns the object).
+            let since = match recorded[index] {
+                Status::Absent { since, .. } => since.min(now),
+                _ => now,
+            };
             statuses.push(match info {
                 _ if current.contains(&index) => Status::Active,
                 Ok(info) => {
                     behind.push((index, info.committed_lsn));
                     reported_newest.insert(index, info.newest_lsn);
-                    Status::Absent { stale: info.committed_lsn, since: now }
+                    Status::Absent { stale: info.committed_lsn, since }
                 }
                 Err(_) => {
                     missing = true;
-                    Status::Absent { stale: lower_bound, since: now }
+                    Status::Absent { stale: lower_bound, since }
                 }
             });
         }
@@ -288,7 +328,7 @@ impl<T: Transport> Object<T> {
             }
         }
         tracing::info!(epoch, committed, start, current = ?current, behind = ?behind, missing, "opened as the new owner");
-        let object = Self::with_owner(epoch, blocks, components, owner, persister);
+        let object = Self::with_owner(epoch, blocks, components, owner, hooks);
         *object.extra.lock().expect("extra lock") = extra;
         *object.reported_newest.lock().expect("reported lock") = reported_newest;
         for stale in wanted {
@@ -656,14 +696,16 @@ impl<T: Transport> Object<T> {
     /// which is then probed and resynced again, rather than resyncing
     /// forever.
     fn resync_ended(self: &Arc<Self>, target: Index, plan: u64) {
-        let stalled = {
-            let state = self.state.lock().expect("object lock");
-            !state.closed && state.owner.resyncing_under(target, plan)
-        };
-        if stalled {
+        if self.planned(target, plan) {
             tracing::warn!(component = target, plan, "resync stopped short: failing the copy to resync it again");
             self.input(Input::Failed { component: target });
         }
+    }
+
+    /// Whether `target` is still resyncing under `plan` here.
+    fn planned(&self, target: Index, plan: u64) -> bool {
+        let state = self.state.lock().expect("object lock");
+        !state.closed && state.owner.resyncing_under(target, plan)
     }
 
     async fn resync(
@@ -678,6 +720,23 @@ impl<T: Transport> Object<T> {
         if !matches!(begun.await, Ok(Ok(_))) {
             return; // the target failed; the owner knows
         }
+        // Wait for this resync's turn, as long as its plan stands.
+        let _turn = match &self.admission {
+            None => None,
+            Some(admit) => {
+                let mut turn = admit(ResyncJob { epoch: self.epoch, component: target, plan });
+                loop {
+                    tokio::select! {
+                        turn = &mut turn => break Some(turn),
+                        _ = tokio::time::sleep(ADMISSION_CHECK) => {
+                            if !self.planned(target, plan) {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        };
         let from = source.index();
         let tracking = match source {
             Source::Tracked { tracking, .. } => Some(tracking),

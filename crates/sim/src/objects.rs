@@ -28,7 +28,7 @@ use blockstore::{Disk, DiskConfig, BLOCK_SIZE};
 use bytes::Bytes;
 use fsio::SimFs;
 use objects::component::{Client, Request, Service};
-use objects::object::{Object, PersistError, Persister};
+use objects::object::{Hooks, Object, PersistError, Persister};
 use objects::owner::Status;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -260,6 +260,12 @@ fn component_id(index: usize) -> u64 {
 /// Records statuses in the catalog for the owner at `epoch` on `host`: a
 /// host cut off cannot reach the catalog; an owner whose epoch is not the
 /// record's is deposed.
+/// The owner's hooks: states recorded in the modelled catalog; resyncs run
+/// at once (no task queue is modelled).
+fn hooks(persister: Persister) -> Hooks {
+    Hooks { persister: Some(persister), admission: None }
+}
+
 fn persister(world: &Shared, host: usize, epoch: u64) -> Persister {
     // Weak: the world holds the owner, which holds this.
     let world = Arc::downgrade(world);
@@ -376,7 +382,7 @@ async fn take_over(world: &Shared, host: usize, record: &Record) {
         (clients(&world, host), world.record.states.clone(), world.scenario.blocks)
     };
     let persist = persister(world, host, epoch);
-    match Object::recover(epoch, blocks, components, recorded, Some(persist)).await {
+    match Object::recover(epoch, blocks, components, recorded, hooks(persist)).await {
         Ok(object) => {
             let mut world = lock(world);
             if world.record.epoch == epoch && !world.down.contains_key(&host) {
@@ -555,7 +561,7 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
         }
         let persist = persister(&world, 0, 0);
         let object =
-            Object::recover(0, scenario.blocks, components, vec![Status::Active; scenario.copies], Some(persist))
+            Object::recover(0, scenario.blocks, components, vec![Status::Active; scenario.copies], hooks(persist))
                 .await
                 .expect("opening a new object");
         lock(&world).owner = Some(object);

@@ -83,6 +83,7 @@ fn write_node_configs(data: &Path, config: &BootstrapConfig) -> Result<Vec<Host>
                 component_threads: None,
                 repair_delay_secs: 3600,
                 orphan_grace_secs: 300,
+                resync_concurrency: 2,
             };
             std::fs::write(&config_path, node_config.to_toml())
                 .with_context(|| format!("writing {}", config_path.display()))?;

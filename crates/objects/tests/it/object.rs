@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use blockstore::{Disk, DiskConfig, BLOCK_SIZE};
 use bytes::Bytes;
 use objects::component::{Client, Request, Service};
-use objects::object::Object;
+use objects::object::{Admission, Hooks, Object, ResyncJob};
 use objects::owner::Status;
 use wire::tcp::TcpTransport;
 use wire::{ErrorCode, RemoteError, Transport};
@@ -174,4 +174,93 @@ async fn a_block_corrupted_on_disk_is_detected_repaired_from_another_copy_and_re
             }
         }
     }
+}
+
+/// Held while a resync copies; says when it is let go.
+struct Turn(Arc<AtomicBool>);
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_copies_only_once_admitted_and_gives_its_turn_back_when_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let mut hosts = Vec::new();
+    for index in 0..2 {
+        hosts.push(host(&dir.path().join(format!("host{index}")), &transport).await);
+    }
+    for (index, host) in hosts.iter().enumerate() {
+        let request = Request::Create { component: 100 + index as u64, disk: 0, blocks: BLOCKS };
+        host.client.call(1, request, &[]).await.unwrap();
+    }
+    // The gate opens when the test says so; it records what asked.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let released = Arc::new(AtomicBool::new(false));
+    let admission: Admission = {
+        let (gate, asked, released) = (gate.clone(), asked.clone(), released.clone());
+        Arc::new(move |job: ResyncJob| {
+            asked.lock().unwrap().push(job);
+            let (gate, released) = (gate.clone(), released.clone());
+            Box::pin(async move {
+                gate.acquire_owned().await.unwrap().forget();
+                Box::new(Turn(released)) as Box<dyn Send>
+            })
+        })
+    };
+    let components = hosts.iter().enumerate().map(|(index, host)| (100 + index as u64, host.client.clone())).collect();
+    let hooks = Hooks { persister: None, admission: Some(admission) };
+    let object = Object::recover(1, BLOCKS, components, vec![Status::Active; 2], hooks).await.unwrap();
+    write(&object, 0, 16, 1).await;
+    hosts[1].online.store(false, Ordering::SeqCst);
+    write(&object, 0, 16, 2).await;
+    assert!(matches!(object.statuses()[1], Status::Absent { .. }), "{:?}", object.statuses());
+    hosts[1].online.store(true, Ordering::SeqCst);
+    assert!(object.probe(1).await);
+
+    // Not admitted: nothing is copied, however long it waits.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(matches!(object.statuses()[1], Status::Resyncing { .. }), "{:?}", object.statuses());
+    assert_eq!(object.resync_stats.blocks_copied.load(Ordering::Relaxed), 0);
+    assert_eq!(*asked.lock().unwrap(), vec![ResyncJob { epoch: 1, component: 1, plan: 1 }]);
+
+    gate.add_permits(1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while object.statuses() != vec![Status::Active; 2] {
+        assert!(Instant::now() < deadline, "resync did not finish once admitted: {:?}", object.statuses());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(object.resync_stats.blocks_copied.load(Ordering::Relaxed), 16);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !released.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the resync kept its turn after it ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let copy: Vec<u8> = hosts[1].client.read(1, 101, 0, 16).await.unwrap().to_vec();
+    assert!(copy == (0..16).flat_map(|block| pattern(block, 2)).collect::<Vec<u8>>(), "the copy is not current");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_keeps_when_a_copy_recorded_away_went_away() {
+    // The repair delay counts from there: an ownership move must not
+    // restart it.
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let mut hosts = Vec::new();
+    for index in 0..2 {
+        hosts.push(host(&dir.path().join(format!("host{index}")), &transport).await);
+    }
+    for (index, host) in hosts.iter().enumerate() {
+        let request = Request::Create { component: 100 + index as u64, disk: 0, blocks: BLOCKS };
+        host.client.call(1, request, &[]).await.unwrap();
+    }
+    hosts[1].online.store(false, Ordering::SeqCst);
+    let components = hosts.iter().enumerate().map(|(index, host)| (100 + index as u64, host.client.clone())).collect();
+    let recorded = vec![Status::Active, Status::Absent { stale: 0, since: 1234 }];
+    let object = Object::recover(2, BLOCKS, components, recorded, Hooks::default()).await.unwrap();
+    assert!(matches!(object.statuses()[1], Status::Absent { since: 1234, .. }), "{:?}", object.statuses());
 }

@@ -95,6 +95,7 @@ impl TestCluster {
                 component_threads: None,
                 repair_delay_secs: 3600,
                 orphan_grace_secs: 300,
+                resync_concurrency: 2,
             };
             edit(&mut node_config);
             let config_path = host_dir.join("node.toml");

@@ -411,6 +411,7 @@ fn scenario(outage: Outage) {
     assert_eq!(resync.full_copies, 0, "a resync fell back to a full copy");
     assert!(ratio <= 1.1, "resync copied {ratio:.3}x the bytes written during the outage");
     verify(&runtime, &cluster, &ledger, &client);
+    resyncs_went_through_the_queue(&cluster);
     if let Outage::KillOwner = outage {
         // The old owner's epoch is refused by every component.
         let status = object(&cluster).unwrap();
@@ -425,6 +426,37 @@ fn scenario(outage: Outage) {
             other => panic!("a write at the old owner's epoch was not refused: {other:?}"),
         }
     }
+}
+
+/// Every resync queued a task in the cluster's task queue (counted by the
+/// hosts that ran them), and none is left there once the object is healthy.
+fn resyncs_went_through_the_queue(cluster: &TestCluster) {
+    let queued: f64 = cluster
+        .running()
+        .into_iter()
+        .map(|id| {
+            let url = format!("http://{}/metrics", cluster.admin(id));
+            let metrics = ureq::get(&url).call().unwrap().into_string().unwrap();
+            metrics
+                .lines()
+                .find(|line| line.starts_with("objects_resync_tasks_total "))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|value| value.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        })
+        .sum();
+    assert!(queued >= 1.0, "no resync went through the task queue");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let tasks = cluster.get(cluster.running()[0], "/api/v1/tasks").unwrap();
+        let left = tasks.as_array().unwrap().iter().filter(|task| task["kind"] == "resync").count();
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "resync tasks left in the queue after healing: {tasks:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("{queued} resync task(s) went through the cluster's task queue; none left");
 }
 
 #[test]
