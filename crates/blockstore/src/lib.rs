@@ -277,9 +277,15 @@ struct Inner {
 }
 
 /// The open journal and where the next record goes.
+/// How far ahead the journal is zeroed at a time.
+const JOURNAL_ZERO_STEP: u64 = 8 << 20;
+
 struct Journal {
     file: Arc<dyn File>,
     len: u64,
+    /// The file is zeroed up to here: appends below it overwrite, so their
+    /// `fdatasync` has no file size to commit.
+    zeroed: u64,
     generation: u64,
     buffer: Vec<u8>,
 }
@@ -989,7 +995,10 @@ impl Inner {
 
     fn open_journal(&self, generation: u64) -> Option<Journal> {
         match self.fs.open(&journal_path(&self.dir, generation), true) {
-            Ok(file) => Some(Journal { len: file.len().unwrap_or(0), file, generation, buffer: Vec::new() }),
+            Ok(file) => {
+                let len = file.len().unwrap_or(0);
+                Some(Journal { len, zeroed: len, file, generation, buffer: Vec::new() })
+            }
             Err(error) => {
                 self.latch(format!("cannot open the journal: {error}"));
                 self.fail_queued();
@@ -1026,8 +1035,11 @@ impl Inner {
                 for op in &batch {
                     op.record.encode(&mut journal.buffer);
                 }
-                let written =
-                    journal.file.write_at(&journal.buffer, journal.len).and_then(|()| journal.file.sync_data());
+                let end = journal.len + journal.buffer.len() as u64;
+                let written = self
+                    .zero_ahead(journal, end)
+                    .and_then(|()| journal.file.write_at(&journal.buffer, journal.len))
+                    .and_then(|()| journal.file.sync_data());
                 match written {
                     Ok(()) => {
                         journal.len += journal.buffer.len() as u64;
@@ -1061,6 +1073,7 @@ impl Inner {
                         Ok(next) => {
                             journal.file = next;
                             journal.len = 0;
+                            journal.zeroed = 0;
                         }
                         Err(error) => self.latch(format!("cannot open the next journal: {error}")),
                     }
@@ -1068,6 +1081,29 @@ impl Inner {
                 Err(error) => self.latch(format!("checkpoint failed: {error}")),
             }
         }
+    }
+
+    /// Zeroes the journal ahead of `end` in large steps, synced once per
+    /// step, so that most group commits overwrite zeros within the file's
+    /// size instead of growing it. Replay stops at the first zero length,
+    /// so the zeros read as the journal's end.
+    fn zero_ahead(&self, journal: &mut Journal, end: u64) -> std::io::Result<()> {
+        if end <= journal.zeroed {
+            return Ok(());
+        }
+        let step = JOURNAL_ZERO_STEP.min(self.config.journal_max_bytes.max(1 << 20));
+        let target = end.div_ceil(step) * step;
+        let zeros = vec![0u8; (1 << 20).min(target - journal.zeroed) as usize];
+        let mut at = journal.zeroed;
+        while at < target {
+            let length = (target - at).min(zeros.len() as u64) as usize;
+            journal.file.write_at(&zeros[..length], at)?;
+            at += length as u64;
+        }
+        journal.file.sync_data()?;
+        metrics::counter!("blockstore_journal_zeroed_bytes_total").increment(target - journal.zeroed);
+        journal.zeroed = target;
+        Ok(())
     }
 
     fn fail_queued(&self) {

@@ -50,6 +50,41 @@ async fn writes_survive_a_restart_and_read_back() {
 }
 
 #[tokio::test]
+async fn the_journal_is_zeroed_ahead_and_replay_stops_at_the_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 100).await.unwrap();
+    let journal_size = || {
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap())
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with("journal-"))
+            .collect();
+        assert_eq!(names.len(), 1, "one journal at a time");
+        names[0].metadata().unwrap().len()
+    };
+    disk.write(1, 1, 3, blocks(3, 2, 1)).await.unwrap();
+    let zeroed = journal_size();
+    assert!(zeroed >= 1 << 20, "the journal was not zeroed ahead: {zeroed} bytes");
+    for lsn in 2..20 {
+        disk.write(1, lsn, lsn, blocks(lsn, 1, lsn)).await.unwrap();
+    }
+    assert_eq!(journal_size(), zeroed, "appends grew the journal instead of overwriting its zeros");
+    // What a crash leaves: every acknowledged write is in the journal,
+    // followed by zeros. Replaying a copy of the directory finds them all.
+    let image = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), image.path().join(entry.file_name())).unwrap();
+    }
+    let replayed = open(image.path());
+    assert_eq!(replayed.component(1).unwrap().committed_lsn, 19);
+    for lsn in 2..20 {
+        assert!(replayed.read(1, lsn, 1).unwrap() == blocks(lsn, 1, lsn), "block {lsn} lost its last write");
+    }
+}
+
+#[tokio::test]
 async fn a_corrupted_block_is_detected_and_repaired() {
     let dir = tempfile::tempdir().unwrap();
     let disk = open(dir.path());
