@@ -57,11 +57,13 @@ fn value_bytes() -> usize {
     std::env::var("TESSERA_GC_VALUE_BYTES").ok().and_then(|bytes| bytes.parse().ok()).unwrap_or(1024)
 }
 /// Hole punching works in 4 KiB blocks: the partial block at each end of the
-/// live region, the block of the next append and the checkpoint file's
-/// block can stay allocated whatever the live size. A sample may exceed
-/// 1.5x the live bytes by at most this (it matters only when very few
-/// entries are live, right after a collection).
-const BLOCK_ALLOWANCE_BYTES: f64 = 4.0 * 4096.0;
+/// live region, one more when the live region crosses into the next
+/// segment file (each file's end is a partial block), the block of the
+/// next append and the checkpoint file's block can stay allocated whatever
+/// the live size. A sample may exceed 1.5x the live bytes by at most this
+/// (it matters only when very few entries are live, right after a
+/// collection; a run once measured 6 blocks for 5,360 live bytes).
+const BLOCK_ALLOWANCE_BYTES: f64 = 5.0 * 4096.0;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overwriting_one_key_keeps_the_store_small() {

@@ -315,7 +315,8 @@ fn scenario(outage: Outage) {
     let victim = match outage {
         Outage::KillOwner => created.owner,
         Outage::KillComponentHost | Outage::Partition | Outage::OwnerRestartMidResync => {
-            let leader = cluster.status().and_then(|status| status.log.leader);
+            // Not the log leader (a status read may not name one yet).
+            let leader = Some(cluster.leader());
             let others: Vec<u64> =
                 created.components.iter().map(|c| c.host).filter(|host| *host != created.owner).collect();
             others.iter().copied().find(|host| Some(*host) != leader).unwrap_or(others[0])
