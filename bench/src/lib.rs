@@ -54,18 +54,8 @@ impl LocalCluster {
             let host_dir = dir.join(&seed.name);
             std::fs::create_dir_all(&host_dir)?;
             let node_config = node::NodeConfig {
-                node_id: seed.id,
-                data_dir: "data".into(),
-                cluster_config_dir: "../config".into(),
                 roles: vec!["storage".into()],
-                gc_interval_ms: 1000,
-                fault_domain: None,
-                disks: Vec::new(),
-                owner_threads: None,
-                component_threads: None,
-                repair_delay_secs: 3600,
-                orphan_grace_secs: 300,
-                resync_concurrency: 2,
+                ..node::NodeConfig::new(seed.id, "data", "../config")
             };
             std::fs::write(host_dir.join("node.toml"), node_config.to_toml())?;
             let log = std::fs::File::create(host_dir.join("node.log"))?;

@@ -86,12 +86,9 @@ async fn drive(
             let object = object.clone();
             tokio::spawn(async move {
                 let mut latencies = Latencies::default();
-                let mut random = (client as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let mut random = RandomBlocks::new(client, blocks);
                 while Instant::now() < deadline {
-                    random ^= random << 13;
-                    random ^= random >> 7;
-                    random ^= random << 17;
-                    let block = random % blocks;
+                    let block = random.next_block();
                     let started = Instant::now();
                     if write {
                         object.write_at(block * BLOCK_SIZE as u64, block_data(block)).await.expect("write");
@@ -111,16 +108,43 @@ async fn drive(
     (all.0.len() as u64, all)
 }
 
-fn file_rows(path: &Path, blocks: u64, depth: usize, seconds: u64) -> Result<(Row, Row)> {
+/// Client `client`'s random block numbers below `blocks` (xorshift): the
+/// same sequence whichever target it drives.
+struct RandomBlocks {
+    state: u64,
+    blocks: u64,
+}
+
+impl RandomBlocks {
+    fn new(client: usize, blocks: u64) -> RandomBlocks {
+        RandomBlocks { state: (client as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15), blocks }
+    }
+
+    fn next_block(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state % self.blocks
+    }
+}
+
+/// A plain file of `blocks` blocks, written through and synced, so reads
+/// find data (as the objects' reads do) and writes overwrite.
+fn filled_file(path: &Path, blocks: u64) -> Result<Arc<std::fs::File>> {
     use std::os::unix::fs::FileExt;
-    let file = Arc::new(std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(path)?);
+    let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(path)?;
     file.set_len(blocks * BLOCK_SIZE as u64)?;
-    // Fill it, so reads find data (as the objects' reads do).
     let chunk = vec![7u8; 256 * BLOCK_SIZE];
     for first in (0..blocks).step_by(256) {
         file.write_all_at(&chunk, first * BLOCK_SIZE as u64)?;
     }
     file.sync_all()?;
+    Ok(Arc::new(file))
+}
+
+fn file_rows(path: &Path, blocks: u64, depth: usize, seconds: u64) -> Result<(Row, Row)> {
+    use std::os::unix::fs::FileExt;
+    let file = filled_file(path, blocks)?;
     let mut rows = Vec::new();
     for write in [true, false] {
         let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -129,14 +153,11 @@ fn file_rows(path: &Path, blocks: u64, depth: usize, seconds: u64) -> Result<(Ro
                 let file = file.clone();
                 std::thread::spawn(move || {
                     let mut latencies = Latencies::default();
-                    let mut random = (client as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    let mut random = RandomBlocks::new(client, blocks);
                     let data = vec![3u8; BLOCK_SIZE];
                     let mut buffer = vec![0u8; BLOCK_SIZE];
                     while Instant::now() < deadline {
-                        random ^= random << 13;
-                        random ^= random >> 7;
-                        random ^= random << 17;
-                        let offset = (random % blocks) * BLOCK_SIZE as u64;
+                        let offset = random.next_block() * BLOCK_SIZE as u64;
                         let started = Instant::now();
                         if write {
                             file.write_all_at(&data, offset).expect("pwrite");
@@ -172,18 +193,8 @@ fn file_rows(path: &Path, blocks: u64, depth: usize, seconds: u64) -> Result<(Ro
 /// when both are done, as raid1(2) answers when both copies are durable.
 fn mirrored_file_row(dir: &Path, blocks: u64, depth: usize, seconds: u64) -> Result<Row> {
     use std::os::unix::fs::FileExt;
-    let open = |name: &str| -> Result<Arc<std::fs::File>> {
-        let file =
-            std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(dir.join(name))?;
-        file.set_len(blocks * BLOCK_SIZE as u64)?;
-        let chunk = vec![7u8; 256 * BLOCK_SIZE];
-        for first in (0..blocks).step_by(256) {
-            file.write_all_at(&chunk, first * BLOCK_SIZE as u64)?;
-        }
-        file.sync_all()?;
-        Ok(Arc::new(file))
-    };
-    let (first, second) = (open("mirror-a.file")?, open("mirror-b.file")?);
+    let (first, second) =
+        (filled_file(&dir.join("mirror-a.file"), blocks)?, filled_file(&dir.join("mirror-b.file"), blocks)?);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let threads: Vec<_> = (0..depth)
         .map(|client| {
@@ -200,13 +211,10 @@ fn mirrored_file_row(dir: &Path, blocks: u64, depth: usize, seconds: u64) -> Res
                     }
                 });
                 let mut latencies = Latencies::default();
-                let mut random = (client as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let mut random = RandomBlocks::new(client, blocks);
                 let data = vec![3u8; BLOCK_SIZE];
                 while Instant::now() < deadline {
-                    random ^= random << 13;
-                    random ^= random >> 7;
-                    random ^= random << 17;
-                    let offset = (random % blocks) * BLOCK_SIZE as u64;
+                    let offset = random.next_block() * BLOCK_SIZE as u64;
                     let started = Instant::now();
                     to_helper.send(offset).expect("helper gone");
                     first.write_all_at(&data, offset).expect("pwrite");

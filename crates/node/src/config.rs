@@ -83,6 +83,25 @@ pub enum ConfigError {
 }
 
 impl NodeConfig {
+    /// A config for host `node_id` with every other setting at the default
+    /// a `node.toml` that leaves it out gets.
+    pub fn new(node_id: u64, data_dir: impl Into<PathBuf>, cluster_config_dir: impl Into<PathBuf>) -> NodeConfig {
+        NodeConfig {
+            node_id,
+            data_dir: data_dir.into(),
+            cluster_config_dir: cluster_config_dir.into(),
+            roles: default_roles(),
+            gc_interval_ms: default_gc_interval_ms(),
+            fault_domain: None,
+            disks: Vec::new(),
+            owner_threads: None,
+            component_threads: None,
+            repair_delay_secs: default_repair_delay_secs(),
+            orphan_grace_secs: default_orphan_grace_secs(),
+            resync_concurrency: default_resync_concurrency(),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;

@@ -71,20 +71,7 @@ fn write_node_configs(data: &Path, config: &BootstrapConfig) -> Result<Vec<Host>
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config_path = dir.join("node.toml");
         if !config_path.exists() {
-            let node_config = node::NodeConfig {
-                node_id: seed.id,
-                data_dir: PathBuf::from("data"),
-                cluster_config_dir: PathBuf::from("../config"),
-                roles: vec!["storage".into(), "target".into()],
-                gc_interval_ms: 1000,
-                fault_domain: None,
-                disks: Vec::new(),
-                owner_threads: None,
-                component_threads: None,
-                repair_delay_secs: 3600,
-                orphan_grace_secs: 300,
-                resync_concurrency: 2,
-            };
+            let node_config = node::NodeConfig::new(seed.id, "data", "../config");
             std::fs::write(&config_path, node_config.to_toml())
                 .with_context(|| format!("writing {}", config_path.display()))?;
         }

@@ -18,6 +18,8 @@ use wire::{ErrorCode, RemoteError, Transport};
 const BLOCKS: u64 = 256;
 
 struct Host {
+    /// The component it holds.
+    id: u64,
     service: Arc<Service>,
     online: Arc<AtomicBool>,
     client: Client<TcpTransport>,
@@ -46,7 +48,24 @@ async fn host(dir: &std::path::Path, transport: &TcpTransport) -> Host {
         .await
         .unwrap();
     let client = Client::new(transport.clone(), handle.local_address.clone());
-    Host { service, online, client, _handle: handle }
+    Host { id: 0, service, online, client, _handle: handle }
+}
+
+/// `count` hosts, host `i` holding component `first + i` of `BLOCKS`
+/// blocks.
+async fn hosts(dir: &std::path::Path, transport: &TcpTransport, count: usize, first: u64) -> Vec<Host> {
+    let mut hosts = Vec::new();
+    for index in 0..count {
+        let mut host = host(&dir.join(format!("host{index}")), transport).await;
+        host.id = first + index as u64;
+        host.client.call(1, Request::Create { component: host.id, disk: 0, blocks: BLOCKS }, &[]).await.unwrap();
+        hosts.push(host);
+    }
+    hosts
+}
+
+fn components(hosts: &[Host]) -> Vec<(u64, Client<TcpTransport>)> {
+    hosts.iter().map(|host| (host.id, host.client.clone())).collect()
 }
 
 /// A block that says which block it is and which pass wrote it.
@@ -67,15 +86,8 @@ async fn write(object: &Arc<Object<TcpTransport>>, first: u64, count: u64, pass:
 async fn a_copy_that_was_away_is_resynced_from_its_tracking_bitmap() {
     let dir = tempfile::tempdir().unwrap();
     let transport = TcpTransport::new();
-    let mut hosts = Vec::new();
-    for index in 0..3 {
-        hosts.push(host(&dir.path().join(format!("host{index}")), &transport).await);
-    }
-    for (index, host) in hosts.iter().enumerate() {
-        let request = Request::Create { component: 100 + index as u64, disk: 0, blocks: BLOCKS };
-        host.client.call(1, request, &[]).await.unwrap();
-    }
-    let components = hosts.iter().enumerate().map(|(index, host)| (100 + index as u64, host.client.clone())).collect();
+    let hosts = hosts(dir.path(), &transport, 3, 100).await;
+    let components = components(&hosts);
     let object = Object::open(1, BLOCKS, components, 0);
     write(&object, 0, BLOCKS, 1).await;
 
@@ -120,7 +132,7 @@ async fn a_copy_that_was_away_is_resynced_from_its_tracking_bitmap() {
         expected[at..at + BLOCK_SIZE].copy_from_slice(&pattern(block, 9));
     }
     for (index, host) in hosts.iter().enumerate() {
-        let id = 100 + index as u64;
+        let id = host.id;
         let mut held = Vec::new();
         for first in (0..BLOCKS).step_by(64) {
             held.extend_from_slice(&host.client.read(1, id, first, 64).await.unwrap());
@@ -139,15 +151,8 @@ async fn a_copy_that_was_away_is_resynced_from_its_tracking_bitmap() {
 async fn a_block_corrupted_on_disk_is_detected_repaired_from_another_copy_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let transport = TcpTransport::new();
-    let mut hosts = Vec::new();
-    for index in 0..2 {
-        hosts.push(host(&dir.path().join(format!("host{index}")), &transport).await);
-    }
-    for (index, host) in hosts.iter().enumerate() {
-        let request = Request::Create { component: 200 + index as u64, disk: 0, blocks: BLOCKS };
-        host.client.call(1, request, &[]).await.unwrap();
-    }
-    let components = hosts.iter().enumerate().map(|(index, host)| (200 + index as u64, host.client.clone())).collect();
+    let hosts = hosts(dir.path(), &transport, 2, 200).await;
+    let components = components(&hosts);
     let object = Object::open(1, BLOCKS, components, 0);
     write(&object, 0, 16, 1).await;
     // Flip a bit of block 5 in copy 0's data file, under the store.
@@ -189,14 +194,7 @@ impl Drop for Turn {
 async fn a_resync_copies_only_once_admitted_and_gives_its_turn_back_when_done() {
     let dir = tempfile::tempdir().unwrap();
     let transport = TcpTransport::new();
-    let mut hosts = Vec::new();
-    for index in 0..2 {
-        hosts.push(host(&dir.path().join(format!("host{index}")), &transport).await);
-    }
-    for (index, host) in hosts.iter().enumerate() {
-        let request = Request::Create { component: 100 + index as u64, disk: 0, blocks: BLOCKS };
-        host.client.call(1, request, &[]).await.unwrap();
-    }
+    let hosts = hosts(dir.path(), &transport, 2, 100).await;
     // The gate opens when the test says so; it records what asked.
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -212,7 +210,7 @@ async fn a_resync_copies_only_once_admitted_and_gives_its_turn_back_when_done() 
             })
         })
     };
-    let components = hosts.iter().enumerate().map(|(index, host)| (100 + index as u64, host.client.clone())).collect();
+    let components = components(&hosts);
     let hooks = Hooks { persister: None, admission: Some(admission) };
     let object = Object::recover(1, BLOCKS, components, vec![Status::Active; 2], hooks).await.unwrap();
     write(&object, 0, 16, 1).await;
@@ -250,16 +248,9 @@ async fn a_new_owner_keeps_when_a_copy_recorded_away_went_away() {
     // restart it.
     let dir = tempfile::tempdir().unwrap();
     let transport = TcpTransport::new();
-    let mut hosts = Vec::new();
-    for index in 0..2 {
-        hosts.push(host(&dir.path().join(format!("host{index}")), &transport).await);
-    }
-    for (index, host) in hosts.iter().enumerate() {
-        let request = Request::Create { component: 100 + index as u64, disk: 0, blocks: BLOCKS };
-        host.client.call(1, request, &[]).await.unwrap();
-    }
+    let hosts = hosts(dir.path(), &transport, 2, 100).await;
     hosts[1].online.store(false, Ordering::SeqCst);
-    let components = hosts.iter().enumerate().map(|(index, host)| (100 + index as u64, host.client.clone())).collect();
+    let components = components(&hosts);
     let recorded = vec![Status::Active, Status::Absent { stale: 0, since: 1234 }];
     let object = Object::recover(2, BLOCKS, components, recorded, Hooks::default()).await.unwrap();
     assert!(matches!(object.statuses()[1], Status::Absent { since: 1234, .. }), "{:?}", object.statuses());

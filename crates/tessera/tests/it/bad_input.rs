@@ -74,13 +74,7 @@ fn bad_frames_close_only_their_connection() {
     for expected in ["bad magic", "closed in the middle of a frame", "exceeds the limit", "unsupported wire version"] {
         assert!(log.contains(expected), "node log does not mention {expected:?}");
     }
-    let metrics = ureq::get(&format!("http://{}/metrics", cluster.admin(1))).call().unwrap().into_string().unwrap();
-    let bad_frames: f64 = metrics
-        .lines()
-        .find(|line| line.starts_with("wire_bad_frames "))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|value| value.parse().ok())
-        .expect("wire_bad_frames in /metrics");
+    let bad_frames = cluster.metric(1, "wire_bad_frames").expect("wire_bad_frames in /metrics");
     assert!(bad_frames >= 5.0, "bad frames counted: {bad_frames}");
     // Still healthy and serving.
     assert!(cluster.wait_healthy(Duration::from_secs(10)).healthy);

@@ -84,18 +84,9 @@ impl TestCluster {
             let host_dir = dir.path().join(&seed.name);
             std::fs::create_dir_all(&host_dir).unwrap();
             let mut node_config = node::NodeConfig {
-                node_id: seed.id,
-                data_dir: "data".into(),
-                cluster_config_dir: "../config".into(),
                 roles: vec!["storage".into()],
                 gc_interval_ms: 200,
-                fault_domain: None,
-                disks: Vec::new(),
-                owner_threads: None,
-                component_threads: None,
-                repair_delay_secs: 3600,
-                orphan_grace_secs: 300,
-                resync_concurrency: 2,
+                ..node::NodeConfig::new(seed.id, "data", "../config")
             };
             edit(&mut node_config);
             let config_path = host_dir.join("node.toml");
@@ -195,6 +186,14 @@ impl TestCluster {
             .map_err(|error| error.to_string())?
             .into_json()
             .map_err(|error| error.to_string())
+    }
+
+    /// A counter or gauge from host `id`'s `/metrics` (unlabelled), if it
+    /// reports it.
+    pub fn metric(&self, id: u64, name: &str) -> Option<f64> {
+        let metrics = ureq::get(&format!("http://{}/metrics", self.admin(id))).call().ok()?.into_string().ok()?;
+        let line = metrics.lines().find(|line| line.split_whitespace().next() == Some(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
     }
 
     pub fn status(&self) -> Option<ClusterStatus> {

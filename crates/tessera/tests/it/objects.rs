@@ -432,20 +432,8 @@ fn scenario(outage: Outage) {
 /// Every resync queued a task in the cluster's task queue (counted by the
 /// hosts that ran them), and none is left there once the object is healthy.
 fn resyncs_went_through_the_queue(cluster: &TestCluster) {
-    let queued: f64 = cluster
-        .running()
-        .into_iter()
-        .map(|id| {
-            let url = format!("http://{}/metrics", cluster.admin(id));
-            let metrics = ureq::get(&url).call().unwrap().into_string().unwrap();
-            metrics
-                .lines()
-                .find(|line| line.starts_with("objects_resync_tasks_total "))
-                .and_then(|line| line.split_whitespace().nth(1))
-                .and_then(|value| value.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        })
-        .sum();
+    let queued: f64 =
+        cluster.running().into_iter().filter_map(|id| cluster.metric(id, "objects_resync_tasks_total")).sum();
     assert!(queued >= 1.0, "no resync went through the task queue");
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
