@@ -102,8 +102,9 @@ pub struct Digests {
 pub enum PduError {
     #[error("header digest mismatch: computed {computed:#010x}, received {received:#010x}")]
     HeaderDigest { computed: u32, received: u32 },
+    /// `used`: the bytes the PDU took (the stream goes on after them).
     #[error("data digest mismatch: computed {computed:#010x}, received {received:#010x}")]
-    DataDigest { computed: u32, received: u32 },
+    DataDigest { computed: u32, received: u32, used: usize },
     #[error("data segment of {length} bytes exceeds the {limit} this side accepts")]
     DataTooLong { length: usize, limit: usize },
 }
@@ -237,38 +238,34 @@ impl Pdu {
     /// are needed, else the PDU and how many bytes it took. A data segment
     /// longer than `max_data` is refused before any of it is awaited.
     pub fn decode(bytes: &[u8], digests: Digests, max_data: usize) -> Result<Option<(Pdu, usize)>, PduError> {
-        let Some(bhs) = bytes.get(..BHS_LEN) else { return Ok(None) };
-        let ahs_len = bhs[4] as usize * 4;
-        let data_len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
-        if data_len > max_data {
-            return Err(PduError::DataTooLong { length: data_len, limit: max_data });
-        }
-        let header_len = BHS_LEN + ahs_len;
-        let header_end = header_len + if digests.header { DIGEST_LEN } else { 0 };
-        let Some(header) = bytes.get(..header_end) else { return Ok(None) };
-        if digests.header {
-            let computed = digest(&[&header[..header_len]]);
-            let received = u32::from_le_bytes(header[header_len..].try_into().expect("4 bytes"));
-            if computed != received {
-                return Err(PduError::HeaderDigest { computed, received });
-            }
-        }
-        let data_end = header_end + padded(data_len);
-        let total = data_end + if digests.data && data_len > 0 { DIGEST_LEN } else { 0 };
-        let Some(all) = bytes.get(..total) else { return Ok(None) };
-        if digests.data && data_len > 0 {
-            let computed = digest(&[&all[header_end..data_end]]);
-            let received = u32::from_le_bytes(all[data_end..].try_into().expect("4 bytes"));
-            if computed != received {
-                return Err(PduError::DataDigest { computed, received });
-            }
-        }
+        let Some(frame) = Frame::find(bytes, digests, max_data)? else { return Ok(None) };
         let pdu = Pdu {
-            bhs: bhs.try_into().expect("48 bytes"),
-            ahs: Bytes::copy_from_slice(&header[BHS_LEN..header_len]),
-            data: Bytes::copy_from_slice(&all[header_end..header_end + data_len]),
+            bhs: bytes[..BHS_LEN].try_into().expect("48 bytes"),
+            ahs: Bytes::copy_from_slice(&bytes[BHS_LEN..frame.header_len]),
+            data: Bytes::copy_from_slice(&bytes[frame.header_end..frame.header_end + frame.data_len]),
         };
-        Ok(Some((pdu, total)))
+        Ok(Some((pdu, frame.total)))
+    }
+
+    /// Like [`Pdu::decode`], taking the PDU's bytes off the front of `buffer`
+    /// without copying its data segment. After a data digest error the PDU's
+    /// bytes are taken off too, so the stream can go on.
+    pub fn take(buffer: &mut BytesMut, digests: Digests, max_data: usize) -> Result<Option<Pdu>, PduError> {
+        let frame = match Frame::find(buffer, digests, max_data) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok(None),
+            Err(error @ PduError::DataDigest { used, .. }) => {
+                let _ = buffer.split_to(used);
+                return Err(error);
+            }
+            Err(error) => return Err(error),
+        };
+        let bytes = buffer.split_to(frame.total).freeze();
+        Ok(Some(Pdu {
+            bhs: bytes[..BHS_LEN].try_into().expect("48 bytes"),
+            ahs: bytes.slice(BHS_LEN..frame.header_len),
+            data: bytes.slice(frame.header_end..frame.header_end + frame.data_len),
+        }))
     }
 
     /// Appends the PDU's wire form: lengths set from `ahs` and `data`,
@@ -294,6 +291,46 @@ impl Pdu {
                 out.put_u32_le(digest(&[&self.data, padding]));
             }
         }
+    }
+}
+
+/// Where a PDU's parts lie in the bytes that carry it.
+struct Frame {
+    header_len: usize,
+    header_end: usize,
+    data_len: usize,
+    total: usize,
+}
+
+impl Frame {
+    fn find(bytes: &[u8], digests: Digests, max_data: usize) -> Result<Option<Frame>, PduError> {
+        let Some(bhs) = bytes.get(..BHS_LEN) else { return Ok(None) };
+        let ahs_len = bhs[4] as usize * 4;
+        let data_len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
+        if data_len > max_data {
+            return Err(PduError::DataTooLong { length: data_len, limit: max_data });
+        }
+        let header_len = BHS_LEN + ahs_len;
+        let header_end = header_len + if digests.header { DIGEST_LEN } else { 0 };
+        let Some(header) = bytes.get(..header_end) else { return Ok(None) };
+        if digests.header {
+            let computed = digest(&[&header[..header_len]]);
+            let received = u32::from_le_bytes(header[header_len..].try_into().expect("4 bytes"));
+            if computed != received {
+                return Err(PduError::HeaderDigest { computed, received });
+            }
+        }
+        let data_end = header_end + padded(data_len);
+        let total = data_end + if digests.data && data_len > 0 { DIGEST_LEN } else { 0 };
+        let Some(all) = bytes.get(..total) else { return Ok(None) };
+        if digests.data && data_len > 0 {
+            let computed = digest(&[&all[header_end..data_end]]);
+            let received = u32::from_le_bytes(all[data_end..].try_into().expect("4 bytes"));
+            if computed != received {
+                return Err(PduError::DataDigest { computed, received, used: total });
+            }
+        }
+        Ok(Some(Frame { header_len, header_end, data_len, total }))
     }
 }
 

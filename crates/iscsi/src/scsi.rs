@@ -1,0 +1,1266 @@
+//! The SCSI command set of a direct-access block device (SPC-4, SBC-3)
+//! over a [`BlockDevice`].
+//!
+//! [`LogicalUnit::execute`] takes one command descriptor block with its
+//! data-out buffer and the I_T nexus it came from, and returns the status,
+//! the data-in buffer and the sense data. It knows nothing of iSCSI: the
+//! connection layer moves the buffers.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+
+use crate::pr::{self, Access, PrError, Reservations};
+use crate::sense::{self, status, Sense};
+
+/// Most blocks one READ or WRITE may move (block limits VPD).
+pub const TRANSFER_BLOCKS_MAX: u32 = 65_536;
+/// Most blocks one WRITE SAME may cover (written in pieces).
+pub const WRITE_SAME_BLOCKS_MAX: u64 = 1 << 20;
+/// Most blocks one COMPARE AND WRITE may cover.
+pub const COMPARE_AND_WRITE_BLOCKS_MAX: u8 = 32;
+pub const UNMAP_BLOCKS_MAX: u32 = 1 << 20;
+pub const UNMAP_DESCRIPTORS_MAX: u32 = 256;
+const VENDOR: &[u8; 8] = b"TESSERA ";
+const PRODUCT: &[u8; 16] = b"VOLUME          ";
+const REVISION: &[u8; 4] = b"0001";
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum IoError {
+    /// The storage failed this request for good.
+    #[error("medium error: {0}")]
+    Medium(String),
+    /// The storage cannot serve the request now (healing, moving); the
+    /// initiator should retry.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type IoResult<T> = Result<T, IoError>;
+
+/// The storage under a logical unit, in logical blocks.
+pub trait BlockDevice: Send + Sync + 'static {
+    fn block_size(&self) -> u32;
+    /// The capacity now (a volume may grow).
+    fn blocks(&self) -> u64;
+    fn read(&self, lba: u64, count: u32) -> BoxFuture<'_, IoResult<Bytes>>;
+    /// `data` is a whole number of blocks.
+    fn write(&self, lba: u64, data: Bytes) -> BoxFuture<'_, IoResult<()>>;
+    /// Deallocates; the blocks then read as zeros.
+    fn unmap(&self, lba: u64, count: u64) -> BoxFuture<'_, IoResult<()>>;
+    fn flush(&self) -> BoxFuture<'_, IoResult<()>>;
+    /// The device's own block, in logical blocks: a write or unmap that
+    /// covers part of one is read-modify-write inside the device, and the
+    /// logical unit runs such requests alone.
+    fn granularity(&self) -> u32 {
+        1
+    }
+    /// Whether `lba` is mapped, and how many blocks from it share that state.
+    fn provisioning(&self, lba: u64) -> BoxFuture<'_, IoResult<(bool, u64)>> {
+        let left = self.blocks().saturating_sub(lba);
+        Box::pin(async move { Ok((true, left)) })
+    }
+}
+
+/// The target port a command came through.
+#[derive(Clone, Debug)]
+pub struct Port {
+    pub target: String,
+    pub relative_port: u16,
+    pub group: u16,
+}
+
+/// One command as the transport delivers it.
+pub struct Command<'a> {
+    pub cdb: &'a [u8],
+    pub data: Bytes,
+    /// The initiator port: `<iqn>,i,0x<isid>`.
+    pub nexus: &'a str,
+    pub port: &'a Port,
+    /// The logical unit numbers of the target (REPORT LUNS).
+    pub luns: &'a [u64],
+    /// The transport's expected data transfer length.
+    pub expected_length: u32,
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u8,
+    pub data: Bytes,
+    /// Sense data, already formatted.
+    pub sense: Option<Bytes>,
+}
+
+impl Reply {
+    pub fn good(data: impl Into<Bytes>) -> Reply {
+        Reply { status: status::GOOD, data: data.into(), sense: None }
+    }
+
+    pub fn status(status: u8) -> Reply {
+        Reply { status, data: Bytes::new(), sense: None }
+    }
+
+    pub fn check(sense: Sense, descriptor: bool) -> Reply {
+        let bytes = if descriptor { sense.descriptor() } else { sense.fixed() };
+        Reply { status: status::CHECK_CONDITION, data: Bytes::new(), sense: Some(bytes.into()) }
+    }
+}
+
+/// Mode parameters a MODE SELECT may change.
+#[derive(Clone, Copy, Debug, Default)]
+struct Modes {
+    descriptor_sense: bool,
+    software_write_protect: bool,
+}
+
+#[derive(Default)]
+struct UnitState {
+    reservations: Reservations,
+    attentions: HashMap<String, VecDeque<(u8, u8)>>,
+    nexuses: HashSet<String>,
+    modes: Modes,
+    blocks_seen: u64,
+}
+
+/// A logical unit: a block device with its identity, reservations, unit
+/// attentions and mode pages.
+pub struct LogicalUnit {
+    device: Arc<dyn BlockDevice>,
+    serial: String,
+    naa: [u8; 16],
+    state: Mutex<UnitState>,
+    /// COMPARE AND WRITE holds it exclusively; writes share it.
+    atomic: tokio::sync::RwLock<()>,
+}
+
+type Outcome = Result<Reply, Sense>;
+
+enum Guard<'a> {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
+}
+
+fn be16(bytes: &[u8]) -> u16 {
+    u16::from_be_bytes([bytes[0], bytes[1]])
+}
+
+fn be32(bytes: &[u8]) -> u32 {
+    u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes"))
+}
+
+fn be64(bytes: &[u8]) -> u64 {
+    u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"))
+}
+
+/// Commands this unit runs: (opcode, service action, CDB length).
+const COMMANDS: &[(u8, Option<u8>, usize)] = &[
+    (0x00, None, 6),
+    (0x03, None, 6),
+    (0x08, None, 6),
+    (0x0a, None, 6),
+    (0x12, None, 6),
+    (0x15, None, 6),
+    (0x16, None, 6),
+    (0x17, None, 6),
+    (0x1a, None, 6),
+    (0x25, None, 10),
+    (0x28, None, 10),
+    (0x2a, None, 10),
+    (0x2e, None, 10),
+    (0x2f, None, 10),
+    (0x34, None, 10),
+    (0x35, None, 10),
+    (0x37, None, 10),
+    (0x41, None, 10),
+    (0x42, None, 10),
+    (0x55, None, 10),
+    (0x5a, None, 10),
+    (0x5e, Some(0), 10),
+    (0x5e, Some(1), 10),
+    (0x5e, Some(2), 10),
+    (0x5e, Some(3), 10),
+    (0x5f, Some(0), 10),
+    (0x5f, Some(1), 10),
+    (0x5f, Some(2), 10),
+    (0x5f, Some(3), 10),
+    (0x5f, Some(4), 10),
+    (0x5f, Some(5), 10),
+    (0x5f, Some(6), 10),
+    (0x5f, Some(7), 10),
+    (0x88, None, 16),
+    (0x89, None, 16),
+    (0x8a, None, 16),
+    (0x8e, None, 16),
+    (0x8f, None, 16),
+    (0x90, None, 16),
+    (0x91, None, 16),
+    (0x93, None, 16),
+    (0x9e, Some(0x10), 16),
+    (0x9e, Some(0x12), 16),
+    (0xa0, None, 12),
+    (0xa3, Some(0x0a), 12),
+    (0xa3, Some(0x0c), 12),
+    (0xa8, None, 12),
+    (0xaa, None, 12),
+    (0xae, None, 12),
+    (0xaf, None, 12),
+    (0xb7, None, 12),
+];
+
+/// The CDB length of a command by its group code.
+pub fn cdb_length(opcode: u8) -> usize {
+    match opcode >> 5 {
+        0 => 6,
+        1 | 2 => 10,
+        4 => 16,
+        5 => 12,
+        _ => 16,
+    }
+}
+
+/// The data-out bytes a command's CDB asks for, when it asks for any.
+pub fn data_out_bytes(cdb: &[u8], block_size: u32) -> Option<usize> {
+    let opcode = *cdb.first()?;
+    if cdb.len() < cdb_length(opcode) {
+        return None;
+    }
+    let block = block_size as usize;
+    let blocks = |cdb: &[u8]| lba_and_length(cdb).1 as usize;
+    Some(match opcode {
+        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e => blocks(cdb) * block,
+        0x2f | 0xaf | 0x8f => match (cdb[1] >> 1) & 3 {
+            0 => 0,
+            1 => blocks(cdb) * block,
+            _ => block,
+        },
+        0x41 => block,
+        0x93 => if cdb[1] & 0x01 != 0 { 0 } else { block },
+        0x89 => 2 * usize::from(cdb[13]) * block,
+        0x42 | 0x55 => usize::from(be16(&cdb[7..])),
+        0x15 => usize::from(cdb[4]),
+        0x5f => be32(&cdb[5..]) as usize,
+        _ => return None,
+    })
+}
+
+/// How a command reaches the medium, for reservation checks.
+fn access(opcode: u8) -> Access {
+    match opcode {
+        // PR OUT checks keys itself; READ DEFECT DATA has no medium access.
+        0x00 | 0x03 | 0x12 | 0x25 | 0x5e | 0x5f | 0xa0 | 0xa3 | 0x9e | 0x1a | 0x5a | 0x35 | 0x91 | 0x37 | 0xb7 => {
+            Access::Always
+        }
+        0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x34 | 0x90 => Access::Read,
+        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 => Access::Write,
+        _ => Access::Other,
+    }
+}
+
+/// A read or write: (LBA, blocks, protection field) from its CDB.
+fn lba_and_length(cdb: &[u8]) -> (u64, u32, u8) {
+    match cdb[0] {
+        0x08 | 0x0a => {
+            let lba = (u32::from(cdb[1] & 0x1f) << 16 | u32::from(cdb[2]) << 8 | u32::from(cdb[3])) as u64;
+            let count = if cdb[4] == 0 { 256 } else { u32::from(cdb[4]) };
+            (lba, count, 0)
+        }
+        0x28 | 0x2a | 0x2e | 0x2f | 0x34 | 0x35 | 0x41 => {
+            (u64::from(be32(&cdb[2..])), u32::from(be16(&cdb[7..])), cdb[1] >> 5)
+        }
+        0xa8 | 0xaa | 0xae | 0xaf => (u64::from(be32(&cdb[2..])), be32(&cdb[6..]), cdb[1] >> 5),
+        _ => (be64(&cdb[2..]), be32(&cdb[10..]), cdb[1] >> 5),
+    }
+}
+
+impl LogicalUnit {
+    /// `id` seeds the unit's NAA identifier; `serial` is its unit serial.
+    pub fn new(device: Arc<dyn BlockDevice>, id: u64, serial: impl Into<String>) -> LogicalUnit {
+        // NAA 6 (IEEE registered extended) with a locally administered OUI.
+        let mut naa = [0u8; 16];
+        naa[0] = 0x60 | 0x0a;
+        naa[1] = 0x50;
+        naa[2] = 0x54;
+        naa[3] = 0x50;
+        naa[8..16].copy_from_slice(&id.to_be_bytes());
+        let blocks = device.blocks();
+        LogicalUnit {
+            device,
+            serial: serial.into(),
+            naa,
+            state: Mutex::new(UnitState { blocks_seen: blocks, ..UnitState::default() }),
+            atomic: tokio::sync::RwLock::new(()),
+        }
+    }
+
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.device
+    }
+
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+
+    fn block_size(&self) -> u32 {
+        self.device.block_size()
+    }
+
+    fn descriptor_sense(&self) -> bool {
+        self.state.lock().expect("unit state").modes.descriptor_sense
+    }
+
+    /// The reservations, for PR IN and for tests.
+    pub fn reservations(&self) -> Reservations {
+        self.state.lock().expect("unit state").reservations.clone()
+    }
+
+    /// A LUN reset: RESERVE(6) ends and every nexus gets a unit attention.
+    pub fn reset(&self) {
+        let mut state = self.state.lock().expect("unit state");
+        state.reservations.reset_legacy(None);
+        let nexuses: Vec<String> = state.nexuses.iter().cloned().collect();
+        for nexus in nexuses {
+            state.attentions.entry(nexus).or_default().push_back((0x29, 0x03));
+        }
+    }
+
+    /// The nexus is gone (its session ended): it no longer holds RESERVE(6).
+    pub fn nexus_lost(&self, nexus: &str) {
+        let mut state = self.state.lock().expect("unit state");
+        state.reservations.reset_legacy(Some(nexus));
+    }
+
+    pub async fn execute(&self, command: Command<'_>) -> Reply {
+        let descriptor = self.descriptor_sense();
+        match self.run(command).await {
+            Ok(reply) => reply,
+            Err(sense) => Reply::check(sense, descriptor),
+        }
+    }
+
+    async fn run(&self, command: Command<'_>) -> Outcome {
+        let cdb = command.cdb;
+        let Some(&opcode) = cdb.first() else { return Err(Sense::invalid_opcode()) };
+        if cdb.len() < cdb_length(opcode) {
+            return Err(Sense::invalid_opcode());
+        }
+        // Unit attentions and reservations.
+        {
+            let mut state = self.state.lock().expect("unit state");
+            let blocks = self.device.blocks();
+            if blocks != state.blocks_seen {
+                state.blocks_seen = blocks;
+                let nexuses: Vec<String> = state.nexuses.iter().cloned().collect();
+                for nexus in nexuses {
+                    state.attentions.entry(nexus).or_default().push_back((0x2a, 0x09));
+                }
+            }
+            state.nexuses.insert(command.nexus.to_string());
+            if !matches!(opcode, 0x12 | 0x03 | 0xa0) {
+                if let Some((asc, ascq)) = state.attentions.get_mut(command.nexus).and_then(|queue| queue.pop_front()) {
+                    return Err(Sense::new(sense::key::UNIT_ATTENTION, asc, ascq));
+                }
+            }
+            let legacy_conflict = state.reservations.legacy.as_ref().is_some_and(|holder| holder != command.nexus)
+                && !matches!(opcode, 0x12 | 0xa0 | 0x03 | 0x16 | 0x17 | 0xa3 | 0x5e);
+            let reserve_family = matches!(opcode, 0x16 | 0x17);
+            if legacy_conflict
+                || !reserve_family && !state.reservations.allows(command.nexus, access(opcode), false)
+            {
+                return Ok(Reply::status(status::RESERVATION_CONFLICT));
+            }
+        }
+        match opcode {
+            0x00 => Ok(Reply::good(Bytes::new())),
+            0x03 => self.request_sense(&command),
+            0x12 => self.inquiry(&command),
+            0x25 => self.read_capacity10(cdb),
+            0x9e => match cdb[1] & 0x1f {
+                0x10 => self.read_capacity16(cdb),
+                0x12 => self.lba_status(cdb).await,
+                _ => Err(Sense::invalid_cdb(1, Some(4))),
+            },
+            0x08 | 0x28 | 0xa8 | 0x88 => self.read(cdb).await,
+            0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e => self.write(cdb, command.data).await,
+            0x2f | 0xaf | 0x8f => self.verify(cdb, command.data).await,
+            0x34 | 0x90 => self.prefetch(cdb),
+            0x35 | 0x91 => self.synchronize(cdb).await,
+            0x41 | 0x93 => self.write_same(cdb, command.data).await,
+            0x42 => self.unmap(cdb, command.data).await,
+            0x89 => self.compare_and_write(cdb, command.data, command.expected_length).await,
+            0x1a | 0x5a => self.mode_sense(cdb),
+            0x15 | 0x55 => self.mode_select(cdb, &command.data),
+            0xa0 => report_luns(cdb, command.luns),
+            0xa3 => match cdb[1] & 0x1f {
+                0x0a => self.report_port_groups(cdb, command.port),
+                0x0c => report_opcodes(cdb),
+                _ => Err(Sense::invalid_cdb(1, Some(4))),
+            },
+            0x16 => self.legacy_reservation(command.nexus, true),
+            0x17 => self.legacy_reservation(command.nexus, false),
+            0x5e => self.persistent_reserve_in(cdb),
+            0x5f => self.persistent_reserve_out(cdb, &command),
+            0x37 | 0xb7 => read_defect_data(cdb),
+            _ => Err(Sense::invalid_opcode()),
+        }
+    }
+
+    fn request_sense(&self, command: &Command<'_>) -> Outcome {
+        let descriptor = command.cdb[1] & 0x01 != 0;
+        let allocation = usize::from(command.cdb[4]);
+        let pending = {
+            let mut state = self.state.lock().expect("unit state");
+            state.attentions.get_mut(command.nexus).and_then(|queue| queue.pop_front())
+        };
+        let sense = match pending {
+            Some((asc, ascq)) => Sense::new(sense::key::UNIT_ATTENTION, asc, ascq),
+            None => Sense::new(sense::key::NO_SENSE, 0, 0),
+        };
+        let mut data = if descriptor { sense.descriptor() } else { sense.fixed() };
+        data.truncate(allocation);
+        Ok(Reply::good(data))
+    }
+
+    fn check_range(&self, lba: u64, count: u64) -> Result<(), Sense> {
+        let end = lba.checked_add(count).ok_or_else(Sense::lba_out_of_range)?;
+        if end > self.device.blocks() || (count == 0 && lba > self.device.blocks()) {
+            return Err(Sense::lba_out_of_range());
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<(), Sense> {
+        if self.state.lock().expect("unit state").modes.software_write_protect {
+            return Err(Sense::new(sense::key::DATA_PROTECT, 0x27, 0x02));
+        }
+        Ok(())
+    }
+
+    async fn read(&self, cdb: &[u8]) -> Outcome {
+        let (lba, count, protect) = lba_and_length(cdb);
+        if protect != 0 {
+            return Err(Sense::invalid_cdb(1, Some(7)));
+        }
+        self.check_range(lba, u64::from(count))?;
+        if count > TRANSFER_BLOCKS_MAX {
+            return Err(Sense::invalid_cdb(if cdb[0] == 0x88 { 10 } else { 7 }, None));
+        }
+        if count == 0 {
+            return Ok(Reply::good(Bytes::new()));
+        }
+        let data = self.device.read(lba, count).await.map_err(|error| io_sense(error, false))?;
+        Ok(Reply::good(data))
+    }
+
+    /// The data-out buffer must carry exactly what the CDB asks for.
+    fn take_data(data: Bytes, wanted: usize) -> Result<Bytes, Sense> {
+        if data.len() < wanted {
+            // The initiator sent less than the command needs.
+            return Err(Sense::new(sense::key::ILLEGAL_REQUEST, 0x24, 0x00));
+        }
+        Ok(data.slice(..wanted))
+    }
+
+    async fn write(&self, cdb: &[u8], data: Bytes) -> Outcome {
+        let (lba, count, protect) = lba_and_length(cdb);
+        if protect != 0 {
+            return Err(Sense::invalid_cdb(1, Some(7)));
+        }
+        self.check_writable()?;
+        self.check_range(lba, u64::from(count))?;
+        if count > TRANSFER_BLOCKS_MAX {
+            return Err(Sense::invalid_cdb(if cdb[0] == 0x8a { 10 } else { 7 }, None));
+        }
+        if count == 0 {
+            return Ok(Reply::good(Bytes::new()));
+        }
+        // The transport moved min(expected length, what the CDB asks);
+        // a shorter transfer writes only the whole blocks it carried.
+        let block = self.block_size() as usize;
+        let wanted = count as usize * block;
+        let data = data.slice(..data.len().min(wanted));
+        if data.len() % block != 0 {
+            return Err(Sense::new(sense::key::ILLEGAL_REQUEST, 0x0e, 0x03));
+        }
+        if data.is_empty() {
+            return Ok(Reply::good(Bytes::new()));
+        }
+        let blocks = (data.len() / block) as u64;
+        let _guard = self.lock_for(lba, blocks).await;
+        self.device.write(lba, data).await.map_err(|error| io_sense(error, true))?;
+        Ok(Reply::good(Bytes::new()))
+    }
+
+    /// Shared for requests that cover whole device blocks; exclusive for
+    /// the read-modify-writes the others need.
+    async fn lock_for(&self, lba: u64, blocks: u64) -> Guard<'_> {
+        let granularity = u64::from(self.device.granularity().max(1));
+        if lba % granularity == 0 && blocks % granularity == 0 {
+            Guard::Shared(self.atomic.read().await)
+        } else {
+            Guard::Exclusive(self.atomic.write().await)
+        }
+    }
+
+    async fn verify(&self, cdb: &[u8], data: Bytes) -> Outcome {
+        let (lba, count, protect) = lba_and_length(cdb);
+        if protect != 0 {
+            return Err(Sense::invalid_cdb(1, Some(7)));
+        }
+        let byte_check = (cdb[1] >> 1) & 0x03;
+        self.check_range(lba, u64::from(count))?;
+        if count > TRANSFER_BLOCKS_MAX {
+            return Err(Sense::invalid_cdb(7, None));
+        }
+        if count == 0 {
+            return Ok(Reply::good(Bytes::new()));
+        }
+        let medium = self.device.read(lba, count).await.map_err(|error| io_sense(error, false))?;
+        let block = self.block_size() as usize;
+        match byte_check {
+            0 => Ok(Reply::good(Bytes::new())),
+            1 => {
+                let expected = Self::take_data(data, count as usize * block)?;
+                compare(&medium, &expected).map(|()| Reply::good(Bytes::new()))
+            }
+            3 => {
+                let one = Self::take_data(data, block)?;
+                for (index, chunk) in medium.chunks(block).enumerate() {
+                    if let Some(at) = chunk.iter().zip(one.iter()).position(|(a, b)| a != b) {
+                        return Err(Sense::miscompare((index * block + at) as u64));
+                    }
+                }
+                Ok(Reply::good(Bytes::new()))
+            }
+            _ => Err(Sense::invalid_cdb(1, Some(1))),
+        }
+    }
+
+    fn prefetch(&self, cdb: &[u8]) -> Outcome {
+        let (lba, count) = if cdb[0] == 0x34 {
+            (u64::from(be32(&cdb[2..])), u64::from(be16(&cdb[7..])))
+        } else {
+            (be64(&cdb[2..]), u64::from(be32(&cdb[10..])))
+        };
+        self.check_range(lba, count)?;
+        Ok(Reply::good(Bytes::new()))
+    }
+
+    async fn synchronize(&self, cdb: &[u8]) -> Outcome {
+        let (lba, count) = if cdb[0] == 0x35 {
+            (u64::from(be32(&cdb[2..])), u64::from(be16(&cdb[7..])))
+        } else {
+            (be64(&cdb[2..]), u64::from(be32(&cdb[10..])))
+        };
+        self.check_range(lba, count)?;
+        self.device.flush().await.map_err(|error| io_sense(error, true))?;
+        Ok(Reply::good(Bytes::new()))
+    }
+
+    async fn write_same(&self, cdb: &[u8], data: Bytes) -> Outcome {
+        let sixteen = cdb[0] == 0x93;
+        let (lba, count) = if sixteen {
+            (be64(&cdb[2..]), u64::from(be32(&cdb[10..])))
+        } else {
+            (u64::from(be32(&cdb[2..])), u64::from(be16(&cdb[7..])))
+        };
+        if cdb[1] >> 5 != 0 {
+            return Err(Sense::invalid_cdb(1, Some(7)));
+        }
+        let unmap = cdb[1] & 0x08 != 0;
+        let anchor = cdb[1] & 0x10 != 0;
+        let no_data = sixteen && cdb[1] & 0x01 != 0;
+        if anchor {
+            return Err(Sense::invalid_cdb(1, Some(4)));
+        }
+        let count = if count == 0 {
+            // To the end of the medium (WSNZ is clear).
+            let blocks = self.device.blocks();
+            if lba > blocks {
+                return Err(Sense::lba_out_of_range());
+            }
+            blocks - lba
+        } else {
+            count
+        };
+        if count > WRITE_SAME_BLOCKS_MAX {
+            return Err(Sense::invalid_cdb(if sixteen { 10 } else { 7 }, None));
+        }
+        self.check_writable()?;
+        self.check_range(lba, count)?;
+        let block = self.block_size() as usize;
+        let pattern = if no_data { Bytes::from(vec![0u8; block]) } else { Self::take_data(data, block)? };
+        let _guard = self.lock_for(lba, count).await;
+        // With UNMAP the range is deallocated whatever the block holds (it
+        // then reads as zeros, LBPRZ), as other targets and initiators expect.
+        if unmap {
+            self.device.unmap(lba, count).await.map_err(|error| io_sense(error, true))?;
+            return Ok(Reply::good(Bytes::new()));
+        }
+        let piece_blocks = u64::from(TRANSFER_BLOCKS_MAX).min(count);
+        let mut piece = BytesMut::with_capacity(piece_blocks as usize * block);
+        for _ in 0..piece_blocks {
+            piece.extend_from_slice(&pattern);
+        }
+        let piece = piece.freeze();
+        let mut done = 0;
+        while done < count {
+            let blocks = piece_blocks.min(count - done);
+            let data = piece.slice(..blocks as usize * block);
+            self.device.write(lba + done, data).await.map_err(|error| io_sense(error, true))?;
+            done += blocks;
+        }
+        Ok(Reply::good(Bytes::new()))
+    }
+
+    async fn unmap(&self, cdb: &[u8], data: Bytes) -> Outcome {
+        if cdb[1] & 0x01 != 0 {
+            // ANCHOR
+            return Err(Sense::invalid_cdb(1, Some(0)));
+        }
+        let length = usize::from(be16(&cdb[7..]));
+        if length == 0 {
+            return Ok(Reply::good(Bytes::new()));
+        }
+        if length < 8 || data.len() < 8 {
+            return Err(Sense::parameter_list_length());
+        }
+        let data = data.slice(..length.min(data.len()));
+        let descriptors_length = usize::from(be16(&data[2..]));
+        if descriptors_length % 16 != 0 || data.len() < 8 + descriptors_length {
+            return Err(Sense::parameter_list_length());
+        }
+        let count = descriptors_length / 16;
+        if count as u32 > UNMAP_DESCRIPTORS_MAX {
+            return Err(Sense::invalid_parameter(2));
+        }
+        let mut ranges = Vec::with_capacity(count);
+        for index in 0..count {
+            let descriptor = &data[8 + index * 16..8 + (index + 1) * 16];
+            let (lba, blocks) = (be64(descriptor), u64::from(be32(&descriptor[8..])));
+            if blocks > u64::from(UNMAP_BLOCKS_MAX) {
+                return Err(Sense::invalid_parameter((8 + index * 16 + 8) as u16));
+            }
+            self.check_range(lba, blocks)?;
+            ranges.push((lba, blocks));
+        }
+        self.check_writable()?;
+        let _exclusive = self.atomic.write().await;
+        for (lba, blocks) in ranges {
+            if blocks > 0 {
+                self.device.unmap(lba, blocks).await.map_err(|error| io_sense(error, true))?;
+            }
+        }
+        Ok(Reply::good(Bytes::new()))
+    }
+
+    async fn compare_and_write(&self, cdb: &[u8], data: Bytes, expected: u32) -> Outcome {
+        if cdb[1] >> 5 != 0 {
+            return Err(Sense::invalid_cdb(1, Some(7)));
+        }
+        let lba = be64(&cdb[2..]);
+        let count = cdb[13];
+        if count > COMPARE_AND_WRITE_BLOCKS_MAX {
+            return Err(Sense::invalid_cdb(13, None));
+        }
+        let length = usize::from(count) * self.block_size() as usize;
+        if expected as usize != 2 * length {
+            return Err(Sense::invalid_cdb(13, None));
+        }
+        self.check_writable()?;
+        self.check_range(lba, u64::from(count))?;
+        if count == 0 {
+            return Ok(Reply::good(Bytes::new()));
+        }
+        let data = Self::take_data(data, 2 * length)?;
+        let _exclusive = self.atomic.write().await;
+        let medium = self.device.read(lba, u32::from(count)).await.map_err(|error| io_sense(error, false))?;
+        compare(&medium, &data[..length])?;
+        self.device.write(lba, data.slice(length..)).await.map_err(|error| io_sense(error, true))?;
+        Ok(Reply::good(Bytes::new()))
+    }
+
+    fn read_capacity10(&self, cdb: &[u8]) -> Outcome {
+        if cdb[8] & 0x01 != 0 || be32(&cdb[2..]) != 0 {
+            // PMI is obsolete; an LBA without it is invalid.
+            return Err(Sense::invalid_cdb(8, Some(0)));
+        }
+        let last = self.device.blocks().saturating_sub(1);
+        let mut out = Vec::with_capacity(8);
+        out.extend_from_slice(&(last.min(0xffff_ffff) as u32).to_be_bytes());
+        out.extend_from_slice(&self.block_size().to_be_bytes());
+        Ok(Reply::good(out))
+    }
+
+    fn read_capacity16(&self, cdb: &[u8]) -> Outcome {
+        let allocation = be32(&cdb[10..]) as usize;
+        let mut out = vec![0u8; 32];
+        out[0..8].copy_from_slice(&self.device.blocks().saturating_sub(1).to_be_bytes());
+        out[8..12].copy_from_slice(&self.block_size().to_be_bytes());
+        // LBPME and LBPRZ: thin provisioned, unmapped blocks read as zeros.
+        out[14] = 0x80 | 0x40;
+        out.truncate(allocation);
+        Ok(Reply::good(out))
+    }
+
+    async fn lba_status(&self, cdb: &[u8]) -> Outcome {
+        let lba = be64(&cdb[2..]);
+        let allocation = be32(&cdb[10..]) as usize;
+        let blocks = self.device.blocks();
+        if lba >= blocks {
+            return Err(Sense::lba_out_of_range());
+        }
+        let mut out = vec![0u8; 8];
+        let mut at = lba;
+        let room = allocation.saturating_sub(8) / 16;
+        let mut descriptors = 0;
+        while at < blocks && descriptors < room.clamp(1, 64) {
+            let (mapped, run) = self.device.provisioning(at).await.map_err(|error| io_sense(error, false))?;
+            let run = run.clamp(1, blocks - at).min(u64::from(u32::MAX));
+            out.extend_from_slice(&at.to_be_bytes());
+            out.extend_from_slice(&(run as u32).to_be_bytes());
+            out.extend_from_slice(&[if mapped { 0 } else { 1 }, 0, 0, 0]);
+            at += run;
+            descriptors += 1;
+        }
+        let length = (out.len() - 4) as u32;
+        out[0..4].copy_from_slice(&length.to_be_bytes());
+        out.truncate(allocation);
+        Ok(Reply::good(out))
+    }
+
+    fn inquiry(&self, command: &Command<'_>) -> Outcome {
+        let cdb = command.cdb;
+        let allocation = usize::from(be16(&cdb[3..]));
+        if cdb[1] & 0x02 != 0 {
+            // CMDDT (obsolete)
+            return Err(Sense::invalid_cdb(1, Some(1)));
+        }
+        let mut data = if cdb[1] & 0x01 == 0 {
+            if cdb[2] != 0 {
+                return Err(Sense::invalid_cdb(2, None));
+            }
+            standard_inquiry()
+        } else {
+            self.vpd(cdb[2], command.port)?
+        };
+        data.truncate(allocation);
+        Ok(Reply::good(data))
+    }
+
+    fn vpd(&self, page: u8, port: &Port) -> Result<Vec<u8>, Sense> {
+        let body: Vec<u8> = match page {
+            0x00 => vec![0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2],
+            0x80 => self.serial.as_bytes().to_vec(),
+            0x83 => self.identification(port),
+            0xb0 => {
+                let mut body = vec![0u8; 0x3c];
+                body[1] = COMPARE_AND_WRITE_BLOCKS_MAX;
+                // Optimal transfer length granularity: the device's block.
+                body[2..4].copy_from_slice(&(self.device.granularity().max(1) as u16).to_be_bytes());
+                body[4..8].copy_from_slice(&TRANSFER_BLOCKS_MAX.to_be_bytes());
+                body[8..12].copy_from_slice(&2048u32.to_be_bytes());
+                body[16..20].copy_from_slice(&UNMAP_BLOCKS_MAX.to_be_bytes());
+                body[20..24].copy_from_slice(&UNMAP_DESCRIPTORS_MAX.to_be_bytes());
+                body[24..28].copy_from_slice(&self.device.granularity().max(1).to_be_bytes());
+                body[28..32].copy_from_slice(&0x8000_0000u32.to_be_bytes());
+                body[32..40].copy_from_slice(&WRITE_SAME_BLOCKS_MAX.to_be_bytes());
+                body
+            }
+            0xb1 => {
+                let mut body = vec![0u8; 0x3c];
+                body[0..2].copy_from_slice(&1u16.to_be_bytes()); // non-rotating
+                body
+            }
+            // LBPU, LBPWS, LBPWS10, LBPRZ; provisioning type: thin.
+            0xb2 => vec![0x00, 0x80 | 0x40 | 0x20 | 0x04, 0x02, 0x00],
+            _ => return Err(Sense::invalid_cdb(2, None)),
+        };
+        let mut out = vec![0x00, page];
+        out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    fn identification(&self, port: &Port) -> Vec<u8> {
+        fn designator(out: &mut Vec<u8>, code_set: u8, flags: u8, value: &[u8]) {
+            out.extend_from_slice(&[code_set, flags, 0, value.len() as u8]);
+            out.extend_from_slice(value);
+        }
+        fn padded_name(name: &str) -> Vec<u8> {
+            let mut bytes = name.as_bytes().to_vec();
+            bytes.push(0);
+            while bytes.len() % 4 != 0 {
+                bytes.push(0);
+            }
+            bytes
+        }
+        let mut out = Vec::new();
+        // NAA, logical unit.
+        designator(&mut out, 0x01, 0x03, &self.naa);
+        // T10 vendor identification, logical unit.
+        let mut t10 = VENDOR.to_vec();
+        t10.extend_from_slice(self.serial.as_bytes());
+        designator(&mut out, 0x02, 0x01, &t10);
+        // Relative target port and target port group (iSCSI, PIV).
+        designator(&mut out, 0x51, 0x94, &[0, 0, (port.relative_port >> 8) as u8, port.relative_port as u8]);
+        designator(&mut out, 0x51, 0x95, &[0, 0, (port.group >> 8) as u8, port.group as u8]);
+        // SCSI name strings: the target port and the target device.
+        let port_name = format!("{},t,0x{:04x}", port.target, port.group);
+        designator(&mut out, 0x53, 0x98, &padded_name(&port_name));
+        designator(&mut out, 0x53, 0xa8, &padded_name(&port.target));
+        out
+    }
+
+    fn mode_sense(&self, cdb: &[u8]) -> Outcome {
+        let ten = cdb[0] == 0x5a;
+        let no_descriptors = cdb[1] & 0x08 != 0;
+        let control = cdb[2] >> 6;
+        let page = cdb[2] & 0x3f;
+        let subpage = cdb[3];
+        let allocation = if ten { usize::from(be16(&cdb[7..])) } else { usize::from(cdb[4]) };
+        if control == 3 {
+            return Err(Sense::saving_not_supported());
+        }
+        if subpage != 0 && subpage != 0xff {
+            return Err(Sense::invalid_cdb(3, None));
+        }
+        let modes = self.state.lock().expect("unit state").modes;
+        let mut pages = Vec::new();
+        let wanted = |code: u8| page == 0x3f || page == code;
+        let known = matches!(page, 0x3f | 0x08 | 0x0a | 0x1c);
+        if !known {
+            return Err(Sense::invalid_cdb(2, Some(5)));
+        }
+        if wanted(0x08) {
+            let mut caching = vec![0u8; 20];
+            caching[0] = 0x08;
+            caching[1] = 0x12;
+            if control == 1 {
+                caching[2..].fill(0);
+            }
+            pages.extend_from_slice(&caching);
+        }
+        if wanted(0x0a) {
+            let mut page = vec![0u8; 12];
+            page[0] = 0x0a;
+            page[1] = 0x0a;
+            match control {
+                1 => {
+                    page[2] = 0x04; // D_SENSE
+                    page[4] = 0x08; // SWP
+                }
+                2 => {
+                    page[3] = 0x10;
+                }
+                _ => {
+                    page[2] = if modes.descriptor_sense { 0x04 } else { 0 };
+                    page[3] = 0x10; // unrestricted reordering
+                    page[4] = if modes.software_write_protect { 0x08 } else { 0 };
+                    page[8..10].copy_from_slice(&0xffffu16.to_be_bytes());
+                }
+            }
+            pages.extend_from_slice(&page);
+        }
+        if wanted(0x1c) {
+            let mut page = vec![0u8; 12];
+            page[0] = 0x1c;
+            page[1] = 0x0a;
+            pages.extend_from_slice(&page);
+        }
+        let write_protected = if modes.software_write_protect { 0x80 } else { 0 };
+        // DPOFUA: DPO and FUA are accepted.
+        let device_specific = write_protected | 0x10;
+        let mut block_descriptor = Vec::new();
+        if !no_descriptors {
+            let blocks = self.device.blocks().min(0xffff_ffff) as u32;
+            block_descriptor.extend_from_slice(&blocks.to_be_bytes());
+            block_descriptor.extend_from_slice(&(self.block_size() & 0x00ff_ffff).to_be_bytes());
+        }
+        let mut out = if ten {
+            let mut header = vec![0u8; 8];
+            header[3] = device_specific;
+            header[6..8].copy_from_slice(&(block_descriptor.len() as u16).to_be_bytes());
+            header
+        } else {
+            vec![0, 0, device_specific, block_descriptor.len() as u8]
+        };
+        out.extend_from_slice(&block_descriptor);
+        out.extend_from_slice(&pages);
+        if ten {
+            let length = (out.len() - 2) as u16;
+            out[0..2].copy_from_slice(&length.to_be_bytes());
+        } else {
+            out[0] = (out.len() - 1) as u8;
+        }
+        out.truncate(allocation);
+        Ok(Reply::good(out))
+    }
+
+    fn mode_select(&self, cdb: &[u8], data: &[u8]) -> Outcome {
+        let ten = cdb[0] == 0x55;
+        let length = if ten { usize::from(be16(&cdb[7..])) } else { usize::from(cdb[4]) };
+        if cdb[1] & 0x10 == 0 && length > 0 {
+            // Only page-format parameter lists.
+            return Err(Sense::invalid_cdb(1, Some(4)));
+        }
+        if cdb[1] & 0x01 != 0 {
+            return Err(Sense::invalid_cdb(1, Some(0)));
+        }
+        if length == 0 {
+            return Ok(Reply::good(Bytes::new()));
+        }
+        if data.len() < length {
+            return Err(Sense::parameter_list_length());
+        }
+        let data = &data[..length];
+        let header = if ten { 8 } else { 4 };
+        if data.len() < header {
+            return Err(Sense::parameter_list_length());
+        }
+        let descriptors = if ten { usize::from(be16(&data[6..])) } else { usize::from(data[3]) };
+        let mut at = header + descriptors;
+        if at > data.len() {
+            return Err(Sense::parameter_list_length());
+        }
+        let mut modes = self.state.lock().expect("unit state").modes;
+        while at < data.len() {
+            if at + 2 > data.len() {
+                return Err(Sense::parameter_list_length());
+            }
+            let code = data[at] & 0x3f;
+            if data[at] & 0x40 != 0 {
+                return Err(Sense::invalid_parameter(at as u16));
+            }
+            let page_length = usize::from(data[at + 1]);
+            let page = data.get(at..at + 2 + page_length).ok_or_else(Sense::parameter_list_length)?;
+            match code {
+                0x0a if page_length == 0x0a => {
+                    modes.descriptor_sense = page[2] & 0x04 != 0;
+                    modes.software_write_protect = page[4] & 0x08 != 0;
+                }
+                0x08 if page_length == 0x12 => {
+                    if page[2] & 0x04 != 0 {
+                        // WCE cannot be set: every write is durable.
+                        return Err(Sense::invalid_parameter((at + 2) as u16));
+                    }
+                }
+                0x1c if page_length == 0x0a => {}
+                _ => return Err(Sense::invalid_parameter(at as u16)),
+            }
+            at += 2 + page_length;
+        }
+        self.state.lock().expect("unit state").modes = modes;
+        Ok(Reply::good(Bytes::new()))
+    }
+
+    fn report_port_groups(&self, cdb: &[u8], port: &Port) -> Outcome {
+        let extended = (cdb[1] >> 5) == 1;
+        let allocation = be32(&cdb[6..]) as usize;
+        let mut out = if extended { vec![0, 0, 0, 0, 0x10, 0, 0, 0] } else { vec![0, 0, 0, 0] };
+        // One group, active/optimized, preferred.
+        out.extend_from_slice(&[0x80, 0x81]);
+        out.extend_from_slice(&port.group.to_be_bytes());
+        out.extend_from_slice(&[0, 0, 0, 1]);
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&port.relative_port.to_be_bytes());
+        let length = (out.len() - 4) as u32;
+        out[0..4].copy_from_slice(&length.to_be_bytes());
+        out.truncate(allocation);
+        Ok(Reply::good(out))
+    }
+
+    fn legacy_reservation(&self, nexus: &str, reserve: bool) -> Outcome {
+        let mut state = self.state.lock().expect("unit state");
+        let result =
+            if reserve { state.reservations.reserve_legacy(nexus) } else { state.reservations.release_legacy(nexus) };
+        match result {
+            Ok(()) => Ok(Reply::good(Bytes::new())),
+            Err(PrError::Conflict) => Ok(Reply::status(status::RESERVATION_CONFLICT)),
+            Err(PrError::Sense(sense)) => Err(sense),
+        }
+    }
+
+    fn persistent_reserve_in(&self, cdb: &[u8]) -> Outcome {
+        let allocation = usize::from(be16(&cdb[7..]));
+        let state = self.state.lock().expect("unit state").reservations.clone();
+        let mut out = Vec::new();
+        out.extend_from_slice(&state.generation.to_be_bytes());
+        match cdb[1] & 0x1f {
+            0 => {
+                out.extend_from_slice(&((state.registrations.len() * 8) as u32).to_be_bytes());
+                for registration in &state.registrations {
+                    out.extend_from_slice(&registration.key.to_be_bytes());
+                }
+            }
+            1 => match &state.reservation {
+                None => out.extend_from_slice(&0u32.to_be_bytes()),
+                Some(reservation) => {
+                    out.extend_from_slice(&16u32.to_be_bytes());
+                    let key = if pr::kind::all_registrants(reservation.kind) {
+                        0
+                    } else {
+                        state.registration(&reservation.holder).map(|r| r.key).unwrap_or(0)
+                    };
+                    out.extend_from_slice(&key.to_be_bytes());
+                    out.extend_from_slice(&[0, 0, 0, 0, 0, reservation.kind & 0x0f, 0, 0]);
+                }
+            },
+            2 => {
+                out.clear();
+                // Length 8; CRH, ATP_C; TMV; the types this unit supports.
+                out.extend_from_slice(&[0, 8, 0x10 | 0x04, 0x80, 0x80 | 0x40 | 0x20 | 0x08 | 0x02, 0x01, 0, 0]);
+            }
+            3 => {
+                let mut descriptors = Vec::new();
+                for registration in &state.registrations {
+                    let holder = match &state.reservation {
+                        Some(reservation) if pr::kind::all_registrants(reservation.kind) => true,
+                        Some(reservation) => reservation.holder == registration.nexus,
+                        None => false,
+                    };
+                    let transport_id = pr::transport_id(&registration.nexus);
+                    descriptors.extend_from_slice(&registration.key.to_be_bytes());
+                    descriptors.extend_from_slice(&[0, 0, 0, 0]);
+                    descriptors.push(if registration.all_target_ports { 0x02 } else { 0 } | u8::from(holder));
+                    descriptors.push(if holder { state.reservation.as_ref().map(|r| r.kind).unwrap_or(0) } else { 0 });
+                    descriptors.extend_from_slice(&[0, 0, 0, 0]);
+                    descriptors.extend_from_slice(&1u16.to_be_bytes());
+                    descriptors.extend_from_slice(&(transport_id.len() as u32).to_be_bytes());
+                    descriptors.extend_from_slice(&transport_id);
+                }
+                out.extend_from_slice(&(descriptors.len() as u32).to_be_bytes());
+                out.extend_from_slice(&descriptors);
+            }
+            _ => return Err(Sense::invalid_cdb(1, Some(4))),
+        }
+        out.truncate(allocation);
+        Ok(Reply::good(out))
+    }
+
+    fn persistent_reserve_out(&self, cdb: &[u8], command: &Command<'_>) -> Outcome {
+        let action = cdb[1] & 0x1f;
+        let kind = cdb[2] & 0x0f;
+        if cdb[2] >> 4 != 0 {
+            // Only the logical-unit scope.
+            return Err(Sense::invalid_cdb(2, Some(4)));
+        }
+        let length = be32(&cdb[5..]) as usize;
+        let data = &command.data[..length.min(command.data.len())];
+        if action == pr::action::REGISTER_AND_MOVE {
+            if length < 24 || data.len() < length {
+                return Err(Sense::parameter_list_length());
+            }
+        } else if length != 24 || data.len() < 24 {
+            return Err(Sense::parameter_list_length());
+        }
+        let flags = data[20];
+        let (specify_ports, all_target_ports, persist) = (flags & 0x08 != 0, flags & 0x04 != 0, flags & 0x01 != 0);
+        let mut request = pr::Request {
+            action,
+            kind,
+            key: be64(data),
+            service_key: be64(&data[8..]),
+            all_target_ports,
+            move_to: None,
+            unregister_on_move: false,
+        };
+        if persist {
+            // Activate Persist Through Power Loss is not offered.
+            return Err(Sense::invalid_parameter(20));
+        }
+        if specify_ports && action != pr::action::REGISTER_AND_MOVE {
+            return Err(Sense::invalid_parameter(20));
+        }
+        if all_target_ports && !matches!(action, pr::action::REGISTER | pr::action::REGISTER_AND_IGNORE) {
+            return Err(Sense::invalid_parameter(20));
+        }
+        if action == pr::action::REGISTER_AND_MOVE {
+            request.unregister_on_move = data[17] & 0x02 != 0;
+            let id_length = be32(&data[20..]) as usize;
+            let id = data.get(24..24 + id_length).ok_or_else(Sense::parameter_list_length)?;
+            let (name, _) = pr::parse_transport_id(id).ok_or_else(|| Sense::invalid_parameter(24))?;
+            request.move_to = Some(name);
+            request.all_target_ports = false;
+        }
+        let mut state = self.state.lock().expect("unit state");
+        match state.reservations.apply(command.nexus, &request) {
+            Ok(attentions) => {
+                for (nexus, asc, ascq) in attentions {
+                    state.attentions.entry(nexus).or_default().push_back((asc, ascq));
+                }
+                Ok(Reply::good(Bytes::new()))
+            }
+            Err(PrError::Conflict) => Ok(Reply::status(status::RESERVATION_CONFLICT)),
+            Err(PrError::Sense(sense)) => Err(sense),
+        }
+    }
+}
+
+fn compare(medium: &[u8], expected: &[u8]) -> Result<(), Sense> {
+    match medium.iter().zip(expected.iter()).position(|(a, b)| a != b) {
+        Some(offset) => Err(Sense::miscompare(offset as u64)),
+        None => Ok(()),
+    }
+}
+
+fn io_sense(error: IoError, write: bool) -> Sense {
+    match error {
+        IoError::Unavailable(_) => Sense::in_transition(),
+        IoError::Medium(_) if write => Sense::write_error(),
+        IoError::Medium(_) => Sense::read_error(),
+    }
+}
+
+fn standard_inquiry() -> Vec<u8> {
+    let mut out = vec![0u8; 74];
+    out[0] = 0x00; // connected, direct access
+    out[2] = 0x06; // SPC-4
+    out[3] = 0x12; // HISUP, response data format 2
+    out[4] = (out.len() - 5) as u8;
+    out[5] = 0x10; // TPGS: implicit ALUA
+    out[7] = 0x02; // CMDQUE
+    out[8..16].copy_from_slice(VENDOR);
+    out[16..32].copy_from_slice(PRODUCT);
+    out[32..36].copy_from_slice(REVISION);
+    // Version descriptors: SAM-5, iSCSI, SPC-4, SBC-3.
+    for (index, version) in [0x00a0u16, 0x0960, 0x0460, 0x04c0].iter().enumerate() {
+        out[58 + index * 2..60 + index * 2].copy_from_slice(&version.to_be_bytes());
+    }
+    out
+}
+
+/// The single-level LUN of `lun` (peripheral or flat addressing).
+pub fn encode_lun(lun: u64) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    if lun < 256 {
+        out[1] = lun as u8;
+    } else {
+        out[0] = 0x40 | ((lun >> 8) as u8 & 0x3f);
+        out[1] = lun as u8;
+    }
+    out
+}
+
+pub fn decode_lun(bytes: u64) -> u64 {
+    let bytes = bytes.to_be_bytes();
+    match bytes[0] >> 6 {
+        0 => u64::from(bytes[1]),
+        1 => (u64::from(bytes[0] & 0x3f) << 8) | u64::from(bytes[1]),
+        _ => u64::MAX,
+    }
+}
+
+/// REPORT LUNS, answered for any LUN (it is addressed to LUN 0 or a
+/// well-known LUN).
+pub fn report_luns(cdb: &[u8], luns: &[u64]) -> Result<Reply, Sense> {
+    let allocation = be32(&cdb[6..]) as usize;
+    if allocation < 16 {
+        return Err(Sense::invalid_cdb(6, None));
+    }
+    if cdb[2] > 2 && !(0x10..=0x12).contains(&cdb[2]) {
+        return Err(Sense::invalid_cdb(2, None));
+    }
+    let listed: Vec<u64> = if cdb[2] == 1 || cdb[2] == 0x11 { Vec::new() } else { luns.to_vec() };
+    let mut out = Vec::with_capacity(8 + listed.len() * 8);
+    out.extend_from_slice(&((listed.len() * 8) as u32).to_be_bytes());
+    out.extend_from_slice(&[0; 4]);
+    for lun in listed {
+        out.extend_from_slice(&encode_lun(lun));
+    }
+    out.truncate(allocation);
+    Ok(Reply::good(out))
+}
+
+/// READ DEFECT DATA (10) and (12): a volume has no grown or primary
+/// defects, so the list is empty in whatever format was asked for.
+fn read_defect_data(cdb: &[u8]) -> Result<Reply, Sense> {
+    let format = cdb[2] & 0x07;
+    let lists = cdb[2] & 0x18;
+    let out = if cdb[0] == 0x37 {
+        let allocation = usize::from(be16(&cdb[7..]));
+        let mut out = vec![0, lists | format, 0, 0];
+        out.truncate(allocation);
+        out
+    } else {
+        let allocation = be32(&cdb[6..]) as usize;
+        let mut out = vec![0, lists | format, 0, 0, 0, 0, 0, 0];
+        out.truncate(allocation);
+        out
+    };
+    Ok(Reply::good(out))
+}
+
+/// REPORT SUPPORTED OPERATION CODES.
+pub fn report_opcodes(cdb: &[u8]) -> Result<Reply, Sense> {
+    let timeouts = cdb[2] & 0x80 != 0;
+    let options = cdb[2] & 0x07;
+    let opcode = cdb[3];
+    let service_action = be16(&cdb[4..]);
+    let allocation = be32(&cdb[6..]) as usize;
+    let timeout_descriptor = |out: &mut Vec<u8>| {
+        out.extend_from_slice(&[0, 0x0a, 0, 0]);
+        out.extend_from_slice(&30u32.to_be_bytes());
+        out.extend_from_slice(&60u32.to_be_bytes());
+    };
+    let mut out = Vec::new();
+    match options {
+        0 => {
+            out.extend_from_slice(&[0; 4]);
+            for &(code, action, length) in COMMANDS {
+                out.push(code);
+                out.push(0);
+                out.extend_from_slice(&u16::from(action.unwrap_or(0)).to_be_bytes());
+                out.push(0);
+                out.push(if action.is_some() { 0x01 } else { 0 } | if timeouts { 0x02 } else { 0 });
+                out.extend_from_slice(&(length as u16).to_be_bytes());
+                if timeouts {
+                    timeout_descriptor(&mut out);
+                }
+            }
+            let length = (out.len() - 4) as u32;
+            out[0..4].copy_from_slice(&length.to_be_bytes());
+        }
+        1..=3 => {
+            let has_actions = COMMANDS.iter().any(|&(code, action, _)| code == opcode && action.is_some());
+            let found = COMMANDS.iter().find(|&&(code, action, _)| {
+                code == opcode
+                    && match (options, action) {
+                        (1, None) => true,
+                        (1, Some(_)) => false,
+                        (2, Some(action)) => u16::from(action) == service_action,
+                        (3, Some(action)) => u16::from(action) == service_action,
+                        (3, None) => service_action == 0,
+                        _ => false,
+                    }
+            });
+            if options == 1 && has_actions {
+                return Err(Sense::invalid_cdb(2, None));
+            }
+            if options == 2 && !has_actions && COMMANDS.iter().any(|&(code, _, _)| code == opcode) {
+                return Err(Sense::invalid_cdb(2, None));
+            }
+            match found {
+                None => out.extend_from_slice(&[0, 0x01, 0, 0]),
+                Some(&(code, action, length)) => {
+                    out.extend_from_slice(&[0, 0x03 | if timeouts { 0x80 } else { 0 }]);
+                    out.extend_from_slice(&(length as u16).to_be_bytes());
+                    let mut usage = vec![0xffu8; length];
+                    usage[0] = code;
+                    if let Some(action) = action {
+                        usage[1] = 0xe0 | action;
+                    }
+                    usage[length - 1] = 0x07;
+                    out.extend_from_slice(&usage);
+                    if timeouts {
+                        timeout_descriptor(&mut out);
+                    }
+                }
+            }
+        }
+        _ => return Err(Sense::invalid_cdb(2, Some(2))),
+    }
+    out.truncate(allocation);
+    Ok(Reply::good(out))
+}
