@@ -27,6 +27,8 @@ pub const DISKS_STREAM: StreamId = StreamId::from_name("catalog/disks");
 pub const SITES_STREAM: StreamId = StreamId::from_name("catalog/sites");
 pub const TREE_STREAM: StreamId = StreamId::from_name("catalog/tree");
 pub const OBJECTS_STREAM: StreamId = StreamId::from_name("catalog/objects");
+pub const VOLUMES_STREAM: StreamId = StreamId::from_name("catalog/volumes");
+pub const TARGETS_STREAM: StreamId = StreamId::from_name("catalog/targets");
 
 /// Compare-and-set retries before an update gives up (contention is between
 /// a handful of hosts; this bounds a pathological loop).
@@ -51,6 +53,10 @@ pub struct Catalog<T: Transport> {
     pub tree: Replicated<Register<hierarchy::Tree>, T>,
     /// Objects by name.
     pub objects: Replicated<Map<String, ObjectRecord>, T>,
+    /// Volumes by name.
+    pub volumes: Replicated<Map<String, VolumeRecord>, T>,
+    /// iSCSI targets by IQN.
+    pub targets: Replicated<Map<String, TargetRecord>, T>,
 }
 
 impl<T: Transport> Catalog<T> {
@@ -62,6 +68,8 @@ impl<T: Transport> Catalog<T> {
             sites: runtime.open(SITES_STREAM).await?,
             tree: runtime.open(TREE_STREAM).await?,
             objects: runtime.open(OBJECTS_STREAM).await?,
+            volumes: runtime.open(VOLUMES_STREAM).await?,
+            targets: runtime.open(TARGETS_STREAM).await?,
         })
     }
 
@@ -190,6 +198,48 @@ impl<T: Transport> Catalog<T> {
     /// Changes whenever an object record changes.
     pub fn watch_objects(&self) -> watch::Receiver<u64> {
         self.objects.changes()
+    }
+
+    /// Reads, modifies and writes a volume record with compare-and-set;
+    /// `modify` gets `None` when there is no such volume and returns the
+    /// new record (`Some(None)` removes it) or `None` to leave it.
+    pub async fn update_volume(
+        &self,
+        name: &str,
+        mut modify: impl FnMut(Option<&VolumeRecord>) -> Option<Option<VolumeRecord>>,
+    ) -> Result<Option<VolumeRecord>, CatalogError> {
+        for _ in 0..UPDATE_RETRIES_MAX {
+            let current = self.volumes.get(&name.to_string()).await?;
+            let Some(updated) = modify(current.as_ref().map(|(record, _)| record)) else {
+                return Ok(current.map(|(record, _)| record));
+            };
+            let expected = current.as_ref().map(|(_, version)| *version);
+            match self.volumes.compare_and_set(name.to_string(), expected, updated.clone()).await? {
+                Ok(_) => return Ok(updated),
+                Err(Conflict { .. }) => continue,
+            }
+        }
+        Err(CatalogError::Contended(format!("volume {name:?}")))
+    }
+
+    /// The same for a target record.
+    pub async fn update_target(
+        &self,
+        name: &str,
+        mut modify: impl FnMut(Option<&TargetRecord>) -> Option<Option<TargetRecord>>,
+    ) -> Result<Option<TargetRecord>, CatalogError> {
+        for _ in 0..UPDATE_RETRIES_MAX {
+            let current = self.targets.get(&name.to_string()).await?;
+            let Some(updated) = modify(current.as_ref().map(|(record, _)| record)) else {
+                return Ok(current.map(|(record, _)| record));
+            };
+            let expected = current.as_ref().map(|(_, version)| *version);
+            match self.targets.compare_and_set(name.to_string(), expected, updated.clone()).await? {
+                Ok(_) => return Ok(updated),
+                Err(Conflict { .. }) => continue,
+            }
+        }
+        Err(CatalogError::Contended(format!("target {name:?}")))
     }
 
     pub async fn put_disk(&self, disk: DiskRecord) -> Result<Position, CatalogError> {

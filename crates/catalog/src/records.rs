@@ -89,6 +89,9 @@ pub struct HostRecord {
     /// owner thread `i` talks to thread `i mod len` (empty: no storage).
     #[serde(default)]
     pub component_addresses: Vec<String>,
+    /// Where this host's iSCSI target service listens (its portal).
+    #[serde(default)]
+    pub iscsi_address: Option<String>,
 }
 
 impl HostRecord {
@@ -103,6 +106,7 @@ impl HostRecord {
             && self.state == other.state
             && self.incarnation == other.incarnation
             && self.component_addresses == other.component_addresses
+            && self.iscsi_address == other.iscsi_address
     }
 }
 
@@ -224,4 +228,44 @@ impl ObjectRecord {
             "healthy"
         }
     }
+}
+
+/// A volume (a LUN's storage): `size_bytes` over objects of `object_size`
+/// bytes each, object `i` holding bytes `[i * object_size, (i + 1) *
+/// object_size)`. Growing appends objects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub object_size: u64,
+    pub policy: Policy,
+    /// Object names, in LBA order.
+    pub objects: Vec<String>,
+    pub created_ms: u64,
+}
+
+/// CHAP secrets of a target (see the iSCSI crate).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChapRecord {
+    pub user: String,
+    pub secret: String,
+    #[serde(default)]
+    pub mutual_user: Option<String>,
+    #[serde(default)]
+    pub mutual_secret: Option<String>,
+}
+
+/// An iSCSI target: its name (IQN), its LUNs (number, volume name), who may
+/// log in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetRecord {
+    pub name: String,
+    pub luns: Vec<(u64, String)>,
+    #[serde(default)]
+    pub chap: Option<ChapRecord>,
+    /// Initiator names allowed; empty allows all.
+    #[serde(default)]
+    pub initiators: Vec<String>,
+    pub created_ms: u64,
 }

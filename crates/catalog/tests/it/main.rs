@@ -50,6 +50,7 @@ fn host(id: u64, incarnation: u64) -> HostRecord {
         epoch: 0,
         incarnation,
         component_addresses: Vec::new(),
+        iscsi_address: None,
     }
 }
 
