@@ -37,6 +37,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/v1/placement", axum::routing::post(place))
         .route("/api/v1/objects", get(list_objects).post(create_object))
         .route("/api/v1/objects/{name}", get(show_object).delete(remove_object))
+        .route("/api/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/api/v1/volumes/{name}", delete(remove_volume))
+        .route("/api/v1/volumes/{name}/grow", axum::routing::post(grow_volume))
+        .route("/api/v1/targets", get(list_targets).post(create_target))
+        .route("/api/v1/targets/{name}", delete(remove_target))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /api/v1/status") })
         .with_state(node)
 }
@@ -259,6 +264,96 @@ async fn remove_object(State(node): State<Arc<Node>>, Path(name): Path<String>) 
         Ok(Some((_, leftovers))) => Json(RemovedObject { removed: name, leftovers }).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no object named {name:?}")),
         Err(failure) => error(StatusCode::SERVICE_UNAVAILABLE, failure),
+    }
+}
+
+fn volume_error(failure: crate::targets::VolumeOpError) -> Response {
+    use crate::targets::VolumeOpError;
+    let status = match &failure {
+        VolumeOpError::Invalid(_) => StatusCode::BAD_REQUEST,
+        VolumeOpError::NotFound(_) => StatusCode::NOT_FOUND,
+        VolumeOpError::Exists(_) => StatusCode::CONFLICT,
+        VolumeOpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, failure.to_string())
+}
+
+async fn list_volumes(State(node): State<Arc<Node>>) -> Response {
+    if node.services().is_none() {
+        return not_ready();
+    }
+    Json(crate::targets::volume_statuses(&node)).into_response()
+}
+
+async fn create_volume(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<crate::targets::NewVolume>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(new) = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    match crate::targets::create_volume(&node, &new).await {
+        Ok(record) => (StatusCode::CREATED, Json(record)).into_response(),
+        Err(failure) => volume_error(failure),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Grow {
+    pub size_bytes: u64,
+}
+
+async fn grow_volume(
+    State(node): State<Arc<Node>>,
+    Path(name): Path<String>,
+    body: Result<Json<Grow>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(grow) = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    match crate::targets::grow_volume(&node, &name, grow.size_bytes).await {
+        Ok(record) => Json(record).into_response(),
+        Err(failure) => volume_error(failure),
+    }
+}
+
+async fn remove_volume(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Response {
+    match crate::targets::remove_volume(&node, &name).await {
+        Ok(record) => Json(record).into_response(),
+        Err(failure) => volume_error(failure),
+    }
+}
+
+async fn list_targets(State(node): State<Arc<Node>>) -> Response {
+    if node.services().is_none() {
+        return not_ready();
+    }
+    Json(crate::targets::target_statuses(&node)).into_response()
+}
+
+async fn create_target(
+    State(node): State<Arc<Node>>,
+    body: Result<Json<crate::targets::NewTarget>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(new) = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    match crate::targets::create_target(&node, &new).await {
+        Ok(_) => {
+            let status = crate::targets::target_statuses(&node).into_iter().find(|target| target.name == new.name);
+            (StatusCode::CREATED, Json(status)).into_response()
+        }
+        Err(failure) => volume_error(failure),
+    }
+}
+
+async fn remove_target(State(node): State<Arc<Node>>, Path(name): Path<String>) -> Response {
+    match crate::targets::remove_target(&node, &name).await {
+        Ok(record) => Json(record).into_response(),
+        Err(failure) => volume_error(failure),
     }
 }
 

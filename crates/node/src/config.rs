@@ -46,6 +46,10 @@ pub struct NodeConfig {
     /// wait their turn in the cluster's task queue (default: 2).
     #[serde(default = "default_resync_concurrency")]
     pub resync_concurrency: usize,
+    /// The port the iSCSI target service listens on, at this host's address
+    /// (hosts with the target role).
+    #[serde(default = "default_iscsi_port")]
+    pub iscsi_port: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +78,10 @@ fn default_resync_concurrency() -> usize {
     2
 }
 
+fn default_iscsi_port() -> u16 {
+    3260
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -99,6 +107,7 @@ impl NodeConfig {
             repair_delay_secs: default_repair_delay_secs(),
             orphan_grace_secs: default_orphan_grace_secs(),
             resync_concurrency: default_resync_concurrency(),
+            iscsi_port: default_iscsi_port(),
         }
     }
 

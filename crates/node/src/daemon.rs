@@ -87,6 +87,7 @@ pub struct Node {
     pub wire_stats: OnceLock<Arc<ServerStats>>,
     pub membership: crate::membership::Membership,
     pub storage: crate::storage::Storage,
+    pub targets: crate::targets::TargetService,
     pub repairs: crate::repair::Repairs,
     shutdown: watch::Sender<bool>,
 }
@@ -175,6 +176,15 @@ impl Node {
         let ip = me.address.rsplit_once(':').map(|(ip, _)| ip.trim_matches(['[', ']'])).unwrap_or("127.0.0.1");
         let storage_role = config.roles.iter().any(|role| role == "storage");
         let storage = crate::storage::Storage::start(&config, ip, storage_role).map_err(NodeError::Storage)?;
+        let target_role = config.roles.iter().any(|role| role == "target");
+        let iscsi_address = target_role.then(|| {
+            if ip.contains(':') {
+                format!("[{ip}]:{}", config.iscsi_port)
+            } else {
+                format!("{ip}:{}", config.iscsi_port)
+            }
+        });
+        let targets = crate::targets::TargetService::new(config.node_id, iscsi_address);
         let node = Arc::new(Node {
             config,
             bootstrap,
@@ -190,6 +200,7 @@ impl Node {
             wire_stats: OnceLock::new(),
             membership,
             storage,
+            targets,
             repairs: crate::repair::Repairs::default(),
             shutdown,
         });
@@ -418,6 +429,8 @@ impl Node {
             hosts: host_statuses,
             log,
             objects,
+            volumes: crate::targets::volume_statuses(self),
+            targets: crate::targets::target_statuses(self),
         }
     }
 
@@ -461,6 +474,7 @@ async fn open_services(node: Arc<Node>) {
                 crate::membership::start(node.clone());
                 crate::storage::start(node.clone());
                 crate::repair::start(node.clone());
+                crate::targets::start(node.clone());
                 return;
             }
             Err(error) => {
@@ -496,6 +510,7 @@ async fn try_open_services(node: &Node) -> Result<Services, String> {
         epoch: 0,
         incarnation: node.incarnation,
         component_addresses: node.storage.component_addresses(),
+        iscsi_address: node.targets.address.clone(),
     };
     catalog.register_host(record).await.map_err(|error| error.to_string())?;
     Ok(Services { catalog, tasks })

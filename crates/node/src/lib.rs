@@ -16,12 +16,14 @@ pub mod membership;
 pub mod repair;
 pub mod status;
 pub mod storage;
+pub mod targets;
 
 use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 pub use config::NodeConfig;
+pub use catalog::{ChapRecord, TargetRecord, VolumeRecord};
 pub use daemon::Node;
 
 /// Log output format.

@@ -19,6 +19,10 @@ pub struct ClusterStatus {
     pub tree_epoch: u64,
     #[serde(default)]
     pub objects: Vec<ObjectStatus>,
+    #[serde(default)]
+    pub volumes: Vec<crate::targets::VolumeStatus>,
+    #[serde(default)]
+    pub targets: Vec<crate::targets::TargetStatus>,
 }
 
 /// An object as `tessera status` and `tessera object show` see it.

@@ -435,7 +435,7 @@ pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<Bytes, R
     }
 }
 
-async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (IoReply, Bytes) {
+pub(crate) async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (IoReply, Bytes) {
     let Some((object, thread)) = node.storage.owned(io.name()) else {
         let record = node.services().and_then(|services| services.catalog.objects.get_local(&io.name().to_string()));
         return match record {

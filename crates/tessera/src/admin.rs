@@ -355,3 +355,145 @@ pub fn remove_object(target: &Target, name: &str) -> Result<()> {
     }
     Ok(())
 }
+
+pub fn create_volume(target: &Target, name: &str, size_bytes: u64, policy: &str, object_size: Option<u64>) -> Result<()> {
+    let body = serde_json::json!({ "name": name, "policy": policy, "size_bytes": size_bytes, "object_size": object_size });
+    let created = request(target, "POST", "/api/v1/volumes", Some(body))?;
+    let volume: node::VolumeRecord =
+        serde_json::from_value(created).context("create reply did not match this version of tessera")?;
+    println!(
+        "created volume {} ({}, {}) over {} objects of {}",
+        volume.name,
+        volume.policy,
+        human_bytes(volume.size_bytes),
+        volume.objects.len(),
+        human_bytes(volume.object_size)
+    );
+    Ok(())
+}
+
+pub fn list_volumes(target: &Target, json: bool) -> Result<()> {
+    let value = request(target, "GET", "/api/v1/volumes", None)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let volumes: Vec<node::targets::VolumeStatus> =
+        serde_json::from_value(value).context("volume list did not match this version of tessera")?;
+    if volumes.is_empty() {
+        println!("No volumes. Create one with `tessera volume create NAME --size 10GiB`.");
+    }
+    for volume in volumes {
+        println!(
+            "{:<24} {:>10}  {:<8} {:>3} objects  {}",
+            volume.name,
+            human_bytes(volume.size_bytes),
+            volume.policy,
+            volume.objects.len(),
+            volume.health
+        );
+    }
+    Ok(())
+}
+
+pub fn grow_volume(target: &Target, name: &str, size_bytes: u64) -> Result<()> {
+    let body = serde_json::json!({ "size_bytes": size_bytes });
+    let grown = request(target, "POST", &format!("/api/v1/volumes/{name}/grow"), Some(body))?;
+    let volume: node::VolumeRecord =
+        serde_json::from_value(grown).context("grow reply did not match this version of tessera")?;
+    println!("volume {} is now {} over {} objects", volume.name, human_bytes(volume.size_bytes), volume.objects.len());
+    Ok(())
+}
+
+pub fn remove_volume(target: &Target, name: &str) -> Result<()> {
+    request(target, "DELETE", &format!("/api/v1/volumes/{name}"), None)?;
+    println!("removed volume {name} and its objects");
+    Ok(())
+}
+
+/// `0=db` pairs.
+pub fn parse_luns(luns: &[String]) -> Result<Vec<(u64, String)>> {
+    luns.iter()
+        .map(|pair| {
+            let (lun, volume) = pair.split_once('=').with_context(|| format!("{pair:?} is not LUN=VOLUME"))?;
+            let lun: u64 = lun.trim().parse().with_context(|| format!("{lun:?} is not a LUN number"))?;
+            Ok((lun, volume.trim().to_string()))
+        })
+        .collect()
+}
+
+pub fn create_target(
+    target: &Target,
+    name: &str,
+    luns: Vec<(u64, String)>,
+    chap: Option<node::ChapRecord>,
+    initiators: Vec<String>,
+) -> Result<()> {
+    let body = serde_json::json!({ "name": name, "luns": luns, "chap": chap, "initiators": initiators });
+    let created = request(target, "POST", "/api/v1/targets", Some(body))?;
+    let status: Option<node::targets::TargetStatus> =
+        serde_json::from_value(created).context("create reply did not match this version of tessera")?;
+    println!("created target {name}");
+    for url in status.map(|status| status.urls).unwrap_or_default() {
+        println!("  {url}");
+    }
+    Ok(())
+}
+
+pub fn list_targets(target: &Target, json: bool) -> Result<()> {
+    let value = request(target, "GET", "/api/v1/targets", None)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let targets: Vec<node::targets::TargetStatus> =
+        serde_json::from_value(value).context("target list did not match this version of tessera")?;
+    if targets.is_empty() {
+        println!("No targets. Create one with `tessera target create IQN --lun 0=VOLUME`.");
+    }
+    for target in targets {
+        let luns: Vec<String> = target.luns.iter().map(|(lun, volume)| format!("{lun}={volume}")).collect();
+        println!("{}  LUNs {}{}", target.name, luns.join(", "), if target.chap { "  (CHAP)" } else { "" });
+        for url in target.urls {
+            println!("  {url}");
+        }
+    }
+    Ok(())
+}
+
+pub fn remove_target(target: &Target, name: &str) -> Result<()> {
+    request(target, "DELETE", &format!("/api/v1/targets/{name}"), None)?;
+    println!("removed target {name}");
+    Ok(())
+}
+
+/// The volume and target `tessera up` serves.
+pub const DEFAULT_VOLUME: &str = "vol0";
+pub const DEFAULT_TARGET: &str = "iqn.2026-11.org.tessera:vol0";
+
+/// Creates the default 1 GiB volume (mirrored when there are two or more
+/// hosts) and its target unless they exist; returns the target's URLs,
+/// the first host's first.
+pub fn ensure_default_target(target: &Target, hosts: usize) -> Result<Vec<String>> {
+    let volumes: Vec<node::targets::VolumeStatus> = serde_json::from_value(request(target, "GET", "/api/v1/volumes", None)?)?;
+    if !volumes.iter().any(|volume| volume.name == DEFAULT_VOLUME) {
+        let policy = if hosts >= 2 { "raid1:2" } else { "none" };
+        let body = serde_json::json!({
+            "name": DEFAULT_VOLUME, "policy": policy, "size_bytes": 1u64 << 30, "object_size": 256u64 << 20
+        });
+        request(target, "POST", "/api/v1/volumes", Some(body))?;
+    }
+    let targets: Vec<node::targets::TargetStatus> = serde_json::from_value(request(target, "GET", "/api/v1/targets", None)?)?;
+    let found = match targets.into_iter().find(|t| t.name == DEFAULT_TARGET) {
+        Some(found) => found,
+        None => {
+            let body = serde_json::json!({ "name": DEFAULT_TARGET, "luns": [[0, DEFAULT_VOLUME]] });
+            let created = request(target, "POST", "/api/v1/targets", Some(body))?;
+            serde_json::from_value::<Option<node::targets::TargetStatus>>(created)?
+                .context("the target was created but not listed")?
+        }
+    };
+    let mut urls = found.urls;
+    urls.sort();
+    Ok(urls)
+}

@@ -86,6 +86,21 @@ enum Command {
         #[command(flatten)]
         target: admin::Target,
     },
+    /// Creates, lists, grows or removes volumes (LUN storage over objects).
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+        #[command(flatten)]
+        target: admin::Target,
+    },
+    /// Creates, lists or removes iSCSI targets.
+    #[command(name = "target")]
+    IscsiTarget {
+        #[command(subcommand)]
+        command: TargetCommand,
+        #[command(flatten)]
+        target: admin::Target,
+    },
     /// Lists, adds or removes jobs in the cluster task queue.
     Task {
         #[command(subcommand)]
@@ -142,6 +157,69 @@ enum ObjectCommand {
 }
 
 #[derive(Subcommand)]
+enum VolumeCommand {
+    /// Creates a volume over ceil(size / object size) objects.
+    Create {
+        name: String,
+        /// Size, e.g. 10GiB (a multiple of 4 KiB).
+        #[arg(long)]
+        size: String,
+        /// none, raid1:2 or raid1:3.
+        #[arg(long, default_value = "raid1:2")]
+        policy: String,
+        /// Size of each backend object (default 256GiB).
+        #[arg(long)]
+        object_size: Option<String>,
+    },
+    /// Lists volumes with their health.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grows a volume to a new size.
+    Grow {
+        name: String,
+        #[arg(long)]
+        size: String,
+    },
+    /// Removes a volume (no target may use it) and its objects.
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum TargetCommand {
+    /// Creates a target serving volumes as LUNs.
+    Create {
+        /// The target's iSCSI name, e.g. iqn.2026-11.org.example:db.
+        name: String,
+        /// LUN=VOLUME, e.g. 0=db; repeat for more LUNs.
+        #[arg(long = "lun", required = true)]
+        luns: Vec<String>,
+        /// CHAP user initiators must log in as.
+        #[arg(long, requires = "chap_secret")]
+        chap_user: Option<String>,
+        /// CHAP secret (12-16384 characters); prefer the environment.
+        #[arg(long, env = "TESSERA_CHAP_SECRET", hide_env_values = true)]
+        chap_secret: Option<String>,
+        /// Mutual CHAP: the user and secret the target answers with.
+        #[arg(long, requires = "mutual_chap_secret")]
+        mutual_chap_user: Option<String>,
+        #[arg(long, env = "TESSERA_MUTUAL_CHAP_SECRET", hide_env_values = true)]
+        mutual_chap_secret: Option<String>,
+        /// Initiator names allowed to log in (default: any).
+        #[arg(long = "initiator")]
+        initiators: Vec<String>,
+    },
+    /// Lists targets with their URLs.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes a target (its volumes stay).
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
 enum TaskCommand {
     /// Lists the queue in order.
     Ls,
@@ -186,6 +264,37 @@ fn run(cli: Cli) -> Result<()> {
                 "site": site,
             }),
         ),
+        Command::Volume { command, target } => match command {
+            VolumeCommand::Create { name, size, policy, object_size } => {
+                let object_size = object_size.as_deref().map(admin::parse_size).transpose()?;
+                admin::create_volume(&target, &name, admin::parse_size(&size)?, &policy, object_size)
+            }
+            VolumeCommand::Ls { json } => admin::list_volumes(&target, json),
+            VolumeCommand::Grow { name, size } => admin::grow_volume(&target, &name, admin::parse_size(&size)?),
+            VolumeCommand::Rm { name } => admin::remove_volume(&target, &name),
+        },
+        Command::IscsiTarget { command, target } => match command {
+            TargetCommand::Create {
+                name,
+                luns,
+                chap_user,
+                chap_secret,
+                mutual_chap_user,
+                mutual_chap_secret,
+                initiators,
+            } => {
+                let luns = admin::parse_luns(&luns)?;
+                let chap = chap_user.zip(chap_secret).map(|(user, secret)| node::ChapRecord {
+                    user,
+                    secret,
+                    mutual_user: mutual_chap_user,
+                    mutual_secret: mutual_chap_secret,
+                });
+                admin::create_target(&target, &name, luns, chap, initiators)
+            }
+            TargetCommand::Ls { json } => admin::list_targets(&target, json),
+            TargetCommand::Rm { name } => admin::remove_target(&target, &name),
+        },
         Command::Object { command, target } => match command {
             ObjectCommand::Create { name, size, policy } => {
                 admin::create_object(&target, &name, admin::parse_size(&size)?, &policy)

@@ -89,7 +89,9 @@ fn write_node_configs(data: &Path, config: &BootstrapConfig) -> Result<Vec<Host>
 
 fn check_ports_free(config: &BootstrapConfig) -> Result<()> {
     for host in &config.hosts {
-        for address in [&host.address, &host.admin_address] {
+        let ip = host.address.rsplit_once(':').map(|(ip, _)| ip).unwrap_or("127.0.0.1");
+        let iscsi = format!("{ip}:{}", node::NodeConfig::new(host.id, "data", "config").iscsi_port);
+        for address in [&host.address, &host.admin_address, &iscsi] {
             if let Err(error) = std::net::TcpListener::bind(address) {
                 bail!("{address} is not free ({error}): is another `tessera up` running? Stop it, or pass --base-port");
             }
@@ -164,7 +166,7 @@ fn stop_all(hosts: &mut [Host]) {
     }
 }
 
-fn print_summary(data: &Path, config: &BootstrapConfig, status: &ClusterStatus) {
+fn print_summary(data: &Path, config: &BootstrapConfig, status: &ClusterStatus, urls: &[String]) {
     let first = &config.hosts[0];
     println!();
     println!("Tessera is up: {} hosts, cluster {}.", config.hosts.len(), config.cluster_id);
@@ -176,9 +178,18 @@ fn print_summary(data: &Path, config: &BootstrapConfig, status: &ClusterStatus) 
     println!("  Status:     tessera status      (from this directory; or --admin {})", first.admin_address);
     println!("  Logs:       {}/host-N/node.log", data.display());
     println!("  Data:       {}", data.display());
-    println!("  Objects:    tessera object create vol1 --size 1GiB --policy raid1:3; tessera object ls");
+    println!("  Volumes:    tessera volume ls; tessera volume create db --size 10GiB --policy raid1:2");
+    println!("  Targets:    tessera target ls; tessera target create iqn.2026-11.org.example:db --lun 0=db");
     println!();
-    println!("Replicated objects work; volumes and iSCSI targets are not served yet in this version.");
+    println!("The default volume is served over iSCSI at:");
+    for url in urls {
+        println!("  {url}");
+    }
+    if let Some(url) = urls.first() {
+        println!();
+        println!("  Try:        iscsi-ls -s iscsi://{}", url.trim_start_matches("iscsi://").split('/').next().unwrap_or(""));
+        println!("              qemu-img info {url}");
+    }
     println!("Press Ctrl-C to stop the cluster (running `tessera up` again restarts it with its data).");
 }
 
@@ -248,13 +259,23 @@ async fn supervise(data: &Path, config: &BootstrapConfig, hosts: &mut [Host]) ->
             }
         }
         if !healthy {
-            let target = Target { admin: target.admin.clone(), data: target.data.clone() };
-            let status = tokio::task::spawn_blocking(move || crate::admin::fetch_status(&target)).await?;
+            let asked = Target { admin: target.admin.clone(), data: target.data.clone() };
+            let status = tokio::task::spawn_blocking(move || crate::admin::fetch_status(&asked)).await?;
             match status {
                 Ok(status) if status.healthy => {
-                    healthy = true;
-                    progress.finish_and_clear();
-                    print_summary(data, config, &status);
+                    progress.set_message("creating the default volume and target…");
+                    let target = Target { admin: target.admin.clone(), data: target.data.clone() };
+                    let copies = config.hosts.len();
+                    let urls = tokio::task::spawn_blocking(move || crate::admin::ensure_default_target(&target, copies))
+                        .await?;
+                    match urls {
+                        Ok(urls) => {
+                            healthy = true;
+                            progress.finish_and_clear();
+                            print_summary(data, config, &status, &urls);
+                        }
+                        Err(error) => progress.set_message(format!("creating the default volume and target… {error:#}")),
+                    }
                 }
                 Ok(status) => progress.set_message(format!(
                     "waiting for the cluster to become healthy… {}",

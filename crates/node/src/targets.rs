@@ -1,0 +1,604 @@
+//! Volumes and the iSCSI target service on a node.
+//!
+//! - Every host with the `target` role listens for iSCSI on its address and
+//!   `iscsi_port` (node.toml) and serves every target in the catalog: each
+//!   LUN is a volume, its I/O goes to the volume's objects (directly when
+//!   this host owns the object, else through the block client API to the
+//!   owner). SendTargets lists every live host's portal, with the host id
+//!   as portal group tag and relative target port.
+//! - Volumes: `ceil(size / object_size)` objects named `<volume>.<index>`,
+//!   created before the volume's record (a failed create removes them).
+//!   Growing creates the missing objects, then records the new size.
+//! - The catalog is watched: targets, LUNs and sizes follow it; a logical
+//!   unit keeps its reservations and unit attentions across refreshes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use catalog::{ChapRecord, Policy, TargetRecord, VolumeRecord};
+use futures::future::BoxFuture;
+use iscsi::scsi::{BlockDevice, IoError, IoResult, LogicalUnit};
+use iscsi::target::{Chap, Portal, Registry, Target};
+use serde::{Deserialize, Serialize};
+use volume::{Layout, ObjectIo, Volume, VolumeError};
+use wire::tcp::TcpTransport;
+
+use crate::daemon::Node;
+use crate::storage::{self, ClientError, IoReply, IoRequest, ObjectClient};
+
+/// The default size of a volume's backend objects (the spec's 256 GiB).
+pub const DEFAULT_OBJECT_SIZE: u64 = 256 << 30;
+const REFRESH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The target service of one host.
+pub struct TargetService {
+    pub registry: Arc<Registry>,
+    /// `ip:port` this host serves iSCSI on (none without the target role).
+    pub address: Option<String>,
+    units: Mutex<HashMap<String, (Arc<Volume>, Arc<LogicalUnit>)>>,
+}
+
+impl TargetService {
+    pub fn new(node_id: u64, address: Option<String>) -> TargetService {
+        TargetService {
+            registry: Arc::new(Registry::new((node_id & 0xffff) as u16)),
+            address,
+            units: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// Object I/O for volumes: local when this host owns the object.
+struct NodeObjects {
+    node: Weak<Node>,
+    clients: Mutex<HashMap<String, Arc<ObjectClient<TcpTransport>>>>,
+}
+
+fn unavailable(object: &str, reason: impl ToString) -> VolumeError {
+    VolumeError::Unavailable { object: object.to_string(), reason: reason.to_string() }
+}
+
+impl NodeObjects {
+    fn call(&self, io: IoRequest, data: Bytes) -> BoxFuture<'static, Result<Bytes, VolumeError>> {
+        let node = self.node.upgrade();
+        let name = match &io {
+            IoRequest::Read { name, .. }
+            | IoRequest::Write { name, .. }
+            | IoRequest::Unmap { name, .. }
+            | IoRequest::Flush { name } => name.clone(),
+        };
+        let client = node.as_ref().map(|node| {
+            let mut clients = self.clients.lock().expect("clients");
+            clients
+                .entry(name.clone())
+                .or_insert_with(|| {
+                    let hosts: Vec<String> =
+                        storage::hosts_by_id(node).values().map(|host| host.address.clone()).collect();
+                    Arc::new(ObjectClient::new(node.transport.clone(), hosts, name.clone()))
+                })
+                .clone()
+        });
+        Box::pin(async move {
+            let node = node.ok_or_else(|| unavailable(&name, "the node is stopping"))?;
+            let (reply, out) = storage::serve_io(&node, io.clone(), data.clone()).await;
+            match reply {
+                IoReply::Done | IoReply::Data => return Ok(out),
+                IoReply::Error(reason) => return Err(unavailable(&name, reason)),
+                IoReply::NotOwner { .. } => {}
+            }
+            let client = client.expect("a client when the node is up");
+            let result = match io {
+                IoRequest::Read { offset, length, .. } => client.read_at(offset, length).await,
+                IoRequest::Write { offset, .. } => client.write_at(offset, &data).await.map(|_| Bytes::new()),
+                IoRequest::Unmap { offset, length, .. } => client.unmap(offset, length).await.map(|_| Bytes::new()),
+                IoRequest::Flush { .. } => client.flush().await.map(|_| Bytes::new()),
+            };
+            result.map_err(|error| match error {
+                ClientError::Failed(reason) | ClientError::Unreachable(reason) => unavailable(&name, reason),
+            })
+        })
+    }
+}
+
+impl ObjectIo for NodeObjects {
+    fn read(&self, object: &str, offset: u64, length: u64) -> BoxFuture<'static, Result<Bytes, VolumeError>> {
+        self.call(IoRequest::Read { name: object.to_string(), offset, length }, Bytes::new())
+    }
+
+    fn write(&self, object: &str, offset: u64, data: Bytes) -> BoxFuture<'static, Result<(), VolumeError>> {
+        let call = self.call(IoRequest::Write { name: object.to_string(), offset }, data);
+        Box::pin(async move { call.await.map(|_| ()) })
+    }
+
+    fn unmap(&self, object: &str, offset: u64, length: u64) -> BoxFuture<'static, Result<(), VolumeError>> {
+        let call = self.call(IoRequest::Unmap { name: object.to_string(), offset, length }, Bytes::new());
+        Box::pin(async move { call.await.map(|_| ()) })
+    }
+
+    fn flush(&self, object: &str) -> BoxFuture<'static, Result<(), VolumeError>> {
+        let call = self.call(IoRequest::Flush { name: object.to_string() }, Bytes::new());
+        Box::pin(async move { call.await.map(|_| ()) })
+    }
+}
+
+/// A volume as a SCSI block device: 512-byte logical blocks over the
+/// objects' 4 KiB blocks.
+struct VolumeDevice {
+    volume: Arc<Volume>,
+}
+
+fn io_error(error: VolumeError) -> IoError {
+    match error {
+        VolumeError::Unavailable { .. } => IoError::Unavailable(error.to_string()),
+        VolumeError::Invalid(_) | VolumeError::Failed { .. } => IoError::Medium(error.to_string()),
+    }
+}
+
+impl BlockDevice for VolumeDevice {
+    fn block_size(&self) -> u32 {
+        volume::SECTOR as u32
+    }
+
+    fn blocks(&self) -> u64 {
+        self.volume.size() / volume::SECTOR
+    }
+
+    fn read(&self, lba: u64, count: u32) -> BoxFuture<'_, IoResult<Bytes>> {
+        Box::pin(async move {
+            self.volume.read(lba * volume::SECTOR, u64::from(count) * volume::SECTOR).await.map_err(io_error)
+        })
+    }
+
+    fn write(&self, lba: u64, data: Bytes) -> BoxFuture<'_, IoResult<()>> {
+        Box::pin(async move { self.volume.write(lba * volume::SECTOR, data).await.map_err(io_error) })
+    }
+
+    fn unmap(&self, lba: u64, count: u64) -> BoxFuture<'_, IoResult<()>> {
+        Box::pin(async move {
+            self.volume.unmap(lba * volume::SECTOR, count * volume::SECTOR).await.map_err(io_error)
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, IoResult<()>> {
+        Box::pin(async move { self.volume.flush().await.map_err(io_error) })
+    }
+
+    fn granularity(&self) -> u32 {
+        (volume::BLOCK / volume::SECTOR) as u32
+    }
+}
+
+fn layout(record: &VolumeRecord) -> Layout {
+    Layout { size: record.size_bytes, object_size: record.object_size, objects: record.objects.clone() }
+}
+
+/// Starts the listener and the catalog watch (hosts with the target role).
+pub fn start(node: Arc<Node>) {
+    let Some(address) = node.targets.address.clone() else { return };
+    let registry = node.targets.registry.clone();
+    tokio::spawn(async move {
+        match tokio::net::TcpListener::bind(&address).await {
+            Ok(listener) => {
+                tracing::info!(%address, "iSCSI target service listening");
+                if let Err(error) = iscsi::target::serve(registry, listener).await {
+                    tracing::error!(%address, %error, "iSCSI listener failed");
+                }
+            }
+            Err(error) => tracing::error!(%address, %error, "cannot listen for iSCSI"),
+        }
+    });
+    tokio::spawn(watch(node));
+}
+
+async fn watch(node: Arc<Node>) {
+    let Some(services) = node.services() else { return };
+    let mut volumes = services.catalog.volumes.changes();
+    let mut targets = services.catalog.targets.changes();
+    let mut hosts = services.catalog.watch_hosts();
+    let mut shutdown = node.shutdown_signal();
+    loop {
+        refresh(&node);
+        tokio::select! {
+            _ = volumes.changed() => {}
+            _ = targets.changed() => {}
+            _ = hosts.changed() => {}
+            _ = tokio::time::sleep(REFRESH_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Brings the registry in line with the catalog.
+pub fn refresh(node: &Arc<Node>) {
+    let Some(services) = node.services() else { return };
+    let volumes: BTreeMap<String, VolumeRecord> =
+        services.catalog.volumes.entries_local().into_iter().map(|(name, record, _)| (name, record)).collect();
+    let records: Vec<TargetRecord> =
+        services.catalog.targets.entries_local().into_iter().map(|(_, record, _)| record).collect();
+    let mut units = node.targets.units.lock().expect("units");
+    units.retain(|name, _| volumes.contains_key(name));
+    for (name, record) in &volumes {
+        match units.get(name) {
+            Some((volume, _)) => {
+                if volume.layout() != layout(record) {
+                    if let Err(error) = volume.set_layout(layout(record)) {
+                        tracing::error!(volume = name, %error, "cannot take the volume's new layout");
+                    }
+                }
+            }
+            None => {
+                let objects = Arc::new(NodeObjects { node: Arc::downgrade(node), clients: Mutex::new(HashMap::new()) });
+                match Volume::new(layout(record), objects) {
+                    Ok(volume) => {
+                        let volume = Arc::new(volume);
+                        let device = Arc::new(VolumeDevice { volume: volume.clone() });
+                        let unit = Arc::new(LogicalUnit::new(device, record.id, format!("{:016x}", record.id)));
+                        units.insert(name.clone(), (volume, unit));
+                    }
+                    Err(error) => tracing::error!(volume = name, %error, "volume record is not usable"),
+                }
+            }
+        }
+    }
+    let targets = records
+        .iter()
+        .map(|record| Target {
+            name: record.name.clone(),
+            alias: record.luns.first().map(|(_, volume)| volume.clone()).unwrap_or_default(),
+            luns: record
+                .luns
+                .iter()
+                .filter_map(|(lun, volume)| units.get(volume).map(|(_, unit)| (*lun, unit.clone())))
+                .collect(),
+            chap: record.chap.as_ref().map(|chap| Chap {
+                user: chap.user.clone(),
+                secret: chap.secret.clone(),
+                mutual: chap.mutual_user.clone().zip(chap.mutual_secret.clone()),
+            }),
+            initiators: record.initiators.clone(),
+        })
+        .collect();
+    drop(units);
+    node.targets.registry.set_targets(targets);
+    let portals = storage::hosts_by_id(node)
+        .values()
+        .filter(|host| host.state == catalog::HostState::Up)
+        .filter_map(|host| {
+            host.iscsi_address.clone().map(|address| Portal { address, group: (host.id & 0xffff) as u16 })
+        })
+        .collect();
+    node.targets.registry.set_portals(portals);
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NewVolume {
+    pub name: String,
+    pub size_bytes: u64,
+    #[serde(default = "default_policy")]
+    pub policy: String,
+    #[serde(default)]
+    pub object_size: Option<u64>,
+}
+
+fn default_policy() -> String {
+    "none".into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeOpError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+fn catalog_error(error: impl ToString) -> VolumeOpError {
+    VolumeOpError::Unavailable(error.to_string())
+}
+
+fn create_error(error: storage::CreateError) -> VolumeOpError {
+    match error {
+        storage::CreateError::Invalid(reason) => VolumeOpError::Invalid(reason),
+        storage::CreateError::Exists(reason) => VolumeOpError::Exists(format!("object {reason} exists")),
+        storage::CreateError::Unavailable(reason) => VolumeOpError::Unavailable(reason),
+    }
+}
+
+/// Creates a volume: its objects, then its record.
+pub async fn create_volume(node: &Arc<Node>, new: &NewVolume) -> Result<VolumeRecord, VolumeOpError> {
+    storage::check_name(&new.name).map_err(VolumeOpError::Invalid)?;
+    let policy = Policy::parse(&new.policy).map_err(VolumeOpError::Invalid)?;
+    let object_size = new.object_size.unwrap_or(DEFAULT_OBJECT_SIZE).min(new.size_bytes.max(volume::BLOCK));
+    let block = volume::BLOCK;
+    if new.size_bytes == 0 || new.size_bytes % block != 0 || object_size % block != 0 {
+        return Err(VolumeOpError::Invalid(format!(
+            "size {} and object size {object_size} must be positive multiples of {block} bytes",
+            new.size_bytes
+        )));
+    }
+    let count = Layout::objects_for(new.size_bytes, object_size);
+    if count > 100_000 {
+        return Err(VolumeOpError::Invalid(format!("{count} objects is too many; use a larger object size")));
+    }
+    let services = node.services().ok_or_else(|| VolumeOpError::Unavailable("the catalog is not open yet".into()))?;
+    if services.catalog.volumes.get_local(&new.name).is_some() {
+        return Err(VolumeOpError::Exists(format!("volume {:?} exists", new.name)));
+    }
+    let mut objects: Vec<String> = Vec::new();
+    for index in 0..count {
+        let name = format!("{}.{index}", new.name);
+        if let Err(error) = storage::create(node, &name, policy, object_size).await {
+            for created in &objects {
+                let _ = storage::remove(node, created).await;
+            }
+            return Err(create_error(error));
+        }
+        objects.push(name);
+    }
+    let record = VolumeRecord {
+        id: rand::random::<u64>() >> 8,
+        name: new.name.clone(),
+        size_bytes: new.size_bytes,
+        object_size,
+        policy,
+        objects: objects.clone(),
+        created_ms: storage::now_ms(),
+    };
+    let stored = services
+        .catalog
+        .update_volume(&new.name, |current| if current.is_some() { None } else { Some(Some(record.clone())) })
+        .await
+        .map_err(catalog_error)?;
+    if stored.as_ref().map(|stored| stored.id) != Some(record.id) {
+        for created in &objects {
+            let _ = storage::remove(node, created).await;
+        }
+        return Err(VolumeOpError::Exists(format!("volume {:?} exists", new.name)));
+    }
+    tracing::info!(volume = new.name, size = new.size_bytes, objects = count, %policy, "volume created");
+    refresh(node);
+    Ok(record)
+}
+
+/// Grows a volume to `size_bytes` (never shrinks).
+pub async fn grow_volume(node: &Arc<Node>, name: &str, size_bytes: u64) -> Result<VolumeRecord, VolumeOpError> {
+    let services = node.services().ok_or_else(|| VolumeOpError::Unavailable("the catalog is not open yet".into()))?;
+    let (current, _) = services
+        .catalog
+        .volumes
+        .get(&name.to_string())
+        .await
+        .map_err(catalog_error)?
+        .ok_or_else(|| VolumeOpError::NotFound(format!("no volume named {name:?}")))?;
+    if size_bytes < current.size_bytes || size_bytes % volume::BLOCK != 0 {
+        return Err(VolumeOpError::Invalid(format!(
+            "a volume grows to a multiple of {} bytes no smaller than its {} bytes",
+            volume::BLOCK,
+            current.size_bytes
+        )));
+    }
+    let count = Layout::objects_for(size_bytes, current.object_size) as usize;
+    let mut objects = current.objects.clone();
+    for index in objects.len()..count {
+        let object = format!("{name}.{index}");
+        match storage::create(node, &object, current.policy, current.object_size).await {
+            Ok(_) | Err(storage::CreateError::Exists(_)) => objects.push(object),
+            Err(error) => return Err(create_error(error)),
+        }
+    }
+    let updated = services
+        .catalog
+        .update_volume(name, |record| {
+            let record = record?;
+            let mut grown = record.clone();
+            grown.size_bytes = size_bytes.max(record.size_bytes);
+            if grown.objects.len() < objects.len() {
+                grown.objects = objects.clone();
+            }
+            Some(Some(grown))
+        })
+        .await
+        .map_err(catalog_error)?
+        .ok_or_else(|| VolumeOpError::NotFound(format!("no volume named {name:?}")))?;
+    tracing::info!(volume = name, size = size_bytes, "volume grown");
+    refresh(node);
+    Ok(updated)
+}
+
+/// Removes a volume no target uses, and its objects.
+pub async fn remove_volume(node: &Arc<Node>, name: &str) -> Result<VolumeRecord, VolumeOpError> {
+    let services = node.services().ok_or_else(|| VolumeOpError::Unavailable("the catalog is not open yet".into()))?;
+    let users: Vec<String> = services
+        .catalog
+        .targets
+        .entries_local()
+        .into_iter()
+        .filter(|(_, target, _)| target.luns.iter().any(|(_, volume)| volume == name))
+        .map(|(target, _, _)| target)
+        .collect();
+    if !users.is_empty() {
+        return Err(VolumeOpError::Invalid(format!("volume {name:?} is a LUN of {}; remove those first", users.join(", "))));
+    }
+    let mut removed = None;
+    services
+        .catalog
+        .update_volume(name, |record| {
+            removed = record.cloned();
+            record.map(|_| None)
+        })
+        .await
+        .map_err(catalog_error)?;
+    let record = removed.ok_or_else(|| VolumeOpError::NotFound(format!("no volume named {name:?}")))?;
+    for object in &record.objects {
+        if let Err(error) = storage::remove(node, object).await {
+            tracing::warn!(object, error, "object of a removed volume not deleted yet");
+        }
+    }
+    refresh(node);
+    Ok(record)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NewTarget {
+    pub name: String,
+    /// LUN number and volume name.
+    pub luns: Vec<(u64, String)>,
+    #[serde(default)]
+    pub chap: Option<ChapRecord>,
+    #[serde(default)]
+    pub initiators: Vec<String>,
+}
+
+/// Checks an iSCSI name (RFC 7143 §4.2.7: iqn., eui. or naa. forms).
+pub fn check_iscsi_name(name: &str) -> Result<(), String> {
+    let ok = (name.starts_with("iqn.") || name.starts_with("eui.") || name.starts_with("naa."))
+        && name.len() <= 223
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.:".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not an iSCSI name: use iqn.YYYY-MM.reversed.domain[:name] in lowercase letters, digits, '-', '.', ':'"
+        ))
+    }
+}
+
+pub async fn create_target(node: &Arc<Node>, new: &NewTarget) -> Result<TargetRecord, VolumeOpError> {
+    check_iscsi_name(&new.name).map_err(VolumeOpError::Invalid)?;
+    let services = node.services().ok_or_else(|| VolumeOpError::Unavailable("the catalog is not open yet".into()))?;
+    let mut numbers = std::collections::HashSet::new();
+    for (lun, volume) in &new.luns {
+        if *lun > 16383 || !numbers.insert(*lun) {
+            return Err(VolumeOpError::Invalid(format!("LUN {lun} is out of range (0-16383) or given twice")));
+        }
+        if services.catalog.volumes.get_local(volume).is_none() {
+            return Err(VolumeOpError::NotFound(format!("no volume named {volume:?}")));
+        }
+    }
+    if let Some(chap) = &new.chap {
+        if chap.secret.len() < 12 || chap.secret.len() > 16 * 1024 {
+            return Err(VolumeOpError::Invalid("a CHAP secret must be 12 to 16384 characters".into()));
+        }
+    }
+    let record = TargetRecord {
+        name: new.name.clone(),
+        luns: new.luns.clone(),
+        chap: new.chap.clone(),
+        initiators: new.initiators.clone(),
+        created_ms: storage::now_ms(),
+    };
+    let stored = services
+        .catalog
+        .update_target(&new.name, |current| if current.is_some() { None } else { Some(Some(record.clone())) })
+        .await
+        .map_err(catalog_error)?;
+    if stored.as_ref().map(|stored| stored.created_ms) != Some(record.created_ms) || stored.as_ref() != Some(&record) {
+        return Err(VolumeOpError::Exists(format!("target {:?} exists", new.name)));
+    }
+    refresh(node);
+    Ok(record)
+}
+
+pub async fn remove_target(node: &Arc<Node>, name: &str) -> Result<TargetRecord, VolumeOpError> {
+    let services = node.services().ok_or_else(|| VolumeOpError::Unavailable("the catalog is not open yet".into()))?;
+    let mut removed = None;
+    services
+        .catalog
+        .update_target(name, |record| {
+            removed = record.cloned();
+            record.map(|_| None)
+        })
+        .await
+        .map_err(catalog_error)?;
+    refresh(node);
+    removed.ok_or_else(|| VolumeOpError::NotFound(format!("no target named {name:?}")))
+}
+
+/// A volume as `tessera volume ls` and `status` show it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub size_bytes: u64,
+    pub policy: String,
+    pub object_size: u64,
+    pub objects: Vec<String>,
+    /// The worst health of its objects.
+    pub health: String,
+}
+
+/// A target with the URLs initiators use.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TargetStatus {
+    pub name: String,
+    pub luns: Vec<(u64, String)>,
+    pub chap: bool,
+    pub portals: Vec<String>,
+    /// `iscsi://<portal>/<name>/<lun>` for each portal and LUN.
+    pub urls: Vec<String>,
+}
+
+pub fn volume_statuses(node: &Node) -> Vec<VolumeStatus> {
+    let Some(services) = node.services() else { return Vec::new() };
+    services
+        .catalog
+        .volumes
+        .entries_local()
+        .into_iter()
+        .map(|(_, record, _)| {
+            let healths: Vec<&'static str> = record
+                .objects
+                .iter()
+                .filter_map(|object| services.catalog.objects.get_local(object).map(|(object, _)| object.health()))
+                .collect();
+            let health = if healths.len() < record.objects.len() {
+                "missing objects"
+            } else if healths.contains(&"degraded") {
+                "degraded"
+            } else if healths.contains(&"resyncing") {
+                "resyncing"
+            } else {
+                "healthy"
+            };
+            VolumeStatus {
+                name: record.name.clone(),
+                size_bytes: record.size_bytes,
+                policy: record.policy.to_string(),
+                object_size: record.object_size,
+                objects: record.objects.clone(),
+                health: health.into(),
+            }
+        })
+        .collect()
+}
+
+pub fn target_statuses(node: &Node) -> Vec<TargetStatus> {
+    let Some(services) = node.services() else { return Vec::new() };
+    let portals: Vec<String> = storage::hosts_by_id(node)
+        .values()
+        .filter(|host| host.state == catalog::HostState::Up)
+        .filter_map(|host| host.iscsi_address.clone())
+        .collect();
+    services
+        .catalog
+        .targets
+        .entries_local()
+        .into_iter()
+        .map(|(_, record, _)| TargetStatus {
+            urls: portals
+                .iter()
+                .flat_map(|portal| record.luns.iter().map(move |(lun, _)| (portal, lun)))
+                .map(|(portal, lun)| format!("iscsi://{portal}/{}/{lun}", record.name))
+                .collect(),
+            name: record.name.clone(),
+            luns: record.luns.clone(),
+            chap: record.chap.is_some(),
+            portals: portals.clone(),
+        })
+        .collect()
+}
