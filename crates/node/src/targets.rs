@@ -130,6 +130,7 @@ struct VolumeDevice {
 }
 
 fn io_error(error: VolumeError) -> IoError {
+    tracing::warn!(%error, "volume I/O failed");
     match error {
         VolumeError::Unavailable { .. } => IoError::Unavailable(error.to_string()),
         VolumeError::Invalid(_) | VolumeError::Failed { .. } => IoError::Medium(error.to_string()),

@@ -46,6 +46,9 @@ enum Command {
         /// Node-to-node port; the admin API listens on this plus 80.
         #[arg(long, default_value_t = 7400)]
         base_port: u16,
+        /// The port every host's iSCSI target service listens on.
+        #[arg(long, default_value_t = 3260)]
+        iscsi_port: u16,
     },
     /// Shows the cluster's health, hosts and shared log.
     Status {
@@ -251,7 +254,7 @@ fn run(cli: Cli) -> Result<()> {
             let config = node::NodeConfig::load(&config)?;
             runtime()?.block_on(node::run(config)).map_err(anyhow::Error::msg)
         }
-        Command::Up { hosts, data, base_port } => up::run(hosts, &data, base_port),
+        Command::Up { hosts, data, base_port, iscsi_port } => up::run(hosts, &data, base_port, iscsi_port),
         Command::Status { json, target } => admin::status(&target, json),
         Command::ClusterConfig { command } => cluster_config(command),
         Command::Place { count, bytes, distinct_hosts, distinct_fault_domains, site, target } => admin::place(

@@ -64,14 +64,14 @@ fn bootstrap(data: &Path, hosts: u32, base_port: u16) -> Result<BootstrapConfig>
     Ok(config)
 }
 
-fn write_node_configs(data: &Path, config: &BootstrapConfig) -> Result<Vec<Host>> {
+fn write_node_configs(data: &Path, config: &BootstrapConfig, iscsi_port: u16) -> Result<Vec<Host>> {
     let mut hosts = Vec::new();
     for seed in &config.hosts {
         let dir = data.join(&seed.name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config_path = dir.join("node.toml");
         if !config_path.exists() {
-            let node_config = node::NodeConfig::new(seed.id, "data", "../config");
+            let node_config = node::NodeConfig { iscsi_port, ..node::NodeConfig::new(seed.id, "data", "../config") };
             std::fs::write(&config_path, node_config.to_toml())
                 .with_context(|| format!("writing {}", config_path.display()))?;
         }
@@ -87,10 +87,10 @@ fn write_node_configs(data: &Path, config: &BootstrapConfig) -> Result<Vec<Host>
     Ok(hosts)
 }
 
-fn check_ports_free(config: &BootstrapConfig) -> Result<()> {
+fn check_ports_free(config: &BootstrapConfig, iscsi_port: u16) -> Result<()> {
     for host in &config.hosts {
         let ip = host.address.rsplit_once(':').map(|(ip, _)| ip).unwrap_or("127.0.0.1");
-        let iscsi = format!("{ip}:{}", node::NodeConfig::new(host.id, "data", "config").iscsi_port);
+        let iscsi = format!("{ip}:{iscsi_port}");
         for address in [&host.address, &host.admin_address, &iscsi] {
             if let Err(error) = std::net::TcpListener::bind(address) {
                 bail!("{address} is not free ({error}): is another `tessera up` running? Stop it, or pass --base-port");
@@ -193,15 +193,15 @@ fn print_summary(data: &Path, config: &BootstrapConfig, status: &ClusterStatus, 
     println!("Press Ctrl-C to stop the cluster (running `tessera up` again restarts it with its data).");
 }
 
-pub fn run(hosts: u32, data: &Path, base_port: u16) -> Result<()> {
+pub fn run(hosts: u32, data: &Path, base_port: u16, iscsi_port: u16) -> Result<()> {
     if hosts == 0 || hosts > HOSTS_MAX {
         bail!("--hosts must be between 1 and {HOSTS_MAX}");
     }
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let data = data.canonicalize()?;
     let config = bootstrap(&data, hosts, base_port)?;
-    check_ports_free(&config)?;
-    let mut hosts = write_node_configs(&data, &config)?;
+    check_ports_free(&config, iscsi_port)?;
+    let mut hosts = write_node_configs(&data, &config, iscsi_port)?;
     for host in hosts.iter_mut() {
         spawn(host)?;
     }

@@ -22,6 +22,9 @@ use futures::future::{try_join_all, BoxFuture};
 pub const SECTOR: u64 = 512;
 /// The objects' block.
 pub const BLOCK: u64 = 4096;
+/// The most one object request carries (requests are split at multiples
+/// of it within an object, as well as at object boundaries).
+pub const CHUNK: u64 = 4 << 20;
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum VolumeError {
@@ -85,7 +88,8 @@ impl Layout {
         Ok(())
     }
 
-    /// Splits `[offset, offset + length)` at object boundaries.
+    /// Splits `[offset, offset + length)` at object boundaries and at
+    /// [`CHUNK`] boundaries within objects.
     pub fn pieces(&self, offset: u64, length: u64) -> Result<Vec<Piece>, VolumeError> {
         let end = offset.checked_add(length).filter(|end| *end <= self.size).ok_or_else(|| {
             VolumeError::Invalid(format!("bytes {offset}+{length} beyond the volume's {}", self.size))
@@ -95,7 +99,8 @@ impl Layout {
         while at < end {
             let object = (at / self.object_size) as usize;
             let within = at % self.object_size;
-            let length = (self.object_size - within).min(end - at);
+            let chunk_end = ((within / CHUNK + 1) * CHUNK).min(self.object_size);
+            let length = (chunk_end - within).min(end - at);
             pieces.push(Piece { object, offset: within, length, at: at - offset });
             at += length;
         }
@@ -252,6 +257,15 @@ mod tests {
                 Piece { object: 1, offset: 0, length: 512, at: 512 },
             ]
         );
+    }
+
+    #[test]
+    fn a_long_request_is_split_into_chunks() {
+        let layout = layout(4 * CHUNK, 4 * CHUNK);
+        let pieces = layout.pieces(CHUNK - 4096, 2 * CHUNK).unwrap();
+        let lengths: Vec<u64> = pieces.iter().map(|piece| piece.length).collect();
+        assert_eq!(lengths, vec![4096, CHUNK, CHUNK - 4096]);
+        assert!(pieces.iter().all(|piece| piece.length <= CHUNK));
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod bad_input;
 mod bootstrap;
 mod harness;
 mod hierarchy;
+mod iscsi;
 mod leader_kill;
 mod objects;
 mod queue;

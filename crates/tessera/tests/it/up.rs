@@ -10,9 +10,9 @@ use node::status::ClusterStatus;
 
 use crate::harness::{binary, exclusive, free_port};
 
-fn start_up(data: &std::path::Path, port: u16) -> (Child, mpsc::Receiver<String>) {
+fn start_up(data: &std::path::Path, port: u16, iscsi_port: u16) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(binary())
-        .args(["up", "--hosts", "3", "--base-port", &port.to_string(), "--data"])
+        .args(["up", "--hosts", "3", "--base-port", &port.to_string(), "--iscsi-port", &iscsi_port.to_string(), "--data"])
         .arg(data)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -88,9 +88,21 @@ fn up_then_status_shows_a_healthy_cluster_and_restart_reuses_data() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("tessera-data");
     let port = free_port(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
-    let (child, lines) = start_up(&data, port);
-    let printed = wait_for_line(&lines, "Tessera is up", Duration::from_secs(120));
+    let iscsi_port = free_port(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
+    let (child, lines) = start_up(&data, port, iscsi_port);
+    let mut printed = wait_for_line(&lines, "Tessera is up", Duration::from_secs(120));
     assert!(printed.iter().any(|line| line.contains("Created a 3-host cluster")));
+    printed.extend(wait_for_line(&lines, "Press Ctrl-C", Duration::from_secs(10)));
+    // The default volume's URL works with the tools the README names.
+    let url = format!("iscsi://127.0.0.1:{iscsi_port}/iqn.2026-11.org.tessera:vol0/0");
+    assert!(printed.iter().any(|line| line.trim() == url), "up printed its URL: {printed:#?}");
+    let listed = Command::new("iscsi-ls").args(["-s", &format!("iscsi://127.0.0.1:{iscsi_port}")]).output();
+    let listed = listed.expect("this test needs iscsi-ls (libiscsi-bin; scripts/test installs it)");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("iqn.2026-11.org.tessera:vol0") && listed.contains("DIRECT_ACCESS"), "{listed}");
+    let info = Command::new("qemu-img").args(["info", &url]).output().expect("this test needs qemu-img");
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("virtual size: 1 GiB"), "{info}");
     let first = status(&data);
     assert!(first.healthy, "{first:#?}");
     assert_eq!(first.hosts.len(), 3);
@@ -139,7 +151,7 @@ fn up_then_status_shows_a_healthy_cluster_and_restart_reuses_data() {
         "a node still listens after `tessera up` stopped"
     );
 
-    let (child, lines) = start_up(&data, port);
+    let (child, lines) = start_up(&data, port, iscsi_port);
     let printed = wait_for_line(&lines, "Tessera is up", Duration::from_secs(120));
     assert!(printed.iter().any(|line| line.contains("Reusing the cluster")));
     let second = status(&data);
