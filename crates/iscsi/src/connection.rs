@@ -282,7 +282,11 @@ async fn read_loop<R: PduReader>(
         };
         match opcode {
             Opcode::DataOut => session.route_data_out(pdu).await,
-            Opcode::ScsiCommand | Opcode::NopOut | Opcode::TaskManagementRequest | Opcode::TextRequest | Opcode::LogoutRequest => {
+            Opcode::ScsiCommand
+            | Opcode::NopOut
+            | Opcode::TaskManagementRequest
+            | Opcode::TextRequest
+            | Opcode::LogoutRequest => {
                 if pdu.immediate() {
                     if !session.dispatch(pdu).await {
                         return;
@@ -600,7 +604,11 @@ impl Session {
         Ok(buffer.freeze())
     }
 
-    async fn next_data_out(&self, data_out: &mut mpsc::Receiver<Pdu>, aborted: &mut watch::Receiver<bool>) -> Option<Pdu> {
+    async fn next_data_out(
+        &self,
+        data_out: &mut mpsc::Receiver<Pdu>,
+        aborted: &mut watch::Receiver<bool>,
+    ) -> Option<Pdu> {
         if *aborted.borrow() {
             return None;
         }
@@ -614,7 +622,17 @@ impl Session {
     /// (decided under the task's lock: an abort answered "complete" is
     /// never followed by the task's status).
     #[allow(clippy::too_many_arguments)]
-    fn respond(&self, task: &Task, itt: u32, pdu: &Pdu, cdb: &[u8], reply: Reply, read: bool, write: bool, expected: u32) {
+    fn respond(
+        &self,
+        task: &Task,
+        itt: u32,
+        pdu: &Pdu,
+        cdb: &[u8],
+        reply: Reply,
+        read: bool,
+        write: bool,
+        expected: u32,
+    ) {
         let mut stage = task.stage.lock().expect("task stage");
         if *stage == Stage::Aborted {
             return;
@@ -640,7 +658,7 @@ impl Session {
                 let last = end == data.len();
                 let mut data_in = Pdu::new(Opcode::DataIn);
                 let mut bits = 0u8;
-                if last || end % burst == 0 {
+                if last || end.is_multiple_of(burst) {
                     bits |= 0x80;
                 }
                 data_in.bhs[8..16].copy_from_slice(&pdu.bhs[8..16]);
@@ -664,11 +682,8 @@ impl Session {
             }
             return;
         }
-        let wanted = if write {
-            scsi::data_out_bytes(cdb, self.block_size(pdu)).unwrap_or(expected)
-        } else {
-            reply.data.len()
-        };
+        let wanted =
+            if write { scsi::data_out_bytes(cdb, self.block_size(pdu)).unwrap_or(expected) } else { reply.data.len() };
         let (residual_flag, residual) = residual(wanted, expected);
         flags |= residual_flag;
         response.set_flags(flags);
@@ -883,7 +898,9 @@ fn residual(wanted: usize, expected: usize) -> (u8, u32) {
 /// A command to a logical unit number the target does not have.
 fn no_such_unit(cdb: &[u8], luns: &[u64]) -> Reply {
     match cdb.first() {
-        Some(0xa0) if cdb.len() >= 12 => scsi::report_luns(cdb, luns).unwrap_or_else(|sense| Reply::check(sense, false)),
+        Some(0xa0) if cdb.len() >= 12 => {
+            scsi::report_luns(cdb, luns).unwrap_or_else(|sense| Reply::check(sense, false))
+        }
         Some(0x12) if cdb.len() >= 6 => {
             let mut data = vec![0u8; 36];
             data[0] = 0x7f; // not capable of supporting a unit here

@@ -165,7 +165,10 @@ impl Login {
                 return fail(response, status::SESSION_DOES_NOT_EXIST);
             }
         }
-        if current == 2 || current == FULL_FEATURE || current != self.stage && !(self.stage == SECURITY && current == OPERATIONAL) {
+        if current == 2
+            || current == FULL_FEATURE
+            || current != self.stage && !(self.stage == SECURITY && current == OPERATIONAL)
+        {
             return fail(response, status::INVALID_DURING_LOGIN);
         }
         if current == OPERATIONAL && self.stage == SECURITY {
@@ -267,7 +270,8 @@ impl Login {
             if !target.allows(&self.initiator) {
                 return Err(status::FORBIDDEN);
             }
-            if !answers.iter().any(|(key, _)| key == "TargetPortalGroupTag") && pairs.iter().any(|(k, _)| k == "TargetName")
+            if !answers.iter().any(|(key, _)| key == "TargetPortalGroupTag")
+                && pairs.iter().any(|(k, _)| k == "TargetName")
             {
                 answers.push(("TargetAlias".into(), target.alias.clone()));
                 answers.push(("TargetPortalGroupTag".into(), registry.portal_group().to_string()));
@@ -421,7 +425,12 @@ impl Login {
             let answer = answer.or_else(|| {
                 let silent = matches!(
                     key.as_str(),
-                    "InitiatorName" | "SessionType" | "TargetName" | "InitiatorAlias" | "AuthMethod" | "MaxRecvDataSegmentLength"
+                    "InitiatorName"
+                        | "SessionType"
+                        | "TargetName"
+                        | "InitiatorAlias"
+                        | "AuthMethod"
+                        | "MaxRecvDataSegmentLength"
                 ) || key.starts_with("CHAP_");
                 (!silent).then(|| "Reject".to_string())
             });

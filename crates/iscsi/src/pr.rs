@@ -235,9 +235,7 @@ impl Reservations {
                     return Err(Sense::invalid_cdb(2, None).into());
                 }
                 match &self.reservation {
-                    None => {
-                        self.reservation = Some(Reservation { holder: nexus.to_string(), kind: request.kind })
-                    }
+                    None => self.reservation = Some(Reservation { holder: nexus.to_string(), kind: request.kind }),
                     Some(reservation) if self.holds(nexus) && reservation.kind == request.kind => {}
                     Some(_) => return Err(PrError::Conflict),
                 }
@@ -398,7 +396,7 @@ impl Reservations {
 pub fn transport_id(nexus: &str) -> Vec<u8> {
     let mut name = nexus.as_bytes().to_vec();
     name.push(0);
-    while name.len() % 4 != 0 {
+    while !name.len().is_multiple_of(4) {
         name.push(0);
     }
     let mut out = vec![0x45, 0];

@@ -236,7 +236,13 @@ pub fn data_out_bytes(cdb: &[u8], block_size: u32) -> Option<usize> {
             _ => block,
         },
         0x41 => block,
-        0x93 => if cdb[1] & 0x01 != 0 { 0 } else { block },
+        0x93 => {
+            if cdb[1] & 0x01 != 0 {
+                0
+            } else {
+                block
+            }
+        }
         0x89 => 2 * usize::from(cdb[13]) * block,
         0x42 | 0x55 => usize::from(be16(&cdb[7..])),
         0x15 => usize::from(cdb[4]),
@@ -365,9 +371,7 @@ impl LogicalUnit {
             let legacy_conflict = state.reservations.legacy.as_ref().is_some_and(|holder| holder != command.nexus)
                 && !matches!(opcode, 0x12 | 0xa0 | 0x03 | 0x16 | 0x17 | 0xa3 | 0x5e);
             let reserve_family = matches!(opcode, 0x16 | 0x17);
-            if legacy_conflict
-                || !reserve_family && !state.reservations.allows(command.nexus, access(opcode), false)
-            {
+            if legacy_conflict || !reserve_family && !state.reservations.allows(command.nexus, access(opcode), false) {
                 return Ok(Reply::status(status::RESERVATION_CONFLICT));
             }
         }
@@ -480,7 +484,7 @@ impl LogicalUnit {
         let block = self.block_size() as usize;
         let wanted = count as usize * block;
         let data = data.slice(..data.len().min(wanted));
-        if data.len() % block != 0 {
+        if !data.len().is_multiple_of(block) {
             return Err(Sense::new(sense::key::ILLEGAL_REQUEST, 0x0e, 0x03));
         }
         if data.is_empty() {
@@ -496,7 +500,7 @@ impl LogicalUnit {
     /// the read-modify-writes the others need.
     async fn lock_for(&self, lba: u64, blocks: u64) -> Guard<'_> {
         let granularity = u64::from(self.device.granularity().max(1));
-        if lba % granularity == 0 && blocks % granularity == 0 {
+        if lba.is_multiple_of(granularity) && blocks.is_multiple_of(granularity) {
             Guard::Shared(self.atomic.read().await)
         } else {
             Guard::Exclusive(self.atomic.write().await)
@@ -791,7 +795,7 @@ impl LogicalUnit {
         fn padded_name(name: &str) -> Vec<u8> {
             let mut bytes = name.as_bytes().to_vec();
             bytes.push(0);
-            while bytes.len() % 4 != 0 {
+            while !bytes.len().is_multiple_of(4) {
                 bytes.push(0);
             }
             bytes

@@ -144,7 +144,8 @@ impl Registry {
             tsih = self.next_tsih.fetch_add(1, Ordering::Relaxed);
         }
         let (close, closed) = watch::channel(false);
-        let old = self.sessions.lock().expect("sessions").insert((initiator.to_string(), isid), SessionEntry { tsih, close });
+        let old =
+            self.sessions.lock().expect("sessions").insert((initiator.to_string(), isid), SessionEntry { tsih, close });
         if let Some(old) = old {
             tracing::info!(initiator, tsih = old.tsih, "session reinstated: closing the old one");
             let _ = old.close.send(true);

@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 
-pub use config::NodeConfig;
 pub use catalog::{ChapRecord, TargetRecord, VolumeRecord};
+pub use config::NodeConfig;
 pub use daemon::Node;
 
 /// Log output format.

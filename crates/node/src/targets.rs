@@ -37,8 +37,12 @@ pub struct TargetService {
     pub registry: Arc<Registry>,
     /// `ip:port` this host serves iSCSI on (none without the target role).
     pub address: Option<String>,
-    units: Mutex<HashMap<String, (Arc<Volume>, Arc<LogicalUnit>)>>,
+    units: Mutex<HashMap<String, Unit>>,
 }
+
+/// A volume and the logical unit serving it (kept across refreshes: the
+/// unit holds reservations and unit attentions).
+type Unit = (Arc<Volume>, Arc<LogicalUnit>);
 
 impl TargetService {
     pub fn new(node_id: u64, address: Option<String>) -> TargetService {
@@ -157,9 +161,7 @@ impl BlockDevice for VolumeDevice {
     }
 
     fn unmap(&self, lba: u64, count: u64) -> BoxFuture<'_, IoResult<()>> {
-        Box::pin(async move {
-            self.volume.unmap(lba * volume::SECTOR, count * volume::SECTOR).await.map_err(io_error)
-        })
+        Box::pin(async move { self.volume.unmap(lba * volume::SECTOR, count * volume::SECTOR).await.map_err(io_error) })
     }
 
     fn flush(&self) -> BoxFuture<'_, IoResult<()>> {
@@ -317,7 +319,7 @@ pub async fn create_volume(node: &Arc<Node>, new: &NewVolume) -> Result<VolumeRe
     let policy = Policy::parse(&new.policy).map_err(VolumeOpError::Invalid)?;
     let object_size = new.object_size.unwrap_or(DEFAULT_OBJECT_SIZE).min(new.size_bytes.max(volume::BLOCK));
     let block = volume::BLOCK;
-    if new.size_bytes == 0 || new.size_bytes % block != 0 || object_size % block != 0 {
+    if new.size_bytes == 0 || !new.size_bytes.is_multiple_of(block) || !object_size.is_multiple_of(block) {
         return Err(VolumeOpError::Invalid(format!(
             "size {} and object size {object_size} must be positive multiples of {block} bytes",
             new.size_bytes
@@ -377,7 +379,7 @@ pub async fn grow_volume(node: &Arc<Node>, name: &str, size_bytes: u64) -> Resul
         .await
         .map_err(catalog_error)?
         .ok_or_else(|| VolumeOpError::NotFound(format!("no volume named {name:?}")))?;
-    if size_bytes < current.size_bytes || size_bytes % volume::BLOCK != 0 {
+    if size_bytes < current.size_bytes || !size_bytes.is_multiple_of(volume::BLOCK) {
         return Err(VolumeOpError::Invalid(format!(
             "a volume grows to a multiple of {} bytes no smaller than its {} bytes",
             volume::BLOCK,
@@ -424,7 +426,10 @@ pub async fn remove_volume(node: &Arc<Node>, name: &str) -> Result<VolumeRecord,
         .map(|(target, _, _)| target)
         .collect();
     if !users.is_empty() {
-        return Err(VolumeOpError::Invalid(format!("volume {name:?} is a LUN of {}; remove those first", users.join(", "))));
+        return Err(VolumeOpError::Invalid(format!(
+            "volume {name:?} is a LUN of {}; remove those first",
+            users.join(", ")
+        )));
     }
     let mut removed = None;
     services

@@ -356,8 +356,15 @@ pub fn remove_object(target: &Target, name: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn create_volume(target: &Target, name: &str, size_bytes: u64, policy: &str, object_size: Option<u64>) -> Result<()> {
-    let body = serde_json::json!({ "name": name, "policy": policy, "size_bytes": size_bytes, "object_size": object_size });
+pub fn create_volume(
+    target: &Target,
+    name: &str,
+    size_bytes: u64,
+    policy: &str,
+    object_size: Option<u64>,
+) -> Result<()> {
+    let body =
+        serde_json::json!({ "name": name, "policy": policy, "size_bytes": size_bytes, "object_size": object_size });
     let created = request(target, "POST", "/api/v1/volumes", Some(body))?;
     let volume: node::VolumeRecord =
         serde_json::from_value(created).context("create reply did not match this version of tessera")?;
@@ -475,7 +482,8 @@ pub const DEFAULT_TARGET: &str = "iqn.2026-11.org.tessera:vol0";
 /// hosts) and its target unless they exist; returns the target's URLs,
 /// the first host's first.
 pub fn ensure_default_target(target: &Target, hosts: usize) -> Result<Vec<String>> {
-    let volumes: Vec<node::targets::VolumeStatus> = serde_json::from_value(request(target, "GET", "/api/v1/volumes", None)?)?;
+    let volumes: Vec<node::targets::VolumeStatus> =
+        serde_json::from_value(request(target, "GET", "/api/v1/volumes", None)?)?;
     if !volumes.iter().any(|volume| volume.name == DEFAULT_VOLUME) {
         let policy = if hosts >= 2 { "raid1:2" } else { "none" };
         let body = serde_json::json!({
@@ -483,7 +491,8 @@ pub fn ensure_default_target(target: &Target, hosts: usize) -> Result<Vec<String
         });
         request(target, "POST", "/api/v1/volumes", Some(body))?;
     }
-    let targets: Vec<node::targets::TargetStatus> = serde_json::from_value(request(target, "GET", "/api/v1/targets", None)?)?;
+    let targets: Vec<node::targets::TargetStatus> =
+        serde_json::from_value(request(target, "GET", "/api/v1/targets", None)?)?;
     let found = match targets.into_iter().find(|t| t.name == DEFAULT_TARGET) {
         Some(found) => found,
         None => {

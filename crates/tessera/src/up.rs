@@ -187,7 +187,10 @@ fn print_summary(data: &Path, config: &BootstrapConfig, status: &ClusterStatus, 
     }
     if let Some(url) = urls.first() {
         println!();
-        println!("  Try:        iscsi-ls -s iscsi://{}", url.trim_start_matches("iscsi://").split('/').next().unwrap_or(""));
+        println!(
+            "  Try:        iscsi-ls -s iscsi://{}",
+            url.trim_start_matches("iscsi://").split('/').next().unwrap_or("")
+        );
         println!("              qemu-img info {url}");
     }
     println!("Press Ctrl-C to stop the cluster (running `tessera up` again restarts it with its data).");
@@ -266,15 +269,18 @@ async fn supervise(data: &Path, config: &BootstrapConfig, hosts: &mut [Host]) ->
                     progress.set_message("creating the default volume and target…");
                     let target = Target { admin: target.admin.clone(), data: target.data.clone() };
                     let copies = config.hosts.len();
-                    let urls = tokio::task::spawn_blocking(move || crate::admin::ensure_default_target(&target, copies))
-                        .await?;
+                    let urls =
+                        tokio::task::spawn_blocking(move || crate::admin::ensure_default_target(&target, copies))
+                            .await?;
                     match urls {
                         Ok(urls) => {
                             healthy = true;
                             progress.finish_and_clear();
                             print_summary(data, config, &status, &urls);
                         }
-                        Err(error) => progress.set_message(format!("creating the default volume and target… {error:#}")),
+                        Err(error) => {
+                            progress.set_message(format!("creating the default volume and target… {error:#}"))
+                        }
                     }
                 }
                 Ok(status) => progress.set_message(format!(

@@ -71,10 +71,10 @@ impl Layout {
     }
 
     pub fn check(&self) -> Result<(), VolumeError> {
-        if self.object_size == 0 || self.object_size % BLOCK != 0 {
+        if self.object_size == 0 || !self.object_size.is_multiple_of(BLOCK) {
             return Err(VolumeError::Invalid(format!("object size {} is not a multiple of {BLOCK}", self.object_size)));
         }
-        if self.size % BLOCK != 0 {
+        if !self.size.is_multiple_of(BLOCK) {
             return Err(VolumeError::Invalid(format!("size {} is not a multiple of {BLOCK}", self.size)));
         }
         if (self.objects.len() as u64) < Self::objects_for(self.size, self.object_size) {
@@ -144,7 +144,7 @@ impl Volume {
     }
 
     fn sectors(offset: u64, length: u64) -> Result<(), VolumeError> {
-        if offset % SECTOR != 0 || length % SECTOR != 0 {
+        if !offset.is_multiple_of(SECTOR) || !length.is_multiple_of(SECTOR) {
             return Err(VolumeError::Invalid(format!("bytes {offset}+{length} are not whole {SECTOR}-byte sectors")));
         }
         Ok(())

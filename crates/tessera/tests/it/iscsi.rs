@@ -112,7 +112,10 @@ fn qemu_img_copies_64_mib_into_a_raid1_lun_and_back_and_the_tools_see_its_identi
         assert!(listed.contains(&format!("Portal:{},{host}", portal(host, port))), "every host is a portal: {listed}");
     }
     let inquiry = ok("iscsi-inq", &[&url]);
-    assert!(inquiry.contains("Vendor:TESSERA") && inquiry.contains("Peripheral Device Type:DIRECT_ACCESS"), "{inquiry}");
+    assert!(
+        inquiry.contains("Vendor:TESSERA") && inquiry.contains("Peripheral Device Type:DIRECT_ACCESS"),
+        "{inquiry}"
+    );
     let capacity = ok("iscsi-readcapacity16", &[&url]);
     assert!(capacity.contains("LOGICAL BLOCK LENGTH IN BYTES:512"), "{capacity}");
     assert!(capacity.contains(&format!("Total size:{}", 256u64 << 20)), "{capacity}");
@@ -160,7 +163,7 @@ fn login_pdu(initiator: &str, target: &str) -> Vec<u8> {
     pdu[5..8].copy_from_slice(&(text.len() as u32).to_be_bytes()[1..]);
     pdu[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 7]);
     pdu.extend_from_slice(text.as_bytes());
-    while pdu.len() % 4 != 0 {
+    while !pdu.len().is_multiple_of(4) {
         pdu.push(0);
     }
     pdu
@@ -315,8 +318,7 @@ fn iscsi_test_cu_passes_against_a_raid1_lun_with_only_expected_skips() {
     let log = String::from_utf8_lossy(&output.stdout).into_owned();
     let results = outcomes(&log);
     let failed: Vec<&String> = results.iter().filter(|r| r.1 == "failed").map(|r| &r.0).collect();
-    let skipped: Vec<(&String, &String)> =
-        results.iter().filter_map(|r| r.2.as_ref().map(|why| (&r.0, why))).collect();
+    let skipped: Vec<(&String, &String)> = results.iter().filter_map(|r| r.2.as_ref().map(|why| (&r.0, why))).collect();
     let passed = results.len() - failed.len() - skipped.len();
     println!(
         "iscsi-test-cu -d -t ALL on a raid1(2) LUN: {} tests, {passed} passed, {} failed, {} skipped, in {:?}",

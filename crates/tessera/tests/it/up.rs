@@ -12,7 +12,16 @@ use crate::harness::{binary, exclusive, free_port};
 
 fn start_up(data: &std::path::Path, port: u16, iscsi_port: u16) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(binary())
-        .args(["up", "--hosts", "3", "--base-port", &port.to_string(), "--iscsi-port", &iscsi_port.to_string(), "--data"])
+        .args([
+            "up",
+            "--hosts",
+            "3",
+            "--base-port",
+            &port.to_string(),
+            "--iscsi-port",
+            &iscsi_port.to_string(),
+            "--data",
+        ])
         .arg(data)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

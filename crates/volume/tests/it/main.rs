@@ -20,7 +20,7 @@ struct Objects {
 
 impl Objects {
     fn check(&self, offset: u64, length: u64) {
-        if offset % BLOCK != 0 || length % BLOCK != 0 || offset + length > self.object_size {
+        if !offset.is_multiple_of(BLOCK) || !length.is_multiple_of(BLOCK) || offset + length > self.object_size {
             *self.unaligned.lock().unwrap() += 1;
         }
     }
