@@ -206,40 +206,18 @@ impl<T: Transport> Catalog<T> {
     pub async fn update_volume(
         &self,
         name: &str,
-        mut modify: impl FnMut(Option<&VolumeRecord>) -> Option<Option<VolumeRecord>>,
+        modify: impl FnMut(Option<&VolumeRecord>) -> Option<Option<VolumeRecord>>,
     ) -> Result<Option<VolumeRecord>, CatalogError> {
-        for _ in 0..UPDATE_RETRIES_MAX {
-            let current = self.volumes.get(&name.to_string()).await?;
-            let Some(updated) = modify(current.as_ref().map(|(record, _)| record)) else {
-                return Ok(current.map(|(record, _)| record));
-            };
-            let expected = current.as_ref().map(|(_, version)| *version);
-            match self.volumes.compare_and_set(name.to_string(), expected, updated.clone()).await? {
-                Ok(_) => return Ok(updated),
-                Err(Conflict { .. }) => continue,
-            }
-        }
-        Err(CatalogError::Contended(format!("volume {name:?}")))
+        update_named(&self.volumes, "volume", name, modify).await
     }
 
     /// The same for a target record.
     pub async fn update_target(
         &self,
         name: &str,
-        mut modify: impl FnMut(Option<&TargetRecord>) -> Option<Option<TargetRecord>>,
+        modify: impl FnMut(Option<&TargetRecord>) -> Option<Option<TargetRecord>>,
     ) -> Result<Option<TargetRecord>, CatalogError> {
-        for _ in 0..UPDATE_RETRIES_MAX {
-            let current = self.targets.get(&name.to_string()).await?;
-            let Some(updated) = modify(current.as_ref().map(|(record, _)| record)) else {
-                return Ok(current.map(|(record, _)| record));
-            };
-            let expected = current.as_ref().map(|(_, version)| *version);
-            match self.targets.compare_and_set(name.to_string(), expected, updated.clone()).await? {
-                Ok(_) => return Ok(updated),
-                Err(Conflict { .. }) => continue,
-            }
-        }
-        Err(CatalogError::Contended(format!("target {name:?}")))
+        update_named(&self.targets, "target", name, modify).await
     }
 
     pub async fn put_disk(&self, disk: DiskRecord) -> Result<Position, CatalogError> {
@@ -249,4 +227,30 @@ impl<T: Transport> Catalog<T> {
     pub async fn put_site(&self, site: SiteRecord) -> Result<Position, CatalogError> {
         Ok(self.sites.put(site.name.clone(), site).await?)
     }
+}
+
+/// Compare-and-set of one record of a map keyed by name, retried on
+/// conflict (see [`Catalog::update_volume`]).
+async fn update_named<R, T>(
+    map: &Replicated<Map<String, R>, T>,
+    what: &str,
+    name: &str,
+    mut modify: impl FnMut(Option<&R>) -> Option<Option<R>>,
+) -> Result<Option<R>, CatalogError>
+where
+    R: sharedlog::objects::Value,
+    T: Transport,
+{
+    for _ in 0..UPDATE_RETRIES_MAX {
+        let current = map.get(&name.to_string()).await?;
+        let Some(updated) = modify(current.as_ref().map(|(record, _)| record)) else {
+            return Ok(current.map(|(record, _)| record));
+        };
+        let expected = current.as_ref().map(|(_, version)| *version);
+        match map.compare_and_set(name.to_string(), expected, updated.clone()).await? {
+            Ok(_) => return Ok(updated),
+            Err(Conflict { .. }) => continue,
+        }
+    }
+    Err(CatalogError::Contended(format!("{what} {name:?}")))
 }

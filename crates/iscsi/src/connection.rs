@@ -74,6 +74,8 @@ struct Session {
     params: Params,
     nexus: String,
     port: Port,
+    /// The target's LUN numbers (REPORT LUNS), as of login.
+    luns: Vec<u64>,
     out: mpsc::UnboundedSender<Out>,
     exp_cmd_sn: AtomicU32,
     /// The highest MaxCmdSN sent: commands up to it are in the window.
@@ -156,6 +158,7 @@ pub async fn run<D: Datamover>(registry: Arc<Registry>, mover: D) {
         kind,
         params: login.params.clone(),
         nexus: login.nexus(),
+        luns: login.target.as_ref().map(|target| target.lun_numbers()).unwrap_or_default(),
         port: Port {
             target: login.target.as_ref().map(|target| target.name.clone()).unwrap_or_default(),
             relative_port: group,
@@ -485,21 +488,17 @@ impl Session {
             Err(sense) => Reply::check(sense, false),
             Ok(data) => match self.target.as_ref().and_then(|target| target.luns.get(&task.lun)) {
                 Some(unit) => {
-                    let luns = self.target.as_ref().map(|target| target.lun_numbers()).unwrap_or_default();
                     let command = Command {
                         cdb: &cdb,
                         data,
                         nexus: &self.nexus,
                         port: &self.port,
-                        luns: &luns,
+                        luns: &self.luns,
                         expected_length: expected,
                     };
                     unit.execute(command).await
                 }
-                None => {
-                    let luns = self.target.as_ref().map(|target| target.lun_numbers()).unwrap_or_default();
-                    no_such_unit(&cdb, &luns)
-                }
+                None => no_such_unit(&cdb, &self.luns),
             },
         };
         if counted {

@@ -130,18 +130,12 @@ impl Reservations {
         }
     }
 
-    /// Whether `nexus` may run a command of class `access`.
-    pub fn allows(&self, nexus: &str, access: Access, reserve_family: bool) -> bool {
+    /// Whether the persistent reservation lets `nexus` run a command of
+    /// class `access` (RESERVE(6) conflicts are the unit's to check: they
+    /// follow their own, opcode-based table).
+    pub fn allows(&self, nexus: &str, access: Access) -> bool {
         if access == Access::Always {
             return true;
-        }
-        if let Some(holder) = &self.legacy {
-            if holder != nexus {
-                return false;
-            }
-        }
-        if reserve_family && self.reservation.is_some() {
-            return false;
         }
         let Some(reservation) = &self.reservation else { return true };
         if self.holds(nexus) {
@@ -447,9 +441,9 @@ mod tests {
         register(&mut state, "a", 1);
         register(&mut state, "b", 2);
         state.apply("a", &request(action::RESERVE, kind::WRITE_EXCLUSIVE_REGISTRANTS_ONLY, 1, 0)).unwrap();
-        assert!(state.allows("b", Access::Write, false));
-        assert!(!state.allows("c", Access::Write, false));
-        assert!(state.allows("c", Access::Read, false));
+        assert!(state.allows("b", Access::Write));
+        assert!(!state.allows("c", Access::Write));
+        assert!(state.allows("c", Access::Read));
         assert_eq!(state.generation, 2, "reserve does not bump the generation");
     }
 
@@ -459,8 +453,8 @@ mod tests {
         register(&mut state, "a", 1);
         register(&mut state, "b", 2);
         state.apply("a", &request(action::RESERVE, kind::EXCLUSIVE_ACCESS, 1, 0)).unwrap();
-        assert!(!state.allows("b", Access::Read, false));
-        assert!(state.allows("a", Access::Write, false));
+        assert!(!state.allows("b", Access::Read));
+        assert!(state.allows("a", Access::Write));
         assert_eq!(state.apply("b", &request(action::RESERVE, kind::EXCLUSIVE_ACCESS, 2, 0)), Err(PrError::Conflict));
     }
 

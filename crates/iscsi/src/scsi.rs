@@ -371,7 +371,7 @@ impl LogicalUnit {
             let legacy_conflict = state.reservations.legacy.as_ref().is_some_and(|holder| holder != command.nexus)
                 && !matches!(opcode, 0x12 | 0xa0 | 0x03 | 0x16 | 0x17 | 0xa3 | 0x5e);
             let reserve_family = matches!(opcode, 0x16 | 0x17);
-            if legacy_conflict || !reserve_family && !state.reservations.allows(command.nexus, access(opcode), false) {
+            if legacy_conflict || !reserve_family && !state.reservations.allows(command.nexus, access(opcode)) {
                 return Ok(Reply::status(status::RESERVATION_CONFLICT));
             }
         }

@@ -452,6 +452,7 @@ impl Node {
             metrics::gauge!("sharedlog_term").set(status.term as f64);
         }
         self.storage.record_metrics();
+        crate::targets::record_metrics(self);
         metrics::gauge!("tessera_node_catalog_ready").set(if self.services().is_some() { 1.0 } else { 0.0 });
         self.prometheus.as_ref().map(|handle| handle.render()).unwrap_or_default()
     }

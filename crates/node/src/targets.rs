@@ -608,3 +608,16 @@ pub fn target_statuses(node: &Node) -> Vec<TargetStatus> {
         })
         .collect()
 }
+
+/// The target service's counters as metrics (iscsi_*).
+pub fn record_metrics(node: &Node) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let counters = &node.targets.registry.counters;
+    metrics::gauge!("iscsi_sessions").set(counters.sessions.load(Relaxed) as f64);
+    metrics::counter!("iscsi_logins_total").absolute(counters.logins.load(Relaxed));
+    metrics::counter!("iscsi_login_failures_total").absolute(counters.login_failures.load(Relaxed));
+    metrics::counter!("iscsi_commands_total").absolute(counters.commands.load(Relaxed));
+    metrics::counter!("iscsi_rejects_total").absolute(counters.rejects.load(Relaxed));
+    metrics::counter!("iscsi_read_bytes_total").absolute(counters.read_bytes.load(Relaxed));
+    metrics::counter!("iscsi_write_bytes_total").absolute(counters.write_bytes.load(Relaxed));
+}
