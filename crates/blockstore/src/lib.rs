@@ -76,6 +76,8 @@ pub enum Error {
     Corrupt { component: ComponentId, blocks: Vec<u64> },
     #[error("i/o error: {0}")]
     Io(String),
+    #[error("owner epoch {epoch} is stale: the component accepts {current} and above")]
+    StaleEpoch { epoch: u64, current: u64 },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -259,6 +261,10 @@ struct Op {
 struct Queue {
     ops: VecDeque<Op>,
     closing: bool,
+    /// The highest fence queued per component (applied or not): an owner
+    /// epoch below it is refused at the door, so nothing of a deposed
+    /// owner is queued behind the fence that deposed it.
+    fenced: BTreeMap<ComponentId, u64>,
 }
 
 struct Inner {
@@ -702,8 +708,59 @@ impl Disk {
 
     /// Raises the lowest owner epoch the component accepts (never lowers it).
     pub async fn fence(&self, id: ComponentId, epoch: u64) -> Result<()> {
-        self.inner.get(id)?;
-        self.submit(Record::Fence { component: id, epoch }).await
+        match self.submit_in_epoch(id, epoch, None) {
+            Ok((Some(fence), _)) => fence.await,
+            Ok((None, _)) | Err(Error::StaleEpoch { .. }) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The lowest owner epoch component `id` accepts, counting fences
+    /// queued but not yet applied.
+    pub fn accepted_epoch(&self, id: ComponentId) -> Result<u64> {
+        let applied = self.inner.get(id)?.state.read().expect("component lock").epoch;
+        let queue = self.inner.queue.lock().expect("queue lock");
+        Ok(queue.fenced.get(&id).copied().unwrap_or(0).max(applied))
+    }
+
+    /// Hands `record` (if any) to the journal on behalf of the owner at
+    /// `epoch`, checked against the component's epoch under the queue's
+    /// lock: an epoch below the highest fence applied or queued is refused
+    /// ([`Error::StaleEpoch`]); a higher one queues its fence first. So once
+    /// a newer owner's fence is queued, no record of an older owner can
+    /// follow it into the journal. Returns the waits for the fence (when
+    /// one was queued) and for the record.
+    #[allow(clippy::type_complexity)]
+    pub fn submit_in_epoch(
+        &self,
+        id: ComponentId,
+        epoch: u64,
+        mut record: Option<Record>,
+    ) -> Result<(
+        Option<impl std::future::Future<Output = Result<()>> + Send + 'static>,
+        Option<impl std::future::Future<Output = Result<()>> + Send + 'static>,
+    )> {
+        if let Some(record) = &record {
+            self.check_record(record)?;
+        }
+        let applied = self.inner.get(id)?.state.read().expect("component lock").epoch;
+        let mut fenced = false;
+        let mut records = Vec::with_capacity(2);
+        let mut waits = self.enqueue_all(&mut |queue| {
+            let current = queue.fenced.get(&id).copied().unwrap_or(0).max(applied);
+            if epoch < current {
+                return Err(Error::StaleEpoch { epoch, current });
+            }
+            if epoch > current {
+                queue.fenced.insert(id, epoch);
+                records.push(Record::Fence { component: id, epoch });
+                fenced = true;
+            }
+            records.extend(record.take());
+            Ok(std::mem::take(&mut records))
+        })?;
+        let record_wait = if waits.len() > usize::from(fenced) { waits.pop() } else { None };
+        Ok((waits.pop(), record_wait))
     }
 
     async fn submit(&self, record: Record) -> Result<()> {
@@ -715,6 +772,12 @@ impl Disk {
     /// that order. The future completes when the record is durable and
     /// applied. Writes are of [`WRITE_BLOCKS_MAX`] blocks at most.
     pub fn submit_now(&self, record: Record) -> Result<impl std::future::Future<Output = Result<()>> + Send + 'static> {
+        self.check_record(&record)?;
+        Ok(self.enqueue(record))
+    }
+
+    /// The checks [`Disk::submit_now`] makes before queueing.
+    fn check_record(&self, record: &Record) -> Result<()> {
         let id = record.component();
         if !matches!(record, Record::Create { .. }) {
             let component = self.inner.get(id)?;
@@ -741,40 +804,57 @@ impl Disk {
                 check_range(id, first, count, state.blocks)?;
             }
         }
-        self.inner.check_failed()?;
-        Ok(self.enqueue(record))
+        self.inner.check_failed()
     }
 
     /// Queues a record for the writer; the future completes when it is
     /// durable and applied.
-    fn enqueue(&self, record: Record) -> impl std::future::Future<Output = Result<()>> {
-        let (done, wait) = oneshot::channel();
-        let refused = {
+    fn enqueue(&self, record: Record) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
+        let mut record = Some(record);
+        let queued = self
+            .enqueue_all(&mut |_| Ok(record.take().into_iter().collect()))
+            .map(|mut waits| waits.pop().expect("one record queued"));
+        async move { queued?.await }
+    }
+
+    /// Queues the records `admit` returns, in order; `admit` runs under
+    /// the queue's lock (once there is room) and may refuse instead.
+    fn enqueue_all(
+        &self,
+        admit: &mut dyn FnMut(&mut Queue) -> Result<Vec<Record>>,
+    ) -> Result<Vec<impl std::future::Future<Output = Result<()>> + Send + 'static + use<>>> {
+        let mut receivers = Vec::new();
+        {
             let mut queue = self.inner.queue.lock().expect("queue lock");
             while queue.ops.len() >= self.inner.config.queue_max && !queue.closing && !self.inner.config.inline_writer {
                 queue = self.inner.room.wait(queue).expect("queue lock");
             }
             if queue.closing {
-                Some(self.inner.failed_error("closing"))
-            } else if let Err(error) = self.inner.check_failed() {
-                Some(error)
-            } else {
-                queue.ops.push_back(Op { record, done });
-                None
+                return Err(self.inner.failed_error("closing"));
             }
-        };
+            self.inner.check_failed()?;
+            for record in admit(&mut queue)? {
+                let (done, wait) = oneshot::channel();
+                queue.ops.push_back(Op { record, done });
+                receivers.push(wait);
+            }
+        }
         if self.inner.config.inline_writer {
             self.inner.run_inline();
         } else {
             self.inner.wake.notify_one();
         }
         let name = self.inner.name.clone();
-        async move {
-            if let Some(error) = refused {
-                return Err(error);
-            }
-            wait.await.unwrap_or_else(|_| Err(Error::DiskFailed { disk: name, reason: "writer stopped".into() }))
-        }
+        Ok(receivers
+            .into_iter()
+            .map(|wait| {
+                let name = name.clone();
+                async move {
+                    wait.await
+                        .unwrap_or_else(|_| Err(Error::DiskFailed { disk: name, reason: "writer stopped".into() }))
+                }
+            })
+            .collect())
     }
 }
 

@@ -170,6 +170,7 @@ impl From<blockstore::Error> for ComponentError {
     fn from(error: blockstore::Error) -> Self {
         match error {
             blockstore::Error::Corrupt { blocks, .. } => ComponentError::Corrupt { blocks },
+            blockstore::Error::StaleEpoch { epoch, current } => stale(epoch, current),
             other => ComponentError::Store(other.to_string()),
         }
     }
@@ -214,27 +215,28 @@ struct Session {
     parked: std::collections::BTreeMap<u64, Parked>,
 }
 
-/// Refuses an owner epoch below the component's.
+/// Refuses an owner epoch below the component's (counting fences queued).
 fn refuse_stale(disk: &Disk, component: ComponentId, epoch: u64) -> Result<u64, ComponentError> {
-    let current = disk.component(component)?.epoch;
+    let current = disk.accepted_epoch(component)?;
     if epoch < current {
-        metrics::counter!("objects_stale_epoch_refusals_total").increment(1);
-        return Err(ComponentError::StaleEpoch { epoch, current });
+        return Err(stale(epoch, current));
     }
     Ok(current)
 }
 
-/// Refuses a stale epoch; a newer one is handed to the journal now (before
-/// the request it came with), and the wait for it returned.
+fn stale(epoch: u64, current: u64) -> ComponentError {
+    metrics::counter!("objects_stale_epoch_refusals_total").increment(1);
+    ComponentError::StaleEpoch { epoch, current }
+}
+
+/// Refuses a stale epoch; a newer one is handed to the journal now, and
+/// the wait for it returned.
 fn fence(
     disk: &Disk,
     component: ComponentId,
     epoch: u64,
 ) -> Result<Option<impl std::future::Future<Output = blockstore::Result<()>> + Send + 'static>, ComponentError> {
-    if epoch > refuse_stale(disk, component, epoch)? {
-        return Ok(Some(disk.submit_now(blockstore::Record::Fence { component, epoch })?));
-    }
-    Ok(None)
+    Ok(disk.submit_in_epoch(component, epoch, None)?.0)
 }
 
 fn bitmap_bytes(bitmap: roaring::RoaringBitmap) -> Vec<u8> {
@@ -360,7 +362,6 @@ impl Service {
         use blockstore::Record;
         let component = request.component();
         let disk = self.disk_of(component)?.clone();
-        let fence = fence(&disk, component, epoch)?;
         let mut reply = Reply::Done;
         let record = match request {
             Request::Write { lsn, first, .. } => Record::Write { component, lsn, first, data },
@@ -382,12 +383,17 @@ impl Service {
             }
             other => return Err(ComponentError::Invalid(format!("{other:?} is not an ordered request"))),
         };
-        let wait = disk.submit_now(record)?;
+        // Checked against the epoch and queued behind any newer owner's
+        // fence in one step (a fence queued meanwhile would let a deposed
+        // owner's write in behind it).
+        let (fence, wait) = disk.submit_in_epoch(component, epoch, Some(record))?;
         Ok(Box::pin(async move {
             if let Some(fence) = fence {
                 fence.await?;
             }
-            wait.await?;
+            if let Some(wait) = wait {
+                wait.await?;
+            }
             Ok((reply, Bytes::new()))
         }))
     }

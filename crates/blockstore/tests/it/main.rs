@@ -340,6 +340,42 @@ async fn a_fence_only_rises_and_survives_a_restart() {
     assert_eq!(open(dir.path()).component(1).unwrap().epoch, 5);
 }
 
+/// A deposed owner's write is refused as soon as the newer owner's fence
+/// is queued, before it is applied: otherwise the write would land behind
+/// the fence, after the newer owner read the component's state.
+#[tokio::test]
+async fn an_older_epoch_is_refused_once_a_newer_fence_is_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 2048).await.unwrap();
+    disk.fence(1, 1).await.unwrap();
+    // Keep the writer busy so the fence waits in the queue.
+    let mut waits = Vec::new();
+    for lsn in 1..=8u64 {
+        let record = blockstore::Record::Write { component: 1, lsn, first: 0, data: blocks(0, 256, lsn) };
+        waits.push(disk.submit_in_epoch(1, 1, Some(record)).unwrap().1.unwrap());
+    }
+    let (fence, _) = disk.submit_in_epoch(1, 2, None).unwrap();
+    let late = blockstore::Record::Write { component: 1, lsn: 9, first: 0, data: blocks(0, 1, 9) };
+    match disk.submit_in_epoch(1, 1, Some(late)) {
+        Err(Error::StaleEpoch { epoch: 1, current: 2 }) => {}
+        Err(other) => panic!("refused for the wrong reason: {other}"),
+        Ok(_) => panic!("a write of epoch 1 was queued behind the fence of epoch 2"),
+    }
+    assert_eq!(disk.accepted_epoch(1).unwrap(), 2);
+    fence.unwrap().await.unwrap();
+    for wait in waits {
+        wait.await.unwrap();
+    }
+    assert_eq!(disk.component(1).unwrap().committed_lsn, 8);
+    // The newer owner goes on; no second fence is queued for it.
+    let next = blockstore::Record::Write { component: 1, lsn: 10, first: 0, data: blocks(0, 1, 10) };
+    let (fence, wait) = disk.submit_in_epoch(1, 2, Some(next)).unwrap();
+    assert!(fence.is_none());
+    wait.unwrap().await.unwrap();
+    assert_eq!(disk.read(1, 0, 1).unwrap(), blocks(0, 1, 10));
+}
+
 #[tokio::test]
 async fn records_submitted_in_order_are_applied_in_order() {
     let dir = tempfile::tempdir().unwrap();
