@@ -9,8 +9,8 @@
 //!   Data-Out and R2T, NOP, Text (SendTargets), task management, Logout,
 //!   Reject.
 //! - [`datamover`]: the layer between iSCSI and its transport; TCP here.
-//! - [`scsi`], [`sense`], [`pr`]: the block device command set, sense
-//!   data, reservations.
+//! - [`scsi`], [`sense`], [`pr`], [`copy`]: the block device command set,
+//!   sense data, reservations, EXTENDED COPY parameter lists.
 //! - [`target`]: targets, the registry a service serves from, the listener.
 //! - [`memory`]: a block device in memory, for tests and references.
 //!
@@ -18,6 +18,7 @@
 //! gives it targets whose logical units sit on [`scsi::BlockDevice`]s.
 
 pub mod connection;
+pub mod copy;
 pub mod datamover;
 pub mod login;
 pub mod memory;

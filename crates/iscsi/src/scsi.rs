@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 
+use crate::copy;
 use crate::pr::{self, Access, PrError, Reservations};
 use crate::sense::{self, status, Sense};
 
@@ -23,6 +24,10 @@ pub const WRITE_SAME_BLOCKS_MAX: u64 = 1 << 20;
 pub const COMPARE_AND_WRITE_BLOCKS_MAX: u8 = 32;
 pub const UNMAP_BLOCKS_MAX: u32 = 1 << 20;
 pub const UNMAP_DESCRIPTORS_MAX: u32 = 256;
+/// Blocks one WRITE ATOMIC may write (128 KiB of 512-byte blocks).
+pub const ATOMIC_BLOCKS_MAX: u32 = 256;
+/// Blocks an EXTENDED COPY reads and writes at a time.
+const COPY_PIECE_BLOCKS: u32 = 2048;
 const VENDOR: &[u8; 8] = b"TESSERA ";
 const PRODUCT: &[u8; 16] = b"VOLUME          ";
 const REVISION: &[u8; 4] = b"0001";
@@ -56,6 +61,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// logical unit runs such requests alone.
     fn granularity(&self) -> u32 {
         1
+    }
+    /// The most logical blocks one write stores all-or-nothing when it
+    /// starts at a multiple of it (a power of two; WRITE ATOMIC offers up
+    /// to [`ATOMIC_BLOCKS_MAX`] of it).
+    fn atomic_blocks(&self) -> u32 {
+        ATOMIC_BLOCKS_MAX
     }
     /// Whether `lba` is mapped, and how many blocks from it share that state.
     fn provisioning(&self, lba: u64) -> BoxFuture<'_, IoResult<(bool, u64)>> {
@@ -122,6 +133,9 @@ struct UnitState {
     nexuses: HashSet<String>,
     modes: Modes,
     blocks_seen: u64,
+    /// Results of EXTENDED COPY lists that asked them held, per I_T nexus
+    /// and list identifier: (segments, bytes copied).
+    copies: HashMap<(String, u8), (u16, u64)>,
 }
 
 /// A logical unit: a block device with its identity, reservations, unit
@@ -189,14 +203,19 @@ const COMMANDS: &[(u8, Option<u8>, usize)] = &[
     (0x5f, Some(5), 10),
     (0x5f, Some(6), 10),
     (0x5f, Some(7), 10),
+    (0x83, Some(0), 16),
+    (0x84, Some(0), 16),
+    (0x84, Some(3), 16),
     (0x88, None, 16),
     (0x89, None, 16),
     (0x8a, None, 16),
+    (0x8b, None, 16),
     (0x8e, None, 16),
     (0x8f, None, 16),
     (0x90, None, 16),
     (0x91, None, 16),
     (0x93, None, 16),
+    (0x9c, None, 16),
     (0x9e, Some(0x10), 16),
     (0x9e, Some(0x12), 16),
     (0xa0, None, 12),
@@ -229,7 +248,7 @@ pub fn data_out_bytes(cdb: &[u8], block_size: u32) -> Option<usize> {
     let block = block_size as usize;
     let blocks = |cdb: &[u8]| lba_and_length(cdb).1 as usize;
     Some(match opcode {
-        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e => blocks(cdb) * block,
+        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x8b | 0x9c => blocks(cdb) * block,
         0x2f | 0xaf | 0x8f => match (cdb[1] >> 1) & 3 {
             0 => 0,
             1 => blocks(cdb) * block,
@@ -247,6 +266,7 @@ pub fn data_out_bytes(cdb: &[u8], block_size: u32) -> Option<usize> {
         0x42 | 0x55 => usize::from(be16(&cdb[7..])),
         0x15 => usize::from(cdb[4]),
         0x5f => be32(&cdb[5..]) as usize,
+        0x83 => be32(&cdb[10..]) as usize,
         _ => return None,
     })
 }
@@ -259,7 +279,10 @@ fn access(opcode: u8) -> Access {
             Access::Always
         }
         0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x34 | 0x90 => Access::Read,
-        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 => Access::Write,
+        0x84 => Access::Always,
+        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x8b | 0x9c | 0x83 => {
+            Access::Write
+        }
         _ => Access::Other,
     }
 }
@@ -276,6 +299,8 @@ fn lba_and_length(cdb: &[u8]) -> (u64, u32, u8) {
             (u64::from(be32(&cdb[2..])), u32::from(be16(&cdb[7..])), cdb[1] >> 5)
         }
         0xa8 | 0xaa | 0xae | 0xaf => (u64::from(be32(&cdb[2..])), be32(&cdb[6..]), cdb[1] >> 5),
+        // WRITE ATOMIC(16): a 16-bit transfer length after the boundary.
+        0x9c => (be64(&cdb[2..]), u32::from(be16(&cdb[12..])), cdb[1] >> 5),
         _ => (be64(&cdb[2..]), be32(&cdb[10..]), cdb[1] >> 5),
     }
 }
@@ -335,6 +360,7 @@ impl LogicalUnit {
     pub fn nexus_lost(&self, nexus: &str) {
         let mut state = self.state.lock().expect("unit state");
         state.reservations.reset_legacy(Some(nexus));
+        state.copies.retain(|(holder, _), _| holder != nexus);
     }
 
     pub async fn execute(&self, command: Command<'_>) -> Reply {
@@ -390,7 +416,14 @@ impl LogicalUnit {
             0x2f | 0xaf | 0x8f => self.verify(cdb, command.data).await,
             0x34 | 0x90 => self.prefetch(cdb),
             0x35 | 0x91 => self.synchronize(cdb).await,
-            0x41 | 0x93 => self.write_same(cdb, command.data).await,
+            0x41 | 0x93 => self.write_same(cdb, command.data, command.expected_length).await,
+            0x8b => self.or_write(cdb, command.data).await,
+            0x9c => self.write_atomic(cdb, command.data).await,
+            0x83 => match cdb[1] & 0x1f {
+                0x00 => self.extended_copy(cdb, command.data, command.nexus).await,
+                _ => Err(Sense::invalid_cdb(1, Some(4))),
+            },
+            0x84 => self.receive_copy_results(cdb, command.nexus),
             0x42 => self.unmap(cdb, command.data).await,
             0x89 => self.compare_and_write(cdb, command.data, command.expected_length).await,
             0x1a | 0x5a => self.mode_sense(cdb),
@@ -562,7 +595,7 @@ impl LogicalUnit {
         Ok(Reply::good(Bytes::new()))
     }
 
-    async fn write_same(&self, cdb: &[u8], data: Bytes) -> Outcome {
+    async fn write_same(&self, cdb: &[u8], data: Bytes, expected: u32) -> Outcome {
         let sixteen = cdb[0] == 0x93;
         let (lba, count) = if sixteen {
             (be64(&cdb[2..]), u64::from(be32(&cdb[10..])))
@@ -577,6 +610,10 @@ impl LogicalUnit {
         let no_data = sixteen && cdb[1] & 0x01 != 0;
         if anchor {
             return Err(Sense::invalid_cdb(1, Some(4)));
+        }
+        // One block of data-out, no more and no less (none with NDOB).
+        if !no_data && expected != self.block_size() {
+            return Err(Sense::invalid_cdb(if sixteen { 10 } else { 7 }, None));
         }
         let count = if count == 0 {
             // To the end of the medium (WSNZ is clear).
@@ -685,6 +722,129 @@ impl LogicalUnit {
         Ok(Reply::good(Bytes::new()))
     }
 
+    /// ORWRITE(16): the medium becomes itself OR the data, as one
+    /// read-modify-write no other write overlaps.
+    async fn or_write(&self, cdb: &[u8], data: Bytes) -> Outcome {
+        let (lba, count, protect) = lba_and_length(cdb);
+        if protect != 0 {
+            return Err(Sense::invalid_cdb(1, Some(7)));
+        }
+        self.check_writable()?;
+        self.check_range(lba, u64::from(count))?;
+        if count > TRANSFER_BLOCKS_MAX {
+            return Err(Sense::invalid_cdb(10, None));
+        }
+        if count == 0 {
+            return Ok(Reply::good(Bytes::new()));
+        }
+        let data = Self::take_data(data, count as usize * self.block_size() as usize)?;
+        let _exclusive = self.atomic.write().await;
+        let medium = self.device.read(lba, count).await.map_err(|error| io_sense(error, false))?;
+        let merged: Vec<u8> = medium.iter().zip(data.iter()).map(|(old, new)| old | new).collect();
+        self.device.write(lba, Bytes::from(merged)).await.map_err(|error| io_sense(error, true))?;
+        Ok(Reply::good(Bytes::new()))
+    }
+
+    /// The most a WRITE ATOMIC may write, and the alignment it asks of its
+    /// LBA: an aligned write of that many blocks is one all-or-nothing
+    /// write of the device (it straddles none of its backing objects).
+    fn atomic_alignment(&self) -> u32 {
+        let blocks = self.device.atomic_blocks().clamp(1, ATOMIC_BLOCKS_MAX);
+        1 << blocks.ilog2()
+    }
+
+    /// WRITE ATOMIC(16): all of it or none, with no overlapping command
+    /// seeing a part (it runs exclusively).
+    async fn write_atomic(&self, cdb: &[u8], data: Bytes) -> Outcome {
+        let (lba, count, protect) = lba_and_length(cdb);
+        if protect != 0 {
+            return Err(Sense::invalid_cdb(1, Some(7)));
+        }
+        self.check_writable()?;
+        self.check_range(lba, u64::from(count))?;
+        if be16(&cdb[10..]) != 0 {
+            // ATOMIC BOUNDARY: no boundary size is offered.
+            return Err(Sense::invalid_cdb(10, None));
+        }
+        if count > self.atomic_alignment() {
+            return Err(Sense::invalid_cdb(12, None));
+        }
+        if !lba.is_multiple_of(u64::from(self.atomic_alignment())) {
+            return Err(Sense::invalid_cdb(2, None));
+        }
+        if count == 0 {
+            return Ok(Reply::good(Bytes::new()));
+        }
+        let data = Self::take_data(data, count as usize * self.block_size() as usize)?;
+        let _exclusive = self.atomic.write().await;
+        self.device.write(lba, data).await.map_err(|error| io_sense(error, true))?;
+        Ok(Reply::good(Bytes::new()))
+    }
+
+    /// EXTENDED COPY (LID1): every descriptor checked, then the segments
+    /// copied in order, exclusively, within this unit (the only one it can
+    /// name: a designator of another is unreachable).
+    async fn extended_copy(&self, cdb: &[u8], data: Bytes, nexus: &str) -> Outcome {
+        let length = be32(&cdb[10..]) as usize;
+        let Some(list) = copy::parse(&data, length)? else { return Ok(Reply::good(Bytes::new())) };
+        let block_size = self.block_size();
+        for target in &list.targets {
+            if target.designator_type != 0x03 || target.designator != self.naa {
+                return Err(copy::unreachable());
+            }
+            if target.block_length != block_size {
+                return Err(copy::unreachable());
+            }
+        }
+        let blocks = self.device.blocks();
+        for segment in &list.segments {
+            if segment.source >= list.targets.len() || segment.destination >= list.targets.len() {
+                return Err(copy::unreachable());
+            }
+            let fits = |lba: u64| lba.checked_add(segment.blocks).is_some_and(|end| end <= blocks);
+            if !fits(segment.source_lba) || !fits(segment.destination_lba) {
+                return Err(Sense::new(sense::key::COPY_ABORTED, 0x00, 0x00));
+            }
+        }
+        self.check_writable()?;
+        let _exclusive = self.atomic.write().await;
+        let mut bytes = 0u64;
+        for segment in &list.segments {
+            let mut done = 0;
+            while done < segment.blocks {
+                let piece = (segment.blocks - done).min(u64::from(COPY_PIECE_BLOCKS));
+                let data = self
+                    .device
+                    .read(segment.source_lba + done, piece as u32)
+                    .await
+                    .map_err(|error| io_sense(error, false))?;
+                self.device.write(segment.destination_lba + done, data).await.map_err(|error| io_sense(error, true))?;
+                done += piece;
+            }
+            bytes += segment.blocks * u64::from(block_size);
+        }
+        if list.hold {
+            let mut state = self.state.lock().expect("unit state");
+            state.copies.insert((nexus.to_string(), list.list_id), (list.segments.len() as u16, bytes));
+        }
+        Ok(Reply::good(Bytes::new()))
+    }
+
+    fn receive_copy_results(&self, cdb: &[u8], nexus: &str) -> Outcome {
+        let allocation = be32(&cdb[10..]) as usize;
+        let mut out = match cdb[1] & 0x1f {
+            0x00 => {
+                let held = self.state.lock().expect("unit state").copies.get(&(nexus.to_string(), cdb[2])).copied();
+                let Some((segments, bytes)) = held else { return Err(Sense::invalid_cdb(2, None)) };
+                copy::copy_status(segments, bytes)
+            }
+            0x03 => copy::operating_parameters(),
+            _ => return Err(Sense::invalid_cdb(1, Some(4))),
+        };
+        out.truncate(allocation);
+        Ok(Reply::good(out))
+    }
+
     fn read_capacity10(&self, cdb: &[u8]) -> Outcome {
         if cdb[8] & 0x01 != 0 || be32(&cdb[2..]) != 0 {
             // PMI is obsolete; an LBA without it is invalid.
@@ -770,6 +930,9 @@ impl LogicalUnit {
                 body[24..28].copy_from_slice(&self.device.granularity().max(1).to_be_bytes());
                 body[28..32].copy_from_slice(&0x8000_0000u32.to_be_bytes());
                 body[32..40].copy_from_slice(&WRITE_SAME_BLOCKS_MAX.to_be_bytes());
+                // Maximum atomic transfer length and its alignment.
+                body[40..44].copy_from_slice(&self.atomic_alignment().to_be_bytes());
+                body[44..48].copy_from_slice(&self.atomic_alignment().to_be_bytes());
                 body
             }
             0xb1 => {

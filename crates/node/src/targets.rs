@@ -171,6 +171,13 @@ impl BlockDevice for VolumeDevice {
     fn granularity(&self) -> u32 {
         (volume::BLOCK / volume::SECTOR) as u32
     }
+
+    /// One object write is all-or-nothing: the largest power of two of
+    /// sectors that divides the object size never straddles two objects.
+    fn atomic_blocks(&self) -> u32 {
+        let sectors = self.volume.layout().object_size / volume::SECTOR;
+        1u64.checked_shl(sectors.trailing_zeros()).unwrap_or(u64::MAX).min(u64::from(u32::MAX)) as u32
+    }
 }
 
 fn layout(record: &VolumeRecord) -> Layout {

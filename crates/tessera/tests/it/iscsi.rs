@@ -260,14 +260,14 @@ fn garbage_on_one_connection_leaves_another_sessions_io_undisturbed() {
     println!("{attempts} rounds of garbage sent; {rejects} Rejects; the other session's 3 x 64 MiB landed intact");
 }
 
-/// Tests `iscsi-test-cu -d -t ALL` may skip: commands outside the spec's
-/// list, removable media, a read-only unit, and tests needing a physical
-/// block larger than the logical one.
+/// Tests `iscsi-test-cu -d -t ALL` may skip: removable media, a read-only
+/// unit, SANITIZE (run only with `-S`; not offered yet), and the five tests
+/// that need LOGICAL BLOCKS PER PHYSICAL BLOCK > 1. The unit reports 1 on
+/// purpose: GetLBAStatus.UnmapSingle expects the first LBA status
+/// descriptor to start at the next physical block boundary rather than at
+/// the requested LBA (SBC-4 and QEMU's driver want the requested LBA), so
+/// reporting the true 8 would trade five skips for that failure.
 const SKIPS_ALLOWED: &[&str] = &[
-    "ExtendedCopy.",
-    "ReceiveCopyResults.",
-    "OrWrite.",
-    "WriteAtomic16.",
     "Sanitize.",
     "PreventAllow.",
     "StartStopUnit.",
