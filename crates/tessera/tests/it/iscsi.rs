@@ -151,6 +151,33 @@ fn qemu_img_copies_64_mib_into_a_raid1_lun_and_back_and_the_tools_see_its_identi
     assert_eq!(status.volumes.len(), 1);
     assert_eq!(status.volumes[0].size_bytes, 320 << 20);
     assert_eq!(status.targets[0].urls.len(), 3, "{:?}", status.targets);
+
+    // A target with CHAP: libiscsi logs in with the right secret only.
+    let chap_target = "iqn.2026-11.org.tessera:chap";
+    let secret = "s3cret-for-chap-test";
+    let created = tessera(
+        &cluster,
+        &["target", "create", chap_target, "--lun", "0=vol", "--chap-user", "alice", "--chap-secret", secret],
+    );
+    assert!(created.contains(chap_target), "{created}");
+    let with = |credentials: &str| format!("iscsi://{credentials}{}/{chap_target}/0", portal(1, port));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let inquiry = loop {
+        let output = run("iscsi-inq", &[&with(&format!("alice%{secret}@"))]);
+        if output.status.success() {
+            break String::from_utf8_lossy(&output.stdout).into_owned();
+        }
+        assert!(Instant::now() < deadline, "CHAP login with the right secret failed: {output:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(inquiry.contains("Vendor:TESSERA"), "{inquiry}");
+    let capacity = ok("qemu-img", &["info", &with(&format!("alice%{secret}@"))]);
+    assert!(capacity.contains("virtual size: 320 MiB"), "{capacity}");
+    for wrong in ["alice%not-the-secret-at-all@", "mallory%s3cret-for-chap-test@", ""] {
+        let output = run("iscsi-inq", &[&with(wrong)]);
+        assert!(!output.status.success(), "logged in with credentials {wrong:?}: {output:?}");
+    }
+    println!("CHAP: the right secret logs in (iscsi-inq, qemu-img); a wrong secret, user, or none is refused");
 }
 
 /// A login request PDU going straight from the operational stage to full
