@@ -104,6 +104,8 @@ pub struct Login {
     pub params: Params,
     /// Operational keys the target has declared (sent once).
     declared: bool,
+    /// The initiator answered the target's CHAP challenge.
+    chap_verified: bool,
     /// Text of a request split over several PDUs (C bit).
     partial: Vec<u8>,
     first: bool,
@@ -127,6 +129,7 @@ impl Login {
             target: None,
             params: Params::default(),
             declared: false,
+            chap_verified: false,
             partial: Vec::new(),
             first: true,
             cmd_sn: 0,
@@ -198,6 +201,12 @@ impl Login {
         let mut answers: Vec<(String, String)> = Vec::new();
         if let Err(code) = self.declarations(&pairs, registry, &mut answers) {
             return fail(response, code);
+        }
+        // A target with CHAP takes no operational stage before CHAP is
+        // done (the target may be named only in this very request, with
+        // the security stage skipped).
+        if current == OPERATIONAL && !self.chap_verified && self.chap(registry).is_some() {
+            return fail(response, status::AUTHENTICATION_FAILED);
         }
         if current == SECURITY {
             if let Err(code) = self.security(&pairs, registry, &mut answers) {
@@ -335,6 +344,7 @@ impl Login {
                 if name != chap.user || response != chap_response(id, chap.secret.as_bytes(), &challenge) {
                     return Err(status::AUTHENTICATION_FAILED);
                 }
+                self.chap_verified = true;
                 if let (Some(their_id), Some(their_challenge)) = (get("CHAP_I"), get("CHAP_C")) {
                     let Some((user, secret)) = &chap.mutual else { return Err(status::AUTHENTICATION_FAILED) };
                     let their_id: u8 = text::number(their_id)

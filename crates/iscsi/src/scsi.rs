@@ -1286,7 +1286,7 @@ fn standard_inquiry() -> Vec<u8> {
     out[2] = 0x06; // SPC-4
     out[3] = 0x12; // HISUP, response data format 2
     out[4] = (out.len() - 5) as u8;
-    out[5] = 0x10; // TPGS: implicit ALUA
+    out[5] = 0x10 | 0x08; // TPGS: implicit ALUA; 3PC: EXTENDED COPY
     out[7] = 0x02; // CMDQUE
     out[8..16].copy_from_slice(VENDOR);
     out[16..32].copy_from_slice(PRODUCT);
