@@ -6,6 +6,7 @@
 //! (segment descriptor 02h), synchronously inside the command. Results a
 //! list asks to be held are kept per I_T nexus for RECEIVE COPY RESULTS.
 
+use crate::scsi::{be16, be32, be64};
 use crate::sense::{key, Sense};
 
 /// Target descriptors one list may carry.
@@ -56,18 +57,6 @@ pub struct CopyList {
 /// a designator it does not serve, a range outside the unit).
 pub fn unreachable() -> Sense {
     Sense::new(key::COPY_ABORTED, 0x0d, 0x02)
-}
-
-fn be16(bytes: &[u8]) -> u16 {
-    u16::from_be_bytes([bytes[0], bytes[1]])
-}
-
-fn be32(bytes: &[u8]) -> u32 {
-    u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes"))
-}
-
-fn be64(bytes: &[u8]) -> u64 {
-    u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"))
 }
 
 /// Parses a LID1 parameter list of `length` bytes (the CDB's PARAMETER

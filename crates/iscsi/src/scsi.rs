@@ -156,15 +156,15 @@ enum Guard<'a> {
     Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
 }
 
-fn be16(bytes: &[u8]) -> u16 {
+pub(crate) fn be16(bytes: &[u8]) -> u16 {
     u16::from_be_bytes([bytes[0], bytes[1]])
 }
 
-fn be32(bytes: &[u8]) -> u32 {
+pub(crate) fn be32(bytes: &[u8]) -> u32 {
     u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes"))
 }
 
-fn be64(bytes: &[u8]) -> u64 {
+pub(crate) fn be64(bytes: &[u8]) -> u64 {
     u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"))
 }
 
@@ -499,7 +499,9 @@ impl LogicalUnit {
         Ok(data.slice(..wanted))
     }
 
-    async fn write(&self, cdb: &[u8], data: Bytes) -> Outcome {
+    /// A write's CDB checked in the order the initiators expect: no
+    /// protection field, writable, in range, not too long.
+    fn write_command(&self, cdb: &[u8]) -> Result<(u64, u32), Sense> {
         let (lba, count, protect) = lba_and_length(cdb);
         if protect != 0 {
             return Err(Sense::invalid_cdb(1, Some(7)));
@@ -507,8 +509,19 @@ impl LogicalUnit {
         self.check_writable()?;
         self.check_range(lba, u64::from(count))?;
         if count > TRANSFER_BLOCKS_MAX {
-            return Err(Sense::invalid_cdb(if cdb[0] == 0x8a { 10 } else { 7 }, None));
+            let length_field = match cdb[0] {
+                0x0a => 4,
+                0xaa | 0xae => 6,
+                0x2a | 0x2e => 7,
+                _ => 10,
+            };
+            return Err(Sense::invalid_cdb(length_field, None));
         }
+        Ok((lba, count))
+    }
+
+    async fn write(&self, cdb: &[u8], data: Bytes) -> Outcome {
+        let (lba, count) = self.write_command(cdb)?;
         if count == 0 {
             return Ok(Reply::good(Bytes::new()));
         }
@@ -725,15 +738,7 @@ impl LogicalUnit {
     /// ORWRITE(16): the medium becomes itself OR the data, as one
     /// read-modify-write no other write overlaps.
     async fn or_write(&self, cdb: &[u8], data: Bytes) -> Outcome {
-        let (lba, count, protect) = lba_and_length(cdb);
-        if protect != 0 {
-            return Err(Sense::invalid_cdb(1, Some(7)));
-        }
-        self.check_writable()?;
-        self.check_range(lba, u64::from(count))?;
-        if count > TRANSFER_BLOCKS_MAX {
-            return Err(Sense::invalid_cdb(10, None));
-        }
+        let (lba, count) = self.write_command(cdb)?;
         if count == 0 {
             return Ok(Reply::good(Bytes::new()));
         }
