@@ -369,10 +369,30 @@ fn mark(bitmap: &mut RoaringBitmap, first: u64, count: u64) {
     bitmap.insert_range(first as u32..(first + count) as u32);
 }
 
-/// The CRC a block's checksum slot holds: 0 for a block never written (or
-/// deallocated), which then reads as zeros.
+/// The CRC a block's checksum slot holds: 0 only for a block never written
+/// (or deallocated), which then reads as zeros; a written block whose
+/// CRC32C is 0 stores [`ZERO_CRC`] instead, so a 0 slot always means
+/// unallocated (GET LBA STATUS and `qemu-img convert` rely on it).
 fn block_crc(block: &[u8]) -> u32 {
-    crc32c::crc32c(block)
+    match crc32c::crc32c(block) {
+        0 => ZERO_CRC,
+        crc => crc,
+    }
+}
+
+/// What a written block whose CRC32C is 0 stores in its slot.
+const ZERO_CRC: u32 = u32::MAX;
+/// Checksum slots one provisioning query reads at most (256 KiB).
+const PROVISIONING_SCAN_BLOCKS: u64 = 65_536;
+
+/// Whether a block's stored checksum `stored` matches the block.
+fn crc_matches(block: &[u8], stored: u32) -> bool {
+    match stored {
+        // Never written; an older store also kept 0 for a CRC32C of 0.
+        0 => block.iter().all(|byte| *byte == 0) || crc32c::crc32c(block) == 0,
+        ZERO_CRC => matches!(crc32c::crc32c(block), 0 | ZERO_CRC),
+        stored => crc32c::crc32c(block) == stored,
+    }
 }
 
 impl Disk {
@@ -558,12 +578,7 @@ impl Disk {
         let mut bad = Vec::new();
         for (index, block) in data.chunks(BLOCK_SIZE).enumerate() {
             let stored = u32::from_le_bytes(crcs[index * 4..index * 4 + 4].try_into().expect("4 bytes"));
-            let fine = if stored == 0 {
-                block.iter().all(|byte| *byte == 0) || block_crc(block) == 0
-            } else {
-                block_crc(block) == stored
-            };
-            if !fine {
+            if !crc_matches(block, stored) {
                 bad.push(first + index as u64);
             }
         }
@@ -573,6 +588,24 @@ impl Disk {
             return Err(Error::Corrupt { component: id, blocks: bad });
         }
         Ok(Bytes::from(data))
+    }
+
+    /// Whether block `first` is allocated (written and not deallocated since),
+    /// and how many blocks from it, up to `count`, share that state (a
+    /// query looks at 65,536 blocks at most).
+    pub fn provisioning(&self, id: ComponentId, first: u64, count: u64) -> Result<(bool, u64)> {
+        self.inner.check_failed()?;
+        let component = self.inner.get(id)?;
+        let state = component.state.read().expect("component lock");
+        let count = count.clamp(1, PROVISIONING_SCAN_BLOCKS).min(state.blocks.saturating_sub(first));
+        check_range(id, first, count, state.blocks)?;
+        let mut crcs = vec![0u8; count as usize * CRC_SIZE as usize];
+        read_fully(component.crc.as_ref(), &mut crcs, first * CRC_SIZE)?;
+        drop(state);
+        let allocated = |index: usize| crcs[index * 4..index * 4 + 4] != [0; 4];
+        let mapped = allocated(0);
+        let run = (1..count as usize).find(|&index| allocated(index) != mapped).unwrap_or(count as usize);
+        Ok((mapped, run as u64))
     }
 
     pub async fn create(&self, id: ComponentId, blocks: u64) -> Result<()> {

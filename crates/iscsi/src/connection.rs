@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::datamover::{Datamover, PduReader, PduWriter, ReadError};
 use crate::login::{Login, Outcome, Params, SessionType};
 use crate::pdu::{reject, Digests, Opcode, Pdu};
+use crate::sanitize;
 use crate::scsi::{self, Command, Port, Reply};
 use crate::sense::{self, status, Sense};
 use crate::target::{Registry, Target};
@@ -496,7 +497,21 @@ impl Session {
                         luns: &self.luns,
                         expected_length: expected,
                     };
-                    unit.execute(command).await
+                    if cdb[0] == sanitize::OPCODE {
+                        // The sanitize goes on in the background; an abort
+                        // or a lost connection only stops the waiting.
+                        tokio::select! {
+                            reply = unit.execute(command) => reply,
+                            _ = aborted.wait_for(|aborted| *aborted) => {
+                                if counted {
+                                    self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                                }
+                                return;
+                            }
+                        }
+                    } else {
+                        unit.execute(command).await
+                    }
                 }
                 None => no_such_unit(&cdb, &self.luns),
             },

@@ -9,8 +9,9 @@
 //!   Data-Out and R2T, NOP, Text (SendTargets), task management, Logout,
 //!   Reject.
 //! - [`datamover`]: the layer between iSCSI and its transport; TCP here.
-//! - [`scsi`], [`sense`], [`pr`], [`copy`]: the block device command set,
-//!   sense data, reservations, EXTENDED COPY parameter lists.
+//! - [`scsi`], [`sense`], [`pr`], [`copy`], [`sanitize`]: the block device
+//!   command set, sense data, reservations, EXTENDED COPY parameter lists,
+//!   SANITIZE.
 //! - [`target`]: targets, the registry a service serves from, the listener.
 //! - [`memory`]: a block device in memory, for tests and references.
 //!
@@ -24,6 +25,7 @@ pub mod login;
 pub mod memory;
 pub mod pdu;
 pub mod pr;
+pub mod sanitize;
 pub mod scsi;
 pub mod sense;
 pub mod target;

@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 
 use crate::copy;
 use crate::pr::{self, Access, PrError, Reservations};
+use crate::sanitize;
 use crate::sense::{self, status, Sense};
 
 /// Most blocks one READ or WRITE may move (block limits VPD).
@@ -26,6 +27,8 @@ pub const UNMAP_BLOCKS_MAX: u32 = 1 << 20;
 pub const UNMAP_DESCRIPTORS_MAX: u32 = 256;
 /// Blocks one WRITE ATOMIC may write (128 KiB of 512-byte blocks).
 pub const ATOMIC_BLOCKS_MAX: u32 = 256;
+/// Provisioning queries one GET LBA STATUS makes at most.
+const LBA_STATUS_QUERIES_MAX: usize = 4096;
 /// Blocks an EXTENDED COPY reads and writes at a time.
 const COPY_PIECE_BLOCKS: u32 = 2048;
 const VENDOR: &[u8; 8] = b"TESSERA ";
@@ -145,8 +148,10 @@ pub struct LogicalUnit {
     serial: String,
     naa: [u8; 16],
     state: Mutex<UnitState>,
-    /// COMPARE AND WRITE holds it exclusively; writes share it.
-    atomic: tokio::sync::RwLock<()>,
+    /// COMPARE AND WRITE and SANITIZE hold it exclusively; writes share it.
+    atomic: Arc<tokio::sync::RwLock<()>>,
+    /// Shared with a sanitize running in the background.
+    sanitize: Arc<Mutex<sanitize::State>>,
 }
 
 type Outcome = Result<Reply, Sense>;
@@ -189,6 +194,9 @@ const COMMANDS: &[(u8, Option<u8>, usize)] = &[
     (0x37, None, 10),
     (0x41, None, 10),
     (0x42, None, 10),
+    (sanitize::OPCODE, Some(sanitize::OVERWRITE), 10),
+    (sanitize::OPCODE, Some(sanitize::BLOCK_ERASE), 10),
+    (sanitize::OPCODE, Some(sanitize::EXIT_FAILURE_MODE), 10),
     (0x55, None, 10),
     (0x5a, None, 10),
     (0x5e, Some(0), 10),
@@ -263,7 +271,7 @@ pub fn data_out_bytes(cdb: &[u8], block_size: u32) -> Option<usize> {
             }
         }
         0x89 => 2 * usize::from(cdb[13]) * block,
-        0x42 | 0x55 => usize::from(be16(&cdb[7..])),
+        0x42 | 0x55 | 0x48 => usize::from(be16(&cdb[7..])),
         0x15 => usize::from(cdb[4]),
         0x5f => be32(&cdb[5..]) as usize,
         0x83 => be32(&cdb[10..]) as usize,
@@ -280,7 +288,7 @@ fn access(opcode: u8) -> Access {
         }
         0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x34 | 0x90 => Access::Read,
         0x84 => Access::Always,
-        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x8b | 0x9c | 0x83 => {
+        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x8b | 0x9c | 0x83 | 0x48 => {
             Access::Write
         }
         _ => Access::Other,
@@ -321,7 +329,8 @@ impl LogicalUnit {
             serial: serial.into(),
             naa,
             state: Mutex::new(UnitState { blocks_seen: blocks, ..UnitState::default() }),
-            atomic: tokio::sync::RwLock::new(()),
+            atomic: Arc::new(tokio::sync::RwLock::new(())),
+            sanitize: Arc::default(),
         }
     }
 
@@ -356,11 +365,15 @@ impl LogicalUnit {
         }
     }
 
-    /// The nexus is gone (its session ended): it no longer holds RESERVE(6).
+    /// The nexus is gone (its session ended): it no longer holds RESERVE(6),
+    /// and its pending unit attentions and copy results go with it; a new
+    /// session of the same initiator port starts clean.
     pub fn nexus_lost(&self, nexus: &str) {
         let mut state = self.state.lock().expect("unit state");
         state.reservations.reset_legacy(Some(nexus));
         state.copies.retain(|(holder, _), _| holder != nexus);
+        state.attentions.remove(nexus);
+        state.nexuses.remove(nexus);
     }
 
     pub async fn execute(&self, command: Command<'_>) -> Reply {
@@ -392,6 +405,14 @@ impl LogicalUnit {
             if !matches!(opcode, 0x12 | 0x03 | 0xa0) {
                 if let Some((asc, ascq)) = state.attentions.get_mut(command.nexus).and_then(|queue| queue.pop_front()) {
                     return Err(Sense::new(sense::key::UNIT_ATTENTION, asc, ascq));
+                }
+                let sanitize = self.sanitize.lock().expect("sanitize state");
+                if let Some(progress) = &sanitize.running {
+                    return Err(Sense::sanitizing(progress.fraction()));
+                }
+                let medium = matches!(access(opcode), Access::Read | Access::Write);
+                if sanitize.failed && medium && opcode != sanitize::OPCODE {
+                    return Err(Sense::sanitize_failed());
                 }
             }
             let legacy_conflict = state.reservations.legacy.as_ref().is_some_and(|holder| holder != command.nexus)
@@ -425,6 +446,7 @@ impl LogicalUnit {
             },
             0x84 => self.receive_copy_results(cdb, command.nexus),
             0x42 => self.unmap(cdb, command.data).await,
+            sanitize::OPCODE => self.sanitize(cdb, command.data).await,
             0x89 => self.compare_and_write(cdb, command.data, command.expected_length).await,
             0x1a | 0x5a => self.mode_sense(cdb),
             0x15 | 0x55 => self.mode_select(cdb, &command.data),
@@ -450,9 +472,12 @@ impl LogicalUnit {
             let mut state = self.state.lock().expect("unit state");
             state.attentions.get_mut(command.nexus).and_then(|queue| queue.pop_front())
         };
-        let sense = match pending {
-            Some((asc, ascq)) => Sense::new(sense::key::UNIT_ATTENTION, asc, ascq),
-            None => Sense::new(sense::key::NO_SENSE, 0, 0),
+        let sanitizing =
+            self.sanitize.lock().expect("sanitize state").running.as_ref().map(|progress| progress.fraction());
+        let sense = match (pending, sanitizing) {
+            (Some((asc, ascq)), _) => Sense::new(sense::key::UNIT_ATTENTION, asc, ascq),
+            (None, Some(progress)) => Sense::sanitizing(progress),
+            (None, None) => Sense::new(sense::key::NO_SENSE, 0, 0),
         };
         let mut data = if descriptor { sense.descriptor() } else { sense.fixed() };
         data.truncate(allocation);
@@ -668,6 +693,54 @@ impl LogicalUnit {
         Ok(Reply::good(Bytes::new()))
     }
 
+    /// SANITIZE: starts the operation in the background and, unless
+    /// IMMED, waits for it. The unit refuses other commands meanwhile.
+    async fn sanitize(&self, cdb: &[u8], data: Bytes) -> Outcome {
+        let request = sanitize::Request::parse(cdb)?;
+        self.check_writable()?;
+        let operation = request.operation(&data, self.block_size())?;
+        if operation == sanitize::Operation::ExitFailureMode {
+            self.sanitize.lock().expect("sanitize state").failed = false;
+            return Ok(Reply::good(Bytes::new()));
+        }
+        let blocks = self.device.blocks();
+        let progress = Arc::new(sanitize::Progress::new(sanitize::total_blocks(&operation, blocks)));
+        {
+            let mut state = self.sanitize.lock().expect("sanitize state");
+            if let Some(running) = &state.running {
+                return Err(Sense::sanitizing(running.fraction()));
+            }
+            state.running = Some(progress.clone());
+        }
+        tracing::info!(serial = %self.serial, service_action = request.service_action, blocks, "sanitize started");
+        let (device, shared, lock, serial) =
+            (self.device.clone(), self.sanitize.clone(), self.atomic.clone(), self.serial.clone());
+        let (finished, outcome) = tokio::sync::oneshot::channel();
+        // Not tied to this command: an abort, a reset or a lost nexus leaves
+        // the sanitize running.
+        tokio::spawn(async move {
+            let exclusive = lock.write_owned().await;
+            let result = sanitize::run(device, operation, blocks, &progress).await;
+            drop(exclusive);
+            let mut state = shared.lock().expect("sanitize state");
+            state.running = None;
+            state.failed = result.is_err();
+            match &result {
+                Ok(()) => tracing::info!(serial = %serial, "sanitize complete"),
+                Err(error) => tracing::error!(serial = %serial, %error, "sanitize failed; the unit is in failure mode"),
+            }
+            drop(state);
+            let _ = finished.send(result.is_ok());
+        });
+        if request.immediate {
+            return Ok(Reply::good(Bytes::new()));
+        }
+        match outcome.await {
+            Ok(true) => Ok(Reply::good(Bytes::new())),
+            _ => Err(Sense::sanitize_failed()),
+        }
+    }
+
     async fn unmap(&self, cdb: &[u8], data: Bytes) -> Outcome {
         if cdb[1] & 0x01 != 0 {
             // ANCHOR
@@ -880,18 +953,28 @@ impl LogicalUnit {
         if lba >= blocks {
             return Err(Sense::lba_out_of_range());
         }
-        let mut out = vec![0u8; 8];
+        // Runs in the same state are joined: (start, blocks, mapped).
+        let room = (allocation.saturating_sub(8) / 16).clamp(1, 64);
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
         let mut at = lba;
-        let room = allocation.saturating_sub(8) / 16;
-        let mut descriptors = 0;
-        while at < blocks && descriptors < room.clamp(1, 64) {
+        let mut asked = 0;
+        while at < blocks && asked < LBA_STATUS_QUERIES_MAX {
             let (mapped, run) = self.device.provisioning(at).await.map_err(|error| io_sense(error, false))?;
-            let run = run.clamp(1, blocks - at).min(u64::from(u32::MAX));
-            out.extend_from_slice(&at.to_be_bytes());
+            let run = run.clamp(1, blocks - at);
+            asked += 1;
+            let full = runs.len() == room;
+            match runs.last_mut() {
+                Some(last) if last.2 == mapped && last.1 + run <= u64::from(u32::MAX) => last.1 += run,
+                _ if full => break,
+                _ => runs.push((at, run.min(u64::from(u32::MAX)), mapped)),
+            }
+            at += run;
+        }
+        let mut out = vec![0u8; 8];
+        for (start, run, mapped) in runs {
+            out.extend_from_slice(&start.to_be_bytes());
             out.extend_from_slice(&(run as u32).to_be_bytes());
             out.extend_from_slice(&[if mapped { 0 } else { 1 }, 0, 0, 0]);
-            at += run;
-            descriptors += 1;
         }
         let length = (out.len() - 4) as u32;
         out[0..4].copy_from_slice(&length.to_be_bytes());
@@ -943,6 +1026,8 @@ impl LogicalUnit {
             0xb1 => {
                 let mut body = vec![0u8; 0x3c];
                 body[0..2].copy_from_slice(&1u16.to_be_bytes()); // non-rotating
+                                                                 // WABEREQ 01b: a read of a block-erased block succeeds (zeros).
+                body[3] = 0x40;
                 body
             }
             // LBPU, LBPWS, LBPWS10, LBPRZ; provisioning type: thin.
@@ -1421,7 +1506,8 @@ pub fn report_opcodes(cdb: &[u8]) -> Result<Reply, Sense> {
                     let mut usage = vec![0xffu8; length];
                     usage[0] = code;
                     if let Some(action) = action {
-                        usage[1] = 0xe0 | action;
+                        // SANITIZE's bit 6 is reserved.
+                        usage[1] = if code == sanitize::OPCODE { 0xa0 } else { 0xe0 } | action;
                     }
                     usage[length - 1] = 0x07;
                     out.extend_from_slice(&usage);

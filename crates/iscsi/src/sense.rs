@@ -35,11 +35,13 @@ pub struct Sense {
     pub information: Option<u64>,
     /// Sense-key specific field pointer: (in the CDB?, byte, bit).
     pub field: Option<(bool, u16, Option<u8>)>,
+    /// Sense-key specific progress indication: done, in 65536ths.
+    pub progress: Option<u16>,
 }
 
 impl Sense {
     pub const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
-        Sense { key, asc, ascq, information: None, field: None }
+        Sense { key, asc, ascq, information: None, field: None, progress: None }
     }
 
     pub fn invalid_opcode() -> Sense {
@@ -92,6 +94,17 @@ impl Sense {
         Sense::new(key::NOT_READY, 0x04, 0x0a)
     }
 
+    /// LOGICAL UNIT NOT READY, SANITIZE IN PROGRESS, with how far it is.
+    pub fn sanitizing(progress: u16) -> Sense {
+        Sense { progress: Some(progress), ..Sense::new(key::NOT_READY, 0x04, 0x1b) }
+    }
+
+    /// SANITIZE COMMAND FAILED: the unit stays in the sanitize failure
+    /// mode until a sanitize succeeds or EXIT FAILURE MODE.
+    pub fn sanitize_failed() -> Sense {
+        Sense::new(key::MEDIUM_ERROR, 0x31, 0x03)
+    }
+
     fn at_cdb(mut self, byte: u16, bit: Option<u8>) -> Sense {
         self.field = Some((true, byte, bit));
         self
@@ -112,6 +125,9 @@ impl Sense {
         if let Some((cdb, byte, bit)) = self.field {
             out[15] = 0x80 | if cdb { 0x40 } else { 0 } | bit.map(|bit| 0x08 | (bit & 7)).unwrap_or(0);
             out[16..18].copy_from_slice(&byte.to_be_bytes());
+        } else if let Some(progress) = self.progress {
+            out[15] = 0x80;
+            out[16..18].copy_from_slice(&progress.to_be_bytes());
         }
         out
     }
@@ -127,6 +143,10 @@ impl Sense {
             out.extend_from_slice(&[0x02, 0x06, 0, 0]);
             out.push(0x80 | if cdb { 0x40 } else { 0 } | bit.map(|bit| 0x08 | (bit & 7)).unwrap_or(0));
             out.extend_from_slice(&byte.to_be_bytes());
+            out.push(0);
+        } else if let Some(progress) = self.progress {
+            out.extend_from_slice(&[0x02, 0x06, 0, 0, 0x80]);
+            out.extend_from_slice(&progress.to_be_bytes());
             out.push(0);
         }
         out[7] = (out.len() - 8) as u8;

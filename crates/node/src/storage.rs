@@ -72,16 +72,46 @@ pub enum IoRequest {
     Flush {
         name: String,
     },
+    /// Whether `offset` is allocated and for how many bytes (up to
+    /// `length`); the answer is [`Provisioned`]'s encoding.
+    Provisioning {
+        name: String,
+        offset: u64,
+        length: u64,
+    },
 }
 
 impl IoRequest {
-    fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         match self {
             IoRequest::Read { name, .. }
             | IoRequest::Write { name, .. }
             | IoRequest::Unmap { name, .. }
-            | IoRequest::Flush { name } => name,
+            | IoRequest::Flush { name }
+            | IoRequest::Provisioning { name, .. } => name,
         }
+    }
+}
+
+/// An answer to [`IoRequest::Provisioning`]: allocated or not, for how
+/// many bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Provisioned {
+    pub mapped: bool,
+    pub bytes: u64,
+}
+
+impl Provisioned {
+    pub fn encode(self) -> Bytes {
+        let mut out = Vec::with_capacity(9);
+        out.push(u8::from(self.mapped));
+        out.extend_from_slice(&self.bytes.to_be_bytes());
+        out.into()
+    }
+
+    pub fn decode(data: &[u8]) -> Option<Provisioned> {
+        let (&mapped, bytes) = data.split_first()?;
+        Some(Provisioned { mapped: mapped != 0, bytes: u64::from_be_bytes(bytes.try_into().ok()?) })
     }
 }
 
@@ -456,6 +486,10 @@ pub(crate) async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (I
                 IoRequest::Write { offset, .. } => object.write_at(offset, data).await.map(|_| None),
                 IoRequest::Unmap { offset, length, .. } => object.unmap(offset, length).await.map(|_| None),
                 IoRequest::Flush { .. } => object.flush().await.map(|_| None),
+                IoRequest::Provisioning { offset, length, .. } => object
+                    .provisioning(offset, length)
+                    .await
+                    .map(|(mapped, bytes)| Some(Provisioned { mapped, bytes }.encode())),
             }
         })
         .await;
@@ -749,6 +783,11 @@ impl<T: Transport> ObjectClient<T> {
 
     pub async fn flush(&self) -> Result<(), ClientError> {
         self.call(IoRequest::Flush { name: self.name.clone() }, &[]).await.map(|_| ())
+    }
+
+    pub async fn provisioning(&self, offset: u64, length: u64) -> Result<Provisioned, ClientError> {
+        let data = self.call(IoRequest::Provisioning { name: self.name.clone(), offset, length }, &[]).await?;
+        Provisioned::decode(&data).ok_or_else(|| ClientError::Failed("bad provisioning answer".into()))
     }
 
     /// Sends to the owner it knows, else to each host in turn, following

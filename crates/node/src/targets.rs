@@ -67,12 +67,7 @@ fn unavailable(object: &str, reason: impl ToString) -> VolumeError {
 impl NodeObjects {
     fn call(&self, io: IoRequest, data: Bytes) -> BoxFuture<'static, Result<Bytes, VolumeError>> {
         let node = self.node.upgrade();
-        let name = match &io {
-            IoRequest::Read { name, .. }
-            | IoRequest::Write { name, .. }
-            | IoRequest::Unmap { name, .. }
-            | IoRequest::Flush { name } => name.clone(),
-        };
+        let name = io.name().to_string();
         let client = node.as_ref().map(|node| {
             let mut clients = self.clients.lock().expect("clients");
             clients
@@ -98,6 +93,9 @@ impl NodeObjects {
                 IoRequest::Write { offset, .. } => client.write_at(offset, &data).await.map(|_| Bytes::new()),
                 IoRequest::Unmap { offset, length, .. } => client.unmap(offset, length).await.map(|_| Bytes::new()),
                 IoRequest::Flush { .. } => client.flush().await.map(|_| Bytes::new()),
+                IoRequest::Provisioning { offset, length, .. } => {
+                    client.provisioning(offset, length).await.map(|answer| answer.encode())
+                }
             };
             result.map_err(|error| match error {
                 ClientError::Failed(reason) | ClientError::Unreachable(reason) => unavailable(&name, reason),
@@ -124,6 +122,22 @@ impl ObjectIo for NodeObjects {
     fn flush(&self, object: &str) -> BoxFuture<'static, Result<(), VolumeError>> {
         let call = self.call(IoRequest::Flush { name: object.to_string() }, Bytes::new());
         Box::pin(async move { call.await.map(|_| ()) })
+    }
+
+    fn provisioning(
+        &self,
+        object: &str,
+        offset: u64,
+        length: u64,
+    ) -> BoxFuture<'static, Result<(bool, u64), VolumeError>> {
+        let name = object.to_string();
+        let call = self.call(IoRequest::Provisioning { name: name.clone(), offset, length }, Bytes::new());
+        Box::pin(async move {
+            let data = call.await?;
+            let answer = storage::Provisioned::decode(&data)
+                .ok_or_else(|| VolumeError::Failed { object: name, reason: "bad provisioning answer".into() })?;
+            Ok((answer.mapped, answer.bytes))
+        })
     }
 }
 
@@ -170,6 +184,13 @@ impl BlockDevice for VolumeDevice {
 
     fn granularity(&self) -> u32 {
         (volume::BLOCK / volume::SECTOR) as u32
+    }
+
+    fn provisioning(&self, lba: u64) -> BoxFuture<'_, IoResult<(bool, u64)>> {
+        Box::pin(async move {
+            let (mapped, bytes) = self.volume.provisioning(lba * volume::SECTOR).await.map_err(io_error)?;
+            Ok((mapped, bytes / volume::SECTOR))
+        })
     }
 
     /// One object write is all-or-nothing: the largest power of two of

@@ -96,6 +96,13 @@ pub enum Request {
         component: ComponentId,
         stale: Lsn,
     },
+    /// Whether block `first` is allocated, and for how many blocks (up to
+    /// `count`) that holds.
+    Provisioning {
+        component: ComponentId,
+        first: u64,
+        count: u64,
+    },
 }
 
 impl Request {
@@ -115,7 +122,8 @@ impl Request {
             | Request::EndSync { component, .. }
             | Request::Repair { component, .. }
             | Request::Info { component }
-            | Request::WrittenSince { component, .. } => *component,
+            | Request::WrittenSince { component, .. }
+            | Request::Provisioning { component, .. } => *component,
         }
     }
 }
@@ -141,6 +149,11 @@ pub enum Reply {
     Bitmap(Option<Vec<u8>>),
     /// Whether a resync ended.
     Ended(bool),
+    /// Allocated or not, and for how many blocks.
+    Provisioned {
+        mapped: bool,
+        blocks: u64,
+    },
     Error(ComponentError),
 }
 
@@ -432,6 +445,11 @@ impl Service {
                 refuse_stale(disk, component, epoch)?;
                 Ok((Reply::Data, disk.read(component, first, count)?))
             }
+            Request::Provisioning { first, count, .. } => {
+                refuse_stale(disk, component, epoch)?;
+                let (mapped, blocks) = disk.provisioning(component, first, count)?;
+                Ok((Reply::Provisioned { mapped, blocks }, Bytes::new()))
+            }
             Request::TrackingBitmap { stale, .. } => {
                 Ok((Reply::Bitmap(disk.tracking_bitmap(component, stale)?.map(bitmap_bytes)), Bytes::new()))
             }
@@ -544,6 +562,19 @@ impl<T: Transport> Client<T> {
         match self.call(epoch, Request::Read { component, first, count }, &[]).await? {
             (Reply::Data, data) => Ok(data),
             (other, _) => Err(ClientError::Protocol(format!("{other:?} to a read"))),
+        }
+    }
+
+    pub async fn provisioning(
+        &self,
+        epoch: u64,
+        component: ComponentId,
+        first: u64,
+        count: u64,
+    ) -> Result<(bool, u64), ClientError> {
+        match self.call(epoch, Request::Provisioning { component, first, count }, &[]).await? {
+            (Reply::Provisioned { mapped, blocks }, _) => Ok((mapped, blocks)),
+            (other, _) => Err(ClientError::Protocol(format!("{other:?} to a provisioning query"))),
         }
     }
 

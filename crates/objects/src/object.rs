@@ -896,6 +896,30 @@ impl<T: Transport> Object<T> {
         Err(ObjectError::Read(errors.join("; ")))
     }
 
+    /// Whether the block at `offset` is allocated on a healthy copy, and
+    /// how many bytes from it, up to `length`, share that state.
+    pub async fn provisioning(self: &Arc<Self>, offset: u64, length: u64) -> Result<(bool, u64), ObjectError> {
+        let (first, count) = self.check(offset, length)?;
+        let active: Vec<Index> = self
+            .statuses()
+            .iter()
+            .enumerate()
+            .filter(|(_, status)| **status == Status::Active)
+            .map(|(index, _)| index)
+            .collect();
+        let mut errors = Vec::new();
+        for index in active {
+            match self.client(index).provisioning(self.epoch, self.ids[index], first, count).await {
+                Ok((mapped, blocks)) => return Ok((mapped, blocks * BLOCK_SIZE as u64)),
+                Err(error) => errors.push(error.to_string()),
+            }
+        }
+        if errors.is_empty() {
+            return Err(ObjectError::Unavailable);
+        }
+        Err(ObjectError::Read(errors.join("; ")))
+    }
+
     /// Rewrites corrupt blocks of `component` with good data read while no
     /// write was made (a write since might be newer than the data read).
     fn repair(self: &Arc<Self>, component: Index, first: u64, blocks: &[u64], data: &Bytes, written_before: Lsn) {

@@ -43,6 +43,17 @@ pub trait ObjectIo: Send + Sync + 'static {
     fn write(&self, object: &str, offset: u64, data: Bytes) -> BoxFuture<'static, Result<(), VolumeError>>;
     fn unmap(&self, object: &str, offset: u64, length: u64) -> BoxFuture<'static, Result<(), VolumeError>>;
     fn flush(&self, object: &str) -> BoxFuture<'static, Result<(), VolumeError>>;
+    /// Whether the block at `offset` is allocated, and for how many bytes
+    /// from it (up to `length`) that holds. Without an answer of its own,
+    /// everything is allocated.
+    fn provisioning(
+        &self,
+        _object: &str,
+        _offset: u64,
+        length: u64,
+    ) -> BoxFuture<'static, Result<(bool, u64), VolumeError>> {
+        Box::pin(std::future::ready(Ok((true, length))))
+    }
 }
 
 /// Where a volume's bytes live.
@@ -200,6 +211,25 @@ impl Volume {
         let from = (offset - start) as usize;
         block[from..from + part.len()].copy_from_slice(&part);
         self.io.write(&object, start, block.freeze()).await
+    }
+
+    /// Whether the sector at `offset` is allocated, and how many bytes from
+    /// it share that state (to the end of its object at most). A sector is
+    /// allocated when its 4 KiB block is.
+    pub async fn provisioning(&self, offset: u64) -> Result<(bool, u64), VolumeError> {
+        Self::sectors(offset, 0)?;
+        let layout = self.layout();
+        if offset >= layout.size {
+            return Err(VolumeError::Invalid(format!("byte {offset} is beyond the volume's {}", layout.size)));
+        }
+        let object = (offset / layout.object_size) as usize;
+        let within = offset % layout.object_size;
+        let start = align_down(within);
+        // The object's bytes that lie inside the volume.
+        let object_end = (layout.size - object as u64 * layout.object_size).min(layout.object_size);
+        let (mapped, bytes) = self.io.provisioning(&layout.objects[object], start, object_end - start).await?;
+        let bytes = bytes.clamp(BLOCK, object_end - start);
+        Ok((mapped, bytes - (within - start)))
     }
 
     /// Deallocates whole blocks and zeroes the parts of blocks at the

@@ -128,6 +128,75 @@ async fn unmapped_blocks_read_as_zeros_and_free_their_space() {
     assert_eq!(disk.component(3).unwrap().committed_lsn, 3);
 }
 
+/// A block of `seed` bytes whose last four bytes are chosen so that its
+/// CRC32C is 0 (CRC32C is affine over GF(2) in those bits: solve for them).
+fn block_with_zero_crc(seed: u8) -> Vec<u8> {
+    let mut block = vec![seed; BLOCK_SIZE];
+    block[BLOCK_SIZE - 4..].fill(0);
+    let base = crc32c::crc32c(&block);
+    // Each row: the CRC change one bit makes, and which bit it is.
+    let mut rows: Vec<(u32, u32)> = (0..32)
+        .map(|bit| {
+            let mut flipped = block.clone();
+            flipped[BLOCK_SIZE - 4 + bit / 8] ^= 1 << (bit % 8);
+            (crc32c::crc32c(&flipped) ^ base, 1u32 << bit)
+        })
+        .collect();
+    // Gaussian elimination, then combine rows to cancel `base`.
+    let mut pivots = Vec::new();
+    for column in (0..32).rev() {
+        let Some(at) = (pivots.len()..32).find(|&row| rows[row].0 >> column & 1 == 1) else { continue };
+        rows.swap(pivots.len(), at);
+        let pivot = rows[pivots.len()];
+        for (index, row) in rows.iter_mut().enumerate() {
+            if index != pivots.len() && row.0 >> column & 1 == 1 {
+                row.0 ^= pivot.0;
+                row.1 ^= pivot.1;
+            }
+        }
+        pivots.push(column);
+    }
+    let mut flips = 0u32;
+    for (row, column) in pivots.iter().enumerate() {
+        if base >> column & 1 == 1 {
+            flips ^= rows[row].1;
+        }
+    }
+    for bit in 0..32 {
+        if flips >> bit & 1 == 1 {
+            block[BLOCK_SIZE - 4 + bit / 8] ^= 1 << (bit % 8);
+        }
+    }
+    assert_eq!(crc32c::crc32c(&block), 0);
+    block
+}
+
+#[tokio::test]
+async fn provisioning_tells_written_blocks_from_deallocated_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(5, 4096).await.unwrap();
+    assert_eq!(disk.provisioning(5, 0, 4096).unwrap(), (false, 4096));
+    disk.write(5, 1, 100, blocks(100, 50, 1)).await.unwrap();
+    // Zeros written are allocated, and so is a block whose CRC32C is 0.
+    disk.write(5, 2, 150, Bytes::from(vec![0u8; BLOCK_SIZE])).await.unwrap();
+    let tricky = block_with_zero_crc(0x5a);
+    disk.write(5, 3, 151, Bytes::from(tricky.clone())).await.unwrap();
+    assert_eq!(disk.provisioning(5, 0, 4096).unwrap(), (false, 100));
+    assert_eq!(disk.provisioning(5, 100, 4096).unwrap(), (true, 52));
+    assert_eq!(disk.provisioning(5, 120, 10).unwrap(), (true, 10), "at most the count asked");
+    assert_eq!(disk.provisioning(5, 152, 4096).unwrap(), (false, 4096 - 152));
+    disk.unmap(5, 4, 110, 10).await.unwrap();
+    assert_eq!(disk.provisioning(5, 100, 4096).unwrap(), (true, 10));
+    assert_eq!(disk.provisioning(5, 110, 4096).unwrap(), (false, 10));
+    assert!(disk.provisioning(5, 4096, 1).is_err(), "past the end");
+    disk.close();
+    drop(disk);
+    let disk = open(dir.path());
+    assert_eq!(disk.read(5, 151, 1).unwrap(), Bytes::from(tricky), "the zero-CRC block reads back");
+    assert_eq!(disk.provisioning(5, 150, 2).unwrap(), (true, 2));
+}
+
 #[tokio::test]
 async fn tracking_bitmaps_mark_blocks_written_after_their_stale_lsn_and_persist() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,9 @@
 //! Property tests for what the target parses from the network: nothing an
 //! initiator sends makes the parsers panic, and what the target encodes
-//! decodes back to the same thing.
+//! decodes back to the same thing. `sanitize`: SANITIZE through a logical
+//! unit.
+
+mod sanitize;
 
 use bytes::{Bytes, BytesMut};
 use iscsi::pdu::{Digests, Pdu, PduError, BHS_LEN};

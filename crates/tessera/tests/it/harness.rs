@@ -214,8 +214,30 @@ impl TestCluster {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        let logs: Vec<String> = self.hosts.keys().map(|id| format!("--- host {id}\n{}", self.log_tail(*id))).collect();
-        panic!("cluster not healthy within {timeout:?}; last status {last:#?}\n{}", logs.join("\n"));
+        // What matters first (the output may be cut): the problems, whether
+        // each process still runs, and the ends of their logs.
+        let problems = last.as_ref().map(|status| status.problems.clone()).unwrap_or_default();
+        let logs: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|(id, host)| {
+                let process = match &host.child {
+                    None => "not started".to_string(),
+                    Some(child) => match std::fs::read_to_string(format!("/proc/{}/stat", child.id())) {
+                        Ok(stat) if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) => {
+                            format!("pid {} has EXITED", child.id())
+                        }
+                        Ok(_) => format!("pid {} running", child.id()),
+                        Err(_) => format!("pid {} gone", child.id()),
+                    },
+                };
+                format!("--- host {id} ({process})\n{}", self.log_tail(*id))
+            })
+            .collect();
+        panic!(
+            "cluster not healthy within {timeout:?}; problems {problems:?}\n{}\nlast status {last:#?}",
+            logs.join("\n")
+        );
     }
 
     pub fn leader(&self) -> u64 {

@@ -2,7 +2,7 @@
 //! sector-aligned reads, writes and unmaps, across object boundaries and
 //! parts of blocks, reads back what the array holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -16,6 +16,8 @@ struct Objects {
     object_size: u64,
     /// Requests that were not whole blocks (there must be none).
     unaligned: Mutex<u64>,
+    /// Allocated blocks: (object, block within it).
+    allocated: Mutex<HashSet<(String, u64)>>,
 }
 
 impl Objects {
@@ -40,6 +42,10 @@ impl ObjectIo for Objects {
         let mut objects = self.data.lock().unwrap();
         let bytes = objects.entry(object.to_string()).or_insert_with(|| vec![0; self.object_size as usize]);
         bytes[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        let mut allocated = self.allocated.lock().unwrap();
+        for block in offset / BLOCK..(offset + data.len() as u64) / BLOCK {
+            allocated.insert((object.to_string(), block));
+        }
         Box::pin(async { Ok(()) })
     }
 
@@ -48,7 +54,26 @@ impl ObjectIo for Objects {
         let mut objects = self.data.lock().unwrap();
         let bytes = objects.entry(object.to_string()).or_insert_with(|| vec![0; self.object_size as usize]);
         bytes[offset as usize..(offset + length) as usize].fill(0);
+        let mut allocated = self.allocated.lock().unwrap();
+        for block in offset / BLOCK..(offset + length) / BLOCK {
+            allocated.remove(&(object.to_string(), block));
+        }
         Box::pin(async { Ok(()) })
+    }
+
+    fn provisioning(
+        &self,
+        object: &str,
+        offset: u64,
+        length: u64,
+    ) -> BoxFuture<'static, Result<(bool, u64), VolumeError>> {
+        self.check(offset, length);
+        let allocated = self.allocated.lock().unwrap();
+        let is = |block: u64| allocated.contains(&(object.to_string(), block));
+        let first = offset / BLOCK;
+        let mapped = is(first);
+        let blocks = (first..(offset + length) / BLOCK).take_while(|&block| is(block) == mapped).count() as u64;
+        Box::pin(std::future::ready(Ok((mapped, blocks * BLOCK))))
     }
 
     fn flush(&self, _object: &str) -> BoxFuture<'static, Result<(), VolumeError>> {
@@ -121,4 +146,30 @@ fn parts_of_sectors_and_the_end_are_refused() {
     let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
     assert!(runtime.block_on(volume.read(1, 512)).is_err());
     assert!(runtime.block_on(volume.write(BLOCK, Bytes::from(vec![0; 512]))).is_err());
+}
+
+#[test]
+fn provisioning_follows_writes_and_unmaps_across_objects() {
+    // Objects of two blocks; the volume's last object has one block inside.
+    let objects = Arc::new(Objects { object_size: 2 * BLOCK, ..Objects::default() });
+    let layout =
+        Layout { size: 5 * BLOCK, object_size: 2 * BLOCK, objects: (0..3).map(|i| format!("v.{i}")).collect() };
+    let volume = Volume::new(layout, objects.clone()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let at = |offset: u64| runtime.block_on(volume.provisioning(offset)).unwrap();
+    assert_eq!(at(0), (false, 2 * BLOCK), "nothing written: to the object's end");
+    assert_eq!(at(4 * BLOCK), (false, BLOCK), "only the part of the last object inside the volume");
+    // One sector written: its whole block is allocated.
+    runtime.block_on(volume.write(BLOCK + SECTOR, Bytes::from(vec![7; SECTOR as usize]))).unwrap();
+    assert_eq!(at(0), (false, BLOCK));
+    assert_eq!(at(BLOCK), (true, BLOCK));
+    assert_eq!(at(BLOCK + 3 * SECTOR), (true, BLOCK - 3 * SECTOR), "from a sector inside the block");
+    runtime.block_on(volume.write(2 * BLOCK, Bytes::from(vec![7; 3 * BLOCK as usize]))).unwrap();
+    assert_eq!(at(2 * BLOCK), (true, 2 * BLOCK));
+    assert_eq!(at(4 * BLOCK), (true, BLOCK));
+    runtime.block_on(volume.unmap(2 * BLOCK, BLOCK)).unwrap();
+    assert_eq!(at(2 * BLOCK), (false, BLOCK));
+    assert_eq!(at(3 * BLOCK), (true, BLOCK));
+    assert!(runtime.block_on(volume.provisioning(5 * BLOCK)).is_err(), "past the end");
+    assert!(runtime.block_on(volume.provisioning(1)).is_err(), "not a sector");
 }
