@@ -6,8 +6,8 @@
 //! does not stop it. While it runs, the unit answers every command but
 //! INQUIRY, REPORT LUNS and REQUEST SENSE with NOT READY, SANITIZE IN
 //! PROGRESS and how far it has got. If it fails, media access is refused
-//! with SANITIZE COMMAND FAILED until a sanitize succeeds or an EXIT
-//! FAILURE MODE.
+//! with SANITIZE COMMAND FAILED until a sanitize succeeds or, when the
+//! failed one allowed it (AUSE), an EXIT FAILURE MODE.
 //!
 //! CRYPTO ERASE is not offered: a Tessera volume holds no key to discard.
 //! A sanitize is not resumed after the process serving the unit restarts.
@@ -35,6 +35,9 @@ const IN_FLIGHT: usize = 4;
 pub struct Request {
     pub service_action: u8,
     pub immediate: bool,
+    /// ALLOW UNRESTRICTED SANITIZE EXIT: if this sanitize fails, EXIT
+    /// FAILURE MODE may end the failure.
+    pub unrestricted_exit: bool,
     pub parameter_length: u16,
 }
 
@@ -67,7 +70,12 @@ impl Request {
         if !matches!(service_action, OVERWRITE | BLOCK_ERASE | EXIT_FAILURE_MODE) {
             return Err(Sense::invalid_cdb(1, Some(4)));
         }
-        Ok(Request { service_action, immediate: cdb[1] & 0x80 != 0, parameter_length: be16(&cdb[7..]) })
+        Ok(Request {
+            service_action,
+            immediate: cdb[1] & 0x80 != 0,
+            unrestricted_exit: cdb[1] & 0x20 != 0,
+            parameter_length: be16(&cdb[7..]),
+        })
     }
 
     /// The operation, with its parameter list checked. `data` may carry
@@ -117,18 +125,24 @@ impl Request {
 #[derive(Debug)]
 pub struct Progress {
     done: AtomicU64,
-    total: u64,
+    total: AtomicU64,
 }
 
 impl Progress {
     pub fn new(total: u64) -> Progress {
-        Progress { done: AtomicU64::new(0), total: total.max(1) }
+        Progress { done: AtomicU64::new(0), total: AtomicU64::new(total.max(1)) }
+    }
+
+    /// The blocks to do, once known for sure (the unit may have grown).
+    pub fn set_total(&self, total: u64) {
+        self.total.store(total.max(1), Ordering::Relaxed);
     }
 
     /// Done so far, in 65536ths (the sense data's progress indication).
     pub fn fraction(&self) -> u16 {
-        let done = self.done.load(Ordering::Relaxed).min(self.total);
-        (u128::from(done) * 65_536 / u128::from(self.total)).min(65_535) as u16
+        let total = self.total.load(Ordering::Relaxed);
+        let done = self.done.load(Ordering::Relaxed).min(total);
+        (u128::from(done) * 65_536 / u128::from(total)).min(65_535) as u16
     }
 
     fn add(&self, blocks: u64) {
@@ -140,8 +154,9 @@ impl Progress {
 #[derive(Debug, Default)]
 pub struct State {
     pub running: Option<Arc<Progress>>,
-    /// The last sanitize failed and no EXIT FAILURE MODE followed.
-    pub failed: bool,
+    /// The last sanitize failed (with whether it allowed EXIT FAILURE
+    /// MODE), and nothing has ended the failure since.
+    pub failed: Option<bool>,
 }
 
 /// The blocks an operation touches: every block of every pass.
@@ -250,7 +265,10 @@ mod tests {
             assert_eq!(invalid(Request::parse(&cdb(action, 0))), (0x24, 0), "service action {action:#x}");
         }
         let request = Request::parse(&cdb(0x80 | 0x20 | OVERWRITE, 516)).unwrap();
-        assert_eq!(request, Request { service_action: OVERWRITE, immediate: true, parameter_length: 516 });
+        assert_eq!(
+            request,
+            Request { service_action: OVERWRITE, immediate: true, unrestricted_exit: true, parameter_length: 516 }
+        );
     }
 
     #[test]

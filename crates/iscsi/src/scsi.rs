@@ -366,14 +366,16 @@ impl LogicalUnit {
     }
 
     /// The nexus is gone (its session ended): it no longer holds RESERVE(6),
-    /// and its pending unit attentions and copy results go with it; a new
-    /// session of the same initiator port starts clean.
+    /// and its copy results and pending reset attentions go with it.
     pub fn nexus_lost(&self, nexus: &str) {
         let mut state = self.state.lock().expect("unit state");
         state.reservations.reset_legacy(Some(nexus));
         state.copies.retain(|(holder, _), _| holder != nexus);
-        state.attentions.remove(nexus);
-        state.nexuses.remove(nexus);
+        // Resets the nexus saw before it went are news to no one now (a new
+        // session starts afresh); reservation and capacity news stays.
+        if let Some(queue) = state.attentions.get_mut(nexus) {
+            queue.retain(|(asc, _)| *asc != 0x29);
+        }
     }
 
     pub async fn execute(&self, command: Command<'_>) -> Reply {
@@ -411,7 +413,7 @@ impl LogicalUnit {
                     return Err(Sense::sanitizing(progress.fraction()));
                 }
                 let medium = matches!(access(opcode), Access::Read | Access::Write);
-                if sanitize.failed && medium && opcode != sanitize::OPCODE {
+                if sanitize.failed.is_some() && medium && opcode != sanitize::OPCODE {
                     return Err(Sense::sanitize_failed());
                 }
             }
@@ -699,9 +701,19 @@ impl LogicalUnit {
         let request = sanitize::Request::parse(cdb)?;
         self.check_writable()?;
         let operation = request.operation(&data, self.block_size())?;
-        if operation == sanitize::Operation::ExitFailureMode {
-            self.sanitize.lock().expect("sanitize state").failed = false;
-            return Ok(Reply::good(Bytes::new()));
+        {
+            let mut state = self.sanitize.lock().expect("sanitize state");
+            // A failed sanitize that did not allow an unrestricted exit ends
+            // only with a sanitize that succeeds and does not allow one.
+            if state.failed == Some(false)
+                && (operation == sanitize::Operation::ExitFailureMode || request.unrestricted_exit)
+            {
+                return Err(Sense::invalid_cdb(1, Some(5)));
+            }
+            if operation == sanitize::Operation::ExitFailureMode {
+                state.failed = None;
+                return Ok(Reply::good(Bytes::new()));
+            }
         }
         let blocks = self.device.blocks();
         let progress = Arc::new(sanitize::Progress::new(sanitize::total_blocks(&operation, blocks)));
@@ -720,11 +732,14 @@ impl LogicalUnit {
         // the sanitize running.
         tokio::spawn(async move {
             let exclusive = lock.write_owned().await;
+            // The unit may have grown while the writes before finished.
+            let blocks = device.blocks();
+            progress.set_total(sanitize::total_blocks(&operation, blocks));
             let result = sanitize::run(device, operation, blocks, &progress).await;
             drop(exclusive);
             let mut state = shared.lock().expect("sanitize state");
             state.running = None;
-            state.failed = result.is_err();
+            state.failed = result.is_err().then_some(request.unrestricted_exit);
             match &result {
                 Ok(()) => tracing::info!(serial = %serial, "sanitize complete"),
                 Err(error) => tracing::error!(serial = %serial, %error, "sanitize failed; the unit is in failure mode"),
@@ -960,13 +975,13 @@ impl LogicalUnit {
         let mut asked = 0;
         while at < blocks && asked < LBA_STATUS_QUERIES_MAX {
             let (mapped, run) = self.device.provisioning(at).await.map_err(|error| io_sense(error, false))?;
-            let run = run.clamp(1, blocks - at);
+            let run = run.clamp(1, blocks - at).min(u64::from(u32::MAX));
             asked += 1;
             let full = runs.len() == room;
             match runs.last_mut() {
                 Some(last) if last.2 == mapped && last.1 + run <= u64::from(u32::MAX) => last.1 += run,
                 _ if full => break,
-                _ => runs.push((at, run.min(u64::from(u32::MAX)), mapped)),
+                _ => runs.push((at, run, mapped)),
             }
             at += run;
         }

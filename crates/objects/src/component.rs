@@ -149,12 +149,12 @@ pub enum Reply {
     Bitmap(Option<Vec<u8>>),
     /// Whether a resync ended.
     Ended(bool),
+    Error(ComponentError),
     /// Allocated or not, and for how many blocks.
     Provisioned {
         mapped: bool,
         blocks: u64,
     },
-    Error(ComponentError),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
