@@ -862,15 +862,15 @@ impl<T: Transport> Object<T> {
 
     /// Reads whole blocks from an active copy; a checksum error is repaired
     /// from another copy and reported.
+    /// The copies that are up to date now.
+    fn active(&self) -> Vec<Index> {
+        let statuses = self.statuses();
+        (0..statuses.len()).filter(|&index| statuses[index] == Status::Active).collect()
+    }
+
     pub async fn read_at(self: &Arc<Self>, offset: u64, length: u64) -> Result<Bytes, ObjectError> {
         let (first, count) = self.check(offset, length)?;
-        let active: Vec<Index> = self
-            .statuses()
-            .iter()
-            .enumerate()
-            .filter(|(_, status)| **status == Status::Active)
-            .map(|(index, _)| index)
-            .collect();
+        let active = self.active();
         if active.is_empty() {
             return Err(ObjectError::Unavailable);
         }
@@ -900,13 +900,7 @@ impl<T: Transport> Object<T> {
     /// how many bytes from it, up to `length`, share that state.
     pub async fn provisioning(self: &Arc<Self>, offset: u64, length: u64) -> Result<(bool, u64), ObjectError> {
         let (first, count) = self.check(offset, length)?;
-        let active: Vec<Index> = self
-            .statuses()
-            .iter()
-            .enumerate()
-            .filter(|(_, status)| **status == Status::Active)
-            .map(|(index, _)| index)
-            .collect();
+        let active = self.active();
         let mut errors = Vec::new();
         for index in active {
             match self.client(index).provisioning(self.epoch, self.ids[index], first, count).await {
