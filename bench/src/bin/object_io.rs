@@ -22,7 +22,7 @@ use objects::component::{Client, Request, Service};
 use objects::object::Object;
 use objects::owner::Status;
 use objects::threads::{ComponentThreads, OwnerThreads};
-use wire::tcp::TcpTransport;
+use wire::tcp::{LocalHandlers, TcpTransport};
 
 #[derive(Parser)]
 struct Args {
@@ -57,7 +57,9 @@ fn start_host(dir: &Path) -> Result<Host> {
     std::fs::create_dir_all(dir)?;
     let disk = Disk::open(fsio::real(), dir, DiskConfig::default()).context("opening a disk")?;
     let service = Service::new(vec![disk]);
-    let threads = ComponentThreads::start(service.clone(), "127.0.0.1", 2)?;
+    // Registered with no owner threads: the owner reaches every copy over
+    // TCP, as an owner on a host of its own would.
+    let threads = ComponentThreads::start(service.clone(), "127.0.0.1", 2, &LocalHandlers::default())?;
     Ok(Host { service, threads })
 }
 
@@ -395,7 +397,7 @@ fn resync(
     }))?;
     let degraded_seconds = started.elapsed().as_secs_f64();
     anyhow::ensure!(matches!(object.statuses()[1], Status::Absent { .. }), "the copy did not go absent");
-    let back = ComponentThreads::start(hosts[1].service.clone(), "127.0.0.1", 2)?;
+    let back = ComponentThreads::start(hosts[1].service.clone(), "127.0.0.1", 2, &LocalHandlers::default())?;
     object.set_address(1, &back.addresses()[0]);
     let copied_before = object.resync_stats.blocks_copied.load(std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();

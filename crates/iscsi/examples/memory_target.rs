@@ -34,5 +34,6 @@ async fn main() -> std::io::Result<()> {
     registry.set_portals(vec![Portal { address: address.clone(), group: 1 }]);
     let listener = tokio::net::TcpListener::bind(&address).await?;
     println!("serving iscsi://{address}/{name}/0");
-    iscsi::target::serve(registry, listener).await
+    let threads = std::thread::available_parallelism().map(|cores| cores.get()).unwrap_or(2);
+    iscsi::target::ConnectionThreads::start(threads)?.serve(registry, listener).await
 }

@@ -164,14 +164,52 @@ impl Registry {
     }
 }
 
-/// Accepts connections on `listener` until it fails, each served by the
-/// TCP datamover on its own task.
-pub async fn serve(registry: Arc<Registry>, listener: TcpListener) -> std::io::Result<()> {
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            crate::connection::run(registry, TcpDatamover::new(stream)).await;
-        });
+/// Threads that serve iSCSI connections, each a single-threaded runtime on
+/// its own OS thread. A connection lives on one of them (round robin): its
+/// reader, its commands and its writer run on that thread, so a command
+/// wakes no other thread inside the target. (On a work-stealing runtime
+/// each PDU would wake an idle worker to steal the task just spawned, and
+/// on a small host those wake-ups cost more than the command itself.)
+/// The threads run until the process ends.
+pub struct ConnectionThreads {
+    senders: Vec<tokio::sync::mpsc::UnboundedSender<(Arc<Registry>, std::net::TcpStream)>>,
+    next: AtomicU64,
+}
+
+impl ConnectionThreads {
+    /// Starts `count` threads (at least one).
+    pub fn start(count: usize) -> std::io::Result<ConnectionThreads> {
+        let mut senders = Vec::new();
+        for index in 0..count.max(1) {
+            let (sender, mut streams) = tokio::sync::mpsc::unbounded_channel::<(Arc<Registry>, std::net::TcpStream)>();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            std::thread::Builder::new().name(format!("iscsi-{index}")).spawn(move || {
+                runtime.block_on(async move {
+                    while let Some((registry, stream)) = streams.recv().await {
+                        match tokio::net::TcpStream::from_std(stream) {
+                            Ok(stream) => {
+                                tokio::spawn(crate::connection::run(registry, TcpDatamover::new(stream)));
+                            }
+                            Err(error) => tracing::warn!(%error, "cannot serve an accepted iSCSI connection"),
+                        }
+                    }
+                });
+            })?;
+            senders.push(sender);
+        }
+        Ok(ConnectionThreads { senders, next: AtomicU64::new(0) })
+    }
+
+    /// Accepts connections on `listener` until it fails, handing each to
+    /// the next thread, where the TCP datamover serves it.
+    pub async fn serve(&self, registry: Arc<Registry>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (stream, peer) = listener.accept().await?;
+            let stream = stream.into_std()?;
+            let thread = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.senders.len();
+            if self.senders[thread].send((registry.clone(), stream)).is_err() {
+                tracing::error!(%peer, thread, "iSCSI connection thread has stopped; refusing the connection");
+            }
+        }
     }
 }

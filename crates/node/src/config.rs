@@ -34,6 +34,10 @@ pub struct NodeConfig {
     /// Component threads (default: the number of cores).
     #[serde(default)]
     pub component_threads: Option<usize>,
+    /// Threads serving iSCSI connections (target role; default: the number
+    /// of cores). Each connection stays on one of them.
+    #[serde(default)]
+    pub iscsi_threads: Option<usize>,
     /// Seconds a component may stay absent before it is rebuilt on
     /// another host (default: one hour).
     #[serde(default = "default_repair_delay_secs")]
@@ -104,6 +108,7 @@ impl NodeConfig {
             disks: Vec::new(),
             owner_threads: None,
             component_threads: None,
+            iscsi_threads: None,
             repair_delay_secs: default_repair_delay_secs(),
             orphan_grace_secs: default_orphan_grace_secs(),
             resync_concurrency: default_resync_concurrency(),
@@ -130,10 +135,10 @@ impl NodeConfig {
                 disk.path = base.join(&disk.path);
             }
         }
-        if config.owner_threads == Some(0) || config.component_threads == Some(0) {
+        if config.owner_threads == Some(0) || config.component_threads == Some(0) || config.iscsi_threads == Some(0) {
             return Err(ConfigError::Invalid {
                 path: path.display().to_string(),
-                reason: "owner_threads and component_threads must be at least 1".into(),
+                reason: "owner_threads, component_threads and iscsi_threads must be at least 1".into(),
             });
         }
         catalog::Roles::parse(&config.roles)

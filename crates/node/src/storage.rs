@@ -166,7 +166,7 @@ pub struct Storage {
     failed_opens: Mutex<HashMap<String, Instant>>,
 }
 
-fn cores() -> usize {
+pub(crate) fn cores() -> usize {
     std::thread::available_parallelism().map(|cores| cores.get()).unwrap_or(2)
 }
 
@@ -185,7 +185,8 @@ impl Storage {
                 disks.push(disk);
             }
             let service = Service::new(disks);
-            let threads = ComponentThreads::start(service.clone(), ip, config.component_threads.unwrap_or_else(cores))
+            let count = config.component_threads.unwrap_or_else(cores);
+            let threads = ComponentThreads::start(service.clone(), ip, count, owner_threads.local_handlers())
                 .map_err(|error| format!("starting component threads on {ip}: {error}"))?;
             tracing::info!(addresses = ?threads.addresses(), "component threads listening");
             (Some(service), Some(threads))
@@ -477,28 +478,32 @@ pub(crate) async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (I
             }
         };
     };
-    let result = node
-        .storage
-        .owner_threads
-        .run(thread, move |_| async move {
-            match io {
-                IoRequest::Read { offset, length, .. } => object.read_at(offset, length).await.map(Some),
-                IoRequest::Write { offset, .. } => object.write_at(offset, data).await.map(|_| None),
-                IoRequest::Unmap { offset, length, .. } => object.unmap(offset, length).await.map(|_| None),
-                IoRequest::Flush { .. } => object.flush().await.map(|_| None),
-                IoRequest::Provisioning { offset, length, .. } => object
-                    .provisioning(offset, length)
-                    .await
-                    .map(|(mapped, bytes)| Some(Provisioned { mapped, bytes }.encode())),
-            }
-        })
-        .await;
+    // Reads change nothing in the owner: they run on the caller's thread,
+    // and a read of a copy on this host (served in place) wakes no other
+    // thread. Changes go to the object's owner thread.
+    let result = match io {
+        IoRequest::Read { .. } | IoRequest::Provisioning { .. } => Ok(perform(&object, io, data).await),
+        io => node.storage.owner_threads.run(thread, move |_| async move { perform(&object, io, data).await }).await,
+    };
     match result {
         Ok(Ok(Some(data))) => (IoReply::Data, data),
         Ok(Ok(None)) => (IoReply::Done, Bytes::new()),
         Ok(Err(ObjectError::Deposed)) => (IoReply::NotOwner { owner: None, address: None }, Bytes::new()),
         Ok(Err(error)) => (IoReply::Error(error.to_string()), Bytes::new()),
         Err(error) => (IoReply::Error(error.to_string()), Bytes::new()),
+    }
+}
+
+async fn perform(object: &Arc<Object<TcpTransport>>, io: IoRequest, data: Bytes) -> Result<Option<Bytes>, ObjectError> {
+    match io {
+        IoRequest::Read { offset, length, .. } => object.read_at(offset, length).await.map(Some),
+        IoRequest::Write { offset, .. } => object.write_at(offset, data).await.map(|_| None),
+        IoRequest::Unmap { offset, length, .. } => object.unmap(offset, length).await.map(|_| None),
+        IoRequest::Flush { .. } => object.flush().await.map(|_| None),
+        IoRequest::Provisioning { offset, length, .. } => object
+            .provisioning(offset, length)
+            .await
+            .map(|(mapped, bytes)| Some(Provisioned { mapped, bytes }.encode())),
     }
 }
 

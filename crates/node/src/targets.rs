@@ -209,11 +209,16 @@ fn layout(record: &VolumeRecord) -> Layout {
 pub fn start(node: Arc<Node>) {
     let Some(address) = node.targets.address.clone() else { return };
     let registry = node.targets.registry.clone();
+    let threads = node.config.iscsi_threads.unwrap_or_else(crate::storage::cores);
     tokio::spawn(async move {
+        let threads = match iscsi::target::ConnectionThreads::start(threads) {
+            Ok(threads) => threads,
+            Err(error) => return tracing::error!(%error, "cannot start the iSCSI connection threads"),
+        };
         match tokio::net::TcpListener::bind(&address).await {
             Ok(listener) => {
                 tracing::info!(%address, "iSCSI target service listening");
-                if let Err(error) = iscsi::target::serve(registry, listener).await {
+                if let Err(error) = threads.serve(registry, listener).await {
                     tracing::error!(%address, %error, "iSCSI listener failed");
                 }
             }

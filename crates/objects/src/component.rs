@@ -516,6 +516,11 @@ impl<T: Transport> Client<T> {
         &self.address
     }
 
+    /// Whether the component host is this process (calls skip the socket).
+    pub fn is_in_place(&self) -> bool {
+        self.transport.serves_in_place(&self.address)
+    }
+
     /// The same transport, another address (the host restarted and
     /// listens elsewhere).
     pub fn with_address(&self, address: impl Into<String>) -> Client<T> {

@@ -860,14 +860,17 @@ impl<T: Transport> Object<T> {
         }
     }
 
-    /// Reads whole blocks from an active copy; a checksum error is repaired
-    /// from another copy and reported.
-    /// The copies that are up to date now.
+    /// The copies that are up to date now, those on this host first (a read
+    /// of a local copy skips the network).
     fn active(&self) -> Vec<Index> {
         let statuses = self.statuses();
-        (0..statuses.len()).filter(|&index| statuses[index] == Status::Active).collect()
+        let mut active: Vec<Index> = (0..statuses.len()).filter(|&index| statuses[index] == Status::Active).collect();
+        active.sort_by_key(|&index| !self.client(index).is_in_place());
+        active
     }
 
+    /// Reads whole blocks from an active copy; a checksum error is repaired
+    /// from another copy and reported.
     pub async fn read_at(self: &Arc<Self>, offset: u64, length: u64) -> Result<Bytes, ObjectError> {
         let (first, count) = self.check(offset, length)?;
         let active = self.active();

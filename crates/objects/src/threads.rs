@@ -11,6 +11,12 @@
 //! on its own runtime. An I/O therefore never crosses threads on either
 //! side (the block store's journal writer is the disk's own thread), and
 //! connections grow with threads, not objects.
+//!
+//! A component thread of the owner's own host is not reached over TCP: the
+//! owner threads' transports serve calls to those addresses in place
+//! ([`LocalHandlers`]), running the component service on the owner thread.
+//! A local copy then costs no socket, no kernel TCP stack and no wake-up of
+//! another thread, in either direction.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +24,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
-use wire::tcp::TcpTransport;
+use wire::tcp::{LocalHandlers, TcpTransport};
 use wire::Transport;
 
 use crate::component::Service;
@@ -38,6 +44,8 @@ pub struct ThreadStats {
 pub struct OwnerThreads {
     senders: Vec<mpsc::UnboundedSender<Job>>,
     stats: Vec<Arc<ThreadStats>>,
+    /// This host's component threads, served in place by these threads.
+    local: LocalHandlers,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,13 +57,15 @@ impl OwnerThreads {
     pub fn start(count: usize) -> std::io::Result<OwnerThreads> {
         let mut senders = Vec::new();
         let mut stats = Vec::new();
+        let local = LocalHandlers::default();
         for index in 0..count.max(1) {
             let (sender, mut jobs) = mpsc::unbounded_channel::<Job>();
+            let local = local.clone();
             let thread_stats = Arc::new(ThreadStats::default());
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let counted = thread_stats.clone();
             std::thread::Builder::new().name(format!("owner-{index}")).spawn(move || {
-                let transport = TcpTransport::new();
+                let transport = TcpTransport::with_local(local);
                 runtime.block_on(async move {
                     while let Some(job) = jobs.recv().await {
                         let stats = counted.clone();
@@ -70,7 +80,13 @@ impl OwnerThreads {
             senders.push(sender);
             stats.push(thread_stats);
         }
-        Ok(OwnerThreads { senders, stats })
+        Ok(OwnerThreads { senders, stats, local })
+    }
+
+    /// Where this host's component threads register, so that calls to them
+    /// from these threads are served in place.
+    pub fn local_handlers(&self) -> &LocalHandlers {
+        &self.local
     }
 
     /// The owner thread of an object.
@@ -115,12 +131,19 @@ pub struct ComponentThreads {
     addresses: Vec<String>,
     stats: Vec<Arc<ThreadStats>>,
     stop: watch::Sender<bool>,
+    local: LocalHandlers,
 }
 
 impl ComponentThreads {
     /// Starts `count` component threads listening on `ip` (ports chosen by
-    /// the system), serving `service`.
-    pub fn start(service: Arc<Service>, ip: &str, count: usize) -> std::io::Result<ComponentThreads> {
+    /// the system), serving `service`; each address is also registered in
+    /// `local`, so this process's owner threads serve calls to it in place.
+    pub fn start(
+        service: Arc<Service>,
+        ip: &str,
+        count: usize,
+        local: &LocalHandlers,
+    ) -> std::io::Result<ComponentThreads> {
         let (stop, _) = watch::channel(false);
         let mut addresses = Vec::new();
         let mut stats = Vec::new();
@@ -128,14 +151,14 @@ impl ComponentThreads {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let thread_stats = Arc::new(ThreadStats::default());
             let counted = thread_stats.clone();
-            let service = service.clone();
+            let served = service.clone();
             let mut stopped = stop.subscribe();
             let bind = format!("{ip}:0");
             let (listening, address) = std::sync::mpsc::channel();
             std::thread::Builder::new().name(format!("component-{index}")).spawn(move || {
                 runtime.block_on(async move {
                     let handler = move |request: wire::Request| {
-                        let service = service.clone();
+                        let service = served.clone();
                         let stats = counted.clone();
                         stats.depth.fetch_add(1, Ordering::Relaxed);
                         stats.total.fetch_add(1, Ordering::Relaxed);
@@ -158,10 +181,18 @@ impl ComponentThreads {
                 });
             })?;
             let address = address.recv().map_err(|_| std::io::Error::other("component thread died starting"))??;
+            let in_place = service.clone();
+            local.insert(
+                &address,
+                Arc::new(move |request: wire::Request| {
+                    let service = in_place.clone();
+                    async move { service.handle(request).await }
+                }),
+            );
             addresses.push(address);
             stats.push(thread_stats);
         }
-        Ok(ComponentThreads { addresses, stats, stop })
+        Ok(ComponentThreads { addresses, stats, stop, local: local.clone() })
     }
 
     /// Where each thread listens, in thread order.
@@ -174,6 +205,9 @@ impl ComponentThreads {
     }
 
     pub fn stop(&self) {
+        for address in &self.addresses {
+            self.local.remove(address);
+        }
         let _ = self.stop.send(true);
     }
 }

@@ -151,6 +151,11 @@ pub trait Transport: Clone + Send + Sync + 'static {
 
     /// Serves `handler` at `address` (for TCP, `host:port`; port 0 picks one).
     fn serve(&self, address: &str, handler: Arc<dyn Handler>) -> BoxFuture<std::io::Result<ServeHandle>>;
+
+    /// Whether a call to `to` is served in this process without a socket.
+    fn serves_in_place(&self, _to: &str) -> bool {
+        false
+    }
 }
 
 /// Encodes a message as a payload.

@@ -3,10 +3,16 @@
 //! Each connection has a reader task and a writer task. The writer coalesces
 //! queued frames into one `write` so many small calls cost one syscall; the
 //! reader routes replies to waiting callers by correlation id.
+//!
+//! A transport may be given [`LocalHandlers`]: handlers this process serves,
+//! by the address they listen on. A call to one of those addresses is handed
+//! to its handler in place, on the caller's thread, with the same timeout and
+//! errors as over a socket but without the kernel's TCP stack or a wake-up of
+//! the listening thread (an owner reaching a component on its own host).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -50,15 +56,59 @@ impl Connection {
     }
 }
 
+/// Handlers served in this process, by the address they listen on; shared
+/// by every transport given them.
+#[derive(Clone, Default)]
+pub struct LocalHandlers(Arc<RwLock<HashMap<String, Arc<dyn Handler>>>>);
+
+impl LocalHandlers {
+    /// Calls to `address` are served by `handler` in place from now on.
+    pub fn insert(&self, address: &str, handler: Arc<dyn Handler>) {
+        self.0.write().expect("local handlers lock").insert(address.to_string(), handler);
+    }
+
+    /// Calls to `address` go over TCP again.
+    pub fn remove(&self, address: &str) {
+        self.0.write().expect("local handlers lock").remove(address);
+    }
+
+    fn get(&self, address: &str) -> Option<Arc<dyn Handler>> {
+        self.0.read().expect("local handlers lock").get(address).cloned()
+    }
+}
+
 /// The real transport. Cheap to clone; clones share their connections.
 #[derive(Clone, Default)]
 pub struct TcpTransport {
     connections: Arc<tokio::sync::Mutex<HashMap<String, Arc<Connection>>>>,
+    local: LocalHandlers,
 }
 
 impl TcpTransport {
     pub fn new() -> TcpTransport {
         TcpTransport::default()
+    }
+
+    /// A transport that serves calls to `local`'s addresses in place.
+    pub fn with_local(local: LocalHandlers) -> TcpTransport {
+        TcpTransport { connections: Default::default(), local }
+    }
+
+    /// A call to a handler of this process: what a socket would have carried,
+    /// minus the socket.
+    async fn call_in_place(
+        handler: Arc<dyn Handler>,
+        address: String,
+        method: u32,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, CallError> {
+        let request = Request { method, payload, peer: "in-process".to_string() };
+        match tokio::time::timeout(timeout, handler.handle(request)).await {
+            Err(_) => Err(CallError::Timeout { address, timeout_ms: timeout.as_millis() as u64 }),
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(error)) => Err(CallError::Remote { address, error }),
+        }
     }
 
     async fn connection(&self, address: &str, timeout: Duration) -> Result<Arc<Connection>, CallError> {
@@ -139,14 +189,21 @@ impl TcpTransport {
 
 impl Transport for TcpTransport {
     fn call(&self, to: &str, method: u32, payload: Bytes, timeout: Duration) -> BoxFuture<Result<Bytes, CallError>> {
-        let transport = self.clone();
         let address = to.to_string();
+        if let Some(handler) = self.local.get(to) {
+            return Box::pin(TcpTransport::call_in_place(handler, address, method, payload, timeout));
+        }
+        let transport = self.clone();
         Box::pin(async move { transport.call_inner(address, method, payload, timeout).await })
     }
 
     fn serve(&self, address: &str, handler: Arc<dyn Handler>) -> BoxFuture<std::io::Result<ServeHandle>> {
         let address = address.to_string();
         Box::pin(async move { serve_tcp(&address, handler).await })
+    }
+
+    fn serves_in_place(&self, to: &str) -> bool {
+        self.local.get(to).is_some()
     }
 }
 

@@ -255,3 +255,75 @@ async fn a_new_owner_keeps_when_a_copy_recorded_away_went_away() {
     let object = Object::recover(2, BLOCKS, components, recorded, Hooks::default()).await.unwrap();
     assert!(matches!(object.statuses()[1], Status::Absent { since: 1234, .. }), "{:?}", object.statuses());
 }
+
+/// Owner and component threads as a node runs them: a copy on the owner's
+/// own host is served in place (no request reaches its component thread's
+/// socket), reads prefer it over a remote copy listed first, and what was
+/// written is on both copies.
+#[test]
+fn a_copy_on_the_owners_host_is_served_in_place_and_read_first() {
+    use objects::threads::{ComponentThreads, OwnerThreads};
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let owner_threads = OwnerThreads::start(1).unwrap();
+    // This host's disk, behind its component thread.
+    let disk = Disk::open(fsio::real(), &dir.path().join("local"), DiskConfig::default()).unwrap();
+    let local_service = Service::new(vec![disk]);
+    let local_threads =
+        ComponentThreads::start(local_service.clone(), "127.0.0.1", 1, owner_threads.local_handlers()).unwrap();
+    let local_address = local_threads.addresses()[0].clone();
+    runtime.block_on(async {
+        // Another host's copy, counting the requests it gets.
+        let remote = host(&dir.path().join("remote"), &TcpTransport::new()).await;
+        let remote_requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = remote_requests.clone();
+        let remote_service = remote.service.clone();
+        let counting = TcpTransport::new()
+            .serve(
+                "127.0.0.1:0",
+                Arc::new(move |request| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let service = remote_service.clone();
+                    async move { service.handle(request).await }
+                }),
+            )
+            .await
+            .unwrap();
+        let remote_address = counting.local_address.clone();
+        let local_id = 7;
+        let remote_id = 8;
+        let (object, written) = owner_threads
+            .run(0, move |transport| async move {
+                assert!(transport.serves_in_place(&local_address));
+                assert!(!transport.serves_in_place(&remote_address));
+                let remote = Client::new(transport.clone(), remote_address);
+                let local = Client::new(transport, local_address);
+                remote.call(1, Request::Create { component: remote_id, disk: 0, blocks: BLOCKS }, &[]).await.unwrap();
+                local.call(1, Request::Create { component: local_id, disk: 0, blocks: BLOCKS }, &[]).await.unwrap();
+                // The remote copy is listed first.
+                let object = Object::open(1, BLOCKS, vec![(remote_id, remote), (local_id, local)], 0);
+                write(&object, 0, 16, 1).await;
+                let written: Vec<u8> = (0..16).flat_map(|block| pattern(block, 1)).collect();
+                (object, written)
+            })
+            .await
+            .unwrap();
+        let before = remote_requests.load(Ordering::SeqCst);
+        assert!(before >= 2, "the remote copy got the create and the write: {before}");
+        for _ in 0..10 {
+            let object = object.clone();
+            let read = owner_threads
+                .run(0, move |_| async move { object.read_at(0, 16 * BLOCK_SIZE as u64).await.unwrap() })
+                .await
+                .unwrap();
+            assert!(read[..] == written[..]);
+        }
+        assert_eq!(remote_requests.load(Ordering::SeqCst), before, "a read went to the remote copy");
+        // The local copy holds the writes, though its thread never saw a request.
+        assert_eq!(local_threads.stats()[0].total.load(Ordering::Relaxed), 0);
+        assert!(local_service.disks()[0].read(local_id, 0, 16).unwrap()[..] == written[..]);
+        assert!(remote.service.disks()[0].read(remote_id, 0, 16).unwrap()[..] == written[..]);
+        counting.stop();
+    });
+    local_threads.stop();
+}

@@ -5,7 +5,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wire::frame::{Frame, Kind, PAYLOAD_SIZE_MAX};
-use wire::tcp::TcpTransport;
+use wire::tcp::{LocalHandlers, TcpTransport};
 use wire::{CallError, ErrorCode, RemoteError, Request, Transport};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,6 +65,48 @@ async fn connect_failure_is_reported() {
     // Port 1 on loopback is closed on these machines.
     let error = transport.call("127.0.0.1:1", 1, Bytes::new(), TIMEOUT).await.unwrap_err();
     assert!(matches!(error, CallError::Connect { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn a_local_handler_is_called_in_place_and_answers_like_a_socket() {
+    let server = echo_server().await;
+    let address = server.local_address.clone();
+    // The same handler, registered for the address, counting its calls.
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = calls.clone();
+    let handler = move |request: Request| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            match request.method {
+                1 => Ok(request.payload),
+                2 => Err(RemoteError::new(ErrorCode::Internal, "asked to fail")),
+                _ => {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    Ok(Bytes::new())
+                }
+            }
+        }
+    };
+    let local = LocalHandlers::default();
+    let transport = TcpTransport::with_local(local.clone());
+    assert!(!transport.serves_in_place(&address));
+    local.insert(&address, Arc::new(handler));
+    assert!(transport.serves_in_place(&address));
+    // The TCP server is gone: only the in-place handler can answer.
+    server.stop();
+    let reply = transport.call(&address, 1, Bytes::from_static(b"here"), TIMEOUT).await.unwrap();
+    assert_eq!(&reply[..], b"here");
+    let error = transport.call(&address, 2, Bytes::new(), TIMEOUT).await.unwrap_err();
+    assert!(matches!(error, CallError::Remote { error: RemoteError { code: ErrorCode::Internal, .. }, .. }));
+    let error = transport.call(&address, 3, Bytes::new(), Duration::from_millis(100)).await.unwrap_err();
+    assert!(matches!(error, CallError::Timeout { .. }), "{error:?}");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    // Removed: calls go over TCP again, where nothing listens now.
+    local.remove(&address);
+    assert!(!transport.serves_in_place(&address));
+    let error = transport.call(&address, 1, Bytes::new(), TIMEOUT).await.unwrap_err();
+    assert!(matches!(error, CallError::Connect { .. }), "{error:?}");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
 /// Sends `bytes` on a fresh connection and expects the server to close it.
