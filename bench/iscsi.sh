@@ -30,7 +30,16 @@ tessera=$PWD/target/release/tessera
 work=$(mktemp -d)
 pids=()
 cleanup() {
+    # tgtd ignores SIGTERM while it serves targets: ask it to stop first.
+    [ -n "${tgt_control:-}" ] && tgtadm --control-port "$tgt_control" --op delete --mode system >/dev/null 2>&1 || true
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for _ in $(seq 1 50); do
+        alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ $alive = 0 ] && break
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     rm -rf "$work"
 }
