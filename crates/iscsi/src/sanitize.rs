@@ -159,6 +159,28 @@ pub struct State {
     pub failed: Option<bool>,
 }
 
+/// Runs `piece(lba, count)` over blocks `0..blocks` in pieces of
+/// `PIECE_BLOCKS`, `IN_FLIGHT` at once, counting each done piece.
+async fn in_pieces<F, Fut>(blocks: u64, progress: &Progress, piece: F) -> IoResult<()>
+where
+    F: Fn(u64, u64) -> Fut,
+    Fut: std::future::Future<Output = IoResult<()>>,
+{
+    futures::stream::iter((0..blocks.div_ceil(PIECE_BLOCKS)).map(|index| index * PIECE_BLOCKS))
+        .map(|lba| {
+            let count = PIECE_BLOCKS.min(blocks - lba);
+            let done = piece(lba, count);
+            async move {
+                done.await?;
+                progress.add(count);
+                IoResult::Ok(())
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect::<()>()
+        .await
+}
+
 /// The blocks an operation touches: every block of every pass.
 pub fn total_blocks(operation: &Operation, blocks: u64) -> u64 {
     match operation {
@@ -169,7 +191,6 @@ pub fn total_blocks(operation: &Operation, blocks: u64) -> u64 {
 
 /// Runs `operation` over blocks `0..blocks` of `device`, then flushes.
 pub async fn run(device: Arc<dyn BlockDevice>, operation: Operation, blocks: u64, progress: &Progress) -> IoResult<()> {
-    let pieces = move || (0..blocks.div_ceil(PIECE_BLOCKS)).map(move |index| index * PIECE_BLOCKS);
     match operation {
         Operation::Overwrite { pattern, passes, invert } => {
             let block = device.block_size() as usize;
@@ -177,36 +198,20 @@ pub async fn run(device: Arc<dyn BlockDevice>, operation: Operation, blocks: u64
             let inverted: Bytes = filled.iter().map(|byte| !byte).collect::<Vec<u8>>().into();
             for pass in 0..passes {
                 let data = if invert && pass % 2 == 1 { inverted.clone() } else { filled.clone() };
-                futures::stream::iter(pieces())
-                    .map(|lba| {
-                        let count = PIECE_BLOCKS.min(blocks - lba);
-                        let data = data.slice(..count as usize * block);
-                        let device = device.clone();
-                        async move {
-                            device.write(lba, data).await?;
-                            progress.add(count);
-                            IoResult::Ok(())
-                        }
-                    })
-                    .buffer_unordered(IN_FLIGHT)
-                    .try_collect::<()>()
-                    .await?;
+                in_pieces(blocks, progress, |lba, count| {
+                    let device = device.clone();
+                    let data = data.slice(..count as usize * block);
+                    async move { device.write(lba, data).await }
+                })
+                .await?;
             }
         }
         Operation::BlockErase => {
-            futures::stream::iter(pieces())
-                .map(|lba| {
-                    let count = PIECE_BLOCKS.min(blocks - lba);
-                    let device = device.clone();
-                    async move {
-                        device.unmap(lba, count).await?;
-                        progress.add(count);
-                        IoResult::Ok(())
-                    }
-                })
-                .buffer_unordered(IN_FLIGHT)
-                .try_collect::<()>()
-                .await?;
+            in_pieces(blocks, progress, |lba, count| {
+                let device = device.clone();
+                async move { device.unmap(lba, count).await }
+            })
+            .await?;
         }
         Operation::ExitFailureMode => return Ok(()),
     }

@@ -865,7 +865,7 @@ impl<T: Transport> Object<T> {
     fn active(&self) -> Vec<Index> {
         let statuses = self.statuses();
         let mut active: Vec<Index> = (0..statuses.len()).filter(|&index| statuses[index] == Status::Active).collect();
-        active.sort_by_key(|&index| !self.client(index).is_in_place());
+        active.sort_by_key(|&index| !self.clients[index].read().expect("client lock").is_in_place());
         active
     }
 

@@ -75,6 +75,10 @@ impl LocalHandlers {
     fn get(&self, address: &str) -> Option<Arc<dyn Handler>> {
         self.0.read().expect("local handlers lock").get(address).cloned()
     }
+
+    fn contains(&self, address: &str) -> bool {
+        self.0.read().expect("local handlers lock").contains_key(address)
+    }
 }
 
 /// The real transport. Cheap to clone; clones share their connections.
@@ -203,7 +207,7 @@ impl Transport for TcpTransport {
     }
 
     fn serves_in_place(&self, to: &str) -> bool {
-        self.local.get(to).is_some()
+        self.local.contains(to)
     }
 }
 
