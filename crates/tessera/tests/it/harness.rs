@@ -1,8 +1,10 @@
 //! Starts and stops node processes for the scenarios.
 
 use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -240,6 +242,23 @@ impl TestCluster {
         );
     }
 
+    /// Runs a tool to completion, but for no longer than `limit`. A tool
+    /// that hangs (waiting for an answer a node never sends) fails the
+    /// test with the tool's output, each host's log tail and what every
+    /// node thread was doing, instead of stalling the whole suite.
+    pub fn run_bounded(&self, command: &mut Command, limit: Duration) -> Output {
+        run_bounded(command, limit, || {
+            let pids: Vec<(String, u32)> = self
+                .hosts
+                .iter()
+                .filter_map(|(id, host)| host.child.as_ref().map(|child| (format!("host {id}"), child.id())))
+                .collect();
+            let logs: Vec<String> =
+                self.running().iter().map(|id| format!("--- host {id} log\n{}", self.log_tail(*id))).collect();
+            format!("{}\n{}", logs.join("\n"), stacks(&pids))
+        })
+    }
+
     pub fn leader(&self) -> u64 {
         let status = self.wait_healthy(Duration::from_secs(60));
         status.log.leader.expect("a healthy cluster has a leader")
@@ -268,4 +287,145 @@ impl Drop for TestCluster {
             }
         }
     }
+}
+
+/// Runs `command` to completion, but for no longer than `limit`; past it,
+/// the command is killed and the test fails with the ends of its output
+/// and what `diagnose` reports (taken while the command still waits).
+pub fn run_bounded(command: &mut Command, limit: Duration, diagnose: impl FnOnce() -> String) -> Output {
+    let shown = format!("{command:?}");
+    // Its own process group, so that what it started goes with it.
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).spawn().unwrap();
+    let collect = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buffer = Vec::new();
+            let _ = pipe.read_to_end(&mut buffer);
+            buffer
+        })
+    };
+    let out = collect(Box::new(child.stdout.take().unwrap()));
+    let err = collect(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Output { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() };
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let diagnosis = diagnose();
+    // SAFETY: kill() on the process group of our own unreaped child.
+    unsafe {
+        libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+    }
+    let _ = child.wait();
+    let tail = |bytes: Vec<u8>| {
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    };
+    let (out, err) = (tail(out.join().unwrap()), tail(err.join().unwrap()));
+    panic!("{shown} did not finish within {limit:?}\n--- its stdout (tail)\n{out}\n--- its stderr (tail)\n{err}\n{diagnosis}");
+}
+
+/// What each given process's threads are doing, from gdb: per process, one
+/// line per distinct stack (innermost frame, then the project's own
+/// frames), with how many threads share it. The whole backtraces go to a
+/// file in the temporary directory, named in the answer.
+pub fn stacks(processes: &[(String, u32)]) -> String {
+    let found = Command::new("sh").args(["-c", "command -v gdb"]).output();
+    if !found.is_ok_and(|found| found.status.success()) {
+        return "(no stacks: gdb is not installed)".into();
+    }
+    let mut summary = String::new();
+    let mut whole = String::new();
+    for (label, pid) in processes {
+        let gdb = Command::new("gdb")
+            .args(["-p", &pid.to_string(), "-batch", "-ex", "set pagination off", "-ex", "thread apply all bt 40"])
+            .stdin(Stdio::null())
+            .output();
+        let text = match gdb {
+            Ok(output) => String::from_utf8_lossy(&output.stdout).into_owned(),
+            Err(error) => format!("gdb failed: {error}"),
+        };
+        whole.push_str(&format!("=== {label} (pid {pid})\n{text}\n"));
+        summary.push_str(&format!("--- {label} threads (count, name: innermost frame <- own frames)\n"));
+        for (stack, count) in summarize_stacks(&text) {
+            summary.push_str(&format!("{count:>3} {stack}\n"));
+        }
+    }
+    let path = std::env::temp_dir().join(format!("tessera-stacks-{}.txt", std::process::id()));
+    match std::fs::write(&path, whole) {
+        Ok(()) => summary.push_str(&format!("(whole backtraces in {})\n", path.display())),
+        Err(error) => summary.push_str(&format!("(whole backtraces not written: {error})\n")),
+    }
+    summary
+}
+
+/// Groups gdb's `thread apply all bt` output into distinct stacks, each
+/// told as "thread name: innermost function <- project frames", with how
+/// many threads share it.
+fn summarize_stacks(gdb: &str) -> Vec<(String, usize)> {
+    const OWN: [&str; 10] = [
+        "iscsi::",
+        "objects::",
+        "node::",
+        "volume::",
+        "wire::",
+        "blockstore::",
+        "sharedlog::",
+        "catalog::",
+        "hierarchy::",
+        "placement::",
+    ];
+    let mut threads: Vec<(String, Vec<String>)> = Vec::new();
+    for line in gdb.lines() {
+        if line.starts_with("Thread ") {
+            let name = line.rsplit('"').nth(1).unwrap_or("?").to_string();
+            threads.push((name, Vec::new()));
+        } else if let (Some(frame), Some((_, thread))) = (line.strip_prefix('#'), threads.last_mut()) {
+            // "#3  0x... in path::to::function<...> (args) at file:line"
+            let function = match frame.split_once(" in ") {
+                Some((_, function)) => function,
+                None => frame.trim_start_matches(|c: char| c.is_ascii_digit() || c == ' '),
+            };
+            let function = function.split(" (").next().unwrap_or("").trim();
+            let function = function.split('<').next().unwrap_or(function).to_string();
+            if thread.is_empty() || OWN.iter().any(|own| function.starts_with(own)) {
+                thread.push(function);
+            }
+        }
+    }
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (name, frames) in threads {
+        let name: String = name.trim_end_matches(|c: char| c.is_ascii_digit()).to_string();
+        let mut frames = frames.into_iter();
+        let innermost = frames.next().unwrap_or_default();
+        let own: Vec<String> = frames.take(8).collect();
+        let stack = if own.is_empty() { innermost } else { format!("{innermost} <- {}", own.join(" <- ")) };
+        *counts.entry(format!("{name}: {stack}")).or_default() += 1;
+    }
+    counts.into_iter().collect()
+}
+
+#[test]
+fn a_command_past_its_limit_is_killed_and_reported_with_what_the_processes_were_doing() {
+    let mut sleeper = Command::new("sleep").arg("120").spawn().unwrap();
+    let watched = vec![("the sleeper".to_string(), sleeper.id())];
+    let started = Instant::now();
+    let failed = std::panic::catch_unwind(|| {
+        run_bounded(Command::new("sh").args(["-c", "echo started; sleep 120"]), Duration::from_secs(1), || {
+            stacks(&watched)
+        })
+    });
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let message = failed.expect_err("the command outlived its limit");
+    let message = message.downcast_ref::<String>().expect("a formatted panic");
+    assert!(started.elapsed() < Duration::from_secs(60), "the command was not killed at its limit");
+    assert!(message.contains("did not finish within 1s") && message.contains("started"), "{message}");
+    assert!(message.contains("--- the sleeper threads"), "{message}");
+    assert!(message.contains("sleep"), "gdb named where the sleeper waits: {message}");
 }

@@ -22,12 +22,16 @@ fn tool(name: &str) -> String {
     String::from_utf8(found.stdout).unwrap().trim().to_string()
 }
 
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(tool(program)).args(args).output().unwrap()
+/// No single tool run here takes more than a minute or two; a hung one
+/// fails the test with what the nodes were doing.
+const TOOL_LIMIT: Duration = Duration::from_secs(300);
+
+fn run(cluster: &TestCluster, program: &str, args: &[&str]) -> Output {
+    cluster.run_bounded(Command::new(tool(program)).args(args), TOOL_LIMIT)
 }
 
-fn ok(program: &str, args: &[&str]) -> String {
-    let output = run(program, args);
+fn ok(cluster: &TestCluster, program: &str, args: &[&str]) -> String {
+    let output = run(cluster, program, args);
     assert!(
         output.status.success(),
         "{program} {args:?} failed: {}\n{}",
@@ -38,7 +42,8 @@ fn ok(program: &str, args: &[&str]) -> String {
 }
 
 fn tessera(cluster: &TestCluster, args: &[&str]) -> String {
-    let output = Command::new(binary()).args(args).args(["--admin", &cluster.admin(1)]).output().unwrap();
+    let output =
+        cluster.run_bounded(Command::new(binary()).args(args).args(["--admin", &cluster.admin(1)]), TOOL_LIMIT);
     assert!(
         output.status.success(),
         "tessera {args:?} failed: {}{}",
@@ -75,7 +80,7 @@ fn volume_and_target(cluster: &TestCluster, port: u16, size: &str, object_size: 
     assert!(created.contains(&format!("iscsi://{}/{TARGET}/0", portal(1, port))), "{created}");
     let url = format!("iscsi://{}/{TARGET}/0", portal(1, port));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !run("iscsi-inq", &[&url]).status.success() {
+    while !run(cluster, "iscsi-inq", &[&url]).status.success() {
         assert!(Instant::now() < deadline, "host 1 does not serve {url}");
         std::thread::sleep(Duration::from_millis(300));
     }
@@ -106,29 +111,29 @@ fn qemu_img_copies_64_mib_into_a_raid1_lun_and_back_and_the_tools_see_its_identi
     let source = dir.path().join("random.raw");
     let data = random_file(&source, 64 << 20);
 
-    let listed = ok("iscsi-ls", &["-s", &format!("iscsi://{}", portal(1, port))]);
+    let listed = ok(&cluster, "iscsi-ls", &["-s", &format!("iscsi://{}", portal(1, port))]);
     assert!(listed.contains(TARGET) && listed.contains("DIRECT_ACCESS"), "{listed}");
     for host in 1..=3 {
         assert!(listed.contains(&format!("Portal:{},{host}", portal(host, port))), "every host is a portal: {listed}");
     }
-    let inquiry = ok("iscsi-inq", &[&url]);
+    let inquiry = ok(&cluster, "iscsi-inq", &[&url]);
     assert!(
         inquiry.contains("Vendor:TESSERA") && inquiry.contains("Peripheral Device Type:DIRECT_ACCESS"),
         "{inquiry}"
     );
-    let capacity = ok("iscsi-readcapacity16", &[&url]);
+    let capacity = ok(&cluster, "iscsi-readcapacity16", &[&url]);
     assert!(capacity.contains("LOGICAL BLOCK LENGTH IN BYTES:512"), "{capacity}");
     assert!(capacity.contains(&format!("Total size:{}", 256u64 << 20)), "{capacity}");
-    let info = ok("qemu-img", &["info", &url]);
+    let info = ok(&cluster, "qemu-img", &["info", &url]);
     assert!(info.contains("virtual size: 256 MiB"), "{info}");
 
     let started = Instant::now();
-    ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", source.to_str().unwrap(), &url]);
+    ok(&cluster, "qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", source.to_str().unwrap(), &url]);
     let written = started.elapsed();
     // Read back through another host's portal: its I/O goes to the owners.
     let back = dir.path().join("back.raw");
     let other = format!("iscsi://{}/{TARGET}/0", portal(2, port));
-    ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &other, back.to_str().unwrap()]);
+    ok(&cluster, "qemu-img", &["convert", "-f", "raw", "-O", "raw", &other, back.to_str().unwrap()]);
     let read = std::fs::read(&back).unwrap();
     assert_eq!(read.len(), 256 << 20);
     assert!(read[..data.len()] == data[..], "the LUN does not hold what was written");
@@ -140,7 +145,7 @@ fn qemu_img_copies_64_mib_into_a_raid1_lun_and_back_and_the_tools_see_its_identi
     assert!(grown.contains("5 objects"), "{grown}");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let capacity = ok("iscsi-readcapacity16", &[&url]);
+        let capacity = ok(&cluster, "iscsi-readcapacity16", &[&url]);
         if capacity.contains(&format!("Total size:{}", 320u64 << 20)) {
             break;
         }
@@ -163,7 +168,7 @@ fn qemu_img_copies_64_mib_into_a_raid1_lun_and_back_and_the_tools_see_its_identi
     let with = |credentials: &str| format!("iscsi://{credentials}{}/{chap_target}/0", portal(1, port));
     let deadline = Instant::now() + Duration::from_secs(30);
     let inquiry = loop {
-        let output = run("iscsi-inq", &[&with(&format!("alice%{secret}@"))]);
+        let output = run(&cluster, "iscsi-inq", &[&with(&format!("alice%{secret}@"))]);
         if output.status.success() {
             break String::from_utf8_lossy(&output.stdout).into_owned();
         }
@@ -171,10 +176,10 @@ fn qemu_img_copies_64_mib_into_a_raid1_lun_and_back_and_the_tools_see_its_identi
         std::thread::sleep(Duration::from_millis(300));
     };
     assert!(inquiry.contains("Vendor:TESSERA"), "{inquiry}");
-    let capacity = ok("qemu-img", &["info", &with(&format!("alice%{secret}@"))]);
+    let capacity = ok(&cluster, "qemu-img", &["info", &with(&format!("alice%{secret}@"))]);
     assert!(capacity.contains("virtual size: 320 MiB"), "{capacity}");
     for wrong in ["alice%not-the-secret-at-all@", "mallory%s3cret-for-chap-test@", ""] {
-        let output = run("iscsi-inq", &[&with(wrong)]);
+        let output = run(&cluster, "iscsi-inq", &[&with(wrong)]);
         assert!(!output.status.success(), "logged in with credentials {wrong:?}: {output:?}");
     }
     println!("CHAP: the right secret logs in (iscsi-inq, qemu-img); a wrong secret, user, or none is refused");
@@ -223,64 +228,71 @@ fn garbage_on_one_connection_leaves_another_sessions_io_undisturbed() {
     let data = random_file(&source, 64 << 20);
     let address = portal(1, port);
 
-    let writer = {
-        let (source, url) = (source.clone(), url.clone());
-        std::thread::spawn(move || {
-            for _ in 0..3 {
-                ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", source.to_str().unwrap(), &url]);
-            }
-        })
-    };
-    let mut rejects = 0;
-    let mut state = 7u64;
-    let mut attempts = 0;
-    while !writer.is_finished() || attempts < 20 {
-        attempts += 1;
-        // Random bytes before any login.
-        let noise: Vec<u8> = (0..4096)
-            .map(|_| {
-                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                (state >> 33) as u8
+    let (attempts, rejects) = std::thread::scope(|scope| {
+        let writer = {
+            let (source, url, cluster) = (source.clone(), url.clone(), &cluster);
+            scope.spawn(move || {
+                for _ in 0..3 {
+                    ok(
+                        cluster,
+                        "qemu-img",
+                        &["convert", "-n", "-f", "raw", "-O", "raw", source.to_str().unwrap(), &url],
+                    );
+                }
             })
-            .collect();
-        poke(&address, &noise);
-        // A SCSI command before login: refused with a login reject.
-        let mut command = vec![0u8; 48];
-        command[0] = 0x01;
-        command[1] = 0x80;
-        let reply = poke(&address, &command);
-        assert!(reply.is_empty() || reply[0] & 0x3f == 0x23, "a command before login: {reply:?}");
-        // Logged in, then an unknown opcode and a data segment length past
-        // what was negotiated.
-        let mut session = login_pdu("iqn.2026-11.org.tessera.test:fuzzer", TARGET);
-        let mut unknown = vec![0u8; 48];
-        unknown[0] = 0x1e;
-        session.extend_from_slice(&unknown);
-        let reply = poke(&address, &session);
-        // The login response, then a Reject (opcode 0x3f) for the unknown
-        // opcode.
-        let mut at = 0;
-        while at + 48 <= reply.len() {
-            let length = u32::from_be_bytes([0, reply[at + 5], reply[at + 6], reply[at + 7]]) as usize;
-            if reply[at] & 0x3f == 0x3f {
-                rejects += 1;
+        };
+        let mut rejects = 0;
+        let mut state = 7u64;
+        let mut attempts = 0;
+        while !writer.is_finished() || attempts < 20 {
+            attempts += 1;
+            // Random bytes before any login.
+            let noise: Vec<u8> = (0..4096)
+                .map(|_| {
+                    state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    (state >> 33) as u8
+                })
+                .collect();
+            poke(&address, &noise);
+            // A SCSI command before login: refused with a login reject.
+            let mut command = vec![0u8; 48];
+            command[0] = 0x01;
+            command[1] = 0x80;
+            let reply = poke(&address, &command);
+            assert!(reply.is_empty() || reply[0] & 0x3f == 0x23, "a command before login: {reply:?}");
+            // Logged in, then an unknown opcode and a data segment length past
+            // what was negotiated.
+            let mut session = login_pdu("iqn.2026-11.org.tessera.test:fuzzer", TARGET);
+            let mut unknown = vec![0u8; 48];
+            unknown[0] = 0x1e;
+            session.extend_from_slice(&unknown);
+            let reply = poke(&address, &session);
+            // The login response, then a Reject (opcode 0x3f) for the unknown
+            // opcode.
+            let mut at = 0;
+            while at + 48 <= reply.len() {
+                let length = u32::from_be_bytes([0, reply[at + 5], reply[at + 6], reply[at + 7]]) as usize;
+                if reply[at] & 0x3f == 0x3f {
+                    rejects += 1;
+                }
+                at += 48 + length.div_ceil(4) * 4;
             }
-            at += 48 + length.div_ceil(4) * 4;
+            let mut oversized = login_pdu("iqn.2026-11.org.tessera.test:fuzzer2", TARGET);
+            let mut huge = vec![0u8; 48];
+            huge[0] = 0x01;
+            huge[5..8].copy_from_slice(&[0xff, 0xff, 0xff]);
+            oversized.extend_from_slice(&huge);
+            poke(&address, &oversized);
+            if attempts > 200 {
+                break;
+            }
         }
-        let mut oversized = login_pdu("iqn.2026-11.org.tessera.test:fuzzer2", TARGET);
-        let mut huge = vec![0u8; 48];
-        huge[0] = 0x01;
-        huge[5..8].copy_from_slice(&[0xff, 0xff, 0xff]);
-        oversized.extend_from_slice(&huge);
-        poke(&address, &oversized);
-        if attempts > 200 {
-            break;
-        }
-    }
-    writer.join().expect("the writing session failed while another connection sent garbage");
+        writer.join().expect("the writing session failed while another connection sent garbage");
+        (attempts, rejects)
+    });
     assert!(rejects > 0, "unknown opcodes were answered with a Reject");
     let back = dir.path().join("back.raw");
-    ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &url, back.to_str().unwrap()]);
+    ok(&cluster, "qemu-img", &["convert", "-f", "raw", "-O", "raw", &url, back.to_str().unwrap()]);
     let read = std::fs::read(&back).unwrap();
     assert!(read[..data.len()] == data[..], "the LUN does not hold what was written");
     assert!(cluster.running().contains(&1), "host 1 is still running");
@@ -344,12 +356,16 @@ fn iscsi_test_cu_passes_against_a_raid1_lun_with_only_expected_skips() {
     let started = Instant::now();
     // The second URL is a second session to the same host (the multipath
     // suite needs a unit attention from a reset to reach both paths).
-    let all = Command::new(tool("iscsi-test-cu")).args(["-d", "-t", "ALL", &url, &url]).output().unwrap();
+    // About 2.5 minutes here; a hang fails with the nodes' stacks.
+    let suite_limit = Duration::from_secs(1200);
+    let all =
+        cluster.run_bounded(Command::new(tool("iscsi-test-cu")).args(["-d", "-t", "ALL", &url, &url]), suite_limit);
     // The SANITIZE tests (-S) run on one path: with two, Sanitize.Reservations
     // leaves the second path's RESERVE(6) in place (the shared second
     // session is never logged out), so Sanitize.Reset's SANITIZE would
     // rightly meet a reservation conflict.
-    let sanitize = Command::new(tool("iscsi-test-cu")).args(["-d", "-S", "-t", "ALL.Sanitize", &url]).output().unwrap();
+    let sanitize = cluster
+        .run_bounded(Command::new(tool("iscsi-test-cu")).args(["-d", "-S", "-t", "ALL.Sanitize", &url]), suite_limit);
     let log = String::from_utf8_lossy(&all.stdout).into_owned();
     let sanitize_log = String::from_utf8_lossy(&sanitize.stdout).into_owned();
     let sanitize_results = outcomes(&sanitize_log);

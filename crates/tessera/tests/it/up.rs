@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use node::status::ClusterStatus;
 
-use crate::harness::{binary, exclusive, free_port};
+use crate::harness::{binary, exclusive, free_port, run_bounded, stacks};
 
 fn start_up(data: &std::path::Path, port: u16, iscsi_port: u16) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(binary())
@@ -35,6 +35,20 @@ fn start_up(data: &std::path::Path, port: u16, iscsi_port: u16) -> (Child, mpsc:
         }
     });
     (child, receiver)
+}
+
+fn has(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|found| found.status.success())
+}
+
+/// What `tessera up` and the nodes it started are doing.
+fn up_stacks(up: &Child) -> String {
+    let mut pids = vec![("tessera up".to_string(), up.id())];
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", up.id())).unwrap_or_default();
+    for pid in children.split_whitespace().filter_map(|pid| pid.parse().ok()) {
+        pids.push((format!("node process {pid}"), pid));
+    }
+    stacks(&pids)
 }
 
 fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> Vec<String> {
@@ -105,11 +119,12 @@ fn up_then_status_shows_a_healthy_cluster_and_restart_reuses_data() {
     // The default volume's URL works with the tools the README names.
     let url = format!("iscsi://127.0.0.1:{iscsi_port}/iqn.2026-11.org.tessera:vol0/0");
     assert!(printed.iter().any(|line| line.trim() == url), "up printed its URL: {printed:#?}");
-    let listed = Command::new("iscsi-ls").args(["-s", &format!("iscsi://127.0.0.1:{iscsi_port}")]).output();
-    let listed = listed.expect("this test needs iscsi-ls (libiscsi-bin; scripts/test installs it)");
+    let bounded = |command: &mut Command| run_bounded(command, Duration::from_secs(120), || up_stacks(&child));
+    assert!(has("iscsi-ls") && has("qemu-img"), "this test needs iscsi-ls and qemu-img (scripts/test installs them)");
+    let listed = bounded(Command::new("iscsi-ls").args(["-s", &format!("iscsi://127.0.0.1:{iscsi_port}")]));
     let listed = String::from_utf8_lossy(&listed.stdout);
     assert!(listed.contains("iqn.2026-11.org.tessera:vol0") && listed.contains("DIRECT_ACCESS"), "{listed}");
-    let info = Command::new("qemu-img").args(["info", &url]).output().expect("this test needs qemu-img");
+    let info = bounded(Command::new("qemu-img").args(["info", &url]));
     let info = String::from_utf8_lossy(&info.stdout);
     assert!(info.contains("virtual size: 1 GiB"), "{info}");
     let first = status(&data);
