@@ -81,10 +81,15 @@ impl LocalHandlers {
     }
 }
 
+/// One peer's connection, if any. Its lock is held while connecting: calls
+/// to that peer wait for one connect, calls to other peers do not (a peer
+/// whose SYNs vanish in a partition must not hold up the healthy ones).
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>;
+
 /// The real transport. Cheap to clone; clones share their connections.
 #[derive(Clone, Default)]
 pub struct TcpTransport {
-    connections: Arc<tokio::sync::Mutex<HashMap<String, Arc<Connection>>>>,
+    connections: Arc<Mutex<HashMap<String, Slot>>>,
     local: LocalHandlers,
 }
 
@@ -115,18 +120,31 @@ impl TcpTransport {
         }
     }
 
-    async fn connection(&self, address: &str, timeout: Duration) -> Result<Arc<Connection>, CallError> {
-        let mut connections = self.connections.lock().await;
-        if let Some(connection) = connections.get(address) {
-            if !connection.closed.load(Ordering::SeqCst) {
-                return Ok(connection.clone());
+    /// The open connection to `address`, connecting if there is none; no
+    /// later than `deadline`, whoever else is connecting to it.
+    async fn connection(
+        &self,
+        address: &str,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<Arc<Connection>, CallError> {
+        let slot = {
+            let mut connections = self.connections.lock().expect("connections lock");
+            match connections.get(address) {
+                Some(slot) => slot.clone(),
+                None => connections.entry(address.to_string()).or_default().clone(),
             }
-            connections.remove(address);
-        }
+        };
         let connect_error = |reason: String| CallError::Connect { address: address.to_string(), reason };
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+        let timed_out = || connect_error(format!("timed out after {} ms", timeout.as_millis()));
+        let mut slot = tokio::time::timeout_at(deadline, slot.lock()).await.map_err(|_| timed_out())?;
+        if let Some(connection) = slot.as_ref().filter(|connection| !connection.closed.load(Ordering::SeqCst)) {
+            return Ok(connection.clone());
+        }
+        *slot = None;
+        let stream = tokio::time::timeout_at(deadline, TcpStream::connect(address))
             .await
-            .map_err(|_| connect_error(format!("timed out after {} ms", timeout.as_millis())))?
+            .map_err(|_| timed_out())?
             .map_err(|error| connect_error(error.to_string()))?;
         stream.set_nodelay(true).map_err(|error| connect_error(error.to_string()))?;
         let (read_half, write_half) = stream.into_split();
@@ -140,7 +158,7 @@ impl TcpTransport {
         });
         tokio::spawn(write_frames(write_half, queue, address.to_string()));
         tokio::spawn(read_replies(read_half, connection.clone()));
-        connections.insert(address.to_string(), connection.clone());
+        *slot = Some(connection.clone());
         Ok(connection)
     }
 
@@ -152,7 +170,7 @@ impl TcpTransport {
         timeout: Duration,
     ) -> Result<Bytes, CallError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let connection = self.connection(&address, timeout).await?;
+        let connection = self.connection(&address, deadline, timeout).await?;
         let correlation = connection.next_correlation.fetch_add(1, Ordering::Relaxed);
         let (reply_sender, reply) = oneshot::channel();
         {

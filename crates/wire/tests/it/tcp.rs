@@ -178,3 +178,46 @@ async fn bad_input_closes_only_that_connection() {
     assert_eq!(bad, 5, "every bad connection is counted");
     server.stop();
 }
+
+/// A loopback address whose connects hang: a listener with a backlog of
+/// one that never accepts, its accept queue filled, drops further SYNs.
+/// Checked before use, so the test cannot pass without a hanging peer.
+async fn address_whose_connects_hang() -> (tokio::net::TcpListener, Vec<TcpStream>, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let mut filling = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(&address)).await {
+            Ok(Ok(stream)) => filling.push(stream),
+            Ok(Err(error)) => panic!("connecting to fill the accept queue: {error}"),
+            Err(_) => break,
+        }
+        assert!(filling.len() < 64, "connects to a listener that never accepts do not hang here");
+    }
+    (listener, filling, address)
+}
+
+#[tokio::test]
+async fn a_peer_whose_connect_hangs_holds_up_only_calls_to_itself() {
+    let server = echo_server().await;
+    let (_listener, _filling, hanging) = address_whose_connects_hang().await;
+    let transport = TcpTransport::new();
+    let stuck = {
+        let (transport, hanging) = (transport.clone(), hanging.clone());
+        tokio::spawn(async move { transport.call(&hanging, 1, Bytes::new(), Duration::from_secs(20)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A healthy peer answers while the other connect is still waiting.
+    let reply = transport.call(&server.local_address, 1, Bytes::from_static(b"ok"), TIMEOUT).await.unwrap();
+    assert_eq!(&reply[..], b"ok");
+    assert!(!stuck.is_finished(), "the hanging connect ended before the healthy call was answered");
+    // A second call to the hanging peer gives up at its own deadline, not
+    // the first call's.
+    let error = transport.call(&hanging, 1, Bytes::new(), Duration::from_millis(300)).await.unwrap_err();
+    assert!(matches!(error, CallError::Connect { .. }), "{error:?}");
+    assert!(!stuck.is_finished(), "the second call waited for the first call's connect to end");
+    stuck.abort();
+    server.stop();
+}
