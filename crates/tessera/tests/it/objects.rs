@@ -348,9 +348,32 @@ fn scenario(outage: Outage) {
         );
     }
     let degraded = wait_object(&cluster, "degraded", Duration::from_secs(30), |status| status.health == "degraded");
+    let degraded_after = killed_at.elapsed();
+    let at_degraded = writers.acked.load(Ordering::Relaxed) - before;
     std::thread::sleep(Duration::from_secs(4));
     let during = writers.acked.load(Ordering::Relaxed) - before;
-    assert!(during > 50, "I/O did not go on while host {victim} was away: {during} writes acknowledged");
+    if during <= 50 {
+        // What the owner and the others said meanwhile, for the diagnosis.
+        let said: Vec<String> = cluster
+            .running()
+            .iter()
+            .map(|id| {
+                let text = cluster.log_text(*id);
+                let lines: Vec<&str> =
+                    text.lines().filter(|line| line.contains("WARN") || line.contains("ERROR")).collect();
+                format!(
+                    "--- host {id} warnings and errors (last 25)\n{}",
+                    lines[lines.len().saturating_sub(25)..].join("\n")
+                )
+            })
+            .collect();
+        panic!(
+            "I/O did not go on while host {victim} was away: {during} writes acknowledged ({at_degraded} by the time \
+             the object was degraded, {degraded_after:?} after the outage began; {} writes failed); object {degraded:#?}\n{}",
+            writers.failed.load(Ordering::Relaxed),
+            said.join("\n")
+        );
+    }
     println!("{during} writes acknowledged while host {victim} was away ({:?} since the kill)", killed_at.elapsed());
     match cut.take() {
         Some(cut) => {
