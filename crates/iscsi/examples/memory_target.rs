@@ -35,5 +35,6 @@ async fn main() -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(&address).await?;
     println!("serving iscsi://{address}/{name}/0");
     let threads = std::thread::available_parallelism().map(|cores| cores.get()).unwrap_or(2);
-    iscsi::target::ConnectionThreads::start(threads)?.serve(registry, listener).await
+    iscsi::target::ConnectionThreads::start(threads)?.serve(registry, listener).await;
+    Ok(())
 }

@@ -200,12 +200,27 @@ impl ConnectionThreads {
         Ok(ConnectionThreads { senders, next: AtomicU64::new(0) })
     }
 
-    /// Accepts connections on `listener` until it fails, handing each to
-    /// the next thread, where the TCP datamover serves it.
-    pub async fn serve(&self, registry: Arc<Registry>, listener: TcpListener) -> std::io::Result<()> {
+    /// Accepts connections on `listener` for good, handing each to the
+    /// next thread, where the TCP datamover serves it. A failed accept (out
+    /// of file descriptors, say) is logged and retried after a pause: the
+    /// portal stays up for the sessions that come once the pressure ends.
+    pub async fn serve(&self, registry: Arc<Registry>, listener: TcpListener) {
         loop {
-            let (stream, peer) = listener.accept().await?;
-            let stream = stream.into_std()?;
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accepting an iSCSI connection failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "cannot hand an accepted iSCSI connection to its thread");
+                    continue;
+                }
+            };
             let thread = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.senders.len();
             if self.senders[thread].send((registry.clone(), stream)).is_err() {
                 tracing::error!(%peer, thread, "iSCSI connection thread has stopped; refusing the connection");

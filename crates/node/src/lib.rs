@@ -54,6 +54,7 @@ pub async fn run(config: NodeConfig) -> Result<(), String> {
     if metrics::set_global_recorder(recorder).is_err() {
         tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
     }
+    raise_open_file_limit();
     let node = Node::start(config, Some(handle)).await.map_err(|error| error.to_string())?;
     let listener = tokio::net::TcpListener::bind(&node.me.admin_address)
         .await
@@ -74,6 +75,26 @@ pub async fn run(config: NodeConfig) -> Result<(), String> {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A node holds a socket per peer, iSCSI session and admin client, and
+/// files per disk: it raises its soft limit on open files to the hard
+/// limit (often 1,024 against 524,288), as storage daemons do.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max {
+            return;
+        }
+        let soft = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            tracing::info!(from = soft, to = limit.rlim_max, "raised the open file limit");
+        } else {
+            tracing::warn!(limit = soft, "cannot raise the open file limit");
+        }
+    }
 }
 
 async fn wait_for_signal() {

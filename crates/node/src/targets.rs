@@ -218,9 +218,7 @@ pub fn start(node: Arc<Node>) {
         match tokio::net::TcpListener::bind(&address).await {
             Ok(listener) => {
                 tracing::info!(%address, "iSCSI target service listening");
-                if let Err(error) = threads.serve(registry, listener).await {
-                    tracing::error!(%address, %error, "iSCSI listener failed");
-                }
+                threads.serve(registry, listener).await;
             }
             Err(error) => tracing::error!(%address, %error, "cannot listen for iSCSI"),
         }
