@@ -428,4 +428,8 @@ fn a_command_past_its_limit_is_killed_and_reported_with_what_the_processes_were_
     assert!(message.contains("did not finish within 1s") && message.contains("started"), "{message}");
     assert!(message.contains("--- the sleeper threads"), "{message}");
     assert!(message.contains("sleep"), "gdb named where the sleeper waits: {message}");
+    let whole = message.split("(whole backtraces in ").nth(1).and_then(|rest| rest.split(')').next());
+    let whole = whole.unwrap_or_else(|| panic!("the message names the file of whole backtraces: {message}"));
+    assert!(std::fs::read_to_string(whole).unwrap().contains("=== the sleeper"), "{whole}");
+    std::fs::remove_file(whole).unwrap();
 }
