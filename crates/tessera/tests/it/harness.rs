@@ -153,9 +153,7 @@ impl TestCluster {
     }
 
     pub fn log_tail(&self, id: u64) -> String {
-        let text = std::fs::read_to_string(&self.hosts[&id].log_path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        last_lines(&self.log_text(id), 30)
     }
 
     pub fn log_text(&self, id: u64) -> String {
@@ -219,7 +217,15 @@ impl TestCluster {
         // What matters first (the output may be cut): the problems, whether
         // each process still runs, and the ends of their logs.
         let problems = last.as_ref().map(|status| status.problems.clone()).unwrap_or_default();
-        let logs: Vec<String> = self
+        panic!(
+            "cluster not healthy within {timeout:?}; problems {problems:?}\n{}\nlast status {last:#?}",
+            self.report()
+        );
+    }
+
+    /// Per host: whether its process still runs, and the end of its log.
+    pub fn report(&self) -> String {
+        let hosts: Vec<String> = self
             .hosts
             .iter()
             .map(|(id, host)| {
@@ -236,10 +242,7 @@ impl TestCluster {
                 format!("--- host {id} ({process})\n{}", self.log_tail(*id))
             })
             .collect();
-        panic!(
-            "cluster not healthy within {timeout:?}; problems {problems:?}\n{}\nlast status {last:#?}",
-            logs.join("\n")
-        );
+        hosts.join("\n")
     }
 
     /// Runs a tool to completion, but for no longer than `limit`. A tool
@@ -253,9 +256,7 @@ impl TestCluster {
                 .iter()
                 .filter_map(|(id, host)| host.child.as_ref().map(|child| (format!("host {id}"), child.id())))
                 .collect();
-            let logs: Vec<String> =
-                self.running().iter().map(|id| format!("--- host {id} log\n{}", self.log_tail(*id))).collect();
-            format!("{}\n{}", logs.join("\n"), stacks(&pids))
+            format!("{}\n{}", self.report(), stacks(&pids))
         })
     }
 
@@ -287,6 +288,18 @@ impl Drop for TestCluster {
             }
         }
     }
+}
+
+/// The last `count` lines of `text`.
+pub fn last_lines(text: &str, count: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
+}
+
+/// Where `tool` is on the PATH, if it is.
+pub fn which(tool: &str) -> Option<String> {
+    let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().ok()?;
+    found.status.success().then(|| String::from_utf8_lossy(&found.stdout).trim().to_string())
 }
 
 /// Runs `command` to completion, but for no longer than `limit`; past it,
@@ -321,11 +334,7 @@ pub fn run_bounded(command: &mut Command, limit: Duration, diagnose: impl FnOnce
         libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
     }
     let _ = child.wait();
-    let tail = |bytes: Vec<u8>| {
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    };
+    let tail = |bytes: Vec<u8>| last_lines(&String::from_utf8_lossy(&bytes), 40);
     let (out, err) = (tail(out.join().unwrap()), tail(err.join().unwrap()));
     panic!("{shown} did not finish within {limit:?}\n--- its stdout (tail)\n{out}\n--- its stderr (tail)\n{err}\n{diagnosis}");
 }
@@ -335,8 +344,7 @@ pub fn run_bounded(command: &mut Command, limit: Duration, diagnose: impl FnOnce
 /// frames), with how many threads share it. The whole backtraces go to a
 /// file in the temporary directory, named in the answer.
 pub fn stacks(processes: &[(String, u32)]) -> String {
-    let found = Command::new("sh").args(["-c", "command -v gdb"]).output();
-    if !found.is_ok_and(|found| found.status.success()) {
+    if which("gdb").is_none() {
         return "(no stacks: gdb is not installed)".into();
     }
     let mut summary = String::new();

@@ -9,17 +9,16 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use crate::harness::{binary, exclusive, free_port, TestCluster};
+use crate::harness::{binary, exclusive, free_port, which, TestCluster};
 
 const TARGET: &str = "iqn.2026-11.org.tessera.test:vol";
 
 fn tool(name: &str) -> String {
-    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().unwrap();
-    assert!(
-        found.status.success(),
-        "this test needs {name} (Debian packages libiscsi-bin, qemu-utils and qemu-block-extra; scripts/test installs them)"
-    );
-    String::from_utf8(found.stdout).unwrap().trim().to_string()
+    which(name).unwrap_or_else(|| {
+        panic!(
+            "this test needs {name} (Debian packages libiscsi-bin, qemu-utils and qemu-block-extra; scripts/test installs them)"
+        )
+    })
 }
 
 /// No single tool run here takes more than a minute or two; a hung one

@@ -15,7 +15,7 @@ use node::storage::ObjectClient;
 use objects::component::{Client, ComponentError, Request};
 use wire::tcp::TcpTransport;
 
-use crate::harness::{exclusive, TestCluster};
+use crate::harness::{exclusive, last_lines, TestCluster};
 
 const BLOCK: usize = 4096;
 /// 64 MiB: random blocks rarely repeat, so bytes written ≈ distinct blocks.
@@ -361,10 +361,7 @@ fn scenario(outage: Outage) {
                 let text = cluster.log_text(*id);
                 let lines: Vec<&str> =
                     text.lines().filter(|line| line.contains("WARN") || line.contains("ERROR")).collect();
-                format!(
-                    "--- host {id} warnings and errors (last 25)\n{}",
-                    lines[lines.len().saturating_sub(25)..].join("\n")
-                )
+                format!("--- host {id} warnings and errors (last 25)\n{}", last_lines(&lines.join("\n"), 25))
             })
             .collect();
         panic!(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use node::status::ClusterStatus;
 
-use crate::harness::{binary, exclusive, free_port, run_bounded, stacks};
+use crate::harness::{binary, exclusive, free_port, run_bounded, stacks, which};
 
 fn start_up(data: &std::path::Path, port: u16, iscsi_port: u16) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(binary())
@@ -37,16 +37,11 @@ fn start_up(data: &std::path::Path, port: u16, iscsi_port: u16) -> (Child, mpsc:
     (child, receiver)
 }
 
-fn has(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|found| found.status.success())
-}
-
 /// What `tessera up` and the nodes it started are doing.
 fn up_stacks(up: &Child) -> String {
     let mut pids = vec![("tessera up".to_string(), up.id())];
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", up.id())).unwrap_or_default();
-    for pid in children.split_whitespace().filter_map(|pid| pid.parse().ok()) {
-        pids.push((format!("node process {pid}"), pid));
+    for host in ["host-1", "host-2", "host-3"] {
+        pids.extend(node_process(up.id(), host).map(|pid| (host.to_string(), pid)));
     }
     stacks(&pids)
 }
@@ -120,7 +115,10 @@ fn up_then_status_shows_a_healthy_cluster_and_restart_reuses_data() {
     let url = format!("iscsi://127.0.0.1:{iscsi_port}/iqn.2026-11.org.tessera:vol0/0");
     assert!(printed.iter().any(|line| line.trim() == url), "up printed its URL: {printed:#?}");
     let bounded = |command: &mut Command| run_bounded(command, Duration::from_secs(120), || up_stacks(&child));
-    assert!(has("iscsi-ls") && has("qemu-img"), "this test needs iscsi-ls and qemu-img (scripts/test installs them)");
+    assert!(
+        which("iscsi-ls").is_some() && which("qemu-img").is_some(),
+        "this test needs iscsi-ls and qemu-img (scripts/test installs them)"
+    );
     let listed = bounded(Command::new("iscsi-ls").args(["-s", &format!("iscsi://127.0.0.1:{iscsi_port}")]));
     let listed = String::from_utf8_lossy(&listed.stdout);
     assert!(listed.contains("iqn.2026-11.org.tessera:vol0") && listed.contains("DIRECT_ACCESS"), "{listed}");
