@@ -9,11 +9,17 @@
 //! with SANITIZE COMMAND FAILED until a sanitize succeeds or, when the
 //! failed one allowed it (AUSE), an EXIT FAILURE MODE.
 //!
+//! An overwrite may be paced to a number of bytes a second, so that
+//! sanitizing a large unit does not take every disk and link it shares with
+//! other volumes; a block erase only deallocates and is not paced.
+//!
 //! CRYPTO ERASE is not offered: a Tessera volume holds no key to discard.
 //! A sanitize is not resumed after the process serving the unit restarts.
 
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
@@ -159,9 +165,28 @@ pub struct State {
     pub failed: Option<bool>,
 }
 
+/// Spreads block writes over time at no more than `bytes_per_second`.
+struct Pace {
+    started: tokio::time::Instant,
+    bytes_per_second: u64,
+    block_size: u64,
+    /// Blocks let go so far.
+    issued: AtomicU64,
+}
+
+impl Pace {
+    /// When the next `blocks` may start: once every block let go before
+    /// them has had its share of time.
+    fn due(&self, blocks: u64) -> tokio::time::Instant {
+        let before = self.issued.fetch_add(blocks, Ordering::Relaxed) * self.block_size;
+        self.started + Duration::from_secs_f64(before as f64 / self.bytes_per_second as f64)
+    }
+}
+
 /// Runs `piece(lba, count)` over blocks `0..blocks` in pieces of
-/// `PIECE_BLOCKS`, `IN_FLIGHT` at once, counting each done piece.
-async fn in_pieces<F, Fut>(blocks: u64, progress: &Progress, piece: F) -> IoResult<()>
+/// `PIECE_BLOCKS`, `IN_FLIGHT` at once, each starting no earlier than
+/// `pace` allows, counting each done piece.
+async fn in_pieces<F, Fut>(blocks: u64, pace: Option<&Pace>, progress: &Progress, piece: F) -> IoResult<()>
 where
     F: Fn(u64, u64) -> Fut,
     Fut: std::future::Future<Output = IoResult<()>>,
@@ -169,8 +194,12 @@ where
     futures::stream::iter((0..blocks.div_ceil(PIECE_BLOCKS)).map(|index| index * PIECE_BLOCKS))
         .map(|lba| {
             let count = PIECE_BLOCKS.min(blocks - lba);
+            let due = pace.map(|pace| pace.due(count));
             let done = piece(lba, count);
             async move {
+                if let Some(due) = due {
+                    tokio::time::sleep_until(due).await;
+                }
                 done.await?;
                 progress.add(count);
                 IoResult::Ok(())
@@ -189,16 +218,29 @@ pub fn total_blocks(operation: &Operation, blocks: u64) -> u64 {
     }
 }
 
-/// Runs `operation` over blocks `0..blocks` of `device`, then flushes.
-pub async fn run(device: Arc<dyn BlockDevice>, operation: Operation, blocks: u64, progress: &Progress) -> IoResult<()> {
+/// Runs `operation` over blocks `0..blocks` of `device`, then flushes. An
+/// overwrite writes no faster than `bytes_per_second`, when given.
+pub async fn run(
+    device: Arc<dyn BlockDevice>,
+    operation: Operation,
+    blocks: u64,
+    bytes_per_second: Option<NonZeroU64>,
+    progress: &Progress,
+) -> IoResult<()> {
     match operation {
         Operation::Overwrite { pattern, passes, invert } => {
             let block = device.block_size() as usize;
+            let pace = bytes_per_second.map(|rate| Pace {
+                started: tokio::time::Instant::now(),
+                bytes_per_second: rate.get(),
+                block_size: block as u64,
+                issued: AtomicU64::new(0),
+            });
             let filled = fill(&pattern, block, PIECE_BLOCKS as usize);
             let inverted: Bytes = filled.iter().map(|byte| !byte).collect::<Vec<u8>>().into();
             for pass in 0..passes {
                 let data = if invert && pass % 2 == 1 { inverted.clone() } else { filled.clone() };
-                in_pieces(blocks, progress, |lba, count| {
+                in_pieces(blocks, pace.as_ref(), progress, |lba, count| {
                     let device = device.clone();
                     let data = data.slice(..count as usize * block);
                     async move { device.write(lba, data).await }
@@ -207,7 +249,7 @@ pub async fn run(device: Arc<dyn BlockDevice>, operation: Operation, blocks: u64
             }
         }
         Operation::BlockErase => {
-            in_pieces(blocks, progress, |lba, count| {
+            in_pieces(blocks, None, progress, |lba, count| {
                 let device = device.clone();
                 async move { device.unmap(lba, count).await }
             })

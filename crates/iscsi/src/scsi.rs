@@ -152,6 +152,8 @@ pub struct LogicalUnit {
     atomic: Arc<tokio::sync::RwLock<()>>,
     /// Shared with a sanitize running in the background.
     sanitize: Arc<Mutex<sanitize::State>>,
+    /// How fast a sanitize may overwrite the unit; unpaced when `None`.
+    sanitize_rate: Option<std::num::NonZeroU64>,
 }
 
 type Outcome = Result<Reply, Sense>;
@@ -331,7 +333,15 @@ impl LogicalUnit {
             state: Mutex::new(UnitState { blocks_seen: blocks, ..UnitState::default() }),
             atomic: Arc::new(tokio::sync::RwLock::new(())),
             sanitize: Arc::default(),
+            sanitize_rate: None,
         }
+    }
+
+    /// Paces a SANITIZE OVERWRITE to at most `bytes_per_second` (`None`:
+    /// as fast as the device takes it).
+    pub fn with_sanitize_rate(mut self, bytes_per_second: Option<std::num::NonZeroU64>) -> LogicalUnit {
+        self.sanitize_rate = bytes_per_second;
+        self
     }
 
     pub fn device(&self) -> &Arc<dyn BlockDevice> {
@@ -725,8 +735,8 @@ impl LogicalUnit {
             state.running = Some(progress.clone());
         }
         tracing::info!(serial = %self.serial, service_action = request.service_action, blocks, "sanitize started");
-        let (device, shared, lock, serial) =
-            (self.device.clone(), self.sanitize.clone(), self.atomic.clone(), self.serial.clone());
+        let (device, shared, lock, serial, rate) =
+            (self.device.clone(), self.sanitize.clone(), self.atomic.clone(), self.serial.clone(), self.sanitize_rate);
         let (finished, outcome) = tokio::sync::oneshot::channel();
         // Not tied to this command: an abort, a reset or a lost nexus leaves
         // the sanitize running.
@@ -735,7 +745,7 @@ impl LogicalUnit {
             // The unit may have grown while the writes before finished.
             let blocks = device.blocks();
             progress.set_total(sanitize::total_blocks(&operation, blocks));
-            let result = sanitize::run(device, operation, blocks, &progress).await;
+            let result = sanitize::run(device, operation, blocks, rate, &progress).await;
             drop(exclusive);
             let mut state = shared.lock().expect("sanitize state");
             state.running = None;

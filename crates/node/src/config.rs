@@ -54,6 +54,11 @@ pub struct NodeConfig {
     /// (hosts with the target role).
     #[serde(default = "default_iscsi_port")]
     pub iscsi_port: u16,
+    /// How fast a SANITIZE OVERWRITE of a volume this host serves may
+    /// write, in MiB a second, so that it leaves room on shared disks and
+    /// links for other volumes' I/O; 0: unpaced (default: 256).
+    #[serde(default = "default_sanitize_mib_per_second")]
+    pub sanitize_mib_per_second: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +91,10 @@ fn default_iscsi_port() -> u16 {
     3260
 }
 
+fn default_sanitize_mib_per_second() -> u64 {
+    256
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -113,6 +122,7 @@ impl NodeConfig {
             orphan_grace_secs: default_orphan_grace_secs(),
             resync_concurrency: default_resync_concurrency(),
             iscsi_port: default_iscsi_port(),
+            sanitize_mib_per_second: default_sanitize_mib_per_second(),
         }
     }
 

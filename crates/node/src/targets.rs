@@ -11,6 +11,8 @@
 //!   Growing creates the missing objects, then records the new size.
 //! - The catalog is watched: targets, LUNs and sizes follow it; a logical
 //!   unit keeps its reservations and unit attentions across refreshes.
+//! - A SANITIZE OVERWRITE writes no faster than `sanitize_mib_per_second`
+//!   (node.toml), so it leaves disks and links to other volumes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
@@ -268,7 +270,11 @@ pub fn refresh(node: &Arc<Node>) {
                     Ok(volume) => {
                         let volume = Arc::new(volume);
                         let device = Arc::new(VolumeDevice { volume: volume.clone() });
-                        let unit = Arc::new(LogicalUnit::new(device, record.id, format!("{:016x}", record.id)));
+                        let sanitize_rate =
+                            std::num::NonZeroU64::new(node.config.sanitize_mib_per_second.saturating_mul(1 << 20));
+                        let unit = LogicalUnit::new(device, record.id, format!("{:016x}", record.id))
+                            .with_sanitize_rate(sanitize_rate);
+                        let unit = Arc::new(unit);
                         units.insert(name.clone(), (volume, unit));
                     }
                     Err(error) => tracing::error!(volume = name, %error, "volume record is not usable"),

@@ -257,3 +257,34 @@ async fn sanitize_is_refused_under_software_write_protect_before_anything_is_tou
     assert_eq!(sense_of(&run(&unit, &sanitize_cdb(0x02, 0), &[]).await), (0x7, 0x27, 0x02));
     assert_eq!(device.inner.mapped_blocks(), 512, "nothing was erased");
 }
+
+#[tokio::test]
+async fn a_paced_overwrite_takes_its_time_and_shows_its_progress_meanwhile() {
+    let device = Gated::new();
+    // 2 MiB at 1 MiB/s, in pieces of 1 MiB: the second may not start before
+    // one second has passed.
+    let unit = LogicalUnit::new(device.clone(), 1, "s1").with_sanitize_rate(std::num::NonZeroU64::new(1 << 20));
+    let list = overwrite(&[0x33]);
+    let started = tokio::time::Instant::now();
+    good(run(&unit, &sanitize_cdb(0x80 | 0x01, list.len() as u16), &list).await);
+    let mut seen_in_progress = 0;
+    loop {
+        let sense = good(run(&unit, &[0x03, 0, 0, 0, 18, 0], &[]).await);
+        let elapsed = started.elapsed();
+        if sense[2] & 0x0f == 0 {
+            break;
+        }
+        assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (0x2, 0x04, 0x1b));
+        let progress = u16::from_be_bytes([sense[16], sense[17]]);
+        if elapsed < Duration::from_millis(900) {
+            assert!(progress <= 32_768, "more than the first piece done after {elapsed:?}: {progress}/65536");
+        }
+        seen_in_progress += 1;
+        assert!(elapsed < Duration::from_secs(30), "the paced sanitize never finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_secs(1), "finished in {:?}, faster than its pace", started.elapsed());
+    assert!(seen_in_progress > 0);
+    let data = good(run(&unit, &read16(0, BLOCKS as u32), &[]).await);
+    assert!(data.iter().all(|&byte| byte == 0x33), "a block was not overwritten");
+}

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -242,7 +242,26 @@ impl TestCluster {
                 format!("--- host {id} ({process})\n{}", self.log_tail(*id))
             })
             .collect();
-        hosts.join("\n")
+        // A full disk fails every node's journal and log writes at once.
+        let disk = match (&self.dir, self.dir.as_ref().and_then(|dir| free_bytes(dir.path()))) {
+            (Some(dir), Some(free)) => format!("--- {} MiB free under {}", free >> 20, dir.path().display()),
+            _ => "--- free space unknown".to_string(),
+        };
+        format!("{}\n{disk}", hosts.join("\n"))
+    }
+
+    /// Fails the test at once, saying what it needs, unless the disk the
+    /// cluster's files are on has `bytes` free.
+    pub fn require_free_disk(&self, bytes: u64, why: &str) {
+        let dir = self.dir.as_ref().expect("the cluster's files").path();
+        let free = free_bytes(dir).expect("statvfs of the cluster's directory");
+        assert!(
+            free >= bytes,
+            "this scenario needs {} MiB free on the disk under {} ({why}); only {} MiB are",
+            bytes >> 20,
+            dir.display(),
+            free >> 20
+        );
     }
 
     /// Runs a tool to completion, but for no longer than `limit`. A tool
@@ -274,9 +293,22 @@ impl TestCluster {
     }
 }
 
+/// Bytes an unprivileged process may still write to the filesystem
+/// holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct we own from a NUL-terminated path.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
 impl Drop for TestCluster {
     fn drop(&mut self) {
-        if std::env::var_os("TESSERA_KEEP_TEST_DATA").is_some() {
+        if std::env::var_os("TESSERA_KEEP_TEST_DATA").is_some_and(|value| !value.is_empty()) {
             if let Some(dir) = self.dir.take() {
                 eprintln!("keeping the cluster's files in {}", dir.keep().display());
             }
