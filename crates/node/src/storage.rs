@@ -49,6 +49,17 @@ const STATS_TIMEOUT: Duration = Duration::from_millis(800);
 const MANAGE_INTERVAL: Duration = Duration::from_millis(500);
 /// Between two attempts to open an object that could not be opened.
 const OPEN_RETRY: Duration = Duration::from_secs(1);
+/// A host that forwarded at least `FOLLOW_IOS` I/Os of an object to its
+/// owner on another host within `FOLLOW_WINDOW` takes the object over: the
+/// I/O comes from here, so the owner should be here too (writes then
+/// save a hop, reads of a copy on this host go to no other process). A
+/// host takes over an object at most once per `FOLLOW_COOLDOWN`, so two
+/// hosts serving the same object (multipath) do not hand it to and fro.
+const FOLLOW_IOS: u64 = 256;
+const FOLLOW_WINDOW: Duration = Duration::from_secs(2);
+const FOLLOW_COOLDOWN: Duration = Duration::from_secs(300);
+/// How long a request waits for an object this host is opening.
+const OPEN_WAIT: Duration = Duration::from_secs(10);
 /// Object names: letters, digits, `-`, `_`, `.`; at most this long.
 const NAME_MAX: usize = 64;
 
@@ -164,6 +175,11 @@ pub struct Storage {
     /// Objects being opened, and when an attempt last failed.
     opening: Mutex<HashSet<String>>,
     failed_opens: Mutex<HashMap<String, Instant>>,
+    /// Per object this host does not own: I/Os forwarded to its owner in
+    /// the current window (since, count).
+    forwarded: Mutex<HashMap<String, (Instant, u64)>>,
+    /// When this host last took over each object from a live owner.
+    followed: Mutex<HashMap<String, Instant>>,
 }
 
 pub(crate) fn cores() -> usize {
@@ -200,6 +216,8 @@ impl Storage {
             owned: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashSet::new()),
             failed_opens: Mutex::new(HashMap::new()),
+            forwarded: Mutex::new(HashMap::new()),
+            followed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -209,6 +227,30 @@ impl Storage {
 
     fn owned(&self, name: &str) -> Option<(Arc<Object<TcpTransport>>, usize)> {
         self.owned.lock().expect("owned lock").get(name).map(|owned| (owned.object.clone(), owned.thread))
+    }
+
+    /// Counts one I/O of `name` that this host sent on to the object's
+    /// owner elsewhere.
+    pub(crate) fn note_forwarded(&self, name: &str) {
+        let mut forwarded = self.forwarded.lock().expect("forwarded lock");
+        let (since, count) = forwarded.entry(name.to_string()).or_insert((Instant::now(), 0));
+        if since.elapsed() > FOLLOW_WINDOW {
+            (*since, *count) = (Instant::now(), 0);
+        }
+        *count += 1;
+    }
+
+    /// Objects whose I/O this host forwarded often enough, lately, to take
+    /// them over; their counts start again.
+    fn to_follow(&self) -> Vec<String> {
+        let mut forwarded = self.forwarded.lock().expect("forwarded lock");
+        forwarded.retain(|_, (since, _)| since.elapsed() <= FOLLOW_WINDOW);
+        let names: Vec<String> =
+            forwarded.iter().filter(|(_, (_, count))| *count >= FOLLOW_IOS).map(|(name, _)| name.clone()).collect();
+        for name in &names {
+            forwarded.remove(name);
+        }
+        names
     }
 
     /// Live figures of the objects this host owns.
@@ -467,7 +509,20 @@ pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<Bytes, R
 }
 
 pub(crate) async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (IoReply, Bytes) {
-    let Some((object, thread)) = node.storage.owned(io.name()) else {
+    let mut owned = node.storage.owned(io.name());
+    if owned.is_none() && node.storage.opening.lock().expect("opening lock").contains(io.name()) {
+        // Being opened here (taken over, or after its owner failed): wait
+        // for it rather than send the caller round the other hosts.
+        let deadline = Instant::now() + OPEN_WAIT;
+        while owned.is_none()
+            && Instant::now() < deadline
+            && node.storage.opening.lock().expect("opening lock").contains(io.name())
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            owned = node.storage.owned(io.name());
+        }
+    }
+    let Some((object, thread)) = owned else {
         let record = node.services().and_then(|services| services.catalog.objects.get_local(&io.name().to_string()));
         return match record {
             None => (IoReply::Error(format!("no object named {:?}", io.name())), Bytes::new()),
@@ -560,21 +615,45 @@ fn manage_once(node: &Arc<Node>) {
         if !should_own(record, me, &up) {
             continue;
         }
-        let recently_failed =
-            storage.failed_opens.lock().expect("failed lock").get(name).is_some_and(|when| when.elapsed() < OPEN_RETRY);
-        if recently_failed || !storage.opening.lock().expect("opening lock").insert(name.clone()) {
+        start_open(node, name, None);
+    }
+    for name in storage.to_follow() {
+        let Some(record) = records.get(&name) else { continue };
+        let healthy = record.states.iter().all(|state| *state == ComponentState::Active);
+        let lately = storage
+            .followed
+            .lock()
+            .expect("followed lock")
+            .get(&name)
+            .is_some_and(|when| when.elapsed() < FOLLOW_COOLDOWN);
+        if record.owner == me || !up(record.owner) || !healthy || lately {
             continue;
         }
-        let node = node.clone();
-        let name = name.clone();
-        tokio::spawn(async move {
-            if let Err(reason) = open(&node, &name).await {
-                tracing::warn!(name, %reason, "could not open the object; retrying");
-                node.storage.failed_opens.lock().expect("failed lock").insert(name.clone(), Instant::now());
-            }
-            node.storage.opening.lock().expect("opening lock").remove(&name);
-        });
+        storage.followed.lock().expect("followed lock").insert(name.clone(), Instant::now());
+        tracing::info!(name, from = record.owner, "taking the object over: its I/O comes from this host");
+        start_open(node, &name, Some((record.owner, record.owner_epoch)));
     }
+}
+
+/// Opens `name` in the background unless it is being opened or failed to
+/// open a moment ago. `follow`: take it over from that live owner and
+/// epoch, if they still hold it.
+fn start_open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) {
+    let storage = &node.storage;
+    let recently_failed =
+        storage.failed_opens.lock().expect("failed lock").get(name).is_some_and(|when| when.elapsed() < OPEN_RETRY);
+    if recently_failed || !storage.opening.lock().expect("opening lock").insert(name.to_string()) {
+        return;
+    }
+    let node = node.clone();
+    let name = name.to_string();
+    tokio::spawn(async move {
+        if let Err(reason) = open(&node, &name, follow).await {
+            tracing::warn!(name, %reason, "could not open the object; retrying");
+            node.storage.failed_opens.lock().expect("failed lock").insert(name.clone(), Instant::now());
+        }
+        node.storage.opening.lock().expect("opening lock").remove(&name);
+    });
 }
 
 /// Whether host `me` should own the object: the record names it, or the
@@ -635,8 +714,8 @@ fn tend(node: &Arc<Node>, name: &str, hosts: &BTreeMap<u64, HostRecord>) {
 }
 
 /// Takes ownership (a new epoch, by compare-and-set) and recovers the
-/// object on its owner thread.
-async fn open(node: &Arc<Node>, name: &str) -> Result<(), String> {
+/// object on its owner thread. `follow`: only from that owner and epoch.
+async fn open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) -> Result<(), String> {
     let services = node.services().ok_or("the catalog is not open")?;
     let me = node.config.node_id;
     let hosts = hosts_by_id(node);
@@ -644,7 +723,11 @@ async fn open(node: &Arc<Node>, name: &str) -> Result<(), String> {
     let claimed = services
         .catalog
         .update_object(name, |record| {
-            if !should_own(record, me, &up) {
+            let take = match follow {
+                Some((owner, epoch)) => record.owner == owner && record.owner_epoch == epoch,
+                None => should_own(record, me, &up),
+            };
+            if !take {
                 return None;
             }
             let mut updated = record.clone();

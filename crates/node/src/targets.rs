@@ -90,6 +90,7 @@ impl NodeObjects {
                 IoReply::NotOwner { .. } => {}
             }
             let client = client.expect("a client when the node is up");
+            node.storage.note_forwarded(&name);
             let result = match io {
                 IoRequest::Read { offset, length, .. } => client.read_at(offset, length).await,
                 IoRequest::Write { offset, .. } => client.write_at(offset, &data).await.map(|_| Bytes::new()),

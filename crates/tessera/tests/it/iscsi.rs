@@ -3,6 +3,7 @@
 //! volumes. Needs libiscsi-bin and qemu-utils with qemu-block-extra
 //! (`scripts/test` installs them); a missing tool fails the test.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -402,4 +403,61 @@ fn iscsi_test_cu_passes_against_a_raid1_lun_with_only_expected_skips() {
     };
     let unexpected: Vec<&(&String, &String)> = skipped.iter().filter(|(test, why)| !allowed(test, why)).collect();
     assert!(unexpected.is_empty(), "skipped for a feature the target should have: {unexpected:?}");
+}
+
+/// Which host owns each of the volume's objects, by object name.
+fn owners(cluster: &TestCluster) -> BTreeMap<String, u64> {
+    let status = cluster.status().expect("the cluster answers status");
+    status.objects.iter().filter(|object| object.name.starts_with("vol.")).map(|o| (o.name.clone(), o.owner)).collect()
+}
+
+#[test]
+fn ownership_follows_the_io_to_the_serving_host_without_failing_or_losing_a_write() {
+    let _exclusive = exclusive();
+    let (cluster, port) = cluster();
+    // 16 objects, each first owned by the host of its first copy: most are
+    // owned by a host other than host 1, which serves the LUN.
+    let url = volume_and_target(&cluster, port, "64MiB", "4MiB");
+    let before = owners(&cluster);
+    assert_eq!(before.len(), 16, "{before:?}");
+    let elsewhere = before.values().filter(|owner| **owner != 1).count();
+    assert!(elsewhere > 0, "every object is owned by host 1 already; nothing would move: {before:?}");
+    // Every 4 KiB block written once, in a scattered order (7919 is prime),
+    // 32 at a time, so every object takes writes while it moves.
+    let blocks = (64 << 20) / 4096;
+    let args = ["bench", "-f", "raw", "-t", "none", "-w", "--pattern=90", "-s", "4096", "-d", "32", "-S", "32436224"];
+    let count = blocks.to_string();
+    let written = ok(&cluster, "qemu-img", &[&args[..], &["-c", &count, &url]].concat());
+    assert!(written.contains("Run completed"), "{written}");
+    let during_writes = owners(&cluster).values().filter(|owner| **owner == 1).count() - (16 - elsewhere);
+    // Reads keep coming from host 1 until every object has moved there.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut after = owners(&cluster);
+    while after.values().any(|owner| *owner != 1) {
+        assert!(
+            Instant::now() < deadline,
+            "objects still owned elsewhere after a minute of I/O from host 1: {after:?}"
+        );
+        let read = ["bench", "-f", "raw", "-t", "none", "-s", "4096", "-d", "32", "-S", "32436224", "-c", &count, &url];
+        ok(&cluster, "qemu-img", &read);
+        after = owners(&cluster);
+    }
+    // Nothing was lost or failed across the moves: the whole LUN holds the
+    // pattern.
+    let dir = tempfile::tempdir().unwrap();
+    let expected = dir.path().join("pattern.raw");
+    std::fs::write(&expected, vec![0x5a; 64 << 20]).unwrap();
+    let compared = run(&cluster, "qemu-img", &["compare", "-f", "raw", "-F", "raw", expected.to_str().unwrap(), &url]);
+    assert!(compared.status.success(), "the LUN differs: {}", String::from_utf8_lossy(&compared.stdout));
+    let status = cluster.status().unwrap();
+    let moved: Vec<String> = status
+        .objects
+        .iter()
+        .filter(|object| before.get(&object.name).is_some_and(|owner| *owner != 1))
+        .map(|object| format!("{} (host {} epoch {})", object.name, before[&object.name], object.owner_epoch))
+        .collect();
+    println!(
+        "{} of 16 objects moved to host 1, the host serving the LUN, {during_writes} of them while the writes ran: {moved:?}",
+        moved.len()
+    );
 }
