@@ -317,7 +317,9 @@ async fn refresh_buckets(node: Arc<Node>) {
     }
 }
 
-fn filesystem_space(path: &std::path::Path) -> Option<(u64, u64)> {
+/// (capacity, bytes an unprivileged process may still write) of the
+/// filesystem holding `path`.
+pub fn filesystem_space(path: &std::path::Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };

@@ -232,12 +232,15 @@ impl Storage {
     /// Counts one I/O of `name` that this host sent on to the object's
     /// owner elsewhere.
     pub(crate) fn note_forwarded(&self, name: &str) {
+        let now = Instant::now();
         let mut forwarded = self.forwarded.lock().expect("forwarded lock");
-        let (since, count) = forwarded.entry(name.to_string()).or_insert((Instant::now(), 0));
-        if since.elapsed() > FOLLOW_WINDOW {
-            (*since, *count) = (Instant::now(), 0);
+        match forwarded.get_mut(name) {
+            Some((since, count)) if now.duration_since(*since) <= FOLLOW_WINDOW => *count += 1,
+            Some(window) => *window = (now, 1),
+            None => {
+                forwarded.insert(name.to_string(), (now, 1));
+            }
         }
-        *count += 1;
     }
 
     /// Objects whose I/O this host forwarded often enough, lately, to take
@@ -509,6 +512,29 @@ pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<Bytes, R
 }
 
 pub(crate) async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (IoReply, Bytes) {
+    let io = match serve_here(node, io, data).await {
+        Ok(served) => return served,
+        Err((io, _)) => io,
+    };
+    let record = node.services().and_then(|services| services.catalog.objects.get_local(&io.name().to_string()));
+    match record {
+        None => (IoReply::Error(format!("no object named {:?}", io.name())), Bytes::new()),
+        Some((record, _)) => {
+            let address = hosts_by_id(node).get(&record.owner).map(|host| host.address.clone());
+            let owner = (record.owner != node.config.node_id).then_some(record.owner);
+            (IoReply::NotOwner { owner, address: owner.and(address) }, Bytes::new())
+        }
+    }
+}
+
+/// Serves `io` if this host owns the object, waiting for it if this host
+/// is opening it; hands the request back if the object is owned elsewhere
+/// (or by nobody yet).
+pub(crate) async fn serve_here(
+    node: &Arc<Node>,
+    io: IoRequest,
+    data: Bytes,
+) -> Result<(IoReply, Bytes), (IoRequest, Bytes)> {
     let mut owned = node.storage.owned(io.name());
     if owned.is_none() && node.storage.opening.lock().expect("opening lock").contains(io.name()) {
         // Being opened here (taken over, or after its owner failed): wait
@@ -522,17 +548,7 @@ pub(crate) async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (I
             owned = node.storage.owned(io.name());
         }
     }
-    let Some((object, thread)) = owned else {
-        let record = node.services().and_then(|services| services.catalog.objects.get_local(&io.name().to_string()));
-        return match record {
-            None => (IoReply::Error(format!("no object named {:?}", io.name())), Bytes::new()),
-            Some((record, _)) => {
-                let address = hosts_by_id(node).get(&record.owner).map(|host| host.address.clone());
-                let owner = (record.owner != node.config.node_id).then_some(record.owner);
-                (IoReply::NotOwner { owner, address: owner.and(address) }, Bytes::new())
-            }
-        };
-    };
+    let Some((object, thread)) = owned else { return Err((io, data)) };
     // Reads change nothing in the owner: they run on the caller's thread,
     // and a read of a copy on this host (served in place) wakes no other
     // thread. Changes go to the object's owner thread.
@@ -540,13 +556,13 @@ pub(crate) async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (I
         IoRequest::Read { .. } | IoRequest::Provisioning { .. } => Ok(perform(&object, io, data).await),
         io => node.storage.owner_threads.run(thread, move |_| async move { perform(&object, io, data).await }).await,
     };
-    match result {
+    Ok(match result {
         Ok(Ok(Some(data))) => (IoReply::Data, data),
         Ok(Ok(None)) => (IoReply::Done, Bytes::new()),
         Ok(Err(ObjectError::Deposed)) => (IoReply::NotOwner { owner: None, address: None }, Bytes::new()),
         Ok(Err(error)) => (IoReply::Error(error.to_string()), Bytes::new()),
         Err(error) => (IoReply::Error(error.to_string()), Bytes::new()),
-    }
+    })
 }
 
 async fn perform(object: &Arc<Object<TcpTransport>>, io: IoRequest, data: Bytes) -> Result<Option<Bytes>, ObjectError> {
@@ -620,16 +636,13 @@ fn manage_once(node: &Arc<Node>) {
     for name in storage.to_follow() {
         let Some(record) = records.get(&name) else { continue };
         let healthy = record.states.iter().all(|state| *state == ComponentState::Active);
-        let lately = storage
-            .followed
-            .lock()
-            .expect("followed lock")
-            .get(&name)
-            .is_some_and(|when| when.elapsed() < FOLLOW_COOLDOWN);
-        if record.owner == me || !up(record.owner) || !healthy || lately {
+        let mut followed = storage.followed.lock().expect("followed lock");
+        followed.retain(|_, when| when.elapsed() < FOLLOW_COOLDOWN);
+        if record.owner == me || !up(record.owner) || !healthy || followed.contains_key(&name) {
             continue;
         }
-        storage.followed.lock().expect("followed lock").insert(name.clone(), Instant::now());
+        followed.insert(name.clone(), Instant::now());
+        drop(followed);
         tracing::info!(name, from = record.owner, "taking the object over: its I/O comes from this host");
         start_open(node, &name, Some((record.owner, record.owner_epoch)));
     }

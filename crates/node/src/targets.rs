@@ -83,11 +83,12 @@ impl NodeObjects {
         });
         Box::pin(async move {
             let node = node.ok_or_else(|| unavailable(&name, "the node is stopping"))?;
-            let (reply, out) = storage::serve_io(&node, io.clone(), data.clone()).await;
-            match reply {
-                IoReply::Done | IoReply::Data => return Ok(out),
-                IoReply::Error(reason) => return Err(unavailable(&name, reason)),
-                IoReply::NotOwner { .. } => {}
+            // Owned here: served on this host, with no owner looked up.
+            match storage::serve_here(&node, io.clone(), data.clone()).await {
+                Ok((IoReply::Done | IoReply::Data, out)) => return Ok(out),
+                Ok((IoReply::Error(reason), _)) => return Err(unavailable(&name, reason)),
+                // Owned elsewhere, or deposed meanwhile: to the owner.
+                Ok((IoReply::NotOwner { .. }, _)) | Err(_) => {}
             }
             let client = client.expect("a client when the node is up");
             node.storage.note_forwarded(&name);
