@@ -132,7 +132,11 @@ impl Node {
         let me = bootstrap.host(config.node_id).cloned().ok_or_else(|| {
             NodeError::Bootstrap(format!("node_id {} is not among the cluster's hosts", config.node_id))
         })?;
-        let transport = TcpTransport::new();
+        // Calls to peers leave from the address they know this host by.
+        let transport = match source_ip(&me.address) {
+            Some(source) => TcpTransport::new().bound_to(source),
+            None => TcpTransport::new(),
+        };
         let replicas = bootstrap.log_replica_addresses();
         let log_server = if replicas.contains_key(&config.node_id) {
             let server_config = ServerConfig::new(config.node_id, me.address.clone(), config.data_dir.join("log"));
@@ -515,4 +519,10 @@ async fn try_open_services(node: &Node) -> Result<Services, String> {
     };
     catalog.register_host(record).await.map_err(|error| error.to_string())?;
     Ok(Services { catalog, tasks })
+}
+
+/// The IP of a `host:port` address, if it is one (a name is left to the kernel).
+pub(crate) fn source_ip(address: &str) -> Option<std::net::IpAddr> {
+    let (ip, _port) = address.rsplit_once(':')?;
+    ip.trim_matches(['[', ']']).parse().ok()
 }

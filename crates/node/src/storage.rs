@@ -189,7 +189,7 @@ pub(crate) fn cores() -> usize {
 impl Storage {
     /// Opens the disks (storage hosts) and starts the threads.
     pub fn start(config: &crate::NodeConfig, ip: &str, storage_role: bool) -> Result<Storage, String> {
-        let owner_threads = OwnerThreads::start(config.owner_threads.unwrap_or_else(cores))
+        let owner_threads = OwnerThreads::start(config.owner_threads.unwrap_or_else(cores), ip.parse().ok())
             .map_err(|error| format!("starting owner threads: {error}"))?;
         let (service, component_threads) = if storage_role {
             let mut disks = Vec::new();

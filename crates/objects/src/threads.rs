@@ -53,8 +53,9 @@ pub struct OwnerThreads {
 pub struct ThreadStopped(pub usize);
 
 impl OwnerThreads {
-    /// Starts `count` owner threads (at least one).
-    pub fn start(count: usize) -> std::io::Result<OwnerThreads> {
+    /// Starts `count` owner threads (at least one), whose calls to
+    /// components leave from `source` (see [`TcpTransport::bound_to`]).
+    pub fn start(count: usize, source: Option<std::net::IpAddr>) -> std::io::Result<OwnerThreads> {
         let mut senders = Vec::new();
         let mut stats = Vec::new();
         let local = LocalHandlers::default();
@@ -65,7 +66,10 @@ impl OwnerThreads {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let counted = thread_stats.clone();
             std::thread::Builder::new().name(format!("owner-{index}")).spawn(move || {
-                let transport = TcpTransport::with_local(local);
+                let transport = match source {
+                    Some(source) => TcpTransport::with_local(local).bound_to(source),
+                    None => TcpTransport::with_local(local),
+                };
                 runtime.block_on(async move {
                     while let Some(job) = jobs.recv().await {
                         let stats = counted.clone();

@@ -11,6 +11,7 @@
 //! the listening thread (an owner reaching a component on its own host).
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::frame::{Decoder, Frame, Kind};
@@ -91,6 +92,8 @@ type Slot = Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>;
 pub struct TcpTransport {
     connections: Arc<Mutex<HashMap<String, Slot>>>,
     local: LocalHandlers,
+    /// The address outgoing connections leave from; `None`: the kernel's choice.
+    source: Option<IpAddr>,
 }
 
 impl TcpTransport {
@@ -100,7 +103,41 @@ impl TcpTransport {
 
     /// A transport that serves calls to `local`'s addresses in place.
     pub fn with_local(local: LocalHandlers) -> TcpTransport {
-        TcpTransport { connections: Default::default(), local }
+        TcpTransport { connections: Default::default(), local, source: None }
+    }
+
+    /// Outgoing connections leave from `source` (port chosen by the
+    /// kernel), the address peers know this host by. Why: left to itself,
+    /// the kernel picks the outgoing interface's primary address (on
+    /// loopback, 127.0.0.1 whatever 127.0.0.x the host serves on), so a
+    /// network cut of the host's address would stop what it receives but
+    /// not what it sends, and a host that hears no one could still tell
+    /// others that its peers went silent.
+    pub fn bound_to(mut self, source: IpAddr) -> TcpTransport {
+        self.source = (!source.is_unspecified()).then_some(source);
+        self
+    }
+
+    async fn connect(&self, address: &str) -> std::io::Result<TcpStream> {
+        let Some(source) = self.source else { return TcpStream::connect(address).await };
+        let mut last_error = None;
+        for peer in tokio::net::lookup_host(address).await? {
+            if peer.is_ipv4() != source.is_ipv4() {
+                continue;
+            }
+            let socket = if peer.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            socket.bind(SocketAddr::new(source, 0))?;
+            match socket.connect(peer).await {
+                Ok(stream) => return Ok(stream),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                format!("{address} has no address of the family of this host's {source}"),
+            )
+        }))
     }
 
     /// A call to a handler of this process: what a socket would have carried,
@@ -142,7 +179,7 @@ impl TcpTransport {
             return Ok(connection.clone());
         }
         *slot = None;
-        let stream = tokio::time::timeout_at(deadline, TcpStream::connect(address))
+        let stream = tokio::time::timeout_at(deadline, self.connect(address))
             .await
             .map_err(|_| timed_out())?
             .map_err(|error| connect_error(error.to_string()))?;

@@ -265,7 +265,7 @@ fn a_copy_on_the_owners_host_is_served_in_place_and_read_first() {
     use objects::threads::{ComponentThreads, OwnerThreads};
     let dir = tempfile::tempdir().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let owner_threads = OwnerThreads::start(1).unwrap();
+    let owner_threads = OwnerThreads::start(1, None).unwrap();
     // This host's disk, behind its component thread.
     let disk = Disk::open(fsio::real(), &dir.path().join("local"), DiskConfig::default()).unwrap();
     let local_service = Service::new(vec![disk]);

@@ -223,3 +223,23 @@ async fn a_peer_whose_connect_hangs_holds_up_only_calls_to_itself() {
     stuck.abort();
     server.stop();
 }
+
+/// A host's outgoing calls leave from the address it serves on, so cutting
+/// that address off the network cuts both ways (the partition scenarios
+/// rely on it; unbound, they would leave from 127.0.0.1).
+#[tokio::test]
+async fn a_bound_transport_calls_from_its_own_address() {
+    let handler = |request: Request| async move { Ok(Bytes::from(request.peer)) };
+    let server = TcpTransport::new().serve("127.0.0.1:0", Arc::new(handler)).await.unwrap();
+    let peer_ip = |reply: Bytes| String::from_utf8(reply.to_vec()).unwrap().rsplit_once(':').unwrap().0.to_string();
+
+    let unbound = TcpTransport::new().call(&server.local_address, 1, Bytes::new(), TIMEOUT).await.unwrap();
+    assert_eq!(peer_ip(unbound), "127.0.0.1");
+    let bound = TcpTransport::new().bound_to("127.0.0.77".parse().unwrap());
+    let reply = bound.call(&server.local_address, 1, Bytes::new(), TIMEOUT).await.unwrap();
+    assert_eq!(peer_ip(reply), "127.0.0.77");
+    // Unspecified means the kernel's choice, as unbound.
+    let any = TcpTransport::new().bound_to("0.0.0.0".parse().unwrap());
+    assert_eq!(peer_ip(any.call(&server.local_address, 1, Bytes::new(), TIMEOUT).await.unwrap()), "127.0.0.1");
+    server.stop();
+}
