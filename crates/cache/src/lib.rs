@@ -1,0 +1,718 @@
+//! A concurrent cache with three queues, for object reads on their owner
+//! (the block cache) and for anything else that wants one: `Cache<K, V>`
+//! with a weigher and a capacity in weight (bytes, for the block cache).
+//!
+//! The structure follows ../shared/specs/cache.md:
+//! - **A hash table whose buckets each hold a list of elements and a
+//!   mutex**, so threads working on different buckets never contend. A
+//!   bucket's list also remembers the hashes of recently evicted keys (the
+//!   ghosts), so a lookup and a ghost check are one scan under one lock.
+//! - **Three queues**, S3-FIFO's: *small* (where new keys enter), *main*
+//!   (keys that were read again while in small, or that come back soon
+//!   after eviction) and *ghost* (hashes of keys evicted from small). Each
+//!   queue is a ring whose positions are claimed with atomic
+//!   compare-and-swap (`ring.rs`), so threads push and pop at once without
+//!   a queue-wide lock.
+//! - **Each element carries its own lock word** (`Element::state`): the
+//!   queue it is in, or removed. Every move between queues and every
+//!   removal is a compare-and-swap on it, so two threads that race on one
+//!   element (an evictor moving it to main while a writer replaces it, two
+//!   evictors, a remover and an evictor) find out: exactly one wins, and
+//!   the loser drops its claim or retries with the element's new state.
+//! - Two threads inserting the same key meet under the bucket's mutex: the
+//!   second replaces the first, so a key is never in the table twice.
+//!
+//! **Invariant:** a key has at most one live element; a live element is in
+//! the bucket list of its hash and in the ring its state names; the small
+//! and main weights are the sums of their live elements' weights (exactly,
+//! once no operation is in flight). A `get` never returns a value older
+//! than one whose `insert` (or `remove`) had returned before the `get` began.
+//!
+//! **Boundary:** this crate knows nothing of objects, blocks or I/O.
+
+mod ring;
+
+use std::borrow::Borrow;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+
+use ring::Ring;
+
+/// How much of the capacity one entry takes.
+pub trait Weigher<K, V>: Send + Sync {
+    fn weigh(&self, key: &K, value: &V) -> u64;
+}
+
+impl<K, V, F> Weigher<K, V> for F
+where
+    F: Fn(&K, &V) -> u64 + Send + Sync,
+{
+    fn weigh(&self, key: &K, value: &V) -> u64 {
+        self(key, value)
+    }
+}
+
+/// Every entry weighs 1: the capacity is a number of entries.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UnitWeigher;
+
+impl<K, V> Weigher<K, V> for UnitWeigher {
+    fn weigh(&self, _key: &K, _value: &V) -> u64 {
+        1
+    }
+}
+
+/// Reads that a main-queue element survives eviction passes for (S3-FIFO's
+/// two-bit frequency).
+const FREQUENCY_MAX: u8 = 3;
+/// The small queue's share of the capacity (S3-FIFO's 10%).
+const SMALL_PERCENT: u64 = 10;
+/// Live elements per bucket at the estimated item count; ghosts add about
+/// as many again. Short lists keep a lookup to a few compares in one cache
+/// line or two.
+const ITEMS_PER_BUCKET: usize = 2;
+/// Counters are striped by bucket, so that hits on different buckets do
+/// not all write one cache line.
+const COUNTER_STRIPES: usize = 8;
+
+/// An element's state, its lock word.
+const IN_SMALL: u8 = 0;
+const IN_MAIN: u8 = 1;
+const REMOVED: u8 = 2;
+
+struct Element<K, V> {
+    key: K,
+    value: V,
+    hash: u64,
+    weight: u64,
+    /// Reads since it entered its queue (or since main's last pass), up to
+    /// `FREQUENCY_MAX`.
+    frequency: AtomicU8,
+    state: AtomicU8,
+}
+
+impl<K, V> Element<K, V> {
+    fn touch(&self) {
+        // A load and a store rather than a read-modify-write: a lost
+        // increment under a race costs nothing, a contended RMW on a hot
+        // element would cost every reader.
+        let frequency = self.frequency.load(Ordering::Relaxed);
+        if frequency < FREQUENCY_MAX {
+            self.frequency.store(frequency + 1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One entry of a bucket's list: a live element, or the ghost of an
+/// evicted key (its hash alone). The hash is kept inline so a scan touches
+/// no element but the one that matches.
+struct Slot<K, V> {
+    hash: u64,
+    element: Option<Arc<Element<K, V>>>,
+}
+
+/// A bucket of the hash table: its list, under its own mutex.
+type Bucket<K, V> = Mutex<Vec<Slot<K, V>>>;
+
+/// The ghost queue: a ring of hashes, advanced with one atomic add. A push
+/// overwrites the oldest ghost, whose bucket entry is then dropped.
+struct GhostRing {
+    slots: Box<[AtomicU64]>,
+    mask: u64,
+    head: CachePadded<AtomicU64>,
+}
+
+impl GhostRing {
+    fn new(capacity: usize) -> Self {
+        let len = capacity.max(2).next_power_of_two();
+        GhostRing {
+            slots: (0..len).map(|_| AtomicU64::new(0)).collect(),
+            mask: len as u64 - 1,
+            head: CachePadded::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Records a ghost; returns the ghost it pushed out, if any.
+    fn push(&self, hash: u64) -> Option<u64> {
+        let position = self.head.fetch_add(1, Ordering::Relaxed);
+        // 0 marks an empty slot, so hashes are stored with the low bit set.
+        let old = self.slots[(position & self.mask) as usize].swap(ghost_tag(hash), Ordering::Relaxed);
+        (old != 0).then_some(old)
+    }
+}
+
+fn ghost_tag(hash: u64) -> u64 {
+    hash | 1
+}
+
+/// Hits, misses, insertions and evictions since the cache was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub inserts: u64,
+    pub evictions: u64,
+}
+
+const HIT: usize = 0;
+const MISS: usize = 1;
+const INSERT: usize = 2;
+const EVICTION: usize = 3;
+
+struct Counters {
+    stripes: Box<[CachePadded<[AtomicU64; 4]>]>,
+}
+
+impl Counters {
+    fn new() -> Self {
+        Counters { stripes: (0..COUNTER_STRIPES).map(|_| CachePadded::new(Default::default())).collect() }
+    }
+
+    fn count(&self, counter: usize, bucket: usize) {
+        self.stripes[bucket % COUNTER_STRIPES][counter].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sum(&self, counter: usize) -> u64 {
+        self.stripes.iter().map(|stripe| stripe[counter].load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// A concurrent S3-FIFO cache. See the crate documentation.
+pub struct Cache<K, V, W = UnitWeigher, S = foldhash::fast::RandomState> {
+    buckets: Box<[Bucket<K, V>]>,
+    bucket_mask: u64,
+    small: Ring<Element<K, V>>,
+    main: Ring<Element<K, V>>,
+    ghosts: GhostRing,
+    /// Weights of the live elements in each queue. Signed: a remover may
+    /// subtract an element's weight a moment before the evictor that moved
+    /// it between queues adds it.
+    small_weight: CachePadded<AtomicI64>,
+    main_weight: CachePadded<AtomicI64>,
+    capacity: u64,
+    small_capacity: u64,
+    weigher: W,
+    hasher: S,
+    counters: Counters,
+}
+
+impl<K: Hash + Eq, V: Clone> Cache<K, V> {
+    /// A cache of at most `capacity` entries.
+    pub fn new(capacity: usize) -> Self {
+        Cache::with(capacity, capacity as u64, UnitWeigher, Default::default())
+    }
+}
+
+impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>> Cache<K, V, W> {
+    /// A cache of at most `capacity` weight, sized for about
+    /// `estimated_items` entries (the queues hold at most that many each,
+    /// the ghost queue remembers that many evicted keys).
+    pub fn with_weigher(estimated_items: usize, capacity: u64, weigher: W) -> Self {
+        Cache::with(estimated_items, capacity, weigher, Default::default())
+    }
+}
+
+impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S> {
+    /// A cache with every parameter given, the hasher among them (tests use
+    /// a fixed one so that runs repeat).
+    pub fn with(estimated_items: usize, capacity: u64, weigher: W, hasher: S) -> Self {
+        let estimated_items = estimated_items.max(1);
+        let buckets = (estimated_items / ITEMS_PER_BUCKET).max(16).next_power_of_two();
+        Cache {
+            buckets: (0..buckets).map(|_| Mutex::new(Vec::new())).collect(),
+            bucket_mask: buckets as u64 - 1,
+            small: Ring::new(estimated_items),
+            main: Ring::new(estimated_items),
+            ghosts: GhostRing::new(estimated_items),
+            small_weight: CachePadded::new(AtomicI64::new(0)),
+            main_weight: CachePadded::new(AtomicI64::new(0)),
+            capacity,
+            small_capacity: (capacity * SMALL_PERCENT / 100).max(1),
+            weigher,
+            hasher,
+            counters: Counters::new(),
+        }
+    }
+
+    /// The value cached for `key`, counting a read of it.
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.lookup(key, true)
+    }
+
+    /// The value cached for `key`, without counting a read (eviction order
+    /// is unchanged).
+    pub fn peek<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.lookup(key, false)
+    }
+
+    fn lookup<Q>(&self, key: &Q, touch: bool) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.hasher.hash_one(key);
+        let index = self.bucket_index(hash);
+        let found = {
+            let bucket = self.buckets[index].lock();
+            bucket.iter().find_map(|slot| match &slot.element {
+                Some(element) if slot.hash == hash && element.key.borrow() == key => {
+                    if touch {
+                        element.touch();
+                    }
+                    Some(element.value.clone())
+                }
+                _ => None,
+            })
+        };
+        if touch {
+            self.counters.count(if found.is_some() { HIT } else { MISS }, index);
+        }
+        found
+    }
+
+    /// Caches `value` for `key`, replacing any value it had.
+    pub fn insert(&self, key: K, value: V) {
+        self.insert_if(key, value, || true);
+    }
+
+    /// Caches `value` for `key` only if `still_valid()`, called under the
+    /// key's bucket lock, says so; returns whether it did. A reader that
+    /// filled the value from slower storage passes a check that no write
+    /// began since: a writer that removes the key after writing takes the
+    /// same lock, so the check and the insertion are one step to it.
+    pub fn insert_if(&self, key: K, value: V, still_valid: impl FnOnce() -> bool) -> bool {
+        let weight = self.weigher.weigh(&key, &value);
+        let hash = self.hasher.hash_one(&key);
+        let index = self.bucket_index(hash);
+        if weight > self.capacity {
+            // It can never fit: drop any older value so no reader sees it.
+            self.remove(&key);
+            return false;
+        }
+        let element = {
+            let mut bucket = self.buckets[index].lock();
+            if !still_valid() {
+                return false;
+            }
+            let mut live = None;
+            let mut ghost = None;
+            for (position, slot) in bucket.iter().enumerate() {
+                match &slot.element {
+                    Some(element) if slot.hash == hash && element.key == key => {
+                        live = Some(position);
+                        break;
+                    }
+                    None if ghost_tag(slot.hash) == ghost_tag(hash) => ghost = Some(position),
+                    _ => {}
+                }
+            }
+            // A replaced key keeps its queue and its reads; a key evicted
+            // from small not long ago (a ghost) goes straight to main.
+            let (state, frequency) = match live {
+                Some(position) => {
+                    let old = bucket[position].element.as_ref().expect("a live slot");
+                    let state = self.retire(old).unwrap_or(IN_SMALL);
+                    (state, old.frequency.load(Ordering::Relaxed))
+                }
+                None if ghost.is_some() => (IN_MAIN, 0),
+                None => (IN_SMALL, 0),
+            };
+            let element = Arc::new(Element {
+                key,
+                value,
+                hash,
+                weight,
+                frequency: AtomicU8::new(frequency),
+                state: AtomicU8::new(state),
+            });
+            // Counted before anyone can find it, so a remover never
+            // subtracts what was not yet added.
+            self.queue_weight(state).fetch_add(weight as i64, Ordering::Relaxed);
+            let slot = Slot { hash, element: Some(Arc::clone(&element)) };
+            match (live, ghost) {
+                (Some(position), _) | (None, Some(position)) => bucket[position] = slot,
+                (None, None) => bucket.push(slot),
+            }
+            element
+        };
+        self.counters.count(INSERT, index);
+        self.enqueue(element);
+        self.evict_to_capacity();
+        true
+    }
+
+    /// Drops `key`'s value; returns whether there was one.
+    pub fn remove<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.hasher.hash_one(key);
+        let mut bucket = self.buckets[self.bucket_index(hash)].lock();
+        let position = bucket.iter().position(|slot| {
+            slot.hash == hash && slot.element.as_ref().is_some_and(|element| element.key.borrow() == key)
+        });
+        let Some(position) = position else { return false };
+        let slot = bucket.swap_remove(position);
+        self.retire(slot.element.as_ref().expect("a live slot")).is_some()
+    }
+
+    /// Total weight of the cached entries.
+    pub fn weight(&self) -> u64 {
+        let weight = self.small_weight.load(Ordering::Relaxed) + self.main_weight.load(Ordering::Relaxed);
+        weight.max(0) as u64
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Number of cached entries (walks every bucket: for reports, not hot paths).
+    pub fn len(&self) -> usize {
+        self.buckets.iter().map(|bucket| bucket.lock().iter().filter(|slot| slot.element.is_some()).count()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.counters.sum(HIT),
+            misses: self.counters.sum(MISS),
+            inserts: self.counters.sum(INSERT),
+            evictions: self.counters.sum(EVICTION),
+        }
+    }
+
+    fn bucket_index(&self, hash: u64) -> usize {
+        // The high half: the low bits also pick the ghost ring's tag.
+        ((hash >> 32) & self.bucket_mask) as usize
+    }
+
+    fn queue_weight(&self, state: u8) -> &AtomicI64 {
+        if state == IN_MAIN {
+            &self.main_weight
+        } else {
+            &self.small_weight
+        }
+    }
+
+    /// Marks an element removed and takes its weight off its queue; returns
+    /// the queue it was in, or `None` if another thread removed it first.
+    /// The element itself stays in its ring until an evictor pops and
+    /// drops it.
+    fn retire(&self, element: &Element<K, V>) -> Option<u8> {
+        let mut state = element.state.load(Ordering::Acquire);
+        loop {
+            if state == REMOVED {
+                return None;
+            }
+            match element.state.compare_exchange(state, REMOVED, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    self.queue_weight(state).fetch_sub(element.weight as i64, Ordering::Relaxed);
+                    return Some(state);
+                }
+                // An evictor moved it from small to main meanwhile: retry from there.
+                Err(now) => state = now,
+            }
+        }
+    }
+
+    /// Puts an element into the ring its state names, making room first if
+    /// that ring is full.
+    fn enqueue(&self, mut element: Arc<Element<K, V>>) {
+        loop {
+            let state = element.state.load(Ordering::Acquire);
+            let ring = match state {
+                IN_SMALL => &self.small,
+                IN_MAIN => &self.main,
+                // Removed before it was queued: nothing to do.
+                _ => return,
+            };
+            match ring.push(element) {
+                Ok(()) => return,
+                Err(back) => {
+                    element = back;
+                    if state == IN_SMALL {
+                        self.evict_small();
+                    } else {
+                        self.evict_main();
+                    }
+                }
+            }
+        }
+    }
+
+    fn evict_to_capacity(&self) {
+        while self.weight() > self.capacity {
+            let small_first = self.small_weight.load(Ordering::Relaxed) > self.small_capacity as i64
+                || self.main_weight.load(Ordering::Relaxed) <= 0;
+            // Order matters: the other queue is tried only if the first is empty.
+            let evict: [fn(&Self) -> bool; 2] =
+                if small_first { [Self::evict_small, Self::evict_main] } else { [Self::evict_main, Self::evict_small] };
+            if !(evict[0](self) || evict[1](self)) {
+                // Both rings are empty: the weight belongs to elements other
+                // threads have yet to queue, and they evict after queueing.
+                return;
+            }
+        }
+    }
+
+    /// Takes the oldest element of the small queue: read since it came in,
+    /// it moves to main; otherwise it is evicted and leaves a ghost.
+    /// Returns whether the queue had an element.
+    fn evict_small(&self) -> bool {
+        let Some(element) = self.small.pop() else { return false };
+        if element.frequency.load(Ordering::Relaxed) > 0 {
+            if element.state.compare_exchange(IN_SMALL, IN_MAIN, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                element.frequency.store(0, Ordering::Relaxed);
+                self.small_weight.fetch_sub(element.weight as i64, Ordering::Relaxed);
+                self.main_weight.fetch_add(element.weight as i64, Ordering::Relaxed);
+                self.enqueue(element);
+            }
+            // Otherwise it was removed meanwhile, and is dropped here.
+            return true;
+        }
+        if self.retire(&element).is_some() {
+            self.unlink(&element, true);
+            self.counters.count(EVICTION, self.bucket_index(element.hash));
+        }
+        true
+    }
+
+    /// Takes the oldest element of the main queue: read since its last
+    /// pass, it goes round again with one read fewer; otherwise it is
+    /// evicted. Returns whether the queue had an element.
+    fn evict_main(&self) -> bool {
+        let Some(element) = self.main.pop() else { return false };
+        let frequency = element.frequency.load(Ordering::Relaxed);
+        if frequency > 0 && element.state.load(Ordering::Acquire) == IN_MAIN {
+            element.frequency.store(frequency - 1, Ordering::Relaxed);
+            match self.main.push(element) {
+                Ok(()) => return true,
+                // Other threads filled the ring meanwhile: evict it after all.
+                Err(back) => return self.evict_popped(back),
+            }
+        }
+        self.evict_popped(element)
+    }
+
+    fn evict_popped(&self, element: Arc<Element<K, V>>) -> bool {
+        if self.retire(&element).is_some() {
+            self.unlink(&element, false);
+            self.counters.count(EVICTION, self.bucket_index(element.hash));
+        }
+        true
+    }
+
+    /// Takes an evicted element out of its bucket, leaving its ghost there
+    /// if asked to.
+    fn unlink(&self, element: &Arc<Element<K, V>>, leave_ghost: bool) {
+        {
+            let mut bucket = self.buckets[self.bucket_index(element.hash)].lock();
+            let position =
+                bucket.iter().position(|slot| slot.element.as_ref().is_some_and(|e| Arc::ptr_eq(e, element)));
+            // Not found: a writer replaced the key meanwhile, which is live again.
+            let Some(position) = position else { return };
+            if leave_ghost {
+                bucket[position].element = None;
+            } else {
+                bucket.swap_remove(position);
+            }
+        }
+        if leave_ghost {
+            if let Some(old) = self.ghosts.push(element.hash) {
+                self.forget_ghost(old);
+            }
+        }
+    }
+
+    /// Drops one ghost entry with this tag from its bucket (none may be
+    /// left: a ghost hit consumes the entry but not its ring slot).
+    fn forget_ghost(&self, tag: u64) {
+        let mut bucket = self.buckets[self.bucket_index(tag)].lock();
+        if let Some(position) = bucket.iter().position(|slot| slot.element.is_none() && ghost_tag(slot.hash) == tag) {
+            bucket.swap_remove(position);
+        }
+    }
+
+    /// Checks the invariants (see the crate documentation) on a quiescent
+    /// cache, for tests: every key live at most once, every live element in
+    /// the ring of its state exactly once, the weights exact and within
+    /// capacity, ghosts no more than the ghost ring holds.
+    pub fn audit(&mut self) -> Result<(), String> {
+        let mut in_rings = std::collections::HashMap::new();
+        for (ring, name) in [(&mut self.small, IN_SMALL), (&mut self.main, IN_MAIN)] {
+            for element in ring.elements() {
+                let state = element.state.load(Ordering::Relaxed);
+                if state == REMOVED {
+                    continue;
+                }
+                if state != name {
+                    return Err(format!("an element in state {state} sits in queue {name}"));
+                }
+                if in_rings.insert(element as *const Element<K, V>, name).is_some() {
+                    return Err("an element is queued twice".into());
+                }
+            }
+        }
+        let (mut small, mut main, mut ghosts, mut live) = (0i64, 0i64, 0usize, 0usize);
+        let mut hashes_seen = std::collections::HashSet::new();
+        for bucket in self.buckets.iter_mut() {
+            let bucket = bucket.get_mut();
+            for (position, slot) in bucket.iter().enumerate() {
+                let Some(element) = &slot.element else {
+                    ghosts += 1;
+                    continue;
+                };
+                live += 1;
+                let duplicate = bucket[..position]
+                    .iter()
+                    .any(|other| other.element.as_ref().is_some_and(|other| other.key == element.key));
+                if duplicate {
+                    return Err("a key is live twice in its bucket".into());
+                }
+                hashes_seen.insert(slot.hash);
+                let state = element.state.load(Ordering::Relaxed);
+                match in_rings.get(&Arc::as_ptr(element)) {
+                    Some(&queue) if queue == state => {}
+                    _ => return Err(format!("a live element in state {state} is not in that queue")),
+                }
+                if state == IN_MAIN {
+                    main += element.weight as i64;
+                } else {
+                    small += element.weight as i64;
+                }
+            }
+        }
+        if live != in_rings.len() {
+            return Err(format!("{} live elements queued but {live} in the table", in_rings.len()));
+        }
+        let (small_weight, main_weight) = (*self.small_weight.get_mut(), *self.main_weight.get_mut());
+        if (small, main) != (small_weight, main_weight) {
+            return Err(format!("weights {small_weight}/{main_weight} recorded, {small}/{main} live"));
+        }
+        if (small + main) as u64 > self.capacity {
+            return Err(format!("weight {} over capacity {}", small + main, self.capacity));
+        }
+        if ghosts > self.ghosts.slots.len() {
+            return Err(format!("{ghosts} ghosts for a ghost ring of {}", self.ghosts.slots.len()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(capacity: usize) -> Cache<u64, u64, UnitWeigher, std::hash::BuildHasherDefault<std::hash::DefaultHasher>> {
+        Cache::with(capacity * 4, capacity as u64, UnitWeigher, Default::default())
+    }
+
+    #[test]
+    fn a_value_read_back_is_the_last_one_inserted_and_a_removed_one_is_gone() {
+        let mut cache = cache(100);
+        cache.insert(1, 10);
+        cache.insert(1, 11);
+        assert_eq!(cache.get(&1), Some(11));
+        assert!(cache.remove(&1));
+        assert_eq!(cache.get(&1), None);
+        assert!(!cache.remove(&1));
+        assert_eq!(cache.len(), 0);
+        cache.audit().unwrap();
+    }
+
+    #[test]
+    fn a_scan_does_not_push_out_keys_that_are_read_again() {
+        let mut cache = cache(100);
+        for hot in 0..50 {
+            cache.insert(hot, hot);
+        }
+        // Read twice: once in small, so they move to main, where they
+        // keep a read in hand.
+        for _ in 0..2 {
+            for hot in 0..50 {
+                assert!(cache.get(&hot).is_some(), "hot key {hot} lost before the scan");
+            }
+        }
+        for scanned in 1000..11_000 {
+            cache.insert(scanned, scanned);
+        }
+        let kept = (0..50).filter(|hot| cache.peek(hot).is_some()).count();
+        assert!(kept >= 40, "only {kept} of 50 hot keys survived a scan of 10,000 cold ones");
+        cache.audit().unwrap();
+    }
+
+    #[test]
+    fn a_key_evicted_from_small_and_inserted_again_soon_goes_to_main() {
+        let mut cache = cache(100);
+        cache.insert(7, 7);
+        for cold in 100..200 {
+            cache.insert(cold, cold);
+        }
+        assert_eq!(cache.peek(&7), None, "evicted unread from small");
+        cache.insert(7, 7);
+        assert_eq!(cache.elements_state(&7), Some(IN_MAIN));
+        cache.audit().unwrap();
+    }
+
+    #[test]
+    fn weight_is_bounded_by_the_capacity_and_oversized_values_are_refused() {
+        let mut cache: Cache<u64, Vec<u8>, _> =
+            Cache::with_weigher(64, 1000, |_: &u64, value: &Vec<u8>| value.len() as u64);
+        cache.insert(1, vec![0; 300]);
+        assert!(cache.get(&1).is_some());
+        cache.insert(1, vec![0; 2000]);
+        assert_eq!(cache.get(&1), None, "the older value must not survive a refused one");
+        for key in 0..20 {
+            cache.insert(key, vec![0; 100]);
+            assert!(cache.weight() <= 1000);
+        }
+        cache.audit().unwrap();
+    }
+
+    #[test]
+    fn insert_if_checks_under_the_bucket_lock_and_can_refuse() {
+        let cache = cache(10);
+        assert!(!cache.insert_if(1, 1, || false));
+        assert_eq!(cache.get(&1), None);
+        assert!(cache.insert_if(1, 1, || true));
+        assert_eq!(cache.get(&1), Some(1));
+    }
+
+    #[test]
+    fn stats_count_hits_misses_inserts_and_evictions() {
+        let cache = cache(10);
+        for key in 0..20 {
+            cache.insert(key, key);
+        }
+        cache.get(&19);
+        cache.get(&0);
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.misses, stats.inserts, stats.evictions), (1, 1, 20, 10));
+    }
+
+    impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S> {
+        fn elements_state(&self, key: &K) -> Option<u8> {
+            let hash = self.hasher.hash_one(key);
+            let bucket = self.buckets[self.bucket_index(hash)].lock();
+            bucket.iter().find_map(|slot| {
+                slot.element.as_ref().filter(|e| &e.key == key).map(|e| e.state.load(Ordering::Relaxed))
+            })
+        }
+    }
+}
