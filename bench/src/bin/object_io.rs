@@ -262,7 +262,7 @@ fn main() -> Result<()> {
 
 fn run(args: &Args, depths: &[usize], dir: &Path) -> Result<()> {
     let hosts: Vec<Host> = (0..3).map(|index| start_host(&dir.join(format!("host{index}")))).collect::<Result<_>>()?;
-    let owners = OwnerThreads::start(1)?;
+    let owners = OwnerThreads::start(1, None)?;
     let main_runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let blocks = args.blocks;
     let policies: [(&str, usize); 3] = [("none", 1), ("raid1(2)", 2), ("raid1(3)", 3)];

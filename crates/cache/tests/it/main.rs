@@ -38,14 +38,14 @@ impl Model {
     fn new(estimated_items: usize, capacity: u64) -> Self {
         Model {
             capacity,
-            small_capacity: (capacity / 10).max(1),
+            small_capacity: (capacity * 3 / 100).max(1),
             small: VecDeque::new(),
             main: VecDeque::new(),
             entries: HashMap::new(),
             small_weight: 0,
             main_weight: 0,
             ghost_ring: VecDeque::new(),
-            ghost_ring_len: estimated_items.next_power_of_two(),
+            ghost_ring_len: (estimated_items / 2).max(2).next_power_of_two(),
             ghosts: HashMap::new(),
             hasher: FixedHasher::default(),
         }
@@ -85,6 +85,14 @@ impl Model {
             return;
         }
         let tag = self.tag(key);
+        if let Some(entry) = self.entries.get_mut(&key) {
+            if entry.1 == weight {
+                // Same weight: replaced in place, counted as a read.
+                entry.0 = value;
+                entry.2 = (entry.2 + 1).min(3);
+                return;
+            }
+        }
         let (reads, in_main) = match self.unqueue(key) {
             Some(old) => (old.2, old.3),
             None => match self.ghosts.get_mut(&tag) {
@@ -120,7 +128,7 @@ impl Model {
         let weight = entry.1;
         self.small_weight -= weight;
         if entry.2 > 0 {
-            entry.2 = 0;
+            entry.2 -= 1;
             entry.3 = true;
             self.main.push_back(key);
             self.main_weight += weight;
@@ -181,7 +189,7 @@ proptest! {
         // Rings and the ghost ring far larger than the operations can fill,
         // so only the policy decides (the model has no ring limits).
         let estimated_items = 1024;
-        let mut cache = Cache::with(estimated_items, capacity, weigh, FixedHasher::default());
+        let mut cache = Cache::with_shards(1, estimated_items, capacity, weigh, FixedHasher::default());
         let mut model = Model::new(estimated_items, capacity);
         for (version, op) in ops.iter().enumerate() {
             match *op {
