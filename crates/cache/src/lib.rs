@@ -76,11 +76,12 @@ impl<K, V> Weigher<K, V> for UnitWeigher {
 /// two-bit frequency).
 const FREQUENCY_MAX: u8 = 3;
 /// The small queue's share of the capacity. S3-FIFO's paper uses 10%;
-/// 3% matched or beat quick_cache's hit ratio on every trace of
-/// bench/cache.sh (5% and 10% lost up to 3% and 7% on the scan mix).
+/// tuned on bench/cache.sh, 3% came within 0.6% of quick_cache's hit ratio
+/// or above it on the Zipf traces and within 1.5% on the scan mix, where
+/// 10% lost up to 7% (bench/RESULTS.md).
 const SMALL_PERCENT: u64 = 3;
-/// Live elements per bucket at the estimated item count; ghosts add about
-/// as many again. Short lists keep a lookup to a few compares in one cache
+/// Live elements per bucket at the estimated item count; ghosts add up to
+/// half as many again. Short lists keep a lookup to a few compares in one cache
 /// line or two.
 const ITEMS_PER_BUCKET: usize = 2;
 /// Shards per core, at most (each shard has its own table, queues and
@@ -616,18 +617,19 @@ impl<K: Eq, V: Clone> Shard<K, V> {
             match self.main.push(element) {
                 Ok(()) => return true,
                 // Other threads filled the ring meanwhile: evict it after all.
-                Err(back) => return self.evict_popped(back),
+                Err(back) => self.evict_popped(&back),
             }
-        }
-        self.evict_popped(element)
-    }
-
-    fn evict_popped(&self, element: Arc<Element<K, V>>) -> bool {
-        if self.retire(&element).is_some() {
-            self.unlink(&element, false);
-            self.count(EVICTION);
+        } else {
+            self.evict_popped(&element);
         }
         true
+    }
+
+    fn evict_popped(&self, element: &Arc<Element<K, V>>) {
+        if self.retire(element).is_some() {
+            self.unlink(element, false);
+            self.count(EVICTION);
+        }
     }
 
     /// Takes an evicted element out of its bucket, leaving its ghost there

@@ -132,11 +132,9 @@ impl Node {
         let me = bootstrap.host(config.node_id).cloned().ok_or_else(|| {
             NodeError::Bootstrap(format!("node_id {} is not among the cluster's hosts", config.node_id))
         })?;
+        let ip = me.address.rsplit_once(':').map(|(ip, _)| ip.trim_matches(['[', ']'])).unwrap_or("127.0.0.1");
         // Calls to peers leave from the address they know this host by.
-        let transport = match source_ip(&me.address) {
-            Some(source) => TcpTransport::new().bound_to(source),
-            None => TcpTransport::new(),
-        };
+        let transport = TcpTransport::new().bound_to(ip.parse().ok());
         let replicas = bootstrap.log_replica_addresses();
         let log_server = if replicas.contains_key(&config.node_id) {
             let server_config = ServerConfig::new(config.node_id, me.address.clone(), config.data_dir.join("log"));
@@ -177,7 +175,6 @@ impl Node {
             None => 32,
         };
         let membership = crate::membership::Membership::new(config.node_id, fanout, incarnation);
-        let ip = me.address.rsplit_once(':').map(|(ip, _)| ip.trim_matches(['[', ']'])).unwrap_or("127.0.0.1");
         let storage_role = config.roles.iter().any(|role| role == "storage");
         let storage = crate::storage::Storage::start(&config, ip, storage_role).map_err(NodeError::Storage)?;
         let target_role = config.roles.iter().any(|role| role == "target");
@@ -519,10 +516,4 @@ async fn try_open_services(node: &Node) -> Result<Services, String> {
     };
     catalog.register_host(record).await.map_err(|error| error.to_string())?;
     Ok(Services { catalog, tasks })
-}
-
-/// The IP of a `host:port` address, if it is one (a name is left to the kernel).
-pub(crate) fn source_ip(address: &str) -> Option<std::net::IpAddr> {
-    let (ip, _port) = address.rsplit_once(':')?;
-    ip.trim_matches(['[', ']']).parse().ok()
 }

@@ -66,10 +66,7 @@ impl OwnerThreads {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let counted = thread_stats.clone();
             std::thread::Builder::new().name(format!("owner-{index}")).spawn(move || {
-                let transport = match source {
-                    Some(source) => TcpTransport::with_local(local).bound_to(source),
-                    None => TcpTransport::with_local(local),
-                };
+                let transport = TcpTransport::with_local(local).bound_to(source);
                 runtime.block_on(async move {
                     while let Some(job) = jobs.recv().await {
                         let stats = counted.clone();

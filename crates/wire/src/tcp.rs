@@ -107,14 +107,15 @@ impl TcpTransport {
     }
 
     /// Outgoing connections leave from `source` (port chosen by the
-    /// kernel), the address peers know this host by. Why: left to itself,
+    /// kernel), the address peers know this host by; `None` or an
+    /// unspecified address leaves the choice to the kernel. Why: left to itself,
     /// the kernel picks the outgoing interface's primary address (on
     /// loopback, 127.0.0.1 whatever 127.0.0.x the host serves on), so a
     /// network cut of the host's address would stop what it receives but
     /// not what it sends, and a host that hears no one could still tell
     /// others that its peers went silent.
-    pub fn bound_to(mut self, source: IpAddr) -> TcpTransport {
-        self.source = (!source.is_unspecified()).then_some(source);
+    pub fn bound_to(mut self, source: Option<IpAddr>) -> TcpTransport {
+        self.source = source.filter(|source| !source.is_unspecified());
         self
     }
 
