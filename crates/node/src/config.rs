@@ -59,6 +59,11 @@ pub struct NodeConfig {
     /// links for other volumes' I/O; 0: unpaced (default: 256).
     #[serde(default = "default_sanitize_mib_per_second")]
     pub sanitize_mib_per_second: u64,
+    /// MiB of memory for blocks read recently from the objects this host
+    /// owns, served again without asking a component; 0: no cache
+    /// (default: 256).
+    #[serde(default = "default_block_cache_mib")]
+    pub block_cache_mib: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +100,10 @@ fn default_sanitize_mib_per_second() -> u64 {
     256
 }
 
+fn default_block_cache_mib() -> u64 {
+    256
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -123,6 +132,7 @@ impl NodeConfig {
             resync_concurrency: default_resync_concurrency(),
             iscsi_port: default_iscsi_port(),
             sanitize_mib_per_second: default_sanitize_mib_per_second(),
+            block_cache_mib: default_block_cache_mib(),
         }
     }
 

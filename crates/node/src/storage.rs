@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use blockstore::{Disk, DiskConfig, BLOCK_SIZE};
 use bytes::Bytes;
 use catalog::{ComponentRecord, ComponentState, HostRecord, HostState, ObjectRecord, Policy};
+use objects::block_cache::BlockCache;
 use objects::component::{frame, unframe, Client, Request as ComponentRequest, Service};
 use objects::object::{Hooks, Object, ObjectError, PersistError, Persister};
 use objects::owner::Status;
@@ -171,6 +172,9 @@ pub struct Storage {
     pub service: Option<Arc<Service>>,
     pub component_threads: Option<ComponentThreads>,
     pub owner_threads: OwnerThreads,
+    /// Blocks read recently from the objects this host owns (none if
+    /// `block_cache_mib` is 0).
+    pub block_cache: Option<Arc<BlockCache>>,
     owned: Mutex<HashMap<String, Owned>>,
     /// Objects being opened, and when an attempt last failed.
     opening: Mutex<HashSet<String>>,
@@ -209,10 +213,12 @@ impl Storage {
         } else {
             (None, None)
         };
+        let block_cache = (config.block_cache_mib > 0).then(|| BlockCache::new(config.block_cache_mib << 20));
         Ok(Storage {
             service,
             component_threads,
             owner_threads,
+            block_cache,
             owned: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashSet::new()),
             failed_opens: Mutex::new(HashMap::new()),
@@ -299,6 +305,15 @@ impl Storage {
                 metrics::gauge!("objects_component_thread_requests", "thread" => thread)
                     .set(stats.total.load(Ordering::Relaxed) as f64);
             }
+        }
+        if let Some(cache) = &self.block_cache {
+            let stats = cache.stats();
+            metrics::gauge!("objects_block_cache_hits").set(stats.hits as f64);
+            metrics::gauge!("objects_block_cache_misses").set(stats.misses as f64);
+            metrics::gauge!("objects_block_cache_fills").set(stats.fills as f64);
+            metrics::gauge!("objects_block_cache_evictions").set(stats.evictions as f64);
+            metrics::gauge!("objects_block_cache_bytes").set(stats.bytes as f64);
+            metrics::gauge!("objects_block_cache_capacity_bytes").set(stats.capacity as f64);
         }
         for stats in self.stats() {
             let name = stats.name.clone();
@@ -765,6 +780,7 @@ async fn open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) -> Resul
     let hooks = Hooks {
         persister: Some(persister(node, name, epoch)),
         admission: Some(crate::repair::admission(node, name, epoch)),
+        cache: node.storage.block_cache.clone(),
     };
     let blocks = record.size_bytes / BLOCK_SIZE as u64;
     let opened = node

@@ -12,6 +12,7 @@
 //!
 //! **Boundary:** the owner decides; it does no I/O (contract 6).
 
+pub mod block_cache;
 pub mod component;
 pub mod object;
 pub mod owner;

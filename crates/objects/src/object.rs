@@ -22,6 +22,7 @@ use roaring::RoaringBitmap;
 use tokio::sync::oneshot;
 use wire::Transport;
 
+use crate::block_cache::{BlockCache, ObjectCache, WriteMark, LEASE};
 use crate::component::{Client, ClientError, ComponentError, Reply, Request};
 use crate::owner::{Action, Index, Input, Op, Owner, Source, Status};
 
@@ -88,13 +89,29 @@ pub struct ResyncJob {
 /// the future before it is ready, gives the turn up.
 pub type Admission = Arc<dyn Fn(ResyncJob) -> Pin<Box<dyn Future<Output = Box<dyn Send>> + Send>> + Send + Sync>;
 
-/// What an owner calls out to: where it records component states, and who
-/// lets its resyncs run. Without them (tests, the simulator) nothing is
-/// recorded and resyncs run at once.
+/// What an owner calls out to: where it records component states, who
+/// lets its resyncs run, and the host's block cache. Without them (tests,
+/// the simulator) nothing is recorded, resyncs run at once and every read
+/// goes to a component.
 #[derive(Clone, Default)]
 pub struct Hooks {
     pub persister: Option<Persister>,
     pub admission: Option<Admission>,
+    pub cache: Option<Arc<BlockCache>>,
+}
+
+/// A client waiting for its write or unmap: the answer goes to `done` once
+/// `mark` (if the object caches) has dropped the blocks from the cache.
+struct Waiter {
+    done: oneshot::Sender<Result<Lsn, ObjectError>>,
+    mark: Option<WriteMark>,
+}
+
+impl Waiter {
+    fn answer(self, result: Result<Lsn, ObjectError>) {
+        drop(self.mark);
+        let _ = self.done.send(result);
+    }
 }
 
 /// Resync figures, for status and tests.
@@ -116,7 +133,7 @@ struct State {
     owner: Owner,
     /// Per component: its session and the next sequence number.
     sessions: Vec<(u64, u64)>,
-    waiters: BTreeMap<u64, oneshot::Sender<Result<Lsn, ObjectError>>>,
+    waiters: BTreeMap<u64, Waiter>,
     next_request: u64,
     /// Completions held until a new absence is recorded.
     held: Vec<(u64, Lsn)>,
@@ -148,20 +165,30 @@ pub struct Object<T: Transport> {
     /// its resync also copies the blocks it wrote itself.
     reported_newest: Mutex<HashMap<Index, Lsn>>,
     pub resync_stats: ResyncStats,
+    /// Blocks read recently (see [`crate::block_cache`]).
+    cache: Option<Arc<ObjectCache>>,
+    /// A new owner takes no write before this: an older owner may serve
+    /// blocks from its cache until its lease runs out.
+    writes_after: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl<T: Transport> Object<T> {
     /// Opens an object whose components all hold the same data up to
     /// `committed` (a new object: 0).
     pub fn open(epoch: u64, blocks: u64, components: Vec<(ComponentId, Client<T>)>, committed: Lsn) -> Arc<Self> {
+        Self::open_with(epoch, blocks, components, committed, Hooks::default())
+    }
+
+    /// As [`Object::open`], with hooks.
+    pub fn open_with(
+        epoch: u64,
+        blocks: u64,
+        components: Vec<(ComponentId, Client<T>)>,
+        committed: Lsn,
+        hooks: Hooks,
+    ) -> Arc<Self> {
         let count = components.len();
-        Self::with_owner(
-            epoch,
-            blocks,
-            components,
-            Owner::new(vec![Status::Active; count], committed),
-            Hooks::default(),
-        )
+        Self::with_owner(epoch, blocks, components, Owner::new(vec![Status::Active; count], committed), hooks)
     }
 
     fn with_owner(
@@ -198,6 +225,8 @@ impl<T: Transport> Object<T> {
             extra: Mutex::new(HashMap::new()),
             reported_newest: Mutex::new(HashMap::new()),
             resync_stats: ResyncStats::default(),
+            cache: hooks.cache.map(ObjectCache::new),
+            writes_after: Mutex::new(None),
         })
     }
 
@@ -227,6 +256,9 @@ impl<T: Transport> Object<T> {
             }
         });
         let infos = futures::future::join_all(asks).await;
+        // Every component that answered fences the older owner from now
+        // on; a block it cached stays servable until its lease runs out.
+        let writes_after = tokio::time::Instant::now() + LEASE;
         if infos.iter().any(|info| matches!(info, Err(None))) {
             return Err(ObjectError::Deposed);
         }
@@ -331,6 +363,7 @@ impl<T: Transport> Object<T> {
         let object = Self::with_owner(epoch, blocks, components, owner, hooks);
         *object.extra.lock().expect("extra lock") = extra;
         *object.reported_newest.lock().expect("reported lock") = reported_newest;
+        *object.writes_after.lock().expect("writes_after lock") = Some(writes_after);
         for stale in wanted {
             object.track_exactly(stale).await;
         }
@@ -374,7 +407,7 @@ impl<T: Transport> Object<T> {
         state.closed = true;
         state.held.clear();
         for (_, waiter) in std::mem::take(&mut state.waiters) {
-            let _ = waiter.send(Err(ObjectError::Deposed));
+            waiter.answer(Err(ObjectError::Deposed));
         }
     }
 
@@ -408,9 +441,22 @@ impl<T: Transport> Object<T> {
         Ok((offset / BLOCK_SIZE as u64, length / BLOCK_SIZE as u64))
     }
 
+    /// A new owner's first write waits until an older owner can no longer
+    /// serve blocks from its cache.
+    async fn fenced(&self) {
+        let writes_after = *self.writes_after.lock().expect("writes_after lock");
+        if let Some(at) = writes_after {
+            if tokio::time::Instant::now() < at {
+                tokio::time::sleep_until(at).await;
+            }
+            *self.writes_after.lock().expect("writes_after lock") = None;
+        }
+    }
+
     /// Writes whole blocks; returns once every active copy has them durably.
     pub async fn write_at(self: &Arc<Self>, offset: u64, data: Bytes) -> Result<(), ObjectError> {
         let (first, count) = self.check(offset, data.len() as u64)?;
+        self.fenced().await;
         let mut waits = Vec::new();
         for start in (0..count).step_by(MESSAGE_BLOCKS_MAX as usize) {
             let blocks = MESSAGE_BLOCKS_MAX.min(count - start);
@@ -427,6 +473,7 @@ impl<T: Transport> Object<T> {
     /// Deallocates whole blocks (they read as zeros).
     pub async fn unmap(self: &Arc<Self>, offset: u64, length: u64) -> Result<(), ObjectError> {
         let (first, count) = self.check(offset, length)?;
+        self.fenced().await;
         let _permit = self.inflight.acquire().await.map_err(|_| ObjectError::Unavailable)?;
         self.submit(Op::Unmap { first, count }, Bytes::new()).await.map_err(|_| ObjectError::Unavailable)??;
         Ok(())
@@ -446,7 +493,13 @@ impl<T: Transport> Object<T> {
         }
         state.next_request += 1;
         let request = state.next_request;
-        state.waiters.insert(request, done);
+        // Counted under way before it is sent anywhere (a read that fills
+        // the cache checks nothing started since it began).
+        let (first, count) = match op {
+            Op::Write { first, count } | Op::Unmap { first, count } => (first, count),
+        };
+        let mark = self.cache.as_ref().map(|cache| cache.start_write(first, count));
+        state.waiters.insert(request, Waiter { done, mark });
         let mut out = Vec::new();
         state.owner.handle(0, Input::Submit { request, op }, &mut out);
         self.act(&mut state, out, &data);
@@ -475,12 +528,12 @@ impl<T: Transport> Object<T> {
                     if state.barrier {
                         state.held.push((request, lsn));
                     } else if let Some(waiter) = state.waiters.remove(&request) {
-                        let _ = waiter.send(Ok(lsn));
+                        waiter.answer(Ok(lsn));
                     }
                 }
                 Action::Refused { request } => {
                     if let Some(waiter) = state.waiters.remove(&request) {
-                        let _ = waiter.send(Err(ObjectError::Unavailable));
+                        waiter.answer(Err(ObjectError::Unavailable));
                     }
                 }
                 Action::Track { component, stale, seed } => {
@@ -501,6 +554,11 @@ impl<T: Transport> Object<T> {
                     });
                 }
                 Action::Current { component } => {
+                    // The copy of record as it stands: what was cached from
+                    // the copies before is not served again.
+                    if let Some(cache) = &self.cache {
+                        cache.forget();
+                    }
                     let request = Request::EndSync { component: self.ids[component], plan: 0 };
                     self.send(state, component, request, Bytes::new(), None);
                 }
@@ -548,7 +606,7 @@ impl<T: Transport> Object<T> {
                         state.barrier = false;
                         for (request, lsn) in std::mem::take(&mut state.held) {
                             if let Some(waiter) = state.waiters.remove(&request) {
-                                let _ = waiter.send(Ok(lsn));
+                                waiter.answer(Ok(lsn));
                             }
                         }
                     }
@@ -589,7 +647,11 @@ impl<T: Transport> Object<T> {
         let object = self.clone();
         tokio::spawn(async move {
             let client = object.client(component);
+            let sent = object.cache.as_ref().map(|cache| cache.now());
             let result = client.call_in(object.epoch, session, seq, request, &data).await.map(|(reply, _)| reply);
+            if let (Ok(_), Some(cache), Some(sent)) = (&result, &object.cache, sent) {
+                cache.answered(sent);
+            }
             let input = match (&result, lsn) {
                 (Ok(_), Some(lsn)) => Some(Input::Acked { component, lsn }),
                 (Ok(_), None) => None,
@@ -617,6 +679,10 @@ impl<T: Transport> Object<T> {
 
     fn input(self: &Arc<Self>, input: Input) {
         let mut state = self.state.lock().expect("object lock");
+        if let (Input::Resynced { .. }, Some(cache)) = (&input, &self.cache) {
+            // Insurance: a resync changes no block a read can see.
+            cache.forget();
+        }
         if let Input::Failed { component } = input {
             if matches!(state.owner.status(component), Status::Absent { .. }) {
                 return;
@@ -873,6 +939,16 @@ impl<T: Transport> Object<T> {
     /// from another copy and reported.
     pub async fn read_at(self: &Arc<Self>, offset: u64, length: u64) -> Result<Bytes, ObjectError> {
         let (first, count) = self.check(offset, length)?;
+        if let Some(cache) = &self.cache {
+            if let Some(data) = cache.lookup(first, count) {
+                if !self.is_closed() {
+                    return Ok(data);
+                }
+            }
+        }
+        // Before the copies are chosen: a write answered before the ticket
+        // was answered without any copy that failed before it.
+        let ticket = self.cache.as_ref().and_then(|cache| cache.ticket(first, count));
         let active = self.active();
         if active.is_empty() {
             return Err(ObjectError::Unavailable);
@@ -882,8 +958,15 @@ impl<T: Transport> Object<T> {
         let mut corrupt: Vec<(Index, Vec<u64>)> = Vec::new();
         for index in active {
             let (id, client) = (&self.ids[index], self.client(index));
+            let sent = self.cache.as_ref().map(|cache| cache.now());
             match client.read(self.epoch, *id, first, count).await {
                 Ok(data) => {
+                    if let (Some(cache), Some(sent)) = (&self.cache, sent) {
+                        cache.answered(sent);
+                        if let Some(ticket) = &ticket {
+                            cache.fill(ticket, first, &data);
+                        }
+                    }
                     for (bad, blocks) in corrupt {
                         self.repair(bad, first, &blocks, &data, written_before);
                     }

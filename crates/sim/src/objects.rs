@@ -27,6 +27,7 @@ use std::time::Duration;
 use blockstore::{Disk, DiskConfig, BLOCK_SIZE};
 use bytes::Bytes;
 use fsio::SimFs;
+use objects::block_cache::BlockCache;
 use objects::component::{Client, Request, Service};
 use objects::object::{Hooks, Object, PersistError, Persister};
 use objects::owner::Status;
@@ -39,6 +40,8 @@ use wire::{ServeHandle, Transport};
 pub const DETECTION: Duration = Duration::from_millis(1500);
 /// How long every copy must have been active before the run ends: longer
 /// than a call to a component can wait.
+/// The owner's block cache, in blocks.
+const CACHE_BLOCKS: u64 = 16;
 const SETTLED: Duration = Duration::from_secs(12);
 /// How often the owner's host tends the object.
 const TEND_EVERY: Duration = Duration::from_millis(200);
@@ -79,6 +82,8 @@ pub struct Report {
     pub acknowledged_writes: u64,
     pub failed_writes: u64,
     pub reads_checked: u64,
+    /// Blocks the owners' caches served.
+    pub cache_hits: u64,
     pub crashes: u64,
     pub partitions: u64,
     pub loss_bursts: u64,
@@ -135,6 +140,8 @@ struct World {
     stop: bool,
     writers_done: bool,
     started: tokio::time::Instant,
+    /// Every owner's block cache.
+    caches: Vec<Arc<BlockCache>>,
 }
 
 type Shared = Arc<Mutex<World>>;
@@ -261,9 +268,13 @@ fn component_id(index: usize) -> u64 {
 /// host cut off cannot reach the catalog; an owner whose epoch is not the
 /// record's is deposed.
 /// The owner's hooks: states recorded in the modelled catalog; resyncs run
-/// at once (no task queue is modelled).
-fn hooks(persister: Persister) -> Hooks {
-    Hooks { persister: Some(persister), admission: None }
+/// at once (no task queue is modelled); a block cache of a few blocks, so
+/// that reads fill, hit and evict under every fault (the checker of what
+/// reads return covers the cache).
+fn hooks(world: &Shared, persister: Persister, seed: u64) -> Hooks {
+    let cache = BlockCache::seeded(CACHE_BLOCKS * (BLOCK_SIZE as u64 + 128), seed);
+    lock(world).caches.push(cache.clone());
+    Hooks { persister: Some(persister), admission: None, cache: Some(cache) }
 }
 
 fn persister(world: &Shared, host: usize, epoch: u64) -> Persister {
@@ -382,7 +393,8 @@ async fn take_over(world: &Shared, host: usize, record: &Record) {
         (clients(&world, host), world.record.states.clone(), world.scenario.blocks)
     };
     let persist = persister(world, host, epoch);
-    match Object::recover(epoch, blocks, components, recorded, hooks(persist)).await {
+    let seed = lock(world).report.seed ^ epoch;
+    match Object::recover(epoch, blocks, components, recorded, hooks(world, persist, seed)).await {
         Ok(object) => {
             let mut world = lock(world);
             if world.record.epoch == epoch && !world.down.contains_key(&host) {
@@ -545,6 +557,7 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
         stop: false,
         writers_done: false,
         started: tokio::time::Instant::now(),
+        caches: Vec::new(),
     }));
     let started = tokio::time::Instant::now();
     for host in 0..scenario.copies {
@@ -560,10 +573,15 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
                 .expect("creating a component on a healthy network");
         }
         let persist = persister(&world, 0, 0);
-        let object =
-            Object::recover(0, scenario.blocks, components, vec![Status::Active; scenario.copies], hooks(persist))
-                .await
-                .expect("opening a new object");
+        let object = Object::recover(
+            0,
+            scenario.blocks,
+            components,
+            vec![Status::Active; scenario.copies],
+            hooks(&world, persist, seed),
+        )
+        .await
+        .expect("opening a new object");
         lock(&world).owner = Some(object);
     }
     let cluster = tokio::spawn(cluster(world.clone()));
@@ -589,6 +607,7 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
             host.process = None;
         }
     }
+    report.cache_hits = lock(&world).caches.iter().map(|cache| cache.stats().hits).sum();
     report.virtual_seconds = started.elapsed().as_secs_f64();
     report.messages = network.message_counts();
     report

@@ -3,6 +3,7 @@
 //! everything is delivered and every component is back, all copies are
 //! identical and hold every acknowledged write.
 
+mod cache;
 mod component;
 mod object;
 

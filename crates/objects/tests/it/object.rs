@@ -15,9 +15,9 @@ use objects::owner::Status;
 use wire::tcp::TcpTransport;
 use wire::{ErrorCode, RemoteError, Transport};
 
-const BLOCKS: u64 = 256;
+pub(crate) const BLOCKS: u64 = 256;
 
-struct Host {
+pub(crate) struct Host {
     /// The component it holds.
     id: u64,
     service: Arc<Service>,
@@ -53,7 +53,7 @@ async fn host(dir: &std::path::Path, transport: &TcpTransport) -> Host {
 
 /// `count` hosts, host `i` holding component `first + i` of `BLOCKS`
 /// blocks.
-async fn hosts(dir: &std::path::Path, transport: &TcpTransport, count: usize, first: u64) -> Vec<Host> {
+pub(crate) async fn hosts(dir: &std::path::Path, transport: &TcpTransport, count: usize, first: u64) -> Vec<Host> {
     let mut hosts = Vec::new();
     for index in 0..count {
         let mut host = host(&dir.join(format!("host{index}")), transport).await;
@@ -64,7 +64,7 @@ async fn hosts(dir: &std::path::Path, transport: &TcpTransport, count: usize, fi
     hosts
 }
 
-fn components(hosts: &[Host]) -> Vec<(u64, Client<TcpTransport>)> {
+pub(crate) fn components(hosts: &[Host]) -> Vec<(u64, Client<TcpTransport>)> {
     hosts.iter().map(|host| (host.id, host.client.clone())).collect()
 }
 
@@ -211,7 +211,7 @@ async fn a_resync_copies_only_once_admitted_and_gives_its_turn_back_when_done() 
         })
     };
     let components = components(&hosts);
-    let hooks = Hooks { persister: None, admission: Some(admission) };
+    let hooks = Hooks { admission: Some(admission), ..Hooks::default() };
     let object = Object::recover(1, BLOCKS, components, vec![Status::Active; 2], hooks).await.unwrap();
     write(&object, 0, 16, 1).await;
     hosts[1].online.store(false, Ordering::SeqCst);

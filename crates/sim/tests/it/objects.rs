@@ -43,11 +43,12 @@ const REGRESSIONS: [u64; 3] = [58, 80, 167];
 
 fn assert_clean(report: &Report) {
     println!(
-        "seed {:>4}: {} writes acknowledged, {} failed, {} reads checked, {} crashes, {} partitions, {} loss bursts, {} owner moves, {} blocks resynced, {} full copies, {:.0} virtual s, {} messages ({} dropped)",
+        "seed {:>4}: {} writes acknowledged, {} failed, {} reads checked ({} blocks from the cache), {} crashes, {} partitions, {} loss bursts, {} owner moves, {} blocks resynced, {} full copies, {:.0} virtual s, {} messages ({} dropped)",
         report.seed,
         report.acknowledged_writes,
         report.failed_writes,
         report.reads_checked,
+        report.cache_hits,
         report.crashes,
         report.partitions,
         report.loss_bursts,
@@ -76,17 +77,19 @@ fn assert_clean(report: &Report) {
 #[test]
 fn no_acknowledged_write_is_lost_and_copies_converge_under_crashes_partitions_and_loss() {
     let scenario = Scenario::default();
-    let (mut crashes, mut partitions, mut moves) = (0, 0, 0);
+    let (mut crashes, mut partitions, mut moves, mut hits) = (0, 0, 0, 0);
     for seed in seeds() {
         let report = run(seed, &scenario);
         crashes += report.crashes;
         partitions += report.partitions;
         moves += report.owner_moves;
+        hits += report.cache_hits;
         assert_clean(&report);
     }
     if std::env::var_os("TESSERA_SIM_SEED").is_none() {
         assert!(crashes > 0 && partitions > 0, "the nemesis must actually crash and cut off hosts");
         assert!(moves > 0, "over all seeds, ownership must move at least once");
+        assert!(hits > 0, "over all seeds, the owners' caches must serve some reads");
     }
 }
 

@@ -163,6 +163,34 @@ fn qemu_img_copies_64_mib_into_a_raid1_lun_and_back_and_the_tools_see_its_identi
     assert_eq!(status.volumes[0].size_bytes, 320 << 20);
     assert_eq!(status.targets[0].urls.len(), 3, "{:?}", status.targets);
 
+    // The owners' block caches: a block read again is served from the
+    // cache, and a write through another portal is read back at once.
+    let hits = |cluster: &TestCluster| -> f64 {
+        (1..=3).map(|host| cluster.metric(host, "objects_block_cache_hits").unwrap_or(0.0)).sum()
+    };
+    let io = |portal_host: u64, commands: &[&str]| -> String {
+        let url = format!("iscsi://{}/{TARGET}/0", portal(portal_host, port));
+        let mut args = vec!["-f", "raw"];
+        for command in commands {
+            args.extend(["-c", command]);
+        }
+        args.push(&url);
+        let output = ok(&cluster, "qemu-io", &args);
+        assert!(!output.contains("verification failed"), "{output}");
+        output
+    };
+    io(1, &["write -P 0x5a 1M 4k"]);
+    let before = hits(&cluster);
+    io(1, &["read -P 0x5a 1M 4k", "read -P 0x5a 1M 4k", "read -P 0x5a 1M 4k"]);
+    let after = hits(&cluster);
+    assert!(after > before, "reading a block three times hit no cache ({before} hits before, {after} after)");
+    io(2, &["write -P 0xa5 1M 4k"]);
+    io(1, &["read -P 0xa5 1M 4k", "read -P 0xa5 1M 4k"]);
+    println!(
+        "block cache: {} hits for three reads of one block; a write through host 2 read back through host 1",
+        after - before
+    );
+
     // A target with CHAP: libiscsi logs in with the right secret only.
     let chap_target = "iqn.2026-11.org.tessera:chap";
     let secret = "s3cret-for-chap-test";

@@ -1,0 +1,192 @@
+//! The owner's block cache through the object layer: writers and readers
+//! on the same blocks never see a block older than a write acknowledged
+//! before the read began, while a small cache fills, hits and evicts; a
+//! deposed owner does not serve what it cached once a newer owner writes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blockstore::BLOCK_SIZE;
+use bytes::Bytes;
+use objects::block_cache::BlockCache;
+use objects::object::{Hooks, Object};
+use objects::owner::Status;
+use wire::tcp::TcpTransport;
+
+use crate::object::{components, hosts, BLOCKS};
+
+/// Blocks the writers and readers share: four writers own every fourth.
+const HOT: u64 = 24;
+const WRITERS: u64 = 4;
+const READERS: usize = 4;
+
+/// A block holding its number and a version in every word.
+fn versioned(block: u64, version: u64) -> Vec<u8> {
+    let word = (block << 40 | version).to_le_bytes();
+    word.iter().copied().cycle().take(BLOCK_SIZE).collect()
+}
+
+/// The version a block read holds (0: never written); a block that is not
+/// one whole versioned block of its own number is an error.
+fn version_of(block: u64, data: &[u8]) -> Result<u64, String> {
+    if data.iter().all(|byte| *byte == 0) {
+        return Ok(0);
+    }
+    let word = u64::from_le_bytes(data[..8].try_into().unwrap());
+    if word >> 40 != block || data != versioned(block, word & ((1 << 40) - 1)) {
+        return Err(format!("block {block} holds a torn or foreign block (first word {word:#x})"));
+    }
+    Ok(word & ((1 << 40) - 1))
+}
+
+fn hooks(cache: &Arc<BlockCache>) -> Hooks {
+    Hooks { cache: Some(cache.clone()), ..Hooks::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_never_see_a_block_older_than_an_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 2, 100).await;
+    // Room for about a third of the hot blocks: fills, hits and evictions
+    // all happen.
+    let cache = BlockCache::seeded(8 * (BLOCK_SIZE as u64 + 128), 7);
+    let object = Object::open_with(1, BLOCKS, components(&hosts), 0, hooks(&cache));
+    // Per block: the newest version acknowledged, and the newest sent.
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..HOT).map(|_| AtomicU64::new(0)).collect());
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..HOT).map(|_| AtomicU64::new(0)).collect());
+    let violations = Arc::new(Mutex::new(Vec::<String>::new()));
+    let deadline = Instant::now() + Duration::from_secs(4);
+
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        let (object, acked, sent) = (object.clone(), acked.clone(), sent.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut writes = 0u64;
+            let mut version = 0;
+            while Instant::now() < deadline {
+                version += 1;
+                // Each writer writes its own blocks, one at a time, so that
+                // versions only grow per block.
+                for block in (writer..HOT).step_by(WRITERS as usize) {
+                    if (block + version) % 3 != 0 {
+                        continue;
+                    }
+                    sent[block as usize].store(version, Ordering::SeqCst);
+                    let data = Bytes::from(versioned(block, version));
+                    object.write_at(block * BLOCK_SIZE as u64, data).await.unwrap();
+                    acked[block as usize].store(version, Ordering::SeqCst);
+                    writes += 1;
+                }
+            }
+            writes
+        }));
+    }
+    let mut readers = Vec::new();
+    for reader in 0..READERS {
+        let (object, acked, sent, violations) = (object.clone(), acked.clone(), sent.clone(), violations.clone());
+        readers.push(tokio::spawn(async move {
+            let mut reads = 0u64;
+            let mut at = reader as u64 * 5;
+            while Instant::now() < deadline {
+                // Mostly single blocks, now and then a run across writers.
+                at = (at * 7 + 3) % HOT;
+                let count = if at.is_multiple_of(5) { (HOT - at).min(4) } else { 1 };
+                let before: Vec<u64> =
+                    (at..at + count).map(|block| acked[block as usize].load(Ordering::SeqCst)).collect();
+                let data = object.read_at(at * BLOCK_SIZE as u64, count * BLOCK_SIZE as u64).await.unwrap();
+                reads += 1;
+                // A hit does not wait for anything: let the writers run.
+                tokio::task::yield_now().await;
+                for (offset, floor) in before.iter().enumerate() {
+                    let block = at + offset as u64;
+                    let ceiling = sent[block as usize].load(Ordering::SeqCst);
+                    let seen = version_of(block, &data[offset * BLOCK_SIZE..(offset + 1) * BLOCK_SIZE]);
+                    let problem = match seen {
+                        Ok(seen) if seen < *floor => {
+                            Some(format!("block {block}: read version {seen} after version {floor} was acknowledged"))
+                        }
+                        Ok(seen) if seen > ceiling => Some(format!("block {block}: version {seen} was never written")),
+                        Ok(_) => None,
+                        Err(error) => Some(error),
+                    };
+                    if let Some(problem) = problem {
+                        violations.lock().unwrap().push(problem);
+                    }
+                }
+            }
+            reads
+        }));
+    }
+    let mut writes = 0;
+    for task in tasks {
+        writes += task.await.unwrap();
+    }
+    let mut reads = 0;
+    for task in readers {
+        reads += task.await.unwrap();
+    }
+    let stats = cache.stats();
+    println!("{writes} writes, {reads} reads; cache: {stats:?}");
+    let violations = violations.lock().unwrap();
+    assert!(
+        violations.is_empty(),
+        "{} stale or damaged reads, first: {:?}",
+        violations.len(),
+        &violations[..5.min(violations.len())]
+    );
+    // The cache really served reads, and really evicted.
+    assert!(stats.hits > 0, "no read of {reads} hit the cache");
+    assert!(stats.evictions > 0, "nothing was evicted: {stats:?}");
+    assert!(stats.bytes <= stats.capacity, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_owner_does_not_serve_what_it_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 2, 100).await;
+    let old_cache = BlockCache::seeded(1 << 20, 1);
+    let old = Object::open_with(1, BLOCKS, components(&hosts), 0, hooks(&old_cache));
+    old.write_at(0, Bytes::from(versioned(0, 1))).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(version_of(0, &old.read_at(0, BLOCK_SIZE as u64).await.unwrap()), Ok(1));
+    }
+    assert!(old_cache.stats().hits >= 1, "the old owner serves block 0 from its cache: {:?}", old_cache.stats());
+
+    // A new owner takes over (which fences the old one) and writes at once.
+    let new_cache = BlockCache::seeded(1 << 20, 2);
+    let recorded = vec![Status::Active; 2];
+    let new = Object::recover(2, BLOCKS, components(&hosts), recorded, hooks(&new_cache)).await.unwrap();
+    let taken = Instant::now();
+    new.write_at(0, Bytes::from(versioned(0, 2))).await.unwrap();
+    println!("the new owner's first write was acknowledged {:?} after it took over", taken.elapsed());
+    // From then on the old owner must not return version 1: it fails (it
+    // is fenced) or, had it still a lease, it would have to be the new data.
+    match old.read_at(0, BLOCK_SIZE as u64).await {
+        Ok(data) => assert_eq!(version_of(0, &data), Ok(2), "the deposed owner served a stale block"),
+        Err(error) => println!("the deposed owner's read fails: {error}"),
+    }
+    assert_eq!(version_of(0, &new.read_at(0, BLOCK_SIZE as u64).await.unwrap()), Ok(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmapped_blocks_are_not_served_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 2, 100).await;
+    let cache = BlockCache::seeded(1 << 20, 3);
+    let object = Object::open_with(1, BLOCKS, components(&hosts), 0, hooks(&cache));
+    let data: Vec<u8> = (0..4).flat_map(|block| versioned(block, 1)).collect();
+    object.write_at(0, Bytes::from(data)).await.unwrap();
+    for _ in 0..2 {
+        object.read_at(0, 4 * BLOCK_SIZE as u64).await.unwrap();
+    }
+    assert!(cache.stats().hits >= 4, "{:?}", cache.stats());
+    object.unmap(BLOCK_SIZE as u64, 2 * BLOCK_SIZE as u64).await.unwrap();
+    let read = object.read_at(0, 4 * BLOCK_SIZE as u64).await.unwrap();
+    let versions: Vec<u64> =
+        (0..4).map(|block| version_of(block, &read[block as usize * BLOCK_SIZE..][..BLOCK_SIZE]).unwrap()).collect();
+    assert_eq!(versions, vec![1, 0, 0, 1]);
+}
