@@ -1,7 +1,8 @@
 //! 4 KiB random writes and reads through the block client API
 //! (`Object::write_at` / `read_at`) for policies none, raid1(2) and
 //! raid1(3), side by side with pwrite+fdatasync and pread on a plain file in
-//! the same run; then resync throughput.
+//! the same run; then raid1(2) with and without the owner's block cache, on
+//! uniform and hot-set reads and a read/write mix; then resync throughput.
 //!
 //! Three component hosts run in this process, each with its own disk
 //! directory and component threads serving real TCP on 127.0.0.1; the
@@ -18,8 +19,9 @@ use bench::Latencies;
 use blockstore::{Disk, DiskConfig, BLOCK_SIZE};
 use bytes::Bytes;
 use clap::Parser;
+use objects::block_cache::BlockCache;
 use objects::component::{Client, Request, Service};
-use objects::object::Object;
+use objects::object::{Hooks, Object};
 use objects::owner::Status;
 use objects::threads::{ComponentThreads, OwnerThreads};
 use wire::tcp::{LocalHandlers, TcpTransport};
@@ -43,6 +45,9 @@ struct Args {
     /// Blocks written while a copy is away, for the resync measurement.
     #[arg(long, default_value_t = 16384)]
     resync_blocks: u64,
+    /// The owner's block cache for the cache rows, in MiB.
+    #[arg(long, default_value_t = 64)]
+    cache_mib: u64,
     /// Where the disks and the file go (default: the system temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -74,13 +79,26 @@ fn block_data(block: u64) -> Bytes {
     Bytes::from(vec![(block % 251) as u8 + 1; BLOCK_SIZE])
 }
 
-/// Runs `depth` closed-loop clients against an object for `seconds`.
+/// What the clients do: the share of writes, and whether 90% of the
+/// operations go to a hot tenth of the blocks.
+#[derive(Clone, Copy)]
+struct Mix {
+    write_percent: u64,
+    hot: bool,
+}
+
+const WRITES: Mix = Mix { write_percent: 100, hot: false };
+const READS: Mix = Mix { write_percent: 0, hot: false };
+
+/// Runs `depth` closed-loop clients against an object for `seconds`;
+/// `salt` picks their random sequences (the same salt, the same blocks).
 async fn drive(
     object: Arc<Object<TcpTransport>>,
     depth: usize,
     seconds: u64,
-    write: bool,
+    mix: Mix,
     blocks: u64,
+    salt: u64,
 ) -> (u64, Latencies) {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let tasks: Vec<_> = (0..depth)
@@ -88,11 +106,14 @@ async fn drive(
             let object = object.clone();
             tokio::spawn(async move {
                 let mut latencies = Latencies::default();
-                let mut random = RandomBlocks::new(client, blocks);
+                let mut random = RandomBlocks::new(client + (salt as usize) * 1024, blocks);
                 while Instant::now() < deadline {
-                    let block = random.next_block();
+                    let mut block = random.next_block();
+                    if mix.hot && !random.next_block().is_multiple_of(10) {
+                        block %= (blocks / 10).max(1);
+                    }
                     let started = Instant::now();
-                    if write {
+                    if random.next_block() % 100 < mix.write_percent {
                         object.write_at(block * BLOCK_SIZE as u64, block_data(block)).await.expect("write");
                     } else {
                         object.read_at(block * BLOCK_SIZE as u64, BLOCK_SIZE as u64).await.expect("read");
@@ -311,9 +332,9 @@ fn run(args: &Args, depths: &[usize], dir: &Path) -> Result<()> {
                     let policy = (turn + round) % policies.len();
                     let object = objects[policy].clone();
                     let seconds = args.seconds;
-                    let (count, latencies) = main_runtime.block_on(
-                        owners.run(0, move |_| async move { drive(object, depth, seconds, write, blocks).await }),
-                    )?;
+                    let (count, latencies) = main_runtime.block_on(owners.run(0, move |_| async move {
+                        drive(object, depth, seconds, if write { WRITES } else { READS }, blocks, 0).await
+                    }))?;
                     measured[policy].push((count as f64 / seconds as f64, latencies));
                 }
             }
@@ -359,7 +380,112 @@ fn run(args: &Args, depths: &[usize], dir: &Path) -> Result<()> {
             }
         }
     }
+    cache_rows(args, &hosts, &owners, &main_runtime, &objects[1])?;
     resync(args, &hosts, &owners, &main_runtime, &objects[1])?;
+    Ok(())
+}
+
+/// raid1(2) read through an owner with a block cache, beside the same
+/// object layout without one (rounds taking turns, as above).
+fn cache_rows(
+    args: &Args,
+    hosts: &[Host],
+    owners: &OwnerThreads,
+    runtime: &tokio::runtime::Runtime,
+    uncached: &Arc<Object<TcpTransport>>,
+) -> Result<()> {
+    let blocks = args.blocks;
+    let cache = BlockCache::new(args.cache_mib << 20);
+    let addresses: Vec<(u64, String)> =
+        (0..2).map(|copy| ((9 << 8) | copy as u64, hosts[copy].threads.addresses()[0].clone())).collect();
+    let hooks = Hooks { cache: Some(cache.clone()), ..Hooks::default() };
+    let cached = runtime.block_on(owners.run(0, move |transport| async move {
+        let mut components = Vec::new();
+        for (id, address) in addresses {
+            let client = Client::new(transport.clone(), address);
+            client.call(1, Request::Create { component: id, disk: 0, blocks }, &[]).await.expect("create");
+            components.push((id, client));
+        }
+        let object = Object::open_with(1, blocks, components, 0, hooks);
+        let chunk = Bytes::from(vec![9u8; 256 * BLOCK_SIZE]);
+        for first in (0..blocks).step_by(256) {
+            object.write_at(first * BLOCK_SIZE as u64, chunk.clone()).await.expect("fill");
+        }
+        object
+    }))?;
+    println!();
+    println!(
+        "# raid1(2) with a {} MiB block cache on the owner ({} MiB objects) beside raid1(2) without one; 90% of hot-set operations go to a tenth of the blocks",
+        args.cache_mib,
+        (blocks * BLOCK_SIZE as u64) >> 20
+    );
+    println!();
+    println!("| workload | outstanding | target | IOPS (median round) | p50 | p99 | cached / uncached (median of rounds) | (min-max) | blocks from the cache |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mixes = [
+        ("uniform reads", Mix { write_percent: 0, hot: false }),
+        ("hot-set reads", Mix { write_percent: 0, hot: true }),
+        ("hot set, 70% reads", Mix { write_percent: 30, hot: true }),
+    ];
+    let rounds = args.rounds.max(1);
+    for depth in [1usize, 16] {
+        for (name, mix) in mixes {
+            let targets = [uncached.clone(), cached.clone()];
+            let mut measured: Vec<Vec<(f64, Latencies)>> = vec![Vec::new(), Vec::new()];
+            let mut hits = 0;
+            let mut looked_up = 0;
+            for round in 0..rounds {
+                for turn in 0..2 {
+                    let which = (turn + round) % 2;
+                    let object = targets[which].clone();
+                    let seconds = args.seconds;
+                    let before = cache.stats();
+                    // A new sequence each round (the same for both): a
+                    // repeated one would find the blocks of the rounds before.
+                    let salt = 1 + round as u64;
+                    let (count, latencies) =
+                        runtime
+                            .block_on(owners.run(0, move |_| async move {
+                                drive(object, depth, seconds, mix, blocks, salt).await
+                            }))?;
+                    if which == 1 {
+                        let after = cache.stats();
+                        hits += after.hits - before.hits;
+                        looked_up += after.hits + after.misses - before.hits - before.misses;
+                    }
+                    measured[which].push((count as f64 / seconds as f64, latencies));
+                }
+            }
+            let ratios: Vec<f64> = (0..rounds).map(|round| measured[1][round].0 / measured[0][round].0).collect();
+            for (which, label) in ["raid1(2)", "raid1(2) + cache"].iter().enumerate() {
+                let iops: Vec<f64> = measured[which].iter().map(|(iops, _)| *iops).collect();
+                let mut all = Latencies::default();
+                for (_, latencies) in &measured[which] {
+                    all.0.extend_from_slice(&latencies.0);
+                }
+                let (ratio, range, from_cache) = if which == 1 {
+                    (
+                        format!("{:.2}", median(&ratios)),
+                        format!(
+                            "{:.2}-{:.2}",
+                            ratios.iter().copied().fold(f64::MAX, f64::min),
+                            ratios.iter().copied().fold(0.0, f64::max)
+                        ),
+                        format!("{:.0}%", 100.0 * hits as f64 / looked_up.max(1) as f64),
+                    )
+                } else {
+                    Default::default()
+                };
+                println!(
+                    "| {name} | {depth} | {label} | {:.0} | {} µs | {} µs | {ratio} | {range} | {from_cache} |",
+                    median(&iops),
+                    all.percentile(0.5).as_micros(),
+                    all.percentile(0.99).as_micros(),
+                );
+            }
+        }
+    }
+    cached.close();
     Ok(())
 }
 

@@ -781,6 +781,7 @@ async fn open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) -> Resul
         persister: Some(persister(node, name, epoch)),
         admission: Some(crate::repair::admission(node, name, epoch)),
         cache: node.storage.block_cache.clone(),
+        first_owner: epoch == 1,
     };
     let blocks = record.size_bytes / BLOCK_SIZE as u64;
     let opened = node

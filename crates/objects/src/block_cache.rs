@@ -13,12 +13,13 @@
 //!   under the block's bucket lock ([`cache::Cache::insert_if`]), the lock
 //!   a write's removal takes too.
 //! - **A hit** is served only within [`LEASE`] of the send of the last
-//!   request a component answered (a deposed owner stops serving its cache
-//!   by then); a new owner takes no write until a lease has passed since it
-//!   fenced the old one.
+//!   request a copy the owner counts active answered; a new owner takes no
+//!   write until a lease has passed since the copies it reached fenced the
+//!   old one (so the old one has stopped serving its cache by then).
 //! - Each object, and each object again after a resync or after a copy
 //!   became the copy of record, reads and fills under a namespace of its
-//!   own, so nothing an earlier owner or state filled is ever served.
+//!   own, so nothing an earlier owner or state filled is served to a read
+//!   that begins after the change (one already looking may still find it).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -114,7 +115,9 @@ impl BlockCache {
     }
 }
 
+/// Padded: neighbouring blocks' stripes are written by different writers.
 #[derive(Default)]
+#[repr(align(64))]
 struct Stripe {
     started: AtomicU64,
     finished: AtomicU64,
@@ -204,8 +207,10 @@ impl ObjectCache {
         for index in stripes_of(first, count) {
             let stripe = &self.stripes[index];
             // `started` first: a write that starts after it is caught by
-            // the fill's check; one that finishes between the two loads
-            // was answered before the read was sent.
+            // the fill's check (even if it also finishes before the second
+            // load and so hides a write still under way); one that
+            // finishes between the two loads was answered before the read
+            // was sent.
             let begun = stripe.started.load(Ordering::SeqCst);
             if stripe.finished.load(Ordering::SeqCst) != begun {
                 return None;
@@ -336,9 +341,7 @@ mod tests {
         assert_eq!(cache.lookup(1, 1), None, "no component has answered yet");
         cache.answered(cache.now());
         assert_eq!(cache.lookup(1, 1), Some(block(1)));
-        let long_ago = cache.now();
         std::thread::sleep(LEASE + Duration::from_millis(50));
-        cache.answered(long_ago);
         assert_eq!(cache.lookup(1, 1), None, "the lease ran out");
     }
 

@@ -98,6 +98,10 @@ pub struct Hooks {
     pub persister: Option<Persister>,
     pub admission: Option<Admission>,
     pub cache: Option<Arc<BlockCache>>,
+    /// No owner held the object before this one (the node knows from the
+    /// catalog's epoch): `recover` need not wait out an older owner's cache
+    /// lease before the first write.
+    pub first_owner: bool,
 }
 
 /// A client waiting for its write or unmap: the answer goes to `done` once
@@ -258,7 +262,7 @@ impl<T: Transport> Object<T> {
         let infos = futures::future::join_all(asks).await;
         // Every component that answered fences the older owner from now
         // on; a block it cached stays servable until its lease runs out.
-        let writes_after = tokio::time::Instant::now() + LEASE;
+        let writes_after = (!hooks.first_owner).then(|| tokio::time::Instant::now() + LEASE);
         if infos.iter().any(|info| matches!(info, Err(None))) {
             return Err(ObjectError::Deposed);
         }
@@ -363,7 +367,7 @@ impl<T: Transport> Object<T> {
         let object = Self::with_owner(epoch, blocks, components, owner, hooks);
         *object.extra.lock().expect("extra lock") = extra;
         *object.reported_newest.lock().expect("reported lock") = reported_newest;
-        *object.writes_after.lock().expect("writes_after lock") = Some(writes_after);
+        *object.writes_after.lock().expect("writes_after lock") = writes_after;
         for stale in wanted {
             object.track_exactly(stale).await;
         }
@@ -649,9 +653,6 @@ impl<T: Transport> Object<T> {
             let client = object.client(component);
             let sent = object.cache.as_ref().map(|cache| cache.now());
             let result = client.call_in(object.epoch, session, seq, request, &data).await.map(|(reply, _)| reply);
-            if let (Ok(_), Some(cache), Some(sent)) = (&result, &object.cache, sent) {
-                cache.answered(sent);
-            }
             let input = match (&result, lsn) {
                 (Ok(_), Some(lsn)) => Some(Input::Acked { component, lsn }),
                 (Ok(_), None) => None,
@@ -661,7 +662,7 @@ impl<T: Transport> Object<T> {
                 }
             };
             if let Some(input) = input {
-                object.input_from(component, session, input);
+                object.input_from(component, session, input, sent.filter(|_| result.is_ok()));
             }
             let _ = answered.send(result);
         });
@@ -669,10 +670,22 @@ impl<T: Transport> Object<T> {
     }
 
     /// An answer from `component` in `session`: one from a session that is
-    /// over (the component went away and came back since) is void.
-    fn input_from(self: &Arc<Self>, component: Index, session: u64, input: Input) {
-        if self.state.lock().expect("object lock").sessions[component].0 != session {
-            return;
+    /// over (the component went away and came back since) is void. `sent`:
+    /// when the request it answers was sent, if it succeeded.
+    fn input_from(self: &Arc<Self>, component: Index, session: u64, input: Input, sent: Option<u64>) {
+        {
+            let state = self.state.lock().expect("object lock");
+            if state.sessions[component].0 != session {
+                return;
+            }
+            // Only a copy this owner counts active renews the cache's
+            // lease: another (one a newer owner could not reach, say) may
+            // not have fenced this owner.
+            if let (Some(cache), Some(sent)) = (&self.cache, sent) {
+                if state.owner.status(component) == &Status::Active {
+                    cache.answered(sent);
+                }
+            }
         }
         self.input(input);
     }
@@ -680,7 +693,8 @@ impl<T: Transport> Object<T> {
     fn input(self: &Arc<Self>, input: Input) {
         let mut state = self.state.lock().expect("object lock");
         if let (Input::Resynced { .. }, Some(cache)) = (&input, &self.cache) {
-            // Insurance: a resync changes no block a read can see.
+            // Insurance: a resync changes no block a read can see (the end
+            // of an older plan forgets too: harmless).
             cache.forget();
         }
         if let Input::Failed { component } = input {

@@ -40,9 +40,9 @@ use wire::{ServeHandle, Transport};
 pub const DETECTION: Duration = Duration::from_millis(1500);
 /// How long every copy must have been active before the run ends: longer
 /// than a call to a component can wait.
+const SETTLED: Duration = Duration::from_secs(12);
 /// The owner's block cache, in blocks.
 const CACHE_BLOCKS: u64 = 16;
-const SETTLED: Duration = Duration::from_secs(12);
 /// How often the owner's host tends the object.
 const TEND_EVERY: Duration = Duration::from_millis(200);
 
@@ -271,10 +271,10 @@ fn component_id(index: usize) -> u64 {
 /// at once (no task queue is modelled); a block cache of a few blocks, so
 /// that reads fill, hit and evict under every fault (the checker of what
 /// reads return covers the cache).
-fn hooks(world: &Shared, persister: Persister, seed: u64) -> Hooks {
+fn hooks(world: &Shared, persister: Persister, seed: u64, first_owner: bool) -> Hooks {
     let cache = BlockCache::seeded(CACHE_BLOCKS * (BLOCK_SIZE as u64 + 128), seed);
     lock(world).caches.push(cache.clone());
-    Hooks { persister: Some(persister), admission: None, cache: Some(cache) }
+    Hooks { persister: Some(persister), admission: None, cache: Some(cache), first_owner }
 }
 
 fn persister(world: &Shared, host: usize, epoch: u64) -> Persister {
@@ -394,7 +394,7 @@ async fn take_over(world: &Shared, host: usize, record: &Record) {
     };
     let persist = persister(world, host, epoch);
     let seed = lock(world).report.seed ^ epoch;
-    match Object::recover(epoch, blocks, components, recorded, hooks(world, persist, seed)).await {
+    match Object::recover(epoch, blocks, components, recorded, hooks(world, persist, seed, false)).await {
         Ok(object) => {
             let mut world = lock(world);
             if world.record.epoch == epoch && !world.down.contains_key(&host) {
@@ -578,7 +578,7 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
             scenario.blocks,
             components,
             vec![Status::Active; scenario.copies],
-            hooks(&world, persist, seed),
+            hooks(&world, persist, seed, true),
         )
         .await
         .expect("opening a new object");

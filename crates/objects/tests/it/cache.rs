@@ -190,3 +190,30 @@ async fn unmapped_blocks_are_not_served_from_the_cache() {
         (0..4).map(|block| version_of(block, &read[block as usize * BLOCK_SIZE..][..BLOCK_SIZE]).unwrap()).collect();
     assert_eq!(versions, vec![1, 0, 0, 1]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_refused_write_and_a_new_copy_of_record_reads_fill_and_hit_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 1, 100).await;
+    let cache = BlockCache::seeded(1 << 20, 4);
+    let object = Object::open_with(1, BLOCKS, components(&hosts), 0, hooks(&cache));
+    let at = 3 * BLOCK_SIZE as u64;
+    object.write_at(at, Bytes::from(versioned(3, 1))).await.unwrap();
+    object.read_at(at, BLOCK_SIZE as u64).await.unwrap();
+
+    // The only copy goes away: the write is refused (its mark must still
+    // end, or block 3's stripe would never fill again).
+    hosts[0].online.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(object.write_at(at, Bytes::from(versioned(3, 2))).await.is_err());
+    hosts[0].online.store(true, std::sync::atomic::Ordering::SeqCst);
+    // It comes back as the copy of record: the cache starts over.
+    assert!(object.probe(0).await);
+    assert_eq!(object.statuses(), vec![Status::Active]);
+    let hits = cache.stats().hits;
+    for _ in 0..3 {
+        let version = version_of(3, &object.read_at(at, BLOCK_SIZE as u64).await.unwrap()).unwrap();
+        assert!(version == 1 || version == 2, "block 3 holds version {version}");
+    }
+    assert_eq!(cache.stats().hits, hits + 2, "the first read after the change fills, the next two hit");
+}

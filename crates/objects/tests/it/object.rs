@@ -21,7 +21,7 @@ pub(crate) struct Host {
     /// The component it holds.
     id: u64,
     service: Arc<Service>,
-    online: Arc<AtomicBool>,
+    pub(crate) online: Arc<AtomicBool>,
     client: Client<TcpTransport>,
     _handle: wire::ServeHandle,
 }
