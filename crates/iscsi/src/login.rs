@@ -15,6 +15,9 @@ use crate::text;
 pub const TARGET_MAX_RECV: u32 = 262_144;
 pub const MAX_BURST: u32 = 16 * 1024 * 1024;
 pub const FIRST_BURST: u32 = 262_144;
+/// The most text one login request may continue over several PDUs (the C
+/// bit): an initiator that never stops continuing is refused, not buffered.
+pub const LOGIN_TEXT_MAX: usize = 64 * 1024;
 
 /// Login status classes and details (RFC 7143 §11.13.5).
 pub mod status {
@@ -184,6 +187,9 @@ impl Login {
             }
             self.stage = OPERATIONAL;
         }
+        if self.partial.len() + request.data.len() > LOGIN_TEXT_MAX {
+            return fail(response, status::INITIATOR_ERROR);
+        }
         self.partial.extend_from_slice(&request.data);
         if more {
             // Continued: answer empty, wait for the rest.
@@ -247,6 +253,9 @@ impl Login {
     }
 
     /// InitiatorName, SessionType, TargetName: required in the first request.
+    /// Later requests may repeat them but not change them: what a login
+    /// proved (CHAP for one target, or for discovery) must not carry over to
+    /// another target or session type named afterwards.
     fn declarations(
         &mut self,
         pairs: &[(String, String)],
@@ -255,15 +264,29 @@ impl Login {
     ) -> Result<(), u16> {
         for (key, value) in pairs {
             match key.as_str() {
-                "InitiatorName" => self.initiator = value.clone(),
+                "InitiatorName" => {
+                    if !self.initiator.is_empty() && self.initiator != *value {
+                        return Err(status::INITIATOR_ERROR);
+                    }
+                    self.initiator = value.clone();
+                }
                 "SessionType" => {
-                    self.session_type = Some(match value.as_str() {
+                    let session_type = match value.as_str() {
                         "Discovery" => SessionType::Discovery,
                         "Normal" => SessionType::Normal,
                         _ => return Err(status::INITIATOR_ERROR),
-                    })
+                    };
+                    if self.session_type.is_some_and(|declared| declared != session_type) {
+                        return Err(status::INITIATOR_ERROR);
+                    }
+                    self.session_type = Some(session_type);
                 }
                 "TargetName" => {
+                    if let Some(declared) = &self.target {
+                        if declared.name != *value {
+                            return Err(status::INITIATOR_ERROR);
+                        }
+                    }
                     let target = registry.target(value).ok_or(status::NOT_FOUND)?;
                     self.target = Some(target);
                 }
@@ -444,7 +467,9 @@ impl Login {
                 ) || key.starts_with("CHAP_");
                 (!silent).then(|| "Reject".to_string())
             });
-            if let Some(answer) = answer {
+            // Once per key: a target-only key the initiator sent too
+            // (TargetAlias, say) is not answered over the target's own.
+            if let Some(answer) = answer.filter(|_| !answers.iter().any(|(answered, _)| answered == key)) {
                 answers.push((key.clone(), answer));
             }
         }

@@ -1,8 +1,9 @@
 //! Property tests for what the target parses from the network: nothing an
 //! initiator sends makes the parsers panic, and what the target encodes
 //! decodes back to the same thing. `sanitize`: SANITIZE through a logical
-//! unit.
+//! unit. `login`: the login state machine, request by request.
 
+mod login;
 mod sanitize;
 
 use bytes::{Bytes, BytesMut};
