@@ -203,6 +203,8 @@ impl<T: Transport> Object<T> {
         hooks: Hooks,
     ) -> Arc<Self> {
         let count = components.len();
+        // Plans unique to this owner (see `Owner::planning_above`).
+        let owner = owner.planning_above(epoch << 32);
         let persisted = owner.statuses();
         let (ids, clients) = components.into_iter().map(|(id, client)| (id, std::sync::RwLock::new(client))).unzip();
         Arc::new(Object {

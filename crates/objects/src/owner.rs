@@ -240,6 +240,17 @@ impl Owner {
         self
     }
 
+    /// Numbers resync plans above `base`. A component that is told to begin
+    /// a plan it already has keeps that plan's progress (its
+    /// synchronization bitmap, which skips blocks it holds newer writes
+    /// for): a new owner must never reuse a number an older owner gave, or
+    /// it would inherit the older plan's bitmap, which may mark blocks the
+    /// older owner wrote there alone and never had acknowledged.
+    pub fn planning_above(mut self, base: u64) -> Owner {
+        self.plans = self.plans.max(base);
+        self
+    }
+
     /// Records that `component` holds complete tracking bitmaps for these
     /// stale LSNs (a new owner learns them from the component).
     pub fn set_tracking(&mut self, component: Index, stale: impl IntoIterator<Item = Lsn>) {
