@@ -293,24 +293,7 @@ fn run(args: &Args, depths: &[usize], dir: &Path) -> Result<()> {
         let addresses: Vec<(u64, String)> = (0..copies)
             .map(|copy| (((index as u64 + 1) << 8) | copy as u64, hosts[copy].threads.addresses()[0].clone()))
             .collect();
-        let object = main_runtime.block_on(owners.run(0, move |transport| async move {
-            let mut components = Vec::new();
-            for (id, address) in addresses {
-                let client = Client::new(transport.clone(), address);
-                client.call(1, Request::Create { component: id, disk: 0, blocks }, &[]).await.expect("create");
-                components.push((id, client));
-            }
-            Object::open(1, blocks, components, 0)
-        }))?;
-        // Fill it, so reads find data.
-        let filling = object.clone();
-        main_runtime.block_on(owners.run(0, move |_| async move {
-            let chunk = Bytes::from(vec![9u8; 256 * BLOCK_SIZE]);
-            for first in (0..blocks).step_by(256) {
-                filling.write_at(first * BLOCK_SIZE as u64, chunk.clone()).await.expect("fill");
-            }
-        }))?;
-        objects.push(object);
+        objects.push(filled_object(&owners, &main_runtime, addresses, blocks, Hooks::default())?);
     }
     println!(
         "# 4 KiB random I/O, {} rounds of {} s per policy and row (taking turns), {} MiB objects; one owner thread, 2 component threads per host",
@@ -385,6 +368,32 @@ fn run(args: &Args, depths: &[usize], dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Creates an object's components at `addresses` (id, component thread)
+/// and opens it on owner thread 0 with `hooks`, then fills it, so reads
+/// find data.
+fn filled_object(
+    owners: &OwnerThreads,
+    runtime: &tokio::runtime::Runtime,
+    addresses: Vec<(u64, String)>,
+    blocks: u64,
+    hooks: Hooks,
+) -> Result<Arc<Object<TcpTransport>>> {
+    Ok(runtime.block_on(owners.run(0, move |transport| async move {
+        let mut components = Vec::new();
+        for (id, address) in addresses {
+            let client = Client::new(transport.clone(), address);
+            client.call(1, Request::Create { component: id, disk: 0, blocks }, &[]).await.expect("create");
+            components.push((id, client));
+        }
+        let object = Object::open_with(1, blocks, components, 0, hooks);
+        let chunk = Bytes::from(vec![9u8; 256 * BLOCK_SIZE]);
+        for first in (0..blocks).step_by(256) {
+            object.write_at(first * BLOCK_SIZE as u64, chunk.clone()).await.expect("fill");
+        }
+        object
+    }))?)
+}
+
 /// raid1(2) read through an owner with a block cache, beside the same
 /// object layout without one (rounds taking turns, as above).
 fn cache_rows(
@@ -399,20 +408,7 @@ fn cache_rows(
     let addresses: Vec<(u64, String)> =
         (0..2).map(|copy| ((9 << 8) | copy as u64, hosts[copy].threads.addresses()[0].clone())).collect();
     let hooks = Hooks { cache: Some(cache.clone()), ..Hooks::default() };
-    let cached = runtime.block_on(owners.run(0, move |transport| async move {
-        let mut components = Vec::new();
-        for (id, address) in addresses {
-            let client = Client::new(transport.clone(), address);
-            client.call(1, Request::Create { component: id, disk: 0, blocks }, &[]).await.expect("create");
-            components.push((id, client));
-        }
-        let object = Object::open_with(1, blocks, components, 0, hooks);
-        let chunk = Bytes::from(vec![9u8; 256 * BLOCK_SIZE]);
-        for first in (0..blocks).step_by(256) {
-            object.write_at(first * BLOCK_SIZE as u64, chunk.clone()).await.expect("fill");
-        }
-        object
-    }))?;
+    let cached = filled_object(owners, runtime, addresses, blocks, hooks)?;
     println!();
     println!(
         "# raid1(2) with a {} MiB block cache on the owner ({} MiB objects) beside raid1(2) without one; 90% of hot-set operations go to a tenth of the blocks",

@@ -21,7 +21,7 @@
 //!   own, so nothing an earlier owner or state filled is served to a read
 //!   that begins after the change (one already looking may still find it).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,6 +131,8 @@ pub(crate) struct ObjectCache {
     /// When (ms after `origin`) the last request a component answered was
     /// sent; 0: none yet.
     answered: AtomicU64,
+    /// The object is closed: it serves no more hits.
+    closed: AtomicBool,
     origin: tokio::time::Instant,
 }
 
@@ -154,6 +156,7 @@ impl ObjectCache {
             namespace: AtomicU64::new(new_namespace()),
             stripes: std::array::from_fn(|_| Stripe::default()),
             answered: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
             origin: tokio::time::Instant::now(),
         })
     }
@@ -168,9 +171,14 @@ impl ObjectCache {
         self.answered.fetch_max(sent, Ordering::Relaxed);
     }
 
+    /// The object is closed (deposed, deleted, moved): no more hits.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
     fn leased(&self) -> bool {
         let answered = self.answered.load(Ordering::Relaxed);
-        answered != 0 && self.now() < answered + LEASE.as_millis() as u64
+        answered != 0 && !self.closed.load(Ordering::SeqCst) && self.now() < answered + LEASE.as_millis() as u64
     }
 
     /// Forgets every block cached for the object (they stay in the shared
@@ -343,6 +351,14 @@ mod tests {
         assert_eq!(cache.lookup(1, 1), Some(block(1)));
         std::thread::sleep(LEASE + Duration::from_millis(50));
         assert_eq!(cache.lookup(1, 1), None, "the lease ran out");
+    }
+
+    #[test]
+    fn a_closed_object_serves_no_hits() {
+        let cache = cache();
+        assert!(fill(&cache, 4, 1));
+        cache.close();
+        assert_eq!(cache.lookup(4, 1), None);
     }
 
     #[test]

@@ -173,7 +173,7 @@ pub struct Object<T: Transport> {
     cache: Option<Arc<ObjectCache>>,
     /// A new owner takes no write before this: an older owner may serve
     /// blocks from its cache until its lease runs out.
-    writes_after: Mutex<Option<tokio::time::Instant>>,
+    writes_after: Option<tokio::time::Instant>,
 }
 
 impl<T: Transport> Object<T> {
@@ -192,7 +192,8 @@ impl<T: Transport> Object<T> {
         hooks: Hooks,
     ) -> Arc<Self> {
         let count = components.len();
-        Self::with_owner(epoch, blocks, components, Owner::new(vec![Status::Active; count], committed), hooks)
+        let owner = Owner::new(vec![Status::Active; count], committed);
+        Self::with_owner(epoch, blocks, components, owner, hooks, None)
     }
 
     fn with_owner(
@@ -201,6 +202,7 @@ impl<T: Transport> Object<T> {
         components: Vec<(ComponentId, Client<T>)>,
         owner: Owner,
         hooks: Hooks,
+        writes_after: Option<tokio::time::Instant>,
     ) -> Arc<Self> {
         let count = components.len();
         // Plans unique to this owner (see `Owner::planning_above`).
@@ -232,7 +234,7 @@ impl<T: Transport> Object<T> {
             reported_newest: Mutex::new(HashMap::new()),
             resync_stats: ResyncStats::default(),
             cache: hooks.cache.map(ObjectCache::new),
-            writes_after: Mutex::new(None),
+            writes_after,
         })
     }
 
@@ -366,10 +368,9 @@ impl<T: Transport> Object<T> {
             }
         }
         tracing::info!(epoch, committed, start, current = ?current, behind = ?behind, missing, "opened as the new owner");
-        let object = Self::with_owner(epoch, blocks, components, owner, hooks);
+        let object = Self::with_owner(epoch, blocks, components, owner, hooks, writes_after);
         *object.extra.lock().expect("extra lock") = extra;
         *object.reported_newest.lock().expect("reported lock") = reported_newest;
-        *object.writes_after.lock().expect("writes_after lock") = writes_after;
         for stale in wanted {
             object.track_exactly(stale).await;
         }
@@ -411,6 +412,9 @@ impl<T: Transport> Object<T> {
     pub fn close(&self) {
         let mut state = self.state.lock().expect("object lock");
         state.closed = true;
+        if let Some(cache) = &self.cache {
+            cache.close();
+        }
         state.held.clear();
         for (_, waiter) in std::mem::take(&mut state.waiters) {
             waiter.answer(Err(ObjectError::Deposed));
@@ -450,12 +454,10 @@ impl<T: Transport> Object<T> {
     /// A new owner's first write waits until an older owner can no longer
     /// serve blocks from its cache.
     async fn fenced(&self) {
-        let writes_after = *self.writes_after.lock().expect("writes_after lock");
-        if let Some(at) = writes_after {
+        if let Some(at) = self.writes_after {
             if tokio::time::Instant::now() < at {
                 tokio::time::sleep_until(at).await;
             }
-            *self.writes_after.lock().expect("writes_after lock") = None;
         }
     }
 
@@ -957,9 +959,7 @@ impl<T: Transport> Object<T> {
         let (first, count) = self.check(offset, length)?;
         if let Some(cache) = &self.cache {
             if let Some(data) = cache.lookup(first, count) {
-                if !self.is_closed() {
-                    return Ok(data);
-                }
+                return Ok(data);
             }
         }
         // Before the copies are chosen: a write answered before the ticket
