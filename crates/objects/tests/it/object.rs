@@ -353,8 +353,17 @@ async fn a_new_owner_begins_a_fresh_resync_plan_on_a_copy_the_old_owner_was_resy
     // Written during the old owner's resync: the copy marks them done.
     write(&old, 100, 10, 3).await;
     let sync = |info: blockstore::ComponentInfo| info.sync;
-    let done = sync(hosts[2].client.info(1, 102).await.unwrap()).expect("resyncing").2;
-    assert_eq!(done, 10, "the old owner's plan marks the blocks written during it");
+    // A write is answered once the active copies have it; the resyncing
+    // copy's BeginSync and writes may still be on their way.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let done = sync(hosts[2].client.info(1, 102).await.unwrap()).map(|sync| sync.2);
+        if done == Some(10) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old owner's plan marks the 10 blocks written during it: {done:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let recorded = old.statuses();
     assert!(matches!(recorded[2], Status::Resyncing { .. }), "{recorded:?}");
     old.close();
