@@ -5,8 +5,9 @@
 //!   hosts update by atomic directory rename.
 //! - [`Catalog`]: hosts, disks and sites as replicated maps on the shared log,
 //!   and the aggregation tree as a replicated register, with compare-and-set
-//!   on versions and change notification. Later issues add objects, LUNs,
-//!   targets, the VIP, reservations and the memory pool.
+//!   on versions and change notification; objects, volumes, targets and
+//!   the discovery VIP likewise. Later issues add reservations and the
+//!   memory pool.
 //!
 //! **Boundary:** knows the shared log and its SMR objects; knows nothing of
 //! storage, iSCSI or the node daemon.
@@ -29,6 +30,7 @@ pub const TREE_STREAM: StreamId = StreamId::from_name("catalog/tree");
 pub const OBJECTS_STREAM: StreamId = StreamId::from_name("catalog/objects");
 pub const VOLUMES_STREAM: StreamId = StreamId::from_name("catalog/volumes");
 pub const TARGETS_STREAM: StreamId = StreamId::from_name("catalog/targets");
+pub const VIP_STREAM: StreamId = StreamId::from_name("catalog/vip");
 
 /// Compare-and-set retries before an update gives up (contention is between
 /// a handful of hosts; this bounds a pathological loop).
@@ -57,6 +59,8 @@ pub struct Catalog<T: Transport> {
     pub volumes: Replicated<Map<String, VolumeRecord>, T>,
     /// iSCSI targets by IQN.
     pub targets: Replicated<Map<String, TargetRecord>, T>,
+    /// The discovery VIP: its address, owner host and epoch.
+    pub vip: Replicated<Register<VipRecord>, T>,
 }
 
 impl<T: Transport> Catalog<T> {
@@ -70,6 +74,7 @@ impl<T: Transport> Catalog<T> {
             objects: runtime.open(OBJECTS_STREAM).await?,
             volumes: runtime.open(VOLUMES_STREAM).await?,
             targets: runtime.open(TARGETS_STREAM).await?,
+            vip: runtime.open(VIP_STREAM).await?,
         })
     }
 

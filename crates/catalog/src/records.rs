@@ -268,4 +268,29 @@ pub struct TargetRecord {
     #[serde(default)]
     pub initiators: Vec<String>,
     pub created_ms: u64,
+    /// The host logins through the discovery VIP are sent to (balanced
+    /// by the target hosts; every target host serves I/O for it).
+    #[serde(default)]
+    pub owner: Option<HostId>,
+    /// Bumped on every change of owner.
+    #[serde(default)]
+    pub owner_epoch: u64,
+    /// The site the target is affine to: owned only by that site's hosts
+    /// while one of them is up.
+    #[serde(default)]
+    pub site: Option<String>,
+}
+
+/// The cluster's discovery VIP (one per cluster). The host that owns it
+/// binds `address` and answers discovery there; every change of owner
+/// bumps `epoch` and is made by compare-and-set, so two hosts never both
+/// believe the catalog gave them the VIP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipRecord {
+    /// `ip:port` initiators discover targets at.
+    pub address: String,
+    pub owner: Option<HostId>,
+    pub epoch: u64,
+    /// When the current owner took it (milliseconds since the epoch).
+    pub since_ms: u64,
 }

@@ -127,9 +127,14 @@ pub async fn run<D: Datamover>(registry: Arc<Registry>, mover: D) {
                 }
             }
             Outcome::Fail => {
-                registry.counters.login_failures.fetch_add(1, Ordering::Relaxed);
                 let code = u16::from_be_bytes([response.bhs[36], response.bhs[37]]);
-                tracing::info!(%peer, initiator = %login.initiator, code = format!("{code:#06x}"), "login refused");
+                if code == crate::login::status::TARGET_MOVED_TEMPORARILY {
+                    registry.counters.redirects.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, initiator = %login.initiator, "login redirected");
+                } else {
+                    registry.counters.login_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%peer, initiator = %login.initiator, code = format!("{code:#06x}"), "login refused");
+                }
                 let _ = writer.write_pdus(&[response], Digests::default()).await;
                 writer.shutdown().await;
                 return;

@@ -21,6 +21,8 @@ pub const LOGIN_TEXT_MAX: usize = 64 * 1024;
 
 /// Login status classes and details (RFC 7143 §11.13.5).
 pub mod status {
+    /// Redirection: the target is, for now, at the `TargetAddress` given.
+    pub const TARGET_MOVED_TEMPORARILY: u16 = 0x0101;
     pub const AUTHENTICATION_FAILED: u16 = 0x0201;
     pub const FORBIDDEN: u16 = 0x0202;
     pub const NOT_FOUND: u16 = 0x0203;
@@ -92,7 +94,7 @@ pub enum Outcome {
     Continue,
     /// Send the response; the connection is in full feature phase.
     Complete,
-    /// Send the response (a failure status) and close.
+    /// Send the response (a failure or redirection status) and close.
     Fail,
 }
 
@@ -207,6 +209,14 @@ impl Login {
         let mut answers: Vec<(String, String)> = Vec::new();
         if let Err(code) = self.declarations(&pairs, registry, &mut answers) {
             return fail(response, code);
+        }
+        // A discovery VIP sends a normal login on to the target's owner
+        // before anything is negotiated (the initiator authenticates there).
+        if self.session_type == Some(SessionType::Normal) {
+            if let Some(address) = self.target.as_ref().and_then(|target| registry.redirect(&target.name)) {
+                response.data = text::encode(&[("TargetAddress".to_string(), address)]).into();
+                return fail(response, status::TARGET_MOVED_TEMPORARILY);
+            }
         }
         // A target with CHAP takes no operational stage before CHAP is
         // done (the target may be named only in this very request, with

@@ -20,6 +20,7 @@ pub struct Chap {
 }
 
 /// One iSCSI target: a name, its logical units by number, its access rules.
+#[derive(Clone)]
 pub struct Target {
     pub name: String,
     pub alias: String,
@@ -64,6 +65,8 @@ pub struct Counters {
     pub sessions: AtomicU64,
     pub logins: AtomicU64,
     pub login_failures: AtomicU64,
+    /// Logins answered with "target moved temporarily" (a discovery VIP).
+    pub redirects: AtomicU64,
     pub commands: AtomicU64,
     pub rejects: AtomicU64,
     pub read_bytes: AtomicU64,
@@ -76,6 +79,8 @@ pub struct Counters {
 pub struct Registry {
     targets: RwLock<BTreeMap<String, Arc<Target>>>,
     portals: RwLock<Vec<Portal>>,
+    /// Target name → the `TargetAddress` a normal login is sent to.
+    redirects: RwLock<HashMap<String, String>>,
     group: u16,
     discovery_chap: RwLock<Option<Chap>>,
     sessions: Mutex<HashMap<(String, [u8; 6]), SessionEntry>>,
@@ -89,6 +94,7 @@ impl Registry {
         Registry {
             targets: RwLock::new(BTreeMap::new()),
             portals: RwLock::new(Vec::new()),
+            redirects: RwLock::new(HashMap::new()),
             group: group.max(1),
             discovery_chap: RwLock::new(None),
             sessions: Mutex::new(HashMap::new()),
@@ -125,6 +131,20 @@ impl Registry {
 
     pub fn portals(&self) -> Vec<Portal> {
         self.portals.read().expect("portals").clone()
+    }
+
+    /// Where normal logins to each target are redirected (RFC 7143
+    /// §11.13.5, "target moved temporarily"): a discovery VIP serves no
+    /// sessions itself but sends each initiator to the host owning its
+    /// target. A target with no entry is served here.
+    pub fn set_redirects(&self, redirects: HashMap<String, Portal>) {
+        let redirects = redirects.into_iter().map(|(target, portal)| (target, portal.target_address())).collect();
+        *self.redirects.write().expect("redirects") = redirects;
+    }
+
+    /// The `TargetAddress` a normal login to `target` is redirected to.
+    pub fn redirect(&self, target: &str) -> Option<String> {
+        self.redirects.read().expect("redirects").get(target).cloned()
     }
 
     pub fn set_discovery_chap(&self, chap: Option<Chap>) {

@@ -41,6 +41,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/api/v1/volumes/{name}", delete(remove_volume))
         .route("/api/v1/volumes/{name}/grow", axum::routing::post(grow_volume))
         .route("/api/v1/targets", get(list_targets).post(create_target))
+        .route("/api/v1/targets/balance", axum::routing::post(balance_targets))
         .route("/api/v1/targets/{name}", delete(remove_target))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /api/v1/status") })
         .with_state(node)
@@ -346,6 +347,13 @@ async fn create_target(
             let status = crate::targets::target_statuses(&node).into_iter().find(|target| target.name == new.name);
             (StatusCode::CREATED, Json(status)).into_response()
         }
+        Err(failure) => volume_error(failure),
+    }
+}
+
+async fn balance_targets(State(node): State<Arc<Node>>) -> Response {
+    match crate::targets::rebalance(&node, true).await {
+        Ok(moves) => Json(moves).into_response(),
         Err(failure) => volume_error(failure),
     }
 }

@@ -64,6 +64,12 @@ pub struct NodeConfig {
     /// (default: 256).
     #[serde(default = "default_block_cache_mib")]
     pub block_cache_mib: u64,
+    /// The network interface the cluster's discovery VIP (the bootstrap
+    /// setting `vip`) is added to while this host owns it, with `ip addr`
+    /// (needs CAP_NET_ADMIN). Unset: the address is bound only, which
+    /// suffices for a loopback address or one the host always has.
+    #[serde(default)]
+    pub vip_interface: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +139,7 @@ impl NodeConfig {
             iscsi_port: default_iscsi_port(),
             sanitize_mib_per_second: default_sanitize_mib_per_second(),
             block_cache_mib: default_block_cache_mib(),
+            vip_interface: None,
         }
     }
 

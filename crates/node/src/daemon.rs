@@ -432,6 +432,13 @@ impl Node {
             objects,
             volumes: crate::targets::volume_statuses(self),
             targets: crate::targets::target_statuses(self),
+            vip: self.services().and_then(|services| services.catalog.vip.get_local()).map(|(vip, _)| VipStatus {
+                owner_name: vip.owner.and_then(|id| self.bootstrap.host(id)).map(|host| host.name.clone()),
+                address: vip.address,
+                owner: vip.owner,
+                epoch: vip.epoch,
+                since_ms: vip.since_ms,
+            }),
         }
     }
 
@@ -477,6 +484,7 @@ async fn open_services(node: Arc<Node>) {
                 crate::storage::start(node.clone());
                 crate::repair::start(node.clone());
                 crate::targets::start(node.clone());
+                crate::vip::start(node.clone());
                 return;
             }
             Err(error) => {

@@ -10,6 +10,7 @@
 //! own that a lower crate could own.
 
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod daemon;
 pub mod membership;
@@ -17,6 +18,7 @@ pub mod repair;
 pub mod status;
 pub mod storage;
 pub mod targets;
+pub mod vip;
 
 use std::sync::Arc;
 

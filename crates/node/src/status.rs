@@ -23,6 +23,20 @@ pub struct ClusterStatus {
     pub volumes: Vec<crate::targets::VolumeStatus>,
     #[serde(default)]
     pub targets: Vec<crate::targets::TargetStatus>,
+    /// The discovery VIP, when the cluster has one.
+    #[serde(default)]
+    pub vip: Option<VipStatus>,
+}
+
+/// The discovery VIP as the catalog records it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub address: String,
+    pub owner: Option<u64>,
+    pub owner_name: Option<String>,
+    pub epoch: u64,
+    /// When the owner took it (milliseconds since the epoch).
+    pub since_ms: u64,
 }
 
 /// An object as `tessera status` and `tessera object show` see it.

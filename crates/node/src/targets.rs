@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use volume::{Layout, ObjectIo, Volume, VolumeError};
 use wire::tcp::TcpTransport;
 
+use crate::balance;
 use crate::daemon::Node;
 use crate::storage::{self, ClientError, IoReply, IoRequest, ObjectClient};
 
@@ -37,6 +38,10 @@ const REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 /// The target service of one host.
 pub struct TargetService {
     pub registry: Arc<Registry>,
+    /// What the discovery VIP serves while this host owns it: the same
+    /// targets, the VIP as their portal, and each normal login redirected
+    /// to the host that owns the target (`crate::vip`).
+    pub vip_registry: Arc<Registry>,
     /// `ip:port` this host serves iSCSI on (none without the target role).
     pub address: Option<String>,
     units: Mutex<HashMap<String, Unit>>,
@@ -50,6 +55,7 @@ impl TargetService {
     pub fn new(node_id: u64, address: Option<String>) -> TargetService {
         TargetService {
             registry: Arc::new(Registry::new((node_id & 0xffff) as u16)),
+            vip_registry: Arc::new(Registry::new((node_id & 0xffff) as u16)),
             address,
             units: Mutex::new(HashMap::new()),
         }
@@ -238,6 +244,11 @@ async fn watch(node: Arc<Node>) {
     let mut shutdown = node.shutdown_signal();
     loop {
         refresh(&node);
+        // Hand off the targets this host owns beyond its share, claim
+        // those whose owner left.
+        if let Err(error) = rebalance(&node, false).await {
+            tracing::warn!(%error, "cannot balance target owners");
+        }
         tokio::select! {
             _ = volumes.changed() => {}
             _ = targets.changed() => {}
@@ -303,15 +314,51 @@ pub fn refresh(node: &Arc<Node>) {
         })
         .collect();
     drop(units);
+    node.targets.vip_registry.set_targets(targets.clone());
     node.targets.registry.set_targets(targets);
-    let portals = storage::hosts_by_id(node)
+    let hosts = storage::hosts_by_id(node);
+    let portals: BTreeMap<u64, Portal> = hosts
         .values()
         .filter(|host| host.state == catalog::HostState::Up)
         .filter_map(|host| {
-            host.iscsi_address.clone().map(|address| Portal { address, group: (host.id & 0xffff) as u16 })
+            let portal = Portal { address: host.iscsi_address.clone()?, group: (host.id & 0xffff) as u16 };
+            Some((host.id, portal))
         })
         .collect();
-    node.targets.registry.set_portals(portals);
+    node.targets.registry.set_portals(portals.values().cloned().collect());
+    // The VIP: discovery lists it as the one portal; a login is sent on to
+    // the target's host.
+    let redirects = records
+        .iter()
+        .filter_map(|record| {
+            let host = record
+                .owner
+                .filter(|owner| portals.contains_key(owner))
+                .or_else(|| target_host(&record.name, portals.keys().copied()))?;
+            Some((record.name.clone(), portals[&host].clone()))
+        })
+        .collect();
+    node.targets.vip_registry.set_redirects(redirects);
+    let vip = services.catalog.vip.get_local().map(|(vip, _)| vip.address);
+    let group = node.targets.vip_registry.portal_group();
+    node.targets.vip_registry.set_portals(vip.map(|address| Portal { address, group }).into_iter().collect());
+}
+
+/// Where a login through the VIP goes for a target whose recorded owner is
+/// not up (until the balance gives it a new one): of the live target
+/// hosts, the one that scores highest for the name (rendezvous hashing:
+/// stable, spread across hosts).
+pub fn target_host(target: &str, hosts: impl Iterator<Item = u64>) -> Option<u64> {
+    fn mix(mut value: u64) -> u64 {
+        // splitmix64's finalizer
+        value = (value ^ (value >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        value = (value ^ (value >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        value ^ (value >> 31)
+    }
+    let name = target.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    hosts.max_by_key(|host| (mix(name ^ mix(*host)), *host))
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -498,6 +545,9 @@ pub struct NewTarget {
     pub chap: Option<ChapRecord>,
     #[serde(default)]
     pub initiators: Vec<String>,
+    /// The site the target is affine to (owned by that site's hosts).
+    #[serde(default)]
+    pub site: Option<String>,
 }
 
 /// Checks an iSCSI name (RFC 7143 §4.2.7: iqn., eui. or naa. forms).
@@ -531,13 +581,27 @@ pub async fn create_target(node: &Arc<Node>, new: &NewTarget) -> Result<TargetRe
             return Err(VolumeOpError::Invalid("a CHAP secret must be 12 to 16384 characters".into()));
         }
     }
-    let record = TargetRecord {
+    if let Some(site) = &new.site {
+        if services.catalog.sites.get_local(site).is_none()
+            && !storage::hosts_by_id(node).values().any(|host| host.site.as_ref() == Some(site))
+        {
+            return Err(VolumeOpError::NotFound(format!("no site named {site:?} (no host is in it)")));
+        }
+    }
+    let mut record = TargetRecord {
         name: new.name.clone(),
         luns: new.luns.clone(),
         chap: new.chap.clone(),
         initiators: new.initiators.clone(),
         created_ms: storage::now_ms(),
+        owner: None,
+        owner_epoch: 1,
+        site: new.site.clone(),
     };
+    // Its first owner: where the balance would put it now.
+    let mut views = target_views(node);
+    views.push(balance::Target { name: record.name.clone(), owner: None, site: record.site.clone() });
+    record.owner = balance::plan(&owner_candidates(node), &views).get(&record.name).copied();
     let stored = services
         .catalog
         .update_target(&new.name, |current| if current.is_some() { None } else { Some(Some(record.clone())) })
@@ -586,6 +650,14 @@ pub struct TargetStatus {
     pub portals: Vec<String>,
     /// `iscsi://<portal>/<name>/<lun>` for each portal and LUN.
     pub urls: Vec<String>,
+    /// The host logins through the discovery VIP go to.
+    #[serde(default)]
+    pub owner: Option<u64>,
+    #[serde(default)]
+    pub owner_epoch: u64,
+    /// The site the target is affine to.
+    #[serde(default)]
+    pub site: Option<String>,
 }
 
 pub fn volume_statuses(node: &Node) -> Vec<VolumeStatus> {
@@ -644,6 +716,9 @@ pub fn target_statuses(node: &Node) -> Vec<TargetStatus> {
             luns: record.luns.clone(),
             chap: record.chap.is_some(),
             portals: portals.clone(),
+            owner: record.owner,
+            owner_epoch: record.owner_epoch,
+            site: record.site.clone(),
         })
         .collect()
 }
@@ -659,4 +734,83 @@ pub fn record_metrics(node: &Node) {
     metrics::counter!("iscsi_rejects_total").absolute(counters.rejects.load(Relaxed));
     metrics::counter!("iscsi_read_bytes_total").absolute(counters.read_bytes.load(Relaxed));
     metrics::counter!("iscsi_write_bytes_total").absolute(counters.write_bytes.load(Relaxed));
+    let vip = &node.targets.vip_registry.counters;
+    metrics::counter!("iscsi_vip_logins_redirected_total").absolute(vip.redirects.load(Relaxed));
+    metrics::counter!("iscsi_vip_discovery_sessions_total").absolute(vip.logins.load(Relaxed));
+}
+
+/// Live hosts that may own targets: up, with the target role.
+fn owner_candidates(node: &Node) -> Vec<balance::Host> {
+    storage::hosts_by_id(node)
+        .into_values()
+        .filter(|host| host.state == catalog::HostState::Up && host.roles.target && host.iscsi_address.is_some())
+        .map(|host| balance::Host { id: host.id, site: host.site })
+        .collect()
+}
+
+fn target_views(node: &Node) -> Vec<balance::Target> {
+    let Some(services) = node.services() else { return Vec::new() };
+    services
+        .catalog
+        .targets
+        .entries_local()
+        .into_iter()
+        .map(|(_, record, _)| balance::Target { name: record.name, owner: record.owner, site: record.site })
+        .collect()
+}
+
+/// A change of a target's owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerMove {
+    pub target: String,
+    pub from: Option<u64>,
+    pub to: u64,
+    pub epoch: u64,
+}
+
+/// Moves target owners to where the balance puts them. `all`: every move
+/// (`tessera target balance`); otherwise only what this host decides: it
+/// hands off targets it owns, and claims those whose owner is gone. Each
+/// move is a compare-and-set with the owner epoch + 1, made only if the
+/// record still has the owner the plan saw; I/O is not interrupted
+/// (every target host serves every target), only where the VIP sends new
+/// logins changes.
+pub async fn rebalance(node: &Arc<Node>, all: bool) -> Result<Vec<OwnerMove>, VolumeOpError> {
+    let services = node.services().ok_or_else(|| VolumeOpError::Unavailable("the catalog is not open yet".into()))?;
+    let hosts = owner_candidates(node);
+    let live: std::collections::BTreeSet<u64> = hosts.iter().map(|host| host.id).collect();
+    let me = node.config.node_id;
+    let views = target_views(node);
+    let plan = balance::plan(&hosts, &views);
+    let mut moves = Vec::new();
+    for view in views {
+        let Some(&to) = plan.get(&view.name) else { continue };
+        let orphan = view.owner.is_none_or(|owner| !live.contains(&owner));
+        if view.owner == Some(to) || !(all || view.owner == Some(me) || (orphan && to == me)) {
+            continue;
+        }
+        let mut made = None;
+        services
+            .catalog
+            .update_target(&view.name, |current| {
+                made = None;
+                let current = current?;
+                if current.owner != view.owner {
+                    return None;
+                }
+                let moved = TargetRecord { owner: Some(to), owner_epoch: current.owner_epoch + 1, ..current.clone() };
+                made = Some(OwnerMove { target: view.name.clone(), from: view.owner, to, epoch: moved.owner_epoch });
+                Some(Some(moved))
+            })
+            .await
+            .map_err(catalog_error)?;
+        if let Some(made) = made {
+            tracing::info!(target = %made.target, from = ?made.from, to = made.to, epoch = made.epoch, "target owner moved");
+            moves.push(made);
+        }
+    }
+    if !moves.is_empty() {
+        refresh(node);
+    }
+    Ok(moves)
 }

@@ -104,6 +104,17 @@ pub fn render_status(status: &ClusterStatus) -> String {
         )),
         None => out.push_str("Shared log: NO LEADER\n"),
     }
+    if let Some(vip) = &status.vip {
+        match (&vip.owner, &vip.owner_name) {
+            (Some(owner), name) => out.push_str(&format!(
+                "Discovery VIP: {} on {} (host {owner}, epoch {})\n",
+                vip.address,
+                name.as_deref().unwrap_or("?"),
+                vip.epoch
+            )),
+            (None, _) => out.push_str(&format!("Discovery VIP: {} (NOT BOUND)\n", vip.address)),
+        }
+    }
     out.push('\n');
     let row = |cells: [&str; 9]| {
         format!(
@@ -435,12 +446,17 @@ pub fn create_target(
     luns: Vec<(u64, String)>,
     chap: Option<node::ChapRecord>,
     initiators: Vec<String>,
+    site: Option<String>,
 ) -> Result<()> {
-    let body = serde_json::json!({ "name": name, "luns": luns, "chap": chap, "initiators": initiators });
+    let body =
+        serde_json::json!({ "name": name, "luns": luns, "chap": chap, "initiators": initiators, "site": site });
     let created = request(target, "POST", "/api/v1/targets", Some(body))?;
     let status: Option<node::targets::TargetStatus> =
         serde_json::from_value(created).context("create reply did not match this version of tessera")?;
     println!("created target {name}");
+    if let Some(owner) = status.as_ref().and_then(|status| status.owner) {
+        println!("  owned by host {owner} (logins through the discovery VIP go there)");
+    }
     for url in status.map(|status| status.urls).unwrap_or_default() {
         println!("  {url}");
     }
@@ -460,11 +476,36 @@ pub fn list_targets(target: &Target, json: bool) -> Result<()> {
     }
     for target in targets {
         let luns: Vec<String> = target.luns.iter().map(|(lun, volume)| format!("{lun}={volume}")).collect();
-        println!("{}  LUNs {}{}", target.name, luns.join(", "), if target.chap { "  (CHAP)" } else { "" });
+        let owner = target.owner.map(|owner| format!("  owner host {owner}")).unwrap_or_default();
+        let site = target.site.as_ref().map(|site| format!("  site {site}")).unwrap_or_default();
+        let chap = if target.chap { "  (CHAP)" } else { "" };
+        println!("{}  LUNs {}{owner}{site}{chap}", target.name, luns.join(", "));
         for url in target.urls {
             println!("  {url}");
         }
     }
+    Ok(())
+}
+
+pub fn balance_targets(target: &Target) -> Result<()> {
+    let value = request(target, "POST", "/api/v1/targets/balance", None)?;
+    let moves: Vec<node::targets::OwnerMove> =
+        serde_json::from_value(value).context("balance reply did not match this version of tessera")?;
+    if moves.is_empty() {
+        println!("Target owners are balanced; nothing moved.");
+    }
+    for moved in &moves {
+        let from = moved.from.map(|from| format!("host {from}")).unwrap_or_else(|| "no owner".into());
+        println!("{}: {from} -> host {} (owner epoch {})", moved.target, moved.to, moved.epoch);
+    }
+    let targets: Vec<node::targets::TargetStatus> =
+        serde_json::from_value(request(target, "GET", "/api/v1/targets", None)?)?;
+    let mut counts: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
+    for target in targets.iter().filter_map(|target| target.owner) {
+        *counts.entry(target).or_default() += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(host, count)| format!("host {host}: {count}")).collect();
+    println!("Targets owned: {}", counts.join(", "));
     Ok(())
 }
 

@@ -212,7 +212,15 @@ enum TargetCommand {
         /// Initiator names allowed to log in (default: any).
         #[arg(long = "initiator")]
         initiators: Vec<String>,
+        /// The site the target is affine to: its owner (where logins
+        /// through the discovery VIP go) is a host of that site.
+        #[arg(long)]
+        site: Option<String>,
     },
+    /// Moves target owners now so each host owns its share (site-affine
+    /// targets within their site first, then the rest over the cluster);
+    /// hosts also do this on their own when hosts join or leave.
+    Balance,
     /// Lists targets with their URLs.
     Ls {
         #[arg(long)]
@@ -285,6 +293,7 @@ fn run(cli: Cli) -> Result<()> {
                 mutual_chap_user,
                 mutual_chap_secret,
                 initiators,
+                site,
             } => {
                 let luns = admin::parse_luns(&luns)?;
                 let chap = chap_user.zip(chap_secret).map(|(user, secret)| node::ChapRecord {
@@ -293,8 +302,9 @@ fn run(cli: Cli) -> Result<()> {
                     mutual_user: mutual_chap_user,
                     mutual_secret: mutual_chap_secret,
                 });
-                admin::create_target(&target, &name, luns, chap, initiators)
+                admin::create_target(&target, &name, luns, chap, initiators, site)
             }
+            TargetCommand::Balance => admin::balance_targets(&target),
             TargetCommand::Ls { json } => admin::list_targets(&target, json),
             TargetCommand::Rm { name } => admin::remove_target(&target, &name),
         },

@@ -22,6 +22,8 @@ const HEALTHY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Restarts of one crashed host allowed per minute before `up` gives up on it.
 const RESTARTS_PER_MINUTE_MAX: usize = 5;
 const HOSTS_MAX: u32 = 32;
+/// The discovery VIP's address in a local cluster (hosts are 127.0.0.1-32).
+const LOCAL_VIP_IP: &str = "127.0.0.100";
 
 struct Host {
     seed: SeedHost,
@@ -41,7 +43,7 @@ const RESTART_DELAY: Duration = Duration::from_secs(10);
 
 /// Creates the bootstrap config of a new local cluster, or checks the
 /// existing one matches what was asked.
-fn bootstrap(data: &Path, hosts: u32, base_port: u16) -> Result<BootstrapConfig> {
+fn bootstrap(data: &Path, hosts: u32, base_port: u16, iscsi_port: u16) -> Result<BootstrapConfig> {
     let config_dir = ConfigDir::new(fsio::real(), data.join("config"));
     if let Some((version, config)) = config_dir.latest()? {
         if config.hosts.len() != hosts as usize {
@@ -56,8 +58,10 @@ fn bootstrap(data: &Path, hosts: u32, base_port: u16) -> Result<BootstrapConfig>
         return Ok(config);
     }
     let admin_port = base_port.checked_add(80).context("--base-port is too high")?;
-    let local =
+    let mut local =
         BootstrapConfig::local(format!("{:016x}", rand::random::<u64>()), hosts as u64, 1, base_port, admin_port);
+    // The discovery VIP, on a loopback address no host uses.
+    local.settings.insert(node::vip::VIP_SETTING.into(), format!("{LOCAL_VIP_IP}:{iscsi_port}"));
     let (_, config) = config_dir.update(|config| *config = local.clone())?;
     config.validate().map_err(anyhow::Error::msg)?;
     println!("Created a {hosts}-host cluster {} in {}.", config.cluster_id, data.display());
@@ -95,6 +99,11 @@ fn check_ports_free(config: &BootstrapConfig, iscsi_port: u16) -> Result<()> {
             if let Err(error) = std::net::TcpListener::bind(address) {
                 bail!("{address} is not free ({error}): is another `tessera up` running? Stop it, or pass --base-port");
             }
+        }
+    }
+    if let Some(vip) = config.settings.get(node::vip::VIP_SETTING) {
+        if let Err(error) = std::net::TcpListener::bind(vip) {
+            bail!("the discovery VIP {vip} is not free ({error}): is another `tessera up` running?");
         }
     }
     Ok(())
@@ -185,12 +194,15 @@ fn print_summary(data: &Path, config: &BootstrapConfig, status: &ClusterStatus, 
     for url in urls {
         println!("  {url}");
     }
-    if let Some(url) = urls.first() {
+    let vip = config.settings.get(node::vip::VIP_SETTING);
+    if let Some(vip) = vip {
         println!();
-        println!(
-            "  Try:        iscsi-ls -s iscsi://{}",
-            url.trim_start_matches("iscsi://").split('/').next().unwrap_or("")
-        );
+        println!("Discovery VIP (logins are redirected to the target's host): iscsi://{vip}");
+    }
+    if let Some(url) = urls.first() {
+        let portal = url.trim_start_matches("iscsi://").split('/').next().unwrap_or("");
+        println!();
+        println!("  Try:        iscsi-ls -s iscsi://{}", vip.map(String::as_str).unwrap_or(portal));
         println!("              qemu-img info {url}");
     }
     println!("Press Ctrl-C to stop the cluster (running `tessera up` again restarts it with its data).");
@@ -202,7 +214,7 @@ pub fn run(hosts: u32, data: &Path, base_port: u16, iscsi_port: u16) -> Result<(
     }
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let data = data.canonicalize()?;
-    let config = bootstrap(&data, hosts, base_port)?;
+    let config = bootstrap(&data, hosts, base_port, iscsi_port)?;
     check_ports_free(&config, iscsi_port)?;
     let mut hosts = write_node_configs(&data, &config, iscsi_port)?;
     for host in hosts.iter_mut() {

@@ -125,3 +125,36 @@ fn continued_login_text_is_bounded() {
         }
     }
 }
+
+#[test]
+fn a_redirected_target_sends_normal_logins_on_and_serves_discovery_itself() {
+    use std::collections::HashMap;
+    use iscsi::target::Portal;
+    let registry = registry();
+    registry.set_discovery_chap(None);
+    let owner = Portal { address: "127.0.0.12:3260".into(), group: 2 };
+    registry.set_redirects(HashMap::from([(A.to_string(), owner)]));
+    // A normal login to A goes to its owner, before CHAP is negotiated.
+    let mut login = Login::new();
+    let first = request(0, Some(1), &[("InitiatorName", INITIATOR), ("TargetName", A), ("AuthMethod", "CHAP,None")]);
+    let (response, outcome) = login.step(&first, &registry);
+    assert!(matches!(outcome, Outcome::Fail), "a redirection closes the connection");
+    assert_eq!(status_of(&response), status::TARGET_MOVED_TEMPORARILY);
+    let answered = text::parse(&response.data).unwrap();
+    assert_eq!(answered, vec![("TargetAddress".to_string(), "127.0.0.12:3260,2".to_string())]);
+    // B has no redirection: it is served here (its CHAP starts).
+    let mut login = Login::new();
+    let first = request(0, None, &[("InitiatorName", INITIATOR), ("TargetName", B), ("AuthMethod", "CHAP,None")]);
+    let (response, outcome) = login.step(&first, &registry);
+    assert!(matches!(outcome, Outcome::Continue), "status {:#06x}", status_of(&response));
+    // Discovery is never redirected.
+    let mut login = Login::new();
+    let first = request(0, Some(3), &[("InitiatorName", INITIATOR), ("SessionType", "Discovery"), ("AuthMethod", "None")]);
+    let (response, outcome) = login.step(&first, &registry);
+    assert!(matches!(outcome, Outcome::Complete), "status {:#06x}", status_of(&response));
+    // An unknown target is not found, not redirected.
+    let mut login = Login::new();
+    let first = request(0, None, &[("InitiatorName", INITIATOR), ("TargetName", "iqn.2026-11.org.test:none")]);
+    let (response, _) = login.step(&first, &registry);
+    assert_eq!(status_of(&response), status::NOT_FOUND);
+}

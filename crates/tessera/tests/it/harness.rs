@@ -70,6 +70,17 @@ impl TestCluster {
         settings: &[(&str, &str)],
         edit: impl Fn(&mut node::NodeConfig),
     ) -> TestCluster {
+        TestCluster::start_in_sites(count, settings, &[], edit)
+    }
+
+    /// As [`TestCluster::start_configured`], host `n` in `sites[n - 1]`
+    /// (hosts past the list's end in none).
+    pub fn start_in_sites(
+        count: u64,
+        settings: &[(&str, &str)],
+        sites: &[&str],
+        edit: impl Fn(&mut node::NodeConfig),
+    ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let ips: Vec<String> = (1..=count).map(|id| format!("127.0.0.{}", id + 10)).collect();
         let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
@@ -78,6 +89,9 @@ impl TestCluster {
         let mut local = BootstrapConfig::local("test", count, 11, wire_port, admin_port);
         for (key, value) in settings {
             local.settings.insert(key.to_string(), value.to_string());
+        }
+        for (host, site) in local.hosts.iter_mut().zip(sites) {
+            host.site = Some(site.to_string());
         }
         let config_dir = ConfigDir::new(fsio::real(), dir.path().join("config"));
         let (_, config) = config_dir.update(|config| *config = local.clone()).unwrap();

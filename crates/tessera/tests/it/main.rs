@@ -14,3 +14,4 @@ mod leader_kill;
 mod objects;
 mod queue;
 mod up;
+mod target_service;
