@@ -161,10 +161,8 @@ mod tests {
         let targets: Vec<Target> =
             (0..7).map(|index| Target { name: format!("t{index}"), owner: None, site: None }).collect();
         let owners = plan(&hosts, &targets);
-        let placed: Vec<Target> = targets
-            .iter()
-            .map(|target| Target { owner: Some(owners[&target.name]), ..target.clone() })
-            .collect();
+        let placed: Vec<Target> =
+            targets.iter().map(|target| Target { owner: Some(owners[&target.name]), ..target.clone() }).collect();
         assert_eq!(plan(&hosts, &placed), owners, "a balanced plan is stable");
         let survivors = vec![host(1, "a"), host(3, "a")];
         let after = plan(&survivors, &placed);
@@ -204,7 +202,7 @@ mod tests {
                 prop_assert!(site_of(owner).is_some(), "owner {} is not a live host", owner);
                 let served = target.site.as_ref().filter(|site| hosts.iter().any(|host| host.site.as_ref() == Some(*site)));
                 if let Some(site) = served {
-                    prop_assert_eq!(site_of(owner).as_ref(), Some(site));
+                    prop_assert_eq!(site_of(owner), Some(site.clone()));
                 }
                 groups.entry(served.cloned()).or_default().push(target);
             }

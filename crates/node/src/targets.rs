@@ -295,7 +295,7 @@ pub fn refresh(node: &Arc<Node>) {
             }
         }
     }
-    let targets = records
+    let targets: Vec<Target> = records
         .iter()
         .map(|record| Target {
             name: record.name.clone(),
@@ -355,9 +355,9 @@ pub fn target_host(target: &str, hosts: impl Iterator<Item = u64>) -> Option<u64
         value = (value ^ (value >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         value ^ (value >> 31)
     }
-    let name = target.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let name = target
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3));
     hosts.max_by_key(|host| (mix(name ^ mix(*host)), *host))
 }
 

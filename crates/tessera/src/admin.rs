@@ -448,8 +448,7 @@ pub fn create_target(
     initiators: Vec<String>,
     site: Option<String>,
 ) -> Result<()> {
-    let body =
-        serde_json::json!({ "name": name, "luns": luns, "chap": chap, "initiators": initiators, "site": site });
+    let body = serde_json::json!({ "name": name, "luns": luns, "chap": chap, "initiators": initiators, "site": site });
     let created = request(target, "POST", "/api/v1/targets", Some(body))?;
     let status: Option<node::targets::TargetStatus> =
         serde_json::from_value(created).context("create reply did not match this version of tessera")?;

@@ -128,8 +128,8 @@ fn continued_login_text_is_bounded() {
 
 #[test]
 fn a_redirected_target_sends_normal_logins_on_and_serves_discovery_itself() {
-    use std::collections::HashMap;
     use iscsi::target::Portal;
+    use std::collections::HashMap;
     let registry = registry();
     registry.set_discovery_chap(None);
     let owner = Portal { address: "127.0.0.12:3260".into(), group: 2 };
@@ -149,7 +149,8 @@ fn a_redirected_target_sends_normal_logins_on_and_serves_discovery_itself() {
     assert!(matches!(outcome, Outcome::Continue), "status {:#06x}", status_of(&response));
     // Discovery is never redirected.
     let mut login = Login::new();
-    let first = request(0, Some(3), &[("InitiatorName", INITIATOR), ("SessionType", "Discovery"), ("AuthMethod", "None")]);
+    let first =
+        request(0, Some(3), &[("InitiatorName", INITIATOR), ("SessionType", "Discovery"), ("AuthMethod", "None")]);
     let (response, outcome) = login.step(&first, &registry);
     assert!(matches!(outcome, Outcome::Complete), "status {:#06x}", status_of(&response));
     // An unknown target is not found, not redirected.

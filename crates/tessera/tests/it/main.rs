@@ -13,5 +13,5 @@ mod iscsi;
 mod leader_kill;
 mod objects;
 mod queue;
-mod up;
 mod target_service;
+mod up;

@@ -22,7 +22,8 @@ fn rounds() -> usize {
 }
 
 fn tool(name: &str) -> String {
-    which(name).unwrap_or_else(|| panic!("this test needs {name} (Debian package libiscsi-bin; scripts/test installs it)"))
+    which(name)
+        .unwrap_or_else(|| panic!("this test needs {name} (Debian package libiscsi-bin; scripts/test installs it)"))
 }
 
 fn run(cluster: &TestCluster, program: &str, args: &[&str]) -> std::process::Output {
@@ -31,7 +32,8 @@ fn run(cluster: &TestCluster, program: &str, args: &[&str]) -> std::process::Out
 
 fn tessera(cluster: &TestCluster, host: u64, args: &[&str]) -> String {
     let mut command = std::process::Command::new(crate::harness::binary());
-    let output = cluster.run_bounded(command.args(args).args(["--admin", &cluster.admin(host)]), Duration::from_secs(60));
+    let output =
+        cluster.run_bounded(command.args(args).args(["--admin", &cluster.admin(host)]), Duration::from_secs(60));
     assert!(output.status.success(), "tessera {args:?}: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -108,13 +110,10 @@ fn the_vip_moves_to_another_host_when_its_owner_is_killed_and_logins_through_it_
         let killed = Instant::now();
         let deadline = killed + Duration::from_secs(60);
         let (new_owner, new_epoch) = loop {
-            match vip_owner(&cluster) {
-                Some((new_owner, new_epoch)) if new_owner != owner => {
-                    if discovers_every_target(&cluster, &vip).is_ok() {
-                        break (new_owner, new_epoch);
-                    }
+            if let Some((new_owner, new_epoch)) = vip_owner(&cluster).filter(|(new_owner, _)| *new_owner != owner) {
+                if discovers_every_target(&cluster, &vip).is_ok() {
+                    break (new_owner, new_epoch);
                 }
-                _ => {}
             }
             assert!(Instant::now() < deadline, "the VIP did not move off killed host {owner}\n{}", cluster.report());
             std::thread::sleep(Duration::from_millis(100));
@@ -163,7 +162,10 @@ fn balanced(
             }
         }
         let load = objectives.entry(site.clone()).or_insert_with(|| {
-            live.iter().filter(|(_, host_site)| site.as_deref().is_none_or(|site| **host_site == site)).map(|(id, _)| (*id, 0)).collect()
+            live.iter()
+                .filter(|(_, host_site)| site.as_deref().is_none_or(|site| **host_site == site))
+                .map(|(id, _)| (*id, 0))
+                .collect()
         });
         *load.entry(owner).or_default() += 1;
     }
