@@ -70,6 +70,11 @@ pub struct NodeConfig {
     /// suffices for a loopback address or one the host always has.
     #[serde(default)]
     pub vip_interface: Option<String>,
+    /// How fast resyncs of the objects this host owns may copy, in MiB a
+    /// second across all of them, so that a returning host's catch-up
+    /// leaves room for foreground I/O; 0: unpaced (default).
+    #[serde(default)]
+    pub resync_mib_per_second: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +145,7 @@ impl NodeConfig {
             sanitize_mib_per_second: default_sanitize_mib_per_second(),
             block_cache_mib: default_block_cache_mib(),
             vip_interface: None,
+            resync_mib_per_second: 0,
         }
     }
 

@@ -175,6 +175,8 @@ pub struct Storage {
     /// Blocks read recently from the objects this host owns (none if
     /// `block_cache_mib` is 0).
     pub block_cache: Option<Arc<BlockCache>>,
+    /// The rate resyncs of owned objects copy at (`resync_mib_per_second`).
+    resync_pace: Option<Arc<objects::pace::Pace>>,
     owned: Mutex<HashMap<String, Owned>>,
     /// Objects being opened, and when an attempt last failed.
     opening: Mutex<HashSet<String>>,
@@ -219,6 +221,7 @@ impl Storage {
             component_threads,
             owner_threads,
             block_cache,
+            resync_pace: objects::pace::Pace::new(config.resync_mib_per_second.saturating_mul(1 << 20)).map(Arc::new),
             owned: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashSet::new()),
             failed_opens: Mutex::new(HashMap::new()),
@@ -781,6 +784,7 @@ async fn open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) -> Resul
         persister: Some(persister(node, name, epoch)),
         admission: Some(crate::repair::admission(node, name, epoch)),
         cache: node.storage.block_cache.clone(),
+        resync_pace: node.storage.resync_pace.clone(),
         first_owner: epoch == 1,
     };
     let blocks = record.size_bytes / BLOCK_SIZE as u64;

@@ -16,4 +16,5 @@ pub mod block_cache;
 pub mod component;
 pub mod object;
 pub mod owner;
+pub mod pace;
 pub mod threads;

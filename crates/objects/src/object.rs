@@ -98,6 +98,8 @@ pub struct Hooks {
     pub persister: Option<Persister>,
     pub admission: Option<Admission>,
     pub cache: Option<Arc<BlockCache>>,
+    /// The host's rate for resync copying (none: unpaced).
+    pub resync_pace: Option<Arc<crate::pace::Pace>>,
     /// No owner held the object before this one (the node knows from the
     /// catalog's epoch): `recover` need not wait out an older owner's cache
     /// lease before the first write.
@@ -160,6 +162,7 @@ pub struct Object<T: Transport> {
     inflight: tokio::sync::Semaphore,
     persister: Option<Persister>,
     admission: Option<Admission>,
+    resync_pace: Option<Arc<crate::pace::Pace>>,
     /// Blocks a component's next resync copies besides its source's
     /// tracking bitmap: what an interrupted resync under the previous
     /// owner had marked (a write that owner had in flight may have reached
@@ -230,6 +233,7 @@ impl<T: Transport> Object<T> {
             inflight: tokio::sync::Semaphore::new(INFLIGHT_MAX),
             persister: hooks.persister,
             admission: hooks.admission,
+            resync_pace: hooks.resync_pace,
             extra: Mutex::new(HashMap::new()),
             reported_newest: Mutex::new(HashMap::new()),
             resync_stats: ResyncStats::default(),
@@ -911,6 +915,9 @@ impl<T: Transport> Object<T> {
             let object = self.clone();
             let source_id = *source_id;
             async move {
+                if let Some(pace) = &object.resync_pace {
+                    pace.take(count * BLOCK_SIZE as u64).await;
+                }
                 let data = source_client.read(object.epoch, source_id, first, count).await.map_err(|_| ())?;
                 let sent = {
                     let mut state = object.state.lock().expect("object lock");

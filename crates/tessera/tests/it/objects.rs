@@ -303,9 +303,18 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
+/// The resync rate when the owner is killed mid-resync: the copy of up to
+/// the whole 64 MiB object then takes seconds, so the test sees it under
+/// way (unpaced, it can end between two looks).
+const PACED_RESYNC_MIB_PER_SECOND: u64 = 16;
+
 fn scenario(outage: Outage) {
     let _guard = exclusive();
-    let mut cluster = TestCluster::start(3);
+    let mut cluster = TestCluster::start_configured(3, &[], |config| {
+        if outage == Outage::OwnerRestartMidResync {
+            config.resync_mib_per_second = PACED_RESYNC_MIB_PER_SECOND;
+        }
+    });
     cluster.wait_healthy(Duration::from_secs(60));
     let created = create(&cluster);
     let runtime = runtime();
