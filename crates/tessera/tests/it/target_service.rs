@@ -240,3 +240,261 @@ fn target_owners_stay_balanced_within_their_site_and_the_cluster_as_hosts_leave_
     let output = run(&cluster, "iscsi-inq", &[&url]);
     assert!(output.status.success(), "{url}: {}", String::from_utf8_lossy(&output.stderr));
 }
+
+/// One path to a LUN: a qemu-io process (libiscsi underneath) on one
+/// portal, fed commands on stdin. Dropping it kills the process, so a write
+/// left pending on a dead path can never land later.
+struct IoPath {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl IoPath {
+    fn open(url: &str) -> IoPath {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(tool("qemu-io"))
+            .args(["-f", "raw", url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting qemu-io");
+        let (sender, lines) = std::sync::mpsc::channel();
+        let streams: [Box<dyn std::io::Read + Send>; 2] =
+            [Box::new(child.stdout.take().unwrap()), Box::new(child.stderr.take().unwrap())];
+        for stream in streams {
+            let sender = sender.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                    if sender.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let stdin = child.stdin.take().unwrap();
+        IoPath { child, stdin, lines }
+    }
+
+    /// Writes one 4 KiB block of `pattern`; `Err` if qemu-io reports a
+    /// failure, exits, or does not answer within `limit`.
+    fn write(&mut self, block: u64, pattern: u8, limit: Duration) -> Result<(), String> {
+        use std::io::Write;
+        let offset = block * 4096;
+        writeln!(self.stdin, "write -P {pattern} {offset} 4096")
+            .map_err(|error| format!("qemu-io is gone: {error}"))?;
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(&format!("wrote 4096/4096 bytes at offset {offset}")) => return Ok(()),
+                Ok(line) if line.contains("failed") || line.contains("error") => return Err(line),
+                Ok(_) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return Err(format!("no answer within {limit:?}")),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err("qemu-io exited".into()),
+            }
+        }
+    }
+}
+
+impl Drop for IoPath {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the writer learned: per block, the last acknowledged pattern and
+/// the patterns of writes that failed after it (they may or may not have
+/// landed); and the longest time without an acknowledgement.
+#[derive(Default)]
+struct WriteLedger {
+    acked: BTreeMap<u64, u8>,
+    uncertain: BTreeMap<u64, Vec<u8>>,
+    writes: u64,
+    /// The next write's sequence number (rounds go on where the last ended).
+    seq: u64,
+    after_failover: u64,
+    stall: Option<Duration>,
+}
+
+const FAILOVER_BLOCKS: u64 = 1024;
+/// How long a write may go unanswered before the path counts as failed.
+const PATH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Writes a self-verifying pattern (block `seq % FAILOVER_BLOCKS`, pattern
+/// `seq % 251 + 1`) through `paths[0]` until it fails, then through
+/// `paths[1]`, retrying each failed write until it is acknowledged, as a
+/// multipath initiator does; stops `after` the first failure.
+fn write_with_failover(
+    ledger: &mut WriteLedger,
+    paths: [String; 2],
+    stop: &std::sync::atomic::AtomicBool,
+    after: Duration,
+) {
+    use std::sync::atomic::Ordering;
+    (ledger.after_failover, ledger.stall) = (0, None);
+    let mut path = IoPath::open(&paths[0]);
+    let mut on_second = false;
+    let mut failed_at: Option<Instant> = None;
+    let mut last_ack = Instant::now();
+    loop {
+        if stop.load(Ordering::Relaxed) || failed_at.is_some_and(|at| at.elapsed() > after) {
+            return;
+        }
+        let (block, pattern) = (ledger.seq % FAILOVER_BLOCKS, (ledger.seq % 251 + 1) as u8);
+        loop {
+            match path.write(block, pattern, PATH_TIMEOUT) {
+                Ok(()) => {
+                    let stalled = last_ack.elapsed();
+                    if failed_at.is_some() && ledger.stall.is_none_or(|stall| stalled > stall) {
+                        ledger.stall = Some(stalled);
+                    }
+                    last_ack = Instant::now();
+                    ledger.acked.insert(block, pattern);
+                    ledger.uncertain.remove(&block);
+                    ledger.writes += 1;
+                    if on_second {
+                        ledger.after_failover += 1;
+                    }
+                    break;
+                }
+                Err(error) => {
+                    ledger.uncertain.entry(block).or_default().push(pattern);
+                    failed_at.get_or_insert_with(Instant::now);
+                    assert!(
+                        last_ack.elapsed() < Duration::from_secs(120),
+                        "no write acknowledged for 2 minutes: {error}"
+                    );
+                    if !on_second {
+                        println!(
+                            "path 1 failed ({error}) after {} writes: failing over to {}",
+                            ledger.writes, paths[1]
+                        );
+                        on_second = true;
+                        path = IoPath::open(&paths[1]);
+                    } else {
+                        // The surviving host may still be taking the
+                        // objects over; a path whose process gave up is
+                        // opened again.
+                        std::thread::sleep(Duration::from_millis(200));
+                        if path.child.try_wait().ok().flatten().is_some() {
+                            path = IoPath::open(&paths[1]);
+                        }
+                    }
+                }
+            }
+        }
+        ledger.seq += 1;
+    }
+}
+
+/// Rounds of kill-and-fail-over (`TESSERA_FAILOVER_ROUNDS`, default 1;
+/// `bench/failover.sh` runs 10 and reports the stalls).
+fn failover_rounds() -> usize {
+    std::env::var("TESSERA_FAILOVER_ROUNDS").ok().and_then(|rounds| rounds.parse().ok()).unwrap_or(1)
+}
+
+#[test]
+fn killing_the_host_an_initiator_writes_through_fails_over_to_another_portal_with_no_acknowledged_write_lost() {
+    let _exclusive = exclusive();
+    tool("qemu-io");
+    tool("qemu-img");
+    let port = free_port(&["127.0.0.11", "127.0.0.12", "127.0.0.13"]);
+    let mut cluster = TestCluster::start_configured(3, &[], |config| {
+        config.roles = vec!["storage".into(), "target".into()];
+        config.iscsi_port = port;
+    });
+    cluster.wait_healthy(Duration::from_secs(60));
+    const TARGET: &str = "iqn.2026-11.org.tessera.test:failover";
+    tessera(&cluster, 1, &["volume", "create", "fo", "--size", "64MiB", "--policy", "raid1:2"]);
+    tessera(&cluster, 1, &["target", "create", TARGET, "--lun", "0=fo"]);
+    let url = |host: u64| format!("iscsi://127.0.0.{}:{port}/{TARGET}/0", host + 10);
+    let mut ledger = WriteLedger::default();
+    let mut stalls = Vec::new();
+    for round in 0..failover_rounds() {
+        // Host 1 holds the log leader's seat more often than not; the
+        // initiator uses host 2 or 3 and fails over to the other.
+        let (used, other) = if round % 2 == 0 { (2, 3) } else { (3, 2) };
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let killed_at = std::thread::scope(|scope| {
+            let paths = [url(used), url(other)];
+            let ledger = &mut ledger;
+            let writer = scope.spawn(|| write_with_failover(ledger, paths, &stop, Duration::from_secs(15)));
+            // Long enough for the used host to take the object over
+            // (ownership follows I/O), so the kill takes the owner too.
+            std::thread::sleep(Duration::from_secs(6));
+            let owners: Vec<(String, u64)> =
+                cluster.status().unwrap().objects.into_iter().map(|object| (object.name, object.owner)).collect();
+            println!("round {round}: object owners before killing host {used}: {owners:?}");
+            cluster.kill(used);
+            let killed_at = Instant::now();
+            // The writer stops 15 s after its path failed; if the path
+            // never fails, it is stopped here and the test fails below.
+            while !writer.is_finished() && killed_at.elapsed() < Duration::from_secs(90) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            writer.join().unwrap();
+            killed_at
+        });
+        let stall = ledger.stall.expect("the writer saw its path fail");
+        println!(
+            "round {round}: host {used} killed {:?} ago; {} writes acknowledged in all, {} after failing over to host \
+             {other}; longest time without an acknowledgement: {stall:?} (target < 10 s)",
+            killed_at.elapsed(),
+            ledger.writes,
+            ledger.after_failover
+        );
+        assert!(ledger.after_failover >= 10, "I/O did not resume through host {other}");
+        stalls.push(stall);
+        // Every acknowledged write is there (or a later one that failed
+        // but may have landed).
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("lun.raw");
+        let output =
+            run(&cluster, "qemu-img", &["convert", "-f", "raw", "-O", "raw", &url(other), image.to_str().unwrap()]);
+        assert!(output.status.success(), "reading the LUN back: {}", String::from_utf8_lossy(&output.stderr));
+        let data = std::fs::read(&image).unwrap();
+        let mut lost = Vec::new();
+        for block in 0..FAILOVER_BLOCKS {
+            let bytes = &data[block as usize * 4096..(block as usize + 1) * 4096];
+            let value = bytes[0];
+            let uniform = bytes.iter().all(|byte| *byte == value);
+            let mut allowed: Vec<u8> = ledger.uncertain.get(&block).cloned().unwrap_or_default();
+            allowed.push(ledger.acked.get(&block).copied().unwrap_or(0));
+            if !uniform || !allowed.contains(&value) {
+                lost.push((block, value, uniform, allowed));
+            }
+        }
+        assert!(
+            lost.is_empty(),
+            "{} blocks lost an acknowledged write (block, found, uniform, allowed): {:?}",
+            lost.len(),
+            &lost[..lost.len().min(10)]
+        );
+        println!(
+            "round {round}: all {FAILOVER_BLOCKS} blocks hold their last acknowledged write (or a later one in flight)"
+        );
+        // What is on disk now is what was read: nothing is uncertain any more.
+        for block in 0..FAILOVER_BLOCKS {
+            let value = data[block as usize * 4096];
+            ledger.uncertain.remove(&block);
+            if value != 0 {
+                ledger.acked.insert(block, value);
+            }
+        }
+        cluster.start_host(used);
+        cluster.wait_healthy(Duration::from_secs(120));
+    }
+    stalls.sort();
+    println!(
+        "I/O stall on failover (longest time without an acknowledged write, path timeout {PATH_TIMEOUT:?} included) \
+         over {} rounds: p50 {:?}, worst {:?}",
+        stalls.len(),
+        stalls[stalls.len() / 2],
+        stalls[stalls.len() - 1]
+    );
+}
