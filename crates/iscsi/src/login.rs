@@ -23,6 +23,7 @@ pub const LOGIN_TEXT_MAX: usize = 64 * 1024;
 pub mod status {
     /// Redirection: the target is, for now, at the `TargetAddress` given.
     pub const TARGET_MOVED_TEMPORARILY: u16 = 0x0101;
+    pub const SERVICE_UNAVAILABLE: u16 = 0x0301;
     pub const AUTHENTICATION_FAILED: u16 = 0x0201;
     pub const FORBIDDEN: u16 = 0x0202;
     pub const NOT_FOUND: u16 = 0x0203;
@@ -216,6 +217,10 @@ impl Login {
             if let Some(address) = self.target.as_ref().and_then(|target| registry.redirect(&target.name)) {
                 response.data = text::encode(&[("TargetAddress".to_string(), address)]).into();
                 return fail(response, status::TARGET_MOVED_TEMPORARILY);
+            }
+            if registry.is_redirect_only() {
+                // Nowhere to send it yet (no live host for the target).
+                return fail(response, status::SERVICE_UNAVAILABLE);
             }
         }
         // A target with CHAP takes no operational stage before CHAP is

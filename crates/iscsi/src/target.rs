@@ -81,6 +81,9 @@ pub struct Registry {
     portals: RwLock<Vec<Portal>>,
     /// Target name → the `TargetAddress` a normal login is sent to.
     redirects: RwLock<HashMap<String, String>>,
+    /// Serves no sessions: a normal login to a target without a redirect
+    /// is refused as "service unavailable" (a discovery VIP).
+    redirect_only: bool,
     group: u16,
     discovery_chap: RwLock<Option<Chap>>,
     sessions: Mutex<HashMap<(String, [u8; 6]), SessionEntry>>,
@@ -95,6 +98,7 @@ impl Registry {
             targets: RwLock::new(BTreeMap::new()),
             portals: RwLock::new(Vec::new()),
             redirects: RwLock::new(HashMap::new()),
+            redirect_only: false,
             group: group.max(1),
             discovery_chap: RwLock::new(None),
             sessions: Mutex::new(HashMap::new()),
@@ -138,13 +142,25 @@ impl Registry {
     /// sessions itself but sends each initiator to the host owning its
     /// target. A target with no entry is served here.
     pub fn set_redirects(&self, redirects: HashMap<String, Portal>) {
-        let redirects = redirects.into_iter().map(|(target, portal)| (target, portal.target_address())).collect();
+        // RFC 7143 §13.8: a redirection's TargetAddress has no portal
+        // group tag.
+        let redirects = redirects.into_iter().map(|(target, portal)| (target, portal.address)).collect();
         *self.redirects.write().expect("redirects") = redirects;
     }
 
     /// The `TargetAddress` a normal login to `target` is redirected to.
     pub fn redirect(&self, target: &str) -> Option<String> {
         self.redirects.read().expect("redirects").get(target).cloned()
+    }
+
+    /// A registry that only redirects (a discovery VIP): discovery
+    /// sessions, and redirections of normal logins; no normal sessions.
+    pub fn redirecting_only(group: u16) -> Registry {
+        Registry { redirect_only: true, ..Registry::new(group) }
+    }
+
+    pub fn is_redirect_only(&self) -> bool {
+        self.redirect_only
     }
 
     pub fn set_discovery_chap(&self, chap: Option<Chap>) {

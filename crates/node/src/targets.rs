@@ -34,6 +34,7 @@ use crate::storage::{self, ClientError, IoReply, IoRequest, ObjectClient};
 /// The default size of a volume's backend objects (the spec's 256 GiB).
 pub const DEFAULT_OBJECT_SIZE: u64 = 256 << 30;
 const REFRESH_INTERVAL: Duration = Duration::from_secs(2);
+const REBALANCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The target service of one host.
 pub struct TargetService {
@@ -55,7 +56,7 @@ impl TargetService {
     pub fn new(node_id: u64, address: Option<String>) -> TargetService {
         TargetService {
             registry: Arc::new(Registry::new((node_id & 0xffff) as u16)),
-            vip_registry: Arc::new(Registry::new((node_id & 0xffff) as u16)),
+            vip_registry: Arc::new(Registry::redirecting_only(crate::vip::VIP_PORTAL_GROUP)),
             address,
             units: Mutex::new(HashMap::new()),
         }
@@ -241,15 +242,20 @@ async fn watch(node: Arc<Node>) {
     let mut volumes = services.catalog.volumes.changes();
     let mut targets = services.catalog.targets.changes();
     let mut hosts = services.catalog.watch_hosts();
+    let mut vip = services.catalog.vip.changes();
     let mut shutdown = node.shutdown_signal();
     loop {
         refresh(&node);
         // Hand off the targets this host owns beyond its share, claim
-        // those whose owner left.
-        if let Err(error) = rebalance(&node, false).await {
-            tracing::warn!(%error, "cannot balance target owners");
+        // those whose owner left (bounded: a slow log must not hold up
+        // the refreshes).
+        match tokio::time::timeout(REBALANCE_TIMEOUT, rebalance(&node, false)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "cannot balance target owners"),
+            Err(_) => tracing::warn!("balancing target owners timed out; trying again later"),
         }
         tokio::select! {
+            _ = vip.changed() => {}
             _ = volumes.changed() => {}
             _ = targets.changed() => {}
             _ = hosts.changed() => {}
@@ -314,8 +320,7 @@ pub fn refresh(node: &Arc<Node>) {
         })
         .collect();
     drop(units);
-    node.targets.vip_registry.set_targets(targets.clone());
-    node.targets.registry.set_targets(targets);
+    node.targets.registry.set_targets(targets.clone());
     let hosts = storage::hosts_by_id(node);
     let portals: BTreeMap<u64, Portal> = hosts
         .values()
@@ -338,7 +343,10 @@ pub fn refresh(node: &Arc<Node>) {
             Some((record.name.clone(), portals[&host].clone()))
         })
         .collect();
+    // Redirects first: a target the VIP knows always has one (or is
+    // refused as unavailable), never a session at the VIP.
     node.targets.vip_registry.set_redirects(redirects);
+    node.targets.vip_registry.set_targets(targets);
     let vip = services.catalog.vip.get_local().map(|(vip, _)| vip.address);
     let group = node.targets.vip_registry.portal_group();
     node.targets.vip_registry.set_portals(vip.map(|address| Portal { address, group }).into_iter().collect());

@@ -13,8 +13,17 @@
 //!   portal, and a normal login is redirected ("target moved temporarily")
 //!   to the host that owns the target.
 //! - An owner that sees the record name another host, finds its own host
-//!   marked down, or cannot read the catalog for [`LEASE`] unbinds, so a
-//!   deposed or cut-off owner stops answering at the address.
+//!   marked down, or has not completed a read of the record sent within
+//!   the last [`LEASE`] unbinds, so a deposed or cut-off owner stops
+//!   answering at the address.
+//! - With `vip_interface` (an address that moves between machines) a new
+//!   owner that took the VIP from another host waits [`LEASE`] plus one
+//!   check before adding and binding it: by then the old owner has read
+//!   the record naming the new one, or its lease has run out; either way it
+//!   has let go, so two machines never answer at the address. Without an
+//!   interface the address is bound on one machine's stack, where the
+//!   kernel refuses a second bind (the new owner retries until the old
+//!   one lets go), so no wait is needed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,9 +38,13 @@ use crate::daemon::Node;
 pub const VIP_SETTING: &str = "vip";
 /// How often the record is read when nothing changes.
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
-/// How long an owner that cannot read the catalog keeps the VIP.
-pub const LEASE: Duration = Duration::from_secs(3);
+/// How long an owner keeps the VIP after sending the last read of the
+/// record that succeeded.
+pub const LEASE: Duration = Duration::from_secs(2);
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// The portal group tag SendTargets gives the VIP (the same whichever host
+/// holds it, so initiators' records of it stay valid).
+pub const VIP_PORTAL_GROUP: u16 = 0xffff;
 
 /// The VIP as this host holds it.
 struct Bound {
@@ -82,8 +95,9 @@ async fn run(node: Arc<Node>, configured: String) {
     let mut shutdown = node.shutdown_signal();
     let mut bound: Option<Bound> = None;
     let mut last_read = Instant::now();
+    let mut bind_after: Option<Instant> = None;
     loop {
-        step(&node, &configured, &threads, &mut bound, &mut last_read).await;
+        step(&node, &configured, &threads, &mut bound, &mut last_read, &mut bind_after).await;
         tokio::select! {
             _ = changes.changed() => {}
             _ = hosts.changed() => {}
@@ -100,18 +114,26 @@ async fn step(
     threads: &Arc<ConnectionThreads>,
     bound: &mut Option<Bound>,
     last_read: &mut Instant,
+    bind_after: &mut Option<Instant>,
 ) {
     let Some(services) = node.services() else { return };
     let me = node.config.node_id;
     // A linearizable read: an owner cut off from the log must not go on
     // answering at an address the cluster may have given to another host.
-    let record = match tokio::time::timeout(READ_TIMEOUT, services.catalog.vip.get()).await {
+    // The lease counts from when the read was sent, and a bound owner's
+    // read may not outlast the lease.
+    let sent = Instant::now();
+    let limit = match bound {
+        Some(_) => READ_TIMEOUT.min(LEASE.saturating_sub(last_read.elapsed())).max(Duration::from_millis(10)),
+        None => READ_TIMEOUT,
+    };
+    let record = match tokio::time::timeout(limit, services.catalog.vip.get()).await {
         Ok(Ok(record)) => {
-            *last_read = Instant::now();
+            *last_read = sent;
             record
         }
         outcome => {
-            if bound.is_some() && last_read.elapsed() > LEASE {
+            if bound.is_some() && last_read.elapsed() >= LEASE {
                 let error = match outcome {
                     Ok(Err(error)) => error.to_string(),
                     _ => "timed out".into(),
@@ -129,15 +151,24 @@ async fn step(
         let (record, version) = record.expect("an owner comes from a record");
         if record.address != configured {
             // The operator moved the VIP: the owner records the new address.
+            // Unbound first: the update may take as long as the log does.
+            unbind(bound).await;
             let moved = VipRecord { address: configured.to_string(), ..record.clone() };
-            if let Ok(Ok(_)) = services.catalog.vip.compare_and_set(Some(version), moved).await {
+            if let Ok(Ok(Ok(_))) =
+                tokio::time::timeout(READ_TIMEOUT, services.catalog.vip.compare_and_set(Some(version), moved)).await
+            {
                 tracing::info!(from = %record.address, to = configured, "the VIP's address changed");
             }
             return;
         }
+        if bind_after.is_some_and(|after| Instant::now() < after) {
+            return;
+        }
+        *bind_after = None;
         bind(node, threads, bound, &record.address).await;
         return;
     }
+    *bind_after = None;
     if bound.is_some() {
         tracing::info!(owner = ?current, "this host no longer owns the VIP: unbinding it");
         unbind(bound).await;
@@ -153,6 +184,12 @@ async fn step(
     match services.catalog.vip.compare_and_set(expected, taken.clone()).await {
         Ok(Ok(_)) => {
             tracing::info!(address = %taken.address, epoch, previous = ?current, "took the discovery VIP");
+            if current.is_some() && node.config.vip_interface.is_some() {
+                // Wait out the old owner's lease (see the module's doc).
+                *bind_after = Some(Instant::now() + LEASE + CHECK_INTERVAL);
+                tracing::info!(wait = ?(LEASE + CHECK_INTERVAL), "waiting out the old owner's lease before binding");
+                return;
+            }
             bind(node, threads, bound, &taken.address).await;
         }
         Ok(Err(_)) => tracing::debug!("another host took the VIP first"),

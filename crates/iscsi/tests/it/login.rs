@@ -141,7 +141,8 @@ fn a_redirected_target_sends_normal_logins_on_and_serves_discovery_itself() {
     assert!(matches!(outcome, Outcome::Fail), "a redirection closes the connection");
     assert_eq!(status_of(&response), status::TARGET_MOVED_TEMPORARILY);
     let answered = text::parse(&response.data).unwrap();
-    assert_eq!(answered, vec![("TargetAddress".to_string(), "127.0.0.12:3260,2".to_string())]);
+    // RFC 7143 §13.8: no portal group tag in a redirection.
+    assert_eq!(answered, vec![("TargetAddress".to_string(), "127.0.0.12:3260".to_string())]);
     // B has no redirection: it is served here (its CHAP starts).
     let mut login = Login::new();
     let first = request(0, None, &[("InitiatorName", INITIATOR), ("TargetName", B), ("AuthMethod", "CHAP,None")]);
@@ -153,6 +154,21 @@ fn a_redirected_target_sends_normal_logins_on_and_serves_discovery_itself() {
         request(0, Some(3), &[("InitiatorName", INITIATOR), ("SessionType", "Discovery"), ("AuthMethod", "None")]);
     let (response, outcome) = login.step(&first, &registry);
     assert!(matches!(outcome, Outcome::Complete), "status {:#06x}", status_of(&response));
+    // A registry that only redirects serves no session for a target it
+    // has no redirection for.
+    let vip = Registry::redirecting_only(0xffff);
+    vip.set_targets(vec![Target {
+        name: B.into(),
+        alias: String::new(),
+        luns: BTreeMap::new(),
+        chap: None,
+        initiators: Vec::new(),
+    }]);
+    let mut login = Login::new();
+    let first = request(0, Some(1), &[("InitiatorName", INITIATOR), ("TargetName", B), ("AuthMethod", "None")]);
+    let (response, outcome) = login.step(&first, &vip);
+    assert!(matches!(outcome, Outcome::Fail));
+    assert_eq!(status_of(&response), status::SERVICE_UNAVAILABLE);
     // An unknown target is not found, not redirected.
     let mut login = Login::new();
     let first = request(0, None, &[("InitiatorName", INITIATOR), ("TargetName", "iqn.2026-11.org.test:none")]);

@@ -92,14 +92,29 @@ fn the_vip_moves_to_another_host_when_its_owner_is_killed_and_logins_through_it_
 
     let mut takeovers = Vec::new();
     for round in 0..rounds() {
-        // A login through the VIP lands on a target's host: the owner
+        // A login through the VIP lands on the target's owner: the VIP
         // answered with a redirection, and libiscsi followed it.
         let before = redirected(&cluster, &cluster.running());
+        // Owners settle first (a host that just returned gets its share).
+        let live: BTreeMap<u64, &str> = cluster.running().into_iter().map(|id| (id, "")).collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let owned = loop {
+            let owned = owners(&cluster, cluster.running()[0]);
+            match balanced(&owned, &live) {
+                Ok(()) => break owned,
+                Err(problem) => assert!(Instant::now() < deadline, "target owners did not settle: {problem}"),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
         for target in TARGETS {
+            let owner = owned[target].0.expect("every target has an owner");
+            let logins = |cluster: &TestCluster| cluster.metric(owner, "iscsi_logins_total").unwrap_or(0.0);
+            let logins_before = logins(&cluster);
             let url = format!("iscsi://{vip}/{target}/0");
             let output = run(&cluster, "iscsi-inq", &[&url]);
             let text = String::from_utf8_lossy(&output.stdout);
             assert!(output.status.success() && text.contains("Vendor:TESSERA"), "{url}: {text}");
+            assert!(logins(&cluster) > logins_before, "the login to {target} did not reach its owner, host {owner}");
         }
         assert!(
             redirected(&cluster, &cluster.running()) >= before + TARGETS.len() as f64,
@@ -227,6 +242,7 @@ fn target_owners_stay_balanced_within_their_site_and_the_cluster_as_hosts_leave_
     let kept = created.iter().filter(|(name, (owner, _))| *owner != Some(4) && after_kill[*name].0 == *owner).count();
     let survivors = created.values().filter(|(owner, _)| *owner != Some(4)).count();
     println!("after host 4 left: {after_kill:?}; {kept} of {survivors} targets of the live hosts kept their owner");
+    assert_eq!(kept, survivors, "only host 4's targets move (no live host was over its share)");
     // It returns: the hosts hand it its share back on their own.
     cluster.start_host(4);
     cluster.wait_healthy(Duration::from_secs(60));
@@ -423,12 +439,20 @@ fn killing_the_host_an_initiator_writes_through_fails_over_to_another_portal_wit
             let paths = [url(used), url(other)];
             let ledger = &mut ledger;
             let writer = scope.spawn(|| write_with_failover(ledger, paths, &stop, Duration::from_secs(15)));
-            // Long enough for the used host to take the object over
-            // (ownership follows I/O), so the kill takes the owner too.
-            std::thread::sleep(Duration::from_secs(6));
-            let owners: Vec<(String, u64)> =
-                cluster.status().unwrap().objects.into_iter().map(|object| (object.name, object.owner)).collect();
-            println!("round {round}: object owners before killing host {used}: {owners:?}");
+            // The used host takes the object over (ownership follows
+            // I/O), so the kill takes the owner too.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let owners: Vec<u64> =
+                    cluster.status().map(|status| status.objects.iter().map(|o| o.owner).collect()).unwrap_or_default();
+                if !owners.is_empty() && owners.iter().all(|owner| *owner == used) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "host {used} did not take the object over: owners {owners:?}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            println!("round {round}: host {used} owns the object; killing it");
             cluster.kill(used);
             let killed_at = Instant::now();
             // The writer stops 15 s after its path failed; if the path
