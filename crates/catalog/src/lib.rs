@@ -31,6 +31,7 @@ pub const OBJECTS_STREAM: StreamId = StreamId::from_name("catalog/objects");
 pub const VOLUMES_STREAM: StreamId = StreamId::from_name("catalog/volumes");
 pub const TARGETS_STREAM: StreamId = StreamId::from_name("catalog/targets");
 pub const VIP_STREAM: StreamId = StreamId::from_name("catalog/vip");
+pub const RESERVATIONS_STREAM: StreamId = StreamId::from_name("catalog/reservations");
 
 /// Compare-and-set retries before an update gives up (contention is between
 /// a handful of hosts; this bounds a pathological loop).
@@ -61,6 +62,9 @@ pub struct Catalog<T: Transport> {
     pub targets: Replicated<Map<String, TargetRecord>, T>,
     /// The discovery VIP: its address, owner host and epoch.
     pub vip: Replicated<Register<VipRecord>, T>,
+    /// SCSI persistent reservations by volume, opaque to the catalog (the
+    /// target service's encoding), shared by every host serving the volume.
+    pub reservations: Replicated<Map<String, Vec<u8>>, T>,
 }
 
 impl<T: Transport> Catalog<T> {
@@ -75,6 +79,7 @@ impl<T: Transport> Catalog<T> {
             volumes: runtime.open(VOLUMES_STREAM).await?,
             targets: runtime.open(TARGETS_STREAM).await?,
             vip: runtime.open(VIP_STREAM).await?,
+            reservations: runtime.open(RESERVATIONS_STREAM).await?,
         })
     }
 

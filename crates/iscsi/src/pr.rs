@@ -5,6 +5,9 @@
 //! An I_T nexus is named by its initiator port (`<iqn>,i,0x<isid>`); the
 //! target has one port per portal group, so the port is implied.
 
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::sense::Sense;
@@ -91,6 +94,26 @@ pub type Attentions = Vec<(String, u8, u8)>;
 const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x03);
 const RESERVATIONS_RELEASED: (u8, u8) = (0x2a, 0x04);
 const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x05);
+
+/// Where a logical unit's reservations live when several target hosts
+/// serve it (the unit keeps its own otherwise): every host's unit enforces
+/// the same registrations and reservation, and they survive the host that
+/// took them.
+pub trait ReservationStore: Send + Sync {
+    /// The newest state this host knows: checked on every command, so it
+    /// must be cheap.
+    fn load(&self) -> Arc<Reservations>;
+
+    /// Applies `change` to the shared state as one atomic step (read,
+    /// change, compare-and-set, again on a conflict: `change` may run more
+    /// than once and must depend only on the state it is given). `Err`:
+    /// the shared state cannot be reached.
+    fn update<'a>(&'a self, change: &'a Change) -> BoxFuture<'a, Result<Result<Attentions, PrError>, String>>;
+}
+
+/// A change of reservations (what a PERSISTENT RESERVE OUT or RESERVE(6)
+/// does), with the unit attentions it leaves for other nexuses.
+pub type Change = dyn Fn(&mut Reservations) -> Result<Attentions, PrError> + Send + Sync;
 
 /// PERSISTENT RESERVE OUT service actions.
 pub mod action {

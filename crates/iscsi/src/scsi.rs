@@ -154,6 +154,9 @@ pub struct LogicalUnit {
     sanitize: Arc<Mutex<sanitize::State>>,
     /// How fast a sanitize may overwrite the unit; unpaced when `None`.
     sanitize_rate: Option<std::num::NonZeroU64>,
+    /// Reservations shared with the other hosts serving the unit (the
+    /// unit's own `state.reservations` are unused then).
+    reservation_store: Option<Arc<dyn pr::ReservationStore>>,
 }
 
 type Outcome = Result<Reply, Sense>;
@@ -334,6 +337,7 @@ impl LogicalUnit {
             atomic: Arc::new(tokio::sync::RwLock::new(())),
             sanitize: Arc::default(),
             sanitize_rate: None,
+            reservation_store: None,
         }
     }
 
@@ -341,6 +345,13 @@ impl LogicalUnit {
     /// as fast as the device takes it).
     pub fn with_sanitize_rate(mut self, bytes_per_second: Option<std::num::NonZeroU64>) -> LogicalUnit {
         self.sanitize_rate = bytes_per_second;
+        self
+    }
+
+    /// Keeps the unit's persistent reservations (and RESERVE(6)) in
+    /// `store`, shared with every other host serving the unit.
+    pub fn with_reservation_store(mut self, store: Arc<dyn pr::ReservationStore>) -> LogicalUnit {
+        self.reservation_store = Some(store);
         self
     }
 
@@ -362,13 +373,40 @@ impl LogicalUnit {
 
     /// The reservations, for PR IN and for tests.
     pub fn reservations(&self) -> Reservations {
-        self.state.lock().expect("unit state").reservations.clone()
+        match &self.reservation_store {
+            Some(store) => (*store.load()).clone(),
+            None => self.state.lock().expect("unit state").reservations.clone(),
+        }
+    }
+
+    /// Ends RESERVE(6) (of `nexus`, or whoever holds it); with a shared
+    /// store, in the background (a reset or a lost nexus does not wait on
+    /// the catalog).
+    fn end_legacy(&self, state: &mut UnitState, nexus: Option<&str>) {
+        let Some(store) = self.reservation_store.clone() else {
+            state.reservations.reset_legacy(nexus);
+            return;
+        };
+        let holds = store.load().legacy.as_ref().is_some_and(|holder| nexus.is_none_or(|nexus| holder == nexus));
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if holds {
+            let nexus = nexus.map(str::to_string);
+            runtime.spawn(async move {
+                let change = move |reservations: &mut Reservations| {
+                    reservations.reset_legacy(nexus.as_deref());
+                    Ok(Vec::new())
+                };
+                if let Err(error) = store.update(&change).await {
+                    tracing::warn!(%error, "cannot end a RESERVE(6) in the shared reservations");
+                }
+            });
+        }
     }
 
     /// A LUN reset: RESERVE(6) ends and every nexus gets a unit attention.
     pub fn reset(&self) {
         let mut state = self.state.lock().expect("unit state");
-        state.reservations.reset_legacy(None);
+        self.end_legacy(&mut state, None);
         let nexuses: Vec<String> = state.nexuses.iter().cloned().collect();
         for nexus in nexuses {
             state.attentions.entry(nexus).or_default().push_back((0x29, 0x03));
@@ -379,7 +417,7 @@ impl LogicalUnit {
     /// and its copy results and pending reset attentions go with it.
     pub fn nexus_lost(&self, nexus: &str) {
         let mut state = self.state.lock().expect("unit state");
-        state.reservations.reset_legacy(Some(nexus));
+        self.end_legacy(&mut state, Some(nexus));
         state.copies.retain(|(holder, _), _| holder != nexus);
         // Resets the nexus saw before it went are news to no one now (a new
         // session starts afresh); reservation and capacity news stays.
@@ -427,10 +465,12 @@ impl LogicalUnit {
                     return Err(Sense::sanitize_failed());
                 }
             }
-            let legacy_conflict = state.reservations.legacy.as_ref().is_some_and(|holder| holder != command.nexus)
+            let shared = self.reservation_store.as_ref().map(|store| store.load());
+            let reservations = shared.as_deref().unwrap_or(&state.reservations);
+            let legacy_conflict = reservations.legacy.as_ref().is_some_and(|holder| holder != command.nexus)
                 && !matches!(opcode, 0x12 | 0xa0 | 0x03 | 0x16 | 0x17 | 0xa3 | 0x5e);
             let reserve_family = matches!(opcode, 0x16 | 0x17);
-            if legacy_conflict || !reserve_family && !state.reservations.allows(command.nexus, access(opcode)) {
+            if legacy_conflict || !reserve_family && !reservations.allows(command.nexus, access(opcode)) {
                 return Ok(Reply::status(status::RESERVATION_CONFLICT));
             }
         }
@@ -468,10 +508,10 @@ impl LogicalUnit {
                 0x0c => report_opcodes(cdb),
                 _ => Err(Sense::invalid_cdb(1, Some(4))),
             },
-            0x16 => self.legacy_reservation(command.nexus, true),
-            0x17 => self.legacy_reservation(command.nexus, false),
+            0x16 => self.legacy_reservation(command.nexus, true).await,
+            0x17 => self.legacy_reservation(command.nexus, false).await,
             0x5e => self.persistent_reserve_in(cdb),
-            0x5f => self.persistent_reserve_out(cdb, &command),
+            0x5f => self.persistent_reserve_out(cdb, &command).await,
             0x37 | 0xb7 => read_defect_data(cdb),
             _ => Err(Sense::invalid_opcode()),
         }
@@ -1253,12 +1293,36 @@ impl LogicalUnit {
         Ok(Reply::good(out))
     }
 
-    fn legacy_reservation(&self, nexus: &str, reserve: bool) -> Outcome {
-        let mut state = self.state.lock().expect("unit state");
-        let result =
-            if reserve { state.reservations.reserve_legacy(nexus) } else { state.reservations.release_legacy(nexus) };
+    async fn legacy_reservation(&self, nexus: &str, reserve: bool) -> Outcome {
+        let change = move |reservations: &mut Reservations| {
+            let result =
+                if reserve { reservations.reserve_legacy(nexus) } else { reservations.release_legacy(nexus) };
+            result.map(|()| Vec::new())
+        };
+        self.change_reservations(&change).await
+    }
+
+    /// Applies a reservation change (to the shared store if there is one)
+    /// and queues the unit attentions it leaves for nexuses of this host.
+    async fn change_reservations(&self, change: &pr::Change) -> Outcome {
+        let result = match &self.reservation_store {
+            Some(store) => match store.update(change).await {
+                Ok(result) => result,
+                Err(error) => {
+                    tracing::warn!(%error, "the shared reservations cannot be reached");
+                    return Err(Sense::in_transition());
+                }
+            },
+            None => change(&mut self.state.lock().expect("unit state").reservations),
+        };
         match result {
-            Ok(()) => Ok(Reply::good(Bytes::new())),
+            Ok(attentions) => {
+                let mut state = self.state.lock().expect("unit state");
+                for (nexus, asc, ascq) in attentions {
+                    state.attentions.entry(nexus).or_default().push_back((asc, ascq));
+                }
+                Ok(Reply::good(Bytes::new()))
+            }
             Err(PrError::Conflict) => Ok(Reply::status(status::RESERVATION_CONFLICT)),
             Err(PrError::Sense(sense)) => Err(sense),
         }
@@ -1266,7 +1330,7 @@ impl LogicalUnit {
 
     fn persistent_reserve_in(&self, cdb: &[u8]) -> Outcome {
         let allocation = usize::from(be16(&cdb[7..]));
-        let state = self.state.lock().expect("unit state").reservations.clone();
+        let state = self.reservations();
         let mut out = Vec::new();
         out.extend_from_slice(&state.generation.to_be_bytes());
         match cdb[1] & 0x1f {
@@ -1321,7 +1385,7 @@ impl LogicalUnit {
         Ok(Reply::good(out))
     }
 
-    fn persistent_reserve_out(&self, cdb: &[u8], command: &Command<'_>) -> Outcome {
+    async fn persistent_reserve_out(&self, cdb: &[u8], command: &Command<'_>) -> Outcome {
         let action = cdb[1] & 0x1f;
         let kind = cdb[2] & 0x0f;
         if cdb[2] >> 4 != 0 {
@@ -1366,17 +1430,9 @@ impl LogicalUnit {
             request.move_to = Some(name);
             request.all_target_ports = false;
         }
-        let mut state = self.state.lock().expect("unit state");
-        match state.reservations.apply(command.nexus, &request) {
-            Ok(attentions) => {
-                for (nexus, asc, ascq) in attentions {
-                    state.attentions.entry(nexus).or_default().push_back((asc, ascq));
-                }
-                Ok(Reply::good(Bytes::new()))
-            }
-            Err(PrError::Conflict) => Ok(Reply::status(status::RESERVATION_CONFLICT)),
-            Err(PrError::Sense(sense)) => Err(sense),
-        }
+        let nexus = command.nexus;
+        let change = move |reservations: &mut Reservations| reservations.apply(nexus, &request);
+        self.change_reservations(&change).await
     }
 }
 

@@ -15,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod membership;
 pub mod repair;
+pub mod reservations;
 pub mod status;
 pub mod storage;
 pub mod targets;

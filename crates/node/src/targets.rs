@@ -291,8 +291,10 @@ pub fn refresh(node: &Arc<Node>) {
                         let device = Arc::new(VolumeDevice { volume: volume.clone() });
                         let sanitize_rate =
                             std::num::NonZeroU64::new(node.config.sanitize_mib_per_second.saturating_mul(1 << 20));
+                        let reservations = crate::reservations::CatalogReservations::new(node, name);
                         let unit = LogicalUnit::new(device, record.id, format!("{:016x}", record.id))
-                            .with_sanitize_rate(sanitize_rate);
+                            .with_sanitize_rate(sanitize_rate)
+                            .with_reservation_store(Arc::new(reservations));
                         let unit = Arc::new(unit);
                         units.insert(name.clone(), (volume, unit));
                     }
@@ -539,6 +541,10 @@ pub async fn remove_volume(node: &Arc<Node>, name: &str) -> Result<VolumeRecord,
         if let Err(error) = storage::remove(node, object).await {
             tracing::warn!(object, error, "object of a removed volume not deleted yet");
         }
+    }
+    // Its reservations go with it (a new volume of the name starts clean).
+    if let Err(error) = services.catalog.reservations.delete(name.to_string()).await {
+        tracing::warn!(volume = name, %error, "reservations of a removed volume not deleted");
     }
     refresh(node);
     Ok(record)

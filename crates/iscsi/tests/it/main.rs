@@ -5,6 +5,7 @@
 
 mod login;
 mod sanitize;
+mod shared_reservations;
 
 use bytes::{Bytes, BytesMut};
 use iscsi::pdu::{Digests, Pdu, PduError, BHS_LEN};

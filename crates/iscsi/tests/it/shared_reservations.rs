@@ -1,0 +1,140 @@
+//! Two logical units for one volume (two target hosts) sharing their
+//! reservations through a `ReservationStore`: what initiator A reserves
+//! through one is enforced for initiator B through the other, and stays
+//! when A's unit is gone.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use iscsi::memory::MemoryDevice;
+use iscsi::pr::{Attentions, Change, PrError, ReservationStore, Reservations};
+use iscsi::scsi::{Command, LogicalUnit, Port, Reply};
+use iscsi::sense::status;
+
+const A: &str = "iqn.2026-11.test:a,i,0x1";
+const B: &str = "iqn.2026-11.test:b,i,0x1";
+
+/// The shared copy (the node's store compares and sets on the catalog;
+/// one lock does here).
+#[derive(Default)]
+struct Shared {
+    state: Mutex<Arc<Reservations>>,
+}
+
+impl ReservationStore for Shared {
+    fn load(&self) -> Arc<Reservations> {
+        self.state.lock().unwrap().clone()
+    }
+
+    fn update<'a>(&'a self, change: &'a Change) -> BoxFuture<'a, Result<Result<Attentions, PrError>, String>> {
+        Box::pin(async move {
+            let mut state = self.state.lock().unwrap();
+            let mut next = (**state).clone();
+            let result = change(&mut next);
+            if result.is_ok() {
+                *state = Arc::new(next);
+            }
+            Ok(result)
+        })
+    }
+}
+
+async fn run(unit: &LogicalUnit, nexus: &str, relative_port: u16, cdb: &[u8], data: &[u8]) -> Reply {
+    let port = Port { target: "iqn.2026-11.test:target".into(), relative_port, group: relative_port };
+    let command = Command {
+        cdb,
+        data: Bytes::copy_from_slice(data),
+        nexus,
+        port: &port,
+        luns: &[0],
+        expected_length: data.len().max(4096) as u32,
+    };
+    unit.execute(command).await
+}
+
+fn prout(action: u8, kind: u8, key: u64, service_key: u64) -> ([u8; 10], [u8; 24]) {
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x5f;
+    cdb[1] = action;
+    cdb[2] = kind;
+    cdb[8] = 24;
+    let mut data = [0u8; 24];
+    data[0..8].copy_from_slice(&key.to_be_bytes());
+    data[8..16].copy_from_slice(&service_key.to_be_bytes());
+    (cdb, data)
+}
+
+fn write10(lba: u32) -> [u8; 10] {
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+    cdb[8] = 1;
+    cdb
+}
+
+fn read10(lba: u32) -> [u8; 10] {
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x28;
+    cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+    cdb[8] = 1;
+    cdb
+}
+
+/// Answers unit attentions (each unit tells its nexuses once) until `cdb` gets a real answer.
+async fn settle(unit: &LogicalUnit, nexus: &str, port: u16, cdb: &[u8], data: &[u8]) -> Reply {
+    for _ in 0..8 {
+        let reply = run(unit, nexus, port, cdb, data).await;
+        let attention = reply.status == status::CHECK_CONDITION
+            && reply.sense.as_ref().is_some_and(|sense| sense[2] & 0x0f == 0x06);
+        if !attention {
+            return reply;
+        }
+    }
+    panic!("unit attentions never ended");
+}
+
+#[tokio::test]
+async fn a_reservation_taken_through_one_host_is_enforced_through_another_and_outlives_the_first() {
+    let device = Arc::new(MemoryDevice::new(512, 1024));
+    let shared = Arc::new(Shared::default());
+    let host1 = LogicalUnit::new(device.clone(), 7, "vol").with_reservation_store(shared.clone());
+    let host2 = LogicalUnit::new(device.clone(), 7, "vol").with_reservation_store(shared.clone());
+    let block = vec![0x5a; 512];
+    // A registers and reserves Write Exclusive - Registrants Only (type 5)
+    // through host 1.
+    let (cdb, data) = prout(0, 0, 0, 0xaaaa);
+    assert_eq!(settle(&host1, A, 1, &cdb, &data).await.status, status::GOOD);
+    let (cdb, data) = prout(1, 5, 0xaaaa, 0);
+    assert_eq!(settle(&host1, A, 1, &cdb, &data).await.status, status::GOOD);
+    // B, not registered, writes through host 2: conflict; it may read.
+    let reply = settle(&host2, B, 2, &write10(0), &block).await;
+    assert_eq!(reply.status, status::RESERVATION_CONFLICT, "{reply:?}");
+    assert_eq!(settle(&host2, B, 2, &read10(0), &[]).await.status, status::GOOD);
+    // A writes through host 2 (another path): allowed.
+    assert_eq!(settle(&host2, A, 2, &write10(0), &block).await.status, status::GOOD);
+    // Host 1 is gone; the reservation holds through host 2.
+    drop(host1);
+    let reply = settle(&host2, B, 2, &write10(1), &block).await;
+    assert_eq!(reply.status, status::RESERVATION_CONFLICT, "{reply:?}");
+    let holder = shared.load().reservation.clone().expect("still reserved");
+    assert_eq!((holder.holder.as_str(), holder.kind), (A, 5));
+    // B registers through host 2 and may then write (registrants only).
+    let (cdb, data) = prout(0, 0, 0, 0xbbbb);
+    assert_eq!(settle(&host2, B, 2, &cdb, &data).await.status, status::GOOD);
+    assert_eq!(settle(&host2, B, 2, &write10(1), &block).await.status, status::GOOD);
+    // RESERVE(6) is shared too: held by A through host 2, B conflicts
+    // through a new unit for the volume (a host that joined).
+    let host3 = LogicalUnit::new(device, 7, "vol").with_reservation_store(shared.clone());
+    let (cdb, data) = prout(2, 5, 0xaaaa, 0);
+    assert_eq!(settle(&host2, A, 2, &cdb, &data).await.status, status::GOOD, "release");
+    for (nexus, key) in [(A, 0xaaaa), (B, 0xbbbb)] {
+        let (cdb, data) = prout(0, 0, key, 0);
+        assert_eq!(settle(&host2, nexus, 2, &cdb, &data).await.status, status::GOOD, "unregister");
+    }
+    assert!(shared.load().registrations.is_empty());
+    let reserve6 = [0x16, 0, 0, 0, 0, 0];
+    assert_eq!(settle(&host2, A, 2, &reserve6, &[]).await.status, status::GOOD);
+    let reply = settle(&host3, B, 3, &read10(0), &[]).await;
+    assert_eq!(reply.status, status::RESERVATION_CONFLICT, "{reply:?}");
+}

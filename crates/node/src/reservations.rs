@@ -1,0 +1,103 @@
+//! SCSI persistent reservations shared by every host serving a volume
+//! (issue 8; spec: iscsi.md, "Active-active failover with persistent
+//! reservations").
+//!
+//! A volume's `iscsi::pr::Reservations` live in the catalog's
+//! `reservations` map under the volume's name, JSON-encoded (the catalog
+//! knows nothing of SCSI). Every host's logical unit for the volume checks
+//! commands against the newest copy its catalog replica has applied, and
+//! changes it (PERSISTENT RESERVE OUT, RESERVE/RELEASE(6)) by
+//! compare-and-set, so a reservation taken through one host is enforced by
+//! all, and outlives the host it was taken through.
+//!
+//! Not yet: another host applies a change a moment after it is answered
+//! (the log's apply latency), so a command arriving there in that moment
+//! is checked against the previous state.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use futures::future::BoxFuture;
+use iscsi::pr::{Attentions, Change, PrError, ReservationStore, Reservations};
+use sharedlog::types::Position;
+
+use crate::daemon::Node;
+
+const UPDATE_ATTEMPTS_MAX: usize = 64;
+
+/// One volume's reservations in the catalog.
+pub struct CatalogReservations {
+    node: Weak<Node>,
+    volume: String,
+    /// The decoded copy and the catalog version it came from.
+    cached: Mutex<(Option<Position>, Arc<Reservations>)>,
+}
+
+impl CatalogReservations {
+    pub fn new(node: &Arc<Node>, volume: &str) -> CatalogReservations {
+        CatalogReservations {
+            node: Arc::downgrade(node),
+            volume: volume.to_string(),
+            cached: Mutex::new((None, Arc::new(Reservations::default()))),
+        }
+    }
+
+    fn remember(&self, version: Option<Position>, reservations: Reservations) -> Arc<Reservations> {
+        let reservations = Arc::new(reservations);
+        *self.cached.lock().expect("reservations cache") = (version, reservations.clone());
+        reservations
+    }
+}
+
+fn decode(bytes: &[u8]) -> Reservations {
+    serde_json::from_slice(bytes).unwrap_or_else(|error| {
+        tracing::error!(%error, "undecodable reservations in the catalog: treated as none");
+        Reservations::default()
+    })
+}
+
+impl ReservationStore for CatalogReservations {
+    fn load(&self) -> Arc<Reservations> {
+        let Some(node) = self.node.upgrade() else { return self.cached.lock().expect("cache").1.clone() };
+        let Some(services) = node.services() else { return self.cached.lock().expect("cache").1.clone() };
+        let current = services.catalog.reservations.get_local(&self.volume);
+        let version = current.as_ref().map(|(_, version)| *version);
+        {
+            let cached = self.cached.lock().expect("reservations cache");
+            if cached.0 == version {
+                return cached.1.clone();
+            }
+        }
+        self.remember(version, current.map(|(bytes, _)| decode(&bytes)).unwrap_or_default())
+    }
+
+    fn update<'a>(&'a self, change: &'a Change) -> BoxFuture<'a, Result<Result<Attentions, PrError>, String>> {
+        Box::pin(async move {
+            let node = self.node.upgrade().ok_or("the node is stopping")?;
+            let services = node.services().ok_or("the catalog is not open yet")?;
+            let map = &services.catalog.reservations;
+            for _ in 0..UPDATE_ATTEMPTS_MAX {
+                let current = map.get(&self.volume).await.map_err(|error| error.to_string())?;
+                let expected = current.as_ref().map(|(_, version)| *version);
+                let mut reservations = current.map(|(bytes, _)| decode(&bytes)).unwrap_or_default();
+                let before = reservations.clone();
+                let attentions = match change(&mut reservations) {
+                    Ok(attentions) => attentions,
+                    Err(error) => return Ok(Err(error)),
+                };
+                if reservations == before {
+                    return Ok(Ok(attentions));
+                }
+                let bytes = serde_json::to_vec(&reservations).map_err(|error| error.to_string())?;
+                match map.compare_and_set(self.volume.clone(), expected, Some(bytes)).await {
+                    Ok(Ok(version)) => {
+                        self.remember(Some(version), reservations);
+                        return Ok(Ok(attentions));
+                    }
+                    Ok(Err(_)) => continue,
+                    Err(error) => return Err(error.to_string()),
+                }
+            }
+            Err(format!("gave up after {UPDATE_ATTEMPTS_MAX} conflicting reservation updates"))
+        })
+    }
+}
