@@ -264,6 +264,7 @@ impl Node {
             crate::storage::method::OBJECT_IO | crate::storage::method::OBJECT_STATS => {
                 crate::storage::handle(self, &request).await
             }
+            crate::reservations::method::SYNC => crate::reservations::handle(self, &request).await,
             other => Err(RemoteError::new(ErrorCode::UnknownMethod, format!("unknown method {other:#06x}"))),
         }
     }

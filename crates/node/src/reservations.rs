@@ -10,11 +10,16 @@
 //! compare-and-set, so a reservation taken through one host is enforced by
 //! all, and outlives the host it was taken through.
 //!
-//! Not yet: another host applies a change a moment after it is answered
-//! (the log's apply latency), so a command arriving there in that moment
-//! is checked against the previous state.
+//! A change is answered only once every other live target host has
+//! applied it ([`method::SYNC`]: each reads the volume's entry
+//! linearizably, which applies the log up to it), so an initiator that
+//! learns its PERSISTENT RESERVE OUT succeeded finds it enforced on every
+//! path. Not yet: a host that does not answer within [`SYNC_TIMEOUT`]
+//! (cut off from the cluster) is not fenced; it goes on checking against
+//! what it last applied.
 
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use iscsi::pr::{Attentions, Change, PrError, ReservationStore, Reservations};
@@ -23,6 +28,14 @@ use sharedlog::types::Position;
 use crate::daemon::Node;
 
 const UPDATE_ATTEMPTS_MAX: usize = 64;
+/// How long a change waits for each other host to apply it.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub mod method {
+    /// "Apply the reservations of this volume up to now" (the payload: the
+    /// volume's name); answered once done.
+    pub const SYNC: u32 = 0x0206;
+}
 
 /// One volume's reservations in the catalog.
 pub struct CatalogReservations {
@@ -91,6 +104,7 @@ impl ReservationStore for CatalogReservations {
                 match map.compare_and_set(self.volume.clone(), expected, Some(bytes)).await {
                     Ok(Ok(version)) => {
                         self.remember(Some(version), reservations);
+                        sync_others(&node, &self.volume).await;
                         return Ok(Ok(attentions));
                     }
                     Ok(Err(_)) => continue,
@@ -100,4 +114,39 @@ impl ReservationStore for CatalogReservations {
             Err(format!("gave up after {UPDATE_ATTEMPTS_MAX} conflicting reservation updates"))
         })
     }
+}
+
+/// Has every other live target host apply the volume's reservations up to
+/// now (at once, each bounded by [`SYNC_TIMEOUT`]).
+async fn sync_others(node: &Arc<Node>, volume: &str) {
+    let others: Vec<(u64, String)> = crate::storage::hosts_by_id(node)
+        .into_values()
+        .filter(|host| host.id != node.config.node_id)
+        .filter(|host| host.state == catalog::HostState::Up && host.roles.target)
+        .map(|host| (host.id, host.address))
+        .collect();
+    let calls = others.iter().map(|(id, address)| async move {
+        let answer: Result<(), _> =
+            wire::call(&node.transport, address, method::SYNC, &volume.to_string(), SYNC_TIMEOUT).await;
+        if let Err(error) = answer {
+            tracing::warn!(host = id, volume, %error, "a host did not confirm it applied a reservation change");
+        }
+    });
+    futures::future::join_all(calls).await;
+}
+
+/// Serves [`method::SYNC`]: a linearizable read of the volume's entry
+/// applies the log up to it.
+pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<bytes::Bytes, wire::RemoteError> {
+    let volume: String = wire::decode_request(request)?;
+    let services = node
+        .services()
+        .ok_or_else(|| wire::RemoteError::new(wire::ErrorCode::Unavailable, "the catalog is not open yet"))?;
+    services
+        .catalog
+        .reservations
+        .get(&volume)
+        .await
+        .map_err(|error| wire::RemoteError::new(wire::ErrorCode::Unavailable, error.to_string()))?;
+    Ok(wire::encode(&()))
 }

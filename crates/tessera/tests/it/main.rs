@@ -11,6 +11,7 @@ mod harness;
 mod hierarchy;
 mod iscsi;
 mod leader_kill;
+mod libiscsi;
 mod objects;
 mod queue;
 mod target_service;

@@ -522,3 +522,72 @@ fn killing_the_host_an_initiator_writes_through_fails_over_to_another_portal_wit
         stalls[stalls.len() - 1]
     );
 }
+
+#[test]
+fn a_reservation_taken_through_one_host_is_enforced_through_another_and_survives_the_first() {
+    use crate::libiscsi::{Session, STATUS_GOOD, STATUS_RESERVATION_CONFLICT};
+    let _exclusive = exclusive();
+    let port = free_port(&["127.0.0.11", "127.0.0.12", "127.0.0.13"]);
+    let mut cluster = TestCluster::start_configured(3, &[], |config| {
+        config.roles = vec!["storage".into(), "target".into()];
+        config.iscsi_port = port;
+    });
+    cluster.wait_healthy(Duration::from_secs(60));
+    const TARGET: &str = "iqn.2026-11.org.tessera.test:reserved";
+    tessera(&cluster, 1, &["volume", "create", "pr", "--size", "16MiB", "--policy", "raid1:2"]);
+    tessera(&cluster, 1, &["target", "create", TARGET, "--lun", "0=pr"]);
+    let portal = |host: u64| format!("127.0.0.{}:{port}", host + 10);
+    let (a_name, b_name) = ("iqn.2026-11.org.tessera.test:initiator-a", "iqn.2026-11.org.tessera.test:initiator-b");
+    let login = |initiator: &str, host: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Session::login(initiator, &portal(host), TARGET, 0) {
+                Ok(session) => return session,
+                Err(error) => assert!(Instant::now() < deadline, "{initiator} cannot log in to host {host}: {error}"),
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    let (key_a, key_b) = (0xa11ce, 0xb0b);
+    let mut block = [0x42u8; 512];
+    // A registers and reserves Write Exclusive - Registrants Only through host 1.
+    let a = login(a_name, 1);
+    assert_eq!(a.settled(|a| a.prout(0, 0, 0, key_a)), Ok(STATUS_GOOD), "A registers");
+    assert_eq!(a.settled(|a| a.prout(1, 5, key_a, 0)), Ok(STATUS_GOOD), "A reserves");
+    assert_eq!(a.settled(|a| a.write10(0, &mut block)), Ok(STATUS_GOOD), "the holder writes");
+    // B, not registered, writes through host 2 at once: conflict.
+    let b = login(b_name, 2);
+    assert_eq!(b.settled(|b| b.write10(1, &mut block)), Ok(STATUS_RESERVATION_CONFLICT), "B's write through host 2");
+    // A's path through host 2 (another I_T nexus) registers A's key: a
+    // registrant may write under this type.
+    let a2 = login(a_name, 2);
+    assert_eq!(a2.settled(|a| a.prout(0, 0, 0, key_a)), Ok(STATUS_GOOD), "A registers its path through host 2");
+    assert_eq!(a2.settled(|a| a.write10(2, &mut block)), Ok(STATUS_GOOD), "A's write through host 2");
+    // Host 1, where the reservation was taken, dies.
+    drop(a);
+    cluster.kill(1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // B is refused before any I/O is tried, failover or not.
+        match b.settled(|b| b.write10(3, &mut block)) {
+            Ok(STATUS_RESERVATION_CONFLICT) => break,
+            Ok(STATUS_GOOD) => panic!("B wrote through host 2 after host 1 died: the reservation was lost"),
+            other => assert!(Instant::now() < deadline, "B's write through host 2: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A registrant writes through host 2 once the objects have new owners.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match a2.settled(|a| a.write10(4, &mut block)) {
+            Ok(STATUS_GOOD) => break,
+            Ok(STATUS_RESERVATION_CONFLICT) => panic!("a registrant is refused after failover"),
+            other => assert!(Instant::now() < deadline, "A's write through host 2: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // B registers and may then write (registrants only).
+    assert_eq!(b.settled(|b| b.prout(0, 0, 0, key_b)), Ok(STATUS_GOOD), "B registers");
+    assert_eq!(b.settled(|b| b.write10(5, &mut block)), Ok(STATUS_GOOD), "registered B writes through host 2");
+    println!("a reservation taken through host 1 was enforced through host 2, and after host 1 was killed");
+}

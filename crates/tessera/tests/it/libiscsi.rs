@@ -1,0 +1,185 @@
+//! A few calls of libiscsi (the shared library libiscsi-bin installs),
+//! loaded with dlopen: what the scenarios need that libiscsi's tools do
+//! not offer, such as PERSISTENT RESERVE OUT from a chosen initiator
+//! through a chosen portal. Each call is synchronous; a session is one
+//! initiator's login to one portal.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+
+type Context = *mut c_void;
+type Task = *mut c_void;
+
+const SESSION_NORMAL: c_int = 2;
+const HEADER_DIGEST_NONE: c_int = 0;
+pub const STATUS_GOOD: c_int = 0;
+pub const STATUS_CHECK_CONDITION: c_int = 2;
+pub const STATUS_RESERVATION_CONFLICT: c_int = 0x18;
+
+/// PERSISTENT RESERVE OUT's parameters (libiscsi's
+/// `struct scsi_persistent_reserve_out_basic`).
+#[repr(C)]
+struct ProutBasic {
+    reservation_key: u64,
+    service_action_reservation_key: u64,
+    spec_i_pt: u8,
+    all_tg_pt: u8,
+    aptpl: u8,
+}
+
+struct Api {
+    create_context: unsafe extern "C" fn(*const c_char) -> Context,
+    set_targetname: unsafe extern "C" fn(Context, *const c_char) -> c_int,
+    set_session_type: unsafe extern "C" fn(Context, c_int) -> c_int,
+    set_header_digest: unsafe extern "C" fn(Context, c_int) -> c_int,
+    full_connect_sync: unsafe extern "C" fn(Context, *const c_char, c_int) -> c_int,
+    get_error: unsafe extern "C" fn(Context) -> *const c_char,
+    logout_sync: unsafe extern "C" fn(Context) -> c_int,
+    destroy_context: unsafe extern "C" fn(Context) -> c_int,
+    #[allow(clippy::type_complexity)]
+    write10_sync: unsafe extern "C" fn(
+        Context,
+        c_int,
+        u32,
+        *mut u8,
+        u32,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+    ) -> Task,
+    persistent_reserve_out_sync: unsafe extern "C" fn(Context, c_int, c_int, c_int, c_int, *mut c_void) -> Task,
+    free_task: unsafe extern "C" fn(Task),
+}
+
+fn api() -> &'static Api {
+    static API: std::sync::OnceLock<Api> = std::sync::OnceLock::new();
+    API.get_or_init(|| {
+        // SAFETY: dlopen/dlsym of a library by name; each symbol is cast
+        // to the signature libiscsi's iscsi.h declares for it.
+        unsafe {
+            let library = libc::dlopen(c"libiscsi.so.7".as_ptr(), libc::RTLD_NOW);
+            assert!(
+                !library.is_null(),
+                "this test needs libiscsi.so.7 (Debian package libiscsi7, with libiscsi-bin; scripts/test installs it)"
+            );
+            let symbol = |name: &CStr| {
+                let found = libc::dlsym(library, name.as_ptr());
+                assert!(!found.is_null(), "libiscsi has no {name:?}");
+                found
+            };
+            Api {
+                create_context: std::mem::transmute(symbol(c"iscsi_create_context")),
+                set_targetname: std::mem::transmute(symbol(c"iscsi_set_targetname")),
+                set_session_type: std::mem::transmute(symbol(c"iscsi_set_session_type")),
+                set_header_digest: std::mem::transmute(symbol(c"iscsi_set_header_digest")),
+                full_connect_sync: std::mem::transmute(symbol(c"iscsi_full_connect_sync")),
+                get_error: std::mem::transmute(symbol(c"iscsi_get_error")),
+                logout_sync: std::mem::transmute(symbol(c"iscsi_logout_sync")),
+                destroy_context: std::mem::transmute(symbol(c"iscsi_destroy_context")),
+                write10_sync: std::mem::transmute(symbol(c"iscsi_write10_sync")),
+                persistent_reserve_out_sync: std::mem::transmute(symbol(c"iscsi_persistent_reserve_out_sync")),
+                free_task: std::mem::transmute(symbol(c"scsi_free_scsi_task")),
+            }
+        }
+    })
+}
+
+/// One initiator logged in to one portal.
+pub struct Session {
+    context: Context,
+    lun: c_int,
+}
+
+impl Session {
+    pub fn login(initiator: &str, portal: &str, target: &str, lun: i32) -> Result<Session, String> {
+        let api = api();
+        let initiator = CString::new(initiator).unwrap();
+        let portal = CString::new(portal).unwrap();
+        let target = CString::new(target).unwrap();
+        // SAFETY: calls on a context this session owns, with NUL-terminated
+        // strings that outlive each call.
+        unsafe {
+            let context = (api.create_context)(initiator.as_ptr());
+            assert!(!context.is_null(), "iscsi_create_context failed");
+            let session = Session { context, lun };
+            (api.set_targetname)(context, target.as_ptr());
+            (api.set_session_type)(context, SESSION_NORMAL);
+            (api.set_header_digest)(context, HEADER_DIGEST_NONE);
+            if (api.full_connect_sync)(context, portal.as_ptr(), lun) != 0 {
+                return Err(session.error());
+            }
+            Ok(session)
+        }
+    }
+
+    fn error(&self) -> String {
+        // SAFETY: libiscsi returns a NUL-terminated string it owns.
+        unsafe { CStr::from_ptr((api().get_error)(self.context)).to_string_lossy().into_owned() }
+    }
+
+    /// The SCSI status of a finished task (libiscsi's `struct scsi_task`
+    /// begins with it), after which the task is freed.
+    fn status(&self, task: Task) -> Result<c_int, String> {
+        if task.is_null() {
+            return Err(self.error());
+        }
+        // SAFETY: `status` is the first field, an int; the task is ours.
+        unsafe {
+            let status = *(task as *const c_int);
+            (api().free_task)(task);
+            Ok(status)
+        }
+    }
+
+    /// WRITE(10) of one 512-byte block.
+    pub fn write10(&self, lba: u32, block: &mut [u8; 512]) -> Result<c_int, String> {
+        // SAFETY: the buffer outlives the synchronous call.
+        let task =
+            unsafe { (api().write10_sync)(self.context, self.lun, lba, block.as_mut_ptr(), 512, 512, 0, 0, 0, 0, 0) };
+        self.status(task)
+    }
+
+    /// PERSISTENT RESERVE OUT (logical-unit scope): `action` 0 REGISTER,
+    /// 1 RESERVE, 2 RELEASE, 3 CLEAR, 4 PREEMPT; `kind` the reservation
+    /// type (5: Write Exclusive - Registrants Only).
+    pub fn prout(&self, action: c_int, kind: c_int, key: u64, service_key: u64) -> Result<c_int, String> {
+        let mut params =
+            ProutBasic { reservation_key: key, service_action_reservation_key: service_key, spec_i_pt: 0, all_tg_pt: 0, aptpl: 0 };
+        // SAFETY: the parameters outlive the synchronous call.
+        let task = unsafe {
+            (api().persistent_reserve_out_sync)(
+                self.context,
+                self.lun,
+                action,
+                0,
+                kind,
+                &mut params as *mut ProutBasic as *mut c_void,
+            )
+        };
+        self.status(task)
+    }
+
+    /// Runs `command` again while it answers CHECK CONDITION (unit
+    /// attentions after a login or a reservation change), a few times.
+    pub fn settled(&self, mut command: impl FnMut(&Session) -> Result<c_int, String>) -> Result<c_int, String> {
+        for _ in 0..8 {
+            let status = command(self)?;
+            if status != STATUS_CHECK_CONDITION {
+                return Ok(status);
+            }
+        }
+        Err("still CHECK CONDITION after 8 tries".into())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // SAFETY: the context is ours and not used after this.
+        unsafe {
+            (api().logout_sync)(self.context);
+            (api().destroy_context)(self.context);
+        }
+    }
+}
