@@ -108,12 +108,12 @@ pub trait ReservationStore: Send + Sync {
     /// change, compare-and-set, again on a conflict: `change` may run more
     /// than once and must depend only on the state it is given). `Err`:
     /// the shared state cannot be reached.
-    fn update<'a>(&'a self, change: &'a Change) -> BoxFuture<'a, Result<Result<Attentions, PrError>, String>>;
+    fn update<'a>(&'a self, change: &'a Change<'a>) -> BoxFuture<'a, Result<Result<Attentions, PrError>, String>>;
 }
 
 /// A change of reservations (what a PERSISTENT RESERVE OUT or RESERVE(6)
 /// does), with the unit attentions it leaves for other nexuses.
-pub type Change = dyn Fn(&mut Reservations) -> Result<Attentions, PrError> + Send + Sync;
+pub type Change<'a> = dyn Fn(&mut Reservations) -> Result<Attentions, PrError> + Send + Sync + 'a;
 
 /// PERSISTENT RESERVE OUT service actions.
 pub mod action {

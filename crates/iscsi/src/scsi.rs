@@ -1295,8 +1295,7 @@ impl LogicalUnit {
 
     async fn legacy_reservation(&self, nexus: &str, reserve: bool) -> Outcome {
         let change = move |reservations: &mut Reservations| {
-            let result =
-                if reserve { reservations.reserve_legacy(nexus) } else { reservations.release_legacy(nexus) };
+            let result = if reserve { reservations.reserve_legacy(nexus) } else { reservations.release_legacy(nexus) };
             result.map(|()| Vec::new())
         };
         self.change_reservations(&change).await
@@ -1304,7 +1303,7 @@ impl LogicalUnit {
 
     /// Applies a reservation change (to the shared store if there is one)
     /// and queues the unit attentions it leaves for nexuses of this host.
-    async fn change_reservations(&self, change: &pr::Change) -> Outcome {
+    async fn change_reservations(&self, change: &pr::Change<'_>) -> Outcome {
         let result = match &self.reservation_store {
             Some(store) => match store.update(change).await {
                 Ok(result) => result,

@@ -83,7 +83,7 @@ impl ReservationStore for CatalogReservations {
         self.remember(version, current.map(|(bytes, _)| decode(&bytes)).unwrap_or_default())
     }
 
-    fn update<'a>(&'a self, change: &'a Change) -> BoxFuture<'a, Result<Result<Attentions, PrError>, String>> {
+    fn update<'a>(&'a self, change: &'a Change<'a>) -> BoxFuture<'a, Result<Result<Attentions, PrError>, String>> {
         Box::pin(async move {
             let node = self.node.upgrade().ok_or("the node is stopping")?;
             let services = node.services().ok_or("the catalog is not open yet")?;

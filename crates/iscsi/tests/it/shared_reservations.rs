@@ -27,7 +27,7 @@ impl ReservationStore for Shared {
         self.state.lock().unwrap().clone()
     }
 
-    fn update<'a>(&'a self, change: &'a Change) -> BoxFuture<'a, Result<Result<Attentions, PrError>, String>> {
+    fn update<'a>(&'a self, change: &'a Change<'a>) -> BoxFuture<'a, Result<Result<Attentions, PrError>, String>> {
         Box::pin(async move {
             let mut state = self.state.lock().unwrap();
             let mut next = (**state).clone();

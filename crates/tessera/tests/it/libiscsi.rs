@@ -36,21 +36,24 @@ struct Api {
     logout_sync: unsafe extern "C" fn(Context) -> c_int,
     destroy_context: unsafe extern "C" fn(Context) -> c_int,
     #[allow(clippy::type_complexity)]
-    write10_sync: unsafe extern "C" fn(
-        Context,
-        c_int,
-        u32,
-        *mut u8,
-        u32,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-    ) -> Task,
+    write10_sync:
+        unsafe extern "C" fn(Context, c_int, u32, *mut u8, u32, c_int, c_int, c_int, c_int, c_int, c_int) -> Task,
     persistent_reserve_out_sync: unsafe extern "C" fn(Context, c_int, c_int, c_int, c_int, *mut c_void) -> Task,
     free_task: unsafe extern "C" fn(Task),
+}
+
+/// The function `name` of `library`.
+///
+/// # Safety
+/// `F` must be the C function pointer type the symbol has.
+unsafe fn symbol<F>(library: *mut c_void, name: &CStr) -> F {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+    // SAFETY: dlsym on a handle dlopen returned; the caller vouches for F.
+    unsafe {
+        let found = libc::dlsym(library, name.as_ptr());
+        assert!(!found.is_null(), "libiscsi has no {name:?}");
+        std::mem::transmute_copy::<*mut c_void, F>(&found)
+    }
 }
 
 fn api() -> &'static Api {
@@ -64,23 +67,18 @@ fn api() -> &'static Api {
                 !library.is_null(),
                 "this test needs libiscsi.so.7 (Debian package libiscsi7, with libiscsi-bin; scripts/test installs it)"
             );
-            let symbol = |name: &CStr| {
-                let found = libc::dlsym(library, name.as_ptr());
-                assert!(!found.is_null(), "libiscsi has no {name:?}");
-                found
-            };
             Api {
-                create_context: std::mem::transmute(symbol(c"iscsi_create_context")),
-                set_targetname: std::mem::transmute(symbol(c"iscsi_set_targetname")),
-                set_session_type: std::mem::transmute(symbol(c"iscsi_set_session_type")),
-                set_header_digest: std::mem::transmute(symbol(c"iscsi_set_header_digest")),
-                full_connect_sync: std::mem::transmute(symbol(c"iscsi_full_connect_sync")),
-                get_error: std::mem::transmute(symbol(c"iscsi_get_error")),
-                logout_sync: std::mem::transmute(symbol(c"iscsi_logout_sync")),
-                destroy_context: std::mem::transmute(symbol(c"iscsi_destroy_context")),
-                write10_sync: std::mem::transmute(symbol(c"iscsi_write10_sync")),
-                persistent_reserve_out_sync: std::mem::transmute(symbol(c"iscsi_persistent_reserve_out_sync")),
-                free_task: std::mem::transmute(symbol(c"scsi_free_scsi_task")),
+                create_context: symbol(library, c"iscsi_create_context"),
+                set_targetname: symbol(library, c"iscsi_set_targetname"),
+                set_session_type: symbol(library, c"iscsi_set_session_type"),
+                set_header_digest: symbol(library, c"iscsi_set_header_digest"),
+                full_connect_sync: symbol(library, c"iscsi_full_connect_sync"),
+                get_error: symbol(library, c"iscsi_get_error"),
+                logout_sync: symbol(library, c"iscsi_logout_sync"),
+                destroy_context: symbol(library, c"iscsi_destroy_context"),
+                write10_sync: symbol(library, c"iscsi_write10_sync"),
+                persistent_reserve_out_sync: symbol(library, c"iscsi_persistent_reserve_out_sync"),
+                free_task: symbol(library, c"scsi_free_scsi_task"),
             }
         }
     })
@@ -145,8 +143,13 @@ impl Session {
     /// 1 RESERVE, 2 RELEASE, 3 CLEAR, 4 PREEMPT; `kind` the reservation
     /// type (5: Write Exclusive - Registrants Only).
     pub fn prout(&self, action: c_int, kind: c_int, key: u64, service_key: u64) -> Result<c_int, String> {
-        let mut params =
-            ProutBasic { reservation_key: key, service_action_reservation_key: service_key, spec_i_pt: 0, all_tg_pt: 0, aptpl: 0 };
+        let mut params = ProutBasic {
+            reservation_key: key,
+            service_action_reservation_key: service_key,
+            spec_i_pt: 0,
+            all_tg_pt: 0,
+            aptpl: 0,
+        };
         // SAFETY: the parameters outlive the synchronous call.
         let task = unsafe {
             (api().persistent_reserve_out_sync)(
