@@ -348,8 +348,9 @@ impl LogicalUnit {
         self
     }
 
-    /// Keeps the unit's persistent reservations (and RESERVE(6)) in
-    /// `store`, shared with every other host serving the unit.
+    /// Keeps the unit's persistent reservations in `store`, shared with
+    /// every other host serving the unit. RESERVE(6) stays with this host's
+    /// unit (it ends with its nexus, at once).
     pub fn with_reservation_store(mut self, store: Arc<dyn pr::ReservationStore>) -> LogicalUnit {
         self.reservation_store = Some(store);
         self
@@ -379,34 +380,10 @@ impl LogicalUnit {
         }
     }
 
-    /// Ends RESERVE(6) (of `nexus`, or whoever holds it); with a shared
-    /// store, in the background (a reset or a lost nexus does not wait on
-    /// the catalog).
-    fn end_legacy(&self, state: &mut UnitState, nexus: Option<&str>) {
-        let Some(store) = self.reservation_store.clone() else {
-            state.reservations.reset_legacy(nexus);
-            return;
-        };
-        let holds = store.load().legacy.as_ref().is_some_and(|holder| nexus.is_none_or(|nexus| holder == nexus));
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        if holds {
-            let nexus = nexus.map(str::to_string);
-            runtime.spawn(async move {
-                let change = move |reservations: &mut Reservations| {
-                    reservations.reset_legacy(nexus.as_deref());
-                    Ok(Vec::new())
-                };
-                if let Err(error) = store.update(&change).await {
-                    tracing::warn!(%error, "cannot end a RESERVE(6) in the shared reservations");
-                }
-            });
-        }
-    }
-
     /// A LUN reset: RESERVE(6) ends and every nexus gets a unit attention.
     pub fn reset(&self) {
         let mut state = self.state.lock().expect("unit state");
-        self.end_legacy(&mut state, None);
+        state.reservations.reset_legacy(None);
         let nexuses: Vec<String> = state.nexuses.iter().cloned().collect();
         for nexus in nexuses {
             state.attentions.entry(nexus).or_default().push_back((0x29, 0x03));
@@ -417,7 +394,7 @@ impl LogicalUnit {
     /// and its copy results and pending reset attentions go with it.
     pub fn nexus_lost(&self, nexus: &str) {
         let mut state = self.state.lock().expect("unit state");
-        self.end_legacy(&mut state, Some(nexus));
+        state.reservations.reset_legacy(Some(nexus));
         state.copies.retain(|(holder, _), _| holder != nexus);
         // Resets the nexus saw before it went are news to no one now (a new
         // session starts afresh); reservation and capacity news stays.
@@ -467,7 +444,7 @@ impl LogicalUnit {
             }
             let shared = self.reservation_store.as_ref().map(|store| store.load());
             let reservations = shared.as_deref().unwrap_or(&state.reservations);
-            let legacy_conflict = reservations.legacy.as_ref().is_some_and(|holder| holder != command.nexus)
+            let legacy_conflict = state.reservations.legacy.as_ref().is_some_and(|holder| holder != command.nexus)
                 && !matches!(opcode, 0x12 | 0xa0 | 0x03 | 0x16 | 0x17 | 0xa3 | 0x5e);
             let reserve_family = matches!(opcode, 0x16 | 0x17);
             if legacy_conflict || !reserve_family && !reservations.allows(command.nexus, access(opcode)) {
@@ -508,8 +485,8 @@ impl LogicalUnit {
                 0x0c => report_opcodes(cdb),
                 _ => Err(Sense::invalid_cdb(1, Some(4))),
             },
-            0x16 => self.legacy_reservation(command.nexus, true).await,
-            0x17 => self.legacy_reservation(command.nexus, false).await,
+            0x16 => self.legacy_reservation(command.nexus, true),
+            0x17 => self.legacy_reservation(command.nexus, false),
             0x5e => self.persistent_reserve_in(cdb),
             0x5f => self.persistent_reserve_out(cdb, &command).await,
             0x37 | 0xb7 => read_defect_data(cdb),
@@ -1293,25 +1270,46 @@ impl LogicalUnit {
         Ok(Reply::good(out))
     }
 
-    async fn legacy_reservation(&self, nexus: &str, reserve: bool) -> Outcome {
-        let change = move |reservations: &mut Reservations| {
-            let result = if reserve { reservations.reserve_legacy(nexus) } else { reservations.release_legacy(nexus) };
-            result.map(|()| Vec::new())
-        };
-        self.change_reservations(&change).await
+    /// RESERVE(6) / RELEASE(6): this host's unit only (checked against
+    /// the shared persistent reservations, which it conflicts with).
+    fn legacy_reservation(&self, nexus: &str, reserve: bool) -> Outcome {
+        let shared = self.reservation_store.as_ref().map(|store| store.load());
+        let mut state = self.state.lock().expect("unit state");
+        let mut combined = shared.map(|shared| (*shared).clone()).unwrap_or_else(|| state.reservations.clone());
+        combined.legacy = state.reservations.legacy.clone();
+        let result = if reserve { combined.reserve_legacy(nexus) } else { combined.release_legacy(nexus) };
+        match result {
+            Ok(()) => {
+                state.reservations.legacy = combined.legacy;
+                Ok(Reply::good(Bytes::new()))
+            }
+            Err(PrError::Conflict) => Ok(Reply::status(status::RESERVATION_CONFLICT)),
+            Err(PrError::Sense(sense)) => Err(sense),
+        }
     }
 
     /// Applies a reservation change (to the shared store if there is one)
     /// and queues the unit attentions it leaves for nexuses of this host.
     async fn change_reservations(&self, change: &pr::Change<'_>) -> Outcome {
         let result = match &self.reservation_store {
-            Some(store) => match store.update(change).await {
-                Ok(result) => result,
-                Err(error) => {
-                    tracing::warn!(%error, "the shared reservations cannot be reached");
-                    return Err(Sense::in_transition());
+            Some(store) => {
+                // This host's RESERVE(6) conflicts with a change, as in one
+                // unit; it is not stored with the shared state.
+                let legacy = self.state.lock().expect("unit state").reservations.legacy.clone();
+                let change = move |reservations: &mut Reservations| {
+                    reservations.legacy = legacy.clone();
+                    let result = change(reservations);
+                    reservations.legacy = None;
+                    result
+                };
+                match store.update(&change).await {
+                    Ok(result) => result,
+                    Err(error) => {
+                        tracing::warn!(%error, "the shared reservations cannot be reached");
+                        return Err(Sense::in_transition());
+                    }
                 }
-            },
+            }
             None => change(&mut self.state.lock().expect("unit state").reservations),
         };
         match result {

@@ -1,7 +1,7 @@
 //! Two logical units for one volume (two target hosts) sharing their
-//! reservations through a `ReservationStore`: what initiator A reserves
-//! through one is enforced for initiator B through the other, and stays
-//! when A's unit is gone.
+//! persistent reservations through a `ReservationStore`: what initiator A
+//! reserves through one is enforced for initiator B through the other, and
+//! stays when A's unit is gone. RESERVE(6) stays per unit.
 
 use std::sync::{Arc, Mutex};
 
@@ -123,8 +123,8 @@ async fn a_reservation_taken_through_one_host_is_enforced_through_another_and_ou
     let (cdb, data) = prout(0, 0, 0, 0xbbbb);
     assert_eq!(settle(&host2, B, 2, &cdb, &data).await.status, status::GOOD);
     assert_eq!(settle(&host2, B, 2, &write10(1), &block).await.status, status::GOOD);
-    // RESERVE(6) is shared too: held by A through host 2, B conflicts
-    // through a new unit for the volume (a host that joined).
+    // RESERVE(6) is per host (it ends with its nexus, at once): held by A
+    // through host 2, B conflicts there but not through another host.
     let host3 = LogicalUnit::new(device, 7, "vol").with_reservation_store(shared.clone());
     let (cdb, data) = prout(2, 5, 0xaaaa, 0);
     assert_eq!(settle(&host2, A, 2, &cdb, &data).await.status, status::GOOD, "release");
@@ -135,6 +135,11 @@ async fn a_reservation_taken_through_one_host_is_enforced_through_another_and_ou
     assert!(shared.load().registrations.is_empty());
     let reserve6 = [0x16, 0, 0, 0, 0, 0];
     assert_eq!(settle(&host2, A, 2, &reserve6, &[]).await.status, status::GOOD);
-    let reply = settle(&host3, B, 3, &read10(0), &[]).await;
+    let reply = settle(&host2, B, 2, &read10(0), &[]).await;
     assert_eq!(reply.status, status::RESERVATION_CONFLICT, "{reply:?}");
+    assert_eq!(settle(&host3, B, 3, &read10(0), &[]).await.status, status::GOOD);
+    // A persistent registration conflicts with RESERVE(6) on every host.
+    let (cdb, data) = prout(0, 0, 0, 0xcccc);
+    assert_eq!(settle(&host3, B, 3, &cdb, &data).await.status, status::GOOD, "B registers through host 3");
+    assert_eq!(settle(&host3, B, 3, &reserve6, &[]).await.status, status::RESERVATION_CONFLICT);
 }
