@@ -72,14 +72,18 @@ impl ReservationStore for CatalogReservations {
     fn load(&self) -> Arc<Reservations> {
         let Some(node) = self.node.upgrade() else { return self.cached.lock().expect("cache").1.clone() };
         let Some(services) = node.services() else { return self.cached.lock().expect("cache").1.clone() };
-        let current = services.catalog.reservations.get_local(&self.volume);
-        let version = current.as_ref().map(|(_, version)| *version);
+        // Checked on every command: compare versions without copying the
+        // entry; decode only when it changed.
+        let map = &services.catalog.reservations;
+        let version = map.read_local(|map| map.get(&self.volume).map(|(_, version)| *version));
         {
             let cached = self.cached.lock().expect("reservations cache");
             if cached.0 == version {
                 return cached.1.clone();
             }
         }
+        let current = map.get_local(&self.volume);
+        let version = current.as_ref().map(|(_, version)| *version);
         self.remember(version, current.map(|(bytes, _)| decode(&bytes)).unwrap_or_default())
     }
 
@@ -121,8 +125,7 @@ impl ReservationStore for CatalogReservations {
 async fn sync_others(node: &Arc<Node>, volume: &str) {
     let others: Vec<(u64, String)> = crate::storage::hosts_by_id(node)
         .into_values()
-        .filter(|host| host.id != node.config.node_id)
-        .filter(|host| host.state == catalog::HostState::Up && host.roles.target)
+        .filter(|host| host.id != node.config.node_id && crate::targets::serves_targets(host))
         .map(|host| (host.id, host.address))
         .collect();
     let calls = others.iter().map(|(id, address)| async move {

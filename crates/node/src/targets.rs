@@ -753,11 +753,18 @@ pub fn record_metrics(node: &Node) {
     metrics::counter!("iscsi_vip_discovery_sessions_total").absolute(vip.logins.load(Relaxed));
 }
 
-/// Live hosts that may own targets: up, with the target role.
+/// Whether `host` serves targets now: up, with the target role and a
+/// portal. Such hosts own targets, hold the VIP and apply reservation
+/// changes before they are answered.
+pub(crate) fn serves_targets(host: &catalog::HostRecord) -> bool {
+    host.state == catalog::HostState::Up && host.roles.target && host.iscsi_address.is_some()
+}
+
+/// Live hosts that may own targets.
 fn owner_candidates(node: &Node) -> Vec<balance::Host> {
     storage::hosts_by_id(node)
         .into_values()
-        .filter(|host| host.state == catalog::HostState::Up && host.roles.target && host.iscsi_address.is_some())
+        .filter(serves_targets)
         .map(|host| balance::Host { id: host.id, site: host.site })
         .collect()
 }

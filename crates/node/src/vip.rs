@@ -33,6 +33,7 @@ use iscsi::target::{ConnectionThreads, Registry};
 use tokio::task::JoinHandle;
 
 use crate::daemon::Node;
+use crate::targets::serves_targets;
 
 /// The bootstrap setting naming the VIP's `ip:port`.
 pub const VIP_SETTING: &str = "vip";
@@ -68,20 +69,15 @@ pub fn start(node: Arc<Node>) {
     tokio::spawn(run(node, address));
 }
 
-/// Whether `host` may own the VIP.
-fn eligible(host: &HostRecord) -> bool {
-    host.state == HostState::Up && host.roles.target && host.iscsi_address.is_some()
-}
-
 /// Who should own the VIP, given the record's owner: the owner while it is
 /// eligible, else the lowest eligible id other than it.
 pub fn next_owner(current: Option<u64>, hosts: &[HostRecord]) -> Option<u64> {
     if let Some(owner) = current {
-        if hosts.iter().any(|host| host.id == owner && eligible(host)) {
+        if hosts.iter().any(|host| host.id == owner && serves_targets(host)) {
             return Some(owner);
         }
     }
-    hosts.iter().filter(|host| eligible(host) && Some(host.id) != current).map(|host| host.id).min()
+    hosts.iter().filter(|host| serves_targets(host) && Some(host.id) != current).map(|host| host.id).min()
 }
 
 async fn run(node: Arc<Node>, configured: String) {

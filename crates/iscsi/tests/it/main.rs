@@ -7,6 +7,27 @@ mod login;
 mod sanitize;
 mod shared_reservations;
 
+/// Runs one command on `unit` from `nexus` through relative target port
+/// `relative_port`, as a connection would.
+async fn execute(
+    unit: &iscsi::scsi::LogicalUnit,
+    nexus: &str,
+    relative_port: u16,
+    cdb: &[u8],
+    data: &[u8],
+) -> iscsi::scsi::Reply {
+    let port = iscsi::scsi::Port { target: "iqn.2026-11.test:target".into(), relative_port, group: relative_port };
+    let command = iscsi::scsi::Command {
+        cdb,
+        data: Bytes::copy_from_slice(data),
+        nexus,
+        port: &port,
+        luns: &[0],
+        expected_length: data.len().max(4096) as u32,
+    };
+    unit.execute(command).await
+}
+
 use bytes::{Bytes, BytesMut};
 use iscsi::pdu::{Digests, Pdu, PduError, BHS_LEN};
 use iscsi::text;

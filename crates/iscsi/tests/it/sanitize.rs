@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use iscsi::memory::MemoryDevice;
-use iscsi::scsi::{BlockDevice, Command, IoError, IoResult, LogicalUnit, Port, Reply};
+use iscsi::scsi::{BlockDevice, IoError, IoResult, LogicalUnit, Reply};
 use iscsi::sense::status;
 
 const BLOCKS: u64 = 4096;
@@ -72,16 +72,7 @@ async fn run(unit: &LogicalUnit, cdb: &[u8], data: &[u8]) -> Reply {
 }
 
 async fn run_as(unit: &LogicalUnit, nexus: &str, cdb: &[u8], data: &[u8]) -> Reply {
-    let port = Port { target: "iqn.2026-11.test:target".into(), relative_port: 1, group: 1 };
-    let command = Command {
-        cdb,
-        data: Bytes::copy_from_slice(data),
-        nexus,
-        port: &port,
-        luns: &[0],
-        expected_length: data.len().max(4096) as u32,
-    };
-    unit.execute(command).await
+    crate::execute(unit, nexus, 1, cdb, data).await
 }
 
 /// (sense key, ASC, ASCQ) of a CHECK CONDITION with fixed-format sense.

@@ -5,11 +5,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use iscsi::memory::MemoryDevice;
 use iscsi::pr::{Attentions, Change, PrError, ReservationStore, Reservations};
-use iscsi::scsi::{Command, LogicalUnit, Port, Reply};
+use iscsi::scsi::{LogicalUnit, Reply};
 use iscsi::sense::status;
 
 const A: &str = "iqn.2026-11.test:a,i,0x1";
@@ -38,19 +37,6 @@ impl ReservationStore for Shared {
             Ok(result)
         })
     }
-}
-
-async fn run(unit: &LogicalUnit, nexus: &str, relative_port: u16, cdb: &[u8], data: &[u8]) -> Reply {
-    let port = Port { target: "iqn.2026-11.test:target".into(), relative_port, group: relative_port };
-    let command = Command {
-        cdb,
-        data: Bytes::copy_from_slice(data),
-        nexus,
-        port: &port,
-        luns: &[0],
-        expected_length: data.len().max(4096) as u32,
-    };
-    unit.execute(command).await
 }
 
 fn prout(action: u8, kind: u8, key: u64, service_key: u64) -> ([u8; 10], [u8; 24]) {
@@ -84,7 +70,7 @@ fn read10(lba: u32) -> [u8; 10] {
 /// Answers unit attentions (each unit tells its nexuses once) until `cdb` gets a real answer.
 async fn settle(unit: &LogicalUnit, nexus: &str, port: u16, cdb: &[u8], data: &[u8]) -> Reply {
     for _ in 0..8 {
-        let reply = run(unit, nexus, port, cdb, data).await;
+        let reply = crate::execute(unit, nexus, port, cdb, data).await;
         let attention = reply.status == status::CHECK_CONDITION
             && reply.sense.as_ref().is_some_and(|sense| sense[2] & 0x0f == 0x06);
         if !attention {

@@ -38,6 +38,25 @@ fn tessera(cluster: &TestCluster, host: u64, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// `hosts` hosts with the storage and target roles, host `n` in
+/// `sites[n - 1]`, iSCSI on one port free on all their addresses; healthy.
+fn target_hosts(hosts: u64, settings: &[(&str, &str)], sites: &[&str]) -> (TestCluster, u16) {
+    let ips: Vec<String> = (1..=hosts).map(|id| format!("127.0.0.{}", id + 10)).collect();
+    let port = free_port(&ips.iter().map(String::as_str).collect::<Vec<_>>());
+    let cluster = TestCluster::start_in_sites(hosts, settings, sites, |config| {
+        config.roles = vec!["storage".into(), "target".into()];
+        config.iscsi_port = port;
+    });
+    cluster.wait_healthy(Duration::from_secs(60));
+    (cluster, port)
+}
+
+/// A raid1(2) volume of `size` served as LUN 0 of `target`.
+fn volume_and_target(cluster: &TestCluster, volume: &str, size: &str, target: &str) {
+    tessera(cluster, 1, &["volume", "create", volume, "--size", size, "--policy", "raid1:2"]);
+    tessera(cluster, 1, &["target", "create", target, "--lun", &format!("0={volume}")]);
+}
+
 /// The VIP's owner and epoch as the catalog records them.
 fn vip_owner(cluster: &TestCluster) -> Option<(u64, u64)> {
     let vip = cluster.status()?.vip?;
@@ -67,17 +86,10 @@ fn redirected(cluster: &TestCluster, hosts: &[u64]) -> f64 {
 fn the_vip_moves_to_another_host_when_its_owner_is_killed_and_logins_through_it_are_redirected() {
     let _exclusive = exclusive();
     tool("iscsi-ls");
-    let port = free_port(&["127.0.0.11", "127.0.0.12", "127.0.0.13", VIP_IP]);
-    let vip = format!("{VIP_IP}:{port}");
-    let mut cluster = TestCluster::start_configured(3, &[("vip", &vip)], |config| {
-        config.roles = vec!["storage".into(), "target".into()];
-        config.iscsi_port = port;
-    });
-    cluster.wait_healthy(Duration::from_secs(60));
+    let vip = format!("{VIP_IP}:{}", free_port(&[VIP_IP]));
+    let (mut cluster, _) = target_hosts(3, &[("vip", &vip)], &[]);
     for (index, target) in TARGETS.iter().enumerate() {
-        let volume = format!("v{index}");
-        tessera(&cluster, 1, &["volume", "create", &volume, "--size", "16MiB", "--policy", "raid1:2"]);
-        tessera(&cluster, 1, &["target", "create", target, "--lun", &format!("0={volume}")]);
+        volume_and_target(&cluster, &format!("v{index}"), "16MiB", target);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     let (mut owner, mut epoch) = loop {
@@ -197,12 +209,7 @@ fn balanced(
 fn target_owners_stay_balanced_within_their_site_and_the_cluster_as_hosts_leave_and_join() {
     let _exclusive = exclusive();
     let sites = ["east", "east", "west", "west"];
-    let port = free_port(&["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"]);
-    let mut cluster = TestCluster::start_in_sites(4, &[], &sites, |config| {
-        config.roles = vec!["storage".into(), "target".into()];
-        config.iscsi_port = port;
-    });
-    cluster.wait_healthy(Duration::from_secs(60));
+    let (mut cluster, port) = target_hosts(4, &[], &sites);
     let all: BTreeMap<u64, &str> = (1..=4).map(|id| (id, sites[id as usize - 1])).collect();
     tessera(&cluster, 1, &["volume", "create", "shared", "--size", "16MiB", "--policy", "raid1:2"]);
     // 12 targets: 3 affine to east, 3 to west, 6 to neither.
@@ -418,15 +425,9 @@ fn killing_the_host_an_initiator_writes_through_fails_over_to_another_portal_wit
     let _exclusive = exclusive();
     tool("qemu-io");
     tool("qemu-img");
-    let port = free_port(&["127.0.0.11", "127.0.0.12", "127.0.0.13"]);
-    let mut cluster = TestCluster::start_configured(3, &[], |config| {
-        config.roles = vec!["storage".into(), "target".into()];
-        config.iscsi_port = port;
-    });
-    cluster.wait_healthy(Duration::from_secs(60));
+    let (mut cluster, port) = target_hosts(3, &[], &[]);
     const TARGET: &str = "iqn.2026-11.org.tessera.test:failover";
-    tessera(&cluster, 1, &["volume", "create", "fo", "--size", "64MiB", "--policy", "raid1:2"]);
-    tessera(&cluster, 1, &["target", "create", TARGET, "--lun", "0=fo"]);
+    volume_and_target(&cluster, "fo", "64MiB", TARGET);
     let url = |host: u64| format!("iscsi://127.0.0.{}:{port}/{TARGET}/0", host + 10);
     let mut ledger = WriteLedger::default();
     let mut stalls = Vec::new();
@@ -527,15 +528,9 @@ fn killing_the_host_an_initiator_writes_through_fails_over_to_another_portal_wit
 fn a_reservation_taken_through_one_host_is_enforced_through_another_and_survives_the_first() {
     use crate::libiscsi::{Session, STATUS_GOOD, STATUS_RESERVATION_CONFLICT};
     let _exclusive = exclusive();
-    let port = free_port(&["127.0.0.11", "127.0.0.12", "127.0.0.13"]);
-    let mut cluster = TestCluster::start_configured(3, &[], |config| {
-        config.roles = vec!["storage".into(), "target".into()];
-        config.iscsi_port = port;
-    });
-    cluster.wait_healthy(Duration::from_secs(60));
+    let (mut cluster, port) = target_hosts(3, &[], &[]);
     const TARGET: &str = "iqn.2026-11.org.tessera.test:reserved";
-    tessera(&cluster, 1, &["volume", "create", "pr", "--size", "16MiB", "--policy", "raid1:2"]);
-    tessera(&cluster, 1, &["target", "create", TARGET, "--lun", "0=pr"]);
+    volume_and_target(&cluster, "pr", "16MiB", TARGET);
     let portal = |host: u64| format!("127.0.0.{}:{port}", host + 10);
     let (a_name, b_name) = ("iqn.2026-11.org.tessera.test:initiator-a", "iqn.2026-11.org.tessera.test:initiator-b");
     let login = |initiator: &str, host: u64| {
