@@ -73,7 +73,7 @@ struct Session {
     target: Option<Arc<Target>>,
     kind: SessionType,
     params: Params,
-    nexus: String,
+    nexus: crate::pr::Nexus,
     port: Port,
     /// The target's LUN numbers (REPORT LUNS), as of login.
     luns: Vec<u64>,
@@ -163,7 +163,7 @@ pub async fn run<D: Datamover>(registry: Arc<Registry>, mover: D) {
         target: login.target.clone(),
         kind,
         params: login.params.clone(),
-        nexus: login.nexus(),
+        nexus: crate::pr::Nexus::new(login.nexus(), group),
         luns: login.target.as_ref().map(|target| target.lun_numbers()).unwrap_or_default(),
         port: Port {
             target: login.target.as_ref().map(|target| target.name.clone()).unwrap_or_default(),
@@ -754,7 +754,7 @@ impl Session {
                             .collect();
                         self.abort(&tasks).await;
                         if function == 5 {
-                            unit.reset();
+                            unit.reset(self.port.relative_port).await;
                         }
                         0
                     }
@@ -766,7 +766,7 @@ impl Session {
                 self.abort(&tasks).await;
                 if let Some(target) = &self.target {
                     for unit in target.luns.values() {
-                        unit.reset();
+                        unit.reset(self.port.relative_port).await;
                     }
                 }
                 0

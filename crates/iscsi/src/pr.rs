@@ -2,8 +2,9 @@
 //! reservations (SPC-4 §5.13), as plain state so every rule is testable
 //! without a connection.
 //!
-//! An I_T nexus is named by its initiator port (`<iqn>,i,0x<isid>`); the
-//! target has one port per portal group, so the port is implied.
+//! An I_T nexus is an initiator port (`<iqn>,i,0x<isid>`) and a relative
+//! target port: each target host is one port, so the paths of one
+//! initiator port through two hosts are two nexuses ([`Nexus`]).
 
 use std::sync::Arc;
 
@@ -52,28 +53,113 @@ pub enum Access {
     Other,
 }
 
+/// An I_T nexus: an initiator port (`<iqn>,i,0x<isid>`) and the relative
+/// target port it reaches the unit through (each target host is its own
+/// port). Two paths of one initiator port through two hosts are two
+/// nexuses, each registered on its own unless registered with ALL_TG_PT.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Nexus {
+    pub initiator: String,
+    pub port: u16,
+}
+
+impl Nexus {
+    pub fn new(initiator: impl Into<String>, port: u16) -> Nexus {
+        Nexus { initiator: initiator.into(), port }
+    }
+}
+
+impl std::fmt::Display for Nexus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} through port {}", self.initiator, self.port)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
     pub key: u64,
-    pub nexus: String,
+    pub initiator: String,
+    /// The relative target port it was made through (every port when
+    /// `all_target_ports`).
+    pub port: u16,
     pub all_target_ports: bool,
+}
+
+impl Registration {
+    /// Whether this registration is `nexus`'s.
+    pub fn covers(&self, nexus: &Nexus) -> bool {
+        self.initiator == nexus.initiator && (self.all_target_ports || self.port == nexus.port)
+    }
+
+    /// Who a unit attention meant for this registrant goes to.
+    pub fn recipient(&self) -> Recipient {
+        if self.all_target_ports {
+            Recipient::Initiator(self.initiator.clone())
+        } else {
+            Recipient::Nexus(Nexus::new(self.initiator.clone(), self.port))
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservation {
-    /// The holder's nexus; for the all-registrants types every registrant
-    /// holds it and this is the one that reserved.
-    pub holder: String,
+    /// The nexus that reserved (or took it by PREEMPT or REGISTER AND
+    /// MOVE). Every nexus its registration covers holds it; for the
+    /// all-registrants types every registrant does.
+    pub holder: Nexus,
     pub kind: u8,
 }
+
+/// Whom a unit attention is for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Recipient {
+    Nexus(Nexus),
+    /// Every nexus of this initiator port (an ALL_TG_PT registrant).
+    Initiator(String),
+    /// Every nexus through another target port than this one (a logical
+    /// unit reset through that port; its own nexuses are told there).
+    AllBut {
+        port: u16,
+    },
+}
+
+impl Recipient {
+    pub fn includes(&self, nexus: &Nexus) -> bool {
+        match self {
+            Recipient::Nexus(to) => to == nexus,
+            Recipient::Initiator(initiator) => *initiator == nexus.initiator,
+            Recipient::AllBut { port } => *port != nexus.port,
+        }
+    }
+}
+
+/// A unit attention posted with the shared state, for whichever host
+/// serves its recipients.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    pub number: u64,
+    pub to: Recipient,
+    pub asc: u8,
+    pub ascq: u8,
+}
+
+/// How many notices the shared state keeps: every host applies a change
+/// before the change is answered, so a host misses one only if it was cut
+/// off meanwhile (and then its sessions are gone or reset too).
+pub const NOTICES_KEPT: usize = 64;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservations {
     pub generation: u32,
     pub registrations: Vec<Registration>,
     pub reservation: Option<Reservation>,
-    /// RESERVE(6) holder.
-    pub legacy: Option<String>,
+    /// Unit attentions for nexuses on other hosts, newest last (kept only
+    /// when the state is shared).
+    #[serde(default)]
+    pub notices: Vec<Notice>,
+    /// The number of the last notice posted.
+    #[serde(default)]
+    pub notices_posted: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,8 +174,8 @@ impl From<Sense> for PrError {
     }
 }
 
-/// Unit attentions a change leaves for other nexuses: (nexus, asc, ascq).
-pub type Attentions = Vec<(String, u8, u8)>;
+/// Unit attentions a change leaves: (to whom, asc, ascq).
+pub type Attentions = Vec<(Recipient, u8, u8)>;
 
 const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x03);
 const RESERVATIONS_RELEASED: (u8, u8) = (0x2a, 0x04);
@@ -101,18 +187,19 @@ const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x05);
 /// took them.
 pub trait ReservationStore: Send + Sync {
     /// The newest state this host knows: checked on every command, so it
-    /// must be cheap.
+    /// must be cheap (the same `Arc` while nothing changed).
     fn load(&self) -> Arc<Reservations>;
 
     /// Applies `change` to the shared state as one atomic step (read,
     /// change, compare-and-set, again on a conflict: `change` may run more
-    /// than once and must depend only on the state it is given). `Err`:
-    /// the shared state cannot be reached.
+    /// than once and must depend only on the state it is given), and
+    /// returns once every other host serving the unit has applied it.
+    /// `Err`: the shared state cannot be reached.
     fn update<'a>(&'a self, change: &'a Change<'a>) -> BoxFuture<'a, Result<Result<Attentions, PrError>, String>>;
 }
 
-/// A change of reservations (what a PERSISTENT RESERVE OUT or RESERVE(6)
-/// does), with the unit attentions it leaves for other nexuses.
+/// A change of reservations (what a PERSISTENT RESERVE OUT does), with the
+/// unit attentions it leaves for other nexuses.
 pub type Change<'a> = dyn Fn(&mut Reservations) -> Result<Attentions, PrError> + Send + Sync + 'a;
 
 /// PERSISTENT RESERVE OUT service actions.
@@ -136,19 +223,73 @@ pub struct Request {
     pub service_key: u64,
     pub all_target_ports: bool,
     /// REGISTER AND MOVE: the destination nexus.
-    pub move_to: Option<String>,
+    pub move_to: Option<Nexus>,
     pub unregister_on_move: bool,
 }
 
-impl Reservations {
-    pub fn registration(&self, nexus: &str) -> Option<&Registration> {
-        self.registrations.iter().find(|registration| registration.nexus == nexus)
+/// RESERVE(6) / RELEASE(6) (SPC-2): held by one nexus, kept by each host's
+/// unit (it ends with its nexus, at once), and in conflict with any
+/// persistent reservation state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LegacyReservation(Option<Nexus>);
+
+impl LegacyReservation {
+    pub fn holder(&self) -> Option<&Nexus> {
+        self.0.as_ref()
     }
 
-    fn holds(&self, nexus: &str) -> bool {
+    /// Held by another nexus than `nexus`.
+    pub fn conflicts(&self, nexus: &Nexus) -> bool {
+        self.0.as_ref().is_some_and(|holder| holder != nexus)
+    }
+
+    /// RESERVE(6).
+    pub fn reserve(&mut self, nexus: &Nexus, persistent: &Reservations) -> Result<(), PrError> {
+        // SPC-3: RESERVE(6) conflicts with any persistent reservation state.
+        if persistent.reservation.is_some() || !persistent.registrations.is_empty() || self.conflicts(nexus) {
+            return Err(PrError::Conflict);
+        }
+        self.0 = Some(nexus.clone());
+        Ok(())
+    }
+
+    /// RELEASE(6): releasing a reservation another nexus holds does nothing.
+    pub fn release(&mut self, nexus: &Nexus, persistent: &Reservations) -> Result<(), PrError> {
+        if persistent.reservation.is_some() {
+            return Err(PrError::Conflict);
+        }
+        if self.0.as_ref() == Some(nexus) {
+            self.0 = None;
+        }
+        Ok(())
+    }
+
+    /// A logical unit reset (`None`) or the loss of the holder's nexus ends it.
+    pub fn reset(&mut self, nexus: Option<&Nexus>) {
+        if nexus.is_none() || self.0.as_ref() == nexus {
+            self.0 = None;
+        }
+    }
+}
+
+impl Reservations {
+    /// The registration of `nexus`.
+    pub fn registration(&self, nexus: &Nexus) -> Option<&Registration> {
+        self.registrations.iter().find(|registration| registration.covers(nexus))
+    }
+
+    fn registration_index(&self, nexus: &Nexus) -> Option<usize> {
+        self.registrations.iter().position(|registration| registration.covers(nexus))
+    }
+
+    /// Whether `nexus` holds the reservation.
+    pub fn holds(&self, nexus: &Nexus) -> bool {
         match &self.reservation {
             Some(reservation) if kind::all_registrants(reservation.kind) => self.registration(nexus).is_some(),
-            Some(reservation) => reservation.holder == nexus,
+            Some(reservation) => {
+                let mine = self.registration_index(nexus);
+                mine.is_some() && mine == self.registration_index(&reservation.holder)
+            }
             None => false,
         }
     }
@@ -156,7 +297,7 @@ impl Reservations {
     /// Whether the persistent reservation lets `nexus` run a command of
     /// class `access` (RESERVE(6) conflicts are the unit's to check: they
     /// follow their own, opcode-based table).
-    pub fn allows(&self, nexus: &str, access: Access) -> bool {
+    pub fn allows(&self, nexus: &Nexus, access: Access) -> bool {
         if access == Access::Always {
             return true;
         }
@@ -178,49 +319,25 @@ impl Reservations {
         }
     }
 
-    /// RESERVE(6).
-    pub fn reserve_legacy(&mut self, nexus: &str) -> Result<(), PrError> {
-        // SPC-3: RESERVE(6) conflicts with any persistent reservation state.
-        if self.reservation.is_some() || !self.registrations.is_empty() {
-            return Err(PrError::Conflict);
+    /// Posts unit attentions for the hosts serving their recipients: each
+    /// picks up the notices numbered after the last it has seen.
+    pub fn post(&mut self, attentions: Attentions) {
+        for (to, asc, ascq) in attentions {
+            self.notices_posted += 1;
+            self.notices.push(Notice { number: self.notices_posted, to, asc, ascq });
         }
-        match &self.legacy {
-            Some(holder) if holder != nexus => Err(PrError::Conflict),
-            _ => {
-                self.legacy = Some(nexus.to_string());
-                Ok(())
-            }
-        }
+        let excess = self.notices.len().saturating_sub(NOTICES_KEPT);
+        self.notices.drain(..excess);
     }
 
-    /// RELEASE(6): releasing a reservation another nexus holds does nothing.
-    pub fn release_legacy(&mut self, nexus: &str) -> Result<(), PrError> {
-        if self.reservation.is_some() {
-            return Err(PrError::Conflict);
-        }
-        if self.legacy.as_deref() == Some(nexus) {
-            self.legacy = None;
-        }
-        Ok(())
-    }
-
-    /// A LUN reset or a session loss of the holder ends RESERVE(6).
-    pub fn reset_legacy(&mut self, nexus: Option<&str>) {
-        if nexus.is_none() || self.legacy.as_deref() == nexus {
-            self.legacy = None;
-        }
-    }
-
-    /// PERSISTENT RESERVE OUT.
-    pub fn apply(&mut self, nexus: &str, request: &Request) -> Result<Attentions, PrError> {
-        if self.legacy.as_ref().is_some_and(|holder| holder != nexus) {
-            return Err(PrError::Conflict);
-        }
+    /// PERSISTENT RESERVE OUT from `nexus` (a RESERVE(6) held by another
+    /// nexus is the caller's to check first).
+    pub fn apply(&mut self, nexus: &Nexus, request: &Request) -> Result<Attentions, PrError> {
         let mut attentions = Attentions::new();
         match request.action {
             action::REGISTER | action::REGISTER_AND_IGNORE => {
                 let ignore = request.action == action::REGISTER_AND_IGNORE;
-                match self.registrations.iter().position(|registration| registration.nexus == nexus) {
+                match self.registration_index(nexus) {
                     None => {
                         if !ignore && request.key != 0 {
                             return Err(PrError::Conflict);
@@ -228,7 +345,8 @@ impl Reservations {
                         if request.service_key != 0 {
                             self.registrations.push(Registration {
                                 key: request.service_key,
-                                nexus: nexus.to_string(),
+                                initiator: nexus.initiator.clone(),
+                                port: nexus.port,
                                 all_target_ports: request.all_target_ports,
                             });
                         }
@@ -252,7 +370,7 @@ impl Reservations {
                     return Err(Sense::invalid_cdb(2, None).into());
                 }
                 match &self.reservation {
-                    None => self.reservation = Some(Reservation { holder: nexus.to_string(), kind: request.kind }),
+                    None => self.reservation = Some(Reservation { holder: nexus.clone(), kind: request.kind }),
                     Some(reservation) if self.holds(nexus) && reservation.kind == request.kind => {}
                     Some(_) => return Err(PrError::Conflict),
                 }
@@ -288,7 +406,10 @@ impl Reservations {
                 let Some(destination) = request.move_to.clone() else {
                     return Err(Sense::invalid_parameter(24).into());
                 };
-                if request.service_key == 0 || destination == nexus {
+                if request.service_key == 0
+                    || destination == *nexus
+                    || self.registration(&destination).is_some_and(|registration| registration.covers(nexus))
+                {
                     return Err(Sense::invalid_parameter(8).into());
                 }
                 let Some(reservation) = self.reservation.clone() else { return Err(PrError::Conflict) };
@@ -298,17 +419,19 @@ impl Reservations {
                 if !self.holds(nexus) {
                     return Err(PrError::Conflict);
                 }
-                match self.registrations.iter_mut().find(|registration| registration.nexus == destination) {
-                    Some(registration) => registration.key = request.service_key,
+                let source = self.registration_index(nexus).expect("the holder is registered");
+                match self.registration_index(&destination) {
+                    Some(index) => self.registrations[index].key = request.service_key,
                     None => self.registrations.push(Registration {
                         key: request.service_key,
-                        nexus: destination.clone(),
+                        initiator: destination.initiator.clone(),
+                        port: destination.port,
                         all_target_ports: false,
                     }),
                 }
                 self.reservation = Some(Reservation { holder: destination, kind: reservation.kind });
                 if request.unregister_on_move {
-                    self.registrations.retain(|registration| registration.nexus != nexus);
+                    self.registrations.remove(source);
                 }
                 self.generation = self.generation.wrapping_add(1);
             }
@@ -317,38 +440,38 @@ impl Reservations {
         Ok(attentions)
     }
 
-    fn check_key(&self, nexus: &str, key: u64) -> Result<(), PrError> {
+    fn check_key(&self, nexus: &Nexus, key: u64) -> Result<(), PrError> {
         match self.registration(nexus) {
             Some(registration) if registration.key == key => Ok(()),
             _ => Err(PrError::Conflict),
         }
     }
 
-    fn tell_others(&self, nexus: &str, (asc, ascq): (u8, u8), attentions: &mut Attentions) {
+    /// Tells every registrant but `nexus`'s registration.
+    fn tell_others(&self, nexus: &Nexus, (asc, ascq): (u8, u8), attentions: &mut Attentions) {
         for registration in &self.registrations {
-            if registration.nexus != nexus {
-                attentions.push((registration.nexus.clone(), asc, ascq));
+            if !registration.covers(nexus) {
+                attentions.push((registration.recipient(), asc, ascq));
             }
         }
     }
 
     fn unregister(&mut self, index: usize, attentions: &mut Attentions) {
+        let holder = self.reservation.as_ref().and_then(|reservation| self.registration_index(&reservation.holder));
         let gone = self.registrations.remove(index);
         let Some(reservation) = self.reservation.clone() else { return };
-        let released = if kind::all_registrants(reservation.kind) {
-            self.registrations.is_empty()
-        } else {
-            reservation.holder == gone.nexus
-        };
+        let released =
+            if kind::all_registrants(reservation.kind) { self.registrations.is_empty() } else { holder == Some(index) };
         if released {
             self.reservation = None;
             if matches!(reservation.kind, 5 | 6) {
-                self.tell_others(&gone.nexus, RESERVATIONS_RELEASED, attentions);
+                let nexus = Nexus::new(gone.initiator, gone.port);
+                self.tell_others(&nexus, RESERVATIONS_RELEASED, attentions);
             }
         }
     }
 
-    fn preempt(&mut self, nexus: &str, request: &Request, attentions: &mut Attentions) -> Result<(), PrError> {
+    fn preempt(&mut self, nexus: &Nexus, request: &Request, attentions: &mut Attentions) -> Result<(), PrError> {
         let reservation = self.reservation.clone();
         let preempts_reservation = match &reservation {
             None => false,
@@ -360,18 +483,14 @@ impl Reservations {
             if request.service_key == 0 {
                 return Err(Sense::invalid_parameter(8).into());
             }
-            let removed: Vec<String> = self
-                .registrations
-                .iter()
-                .filter(|registration| registration.key == request.service_key && registration.nexus != nexus)
-                .map(|registration| registration.nexus.clone())
-                .collect();
-            if removed.is_empty() && !self.registrations.iter().any(|r| r.key == request.service_key) {
+            if !self.registrations.iter().any(|registration| registration.key == request.service_key) {
                 return Err(PrError::Conflict);
             }
-            self.registrations.retain(|registration| !removed.contains(&registration.nexus));
+            let removed = self.remove_registrations(|registration| {
+                registration.key == request.service_key && !registration.covers(nexus)
+            });
             for gone in removed {
-                attentions.push((gone, REGISTRATIONS_PREEMPTED.0, REGISTRATIONS_PREEMPTED.1));
+                attentions.push((gone.recipient(), REGISTRATIONS_PREEMPTED.0, REGISTRATIONS_PREEMPTED.1));
             }
             if let Some(held) = &reservation {
                 if kind::all_registrants(held.kind) && self.registrations.is_empty() {
@@ -384,27 +503,23 @@ impl Reservations {
             return Err(Sense::invalid_cdb(2, None).into());
         }
         let held = reservation.expect("preempting a reservation");
-        let removed: Vec<String> = self
-            .registrations
-            .iter()
-            .filter(|registration| {
-                registration.nexus != nexus && (request.service_key == 0 || registration.key == request.service_key)
-            })
-            .map(|registration| registration.nexus.clone())
-            .collect();
-        self.registrations.retain(|registration| !removed.contains(&registration.nexus));
-        for gone in &removed {
-            attentions.push((gone.clone(), REGISTRATIONS_PREEMPTED.0, REGISTRATIONS_PREEMPTED.1));
+        let removed = self.remove_registrations(|registration| {
+            !registration.covers(nexus) && (request.service_key == 0 || registration.key == request.service_key)
+        });
+        for gone in removed {
+            attentions.push((gone.recipient(), REGISTRATIONS_PREEMPTED.0, REGISTRATIONS_PREEMPTED.1));
         }
         if held.kind != request.kind {
-            for registration in &self.registrations {
-                if registration.nexus != nexus {
-                    attentions.push((registration.nexus.clone(), 0x2a, 0x03));
-                }
-            }
+            self.tell_others(nexus, RESERVATIONS_PREEMPTED, attentions);
         }
-        self.reservation = Some(Reservation { holder: nexus.to_string(), kind: request.kind });
+        self.reservation = Some(Reservation { holder: nexus.clone(), kind: request.kind });
         Ok(())
+    }
+
+    fn remove_registrations(&mut self, remove: impl Fn(&Registration) -> bool) -> Vec<Registration> {
+        let (removed, kept) = std::mem::take(&mut self.registrations).into_iter().partition(|r| remove(r));
+        self.registrations = kept;
+        removed
     }
 }
 
@@ -441,7 +556,11 @@ pub fn parse_transport_id(bytes: &[u8]) -> Option<(String, usize)> {
 mod tests {
     use super::*;
 
-    fn register(state: &mut Reservations, nexus: &str, key: u64) {
+    fn nexus(name: &str) -> Nexus {
+        Nexus::new(name, 1)
+    }
+
+    fn register(state: &mut Reservations, name: &str, key: u64) {
         let request = Request {
             action: action::REGISTER,
             kind: 0,
@@ -451,7 +570,7 @@ mod tests {
             move_to: None,
             unregister_on_move: false,
         };
-        state.apply(nexus, &request).expect("register");
+        state.apply(&nexus(name), &request).expect("register");
     }
 
     fn request(action: u8, kind: u8, key: u64, service_key: u64) -> Request {
@@ -463,10 +582,10 @@ mod tests {
         let mut state = Reservations::default();
         register(&mut state, "a", 1);
         register(&mut state, "b", 2);
-        state.apply("a", &request(action::RESERVE, kind::WRITE_EXCLUSIVE_REGISTRANTS_ONLY, 1, 0)).unwrap();
-        assert!(state.allows("b", Access::Write));
-        assert!(!state.allows("c", Access::Write));
-        assert!(state.allows("c", Access::Read));
+        state.apply(&nexus("a"), &request(action::RESERVE, kind::WRITE_EXCLUSIVE_REGISTRANTS_ONLY, 1, 0)).unwrap();
+        assert!(state.allows(&nexus("b"), Access::Write));
+        assert!(!state.allows(&nexus("c"), Access::Write));
+        assert!(state.allows(&nexus("c"), Access::Read));
         assert_eq!(state.generation, 2, "reserve does not bump the generation");
     }
 
@@ -475,10 +594,13 @@ mod tests {
         let mut state = Reservations::default();
         register(&mut state, "a", 1);
         register(&mut state, "b", 2);
-        state.apply("a", &request(action::RESERVE, kind::EXCLUSIVE_ACCESS, 1, 0)).unwrap();
-        assert!(!state.allows("b", Access::Read));
-        assert!(state.allows("a", Access::Write));
-        assert_eq!(state.apply("b", &request(action::RESERVE, kind::EXCLUSIVE_ACCESS, 2, 0)), Err(PrError::Conflict));
+        state.apply(&nexus("a"), &request(action::RESERVE, kind::EXCLUSIVE_ACCESS, 1, 0)).unwrap();
+        assert!(!state.allows(&nexus("b"), Access::Read));
+        assert!(state.allows(&nexus("a"), Access::Write));
+        assert_eq!(
+            state.apply(&nexus("b"), &request(action::RESERVE, kind::EXCLUSIVE_ACCESS, 2, 0)),
+            Err(PrError::Conflict)
+        );
     }
 
     #[test]
@@ -486,21 +608,120 @@ mod tests {
         let mut state = Reservations::default();
         register(&mut state, "a", 1);
         register(&mut state, "b", 2);
-        state.apply("a", &request(action::RESERVE, kind::WRITE_EXCLUSIVE, 1, 0)).unwrap();
-        let attentions = state.apply("b", &request(action::PREEMPT, kind::EXCLUSIVE_ACCESS, 2, 1)).unwrap();
-        assert_eq!(state.reservation.as_ref().unwrap().holder, "b");
-        assert!(state.registration("a").is_none());
-        assert!(attentions.iter().any(|(nexus, asc, _)| nexus == "a" && *asc == 0x2a));
+        state.apply(&nexus("a"), &request(action::RESERVE, kind::WRITE_EXCLUSIVE, 1, 0)).unwrap();
+        let attentions = state.apply(&nexus("b"), &request(action::PREEMPT, kind::EXCLUSIVE_ACCESS, 2, 1)).unwrap();
+        assert_eq!(state.reservation.as_ref().unwrap().holder, nexus("b"));
+        assert!(state.registration(&nexus("a")).is_none());
+        assert!(attentions.iter().any(|(to, asc, _)| to.includes(&nexus("a")) && *asc == 0x2a));
     }
 
     #[test]
     fn wrong_key_conflicts_and_unregistering_the_holder_releases() {
         let mut state = Reservations::default();
         register(&mut state, "a", 1);
-        assert_eq!(state.apply("a", &request(action::RESERVE, kind::WRITE_EXCLUSIVE, 9, 0)), Err(PrError::Conflict));
-        state.apply("a", &request(action::RESERVE, kind::WRITE_EXCLUSIVE, 1, 0)).unwrap();
-        state.apply("a", &request(action::REGISTER, 0, 1, 0)).unwrap();
+        assert_eq!(
+            state.apply(&nexus("a"), &request(action::RESERVE, kind::WRITE_EXCLUSIVE, 9, 0)),
+            Err(PrError::Conflict)
+        );
+        state.apply(&nexus("a"), &request(action::RESERVE, kind::WRITE_EXCLUSIVE, 1, 0)).unwrap();
+        state.apply(&nexus("a"), &request(action::REGISTER, 0, 1, 0)).unwrap();
         assert!(state.reservation.is_none());
+    }
+
+    fn register_through(state: &mut Reservations, nexus: &Nexus, key: u64, all_target_ports: bool) {
+        let request = Request { all_target_ports, ..request(action::REGISTER, 0, 0, key) };
+        state.apply(nexus, &request).expect("register");
+    }
+
+    #[test]
+    fn the_paths_of_one_initiator_port_through_two_target_ports_are_two_nexuses() {
+        let mut state = Reservations::default();
+        let (first, second) = (Nexus::new("a", 1), Nexus::new("a", 2));
+        register_through(&mut state, &first, 1, false);
+        assert!(state.registration(&second).is_none(), "registered through port 1 only");
+        // The second path registers on its own (as multipath tools do,
+        // path by path), with the same key, and is a second registrant.
+        register_through(&mut state, &second, 1, false);
+        assert_eq!(state.registrations.len(), 2);
+        state.apply(&first, &request(action::RESERVE, kind::WRITE_EXCLUSIVE, 1, 0)).unwrap();
+        assert!(state.holds(&first));
+        assert!(!state.holds(&second), "the holder is the nexus that reserved");
+        assert!(!state.allows(&second, Access::Write));
+        // Unregistering the second path leaves the first's registration and reservation.
+        state.apply(&second, &request(action::REGISTER, 0, 1, 0)).unwrap();
+        assert!(state.holds(&first));
+        assert_eq!(state.registrations.len(), 1);
+    }
+
+    #[test]
+    fn a_registration_with_all_target_ports_covers_every_port_of_its_initiator() {
+        let mut state = Reservations::default();
+        register_through(&mut state, &Nexus::new("a", 1), 1, true);
+        register_through(&mut state, &Nexus::new("b", 1), 2, false);
+        assert_eq!(state.registration(&Nexus::new("a", 9)).map(|r| r.key), Some(1));
+        assert!(state.registration(&Nexus::new("b", 9)).is_none());
+        state.apply(&Nexus::new("a", 1), &request(action::RESERVE, kind::EXCLUSIVE_ACCESS, 1, 0)).unwrap();
+        assert!(state.holds(&Nexus::new("a", 7)), "every port of an ALL_TG_PT registrant holds it");
+        assert!(!state.allows(&Nexus::new("b", 1), Access::Read));
+        // A release through another port releases, and tells nobody: the
+        // type lets no registrant but the holder in.
+        let attentions = state.apply(&Nexus::new("a", 3), &request(action::RELEASE, kind::EXCLUSIVE_ACCESS, 1, 0));
+        assert_eq!(attentions, Ok(Vec::new()));
+        assert!(state.reservation.is_none());
+        // Preempting the ALL_TG_PT registrant tells each of its nexuses.
+        let attentions = state.apply(&Nexus::new("b", 1), &request(action::PREEMPT, 0, 2, 1)).unwrap();
+        assert_eq!(attentions, vec![(Recipient::Initiator("a".into()), 0x2a, 0x05)]);
+        assert!(attentions[0].0.includes(&Nexus::new("a", 4)));
+    }
+
+    #[test]
+    fn register_and_move_hands_the_reservation_to_the_nexus_through_the_named_port() {
+        let mut state = Reservations::default();
+        let (from, to) = (Nexus::new("a", 1), Nexus::new("b", 2));
+        register_through(&mut state, &from, 1, false);
+        state.apply(&from, &request(action::RESERVE, kind::WRITE_EXCLUSIVE, 1, 0)).unwrap();
+        let moving = Request {
+            move_to: Some(to.clone()),
+            unregister_on_move: true,
+            ..request(action::REGISTER_AND_MOVE, 0, 1, 5)
+        };
+        state.apply(&from, &moving).unwrap();
+        assert_eq!(state.reservation.as_ref().map(|r| &r.holder), Some(&to));
+        assert!(state.holds(&to));
+        assert!(!state.holds(&Nexus::new("b", 1)), "b through another port is another nexus");
+        assert!(state.registration(&from).is_none(), "unregistered on the move");
+        // Moving to oneself is refused.
+        let back = Request { move_to: Some(to.clone()), ..request(action::REGISTER_AND_MOVE, 0, 5, 6) };
+        assert!(matches!(state.apply(&to, &back), Err(PrError::Sense(_))));
+    }
+
+    #[test]
+    fn posted_notices_are_numbered_and_only_the_newest_are_kept() {
+        let mut state = Reservations::default();
+        for _ in 0..NOTICES_KEPT + 5 {
+            state.post(vec![(Recipient::AllBut { port: 1 }, 0x29, 0x03)]);
+        }
+        assert_eq!(state.notices.len(), NOTICES_KEPT);
+        assert_eq!(state.notices_posted, (NOTICES_KEPT + 5) as u64);
+        assert_eq!(state.notices.first().map(|notice| notice.number), Some(6));
+        assert!(!state.notices[0].to.includes(&Nexus::new("a", 1)));
+        assert!(state.notices[0].to.includes(&Nexus::new("a", 2)));
+    }
+
+    #[test]
+    fn reserve_6_conflicts_with_persistent_state_and_ends_with_its_nexus() {
+        let (a, b) = (Nexus::new("a", 1), Nexus::new("b", 1));
+        let mut legacy = LegacyReservation::default();
+        let mut persistent = Reservations::default();
+        legacy.reserve(&a, &persistent).unwrap();
+        assert_eq!(legacy.reserve(&b, &persistent), Err(PrError::Conflict));
+        assert!(legacy.conflicts(&b) && !legacy.conflicts(&a));
+        legacy.release(&b, &persistent).unwrap();
+        assert_eq!(legacy.holder(), Some(&a), "releasing another's reservation does nothing");
+        legacy.reset(Some(&a));
+        assert_eq!(legacy.holder(), None);
+        register_through(&mut persistent, &b, 1, false);
+        assert_eq!(legacy.reserve(&a, &persistent), Err(PrError::Conflict));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 
 use crate::copy;
-use crate::pr::{self, Access, PrError, Reservations};
+use crate::pr::{self, Access, LegacyReservation, Nexus, PrError, Recipient, Reservations};
 use crate::sanitize;
 use crate::sense::{self, status, Sense};
 
@@ -90,8 +90,8 @@ pub struct Port {
 pub struct Command<'a> {
     pub cdb: &'a [u8],
     pub data: Bytes,
-    /// The initiator port: `<iqn>,i,0x<isid>`.
-    pub nexus: &'a str,
+    /// The I_T nexus: the initiator port and `port`'s relative port.
+    pub nexus: &'a Nexus,
     pub port: &'a Port,
     /// The logical unit numbers of the target (REPORT LUNS).
     pub luns: &'a [u64],
@@ -131,14 +131,66 @@ struct Modes {
 
 #[derive(Default)]
 struct UnitState {
+    /// Persistent reservations, when the unit keeps its own.
     reservations: Reservations,
-    attentions: HashMap<String, VecDeque<(u8, u8)>>,
-    nexuses: HashSet<String>,
+    legacy: LegacyReservation,
+    attentions: HashMap<Nexus, VecDeque<(u8, u8)>>,
+    nexuses: HashSet<Nexus>,
+    /// The shared reservations last checked against, and the number of
+    /// the last notice taken from them.
+    shared_seen: Option<(Arc<Reservations>, u64)>,
     modes: Modes,
     blocks_seen: u64,
     /// Results of EXTENDED COPY lists that asked them held, per I_T nexus
     /// and list identifier: (segments, bytes copied).
-    copies: HashMap<(String, u8), (u16, u64)>,
+    copies: HashMap<(Nexus, u8), (u16, u64)>,
+}
+
+/// The unit attention a logical unit reset leaves (BUS DEVICE RESET
+/// FUNCTION OCCURRED).
+const RESET: (u8, u8) = (0x29, 0x03);
+
+impl UnitState {
+    /// Queues a unit attention for each nexus of this unit `to` includes.
+    fn tell(&mut self, to: &Recipient, asc: u8, ascq: u8) {
+        for nexus in &self.nexuses {
+            if to.includes(nexus) {
+                self.attentions.entry(nexus.clone()).or_default().push_back((asc, ascq));
+            }
+        }
+    }
+
+    fn tell_all(&mut self, asc: u8, ascq: u8) {
+        for nexus in &self.nexuses {
+            self.attentions.entry(nexus.clone()).or_default().push_back((asc, ascq));
+        }
+    }
+
+    /// A logical unit reset: RESERVE(6) ends and every nexus is told.
+    fn reset(&mut self) {
+        self.legacy.reset(None);
+        self.tell_all(RESET.0, RESET.1);
+    }
+
+    /// Tells this unit's nexuses the notices posted with the shared
+    /// reservations since it last looked (a reset posted by another host
+    /// also ends this host's RESERVE(6)). The first look only notes where
+    /// the notices stand: the ones before are for sessions gone.
+    fn take_notices(&mut self, shared: &Arc<Reservations>) {
+        let last = match &self.shared_seen {
+            Some((seen, _)) if Arc::ptr_eq(seen, shared) => return,
+            Some((_, last)) => Some(*last),
+            None => None,
+        };
+        self.shared_seen = Some((shared.clone(), shared.notices_posted.max(last.unwrap_or(0))));
+        let Some(last) = last else { return };
+        for notice in shared.notices.iter().filter(|notice| notice.number > last) {
+            if (notice.asc, notice.ascq) == RESET {
+                self.legacy.reset(None);
+            }
+            self.tell(&notice.to, notice.asc, notice.ascq);
+        }
+    }
 }
 
 /// A logical unit: a block device with its identity, reservations, unit
@@ -380,21 +432,28 @@ impl LogicalUnit {
         }
     }
 
-    /// A LUN reset: RESERVE(6) ends and every nexus gets a unit attention.
-    pub fn reset(&self) {
-        let mut state = self.state.lock().expect("unit state");
-        state.reservations.reset_legacy(None);
-        let nexuses: Vec<String> = state.nexuses.iter().cloned().collect();
-        for nexus in nexuses {
-            state.attentions.entry(nexus).or_default().push_back((0x29, 0x03));
+    /// A logical unit reset through relative target port `port`:
+    /// RESERVE(6) ends and every nexus gets a unit attention, on every host
+    /// serving the unit when it shares its reservations (answered once
+    /// they have it).
+    pub async fn reset(&self, port: u16) {
+        self.state.lock().expect("unit state").reset();
+        if let Some(store) = &self.reservation_store {
+            let post = |reservations: &mut Reservations| {
+                reservations.post(vec![(Recipient::AllBut { port }, RESET.0, RESET.1)]);
+                Ok(Vec::new())
+            };
+            if let Err(error) = store.update(&post).await {
+                tracing::warn!(%error, "a logical unit reset could not reach the other hosts serving the unit");
+            }
         }
     }
 
     /// The nexus is gone (its session ended): it no longer holds RESERVE(6),
     /// and its copy results and pending reset attentions go with it.
-    pub fn nexus_lost(&self, nexus: &str) {
+    pub fn nexus_lost(&self, nexus: &Nexus) {
         let mut state = self.state.lock().expect("unit state");
-        state.reservations.reset_legacy(Some(nexus));
+        state.legacy.reset(Some(nexus));
         state.copies.retain(|(holder, _), _| holder != nexus);
         // Resets the nexus saw before it went are news to no one now (a new
         // session starts afresh); reservation and capacity news stays.
@@ -423,12 +482,15 @@ impl LogicalUnit {
             let blocks = self.device.blocks();
             if blocks != state.blocks_seen {
                 state.blocks_seen = blocks;
-                let nexuses: Vec<String> = state.nexuses.iter().cloned().collect();
-                for nexus in nexuses {
-                    state.attentions.entry(nexus).or_default().push_back((0x2a, 0x09));
-                }
+                state.tell_all(0x2a, 0x09);
             }
-            state.nexuses.insert(command.nexus.to_string());
+            if !state.nexuses.contains(command.nexus) {
+                state.nexuses.insert(command.nexus.clone());
+            }
+            let shared = self.reservation_store.as_ref().map(|store| store.load());
+            if let Some(shared) = &shared {
+                state.take_notices(shared);
+            }
             if !matches!(opcode, 0x12 | 0x03 | 0xa0) {
                 if let Some((asc, ascq)) = state.attentions.get_mut(command.nexus).and_then(|queue| queue.pop_front()) {
                     return Err(Sense::new(sense::key::UNIT_ATTENTION, asc, ascq));
@@ -442,9 +504,8 @@ impl LogicalUnit {
                     return Err(Sense::sanitize_failed());
                 }
             }
-            let shared = self.reservation_store.as_ref().map(|store| store.load());
             let reservations = shared.as_deref().unwrap_or(&state.reservations);
-            let legacy_conflict = state.reservations.legacy.as_ref().is_some_and(|holder| holder != command.nexus)
+            let legacy_conflict = state.legacy.conflicts(command.nexus)
                 && !matches!(opcode, 0x12 | 0xa0 | 0x03 | 0x16 | 0x17 | 0xa3 | 0x5e);
             let reserve_family = matches!(opcode, 0x16 | 0x17);
             if legacy_conflict || !reserve_family && !reservations.allows(command.nexus, access(opcode)) {
@@ -904,7 +965,7 @@ impl LogicalUnit {
     /// EXTENDED COPY (LID1): every descriptor checked, then the segments
     /// copied in order, exclusively, within this unit (the only one it can
     /// name: a designator of another is unreachable).
-    async fn extended_copy(&self, cdb: &[u8], data: Bytes, nexus: &str) -> Outcome {
+    async fn extended_copy(&self, cdb: &[u8], data: Bytes, nexus: &Nexus) -> Outcome {
         let length = be32(&cdb[10..]) as usize;
         let Some(list) = copy::parse(&data, length)? else { return Ok(Reply::good(Bytes::new())) };
         let block_size = self.block_size();
@@ -945,16 +1006,16 @@ impl LogicalUnit {
         }
         if list.hold {
             let mut state = self.state.lock().expect("unit state");
-            state.copies.insert((nexus.to_string(), list.list_id), (list.segments.len() as u16, bytes));
+            state.copies.insert((nexus.clone(), list.list_id), (list.segments.len() as u16, bytes));
         }
         Ok(Reply::good(Bytes::new()))
     }
 
-    fn receive_copy_results(&self, cdb: &[u8], nexus: &str) -> Outcome {
+    fn receive_copy_results(&self, cdb: &[u8], nexus: &Nexus) -> Outcome {
         let allocation = be32(&cdb[10..]) as usize;
         let mut out = match cdb[1] & 0x1f {
             0x00 => {
-                let held = self.state.lock().expect("unit state").copies.get(&(nexus.to_string(), cdb[2])).copied();
+                let held = self.state.lock().expect("unit state").copies.get(&(nexus.clone(), cdb[2])).copied();
                 let Some((segments, bytes)) = held else { return Err(Sense::invalid_cdb(2, None)) };
                 copy::copy_status(segments, bytes)
             }
@@ -1271,36 +1332,36 @@ impl LogicalUnit {
     }
 
     /// RESERVE(6) / RELEASE(6): this host's unit only (checked against
-    /// the shared persistent reservations, which it conflicts with).
-    fn legacy_reservation(&self, nexus: &str, reserve: bool) -> Outcome {
+    /// the persistent reservations, shared or not, which it conflicts with).
+    fn legacy_reservation(&self, nexus: &Nexus, reserve: bool) -> Outcome {
         let shared = self.reservation_store.as_ref().map(|store| store.load());
-        let mut state = self.state.lock().expect("unit state");
-        let mut combined = shared.map(|shared| (*shared).clone()).unwrap_or_else(|| state.reservations.clone());
-        combined.legacy = state.reservations.legacy.clone();
-        let result = if reserve { combined.reserve_legacy(nexus) } else { combined.release_legacy(nexus) };
+        let mut guard = self.state.lock().expect("unit state");
+        let state = &mut *guard;
+        let persistent = shared.as_deref().unwrap_or(&state.reservations);
+        let result =
+            if reserve { state.legacy.reserve(nexus, persistent) } else { state.legacy.release(nexus, persistent) };
         match result {
-            Ok(()) => {
-                state.reservations.legacy = combined.legacy;
-                Ok(Reply::good(Bytes::new()))
-            }
+            Ok(()) => Ok(Reply::good(Bytes::new())),
             Err(PrError::Conflict) => Ok(Reply::status(status::RESERVATION_CONFLICT)),
             Err(PrError::Sense(sense)) => Err(sense),
         }
     }
 
-    /// Applies a reservation change (to the shared store if there is one)
-    /// and queues the unit attentions it leaves for nexuses of this host.
-    async fn change_reservations(&self, change: &pr::Change<'_>) -> Outcome {
+    /// Applies a PERSISTENT RESERVE OUT change from `nexus` (to the shared
+    /// store if there is one) and has its unit attentions told: here, or,
+    /// when shared, posted with the change for every host to tell its own
+    /// nexuses.
+    async fn change_reservations(&self, nexus: &Nexus, change: &pr::Change<'_>) -> Outcome {
+        // This host's RESERVE(6) conflicts with any change (SPC-3).
+        if self.state.lock().expect("unit state").legacy.conflicts(nexus) {
+            return Ok(Reply::status(status::RESERVATION_CONFLICT));
+        }
         let result = match &self.reservation_store {
             Some(store) => {
-                // This host's RESERVE(6) conflicts with a change, as in one
-                // unit; it is not stored with the shared state.
-                let legacy = self.state.lock().expect("unit state").reservations.legacy.clone();
                 let change = move |reservations: &mut Reservations| {
-                    reservations.legacy = legacy.clone();
-                    let result = change(reservations);
-                    reservations.legacy = None;
-                    result
+                    let attentions = change(reservations)?;
+                    reservations.post(attentions);
+                    Ok(Vec::new())
                 };
                 match store.update(&change).await {
                     Ok(result) => result,
@@ -1315,8 +1376,8 @@ impl LogicalUnit {
         match result {
             Ok(attentions) => {
                 let mut state = self.state.lock().expect("unit state");
-                for (nexus, asc, ascq) in attentions {
-                    state.attentions.entry(nexus).or_default().push_back((asc, ascq));
+                for (to, asc, ascq) in attentions {
+                    state.tell(&to, asc, ascq);
                 }
                 Ok(Reply::good(Bytes::new()))
             }
@@ -1360,16 +1421,17 @@ impl LogicalUnit {
                 for registration in &state.registrations {
                     let holder = match &state.reservation {
                         Some(reservation) if pr::kind::all_registrants(reservation.kind) => true,
-                        Some(reservation) => reservation.holder == registration.nexus,
+                        Some(reservation) => state.registration(&reservation.holder) == Some(registration),
                         None => false,
                     };
-                    let transport_id = pr::transport_id(&registration.nexus);
+                    let transport_id = pr::transport_id(&registration.initiator);
                     descriptors.extend_from_slice(&registration.key.to_be_bytes());
                     descriptors.extend_from_slice(&[0, 0, 0, 0]);
                     descriptors.push(if registration.all_target_ports { 0x02 } else { 0 } | u8::from(holder));
                     descriptors.push(if holder { state.reservation.as_ref().map(|r| r.kind).unwrap_or(0) } else { 0 });
                     descriptors.extend_from_slice(&[0, 0, 0, 0]);
-                    descriptors.extend_from_slice(&1u16.to_be_bytes());
+                    // Ignored with ALL_TG_PT.
+                    descriptors.extend_from_slice(&registration.port.to_be_bytes());
                     descriptors.extend_from_slice(&(transport_id.len() as u32).to_be_bytes());
                     descriptors.extend_from_slice(&transport_id);
                 }
@@ -1424,12 +1486,12 @@ impl LogicalUnit {
             let id_length = be32(&data[20..]) as usize;
             let id = data.get(24..24 + id_length).ok_or_else(Sense::parameter_list_length)?;
             let (name, _) = pr::parse_transport_id(id).ok_or_else(|| Sense::invalid_parameter(24))?;
-            request.move_to = Some(name);
+            request.move_to = Some(Nexus::new(name, be16(&data[18..])));
             request.all_target_ports = false;
         }
         let nexus = command.nexus;
         let change = move |reservations: &mut Reservations| reservations.apply(nexus, &request);
-        self.change_reservations(&change).await
+        self.change_reservations(nexus, &change).await
     }
 }
 

@@ -17,10 +17,11 @@ async fn execute(
     data: &[u8],
 ) -> iscsi::scsi::Reply {
     let port = iscsi::scsi::Port { target: "iqn.2026-11.test:target".into(), relative_port, group: relative_port };
+    let nexus = iscsi::pr::Nexus::new(nexus, relative_port);
     let command = iscsi::scsi::Command {
         cdb,
         data: Bytes::copy_from_slice(data),
-        nexus,
+        nexus: &nexus,
         port: &port,
         luns: &[0],
         expected_length: data.len().max(4096) as u32,

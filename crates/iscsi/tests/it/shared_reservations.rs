@@ -87,9 +87,10 @@ async fn a_reservation_taken_through_one_host_is_enforced_through_another_and_ou
     let host1 = LogicalUnit::new(device.clone(), 7, "vol").with_reservation_store(shared.clone());
     let host2 = LogicalUnit::new(device.clone(), 7, "vol").with_reservation_store(shared.clone());
     let block = vec![0x5a; 512];
-    // A registers and reserves Write Exclusive - Registrants Only (type 5)
-    // through host 1.
-    let (cdb, data) = prout(0, 0, 0, 0xaaaa);
+    // A registers for every target port (ALL_TG_PT) and reserves Write
+    // Exclusive - Registrants Only (type 5) through host 1.
+    let (cdb, mut data) = prout(0, 0, 0, 0xaaaa);
+    data[20] = 0x04;
     assert_eq!(settle(&host1, A, 1, &cdb, &data).await.status, status::GOOD);
     let (cdb, data) = prout(1, 5, 0xaaaa, 0);
     assert_eq!(settle(&host1, A, 1, &cdb, &data).await.status, status::GOOD);
@@ -97,14 +98,14 @@ async fn a_reservation_taken_through_one_host_is_enforced_through_another_and_ou
     let reply = settle(&host2, B, 2, &write10(0), &block).await;
     assert_eq!(reply.status, status::RESERVATION_CONFLICT, "{reply:?}");
     assert_eq!(settle(&host2, B, 2, &read10(0), &[]).await.status, status::GOOD);
-    // A writes through host 2 (another path): allowed.
+    // A writes through host 2 (another path, covered by its registration): allowed.
     assert_eq!(settle(&host2, A, 2, &write10(0), &block).await.status, status::GOOD);
     // Host 1 is gone; the reservation holds through host 2.
     drop(host1);
     let reply = settle(&host2, B, 2, &write10(1), &block).await;
     assert_eq!(reply.status, status::RESERVATION_CONFLICT, "{reply:?}");
     let holder = shared.load().reservation.clone().expect("still reserved");
-    assert_eq!((holder.holder.as_str(), holder.kind), (A, 5));
+    assert_eq!((holder.holder.initiator.as_str(), holder.holder.port, holder.kind), (A, 1, 5));
     // B registers through host 2 and may then write (registrants only).
     let (cdb, data) = prout(0, 0, 0, 0xbbbb);
     assert_eq!(settle(&host2, B, 2, &cdb, &data).await.status, status::GOOD);
@@ -128,4 +129,47 @@ async fn a_reservation_taken_through_one_host_is_enforced_through_another_and_ou
     let (cdb, data) = prout(0, 0, 0, 0xcccc);
     assert_eq!(settle(&host3, B, 3, &cdb, &data).await.status, status::GOOD, "B registers through host 3");
     assert_eq!(settle(&host3, B, 3, &reserve6, &[]).await.status, status::RESERVATION_CONFLICT);
+}
+
+/// The unit attention `reply` reports, if any: (asc, ascq).
+fn attention(reply: &Reply) -> Option<(u8, u8)> {
+    let sense = reply.sense.as_ref().filter(|_| reply.status == status::CHECK_CONDITION)?;
+    (sense[2] & 0x0f == 0x06).then(|| (sense[12], sense[13]))
+}
+
+#[tokio::test]
+async fn unit_attentions_reach_the_nexuses_of_other_hosts() {
+    const TEST_UNIT_READY: [u8; 6] = [0; 6];
+    let device = Arc::new(MemoryDevice::new(512, 1024));
+    let shared = Arc::new(Shared::default());
+    let host1 = LogicalUnit::new(device.clone(), 7, "vol").with_reservation_store(shared.clone());
+    let host2 = LogicalUnit::new(device, 7, "vol").with_reservation_store(shared.clone());
+    // A's sessions reach host 1, B's host 2.
+    assert_eq!(settle(&host1, A, 1, &TEST_UNIT_READY, &[]).await.status, status::GOOD);
+    assert_eq!(settle(&host2, B, 2, &TEST_UNIT_READY, &[]).await.status, status::GOOD);
+    // A logical unit reset through host 1 is news on every nexus, on both hosts, once each.
+    host1.reset(1).await;
+    for (unit, nexus, port) in [(&host1, A, 1), (&host2, B, 2)] {
+        let reply = crate::execute(unit, nexus, port, &TEST_UNIT_READY, &[]).await;
+        assert_eq!(attention(&reply), Some((0x29, 0x03)), "{nexus} through host {port}: {reply:?}");
+        let reply = crate::execute(unit, nexus, port, &TEST_UNIT_READY, &[]).await;
+        assert_eq!(reply.status, status::GOOD, "told once: {reply:?}");
+    }
+    // A registers and reserves through host 1; B registers through host 2
+    // and preempts A there: A, on host 1, learns its registration is gone.
+    let (cdb, data) = prout(0, 0, 0, 0xaaaa);
+    assert_eq!(settle(&host1, A, 1, &cdb, &data).await.status, status::GOOD);
+    let (cdb, data) = prout(1, 1, 0xaaaa, 0);
+    assert_eq!(settle(&host1, A, 1, &cdb, &data).await.status, status::GOOD);
+    let (cdb, data) = prout(0, 0, 0, 0xbbbb);
+    assert_eq!(settle(&host2, B, 2, &cdb, &data).await.status, status::GOOD);
+    let (cdb, data) = prout(4, 3, 0xbbbb, 0xaaaa);
+    assert_eq!(settle(&host2, B, 2, &cdb, &data).await.status, status::GOOD, "B preempts A");
+    let reply = crate::execute(&host1, A, 1, &TEST_UNIT_READY, &[]).await;
+    assert_eq!(attention(&reply), Some((0x2a, 0x05)), "REGISTRATIONS PREEMPTED for A: {reply:?}");
+    // B holds Exclusive Access now: A, unregistered, conflicts.
+    let reply = settle(&host1, A, 1, &read10(0), &[]).await;
+    assert_eq!(reply.status, status::RESERVATION_CONFLICT, "{reply:?}");
+    // B's own nexus was not told about its own change.
+    assert_eq!(crate::execute(&host2, B, 2, &TEST_UNIT_READY, &[]).await.status, status::GOOD);
 }

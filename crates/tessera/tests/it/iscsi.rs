@@ -356,7 +356,7 @@ const SKIPS_ALLOWED: &[&str] = &[
 
 /// (test, outcome, skip reason) from iscsi-test-cu's output; a test that
 /// printed [SKIPPED] counts as skipped even though CUnit passes it.
-fn outcomes(log: &str) -> Vec<(String, String, Option<String>)> {
+pub(crate) fn outcomes(log: &str) -> Vec<(String, String, Option<String>)> {
     let mut results: Vec<(String, String, Option<String>)> = Vec::new();
     let mut suite = String::new();
     for line in log.lines() {

@@ -586,3 +586,45 @@ fn a_reservation_taken_through_one_host_is_enforced_through_another_and_survives
     assert_eq!(b.settled(|b| b.write10(5, &mut block)), Ok(STATUS_GOOD), "registered B writes through host 2");
     println!("a reservation taken through host 1 was enforced through host 2, and after host 1 was killed");
 }
+
+/// The iscsi-test-cu suites that exercise more than one path to a unit.
+const MULTIPATH_SUITES: &str = "ALL.MultipathIO,ALL.PrinReadKeys,ALL.PrinServiceactionRange,\
+    ALL.PrinReportCapabilities,ALL.ProutRegister,ALL.ProutReserve,ALL.ProutClear,ALL.ProutPreempt";
+
+#[test]
+fn iscsi_test_cu_multipath_and_reservation_suites_pass_with_the_two_paths_on_different_hosts() {
+    let _exclusive = exclusive();
+    tool("iscsi-test-cu");
+    let (cluster, port) = target_hosts(3, &[], &[]);
+    let target = "iqn.2026-11.org.tessera.test:two-hosts";
+    volume_and_target(&cluster, "paths", "64MiB", target);
+    // Path 1 through host 1, path 2 through host 2: two target ports, and
+    // each unit attention and reservation must cross between the hosts.
+    let [first, second] = [1, 2].map(|host| format!("iscsi://127.0.0.{}:{port}/{target}/0", host + 10));
+    let started = Instant::now();
+    let output = cluster.run_bounded(
+        std::process::Command::new(tool("iscsi-test-cu")).args(["-d", "-t", MULTIPATH_SUITES, &first, &second]),
+        Duration::from_secs(600),
+    );
+    let log = String::from_utf8_lossy(&output.stdout).into_owned();
+    let results = crate::iscsi::outcomes(&log);
+    let failed: Vec<&String> = results.iter().filter(|result| result.1 == "failed").map(|result| &result.0).collect();
+    let skipped: Vec<(&String, &String)> =
+        results.iter().filter_map(|result| result.2.as_ref().map(|why| (&result.0, why))).collect();
+    println!(
+        "iscsi-test-cu -d -t {MULTIPATH_SUITES} with path 1 through host 1 and path 2 through host 2: \
+         {} tests, {} passed, {} failed, {} skipped, in {:?}",
+        results.len(),
+        results.len() - failed.len() - skipped.len(),
+        failed.len(),
+        skipped.len(),
+        started.elapsed()
+    );
+    let suites = ["MultipathIO.", "Prin", "ProutRegister.", "ProutReserve.", "ProutClear.", "ProutPreempt."];
+    for suite in suites {
+        assert!(results.iter().any(|result| result.0.starts_with(suite)), "no {suite} test ran:\n{log}");
+    }
+    assert!(results.len() >= 24, "the suites did not run:\n{log}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(failed.is_empty(), "failed: {failed:?}\n{log}");
+    assert!(skipped.is_empty(), "skipped: {skipped:?}\n{log}");
+}
