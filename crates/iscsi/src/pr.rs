@@ -196,6 +196,16 @@ pub trait ReservationStore: Send + Sync {
     /// returns once every other host serving the unit has applied it.
     /// `Err`: the shared state cannot be reached.
     fn update<'a>(&'a self, change: &'a Change<'a>) -> BoxFuture<'a, Result<Result<Attentions, PrError>, String>>;
+
+    /// Whether this host can vouch that [`load`](Self::load) holds every
+    /// change answered so far: false once it has not heard from the shared
+    /// state for a while (cut off, it may have missed one). The unit then
+    /// refuses the commands reservations govern, so no host enforces a
+    /// stale reservation; a host making a change waits out the lease of
+    /// any host that did not confirm it.
+    fn current(&self) -> bool {
+        true
+    }
 }
 
 /// A change of reservations (what a PERSISTENT RESERVE OUT does), with the

@@ -504,6 +504,13 @@ impl LogicalUnit {
                     return Err(Sense::sanitize_failed());
                 }
             }
+            // A host that cannot vouch for its copy of the shared
+            // reservations serves nothing they govern (an initiator retries,
+            // or goes another path).
+            let governed = access(opcode) != Access::Always || opcode == 0x5e;
+            if governed && self.reservation_store.as_ref().is_some_and(|store| !store.current()) {
+                return Err(Sense::in_transition());
+            }
             let reservations = shared.as_deref().unwrap_or(&state.reservations);
             let legacy_conflict = state.legacy.conflicts(command.nexus)
                 && !matches!(opcode, 0x12 | 0xa0 | 0x03 | 0x16 | 0x17 | 0xa3 | 0x5e);

@@ -14,12 +14,23 @@
 //! applied it ([`method::SYNC`]: each reads the volume's entry
 //! linearizably, which applies the log up to it), so an initiator that
 //! learns its PERSISTENT RESERVE OUT succeeded finds it enforced on every
-//! path. Not yet: a host that does not answer within [`SYNC_TIMEOUT`]
-//! (cut off from the cluster) is not fenced; it goes on checking against
-//! what it last applied.
+//! path.
+//!
+//! A host cut off from the cluster cannot apply changes, so it must not
+//! go on enforcing what it last applied: every target host holds a
+//! [`Lease`], renewed by a linearizable catalog read every
+//! [`LEASE_RENEWAL`] and counted from when the read was sent; without it
+//! its units refuse the commands reservations govern (NOT READY, in
+//! transition). A change that a host did not confirm within
+//! [`SYNC_TIMEOUT`] (or a target host not asked, being marked down) is
+//! answered only after [`LEASE`] more: by then that host has either read
+//! past the change or stopped serving.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::future::BoxFuture;
 use iscsi::pr::{Attentions, Change, PrError, ReservationStore, Reservations};
@@ -30,6 +41,70 @@ use crate::daemon::Node;
 const UPDATE_ATTEMPTS_MAX: usize = 64;
 /// How long a change waits for each other host to apply it.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a successful catalog read lets a host vouch for its copy of
+/// the reservations, from when the read was sent.
+pub const LEASE: Duration = Duration::from_secs(4);
+/// How often a target host renews its lease.
+pub const LEASE_RENEWAL: Duration = Duration::from_millis(500);
+
+/// When this host last heard from the catalog: the send time of its
+/// newest successful linearizable read.
+pub struct Lease {
+    base: Instant,
+    /// Milliseconds from `base` to that send time, plus one (0: never).
+    confirmed: AtomicU64,
+}
+
+impl Default for Lease {
+    fn default() -> Lease {
+        Lease { base: Instant::now(), confirmed: AtomicU64::new(0) }
+    }
+}
+
+impl Lease {
+    /// A read sent at `sent` succeeded.
+    pub fn confirm(&self, sent: Instant) {
+        let millis = sent.saturating_duration_since(self.base).as_millis() as u64 + 1;
+        self.confirmed.fetch_max(millis, Ordering::AcqRel);
+    }
+
+    /// Whether a read sent within the last [`LEASE`] succeeded.
+    pub fn held(&self) -> bool {
+        match self.confirmed.load(Ordering::Acquire) {
+            0 => false,
+            millis => self.base + Duration::from_millis(millis - 1) + LEASE > Instant::now(),
+        }
+    }
+}
+
+/// Renews this host's [`Lease`] until the node stops.
+pub async fn keep_lease(node: Arc<Node>) {
+    let mut shutdown = node.shutdown_signal();
+    let mut held = true;
+    loop {
+        if let Some(services) = node.services() {
+            let sent = Instant::now();
+            // The volume names are never empty: the read is only for the
+            // point in the log it reaches.
+            match tokio::time::timeout(LEASE, services.catalog.reservations.get(&String::new())).await {
+                Ok(Ok(_)) => node.targets.lease.confirm(sent),
+                Ok(Err(error)) => tracing::debug!(%error, "cannot renew the reservations lease"),
+                Err(_) => tracing::debug!("renewing the reservations lease timed out"),
+            }
+        }
+        if held != node.targets.lease.held() {
+            held = !held;
+            match held {
+                true => tracing::info!("reservations lease held again: serving reserved units"),
+                false => tracing::warn!("reservations lease lost (no catalog read for {LEASE:?}): refusing I/O"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LEASE_RENEWAL) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
 
 pub mod method {
     /// "Apply the reservations of this volume up to now" (the payload: the
@@ -107,8 +182,14 @@ impl ReservationStore for CatalogReservations {
                 let bytes = serde_json::to_vec(&reservations).map_err(|error| error.to_string())?;
                 match map.compare_and_set(self.volume.clone(), expected, Some(bytes)).await {
                     Ok(Ok(version)) => {
+                        let committed = Instant::now();
                         self.remember(Some(version), reservations);
-                        sync_others(&node, &self.volume).await;
+                        if !sync_others(&node, &self.volume).await {
+                            // Every host that did not confirm has read past
+                            // the change or lost its lease by then.
+                            tracing::warn!(volume = self.volume, wait = ?LEASE, "waiting out the lease of hosts that did not confirm a reservation change");
+                            tokio::time::sleep_until(committed + LEASE).await;
+                        }
                         return Ok(Ok(attentions));
                     }
                     Ok(Err(_)) => continue,
@@ -118,24 +199,30 @@ impl ReservationStore for CatalogReservations {
             Err(format!("gave up after {UPDATE_ATTEMPTS_MAX} conflicting reservation updates"))
         })
     }
+
+    fn current(&self) -> bool {
+        self.node.upgrade().is_some_and(|node| node.targets.lease.held())
+    }
 }
 
 /// Has every other live target host apply the volume's reservations up to
-/// now (at once, each bounded by [`SYNC_TIMEOUT`]).
-async fn sync_others(node: &Arc<Node>, volume: &str) {
-    let others: Vec<(u64, String)> = crate::storage::hosts_by_id(node)
+/// now (at once, each bounded by [`SYNC_TIMEOUT`]). False when some
+/// target host did not confirm it (or, marked down, was not asked).
+async fn sync_others(node: &Arc<Node>, volume: &str) -> bool {
+    let others: Vec<catalog::HostRecord> = crate::storage::hosts_by_id(node)
         .into_values()
-        .filter(|host| host.id != node.config.node_id && crate::targets::serves_targets(host))
-        .map(|host| (host.id, host.address))
+        .filter(|host| host.id != node.config.node_id && host.roles.target && host.iscsi_address.is_some())
         .collect();
-    let calls = others.iter().map(|(id, address)| async move {
+    let calls = others.iter().filter(|host| crate::targets::serves_targets(host)).map(|host| async move {
         let answer: Result<(), _> =
-            wire::call(&node.transport, address, method::SYNC, &volume.to_string(), SYNC_TIMEOUT).await;
-        if let Err(error) = answer {
-            tracing::warn!(host = id, volume, %error, "a host did not confirm it applied a reservation change");
+            wire::call(&node.transport, &host.address, method::SYNC, &volume.to_string(), SYNC_TIMEOUT).await;
+        if let Err(error) = &answer {
+            tracing::warn!(host = host.id, volume, %error, "a host did not confirm it applied a reservation change");
         }
+        answer.is_ok()
     });
-    futures::future::join_all(calls).await;
+    let confirmed = futures::future::join_all(calls).await;
+    confirmed.len() == others.len() && confirmed.into_iter().all(|ok| ok)
 }
 
 /// Serves [`method::SYNC`]: a linearizable read of the volume's entry
@@ -152,4 +239,27 @@ pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<bytes::B
         .await
         .map_err(|error| wire::RemoteError::new(wire::ErrorCode::Unavailable, error.to_string()))?;
     Ok(wire::encode(&()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_runs_from_when_the_read_was_sent() {
+        let lease = Lease::default();
+        assert!(!lease.held(), "never confirmed");
+        let sent = Instant::now();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        lease.confirm(sent);
+        assert!(lease.held());
+        // An older read's answer arriving late does not move it back.
+        lease.confirm(sent - Duration::from_millis(1));
+        tokio::time::advance(LEASE - Duration::from_millis(1001)).await;
+        assert!(lease.held(), "held until LEASE after the send");
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert!(!lease.held(), "lost LEASE after the send, not after the answer");
+        lease.confirm(Instant::now());
+        assert!(lease.held());
+    }
 }

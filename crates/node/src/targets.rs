@@ -45,6 +45,8 @@ pub struct TargetService {
     pub vip_registry: Arc<Registry>,
     /// `ip:port` this host serves iSCSI on (none without the target role).
     pub address: Option<String>,
+    /// Whether this host may vouch for its copy of the shared reservations.
+    pub lease: crate::reservations::Lease,
     units: Mutex<HashMap<String, Unit>>,
 }
 
@@ -58,6 +60,7 @@ impl TargetService {
             registry: Arc::new(Registry::new((node_id & 0xffff) as u16)),
             vip_registry: Arc::new(Registry::redirecting_only(crate::vip::VIP_PORTAL_GROUP)),
             address,
+            lease: crate::reservations::Lease::default(),
             units: Mutex::new(HashMap::new()),
         }
     }
@@ -234,6 +237,7 @@ pub fn start(node: Arc<Node>) {
             Err(error) => tracing::error!(%address, %error, "cannot listen for iSCSI"),
         }
     });
+    tokio::spawn(crate::reservations::keep_lease(node.clone()));
     tokio::spawn(watch(node));
 }
 

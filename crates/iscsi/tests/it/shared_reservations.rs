@@ -173,3 +173,37 @@ async fn unit_attentions_reach_the_nexuses_of_other_hosts() {
     // B's own nexus was not told about its own change.
     assert_eq!(crate::execute(&host2, B, 2, &TEST_UNIT_READY, &[]).await.status, status::GOOD);
 }
+
+/// A store whose host has lost touch with the shared state.
+struct CutOff(Shared);
+
+impl ReservationStore for CutOff {
+    fn load(&self) -> Arc<Reservations> {
+        self.0.load()
+    }
+
+    fn update<'a>(&'a self, change: &'a Change<'a>) -> BoxFuture<'a, Result<Result<Attentions, PrError>, String>> {
+        self.0.update(change)
+    }
+
+    fn current(&self) -> bool {
+        false
+    }
+}
+
+#[tokio::test]
+async fn a_host_that_cannot_vouch_for_the_shared_reservations_refuses_what_they_govern() {
+    let unit = LogicalUnit::new(Arc::new(MemoryDevice::new(512, 1024)), 7, "vol")
+        .with_reservation_store(Arc::new(CutOff(Shared::default())));
+    let in_transition = |reply: &Reply| {
+        let sense = reply.sense.as_ref().expect("sense");
+        (reply.status, sense[2] & 0x0f, sense[12], sense[13])
+    };
+    for cdb in [&write10(0)[..], &read10(0)[..], &[0x5e, 0, 0, 0, 0, 0, 0, 0, 64, 0][..]] {
+        let reply = settle(&unit, A, 1, cdb, &[0; 512]).await;
+        assert_eq!(in_transition(&reply), (status::CHECK_CONDITION, 0x02, 0x04, 0x0a), "{cdb:?}: {reply:?}");
+    }
+    // What reservations do not govern is answered: INQUIRY, TEST UNIT READY.
+    assert_eq!(settle(&unit, A, 1, &[0x12, 0, 0, 0, 96, 0], &[]).await.status, status::GOOD);
+    assert_eq!(settle(&unit, A, 1, &[0; 6], &[]).await.status, status::GOOD);
+}

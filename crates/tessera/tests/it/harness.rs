@@ -480,3 +480,44 @@ fn a_command_past_its_limit_is_killed_and_reported_with_what_the_processes_were_
     assert!(std::fs::read_to_string(whole).unwrap().contains("=== the sleeper"), "{whole}");
     std::fs::remove_file(whole).unwrap();
 }
+
+/// Drops every packet from or to one loopback address while it lives: a
+/// host cut off from all its peers (nftables, in a table of its own).
+pub struct Cut {
+    table: String,
+}
+
+impl Cut {
+    pub fn off(ip: &str) -> Cut {
+        Cut::install(ip, "")
+    }
+
+    /// As [`off`](Self::off), but the host still talks with 127.0.0.1,
+    /// where the test's initiators connect from: cut off from its peers,
+    /// it still serves iSCSI.
+    pub fn off_from_peers(ip: &str) -> Cut {
+        Cut::install(ip, "ip saddr 127.0.0.1 accept\n    ip daddr 127.0.0.1 accept\n    ")
+    }
+
+    fn install(ip: &str, except: &str) -> Cut {
+        let table = format!("tessera_test_{}", std::process::id());
+        let rules = format!(
+            "table inet {table} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    {except}ip saddr {ip} drop\n    ip daddr {ip} drop\n  }}\n}}\n"
+        );
+        let mut child = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("this test needs nftables (`nft`; scripts/test installs it) and root");
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "nft refused the partition rules");
+        Cut { table }
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
+    }
+}

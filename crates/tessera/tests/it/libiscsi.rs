@@ -39,6 +39,8 @@ struct Api {
     write10_sync:
         unsafe extern "C" fn(Context, c_int, u32, *mut u8, u32, c_int, c_int, c_int, c_int, c_int, c_int) -> Task,
     persistent_reserve_out_sync: unsafe extern "C" fn(Context, c_int, c_int, c_int, c_int, *mut c_void) -> Task,
+    persistent_reserve_in_sync: unsafe extern "C" fn(Context, c_int, c_int, u16) -> Task,
+    datain_unmarshall: unsafe extern "C" fn(Task) -> *mut c_void,
     free_task: unsafe extern "C" fn(Task),
 }
 
@@ -78,6 +80,8 @@ fn api() -> &'static Api {
                 destroy_context: symbol(library, c"iscsi_destroy_context"),
                 write10_sync: symbol(library, c"iscsi_write10_sync"),
                 persistent_reserve_out_sync: symbol(library, c"iscsi_persistent_reserve_out_sync"),
+                persistent_reserve_in_sync: symbol(library, c"iscsi_persistent_reserve_in_sync"),
+                datain_unmarshall: symbol(library, c"scsi_datain_unmarshall"),
                 free_task: symbol(library, c"scsi_free_scsi_task"),
             }
         }
@@ -162,6 +166,37 @@ impl Session {
             )
         };
         self.status(task)
+    }
+
+    /// PERSISTENT RESERVE IN, READ KEYS: `Ok(Ok(keys))` when GOOD,
+    /// `Ok(Err(status))` otherwise.
+    pub fn read_keys(&self) -> Result<Result<Vec<u64>, c_int>, String> {
+        // SAFETY: a synchronous call on our context; the task is ours, and
+        // libiscsi unmarshals READ KEYS into its
+        // `struct scsi_persistent_reserve_in_read_keys` (u32 generation,
+        // u32 length, int count, then the u64 keys at offset 16), which
+        // lives as long as the task.
+        unsafe {
+            let task = (api().persistent_reserve_in_sync)(self.context, self.lun, 0, 4096);
+            if task.is_null() {
+                return Err(self.error());
+            }
+            let status = *(task as *const c_int);
+            let keys = if status == STATUS_GOOD {
+                let keys = (api().datain_unmarshall)(task) as *const u8;
+                if keys.is_null() {
+                    (api().free_task)(task);
+                    return Err("READ KEYS answered data libiscsi could not parse".into());
+                }
+                let count = *(keys.add(8) as *const c_int);
+                let first = keys.add(16) as *const u64;
+                Ok((0..count as usize).map(|index| *first.add(index)).collect())
+            } else {
+                Err(status)
+            };
+            (api().free_task)(task);
+            Ok(keys)
+        }
     }
 
     /// Runs `command` again while it answers CHECK CONDITION (unit

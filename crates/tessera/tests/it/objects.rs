@@ -15,7 +15,7 @@ use node::storage::ObjectClient;
 use objects::component::{Client, ComponentError, Request};
 use wire::tcp::TcpTransport;
 
-use crate::harness::{exclusive, last_lines, TestCluster};
+use crate::harness::{exclusive, last_lines, Cut, TestCluster};
 
 const BLOCK: usize = 4096;
 /// 64 MiB: random blocks rarely repeat, so bytes written ≈ distinct blocks.
@@ -267,36 +267,6 @@ enum Outage {
     /// As `KillComponentHost`, and once the host is back and resyncing,
     /// SIGKILL the owner and restart it at once.
     OwnerRestartMidResync,
-}
-
-/// Drops every packet from or to one loopback address while it lives: a
-/// host cut off from all its peers (nftables, in a table of its own).
-struct Cut {
-    table: String,
-}
-
-impl Cut {
-    fn off(ip: &str) -> Cut {
-        let table = format!("tessera_test_{}", std::process::id());
-        let rules = format!(
-            "table inet {table} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    ip saddr {ip} drop\n    ip daddr {ip} drop\n  }}\n}}\n"
-        );
-        let mut child = std::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("this test needs nftables (`nft`; scripts/test installs it) and root");
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
-        assert!(child.wait().unwrap().success(), "nft refused the partition rules");
-        Cut { table }
-    }
-}
-
-impl Drop for Cut {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
-    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

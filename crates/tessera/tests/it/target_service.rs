@@ -628,3 +628,74 @@ fn iscsi_test_cu_multipath_and_reservation_suites_pass_with_the_two_paths_on_dif
     assert!(failed.is_empty(), "failed: {failed:?}\n{log}");
     assert!(skipped.is_empty(), "skipped: {skipped:?}\n{log}");
 }
+
+/// Needs nftables (`nft`) and root, as the partition scenarios do.
+#[test]
+fn a_host_cut_off_from_its_peers_stops_answering_with_reservations_it_cannot_vouch_for() {
+    use crate::libiscsi::{Session, STATUS_GOOD};
+    let _exclusive = exclusive();
+    let (cluster, port) = target_hosts(3, &[], &[]);
+    const TARGET: &str = "iqn.2026-11.org.tessera.test:fenced";
+    volume_and_target(&cluster, "fenced", "16MiB", TARGET);
+    let portal = |host: u64| format!("127.0.0.{}:{port}", host + 10);
+    let login = |initiator: &str, host: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Session::login(initiator, &portal(host), TARGET, 0) {
+                Ok(session) => return session,
+                Err(error) => assert!(Instant::now() < deadline, "{initiator} cannot log in to host {host}: {error}"),
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    // Settled: unit attentions after the login answered.
+    let keys = |session: &Session| {
+        for _ in 0..8 {
+            match session.read_keys().expect("READ KEYS") {
+                Err(crate::libiscsi::STATUS_CHECK_CONDITION) => continue,
+                other => return other,
+            }
+        }
+        Err(crate::libiscsi::STATUS_CHECK_CONDITION)
+    };
+    let b = login("iqn.2026-11.org.tessera.test:initiator-b", 2);
+    let a = login("iqn.2026-11.org.tessera.test:initiator-a", 1);
+    assert_eq!(keys(&b), Ok(vec![]), "no registrations yet, seen through host 2");
+    // Host 2 hears no peer, but still serves iSCSI to the initiators.
+    let cut = crate::harness::Cut::off_from_peers("127.0.0.12");
+    let key_a = 0xa11ce;
+    let started = Instant::now();
+    assert_eq!(a.settled(|a| a.prout(0, 0, 0, key_a)), Ok(STATUS_GOOD), "A registers through host 1");
+    let register_took = started.elapsed();
+    // From now on, host 2 answers READ KEYS with A's key or not at all:
+    // it cannot have learned of the registration, so it must not vouch
+    // for its old copy.
+    let (mut refused, mut answered) = (0, 0);
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        match b.read_keys() {
+            Ok(Ok(keys)) => {
+                assert!(keys.contains(&key_a), "host 2, cut off, answered stale registrations {keys:?}");
+                answered += 1;
+            }
+            Ok(Err(_)) => refused += 1,
+            Err(error) => panic!("B's session through host 2 failed: {error}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(cut);
+    // Healed: host 2 catches up and answers with A's key.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match b.read_keys() {
+            Ok(Ok(keys)) if keys.contains(&key_a) => break,
+            other => assert!(Instant::now() < deadline, "host 2 did not catch up after the cut healed: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "A's REGISTER through host 1 with host 2 cut off took {register_took:?}; host 2 then refused {refused} and \
+         answered {answered} READ KEYS (each with A's key) in 5 s, and answered with A's key once healed"
+    );
+    assert!(refused > 0, "host 2 was never refused: was it cut off at all?");
+}
