@@ -765,9 +765,8 @@ impl Session {
                 let tasks: Vec<Arc<Task>> = self.tasks.lock().expect("tasks").values().cloned().collect();
                 self.abort(&tasks).await;
                 if let Some(target) = &self.target {
-                    for unit in target.luns.values() {
-                        unit.reset(self.port.relative_port).await;
-                    }
+                    let resets = target.luns.values().map(|unit| unit.reset(self.port.relative_port));
+                    futures::future::join_all(resets).await;
                 }
                 0
             }

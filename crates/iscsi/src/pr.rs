@@ -199,10 +199,12 @@ pub trait ReservationStore: Send + Sync {
 
     /// Whether this host can vouch that [`load`](Self::load) holds every
     /// change answered so far: false once it has not heard from the shared
-    /// state for a while (cut off, it may have missed one). The unit then
-    /// refuses the commands reservations govern, so no host enforces a
-    /// stale reservation; a host making a change waits out the lease of
-    /// any host that did not confirm it.
+    /// state for a while (cut off, it may have missed one). A unit whose
+    /// reservations are in use then refuses the commands they govern, so
+    /// no host enforces a stale reservation; a host making a change waits
+    /// out the lease of any host that did not confirm it. (A unit with no
+    /// registration as last seen goes on serving: one registered during a
+    /// cut is not enforced by the host cut off until it hears again.)
     fn current(&self) -> bool {
         true
     }
@@ -284,6 +286,11 @@ impl LegacyReservation {
 
 impl Reservations {
     /// The registration of `nexus`.
+    /// Whether any nexus is registered (a reservation needs a registration).
+    pub fn in_use(&self) -> bool {
+        !self.registrations.is_empty()
+    }
+
     pub fn registration(&self, nexus: &Nexus) -> Option<&Registration> {
         self.registrations.iter().find(|registration| registration.covers(nexus))
     }
@@ -347,6 +354,18 @@ impl Reservations {
         match request.action {
             action::REGISTER | action::REGISTER_AND_IGNORE => {
                 let ignore = request.action == action::REGISTER_AND_IGNORE;
+                // ALL_TG_PT acts as if sent through every port: the
+                // initiator's registrations through other ports conflict,
+                // or, ignoring keys, give way to it.
+                let others = |registration: &Registration| {
+                    registration.initiator == nexus.initiator && !registration.covers(nexus)
+                };
+                if request.all_target_ports && request.service_key != 0 && self.registrations.iter().any(others) {
+                    if !ignore {
+                        return Err(PrError::Conflict);
+                    }
+                    self.registrations.retain(|registration| !others(registration));
+                }
                 match self.registration_index(nexus) {
                     None => {
                         if !ignore && request.key != 0 {
@@ -520,7 +539,8 @@ impl Reservations {
             attentions.push((gone.recipient(), REGISTRATIONS_PREEMPTED.0, REGISTRATIONS_PREEMPTED.1));
         }
         if held.kind != request.kind {
-            self.tell_others(nexus, RESERVATIONS_PREEMPTED, attentions);
+            // SPC-4: a changed type is a release for the registrants left.
+            self.tell_others(nexus, RESERVATIONS_RELEASED, attentions);
         }
         self.reservation = Some(Reservation { holder: nexus.clone(), kind: request.kind });
         Ok(())
@@ -547,19 +567,18 @@ pub fn transport_id(nexus: &str) -> Vec<u8> {
     out
 }
 
-/// Parses an iSCSI TransportID, returning the initiator port name and the
-/// bytes it took.
+/// Parses an iSCSI TransportID naming an initiator port (format 01b),
+/// returning the port's name and the bytes it took. Format 00b names only
+/// the initiator, not a port, and is refused.
 pub fn parse_transport_id(bytes: &[u8]) -> Option<(String, usize)> {
-    if bytes.len() < 4 || bytes[0] & 0x0f != 5 {
+    if bytes.len() < 4 || bytes[0] & 0x0f != 5 || bytes[0] >> 6 != 1 {
         return None;
     }
     let length = u16::from_be_bytes([bytes[2], bytes[3]]) as usize;
     let name = bytes.get(4..4 + length)?;
     let end = name.iter().position(|&byte| byte == 0).unwrap_or(name.len());
     let text = std::str::from_utf8(&name[..end]).ok()?;
-    // Format 00b names only the initiator; it matches that initiator's port
-    // as `<iqn>` alone.
-    Some((text.to_string(), 4 + length))
+    text.contains(",i,0x").then(|| (text.to_string(), 4 + length))
 }
 
 #[cfg(test)]
@@ -682,6 +701,20 @@ mod tests {
         let attentions = state.apply(&Nexus::new("b", 1), &request(action::PREEMPT, 0, 2, 1)).unwrap();
         assert_eq!(attentions, vec![(Recipient::Initiator("a".into()), 0x2a, 0x05)]);
         assert!(attentions[0].0.includes(&Nexus::new("a", 4)));
+    }
+
+    #[test]
+    fn all_target_ports_never_overlaps_a_registration_through_one_port() {
+        let mut state = Reservations::default();
+        register_through(&mut state, &Nexus::new("a", 1), 1, false);
+        // As if sent through port 1 too, where "a" is registered with another key.
+        let registering = Request { all_target_ports: true, ..request(action::REGISTER, 0, 0, 2) };
+        assert_eq!(state.apply(&Nexus::new("a", 2), &registering), Err(PrError::Conflict));
+        // Ignoring keys, it replaces the registration through port 1.
+        let ignoring = Request { all_target_ports: true, ..request(action::REGISTER_AND_IGNORE, 0, 0, 2) };
+        state.apply(&Nexus::new("a", 2), &ignoring).unwrap();
+        assert_eq!(state.registrations.len(), 1);
+        assert_eq!(state.registration(&Nexus::new("a", 1)).map(|r| r.key), Some(2));
     }
 
     #[test]

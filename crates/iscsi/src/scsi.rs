@@ -71,6 +71,22 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn atomic_blocks(&self) -> u32 {
         ATOMIC_BLOCKS_MAX
     }
+    /// COMPARE AND WRITE's step: writes `new` at `lba` if the blocks there
+    /// hold `expected`. The unit holds its own lock alone around the call,
+    /// which makes this default atomic for a device only this unit writes;
+    /// a device other hosts write too must take the step where all their
+    /// writes meet. `Ok(Some(at))`: byte `at` differs, nothing written.
+    fn compare_and_write(&self, lba: u64, expected: Bytes, new: Bytes) -> BoxFuture<'_, IoResult<Option<u64>>> {
+        Box::pin(async move {
+            let count = (expected.len() / self.block_size() as usize) as u32;
+            let medium = self.read(lba, count).await?;
+            if let Some(at) = medium.iter().zip(expected.iter()).position(|(old, want)| old != want) {
+                return Ok(Some(at as u64));
+            }
+            self.write(lba, new).await?;
+            Ok(None)
+        })
+    }
     /// Whether `lba` is mapped, and how many blocks from it share that state.
     fn provisioning(&self, lba: u64) -> BoxFuture<'_, IoResult<(bool, u64)>> {
         let left = self.blocks().saturating_sub(lba);
@@ -149,6 +165,9 @@ struct UnitState {
 /// The unit attention a logical unit reset leaves (BUS DEVICE RESET
 /// FUNCTION OCCURRED).
 const RESET: (u8, u8) = (0x29, 0x03);
+/// How long a logical unit reset waits for the other hosts serving the
+/// unit to take its unit attention.
+const RESET_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl UnitState {
     /// Queues a unit attention for each nexus of this unit `to` includes.
@@ -174,16 +193,18 @@ impl UnitState {
 
     /// Tells this unit's nexuses the notices posted with the shared
     /// reservations since it last looked (a reset posted by another host
-    /// also ends this host's RESERVE(6)). The first look only notes where
-    /// the notices stand: the ones before are for sessions gone.
+    /// also ends this host's RESERVE(6)). When older ones than it saw have
+    /// been dropped meanwhile, every nexus hears that reservations changed.
     fn take_notices(&mut self, shared: &Arc<Reservations>) {
         let last = match &self.shared_seen {
             Some((seen, _)) if Arc::ptr_eq(seen, shared) => return,
-            Some((_, last)) => Some(*last),
-            None => None,
+            Some((_, last)) => *last,
+            None => shared.notices_posted,
         };
-        self.shared_seen = Some((shared.clone(), shared.notices_posted.max(last.unwrap_or(0))));
-        let Some(last) = last else { return };
+        self.shared_seen = Some((shared.clone(), shared.notices_posted.max(last)));
+        if shared.notices.first().is_some_and(|oldest| oldest.number > last + 1) {
+            self.tell_all(0x2a, 0x03);
+        }
         for notice in shared.notices.iter().filter(|notice| notice.number > last) {
             if (notice.asc, notice.ascq) == RESET {
                 self.legacy.reset(None);
@@ -404,6 +425,11 @@ impl LogicalUnit {
     /// every other host serving the unit. RESERVE(6) stays with this host's
     /// unit (it ends with its nexus, at once).
     pub fn with_reservation_store(mut self, store: Arc<dyn pr::ReservationStore>) -> LogicalUnit {
+        // The notices posted before the unit was made are for sessions it
+        // never had.
+        let shared = store.load();
+        let posted = shared.notices_posted;
+        self.state.get_mut().expect("unit state").shared_seen = Some((shared, posted));
         self.reservation_store = Some(store);
         self
     }
@@ -443,8 +469,13 @@ impl LogicalUnit {
                 reservations.post(vec![(Recipient::AllBut { port }, RESET.0, RESET.1)]);
                 Ok(Vec::new())
             };
-            if let Err(error) = store.update(&post).await {
-                tracing::warn!(%error, "a logical unit reset could not reach the other hosts serving the unit");
+            // Bounded: a host that does not confirm is waited for no
+            // longer than a reset may take (a unit attention it misses
+            // matters less than a reset answered late).
+            match tokio::time::timeout(RESET_NOTICE_WAIT, store.update(&post)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "a logical unit reset could not reach the other hosts"),
+                Err(_) => tracing::warn!("a logical unit reset was not confirmed by every host in time"),
             }
         }
     }
@@ -508,7 +539,8 @@ impl LogicalUnit {
             // reservations serves nothing they govern (an initiator retries,
             // or goes another path).
             let governed = access(opcode) != Access::Always || opcode == 0x5e;
-            if governed && self.reservation_store.as_ref().is_some_and(|store| !store.current()) {
+            let in_use = shared.as_ref().is_some_and(|shared| shared.in_use());
+            if governed && in_use && self.reservation_store.as_ref().is_some_and(|store| !store.current()) {
                 return Err(Sense::in_transition());
             }
             let reservations = shared.as_deref().unwrap_or(&state.reservations);
@@ -912,10 +944,11 @@ impl LogicalUnit {
         }
         let data = Self::take_data(data, 2 * length)?;
         let _exclusive = self.atomic.write().await;
-        let medium = self.device.read(lba, u32::from(count)).await.map_err(|error| io_sense(error, false))?;
-        compare(&medium, &data[..length])?;
-        self.device.write(lba, data.slice(length..)).await.map_err(|error| io_sense(error, true))?;
-        Ok(Reply::good(Bytes::new()))
+        let step = self.device.compare_and_write(lba, data.slice(..length), data.slice(length..));
+        match step.await.map_err(|error| io_sense(error, true))? {
+            Some(at) => Err(Sense::miscompare(at)),
+            None => Ok(Reply::good(Bytes::new())),
+        }
     }
 
     /// ORWRITE(16): the medium becomes itself OR the data, as one
@@ -1493,7 +1526,12 @@ impl LogicalUnit {
             let id_length = be32(&data[20..]) as usize;
             let id = data.get(24..24 + id_length).ok_or_else(Sense::parameter_list_length)?;
             let (name, _) = pr::parse_transport_id(id).ok_or_else(|| Sense::invalid_parameter(24))?;
-            request.move_to = Some(Nexus::new(name, be16(&data[18..])));
+            let port = be16(&data[18..]);
+            if port == 0 {
+                // Relative target port 0 is reserved.
+                return Err(Sense::invalid_parameter(18));
+            }
+            request.move_to = Some(Nexus::new(name, port));
             request.all_target_ports = false;
         }
         let nexus = command.nexus;

@@ -82,21 +82,26 @@ pub async fn keep_lease(node: Arc<Node>) {
     let mut shutdown = node.shutdown_signal();
     let mut held = true;
     loop {
-        if let Some(services) = node.services() {
+        // Each renewal on its own: one slow read holds up none after it.
+        let renewing = node.clone();
+        tokio::spawn(async move {
+            let Some(services) = renewing.services() else { return };
             let sent = Instant::now();
             // The volume names are never empty: the read is only for the
             // point in the log it reaches.
             match tokio::time::timeout(LEASE, services.catalog.reservations.get(&String::new())).await {
-                Ok(Ok(_)) => node.targets.lease.confirm(sent),
+                Ok(Ok(_)) => renewing.targets.lease.confirm(sent),
                 Ok(Err(error)) => tracing::debug!(%error, "cannot renew the reservations lease"),
                 Err(_) => tracing::debug!("renewing the reservations lease timed out"),
             }
-        }
+        });
         if held != node.targets.lease.held() {
             held = !held;
             match held {
                 true => tracing::info!("reservations lease held again: serving reserved units"),
-                false => tracing::warn!("reservations lease lost (no catalog read for {LEASE:?}): refusing I/O"),
+                false => tracing::warn!(
+                    "reservations lease lost (no catalog read for {LEASE:?}): refusing I/O to units with reservations"
+                ),
             }
         }
         tokio::select! {

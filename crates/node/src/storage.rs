@@ -91,6 +91,15 @@ pub enum IoRequest {
         offset: u64,
         length: u64,
     },
+    /// The data: `expected` bytes to compare, then the bytes to write at
+    /// `offset` if they match, as one step at the owner (any bytes within
+    /// the object). The answer: empty when written, else the offset of the
+    /// first differing byte (8 bytes, big-endian).
+    CompareAndWrite {
+        name: String,
+        offset: u64,
+        expected: u64,
+    },
 }
 
 impl IoRequest {
@@ -100,7 +109,8 @@ impl IoRequest {
             | IoRequest::Write { name, .. }
             | IoRequest::Unmap { name, .. }
             | IoRequest::Flush { name }
-            | IoRequest::Provisioning { name, .. } => name,
+            | IoRequest::Provisioning { name, .. }
+            | IoRequest::CompareAndWrite { name, .. } => name,
         }
     }
 }
@@ -593,6 +603,21 @@ async fn perform(object: &Arc<Object<TcpTransport>>, io: IoRequest, data: Bytes)
             .provisioning(offset, length)
             .await
             .map(|(mapped, bytes)| Some(Provisioned { mapped, bytes }.encode())),
+        IoRequest::CompareAndWrite { offset, expected, .. } => {
+            let split = (expected as usize).min(data.len());
+            let differs = object.compare_and_write(offset, &data[..split], data.slice(split..)).await?;
+            Ok(Some(differs.map(|at| Bytes::copy_from_slice(&at.to_be_bytes())).unwrap_or_default()))
+        }
+    }
+}
+
+/// Decodes [`IoRequest::CompareAndWrite`]'s answer: `None` when written,
+/// else the offset of the first differing byte.
+pub fn compared(answer: &[u8]) -> Result<Option<u64>, String> {
+    match answer.len() {
+        0 => Ok(None),
+        8 => Ok(Some(u64::from_be_bytes(answer.try_into().expect("8 bytes")))),
+        length => Err(format!("a compare-and-write answer of {length} bytes")),
     }
 }
 
@@ -905,6 +930,21 @@ impl<T: Transport> ObjectClient<T> {
 
     pub async fn flush(&self) -> Result<(), ClientError> {
         self.call(IoRequest::Flush { name: self.name.clone() }, &[]).await.map(|_| ())
+    }
+
+    /// Writes `new` at `offset` if the bytes there are `expected`, as one
+    /// step at the owner: `None` when written, else the offset of the first
+    /// differing byte.
+    pub async fn compare_and_write(
+        &self,
+        offset: u64,
+        expected: &[u8],
+        new: &[u8],
+    ) -> Result<Option<u64>, ClientError> {
+        let data = [expected, new].concat();
+        let request = IoRequest::CompareAndWrite { name: self.name.clone(), offset, expected: expected.len() as u64 };
+        let answer = self.call(request, &data).await?;
+        compared(&answer).map_err(ClientError::Failed)
     }
 
     pub async fn provisioning(&self, offset: u64, length: u64) -> Result<Provisioned, ClientError> {

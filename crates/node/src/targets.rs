@@ -110,6 +110,11 @@ impl NodeObjects {
                 IoRequest::Provisioning { offset, length, .. } => {
                     client.provisioning(offset, length).await.map(|answer| answer.encode())
                 }
+                IoRequest::CompareAndWrite { offset, expected, .. } => {
+                    let split = (expected as usize).min(data.len());
+                    let differs = client.compare_and_write(offset, &data[..split], &data[split..]).await;
+                    differs.map(|at| at.map(|at| Bytes::copy_from_slice(&at.to_be_bytes())).unwrap_or_default())
+                }
             };
             result.map_err(|error| match error {
                 ClientError::Failed(reason) | ClientError::Unreachable(reason) => unavailable(&name, reason),
@@ -119,6 +124,22 @@ impl NodeObjects {
 }
 
 impl ObjectIo for NodeObjects {
+    fn compare_and_write(
+        &self,
+        object: &str,
+        offset: u64,
+        expected: Bytes,
+        new: Bytes,
+    ) -> BoxFuture<'static, Result<Option<u64>, VolumeError>> {
+        let request = IoRequest::CompareAndWrite { name: object.to_string(), offset, expected: expected.len() as u64 };
+        let call = self.call(request, Bytes::from([&expected[..], &new[..]].concat()));
+        let name = object.to_string();
+        Box::pin(async move {
+            let answer = call.await?;
+            storage::compared(&answer).map_err(|reason| VolumeError::Failed { object: name, reason })
+        })
+    }
+
     fn read(&self, object: &str, offset: u64, length: u64) -> BoxFuture<'static, Result<Bytes, VolumeError>> {
         self.call(IoRequest::Read { name: object.to_string(), offset, length }, Bytes::new())
     }
@@ -198,6 +219,13 @@ impl BlockDevice for VolumeDevice {
 
     fn granularity(&self) -> u32 {
         (volume::BLOCK / volume::SECTOR) as u32
+    }
+
+    /// At each object's owner: atomic whichever host the initiators use.
+    fn compare_and_write(&self, lba: u64, expected: Bytes, new: Bytes) -> BoxFuture<'_, IoResult<Option<u64>>> {
+        Box::pin(
+            async move { self.volume.compare_and_write(lba * volume::SECTOR, expected, new).await.map_err(io_error) },
+        )
     }
 
     fn provisioning(&self, lba: u64) -> BoxFuture<'_, IoResult<(bool, u64)>> {

@@ -160,6 +160,10 @@ pub struct Object<T: Transport> {
     state: Mutex<State>,
     next_session: AtomicU64,
     inflight: tokio::sync::Semaphore,
+    /// Writes hold it shared until answered; a compare-and-write holds it
+    /// alone, so its read, compare and write are one step no other write
+    /// to the object overlaps, wherever the writes come from.
+    atomic: tokio::sync::RwLock<()>,
     persister: Option<Persister>,
     admission: Option<Admission>,
     resync_pace: Option<Arc<crate::pace::Pace>>,
@@ -231,6 +235,7 @@ impl<T: Transport> Object<T> {
             }),
             next_session: AtomicU64::new(count as u64 + 1),
             inflight: tokio::sync::Semaphore::new(INFLIGHT_MAX),
+            atomic: tokio::sync::RwLock::new(()),
             persister: hooks.persister,
             admission: hooks.admission,
             resync_pace: hooks.resync_pace,
@@ -467,6 +472,46 @@ impl<T: Transport> Object<T> {
 
     /// Writes whole blocks; returns once every active copy has them durably.
     pub async fn write_at(self: &Arc<Self>, offset: u64, data: Bytes) -> Result<(), ObjectError> {
+        let _shared = self.atomic.read().await;
+        self.write_blocks(offset, data).await
+    }
+
+    /// Writes `new` at `offset` if the bytes there are `expected`, as one
+    /// step: no other write to the object starts or is under way between
+    /// the read and the write. `offset` and the lengths may be any bytes
+    /// within the object (`expected` empty: a read-modify-write of part of
+    /// a block that no other write can undo). `Ok(Some(at))`: the first
+    /// byte that differs, nothing written.
+    pub async fn compare_and_write(
+        self: &Arc<Self>,
+        offset: u64,
+        expected: &[u8],
+        new: Bytes,
+    ) -> Result<Option<u64>, ObjectError> {
+        let block = BLOCK_SIZE as u64;
+        let length = expected.len().max(new.len()) as u64;
+        let end = offset.checked_add(length).filter(|end| *end <= self.size()).ok_or(ObjectError::OutOfRange {
+            offset,
+            end: offset.saturating_add(length),
+            size: self.size(),
+        })?;
+        if new.is_empty() {
+            return Err(ObjectError::Unaligned { offset, length: 0 });
+        }
+        let (start, stop) = (offset / block * block, end.div_ceil(block) * block);
+        let _alone = self.atomic.write().await;
+        let old = self.read_at(start, stop - start).await?;
+        let from = (offset - start) as usize;
+        if let Some(at) = old[from..from + expected.len()].iter().zip(expected).position(|(old, want)| old != want) {
+            return Ok(Some(at as u64));
+        }
+        let mut blocks = bytes::BytesMut::from(&old[..]);
+        blocks[from..from + new.len()].copy_from_slice(&new);
+        self.write_blocks(start, blocks.freeze()).await?;
+        Ok(None)
+    }
+
+    async fn write_blocks(self: &Arc<Self>, offset: u64, data: Bytes) -> Result<(), ObjectError> {
         let (first, count) = self.check(offset, data.len() as u64)?;
         self.fenced().await;
         let mut waits = Vec::new();
@@ -485,6 +530,7 @@ impl<T: Transport> Object<T> {
     /// Deallocates whole blocks (they read as zeros).
     pub async fn unmap(self: &Arc<Self>, offset: u64, length: u64) -> Result<(), ObjectError> {
         let (first, count) = self.check(offset, length)?;
+        let _shared = self.atomic.read().await;
         self.fenced().await;
         let _permit = self.inflight.acquire().await.map_err(|_| ObjectError::Unavailable)?;
         self.submit(Op::Unmap { first, count }, Bytes::new()).await.map_err(|_| ObjectError::Unavailable)??;

@@ -43,6 +43,17 @@ pub trait ObjectIo: Send + Sync + 'static {
     fn write(&self, object: &str, offset: u64, data: Bytes) -> BoxFuture<'static, Result<(), VolumeError>>;
     fn unmap(&self, object: &str, offset: u64, length: u64) -> BoxFuture<'static, Result<(), VolumeError>>;
     fn flush(&self, object: &str) -> BoxFuture<'static, Result<(), VolumeError>>;
+    /// Writes `new` at `offset` (any bytes within the object) if the bytes
+    /// there are `expected` (empty: unconditionally), as one step no other
+    /// write to the object overlaps, whichever host it comes from (at the
+    /// object's owner). `Ok(Some(at))`: byte `at` differs, nothing written.
+    fn compare_and_write(
+        &self,
+        object: &str,
+        offset: u64,
+        expected: Bytes,
+        new: Bytes,
+    ) -> BoxFuture<'static, Result<Option<u64>, VolumeError>>;
     /// Whether the block at `offset` is allocated, and for how many bytes
     /// from it (up to `length`) that holds. Without an answer of its own,
     /// everything is allocated.
@@ -187,7 +198,9 @@ impl Volume {
         Ok(out.freeze())
     }
 
-    /// Writes whole sectors; parts of blocks are read-modify-written.
+    /// Writes whole sectors; parts of blocks are read-modify-written at the
+    /// object's owner, as one step (two hosts writing different sectors of
+    /// one block lose neither).
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), VolumeError> {
         Self::sectors(offset, data.len() as u64)?;
         let layout = self.layout();
@@ -206,11 +219,30 @@ impl Volume {
         if start == offset && end == offset + part.len() as u64 {
             return self.io.write(&object, offset, part).await;
         }
-        let old = self.io.read(&object, start, end - start).await?;
-        let mut block = BytesMut::from(&old[..]);
-        let from = (offset - start) as usize;
-        block[from..from + part.len()].copy_from_slice(&part);
-        self.io.write(&object, start, block.freeze()).await
+        self.io.compare_and_write(&object, offset, Bytes::new(), part).await.map(|_| ())
+    }
+
+    /// Writes `new` at `offset` (whole sectors, within one object) if the
+    /// bytes there are `expected`, as one step at the object's owner (SCSI
+    /// COMPARE AND WRITE through any host). `Ok(Some(at))`: byte `at`
+    /// differs, nothing written.
+    pub async fn compare_and_write(
+        &self,
+        offset: u64,
+        expected: Bytes,
+        new: Bytes,
+    ) -> Result<Option<u64>, VolumeError> {
+        Self::sectors(offset, new.len() as u64)?;
+        Self::sectors(offset, expected.len() as u64)?;
+        let layout = self.layout();
+        let pieces = layout.pieces(offset, expected.len().max(new.len()) as u64)?;
+        let [piece] = &pieces[..] else {
+            return Err(VolumeError::Invalid(format!(
+                "a compare-and-write of bytes {offset}+{} spans two objects",
+                new.len()
+            )));
+        };
+        self.io.compare_and_write(&layout.objects[piece.object], piece.offset, expected, new).await
     }
 
     /// Whether the sector at `offset` is allocated, and how many bytes from

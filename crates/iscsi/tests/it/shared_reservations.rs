@@ -199,6 +199,11 @@ async fn a_host_that_cannot_vouch_for_the_shared_reservations_refuses_what_they_
         let sense = reply.sense.as_ref().expect("sense");
         (reply.status, sense[2] & 0x0f, sense[12], sense[13])
     };
+    // Unused reservations govern nothing: served while cut off.
+    assert_eq!(settle(&unit, A, 1, &write10(0), &[0; 512]).await.status, status::GOOD);
+    // B registers (PERSISTENT RESERVE OUT goes to the shared state itself).
+    let (cdb, data) = prout(0, 0, 0, 0xbbbb);
+    assert_eq!(settle(&unit, B, 1, &cdb, &data).await.status, status::GOOD);
     for cdb in [&write10(0)[..], &read10(0)[..], &[0x5e, 0, 0, 0, 0, 0, 0, 0, 64, 0][..]] {
         let reply = settle(&unit, A, 1, cdb, &[0; 512]).await;
         assert_eq!(in_transition(&reply), (status::CHECK_CONDITION, 0x02, 0x04, 0x0a), "{cdb:?}: {reply:?}");

@@ -26,6 +26,13 @@ struct ProutBasic {
     aptpl: u8,
 }
 
+/// libiscsi's `struct scsi_iovec`.
+#[repr(C)]
+struct IoVec {
+    base: *mut c_void,
+    length: usize,
+}
+
 struct Api {
     create_context: unsafe extern "C" fn(*const c_char) -> Context,
     set_targetname: unsafe extern "C" fn(Context, *const c_char) -> c_int,
@@ -39,6 +46,24 @@ struct Api {
     write10_sync:
         unsafe extern "C" fn(Context, c_int, u32, *mut u8, u32, c_int, c_int, c_int, c_int, c_int, c_int) -> Task,
     persistent_reserve_out_sync: unsafe extern "C" fn(Context, c_int, c_int, c_int, c_int, *mut c_void) -> Task,
+    #[allow(clippy::type_complexity)]
+    read10_iov_sync: unsafe extern "C" fn(
+        Context,
+        c_int,
+        u32,
+        u32,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        *mut IoVec,
+        c_int,
+    ) -> Task,
+    #[allow(clippy::type_complexity)]
+    compareandwrite_sync:
+        unsafe extern "C" fn(Context, c_int, u64, *mut u8, u32, c_int, c_int, c_int, c_int, c_int, c_int) -> Task,
     persistent_reserve_in_sync: unsafe extern "C" fn(Context, c_int, c_int, u16) -> Task,
     datain_unmarshall: unsafe extern "C" fn(Task) -> *mut c_void,
     free_task: unsafe extern "C" fn(Task),
@@ -81,6 +106,8 @@ fn api() -> &'static Api {
                 write10_sync: symbol(library, c"iscsi_write10_sync"),
                 persistent_reserve_out_sync: symbol(library, c"iscsi_persistent_reserve_out_sync"),
                 persistent_reserve_in_sync: symbol(library, c"iscsi_persistent_reserve_in_sync"),
+                read10_iov_sync: symbol(library, c"iscsi_read10_iov_sync"),
+                compareandwrite_sync: symbol(library, c"iscsi_compareandwrite_sync"),
                 datain_unmarshall: symbol(library, c"scsi_datain_unmarshall"),
                 free_task: symbol(library, c"scsi_free_scsi_task"),
             }
@@ -140,6 +167,25 @@ impl Session {
         // SAFETY: the buffer outlives the synchronous call.
         let task =
             unsafe { (api().write10_sync)(self.context, self.lun, lba, block.as_mut_ptr(), 512, 512, 0, 0, 0, 0, 0) };
+        self.status(task)
+    }
+
+    /// READ(10) of one 512-byte block into `block`.
+    pub fn read10(&self, lba: u32, block: &mut [u8; 512]) -> Result<c_int, String> {
+        let mut vector = IoVec { base: block.as_mut_ptr() as *mut c_void, length: block.len() };
+        // SAFETY: the buffer and its vector outlive the synchronous call.
+        let task =
+            unsafe { (api().read10_iov_sync)(self.context, self.lun, lba, 512, 512, 0, 0, 0, 0, 0, &mut vector, 1) };
+        self.status(task)
+    }
+
+    /// COMPARE AND WRITE of one 512-byte block: `both` holds the block to
+    /// compare, then the block to write.
+    pub fn compare_and_write(&self, lba: u64, both: &mut [u8; 1024]) -> Result<c_int, String> {
+        // SAFETY: the buffer outlives the synchronous call.
+        let task = unsafe {
+            (api().compareandwrite_sync)(self.context, self.lun, lba, both.as_mut_ptr(), 1024, 512, 0, 0, 0, 0, 0)
+        };
         self.status(task)
     }
 

@@ -660,7 +660,10 @@ fn a_host_cut_off_from_its_peers_stops_answering_with_reservations_it_cannot_vou
     };
     let b = login("iqn.2026-11.org.tessera.test:initiator-b", 2);
     let a = login("iqn.2026-11.org.tessera.test:initiator-a", 1);
-    assert_eq!(keys(&b), Ok(vec![]), "no registrations yet, seen through host 2");
+    // Reservations in use: B registers through host 2.
+    let key_b = 0xb0b;
+    assert_eq!(b.settled(|b| b.prout(0, 0, 0, key_b)), Ok(STATUS_GOOD), "B registers through host 2");
+    assert_eq!(keys(&b), Ok(vec![key_b]), "B's key, seen through host 2");
     // Host 2 hears no peer, but still serves iSCSI to the initiators.
     let cut = crate::harness::Cut::off_from_peers("127.0.0.12");
     let key_a = 0xa11ce;
@@ -698,4 +701,70 @@ fn a_host_cut_off_from_its_peers_stops_answering_with_reservations_it_cannot_vou
          answered {answered} READ KEYS (each with A's key) in 5 s, and answered with A's key once healed"
     );
     assert!(refused > 0, "host 2 was never refused: was it cut off at all?");
+}
+
+/// A counter in one sector, incremented by COMPARE AND WRITE from two
+/// initiators through two hosts (ESXi's ATS locking works so): every
+/// increment that succeeded is counted once.
+#[test]
+fn compare_and_write_through_two_hosts_is_atomic() {
+    use crate::libiscsi::{Session, STATUS_CHECK_CONDITION, STATUS_GOOD};
+    let _exclusive = exclusive();
+    let (cluster, port) = target_hosts(3, &[], &[]);
+    const TARGET: &str = "iqn.2026-11.org.tessera.test:ats";
+    volume_and_target(&cluster, "ats", "16MiB", TARGET);
+    const INCREMENTS: u64 = 150;
+    let started = Instant::now();
+    let workers: Vec<_> = [1u64, 2]
+        .into_iter()
+        .map(|host| {
+            let portal = format!("127.0.0.{}:{port}", host + 10);
+            std::thread::spawn(move || {
+                let initiator = format!("iqn.2026-11.org.tessera.test:ats-{host}");
+                let session = Session::login(&initiator, &portal, TARGET, 0).expect("login");
+                let (mut done, mut lost_races) = (0, 0);
+                let mut block = [0u8; 512];
+                assert_eq!(session.settled(|s| s.read10(0, &mut block)), Ok(STATUS_GOOD));
+                let deadline = Instant::now() + Duration::from_secs(240);
+                while done < INCREMENTS {
+                    assert!(Instant::now() < deadline, "host {host}: {done} increments in 240 s");
+                    let value = u64::from_be_bytes(block[..8].try_into().unwrap());
+                    let mut both = [0u8; 1024];
+                    both[..512].copy_from_slice(&block);
+                    both[512..520].copy_from_slice(&(value + 1).to_be_bytes());
+                    match session.compare_and_write(0, &mut both).expect("COMPARE AND WRITE") {
+                        STATUS_GOOD => {
+                            done += 1;
+                            block[..8].copy_from_slice(&(value + 1).to_be_bytes());
+                        }
+                        // Miscompare: the other initiator won; read again.
+                        STATUS_CHECK_CONDITION => {
+                            lost_races += 1;
+                            assert_eq!(session.settled(|s| s.read10(0, &mut block)), Ok(STATUS_GOOD));
+                        }
+                        status => panic!("host {host}: COMPARE AND WRITE answered status {status:#x}"),
+                    }
+                }
+                (done, lost_races)
+            })
+        })
+        .collect();
+    let results: Vec<(u64, u64)> = workers.into_iter().map(|worker| worker.join().expect("a worker failed")).collect();
+    let reader = Session::login("iqn.2026-11.org.tessera.test:ats-check", &format!("127.0.0.13:{port}"), TARGET, 0)
+        .expect("login");
+    let mut block = [0u8; 512];
+    assert_eq!(reader.settled(|s| s.read10(0, &mut block)), Ok(STATUS_GOOD));
+    let counter = u64::from_be_bytes(block[..8].try_into().unwrap());
+    let misses: u64 = results.iter().map(|(_, lost)| lost).sum();
+    println!(
+        "COMPARE AND WRITE through hosts 1 and 2: {} increments each, {misses} miscompares, counter {counter}, in {:?}",
+        INCREMENTS,
+        started.elapsed()
+    );
+    assert!(misses > 0, "the two initiators never raced: the test shows nothing");
+    assert_eq!(
+        counter,
+        2 * INCREMENTS,
+        "an increment that succeeded was lost: the compare and write were not one step"
+    );
 }
