@@ -57,6 +57,19 @@ fn volume_and_target(cluster: &TestCluster, volume: &str, size: &str, target: &s
     tessera(cluster, 1, &["target", "create", target, "--lun", &format!("0={volume}")]);
 }
 
+/// `initiator`'s libiscsi session to LUN 0 of `target` through `portal`,
+/// trying for 30 s (the target may still be coming up there).
+fn login_through(initiator: &str, portal: &str, target: &str) -> crate::libiscsi::Session {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match crate::libiscsi::Session::login(initiator, portal, target, 0) {
+            Ok(session) => return session,
+            Err(error) => assert!(Instant::now() < deadline, "{initiator} cannot log in through {portal}: {error}"),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// The VIP's owner and epoch as the catalog records them.
 fn vip_owner(cluster: &TestCluster) -> Option<(u64, u64)> {
     let vip = cluster.status()?.vip?;
@@ -526,23 +539,14 @@ fn killing_the_host_an_initiator_writes_through_fails_over_to_another_portal_wit
 
 #[test]
 fn a_reservation_taken_through_one_host_is_enforced_through_another_and_survives_the_first() {
-    use crate::libiscsi::{Session, STATUS_GOOD, STATUS_RESERVATION_CONFLICT};
+    use crate::libiscsi::{STATUS_GOOD, STATUS_RESERVATION_CONFLICT};
     let _exclusive = exclusive();
     let (mut cluster, port) = target_hosts(3, &[], &[]);
     const TARGET: &str = "iqn.2026-11.org.tessera.test:reserved";
     volume_and_target(&cluster, "pr", "16MiB", TARGET);
     let portal = |host: u64| format!("127.0.0.{}:{port}", host + 10);
     let (a_name, b_name) = ("iqn.2026-11.org.tessera.test:initiator-a", "iqn.2026-11.org.tessera.test:initiator-b");
-    let login = |initiator: &str, host: u64| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match Session::login(initiator, &portal(host), TARGET, 0) {
-                Ok(session) => return session,
-                Err(error) => assert!(Instant::now() < deadline, "{initiator} cannot log in to host {host}: {error}"),
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    };
+    let login = |initiator: &str, host: u64| login_through(initiator, &portal(host), TARGET);
     let (key_a, key_b) = (0xa11ce, 0xb0b);
     let mut block = [0x42u8; 512];
     // A registers and reserves Write Exclusive - Registrants Only through host 1.
@@ -638,16 +642,7 @@ fn a_host_cut_off_from_its_peers_stops_answering_with_reservations_it_cannot_vou
     const TARGET: &str = "iqn.2026-11.org.tessera.test:fenced";
     volume_and_target(&cluster, "fenced", "16MiB", TARGET);
     let portal = |host: u64| format!("127.0.0.{}:{port}", host + 10);
-    let login = |initiator: &str, host: u64| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match Session::login(initiator, &portal(host), TARGET, 0) {
-                Ok(session) => return session,
-                Err(error) => assert!(Instant::now() < deadline, "{initiator} cannot log in to host {host}: {error}"),
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    };
+    let login = |initiator: &str, host: u64| login_through(initiator, &portal(host), TARGET);
     // Settled: unit attentions after the login answered.
     let keys = |session: &Session| {
         for _ in 0..8 {
@@ -708,7 +703,7 @@ fn a_host_cut_off_from_its_peers_stops_answering_with_reservations_it_cannot_vou
 /// increment that succeeded is counted once.
 #[test]
 fn compare_and_write_through_two_hosts_is_atomic() {
-    use crate::libiscsi::{Session, STATUS_CHECK_CONDITION, STATUS_GOOD};
+    use crate::libiscsi::{STATUS_CHECK_CONDITION, STATUS_GOOD};
     let _exclusive = exclusive();
     let (cluster, port) = target_hosts(3, &[], &[]);
     const TARGET: &str = "iqn.2026-11.org.tessera.test:ats";
@@ -721,7 +716,7 @@ fn compare_and_write_through_two_hosts_is_atomic() {
             let portal = format!("127.0.0.{}:{port}", host + 10);
             std::thread::spawn(move || {
                 let initiator = format!("iqn.2026-11.org.tessera.test:ats-{host}");
-                let session = Session::login(&initiator, &portal, TARGET, 0).expect("login");
+                let session = login_through(&initiator, &portal, TARGET);
                 let (mut done, mut lost_races) = (0, 0);
                 let mut block = [0u8; 512];
                 assert_eq!(session.settled(|s| s.read10(0, &mut block)), Ok(STATUS_GOOD));
@@ -750,8 +745,7 @@ fn compare_and_write_through_two_hosts_is_atomic() {
         })
         .collect();
     let results: Vec<(u64, u64)> = workers.into_iter().map(|worker| worker.join().expect("a worker failed")).collect();
-    let reader = Session::login("iqn.2026-11.org.tessera.test:ats-check", &format!("127.0.0.13:{port}"), TARGET, 0)
-        .expect("login");
+    let reader = login_through("iqn.2026-11.org.tessera.test:ats-check", &format!("127.0.0.13:{port}"), TARGET);
     let mut block = [0u8; 512];
     assert_eq!(reader.settled(|s| s.read10(0, &mut block)), Ok(STATUS_GOOD));
     let counter = u64::from_be_bytes(block[..8].try_into().unwrap());
@@ -767,4 +761,112 @@ fn compare_and_write_through_two_hosts_is_atomic() {
         2 * INCREMENTS,
         "an increment that succeeded was lost: the compare and write were not one step"
     );
+}
+
+/// The VIP on a real interface in a network namespace (not loopback).
+const NAMESPACE_VIP: &str = "10.254.0.1";
+const NAMESPACE_INTERFACE: &str = "tvip0";
+const IN_NAMESPACE: &str =
+    "target_service::inside_its_namespace_the_vip_lives_on_an_interface_and_moves_when_its_owner_dies";
+
+/// Makes a network namespace with loopback and a veth pair, and runs
+/// the scenario below inside it (this test binary again, under `ip netns
+/// exec`): the VIP's owners put its address on that interface with
+/// iproute2, as on real hosts. Needs iproute2 and root.
+#[test]
+fn the_vip_on_a_real_interface_in_a_network_namespace_moves_when_its_owner_dies() {
+    let _exclusive = exclusive();
+    tool("iscsi-ls");
+    let ip = |args: &[&str]| {
+        let status =
+            std::process::Command::new("ip").args(args).status().expect("this test needs iproute2 (`ip`) and root");
+        assert!(status.success(), "ip {args:?} failed");
+    };
+    struct Namespace(String);
+    impl Drop for Namespace {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let namespace = Namespace(format!("tessera-vip-{}", std::process::id()));
+    let name = namespace.0.as_str();
+    ip(&["netns", "add", name]);
+    ip(&["-n", name, "link", "set", "lo", "up"]);
+    // A veth pair (this kernel has no dummy interfaces): the VIP goes on
+    // one end.
+    ip(&["-n", name, "link", "add", NAMESPACE_INTERFACE, "type", "veth", "peer", "name", "tvip1"]);
+    ip(&["-n", name, "link", "set", NAMESPACE_INTERFACE, "up"]);
+    ip(&["-n", name, "link", "set", "tvip1", "up"]);
+    let output = std::process::Command::new("timeout")
+        .args(["600", "ip", "netns", "exec", name])
+        .arg(std::env::current_exe().expect("this test binary"))
+        .args(["--exact", IN_NAMESPACE, "--include-ignored", "--nocapture", "--test-threads=1"])
+        .output()
+        .expect("timeout and ip run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "the scenario failed inside namespace {name}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+#[ignore = "run inside its own network namespace by the_vip_on_a_real_interface_in_a_network_namespace_moves_when_its_owner_dies"]
+fn inside_its_namespace_the_vip_lives_on_an_interface_and_moves_when_its_owner_dies() {
+    let _exclusive = exclusive();
+    let addresses = || {
+        let output = std::process::Command::new("ip").args(["-o", "addr", "show", "dev", NAMESPACE_INTERFACE]).output();
+        let output = output.expect("this test needs iproute2 (`ip`)");
+        assert!(
+            output.status.success(),
+            "no {NAMESPACE_INTERFACE} here: run this test through the one that makes its namespace"
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert!(!addresses().contains(NAMESPACE_VIP), "the VIP is on {NAMESPACE_INTERFACE} before any host took it");
+    // A fresh namespace: the iSCSI port is free.
+    let vip = format!("{NAMESPACE_VIP}:3260");
+    let ips: Vec<String> = (11..=13).map(|last| format!("127.0.0.{last}")).collect();
+    let port = free_port(&ips.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cluster = TestCluster::start_in_sites(3, &[("vip", &vip)], &[], |config| {
+        config.roles = vec!["storage".into(), "target".into()];
+        config.iscsi_port = port;
+        config.vip_interface = Some(NAMESPACE_INTERFACE.into());
+    });
+    cluster.wait_healthy(Duration::from_secs(60));
+    for (index, target) in TARGETS.iter().enumerate() {
+        volume_and_target(&cluster, &format!("v{index}"), "16MiB", target);
+    }
+    let settle = |cluster: &TestCluster, not: Option<u64>| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((owner, _)) = vip_owner(cluster).filter(|(owner, _)| Some(*owner) != not) {
+                if discovers_every_target(cluster, &vip).is_ok() {
+                    return owner;
+                }
+            }
+            assert!(Instant::now() < deadline, "no host serves the VIP {vip}\n{}", cluster.report());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let owner = settle(&cluster, None);
+    assert!(addresses().contains(NAMESPACE_VIP), "host {owner} serves the VIP, but it is not on {NAMESPACE_INTERFACE}");
+    cluster.kill(owner);
+    let killed = Instant::now();
+    // The dead host's address goes with it, as with a real machine (here
+    // all hosts share the namespace): the next owner must put it back.
+    let status = std::process::Command::new("ip")
+        .args(["addr", "del", &format!("{NAMESPACE_VIP}/32"), "dev", NAMESPACE_INTERFACE])
+        .status()
+        .expect("ip runs");
+    assert!(status.success(), "cannot remove the killed owner's VIP address");
+    let new_owner = settle(&cluster, Some(owner));
+    println!(
+        "host {owner} killed; host {new_owner} put {NAMESPACE_VIP} on {NAMESPACE_INTERFACE} (waiting out the old \
+         lease) and discovery through it works, in {:?}",
+        killed.elapsed()
+    );
+    assert!(addresses().contains(NAMESPACE_VIP));
 }
