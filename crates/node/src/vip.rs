@@ -17,13 +17,14 @@
 //!   the last [`LEASE`] unbinds, so a deposed or cut-off owner stops
 //!   answering at the address.
 //! - With `vip_interface` (an address that moves between machines) a new
-//!   owner that took the VIP from another host waits [`LEASE`] plus one
-//!   check before adding and binding it: by then the old owner has read
-//!   the record naming the new one, or its lease has run out; either way it
-//!   has let go, so two machines never answer at the address. Without an
-//!   interface the address is bound on one machine's stack, where the
-//!   kernel refuses a second bind (the new owner retries until the old
-//!   one lets go), so no wait is needed.
+//!   owner adds the address and binds it at once, then announces it with
+//!   gratuitous ARP (IPv4), so the network sends the VIP's traffic to it,
+//!   as VRRP does. An old owner cut off from the catalog may still answer
+//!   at the address until its [`LEASE`] runs out; that is harmless: the
+//!   VIP only answers discovery and redirects logins, and every target
+//!   host serves every target. Without an interface the address is bound
+//!   on one machine's stack, where the kernel refuses a second bind (the
+//!   new owner retries until the old one lets go).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,9 +92,8 @@ async fn run(node: Arc<Node>, configured: String) {
     let mut shutdown = node.shutdown_signal();
     let mut bound: Option<Bound> = None;
     let mut last_read = Instant::now();
-    let mut bind_after: Option<Instant> = None;
     loop {
-        step(&node, &configured, &threads, &mut bound, &mut last_read, &mut bind_after).await;
+        step(&node, &configured, &threads, &mut bound, &mut last_read).await;
         tokio::select! {
             _ = changes.changed() => {}
             _ = hosts.changed() => {}
@@ -110,7 +110,6 @@ async fn step(
     threads: &Arc<ConnectionThreads>,
     bound: &mut Option<Bound>,
     last_read: &mut Instant,
-    bind_after: &mut Option<Instant>,
 ) {
     let Some(services) = node.services() else { return };
     let me = node.config.node_id;
@@ -157,14 +156,9 @@ async fn step(
             }
             return;
         }
-        if bind_after.is_some_and(|after| Instant::now() < after) {
-            return;
-        }
-        *bind_after = None;
         bind(node, threads, bound, &record.address).await;
         return;
     }
-    *bind_after = None;
     if bound.is_some() {
         tracing::info!(owner = ?current, "this host no longer owns the VIP: unbinding it");
         unbind(bound).await;
@@ -180,12 +174,6 @@ async fn step(
     match services.catalog.vip.compare_and_set(expected, taken.clone()).await {
         Ok(Ok(_)) => {
             tracing::info!(address = %taken.address, epoch, previous = ?current, "took the discovery VIP");
-            if current.is_some() && node.config.vip_interface.is_some() {
-                // Wait out the old owner's lease (see the module's doc).
-                *bind_after = Some(Instant::now() + LEASE + CHECK_INTERVAL);
-                tracing::info!(wait = ?(LEASE + CHECK_INTERVAL), "waiting out the old owner's lease before binding");
-                return;
-            }
             bind(node, threads, bound, &taken.address).await;
         }
         Ok(Err(_)) => tracing::debug!("another host took the VIP first"),
@@ -212,6 +200,9 @@ async fn bind(node: &Arc<Node>, threads: &Arc<ConnectionThreads>, bound: &mut Op
             let registry: Arc<Registry> = node.targets.vip_registry.clone();
             let threads = threads.clone();
             let accept = tokio::spawn(async move { threads.serve(registry, listener).await });
+            if let Some(interface) = &interface {
+                announce(interface, address);
+            }
             *bound = Some(Bound { address: address.to_string(), interface, accept });
         }
         Err(error) => {
@@ -234,6 +225,86 @@ async fn unbind(bound: &mut Option<Bound>) {
     }
     metrics::gauge!("iscsi_vip_bound").set(0.0);
     tracing::info!(address = %old.address, "discovery VIP unbound");
+}
+
+/// Announces that `address`'s IPv4 address is now at `interface`: a few
+/// gratuitous ARP requests, so neighbours' caches move to this machine (a
+/// best effort: a failure is logged).
+fn announce(interface: &str, address: &str) {
+    let Ok(std::net::SocketAddr::V4(address)) = address.parse::<std::net::SocketAddr>() else { return };
+    let interface = interface.to_string();
+    tokio::task::spawn_blocking(move || {
+        for round in 0..3 {
+            if round > 0 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            match gratuitous_arp(&interface, *address.ip()) {
+                Ok(()) => metrics::counter!("iscsi_vip_gratuitous_arps_total").increment(1),
+                Err(error) => return tracing::warn!(%interface, %error, "cannot announce the VIP (gratuitous ARP)"),
+            }
+        }
+        tracing::info!(%interface, ip = %address.ip(), "announced the VIP with gratuitous ARP");
+    });
+}
+
+/// The Ethernet frame of a gratuitous ARP request for `ip` from `mac`:
+/// broadcast, sender and target protocol addresses both `ip`.
+pub fn gratuitous_arp_frame(mac: [u8; 6], ip: std::net::Ipv4Addr) -> [u8; 42] {
+    let mut frame = [0u8; 42];
+    frame[0..6].fill(0xff);
+    frame[6..12].copy_from_slice(&mac);
+    frame[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    // Ethernet, IPv4, 6-byte and 4-byte addresses, a request.
+    frame[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame[22..28].copy_from_slice(&mac);
+    frame[28..32].copy_from_slice(&ip.octets());
+    // Target hardware address unknown (zeros); target protocol address ip.
+    frame[38..42].copy_from_slice(&ip.octets());
+    frame
+}
+
+/// Sends one gratuitous ARP request for `ip` out of `interface` (a packet
+/// socket: needs CAP_NET_RAW).
+fn gratuitous_arp(interface: &str, ip: std::net::Ipv4Addr) -> Result<(), String> {
+    let mac_text = std::fs::read_to_string(format!("/sys/class/net/{interface}/address"))
+        .map_err(|error| format!("no address for {interface}: {error}"))?;
+    let octets: Vec<u8> = mac_text.trim().split(':').filter_map(|octet| u8::from_str_radix(octet, 16).ok()).collect();
+    let mac: [u8; 6] = octets.try_into().map_err(|_| format!("{interface} has no Ethernet address"))?;
+    let name = std::ffi::CString::new(interface).map_err(|error| error.to_string())?;
+    let frame = gratuitous_arp_frame(mac, ip);
+    const ETH_P_ARP: u16 = 0x0806;
+    // SAFETY: plain system calls on a socket this function owns and closes;
+    // the address structure is zeroed, then filled, and outlives sendto.
+    unsafe {
+        let index = libc::if_nametoindex(name.as_ptr());
+        if index == 0 {
+            return Err(format!("no interface {interface}"));
+        }
+        let socket = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(ETH_P_ARP.to_be()));
+        if socket < 0 {
+            return Err(format!("cannot open a packet socket: {}", std::io::Error::last_os_error()));
+        }
+        let mut to: libc::sockaddr_ll = std::mem::zeroed();
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = ETH_P_ARP.to_be();
+        to.sll_ifindex = index as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].fill(0xff);
+        let sent = libc::sendto(
+            socket,
+            frame.as_ptr() as *const libc::c_void,
+            frame.len(),
+            0,
+            &to as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        );
+        let error = std::io::Error::last_os_error();
+        libc::close(socket);
+        if sent != frame.len() as isize {
+            return Err(format!("cannot send: {error}"));
+        }
+    }
+    Ok(())
 }
 
 /// Adds (or removes) the VIP's ip on `interface` with iproute2. Adding an
@@ -259,6 +330,20 @@ async fn interface_address(interface: &str, address: &str, add: bool) -> Result<
 mod tests {
     use super::*;
     use catalog::Roles;
+
+    #[test]
+    fn a_gratuitous_arp_frame_is_a_broadcast_request_for_the_vip_from_this_machine() {
+        let mac = [0x02, 0, 0, 0, 0, 0x01];
+        let frame = gratuitous_arp_frame(mac, "10.254.0.1".parse().unwrap());
+        assert_eq!(&frame[0..6], &[0xff; 6], "broadcast");
+        assert_eq!(&frame[6..12], &mac);
+        assert_eq!(&frame[12..14], &[0x08, 0x06], "ARP");
+        assert_eq!(&frame[14..22], &[0, 1, 8, 0, 6, 4, 0, 1], "Ethernet/IPv4 request");
+        assert_eq!(&frame[22..28], &mac, "sender hardware address");
+        assert_eq!(&frame[28..32], &[10, 254, 0, 1], "sender protocol address");
+        assert_eq!(&frame[32..38], &[0; 6]);
+        assert_eq!(&frame[38..42], &[10, 254, 0, 1], "target protocol address: the same");
+    }
 
     fn host(id: u64, state: HostState, target: bool) -> HostRecord {
         HostRecord {
