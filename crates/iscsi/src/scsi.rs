@@ -6,7 +6,7 @@
 //! the data-in buffer and the sense data. It knows nothing of iSCSI: the
 //! connection layer moves the buffers.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -155,6 +155,11 @@ struct UnitState {
     /// The shared reservations last checked against, and the number of
     /// the last notice taken from them.
     shared_seen: Option<(Arc<Reservations>, u64)>,
+    /// Commands that reservations govern, under way, by the round they
+    /// were admitted in: a reservation change waits for the rounds before
+    /// it ([`LogicalUnit::settle_admitted`]).
+    round: u64,
+    under_way: BTreeMap<u64, usize>,
     modes: Modes,
     blocks_seen: u64,
     /// Results of EXTENDED COPY lists that asked them held, per I_T nexus
@@ -162,9 +167,30 @@ struct UnitState {
     copies: HashMap<(Nexus, u8), (u16, u64)>,
 }
 
+/// A command admitted past the reservation checks, under way until dropped.
+struct Admitted<'a> {
+    unit: &'a LogicalUnit,
+    round: u64,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let mut state = self.unit.state.lock().expect("unit state");
+        let Some(count) = state.under_way.get_mut(&self.round) else { return };
+        *count -= 1;
+        if *count == 0 {
+            state.under_way.remove(&self.round);
+            drop(state);
+            self.unit.settled.notify_waiters();
+        }
+    }
+}
+
 /// The unit attention a logical unit reset leaves (BUS DEVICE RESET
 /// FUNCTION OCCURRED).
 const RESET: (u8, u8) = (0x29, 0x03);
+/// How long a reservation change waits for the commands admitted before it.
+pub const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_millis(1500);
 /// How long a logical unit reset waits for the other hosts serving the
 /// unit to take its unit attention.
 const RESET_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -221,6 +247,8 @@ pub struct LogicalUnit {
     serial: String,
     naa: [u8; 16],
     state: Mutex<UnitState>,
+    /// Woken when the last command of an admission round finishes.
+    settled: tokio::sync::Notify,
     /// COMPARE AND WRITE and SANITIZE hold it exclusively; writes share it.
     atomic: Arc<tokio::sync::RwLock<()>>,
     /// Shared with a sanitize running in the background.
@@ -411,6 +439,7 @@ impl LogicalUnit {
             sanitize: Arc::default(),
             sanitize_rate: None,
             reservation_store: None,
+            settled: tokio::sync::Notify::new(),
         }
     }
 
@@ -480,6 +509,31 @@ impl LogicalUnit {
         }
     }
 
+    /// Waits until every command that reservations govern admitted before
+    /// now has finished, at most `limit` (false if some had not): after a
+    /// reservation change, so that no command it forbids, admitted before
+    /// it, lands after it is answered (a write of a nexus PREEMPT removed,
+    /// say).
+    pub async fn settle_admitted(&self, limit: std::time::Duration) -> bool {
+        let before = {
+            let mut state = self.state.lock().expect("unit state");
+            state.round += 1;
+            state.round
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if self.state.lock().expect("unit state").under_way.range(..before).next().is_none() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                return false;
+            }
+        }
+    }
+
     /// The nexus is gone (its session ended): it no longer holds RESERVE(6),
     /// and its copy results and pending reset attentions go with it.
     pub fn nexus_lost(&self, nexus: &Nexus) {
@@ -508,6 +562,7 @@ impl LogicalUnit {
             return Err(Sense::invalid_opcode());
         }
         // Unit attentions and reservations.
+        let mut admitted = None;
         {
             let mut state = self.state.lock().expect("unit state");
             let blocks = self.device.blocks();
@@ -550,7 +605,13 @@ impl LogicalUnit {
             if legacy_conflict || !reserve_family && !reservations.allows(command.nexus, access(opcode)) {
                 return Ok(Reply::status(status::RESERVATION_CONFLICT));
             }
+            if access(opcode) != Access::Always {
+                let round = state.round;
+                *state.under_way.entry(round).or_default() += 1;
+                admitted = Some(Admitted { unit: self, round });
+            }
         }
+        let _admitted = admitted;
         match opcode {
             0x00 => Ok(Reply::good(Bytes::new())),
             0x03 => self.request_sense(&command),
@@ -1415,9 +1476,17 @@ impl LogicalUnit {
         };
         match result {
             Ok(attentions) => {
-                let mut state = self.state.lock().expect("unit state");
-                for (to, asc, ascq) in attentions {
-                    state.tell(&to, asc, ascq);
+                {
+                    let mut state = self.state.lock().expect("unit state");
+                    for (to, asc, ascq) in attentions {
+                        state.tell(&to, asc, ascq);
+                    }
+                }
+                // What the change forbids and this host admitted before it
+                // finishes before it is answered (the other hosts do the
+                // same before they confirm it).
+                if !self.settle_admitted(SETTLE_LIMIT).await {
+                    tracing::warn!("commands admitted before a reservation change are still under way");
                 }
                 Ok(Reply::good(Bytes::new()))
             }

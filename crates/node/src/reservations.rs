@@ -231,7 +231,9 @@ async fn sync_others(node: &Arc<Node>, volume: &str) -> bool {
 }
 
 /// Serves [`method::SYNC`]: a linearizable read of the volume's entry
-/// applies the log up to it.
+/// applies the log up to it; then the commands this host admitted before
+/// it finish (at most [`iscsi::scsi::SETTLE_LIMIT`]), so none the change
+/// forbids lands after the change is answered.
 pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<bytes::Bytes, wire::RemoteError> {
     let volume: String = wire::decode_request(request)?;
     let services = node
@@ -243,6 +245,14 @@ pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<bytes::B
         .get(&volume)
         .await
         .map_err(|error| wire::RemoteError::new(wire::ErrorCode::Unavailable, error.to_string()))?;
+    if let Some(unit) = node.targets.unit(&volume) {
+        if !unit.settle_admitted(iscsi::scsi::SETTLE_LIMIT).await {
+            return Err(wire::RemoteError::new(
+                wire::ErrorCode::Unavailable,
+                "commands admitted before the reservation change are still under way",
+            ));
+        }
+    }
     Ok(wire::encode(&()))
 }
 

@@ -64,6 +64,11 @@ impl TargetService {
             units: Mutex::new(HashMap::new()),
         }
     }
+
+    /// The logical unit serving `volume` on this host, if any.
+    pub fn unit(&self, volume: &str) -> Option<Arc<LogicalUnit>> {
+        self.units.lock().expect("units").get(volume).map(|(_, unit)| unit.clone())
+    }
 }
 
 /// Object I/O for volumes: local when this host owns the object.

@@ -17,14 +17,14 @@ const BLOCKS: u64 = 4096;
 const NEXUS: &str = "iqn.2026-11.test:initiator,i,0x1";
 
 /// A memory device whose writes wait while `held`, and fail while `broken`.
-struct Gated {
+pub(crate) struct Gated {
     inner: MemoryDevice,
-    held: tokio::sync::watch::Sender<bool>,
+    pub(crate) held: tokio::sync::watch::Sender<bool>,
     broken: AtomicBool,
 }
 
 impl Gated {
-    fn new() -> Arc<Gated> {
+    pub(crate) fn new() -> Arc<Gated> {
         Arc::new(Gated {
             inner: MemoryDevice::new(512, BLOCKS),
             held: tokio::sync::watch::channel(false).0,

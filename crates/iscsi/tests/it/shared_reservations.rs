@@ -4,6 +4,7 @@
 //! stays when A's unit is gone. RESERVE(6) stays per unit.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use iscsi::memory::MemoryDevice;
@@ -211,4 +212,40 @@ async fn a_host_that_cannot_vouch_for_the_shared_reservations_refuses_what_they_
     // What reservations do not govern is answered: INQUIRY, TEST UNIT READY.
     assert_eq!(settle(&unit, A, 1, &[0x12, 0, 0, 0, 96, 0], &[]).await.status, status::GOOD);
     assert_eq!(settle(&unit, A, 1, &[0; 6], &[]).await.status, status::GOOD);
+}
+
+#[tokio::test]
+async fn a_preempt_is_answered_only_after_the_preempted_writes_admitted_before_it() {
+    let device = crate::sanitize::Gated::new();
+    let unit = Arc::new(LogicalUnit::new(device.clone(), 7, "vol").with_reservation_store(Arc::new(Shared::default())));
+    for (nexus, key) in [(A, 0xaaaa), (B, 0xbbbb)] {
+        let (cdb, data) = prout(0, 0, 0, key);
+        assert_eq!(settle(&unit, nexus, 1, &cdb, &data).await.status, status::GOOD, "{nexus} registers");
+    }
+    // A holds Write Exclusive - Registrants Only: B, registered, may write.
+    let (cdb, data) = prout(1, 5, 0xaaaa, 0);
+    assert_eq!(settle(&unit, A, 1, &cdb, &data).await.status, status::GOOD, "A reserves");
+    // B's write is admitted and held in the device.
+    device.held.send_replace(true);
+    let writing = {
+        let unit = unit.clone();
+        tokio::spawn(async move { crate::execute(&unit, B, 1, &write10(0), &[0x5b; 512]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A preempts B: B's registration goes, so it may write no more.
+    let preempting = {
+        let unit = unit.clone();
+        tokio::spawn(async move {
+            let (cdb, data) = prout(4, 5, 0xaaaa, 0xbbbb);
+            crate::execute(&unit, A, 1, &cdb, &data).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!preempting.is_finished(), "the PREEMPT was answered while B's write was still under way");
+    device.held.send_replace(false);
+    assert_eq!(writing.await.unwrap().status, status::GOOD, "B's write, admitted before, completes");
+    assert_eq!(preempting.await.unwrap().status, status::GOOD);
+    // After it, B's writes conflict.
+    let reply = settle(&unit, B, 1, &write10(1), &[0x5b; 512]).await;
+    assert_eq!(reply.status, status::RESERVATION_CONFLICT, "{reply:?}");
 }
