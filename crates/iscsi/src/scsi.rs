@@ -80,8 +80,8 @@ pub trait BlockDevice: Send + Sync + 'static {
         Box::pin(async move {
             let count = (expected.len() / self.block_size() as usize) as u32;
             let medium = self.read(lba, count).await?;
-            if let Some(at) = medium.iter().zip(expected.iter()).position(|(old, want)| old != want) {
-                return Ok(Some(at as u64));
+            if let Some(at) = first_difference(&medium, &expected) {
+                return Ok(Some(at));
             }
             self.write(lba, new).await?;
             Ok(None)
@@ -1610,10 +1610,15 @@ impl LogicalUnit {
 }
 
 fn compare(medium: &[u8], expected: &[u8]) -> Result<(), Sense> {
-    match medium.iter().zip(expected.iter()).position(|(a, b)| a != b) {
-        Some(offset) => Err(Sense::miscompare(offset as u64)),
+    match first_difference(medium, expected) {
+        Some(offset) => Err(Sense::miscompare(offset)),
         None => Ok(()),
     }
+}
+
+/// The offset of the first byte where `medium` and `expected` differ.
+fn first_difference(medium: &[u8], expected: &[u8]) -> Option<u64> {
+    medium.iter().zip(expected).position(|(old, want)| old != want).map(|at| at as u64)
 }
 
 fn io_sense(error: IoError, write: bool) -> Sense {

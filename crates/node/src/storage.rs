@@ -954,7 +954,7 @@ impl<T: Transport> ObjectClient<T> {
 
     /// Sends to the owner it knows, else to each host in turn, following
     /// one redirect per host.
-    async fn call(&self, request: IoRequest, data: &[u8]) -> Result<Bytes, ClientError> {
+    pub(crate) async fn call(&self, request: IoRequest, data: &[u8]) -> Result<Bytes, ClientError> {
         let payload = frame(&request, data);
         let known = self.owner.lock().expect("owner lock").clone();
         let mut tried = Vec::new();

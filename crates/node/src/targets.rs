@@ -107,21 +107,8 @@ impl NodeObjects {
             }
             let client = client.expect("a client when the node is up");
             node.storage.note_forwarded(&name);
-            let result = match io {
-                IoRequest::Read { offset, length, .. } => client.read_at(offset, length).await,
-                IoRequest::Write { offset, .. } => client.write_at(offset, &data).await.map(|_| Bytes::new()),
-                IoRequest::Unmap { offset, length, .. } => client.unmap(offset, length).await.map(|_| Bytes::new()),
-                IoRequest::Flush { .. } => client.flush().await.map(|_| Bytes::new()),
-                IoRequest::Provisioning { offset, length, .. } => {
-                    client.provisioning(offset, length).await.map(|answer| answer.encode())
-                }
-                IoRequest::CompareAndWrite { offset, expected, .. } => {
-                    let split = (expected as usize).min(data.len());
-                    let differs = client.compare_and_write(offset, &data[..split], &data[split..]).await;
-                    differs.map(|at| at.map(|at| Bytes::copy_from_slice(&at.to_be_bytes())).unwrap_or_default())
-                }
-            };
-            result.map_err(|error| match error {
+            // The same request, to the owner; its answer as it comes.
+            client.call(io, &data).await.map_err(|error| match error {
                 ClientError::Failed(reason) | ClientError::Unreachable(reason) => unavailable(&name, reason),
             })
         })
