@@ -136,23 +136,48 @@ pub enum Policy {
     None,
     /// `copies` (2 or 3) identical copies on distinct hosts.
     Raid1 { copies: u8 },
+    /// Erasure-coded: stripes of `data` (2, 3 or 4) data chunks and one
+    /// parity chunk, one chunk per component, on distinct hosts.
+    Raid5 { data: u8 },
+    /// Erasure-coded: stripes of `data` (4) data chunks and two parity
+    /// chunks.
+    Raid6 { data: u8 },
 }
 
 impl Policy {
+    /// Components per object (copies, or data and parity chunks).
     pub fn copies(&self) -> usize {
         match self {
             Policy::None => 1,
             Policy::Raid1 { copies } => *copies as usize,
+            Policy::Raid5 { data } => *data as usize + 1,
+            Policy::Raid6 { data } => *data as usize + 2,
         }
     }
 
-    /// `none`, `raid1` (2 copies), `raid1:2`, `raid1:3`.
+    /// Erasure-coded: data and parity chunks per stripe.
+    pub fn erasure(&self) -> Option<(usize, usize)> {
+        match self {
+            Policy::None | Policy::Raid1 { .. } => None,
+            Policy::Raid5 { data } => Some((*data as usize, 1)),
+            Policy::Raid6 { data } => Some((*data as usize, 2)),
+        }
+    }
+
+    /// `none`, `raid1` (2 copies), `raid1:2`, `raid1:3`, `raid5` (3+1),
+    /// `raid5:2+1`, `raid5:3+1`, `raid5:4+1`, `raid6` (4+2), `raid6:4+2`.
     pub fn parse(text: &str) -> Result<Policy, String> {
         match text {
             "none" => Ok(Policy::None),
             "raid1" | "raid1:2" => Ok(Policy::Raid1 { copies: 2 }),
             "raid1:3" => Ok(Policy::Raid1 { copies: 3 }),
-            other => Err(format!("unknown policy {other:?} (known: none, raid1:2, raid1:3)")),
+            "raid5:2+1" => Ok(Policy::Raid5 { data: 2 }),
+            "raid5" | "raid5:3+1" => Ok(Policy::Raid5 { data: 3 }),
+            "raid5:4+1" => Ok(Policy::Raid5 { data: 4 }),
+            "raid6" | "raid6:4+2" => Ok(Policy::Raid6 { data: 4 }),
+            other => Err(format!(
+                "unknown policy {other:?} (known: none, raid1:2, raid1:3, raid5:2+1, raid5:3+1, raid5:4+1, raid6:4+2)"
+            )),
         }
     }
 }
@@ -162,6 +187,8 @@ impl std::fmt::Display for Policy {
         match self {
             Policy::None => write!(f, "none"),
             Policy::Raid1 { copies } => write!(f, "raid1:{copies}"),
+            Policy::Raid5 { data } => write!(f, "raid5:{data}+1"),
+            Policy::Raid6 { data } => write!(f, "raid6:{data}+2"),
         }
     }
 }

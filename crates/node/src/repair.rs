@@ -293,7 +293,7 @@ async fn rebuild(node: &Arc<Node>, job: &Job, record: &ObjectRecord) -> Result<(
     let request = placement::Request {
         id: record.id,
         count: 1,
-        bytes: record.size_bytes,
+        bytes: crate::storage::component_blocks(record.policy, record.size_bytes) * blockstore::BLOCK_SIZE as u64,
         distinct_hosts: true,
         distinct_fault_domains: false,
         site: None,
@@ -306,7 +306,7 @@ async fn rebuild(node: &Arc<Node>, job: &Job, record: &ObjectRecord) -> Result<(
     // A fresh id: the old one may still exist on the host that is away.
     let id = (rand::random::<u64>() >> 16) << 8 | job.index as u64;
     let client = Client::new(node.transport.clone(), address);
-    let blocks = record.size_bytes / blockstore::BLOCK_SIZE as u64;
+    let blocks = crate::storage::component_blocks(record.policy, record.size_bytes);
     client
         .call(0, ComponentRequest::Create { component: id, disk: bucket.disk, blocks }, &[])
         .await

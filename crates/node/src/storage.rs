@@ -402,6 +402,18 @@ pub(crate) fn hosts_by_id(node: &Node) -> BTreeMap<u64, HostRecord> {
         .unwrap_or_default()
 }
 
+/// An erasure-coded policy's layout.
+pub fn layout(policy: Policy) -> Option<objects::ec::Layout> {
+    policy.erasure().map(|(data, parity)| objects::ec::Layout::new(data, parity))
+}
+
+/// Blocks each component of an object of `size_bytes` holds (a copy's,
+/// or a chunk column's).
+pub fn component_blocks(policy: Policy, size_bytes: u64) -> u64 {
+    let blocks = size_bytes / BLOCK_SIZE as u64;
+    layout(policy).map_or(blocks, |layout| layout.rows(blocks))
+}
+
 /// Creates an object: places its components on distinct hosts, creates
 /// them, and records the object with the first component's host as owner.
 pub async fn create(
@@ -416,11 +428,19 @@ pub async fn create(
             "size {size_bytes} is not a positive multiple of {BLOCK_SIZE} bytes"
         )));
     }
-    if let Policy::Raid1 { copies } = policy {
-        if !(2..=3).contains(&copies) {
+    match policy {
+        Policy::Raid1 { copies } if !(2..=3).contains(&copies) => {
             return Err(CreateError::Invalid(format!("raid1 takes 2 or 3 copies, not {copies}")));
         }
+        Policy::Raid5 { data } if !(2..=4).contains(&data) => {
+            return Err(CreateError::Invalid(format!("raid5 takes 2, 3 or 4 data chunks, not {data}")));
+        }
+        Policy::Raid6 { data } if data != 4 => {
+            return Err(CreateError::Invalid(format!("raid6 takes 4 data chunks, not {data}")));
+        }
+        _ => {}
     }
+    let blocks = component_blocks(policy, size_bytes);
     let services = node.services().ok_or_else(|| CreateError::Unavailable("the catalog is not open yet".into()))?;
     if services.catalog.objects.get_local(&name.to_string()).is_some() {
         return Err(CreateError::Exists(name.into()));
@@ -428,7 +448,7 @@ pub async fn create(
     let request = placement::Request {
         id: 0,
         count: policy.copies(),
-        bytes: size_bytes,
+        bytes: blocks * BLOCK_SIZE as u64,
         distinct_hosts: true,
         distinct_fault_domains: false,
         site: None,
@@ -443,7 +463,6 @@ pub async fn create(
             break id;
         }
     };
-    let blocks = size_bytes / BLOCK_SIZE as u64;
     let hosts = hosts_by_id(node);
     let components: Vec<ComponentRecord> = placed
         .iter()
@@ -811,6 +830,7 @@ async fn open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) -> Resul
         cache: node.storage.block_cache.clone(),
         resync_pace: node.storage.resync_pace.clone(),
         first_owner: epoch == 1,
+        erasure: layout(record.policy),
     };
     let blocks = record.size_bytes / BLOCK_SIZE as u64;
     let opened = node

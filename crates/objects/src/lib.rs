@@ -5,15 +5,17 @@
 //! the sans-IO owner of one object (LSNs, fan-out,
 //! acknowledgement when every active component has a write, degraded mode,
 //! tracking bitmaps for absent components seeded with the writes they may
-//! have missed, the choice of resync source). Still to come (issue 4): the
-//! owner and component threads and their connections, the block client API,
-//! resync jobs through the persistent queue, rebuild after the repair delay.
+//! have missed, the choice of resync source); [`ec`], the erasure-coded
+//! layout (stripes, chunks, rotating parity) and its Reed-Solomon code;
+//! [`object`], the owner at run time with the block client API; [`threads`],
+//! the owner and component threads.
 //! The plan: `docs/design/objects.md`.
 //!
 //! **Boundary:** the owner decides; it does no I/O (contract 6).
 
 pub mod block_cache;
 pub mod component;
+pub mod ec;
 pub mod object;
 pub mod owner;
 pub mod pace;

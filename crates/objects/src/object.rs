@@ -24,7 +24,10 @@ use wire::Transport;
 
 use crate::block_cache::{BlockCache, ObjectCache, WriteMark, LEASE};
 use crate::component::{Client, ClientError, ComponentError, Reply, Request};
+use crate::ec::{self, Layout};
 use crate::owner::{Action, Index, Input, Op, Owner, Source, Status};
+
+mod erasure;
 
 /// Blocks per message to a component.
 const MESSAGE_BLOCKS_MAX: u64 = 256;
@@ -104,7 +107,34 @@ pub struct Hooks {
     /// catalog's epoch): `recover` need not wait out an older owner's cache
     /// lease before the first write.
     pub first_owner: bool,
+    /// The object is erasure-coded with this layout (none: copies).
+    pub erasure: Option<Layout>,
 }
+
+/// What a submitted operation's `Send`s carry: the same bytes to every
+/// component (copies), or each component its own (erasure coding).
+#[derive(Clone)]
+enum Payload {
+    Same(Bytes),
+    Each(Arc<Vec<Bytes>>),
+}
+
+impl Payload {
+    fn none() -> Payload {
+        Payload::Same(Bytes::new())
+    }
+
+    fn to(&self, component: Index) -> Bytes {
+        match self {
+            Payload::Same(data) => data.clone(),
+            Payload::Each(pieces) => pieces[component].clone(),
+        }
+    }
+}
+
+/// Stripe locks of an erasure-coded object (stripe `s` takes lock
+/// `s % STRIPE_LOCKS`).
+const STRIPE_LOCKS: usize = 64;
 
 /// A client waiting for its write or unmap: the answer goes to `done` once
 /// `mark` (if the object caches) has dropped the blocks from the cache.
@@ -181,6 +211,12 @@ pub struct Object<T: Transport> {
     /// A new owner takes no write before this: an older owner may serve
     /// blocks from its cache until its lease runs out.
     writes_after: Option<tokio::time::Instant>,
+    /// Erasure-coded: the layout, and the stripe locks. A write of part of
+    /// a stripe reads the rest of its rows, so writes (and reads that
+    /// rebuild a chunk from the others) to one stripe take turns; each
+    /// holds its stripe until every active component has it.
+    erasure: Option<Layout>,
+    stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
 impl<T: Transport> Object<T> {
@@ -242,8 +278,15 @@ impl<T: Transport> Object<T> {
             extra: Mutex::new(HashMap::new()),
             reported_newest: Mutex::new(HashMap::new()),
             resync_stats: ResyncStats::default(),
-            cache: hooks.cache.map(ObjectCache::new),
+            // The block cache counts object blocks; an erasure-coded
+            // object's operations count rows. It does not cache (yet).
+            cache: hooks.cache.filter(|_| hooks.erasure.is_none()).map(ObjectCache::new),
             writes_after,
+            erasure: hooks.erasure,
+            stripes: match hooks.erasure {
+                Some(_) => (0..STRIPE_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+                None => Vec::new(),
+            },
         })
     }
 
@@ -275,7 +318,8 @@ impl<T: Transport> Object<T> {
         let infos = futures::future::join_all(asks).await;
         // Every component that answered fences the older owner from now
         // on; a block it cached stays servable until its lease runs out.
-        let writes_after = (!hooks.first_owner).then(|| tokio::time::Instant::now() + LEASE);
+        // (An erasure-coded object caches nothing.)
+        let writes_after = (!hooks.first_owner && hooks.erasure.is_none()).then(|| tokio::time::Instant::now() + LEASE);
         if infos.iter().any(|info| matches!(info, Err(None))) {
             return Err(ObjectError::Deposed);
         }
@@ -318,7 +362,26 @@ impl<T: Transport> Object<T> {
                 .collect();
             return Err(ObjectError::Recover(format!("no current copy answers: {}", reasons.join("; "))));
         };
-        let current: Vec<Index> = (0..components.len()).filter(|index| candidate(*index) == Some(committed)).collect();
+        // Copies: those at the highest LSN; the rest catch up by resync.
+        // Erasure-coded: every candidate (a chunk behind cannot be copied
+        // from one ahead, only rebuilt from k others), and the rows any of
+        // them wrote above the lowest are settled below.
+        let current: Vec<Index> = match hooks.erasure {
+            None => (0..components.len()).filter(|index| candidate(*index) == Some(committed)).collect(),
+            Some(layout) => {
+                let current: Vec<Index> = (0..components.len()).filter(|index| candidate(*index).is_some()).collect();
+                if current.len() < layout.data {
+                    return Err(ObjectError::Recover(format!(
+                        "{} of the {} components that hold the object's chunks are current and answer; {} are needed",
+                        current.len(),
+                        layout.width(),
+                        layout.data
+                    )));
+                }
+                current
+            }
+        };
+        let lowest = current.iter().filter_map(|index| candidate(*index)).min().unwrap_or(committed);
         // New writes are numbered above every LSN any copy that answers
         // holds, so none is taken for one of the older owner's.
         let start =
@@ -399,9 +462,37 @@ impl<T: Transport> Object<T> {
                 state.sessions[index] = (object.next_session.fetch_add(1, Ordering::Relaxed), 1);
                 state.owner.handle(now, Input::Back { component: index, committed }, &mut out);
             }
-            object.act(&mut state, out, &Bytes::new());
+            object.act(&mut state, out, &Payload::none());
+        }
+        if let (Some(layout), true) = (object.erasure, lowest < committed) {
+            let rows = object.rows_written_above(&current, lowest).await;
+            let settled = object.settle_rows(layout, &rows).await.map_err(|error| {
+                object.close();
+                ObjectError::Recover(format!("settling the stripes written while the old owner stopped: {error}"))
+            })?;
+            tracing::info!(lowest, committed, rows = settled, "settled the rows written above the lowest LSN");
         }
         Ok(object)
+    }
+
+    /// The rows any of `components` wrote above `lsn` (from their
+    /// recent-write windows; every row where one does not reach back).
+    async fn rows_written_above(self: &Arc<Self>, components: &[Index], lsn: Lsn) -> RoaringBitmap {
+        let mut rows = RoaringBitmap::new();
+        for &index in components {
+            let request = Request::WrittenSince { component: self.ids[index], stale: lsn };
+            match self.client(index).call(self.epoch, request, &[]).await {
+                Ok((Reply::Bitmap(Some(bytes)), _)) => match RoaringBitmap::deserialize_from(&bytes[..]) {
+                    Ok(own) => rows |= own,
+                    Err(_) => return (0..self.component_blocks() as u32).collect(),
+                },
+                _ => {
+                    tracing::warn!(component = index, lsn, "its writes above {lsn} are not known: settling every row");
+                    return (0..self.component_blocks() as u32).collect();
+                }
+            }
+        }
+        rows
     }
 
     fn client(&self, component: Index) -> Client<T> {
@@ -446,6 +537,15 @@ impl<T: Transport> Object<T> {
 
     pub fn size(&self) -> u64 {
         self.blocks * BLOCK_SIZE as u64
+    }
+
+    /// Blocks each component holds: the object's, or for an erasure-coded
+    /// object its rows.
+    pub fn component_blocks(&self) -> u64 {
+        match &self.erasure {
+            Some(layout) => layout.rows(self.blocks),
+            None => self.blocks,
+        }
     }
 
     fn check(&self, offset: u64, length: u64) -> Result<(u64, u64), ObjectError> {
@@ -513,13 +613,16 @@ impl<T: Transport> Object<T> {
 
     async fn write_blocks(self: &Arc<Self>, offset: u64, data: Bytes) -> Result<(), ObjectError> {
         let (first, count) = self.check(offset, data.len() as u64)?;
+        if let Some(layout) = self.erasure {
+            return self.write_erasure(layout, first, data).await;
+        }
         self.fenced().await;
         let mut waits = Vec::new();
         for start in (0..count).step_by(MESSAGE_BLOCKS_MAX as usize) {
             let blocks = MESSAGE_BLOCKS_MAX.min(count - start);
             let piece = data.slice((start as usize * BLOCK_SIZE)..((start + blocks) as usize * BLOCK_SIZE));
             let permit = self.inflight.acquire().await.map_err(|_| ObjectError::Unavailable)?;
-            waits.push((permit, self.submit(Op::Write { first: first + start, count: blocks }, piece)));
+            waits.push((permit, self.submit(Op::Write { first: first + start, count: blocks }, Payload::Same(piece))));
         }
         for (_permit, wait) in waits {
             wait.await.map_err(|_| ObjectError::Unavailable)??;
@@ -531,9 +634,12 @@ impl<T: Transport> Object<T> {
     pub async fn unmap(self: &Arc<Self>, offset: u64, length: u64) -> Result<(), ObjectError> {
         let (first, count) = self.check(offset, length)?;
         let _shared = self.atomic.read().await;
+        if let Some(layout) = self.erasure {
+            return self.unmap_erasure(layout, first, count).await;
+        }
         self.fenced().await;
         let _permit = self.inflight.acquire().await.map_err(|_| ObjectError::Unavailable)?;
-        self.submit(Op::Unmap { first, count }, Bytes::new()).await.map_err(|_| ObjectError::Unavailable)??;
+        self.submit(Op::Unmap { first, count }, Payload::none()).await.map_err(|_| ObjectError::Unavailable)??;
         Ok(())
     }
 
@@ -542,7 +648,7 @@ impl<T: Transport> Object<T> {
         Ok(())
     }
 
-    fn submit(self: &Arc<Self>, op: Op, data: Bytes) -> oneshot::Receiver<Result<Lsn, ObjectError>> {
+    fn submit(self: &Arc<Self>, op: Op, data: Payload) -> oneshot::Receiver<Result<Lsn, ObjectError>> {
         let (done, wait) = oneshot::channel();
         let mut state = self.state.lock().expect("object lock");
         if state.closed {
@@ -568,7 +674,7 @@ impl<T: Transport> Object<T> {
     /// are taken in the order the owner decided). `data`: the submitted
     /// operation's, which its `Send` actions carry (the owner sends only
     /// when an operation is submitted).
-    fn act(self: &Arc<Self>, state: &mut State, actions: Vec<Action>, data: &Bytes) {
+    fn act(self: &Arc<Self>, state: &mut State, actions: Vec<Action>, data: &Payload) {
         for action in actions {
             match action {
                 Action::Send { component, lsn, .. } => {
@@ -580,7 +686,7 @@ impl<T: Transport> Object<T> {
                         }
                         None => continue,
                     };
-                    self.send(state, component, request, data.clone(), Some(lsn));
+                    self.send(state, component, request, data.to(component), Some(lsn));
                 }
                 Action::Done { request, lsn } => {
                     if state.barrier {
@@ -758,7 +864,7 @@ impl<T: Transport> Object<T> {
         }
         let mut out = Vec::new();
         state.owner.handle(now_ms(), input, &mut out);
-        self.act(&mut state, out, &Bytes::new());
+        self.act(&mut state, out, &Payload::none());
     }
 
     /// Asks an absent component whether it is back; if so, the owner plans
@@ -781,7 +887,7 @@ impl<T: Transport> Object<T> {
         state.sessions[component] = (self.next_session.fetch_add(1, Ordering::Relaxed), 1);
         let mut out = Vec::new();
         state.owner.handle(now_ms(), Input::Back { component, committed: info.committed_lsn }, &mut out);
-        self.act(&mut state, out, &Bytes::new());
+        self.act(&mut state, out, &Payload::none());
         true
     }
 
@@ -878,16 +984,25 @@ impl<T: Transport> Object<T> {
         };
         let (source_id, source_client) = (&self.ids[from], self.client(from));
         // Wait until the source has everything sent to it so far (bounded:
-        // a write lost on the way may never come).
+        // a write lost on the way may never come). Erasure-coded: every
+        // active component, as the target's chunks are rebuilt from them
+        // (each active one was sent what the source was).
+        let readers: Vec<Index> = match self.erasure {
+            None => vec![from],
+            Some(_) => self.active().into_iter().filter(|index| *index != target).collect(),
+        };
         let deadline = tokio::time::Instant::now() + SOURCE_WAIT_MAX;
-        loop {
-            if self.is_closed() || tokio::time::Instant::now() > deadline {
-                return;
-            }
-            match source_client.info(self.epoch, *source_id).await {
-                Ok(info) if info.committed_lsn >= ready => break,
-                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-                Err(_) => return, // the source failed; the owner re-plans
+        for reader in readers {
+            let (id, client) = (self.ids[reader], self.client(reader));
+            loop {
+                if self.is_closed() || tokio::time::Instant::now() > deadline {
+                    return;
+                }
+                match client.info(self.epoch, id).await {
+                    Ok(info) if info.committed_lsn >= ready => break,
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    Err(_) => return, // the source failed; the owner re-plans
+                }
             }
         }
         let blocks: RoaringBitmap = match tracking {
@@ -906,7 +1021,7 @@ impl<T: Transport> Object<T> {
                 self.resync_stats.full_copies.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("objects_resync_full_copies_total").increment(1);
                 tracing::warn!(component = target, "resync by full copy");
-                (0..self.blocks as u32).collect()
+                (0..self.component_blocks() as u32).collect()
             }
         };
         let mut blocks = blocks;
@@ -926,7 +1041,7 @@ impl<T: Transport> Object<T> {
                     Ok(own) => blocks |= own,
                     Err(_) => return,
                 },
-                Ok((Reply::Bitmap(None), _)) if blocks.len() < self.blocks => {
+                Ok((Reply::Bitmap(None), _)) if blocks.len() < self.component_blocks() => {
                     self.resync_stats.full_copies.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("objects_resync_full_copies_total").increment(1);
                     tracing::warn!(
@@ -934,7 +1049,7 @@ impl<T: Transport> Object<T> {
                         stale,
                         "its own writes above its stale LSN are not known: full copy"
                     );
-                    blocks = (0..self.blocks as u32).collect();
+                    blocks = (0..self.component_blocks() as u32).collect();
                 }
                 Ok(_) => {}
                 Err(_) => return,
@@ -950,8 +1065,10 @@ impl<T: Transport> Object<T> {
         }
         let list: Vec<u32> = blocks.iter().collect();
         let mut progress = Progress::start(&self.resync_stats, list.len() as u64);
+        // Erasure-coded: runs within one stripe, each rebuilt from the others.
+        let stripe_of = |row: u32| self.erasure.map(|layout| layout.stripe_of_row(row as u64));
         let pieces: Vec<(u64, u64)> = list
-            .chunk_by(|a, b| b == &(a + 1))
+            .chunk_by(|a, b| b == &(a + 1) && stripe_of(*a) == stripe_of(*b))
             .flat_map(|run| run.chunks(RESYNC_BLOCKS as usize))
             .map(|piece| (piece[0] as u64, piece.len() as u64))
             .collect();
@@ -963,6 +1080,9 @@ impl<T: Transport> Object<T> {
             async move {
                 if let Some(pace) = &object.resync_pace {
                     pace.take(count * BLOCK_SIZE as u64).await;
+                }
+                if let Some(layout) = object.erasure {
+                    return object.resync_rows(layout, target, first, count).await;
                 }
                 let data = source_client.read(object.epoch, source_id, first, count).await.map_err(|_| ())?;
                 let sent = {
@@ -1010,6 +1130,9 @@ impl<T: Transport> Object<T> {
     /// from another copy and reported.
     pub async fn read_at(self: &Arc<Self>, offset: u64, length: u64) -> Result<Bytes, ObjectError> {
         let (first, count) = self.check(offset, length)?;
+        if let Some(layout) = self.erasure {
+            return self.read_erasure(layout, first, count).await;
+        }
         if let Some(cache) = &self.cache {
             if let Some(data) = cache.lookup(first, count) {
                 return Ok(data);
@@ -1055,6 +1178,9 @@ impl<T: Transport> Object<T> {
     /// how many bytes from it, up to `length`, share that state.
     pub async fn provisioning(self: &Arc<Self>, offset: u64, length: u64) -> Result<(bool, u64), ObjectError> {
         let (first, count) = self.check(offset, length)?;
+        if let Some(layout) = self.erasure {
+            return self.provisioning_erasure(layout, first, count).await;
+        }
         let active = self.active();
         let mut errors = Vec::new();
         for index in active {

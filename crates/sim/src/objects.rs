@@ -274,7 +274,14 @@ fn component_id(index: usize) -> u64 {
 fn hooks(world: &Shared, persister: Persister, seed: u64, first_owner: bool) -> Hooks {
     let cache = BlockCache::seeded(CACHE_BLOCKS * (BLOCK_SIZE as u64 + 128), seed);
     lock(world).caches.push(cache.clone());
-    Hooks { persister: Some(persister), admission: None, cache: Some(cache), resync_pace: None, first_owner }
+    Hooks {
+        persister: Some(persister),
+        admission: None,
+        cache: Some(cache),
+        resync_pace: None,
+        first_owner,
+        erasure: None,
+    }
 }
 
 fn persister(world: &Shared, host: usize, epoch: u64) -> Persister {

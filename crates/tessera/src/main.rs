@@ -140,7 +140,8 @@ enum ObjectCommand {
         /// Size, e.g. 1GiB, 512MiB, 4096 (bytes; a multiple of 4 KiB).
         #[arg(long)]
         size: String,
-        /// none, raid1:2 or raid1:3.
+        /// none, raid1:2, raid1:3, raid5:2+1, raid5:3+1, raid5:4+1 or raid6:4+2 (one component per
+        /// copy or chunk, each on its own host).
         #[arg(long, default_value = "raid1:2")]
         policy: String,
     },
@@ -167,7 +168,8 @@ enum VolumeCommand {
         /// Size, e.g. 10GiB (a multiple of 4 KiB).
         #[arg(long)]
         size: String,
-        /// none, raid1:2 or raid1:3.
+        /// none, raid1:2, raid1:3, raid5:2+1, raid5:3+1, raid5:4+1 or raid6:4+2 (one component per
+        /// copy or chunk, each on its own host).
         #[arg(long, default_value = "raid1:2")]
         policy: String,
         /// Size of each backend object (default 256GiB).

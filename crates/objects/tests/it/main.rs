@@ -5,6 +5,7 @@
 
 mod cache;
 mod component;
+mod erasure;
 mod object;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};

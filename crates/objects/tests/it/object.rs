@@ -19,10 +19,10 @@ pub(crate) const BLOCKS: u64 = 256;
 
 pub(crate) struct Host {
     /// The component it holds.
-    id: u64,
-    service: Arc<Service>,
+    pub(crate) id: u64,
+    pub(crate) service: Arc<Service>,
     pub(crate) online: Arc<AtomicBool>,
-    client: Client<TcpTransport>,
+    pub(crate) client: Client<TcpTransport>,
     _handle: wire::ServeHandle,
 }
 

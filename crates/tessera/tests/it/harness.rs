@@ -51,6 +51,11 @@ pub struct TestCluster {
 }
 
 impl TestCluster {
+    /// The directory holding every host's files.
+    pub fn root(&self) -> &Path {
+        self.dir.as_ref().expect("the cluster's directory").path()
+    }
+
     /// Writes a cluster of `count` hosts (each on its own 127.0.0.x) and
     /// starts every node.
     pub fn start(count: u64) -> TestCluster {

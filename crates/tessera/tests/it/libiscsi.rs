@@ -33,6 +33,13 @@ struct IoVec {
     length: usize,
 }
 
+/// libiscsi's `struct unmap_list`: one UNMAP block descriptor.
+#[repr(C)]
+struct UnmapList {
+    lba: u64,
+    num: u32,
+}
+
 struct Api {
     create_context: unsafe extern "C" fn(*const c_char) -> Context,
     set_targetname: unsafe extern "C" fn(Context, *const c_char) -> c_int,
@@ -65,6 +72,7 @@ struct Api {
     compareandwrite_sync:
         unsafe extern "C" fn(Context, c_int, u64, *mut u8, u32, c_int, c_int, c_int, c_int, c_int, c_int) -> Task,
     persistent_reserve_in_sync: unsafe extern "C" fn(Context, c_int, c_int, u16) -> Task,
+    unmap_sync: unsafe extern "C" fn(Context, c_int, c_int, c_int, *mut UnmapList, c_int) -> Task,
     datain_unmarshall: unsafe extern "C" fn(Task) -> *mut c_void,
     free_task: unsafe extern "C" fn(Task),
 }
@@ -108,6 +116,7 @@ fn api() -> &'static Api {
                 persistent_reserve_in_sync: symbol(library, c"iscsi_persistent_reserve_in_sync"),
                 read10_iov_sync: symbol(library, c"iscsi_read10_iov_sync"),
                 compareandwrite_sync: symbol(library, c"iscsi_compareandwrite_sync"),
+                unmap_sync: symbol(library, c"iscsi_unmap_sync"),
                 datain_unmarshall: symbol(library, c"scsi_datain_unmarshall"),
                 free_task: symbol(library, c"scsi_free_scsi_task"),
             }
@@ -186,6 +195,14 @@ impl Session {
         let task = unsafe {
             (api().compareandwrite_sync)(self.context, self.lun, lba, both.as_mut_ptr(), 1024, 512, 0, 0, 0, 0, 0)
         };
+        self.status(task)
+    }
+
+    /// UNMAP of these (first LBA, blocks) ranges.
+    pub fn unmap(&self, ranges: &[(u64, u32)]) -> Result<c_int, String> {
+        let mut list: Vec<UnmapList> = ranges.iter().map(|&(lba, num)| UnmapList { lba, num }).collect();
+        // SAFETY: the descriptors outlive the synchronous call.
+        let task = unsafe { (api().unmap_sync)(self.context, self.lun, 0, 0, list.as_mut_ptr(), list.len() as c_int) };
         self.status(task)
     }
 

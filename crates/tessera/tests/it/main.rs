@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod bootstrap;
+mod erasure;
 mod harness;
 mod hierarchy;
 mod iscsi;

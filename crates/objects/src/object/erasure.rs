@@ -1,0 +1,343 @@
+//! An erasure-coded object's I/O (layout and code: [`crate::ec`]).
+//!
+//! The owner's machinery is the same as for copies, counted in rows: a
+//! write of object blocks becomes, per stripe, one operation over the rows
+//! it touches, and every component not away gets its own chunk of those
+//! rows under the operation's LSN (data or parity). A write that covers
+//! only part of those rows reads the rest of the data chunks first (from
+//! their components, or rebuilt from the others where one is away) and
+//! writes every chunk of the rows: so every component holds, at every LSN,
+//! its part of one codeword, tracking bitmaps of rows are complete on any
+//! component, and a component behind is brought back by rebuilding its
+//! chunks from the others. See `docs/design/erasure-coding.md`.
+
+use bytes::BytesMut;
+
+use super::*;
+use crate::ec::Piece;
+
+impl<T: Transport> Object<T> {
+    fn stripe_lock(&self, stripe: u64) -> &tokio::sync::Mutex<()> {
+        &self.stripes[(stripe % STRIPE_LOCKS as u64) as usize]
+    }
+
+    /// Writes whole object blocks from `first`, stripe by stripe (the
+    /// stripes concurrently).
+    pub(super) async fn write_erasure(
+        self: &Arc<Self>,
+        layout: Layout,
+        first: u64,
+        data: Bytes,
+    ) -> Result<(), ObjectError> {
+        let count = (data.len() / BLOCK_SIZE) as u64;
+        let stripe_blocks = layout.stripe_blocks();
+        let mut writes = Vec::new();
+        let mut block = first;
+        while block < first + count {
+            let stripe = block / stripe_blocks;
+            let end = ((stripe + 1) * stripe_blocks).min(first + count);
+            let part = data.slice(ec::bytes(block - first)..ec::bytes(end - first));
+            writes.push(self.write_stripe(layout, stripe, block, part));
+            block = end;
+        }
+        futures::future::try_join_all(writes).await?;
+        Ok(())
+    }
+
+    /// Writes object blocks from `block`, all in stripe `stripe`.
+    async fn write_stripe(
+        self: &Arc<Self>,
+        layout: Layout,
+        stripe: u64,
+        block: u64,
+        data: Bytes,
+    ) -> Result<(), ObjectError> {
+        let pieces = layout.pieces(block, (data.len() / BLOCK_SIZE) as u64);
+        let row = pieces.iter().map(|piece| piece.row).min().expect("a piece");
+        let rows = pieces.iter().map(|piece| piece.row + piece.count).max().expect("a piece") - row;
+        let _stripe = self.stripe_lock(stripe).lock().await;
+        // The data chunks the write does not cover for all its rows are
+        // read as they stand.
+        let covered = |position: usize| {
+            pieces.iter().any(|piece| piece.position == position && piece.row == row && piece.count == rows)
+        };
+        let wanted: Vec<usize> = (0..layout.data).filter(|position| !covered(*position)).collect();
+        let mut columns: Vec<Vec<u8>> = if wanted.is_empty() {
+            vec![vec![0; ec::bytes(rows)]; layout.data]
+        } else {
+            let mut read = self.read_rows(layout, stripe, row, rows, &wanted).await?;
+            (0..layout.data).map(|position| read[position].take().unwrap_or_else(|| vec![0; ec::bytes(rows)])).collect()
+        };
+        for piece in &pieces {
+            let at = ec::bytes(piece.row - row);
+            let from = ec::bytes(piece.block - block);
+            columns[piece.position][at..at + ec::bytes(piece.count)]
+                .copy_from_slice(&data[from..from + ec::bytes(piece.count)]);
+        }
+        self.write_rows(layout, stripe, row, columns).await
+    }
+
+    /// Writes rows from `row` of stripe `stripe`: these data chunks and
+    /// their parity, each to its component, under one LSN. The caller holds
+    /// the stripe.
+    async fn write_rows(
+        self: &Arc<Self>,
+        layout: Layout,
+        stripe: u64,
+        row: u64,
+        columns: Vec<Vec<u8>>,
+    ) -> Result<(), ObjectError> {
+        let rows = (columns[0].len() / BLOCK_SIZE) as u64;
+        let refs: Vec<&[u8]> = columns.iter().map(Vec::as_slice).collect();
+        let parity = layout.encode(&refs).map_err(|error| ObjectError::Read(error.to_string()))?;
+        let mut each = vec![Bytes::new(); layout.width()];
+        for (position, chunk) in columns.into_iter().chain(parity).enumerate() {
+            each[layout.component(stripe, position)] = Bytes::from(chunk);
+        }
+        self.fenced().await;
+        let _permit = self.inflight.acquire().await.map_err(|_| ObjectError::Unavailable)?;
+        self.submit(Op::Write { first: row, count: rows }, Payload::Each(Arc::new(each)))
+            .await
+            .map_err(|_| ObjectError::Unavailable)??;
+        Ok(())
+    }
+
+    /// Rows `row..row + rows` of stripe `stripe` at the positions `wanted`
+    /// (data `0..k`, parity `k..k+m`), in slots by position: read from
+    /// their components where those are active, rebuilt from the other
+    /// positions where not (away, failing, or a checksum error). The caller
+    /// holds the stripe, unless every wanted position is active and reads.
+    async fn read_rows(
+        self: &Arc<Self>,
+        layout: Layout,
+        stripe: u64,
+        row: u64,
+        rows: u64,
+        wanted: &[usize],
+    ) -> Result<Vec<Option<Vec<u8>>>, ObjectError> {
+        let statuses = self.statuses();
+        let active = |position: usize| statuses[layout.component(stripe, position)] == Status::Active;
+        let mut slots: Vec<Option<Vec<u8>>> = vec![None; layout.width()];
+        let mut tried = vec![false; layout.width()];
+        let mut errors = Vec::new();
+        let direct: Vec<usize> = wanted.iter().copied().filter(|position| active(*position)).collect();
+        self.read_positions(layout, stripe, row, rows, &direct, &mut slots, &mut tried, &mut errors).await;
+        if wanted.iter().all(|position| slots[*position].is_some()) {
+            return Ok(slots);
+        }
+        let others: Vec<usize> =
+            (0..layout.width()).filter(|position| !tried[*position] && active(*position)).collect();
+        self.read_positions(layout, stripe, row, rows, &others, &mut slots, &mut tried, &mut errors).await;
+        let have = slots.iter().filter(|slot| slot.is_some()).count();
+        if have < layout.data {
+            return Err(ObjectError::Read(format!(
+                "stripe {stripe}: {have} of {} chunks readable, {} needed ({})",
+                layout.width(),
+                layout.data,
+                errors.join("; ")
+            )));
+        }
+        // Exactly k pieces suffice; more than k but fewer than k + m is
+        // fine too.
+        layout.reconstruct(&mut slots).map_err(|error| ObjectError::Read(format!("stripe {stripe}: {error}")))?;
+        metrics::counter!("objects_erasure_rebuilt_reads_total").increment(1);
+        Ok(slots)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn read_positions(
+        self: &Arc<Self>,
+        layout: Layout,
+        stripe: u64,
+        row: u64,
+        rows: u64,
+        positions: &[usize],
+        slots: &mut [Option<Vec<u8>>],
+        tried: &mut [bool],
+        errors: &mut Vec<String>,
+    ) {
+        let reads = positions.iter().map(|&position| {
+            let component = layout.component(stripe, position);
+            let client = self.client(component);
+            let id = self.ids[component];
+            async move { (position, client.read(self.epoch, id, row, rows).await) }
+        });
+        for (position, read) in futures::future::join_all(reads).await {
+            tried[position] = true;
+            match read {
+                Ok(data) => slots[position] = Some(data.to_vec()),
+                Err(error) => {
+                    let component = layout.component(stripe, position);
+                    tracing::warn!(component, stripe, %error, "chunk unreadable; rebuilding it from the others");
+                    errors.push(format!("component {component}: {error}"));
+                }
+            }
+        }
+    }
+
+    /// Reads whole object blocks: each chunk piece from its component, or
+    /// rebuilt from the rest of its stripe.
+    pub(super) async fn read_erasure(
+        self: &Arc<Self>,
+        layout: Layout,
+        first: u64,
+        count: u64,
+    ) -> Result<Bytes, ObjectError> {
+        let pieces = layout.pieces(first, count);
+        let parts =
+            futures::future::try_join_all(pieces.into_iter().map(|piece| self.read_piece(layout, piece))).await?;
+        let mut out = BytesMut::with_capacity(ec::bytes(count));
+        for part in parts {
+            out.extend_from_slice(&part);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn read_piece(self: &Arc<Self>, layout: Layout, piece: Piece) -> Result<Bytes, ObjectError> {
+        if self.statuses()[piece.component] == Status::Active {
+            let client = self.client(piece.component);
+            match client.read(self.epoch, self.ids[piece.component], piece.row, piece.count).await {
+                Ok(data) => return Ok(data),
+                Err(error) => tracing::warn!(component = piece.component, %error, "chunk unreadable; rebuilding it"),
+            }
+        }
+        // Rebuilt from the other chunks as no write to the stripe is
+        // half done.
+        let _stripe = self.stripe_lock(piece.stripe).lock().await;
+        let mut slots = self.read_rows(layout, piece.stripe, piece.row, piece.count, &[piece.position]).await?;
+        Ok(Bytes::from(slots[piece.position].take().expect("rebuilt")))
+    }
+
+    /// Deallocates object blocks: the stripes the range covers whole are
+    /// reclaimed on every component, data and parity chunks alike (rows
+    /// of zeros have zero parity); the parts of stripes it covers in part
+    /// are written with zeros, parity updated.
+    pub(super) async fn unmap_erasure(
+        self: &Arc<Self>,
+        layout: Layout,
+        first: u64,
+        count: u64,
+    ) -> Result<(), ObjectError> {
+        let stripe_blocks = layout.stripe_blocks();
+        let end = first + count;
+        let from = first.div_ceil(stripe_blocks);
+        // The last stripe may run past the object's end: past it nothing
+        // is stored, so a range to the end covers it whole.
+        let to = if end == self.blocks { self.blocks.div_ceil(stripe_blocks) } else { end / stripe_blocks };
+        let mut zero = Vec::new();
+        if from < to {
+            if first < from * stripe_blocks {
+                zero.push((first, from * stripe_blocks - first));
+            }
+            if to * stripe_blocks < end {
+                zero.push((to * stripe_blocks, end - to * stripe_blocks));
+            }
+            let mut slots: Vec<usize> =
+                (from..to).take(STRIPE_LOCKS).map(|stripe| (stripe % STRIPE_LOCKS as u64) as usize).collect();
+            slots.sort_unstable();
+            slots.dedup();
+            // In ascending order: a write holds one stripe lock at a time.
+            let mut held = Vec::with_capacity(slots.len());
+            for slot in slots {
+                held.push(self.stripes[slot].lock().await);
+            }
+            self.fenced().await;
+            let _permit = self.inflight.acquire().await.map_err(|_| ObjectError::Unavailable)?;
+            let rows = Op::Unmap { first: from * layout.chunk_blocks, count: (to - from) * layout.chunk_blocks };
+            self.submit(rows, Payload::none()).await.map_err(|_| ObjectError::Unavailable)??;
+            metrics::counter!("objects_erasure_stripes_reclaimed_total").increment(to - from);
+        } else {
+            zero.push((first, count));
+        }
+        for (block, count) in zero {
+            self.write_erasure(layout, block, Bytes::from(vec![0u8; ec::bytes(count)])).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the object block `first` is allocated, and how many blocks
+    /// from it (within its chunk, up to `count`) share that: as its data
+    /// chunk's component says (another active one holds the same rows
+    /// allocated or not, unless the stripe was written in part).
+    pub(super) async fn provisioning_erasure(
+        self: &Arc<Self>,
+        layout: Layout,
+        first: u64,
+        count: u64,
+    ) -> Result<(bool, u64), ObjectError> {
+        let piece = layout.pieces(first, count.min(layout.chunk_blocks))[0];
+        let mut order = vec![piece.component];
+        order.extend(self.active().into_iter().filter(|component| *component != piece.component));
+        let statuses = self.statuses();
+        let mut errors = Vec::new();
+        for component in order {
+            if statuses[component] != Status::Active {
+                continue;
+            }
+            match self.client(component).provisioning(self.epoch, self.ids[component], piece.row, piece.count).await {
+                Ok((mapped, rows)) => return Ok((mapped, rows.min(piece.count) * BLOCK_SIZE as u64)),
+                Err(error) => errors.push(error.to_string()),
+            }
+        }
+        Err(if errors.is_empty() { ObjectError::Unavailable } else { ObjectError::Read(errors.join("; ")) })
+    }
+
+    /// A resync step: rebuilds `target`'s chunks at rows `row..row + rows`
+    /// (in one stripe) from the other components and sends them to it.
+    pub(super) async fn resync_rows(
+        self: &Arc<Self>,
+        layout: Layout,
+        target: Index,
+        row: u64,
+        rows: u64,
+    ) -> Result<u64, ()> {
+        let stripe = layout.stripe_of_row(row);
+        let position = layout.position(stripe, target);
+        let sent = {
+            // Held until the copy is sent: a write to the stripe sent
+            // before reaches the target first (and the copy then skips the
+            // rows it wrote); one sent after reads nothing half done.
+            let _stripe = self.stripe_lock(stripe).lock().await;
+            let mut slots = self.read_rows(layout, stripe, row, rows, &[position]).await.map_err(|_| ())?;
+            let data = Bytes::from(slots[position].take().expect("rebuilt"));
+            let mut state = self.state.lock().expect("object lock");
+            if state.owner.status(target) == &Status::Active {
+                return Err(());
+            }
+            let request = Request::SyncWrite { component: self.ids[target], first: row };
+            self.send(&mut state, target, request, data, None)
+        };
+        match sent.await {
+            Ok(Ok(_)) => Ok(rows),
+            _ => Err(()),
+        }
+    }
+
+    /// After a new owner found its components at different LSNs: the rows
+    /// any of them wrote above the lowest (`lowest`; writes the old owner
+    /// had in flight, none acknowledged) are written again whole, from the
+    /// data chunks as they stand, so every stripe's parity matches its data.
+    pub(super) async fn settle_rows(
+        self: &Arc<Self>,
+        layout: Layout,
+        rows: &RoaringBitmap,
+    ) -> Result<u64, ObjectError> {
+        let list: Vec<u32> = rows.iter().collect();
+        let runs: Vec<(u64, u64)> = list
+            .chunk_by(|a, b| b == &(a + 1) && layout.stripe_of_row(*a as u64) == layout.stripe_of_row(*b as u64))
+            .map(|run| (run[0] as u64, run.len() as u64))
+            .collect();
+        let mut settled = 0;
+        for (row, rows) in runs {
+            let stripe = layout.stripe_of_row(row);
+            let _stripe = self.stripe_lock(stripe).lock().await;
+            let wanted: Vec<usize> = (0..layout.data).collect();
+            let mut slots = self.read_rows(layout, stripe, row, rows, &wanted).await?;
+            let columns: Vec<Vec<u8>> =
+                (0..layout.data).map(|position| slots[position].take().expect("read or rebuilt")).collect();
+            self.write_rows(layout, stripe, row, columns).await?;
+            settled += rows;
+        }
+        Ok(settled)
+    }
+}
