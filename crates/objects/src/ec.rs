@@ -15,10 +15,11 @@
 //!
 //! See `docs/design/erasure-coding.md`.
 
-use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 use blockstore::BLOCK_SIZE;
-use reed_solomon_simd::{ReedSolomonDecoder, ReedSolomonEncoder};
+use reed_solomon_erasure::galois_8::ReedSolomon;
 
 use crate::owner::Index;
 
@@ -138,22 +139,11 @@ impl Layout {
         if data.iter().any(|piece| piece.len() != bytes) {
             return Err(CodeError::Lengths);
         }
-        if bytes == 0 {
-            return Ok(vec![Vec::new(); self.parity]);
+        let mut parity = vec![vec![0u8; bytes]; self.parity];
+        if bytes > 0 {
+            codec(self.data, self.parity)?.encode_sep(data, &mut parity).map_err(failed)?;
         }
-        ENCODER.with(|encoder| {
-            let mut encoder = encoder.borrow_mut();
-            match encoder.as_mut() {
-                Some(encoder) => encoder.reset(self.data, self.parity, bytes).map_err(codec)?,
-                None => *encoder = Some(ReedSolomonEncoder::new(self.data, self.parity, bytes).map_err(codec)?),
-            }
-            let encoder = encoder.as_mut().expect("made above");
-            for piece in data {
-                encoder.add_original_shard(piece).map_err(codec)?;
-            }
-            let result = encoder.encode().map_err(codec)?;
-            Ok(result.recovery_iter().map(|piece| piece.to_vec()).collect())
-        })
+        Ok(parity)
     }
 
     /// Fills in the missing pieces of a codeword (by position: data `0..k`,
@@ -171,52 +161,27 @@ impl Layout {
         if pieces.iter().flatten().any(|piece| piece.len() != bytes) {
             return Err(CodeError::Lengths);
         }
-        if pieces[..self.data].iter().any(Option::is_none) {
-            let restored: Vec<(usize, Vec<u8>)> = DECODER.with(|decoder| {
-                let mut decoder = decoder.borrow_mut();
-                match decoder.as_mut() {
-                    Some(decoder) => decoder.reset(self.data, self.parity, bytes).map_err(codec)?,
-                    None => *decoder = Some(ReedSolomonDecoder::new(self.data, self.parity, bytes).map_err(codec)?),
-                }
-                let decoder = decoder.as_mut().expect("made above");
-                for (index, piece) in pieces.iter().enumerate() {
-                    if let Some(piece) = piece {
-                        if index < self.data {
-                            decoder.add_original_shard(index, piece).map_err(codec)?;
-                        } else {
-                            decoder.add_recovery_shard(index - self.data, piece).map_err(codec)?;
-                        }
-                    }
-                }
-                let result = decoder.decode().map_err(codec)?;
-                Ok::<_, CodeError>(
-                    result.restored_original_iter().map(|(index, piece)| (index, piece.to_vec())).collect(),
-                )
-            })?;
-            for (index, piece) in restored {
-                pieces[index] = Some(piece);
-            }
+        if bytes == 0 {
+            pieces.iter_mut().for_each(|piece| *piece = Some(Vec::new()));
+            return Ok(());
         }
-        if pieces[self.data..].iter().any(Option::is_none) {
-            let data: Vec<&[u8]> =
-                pieces[..self.data].iter().map(|piece| piece.as_deref().expect("restored")).collect();
-            let parity = self.encode(&data)?;
-            for (index, piece) in parity.into_iter().enumerate() {
-                pieces[self.data + index].get_or_insert(piece);
-            }
-        }
-        Ok(())
+        codec(self.data, self.parity)?.reconstruct(pieces).map_err(failed)
     }
 }
 
-thread_local! {
-    // Working space reused across calls on a thread (`reset` keeps it when
-    // large enough).
-    static ENCODER: RefCell<Option<ReedSolomonEncoder>> = const { RefCell::new(None) };
-    static DECODER: RefCell<Option<ReedSolomonDecoder>> = const { RefCell::new(None) };
+/// The code for k data and m parity pieces, made once per shape.
+fn codec(data: usize, parity: usize) -> Result<&'static ReedSolomon, CodeError> {
+    static CODECS: OnceLock<Mutex<HashMap<(usize, usize), &'static ReedSolomon>>> = OnceLock::new();
+    let mut codecs = CODECS.get_or_init(Default::default).lock().expect("codecs lock");
+    if let Some(codec) = codecs.get(&(data, parity)) {
+        return Ok(codec);
+    }
+    let codec: &'static ReedSolomon = Box::leak(Box::new(ReedSolomon::new(data, parity).map_err(failed)?));
+    codecs.insert((data, parity), codec);
+    Ok(codec)
 }
 
-fn codec(error: reed_solomon_simd::Error) -> CodeError {
+fn failed(error: reed_solomon_erasure::Error) -> CodeError {
     CodeError::Codec(error.to_string())
 }
 

@@ -340,7 +340,7 @@ fn garbage_on_one_connection_leaves_another_sessions_io_undisturbed() {
 /// descriptor to start at the next physical block boundary rather than at
 /// the requested LBA (SBC-4 and QEMU's driver want the requested LBA), so
 /// reporting the true 8 would trade five skips for that failure.
-const SKIPS_ALLOWED: &[&str] = &[
+pub(crate) const SKIPS_ALLOWED: &[&str] = &[
     // A volume holds no encryption key to discard.
     "Sanitize.CryptoErase",
     "PreventAllow.",

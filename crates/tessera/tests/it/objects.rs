@@ -17,15 +17,15 @@ use wire::tcp::TcpTransport;
 
 use crate::harness::{exclusive, last_lines, Cut, TestCluster};
 
-const BLOCK: usize = 4096;
+pub(crate) const BLOCK: usize = 4096;
 /// 64 MiB: random blocks rarely repeat, so bytes written ≈ distinct blocks.
-const BLOCKS: u64 = 16384;
+pub(crate) const BLOCKS: u64 = 16384;
 const WRITERS: u64 = 4;
-const NAME: &str = "vol";
+pub(crate) const NAME: &str = "vol";
 
 /// A block that names itself: its index, the write's sequence number, a
 /// filler derived from both, and a checksum over all of it.
-fn pattern(block: u64, seq: u64) -> Vec<u8> {
+pub(crate) fn pattern(block: u64, seq: u64) -> Vec<u8> {
     let mut data = vec![0u8; BLOCK];
     data[0..8].copy_from_slice(&block.to_le_bytes());
     data[8..16].copy_from_slice(&seq.to_le_bytes());
@@ -46,7 +46,7 @@ fn checksum(bytes: &[u8]) -> u64 {
 }
 
 /// What a block holds: zeros, or a valid pattern's (block, seq).
-fn decode(data: &[u8]) -> Result<Option<(u64, u64)>, String> {
+pub(crate) fn decode(data: &[u8]) -> Result<Option<(u64, u64)>, String> {
     if data.iter().all(|byte| *byte == 0) {
         return Ok(None);
     }
@@ -62,27 +62,36 @@ fn decode(data: &[u8]) -> Result<Option<(u64, u64)>, String> {
 /// Per block: the newest acknowledged sequence number, and the newest one
 /// attempted (an unacknowledged write may or may not have landed).
 #[derive(Default)]
-struct Ledger {
-    acked: BTreeMap<u64, u64>,
-    attempted: BTreeMap<u64, u64>,
+pub(crate) struct Ledger {
+    pub(crate) acked: BTreeMap<u64, u64>,
+    pub(crate) attempted: BTreeMap<u64, u64>,
     /// Every write attempted: (seq, block).
-    log: Vec<(u64, u64)>,
+    pub(crate) log: Vec<(u64, u64)>,
 }
 
-struct Writers {
+pub(crate) struct Writers {
     stop: Arc<AtomicBool>,
-    seq: Arc<AtomicU64>,
+    pub(crate) seq: Arc<AtomicU64>,
     /// Writes acknowledged, and writes that failed.
-    acked: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    ledger: Arc<Mutex<Ledger>>,
+    pub(crate) acked: Arc<AtomicU64>,
+    pub(crate) failed: Arc<AtomicU64>,
+    pub(crate) ledger: Arc<Mutex<Ledger>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Writers {
     /// `WRITERS` tasks; task `t` writes blocks `b` with `b % WRITERS == t`,
     /// one write at a time, so each block's writes are ordered.
-    fn start(runtime: &tokio::runtime::Runtime, client: ObjectClient<TcpTransport>) -> Writers {
+    pub(crate) fn start(runtime: &tokio::runtime::Runtime, client: ObjectClient<TcpTransport>) -> Writers {
+        Writers::start_within(runtime, client, BLOCKS)
+    }
+
+    /// As [`Writers::start`], writing only blocks below `span`.
+    pub(crate) fn start_within(
+        runtime: &tokio::runtime::Runtime,
+        client: ObjectClient<TcpTransport>,
+        span: u64,
+    ) -> Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
@@ -98,7 +107,7 @@ impl Writers {
                         random ^= random << 13;
                         random ^= random >> 7;
                         random ^= random << 17;
-                        let block = (random % (BLOCKS / WRITERS)) * WRITERS + writer;
+                        let block = (random % (span / WRITERS)) * WRITERS + writer;
                         let seq = seq.fetch_add(1, Ordering::Relaxed);
                         {
                             let mut ledger = ledger.lock().unwrap();
@@ -122,7 +131,7 @@ impl Writers {
         Writers { stop, seq, acked, failed, ledger, tasks }
     }
 
-    fn finish(self, runtime: &tokio::runtime::Runtime) -> Ledger {
+    pub(crate) fn finish(self, runtime: &tokio::runtime::Runtime) -> Ledger {
         self.stop.store(true, Ordering::Relaxed);
         for task in self.tasks {
             runtime.block_on(task).unwrap();
@@ -135,14 +144,14 @@ impl Writers {
 /// does not answer either).
 static CUT_HOSTS: Mutex<Vec<u64>> = Mutex::new(Vec::new());
 
-fn object(cluster: &TestCluster) -> Option<ObjectStatus> {
+pub(crate) fn object(cluster: &TestCluster) -> Option<ObjectStatus> {
     let cut = CUT_HOSTS.lock().unwrap().clone();
     cluster.running().into_iter().filter(|id| !cut.contains(id)).find_map(|id| {
         cluster.get(id, &format!("/api/v1/objects/{NAME}")).ok().and_then(|value| serde_json::from_value(value).ok())
     })
 }
 
-fn wait_object(
+pub(crate) fn wait_object(
     cluster: &TestCluster,
     what: &str,
     timeout: Duration,
@@ -168,7 +177,7 @@ fn create(cluster: &TestCluster) -> ObjectStatus {
     create_with(cluster, "raid1:3")
 }
 
-fn create_with(cluster: &TestCluster, policy: &str) -> ObjectStatus {
+pub(crate) fn create_with(cluster: &TestCluster, policy: &str) -> ObjectStatus {
     let host = cluster.running()[0];
     let url = format!("http://{}/api/v1/objects", cluster.admin(host));
     let body = serde_json::json!({ "name": NAME, "policy": policy, "size_bytes": BLOCKS * BLOCK as u64 });
@@ -176,12 +185,12 @@ fn create_with(cluster: &TestCluster, policy: &str) -> ObjectStatus {
     wait_object(cluster, "open", Duration::from_secs(20), |status| status.resync.is_some())
 }
 
-fn node_addresses(cluster: &TestCluster) -> Vec<String> {
+pub(crate) fn node_addresses(cluster: &TestCluster) -> Vec<String> {
     cluster.hosts_ids().iter().map(|id| cluster.address(*id)).collect()
 }
 
 /// Each host's first component thread address, from the catalog.
-fn component_addresses(cluster: &TestCluster) -> BTreeMap<u64, String> {
+pub(crate) fn component_addresses(cluster: &TestCluster) -> BTreeMap<u64, String> {
     let hosts = cluster.get(cluster.running()[0], "/api/v1/hosts").unwrap();
     hosts
         .as_array()
@@ -269,7 +278,7 @@ enum Outage {
     OwnerRestartMidResync,
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
@@ -430,7 +439,7 @@ fn scenario(outage: Outage) {
 
 /// Every resync queued a task in the cluster's task queue (counted by the
 /// hosts that ran them), and none is left there once the object is healthy.
-fn resyncs_went_through_the_queue(cluster: &TestCluster) {
+pub(crate) fn resyncs_went_through_the_queue(cluster: &TestCluster) {
     let queued: f64 =
         cluster.running().into_iter().filter_map(|id| cluster.metric(id, "objects_resync_tasks_total")).sum();
     assert!(queued >= 1.0, "no resync went through the task queue");
