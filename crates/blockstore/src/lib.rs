@@ -229,6 +229,17 @@ struct ComponentState {
     sync: Option<Sync>,
     /// Written since the last checkpoint (its files need a sync).
     dirty: bool,
+    /// Erasure-coded chunks: what each chunk write or unmap not yet stable
+    /// changed, by LSN (a write's before-image; an unmap's range). Kept in
+    /// the journal: a checkpoint writes them again at the head of the
+    /// next one.
+    undo: BTreeMap<Lsn, Undo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Undo {
+    Blocks { first: u64, data: Bytes },
+    Unmapped { first: u64, count: u64 },
 }
 
 /// The checkpoint: what the component files hold once synced, and which
@@ -448,6 +459,8 @@ impl Disk {
                         None => None,
                     },
                     dirty: false,
+                    // Restored by the journal's replay.
+                    undo: BTreeMap::new(),
                 };
                 components.insert(component.id, inner.open_component(component.id, state)?);
             }
@@ -542,6 +555,21 @@ impl Disk {
         let component = self.inner.get(id)?;
         let state = component.state.read().expect("component lock");
         Ok(state.tracking.get(&stale).cloned())
+    }
+
+    /// The ranges the chunk unmaps above `to` deallocated (a rollback to
+    /// `to` does not restore them: the owner completes them instead).
+    pub fn unmapped_above(&self, id: ComponentId, to: Lsn) -> Result<Vec<(u64, u64)>> {
+        let component = self.inner.get(id)?;
+        let state = component.state.read().expect("component lock");
+        Ok(state
+            .undo
+            .range(to + 1..)
+            .filter_map(|(_, undo)| match undo {
+                Undo::Unmapped { first, count } => Some((*first, *count)),
+                Undo::Blocks { .. } => None,
+            })
+            .collect())
     }
 
     /// The blocks written here above `stale`, from the recent-write
@@ -830,7 +858,23 @@ impl Disk {
                     }
                     Some((*first, count))
                 }
-                Record::Unmap { first, count, .. } => Some((*first, *count)),
+                Record::ChunkWrite { first, data, undo, .. } => {
+                    if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE) || undo.len() != data.len() {
+                        return Err(Error::Invalid(format!(
+                            "a chunk write of {} bytes with a before-image of {}",
+                            data.len(),
+                            undo.len()
+                        )));
+                    }
+                    let count = (data.len() / BLOCK_SIZE) as u64;
+                    if count > WRITE_BLOCKS_MAX {
+                        return Err(Error::Invalid(format!(
+                            "{count} blocks in one record; at most {WRITE_BLOCKS_MAX}"
+                        )));
+                    }
+                    Some((*first, count))
+                }
+                Record::Unmap { first, count, .. } | Record::ChunkUnmap { first, count, .. } => Some((*first, *count)),
                 _ => None,
             };
             if let Some((first, count)) = range {
@@ -994,12 +1038,7 @@ impl Inner {
             }
             Record::Unmap { lsn, first, count, .. } => {
                 check_range(id, *first, *count, state.blocks)?;
-                component.data.punch_hole(*first * BLOCK_SIZE as u64, *count * BLOCK_SIZE as u64).map_err(io)?;
-                let zeros = vec![0u8; (WRITE_BLOCKS_MAX * CRC_SIZE) as usize];
-                for start in (*first..*first + *count).step_by(WRITE_BLOCKS_MAX as usize) {
-                    let blocks = WRITE_BLOCKS_MAX.min(*first + *count - start);
-                    component.crc.write_at(&zeros[..(blocks * CRC_SIZE) as usize], start * CRC_SIZE).map_err(io)?;
-                }
+                deallocate(&component, *first, *count)?;
                 state.written(*lsn, *first, *count);
             }
             Record::Track { stale, seed, .. } => state.track(*stale, seed.as_deref()),
@@ -1053,6 +1092,40 @@ impl Inner {
                 let count = (data.len() / BLOCK_SIZE) as u64;
                 check_range(id, *first, count, state.blocks)?;
                 write_blocks(&component, *first, data)?;
+            }
+            Record::ChunkWrite { lsn, first, stable, data, undo, .. } => {
+                let count = (data.len() / BLOCK_SIZE) as u64;
+                check_range(id, *first, count, state.blocks)?;
+                state.undo.retain(|kept, _| kept > stable);
+                state.undo.insert(*lsn, Undo::Blocks { first: *first, data: undo.clone() });
+                write_blocks(&component, *first, data)?;
+                state.written(*lsn, *first, count);
+            }
+            Record::ChunkUnmap { lsn, first, count, stable, .. } => {
+                check_range(id, *first, *count, state.blocks)?;
+                state.undo.retain(|kept, _| kept > stable);
+                state.undo.insert(*lsn, Undo::Unmapped { first: *first, count: *count });
+                deallocate(&component, *first, *count)?;
+                state.written(*lsn, *first, *count);
+            }
+            Record::Undo { lsn, first, data, .. } => {
+                state.undo.insert(*lsn, Undo::Blocks { first: *first, data: data.clone() });
+            }
+            Record::UndoUnmap { lsn, first, count, .. } => {
+                state.undo.insert(*lsn, Undo::Unmapped { first: *first, count: *count });
+            }
+            Record::RollBack { to, .. } => {
+                // Newest first: each before-image is what the blocks held
+                // under the write before it.
+                let above: Vec<Lsn> = state.undo.range(to + 1..).map(|(lsn, _)| *lsn).rev().collect();
+                for lsn in above {
+                    if let Some(Undo::Blocks { first, data }) = state.undo.remove(&lsn) {
+                        write_blocks(&component, first, &data)?;
+                    }
+                }
+                if state.sync.is_none() {
+                    state.committed_lsn = state.committed_lsn.min(*to);
+                }
             }
         }
         Ok(())
@@ -1184,9 +1257,12 @@ impl Inner {
                     journal.generation += 1;
                     match self.fs.open(&journal_path(&self.dir, journal.generation), true) {
                         Ok(next) => {
+                            // It begins with the before-images the
+                            // checkpoint carried over.
+                            let len = next.len().unwrap_or(0);
                             journal.file = next;
-                            journal.len = 0;
-                            journal.zeroed = 0;
+                            journal.len = len;
+                            journal.zeroed = len;
                         }
                         Err(error) => self.latch(format!("cannot open the next journal: {error}")),
                     }
@@ -1232,8 +1308,21 @@ impl Inner {
         let components: Vec<(ComponentId, Arc<Component>)> =
             self.components.read().expect("components lock").iter().map(|(id, c)| (*id, c.clone())).collect();
         let mut metas = Vec::with_capacity(components.len());
+        // Before-images not yet stable live on in the next journal.
+        let mut kept = Vec::new();
         for (id, component) in components {
             let mut state = component.state.write().expect("component lock");
+            for (lsn, undo) in &state.undo {
+                let record = match undo {
+                    Undo::Blocks { first, data } => {
+                        Record::Undo { component: id, lsn: *lsn, first: *first, data: data.clone() }
+                    }
+                    Undo::Unmapped { first, count } => {
+                        Record::UndoUnmap { component: id, lsn: *lsn, first: *first, count: *count }
+                    }
+                };
+                record.encode(&mut kept);
+            }
             if state.dirty {
                 component.data.sync_data().map_err(io)?;
                 component.crc.sync_data().map_err(io)?;
@@ -1256,6 +1345,9 @@ impl Inner {
         let next = journal_path(&self.dir, generation + 1);
         let journal = self.fs.open(&next, true).map_err(io)?;
         journal.set_len(0).map_err(io)?;
+        if !kept.is_empty() {
+            journal.write_at(&kept, 0).map_err(io)?;
+        }
         journal.sync_data().map_err(io)?;
         self.fs.sync_dir(&self.dir).map_err(io)?;
         let meta = Meta { generation: generation + 1, components: metas };
@@ -1290,12 +1382,27 @@ impl Inner {
 
 fn record_size(record: &Record) -> usize {
     match record {
-        Record::Write { data, .. } | Record::SyncWrite { data, .. } | Record::Repair { data, .. } => data.len() + 64,
+        Record::Write { data, .. }
+        | Record::SyncWrite { data, .. }
+        | Record::Repair { data, .. }
+        | Record::Undo { data, .. } => data.len() + 64,
+        Record::ChunkWrite { data, undo, .. } => data.len() + undo.len() + 64,
         _ => 64,
     }
 }
 
 /// Writes whole blocks and their checksums.
+/// Punches the blocks out (they read as zeros, with zero checksums).
+fn deallocate(component: &Component, first: u64, count: u64) -> Result<()> {
+    component.data.punch_hole(first * BLOCK_SIZE as u64, count * BLOCK_SIZE as u64).map_err(io)?;
+    let zeros = vec![0u8; (WRITE_BLOCKS_MAX * CRC_SIZE) as usize];
+    for start in (first..first + count).step_by(WRITE_BLOCKS_MAX as usize) {
+        let blocks = WRITE_BLOCKS_MAX.min(first + count - start);
+        component.crc.write_at(&zeros[..(blocks * CRC_SIZE) as usize], start * CRC_SIZE).map_err(io)?;
+    }
+    Ok(())
+}
+
 fn write_blocks(component: &Component, first: u64, data: &[u8]) -> Result<()> {
     let mut crcs = Vec::with_capacity(data.len() / BLOCK_SIZE * CRC_SIZE as usize);
     for block in data.chunks(BLOCK_SIZE) {

@@ -89,6 +89,50 @@ pub enum Record {
         component: ComponentId,
         epoch: u64,
     },
+    /// An erasure-coded chunk write under `lsn`: `data` as a `Write`'s, and
+    /// `undo`, what the blocks held before (as long as `data`), kept until
+    /// the owner says every active component has the write (a later
+    /// record's `stable` at or above `lsn`), so a new owner can roll a
+    /// write that reached only some chunks of a stripe back.
+    ChunkWrite {
+        component: ComponentId,
+        lsn: Lsn,
+        first: u64,
+        stable: Lsn,
+        data: Bytes,
+        undo: Bytes,
+    },
+    /// An erasure-coded unmap of whole stripes' rows under `lsn`; a new
+    /// owner that finds it above where it rolls back completes it instead.
+    ChunkUnmap {
+        component: ComponentId,
+        lsn: Lsn,
+        first: u64,
+        count: u64,
+        stable: Lsn,
+    },
+    /// Restores the blocks of every chunk write above `to`, newest first,
+    /// from their before-images; the component then holds every write up
+    /// to `to` and none above.
+    RollBack {
+        component: ComponentId,
+        to: Lsn,
+    },
+    /// A before-image kept across a checkpoint (the checkpoint writes one
+    /// per chunk write not yet stable at the head of the next journal).
+    Undo {
+        component: ComponentId,
+        lsn: Lsn,
+        first: u64,
+        data: Bytes,
+    },
+    /// As `Undo`, for a chunk unmap.
+    UndoUnmap {
+        component: ComponentId,
+        lsn: Lsn,
+        first: u64,
+        count: u64,
+    },
 }
 
 const CREATE: u8 = 1;
@@ -103,6 +147,11 @@ const SYNC_WRITE: u8 = 9;
 const END_SYNC: u8 = 10;
 const REPAIR: u8 = 11;
 const FENCE: u8 = 12;
+const CHUNK_WRITE: u8 = 13;
+const CHUNK_UNMAP: u8 = 14;
+const ROLL_BACK: u8 = 15;
+const UNDO: u8 = 16;
+const UNDO_UNMAP: u8 = 17;
 
 impl Record {
     pub fn component(&self) -> ComponentId {
@@ -118,7 +167,12 @@ impl Record {
             | Record::SyncWrite { component, .. }
             | Record::EndSync { component, .. }
             | Record::Repair { component, .. }
-            | Record::Fence { component, .. } => *component,
+            | Record::Fence { component, .. }
+            | Record::ChunkWrite { component, .. }
+            | Record::ChunkUnmap { component, .. }
+            | Record::RollBack { component, .. }
+            | Record::Undo { component, .. }
+            | Record::UndoUnmap { component, .. } => *component,
         }
     }
 
@@ -161,6 +215,22 @@ impl Record {
             Record::Repair { component, first, data } => {
                 u64s(out, REPAIR, &[*component, *first]);
                 out.extend_from_slice(data);
+            }
+            Record::ChunkWrite { component, lsn, first, stable, data, undo } => {
+                u64s(out, CHUNK_WRITE, &[*component, *lsn, *first, *stable]);
+                out.extend_from_slice(data);
+                out.extend_from_slice(undo);
+            }
+            Record::ChunkUnmap { component, lsn, first, count, stable } => {
+                u64s(out, CHUNK_UNMAP, &[*component, *lsn, *first, *count, *stable])
+            }
+            Record::RollBack { component, to } => u64s(out, ROLL_BACK, &[*component, *to]),
+            Record::Undo { component, lsn, first, data } => {
+                u64s(out, UNDO, &[*component, *lsn, *first]);
+                out.extend_from_slice(data);
+            }
+            Record::UndoUnmap { component, lsn, first, count } => {
+                u64s(out, UNDO_UNMAP, &[*component, *lsn, *first, *count])
             }
         }
         let body = &out[start + RECORD_HEADER..];
@@ -231,10 +301,35 @@ impl Record {
                 let (component, first) = (next()?, next()?);
                 Record::Repair { component, first, data: blocks(rest)? }
             }
+            CHUNK_WRITE => {
+                let (component, lsn, first, stable) = (next()?, next()?, next()?, next()?);
+                let both = blocks(rest)?;
+                if !(both.len() / BLOCK_SIZE).is_multiple_of(2) {
+                    return None;
+                }
+                let half = both.len() / 2;
+                Record::ChunkWrite { component, lsn, first, stable, data: both.slice(..half), undo: both.slice(half..) }
+            }
+            CHUNK_UNMAP => {
+                Record::ChunkUnmap { component: next()?, lsn: next()?, first: next()?, count: next()?, stable: next()? }
+            }
+            ROLL_BACK => Record::RollBack { component: next()?, to: next()? },
+            UNDO => {
+                let (component, lsn, first) = (next()?, next()?, next()?);
+                Record::Undo { component, lsn, first, data: blocks(rest)? }
+            }
+            UNDO_UNMAP => Record::UndoUnmap { component: next()?, lsn: next()?, first: next()?, count: next()? },
             _ => return None,
         };
         // Fixed-size records must have nothing left over.
-        let fixed = !matches!(record, Record::Write { .. } | Record::SyncWrite { .. } | Record::Repair { .. });
+        let fixed = !matches!(
+            record,
+            Record::Write { .. }
+                | Record::SyncWrite { .. }
+                | Record::Repair { .. }
+                | Record::ChunkWrite { .. }
+                | Record::Undo { .. }
+        );
         if fixed && !rest.is_empty() {
             return None;
         }
@@ -258,6 +353,18 @@ mod tests {
             Record::Resize { component: 3, blocks: 5 },
             Record::Write { component: 4, lsn: 9, first: 3, data: data.clone() },
             Record::Unmap { component: 5, lsn: 10, first: 1, count: 7 },
+            Record::ChunkWrite {
+                component: 13,
+                lsn: 12,
+                first: 4,
+                stable: 11,
+                data: data.clone(),
+                undo: Bytes::from(vec![3u8; BLOCK_SIZE * 2]),
+            },
+            Record::ChunkUnmap { component: 14, lsn: 13, first: 16, count: 32, stable: 12 },
+            Record::RollBack { component: 15, to: 11 },
+            Record::Undo { component: 16, lsn: 14, first: 2, data: data.clone() },
+            Record::UndoUnmap { component: 17, lsn: 15, first: 0, count: 16 },
             Record::Track { component: 6, stale: 11, seed: None },
             Record::Track { component: 6, stale: 11, seed: Some(vec![(1, 2), (9, 1)]) },
             Record::Untrack { component: 7, stale: 12 },

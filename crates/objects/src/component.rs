@@ -103,6 +103,30 @@ pub enum Request {
         first: u64,
         count: u64,
     },
+    /// An erasure-coded chunk write: the new blocks, then as many holding
+    /// what they replace, follow the header. `stable`: every LSN up to it
+    /// is on every active component (their before-images can go).
+    ChunkWrite {
+        component: ComponentId,
+        lsn: Lsn,
+        first: u64,
+        stable: Lsn,
+    },
+    /// An erasure-coded unmap of whole stripes' rows.
+    ChunkUnmap {
+        component: ComponentId,
+        lsn: Lsn,
+        first: u64,
+        count: u64,
+        stable: Lsn,
+    },
+    /// Rolls the chunk writes above `to` back (a new owner, before it
+    /// takes I/O); answers the ranges of chunk unmaps above `to`, which it
+    /// does not undo.
+    RollBack {
+        component: ComponentId,
+        to: Lsn,
+    },
 }
 
 impl Request {
@@ -123,7 +147,10 @@ impl Request {
             | Request::Repair { component, .. }
             | Request::Info { component }
             | Request::WrittenSince { component, .. }
-            | Request::Provisioning { component, .. } => *component,
+            | Request::Provisioning { component, .. }
+            | Request::ChunkWrite { component, .. }
+            | Request::ChunkUnmap { component, .. }
+            | Request::RollBack { component, .. } => *component,
         }
     }
 }
@@ -155,6 +182,8 @@ pub enum Reply {
         mapped: bool,
         blocks: u64,
     },
+    /// Rolled back; these chunk unmaps were above the LSN rolled back to.
+    RolledBack(Vec<(u64, u64)>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -389,6 +418,23 @@ impl Service {
             }
             Request::SyncWrite { first, .. } => Record::SyncWrite { component, first, data },
             Request::Repair { first, .. } => Record::Repair { component, first, data },
+            Request::ChunkWrite { lsn, first, stable, .. } => {
+                if !(data.len() / BLOCK_SIZE).is_multiple_of(2) || !data.len().is_multiple_of(BLOCK_SIZE) {
+                    return Err(ComponentError::Invalid(format!(
+                        "a chunk write of {} bytes is not new and old blocks in equal parts",
+                        data.len()
+                    )));
+                }
+                let half = data.len() / 2;
+                Record::ChunkWrite { component, lsn, first, stable, undo: data.slice(half..), data: data.slice(..half) }
+            }
+            Request::ChunkUnmap { lsn, first, count, stable, .. } => {
+                Record::ChunkUnmap { component, lsn, first, count, stable }
+            }
+            Request::RollBack { to, .. } => {
+                reply = Reply::RolledBack(disk.unmapped_above(component, to)?);
+                Record::RollBack { component, to }
+            }
             Request::EndSync { plan, .. } => {
                 let ended = disk.sync_plan(component)?.is_some_and(|(current, _, _)| plan == 0 || current == plan);
                 reply = Reply::Ended(ended);

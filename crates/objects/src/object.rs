@@ -364,8 +364,8 @@ impl<T: Transport> Object<T> {
         };
         // Copies: those at the highest LSN; the rest catch up by resync.
         // Erasure-coded: every candidate (a chunk behind cannot be copied
-        // from one ahead, only rebuilt from k others), and the rows any of
-        // them wrote above the lowest are settled below.
+        // from one ahead, only rebuilt from k others), each rolled back to
+        // the lowest LSN among them below.
         let current: Vec<Index> = match hooks.erasure {
             None => (0..components.len()).filter(|index| candidate(*index) == Some(committed)).collect(),
             Some(layout) => {
@@ -382,6 +382,40 @@ impl<T: Transport> Object<T> {
             }
         };
         let lowest = current.iter().filter_map(|index| candidate(*index)).min().unwrap_or(committed);
+        // Every write above the lowest current LSN was never acknowledged
+        // (a current component lacks it), and may have reached only some
+        // chunks of its stripe: each current component above it rolls its
+        // chunk writes back, so every stripe is one codeword again and a
+        // chunk that is away decodes right. Its chunk unmaps above it are
+        // completed below instead.
+        let mut unmaps = Vec::new();
+        let committed = match hooks.erasure {
+            Some(_) if lowest < committed => {
+                for &index in &current {
+                    let Ok(info) = &infos[index] else { continue };
+                    if info.committed_lsn <= lowest {
+                        continue;
+                    }
+                    let (id, client) = &components[index];
+                    match client.call(epoch, Request::RollBack { component: *id, to: lowest }, &[]).await {
+                        Ok((Reply::RolledBack(ranges), _)) => unmaps.extend(ranges),
+                        Ok((reply, _)) => {
+                            return Err(ObjectError::Recover(format!(
+                                "component {index} answered {reply:?} to a rollback"
+                            )))
+                        }
+                        Err(error) => {
+                            return Err(ObjectError::Recover(format!("rolling component {index} back: {error}")))
+                        }
+                    }
+                    tracing::info!(component = index, from = info.committed_lsn, to = lowest, "rolled back");
+                }
+                lowest
+            }
+            _ => committed,
+        };
+        unmaps.sort_unstable();
+        unmaps.dedup();
         // New writes are numbered above every LSN any copy that answers
         // holds, so none is taken for one of the older owner's.
         let start =
@@ -464,35 +498,13 @@ impl<T: Transport> Object<T> {
             }
             object.act(&mut state, out, &Payload::none());
         }
-        if let (Some(layout), true) = (object.erasure, lowest < committed) {
-            let rows = object.rows_written_above(&current, lowest).await;
-            let settled = object.settle_rows(layout, &rows).await.map_err(|error| {
+        if !unmaps.is_empty() {
+            object.complete_unmaps(unmaps).await.map_err(|error| {
                 object.close();
-                ObjectError::Recover(format!("settling the stripes written while the old owner stopped: {error}"))
+                ObjectError::Recover(format!("completing the unmaps the old owner left half done: {error}"))
             })?;
-            tracing::info!(lowest, committed, rows = settled, "settled the rows written above the lowest LSN");
         }
         Ok(object)
-    }
-
-    /// The rows any of `components` wrote above `lsn` (from their
-    /// recent-write windows; every row where one does not reach back).
-    async fn rows_written_above(self: &Arc<Self>, components: &[Index], lsn: Lsn) -> RoaringBitmap {
-        let mut rows = RoaringBitmap::new();
-        for &index in components {
-            let request = Request::WrittenSince { component: self.ids[index], stale: lsn };
-            match self.client(index).call(self.epoch, request, &[]).await {
-                Ok((Reply::Bitmap(Some(bytes)), _)) => match RoaringBitmap::deserialize_from(&bytes[..]) {
-                    Ok(own) => rows |= own,
-                    Err(_) => return (0..self.component_blocks() as u32).collect(),
-                },
-                _ => {
-                    tracing::warn!(component = index, lsn, "its writes above {lsn} are not known: settling every row");
-                    return (0..self.component_blocks() as u32).collect();
-                }
-            }
-        }
-        rows
     }
 
     fn client(&self, component: Index) -> Client<T> {
@@ -679,12 +691,17 @@ impl<T: Transport> Object<T> {
             match action {
                 Action::Send { component, lsn, .. } => {
                     let op = state.owner.op(lsn).cloned();
-                    let request = match op {
-                        Some(Op::Write { first, .. }) => Request::Write { component: self.ids[component], lsn, first },
-                        Some(Op::Unmap { first, count }) => {
-                            Request::Unmap { component: self.ids[component], lsn, first, count }
+                    let id = self.ids[component];
+                    let request = match (op, self.erasure) {
+                        (Some(Op::Write { first, .. }), None) => Request::Write { component: id, lsn, first },
+                        (Some(Op::Unmap { first, count }), None) => Request::Unmap { component: id, lsn, first, count },
+                        (Some(Op::Write { first, .. }), Some(_)) => {
+                            Request::ChunkWrite { component: id, lsn, first, stable: stable(state) }
                         }
-                        None => continue,
+                        (Some(Op::Unmap { first, count }), Some(_)) => {
+                            Request::ChunkUnmap { component: id, lsn, first, count, stable: stable(state) }
+                        }
+                        (None, _) => continue,
                     };
                     self.send(state, component, request, data.to(component), Some(lsn));
                 }
@@ -1249,6 +1266,17 @@ impl Drop for Progress<'_> {
 /// The stale LSNs a component holds complete tracking bitmaps for.
 fn complete_tracking(info: &ComponentInfo) -> Vec<Lsn> {
     info.tracking.iter().filter(|(_, _, complete)| *complete).map(|(lsn, _, _)| *lsn).collect()
+}
+
+/// Every LSN up to this one is on every component a new owner could take
+/// for current: those not away, and those away whose absence is not yet
+/// recorded. Their chunks' before-images up to it can go.
+fn stable(state: &State) -> Lsn {
+    let unrecorded = (0..state.persisted.len())
+        .filter(|index| state.persisted[*index] == Status::Active)
+        .map(|index| state.owner.acked_up_to(index))
+        .min();
+    unrecorded.map_or(state.owner.stable(), |acked| acked.min(state.owner.stable()))
 }
 
 /// Whether a component absent in `now` was not absent when last recorded.

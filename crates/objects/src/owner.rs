@@ -274,6 +274,16 @@ impl Owner {
         matches!(self.components[component].status, Status::Resyncing { .. }) && self.components[component].plan == plan
     }
 
+    /// Every LSN up to this one is durable on every component not away.
+    pub fn stable(&self) -> Lsn {
+        self.history_floor
+    }
+
+    /// Every LSN up to this one is durable on `component`.
+    pub fn acked_up_to(&self, component: Index) -> Lsn {
+        self.components[component].acked
+    }
+
     pub fn in_flight(&self) -> usize {
         self.pending.len()
     }

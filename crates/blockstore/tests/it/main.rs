@@ -463,3 +463,50 @@ async fn records_submitted_in_order_are_applied_in_order() {
     let too_big = blockstore::Record::Write { component: 1, lsn: 201, first: 0, data: blocks(0, 9, 1) };
     assert!(matches!(disk.submit_now(too_big), Err(Error::OutOfRange { .. })));
 }
+
+#[tokio::test]
+async fn chunk_writes_roll_back_from_before_images_kept_across_checkpoints_until_stable() {
+    use blockstore::Record;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 64).await.unwrap();
+    disk.write(1, 1, 0, blocks(0, 8, 1)).await.unwrap();
+    let chunk = |lsn: u64, first: u64, count: u64, version: u64, stable: u64, disk: &Disk| {
+        let undo = disk.read(1, first, count).unwrap();
+        let data = blocks(first, count, version);
+        disk.submit_now(Record::ChunkWrite { component: 1, lsn, first, stable, data, undo }).unwrap()
+    };
+    chunk(2, 0, 4, 2, 1, &disk).await.unwrap();
+    chunk(3, 2, 4, 3, 1, &disk).await.unwrap();
+    disk.submit_now(Record::ChunkUnmap { component: 1, lsn: 4, first: 16, count: 16, stable: 1 })
+        .unwrap()
+        .await
+        .unwrap();
+    // A restart checkpoints: the before-images go on in the next journal,
+    // and a second restart finds them there.
+    disk.close();
+    drop(disk);
+    let disk = open(dir.path());
+    disk.close();
+    drop(disk);
+    let disk = open(dir.path());
+    assert_eq!(disk.component(1).unwrap().committed_lsn, 4);
+    assert_eq!(disk.unmapped_above(1, 2).unwrap(), vec![(16, 16)]);
+    // Back to LSN 2: write 3 is undone (blocks 4..6 hold version 1 again,
+    // 2..4 write 2's), write 2 stays.
+    disk.submit_now(Record::RollBack { component: 1, to: 2 }).unwrap().await.unwrap();
+    assert_eq!(disk.component(1).unwrap().committed_lsn, 2);
+    assert_eq!(disk.read(1, 0, 4).unwrap(), blocks(0, 4, 2));
+    assert_eq!(disk.read(1, 4, 4).unwrap(), blocks(4, 4, 1));
+    // Back to 1: write 2 is undone too.
+    disk.submit_now(Record::RollBack { component: 1, to: 1 }).unwrap().await.unwrap();
+    assert_eq!(disk.read(1, 0, 8).unwrap(), blocks(0, 8, 1));
+
+    // A write whose LSN is stable has no before-image left to roll back.
+    chunk(5, 0, 2, 5, 1, &disk).await.unwrap();
+    chunk(6, 4, 2, 6, 5, &disk).await.unwrap();
+    disk.submit_now(Record::RollBack { component: 1, to: 4 }).unwrap().await.unwrap();
+    assert_eq!(disk.read(1, 0, 2).unwrap(), blocks(0, 2, 5), "write 5 was stable: kept");
+    assert_eq!(disk.read(1, 4, 2).unwrap(), blocks(4, 2, 1), "write 6 was not: undone");
+    assert!(disk.unmapped_above(1, 0).unwrap().is_empty(), "the unmap's entry went with the stable mark");
+}

@@ -3,13 +3,14 @@
 //! The owner's machinery is the same as for copies, counted in rows: a
 //! write of object blocks becomes, per stripe, one operation over the rows
 //! it touches, and every component not away gets its own chunk of those
-//! rows under the operation's LSN (data or parity). A write that covers
-//! only part of those rows reads the rest of the data chunks first (from
-//! their components, or rebuilt from the others where one is away) and
-//! writes every chunk of the rows: so every component holds, at every LSN,
-//! its part of one codeword, tracking bitmaps of rows are complete on any
-//! component, and a component behind is brought back by rebuilding its
-//! chunks from the others. See `docs/design/erasure-coding.md`.
+//! rows under the operation's LSN (data or parity). A write reads the data
+//! chunks of those rows first (from their components, or rebuilt from the
+//! others where one is away), lays its blocks over them and writes every
+//! chunk of the rows, each with what it replaces: so every component
+//! holds, at every LSN, its part of one codeword, tracking bitmaps of rows
+//! are complete on any component, a component behind is brought back by
+//! rebuilding its chunks from the others, and a new owner can roll a write
+//! that reached only some chunks back. See `docs/design/erasure-coding.md`.
 
 use bytes::BytesMut;
 
@@ -56,43 +57,49 @@ impl<T: Transport> Object<T> {
         let row = pieces.iter().map(|piece| piece.row).min().expect("a piece");
         let rows = pieces.iter().map(|piece| piece.row + piece.count).max().expect("a piece") - row;
         let _stripe = self.stripe_lock(stripe).lock().await;
-        // The data chunks the write does not cover for all its rows are
-        // read as they stand.
-        let covered = |position: usize| {
-            pieces.iter().any(|piece| piece.position == position && piece.row == row && piece.count == rows)
-        };
-        let wanted: Vec<usize> = (0..layout.data).filter(|position| !covered(*position)).collect();
-        let mut columns: Vec<Vec<u8>> = if wanted.is_empty() {
-            vec![vec![0; ec::bytes(rows)]; layout.data]
-        } else {
-            let mut read = self.read_rows(layout, stripe, row, rows, &wanted).await?;
-            (0..layout.data).map(|position| read[position].take().unwrap_or_else(|| vec![0; ec::bytes(rows)])).collect()
-        };
+        // Every data chunk of the rows as it stands: the rows' new content
+        // is laid over it, and each component keeps what its chunk held
+        // until the write is on every active component.
+        let wanted: Vec<usize> = (0..layout.data).collect();
+        let mut read = self.read_rows(layout, stripe, row, rows, &wanted).await?;
+        let old: Vec<Vec<u8>> =
+            (0..layout.data).map(|position| read[position].take().expect("read or rebuilt")).collect();
+        let mut columns = old.clone();
         for piece in &pieces {
             let at = ec::bytes(piece.row - row);
             let from = ec::bytes(piece.block - block);
             columns[piece.position][at..at + ec::bytes(piece.count)]
                 .copy_from_slice(&data[from..from + ec::bytes(piece.count)]);
         }
-        self.write_rows(layout, stripe, row, columns).await
+        self.write_rows(layout, stripe, row, columns, old).await
     }
 
     /// Writes rows from `row` of stripe `stripe`: these data chunks and
-    /// their parity, each to its component, under one LSN. The caller holds
-    /// the stripe.
+    /// their parity, each to its component with what it replaces (`old`,
+    /// the data chunks as they were), under one LSN. The caller holds the
+    /// stripe.
     async fn write_rows(
         self: &Arc<Self>,
         layout: Layout,
         stripe: u64,
         row: u64,
         columns: Vec<Vec<u8>>,
+        old: Vec<Vec<u8>>,
     ) -> Result<(), ObjectError> {
         let rows = (columns[0].len() / BLOCK_SIZE) as u64;
-        let refs: Vec<&[u8]> = columns.iter().map(Vec::as_slice).collect();
-        let parity = layout.encode(&refs).map_err(|error| ObjectError::Read(error.to_string()))?;
+        let code = |columns: &[Vec<u8>]| {
+            let refs: Vec<&[u8]> = columns.iter().map(Vec::as_slice).collect();
+            layout.encode(&refs).map_err(|error| ObjectError::Read(error.to_string()))
+        };
+        let (parity, old_parity) = (code(&columns)?, code(&old)?);
         let mut each = vec![Bytes::new(); layout.width()];
-        for (position, chunk) in columns.into_iter().chain(parity).enumerate() {
-            each[layout.component(stripe, position)] = Bytes::from(chunk);
+        let new = columns.into_iter().chain(parity);
+        let before = old.into_iter().chain(old_parity);
+        for (position, (chunk, was)) in new.zip(before).enumerate() {
+            let mut both = Vec::with_capacity(chunk.len() * 2);
+            both.extend_from_slice(&chunk);
+            both.extend_from_slice(&was);
+            each[layout.component(stripe, position)] = Bytes::from(both);
         }
         self.fenced().await;
         let _permit = self.inflight.acquire().await.map_err(|_| ObjectError::Unavailable)?;
@@ -313,31 +320,14 @@ impl<T: Transport> Object<T> {
         }
     }
 
-    /// After a new owner found its components at different LSNs: the rows
-    /// any of them wrote above the lowest (`lowest`; writes the old owner
-    /// had in flight, none acknowledged) are written again whole, from the
-    /// data chunks as they stand, so every stripe's parity matches its data.
-    pub(super) async fn settle_rows(
-        self: &Arc<Self>,
-        layout: Layout,
-        rows: &RoaringBitmap,
-    ) -> Result<u64, ObjectError> {
-        let list: Vec<u32> = rows.iter().collect();
-        let runs: Vec<(u64, u64)> = list
-            .chunk_by(|a, b| b == &(a + 1) && layout.stripe_of_row(*a as u64) == layout.stripe_of_row(*b as u64))
-            .map(|run| (run[0] as u64, run.len() as u64))
-            .collect();
-        let mut settled = 0;
-        for (row, rows) in runs {
-            let stripe = layout.stripe_of_row(row);
-            let _stripe = self.stripe_lock(stripe).lock().await;
-            let wanted: Vec<usize> = (0..layout.data).collect();
-            let mut slots = self.read_rows(layout, stripe, row, rows, &wanted).await?;
-            let columns: Vec<Vec<u8>> =
-                (0..layout.data).map(|position| slots[position].take().expect("read or rebuilt")).collect();
-            self.write_rows(layout, stripe, row, columns).await?;
-            settled += rows;
+    /// Completes chunk unmaps a rolled-back component had above the LSN
+    /// rolled back to (whole stripes' rows): they are unmapped on every
+    /// component, under new LSNs.
+    pub(super) async fn complete_unmaps(self: &Arc<Self>, ranges: Vec<(u64, u64)>) -> Result<(), ObjectError> {
+        for (first, count) in ranges {
+            let _permit = self.inflight.acquire().await.map_err(|_| ObjectError::Unavailable)?;
+            self.submit(Op::Unmap { first, count }, Payload::none()).await.map_err(|_| ObjectError::Unavailable)??;
         }
-        Ok(settled)
+        Ok(())
     }
 }

@@ -233,8 +233,23 @@ async fn unmapping_whole_stripes_reclaims_data_and_parity_and_partial_stripes_re
     assert!(read_all(&object, blocks).await == model);
 }
 
+/// The old owner's last write, rows 3..5 of stripe 0, reached only the
+/// component holding data position 0 (a chunk write, with what it
+/// replaced, under an LSN above the rest); then the old owner stopped.
+async fn tear_a_write(hosts: &[Host], layout: Layout) -> Vec<u8> {
+    let component = layout.component(0, 0);
+    let host = &hosts[component];
+    let info = host.service.disks()[0].component(host.id).unwrap();
+    let old = host.client.read(1, host.id, 3, 2).await.unwrap();
+    let mut both = bytes(77, 2);
+    both.extend_from_slice(&old);
+    let request = Request::ChunkWrite { component: host.id, lsn: info.committed_lsn + 1, first: 3, stable: 0 };
+    host.client.call(1, request, &both).await.unwrap();
+    old.to_vec()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_owner_settles_stripes_an_old_owner_left_half_written() {
+async fn a_new_owner_rolls_back_a_write_that_reached_only_some_chunks() {
     let layout = Layout::new(3, 1);
     let dir = tempfile::tempdir().unwrap();
     let transport = TcpTransport::new();
@@ -244,19 +259,49 @@ async fn a_new_owner_settles_stripes_an_old_owner_left_half_written() {
     let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
     write(&object, &mut model, 0, blocks, 1).await;
     object.close();
-
-    // The old owner's last write reached one data component only: rows
-    // 3..5 of stripe 0 at data position 0, under an LSN above the rest.
-    let component = layout.component(0, 0);
-    let info = hosts[component].service.disks()[0].component(hosts[component].id).unwrap();
-    let torn = bytes(77, 2);
-    let request = Request::Write { component: hosts[component].id, lsn: info.committed_lsn + 1, first: 3 };
-    hosts[component].client.call(1, request, &torn).await.unwrap();
-    model[3 * BLOCK_SIZE..5 * BLOCK_SIZE].copy_from_slice(&torn);
+    tear_a_write(&hosts, layout).await;
 
     let recorded = vec![Status::Active; 4];
     let object = Object::recover(2, blocks, components(&hosts), recorded, hooks(layout)).await.unwrap();
-    // Data wins: the torn write's data stays, and parity follows it.
+    // The unacknowledged write is undone; every stripe is one codeword.
+    check_stripes(&hosts, layout, &model).await;
+    assert!(read_all(&object, blocks).await == model);
+    // And the object goes on.
+    write(&object, &mut model, 2, 5, 3).await;
+    check_stripes(&hosts, layout, &model).await;
+}
+
+/// The RAID write hole: a write torn across a stripe's chunks while another
+/// chunk of that stripe is away. The away chunk is rebuilt from the others,
+/// so they must be one codeword: the new owner rolls the torn write back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_away_while_the_owner_dies_mid_write_still_reads_right() {
+    let layout = Layout::new(3, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 4, 500).await;
+    let blocks = object_blocks(&layout);
+    let object = Object::open_with(1, blocks, components(&hosts), 0, hooks(layout));
+    let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
+    write(&object, &mut model, 0, blocks, 1).await;
+    object.close();
+    tear_a_write(&hosts, layout).await;
+    // The component with data position 1 of stripe 0 goes away with the
+    // owner.
+    let away = layout.component(0, 1);
+    hosts[away].online.store(false, Ordering::SeqCst);
+
+    let recorded = vec![Status::Active; 4];
+    let object = Object::recover(2, blocks, components(&hosts), recorded, hooks(layout)).await.unwrap();
+    assert!(matches!(object.statuses()[away], Status::Absent { .. }), "{:?}", object.statuses());
+    // Position 1's rows 3..5 (object blocks 19..21) are rebuilt from the
+    // others: right only if the torn write was undone.
+    assert!(read_all(&object, blocks).await == model, "a chunk rebuilt from a torn stripe is wrong");
+    write(&object, &mut model, 40, 30, 4).await;
+
+    hosts[away].online.store(true, Ordering::SeqCst);
+    assert!(object.probe(away).await);
+    wait_all_active(&object, 4).await;
     check_stripes(&hosts, layout, &model).await;
     assert!(read_all(&object, blocks).await == model);
 }
