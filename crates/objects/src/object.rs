@@ -409,6 +409,7 @@ impl<T: Transport> Object<T> {
                         }
                     }
                     tracing::info!(component = index, from = info.committed_lsn, to = lowest, "rolled back");
+                    metrics::counter!("objects_erasure_rollbacks_total").increment(1);
                 }
                 lowest
             }

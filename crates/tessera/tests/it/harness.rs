@@ -504,11 +504,24 @@ impl Cut {
         Cut::install(ip, "ip saddr 127.0.0.1 accept\n    ip daddr 127.0.0.1 accept\n    ")
     }
 
+    /// Cuts the two hosts off from each other only.
+    pub fn between(a: &str, b: &str) -> Cut {
+        let table = format!("tessera_test_{}", std::process::id());
+        let rules = format!(
+            "table inet {table} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    ip saddr {a} ip daddr {b} drop\n    ip saddr {b} ip daddr {a} drop\n  }}\n}}\n"
+        );
+        Cut::apply(table, &rules)
+    }
+
     fn install(ip: &str, except: &str) -> Cut {
         let table = format!("tessera_test_{}", std::process::id());
         let rules = format!(
             "table inet {table} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    {except}ip saddr {ip} drop\n    ip daddr {ip} drop\n  }}\n}}\n"
         );
+        Cut::apply(table, &rules)
+    }
+
+    fn apply(table: String, rules: &str) -> Cut {
         let mut child = std::process::Command::new("nft")
             .args(["-f", "-"])
             .stdin(std::process::Stdio::piped())
