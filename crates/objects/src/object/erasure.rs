@@ -128,13 +128,13 @@ impl<T: Transport> Object<T> {
         let mut tried = vec![false; layout.width()];
         let mut errors = Vec::new();
         let direct: Vec<usize> = wanted.iter().copied().filter(|position| active(*position)).collect();
-        self.read_positions(layout, stripe, row, rows, &direct, &mut slots, &mut tried, &mut errors).await;
+        self.read_positions(layout, stripe, row, rows, &direct, &mut slots, &mut tried, &mut errors).await?;
         if wanted.iter().all(|position| slots[*position].is_some()) {
             return Ok(slots);
         }
         let others: Vec<usize> =
             (0..layout.width()).filter(|position| !tried[*position] && active(*position)).collect();
-        self.read_positions(layout, stripe, row, rows, &others, &mut slots, &mut tried, &mut errors).await;
+        self.read_positions(layout, stripe, row, rows, &others, &mut slots, &mut tried, &mut errors).await?;
         let have = slots.iter().filter(|slot| slot.is_some()).count();
         if have < layout.data {
             return Err(ObjectError::Read(format!(
@@ -151,6 +151,9 @@ impl<T: Transport> Object<T> {
         Ok(slots)
     }
 
+    /// Reads `positions` into their slots. A component that refuses this
+    /// owner's epoch means a newer owner holds the object: this one closes
+    /// and says so (the caller's I/O then goes to the new owner).
     #[allow(clippy::too_many_arguments)]
     async fn read_positions(
         self: &Arc<Self>,
@@ -162,7 +165,7 @@ impl<T: Transport> Object<T> {
         slots: &mut [Option<Vec<u8>>],
         tried: &mut [bool],
         errors: &mut Vec<String>,
-    ) {
+    ) -> Result<(), ObjectError> {
         let reads = positions.iter().map(|&position| {
             let component = layout.component(stripe, position);
             let client = self.client(component);
@@ -173,6 +176,11 @@ impl<T: Transport> Object<T> {
             tried[position] = true;
             match read {
                 Ok(data) => slots[position] = Some(data.to_vec()),
+                Err(ClientError::Component(ComponentError::StaleEpoch { .. })) => {
+                    tracing::info!(stripe, "a newer owner holds the object: closing it here");
+                    self.close();
+                    return Err(ObjectError::Deposed);
+                }
                 Err(error) => {
                     let component = layout.component(stripe, position);
                     tracing::warn!(component, stripe, %error, "chunk unreadable; rebuilding it from the others");
@@ -180,6 +188,7 @@ impl<T: Transport> Object<T> {
                 }
             }
         }
+        Ok(())
     }
 
     /// Reads whole object blocks: each chunk piece from its component, or
@@ -205,6 +214,10 @@ impl<T: Transport> Object<T> {
             let client = self.client(piece.component);
             match client.read(self.epoch, self.ids[piece.component], piece.row, piece.count).await {
                 Ok(data) => return Ok(data),
+                Err(ClientError::Component(ComponentError::StaleEpoch { .. })) => {
+                    self.close();
+                    return Err(ObjectError::Deposed);
+                }
                 Err(error) => tracing::warn!(component = piece.component, %error, "chunk unreadable; rebuilding it"),
             }
         }

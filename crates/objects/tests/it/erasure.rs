@@ -305,3 +305,23 @@ async fn a_chunk_away_while_the_owner_dies_mid_write_still_reads_right() {
     check_stripes(&hosts, layout, &model).await;
     assert!(read_all(&object, blocks).await == model);
 }
+
+/// An owner deposed by a newer one (ownership moved) learns it from the
+/// reads its writes begin with: it closes and says `Deposed`, which sends
+/// the caller to the new owner, rather than failing the I/O.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_owner_says_so_when_its_reads_are_refused() {
+    let layout = Layout::new(2, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 3, 600).await;
+    let blocks = object_blocks(&layout);
+    let old = Object::open_with(1, blocks, components(&hosts), 0, hooks(layout));
+    let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
+    write(&old, &mut model, 0, 64, 1).await;
+    let new = Object::recover(2, blocks, components(&hosts), vec![Status::Active; 3], hooks(layout)).await.unwrap();
+    let refused = old.write_at(5 * BLOCK_SIZE as u64, Bytes::from(bytes(9, 1))).await;
+    assert!(matches!(refused, Err(objects::object::ObjectError::Deposed)), "{refused:?}");
+    assert!(matches!(old.read_at(0, BLOCK_SIZE as u64).await, Err(objects::object::ObjectError::Deposed)));
+    assert!(read_all(&new, blocks).await == model);
+}
