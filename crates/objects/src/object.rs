@@ -834,6 +834,14 @@ impl<T: Transport> Object<T> {
             let input = match (&result, lsn) {
                 (Ok(_), Some(lsn)) => Some(Input::Acked { component, lsn }),
                 (Ok(_), None) => None,
+                // Only a newer owner's fence raises a component's epoch:
+                // this owner is deposed, and everything waiting goes to
+                // the new one (not failed here, nor the copy marked away).
+                (Err(ClientError::Component(ComponentError::StaleEpoch { .. })), _) => {
+                    tracing::info!(component, "a newer owner holds the object: closing it here");
+                    object.close();
+                    None
+                }
                 (Err(error), _) => {
                     tracing::warn!(component, %error, "component failed");
                     Some(Input::Failed { component })

@@ -325,3 +325,21 @@ async fn a_deposed_owner_says_so_when_its_reads_are_refused() {
     assert!(matches!(old.read_at(0, BLOCK_SIZE as u64).await, Err(objects::object::ObjectError::Deposed)));
     assert!(read_all(&new, blocks).await == model);
 }
+
+/// The same for copies: a write of an owner a newer one fenced is answered
+/// `Deposed` (it goes to the new owner), not refused as if every copy had
+/// failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_owner_of_copies_answers_its_writes_deposed() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 2, 700).await;
+    let old = Object::open(1, BLOCKS, components(&hosts), 0);
+    old.write_at(0, Bytes::from(bytes(1, 4))).await.unwrap();
+    let _new = Object::recover(2, BLOCKS, components(&hosts), vec![Status::Active; 2], Hooks::default()).await.unwrap();
+    for _ in 0..4 {
+        let refused = old.write_at(0, Bytes::from(bytes(2, 1))).await;
+        assert!(matches!(refused, Err(objects::object::ObjectError::Deposed)), "{refused:?}");
+    }
+    assert!(old.is_closed());
+}
