@@ -60,9 +60,13 @@ for policy in "${policies[@]}"; do
     done
 done
 
-# Bytes every component data file holds on disk.
-held() {
-    find "$work/cluster" -name 'c-*.data' -printf '%b %p\n' | awk '{ s += $1 * 512 } END { printf "%d", s }'
+# Each component data file and the bytes it holds on disk.
+allocation() {
+    find "$work/cluster" -name 'c-*.data' -printf '%b %p\n' | awk '{ print $2, $1 * 512 }' | sort
+}
+# Bytes the files listed in $1 (a file of "path bytes" lines) hold now.
+held_by() {
+    allocation | join - "$1" | awk '{ s += $2 } END { printf "%d", s }'
 }
 
 bench() { # url write? size depth count step: operations per second
@@ -79,16 +83,20 @@ stride=$((4096 * 7919))
 declare -A result
 for policy in "${policies[@]}"; do
     echo "== $policy: ${url[$policy]}" >&2
-    before=$(held)
+    allocation >"$work/before"
     result[$policy,seqw]=$(bench "${url[$policy]}" w 131072 8 "$seq_count" 131072)
-    after=$(held)
+    # The LUN's component files: those the write made grow (the other
+    # LUNs' files may change meanwhile, e.g. as their objects move).
+    allocation | join - "$work/before" | awk '$2 > $3 { print $1, $3 }' >"$work/mine"
+    before=$(awk '{ s += $2 } END { printf "%d", s }' "$work/mine")
+    after=$(held_by "$work/mine")
     result[$policy,overhead]=$(awk -v a="$after" -v b="$before" -v s="$SIZE_MIB" 'BEGIN { printf "%.2f", (a - b) / (s * 1048576) }')
     result[$policy,randw]=$(bench "${url[$policy]}" w 4096 32 "$RANDOM_IOS" "$stride")
-    full=$(held)
+    full=$(held_by "$work/mine")
     discards=()
     for mib in $(seq 0 2 $((SIZE_MIB - 1))); do discards+=(-c "discard ${mib}M 1M"); done
     qemu-io -f raw --discard=unmap "${discards[@]}" "${url[$policy]}" >/dev/null
-    half=$(held)
+    half=$(held_by "$work/mine")
     result[$policy,returned]=$(awk -v f="$full" -v h="$half" -v b="$before" 'BEGIN { printf "%.1f%%", 100 * (f - h) / (f - b) }')
 done
 
