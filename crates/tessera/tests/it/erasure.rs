@@ -19,7 +19,7 @@ use objects::ec::Layout;
 use wire::tcp::TcpTransport;
 
 use crate::harness::{exclusive, free_port, Cut, TestCluster};
-use crate::iscsi::{outcomes, SKIPS_ALLOWED};
+use crate::iscsi::{outcomes, random_file, SKIPS_ALLOWED};
 use crate::libiscsi::{Session, STATUS_GOOD};
 use crate::objects::{
     component_addresses, create_with, decode, node_addresses, object, resyncs_went_through_the_queue, runtime,
@@ -76,20 +76,6 @@ fn component_bytes(dir: &Path) -> u64 {
         }
     }
     total
-}
-
-fn random_file(path: &Path, bytes: usize) -> Vec<u8> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let data: Vec<u8> = (0..bytes / 8)
-        .flat_map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()
-        })
-        .collect();
-    std::fs::write(path, &data).unwrap();
-    data
 }
 
 #[test]

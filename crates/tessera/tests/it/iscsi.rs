@@ -93,7 +93,7 @@ fn volume_and_target(cluster: &TestCluster, port: u16, size: &str, object_size: 
     url
 }
 
-fn random_file(path: &Path, bytes: usize) -> Vec<u8> {
+pub(crate) fn random_file(path: &Path, bytes: usize) -> Vec<u8> {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let data: Vec<u8> = (0..bytes / 8)
         .flat_map(|_| {
