@@ -211,9 +211,9 @@ pub struct Object<T: Transport> {
     /// A new owner takes no write before this: an older owner may serve
     /// blocks from its cache until its lease runs out.
     writes_after: Option<tokio::time::Instant>,
-    /// Erasure-coded: the layout, and the stripe locks. A write of part of
-    /// a stripe reads the rest of its rows, so writes (and reads that
-    /// rebuild a chunk from the others) to one stripe take turns; each
+    /// Erasure-coded: the layout, and the stripe locks. A write reads the
+    /// data chunks of its rows before it writes them, so writes (and reads
+    /// that rebuild a chunk from the others) to one stripe take turns; each
     /// holds its stripe until every active component has it.
     erasure: Option<Layout>,
     stripes: Vec<tokio::sync::Mutex<()>>,
@@ -534,6 +534,19 @@ impl<T: Transport> Object<T> {
         }
     }
 
+    /// Whether `error` says a newer owner holds the object (only a newer
+    /// owner's fence raises a component's epoch); if so this owner closes,
+    /// and everything waiting is answered `Deposed`, which sends callers to
+    /// the new owner.
+    fn deposed_by(&self, error: &ClientError) -> bool {
+        if !matches!(error, ClientError::Component(ComponentError::StaleEpoch { .. })) {
+            return false;
+        }
+        tracing::info!("a newer owner holds the object: closing it here");
+        self.close();
+        true
+    }
+
     pub fn is_closed(&self) -> bool {
         self.state.lock().expect("object lock").closed
     }
@@ -688,6 +701,8 @@ impl<T: Transport> Object<T> {
     /// operation's, which its `Send` actions carry (the owner sends only
     /// when an operation is submitted).
     fn act(self: &Arc<Self>, state: &mut State, actions: Vec<Action>, data: &Payload) {
+        // What erasure-coded components may drop before-images up to.
+        let stable = self.erasure.map(|_| stable(state)).unwrap_or(0);
         for action in actions {
             match action {
                 Action::Send { component, lsn, .. } => {
@@ -697,10 +712,10 @@ impl<T: Transport> Object<T> {
                         (Some(Op::Write { first, .. }), None) => Request::Write { component: id, lsn, first },
                         (Some(Op::Unmap { first, count }), None) => Request::Unmap { component: id, lsn, first, count },
                         (Some(Op::Write { first, .. }), Some(_)) => {
-                            Request::ChunkWrite { component: id, lsn, first, stable: stable(state) }
+                            Request::ChunkWrite { component: id, lsn, first, stable }
                         }
                         (Some(Op::Unmap { first, count }), Some(_)) => {
-                            Request::ChunkUnmap { component: id, lsn, first, count, stable: stable(state) }
+                            Request::ChunkUnmap { component: id, lsn, first, count, stable }
                         }
                         (None, _) => continue,
                     };
@@ -834,14 +849,8 @@ impl<T: Transport> Object<T> {
             let input = match (&result, lsn) {
                 (Ok(_), Some(lsn)) => Some(Input::Acked { component, lsn }),
                 (Ok(_), None) => None,
-                // Only a newer owner's fence raises a component's epoch:
-                // this owner is deposed, and everything waiting goes to
-                // the new one (not failed here, nor the copy marked away).
-                (Err(ClientError::Component(ComponentError::StaleEpoch { .. })), _) => {
-                    tracing::info!(component, "a newer owner holds the object: closing it here");
-                    object.close();
-                    None
-                }
+                // Deposed: not a failure here, nor the copy marked away.
+                (Err(error), _) if object.deposed_by(error) => None,
                 (Err(error), _) => {
                     tracing::warn!(component, %error, "component failed");
                     Some(Input::Failed { component })
@@ -1194,6 +1203,7 @@ impl<T: Transport> Object<T> {
                     tracing::error!(component = index, ?blocks, "checksum mismatch; reading another copy");
                     corrupt.push((index, blocks));
                 }
+                Err(error) if self.deposed_by(&error) => return Err(ObjectError::Deposed),
                 Err(error) => errors.push(error.to_string()),
             }
         }

@@ -176,11 +176,7 @@ impl<T: Transport> Object<T> {
             tried[position] = true;
             match read {
                 Ok(data) => slots[position] = Some(data.to_vec()),
-                Err(ClientError::Component(ComponentError::StaleEpoch { .. })) => {
-                    tracing::info!(stripe, "a newer owner holds the object: closing it here");
-                    self.close();
-                    return Err(ObjectError::Deposed);
-                }
+                Err(error) if self.deposed_by(&error) => return Err(ObjectError::Deposed),
                 Err(error) => {
                     let component = layout.component(stripe, position);
                     tracing::warn!(component, stripe, %error, "chunk unreadable; rebuilding it from the others");
@@ -214,10 +210,7 @@ impl<T: Transport> Object<T> {
             let client = self.client(piece.component);
             match client.read(self.epoch, self.ids[piece.component], piece.row, piece.count).await {
                 Ok(data) => return Ok(data),
-                Err(ClientError::Component(ComponentError::StaleEpoch { .. })) => {
-                    self.close();
-                    return Err(ObjectError::Deposed);
-                }
+                Err(error) if self.deposed_by(&error) => return Err(ObjectError::Deposed),
                 Err(error) => tracing::warn!(component = piece.component, %error, "chunk unreadable; rebuilding it"),
             }
         }

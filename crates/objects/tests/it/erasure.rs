@@ -342,4 +342,6 @@ async fn a_deposed_owner_of_copies_answers_its_writes_deposed() {
         assert!(matches!(refused, Err(objects::object::ObjectError::Deposed)), "{refused:?}");
     }
     assert!(old.is_closed());
+    let read = old.read_at(0, BLOCK_SIZE as u64).await;
+    assert!(matches!(read, Err(objects::object::ObjectError::Deposed)), "{read:?}");
 }
