@@ -636,6 +636,34 @@ impl Disk {
         Ok((mapped, run as u64))
     }
 
+    /// The blocks of `among` that are allocated here (written and not
+    /// deallocated since): a resync need not copy a block that is a hole
+    /// on both sides.
+    pub fn allocated_among(&self, id: ComponentId, among: &RoaringBitmap) -> Result<RoaringBitmap> {
+        self.inner.check_failed()?;
+        let component = self.inner.get(id)?;
+        let blocks = component.state.read().expect("component lock").blocks;
+        let mut allocated = RoaringBitmap::new();
+        let mut crcs = Vec::new();
+        let mut candidates = among.iter().map(u64::from).filter(|block| *block < blocks).peekable();
+        while let Some(first) = candidates.next() {
+            // A run of consecutive candidates, read in one piece.
+            let mut end = first + 1;
+            while end - first < PROVISIONING_SCAN_BLOCKS && candidates.peek() == Some(&end) {
+                candidates.next();
+                end += 1;
+            }
+            crcs.resize(((end - first) * CRC_SIZE) as usize, 0);
+            read_fully(component.crc.as_ref(), &mut crcs, first * CRC_SIZE)?;
+            for (index, crc) in crcs.chunks(CRC_SIZE as usize).enumerate() {
+                if crc != [0; 4] {
+                    allocated.insert((first + index as u64) as u32);
+                }
+            }
+        }
+        Ok(allocated)
+    }
+
     pub async fn create(&self, id: ComponentId, blocks: u64) -> Result<()> {
         if blocks > COMPONENT_BLOCKS_MAX {
             return Err(Error::Invalid(format!("{blocks} blocks is more than a component holds")));

@@ -65,6 +65,18 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn granularity(&self) -> u32 {
         1
     }
+    /// The unit a write should cover whole to cost the device no more
+    /// than itself (an erasure-coded volume's stripe), in logical blocks:
+    /// the optimal transfer and unmap granularities of the Block Limits
+    /// page. At least [`BlockDevice::granularity`].
+    fn stripe(&self) -> u32 {
+        self.granularity()
+    }
+    /// Logical blocks per physical block, a power of two: READ
+    /// CAPACITY (16)'s LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT.
+    fn physical_block(&self) -> u32 {
+        1
+    }
     /// The most logical blocks one write stores all-or-nothing when it
     /// starts at a multiple of it (a power of two; WRITE ATOMIC offers up
     /// to [`ATOMIC_BLOCKS_MAX`] of it).
@@ -1144,6 +1156,7 @@ impl LogicalUnit {
         let mut out = vec![0u8; 32];
         out[0..8].copy_from_slice(&self.device.blocks().saturating_sub(1).to_be_bytes());
         out[8..12].copy_from_slice(&self.block_size().to_be_bytes());
+        out[13] = self.device.physical_block().max(1).trailing_zeros().min(15) as u8;
         // LBPME and LBPRZ: thin provisioned, unmapped blocks read as zeros.
         out[14] = 0x80 | 0x40;
         out.truncate(allocation);
@@ -1213,13 +1226,16 @@ impl LogicalUnit {
             0xb0 => {
                 let mut body = vec![0u8; 0x3c];
                 body[1] = COMPARE_AND_WRITE_BLOCKS_MAX;
-                // Optimal transfer length granularity: the device's block.
-                body[2..4].copy_from_slice(&(self.device.granularity().max(1) as u16).to_be_bytes());
+                // Optimal transfer length granularity: the device's stripe.
+                let stripe = self.device.stripe().max(self.device.granularity()).max(1);
+                body[2..4].copy_from_slice(&(stripe.min(u32::from(u16::MAX)) as u16).to_be_bytes());
                 body[4..8].copy_from_slice(&TRANSFER_BLOCKS_MAX.to_be_bytes());
                 body[8..12].copy_from_slice(&2048u32.to_be_bytes());
                 body[16..20].copy_from_slice(&UNMAP_BLOCKS_MAX.to_be_bytes());
                 body[20..24].copy_from_slice(&UNMAP_DESCRIPTORS_MAX.to_be_bytes());
-                body[24..28].copy_from_slice(&self.device.granularity().max(1).to_be_bytes());
+                // Optimal unmap granularity: only whole stripes are returned
+                // to the disks; a part of one is written with zeros.
+                body[24..28].copy_from_slice(&stripe.to_be_bytes());
                 body[28..32].copy_from_slice(&0x8000_0000u32.to_be_bytes());
                 body[32..40].copy_from_slice(&WRITE_SAME_BLOCKS_MAX.to_be_bytes());
                 // Maximum atomic transfer length and its alignment.

@@ -172,6 +172,28 @@ impl ObjectIo for NodeObjects {
 /// objects' 4 KiB blocks.
 struct VolumeDevice {
     volume: Arc<Volume>,
+    /// Logical blocks a write covers whole to cost no read-modify-write
+    /// of more than itself: an erasure-coded volume's stripe (its data
+    /// chunks), when stripes line up across objects; else a block.
+    stripe: u32,
+}
+
+impl VolumeDevice {
+    fn new(volume: Arc<Volume>, record: &VolumeRecord) -> VolumeDevice {
+        let block = volume::BLOCK / volume::SECTOR;
+        let stripe = match storage::layout(record.policy) {
+            Some(layout) => {
+                let bytes = layout.stripe_blocks() * volume::BLOCK;
+                if record.object_size.is_multiple_of(bytes) {
+                    bytes / volume::SECTOR
+                } else {
+                    block
+                }
+            }
+            None => block,
+        };
+        VolumeDevice { volume, stripe: stripe as u32 }
+    }
 }
 
 fn io_error(error: VolumeError) -> IoError {
@@ -211,6 +233,26 @@ impl BlockDevice for VolumeDevice {
 
     fn granularity(&self) -> u32 {
         (volume::BLOCK / volume::SECTOR) as u32
+    }
+
+    fn stripe(&self) -> u32 {
+        self.stripe
+    }
+
+    /// An erasure-coded stripe of a power-of-two size (raid5:2+1, 128 KiB;
+    /// 4+1 and 4+2, 256 KiB) is the physical block: writing less of it
+    /// costs a read-modify-write, as a 512e disk's 4 KiB sector does.
+    /// Otherwise one logical block, though a volume's 4 KiB block is
+    /// read-modify-write too: with 1 < LBPPB <= 128, libiscsi's
+    /// GetLBAStatus.UnmapSingle wants the first LBA status descriptor at
+    /// the next physical block instead of at the requested LBA, which
+    /// SBC-4 (and QEMU's iSCSI driver) require.
+    fn physical_block(&self) -> u32 {
+        if self.stripe > self.granularity() && self.stripe.is_power_of_two() {
+            self.stripe
+        } else {
+            1
+        }
     }
 
     /// At each object's owner: atomic whichever host the initiators use.
@@ -312,7 +354,7 @@ pub fn refresh(node: &Arc<Node>) {
                 match Volume::new(layout(record), objects) {
                     Ok(volume) => {
                         let volume = Arc::new(volume);
-                        let device = Arc::new(VolumeDevice { volume: volume.clone() });
+                        let device = Arc::new(VolumeDevice::new(volume.clone(), record));
                         let sanitize_rate =
                             std::num::NonZeroU64::new(node.config.sanitize_mib_per_second.saturating_mul(1 << 20));
                         let reservations = crate::reservations::CatalogReservations::new(node, name);

@@ -127,6 +127,11 @@ pub enum Request {
         component: ComponentId,
         to: Lsn,
     },
+    /// Which of the blocks in the bitmap that follows the header
+    /// (serialized) are allocated here.
+    Allocated {
+        component: ComponentId,
+    },
 }
 
 impl Request {
@@ -150,7 +155,8 @@ impl Request {
             | Request::Provisioning { component, .. }
             | Request::ChunkWrite { component, .. }
             | Request::ChunkUnmap { component, .. }
-            | Request::RollBack { component, .. } => *component,
+            | Request::RollBack { component, .. }
+            | Request::Allocated { component } => *component,
         }
     }
 }
@@ -505,6 +511,12 @@ impl Service {
             Request::WrittenSince { stale, .. } => {
                 Ok((Reply::Bitmap(disk.written_since(component, stale)?.map(bitmap_bytes)), Bytes::new()))
             }
+            Request::Allocated { .. } => {
+                refuse_stale(disk, component, epoch)?;
+                let among = roaring::RoaringBitmap::deserialize_from(&data[..])
+                    .map_err(|error| ComponentError::Store(format!("the block bitmap does not decode: {error}")))?;
+                Ok((Reply::Bitmap(Some(bitmap_bytes(disk.allocated_among(component, &among)?))), Bytes::new()))
+            }
             // A newer owner's first question also fences the older one:
             // once answered, the committed LSN it reports can only grow
             // by the newer owner's writes.
@@ -626,6 +638,20 @@ impl<T: Transport> Client<T> {
         match self.call(epoch, Request::Provisioning { component, first, count }, &[]).await? {
             (Reply::Provisioned { mapped, blocks }, _) => Ok((mapped, blocks)),
             (other, _) => Err(ClientError::Protocol(format!("{other:?} to a provisioning query"))),
+        }
+    }
+
+    /// The blocks of `among` allocated on the component.
+    pub async fn allocated(
+        &self,
+        epoch: u64,
+        component: ComponentId,
+        among: &roaring::RoaringBitmap,
+    ) -> Result<roaring::RoaringBitmap, ClientError> {
+        match self.call(epoch, Request::Allocated { component }, &bitmap_bytes(among.clone())).await? {
+            (Reply::Bitmap(Some(bytes)), _) => roaring::RoaringBitmap::deserialize_from(&bytes[..])
+                .map_err(|error| ClientError::Protocol(format!("allocated blocks do not decode: {error}"))),
+            (other, _) => Err(ClientError::Protocol(format!("{other:?} to an allocation query"))),
         }
     }
 

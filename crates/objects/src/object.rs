@@ -1027,7 +1027,7 @@ impl<T: Transport> Object<T> {
             Some(_) => self.active().into_iter().filter(|index| *index != target).collect(),
         };
         let deadline = tokio::time::Instant::now() + SOURCE_WAIT_MAX;
-        for reader in readers {
+        for reader in readers.iter().copied() {
             let (id, client) = (self.ids[reader], self.client(reader));
             loop {
                 if self.is_closed() || tokio::time::Instant::now() > deadline {
@@ -1098,6 +1098,12 @@ impl<T: Transport> Object<T> {
                 blocks -= done;
             }
         }
+        // A hole on the target and on every component it is copied from
+        // reads as zeros on both sides: nothing to copy, and a component
+        // rebuilt from nothing stays as thin as the object.
+        let mut among = readers;
+        among.push(target);
+        let blocks = self.allocated_on_any(&among, blocks).await;
         let list: Vec<u32> = blocks.iter().collect();
         let mut progress = Progress::start(&self.resync_stats, list.len() as u64);
         // Erasure-coded: runs within one stripe, each rebuilt from the others.
@@ -1150,6 +1156,27 @@ impl<T: Transport> Object<T> {
             self.resync_stats.resyncs_done.fetch_add(1, Ordering::Relaxed);
             self.input(Input::Resynced { component: target, plan });
         }
+    }
+
+    /// The blocks of `blocks` allocated on at least one of `components`;
+    /// all of them if one cannot say.
+    async fn allocated_on_any(&self, components: &[Index], blocks: RoaringBitmap) -> RoaringBitmap {
+        let mut allocated = RoaringBitmap::new();
+        for &index in components {
+            match self.client(index).allocated(self.epoch, self.ids[index], &blocks).await {
+                Ok(here) => allocated |= here,
+                Err(error) => {
+                    tracing::debug!(component = index, %error, "allocation unknown; copying every block");
+                    return blocks;
+                }
+            }
+        }
+        let holes = blocks.len() - allocated.len();
+        if holes > 0 {
+            metrics::counter!("objects_resync_holes_skipped_blocks_total").increment(holes);
+            tracing::info!(holes, copying = allocated.len(), "resync skips blocks that are holes on every side");
+        }
+        allocated
     }
 
     /// The copies that are up to date now, those on this host first (a read

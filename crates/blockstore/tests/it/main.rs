@@ -190,6 +190,14 @@ async fn provisioning_tells_written_blocks_from_deallocated_ones() {
     assert_eq!(disk.provisioning(5, 100, 4096).unwrap(), (true, 10));
     assert_eq!(disk.provisioning(5, 110, 4096).unwrap(), (false, 10));
     assert!(disk.provisioning(5, 4096, 1).is_err(), "past the end");
+    // Which of some blocks are allocated: runs and single blocks, across
+    // the unmapped hole, with a block past the end ignored.
+    let among: roaring::RoaringBitmap =
+        [0u32, 99, 100, 105, 109, 110, 119, 120, 151, 152, 4000, 5000].into_iter().collect();
+    let allocated: Vec<u32> = disk.allocated_among(5, &among).unwrap().iter().collect();
+    assert_eq!(allocated, vec![100, 105, 109, 120, 151]);
+    let run: roaring::RoaringBitmap = (90..160).collect();
+    assert_eq!(disk.allocated_among(5, &run).unwrap().len(), 10 + 32, "100..110 and 120..152");
     disk.close();
     drop(disk);
     let disk = open(dir.path());

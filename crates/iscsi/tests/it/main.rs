@@ -3,6 +3,7 @@
 //! decodes back to the same thing. `sanitize`: SANITIZE through a logical
 //! unit. `login`: the login state machine, request by request.
 
+mod geometry;
 mod login;
 mod sanitize;
 mod shared_reservations;
