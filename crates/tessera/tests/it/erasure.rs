@@ -244,6 +244,39 @@ fn check_blocks(content: &[u8], floor: &BTreeMap<u64, u64>, attempted: &BTreeMap
     Ok(())
 }
 
+/// A 64 MiB erasure-coded object just created, under the objects
+/// scenarios' four self-verifying writers, on its first quarter only (a
+/// resync or rebuild must copy that, not the rest), running for 2 s.
+struct Written {
+    created: node::status::ObjectStatus,
+    layout: Layout,
+    runtime: tokio::runtime::Runtime,
+    client: ObjectClient<TcpTransport>,
+    writers: Writers,
+}
+
+impl Written {
+    fn start(cluster: &TestCluster, policy: &str) -> Written {
+        let created = create_with(cluster, policy);
+        let layout = node::storage::layout(catalog::Policy::parse(policy).unwrap()).expect("an erasure-coded policy");
+        let runtime = runtime();
+        let client = ObjectClient::new(TcpTransport::new(), node_addresses(cluster), NAME);
+        let writers = Writers::start_within(&runtime, client.clone(), BLOCKS / 4);
+        std::thread::sleep(Duration::from_secs(2));
+        Written { created, layout, runtime, client, writers }
+    }
+}
+
+/// The hosts of the object's components other than its owner's, the log
+/// leader's last (where there is a choice, not it is killed).
+fn victims(cluster: &TestCluster, created: &node::status::ObjectStatus) -> Vec<u64> {
+    let leader = cluster.leader();
+    let mut hosts: Vec<u64> =
+        created.components.iter().map(|component| component.host).filter(|host| *host != created.owner).collect();
+    hosts.sort_by_key(|host| *host == leader);
+    hosts
+}
+
 /// A 64 MiB erasure-coded object under the objects scenarios' four
 /// self-verifying writers (on its first quarter): `down` component hosts (not the owner) are
 /// killed; writes go on; the whole object read through the owner is right
@@ -254,19 +287,8 @@ fn hosts_down(policy: &str, hosts: u64, down: usize) {
     let _guard = exclusive();
     let mut cluster = TestCluster::start(hosts);
     cluster.wait_healthy(Duration::from_secs(90));
-    let created = create_with(&cluster, policy);
-    let layout = node::storage::layout(catalog::Policy::parse(policy).unwrap()).expect("an erasure-coded policy");
-    let runtime = runtime();
-    let client = ObjectClient::new(TcpTransport::new(), node_addresses(&cluster), NAME);
-    // The first quarter only: the resync must rebuild that, not the rest.
-    let writers = Writers::start_within(&runtime, client.clone(), BLOCKS / 4);
-    std::thread::sleep(Duration::from_secs(2));
-    let leader = cluster.leader();
-    let mut candidates: Vec<u64> =
-        created.components.iter().map(|component| component.host).filter(|host| *host != created.owner).collect();
-    // Not the log leader where there is a choice.
-    candidates.sort_by_key(|host| *host == leader);
-    let victims = candidates[..down].to_vec();
+    let Written { created, layout, runtime, client, writers } = Written::start(&cluster, policy);
+    let victims = victims(&cluster, &created)[..down].to_vec();
     let written_at_kill = writers.acked.load(Ordering::Relaxed) + writers.failed.load(Ordering::Relaxed);
     let seq_at_kill = writers.seq.load(Ordering::Relaxed);
     for victim in &victims {
@@ -370,12 +392,7 @@ fn owners_killed(policy: &str, hosts: u64, rounds: usize) {
     let _guard = exclusive();
     let mut cluster = TestCluster::start(hosts);
     cluster.wait_healthy(Duration::from_secs(90));
-    let created = create_with(&cluster, policy);
-    let layout = node::storage::layout(catalog::Policy::parse(policy).unwrap()).expect("an erasure-coded policy");
-    let runtime = runtime();
-    let client = ObjectClient::new(TcpTransport::new(), node_addresses(&cluster), NAME);
-    let writers = Writers::start_within(&runtime, client.clone(), BLOCKS / 4);
-    std::thread::sleep(Duration::from_secs(2));
+    let Written { created, layout, runtime, client: _, writers } = Written::start(&cluster, policy);
     let mut epoch = created.owner_epoch;
     let mut rollbacks = 0.0;
     // Whether a round leaves writes torn depends on what was in flight:
@@ -443,17 +460,8 @@ fn raid5_a_column_away_past_the_repair_delay_is_rebuilt_elsewhere_from_the_other
     });
     cluster.wait_healthy(Duration::from_secs(90));
     let policy = "raid5:2+1";
-    let created = create_with(&cluster, policy);
-    let layout = node::storage::layout(catalog::Policy::parse(policy).unwrap()).expect("an erasure-coded policy");
-    let runtime = runtime();
-    let client = ObjectClient::new(TcpTransport::new(), node_addresses(&cluster), NAME);
-    let writers = Writers::start_within(&runtime, client.clone(), BLOCKS / 4);
-    std::thread::sleep(Duration::from_secs(2));
-    let leader = cluster.leader();
-    let mut candidates: Vec<u64> =
-        created.components.iter().map(|component| component.host).filter(|host| *host != created.owner).collect();
-    candidates.sort_by_key(|host| *host == leader);
-    let victim = candidates[0];
+    let Written { created, layout, runtime, client: _, writers } = Written::start(&cluster, policy);
+    let victim = victims(&cluster, &created)[0];
     let spare =
         cluster.hosts_ids().into_iter().find(|host| created.components.iter().all(|c| c.host != *host)).unwrap();
     let killed_at = Instant::now();
