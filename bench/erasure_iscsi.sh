@@ -4,7 +4,8 @@
 # which hold whole stripes of every layout) with policies raid1:2,
 # raid5:3+1, raid5:4+1 and raid6:4+2, all durable (a write is acknowledged
 # once fdatasync'd on every component). Per LUN: 128 KiB sequential write
-# over the whole LUN at depth 8, then 4 KiB random write at depth 32
+# over the whole LUN at depth 8, then 1 MiB (whole stripes but for 3+1's
+# 192 KiB ones at the edges), then 4 KiB random write at depth 32
 # (qemu-img bench, prime stride), the disk space its component files hold
 # once full (capacity overhead = that / the LUN's size), and the share of
 # it returned by unmapping every other MiB (qemu-io discard: UNMAP).
@@ -91,6 +92,7 @@ for policy in "${policies[@]}"; do
     before=$(awk '{ s += $2 } END { printf "%d", s }' "$work/mine")
     after=$(held_by "$work/mine")
     result[$policy,overhead]=$(awk -v a="$after" -v b="$before" -v s="$SIZE_MIB" 'BEGIN { printf "%.2f", (a - b) / (s * 1048576) }')
+    result[$policy,seqw1m]=$(bench "${url[$policy]}" w 1048576 8 "$SIZE_MIB" 1048576)
     result[$policy,randw]=$(bench "${url[$policy]}" w 4096 32 "$RANDOM_IOS" "$stride")
     full=$(held_by "$work/mine")
     discards=()
@@ -104,12 +106,13 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; els
 echo
 echo "Erasure-coded and raid1 LUNs over iSCSI on loopback, 6 hosts, ${SIZE_MIB} MiB LUNs; qemu-img bench -t none; $(date -u +%F)"
 echo
-printf "| %-10s | %16s | %8s | %20s | %8s | %22s | %22s |\n" policy "128K seq write QD8" "vs raid1" "4K rand write QD32" "vs raid1" "disk held / LUN size" "returned by unmapping half"
-printf "|%s|%s|%s|%s|%s|%s|%s|\n" ------------ ------------------ ---------- ---------------------- ---------- ------------------------ ------------------------
+printf "| %-10s | %16s | %8s | %16s | %8s | %20s | %8s | %22s | %22s |\n" policy "128K seq write QD8" "vs raid1" "1M seq write QD8" "vs raid1" "4K rand write QD32" "vs raid1" "disk held / LUN size" "returned by unmapping half"
+printf "|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n" ------------ ------------------ ---------- ------------------ ---------- ---------------------- ---------- ------------------------ ------------------------
 for policy in "${policies[@]}"; do
-    printf "| %-10s | %11s MiB/s | %8s | %15s IOPS | %8s | %22s | %22s |\n" "$policy" \
+    printf "| %-10s | %11s MiB/s | %8s | %11s MiB/s | %8s | %15s IOPS | %8s | %22s | %22s |\n" "$policy" \
         "$(awk -v o="${result[$policy,seqw]}" 'BEGIN { printf "%.0f", o / 8 }')" \
         "$(ratio "${result[$policy,seqw]}" "${result[raid1:2,seqw]}")" \
+        "${result[$policy,seqw1m]}" "$(ratio "${result[$policy,seqw1m]}" "${result[raid1:2,seqw1m]}")" \
         "${result[$policy,randw]}" "$(ratio "${result[$policy,randw]}" "${result[raid1:2,randw]}")" \
         "${result[$policy,overhead]}x" "${result[$policy,returned]}"
 done

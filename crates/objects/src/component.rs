@@ -104,13 +104,16 @@ pub enum Request {
         count: u64,
     },
     /// An erasure-coded chunk write: the new blocks, then as many holding
-    /// what they replace, follow the header. `stable`: every LSN up to it
-    /// is on every active component (their before-images can go).
+    /// what they replace, follow the header; or, `local`, the new blocks
+    /// alone, the component reading what they replace itself. `stable`:
+    /// every LSN up to it is on every active component (their
+    /// before-images can go).
     ChunkWrite {
         component: ComponentId,
         lsn: Lsn,
         first: u64,
         stable: Lsn,
+        local: bool,
     },
     /// An erasure-coded unmap of whole stripes' rows.
     ChunkUnmap {
@@ -424,6 +427,23 @@ impl Service {
             }
             Request::SyncWrite { first, .. } => Record::SyncWrite { component, first, data },
             Request::Repair { first, .. } => Record::Repair { component, first, data },
+            Request::ChunkWrite { lsn, first, stable, local: true, .. } => {
+                if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE) {
+                    return Err(ComponentError::Invalid(format!("a chunk write of {} bytes", data.len())));
+                }
+                // The blocks as they stand are what the write replaces: the
+                // owner sends this only to components it holds up to date,
+                // after every earlier write to these rows was applied here.
+                // A component resyncing may hold older blocks: it refuses,
+                // and the owner takes it for failed (resynced again).
+                if disk.sync_plan(component)?.is_some() {
+                    return Err(ComponentError::Invalid(
+                        "a resyncing component cannot supply a before-image of its own".into(),
+                    ));
+                }
+                let undo = disk.read(component, first, (data.len() / BLOCK_SIZE) as u64)?;
+                Record::ChunkWrite { component, lsn, first, stable, undo, data }
+            }
             Request::ChunkWrite { lsn, first, stable, .. } => {
                 if !(data.len() / BLOCK_SIZE).is_multiple_of(2) || !data.len().is_multiple_of(BLOCK_SIZE) {
                     return Err(ComponentError::Invalid(format!(

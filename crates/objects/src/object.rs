@@ -116,7 +116,13 @@ pub struct Hooks {
 #[derive(Clone)]
 enum Payload {
     Same(Bytes),
-    Each(Arc<Vec<Bytes>>),
+    /// A piece per component: erasure-coded chunks, each followed by its
+    /// before-image, or alone where `local` (each component reads its
+    /// own).
+    Each {
+        pieces: Arc<Vec<Bytes>>,
+        local: bool,
+    },
 }
 
 impl Payload {
@@ -127,8 +133,12 @@ impl Payload {
     fn to(&self, component: Index) -> Bytes {
         match self {
             Payload::Same(data) => data.clone(),
-            Payload::Each(pieces) => pieces[component].clone(),
+            Payload::Each { pieces, .. } => pieces[component].clone(),
         }
+    }
+
+    fn before_images_local(&self) -> bool {
+        matches!(self, Payload::Each { local: true, .. })
     }
 }
 
@@ -712,7 +722,7 @@ impl<T: Transport> Object<T> {
                         (Some(Op::Write { first, .. }), None) => Request::Write { component: id, lsn, first },
                         (Some(Op::Unmap { first, count }), None) => Request::Unmap { component: id, lsn, first, count },
                         (Some(Op::Write { first, .. }), Some(_)) => {
-                            Request::ChunkWrite { component: id, lsn, first, stable }
+                            Request::ChunkWrite { component: id, lsn, first, stable, local: data.before_images_local() }
                         }
                         (Some(Op::Unmap { first, count }), Some(_)) => {
                             Request::ChunkUnmap { component: id, lsn, first, count, stable }

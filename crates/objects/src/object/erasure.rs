@@ -57,53 +57,79 @@ impl<T: Transport> Object<T> {
         let row = pieces.iter().map(|piece| piece.row).min().expect("a piece");
         let rows = pieces.iter().map(|piece| piece.row + piece.count).max().expect("a piece") - row;
         let _stripe = self.stripe_lock(stripe).lock().await;
-        // Every data chunk of the rows as it stands: the rows' new content
-        // is laid over it, and each component keeps what its chunk held
-        // until the write is on every active component.
+        let lay = |columns: &mut [Vec<u8>]| {
+            for piece in &pieces {
+                let at = ec::bytes(piece.row - row);
+                let from = ec::bytes(piece.block - block);
+                columns[piece.position][at..at + ec::bytes(piece.count)]
+                    .copy_from_slice(&data[from..from + ec::bytes(piece.count)]);
+            }
+        };
+        // A whole stripe while every component is up to date: nothing to
+        // read, parity computed once, and each component reads what its
+        // chunk replaces itself (it holds every earlier write to the
+        // stripe: they were on every active component before this one
+        // took the stripe).
+        let whole = rows == layout.chunk_blocks && data.len() == ec::bytes(layout.stripe_blocks());
+        if whole && self.statuses().iter().all(|status| *status == Status::Active) {
+            let mut columns = vec![vec![0u8; ec::bytes(rows)]; layout.data];
+            lay(&mut columns);
+            metrics::counter!("objects_erasure_full_stripe_writes_total").increment(1);
+            return self.write_rows(layout, stripe, row, columns, None).await;
+        }
+        // Otherwise every data chunk of the rows as it stands: the rows'
+        // new content is laid over it, and each component keeps what its
+        // chunk held until the write is on every active component.
         let wanted: Vec<usize> = (0..layout.data).collect();
         let mut read = self.read_rows(layout, stripe, row, rows, &wanted).await?;
         let old: Vec<Vec<u8>> =
             (0..layout.data).map(|position| read[position].take().expect("read or rebuilt")).collect();
         let mut columns = old.clone();
-        for piece in &pieces {
-            let at = ec::bytes(piece.row - row);
-            let from = ec::bytes(piece.block - block);
-            columns[piece.position][at..at + ec::bytes(piece.count)]
-                .copy_from_slice(&data[from..from + ec::bytes(piece.count)]);
-        }
-        self.write_rows(layout, stripe, row, columns, old).await
+        lay(&mut columns);
+        self.write_rows(layout, stripe, row, columns, Some(old)).await
     }
 
     /// Writes rows from `row` of stripe `stripe`: these data chunks and
-    /// their parity, each to its component with what it replaces (`old`,
-    /// the data chunks as they were), under one LSN. The caller holds the
-    /// stripe.
+    /// their parity, each to its component under one LSN, with what it
+    /// replaces (`old`, the data chunks as they were), or, with `None`,
+    /// for each component to read itself. The caller holds the stripe.
     async fn write_rows(
         self: &Arc<Self>,
         layout: Layout,
         stripe: u64,
         row: u64,
         columns: Vec<Vec<u8>>,
-        old: Vec<Vec<u8>>,
+        old: Option<Vec<Vec<u8>>>,
     ) -> Result<(), ObjectError> {
         let rows = (columns[0].len() / BLOCK_SIZE) as u64;
         let code = |columns: &[Vec<u8>]| {
             let refs: Vec<&[u8]> = columns.iter().map(Vec::as_slice).collect();
             layout.encode(&refs).map_err(|error| ObjectError::Read(error.to_string()))
         };
-        let (parity, old_parity) = (code(&columns)?, code(&old)?);
-        let mut each = vec![Bytes::new(); layout.width()];
+        let parity = code(&columns)?;
         let new = columns.into_iter().chain(parity);
-        let before = old.into_iter().chain(old_parity);
-        for (position, (chunk, was)) in new.zip(before).enumerate() {
-            let mut both = Vec::with_capacity(chunk.len() * 2);
-            both.extend_from_slice(&chunk);
-            both.extend_from_slice(&was);
-            each[layout.component(stripe, position)] = Bytes::from(both);
+        let mut each = vec![Bytes::new(); layout.width()];
+        let local = old.is_none();
+        match old {
+            None => {
+                for (position, chunk) in new.enumerate() {
+                    each[layout.component(stripe, position)] = Bytes::from(chunk);
+                }
+            }
+            Some(old) => {
+                let old_parity = code(&old)?;
+                let before = old.into_iter().chain(old_parity);
+                for (position, (chunk, was)) in new.zip(before).enumerate() {
+                    let mut both = Vec::with_capacity(chunk.len() * 2);
+                    both.extend_from_slice(&chunk);
+                    both.extend_from_slice(&was);
+                    each[layout.component(stripe, position)] = Bytes::from(both);
+                }
+            }
         }
         self.fenced().await;
         let _permit = self.inflight.acquire().await.map_err(|_| ObjectError::Unavailable)?;
-        self.submit(Op::Write { first: row, count: rows }, Payload::Each(Arc::new(each)))
+        self.submit(Op::Write { first: row, count: rows }, Payload::Each { pieces: Arc::new(each), local })
             .await
             .map_err(|_| ObjectError::Unavailable)??;
         Ok(())

@@ -243,9 +243,62 @@ async fn tear_a_write(hosts: &[Host], layout: Layout) -> Vec<u8> {
     let old = host.client.read(1, host.id, 3, 2).await.unwrap();
     let mut both = bytes(77, 2);
     both.extend_from_slice(&old);
-    let request = Request::ChunkWrite { component: host.id, lsn: info.committed_lsn + 1, first: 3, stable: 0 };
+    let request =
+        Request::ChunkWrite { component: host.id, lsn: info.committed_lsn + 1, first: 3, stable: 0, local: false };
     host.client.call(1, request, &both).await.unwrap();
     old.to_vec()
+}
+
+/// As a whole-stripe write is sent: the old owner's write of stripe 1
+/// reached only the components of its data positions 0 and 1, each with
+/// the new chunk alone (`local`: it read its own before-image).
+async fn tear_a_whole_stripe_write(hosts: &[Host], layout: Layout) {
+    for position in 0..2 {
+        let host = &hosts[layout.component(1, position)];
+        let info = host.service.disks()[0].component(host.id).unwrap();
+        let (first, count) = (layout.chunk_blocks, layout.chunk_blocks);
+        let request =
+            Request::ChunkWrite { component: host.id, lsn: info.committed_lsn + 1, first, stable: 0, local: true };
+        host.client.call(1, request, &bytes(88 + position as u64, count)).await.unwrap();
+    }
+}
+
+/// A whole-stripe write sends no before-images (each component reads its
+/// own): torn across the stripe's chunks, it is rolled back all the same,
+/// and whole-stripe writes through the owner keep every stripe a codeword.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_whole_stripe_write_is_rolled_back_from_the_components_own_before_images() {
+    let layout = Layout::new(3, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 4, 600).await;
+    let blocks = object_blocks(&layout);
+    let object = Object::open_with(1, blocks, components(&hosts), 0, hooks(layout));
+    let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
+    // Whole stripes (48 blocks each), then a partial write, then whole
+    // stripes over it again.
+    let stripe = layout.stripe_blocks();
+    write(&object, &mut model, 0, blocks, 1).await;
+    write(&object, &mut model, stripe + 5, 7, 2).await;
+    write(&object, &mut model, stripe, 2 * stripe, 3).await;
+    check_stripes(&hosts, layout, &model).await;
+    object.close();
+    tear_a_whole_stripe_write(&hosts, layout).await;
+    // Data position 2 of stripe 1 goes away with the owner: it is rebuilt
+    // from the others, right only if positions 0 and 1 were rolled back.
+    let away = layout.component(1, 2);
+    hosts[away].online.store(false, Ordering::SeqCst);
+
+    let recorded = vec![Status::Active; 4];
+    let object = Object::recover(2, blocks, components(&hosts), recorded, hooks(layout)).await.unwrap();
+    assert!(read_all(&object, blocks).await == model, "a chunk rebuilt from a torn whole-stripe write is wrong");
+    hosts[away].online.store(true, Ordering::SeqCst);
+    assert!(object.probe(away).await);
+    wait_all_active(&object, 4).await;
+    check_stripes(&hosts, layout, &model).await;
+    write(&object, &mut model, 0, stripe, 4).await;
+    check_stripes(&hosts, layout, &model).await;
+    assert!(read_all(&object, blocks).await == model);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
