@@ -27,6 +27,9 @@ pub const UNMAP_BLOCKS_MAX: u32 = 1 << 20;
 pub const UNMAP_DESCRIPTORS_MAX: u32 = 256;
 /// Blocks one WRITE ATOMIC may write (128 KiB of 512-byte blocks).
 pub const ATOMIC_BLOCKS_MAX: u32 = 256;
+/// The optimal transfer length the Block Limits page offers (rounded
+/// down to whole stripes).
+const OPTIMAL_TRANSFER_BLOCKS: u32 = 2048;
 /// Provisioning queries one GET LBA STATUS makes at most.
 const LBA_STATUS_QUERIES_MAX: usize = 4096;
 /// Blocks an EXTENDED COPY reads and writes at a time.
@@ -1230,7 +1233,9 @@ impl LogicalUnit {
                 let stripe = self.device.stripe().max(self.device.granularity()).max(1);
                 body[2..4].copy_from_slice(&(stripe.min(u32::from(u16::MAX)) as u16).to_be_bytes());
                 body[4..8].copy_from_slice(&TRANSFER_BLOCKS_MAX.to_be_bytes());
-                body[8..12].copy_from_slice(&2048u32.to_be_bytes());
+                // Optimal transfer length: about 1 MiB, whole stripes.
+                let optimal = (OPTIMAL_TRANSFER_BLOCKS / stripe).max(1) * stripe;
+                body[8..12].copy_from_slice(&optimal.to_be_bytes());
                 body[16..20].copy_from_slice(&UNMAP_BLOCKS_MAX.to_be_bytes());
                 body[20..24].copy_from_slice(&UNMAP_DESCRIPTORS_MAX.to_be_bytes());
                 // Optimal unmap granularity: only whole stripes are returned

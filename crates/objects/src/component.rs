@@ -427,22 +427,8 @@ impl Service {
             }
             Request::SyncWrite { first, .. } => Record::SyncWrite { component, first, data },
             Request::Repair { first, .. } => Record::Repair { component, first, data },
-            Request::ChunkWrite { lsn, first, stable, local: true, .. } => {
-                if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE) {
-                    return Err(ComponentError::Invalid(format!("a chunk write of {} bytes", data.len())));
-                }
-                // The blocks as they stand are what the write replaces: the
-                // owner sends this only to components it holds up to date,
-                // after every earlier write to these rows was applied here.
-                // A component resyncing may hold older blocks: it refuses,
-                // and the owner takes it for failed (resynced again).
-                if disk.sync_plan(component)?.is_some() {
-                    return Err(ComponentError::Invalid(
-                        "a resyncing component cannot supply a before-image of its own".into(),
-                    ));
-                }
-                let undo = disk.read(component, first, (data.len() / BLOCK_SIZE) as u64)?;
-                Record::ChunkWrite { component, lsn, first, stable, undo, data }
+            Request::ChunkWrite { local: true, .. } => {
+                return Err(ComponentError::Invalid("a chunk write's own before-image was not read".into()));
             }
             Request::ChunkWrite { lsn, first, stable, .. } => {
                 if !(data.len() / BLOCK_SIZE).is_multiple_of(2) || !data.len().is_multiple_of(BLOCK_SIZE) {
@@ -483,7 +469,28 @@ impl Service {
         }))
     }
 
+    /// A chunk write whose before-image this component is to read itself
+    /// (`local`), as one that carries it. Read on arrival, outside the
+    /// sessions' lock: the owner sends it only to a component it holds up
+    /// to date, once every earlier write to those rows is on it (the
+    /// stripe lock), so the blocks as they stand are what it replaces.
+    fn with_own_before_image(&self, envelope: Envelope, data: Bytes) -> Result<(Envelope, Bytes), ComponentError> {
+        let Request::ChunkWrite { component, lsn, first, stable, local: true } = envelope.request else {
+            return Ok((envelope, data));
+        };
+        if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE) {
+            return Err(ComponentError::Invalid(format!("a chunk write of {} bytes", data.len())));
+        }
+        let undo = self.disk_of(component)?.read(component, first, (data.len() / BLOCK_SIZE) as u64)?;
+        let mut both = Vec::with_capacity(data.len() * 2);
+        both.extend_from_slice(&data);
+        both.extend_from_slice(&undo);
+        let request = Request::ChunkWrite { component, lsn, first, stable, local: false };
+        Ok((Envelope { request, ..envelope }, Bytes::from(both)))
+    }
+
     async fn serve_inner(&self, envelope: Envelope, data: Bytes) -> Result<(Reply, Bytes), ComponentError> {
+        let (envelope, data) = self.with_own_before_image(envelope, data)?;
         if envelope.seq > 0 {
             return self.serve_ordered(envelope, data).await;
         }

@@ -216,6 +216,9 @@ pub struct Object<T: Transport> {
     /// its resync also copies the blocks it wrote itself.
     reported_newest: Mutex<HashMap<Index, Lsn>>,
     pub resync_stats: ResyncStats,
+    /// Erasure-coded: stripes written whole, with no read and no
+    /// before-image sent.
+    pub full_stripe_writes: AtomicU64,
     /// Blocks read recently (see [`crate::block_cache`]).
     cache: Option<Arc<ObjectCache>>,
     /// A new owner takes no write before this: an older owner may serve
@@ -288,6 +291,7 @@ impl<T: Transport> Object<T> {
             extra: Mutex::new(HashMap::new()),
             reported_newest: Mutex::new(HashMap::new()),
             resync_stats: ResyncStats::default(),
+            full_stripe_writes: AtomicU64::new(0),
             // The block cache counts object blocks; an erasure-coded
             // object's operations count rows. It does not cache (yet).
             cache: hooks.cache.filter(|_| hooks.erasure.is_none()).map(ObjectCache::new),
@@ -722,7 +726,16 @@ impl<T: Transport> Object<T> {
                         (Some(Op::Write { first, .. }), None) => Request::Write { component: id, lsn, first },
                         (Some(Op::Unmap { first, count }), None) => Request::Unmap { component: id, lsn, first, count },
                         (Some(Op::Write { first, .. }), Some(_)) => {
-                            Request::ChunkWrite { component: id, lsn, first, stable, local: data.before_images_local() }
+                            let local = data.before_images_local();
+                            if local && state.owner.status(component) != &Status::Active {
+                                // Resyncing since the write was planned: its
+                                // blocks may be older than the stripe's last
+                                // write, so it cannot read its before-image.
+                                // Taken for failed; resynced again.
+                                self.fail_soon(state, component);
+                                continue;
+                            }
+                            Request::ChunkWrite { component: id, lsn, first, stable, local }
                         }
                         (Some(Op::Unmap { first, count }), Some(_)) => {
                             Request::ChunkUnmap { component: id, lsn, first, count, stable }
@@ -872,6 +885,14 @@ impl<T: Transport> Object<T> {
             let _ = answered.send(result);
         });
         answer
+    }
+
+    /// Takes `component` for failed, as an error answer from it would
+    /// (after the caller lets go of the state).
+    fn fail_soon(self: &Arc<Self>, state: &State, component: Index) {
+        let session = state.sessions[component].0;
+        let object = self.clone();
+        tokio::spawn(async move { object.input_from(component, session, Input::Failed { component }, None) });
     }
 
     /// An answer from `component` in `session`: one from a session that is

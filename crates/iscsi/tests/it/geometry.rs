@@ -52,7 +52,8 @@ impl BlockDevice for Striped {
 }
 
 /// (LBPPBE, optimal transfer length granularity, optimal unmap
-/// granularity) the unit reports for `device`.
+/// granularity) the unit reports for `device`; checks that the optimal
+/// transfer length is whole stripes.
 async fn geometry(device: impl BlockDevice) -> (u8, u16, u32) {
     let unit = LogicalUnit::new(Arc::new(device), 1, "g1");
     let capacity = crate::execute(&unit, NEXUS, 1, &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0], &[]).await;
@@ -63,6 +64,8 @@ async fn geometry(device: impl BlockDevice) -> (u8, u16, u32) {
     assert_eq!(page[1], 0xb0);
     let transfer = u16::from_be_bytes([page[6], page[7]]);
     let unmap = u32::from_be_bytes([page[28], page[29], page[30], page[31]]);
+    let optimal = u32::from_be_bytes([page[12], page[13], page[14], page[15]]);
+    assert!(optimal > 0 && optimal.is_multiple_of(u32::from(transfer)), "optimal transfer length {optimal}");
     (capacity.data[13] & 0x0f, transfer, unmap)
 }
 

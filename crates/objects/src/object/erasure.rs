@@ -74,6 +74,7 @@ impl<T: Transport> Object<T> {
         if whole && self.statuses().iter().all(|status| *status == Status::Active) {
             let mut columns = vec![vec![0u8; ec::bytes(rows)]; layout.data];
             lay(&mut columns);
+            self.full_stripe_writes.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("objects_erasure_full_stripe_writes_total").increment(1);
             return self.write_rows(layout, stripe, row, columns, None).await;
         }

@@ -278,9 +278,25 @@ async fn a_torn_whole_stripe_write_is_rolled_back_from_the_components_own_before
     // Whole stripes (48 blocks each), then a partial write, then whole
     // stripes over it again.
     let stripe = layout.stripe_blocks();
+    let whole = || object.full_stripe_writes.load(Ordering::Relaxed);
     write(&object, &mut model, 0, blocks, 1).await;
+    assert_eq!(whole(), layout.stripes(blocks), "every stripe written whole");
     write(&object, &mut model, stripe + 5, 7, 2).await;
+    assert_eq!(whole(), layout.stripes(blocks), "a partial write is no whole-stripe write");
     write(&object, &mut model, stripe, 2 * stripe, 3).await;
+    assert_eq!(whole(), layout.stripes(blocks) + 2);
+    check_stripes(&hosts, layout, &model).await;
+    // With a component away, a whole stripe is written the partial way
+    // (reads and before-images from the owner).
+    let away = layout.component(0, 0);
+    hosts[away].online.store(false, Ordering::SeqCst);
+    write(&object, &mut model, 40, 1, 5).await;
+    assert!(matches!(object.statuses()[away], Status::Absent { .. }), "{:?}", object.statuses());
+    write(&object, &mut model, 0, stripe, 6).await;
+    assert_eq!(whole(), layout.stripes(blocks) + 2);
+    hosts[away].online.store(true, Ordering::SeqCst);
+    assert!(object.probe(away).await);
+    wait_all_active(&object, 4).await;
     check_stripes(&hosts, layout, &model).await;
     object.close();
     tear_a_whole_stripe_write(&hosts, layout).await;
