@@ -59,6 +59,12 @@ pub enum ObjectError {
     Deposed,
     #[error("cannot open the object: {0}")]
     Recover(String),
+    /// A compare and write whose write was under way when a newer owner
+    /// took the object: it may or may not have been stored, so it must
+    /// not be tried again as if it had not (the compare would then fail on
+    /// its own data).
+    #[error("the object's owner changed during a compare and write: whether it wrote is unknown")]
+    Indeterminate,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -647,8 +653,11 @@ impl<T: Transport> Object<T> {
         }
         let mut blocks = bytes::BytesMut::from(&old[..]);
         blocks[from..from + new.len()].copy_from_slice(&new);
-        self.write_blocks(start, blocks.freeze()).await?;
-        Ok(None)
+        match self.write_blocks(start, blocks.freeze()).await {
+            // A read-modify-write of part of a block is the same done twice.
+            Err(ObjectError::Deposed) if !expected.is_empty() => Err(ObjectError::Indeterminate),
+            other => other.map(|_| None),
+        }
     }
 
     async fn write_blocks(self: &Arc<Self>, offset: u64, data: Bytes) -> Result<(), ObjectError> {
@@ -1091,7 +1100,10 @@ impl<T: Transport> Object<T> {
             }
         };
         let mut blocks = blocks;
-        if let Some(extra) = self.extra.lock().expect("extra lock").remove(&target) {
+        // Kept until a resync of the target ends: one that stops short
+        // (its source failed, say) is planned again, and must copy these
+        // too.
+        if let Some(extra) = self.extra.lock().expect("extra lock").get(&target) {
             blocks |= extra;
         }
         let target_id = self.ids[target];
@@ -1099,7 +1111,7 @@ impl<T: Transport> Object<T> {
         // What the target wrote above its stale LSN may be a deposed
         // owner's writes that no other copy has: those blocks are copied
         // too, so every copy ends the same.
-        let newest = self.reported_newest.lock().expect("reported lock").remove(&target);
+        let newest = self.reported_newest.lock().expect("reported lock").get(&target).copied();
         if newest.is_some_and(|newest| newest > stale) {
             let request = Request::WrittenSince { component: target_id, stale };
             match target_client.call(self.epoch, request, &[]).await {
@@ -1184,6 +1196,8 @@ impl<T: Transport> Object<T> {
             self.send(&mut state, target, request, Bytes::new(), None)
         };
         if let Ok(Ok(Reply::Ended(true))) = ended.await {
+            self.extra.lock().expect("extra lock").remove(&target);
+            self.reported_newest.lock().expect("reported lock").remove(&target);
             self.resync_stats.resyncs_done.fetch_add(1, Ordering::Relaxed);
             self.input(Input::Resynced { component: target, plan });
         }

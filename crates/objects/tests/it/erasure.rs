@@ -414,3 +414,31 @@ async fn a_deposed_owner_of_copies_answers_its_writes_deposed() {
     let read = old.read_at(0, BLOCK_SIZE as u64).await;
     assert!(matches!(read, Err(objects::object::ObjectError::Deposed)), "{read:?}");
 }
+
+/// A compare and write whose compare passed but whose write a newer
+/// owner's fence refused on one copy (it may have reached the other) is
+/// answered as of unknown outcome, not `Deposed`: tried again at the new
+/// owner, its compare would fail on its own data and report a miscompare
+/// for a write that was made. A read-modify-write of part of a block
+/// (nothing to compare) is the same done twice, and stays `Deposed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compare_and_write_deposed_mid_write_is_of_unknown_outcome() {
+    use objects::object::ObjectError;
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 2, 800).await;
+    let old = Object::open(1, BLOCKS, components(&hosts), 0);
+    old.write_at(0, Bytes::from(bytes(1, 4))).await.unwrap();
+    // A newer owner's first question fences copy 1 only; the old owner
+    // still reads copy 0.
+    hosts[1].client.info(2, hosts[1].id).await.unwrap();
+    let expected = bytes(1, 1);
+    let answer = old.compare_and_write(0, &expected[..512], Bytes::from(vec![7u8; 512])).await;
+    assert!(matches!(answer, Err(ObjectError::Indeterminate)), "{answer:?}");
+    assert!(old.is_closed());
+
+    let old = Object::open(3, BLOCKS, components(&hosts), 0);
+    hosts[1].client.info(4, hosts[1].id).await.unwrap();
+    let answer = old.compare_and_write(100, &[], Bytes::from(vec![9u8; 512])).await;
+    assert!(matches!(answer, Err(ObjectError::Deposed)), "{answer:?}");
+}

@@ -14,6 +14,23 @@ const HEADER_DIGEST_NONE: c_int = 0;
 pub const STATUS_GOOD: c_int = 0;
 pub const STATUS_CHECK_CONDITION: c_int = 2;
 pub const STATUS_RESERVATION_CONFLICT: c_int = 0x18;
+/// The sense key of a COMPARE AND WRITE whose compare failed.
+pub const SENSE_MISCOMPARE: u8 = 0x0e;
+
+/// The first fields of libiscsi's `struct scsi_task` (scsi-lowlevel.h,
+/// the same from 1.19 on), as far as the sense key.
+#[repr(C)]
+struct TaskHead {
+    status: c_int,
+    cdb_size: c_int,
+    xfer_dir: c_int,
+    expxferlen: c_int,
+    cdb: [u8; 16],
+    residual_status: c_int,
+    residual: usize,
+    sense_error_type: u8,
+    sense_key: c_int,
+}
 
 /// PERSISTENT RESERVE OUT's parameters (libiscsi's
 /// `struct scsi_persistent_reserve_out_basic`).
@@ -189,13 +206,22 @@ impl Session {
     }
 
     /// COMPARE AND WRITE of one 512-byte block: `both` holds the block to
-    /// compare, then the block to write.
-    pub fn compare_and_write(&self, lba: u64, both: &mut [u8; 1024]) -> Result<c_int, String> {
+    /// compare, then the block to write. The status, and with CHECK
+    /// CONDITION the sense key.
+    pub fn compare_and_write(&self, lba: u64, both: &mut [u8; 1024]) -> Result<(c_int, Option<u8>), String> {
         // SAFETY: the buffer outlives the synchronous call.
         let task = unsafe {
             (api().compareandwrite_sync)(self.context, self.lun, lba, both.as_mut_ptr(), 1024, 512, 0, 0, 0, 0, 0)
         };
-        self.status(task)
+        if task.is_null() {
+            return Err(self.error());
+        }
+        // SAFETY: the task is ours and begins as `TaskHead` does.
+        let key = unsafe {
+            let head = &*(task as *const TaskHead);
+            (head.status == STATUS_CHECK_CONDITION).then_some(head.sense_key as u8)
+        };
+        self.status(task).map(|status| (status, key))
     }
 
     /// UNMAP of these (first LBA, blocks) ranges.
