@@ -31,7 +31,7 @@ use objects::owner::Status;
 use objects::threads::{component_address, ComponentThreads, OwnerThreads};
 use serde::{Deserialize, Serialize};
 use wire::tcp::TcpTransport;
-use wire::{ErrorCode, RemoteError, Transport};
+use wire::{CallError, ErrorCode, RemoteError, Transport};
 
 use crate::daemon::Node;
 
@@ -112,6 +112,12 @@ impl IoRequest {
             | IoRequest::Provisioning { name, .. }
             | IoRequest::CompareAndWrite { name, .. } => name,
         }
+    }
+
+    /// A compare and write with something to compare: not the same if
+    /// done twice.
+    pub(crate) fn compares(&self) -> bool {
+        matches!(self, IoRequest::CompareAndWrite { expected, .. } if *expected > 0)
     }
 }
 
@@ -985,6 +991,11 @@ impl<T: Transport> ObjectClient<T> {
             index += 1;
             let reply = match self.transport.call(&address, method::OBJECT_IO, payload.clone(), IO_TIMEOUT).await {
                 Ok(reply) => reply,
+                // Sent, and perhaps carried out: a compare and write tried
+                // again would fail its compare on its own data.
+                Err(error @ (CallError::Timeout { .. } | CallError::ConnectionLost { .. })) if request.compares() => {
+                    return Err(ClientError::Failed(format!("{address}: {error}: whether it wrote is unknown")));
+                }
                 Err(error) => {
                     tried.push(format!("{address}: {error}"));
                     continue;
