@@ -104,16 +104,32 @@ async fn wait_all_active(object: &Arc<Object<TcpTransport>>, width: usize) {
 /// across stripes, whole stripes, the whole object.
 const WRITES: [(u64, u64); 9] = [(0, 1), (5, 3), (14, 4), (15, 40), (48, 48), (100, 200), (300, 1), (2, 130), (33, 17)];
 
+/// An erasure-coded object of `layout` over `width` in-process hosts
+/// (component ids from `first`), opened at epoch 1, and its content as
+/// written so far (zeros).
+struct Fixture {
+    _dir: tempfile::TempDir,
+    hosts: Vec<Host>,
+    blocks: u64,
+    object: Arc<Object<TcpTransport>>,
+    model: Vec<u8>,
+}
+
+impl Fixture {
+    async fn open(layout: Layout, width: usize, first: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = hosts(dir.path(), &TcpTransport::new(), width, first).await;
+        let blocks = object_blocks(&layout);
+        let object = Object::open_with(1, blocks, components(&hosts), 0, hooks(layout));
+        Fixture { _dir: dir, hosts, blocks, object, model: vec![0u8; blocks as usize * BLOCK_SIZE] }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raid5_and_raid6_read_back_every_write_and_every_stripes_parity_matches_its_data() {
     for (k, m) in [(2, 1), (3, 1), (4, 1), (4, 2)] {
         let layout = Layout::new(k, m);
-        let dir = tempfile::tempdir().unwrap();
-        let transport = TcpTransport::new();
-        let hosts = hosts(dir.path(), &transport, k + m, 100).await;
-        let blocks = object_blocks(&layout);
-        let object = Object::open_with(1, blocks, components(&hosts), 0, hooks(layout));
-        let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
+        let Fixture { _dir, hosts, blocks, object, mut model } = Fixture::open(layout, k + m, 100).await;
         write(&object, &mut model, 0, blocks, 1).await;
         for (seed, (first, count)) in WRITES.iter().enumerate() {
             write(&object, &mut model, *first, *count, seed as u64 + 2).await;
@@ -139,12 +155,7 @@ async fn raid5_and_raid6_read_back_every_write_and_every_stripes_parity_matches_
 async fn with_m_components_away_every_read_is_right_and_their_return_rebuilds_only_what_changed() {
     for (k, m) in [(3, 1), (4, 2)] {
         let layout = Layout::new(k, m);
-        let dir = tempfile::tempdir().unwrap();
-        let transport = TcpTransport::new();
-        let hosts = hosts(dir.path(), &transport, k + m, 200).await;
-        let blocks = object_blocks(&layout);
-        let object = Object::open_with(1, blocks, components(&hosts), 0, hooks(layout));
-        let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
+        let Fixture { _dir, hosts, blocks, object, mut model } = Fixture::open(layout, k + m, 200).await;
         write(&object, &mut model, 0, blocks, 1).await;
 
         // m components go away (one holds parity of stripe 0, one data).
@@ -190,12 +201,7 @@ async fn with_m_components_away_every_read_is_right_and_their_return_rebuilds_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmapping_whole_stripes_reclaims_data_and_parity_and_partial_stripes_read_as_zeros() {
     let layout = Layout::new(3, 1);
-    let dir = tempfile::tempdir().unwrap();
-    let transport = TcpTransport::new();
-    let hosts = hosts(dir.path(), &transport, 4, 300).await;
-    let blocks = object_blocks(&layout);
-    let object = Object::open_with(1, blocks, components(&hosts), 0, hooks(layout));
-    let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
+    let Fixture { _dir, hosts, blocks, object, mut model } = Fixture::open(layout, 4, 300).await;
     write(&object, &mut model, 0, blocks, 1).await;
     let allocated = |hosts: &[Host]| {
         let mut total = 0;
@@ -269,12 +275,7 @@ async fn tear_a_whole_stripe_write(hosts: &[Host], layout: Layout) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_whole_stripe_write_is_rolled_back_from_the_components_own_before_images() {
     let layout = Layout::new(3, 1);
-    let dir = tempfile::tempdir().unwrap();
-    let transport = TcpTransport::new();
-    let hosts = hosts(dir.path(), &transport, 4, 600).await;
-    let blocks = object_blocks(&layout);
-    let object = Object::open_with(1, blocks, components(&hosts), 0, hooks(layout));
-    let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
+    let Fixture { _dir, hosts, blocks, object, mut model } = Fixture::open(layout, 4, 600).await;
     // Whole stripes (48 blocks each), then a partial write, then whole
     // stripes over it again.
     let stripe = layout.stripe_blocks();
@@ -320,12 +321,7 @@ async fn a_torn_whole_stripe_write_is_rolled_back_from_the_components_own_before
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_owner_rolls_back_a_write_that_reached_only_some_chunks() {
     let layout = Layout::new(3, 1);
-    let dir = tempfile::tempdir().unwrap();
-    let transport = TcpTransport::new();
-    let hosts = hosts(dir.path(), &transport, 4, 400).await;
-    let blocks = object_blocks(&layout);
-    let object = Object::open_with(1, blocks, components(&hosts), 0, hooks(layout));
-    let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
+    let Fixture { _dir, hosts, blocks, object, mut model } = Fixture::open(layout, 4, 400).await;
     write(&object, &mut model, 0, blocks, 1).await;
     object.close();
     tear_a_write(&hosts, layout).await;
@@ -346,12 +342,7 @@ async fn a_new_owner_rolls_back_a_write_that_reached_only_some_chunks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_away_while_the_owner_dies_mid_write_still_reads_right() {
     let layout = Layout::new(3, 1);
-    let dir = tempfile::tempdir().unwrap();
-    let transport = TcpTransport::new();
-    let hosts = hosts(dir.path(), &transport, 4, 500).await;
-    let blocks = object_blocks(&layout);
-    let object = Object::open_with(1, blocks, components(&hosts), 0, hooks(layout));
-    let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
+    let Fixture { _dir, hosts, blocks, object, mut model } = Fixture::open(layout, 4, 500).await;
     write(&object, &mut model, 0, blocks, 1).await;
     object.close();
     tear_a_write(&hosts, layout).await;
