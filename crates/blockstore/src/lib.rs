@@ -630,7 +630,7 @@ impl Disk {
         let mut crcs = vec![0u8; count as usize * CRC_SIZE as usize];
         read_fully(component.crc.as_ref(), &mut crcs, first * CRC_SIZE)?;
         drop(state);
-        let allocated = |index: usize| crcs[index * 4..index * 4 + 4] != [0; 4];
+        let allocated = |index: usize| slot_allocated(&crcs[index * 4..index * 4 + 4]);
         let mapped = allocated(0);
         let run = (1..count as usize).find(|&index| allocated(index) != mapped).unwrap_or(count as usize);
         Ok((mapped, run as u64))
@@ -655,8 +655,8 @@ impl Disk {
             }
             crcs.resize(((end - first) * CRC_SIZE) as usize, 0);
             read_fully(component.crc.as_ref(), &mut crcs, first * CRC_SIZE)?;
-            for (index, crc) in crcs.chunks(CRC_SIZE as usize).enumerate() {
-                if crc != [0; 4] {
+            for (index, slot) in crcs.chunks(CRC_SIZE as usize).enumerate() {
+                if slot_allocated(slot) {
                     allocated.insert((first + index as u64) as u32);
                 }
             }
@@ -1420,6 +1420,12 @@ fn record_size(record: &Record) -> usize {
 }
 
 /// Writes whole blocks and their checksums.
+/// Whether a block's checksum slot says it is allocated: 0 only for a
+/// block never written or deallocated.
+fn slot_allocated(slot: &[u8]) -> bool {
+    slot != [0; 4]
+}
+
 /// Punches the blocks out (they read as zeros, with zero checksums).
 fn deallocate(component: &Component, first: u64, count: u64) -> Result<()> {
     component.data.punch_hole(first * BLOCK_SIZE as u64, count * BLOCK_SIZE as u64).map_err(io)?;

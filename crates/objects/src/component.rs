@@ -255,6 +255,7 @@ struct Parked {
     epoch: u64,
     request: Request,
     data: Bytes,
+    own: Option<Bytes>,
     started: tokio::sync::oneshot::Sender<Result<Started, ComponentError>>,
 }
 
@@ -344,7 +345,12 @@ impl Service {
     /// An ordered message: handed to the block store in `seq` order within
     /// its session (waiting for its predecessors if it came early), then
     /// awaited concurrently with the others.
-    async fn serve_ordered(&self, envelope: Envelope, data: Bytes) -> Result<(Reply, Bytes), ComponentError> {
+    async fn serve_ordered(
+        &self,
+        envelope: Envelope,
+        data: Bytes,
+        own: Option<Bytes>,
+    ) -> Result<(Reply, Bytes), ComponentError> {
         let Envelope { epoch, session, seq, request } = envelope;
         let component = request.component();
         let waiting = {
@@ -377,13 +383,13 @@ impl Service {
                     return Err(ComponentError::Busy);
                 }
                 let (started, wait) = tokio::sync::oneshot::channel();
-                state.parked.insert(seq, Parked { epoch, request, data, started });
+                state.parked.insert(seq, Parked { epoch, request, data, own, started });
                 Err(wait)
             } else {
-                let started = self.start(epoch, request, data);
+                let started = self.start(epoch, request, data, own);
                 state.next += 1;
                 while let Some(parked) = state.parked.remove(&state.next) {
-                    let _ = parked.started.send(self.start(parked.epoch, parked.request, parked.data));
+                    let _ = parked.started.send(self.start(parked.epoch, parked.request, parked.data, parked.own));
                     state.next += 1;
                 }
                 Ok(started)
@@ -409,7 +415,9 @@ impl Service {
 
     /// Checks the epoch and hands the request to the block store now;
     /// returns the wait for its durability.
-    fn start(&self, epoch: u64, request: Request, data: Bytes) -> Result<Started, ComponentError> {
+    /// `own`: the before-image a `local` chunk write's component read on
+    /// arrival ([`Service::own_before_image`]).
+    fn start(&self, epoch: u64, request: Request, data: Bytes, own: Option<Bytes>) -> Result<Started, ComponentError> {
         use blockstore::Record;
         let component = request.component();
         let disk = self.disk_of(component)?.clone();
@@ -427,8 +435,10 @@ impl Service {
             }
             Request::SyncWrite { first, .. } => Record::SyncWrite { component, first, data },
             Request::Repair { first, .. } => Record::Repair { component, first, data },
-            Request::ChunkWrite { local: true, .. } => {
-                return Err(ComponentError::Invalid("a chunk write's own before-image was not read".into()));
+            Request::ChunkWrite { lsn, first, stable, local: true, .. } => {
+                let undo =
+                    own.ok_or_else(|| ComponentError::Invalid("a chunk write's own before-image was not read".into()))?;
+                Record::ChunkWrite { component, lsn, first, stable, undo, data }
             }
             Request::ChunkWrite { lsn, first, stable, .. } => {
                 if !(data.len() / BLOCK_SIZE).is_multiple_of(2) || !data.len().is_multiple_of(BLOCK_SIZE) {
@@ -469,30 +479,23 @@ impl Service {
         }))
     }
 
-    /// A chunk write whose before-image this component is to read itself
-    /// (`local`), as one that carries it. Read on arrival, outside the
-    /// sessions' lock: the owner sends it only to a component it holds up
-    /// to date, once every earlier write to those rows is on it (the
-    /// stripe lock), so the blocks as they stand are what it replaces.
-    fn with_own_before_image(&self, envelope: Envelope, data: Bytes) -> Result<(Envelope, Bytes), ComponentError> {
-        let Request::ChunkWrite { component, lsn, first, stable, local: true } = envelope.request else {
-            return Ok((envelope, data));
-        };
+    /// For a chunk write whose before-image this component is to read
+    /// itself (`local`): the blocks as they stand. Read on arrival,
+    /// outside the sessions' lock: the owner sends it only to a component
+    /// it holds up to date, once every earlier write to those rows is on
+    /// it (the stripe lock), so they are what the write replaces.
+    fn own_before_image(&self, request: &Request, data: &Bytes) -> Result<Option<Bytes>, ComponentError> {
+        let Request::ChunkWrite { component, first, local: true, .. } = *request else { return Ok(None) };
         if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE) {
             return Err(ComponentError::Invalid(format!("a chunk write of {} bytes", data.len())));
         }
-        let undo = self.disk_of(component)?.read(component, first, (data.len() / BLOCK_SIZE) as u64)?;
-        let mut both = Vec::with_capacity(data.len() * 2);
-        both.extend_from_slice(&data);
-        both.extend_from_slice(&undo);
-        let request = Request::ChunkWrite { component, lsn, first, stable, local: false };
-        Ok((Envelope { request, ..envelope }, Bytes::from(both)))
+        Ok(Some(self.disk_of(component)?.read(component, first, (data.len() / BLOCK_SIZE) as u64)?))
     }
 
     async fn serve_inner(&self, envelope: Envelope, data: Bytes) -> Result<(Reply, Bytes), ComponentError> {
-        let (envelope, data) = self.with_own_before_image(envelope, data)?;
+        let own = self.own_before_image(&envelope.request, &data)?;
         if envelope.seq > 0 {
-            return self.serve_ordered(envelope, data).await;
+            return self.serve_ordered(envelope, data, own).await;
         }
         let Envelope { epoch, request, .. } = envelope;
         let done = Ok((Reply::Done, Bytes::new()));
@@ -554,7 +557,7 @@ impl Service {
                 Ok((Reply::Info(disk.component(component)?), Bytes::new()))
             }
             // Changes: the same path as an ordered session's, unordered.
-            other => self.start(epoch, other, data)?.await,
+            other => self.start(epoch, other, data, own)?.await,
         }
     }
 

@@ -70,7 +70,7 @@ impl<T: Transport> Object<T> {
         // chunk replaces itself (it holds every earlier write to the
         // stripe: they were on every active component before this one
         // took the stripe).
-        let whole = rows == layout.chunk_blocks && data.len() == ec::bytes(layout.stripe_blocks());
+        let whole = data.len() == ec::bytes(layout.stripe_blocks());
         if whole && self.statuses().iter().all(|status| *status == Status::Active) {
             let mut columns = vec![vec![0u8; ec::bytes(rows)]; layout.data];
             lay(&mut columns);

@@ -100,6 +100,22 @@ async fn wait_all_active(object: &Arc<Object<TcpTransport>>, width: usize) {
     }
 }
 
+/// The object's new owner at epoch 2, after its old owner stopped with
+/// component `away` gone with it (every component recorded active).
+async fn recover_without(hosts: &[Host], layout: Layout, blocks: u64, away: usize) -> Arc<Object<TcpTransport>> {
+    hosts[away].online.store(false, Ordering::SeqCst);
+    let recorded = vec![Status::Active; hosts.len()];
+    Object::recover(2, blocks, components(hosts), recorded, hooks(layout)).await.unwrap()
+}
+
+/// Component `away` comes back and is resynced until every component is
+/// active.
+async fn bring_back(object: &Arc<Object<TcpTransport>>, hosts: &[Host], away: usize) {
+    hosts[away].online.store(true, Ordering::SeqCst);
+    assert!(object.probe(away).await);
+    wait_all_active(object, hosts.len()).await;
+}
+
 /// Writes that start and end anywhere: inside a chunk, across chunks,
 /// across stripes, whole stripes, the whole object.
 const WRITES: [(u64, u64); 9] = [(0, 1), (5, 3), (14, 4), (15, 40), (48, 48), (100, 200), (300, 1), (2, 130), (33, 17)];
@@ -295,23 +311,16 @@ async fn a_torn_whole_stripe_write_is_rolled_back_from_the_components_own_before
     assert!(matches!(object.statuses()[away], Status::Absent { .. }), "{:?}", object.statuses());
     write(&object, &mut model, 0, stripe, 6).await;
     assert_eq!(whole(), layout.stripes(blocks) + 2);
-    hosts[away].online.store(true, Ordering::SeqCst);
-    assert!(object.probe(away).await);
-    wait_all_active(&object, 4).await;
+    bring_back(&object, &hosts, away).await;
     check_stripes(&hosts, layout, &model).await;
     object.close();
     tear_a_whole_stripe_write(&hosts, layout).await;
     // Data position 2 of stripe 1 goes away with the owner: it is rebuilt
     // from the others, right only if positions 0 and 1 were rolled back.
     let away = layout.component(1, 2);
-    hosts[away].online.store(false, Ordering::SeqCst);
-
-    let recorded = vec![Status::Active; 4];
-    let object = Object::recover(2, blocks, components(&hosts), recorded, hooks(layout)).await.unwrap();
+    let object = recover_without(&hosts, layout, blocks, away).await;
     assert!(read_all(&object, blocks).await == model, "a chunk rebuilt from a torn whole-stripe write is wrong");
-    hosts[away].online.store(true, Ordering::SeqCst);
-    assert!(object.probe(away).await);
-    wait_all_active(&object, 4).await;
+    bring_back(&object, &hosts, away).await;
     check_stripes(&hosts, layout, &model).await;
     write(&object, &mut model, 0, stripe, 4).await;
     check_stripes(&hosts, layout, &model).await;
@@ -349,19 +358,13 @@ async fn a_chunk_away_while_the_owner_dies_mid_write_still_reads_right() {
     // The component with data position 1 of stripe 0 goes away with the
     // owner.
     let away = layout.component(0, 1);
-    hosts[away].online.store(false, Ordering::SeqCst);
-
-    let recorded = vec![Status::Active; 4];
-    let object = Object::recover(2, blocks, components(&hosts), recorded, hooks(layout)).await.unwrap();
+    let object = recover_without(&hosts, layout, blocks, away).await;
     assert!(matches!(object.statuses()[away], Status::Absent { .. }), "{:?}", object.statuses());
     // Position 1's rows 3..5 (object blocks 19..21) are rebuilt from the
     // others: right only if the torn write was undone.
     assert!(read_all(&object, blocks).await == model, "a chunk rebuilt from a torn stripe is wrong");
     write(&object, &mut model, 40, 30, 4).await;
-
-    hosts[away].online.store(true, Ordering::SeqCst);
-    assert!(object.probe(away).await);
-    wait_all_active(&object, 4).await;
+    bring_back(&object, &hosts, away).await;
     check_stripes(&hosts, layout, &model).await;
     assert!(read_all(&object, blocks).await == model);
 }
@@ -386,16 +389,22 @@ async fn a_deposed_owner_says_so_when_its_reads_are_refused() {
     assert!(read_all(&new, blocks).await == model);
 }
 
+/// An object of two copies (component ids from `first`), opened at epoch
+/// 1, its first 4 blocks written with `bytes(1, 4)`.
+async fn two_copies_written(first: u64) -> (tempfile::TempDir, Vec<Host>, Arc<Object<TcpTransport>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = hosts(dir.path(), &TcpTransport::new(), 2, first).await;
+    let object = Object::open(1, BLOCKS, components(&hosts), 0);
+    object.write_at(0, Bytes::from(bytes(1, 4))).await.unwrap();
+    (dir, hosts, object)
+}
+
 /// The same for copies: a write of an owner a newer one fenced is answered
 /// `Deposed` (it goes to the new owner), not refused as if every copy had
 /// failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_owner_of_copies_answers_its_writes_deposed() {
-    let dir = tempfile::tempdir().unwrap();
-    let transport = TcpTransport::new();
-    let hosts = hosts(dir.path(), &transport, 2, 700).await;
-    let old = Object::open(1, BLOCKS, components(&hosts), 0);
-    old.write_at(0, Bytes::from(bytes(1, 4))).await.unwrap();
+    let (_dir, hosts, old) = two_copies_written(700).await;
     let _new = Object::recover(2, BLOCKS, components(&hosts), vec![Status::Active; 2], Hooks::default()).await.unwrap();
     for _ in 0..4 {
         let refused = old.write_at(0, Bytes::from(bytes(2, 1))).await;
@@ -415,11 +424,7 @@ async fn a_deposed_owner_of_copies_answers_its_writes_deposed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compare_and_write_deposed_mid_write_is_of_unknown_outcome() {
     use objects::object::ObjectError;
-    let dir = tempfile::tempdir().unwrap();
-    let transport = TcpTransport::new();
-    let hosts = hosts(dir.path(), &transport, 2, 800).await;
-    let old = Object::open(1, BLOCKS, components(&hosts), 0);
-    old.write_at(0, Bytes::from(bytes(1, 4))).await.unwrap();
+    let (_dir, hosts, old) = two_copies_written(800).await;
     // A newer owner's first question fences copy 1 only; the old owner
     // still reads copy 0.
     hosts[1].client.info(2, hosts[1].id).await.unwrap();
