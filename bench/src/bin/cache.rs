@@ -6,11 +6,11 @@
 //! - bytes of memory per entry beyond the key and value (a counting
 //!   allocator measures what filling each cache allocated).
 //!
-//!     bench/cache.sh [--keys 100000] [--requests 2000000]
+//!     bench/cache.sh [--keys 100000] [--requests 2000000] [--tables hit,throughput,memory]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Instant;
 
 use clap::Parser;
@@ -19,20 +19,30 @@ use clap::Parser;
 struct Counting;
 
 static HELD_BYTES: AtomicI64 = AtomicI64::new(0);
+/// Whether allocations are counted: only while memory is measured, so the
+/// counter (one atomic every thread adds to) does not slow the throughput
+/// runs of a cache that allocates per insert.
+static COUNTING: AtomicBool = AtomicBool::new(false);
 
 // SAFETY: every call forwards to the system allocator unchanged; the
 // counter is only arithmetic on the sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        HELD_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        if COUNTING.load(Ordering::Relaxed) {
+            HELD_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        }
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        HELD_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        if COUNTING.load(Ordering::Relaxed) {
+            HELD_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        }
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        HELD_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        if COUNTING.load(Ordering::Relaxed) {
+            HELD_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        }
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -53,6 +63,23 @@ struct Args {
     operations: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Which tables to print: any of hit, throughput, memory.
+    #[arg(long, value_delimiter = ',', default_value = "hit,throughput,memory")]
+    tables: Vec<String>,
+    /// Thread counts for the throughput table.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    threads: Vec<usize>,
+    /// Caches to run the throughput table on (tessera, quick_cache, moka), for profiling one alone.
+    #[arg(long, value_delimiter = ',', default_value = "tessera,quick_cache,moka")]
+    caches: Vec<String>,
+    /// Percent of reads in each throughput mix.
+    #[arg(long, value_delimiter = ',', default_value = "90,50")]
+    reads: Vec<u64>,
+    /// Throughput rounds per cell: the caches take turns, the order
+    /// alternating each round; the table gives medians (this machine's
+    /// speed drifts by tens of percent from one second to the next).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
 }
 
 /// The three caches behind one face: a u64 -> u64 map of a given entry capacity.
@@ -209,26 +236,40 @@ fn throughput<C: Subject>(trace: &[u64], capacity: usize, threads: usize, read_p
     (threads * operations) as f64 / started.elapsed().as_secs_f64() / 1e6
 }
 
-/// Bytes allocated per entry, beyond the 16 of a u64 key and value, once
-/// `entries` keys fill a cache of that capacity.
-fn overhead<C: Subject>(entries: usize) -> f64 {
+/// Bytes allocated per entry kept, beyond the 16 of a u64 key and value,
+/// once `entries` keys fill a cache of that capacity; and the entries kept.
+fn overhead<C: Subject>(entries: usize) -> (f64, usize) {
+    COUNTING.store(true, Ordering::SeqCst);
     let before = HELD_BYTES.load(Ordering::Relaxed);
     let cache = C::new(entries);
     for key in 0..entries as u64 {
         cache.insert(key.wrapping_mul(0x9E37_79B9_7F4A_7C15), key);
     }
-    // Let every cache settle what it buffered (moka applies writes lazily).
-    for key in 0..entries as u64 {
-        black_box(cache.get(key.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-    }
+    // Let every cache settle what it buffered (moka applies writes
+    // lazily), and count what it holds: a cache that kept fewer than it
+    // was given would look smaller per entry than it is.
+    let kept = (0..entries as u64).filter(|key| cache.get(key.wrapping_mul(0x9E37_79B9_7F4A_7C15)).is_some()).count();
     let held = HELD_BYTES.load(Ordering::Relaxed) - before;
     drop(cache);
-    held as f64 / entries as f64 - 16.0
+    COUNTING.store(false, Ordering::SeqCst);
+    (held as f64 / kept as f64 - 16.0, kept)
 }
 
 fn main() {
     let args = Args::parse();
+    let wanted = |table: &str| args.tables.iter().any(|name| name == table);
+    if wanted("hit") {
+        hit_ratios(&args);
+    }
+    if wanted("throughput") {
+        throughputs(&args);
+    }
+    if wanted("memory") {
+        memory();
+    }
+}
 
+fn hit_ratios(args: &Args) {
     println!("## Hit ratio ({} keys, {} requests per trace; miss → insert)\n", args.keys, args.requests);
     println!("| trace | capacity | tessera | quick_cache | moka | tessera / quick_cache |");
     println!("|---|---|---|---|---|---|");
@@ -262,36 +303,70 @@ fn main() {
             ours / quick
         );
     }
+}
 
+fn throughputs(args: &Args) {
     let capacity = (args.keys / 10) as usize;
     println!(
-        "\n## Throughput (million operations/s; Zipf 1.0 over {} keys, capacity {capacity}, {} operations per thread)\n",
-        args.keys, args.operations
+        "\n## Throughput (million operations/s, median of {} rounds; Zipf 1.0 over {} keys, capacity {capacity}, \
+         {} operations per thread)\n",
+        args.rounds, args.keys, args.operations
     );
-    println!("| threads | reads/inserts | tessera | quick_cache | moka | tessera / quick_cache |");
-    println!("|---|---|---|---|---|---|");
+    println!("| threads | reads/inserts | tessera | quick_cache | moka | tessera / quick_cache (median of rounds) | (min-max) |");
+    println!("|---|---|---|---|---|---|---|");
     let trace = zipf_trace(args.keys, 1.0, args.requests, args.seed + 1);
-    for read_percent in [90, 50] {
-        for threads in [1, 2, 4] {
-            let ours = throughput::<Tessera>(&trace, capacity, threads, read_percent, args.operations);
-            let quick = throughput::<Quick>(&trace, capacity, threads, read_percent, args.operations);
-            let moka = throughput::<Moka>(&trace, capacity, threads, read_percent, args.operations);
+    for &read_percent in &args.reads {
+        for &threads in &args.threads {
+            let run = |name: &str, measure: fn(&[u64], usize, usize, u64, usize) -> f64| {
+                if args.caches.iter().any(|cache| cache == name) {
+                    measure(&trace, capacity, threads, read_percent, args.operations)
+                } else {
+                    f64::NAN
+                }
+            };
+            let (mut ours, mut quick, mut moka, mut ratios) = (vec![], vec![], vec![], vec![]);
+            for round in 0..args.rounds.max(1) {
+                let (tessera, quick_cache) = if round % 2 == 0 {
+                    let tessera = run("tessera", throughput::<Tessera>);
+                    (tessera, run("quick_cache", throughput::<Quick>))
+                } else {
+                    let quick_cache = run("quick_cache", throughput::<Quick>);
+                    (run("tessera", throughput::<Tessera>), quick_cache)
+                };
+                ours.push(tessera);
+                quick.push(quick_cache);
+                ratios.push(tessera / quick_cache);
+                if round == 0 {
+                    // moka is an order of magnitude slower: one round.
+                    moka.push(run("moka", throughput::<Moka>));
+                }
+            }
+            let (low, high) = ratios
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), &ratio| (low.min(ratio), high.max(ratio)));
             println!(
-                "| {threads} | {read_percent}/{} | {ours:.2} | {quick:.2} | {moka:.2} | {:.2} |",
+                "| {threads} | {read_percent}/{} | {:.2} | {:.2} | {:.2} | {:.2} | {low:.2}-{high:.2} |",
                 100 - read_percent,
-                ours / quick
+                median(&mut ours),
+                median(&mut quick),
+                median(&mut moka),
+                median(&mut ratios),
             );
         }
     }
+}
 
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn memory() {
     let entries = 1_000_000;
     println!("\n## Memory per entry ({entries} u64 → u64 entries; bytes beyond the 16 of key and value)\n");
-    println!("| tessera | quick_cache | moka |");
-    println!("|---|---|---|");
-    println!(
-        "| {:.1} | {:.1} | {:.1} |",
-        overhead::<Tessera>(entries),
-        overhead::<Quick>(entries),
-        overhead::<Moka>(entries)
-    );
+    println!("| | tessera | quick_cache | moka |");
+    println!("|---|---|---|---|");
+    let measured = [overhead::<Tessera>(entries), overhead::<Quick>(entries), overhead::<Moka>(entries)];
+    println!("| bytes per entry kept | {:.1} | {:.1} | {:.1} |", measured[0].0, measured[1].0, measured[2].0);
+    println!("| entries kept | {} | {} | {} |", measured[0].1, measured[1].1, measured[2].1);
 }

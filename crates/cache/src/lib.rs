@@ -35,6 +35,8 @@
 //!
 //! **Boundary:** this crate knows nothing of objects, blocks or I/O.
 
+mod bucket;
+mod lock;
 mod ring;
 
 use std::borrow::Borrow;
@@ -43,9 +45,9 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use bucket::{tag, List};
 use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
-
+use lock::BucketLock;
 use ring::Ring;
 
 /// How much of the capacity one entry takes.
@@ -103,7 +105,8 @@ struct Element<K, V> {
     key: K,
     value: Guarded<V>,
     hash: u64,
-    weight: u64,
+    /// At most `u32::MAX`: a heavier entry is not cached.
+    weight: u32,
     /// Reads since it entered its queue (or since main's last pass), up to
     /// `FREQUENCY_MAX`.
     frequency: AtomicU8,
@@ -148,16 +151,9 @@ impl<V> Guarded<V> {
     }
 }
 
-/// One entry of a bucket's list: a live element, or the ghost of an
-/// evicted key (its hash alone). The hash is kept inline so a scan touches
-/// no element but the one that matches.
-struct Slot<K, V> {
-    hash: u64,
-    element: Option<Arc<Element<K, V>>>,
-}
-
-/// A bucket of the hash table: its list, under its own mutex.
-type Bucket<K, V> = Mutex<Vec<Slot<K, V>>>;
+/// A bucket of the hash table: its list and its share of the counters
+/// (`bucket.rs`), under its own mutex (`lock.rs`).
+type Bucket<K, V> = BucketLock<List<Element<K, V>>>;
 
 /// The ghost queue: a ring of hashes, advanced with one atomic add. A push
 /// overwrites the oldest ghost, whose bucket entry is then dropped.
@@ -219,6 +215,7 @@ struct Shard<K, V> {
     main_weight: CachePadded<AtomicI64>,
     capacity: u64,
     small_capacity: u64,
+    /// Counts handed over by the buckets (see `List::pending`).
     counters: CachePadded<[AtomicU64; 4]>,
 }
 
@@ -267,7 +264,7 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
     /// As [`Cache::with`], in `shards` shards (rounded up to a power of
     /// two, at most 64): one shard makes every decision on the whole
     /// capacity, which the model test relies on. An entry heavier than a
-    /// shard's share of the capacity is not cached.
+    /// shard's share of the capacity (or than `u32::MAX`) is not cached.
     pub fn with_shards(shards: usize, estimated_items: usize, capacity: u64, weigher: W, hasher: S) -> Self {
         let shards = shards.clamp(1, SHARDS_MAX).next_power_of_two();
         let items = estimated_items.max(1).div_ceil(shards);
@@ -322,12 +319,14 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
         let weight = self.weigher.weigh(&key, &value);
         let hash = self.hasher.hash_one(&key);
         let shard = self.shard(hash);
-        if weight > shard.capacity {
-            // It can never fit: drop any older value so no reader sees it.
-            shard.remove(hash, &key);
-            return false;
+        match u32::try_from(weight) {
+            Ok(weight) if u64::from(weight) <= shard.capacity => shard.insert_if(hash, key, value, weight, still_valid),
+            _ => {
+                // It can never fit: drop any older value so no reader sees it.
+                shard.remove(hash, &key);
+                false
+            }
         }
-        shard.insert_if(hash, key, value, weight, still_valid)
     }
 
     /// Drops `key`'s value; returns whether there was one.
@@ -358,11 +357,21 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
         self.len() == 0
     }
 
+    /// Counts since the cache was made (walks every bucket: for reports,
+    /// not hot paths).
     pub fn stats(&self) -> CacheStats {
-        let sum = |counter: usize| -> u64 {
-            self.shards.iter().map(|shard| shard.counters[counter].load(Ordering::Relaxed)).sum()
-        };
-        CacheStats { hits: sum(HIT), misses: sum(MISS), inserts: sum(INSERT), evictions: sum(EVICTION) }
+        let mut sums = [0u64; 4];
+        for shard in self.shards.iter() {
+            for (sum, counter) in sums.iter_mut().zip(shard.counters.iter()) {
+                *sum += counter.load(Ordering::Relaxed);
+            }
+            for bucket in shard.buckets.iter() {
+                for (sum, pending) in sums.iter_mut().zip(bucket.lock().pending()) {
+                    *sum += u64::from(pending);
+                }
+            }
+        }
+        CacheStats { hits: sums[HIT], misses: sums[MISS], inserts: sums[INSERT], evictions: sums[EVICTION] }
     }
 
     /// Checks the invariants (see the crate documentation) of every shard
@@ -381,7 +390,7 @@ impl<K: Eq, V: Clone> Shard<K, V> {
     fn new(estimated_items: usize, capacity: u64) -> Self {
         let buckets = (estimated_items / ITEMS_PER_BUCKET).max(16).next_power_of_two();
         Shard {
-            buckets: (0..buckets).map(|_| Mutex::new(Vec::new())).collect(),
+            buckets: (0..buckets).map(|_| BucketLock::default()).collect(),
             bucket_mask: buckets as u64 - 1,
             small: Ring::new(estimated_items),
             main: Ring::new(estimated_items),
@@ -394,17 +403,19 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         }
     }
 
-    fn count(&self, counter: usize) {
-        self.counters[counter].fetch_add(1, Ordering::Relaxed);
-    }
-
     fn weight(&self) -> u64 {
         let weight = self.small_weight.load(Ordering::Relaxed) + self.main_weight.load(Ordering::Relaxed);
         weight.max(0) as u64
     }
 
     fn len(&self) -> usize {
-        self.buckets.iter().map(|bucket| bucket.lock().iter().filter(|slot| slot.element.is_some()).count()).sum()
+        self.buckets
+            .iter()
+            .map(|bucket| {
+                let list = bucket.lock();
+                (0..list.len()).filter(|&index| list.get(index).1.is_some()).count()
+            })
+            .sum()
     }
 
     fn bucket_index(&self, hash: u64) -> usize {
@@ -416,40 +427,36 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         K: Borrow<Q>,
         Q: Eq + ?Sized,
     {
-        let found = {
-            let bucket = self.buckets[self.bucket_index(hash)].lock();
-            bucket.iter().find_map(|slot| match &slot.element {
-                Some(element) if slot.hash == hash && element.key.borrow() == key => {
-                    if touch {
-                        element.touch();
-                    }
-                    // SAFETY: this bucket's lock is held (`bucket`).
-                    Some(unsafe { element.value.get() }.clone())
-                }
-                _ => None,
-            })
-        };
+        let mut bucket = self.buckets[self.bucket_index(hash)].lock();
+        let found = bucket.live(tag(hash), |element| element.key.borrow() == key).map(|element| {
+            if touch {
+                element.touch();
+            }
+            // SAFETY: this bucket's lock is held (`bucket`).
+            unsafe { element.value.get() }.clone()
+        });
         if touch {
-            self.count(if found.is_some() { HIT } else { MISS });
+            bucket.count(if found.is_some() { HIT } else { MISS }, &self.counters);
         }
         found
     }
 
-    fn insert_if(&self, hash: u64, key: K, value: V, weight: u64, still_valid: impl FnOnce() -> bool) -> bool {
+    fn insert_if(&self, hash: u64, key: K, value: V, weight: u32, still_valid: impl FnOnce() -> bool) -> bool {
         let element = {
             let mut bucket = self.buckets[self.bucket_index(hash)].lock();
             if !still_valid() {
                 return false;
             }
+            let tag = tag(hash);
             let mut live = None;
             let mut ghost = None;
-            for (position, slot) in bucket.iter().enumerate() {
-                match &slot.element {
-                    Some(element) if slot.hash == hash && element.key == key => {
+            for position in 0..bucket.len() {
+                match bucket.get(position) {
+                    (slot_tag, Some(element)) if slot_tag == tag && element.key == key => {
                         live = Some(position);
                         break;
                     }
-                    None if ghost_tag(slot.hash) == ghost_tag(hash) => ghost = Some(position),
+                    (slot_tag, None) if slot_tag == tag => ghost = Some(position),
                     _ => {}
                 }
             }
@@ -460,14 +467,14 @@ impl<K: Eq, V: Clone> Shard<K, V> {
             // to main.
             let (state, frequency) = match live {
                 Some(position) => {
-                    let old = bucket[position].element.as_ref().expect("a live slot");
+                    let old = bucket.get(position).1.expect("a live slot");
                     if old.weight == weight && old.state.load(Ordering::Acquire) != REMOVED {
                         // SAFETY: this bucket's lock is held (`bucket`).
                         let previous = unsafe { old.value.replace(value) };
                         old.touch();
+                        bucket.count(INSERT, &self.counters);
                         drop(bucket);
                         drop(previous);
-                        self.count(INSERT);
                         return true;
                     }
                     let state = self.retire(old).unwrap_or(IN_SMALL);
@@ -487,14 +494,14 @@ impl<K: Eq, V: Clone> Shard<K, V> {
             // Counted before anyone can find it, so a remover never
             // subtracts what was not yet added.
             self.queue_weight(state).fetch_add(weight as i64, Ordering::Relaxed);
-            let slot = Slot { hash, element: Some(Arc::clone(&element)) };
+            let queued = Some(Arc::clone(&element));
             match (live, ghost) {
-                (Some(position), _) | (None, Some(position)) => bucket[position] = slot,
-                (None, None) => bucket.push(slot),
+                (Some(position), _) | (None, Some(position)) => bucket.set(position, tag, queued),
+                (None, None) => bucket.add(tag, queued),
             }
+            bucket.count(INSERT, &self.counters);
             element
         };
-        self.count(INSERT);
         self.enqueue(element);
         self.evict_to_capacity();
         true
@@ -506,12 +513,12 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         Q: Eq + ?Sized,
     {
         let mut bucket = self.buckets[self.bucket_index(hash)].lock();
-        let position = bucket.iter().position(|slot| {
-            slot.hash == hash && slot.element.as_ref().is_some_and(|element| element.key.borrow() == key)
-        });
+        let tag = tag(hash);
+        let position = bucket
+            .find(|slot_tag, element| slot_tag == tag && element.is_some_and(|element| element.key.borrow() == key));
         let Some(position) = position else { return false };
-        let slot = bucket.swap_remove(position);
-        self.retire(slot.element.as_ref().expect("a live slot")).is_some()
+        let element = bucket.take(position).expect("a live slot");
+        self.retire(&element).is_some()
     }
 
     fn queue_weight(&self, state: u8) -> &AtomicI64 {
@@ -601,7 +608,6 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         }
         if self.retire(&element).is_some() {
             self.unlink(&element, true);
-            self.count(EVICTION);
         }
         true
     }
@@ -628,23 +634,22 @@ impl<K: Eq, V: Clone> Shard<K, V> {
     fn evict_popped(&self, element: &Arc<Element<K, V>>) {
         if self.retire(element).is_some() {
             self.unlink(element, false);
-            self.count(EVICTION);
         }
     }
 
     /// Takes an evicted element out of its bucket, leaving its ghost there
-    /// if asked to.
+    /// if asked to, and counts the eviction.
     fn unlink(&self, element: &Arc<Element<K, V>>, leave_ghost: bool) {
         {
             let mut bucket = self.buckets[self.bucket_index(element.hash)].lock();
-            let position =
-                bucket.iter().position(|slot| slot.element.as_ref().is_some_and(|e| Arc::ptr_eq(e, element)));
+            bucket.count(EVICTION, &self.counters);
+            let position = bucket.find(|_, slot| slot.is_some_and(|e| Arc::ptr_eq(e, element)));
             // Not found: a writer replaced the key meanwhile, which is live again.
             let Some(position) = position else { return };
             if leave_ghost {
-                bucket[position].element = None;
+                bucket.set(position, tag(element.hash), None);
             } else {
-                bucket.swap_remove(position);
+                bucket.take(position);
             }
         }
         if leave_ghost {
@@ -654,12 +659,13 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         }
     }
 
-    /// Drops one ghost entry with this tag from its bucket (none may be
+    /// Drops one ghost entry of this hash from its bucket (none may be
     /// left: a ghost hit consumes the entry but not its ring slot).
-    fn forget_ghost(&self, tag: u64) {
-        let mut bucket = self.buckets[self.bucket_index(tag)].lock();
-        if let Some(position) = bucket.iter().position(|slot| slot.element.is_none() && ghost_tag(slot.hash) == tag) {
-            bucket.swap_remove(position);
+    fn forget_ghost(&self, hash: u64) {
+        let mut bucket = self.buckets[self.bucket_index(hash)].lock();
+        let tag = tag(hash);
+        if let Some(position) = bucket.find(|slot_tag, element| slot_tag == tag && element.is_none()) {
+            bucket.take(position);
         }
     }
 
@@ -681,16 +687,21 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         }
         let (mut small, mut main, mut ghosts, mut live) = (0i64, 0i64, 0usize, 0usize);
         for bucket in self.buckets.iter_mut() {
-            let bucket = bucket.get_mut();
-            for (position, slot) in bucket.iter().enumerate() {
-                let Some(element) = &slot.element else {
-                    ghosts += 1;
+            let list = bucket.get_mut();
+            let slots = (0..list.len()).map(|index| list.get(index)).collect::<Vec<_>>();
+            for (position, &(slot_tag, slot)) in slots.iter().enumerate() {
+                let Some(element) = slot else {
+                    if slot_tag != 0 {
+                        ghosts += 1;
+                    }
                     continue;
                 };
                 live += 1;
-                let duplicate = bucket[..position]
-                    .iter()
-                    .any(|other| other.element.as_ref().is_some_and(|other| other.key == element.key));
+                if slot_tag != tag(element.hash) {
+                    return Err("a live element's slot has another hash's tag".into());
+                }
+                let duplicate =
+                    slots[..position].iter().any(|(_, other)| other.is_some_and(|other| other.key == element.key));
                 if duplicate {
                     return Err("a key is live twice in its bucket".into());
                 }
@@ -726,6 +737,12 @@ impl<K: Eq, V: Clone> Shard<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bucket_fills_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Bucket<u64, u64>>(), 64);
+        assert_eq!(std::mem::align_of::<Bucket<u64, u64>>(), 64);
+    }
 
     fn cache(capacity: usize) -> Cache<u64, u64, UnitWeigher, std::hash::BuildHasherDefault<std::hash::DefaultHasher>> {
         Cache::with_shards(1, capacity * 4, capacity as u64, UnitWeigher, Default::default())
@@ -819,9 +836,7 @@ mod tests {
             let hash = self.hasher.hash_one(key);
             let shard = self.shard(hash);
             let bucket = shard.buckets[shard.bucket_index(hash)].lock();
-            bucket.iter().find_map(|slot| {
-                slot.element.as_ref().filter(|e| &e.key == key).map(|e| e.state.load(Ordering::Relaxed))
-            })
+            bucket.live(tag(hash), |e| &e.key == key).map(|e| e.state.load(Ordering::Relaxed))
         }
     }
 }
