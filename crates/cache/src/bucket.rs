@@ -37,8 +37,11 @@ pub(crate) struct List<E> {
     /// to the shard before it would overflow.
     pending: [u16; 4],
     near: [Option<Arc<E>>; NEAR],
-    far: Option<Box<Vec<(u32, Option<Arc<E>>)>>>,
+    far: Option<Box<Far<E>>>,
 }
+
+/// Slots past the near ones: tag and element (none for a ghost).
+type Far<E> = Vec<(u32, Option<Arc<E>>)>;
 
 impl<E> Default for List<E> {
     fn default() -> Self {
