@@ -7,6 +7,10 @@
 //!   mutex**, so threads working on different buckets never contend. A
 //!   bucket's list also remembers the hashes of recently evicted keys (the
 //!   ghosts), so a lookup and a ghost check are one scan under one lock.
+//!   The mutex is a lock word released by a plain store (`lock.rs`); the
+//!   word, the first slots and the bucket's share of the hit, miss,
+//!   insertion and eviction counts fill one cache line (`bucket.rs`), so
+//!   counting a read costs no atomic instruction of its own.
 //! - **Three queues**, S3-FIFO's: *small* (where new keys enter), *main*
 //!   (keys that were read again while in small, or that come back soon
 //!   after eviction) and *ghost* (hashes of keys evicted from small). Each
