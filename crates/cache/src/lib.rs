@@ -364,15 +364,18 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
     /// Counts since the cache was made (walks every bucket: for reports,
     /// not hot paths).
     pub fn stats(&self) -> CacheStats {
+        // Each bucket's pending counts move to its shard's counters under
+        // its lock, then the counters are read: a count is in exactly one
+        // place at any time, and totals never go down from one call to the
+        // next (summing the two without moving could miss a bucket's
+        // overflow between the reads).
         let mut sums = [0u64; 4];
         for shard in self.shards.iter() {
+            for bucket in shard.buckets.iter() {
+                bucket.lock().hand_over(&shard.counters);
+            }
             for (sum, counter) in sums.iter_mut().zip(shard.counters.iter()) {
                 *sum += counter.load(Ordering::Relaxed);
-            }
-            for bucket in shard.buckets.iter() {
-                for (sum, pending) in sums.iter_mut().zip(bucket.lock().pending()) {
-                    *sum += u64::from(pending);
-                }
             }
         }
         CacheStats { hits: sums[HIT], misses: sums[MISS], inserts: sums[INSERT], evictions: sums[EVICTION] }
@@ -692,6 +695,9 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         let (mut small, mut main, mut ghosts, mut live) = (0i64, 0i64, 0usize, 0usize);
         for bucket in self.buckets.iter_mut() {
             let list = bucket.get_mut();
+            if !list.far_is_tidy() {
+                return Err("a bucket's far slots are empty, or could be near".into());
+            }
             let slots = (0..list.len()).map(|index| list.get(index)).collect::<Vec<_>>();
             for (position, &(slot_tag, slot)) in slots.iter().enumerate() {
                 let Some(element) = slot else {

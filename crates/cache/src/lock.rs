@@ -13,6 +13,7 @@
 //! value is reached only through that guard or through `&mut self`.
 
 use std::cell::UnsafeCell;
+use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -41,7 +42,7 @@ impl<T> BucketLock<T> {
         if self.held.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             self.lock_contended();
         }
-        Guard { lock: self }
+        Guard { lock: self, _value: PhantomData }
     }
 
     #[cold]
@@ -66,6 +67,10 @@ impl<T> BucketLock<T> {
 
 pub(crate) struct Guard<'a, T> {
     lock: &'a BucketLock<T>,
+    /// Makes a guard `Sync` only if `T` is, as `&mut T` is: shared, it
+    /// hands out `&T`. (`Send` needs only `T: Send`: the unlock is a store
+    /// any thread may make.)
+    _value: PhantomData<&'a mut T>,
 }
 
 impl<T> Deref for Guard<'_, T> {
