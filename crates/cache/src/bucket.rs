@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Slots in the bucket itself. With the tables sized for about two live
-/// elements per bucket and ghosts for half as many again, most buckets
-/// need no more.
+/// elements per bucket and ghosts for two fifths as many again, most
+/// buckets need no more.
 pub(crate) const NEAR: usize = 3;
 
 /// A hash's tag (see the module documentation).

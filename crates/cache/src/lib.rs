@@ -82,12 +82,13 @@ impl<K, V> Weigher<K, V> for UnitWeigher {
 /// two-bit frequency).
 const FREQUENCY_MAX: u8 = 3;
 /// The small queue's share of the capacity. S3-FIFO's paper uses 10%;
-/// tuned on bench/cache.sh, 3% came within 0.6% of quick_cache's hit ratio
-/// or above it on the Zipf traces and within 1.5% on the scan mix, where
-/// 10% lost up to 7% (bench/RESULTS.md).
-const SMALL_PERCENT: u64 = 3;
+/// tuned on bench/cache.sh with the ghost queue's length below: 10% lost
+/// up to 7% of quick_cache's hit ratio on the scan mix, 3% up to 1.5%, and
+/// 2% (with ghosts for 40% of the items) is at or above it on every Zipf
+/// trace over four seeds (bench/RESULTS.md).
+const SMALL_PERCENT: u64 = 2;
 /// Live elements per bucket at the estimated item count; ghosts add up to
-/// half as many again. Short lists keep a lookup to a few compares in one cache
+/// two fifths as many again. Short lists keep a lookup to a few compares in one cache
 /// line or two.
 const ITEMS_PER_BUCKET: usize = 2;
 /// Shards per core, at most (each shard has its own table, queues and
@@ -97,8 +98,10 @@ const ITEMS_PER_BUCKET: usize = 2;
 const SHARDS_PER_CORE: usize = 4;
 const SHARDS_MAX: usize = 64;
 const SHARD_ITEMS_MIN: usize = 256;
-/// The ghost queue's length, as a share of the estimated items.
-const GHOST_PERCENT: usize = 50;
+/// The ghost queue's length, as a share of the estimated items (tuned with
+/// `SMALL_PERCENT`: 50% and 100% gave lower hit ratios, 25% a higher one on
+/// Zipf traces but a lower one on the scan mix).
+const GHOST_PERCENT: usize = 40;
 
 /// An element's state, its lock word.
 const IN_SMALL: u8 = 0;
