@@ -245,7 +245,7 @@ impl<K: Hash + Eq, V: Clone> Cache<K, V> {
 impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>> Cache<K, V, W> {
     /// A cache of at most `capacity` weight, sized for about
     /// `estimated_items` entries (the queues hold at most that many, the
-    /// ghost queue remembers half as many evicted keys).
+    /// ghost queue remembers 40% as many evicted keys).
     pub fn with_weigher(estimated_items: usize, capacity: u64, weigher: W) -> Self {
         Cache::with(estimated_items, capacity, weigher, Default::default())
     }
