@@ -1419,7 +1419,6 @@ fn record_size(record: &Record) -> usize {
     }
 }
 
-/// Writes whole blocks and their checksums.
 /// Whether a block's checksum slot says it is allocated: 0 only for a
 /// block never written or deallocated.
 fn slot_allocated(slot: &[u8]) -> bool {
@@ -1437,6 +1436,7 @@ fn deallocate(component: &Component, first: u64, count: u64) -> Result<()> {
     Ok(())
 }
 
+/// Writes whole blocks and their checksums.
 fn write_blocks(component: &Component, first: u64, data: &[u8]) -> Result<()> {
     let mut crcs = Vec::with_capacity(data.len() / BLOCK_SIZE * CRC_SIZE as usize);
     for block in data.chunks(BLOCK_SIZE) {

@@ -53,11 +53,6 @@ impl<E> Default for List<E> {
 }
 
 impl<E> List<E> {
-    /// Slots, empty ones included: indices below this name slots.
-    pub(crate) fn len(&self) -> usize {
-        NEAR + self.far.as_ref().map_or(0, |far| far.len())
-    }
-
     pub(crate) fn get(&self, index: usize) -> (u32, Option<&Arc<E>>) {
         match index.checked_sub(NEAR) {
             None => (self.tags[index], self.near[index].as_ref()),
@@ -68,7 +63,17 @@ impl<E> List<E> {
         }
     }
 
-    /// The first slot that `matches` (given its tag and element).
+    /// Every slot, empty ones included, as (tag, element): the n-th is
+    /// slot index n.
+    pub(crate) fn slots(&self) -> impl Iterator<Item = (u32, Option<&Arc<E>>)> {
+        let near = self.tags.iter().zip(&self.near);
+        let far = self.far.iter().flat_map(|far| far.iter().map(|(tag, element)| (tag, element)));
+        near.chain(far).map(|(tag, element)| (*tag, element.as_ref()))
+    }
+
+    /// The first slot, not empty, that `matches` (given its tag and
+    /// element). Every lookup comes here: two plain loops ran reads about a
+    /// tenth faster than `slots().position(..)` did.
     pub(crate) fn find(&self, mut matches: impl FnMut(u32, Option<&Arc<E>>) -> bool) -> Option<usize> {
         for index in 0..NEAR {
             if self.tags[index] != 0 && matches(self.tags[index], self.near[index].as_ref()) {
@@ -109,31 +114,22 @@ impl<E> List<E> {
         }
     }
 
-    /// Empties slot `index`. A far slot is removed (the last takes its
-    /// place), and the far vector goes once it is empty.
+    /// Empties slot `index`: a near slot takes the last far one (or
+    /// becomes empty), a far slot is removed (the last takes its place),
+    /// and the far vector goes once it is empty.
     pub(crate) fn take(&mut self, index: usize) -> Option<Arc<E>> {
-        match index.checked_sub(NEAR) {
+        let element = match index.checked_sub(NEAR) {
             None => {
-                let element = self.near[index].take();
-                self.tags[index] = 0;
-                if let Some((tag, last)) = self.far.as_mut().and_then(|far| far.pop()) {
-                    self.tags[index] = tag;
-                    self.near[index] = last;
-                    if self.far.as_ref().is_some_and(|far| far.is_empty()) {
-                        self.far = None;
-                    }
-                }
-                element
+                let (tag, last) = self.far.as_mut().and_then(|far| far.pop()).unwrap_or((0, None));
+                self.tags[index] = tag;
+                std::mem::replace(&mut self.near[index], last)
             }
-            Some(far_index) => {
-                let far = self.far.as_mut().expect("a far slot");
-                let (_, element) = far.swap_remove(far_index);
-                if far.is_empty() {
-                    self.far = None;
-                }
-                element
-            }
+            Some(far) => self.far.as_mut().expect("a far slot").swap_remove(far).1,
+        };
+        if self.far.as_ref().is_some_and(|far| far.is_empty()) {
+            self.far = None;
         }
+        element
     }
 
     pub(crate) fn count(&mut self, counter: usize, counters: &[AtomicU64; 4]) {
@@ -175,18 +171,18 @@ mod tests {
         for value in 1..=5u32 {
             list.add(tag(u64::from(value)), Some(Arc::new(value)));
         }
-        assert_eq!(list.len(), 5);
+        assert_eq!(list.slots().count(), 5);
         let found = |list: &List<u32>, value: u32| list.live(tag(u64::from(value)), |e| *e == value).map(|e| **e);
         assert!((1..=5).all(|value| found(&list, value) == Some(value)));
         // A near slot emptied takes the last far one; far ones shrink.
         let index = list.find(|_, element| element.is_some_and(|e| **e == 2)).unwrap();
         assert_eq!(list.take(index).map(|e| *e), Some(2));
-        assert_eq!(list.len(), NEAR + 1, "a far slot moved into the emptied near one");
+        assert_eq!(list.slots().count(), NEAR + 1, "a far slot moved into the emptied near one");
         assert!(list.far_is_tidy());
         let far = list.find(|_, element| element.is_some_and(|e| **e == 4)).unwrap();
         assert!(far >= NEAR, "4 is still far");
         list.take(far);
-        assert_eq!(list.len(), NEAR, "the far vector went with its last slot");
+        assert_eq!(list.slots().count(), NEAR, "the far vector went with its last slot");
         assert!(list.far_is_tidy());
         let near = list.find(|_, element| element.is_some_and(|e| **e == 1)).unwrap();
         list.take(near);

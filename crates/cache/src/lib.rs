@@ -419,13 +419,7 @@ impl<K: Eq, V: Clone> Shard<K, V> {
     }
 
     fn len(&self) -> usize {
-        self.buckets
-            .iter()
-            .map(|bucket| {
-                let list = bucket.lock();
-                (0..list.len()).filter(|&index| list.get(index).1.is_some()).count()
-            })
-            .sum()
+        self.buckets.iter().map(|bucket| bucket.lock().slots().filter(|(_, element)| element.is_some()).count()).sum()
     }
 
     fn bucket_index(&self, hash: u64) -> usize {
@@ -460,8 +454,10 @@ impl<K: Eq, V: Clone> Shard<K, V> {
             let tag = tag(hash);
             let mut live = None;
             let mut ghost = None;
-            for position in 0..bucket.len() {
-                match bucket.get(position) {
+            // One pass for both: a ghost whose tag a live key shares (two
+            // hashes, one tag) must not hide the live key.
+            for (position, slot) in bucket.slots().enumerate() {
+                match slot {
                     (slot_tag, Some(element)) if slot_tag == tag && element.key == key => {
                         live = Some(position);
                         break;
@@ -701,7 +697,7 @@ impl<K: Eq, V: Clone> Shard<K, V> {
             if !list.far_is_tidy() {
                 return Err("a bucket's far slots are empty, or could be near".into());
             }
-            let slots = (0..list.len()).map(|index| list.get(index)).collect::<Vec<_>>();
+            let slots = list.slots().collect::<Vec<_>>();
             for (position, &(slot_tag, slot)) in slots.iter().enumerate() {
                 let Some(element) = slot else {
                     if slot_tag != 0 {
