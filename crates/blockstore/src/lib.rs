@@ -21,6 +21,17 @@
 //! [`Error::DiskFailed`]. A failed `fdatasync` may have dropped dirty pages,
 //! so nothing written since the last good sync can be trusted again.
 //!
+//! **Space.** A write that may need new blocks is admitted before it is
+//! journaled: while the file system has more than
+//! [`DiskConfig::reserve_bytes`] free beyond what the batch could take,
+//! nothing is checked; closer to full, the blocks a write would fill are
+//! allocated ahead (`fallocate`), and a write that finds no room, or would
+//! eat into the reserve, is refused with [`Error::NoSpace`], having changed
+//! nothing. Overwrites of allocated blocks, unmaps and metadata go on; the
+//! reserve keeps room for the journal and checkpoints. A journal that cannot
+//! grow is checkpointed early (a fresh journal frees the old one); a batch
+//! that still finds no room is refused, not latched failed.
+//!
 //! **Invariant:** after a crash, every change that was acknowledged is
 //! there: its data (and checksum), the LSN it carried, and its marks in
 //! the tracking and synchronization bitmaps.
@@ -78,6 +89,9 @@ pub enum Error {
     Io(String),
     #[error("owner epoch {epoch} is stale: the component accepts {current} and above")]
     StaleEpoch { epoch: u64, current: u64 },
+    /// Refused before it was journaled: nothing changed.
+    #[error("disk {disk} is full: {reason}")]
+    NoSpace { disk: String, reason: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -94,11 +108,20 @@ pub struct DiskConfig {
     /// a simulation on one thread replays exactly (for `fsio::SimFs`; with
     /// a real disk it would block the caller on every `fdatasync`).
     pub inline_writer: bool,
+    /// Free bytes kept for the journal and checkpoints: a write that needs
+    /// new blocks is refused rather than take the file system below it.
+    pub reserve_bytes: u64,
 }
 
 impl Default for DiskConfig {
     fn default() -> Self {
-        DiskConfig { journal_max_bytes: 256 << 20, batch_max_bytes: 8 << 20, queue_max: 4096, inline_writer: false }
+        DiskConfig {
+            journal_max_bytes: 256 << 20,
+            batch_max_bytes: 8 << 20,
+            queue_max: 4096,
+            inline_writer: false,
+            reserve_bytes: 64 << 20,
+        }
     }
 }
 
@@ -305,6 +328,9 @@ struct Journal {
     zeroed: u64,
     generation: u64,
     buffer: Vec<u8>,
+    /// A checkpoint runs once the journal is this long (later than
+    /// `journal_max_bytes` after one failed for want of space).
+    checkpoint_at: u64,
 }
 
 /// One disk's component store. Cheap to clone; the writer thread stops,
@@ -351,6 +377,10 @@ impl Drop for Writer {
 
 fn io(error: std::io::Error) -> Error {
     Error::Io(error.to_string())
+}
+
+fn is_full(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::StorageFull
 }
 
 fn journal_path(dir: &Path, generation: u64) -> PathBuf {
@@ -468,6 +498,7 @@ impl Disk {
         // Replay the journal that follows the checkpoint.
         let journal = journal_path(dir, meta.generation);
         let mut replayed = 0usize;
+        let mut end = 0;
         if fs.exists(&journal) {
             let bytes = fs.read_file(&journal).map_err(io)?;
             let mut offset = 0;
@@ -484,21 +515,40 @@ impl Disk {
             if offset < bytes.len() {
                 tracing::info!(disk = %inner.name, replayed, torn_bytes = bytes.len() - offset, "journal ends in a torn record");
             }
+            end = offset as u64;
         }
-        inner.checkpoint(meta.generation)?;
+        // A fresh journal after a checkpoint; on a file system too full for
+        // one, the journal just replayed, cleared past its last record.
+        let (generation, end) = match inner.checkpoint(meta.generation) {
+            Ok(()) => (meta.generation + 1, None),
+            Err(error @ Error::NoSpace { .. }) => {
+                tracing::warn!(disk = %inner.name, %error, "no room to checkpoint: going on with the journal replayed");
+                let file = fs.open(&journal, true).map_err(io)?;
+                let length = file.len().map_err(io)?;
+                let zeros = vec![0u8; length.saturating_sub(end).min(1 << 20) as usize];
+                let mut at = end;
+                while at < length {
+                    let piece = zeros.len().min((length - at) as usize);
+                    file.write_at(&zeros[..piece], at).map_err(io)?;
+                    at += piece as u64;
+                }
+                file.sync_data().map_err(io)?;
+                (meta.generation, Some(end))
+            }
+            Err(error) => return Err(error),
+        };
         // Anything else in the directory is left from an interrupted
         // checkpoint or a deleted component.
-        inner.remove_strays(meta.generation + 1)?;
+        inner.remove_strays(generation)?;
         tracing::info!(disk = %inner.name, components = meta.components.len(), replayed, "disk open");
-        let generation = meta.generation + 1;
         let thread = if inner.config.inline_writer {
-            *inner.inline.lock().expect("inline writer lock") = inner.open_journal(generation);
+            *inner.inline.lock().expect("inline writer lock") = inner.open_journal(generation, end);
             None
         } else {
             let writer_inner = inner.clone();
             let thread = std::thread::Builder::new()
                 .name("blockstore-writer".into())
-                .spawn(move || writer_inner.run_writer(generation))
+                .spawn(move || writer_inner.run_writer(generation, end))
                 .map_err(io)?;
             Some(thread)
         };
@@ -1161,8 +1211,8 @@ impl Inner {
 
     /// Runs until closed: drains the queue, writes the batch to the journal,
     /// syncs once, applies, answers.
-    fn run_writer(self: Arc<Self>, generation: u64) {
-        let Some(mut journal) = self.open_journal(generation) else { return };
+    fn run_writer(self: Arc<Self>, generation: u64, end: Option<u64>) {
+        let Some(mut journal) = self.open_journal(generation, end) else { return };
         loop {
             let (batch, closing) = {
                 let mut queue = self.queue.lock().expect("queue lock");
@@ -1207,11 +1257,15 @@ impl Inner {
         }
     }
 
-    fn open_journal(&self, generation: u64) -> Option<Journal> {
+    /// Opens journal `generation` to append at `end` (zeros follow it to
+    /// the file's end), or at its end.
+    fn open_journal(&self, generation: u64, end: Option<u64>) -> Option<Journal> {
         match self.fs.open(&journal_path(&self.dir, generation), true) {
             Ok(file) => {
-                let len = file.len().unwrap_or(0);
-                Some(Journal { len, zeroed: len, file, generation, buffer: Vec::new() })
+                let zeroed = file.len().unwrap_or(0);
+                let len = end.unwrap_or(zeroed);
+                let checkpoint_at = self.config.journal_max_bytes;
+                Some(Journal { len, zeroed, file, generation, buffer: Vec::new(), checkpoint_at })
             }
             Err(error) => {
                 self.latch(format!("cannot open the journal: {error}"));
@@ -1245,58 +1299,161 @@ impl Inner {
                     let _ = op.done.send(Err(error.clone()));
                 }
             } else {
-                journal.buffer.clear();
-                for op in &batch {
-                    op.record.encode(&mut journal.buffer);
-                }
-                let end = journal.len + journal.buffer.len() as u64;
-                let written = self
-                    .zero_ahead(journal, end)
-                    .and_then(|()| journal.file.write_at(&journal.buffer, journal.len))
-                    .and_then(|()| journal.file.sync_data());
-                match written {
-                    Ok(()) => {
-                        journal.len += journal.buffer.len() as u64;
-                        metrics::counter!("blockstore_group_commits_total").increment(1);
-                        metrics::counter!("blockstore_records_total").increment(batch.len() as u64);
-                        for op in batch {
-                            let result = self.apply(&op.record);
-                            if let Err(Error::Io(reason)) = &result {
-                                self.latch(format!("applying a journaled change: {reason}"));
-                            }
-                            let _ = op.done.send(result);
-                        }
-                    }
-                    Err(error) => {
-                        self.latch(format!("journal write or fdatasync failed: {error}"));
-                        let error = self.failed_error("journal write or fdatasync failed");
-                        for op in batch {
-                            let _ = op.done.send(Err(error.clone()));
-                        }
-                    }
+                let batch = self.admit(batch);
+                if !batch.is_empty() {
+                    self.append(journal, batch);
                 }
             }
         }
         let stopping_hard = closing && self.check_failed().is_err();
-        if (journal.len >= self.config.journal_max_bytes || closing) && !stopping_hard {
-            match self.checkpoint(journal.generation) {
-                Ok(()) => {
-                    let _ = self.fs.remove_file(&journal_path(&self.dir, journal.generation));
-                    journal.generation += 1;
-                    match self.fs.open(&journal_path(&self.dir, journal.generation), true) {
-                        Ok(next) => {
-                            // It begins with the before-images the
-                            // checkpoint carried over.
-                            let len = next.len().unwrap_or(0);
-                            journal.file = next;
-                            journal.len = len;
-                            journal.zeroed = len;
-                        }
-                        Err(error) => self.latch(format!("cannot open the next journal: {error}")),
-                    }
+        if (journal.len >= journal.checkpoint_at || closing) && !stopping_hard {
+            match self.rotate(journal) {
+                Ok(()) => {}
+                // The journal still holds everything: go on with it, and
+                // try again once it has grown another step.
+                Err(error @ Error::NoSpace { .. }) => {
+                    tracing::warn!(disk = %self.name, %error, "checkpoint postponed");
+                    journal.checkpoint_at = journal.len + JOURNAL_ZERO_STEP;
                 }
                 Err(error) => self.latch(format!("checkpoint failed: {error}")),
             }
+        }
+    }
+
+    /// Writes the batch to the journal, syncs once, applies, answers.
+    fn append(&self, journal: &mut Journal, batch: Vec<Op>) {
+        let answer = |batch: Vec<Op>, error: Error| {
+            for op in batch {
+                let _ = op.done.send(Err(error.clone()));
+            }
+        };
+        journal.buffer.clear();
+        for op in &batch {
+            op.record.encode(&mut journal.buffer);
+        }
+        let mut zeroed = self.zero_ahead(journal, journal.len + journal.buffer.len() as u64);
+        if zeroed.as_ref().is_err_and(is_full) && journal.len > 0 {
+            // A checkpoint starts a fresh journal and frees this one.
+            tracing::warn!(disk = %self.name, "no room to grow the journal: checkpointing early");
+            match self.rotate(journal) {
+                Ok(()) => zeroed = self.zero_ahead(journal, journal.len + journal.buffer.len() as u64),
+                Err(error) => tracing::warn!(disk = %self.name, %error, "the early checkpoint failed"),
+            }
+        }
+        if let Err(error) = &zeroed {
+            if is_full(error) {
+                // Nothing of the batch was written: refused, not failed.
+                return answer(batch, self.no_space(format!("no room to grow the journal: {error}")));
+            }
+        }
+        let written = zeroed
+            .and_then(|()| journal.file.write_at(&journal.buffer, journal.len))
+            .and_then(|()| journal.file.sync_data());
+        if let Err(error) = written {
+            self.latch(format!("journal write or fdatasync failed: {error}"));
+            return answer(batch, self.failed_error("journal write or fdatasync failed"));
+        }
+        journal.len += journal.buffer.len() as u64;
+        metrics::counter!("blockstore_group_commits_total").increment(1);
+        metrics::counter!("blockstore_records_total").increment(batch.len() as u64);
+        for op in batch {
+            let result = self.apply(&op.record);
+            if let Err(Error::Io(reason)) = &result {
+                self.latch(format!("applying a journaled change: {reason}"));
+            }
+            let _ = op.done.send(result);
+        }
+    }
+
+    /// Checkpoints and moves on to the next journal. A checkpoint that
+    /// fails for want of space changes nothing on disk that counts: the
+    /// metadata still names this journal, which holds everything.
+    fn rotate(&self, journal: &mut Journal) -> Result<()> {
+        self.checkpoint(journal.generation)?;
+        let _ = self.fs.remove_file(&journal_path(&self.dir, journal.generation));
+        journal.generation += 1;
+        match self.fs.open(&journal_path(&self.dir, journal.generation), true) {
+            Ok(next) => {
+                // It begins with the before-images the checkpoint carried over.
+                let len = next.len().unwrap_or(0);
+                journal.file = next;
+                journal.len = len;
+                journal.zeroed = len;
+                journal.checkpoint_at = self.config.journal_max_bytes;
+            }
+            Err(error) => self.latch(format!("cannot open the next journal: {error}")),
+        }
+        Ok(())
+    }
+
+    fn no_space(&self, reason: String) -> Error {
+        metrics::counter!("blockstore_no_space_refusals_total").increment(1);
+        Error::NoSpace { disk: self.name.clone(), reason }
+    }
+
+    /// Admits the batch's writes that may need new blocks (see "Space" in
+    /// the crate's documentation); each refused one is answered
+    /// [`Error::NoSpace`] here and left out of the batch.
+    fn admit(&self, batch: Vec<Op>) -> Vec<Op> {
+        let wanted: u64 = batch.iter().filter_map(|op| filling(&op.record)).map(|(_, _, count)| count).sum();
+        if wanted == 0 {
+            return batch;
+        }
+        let wanted = wanted * (BLOCK_SIZE as u64 + CRC_SIZE);
+        // A file system that cannot say allocates on write, as it always did.
+        let Ok(mut available) = self.fs.available(&self.dir) else { return batch };
+        // Room for the batch twice over and a step of journal growth: no
+        // write of it can find the file system full when it is applied.
+        let reserve = self.config.reserve_bytes;
+        if available >= reserve.saturating_add(wanted.saturating_mul(2)).saturating_add(self.zero_step()) {
+            return batch;
+        }
+        let mut admitted = Vec::with_capacity(batch.len());
+        for op in batch {
+            let admission = match filling(&op.record) {
+                Some((id, first, count)) => self.allocate(id, first, count, &mut available),
+                None => Ok(()),
+            };
+            match admission {
+                Ok(()) => admitted.push(op),
+                Err(error) => {
+                    let _ = op.done.send(Err(error));
+                }
+            }
+        }
+        admitted
+    }
+
+    /// Allocates what blocks `first..first + count` of component `id`
+    /// need, keeping the reserve.
+    fn allocate(&self, id: ComponentId, first: u64, count: u64, available: &mut u64) -> Result<()> {
+        // A component created in the same batch: its files do not exist yet.
+        let Ok(component) = self.get(id) else { return Ok(()) };
+        let mut crcs = vec![0u8; (count * CRC_SIZE) as usize];
+        read_fully(component.crc.as_ref(), &mut crcs, first * CRC_SIZE)?;
+        let holes = crcs.chunks(CRC_SIZE as usize).filter(|slot| !slot_allocated(slot)).count() as u64;
+        if holes == 0 {
+            return Ok(());
+        }
+        // The blocks, and a page of checksums each side at most.
+        let needed = holes * BLOCK_SIZE as u64 + 2 * BLOCK_SIZE as u64;
+        let reserve = self.config.reserve_bytes;
+        if available.saturating_sub(needed) < reserve {
+            return Err(self.no_space(format!(
+                "{needed} bytes wanted, {available} free, {reserve} kept for the journal and checkpoints"
+            )));
+        }
+        let allocated = component
+            .data
+            .allocate(first * BLOCK_SIZE as u64, count * BLOCK_SIZE as u64)
+            .and_then(|()| component.crc.allocate(first * CRC_SIZE, count * CRC_SIZE));
+        match allocated {
+            Ok(()) => {
+                *available -= needed;
+                Ok(())
+            }
+            Err(error) if is_full(&error) => Err(self.no_space(format!("allocating {needed} bytes: {error}"))),
+            Err(error) => Err(io(error)),
         }
     }
 
@@ -1308,7 +1465,7 @@ impl Inner {
         if end <= journal.zeroed {
             return Ok(());
         }
-        let step = JOURNAL_ZERO_STEP.min(self.config.journal_max_bytes.max(1 << 20));
+        let step = self.zero_step();
         let target = end.div_ceil(step) * step;
         let zeros = vec![0u8; (1 << 20).min(target - journal.zeroed) as usize];
         let mut at = journal.zeroed;
@@ -1321,6 +1478,11 @@ impl Inner {
         metrics::counter!("blockstore_journal_zeroed_bytes_total").increment(target - journal.zeroed);
         journal.zeroed = target;
         Ok(())
+    }
+
+    /// How far ahead the journal is zeroed at a time.
+    fn zero_step(&self) -> u64 {
+        JOURNAL_ZERO_STEP.min(self.config.journal_max_bytes.max(1 << 20))
     }
 
     fn fail_queued(&self) {
@@ -1370,17 +1532,23 @@ impl Inner {
                     .map(|sync| (sync.plan, sync.stale, sync.target, sync.newest, bitmap_bytes(&sync.done))),
             });
         }
+        // Lacking room from here on changes nothing that counts: the old
+        // metadata and journal stay in force until the rename.
+        let full = |error: std::io::Error| match is_full(&error) {
+            true => self.no_space(format!("checkpoint: {error}")),
+            false => io(error),
+        };
         let next = journal_path(&self.dir, generation + 1);
-        let journal = self.fs.open(&next, true).map_err(io)?;
-        journal.set_len(0).map_err(io)?;
+        let journal = self.fs.open(&next, true).map_err(full)?;
+        journal.set_len(0).map_err(full)?;
         if !kept.is_empty() {
-            journal.write_at(&kept, 0).map_err(io)?;
+            journal.write_at(&kept, 0).map_err(full)?;
         }
-        journal.sync_data().map_err(io)?;
+        journal.sync_data().map_err(full)?;
         self.fs.sync_dir(&self.dir).map_err(io)?;
         let meta = Meta { generation: generation + 1, components: metas };
         let bytes = postcard::to_stdvec(&meta).map_err(|error| Error::Io(error.to_string()))?;
-        self.fs.write_file_atomic(&self.dir.join("meta"), &bytes).map_err(io)?;
+        self.fs.write_file_atomic(&self.dir.join("meta"), &bytes).map_err(full)?;
         metrics::counter!("blockstore_checkpoints_total").increment(1);
         Ok(())
     }
@@ -1405,6 +1573,19 @@ impl Inner {
             }
         }
         Ok(())
+    }
+}
+
+/// The blocks a record writes that may fill holes: (component, first, count).
+fn filling(record: &Record) -> Option<(ComponentId, u64, u64)> {
+    match record {
+        Record::Write { component, first, data, .. }
+        | Record::SyncWrite { component, first, data }
+        | Record::Repair { component, first, data }
+        | Record::ChunkWrite { component, first, data, .. } => {
+            Some((*component, *first, (data.len() / BLOCK_SIZE) as u64))
+        }
+        _ => None,
     }
 }
 

@@ -39,6 +39,16 @@ pub trait File: Send + Sync {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Bytes the file occupies on disk (not its length).
     fn allocated_bytes(&self) -> io::Result<u64>;
+    /// Allocates the blocks of `[offset, offset + len)` that are holes,
+    /// leaving what they read as unchanged, so that a later write inside
+    /// the range cannot fail for want of space (`fallocate` mode 0). Fails
+    /// with `StorageFull` (ENOSPC) when the file system has no room. A file
+    /// system that cannot allocate ahead answers `Ok` and allocates on
+    /// write, as before.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 
     /// Reads exactly `buffer.len()` bytes or fails with `UnexpectedEof`.
     fn read_exact_at(&self, buffer: &mut [u8], offset: u64) -> io::Result<()> {
@@ -68,6 +78,13 @@ pub trait Fs: Send + Sync + 'static {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Makes creations, removals and renames in `dir` durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Bytes an unprivileged writer can still allocate on the file system
+    /// holding `dir` (`statvfs`: free blocks available times their size).
+    /// A file system without a limit answers `u64::MAX`.
+    fn available(&self, dir: &Path) -> io::Result<u64> {
+        let _ = dir;
+        Ok(u64::MAX)
+    }
 
     fn read_file(&self, path: &Path) -> io::Result<Vec<u8>> {
         let file = self.open(path, false)?;

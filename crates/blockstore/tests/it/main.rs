@@ -3,6 +3,7 @@
 //! failure latch.
 
 mod crash;
+mod space;
 
 use std::path::Path;
 use std::sync::Arc;

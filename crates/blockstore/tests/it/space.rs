@@ -1,0 +1,157 @@
+//! A disk that runs out of room, on a real (small) tmpfs: writes that need
+//! new blocks are refused with `NoSpace` before they are journaled, the
+//! disk is not latched failed, and everything acknowledged stays readable.
+//!
+//! Needs: root (or CAP_SYS_ADMIN) to mount a tmpfs; the test fails, saying
+//! so, without it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use blockstore::{Disk, DiskConfig, Error, BLOCK_SIZE};
+
+use super::blocks;
+
+/// A tmpfs of `mib` MiB mounted on a fresh directory, unmounted on drop.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(mib: u64) -> Tmpfs {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tessera-test"])
+            .arg(dir.path())
+            .status()
+            .expect("running mount(8)");
+        assert!(status.success(), "mounting a {mib} MiB tmpfs failed ({status}): this test needs root");
+        Tmpfs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+const MIB_BLOCKS: u64 = (1 << 20) / BLOCK_SIZE as u64;
+
+fn config(reserve_mib: u64) -> DiskConfig {
+    DiskConfig { journal_max_bytes: 2 << 20, reserve_bytes: reserve_mib << 20, ..DiskConfig::default() }
+}
+
+/// Writes 1 MiB pieces from block 0 until one is refused; returns how many
+/// were acknowledged. Any other error fails the test.
+async fn fill(disk: &Disk, lsn: &mut u64) -> u64 {
+    let mut written = 0;
+    loop {
+        *lsn += 1;
+        match disk.write(1, *lsn, written * MIB_BLOCKS, blocks(written * MIB_BLOCKS, MIB_BLOCKS, 1)).await {
+            Ok(()) => written += 1,
+            Err(Error::NoSpace { reason, .. }) => {
+                eprintln!("refused after {written} MiB: {reason}");
+                return written;
+            }
+            Err(error) => panic!("after {written} MiB: {error}"),
+        }
+    }
+}
+
+fn check(disk: &Disk, mib: u64, version_of: impl Fn(u64) -> u64) {
+    for piece in 0..mib {
+        let read = disk.read(1, piece * MIB_BLOCKS, MIB_BLOCKS).unwrap();
+        assert_eq!(read, blocks(piece * MIB_BLOCKS, MIB_BLOCKS, version_of(piece)), "MiB {piece}");
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_new_blocks_but_keeps_its_data_and_overwrites() {
+    let tmpfs = Tmpfs::mount(48);
+    let dir: PathBuf = tmpfs.path().join("disk");
+    let disk = Disk::open(fsio::real(), &dir, config(8)).unwrap();
+    // A component larger than the file system (sparse).
+    disk.create(1, 128 * MIB_BLOCKS).await.unwrap();
+    let mut lsn = 0;
+    let written = fill(&disk, &mut lsn).await;
+    // 48 MiB less the 8 MiB reserve, the journal and checkpoints.
+    assert!((24..=40).contains(&written), "{written} MiB written before the refusal");
+    assert_eq!(disk.failure(), None, "a full disk is not a failed one");
+    let committed = disk.component(1).unwrap().committed_lsn;
+    assert_eq!(committed, lsn - 1, "the refused write left no trace");
+    // The refused piece reads as a hole.
+    assert_eq!(disk.provisioning(1, written * MIB_BLOCKS, MIB_BLOCKS).unwrap(), (false, MIB_BLOCKS));
+    check(&disk, written, |_| 1);
+
+    // Overwrites of allocated blocks go on (the journal has the reserve).
+    for piece in 0..written.min(12) {
+        lsn += 1;
+        disk.write(1, lsn, piece * MIB_BLOCKS, blocks(piece * MIB_BLOCKS, MIB_BLOCKS, 2)).await.unwrap();
+    }
+    // Freeing space lets new blocks in again.
+    lsn += 1;
+    disk.unmap(1, lsn, 0, 4 * MIB_BLOCKS).await.unwrap();
+    lsn += 1;
+    disk.write(1, lsn, 100 * MIB_BLOCKS, blocks(100 * MIB_BLOCKS, MIB_BLOCKS, 3)).await.unwrap();
+    disk.close();
+
+    // All of it survives a restart; the refused write never appears.
+    let disk = Disk::open(fsio::real(), &dir, config(8)).unwrap();
+    assert_eq!(disk.component(1).unwrap().committed_lsn, lsn);
+    assert_eq!(disk.read(1, 0, MIB_BLOCKS).unwrap(), vec![0u8; MIB_BLOCKS as usize * BLOCK_SIZE]);
+    for piece in 4..written {
+        let version = if piece < 12 { 2 } else { 1 };
+        let read = disk.read(1, piece * MIB_BLOCKS, MIB_BLOCKS).unwrap();
+        assert_eq!(read, blocks(piece * MIB_BLOCKS, MIB_BLOCKS, version), "MiB {piece} after the restart");
+    }
+    assert_eq!(disk.read(1, 100 * MIB_BLOCKS, MIB_BLOCKS).unwrap(), blocks(100 * MIB_BLOCKS, MIB_BLOCKS, 3));
+    assert_eq!(disk.provisioning(1, written * MIB_BLOCKS, MIB_BLOCKS).unwrap(), (false, MIB_BLOCKS));
+    disk.close();
+}
+
+#[tokio::test]
+async fn without_a_reserve_a_journal_that_cannot_grow_is_refused_not_failed() {
+    let tmpfs = Tmpfs::mount(32);
+    let dir: PathBuf = tmpfs.path().join("disk");
+    let disk = Disk::open(fsio::real(), &dir, config(0)).unwrap();
+    disk.create(1, 128 * MIB_BLOCKS).await.unwrap();
+    let mut lsn = 0;
+    let written = fill(&disk, &mut lsn).await;
+    assert!(written >= 16, "only {written} MiB written before the refusal");
+    // The data files took the space: writes of any kind now find no room
+    // for the journal, or squeeze in after an early checkpoint; none may
+    // latch the disk failed.
+    for piece in 0..written {
+        lsn += 1;
+        match disk.write(1, lsn, piece * MIB_BLOCKS, blocks(piece * MIB_BLOCKS, MIB_BLOCKS, 1)).await {
+            Ok(()) | Err(Error::NoSpace { .. }) => {}
+            Err(error) => panic!("an overwrite of MiB {piece}: {error}"),
+        }
+    }
+    assert_eq!(disk.failure(), None, "a full disk is not a failed one");
+    check(&disk, written, |_| 1);
+    disk.close();
+    // Too full to checkpoint on open: it goes on with the replayed journal.
+    let disk = Disk::open(fsio::real(), &dir, config(0)).unwrap();
+    check(&disk, written, |_| 1);
+    let mut rewritten = Vec::new();
+    for piece in 0..written {
+        lsn += 1;
+        match disk.write(1, lsn, piece * MIB_BLOCKS, blocks(piece * MIB_BLOCKS, MIB_BLOCKS, 5)).await {
+            Ok(()) => rewritten.push(piece),
+            Err(Error::NoSpace { .. }) => {}
+            Err(error) => panic!("an overwrite of MiB {piece} after reopening: {error}"),
+        }
+    }
+    assert_eq!(disk.failure(), None);
+    disk.close();
+    let disk = Disk::open(fsio::real(), &dir, config(0)).unwrap();
+    eprintln!("{} of {written} overwrites found room", rewritten.len());
+    check(&disk, written, |piece| if rewritten.contains(&piece) { 5 } else { 1 });
+    disk.close();
+}
