@@ -15,6 +15,7 @@
 
 mod real;
 mod sim;
+pub mod tmpfs;
 
 use std::io;
 use std::path::{Path, PathBuf};

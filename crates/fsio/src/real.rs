@@ -128,6 +128,8 @@ impl Fs for RealFs {
         }
         // SAFETY: statvfs returned 0, so it filled the buffer.
         let stats = unsafe { stats.assume_init() };
+        // The fields' widths differ between targets.
+        #[allow(clippy::unnecessary_cast)]
         Ok((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
     }
 }

@@ -215,6 +215,9 @@ pub enum ComponentError {
     Busy,
     #[error("{0}")]
     Invalid(String),
+    /// Refused before it changed anything: the disk is full.
+    #[error("{0}")]
+    NoSpace(String),
 }
 
 impl From<blockstore::Error> for ComponentError {
@@ -222,6 +225,7 @@ impl From<blockstore::Error> for ComponentError {
         match error {
             blockstore::Error::Corrupt { blocks, .. } => ComponentError::Corrupt { blocks },
             blockstore::Error::StaleEpoch { epoch, current } => stale(epoch, current),
+            error @ blockstore::Error::NoSpace { .. } => ComponentError::NoSpace(error.to_string()),
             other => ComponentError::Store(other.to_string()),
         }
     }

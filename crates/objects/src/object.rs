@@ -65,6 +65,9 @@ pub enum ObjectError {
     /// its own data).
     #[error("the object's owner changed during a compare and write: whether it wrote is unknown")]
     Indeterminate,
+    /// No copy taking writes had room for the blocks; nothing was written.
+    #[error("no room for the write on the object's disks")]
+    NoSpace,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -765,6 +768,11 @@ impl<T: Transport> Object<T> {
                         waiter.answer(Err(ObjectError::Unavailable));
                     }
                 }
+                Action::NoSpace { request } => {
+                    if let Some(waiter) = state.waiters.remove(&request) {
+                        waiter.answer(Err(ObjectError::NoSpace));
+                    }
+                }
                 Action::Track { component, stale, seed } => {
                     let request = Request::Track { component: self.ids[component], stale, seed: Some(seed) };
                     self.send(state, component, request, Bytes::new(), None);
@@ -883,6 +891,14 @@ impl<T: Transport> Object<T> {
                 (Ok(_), None) => None,
                 // Deposed: not a failure here, nor the copy marked away.
                 (Err(error), _) if object.deposed_by(error) => None,
+                // Refused whole for want of space (an erasure-coded write
+                // must reach every chunk: that copy has failed).
+                (Err(ClientError::Component(ComponentError::NoSpace(reason))), Some(lsn))
+                    if object.erasure.is_none() =>
+                {
+                    tracing::warn!(component, lsn, %reason, "no room for a write");
+                    Some(Input::Declined { component, lsn })
+                }
                 (Err(error), _) => {
                     tracing::warn!(component, %error, "component failed");
                     Some(Input::Failed { component })
@@ -1074,7 +1090,11 @@ impl<T: Transport> Object<T> {
                     return;
                 }
                 match client.info(self.epoch, id).await {
-                    Ok(info) if info.committed_lsn >= ready => break,
+                    Ok(info)
+                        if self.state.lock().expect("object lock").owner.holds(reader, info.committed_lsn, ready) =>
+                    {
+                        break
+                    }
                     Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
                     Err(_) => return, // the source failed; the owner re-plans
                 }

@@ -82,6 +82,11 @@ pub enum Action {
     Refused {
         request: u64,
     },
+    /// The operation was not carried out: the only copy taking writes had
+    /// no room for it (and changed nothing).
+    NoSpace {
+        request: u64,
+    },
     /// Start a tracking bitmap on `component` for a peer stale at `stale`,
     /// seeded with these block ranges (writes above `stale` it may already
     /// have).
@@ -127,6 +132,10 @@ pub enum Input {
     Acked { component: Index, lsn: Lsn },
     /// `component` could not (or its host or disk is gone).
     Failed { component: Index },
+    /// `component` refused `lsn` for want of space, having changed
+    /// nothing. The only copy taking writes then refuses it for all; a
+    /// copy that misses a write another may take has failed.
+    Declined { component: Index, lsn: Lsn },
     /// A `Track` action was carried out (informational: the owner counts a
     /// tracking bitmap from when it sends it, as the connection keeps order).
     Tracking { component: Index, stale: Lsn },
@@ -148,6 +157,10 @@ struct Pending {
     /// that fails later is current only to its stale LSN). If none is left
     /// when no active component owes it, it is not done: it is refused.
     holders: BTreeSet<Index>,
+    /// The components it was sent to.
+    sent: BTreeSet<Index>,
+    /// A copy declined it for want of space.
+    declined: bool,
 }
 
 struct Component {
@@ -160,6 +173,12 @@ struct Component {
     tracking: BTreeSet<Lsn>,
     /// The newest LSN sent to it (or that it held when it became current).
     last_sent: Lsn,
+    /// LSNs sent to it that it has not answered yet.
+    unanswered: BTreeSet<Lsn>,
+    /// The oldest write it declined that another copy may hold, until a
+    /// resync makes it whole: it may hold later writes, so its committed
+    /// LSN says nothing of what it holds from there.
+    declined_at: Option<Lsn>,
     /// While resyncing: the component it copies from, the tracking bitmap
     /// it copies by, and the plan.
     source: Option<Index>,
@@ -203,6 +222,8 @@ impl Owner {
                     acked_above: BTreeSet::new(),
                     tracking: BTreeSet::new(),
                     last_sent: acked,
+                    unanswered: BTreeSet::new(),
+                    declined_at: None,
                     source: None,
                     uses: None,
                     plan: 0,
@@ -302,6 +323,7 @@ impl Owner {
             Input::Submit { request, op } => self.submit(request, op, out),
             Input::Acked { component, lsn } => self.acked(component, lsn, out),
             Input::Failed { component } => self.failed(now, component, out),
+            Input::Declined { component, lsn } => self.declined(now, component, lsn, out),
             Input::Tracking { .. } => {}
             Input::Back { component, committed } => self.back(component, committed, false, out),
             Input::Resynced { component, plan } => self.resynced(component, plan, out),
@@ -318,14 +340,18 @@ impl Owner {
         }
         self.last_lsn += 1;
         let lsn = self.last_lsn;
+        let mut sent = BTreeSet::new();
         for index in 0..self.components.len() {
             if self.receives_writes(index) {
                 self.components[index].last_sent = lsn;
+                self.components[index].unanswered.insert(lsn);
+                sent.insert(index);
                 out.push(Action::Send { component: index, lsn, request });
             }
         }
         self.history.insert(lsn, op.range());
-        self.pending.insert(lsn, Pending { request, op, waiting: active, holders: BTreeSet::new() });
+        let pending = Pending { request, op, waiting: active, holders: BTreeSet::new(), sent, declined: false };
+        self.pending.insert(lsn, pending);
     }
 
     pub fn op(&self, lsn: Lsn) -> Option<&Op> {
@@ -334,6 +360,7 @@ impl Owner {
 
     fn acked(&mut self, index: Index, lsn: Lsn, out: &mut Vec<Action>) {
         let component = &mut self.components[index];
+        component.unanswered.remove(&lsn);
         if matches!(component.status, Status::Absent { .. }) || lsn <= component.acked {
             return;
         }
@@ -350,6 +377,47 @@ impl Owner {
         self.prune_history();
     }
 
+    fn declined(&mut self, now: u64, index: Index, lsn: Lsn, out: &mut Vec<Action>) {
+        self.components[index].unanswered.remove(&lsn);
+        if matches!(self.components[index].status, Status::Absent { .. }) {
+            return;
+        }
+        // Sent to no other copy (one sent it may hold it even if it failed
+        // since), and no other copy takes writes.
+        let others = (0..self.components.len()).any(|other| other != index && self.receives_writes(other));
+        let alone = self
+            .pending
+            .get(&lsn)
+            .is_some_and(|pending| pending.waiting.contains(&index) && pending.sent.len() == 1 && !others);
+        if !alone {
+            // Another copy has it or may take it: this one would miss it.
+            tracing::warn!(component = index, lsn, "a copy has no room for a write the others take");
+            let component = &mut self.components[index];
+            component.declined_at = Some(component.declined_at.map_or(lsn, |at| at.min(lsn)));
+            return self.failed(now, index, out);
+        }
+        // Nobody holds it: the copy, which changed nothing, holds what
+        // every copy holds, and goes on.
+        let pending = self.pending.get_mut(&lsn).expect("checked");
+        pending.waiting.remove(&index);
+        pending.declined = true;
+        let component = &mut self.components[index];
+        component.acked_above.insert(lsn);
+        while component.acked_above.remove(&(component.acked + 1)) {
+            component.acked += 1;
+        }
+        self.complete(out);
+        self.prune_history();
+    }
+
+    /// Whether `component`, reporting `committed`, holds everything sent to
+    /// it up to `ready`: it committed `ready`, or it has answered every LSN
+    /// sent to it above what it committed up to there (each one it did not
+    /// commit, it declined, changing nothing: see [`Input::Declined`]).
+    pub fn holds(&self, component: Index, committed: Lsn, ready: Lsn) -> bool {
+        committed >= ready || self.components[component].unanswered.range(committed + 1..=ready).next().is_none()
+    }
+
     /// Answers the operations no active component still owes, in LSN order
     /// (a client sees its writes complete in the order they were made).
     fn complete(&mut self, out: &mut Vec<Action>) {
@@ -361,6 +429,8 @@ impl Owner {
             if !pending.holders.is_empty() {
                 self.done_lsn = self.done_lsn.max(lsn);
                 out.push(Action::Done { request: pending.request, lsn });
+            } else if pending.declined {
+                out.push(Action::NoSpace { request: pending.request });
             } else {
                 out.push(Action::Refused { request: pending.request });
             }
@@ -392,6 +462,7 @@ impl Owner {
         component.acked = stale;
         component.acked_above.clear();
         component.tracking.clear();
+        component.unanswered.clear();
         for (lsn, pending) in self.pending.iter_mut() {
             pending.waiting.remove(&index);
             // Its acknowledgements above `stale` no longer count: nothing
@@ -466,6 +537,11 @@ impl Owner {
 
     fn back(&mut self, index: Index, committed: Lsn, connected: bool, out: &mut Vec<Action>) {
         let Some(from) = self.resync_from(index, committed) else { return };
+        // A copy that declined a write holds everything only below it.
+        let committed = match self.components[index].declined_at {
+            Some(at) => committed.min(at - 1),
+            None => committed,
+        };
         let candidates: Vec<Index> = (0..self.components.len())
             .filter(|other| *other != index && matches!(self.components[*other].status, Status::Active))
             .collect();
@@ -485,6 +561,7 @@ impl Owner {
             self.restarted = Some((committed, self.last_lsn));
             let component = &mut self.components[index];
             component.status = Status::Active;
+            component.declined_at = None;
             // The LSNs after `committed` issued before were refused: it has
             // everything that counts up to the last one.
             component.acked = self.last_lsn;
@@ -559,6 +636,7 @@ impl Owner {
         let component = &mut self.components[index];
         component.status = Status::Active;
         component.source = None;
+        component.declined_at = None;
         component.acked = component.acked.max(target);
         let used = component.uses.take();
         // The tracking bitmaps it needed are no longer needed unless another
@@ -737,6 +815,57 @@ mod tests {
         assert!(write(&mut owner, 1, 0).contains(&Action::Send { component: 1, lsn: 13, request: 1 }));
         assert!(ack(&mut owner, 1, 13).is_empty());
         assert_eq!(ack(&mut owner, 0, 13), vec![Action::Done { request: 1, lsn: 13 }]);
+    }
+
+    fn decline(owner: &mut Owner, component: Index, lsn: Lsn) -> Vec<Action> {
+        let mut out = Vec::new();
+        owner.handle(0, Input::Declined { component, lsn }, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_write_the_only_copy_has_no_room_for_is_refused_and_the_copy_goes_on() {
+        let mut owner = owner(1);
+        write(&mut owner, 1, 0);
+        write(&mut owner, 2, 1);
+        // The second fits (an overwrite, say), the first does not.
+        assert!(ack(&mut owner, 0, 2).is_empty(), "waits for the first in LSN order");
+        assert_eq!(
+            decline(&mut owner, 0, 1),
+            vec![Action::NoSpace { request: 1 }, Action::Done { request: 2, lsn: 2 }]
+        );
+        assert_eq!(owner.status(0), &Status::Active);
+        assert_eq!(owner.acked_up_to(0), 2);
+        assert!(write(&mut owner, 3, 2).contains(&Action::Send { component: 0, lsn: 3, request: 3 }));
+        assert_eq!(ack(&mut owner, 0, 3), vec![Action::Done { request: 3, lsn: 3 }]);
+    }
+
+    #[test]
+    fn a_copy_with_no_room_for_a_write_the_others_take_has_failed() {
+        let mut owner = owner(2);
+        write(&mut owner, 1, 0);
+        let out = decline(&mut owner, 0, 1);
+        assert_eq!(owner.status(0), &Status::Absent { stale: 0, since: 0 });
+        assert!(out.contains(&Action::Track { component: 1, stale: 0, seed: vec![(0, 1)] }), "{out:?}");
+        assert_eq!(ack(&mut owner, 1, 1), vec![Action::Done { request: 1, lsn: 1 }]);
+        // The last copy taking writes declines for all.
+        write(&mut owner, 2, 5);
+        assert_eq!(decline(&mut owner, 1, 2), vec![Action::NoSpace { request: 2 }]);
+        assert_eq!(owner.status(1), &Status::Active);
+    }
+
+    #[test]
+    fn the_last_copy_declining_a_write_a_failed_copy_holds_has_failed_too() {
+        let mut owner = owner(2);
+        write(&mut owner, 1, 0);
+        ack(&mut owner, 0, 1);
+        let mut out = Vec::new();
+        owner.handle(0, Input::Failed { component: 0 }, &mut out);
+        // Copy 0 holds LSN 1 (it failed after it): copy 1, which does not,
+        // cannot go on as current.
+        let out = decline(&mut owner, 1, 1);
+        assert_eq!(owner.status(1), &Status::Absent { stale: 0, since: 0 });
+        assert!(out.contains(&Action::Done { request: 1, lsn: 1 }), "{out:?}");
     }
 
     #[test]

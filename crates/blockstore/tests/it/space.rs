@@ -5,40 +5,12 @@
 //! Needs: root (or CAP_SYS_ADMIN) to mount a tmpfs; the test fails, saying
 //! so, without it.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use blockstore::{Disk, DiskConfig, Error, BLOCK_SIZE};
+use fsio::tmpfs::Tmpfs;
 
 use super::blocks;
-
-/// A tmpfs of `mib` MiB mounted on a fresh directory, unmounted on drop.
-pub struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    pub fn mount(mib: u64) -> Tmpfs {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tessera-test"])
-            .arg(dir.path())
-            .status()
-            .expect("running mount(8)");
-        assert!(status.success(), "mounting a {mib} MiB tmpfs failed ({status}): this test needs root");
-        Tmpfs { dir }
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
 
 const MIB_BLOCKS: u64 = (1 << 20) / BLOCK_SIZE as u64;
 
