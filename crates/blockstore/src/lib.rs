@@ -1299,9 +1299,16 @@ impl Inner {
                     let _ = op.done.send(Err(error.clone()));
                 }
             } else {
-                let batch = self.admit(batch);
-                if !batch.is_empty() {
-                    self.append(journal, batch);
+                let batch = self.admit(journal, batch);
+                match self.check_failed() {
+                    // Its checkpoint failed.
+                    Err(error) => {
+                        for op in batch {
+                            let _ = op.done.send(Err(error.clone()));
+                        }
+                    }
+                    Ok(()) if !batch.is_empty() => self.append(journal, batch),
+                    Ok(()) => {}
                 }
             }
         }
@@ -1394,7 +1401,7 @@ impl Inner {
     /// Admits the batch's writes that may need new blocks (see "Space" in
     /// the crate's documentation); each refused one is answered
     /// [`Error::NoSpace`] here and left out of the batch.
-    fn admit(&self, batch: Vec<Op>) -> Vec<Op> {
+    fn admit(&self, journal: &mut Journal, batch: Vec<Op>) -> Vec<Op> {
         let wanted: u64 = batch.iter().filter_map(|op| filling(&op.record)).map(|(_, _, count)| count).sum();
         if wanted == 0 {
             return batch;
@@ -1405,8 +1412,24 @@ impl Inner {
         // Room for the batch twice over and a step of journal growth: no
         // write of it can find the file system full when it is applied.
         let reserve = self.config.reserve_bytes;
-        if available >= reserve.saturating_add(wanted.saturating_mul(2)).saturating_add(self.zero_step()) {
+        let roomy = |available: u64| {
+            available >= reserve.saturating_add(wanted.saturating_mul(2)).saturating_add(self.zero_step())
+        };
+        if roomy(available) {
             return batch;
+        }
+        // The journal holds a copy of what was written since the last
+        // checkpoint: a checkpoint gives that room back.
+        if journal.zeroed >= 2 * self.zero_step() {
+            tracing::info!(disk = %self.name, available, journal = journal.zeroed, "disk nearly full: checkpointing");
+            match self.rotate(journal) {
+                Ok(()) => available = self.fs.available(&self.dir).unwrap_or(available),
+                Err(error @ Error::NoSpace { .. }) => tracing::warn!(disk = %self.name, %error, "checkpoint postponed"),
+                Err(error) => self.latch(format!("checkpoint failed: {error}")),
+            }
+            if roomy(available) {
+                return batch;
+            }
         }
         let mut admitted = Vec::with_capacity(batch.len());
         for op in batch {

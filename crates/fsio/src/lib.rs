@@ -21,7 +21,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use real::RealFs;
+pub use real::{filesystem_space, RealFs};
 pub use sim::SimFs;
 
 /// An open file. Offsets are absolute; there is no cursor.

@@ -118,20 +118,27 @@ impl Fs for RealFs {
     }
 
     fn available(&self, dir: &Path) -> io::Result<u64> {
-        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
-        let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-        // SAFETY: a NUL-terminated path and a buffer statvfs fills whole
-        // when it returns 0.
-        if unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: statvfs returned 0, so it filled the buffer.
-        let stats = unsafe { stats.assume_init() };
-        // The fields' widths differ between targets.
-        #[allow(clippy::unnecessary_cast)]
-        Ok((stats.f_bavail as u64).saturating_mul(stats.f_frsize as u64))
+        filesystem_space(dir).map(|(_, available)| available)
     }
+}
+
+/// (capacity, bytes an unprivileged writer may still allocate) of the
+/// file system holding `path` (`statvfs`).
+pub fn filesystem_space(path: &Path) -> io::Result<(u64, u64)> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer statvfs fills whole when
+    // it returns 0.
+    if unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    let stats = unsafe { stats.assume_init() };
+    // The fields' widths differ between targets.
+    #[allow(clippy::unnecessary_cast)]
+    let (blocks, available, size) = (stats.f_blocks as u64, stats.f_bavail as u64, stats.f_frsize as u64);
+    Ok((blocks.saturating_mul(size), available.saturating_mul(size)))
 }
 
 #[cfg(test)]

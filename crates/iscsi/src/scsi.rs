@@ -47,6 +47,10 @@ pub enum IoError {
     /// initiator should retry.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The storage had no room for the blocks a write needed; nothing was
+    /// written.
+    #[error("out of space: {0}")]
+    NoSpace(String),
 }
 
 pub type IoResult<T> = Result<T, IoError>;
@@ -1645,6 +1649,7 @@ fn first_difference(medium: &[u8], expected: &[u8]) -> Option<u64> {
 fn io_sense(error: IoError, write: bool) -> Sense {
     match error {
         IoError::Unavailable(_) => Sense::in_transition(),
+        IoError::NoSpace(_) => Sense::space_allocation_failed(),
         IoError::Medium(_) if write => Sense::write_error(),
         IoError::Medium(_) => Sense::read_error(),
     }

@@ -88,6 +88,12 @@ impl Sense {
         Sense::new(key::MEDIUM_ERROR, 0x0c, 0x00)
     }
 
+    /// SPACE ALLOCATION FAILED WRITE PROTECT (SBC-3, thin provisioning:
+    /// the storage behind a thinly provisioned unit ran out of room).
+    pub fn space_allocation_failed() -> Sense {
+        Sense::new(key::DATA_PROTECT, 0x27, 0x07)
+    }
+
     /// LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE TRANSITION: the
     /// initiator retries (the storage behind the unit is moving or healing).
     pub fn in_transition() -> Sense {

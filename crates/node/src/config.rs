@@ -64,6 +64,12 @@ pub struct NodeConfig {
     /// (default: 256).
     #[serde(default = "default_block_cache_mib")]
     pub block_cache_mib: u64,
+    /// MiB each component disk keeps free for its journal and checkpoints:
+    /// a write that needs new blocks beyond it is refused (SCSI: SPACE
+    /// ALLOCATION FAILED WRITE PROTECT) rather than fail the disk
+    /// (default: 64).
+    #[serde(default = "default_disk_reserve_mib")]
+    pub disk_reserve_mib: u64,
     /// The network interface the cluster's discovery VIP (the bootstrap
     /// setting `vip`) is added to while this host owns it, with `ip addr`
     /// (needs CAP_NET_ADMIN). Unset: the address is bound only, which
@@ -115,6 +121,10 @@ fn default_block_cache_mib() -> u64 {
     256
 }
 
+fn default_disk_reserve_mib() -> u64 {
+    64
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -144,6 +154,7 @@ impl NodeConfig {
             iscsi_port: default_iscsi_port(),
             sanitize_mib_per_second: default_sanitize_mib_per_second(),
             block_cache_mib: default_block_cache_mib(),
+            disk_reserve_mib: default_disk_reserve_mib(),
             vip_interface: None,
             resync_mib_per_second: 0,
         }

@@ -299,7 +299,7 @@ async fn refresh_buckets(node: Arc<Node>) {
             .iter()
             .enumerate()
             .filter_map(|(index, path)| {
-                let (capacity, free) = filesystem_space(path)?;
+                let (capacity, free) = fsio::filesystem_space(path).ok()?;
                 Some(Bucket {
                     id: BucketId { host: node.config.node_id, disk: index as u32 },
                     site: node.me.site.clone(),
@@ -315,18 +315,6 @@ async fn refresh_buckets(node: Arc<Node>) {
             _ = shutdown.changed() => return,
         }
     }
-}
-
-/// (capacity, bytes an unprivileged process may still write) of the
-/// filesystem holding `path`.
-pub fn filesystem_space(path: &std::path::Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statvfs writes into the struct we pass and reads the
-    // NUL-terminated path; both outlive the call.
-    let result = unsafe { libc::statvfs(path.as_ptr(), &mut stats) };
-    (result == 0).then(|| (stats.f_blocks * stats.f_frsize, stats.f_bavail * stats.f_frsize))
 }
 
 /// A live host the catalog says is down registers again (after a false

@@ -154,6 +154,8 @@ pub enum IoReply {
         address: Option<String>,
     },
     Error(String),
+    /// No room for the write on the object's disks; nothing was written.
+    NoSpace(String),
 }
 
 /// Live figures of an owned object.
@@ -217,7 +219,8 @@ impl Storage {
             let mut disks = Vec::new();
             for path in config.disk_paths() {
                 std::fs::create_dir_all(&path).map_err(|error| format!("creating {}: {error}", path.display()))?;
-                let disk = Disk::open(fsio::real(), &path, DiskConfig::default())
+                let disk_config = DiskConfig { reserve_bytes: config.disk_reserve_mib << 20, ..DiskConfig::default() };
+                let disk = Disk::open(fsio::real(), &path, disk_config)
                     .map_err(|error| format!("opening disk {}: {error}", path.display()))?;
                 tracing::info!(path = %path.display(), components = disk.components().len(), "disk open");
                 disks.push(disk);
@@ -613,6 +616,7 @@ pub(crate) async fn serve_here(
         Ok(Ok(Some(data))) => (IoReply::Data, data),
         Ok(Ok(None)) => (IoReply::Done, Bytes::new()),
         Ok(Err(ObjectError::Deposed)) => (IoReply::NotOwner { owner: None, address: None }, Bytes::new()),
+        Ok(Err(error @ ObjectError::NoSpace)) => (IoReply::NoSpace(error.to_string()), Bytes::new()),
         Ok(Err(error)) => (IoReply::Error(error.to_string()), Bytes::new()),
         Err(error) => (IoReply::Error(error.to_string()), Bytes::new()),
     })
@@ -935,6 +939,8 @@ pub enum ClientError {
     Failed(String),
     #[error("no host answered: {0}")]
     Unreachable(String),
+    #[error("{0}")]
+    NoSpace(String),
 }
 
 impl<T: Transport> ObjectClient<T> {
@@ -1014,6 +1020,7 @@ impl<T: Transport> ObjectClient<T> {
                 }
                 IoReply::NotOwner { .. } => tried.push(format!("{address}: no owner open yet")),
                 IoReply::Error(reason) => return Err(ClientError::Failed(reason)),
+                IoReply::NoSpace(reason) => return Err(ClientError::NoSpace(reason)),
             }
         }
         *self.owner.lock().expect("owner lock") = None;

@@ -102,6 +102,7 @@ impl NodeObjects {
             match storage::serve_here(&node, io.clone(), data.clone()).await {
                 Ok((IoReply::Done | IoReply::Data, out)) => return Ok(out),
                 Ok((IoReply::Error(reason), _)) => return Err(unavailable(&name, reason)),
+                Ok((IoReply::NoSpace(reason), _)) => return Err(VolumeError::NoSpace { object: name, reason }),
                 // Owned elsewhere, or deposed meanwhile: to the owner.
                 Ok((IoReply::NotOwner { .. }, _)) | Err(_) => {}
             }
@@ -110,6 +111,7 @@ impl NodeObjects {
             // The same request, to the owner; its answer as it comes.
             client.call(io, &data).await.map_err(|error| match error {
                 ClientError::Failed(reason) | ClientError::Unreachable(reason) => unavailable(&name, reason),
+                ClientError::NoSpace(reason) => VolumeError::NoSpace { object: name.clone(), reason },
             })
         })
     }
@@ -200,6 +202,7 @@ fn io_error(error: VolumeError) -> IoError {
     tracing::warn!(%error, "volume I/O failed");
     match error {
         VolumeError::Unavailable { .. } => IoError::Unavailable(error.to_string()),
+        VolumeError::NoSpace { .. } => IoError::NoSpace(error.to_string()),
         VolumeError::Invalid(_) | VolumeError::Failed { .. } => IoError::Medium(error.to_string()),
     }
 }

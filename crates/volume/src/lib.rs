@@ -35,6 +35,10 @@ pub enum VolumeError {
     Unavailable { object: String, reason: String },
     #[error("object {object} failed: {reason}")]
     Failed { object: String, reason: String },
+    /// No room on the object's disks for the blocks the write needed;
+    /// nothing was written.
+    #[error("object {object}: no room for the write: {reason}")]
+    NoSpace { object: String, reason: String },
 }
 
 /// Block I/O on named objects (offsets and lengths in whole 4 KiB blocks).

@@ -11,6 +11,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use crate::harness::{binary, exclusive, free_port, which, TestCluster};
+use crate::libiscsi::{Session, STATUS_CHECK_CONDITION, STATUS_GOOD};
 
 const TARGET: &str = "iqn.2026-11.org.tessera.test:vol";
 
@@ -488,4 +489,94 @@ fn ownership_follows_the_io_to_the_serving_host_without_failing_or_losing_a_writ
         "{} of 16 objects moved to host 1, the host serving the LUN, {during_writes} of them while the writes ran: {moved:?}",
         moved.len()
     );
+}
+
+/// A thinly provisioned LUN whose disk fills up (a 72 MiB tmpfs under a
+/// 64 MiB `none` volume, with the journal and the disk's reserve): a write that needs new blocks ends with DATA
+/// PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT; nothing is latched
+/// failed; what was written reads back; overwrites go on; UNMAP makes room
+/// again. Needs root to mount the tmpfs.
+#[test]
+fn a_lun_whose_disk_fills_refuses_new_blocks_with_space_allocation_failed_and_keeps_serving() {
+    let _exclusive = exclusive();
+    let tmpfs = fsio::tmpfs::Tmpfs::mount(72);
+    let port = free_port(&["127.0.0.11"]);
+    let disk = tmpfs.path().join("disk0");
+    let cluster = TestCluster::start_configured(1, &[], |config| {
+        config.roles = vec!["storage".into(), "target".into()];
+        config.iscsi_port = port;
+        config.disks = vec![node::config::DiskSpec { path: disk.clone() }];
+        config.disk_reserve_mib = 8;
+    });
+    cluster.wait_healthy(Duration::from_secs(60));
+    // Placement counts an object's whole size against the disk's free
+    // space when it places it (four 16 MiB objects fit a 72 MiB disk); the
+    // journal and the disk's reserve then leave less than that for data.
+    let created = tessera(
+        &cluster,
+        &["volume", "create", "thin", "--size", "64MiB", "--policy", "none", "--object-size", "16MiB"],
+    );
+    assert!(created.contains("created volume thin"), "{created}");
+    tessera(&cluster, &["target", "create", TARGET, "--lun", "0=thin"]);
+    let url = format!("iscsi://{}/{TARGET}/0", portal(1, port));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !run(&cluster, "iscsi-inq", &[&url]).status.success() {
+        assert!(Instant::now() < deadline, "host 1 does not serve {url}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // 64 MiB into a LUN whose disk holds less: qemu-img stops with the
+    // error the target reports.
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("random.raw");
+    let data = random_file(&source, 64 << 20);
+    let copy = run(&cluster, "qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", source.to_str().unwrap(), &url]);
+    let said = String::from_utf8_lossy(&copy.stderr).into_owned();
+    assert!(!copy.status.success(), "64 MiB of data, its journal and the reserve fit a 72 MiB disk");
+    println!("qemu-img convert: {}", said.trim());
+
+    assert!(said.contains("No space left on device"), "{said}");
+
+    // 4 KiB writes from the LUN's end backwards fill what room is left;
+    // the first refused one ends with the exact sense.
+    let session = Session::login("iqn.2026-11.org.tessera.test:full", &portal(1, port), TARGET, 0).unwrap();
+    let mut block = vec![0x5au8; 4096];
+    let mut fresh = ((64u64 << 20) / 512) as u32;
+    let (status, sense) = loop {
+        fresh -= 8;
+        assert!(fresh as u64 * 512 > 16 << 20, "4 KiB writes never ran out of room");
+        let (status, sense) = session.write10_sense(fresh, &mut block).unwrap();
+        if status != STATUS_GOOD {
+            break (status, sense);
+        }
+    };
+    println!("4 KiB writes filled {} KiB more", ((64u64 << 20) / 512 - fresh as u64 - 8) / 2);
+    assert_eq!(status, STATUS_CHECK_CONDITION, "a write needing new blocks on a full disk");
+    assert_eq!(sense, Some((0x07, 0x2707)), "DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT");
+    // An overwrite needs no new blocks.
+    let (status, sense) = session.write10_sense(8, &mut block).unwrap();
+    assert_eq!((status, sense), (STATUS_GOOD, None), "an overwrite on a full disk");
+
+    // Nothing failed: the object is healthy and the disk still serves.
+    let status = cluster.status().unwrap();
+    assert!(status.objects.iter().all(|object| object.health == "healthy"), "{:?}", status.objects);
+    assert!(!cluster.log_text(1).contains("disk failed"), "the disk latched failed");
+
+    // What was acknowledged reads back (qemu-img writes in order).
+    let back = dir.path().join("back.raw");
+    ok(&cluster, "qemu-img", &["convert", "-f", "raw", "-O", "raw", &url, back.to_str().unwrap()]);
+    let read = std::fs::read(&back).unwrap();
+    assert_eq!(&read[4096..8192], &block[..], "the overwrite");
+    let kept = 16 << 20;
+    assert!(read[8192..kept] == data[8192..kept], "the first 16 MiB written before the disk filled");
+    let tail = (fresh as usize + 8) * 512;
+    assert!(read[tail..].chunks(4096).all(|piece| piece == &block[..]), "the 4 KiB writes acknowledged");
+
+    // UNMAP frees room: the fresh block can be written now.
+    assert_eq!(session.unmap(&[(0, ((32u64 << 20) / 512) as u32)]).unwrap(), STATUS_GOOD);
+    let (status, sense) = session.write10_sense(fresh, &mut block).unwrap();
+    assert_eq!((status, sense), (STATUS_GOOD, None), "a write after UNMAP made room");
+    drop(session);
+    drop(cluster);
+    drop(tmpfs);
 }

@@ -18,7 +18,8 @@ pub const STATUS_RESERVATION_CONFLICT: c_int = 0x18;
 pub const SENSE_MISCOMPARE: u8 = 0x0e;
 
 /// The first fields of libiscsi's `struct scsi_task` (scsi-lowlevel.h,
-/// the same from 1.19 on), as far as the sense key.
+/// the same from 1.19 on), as far as the additional sense code and
+/// qualifier (`asc << 8 | ascq`).
 #[repr(C)]
 struct TaskHead {
     status: c_int,
@@ -30,6 +31,7 @@ struct TaskHead {
     residual: usize,
     sense_error_type: u8,
     sense_key: c_int,
+    sense_ascq: c_int,
 }
 
 /// PERSISTENT RESERVE OUT's parameters (libiscsi's
@@ -194,6 +196,25 @@ impl Session {
         let task =
             unsafe { (api().write10_sync)(self.context, self.lun, lba, block.as_mut_ptr(), 512, 512, 0, 0, 0, 0, 0) };
         self.status(task)
+    }
+
+    /// WRITE(10) of `data` (whole 512-byte blocks) at `lba`: the status,
+    /// and with CHECK CONDITION the sense key and `asc << 8 | ascq`.
+    pub fn write10_sense(&self, lba: u32, data: &mut [u8]) -> Result<(c_int, Option<(u8, u16)>), String> {
+        assert!(data.len().is_multiple_of(512), "whole blocks");
+        // SAFETY: the buffer outlives the synchronous call.
+        let task = unsafe {
+            (api().write10_sync)(self.context, self.lun, lba, data.as_mut_ptr(), data.len() as u32, 512, 0, 0, 0, 0, 0)
+        };
+        if task.is_null() {
+            return Err(self.error());
+        }
+        // SAFETY: the task is ours and begins as `TaskHead` does.
+        let sense = unsafe {
+            let head = &*(task as *const TaskHead);
+            (head.status == STATUS_CHECK_CONDITION).then_some((head.sense_key as u8, head.sense_ascq as u16))
+        };
+        self.status(task).map(|status| (status, sense))
     }
 
     /// READ(10) of one 512-byte block into `block`.
