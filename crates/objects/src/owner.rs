@@ -159,8 +159,10 @@ struct Pending {
     holders: BTreeSet<Index>,
     /// The components it was sent to.
     sent: BTreeSet<Index>,
-    /// A copy declined it for want of space.
-    declined: bool,
+    /// Active components that declined it for want of space (having
+    /// changed nothing): they go on if every copy it was sent to declined
+    /// it, and fail otherwise (another copy holds it or may hold it).
+    declined_by: BTreeSet<Index>,
 }
 
 struct Component {
@@ -175,10 +177,10 @@ struct Component {
     last_sent: Lsn,
     /// LSNs sent to it that it has not answered yet.
     unanswered: BTreeSet<Lsn>,
-    /// The oldest write it declined that another copy may hold, until a
-    /// resync makes it whole: it may hold later writes, so its committed
-    /// LSN says nothing of what it holds from there.
-    declined_at: Option<Lsn>,
+    /// Writes it declined that another copy may hold, until a resync makes
+    /// it whole (or every copy declined them): it may hold later writes,
+    /// so its committed LSN says nothing of what it holds from the first.
+    holes: BTreeSet<Lsn>,
     /// While resyncing: the component it copies from, the tracking bitmap
     /// it copies by, and the plan.
     source: Option<Index>,
@@ -223,7 +225,7 @@ impl Owner {
                     tracking: BTreeSet::new(),
                     last_sent: acked,
                     unanswered: BTreeSet::new(),
-                    declined_at: None,
+                    holes: BTreeSet::new(),
                     source: None,
                     uses: None,
                     plan: 0,
@@ -321,7 +323,7 @@ impl Owner {
     pub fn handle(&mut self, now: u64, input: Input, out: &mut Vec<Action>) {
         match input {
             Input::Submit { request, op } => self.submit(request, op, out),
-            Input::Acked { component, lsn } => self.acked(component, lsn, out),
+            Input::Acked { component, lsn } => self.acked(now, component, lsn, out),
             Input::Failed { component } => self.failed(now, component, out),
             Input::Declined { component, lsn } => self.declined(now, component, lsn, out),
             Input::Tracking { .. } => {}
@@ -350,7 +352,8 @@ impl Owner {
             }
         }
         self.history.insert(lsn, op.range());
-        let pending = Pending { request, op, waiting: active, holders: BTreeSet::new(), sent, declined: false };
+        let pending =
+            Pending { request, op, waiting: active, holders: BTreeSet::new(), sent, declined_by: BTreeSet::new() };
         self.pending.insert(lsn, pending);
     }
 
@@ -358,7 +361,7 @@ impl Owner {
         self.pending.get(&lsn).map(|pending| &pending.op)
     }
 
-    fn acked(&mut self, index: Index, lsn: Lsn, out: &mut Vec<Action>) {
+    fn acked(&mut self, now: u64, index: Index, lsn: Lsn, out: &mut Vec<Action>) {
         let component = &mut self.components[index];
         component.unanswered.remove(&lsn);
         if matches!(component.status, Status::Absent { .. }) || lsn <= component.acked {
@@ -373,64 +376,111 @@ impl Owner {
                 pending.holders.insert(index);
             }
         }
-        self.complete(out);
+        self.complete(now, out);
         self.prune_history();
     }
 
     fn declined(&mut self, now: u64, index: Index, lsn: Lsn, out: &mut Vec<Action>) {
-        self.components[index].unanswered.remove(&lsn);
-        if matches!(self.components[index].status, Status::Absent { .. }) {
+        let component = &self.components[index];
+        let answered = !self.pending.contains_key(&lsn);
+        if matches!(component.status, Status::Absent { .. }) {
+            self.components[index].unanswered.remove(&lsn);
             return;
         }
-        // Sent to no other copy (one sent it may hold it even if it failed
-        // since), and no other copy takes writes.
-        let others = (0..self.components.len()).any(|other| other != index && self.receives_writes(other));
-        let alone = self
-            .pending
-            .get(&lsn)
-            .is_some_and(|pending| pending.waiting.contains(&index) && pending.sent.len() == 1 && !others);
-        if !alone {
-            // Another copy has it or may take it: this one would miss it.
-            tracing::warn!(component = index, lsn, "a copy has no room for a write the others take");
-            let component = &mut self.components[index];
-            component.declined_at = Some(component.declined_at.map_or(lsn, |at| at.min(lsn)));
-            return self.failed(now, index, out);
+        if let Some(pending) = self.pending.get_mut(&lsn).filter(|pending| pending.waiting.contains(&index)) {
+            // Settled when every active copy has answered (`complete`); a
+            // source it is until then (see `holds`).
+            pending.waiting.remove(&index);
+            pending.declined_by.insert(index);
+            self.components[index].holes.insert(lsn);
+        } else if answered && component.status == Status::Active && lsn <= component.acked {
+            // Answered before, and active since it was sent: it counts as
+            // holding what every copy holds up to there (made the copy of
+            // record, or resynced past it).
+            self.components[index].unanswered.remove(&lsn);
+        } else {
+            // A copy still resyncing that misses a write: resynced again.
+            self.fail_declining(now, index, lsn, out);
         }
-        // Nobody holds it: the copy, which changed nothing, holds what
-        // every copy holds, and goes on.
-        let pending = self.pending.get_mut(&lsn).expect("checked");
-        pending.waiting.remove(&index);
-        pending.declined = true;
-        let component = &mut self.components[index];
-        component.acked_above.insert(lsn);
-        while component.acked_above.remove(&(component.acked + 1)) {
-            component.acked += 1;
-        }
-        self.complete(out);
+        self.complete(now, out);
         self.prune_history();
     }
 
+    /// `index` declined `lsn`, which another copy holds or may hold: it
+    /// misses it, and holds everything only below it until resynced.
+    fn fail_declining(&mut self, now: u64, index: Index, lsn: Lsn, out: &mut Vec<Action>) {
+        self.mark_declining(index, lsn);
+        self.failed(now, index, out);
+    }
+
+    fn mark_declining(&mut self, index: Index, lsn: Lsn) {
+        tracing::warn!(component = index, lsn, "a copy has no room for a write another copy may hold");
+        self.components[index].holes.insert(lsn);
+    }
+
     /// Whether `component`, reporting `committed`, holds everything sent to
-    /// it up to `ready`: it committed `ready`, or it has answered every LSN
-    /// sent to it above what it committed up to there (each one it did not
-    /// commit, it declined, changing nothing: see [`Input::Declined`]).
+    /// it up to `ready`: it declined no write up to there that another copy
+    /// may hold, and it committed `ready` or has answered every LSN sent to
+    /// it above what it committed up to there (each one it did not commit,
+    /// every copy declined, changing nothing: see [`Input::Declined`]).
     pub fn holds(&self, component: Index, committed: Lsn, ready: Lsn) -> bool {
-        committed >= ready || self.components[component].unanswered.range(committed + 1..=ready).next().is_none()
+        let component = &self.components[component];
+        // A write it declined that another copy may hold is a hole below
+        // its committed LSN.
+        component.holes.range(..=ready).next().is_none()
+            && (committed >= ready || component.unanswered.range(committed + 1..=ready).next().is_none())
     }
 
     /// Answers the operations no active component still owes, in LSN order
     /// (a client sees its writes complete in the order they were made).
-    fn complete(&mut self, out: &mut Vec<Action>) {
-        while let Some(entry) = self.pending.first_entry() {
-            if !entry.get().waiting.is_empty() {
+    fn complete(&mut self, now: u64, out: &mut Vec<Action>) {
+        while let Some((&lsn, pending)) = self.pending.first_key_value() {
+            if !pending.waiting.is_empty() {
                 break;
             }
-            let (lsn, pending) = entry.remove_entry();
+            if !pending.declined_by.is_empty() {
+                // Any copy it was sent to that did not decline it may hold
+                // it (even one that failed since: the tracking bitmap it
+                // will resync by may be older than this write).
+                let may_hold = !pending.holders.is_empty() || pending.declined_by != pending.sent;
+                let pending = self.pending.get_mut(&lsn).expect("the first entry");
+                let declined_by = std::mem::take(&mut pending.declined_by);
+                if may_hold {
+                    // All of them fail before anything more completes: a
+                    // later write one of them holds must not be answered
+                    // on its word.
+                    for &index in &declined_by {
+                        self.mark_declining(index, lsn);
+                        self.mark_failed(now, index, out);
+                    }
+                    // As `failed` goes on: what is done is answered before
+                    // a copy is taken for the copy of record.
+                    self.complete(now, out);
+                    self.prune_history();
+                    for index in declined_by {
+                        self.replan_resyncs_from(now, index, out);
+                    }
+                    continue;
+                }
+                // Nobody holds it: the copies that declined it changed
+                // nothing, hold what every copy holds, and go on.
+                for index in declined_by {
+                    let component = &mut self.components[index];
+                    component.holes.remove(&lsn);
+                    component.unanswered.remove(&lsn);
+                    component.acked_above.insert(lsn);
+                    while component.acked_above.remove(&(component.acked + 1)) {
+                        component.acked += 1;
+                    }
+                }
+                let (_, pending) = self.pending.pop_first().expect("the first entry");
+                out.push(Action::NoSpace { request: pending.request });
+                continue;
+            }
+            let (lsn, pending) = self.pending.pop_first().expect("the first entry");
             if !pending.holders.is_empty() {
                 self.done_lsn = self.done_lsn.max(lsn);
                 out.push(Action::Done { request: pending.request, lsn });
-            } else if pending.declined {
-                out.push(Action::NoSpace { request: pending.request });
             } else {
                 out.push(Action::Refused { request: pending.request });
             }
@@ -450,8 +500,19 @@ impl Owner {
     }
 
     fn failed(&mut self, now: u64, index: Index, out: &mut Vec<Action>) {
+        if self.mark_failed(now, index, out) {
+            self.complete(now, out);
+            self.prune_history();
+            self.replan_resyncs_from(now, index, out);
+        }
+    }
+
+    /// Takes `index` for absent, and has the others track what it misses;
+    /// false if it already was. Completing what waited for it is the
+    /// caller's.
+    fn mark_failed(&mut self, now: u64, index: Index, out: &mut Vec<Action>) -> bool {
         let stale = match self.components[index].status {
-            Status::Absent { .. } => return,
+            Status::Absent { .. } => return false,
             // A resyncing component that fails is still only current to
             // where it started.
             Status::Resyncing { stale, .. } => stale,
@@ -465,6 +526,7 @@ impl Owner {
         component.unanswered.clear();
         for (lsn, pending) in self.pending.iter_mut() {
             pending.waiting.remove(&index);
+            pending.declined_by.remove(&index);
             // Its acknowledgements above `stale` no longer count: nothing
             // says it holds them now.
             if *lsn > stale {
@@ -480,10 +542,7 @@ impl Owner {
         if stale < self.history_floor {
             tracing::info!(component = index, stale, floor = self.history_floor, "too far behind to track exactly");
             out.push(Action::Persist);
-            self.complete(out);
-            self.prune_history();
-            self.replan_resyncs_from(now, index, out);
-            return;
+            return true;
         }
         let seed: Vec<(u64, u64)> = self.history.range(stale + 1..).map(|(_, range)| *range).collect();
         // The connection to each delivers in order, so a resync job that
@@ -497,9 +556,7 @@ impl Owner {
             }
         }
         out.push(Action::Persist);
-        self.complete(out);
-        self.prune_history();
-        self.replan_resyncs_from(now, index, out);
+        true
     }
 
     /// Resyncs that copied from `index` start again from another source
@@ -538,8 +595,8 @@ impl Owner {
     fn back(&mut self, index: Index, committed: Lsn, connected: bool, out: &mut Vec<Action>) {
         let Some(from) = self.resync_from(index, committed) else { return };
         // A copy that declined a write holds everything only below it.
-        let committed = match self.components[index].declined_at {
-            Some(at) => committed.min(at - 1),
+        let committed = match self.components[index].holes.first() {
+            Some(hole) => committed.min(hole - 1),
             None => committed,
         };
         let candidates: Vec<Index> = (0..self.components.len())
@@ -561,7 +618,7 @@ impl Owner {
             self.restarted = Some((committed, self.last_lsn));
             let component = &mut self.components[index];
             component.status = Status::Active;
-            component.declined_at = None;
+            component.holes.clear();
             // The LSNs after `committed` issued before were refused: it has
             // everything that counts up to the last one.
             component.acked = self.last_lsn;
@@ -636,7 +693,7 @@ impl Owner {
         let component = &mut self.components[index];
         component.status = Status::Active;
         component.source = None;
-        component.declined_at = None;
+        component.holes.clear();
         component.acked = component.acked.max(target);
         let used = component.uses.take();
         // The tracking bitmaps it needed are no longer needed unless another
@@ -844,14 +901,37 @@ mod tests {
     fn a_copy_with_no_room_for_a_write_the_others_take_has_failed() {
         let mut owner = owner(2);
         write(&mut owner, 1, 0);
-        let out = decline(&mut owner, 0, 1);
+        // Settled once the other copy answers.
+        assert!(decline(&mut owner, 0, 1).is_empty());
+        assert_eq!(owner.status(0), &Status::Active);
+        let out = ack(&mut owner, 1, 1);
         assert_eq!(owner.status(0), &Status::Absent { stale: 0, since: 0 });
-        assert!(out.contains(&Action::Track { component: 1, stale: 0, seed: vec![(0, 1)] }), "{out:?}");
-        assert_eq!(ack(&mut owner, 1, 1), vec![Action::Done { request: 1, lsn: 1 }]);
+        let track =
+            out.iter().position(|action| action == &Action::Track { component: 1, stale: 0, seed: vec![(0, 1)] });
+        let done = out.iter().position(|action| action == &Action::Done { request: 1, lsn: 1 });
+        let persist = out.iter().position(|action| action == &Action::Persist);
+        assert!(track.is_some() && persist.is_some() && persist < done, "absence recorded before the answer: {out:?}");
         // The last copy taking writes declines for all.
         write(&mut owner, 2, 5);
         assert_eq!(decline(&mut owner, 1, 2), vec![Action::NoSpace { request: 2 }]);
         assert_eq!(owner.status(1), &Status::Active);
+    }
+
+    #[test]
+    fn a_write_every_copy_declines_is_refused_and_every_copy_goes_on() {
+        let mut owner = owner(2);
+        write(&mut owner, 1, 0);
+        write(&mut owner, 2, 1);
+        assert!(decline(&mut owner, 1, 1).is_empty());
+        assert!(ack(&mut owner, 0, 2).is_empty());
+        assert_eq!(
+            decline(&mut owner, 0, 1),
+            vec![Action::NoSpace { request: 1 }],
+            "the second write still waits for copy 1"
+        );
+        assert_eq!(ack(&mut owner, 1, 2), vec![Action::Done { request: 2, lsn: 2 }]);
+        assert_eq!(owner.statuses(), vec![Status::Active, Status::Active]);
+        assert_eq!((owner.acked_up_to(0), owner.acked_up_to(1)), (2, 2));
     }
 
     #[test]

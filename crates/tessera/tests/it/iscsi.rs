@@ -491,30 +491,31 @@ fn ownership_follows_the_io_to_the_serving_host_without_failing_or_losing_a_writ
     );
 }
 
-/// A thinly provisioned LUN whose disk fills up (a 72 MiB tmpfs under a
-/// 64 MiB `none` volume, with the journal and the disk's reserve): a write that needs new blocks ends with DATA
-/// PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT; nothing is latched
-/// failed; what was written reads back; overwrites go on; UNMAP makes room
-/// again. Needs root to mount the tmpfs.
-#[test]
-fn a_lun_whose_disk_fills_refuses_new_blocks_with_space_allocation_failed_and_keeps_serving() {
+/// A thinly provisioned LUN whose disks fill up (a 72 MiB tmpfs per host
+/// under a 64 MiB volume, with the journal and the disk's reserve): a
+/// write that needs new blocks ends with DATA PROTECT, SPACE ALLOCATION
+/// FAILED WRITE PROTECT; nothing is latched failed and no copy is taken
+/// for failed; what was written reads back; overwrites go on; UNMAP makes
+/// room again. Needs root to mount the tmpfs.
+fn fill_a_thin_lun(hosts: u64, policy: &str) {
     let _exclusive = exclusive();
-    let tmpfs = fsio::tmpfs::Tmpfs::mount(72);
-    let port = free_port(&["127.0.0.11"]);
-    let disk = tmpfs.path().join("disk0");
-    let cluster = TestCluster::start_configured(1, &[], |config| {
+    let disks: Vec<fsio::tmpfs::Tmpfs> = (0..hosts).map(|_| fsio::tmpfs::Tmpfs::mount(72)).collect();
+    let ips: Vec<String> = (1..=hosts).map(|host| format!("127.0.0.{}", host + 10)).collect();
+    let port = free_port(&ips.iter().map(String::as_str).collect::<Vec<_>>());
+    let paths: Vec<std::path::PathBuf> = disks.iter().map(|disk| disk.path().join("disk0")).collect();
+    let cluster = TestCluster::start_configured(hosts, &[], |config| {
         config.roles = vec!["storage".into(), "target".into()];
         config.iscsi_port = port;
-        config.disks = vec![node::config::DiskSpec { path: disk.clone() }];
+        config.disks = vec![node::config::DiskSpec { path: paths[config.node_id as usize - 1].clone() }];
         config.disk_reserve_mib = 8;
     });
     cluster.wait_healthy(Duration::from_secs(60));
-    // Placement counts an object's whole size against the disk's free
-    // space when it places it (four 16 MiB objects fit a 72 MiB disk); the
+    // Placement counts an object's whole size against a disk's free space
+    // when it places it (four 16 MiB objects fit a 72 MiB disk); the
     // journal and the disk's reserve then leave less than that for data.
     let created = tessera(
         &cluster,
-        &["volume", "create", "thin", "--size", "64MiB", "--policy", "none", "--object-size", "16MiB"],
+        &["volume", "create", "thin", "--size", "64MiB", "--policy", policy, "--object-size", "16MiB"],
     );
     assert!(created.contains("created volume thin"), "{created}");
     tessera(&cluster, &["target", "create", TARGET, "--lun", "0=thin"]);
@@ -525,7 +526,7 @@ fn a_lun_whose_disk_fills_refuses_new_blocks_with_space_allocation_failed_and_ke
         std::thread::sleep(Duration::from_millis(300));
     }
 
-    // 64 MiB into a LUN whose disk holds less: qemu-img stops with the
+    // 64 MiB into a LUN whose disks hold less: qemu-img stops with the
     // error the target reports.
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("random.raw");
@@ -534,7 +535,6 @@ fn a_lun_whose_disk_fills_refuses_new_blocks_with_space_allocation_failed_and_ke
     let said = String::from_utf8_lossy(&copy.stderr).into_owned();
     assert!(!copy.status.success(), "64 MiB of data, its journal and the reserve fit a 72 MiB disk");
     println!("qemu-img convert: {}", said.trim());
-
     assert!(said.contains("No space left on device"), "{said}");
 
     // 4 KiB writes from the LUN's end backwards fill what room is left;
@@ -557,10 +557,13 @@ fn a_lun_whose_disk_fills_refuses_new_blocks_with_space_allocation_failed_and_ke
     let (status, sense) = session.write10_sense(8, &mut block).unwrap();
     assert_eq!((status, sense), (STATUS_GOOD, None), "an overwrite on a full disk");
 
-    // Nothing failed: the object is healthy and the disk still serves.
+    // Nothing failed: every object is healthy (no copy away), no disk
+    // latched failed.
     let status = cluster.status().unwrap();
     assert!(status.objects.iter().all(|object| object.health == "healthy"), "{:?}", status.objects);
-    assert!(!cluster.log_text(1).contains("disk failed"), "the disk latched failed");
+    for host in 1..=hosts {
+        assert!(!cluster.log_text(host).contains("disk failed"), "a disk of host {host} latched failed");
+    }
 
     // What was acknowledged reads back (qemu-img writes in order).
     let back = dir.path().join("back.raw");
@@ -578,5 +581,15 @@ fn a_lun_whose_disk_fills_refuses_new_blocks_with_space_allocation_failed_and_ke
     assert_eq!((status, sense), (STATUS_GOOD, None), "a write after UNMAP made room");
     drop(session);
     drop(cluster);
-    drop(tmpfs);
+    drop(disks);
+}
+
+#[test]
+fn a_lun_whose_disk_fills_refuses_new_blocks_with_space_allocation_failed_and_keeps_serving() {
+    fill_a_thin_lun(1, "none");
+}
+
+#[test]
+fn a_raid1_lun_whose_disks_fill_refuses_new_blocks_and_keeps_both_copies() {
+    fill_a_thin_lun(2, "raid1:2");
 }
