@@ -355,6 +355,169 @@ fn run(events: Vec<Event>, copies: usize) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Cases the property tests found while declines were being built, each a
+/// way to lose or split an acknowledged write, or to hang a resync.
+#[test]
+fn declined_writes_found_by_the_model_stay_settled() {
+    use Event::*;
+    let cases: Vec<(usize, Vec<Event>)> = vec![
+        // The only copy declines the last write: a resync from it waited
+        // for an LSN it never commits.
+        (3, vec![Fail(1), Fail(2), Deliver(0), Full(0), Back(0), Write(0), Deliver(0), Deliver(0)]),
+        // A copy that left for the copy of record declined a write: the
+        // decline must not hang the next resync.
+        (2, vec![Fail(2), Full(1), Deliver(1), Back(0), Write(0), Full(2), Deliver(0), Deliver(1), Deliver(0)]),
+        // A resyncing copy applied a write the only active copy declined.
+        (
+            2,
+            vec![
+                Write(0),
+                Write(0),
+                Fail(0),
+                Write(0),
+                Deliver(0),
+                Deliver(1),
+                Deliver(1),
+                Back(2),
+                Write(1),
+                Deliver(1),
+                Write(2),
+                Deliver(1),
+                Write(2),
+                Full(1),
+                Deliver(0),
+                Deliver(2),
+                Fail(2),
+                Deliver(1),
+            ],
+        ),
+        // Two copies each declined a write the other holds.
+        (
+            3,
+            vec![
+                Write(0),
+                Write(0),
+                Deliver(1),
+                Deliver(0),
+                Deliver(0),
+                Write(0),
+                Full(0),
+                Deliver(2),
+                Full(2),
+                Full(1),
+                Deliver(2),
+                Deliver(2),
+                Deliver(0),
+                Deliver(1),
+            ],
+        ),
+        // A copy that declined, then failed for another reason, came back
+        // as the copy of record.
+        (
+            2,
+            vec![
+                Write(0),
+                Write(0),
+                Write(1),
+                Deliver(0),
+                Full(0),
+                Deliver(2),
+                Deliver(0),
+                Fail(2),
+                Deliver(1),
+                Deliver(1),
+                Full(1),
+                Deliver(1),
+            ],
+        ),
+        // A decline settled after the last active copy went: done writes
+        // answered before a copy of record is chosen.
+        (
+            3,
+            vec![
+                Write(0),
+                Write(0),
+                Fail(0),
+                Write(0),
+                Write(0),
+                Deliver(1),
+                Fail(1),
+                Full(2),
+                Back(0),
+                Write(1),
+                Deliver(2),
+            ],
+        ),
+        (
+            3,
+            vec![
+                Full(2),
+                Write(0),
+                Write(0),
+                Deliver(0),
+                Deliver(1),
+                Deliver(0),
+                Deliver(1),
+                Full(0),
+                Fail(1),
+                Write(0),
+                Deliver(2),
+                Deliver(0),
+                Back(1),
+                Write(0),
+                Deliver(0),
+                Back(0),
+                Deliver(0),
+                Copy,
+            ],
+        ),
+        // A resync copied from a source holding an unsettled decline.
+        (
+            3,
+            vec![
+                Write(0),
+                Full(2),
+                Deliver(0),
+                Deliver(2),
+                Deliver(1),
+                Deliver(0),
+                Write(0),
+                Back(2),
+                Deliver(2),
+                Full(0),
+                Deliver(0),
+                Copy,
+                Deliver(2),
+            ],
+        ),
+        (
+            3,
+            vec![
+                Fail(1),
+                Full(0),
+                Write(4),
+                Write(0),
+                Write(0),
+                Deliver(0),
+                Deliver(0),
+                Deliver(0),
+                Back(1),
+                Deliver(1),
+                Deliver(0),
+                Copy,
+                Write(0),
+                Write(0),
+                Deliver(1),
+                Write(0),
+                Deliver(0),
+            ],
+        ),
+    ];
+    for (copies, events) in cases {
+        run(events.clone(), copies).unwrap_or_else(|error| panic!("{copies} copies, {events:?}: {error}"));
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
