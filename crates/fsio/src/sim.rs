@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::rngs::StdRng;
@@ -39,11 +40,24 @@ struct State {
 pub struct SimFs {
     state: Arc<Mutex<State>>,
     rng: Arc<Mutex<StdRng>>,
+    full: Arc<AtomicBool>,
 }
 
 impl SimFs {
     pub fn new(seed: u64) -> SimFs {
-        SimFs { state: Arc::new(Mutex::new(State::default())), rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed))) }
+        SimFs {
+            state: Arc::new(Mutex::new(State::default())),
+            rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed))),
+            full: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A full file system: nothing is available, allocating ahead fails,
+    /// and so does a write that would make a file longer (`StorageFull`);
+    /// writes inside a file's length, and making it longer as a sparse
+    /// file does, still work.
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, Ordering::SeqCst);
     }
 
     /// What a power loss does: every file reverts to its last synced
@@ -82,11 +96,18 @@ fn not_found(path: &Path) -> io::Error {
     io::Error::new(io::ErrorKind::NotFound, format!("{}: no such file", path.display()))
 }
 
-struct SimFile(Arc<Mutex<Inode>>);
+struct SimFile(Arc<Mutex<Inode>>, Arc<AtomicBool>);
 
 impl SimFile {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inode> {
         self.0.lock().expect("inode lock poisoned")
+    }
+
+    fn full(&self) -> io::Result<()> {
+        match self.1.load(Ordering::SeqCst) {
+            true => Err(io::Error::new(io::ErrorKind::StorageFull, "no space left on the simulated disk")),
+            false => Ok(()),
+        }
     }
 }
 
@@ -106,6 +127,7 @@ impl File for SimFile {
         let mut inode = self.lock();
         let end = offset as usize + bytes.len();
         if inode.current.len() < end {
+            self.full()?;
             inode.current.resize(end, 0);
         }
         inode.current[offset as usize..end].copy_from_slice(bytes);
@@ -165,6 +187,10 @@ impl File for SimFile {
         let blocks = (inode.current.len() as u64).div_ceil(BLOCK_SIZE);
         Ok((blocks - inode.holes.len() as u64) * BLOCK_SIZE)
     }
+
+    fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        self.full()
+    }
 }
 
 impl Fs for SimFs {
@@ -201,7 +227,7 @@ impl Fs for SimFs {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn File>> {
         let mut state = self.state.lock().expect("simfs lock poisoned");
         if let Some(index) = state.current.get(path) {
-            return Ok(Arc::new(SimFile(state.inodes[*index].clone())));
+            return Ok(Arc::new(SimFile(state.inodes[*index].clone(), self.full.clone())));
         }
         if !create {
             return Err(not_found(path));
@@ -213,7 +239,7 @@ impl Fs for SimFs {
         state.inodes.push(Arc::new(Mutex::new(Inode::default())));
         let index = state.inodes.len() - 1;
         state.current.insert(path.to_path_buf(), index);
-        Ok(Arc::new(SimFile(state.inodes[index].clone())))
+        Ok(Arc::new(SimFile(state.inodes[index].clone(), self.full.clone())))
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
@@ -251,6 +277,10 @@ impl Fs for SimFs {
         let index = state.current.remove(from).ok_or_else(|| not_found(from))?;
         state.current.insert(to.to_path_buf(), index);
         Ok(())
+    }
+
+    fn available(&self, _dir: &Path) -> io::Result<u64> {
+        Ok(if self.full.load(Ordering::SeqCst) { 0 } else { u64::MAX })
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use fsio::SimFs;
 use objects::block_cache::BlockCache;
 use objects::component::{Client, Request, Service};
-use objects::object::{Hooks, Object, PersistError, Persister};
+use objects::object::{Hooks, Object, ObjectError, PersistError, Persister};
 use objects::owner::Status;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -57,6 +57,9 @@ pub struct Scenario {
     pub loss_probability: f64,
     pub crashes: bool,
     pub partitions: bool,
+    /// The nemesis also fills disks (one host's, or every host's at once),
+    /// and writers unmap now and then, so writes keep needing new blocks.
+    pub full_disks: bool,
 }
 
 impl Default for Scenario {
@@ -69,6 +72,7 @@ impl Default for Scenario {
             loss_probability: 0.0,
             crashes: true,
             partitions: true,
+            full_disks: false,
         }
     }
 }
@@ -88,6 +92,9 @@ pub struct Report {
     pub partitions: u64,
     pub loss_bursts: u64,
     pub owner_moves: u64,
+    /// Writes refused for want of space (checked to land nowhere).
+    pub no_space_writes: u64,
+    pub disks_filled: u64,
     pub blocks_resynced: u64,
     pub full_copies: u64,
     pub virtual_seconds: f64,
@@ -158,16 +165,19 @@ struct History {
 
 #[derive(Default, Clone)]
 struct BlockHistory {
-    /// The last write acknowledged, by sequence number.
+    /// The last write acknowledged, by sequence number (None: never
+    /// written, or unmapped since).
     acked: Option<u64>,
     /// Writes that failed or were cut short after it: any may have landed.
     maybe: BTreeSet<u64>,
+    /// An unmap failed or was cut short after it: zeros may have landed.
+    maybe_zeros: bool,
 }
 
 impl BlockHistory {
     fn allows(&self, seen: Option<u64>) -> bool {
         match seen {
-            None => self.acked.is_none(),
+            None => self.acked.is_none() || self.maybe_zeros,
             Some(seq) => self.acked == Some(seq) || self.maybe.contains(&seq),
         }
     }
@@ -436,6 +446,11 @@ async fn writer(world: Shared, index: usize, seed: u64) {
         let Some(owner) = owner else { continue };
         let start = rng.gen_range(first..end);
         let count = rng.gen_range(1..=4u64).min(end - start);
+        let full_disks = lock(&world).scenario.full_disks;
+        if full_disks && rng.gen_bool(0.1) {
+            unmap(&world, &owner, index, start, count).await;
+            continue;
+        }
         if rng.gen_bool(0.25) {
             let expected: Vec<BlockHistory> = {
                 let world = lock(&world);
@@ -480,9 +495,19 @@ async fn writer(world: Shared, index: usize, seed: u64) {
                     let history = world.history.blocks.entry(block).or_default();
                     history.acked = Some(seq);
                     history.maybe.clear();
+                    history.maybe_zeros = false;
                 }
                 drop(world);
                 note(&world_ref, format!("w{index} ack {start}+{count} #{seq}"));
+            }
+            Err(ObjectError::NoSpace) => {
+                // Refused having changed nothing: it must land nowhere.
+                world.report.no_space_writes += 1;
+                for block in start..start + count {
+                    world.history.blocks.entry(block).or_default().maybe.remove(&seq);
+                }
+                drop(world);
+                note(&world_ref, format!("w{index} no space {start}+{count} #{seq}"));
             }
             Err(error) => {
                 world.report.failed_writes += 1;
@@ -493,20 +518,60 @@ async fn writer(world: Shared, index: usize, seed: u64) {
     }
 }
 
+/// Unmaps blocks `start..start + count` (writer `index`'s own).
+async fn unmap(world: &Shared, owner: &Arc<Object<SimTransport>>, index: usize, start: u64, count: u64) {
+    for block in start..start + count {
+        lock(world).history.blocks.entry(block).or_default().maybe_zeros = true;
+    }
+    let result = owner.unmap(start * BLOCK_SIZE as u64, count * BLOCK_SIZE as u64).await;
+    if result.is_ok() {
+        let mut world = lock(world);
+        for block in start..start + count {
+            let history = world.history.blocks.entry(block).or_default();
+            history.acked = None;
+            history.maybe.clear();
+            history.maybe_zeros = false;
+        }
+    }
+    let outcome = match &result {
+        Ok(()) => "ack".to_string(),
+        Err(error) => format!("fail: {error}"),
+    };
+    note(world, format!("w{index} unmap {start}+{count} {outcome}"));
+}
+
 /// Faults, one host at a time, with loss bursts on top.
 async fn nemesis(world: Shared, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x006e_656d_6573_6973);
-    let (duration, copies, crashes, partitions, loss) = {
+    let (duration, copies, crashes, partitions, loss, full_disks) = {
         let world = lock(&world);
         let scenario = &world.scenario;
-        (scenario.duration, scenario.copies, scenario.crashes, scenario.partitions, scenario.loss_probability)
+        let kinds = (scenario.crashes, scenario.partitions, scenario.full_disks);
+        (scenario.duration, scenario.copies, kinds.0, kinds.1, scenario.loss_probability, kinds.2)
     };
     let end = tokio::time::Instant::now() + duration;
     while tokio::time::Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(500..3000))).await;
         let host = rng.gen_range(0..copies);
         let outage = Duration::from_millis(rng.gen_range(300..6000));
-        match rng.gen_range(0..3) {
+        match rng.gen_range(0..if full_disks { 4 } else { 3 }) {
+            3 => {
+                // One disk, or (a third of the time) every disk at once.
+                let filled: Vec<usize> = match rng.gen_range(0..3) {
+                    0 => (0..copies).collect(),
+                    _ => vec![host],
+                };
+                note(&world, format!("fill the disks of hosts {filled:?} for {outage:?}"));
+                for &host in &filled {
+                    lock(&world).hosts[host].fs.set_full(true);
+                }
+                lock(&world).report.disks_filled += 1;
+                tokio::time::sleep(outage).await;
+                for &host in &filled {
+                    lock(&world).hosts[host].fs.set_full(false);
+                }
+                note(&world, format!("the disks of hosts {filled:?} have room again"));
+            }
             0 if crashes => {
                 note(&world, format!("crash host {host} for {outage:?}"));
                 crash(&world, host);

@@ -94,6 +94,24 @@ fn no_acknowledged_write_is_lost_and_copies_converge_under_crashes_partitions_an
 }
 
 #[test]
+fn writes_refused_for_want_of_space_land_nowhere_and_copies_converge_when_disks_fill() {
+    let scenario = Scenario { full_disks: true, ..Scenario::default() };
+    let (mut refused, mut filled, mut acknowledged) = (0, 0, 0);
+    for seed in crate::seeds_up_to(8, 200) {
+        let report = run(seed, &scenario);
+        println!("seed {seed:>4}: {} writes refused for want of space", report.no_space_writes);
+        refused += report.no_space_writes;
+        filled += report.disks_filled;
+        acknowledged += report.acknowledged_writes;
+        assert_clean(&report);
+    }
+    if std::env::var_os("TESSERA_SIM_SEED").is_none() {
+        assert!(filled > 0 && refused > 0, "the nemesis must fill disks and some writes must be refused");
+        println!("{acknowledged} writes acknowledged, {refused} refused for want of space, {filled} fills");
+    }
+}
+
+#[test]
 fn an_object_seed_replays_exactly() {
     let scenario = Scenario { duration: std::time::Duration::from_secs(15), ..Scenario::default() };
     let first = run(3, &scenario);
