@@ -30,7 +30,10 @@
 //! nothing. Overwrites of allocated blocks, unmaps and metadata go on; the
 //! reserve keeps room for the journal and checkpoints. A journal that cannot
 //! grow is checkpointed early (a fresh journal frees the old one); a batch
-//! that still finds no room is refused, not latched failed.
+//! that still finds no room is refused, not latched failed. A component that
+//! refused a write refuses every later write and unmap until its owner says
+//! the refused ones are settled ([`Disk::resume`]) or a resync begins, so its
+//! committed LSN never passes a write it lacks.
 //!
 //! **Invariant:** after a crash, every change that was acknowledged is
 //! there: its data (and checksum), the LSN it carried, and its marks in
@@ -314,6 +317,11 @@ struct Inner {
     room: Condvar,
     /// The journal, when the writer runs inline.
     inline: Mutex<Option<Journal>>,
+    /// Components that refused a write for want of space, with the LSN of
+    /// the first: they refuse every later write and unmap (so their
+    /// committed LSN never passes the write they lack) until the owner
+    /// says it settled it ([`Disk::resume`]) or a resync begins or ends.
+    halted: Mutex<BTreeMap<ComponentId, Lsn>>,
 }
 
 /// The open journal and where the next record goes.
@@ -331,6 +339,9 @@ struct Journal {
     /// A checkpoint runs once the journal is this long (later than
     /// `journal_max_bytes` after one failed for want of space).
     checkpoint_at: u64,
+    /// A nearly full disk checkpoints to give back the journal's room only
+    /// once the journal is this long (after one found no room).
+    early_after: u64,
 }
 
 /// One disk's component store. Cheap to clone; the writer thread stops,
@@ -459,6 +470,7 @@ impl Disk {
             wake: Condvar::new(),
             room: Condvar::new(),
             inline: Mutex::new(None),
+            halted: Mutex::new(BTreeMap::new()),
         });
         {
             let mut components = inner.components.write().expect("components lock");
@@ -856,6 +868,22 @@ impl Disk {
 
     /// The lowest owner epoch component `id` accepts, counting fences
     /// queued but not yet applied.
+    /// The owner settled every write up to `through` this component
+    /// refused for want of space (no copy took them): it takes writes
+    /// again if it refused none above.
+    pub fn resume(&self, id: ComponentId, through: Lsn) {
+        let mut halted = self.inner.halted.lock().expect("halted lock");
+        if halted.get(&id).is_some_and(|first| *first <= through) {
+            halted.remove(&id);
+        }
+    }
+
+    /// The LSN of the write that halted this component, if it is halted
+    /// (see [`Disk::resume`]).
+    pub fn halted(&self, id: ComponentId) -> Option<Lsn> {
+        self.inner.halted.lock().expect("halted lock").get(&id).copied()
+    }
+
     pub fn accepted_epoch(&self, id: ComponentId) -> Result<u64> {
         let applied = self.inner.get(id)?.state.read().expect("component lock").epoch;
         let queue = self.inner.queue.lock().expect("queue lock");
@@ -1125,6 +1153,7 @@ impl Inner {
                 state.incomplete.remove(stale);
             }
             Record::BeginSync { stale, target, plan, .. } => {
+                self.halted.lock().expect("halted lock").remove(&id);
                 if state.sync.as_ref().map(|sync| sync.plan) != Some(*plan) {
                     let newest = state.committed_lsn.max(*target);
                     state.sync =
@@ -1160,7 +1189,12 @@ impl Inner {
                 }
             }
             Record::EndSync { plan, .. } => {
+                // Plan 0: the copy of record as it stands, halted or not.
+                if *plan == 0 {
+                    self.halted.lock().expect("halted lock").remove(&id);
+                }
                 if state.sync.as_ref().is_some_and(|sync| *plan == 0 || sync.plan == *plan) {
+                    self.halted.lock().expect("halted lock").remove(&id);
                     let sync = state.sync.take().expect("checked");
                     state.committed_lsn = state.committed_lsn.max(sync.newest);
                 }
@@ -1265,7 +1299,7 @@ impl Inner {
                 let zeroed = file.len().unwrap_or(0);
                 let len = end.unwrap_or(zeroed);
                 let checkpoint_at = self.config.journal_max_bytes;
-                Some(Journal { len, zeroed, file, generation, buffer: Vec::new(), checkpoint_at })
+                Some(Journal { len, zeroed, file, generation, buffer: Vec::new(), checkpoint_at, early_after: 0 })
             }
             Err(error) => {
                 self.latch(format!("cannot open the journal: {error}"));
@@ -1344,12 +1378,26 @@ impl Inner {
             tracing::warn!(disk = %self.name, "no room to grow the journal: checkpointing early");
             match self.rotate(journal) {
                 Ok(()) => zeroed = self.zero_ahead(journal, journal.len + journal.buffer.len() as u64),
-                Err(error) => tracing::warn!(disk = %self.name, %error, "the early checkpoint failed"),
+                Err(error @ Error::NoSpace { .. }) => {
+                    tracing::warn!(disk = %self.name, %error, "the early checkpoint found no room either")
+                }
+                Err(error) => {
+                    self.latch(format!("checkpoint failed: {error}"));
+                    return answer(batch, self.failed_error("checkpoint failed"));
+                }
             }
         }
         if let Err(error) = &zeroed {
-            if is_full(error) {
+            // A fence must reach the journal before anything of its epoch:
+            // one that cannot is a failure (the queue already counts it).
+            let fences = batch.iter().any(|op| matches!(op.record, Record::Fence { .. }));
+            if is_full(error) && !fences {
                 // Nothing of the batch was written: refused, not failed.
+                for op in &batch {
+                    if let Some((component, lsn)) = lsn_of(&op.record) {
+                        self.halted.lock().expect("halted lock").entry(component).or_insert(lsn);
+                    }
+                }
                 return answer(batch, self.no_space(format!("no room to grow the journal: {error}")));
             }
         }
@@ -1387,8 +1435,12 @@ impl Inner {
                 journal.len = len;
                 journal.zeroed = len;
                 journal.checkpoint_at = self.config.journal_max_bytes;
+                journal.early_after = 0;
             }
-            Err(error) => self.latch(format!("cannot open the next journal: {error}")),
+            Err(error) => {
+                self.latch(format!("cannot open the next journal: {error}"));
+                return Err(self.failed_error("cannot open the next journal"));
+            }
         }
         Ok(())
     }
@@ -1402,6 +1454,7 @@ impl Inner {
     /// the crate's documentation); each refused one is answered
     /// [`Error::NoSpace`] here and left out of the batch.
     fn admit(&self, journal: &mut Journal, batch: Vec<Op>) -> Vec<Op> {
+        let batch = self.refuse_halted(batch);
         let wanted: u64 = batch.iter().filter_map(|op| filling(&op.record)).map(|(_, _, count)| count).sum();
         if wanted == 0 {
             return batch;
@@ -1420,11 +1473,15 @@ impl Inner {
         }
         // The journal holds a copy of what was written since the last
         // checkpoint: a checkpoint gives that room back.
-        if journal.zeroed >= 2 * self.zero_step() {
+        if journal.zeroed >= 2 * self.zero_step() && journal.len >= journal.early_after {
             tracing::info!(disk = %self.name, available, journal = journal.zeroed, "disk nearly full: checkpointing");
             match self.rotate(journal) {
                 Ok(()) => available = self.fs.available(&self.dir).unwrap_or(available),
-                Err(error @ Error::NoSpace { .. }) => tracing::warn!(disk = %self.name, %error, "checkpoint postponed"),
+                Err(error @ Error::NoSpace { .. }) => {
+                    // Not again before the journal has grown a step.
+                    tracing::warn!(disk = %self.name, %error, "checkpoint postponed");
+                    journal.early_after = journal.len + self.zero_step();
+                }
                 Err(error) => self.latch(format!("checkpoint failed: {error}")),
             }
             if roomy(available) {
@@ -1433,18 +1490,49 @@ impl Inner {
         }
         let mut admitted = Vec::with_capacity(batch.len());
         for op in batch {
-            let admission = match filling(&op.record) {
-                Some((id, first, count)) => self.allocate(id, first, count, &mut available),
-                None => Ok(()),
+            let halted =
+                lsn_of(&op.record).and_then(|(id, _)| self.halted.lock().expect("halted lock").get(&id).copied());
+            let admission = match (filling(&op.record), halted) {
+                (_, Some(first)) => Err(self.halted_error(first)),
+                (Some((id, first, count)), None) => self.allocate(id, first, count, &mut available),
+                (None, None) => Ok(()),
             };
             match admission {
                 Ok(()) => admitted.push(op),
                 Err(error) => {
+                    if let (Error::NoSpace { .. }, Some((id, lsn))) = (&error, lsn_of(&op.record)) {
+                        self.halted.lock().expect("halted lock").entry(id).or_insert(lsn);
+                    }
                     let _ = op.done.send(Err(error));
                 }
             }
         }
         admitted
+    }
+
+    /// Refuses the writes and unmaps of components halted by an earlier
+    /// refusal (see `Inner::halted`).
+    fn refuse_halted(&self, batch: Vec<Op>) -> Vec<Op> {
+        let halted = self.halted.lock().expect("halted lock").clone();
+        if halted.is_empty() {
+            return batch;
+        }
+        let mut admitted = Vec::with_capacity(batch.len());
+        for op in batch {
+            match lsn_of(&op.record).and_then(|(id, _)| halted.get(&id)) {
+                Some(first) => {
+                    let _ = op.done.send(Err(self.halted_error(*first)));
+                }
+                None => admitted.push(op),
+            }
+        }
+        admitted
+    }
+
+    fn halted_error(&self, first: Lsn) -> Error {
+        self.no_space(format!(
+            "the write under LSN {first} found no room; nothing after it is taken until it is settled"
+        ))
     }
 
     /// Allocates what blocks `first..first + count` of component `id`
@@ -1571,7 +1659,16 @@ impl Inner {
         self.fs.sync_dir(&self.dir).map_err(io)?;
         let meta = Meta { generation: generation + 1, components: metas };
         let bytes = postcard::to_stdvec(&meta).map_err(|error| Error::Io(error.to_string()))?;
-        self.fs.write_file_atomic(&self.dir.join("meta"), &bytes).map_err(full)?;
+        // Written and synced aside first (lacking room there changes
+        // nothing); the rename and the directory sync are past that point.
+        let temporary = self.dir.join("meta.tmp");
+        let file = self.fs.open(&temporary, true).map_err(full)?;
+        file.set_len(0).map_err(full)?;
+        file.write_at(&bytes, 0).map_err(full)?;
+        file.sync_data().map_err(full)?;
+        drop(file);
+        self.fs.rename(&temporary, &self.dir.join("meta")).map_err(io)?;
+        self.fs.sync_dir(&self.dir).map_err(io)?;
         metrics::counter!("blockstore_checkpoints_total").increment(1);
         Ok(())
     }
@@ -1596,6 +1693,17 @@ impl Inner {
             }
         }
         Ok(())
+    }
+}
+
+/// The component and LSN of an owner's write or unmap.
+fn lsn_of(record: &Record) -> Option<(ComponentId, Lsn)> {
+    match record {
+        Record::Write { component, lsn, .. }
+        | Record::Unmap { component, lsn, .. }
+        | Record::ChunkWrite { component, lsn, .. }
+        | Record::ChunkUnmap { component, lsn, .. } => Some((*component, *lsn)),
+        _ => None,
     }
 }
 

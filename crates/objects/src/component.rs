@@ -32,17 +32,21 @@ pub enum Request {
     Delete {
         component: ComponentId,
     },
-    /// Data follows the header.
+    /// Data follows the header. `settled`: the owner settled every write
+    /// up to it that this component refused for want of space (no copy
+    /// took them), so it may take writes again (`blockstore::Disk::resume`).
     Write {
         component: ComponentId,
         lsn: Lsn,
         first: u64,
+        settled: Lsn,
     },
     Unmap {
         component: ComponentId,
         lsn: Lsn,
         first: u64,
         count: u64,
+        settled: Lsn,
     },
     Read {
         component: ComponentId,
@@ -426,6 +430,9 @@ impl Service {
         let component = request.component();
         let disk = self.disk_of(component)?.clone();
         let mut reply = Reply::Done;
+        if let Request::Write { settled, .. } | Request::Unmap { settled, .. } = request {
+            disk.resume(component, settled);
+        }
         let record = match request {
             Request::Write { lsn, first, .. } => Record::Write { component, lsn, first, data },
             Request::Unmap { lsn, first, count, .. } => Record::Unmap { component, lsn, first, count },
@@ -652,7 +659,7 @@ impl<T: Transport> Client<T> {
         data: &[u8],
     ) -> Result<(), ClientError> {
         debug_assert!(data.len().is_multiple_of(BLOCK_SIZE));
-        self.call(epoch, Request::Write { component, lsn, first }, data).await.map(|_| ())
+        self.call(epoch, Request::Write { component, lsn, first, settled: 0 }, data).await.map(|_| ())
     }
 
     pub async fn read(&self, epoch: u64, component: ComponentId, first: u64, count: u64) -> Result<Bytes, ClientError> {

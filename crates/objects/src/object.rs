@@ -735,8 +735,13 @@ impl<T: Transport> Object<T> {
                     let op = state.owner.op(lsn).cloned();
                     let id = self.ids[component];
                     let request = match (op, self.erasure) {
-                        (Some(Op::Write { first, .. }), None) => Request::Write { component: id, lsn, first },
-                        (Some(Op::Unmap { first, count }), None) => Request::Unmap { component: id, lsn, first, count },
+                        (Some(Op::Write { first, .. }), None) => {
+                            Request::Write { component: id, lsn, first, settled: state.owner.settled(component) }
+                        }
+                        (Some(Op::Unmap { first, count }), None) => {
+                            let settled = state.owner.settled(component);
+                            Request::Unmap { component: id, lsn, first, count, settled }
+                        }
                         (Some(Op::Write { first, .. }), Some(_)) => {
                             let local = data.before_images_local();
                             if local && state.owner.status(component) != &Status::Active {
@@ -1086,7 +1091,8 @@ impl<T: Transport> Object<T> {
         for reader in readers.iter().copied() {
             let (id, client) = (self.ids[reader], self.client(reader));
             loop {
-                if self.is_closed() || tokio::time::Instant::now() > deadline {
+                // Replanned (its source failed), or the owner is gone.
+                if !self.planned(target, plan) || tokio::time::Instant::now() > deadline {
                     return;
                 }
                 match client.info(self.epoch, id).await {

@@ -163,6 +163,9 @@ struct Pending {
     /// changed nothing): they go on if every copy it was sent to declined
     /// it, and fail otherwise (another copy holds it or may hold it).
     declined_by: BTreeSet<Index>,
+    /// Every component that declined it, by whatever path (one resyncing
+    /// fails at once): none of them holds it.
+    refused: BTreeSet<Index>,
 }
 
 struct Component {
@@ -181,6 +184,10 @@ struct Component {
     /// it whole (or every copy declined them): it may hold later writes,
     /// so its committed LSN says nothing of what it holds from the first.
     holes: BTreeSet<Lsn>,
+    /// Every write up to here it declined was declined by every copy
+    /// (answered no space): it may take writes again (its block store
+    /// refuses them after a refusal until told so).
+    settled: Lsn,
     /// While resyncing: the component it copies from, the tracking bitmap
     /// it copies by, and the plan.
     source: Option<Index>,
@@ -226,6 +233,7 @@ impl Owner {
                     last_sent: acked,
                     unanswered: BTreeSet::new(),
                     holes: BTreeSet::new(),
+                    settled: 0,
                     source: None,
                     uses: None,
                     plan: 0,
@@ -311,6 +319,12 @@ impl Owner {
         self.pending.len()
     }
 
+    /// Every write up to this LSN that `component` declined is settled (no
+    /// copy holds it): sent with each write, so its store takes writes again.
+    pub fn settled(&self, component: Index) -> Lsn {
+        self.components[component].settled
+    }
+
     /// Tracking bitmaps the owner knows `component` holds.
     pub fn tracking(&self, component: Index) -> &BTreeSet<Lsn> {
         &self.components[component].tracking
@@ -352,8 +366,15 @@ impl Owner {
             }
         }
         self.history.insert(lsn, op.range());
-        let pending =
-            Pending { request, op, waiting: active, holders: BTreeSet::new(), sent, declined_by: BTreeSet::new() };
+        let pending = Pending {
+            request,
+            op,
+            waiting: active,
+            holders: BTreeSet::new(),
+            sent,
+            declined_by: BTreeSet::new(),
+            refused: BTreeSet::new(),
+        };
         self.pending.insert(lsn, pending);
     }
 
@@ -383,6 +404,9 @@ impl Owner {
     fn declined(&mut self, now: u64, index: Index, lsn: Lsn, out: &mut Vec<Action>) {
         let component = &self.components[index];
         let answered = !self.pending.contains_key(&lsn);
+        if let Some(pending) = self.pending.get_mut(&lsn) {
+            pending.refused.insert(index);
+        }
         if matches!(component.status, Status::Absent { .. }) {
             self.components[index].unanswered.remove(&lsn);
             return;
@@ -442,7 +466,8 @@ impl Owner {
                 // Any copy it was sent to that did not decline it may hold
                 // it (even one that failed since: the tracking bitmap it
                 // will resync by may be older than this write).
-                let may_hold = !pending.holders.is_empty() || pending.declined_by != pending.sent;
+                let may_hold =
+                    !pending.holders.is_empty() || pending.sent.iter().any(|other| !pending.refused.contains(other));
                 let pending = self.pending.get_mut(&lsn).expect("the first entry");
                 let declined_by = std::mem::take(&mut pending.declined_by);
                 if may_hold {
@@ -468,6 +493,7 @@ impl Owner {
                     let component = &mut self.components[index];
                     component.holes.remove(&lsn);
                     component.unanswered.remove(&lsn);
+                    component.settled = component.settled.max(lsn);
                     component.acked_above.insert(lsn);
                     while component.acked_above.remove(&(component.acked + 1)) {
                         component.acked += 1;

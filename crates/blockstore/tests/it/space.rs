@@ -19,7 +19,8 @@ fn config(reserve_mib: u64) -> DiskConfig {
 }
 
 /// Writes 1 MiB pieces from block 0 until one is refused; returns how many
-/// were acknowledged. Any other error fails the test.
+/// were acknowledged. Any other error fails the test. The refusal halts the
+/// component: `lsn` is the refused write's.
 async fn fill(disk: &Disk, lsn: &mut u64) -> u64 {
     let mut written = 0;
     loop {
@@ -56,6 +57,19 @@ async fn a_full_disk_refuses_new_blocks_but_keeps_its_data_and_overwrites() {
     assert_eq!(disk.failure(), None, "a full disk is not a failed one");
     let committed = disk.component(1).unwrap().committed_lsn;
     assert_eq!(committed, lsn - 1, "the refused write left no trace");
+    // Halted: not even an overwrite goes in (its LSN would pass the one the
+    // component lacks) until the owner says the refused write is settled.
+    let refused = lsn;
+    assert_eq!(disk.halted(1), Some(refused));
+    lsn += 1;
+    assert!(matches!(disk.write(1, lsn, 0, blocks(0, 1, 9)).await, Err(Error::NoSpace { .. })));
+    lsn += 1;
+    assert!(matches!(disk.unmap(1, lsn, 0, 1).await, Err(Error::NoSpace { .. })));
+    assert_eq!(disk.component(1).unwrap().committed_lsn, committed);
+    disk.resume(1, refused - 1);
+    assert_eq!(disk.halted(1), Some(refused), "settled below the refusal: still halted");
+    disk.resume(1, lsn);
+    assert_eq!(disk.halted(1), None);
     // The refused piece reads as a hole.
     assert_eq!(disk.provisioning(1, written * MIB_BLOCKS, MIB_BLOCKS).unwrap(), (false, MIB_BLOCKS));
     check(&disk, written, |_| 1);
@@ -98,10 +112,12 @@ async fn without_a_reserve_a_journal_that_cannot_grow_is_refused_not_failed() {
     // The data files took the space: writes of any kind now find no room
     // for the journal, or squeeze in after an early checkpoint; none may
     // latch the disk failed.
+    disk.resume(1, lsn);
     for piece in 0..written {
         lsn += 1;
         match disk.write(1, lsn, piece * MIB_BLOCKS, blocks(piece * MIB_BLOCKS, MIB_BLOCKS, 1)).await {
-            Ok(()) | Err(Error::NoSpace { .. }) => {}
+            Ok(()) => {}
+            Err(Error::NoSpace { .. }) => disk.resume(1, lsn),
             Err(error) => panic!("an overwrite of MiB {piece}: {error}"),
         }
     }
@@ -116,7 +132,7 @@ async fn without_a_reserve_a_journal_that_cannot_grow_is_refused_not_failed() {
         lsn += 1;
         match disk.write(1, lsn, piece * MIB_BLOCKS, blocks(piece * MIB_BLOCKS, MIB_BLOCKS, 5)).await {
             Ok(()) => rewritten.push(piece),
-            Err(Error::NoSpace { .. }) => {}
+            Err(Error::NoSpace { .. }) => disk.resume(1, lsn),
             Err(error) => panic!("an overwrite of MiB {piece} after reopening: {error}"),
         }
     }

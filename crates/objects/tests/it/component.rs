@@ -73,7 +73,7 @@ async fn a_session_is_applied_in_sequence_order_whatever_order_it_arrives_in() {
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let data = vec![seq as u8; BLOCK_SIZE];
-            client.call_in(1, 1, seq, Request::Write { component: 5, lsn: seq, first: 0 }, &data).await
+            client.call_in(1, 1, seq, Request::Write { component: 5, lsn: seq, first: 0, settled: 0 }, &data).await
         }));
     }
     for task in tasks {
@@ -83,10 +83,11 @@ async fn a_session_is_applied_in_sequence_order_whatever_order_it_arrives_in() {
     assert_eq!(service.disks()[0].component(5).unwrap().committed_lsn, 100);
     // A repeat is refused; so is the old session once a new one began.
     let data = vec![0u8; BLOCK_SIZE];
-    let repeat = client.call_in(1, 1, 100, Request::Write { component: 5, lsn: 100, first: 0 }, &data).await;
+    let repeat =
+        client.call_in(1, 1, 100, Request::Write { component: 5, lsn: 100, first: 0, settled: 0 }, &data).await;
     assert!(matches!(repeat, Err(ClientError::Component(ComponentError::Duplicate { seq: 100 }))), "{repeat:?}");
-    client.call_in(1, 2, 1, Request::Write { component: 5, lsn: 101, first: 1 }, &data).await.unwrap();
-    let old = client.call_in(1, 1, 101, Request::Write { component: 5, lsn: 102, first: 1 }, &data).await;
+    client.call_in(1, 2, 1, Request::Write { component: 5, lsn: 101, first: 1, settled: 0 }, &data).await.unwrap();
+    let old = client.call_in(1, 1, 101, Request::Write { component: 5, lsn: 102, first: 1, settled: 0 }, &data).await;
     assert!(matches!(old, Err(ClientError::Component(ComponentError::StaleSession { .. }))), "{old:?}");
     handle.stop();
 }

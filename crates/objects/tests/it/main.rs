@@ -17,7 +17,7 @@ const BLOCKS: u64 = 16;
 
 #[derive(Clone, Debug)]
 enum Message {
-    Write { lsn: u64, block: u64 },
+    Write { lsn: u64, block: u64, settled: u64 },
     Track { stale: u64, seed: Vec<(u64, u64)> },
     Untrack { stale: u64 },
     BeginSync { stale: u64, target: u64, plan: u64 },
@@ -40,6 +40,9 @@ struct Component {
     /// Its disk has no room for the next write delivered: it declines it,
     /// changing nothing.
     full: bool,
+    /// As the block store does: after declining a write it declines every
+    /// later one until the owner settles it, or a resync begins or ends.
+    halted: Option<u64>,
 }
 
 impl Component {
@@ -113,24 +116,13 @@ impl World {
         if debug {
             eprintln!("  out: {out:?}\n  statuses: {:?}", self.owner.statuses());
         }
-        // A component the owner counts absent gets nothing more until it
-        // comes back (its host learns it from the catalog).
-        for index in 0..self.components.len() {
-            if !matches!(self.owner.status(index), Status::Resyncing { .. }) {
-                self.jobs.retain(|(target, _, _)| *target != index);
-            }
-            if matches!(self.owner.status(index), Status::Absent { .. }) && self.components[index].up {
-                self.components[index].up = false;
-                self.components[index].queue.clear();
-                self.jobs.retain(|(target, _, _)| *target != index);
-            }
-        }
         for action in out {
             match action {
                 Action::Send { component, lsn, request } => {
                     let block = self.blocks_of[&request];
                     self.lsn_of.insert(request, lsn);
-                    self.components[component].queue.push_back(Message::Write { lsn, block });
+                    let settled = self.owner.settled(component);
+                    self.components[component].queue.push_back(Message::Write { lsn, block, settled });
                 }
                 Action::Done { request, lsn } => {
                     self.done.insert(lsn, self.blocks_of[&request]);
@@ -163,6 +155,18 @@ impl World {
                 }
             }
         }
+        // A component the owner counts absent gets nothing more until it
+        // comes back (its host learns it from the catalog): not even what
+        // the owner sent it in the same breath as it counted it absent.
+        for index in 0..self.components.len() {
+            if !matches!(self.owner.status(index), Status::Resyncing { .. }) {
+                self.jobs.retain(|(target, _, _)| *target != index);
+            }
+            if matches!(self.owner.status(index), Status::Absent { .. }) {
+                self.components[index].up = false;
+                self.components[index].queue.clear();
+            }
+        }
     }
 
     fn deliver(&mut self, index: usize) {
@@ -172,11 +176,15 @@ impl World {
         }
         let Some(message) = component.queue.pop_front() else { return };
         match message {
-            Message::Write { lsn, .. } if component.full => {
+            Message::Write { lsn, settled, .. }
+                if component.full || component.halted.is_some_and(|halted| halted > settled) =>
+            {
                 component.full = false;
+                component.halted.get_or_insert(lsn);
                 self.input(Input::Declined { component: index, lsn });
             }
-            Message::Write { lsn, block } => {
+            Message::Write { lsn, block, .. } => {
+                component.halted = None;
                 component.blocks.insert(block, lsn);
                 component.applied = component.applied.max(lsn);
                 for (stale, marked) in component.tracking.iter_mut() {
@@ -198,11 +206,13 @@ impl World {
                 component.tracking.remove(&stale);
             }
             Message::BeginSync { stale, target, plan } => {
+                component.halted = None;
                 if component.sync.as_ref().map(|(_, _, _, p)| *p) != Some(plan) {
                     component.sync = Some((stale, target, BTreeSet::new(), plan));
                 }
             }
             Message::Current => {
+                component.halted = None;
                 if let Some((_, target, _, _)) = component.sync.take() {
                     component.applied = component.applied.max(target);
                 }
@@ -210,6 +220,7 @@ impl World {
             Message::EndSync { plan } => {
                 // Only the resync it belongs to (the block store checks).
                 if component.sync.as_ref().is_some_and(|(_, _, _, p)| *p == plan) {
+                    component.halted = None;
                     let (_, target, _, _) = component.sync.take().expect("checked");
                     component.applied = component.applied.max(target);
                     self.input(Input::Resynced { component: index, plan });
@@ -316,11 +327,14 @@ fn run(events: Vec<Event>, copies: usize) -> Result<(), TestCaseError> {
         component.full = false;
     }
     // Settle: everything delivered, every component back and resynced.
+    let mut deliveries = 0;
     for _ in 0..1000 {
         for index in 0..copies {
             world.back(index);
             while !world.components[index].queue.is_empty() {
                 world.deliver(index);
+                deliveries += 1;
+                prop_assert!(deliveries < 100_000, "messages never stop: {:?}", world.owner.statuses());
             }
         }
         world.copy();

@@ -426,7 +426,7 @@ fn scenario(outage: Outage) {
         let status = object(&cluster).unwrap();
         let component = &status.components[0];
         let stale = Client::new(TcpTransport::new(), component_addresses(&cluster)[&component.host].clone());
-        let write = Request::Write { component: component.id, lsn: u64::MAX, first: 0 };
+        let write = Request::Write { component: component.id, lsn: u64::MAX, first: 0, settled: 0 };
         let refused = runtime.block_on(stale.call_in(created.owner_epoch, 1, 1, write, &pattern(0, u64::MAX)));
         match refused {
             Err(objects::component::ClientError::Component(ComponentError::StaleEpoch { epoch, current })) => {
