@@ -78,12 +78,24 @@ fn portal(host: u64, port: u16) -> String {
 /// Creates a raid1(2) volume of `size` over objects of `object_size` and a
 /// target with it as LUN 0; waits until host 1 serves it.
 fn volume_and_target(cluster: &TestCluster, port: u16, size: &str, object_size: &str) -> String {
-    let created = tessera(
-        cluster,
-        &["volume", "create", "vol", "--size", size, "--policy", "raid1:2", "--object-size", object_size],
-    );
-    assert!(created.contains("created volume vol"), "{created}");
-    let created = tessera(cluster, &["target", "create", TARGET, "--lun", "0=vol"]);
+    volume_and_target_with(cluster, port, "vol", size, "raid1:2", object_size)
+}
+
+/// Creates volume `name` of `size` and `policy` over objects of
+/// `object_size` and a target with it as LUN 0; waits until host 1 serves
+/// it.
+fn volume_and_target_with(
+    cluster: &TestCluster,
+    port: u16,
+    name: &str,
+    size: &str,
+    policy: &str,
+    object_size: &str,
+) -> String {
+    let created =
+        tessera(cluster, &["volume", "create", name, "--size", size, "--policy", policy, "--object-size", object_size]);
+    assert!(created.contains(&format!("created volume {name}")), "{created}");
+    let created = tessera(cluster, &["target", "create", TARGET, "--lun", &format!("0={name}")]);
     assert!(created.contains(&format!("iscsi://{}/{TARGET}/0", portal(1, port))), "{created}");
     let url = format!("iscsi://{}/{TARGET}/0", portal(1, port));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -519,18 +531,7 @@ fn fill_a_thin_lun(hosts: u64, policy: &str) {
     // Placement counts an object's whole size against a disk's free space
     // when it places it (four 16 MiB objects fit a 72 MiB disk); the
     // journal and the disk's reserve then leave less than that for data.
-    let created = tessera(
-        &cluster,
-        &["volume", "create", "thin", "--size", "64MiB", "--policy", policy, "--object-size", "16MiB"],
-    );
-    assert!(created.contains("created volume thin"), "{created}");
-    tessera(&cluster, &["target", "create", TARGET, "--lun", "0=thin"]);
-    let url = format!("iscsi://{}/{TARGET}/0", portal(1, port));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !run(&cluster, "iscsi-inq", &[&url]).status.success() {
-        assert!(Instant::now() < deadline, "host 1 does not serve {url}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let url = volume_and_target_with(&cluster, port, "thin", "64MiB", policy, "16MiB");
 
     // 64 MiB into a LUN whose disks hold less: qemu-img stops with the
     // error the target reports.
