@@ -536,14 +536,7 @@ impl Disk {
             Err(error @ Error::NoSpace { .. }) => {
                 tracing::warn!(disk = %inner.name, %error, "no room to checkpoint: going on with the journal replayed");
                 let file = fs.open(&journal, true).map_err(io)?;
-                let length = file.len().map_err(io)?;
-                let zeros = vec![0u8; length.saturating_sub(end).min(1 << 20) as usize];
-                let mut at = end;
-                while at < length {
-                    let piece = zeros.len().min((length - at) as usize);
-                    file.write_at(&zeros[..piece], at).map_err(io)?;
-                    at += piece as u64;
-                }
+                write_zeros(file.as_ref(), end, file.len().map_err(io)?).map_err(io)?;
                 file.sync_data().map_err(io)?;
                 (meta.generation, Some(end))
             }
@@ -866,8 +859,6 @@ impl Disk {
         }
     }
 
-    /// The lowest owner epoch component `id` accepts, counting fences
-    /// queued but not yet applied.
     /// The owner settled every write up to `through` this component
     /// refused for want of space (no copy took them): it takes writes
     /// again if it refused none above.
@@ -884,6 +875,8 @@ impl Disk {
         self.inner.halted.lock().expect("halted lock").get(&id).copied()
     }
 
+    /// The lowest owner epoch component `id` accepts, counting fences
+    /// queued but not yet applied.
     pub fn accepted_epoch(&self, id: ComponentId) -> Result<u64> {
         let applied = self.inner.get(id)?.state.read().expect("component lock").epoch;
         let queue = self.inner.queue.lock().expect("queue lock");
@@ -1189,12 +1182,12 @@ impl Inner {
                 }
             }
             Record::EndSync { plan, .. } => {
+                let ends = state.sync.as_ref().is_some_and(|sync| *plan == 0 || sync.plan == *plan);
                 // Plan 0: the copy of record as it stands, halted or not.
-                if *plan == 0 {
+                if ends || *plan == 0 {
                     self.halted.lock().expect("halted lock").remove(&id);
                 }
-                if state.sync.as_ref().is_some_and(|sync| *plan == 0 || sync.plan == *plan) {
-                    self.halted.lock().expect("halted lock").remove(&id);
+                if ends {
                     let sync = state.sync.take().expect("checked");
                     state.committed_lsn = state.committed_lsn.max(sync.newest);
                 }
@@ -1451,57 +1444,32 @@ impl Inner {
     }
 
     /// Admits the batch's writes that may need new blocks (see "Space" in
-    /// the crate's documentation); each refused one is answered
-    /// [`Error::NoSpace`] here and left out of the batch.
+    /// the crate's documentation), and refuses the writes and unmaps of
+    /// halted components (see `Inner::halted`); each refused one is
+    /// answered [`Error::NoSpace`] here and left out of the batch.
     fn admit(&self, journal: &mut Journal, batch: Vec<Op>) -> Vec<Op> {
-        let batch = self.refuse_halted(batch);
         let wanted: u64 = batch.iter().filter_map(|op| filling(&op.record)).map(|(_, _, count)| count).sum();
-        if wanted == 0 {
+        let mut available = self.room_left(journal, wanted * (BLOCK_SIZE as u64 + CRC_SIZE));
+        let mut halted = self.halted.lock().expect("halted lock");
+        if halted.is_empty() && available.is_none() {
             return batch;
-        }
-        let wanted = wanted * (BLOCK_SIZE as u64 + CRC_SIZE);
-        // A file system that cannot say allocates on write, as it always did.
-        let Ok(mut available) = self.fs.available(&self.dir) else { return batch };
-        // Room for the batch twice over and a step of journal growth: no
-        // write of it can find the file system full when it is applied.
-        let reserve = self.config.reserve_bytes;
-        let roomy = |available: u64| {
-            available >= reserve.saturating_add(wanted.saturating_mul(2)).saturating_add(self.zero_step())
-        };
-        if roomy(available) {
-            return batch;
-        }
-        // The journal holds a copy of what was written since the last
-        // checkpoint: a checkpoint gives that room back.
-        if journal.zeroed >= 2 * self.zero_step() && journal.len >= journal.early_after {
-            tracing::info!(disk = %self.name, available, journal = journal.zeroed, "disk nearly full: checkpointing");
-            match self.rotate(journal) {
-                Ok(()) => available = self.fs.available(&self.dir).unwrap_or(available),
-                Err(error @ Error::NoSpace { .. }) => {
-                    // Not again before the journal has grown a step.
-                    tracing::warn!(disk = %self.name, %error, "checkpoint postponed");
-                    journal.early_after = journal.len + self.zero_step();
-                }
-                Err(error) => self.latch(format!("checkpoint failed: {error}")),
-            }
-            if roomy(available) {
-                return batch;
-            }
         }
         let mut admitted = Vec::with_capacity(batch.len());
         for op in batch {
-            let halted =
-                lsn_of(&op.record).and_then(|(id, _)| self.halted.lock().expect("halted lock").get(&id).copied());
-            let admission = match (filling(&op.record), halted) {
-                (_, Some(first)) => Err(self.halted_error(first)),
-                (Some((id, first, count)), None) => self.allocate(id, first, count, &mut available),
+            let lsn = lsn_of(&op.record);
+            let admission = match (lsn.and_then(|(id, _)| halted.get(&id).copied()), filling(&op.record)) {
+                (Some(first), _) => Err(self.halted_error(first)),
+                (None, Some((id, first, count))) => match available.as_mut() {
+                    Some(available) => self.allocate(id, first, count, available),
+                    None => Ok(()),
+                },
                 (None, None) => Ok(()),
             };
             match admission {
                 Ok(()) => admitted.push(op),
                 Err(error) => {
-                    if let (Error::NoSpace { .. }, Some((id, lsn))) = (&error, lsn_of(&op.record)) {
-                        self.halted.lock().expect("halted lock").entry(id).or_insert(lsn);
+                    if let (Error::NoSpace { .. }, Some((id, lsn))) = (&error, lsn) {
+                        halted.entry(id).or_insert(lsn);
                     }
                     let _ = op.done.send(Err(error));
                 }
@@ -1510,23 +1478,46 @@ impl Inner {
         admitted
     }
 
-    /// Refuses the writes and unmaps of components halted by an earlier
-    /// refusal (see `Inner::halted`).
-    fn refuse_halted(&self, batch: Vec<Op>) -> Vec<Op> {
-        let halted = self.halted.lock().expect("halted lock").clone();
-        if halted.is_empty() {
-            return batch;
+    /// The free bytes, when a batch wanting `wanted` of them may not fit
+    /// beside the reserve (after a checkpoint gives back the journal's
+    /// room, if it can); None when it fits, or the file system cannot say
+    /// (it allocates on write, as it always did).
+    fn room_left(&self, journal: &mut Journal, wanted: u64) -> Option<u64> {
+        if wanted == 0 {
+            return None;
         }
-        let mut admitted = Vec::with_capacity(batch.len());
-        for op in batch {
-            match lsn_of(&op.record).and_then(|(id, _)| halted.get(&id)) {
-                Some(first) => {
-                    let _ = op.done.send(Err(self.halted_error(*first)));
-                }
-                None => admitted.push(op),
+        let available = self.fs.available(&self.dir).ok()?;
+        // Room for the batch twice over and a step of journal growth: no
+        // write of it can find the file system full when it is applied.
+        let reserve = self.config.reserve_bytes;
+        let roomy = |available: u64| {
+            available >= reserve.saturating_add(wanted.saturating_mul(2)).saturating_add(self.zero_step())
+        };
+        if roomy(available) {
+            return None;
+        }
+        // The journal holds a copy of what was written since the last
+        // checkpoint: a checkpoint gives that room back.
+        if journal.zeroed < 2 * self.zero_step() || journal.len < journal.early_after {
+            return Some(available);
+        }
+        tracing::info!(disk = %self.name, available, journal = journal.zeroed, "disk nearly full: checkpointing");
+        match self.rotate(journal) {
+            Ok(()) => {
+                let available = self.fs.available(&self.dir).unwrap_or(available);
+                (!roomy(available)).then_some(available)
+            }
+            Err(error @ Error::NoSpace { .. }) => {
+                // Not again before the journal has grown a step.
+                tracing::warn!(disk = %self.name, %error, "checkpoint postponed");
+                journal.early_after = journal.len + self.zero_step();
+                Some(available)
+            }
+            Err(error) => {
+                self.latch(format!("checkpoint failed: {error}"));
+                Some(available)
             }
         }
-        admitted
     }
 
     fn halted_error(&self, first: Lsn) -> Error {
@@ -1578,13 +1569,7 @@ impl Inner {
         }
         let step = self.zero_step();
         let target = end.div_ceil(step) * step;
-        let zeros = vec![0u8; (1 << 20).min(target - journal.zeroed) as usize];
-        let mut at = journal.zeroed;
-        while at < target {
-            let length = (target - at).min(zeros.len() as u64) as usize;
-            journal.file.write_at(&zeros[..length], at)?;
-            at += length as u64;
-        }
+        write_zeros(journal.file.as_ref(), journal.zeroed, target)?;
         journal.file.sync_data()?;
         metrics::counter!("blockstore_journal_zeroed_bytes_total").increment(target - journal.zeroed);
         journal.zeroed = target;
@@ -1661,14 +1646,9 @@ impl Inner {
         let bytes = postcard::to_stdvec(&meta).map_err(|error| Error::Io(error.to_string()))?;
         // Written and synced aside first (lacking room there changes
         // nothing); the rename and the directory sync are past that point.
-        let temporary = self.dir.join("meta.tmp");
-        let file = self.fs.open(&temporary, true).map_err(full)?;
-        file.set_len(0).map_err(full)?;
-        file.write_at(&bytes, 0).map_err(full)?;
-        file.sync_data().map_err(full)?;
-        drop(file);
-        self.fs.rename(&temporary, &self.dir.join("meta")).map_err(io)?;
-        self.fs.sync_dir(&self.dir).map_err(io)?;
+        let meta = self.dir.join("meta");
+        let temporary = self.fs.write_aside(&meta, &bytes).map_err(full)?;
+        self.fs.put_in_place(&temporary, &meta).map_err(io)?;
         metrics::counter!("blockstore_checkpoints_total").increment(1);
         Ok(())
     }
@@ -1694,6 +1674,18 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Writes zeros over `[from, to)`, a MiB at a time.
+fn write_zeros(file: &dyn File, from: u64, to: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; to.saturating_sub(from).min(1 << 20) as usize];
+    let mut at = from;
+    while at < to {
+        let length = (to - at).min(zeros.len() as u64) as usize;
+        file.write_at(&zeros[..length], at)?;
+        at += length as u64;
+    }
+    Ok(())
 }
 
 /// The component and LSN of an owner's write or unmap.

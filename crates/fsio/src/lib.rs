@@ -98,7 +98,14 @@ pub trait Fs: Send + Sync + 'static {
     /// the new contents, never a mix: write a temporary file, sync it, rename
     /// it over `path`, sync the directory.
     fn write_file_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        let directory = path.parent().unwrap_or_else(|| Path::new("."));
+        let temporary = self.write_aside(path, bytes)?;
+        self.put_in_place(&temporary, path)
+    }
+
+    /// The first half of [`Fs::write_file_atomic`]: writes and syncs
+    /// `bytes` to a temporary file beside `path`, which it returns. Until
+    /// [`Fs::put_in_place`], `path` is untouched, whatever fails.
+    fn write_aside(&self, path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
         let mut temporary = path.as_os_str().to_owned();
         temporary.push(".tmp");
         let temporary = PathBuf::from(temporary);
@@ -106,9 +113,14 @@ pub trait Fs: Send + Sync + 'static {
         file.set_len(0)?;
         file.write_at(bytes, 0)?;
         file.sync_data()?;
-        drop(file);
-        self.rename(&temporary, path)?;
-        self.sync_dir(directory)
+        Ok(temporary)
+    }
+
+    /// The second half: renames `temporary` over `path` and syncs the
+    /// directory.
+    fn put_in_place(&self, temporary: &Path, path: &Path) -> io::Result<()> {
+        self.rename(temporary, path)?;
+        self.sync_dir(path.parent().unwrap_or_else(|| Path::new(".")))
     }
 }
 

@@ -734,12 +734,10 @@ impl<T: Transport> Object<T> {
                 Action::Send { component, lsn, .. } => {
                     let op = state.owner.op(lsn).cloned();
                     let id = self.ids[component];
+                    let settled = state.owner.settled(component);
                     let request = match (op, self.erasure) {
-                        (Some(Op::Write { first, .. }), None) => {
-                            Request::Write { component: id, lsn, first, settled: state.owner.settled(component) }
-                        }
+                        (Some(Op::Write { first, .. }), None) => Request::Write { component: id, lsn, first, settled },
                         (Some(Op::Unmap { first, count }), None) => {
-                            let settled = state.owner.settled(component);
                             Request::Unmap { component: id, lsn, first, count, settled }
                         }
                         (Some(Op::Write { first, .. }), Some(_)) => {

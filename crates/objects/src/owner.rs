@@ -82,8 +82,8 @@ pub enum Action {
     Refused {
         request: u64,
     },
-    /// The operation was not carried out: the only copy taking writes had
-    /// no room for it (and changed nothing).
+    /// The operation was not carried out: every copy it was sent to had no
+    /// room for it (and changed nothing).
     NoSpace {
         request: u64,
     },
@@ -133,8 +133,9 @@ pub enum Input {
     /// `component` could not (or its host or disk is gone).
     Failed { component: Index },
     /// `component` refused `lsn` for want of space, having changed
-    /// nothing. The only copy taking writes then refuses it for all; a
-    /// copy that misses a write another may take has failed.
+    /// nothing. Settled once every active copy has answered: if every copy
+    /// it was sent to declined it, it is refused for all (`NoSpace`) and
+    /// they go on; otherwise the copies that declined it have failed.
     Declined { component: Index, lsn: Lsn },
     /// A `Track` action was carried out (informational: the owner counts a
     /// tracking bitmap from when it sends it, as the connection keeps order).
@@ -212,6 +213,17 @@ pub struct Owner {
     /// became the copy of record at `.0`; writes up to `.1` were issued
     /// before, and a component holding some of them above `.0` diverged.
     restarted: Option<(Lsn, Lsn)>,
+}
+
+impl Component {
+    /// Counts `lsn` as answered for good; `acked` rises over every LSN
+    /// answered in a row.
+    fn acknowledge(&mut self, lsn: Lsn) {
+        self.acked_above.insert(lsn);
+        while self.acked_above.remove(&(self.acked + 1)) {
+            self.acked += 1;
+        }
+    }
 }
 
 impl Owner {
@@ -388,10 +400,7 @@ impl Owner {
         if matches!(component.status, Status::Absent { .. }) || lsn <= component.acked {
             return;
         }
-        component.acked_above.insert(lsn);
-        while component.acked_above.remove(&(component.acked + 1)) {
-            component.acked += 1;
-        }
+        component.acknowledge(lsn);
         if let Some(pending) = self.pending.get_mut(&lsn) {
             if pending.waiting.remove(&index) {
                 pending.holders.insert(index);
@@ -494,10 +503,7 @@ impl Owner {
                     component.holes.remove(&lsn);
                     component.unanswered.remove(&lsn);
                     component.settled = component.settled.max(lsn);
-                    component.acked_above.insert(lsn);
-                    while component.acked_above.remove(&(component.acked + 1)) {
-                        component.acked += 1;
-                    }
+                    component.acknowledge(lsn);
                 }
                 let (_, pending) = self.pending.pop_first().expect("the first entry");
                 out.push(Action::NoSpace { request: pending.request });

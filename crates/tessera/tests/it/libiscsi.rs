@@ -206,6 +206,12 @@ impl Session {
         let task = unsafe {
             (api().write10_sync)(self.context, self.lun, lba, data.as_mut_ptr(), data.len() as u32, 512, 0, 0, 0, 0, 0)
         };
+        self.status_and_sense(task)
+    }
+
+    /// As [`Session::status`], with CHECK CONDITION's sense key and
+    /// `asc << 8 | ascq`.
+    fn status_and_sense(&self, task: Task) -> Result<(c_int, Option<(u8, u16)>), String> {
         if task.is_null() {
             return Err(self.error());
         }
@@ -234,15 +240,7 @@ impl Session {
         let task = unsafe {
             (api().compareandwrite_sync)(self.context, self.lun, lba, both.as_mut_ptr(), 1024, 512, 0, 0, 0, 0, 0)
         };
-        if task.is_null() {
-            return Err(self.error());
-        }
-        // SAFETY: the task is ours and begins as `TaskHead` does.
-        let key = unsafe {
-            let head = &*(task as *const TaskHead);
-            (head.status == STATUS_CHECK_CONDITION).then_some(head.sense_key as u8)
-        };
-        self.status(task).map(|status| (status, key))
+        self.status_and_sense(task).map(|(status, sense)| (status, sense.map(|(key, _)| key)))
     }
 
     /// UNMAP of these (first LBA, blocks) ranges.
