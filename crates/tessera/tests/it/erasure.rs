@@ -16,6 +16,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use node::status::ComponentStatus;
 use node::storage::ObjectClient;
 use objects::component::Client;
 use objects::ec::Layout;
@@ -382,12 +383,14 @@ fn raid6_with_two_hosts_down_reads_right_and_they_get_back_only_what_changed() {
 /// 4 KiB writes (each a partial-stripe write). To leave writes torn
 /// across chunks, the owner's host is first cut off from another component
 /// host, so the writes in flight reach the third component but not it;
-/// then the owner is killed (the cut stays until another host has taken
-/// over, so what the dead owner's kernel still retransmits never lands).
-/// The host that takes the object over finds the chunks at different LSNs,
-/// with the killed host's chunk away, and must roll the torn writes back;
-/// the killed host returns and is resynced. At the end every stripe's parity matches its data and
-/// no acknowledged write is lost.
+/// once the test sees such a write on the third component, the owner is
+/// killed (the cut stays until another host has taken over, so what the
+/// dead owner's kernel still retransmits never lands). The host that
+/// takes the object over finds the chunks at different LSNs, with the
+/// killed host's chunk away, and must roll the torn writes back (checked
+/// in every round that saw a tear, from the new owner's counter); the
+/// killed host returns and is resynced. At the end every stripe's parity
+/// matches its data and no acknowledged write is lost.
 fn owners_killed(policy: &str, hosts: u64, rounds: usize) {
     let _guard = exclusive();
     let mut cluster = TestCluster::start(hosts);
@@ -395,20 +398,45 @@ fn owners_killed(policy: &str, hosts: u64, rounds: usize) {
     let Written { created, layout, runtime, client: _, writers } = Written::start(&cluster, policy);
     let mut epoch = created.owner_epoch;
     let mut rollbacks = 0.0;
-    // Whether a round leaves writes torn depends on what was in flight:
+    // A round whose cuts never showed a torn write tests no write hole:
     // up to twice the rounds asked for, until one did.
     let mut round = 0;
     while round < rounds || (rollbacks < 1.0 && round < 2 * rounds) {
         round += 1;
         let status = object(&cluster).unwrap();
         let owner = status.owner;
-        let lagging = status.components.iter().map(|component| component.host).find(|host| *host != owner).unwrap();
+        let others: Vec<&ComponentStatus> =
+            status.components.iter().filter(|component| component.host != owner).collect();
+        let (lagging, ahead) = (others[0], others[1]);
         let before = writers.acked.load(Ordering::Relaxed);
         let ip = |host: u64| cluster.address(host).rsplit_once(':').unwrap().0.to_string();
-        let cut = Cut::between(&ip(owner), &ip(lagging));
-        // Long enough for writes to be in flight, short of the failure
-        // detector's notice (which would record the host away instead).
-        std::thread::sleep(Duration::from_millis(500));
+        let addresses = component_addresses(&cluster);
+        // Counted per process: what the survivors had rolled back so far.
+        let rolled_before: BTreeMap<u64, f64> = others
+            .iter()
+            .map(|other| (other.host, cluster.metric(other.host, "objects_erasure_rollbacks_total").unwrap_or(0.0)))
+            .collect();
+        // The owner is killed once a write is seen torn: on the third
+        // component past every write the cut-off one holds (which cannot
+        // catch up while cut). Watched from the test, with the owner's
+        // epoch (which fences nobody), for 1 s at a time: well short of
+        // the failure detector's notice (3.5 s without a heartbeat),
+        // which would record the host away instead. Sometimes nothing
+        // more reaches the third component either (the writes wait on
+        // the cut-off host before they are sent on): then the cut is
+        // lifted, the heartbeats flow for 3 s, and it is tried again.
+        let mut torn = None;
+        let mut cut = None;
+        let mut tries = 0;
+        while torn.is_none() && tries < 15 {
+            tries += 1;
+            cut = Some(Cut::between(&ip(owner), &ip(lagging.host)));
+            torn = torn_within(&runtime, &addresses, status.owner_epoch, lagging, ahead, Duration::from_secs(1));
+            if torn.is_none() {
+                cut = None;
+                std::thread::sleep(Duration::from_secs(3));
+            }
+        }
         cluster.kill(owner);
         let moved = wait_object(&cluster, "taken over", Duration::from_secs(30), |status| {
             status.owner != owner && status.owner_epoch > epoch && status.resync.is_some()
@@ -420,15 +448,26 @@ fn owners_killed(policy: &str, hosts: u64, rounds: usize) {
         wait_object(&cluster, "healthy", Duration::from_secs(120), |status| {
             status.health == "healthy" && status.resync.as_ref().is_some_and(|resync| resync.bytes_to_go == 0)
         });
-        // Counted by the new owner's process (restarted hosts start at 0).
-        let rolled = cluster.metric(moved.owner, "objects_erasure_rollbacks_total").unwrap_or(0.0);
+        let rolled = cluster.metric(moved.owner, "objects_erasure_rollbacks_total").unwrap_or(0.0)
+            - rolled_before.get(&moved.owner).copied().unwrap_or(0.0);
         println!(
-            "{policy} round {round}: cut host {lagging} off from the owner, killed the owner (host {owner}) after {before} \
-             acknowledged writes; host {} took over at epoch {epoch} ({rolled} component rollbacks by its process so far); healed with {} \
-             acknowledged",
+            "{policy} round {round}: cut host {} off from the owner, killed the owner (host {owner}) after {before} \
+             acknowledged writes, {}; host {} took over at epoch {epoch} and rolled {rolled} component(s) back; healed \
+             with {} acknowledged",
+            lagging.host,
+            match torn {
+                Some((behind, past)) => format!(
+                    "with host {} at LSN {past} past host {}'s {behind} (cut {tries} time(s))",
+                    ahead.host, lagging.host
+                ),
+                None => format!("with no write seen torn in {tries} cuts"),
+            },
             moved.owner,
             writers.acked.load(Ordering::Relaxed)
         );
+        if torn.is_some() {
+            assert!(rolled >= 1.0, "a write was torn when the owner died, and the new owner rolled nothing back");
+        }
         rollbacks += rolled;
     }
     let ledger = writers.finish(&runtime);
@@ -441,6 +480,41 @@ fn owners_killed(policy: &str, hosts: u64, rounds: usize) {
         ledger.acked.len()
     );
     assert!(rollbacks >= 1.0, "no new owner found torn writes to roll back: the scenario did not test the write hole");
+}
+
+/// Watches `lagging` (cut off from the owner) and `ahead` until `ahead`
+/// has committed a write past the newest `lagging` holds: that write is
+/// torn across their chunks. Returns (`lagging`'s newest, `ahead`'s
+/// committed), or None if no tear was seen within `limit`.
+fn torn_within(
+    runtime: &tokio::runtime::Runtime,
+    addresses: &BTreeMap<u64, String>,
+    epoch: u64,
+    lagging: &ComponentStatus,
+    ahead: &ComponentStatus,
+    limit: Duration,
+) -> Option<(u64, u64)> {
+    let transport = TcpTransport::new();
+    let client = |component: &ComponentStatus| Client::new(transport.clone(), addresses[&component.host].clone());
+    let (lagging_client, ahead_client) = (client(lagging), client(ahead));
+    let started = Instant::now();
+    let newest_behind = || runtime.block_on(lagging_client.info(epoch, lagging.id)).ok().map(|info| info.newest_lsn);
+    while started.elapsed() < limit {
+        // `ahead` first: `lagging` asked after it still lacks what it had.
+        // Asked again a moment later, so that a write the owner sent
+        // before the cut and `lagging` was still taking in is not taken
+        // for torn.
+        if let Ok(past) = runtime.block_on(ahead_client.info(epoch, ahead.id)) {
+            if newest_behind().is_some_and(|behind| behind < past.committed_lsn) {
+                std::thread::sleep(Duration::from_millis(100));
+                if let Some(behind) = newest_behind().filter(|behind| *behind < past.committed_lsn) {
+                    return Some((behind, past.committed_lsn));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
 }
 
 #[test]
