@@ -11,6 +11,16 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// mimalloc rather than glibc's malloc: every I/O allocates and frees a
+/// few buffers, often on different threads (a block read on a component
+/// thread is freed on the iSCSI connection's), and glibc's per-thread
+/// arenas then shrink and regrow their heaps (`sysmalloc` and its page
+/// faults were 12% of a node's CPU under 4 KiB random reads). Measured
+/// side by side by bench/allocator.sh (bench/RESULTS.md).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "tessera", version, about = "Tessera: pooled block storage and memory for a cluster of hosts")]
 struct Cli {
