@@ -504,11 +504,16 @@ impl Cut {
         Cut::install(ip, "ip saddr 127.0.0.1 accept\n    ip daddr 127.0.0.1 accept\n    ")
     }
 
-    /// Cuts the two hosts off from each other only.
-    pub fn between(a: &str, b: &str) -> Cut {
+    /// Cuts the TCP connections between host address `a` and the ports
+    /// of `b` (addresses `ip:port` on one host) only: everything else
+    /// between the two hosts (heartbeats, the shared log) still flows.
+    pub fn ports(a: &str, b: &[String]) -> Cut {
         let table = format!("tessera_test_{}", std::process::id());
+        let b_ip = b[0].rsplit_once(':').expect("ip:port").0;
+        let ports: Vec<&str> = b.iter().map(|address| address.rsplit_once(':').expect("ip:port").1).collect();
+        let ports = ports.join(", ");
         let rules = format!(
-            "table inet {table} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    ip saddr {a} ip daddr {b} drop\n    ip saddr {b} ip daddr {a} drop\n  }}\n}}\n"
+            "table inet {table} {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    ip saddr {a} ip daddr {b_ip} tcp dport {{ {ports} }} drop\n    ip saddr {b_ip} ip daddr {a} tcp sport {{ {ports} }} drop\n  }}\n}}\n"
         );
         Cut::apply(table, &rules)
     }
