@@ -6,16 +6,24 @@
 //! - bytes of memory per entry beyond the key and value (a counting
 //!   allocator measures what filling each cache allocated).
 //!
-//!     bench/cache.sh [--keys 100000] [--requests 2000000] [--tables hit,throughput,memory]
+//!
+//! ```sh
+//! bench/cache.sh [--keys 100000] [--requests 2000000] [--tables hit,throughput,memory]
+//! CACHE_BENCH_ALLOCATOR=system bench/cache.sh    # glibc's malloc, not mimalloc
+//! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::time::Instant;
 
 use clap::Parser;
+use mimalloc::MiMalloc;
 
-/// Counts the bytes held, to measure each cache's memory per entry.
+/// Counts the bytes held, to measure each cache's memory per entry, and
+/// hands every call to one allocator: mimalloc, which the node links
+/// (crates/tessera), or the system's (glibc's malloc) with
+/// `CACHE_BENCH_ALLOCATOR=system`. Both caches run on the same one.
 struct Counting;
 
 static HELD_BYTES: AtomicI64 = AtomicI64::new(0);
@@ -23,27 +31,76 @@ static HELD_BYTES: AtomicI64 = AtomicI64::new(0);
 /// counter (one atomic every thread adds to) does not slow the throughput
 /// runs of a cache that allocates per insert.
 static COUNTING: AtomicBool = AtomicBool::new(false);
+/// The allocator: 0 until the first allocation asks, then `SYSTEM` or
+/// `MIMALLOC`. Threads that ask at once each read the same environment
+/// (which this program never changes), so all choose alike, and no block
+/// is freed by an allocator other than the one that gave it.
+static CHOSEN: AtomicU8 = AtomicU8::new(0);
+const SYSTEM: u8 = 1;
+const MIMALLOC: u8 = 2;
 
-// SAFETY: every call forwards to the system allocator unchanged; the
-// counter is only arithmetic on the sizes.
+fn chosen() -> u8 {
+    let chosen = CHOSEN.load(Ordering::Relaxed);
+    if chosen != 0 {
+        return chosen;
+    }
+    // SAFETY: getenv does not allocate, and the environment is not
+    // changed by this program; the string it returns is read at once.
+    let system = unsafe {
+        let value = libc::getenv(c"CACHE_BENCH_ALLOCATOR".as_ptr());
+        !value.is_null() && std::ffi::CStr::from_ptr(value).to_bytes() == b"system"
+    };
+    let chosen = if system { SYSTEM } else { MIMALLOC };
+    CHOSEN.store(chosen, Ordering::Relaxed);
+    chosen
+}
+
+fn allocator_name() -> &'static str {
+    if chosen() == SYSTEM {
+        "the system's (glibc malloc)"
+    } else {
+        "mimalloc"
+    }
+}
+
+// SAFETY: every call forwards to the chosen allocator unchanged (always
+// the same one: see `CHOSEN`); the counter is only arithmetic on the sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if COUNTING.load(Ordering::Relaxed) {
             HELD_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
         }
-        unsafe { System.alloc(layout) }
+        match chosen() {
+            SYSTEM => unsafe { System.alloc(layout) },
+            _ => unsafe { MiMalloc.alloc(layout) },
+        }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            HELD_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        }
+        match chosen() {
+            SYSTEM => unsafe { System.alloc_zeroed(layout) },
+            _ => unsafe { MiMalloc.alloc_zeroed(layout) },
+        }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if COUNTING.load(Ordering::Relaxed) {
             HELD_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
         }
-        unsafe { System.dealloc(ptr, layout) }
+        match chosen() {
+            SYSTEM => unsafe { System.dealloc(ptr, layout) },
+            _ => unsafe { MiMalloc.dealloc(ptr, layout) },
+        }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if COUNTING.load(Ordering::Relaxed) {
             HELD_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
         }
-        unsafe { System.realloc(ptr, layout, new_size) }
+        match chosen() {
+            SYSTEM => unsafe { System.realloc(ptr, layout, new_size) },
+            _ => unsafe { MiMalloc.realloc(ptr, layout, new_size) },
+        }
     }
 }
 
@@ -257,6 +314,7 @@ fn overhead<C: Subject>(entries: usize) -> (f64, usize) {
 
 fn main() {
     let args = Args::parse();
+    println!("Allocator: {} (CACHE_BENCH_ALLOCATOR=system for glibc's malloc)", allocator_name());
     let wanted = |table: &str| args.tables.iter().any(|name| name == table);
     if wanted("hit") {
         hit_ratios(&args);
