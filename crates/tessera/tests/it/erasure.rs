@@ -410,7 +410,7 @@ fn owners_killed(policy: &str, hosts: u64, rounds: usize) {
         let (lagging, ahead) = (others[0], others[1]);
         let before = writers.acked.load(Ordering::Relaxed);
         let ip = |host: u64| cluster.address(host).rsplit_once(':').unwrap().0.to_string();
-        let addresses = component_addresses(&cluster);
+        let watch = Watch::new(&runtime, &component_addresses(&cluster), status.owner_epoch, lagging, ahead);
         let lagging_ports = component_ports(&cluster, lagging.host);
         // Counted per process: what the survivors had rolled back so far
         // (either may recover the object; both are summed).
@@ -435,7 +435,7 @@ fn owners_killed(policy: &str, hosts: u64, rounds: usize) {
         while looked_torn.is_none() && tries < 15 {
             tries += 1;
             cut = Some(Cut::ports(&ip(owner), &lagging_ports));
-            looked_torn = torn_within(&runtime, &addresses, status.owner_epoch, lagging, ahead, Duration::from_secs(1));
+            looked_torn = watch.torn_within(Duration::from_secs(1));
             if looked_torn.is_none() {
                 cut = None;
                 std::thread::sleep(Duration::from_secs(1));
@@ -445,9 +445,7 @@ fn owners_killed(policy: &str, hosts: u64, rounds: usize) {
         // What the two hold once nothing more arrives: a write the owner
         // sent before the cut may still have been on its way through the
         // cut-off component's group commit.
-        let torn = looked_torn
-            .and_then(|_| settled(&runtime, &addresses, status.owner_epoch, lagging, ahead))
-            .filter(|(behind, past)| behind < past);
+        let torn = looked_torn.and_then(|_| watch.settled()).filter(|(behind, past)| behind < past);
         let moved = wait_object(&cluster, "taken over", Duration::from_secs(30), |status| {
             status.owner != owner && status.owner_epoch > epoch && status.resync.is_some()
         });
@@ -492,39 +490,83 @@ fn owners_killed(policy: &str, hosts: u64, rounds: usize) {
     assert!(rollbacks >= 1.0, "no new owner found torn writes to roll back: the scenario did not test the write hole");
 }
 
-/// Watches `lagging` (cut off from the owner) and `ahead` until `ahead`
-/// has committed a write past the newest `lagging` holds: that write is
-/// torn across their chunks. Returns (`lagging`'s newest, `ahead`'s
-/// committed), or None if no tear was seen within `limit`.
-fn torn_within(
-    runtime: &tokio::runtime::Runtime,
-    addresses: &BTreeMap<u64, String>,
+/// The two components other than the owner's, watched from the test with
+/// the owner's epoch (which fences nobody): `lagging`, cut off from the
+/// owner, and `ahead`, the third.
+struct Watch<'a> {
+    runtime: &'a tokio::runtime::Runtime,
     epoch: u64,
-    lagging: &ComponentStatus,
-    ahead: &ComponentStatus,
-    limit: Duration,
-) -> Option<(u64, u64)> {
-    let transport = TcpTransport::new();
-    let client = |component: &ComponentStatus| Client::new(transport.clone(), addresses[&component.host].clone());
-    let (lagging_client, ahead_client) = (client(lagging), client(ahead));
-    let started = Instant::now();
-    let newest_behind = || runtime.block_on(lagging_client.info(epoch, lagging.id)).ok().map(|info| info.newest_lsn);
-    while started.elapsed() < limit {
-        // `ahead` first: `lagging` asked after it still lacks what it had.
-        // Asked again a moment later, so that a write the owner sent
-        // before the cut and `lagging` was still taking in is not taken
-        // for torn.
-        if let Ok(past) = runtime.block_on(ahead_client.info(epoch, ahead.id)) {
-            if newest_behind().is_some_and(|behind| behind < past.committed_lsn) {
-                std::thread::sleep(Duration::from_millis(100));
-                if let Some(behind) = newest_behind().filter(|behind| *behind < past.committed_lsn) {
-                    return Some((behind, past.committed_lsn));
+    lagging: (Client<TcpTransport>, u64),
+    ahead: (Client<TcpTransport>, u64),
+}
+
+impl<'a> Watch<'a> {
+    fn new(
+        runtime: &'a tokio::runtime::Runtime,
+        addresses: &BTreeMap<u64, String>,
+        epoch: u64,
+        lagging: &ComponentStatus,
+        ahead: &ComponentStatus,
+    ) -> Watch<'a> {
+        let transport = TcpTransport::new();
+        let client = |component: &ComponentStatus| {
+            (Client::new(transport.clone(), addresses[&component.host].clone()), component.id)
+        };
+        Watch { runtime, epoch, lagging: client(lagging), ahead: client(ahead) }
+    }
+
+    fn newest_behind(&self) -> Option<u64> {
+        let (client, id) = &self.lagging;
+        self.runtime.block_on(client.info(self.epoch, *id)).ok().map(|info| info.newest_lsn)
+    }
+
+    fn committed_ahead(&self) -> Option<u64> {
+        let (client, id) = &self.ahead;
+        self.runtime.block_on(client.info(self.epoch, *id)).ok().map(|info| info.committed_lsn)
+    }
+
+    /// Waits until `ahead` has committed a write past the newest `lagging`
+    /// holds: that write is torn across their chunks. Returns (`lagging`'s
+    /// newest, `ahead`'s committed), or None if no tear was seen within
+    /// `limit`.
+    fn torn_within(&self, limit: Duration) -> Option<(u64, u64)> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            // `ahead` first: `lagging` asked after it still lacks what it
+            // had. Asked again a moment later, so that a write the owner
+            // sent before the cut and `lagging` was still taking in is not
+            // taken for torn.
+            if let Some(past) = self.committed_ahead() {
+                if self.newest_behind().is_some_and(|behind| behind < past) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if let Some(behind) = self.newest_behind().filter(|behind| *behind < past) {
+                        return Some((behind, past));
+                    }
                 }
             }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        None
     }
-    None
+
+    /// `lagging`'s newest LSN and `ahead`'s committed one once neither has
+    /// changed for half a second (the owner is dead: nothing more is
+    /// sent), or as they last were if a new owner fences the old epoch
+    /// first.
+    fn settled(&self) -> Option<(u64, u64)> {
+        let ask = || Some((self.newest_behind()?, self.committed_ahead()?));
+        let mut last = ask()?;
+        let mut since = Instant::now();
+        let started = Instant::now();
+        while since.elapsed() < Duration::from_millis(500) && started.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(50));
+            let Some(now) = ask() else { break };
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        Some(last)
+    }
 }
 
 /// Every component service address of `host` (one per component thread).
@@ -537,37 +579,6 @@ fn component_ports(cluster: &TestCluster, host: u64) -> Vec<String> {
         .iter()
         .map(|address| address.as_str().unwrap().to_string())
         .collect()
-}
-
-/// `lagging`'s newest LSN and `ahead`'s committed one once neither has
-/// changed for half a second (the owner is dead: nothing more is sent),
-/// or as they last were if a new owner fences the old epoch first.
-fn settled(
-    runtime: &tokio::runtime::Runtime,
-    addresses: &BTreeMap<u64, String>,
-    epoch: u64,
-    lagging: &ComponentStatus,
-    ahead: &ComponentStatus,
-) -> Option<(u64, u64)> {
-    let transport = TcpTransport::new();
-    let client = |component: &ComponentStatus| Client::new(transport.clone(), addresses[&component.host].clone());
-    let (lagging_client, ahead_client) = (client(lagging), client(ahead));
-    let ask = || -> Option<(u64, u64)> {
-        let behind = runtime.block_on(lagging_client.info(epoch, lagging.id)).ok()?.newest_lsn;
-        let past = runtime.block_on(ahead_client.info(epoch, ahead.id)).ok()?.committed_lsn;
-        Some((behind, past))
-    };
-    let mut last = ask()?;
-    let mut since = Instant::now();
-    let started = Instant::now();
-    while since.elapsed() < Duration::from_millis(500) && started.elapsed() < Duration::from_secs(3) {
-        std::thread::sleep(Duration::from_millis(50));
-        let Some(now) = ask() else { break };
-        if now != last {
-            (last, since) = (now, Instant::now());
-        }
-    }
-    Some(last)
 }
 
 #[test]
