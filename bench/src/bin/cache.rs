@@ -39,27 +39,37 @@ static CHOSEN: AtomicU8 = AtomicU8::new(0);
 const SYSTEM: u8 = 1;
 const MIMALLOC: u8 = 2;
 
-fn chosen() -> u8 {
-    let chosen = CHOSEN.load(Ordering::Relaxed);
-    if chosen != 0 {
-        return chosen;
+fn chosen() -> &'static dyn GlobalAlloc {
+    let mut chosen = CHOSEN.load(Ordering::Relaxed);
+    if chosen == 0 {
+        // SAFETY: getenv does not allocate, and the environment is not
+        // changed by this program; the string it returns is read at once.
+        let system = unsafe {
+            let value = libc::getenv(c"CACHE_BENCH_ALLOCATOR".as_ptr());
+            !value.is_null() && std::ffi::CStr::from_ptr(value).to_bytes() == b"system"
+        };
+        chosen = if system { SYSTEM } else { MIMALLOC };
+        CHOSEN.store(chosen, Ordering::Relaxed);
     }
-    // SAFETY: getenv does not allocate, and the environment is not
-    // changed by this program; the string it returns is read at once.
-    let system = unsafe {
-        let value = libc::getenv(c"CACHE_BENCH_ALLOCATOR".as_ptr());
-        !value.is_null() && std::ffi::CStr::from_ptr(value).to_bytes() == b"system"
-    };
-    let chosen = if system { SYSTEM } else { MIMALLOC };
-    CHOSEN.store(chosen, Ordering::Relaxed);
-    chosen
+    if chosen == SYSTEM {
+        &System
+    } else {
+        &MiMalloc
+    }
 }
 
 fn allocator_name() -> &'static str {
-    if chosen() == SYSTEM {
+    chosen();
+    if CHOSEN.load(Ordering::Relaxed) == SYSTEM {
         "the system's (glibc malloc)"
     } else {
         "mimalloc"
+    }
+}
+
+fn count(bytes: i64) {
+    if COUNTING.load(Ordering::Relaxed) {
+        HELD_BYTES.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 
@@ -67,40 +77,20 @@ fn allocator_name() -> &'static str {
 // the same one: see `CHOSEN`); the counter is only arithmetic on the sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            HELD_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
-        }
-        match chosen() {
-            SYSTEM => unsafe { System.alloc(layout) },
-            _ => unsafe { MiMalloc.alloc(layout) },
-        }
+        count(layout.size() as i64);
+        unsafe { chosen().alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            HELD_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
-        }
-        match chosen() {
-            SYSTEM => unsafe { System.alloc_zeroed(layout) },
-            _ => unsafe { MiMalloc.alloc_zeroed(layout) },
-        }
+        count(layout.size() as i64);
+        unsafe { chosen().alloc_zeroed(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if COUNTING.load(Ordering::Relaxed) {
-            HELD_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
-        }
-        match chosen() {
-            SYSTEM => unsafe { System.dealloc(ptr, layout) },
-            _ => unsafe { MiMalloc.dealloc(ptr, layout) },
-        }
+        count(-(layout.size() as i64));
+        unsafe { chosen().dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            HELD_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
-        }
-        match chosen() {
-            SYSTEM => unsafe { System.realloc(ptr, layout, new_size) },
-            _ => unsafe { MiMalloc.realloc(ptr, layout, new_size) },
-        }
+        count(new_size as i64 - layout.size() as i64);
+        unsafe { chosen().realloc(ptr, layout, new_size) }
     }
 }
 

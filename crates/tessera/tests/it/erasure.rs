@@ -26,8 +26,8 @@ use crate::harness::{exclusive, free_port, Cut, TestCluster};
 use crate::iscsi::{outcomes, random_file};
 use crate::libiscsi::{Session, STATUS_GOOD};
 use crate::objects::{
-    component_addresses, create_with, decode, node_addresses, object, resyncs_went_through_the_queue, runtime,
-    wait_object, Writers, BLOCK, BLOCKS, NAME,
+    component_address_lists, component_addresses, create_with, decode, node_addresses, object,
+    resyncs_went_through_the_queue, runtime, wait_object, Writers, BLOCK, BLOCKS, NAME,
 };
 
 const TARGET: &str = "iqn.2026-11.org.tessera:erasure";
@@ -410,8 +410,9 @@ fn owners_killed(policy: &str, hosts: u64, rounds: usize) {
         let (lagging, ahead) = (others[0], others[1]);
         let before = writers.acked.load(Ordering::Relaxed);
         let ip = |host: u64| cluster.address(host).rsplit_once(':').unwrap().0.to_string();
-        let watch = Watch::new(&runtime, &component_addresses(&cluster), status.owner_epoch, lagging, ahead);
-        let lagging_ports = component_ports(&cluster, lagging.host);
+        let addresses = component_address_lists(&cluster);
+        let watch = Watch::new(&runtime, &addresses, status.owner_epoch, lagging, ahead);
+        let lagging_ports = &addresses[&lagging.host];
         // Counted per process: what the survivors had rolled back so far
         // (either may recover the object; both are summed).
         let rolled_so_far = |cluster: &TestCluster| -> f64 {
@@ -434,7 +435,7 @@ fn owners_killed(policy: &str, hosts: u64, rounds: usize) {
         let mut tries = 0;
         while looked_torn.is_none() && tries < 15 {
             tries += 1;
-            cut = Some(Cut::ports(&ip(owner), &lagging_ports));
+            cut = Some(Cut::ports(&ip(owner), lagging_ports));
             looked_torn = watch.torn_within(Duration::from_secs(1));
             if looked_torn.is_none() {
                 cut = None;
@@ -503,14 +504,14 @@ struct Watch<'a> {
 impl<'a> Watch<'a> {
     fn new(
         runtime: &'a tokio::runtime::Runtime,
-        addresses: &BTreeMap<u64, String>,
+        addresses: &BTreeMap<u64, Vec<String>>,
         epoch: u64,
         lagging: &ComponentStatus,
         ahead: &ComponentStatus,
     ) -> Watch<'a> {
         let transport = TcpTransport::new();
         let client = |component: &ComponentStatus| {
-            (Client::new(transport.clone(), addresses[&component.host].clone()), component.id)
+            (Client::new(transport.clone(), addresses[&component.host][0].clone()), component.id)
         };
         Watch { runtime, epoch, lagging: client(lagging), ahead: client(ahead) }
     }
@@ -567,18 +568,6 @@ impl<'a> Watch<'a> {
         }
         Some(last)
     }
-}
-
-/// Every component service address of `host` (one per component thread).
-fn component_ports(cluster: &TestCluster, host: u64) -> Vec<String> {
-    let hosts = cluster.get(cluster.running()[0], "/api/v1/hosts").unwrap();
-    let record = hosts.as_array().unwrap().iter().find(|record| record["id"].as_u64() == Some(host)).unwrap();
-    record["component_addresses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|address| address.as_str().unwrap().to_string())
-        .collect()
 }
 
 #[test]

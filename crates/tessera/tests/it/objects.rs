@@ -191,12 +191,23 @@ pub(crate) fn node_addresses(cluster: &TestCluster) -> Vec<String> {
 
 /// Each host's first component thread address, from the catalog.
 pub(crate) fn component_addresses(cluster: &TestCluster) -> BTreeMap<u64, String> {
+    component_address_lists(cluster).into_iter().map(|(host, mut addresses)| (host, addresses.swap_remove(0))).collect()
+}
+
+/// Each host's component service addresses, one per component thread.
+pub(crate) fn component_address_lists(cluster: &TestCluster) -> BTreeMap<u64, Vec<String>> {
     let hosts = cluster.get(cluster.running()[0], "/api/v1/hosts").unwrap();
     hosts
         .as_array()
         .unwrap()
         .iter()
-        .map(|host| (host["id"].as_u64().unwrap(), host["component_addresses"][0].as_str().unwrap().to_string()))
+        .map(|host| {
+            let addresses = host["component_addresses"].as_array().unwrap();
+            (
+                host["id"].as_u64().unwrap(),
+                addresses.iter().map(|address| address.as_str().unwrap().to_string()).collect(),
+            )
+        })
         .collect()
 }
 
