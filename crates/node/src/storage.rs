@@ -61,6 +61,12 @@ const FOLLOW_WINDOW: Duration = Duration::from_secs(2);
 const FOLLOW_COOLDOWN: Duration = Duration::from_secs(300);
 /// How long a request waits for an object this host is opening.
 const OPEN_WAIT: Duration = Duration::from_secs(10);
+/// How long a new owner waits for a component whose host the catalog
+/// records up but which does not take connections yet. A host starting
+/// with the rest of the cluster has not registered its new component
+/// addresses yet: opening without it would record that copy absent and
+/// resync it a second later.
+const STARTING_HOST_GRACE: Duration = Duration::from_secs(10);
 /// Object names: letters, digits, `-`, `_`, `.`; at most this long.
 const NAME_MAX: usize = 64;
 
@@ -825,6 +831,7 @@ async fn open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) -> Resul
     let Some(record) = claimed else { return Ok(()) };
     tracing::info!(name, epoch = record.owner_epoch, "taking ownership");
     let thread = node.storage.owner_threads.thread_of(record.id);
+    let hosts = await_starting_hosts(node, name, &record, thread).await;
     let mut addresses = Vec::new();
     for component in &record.components {
         let host = hosts.get(&component.host).ok_or_else(|| format!("host {} is unknown", component.host))?;
@@ -868,6 +875,40 @@ async fn open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) -> Resul
     node.storage.failed_opens.lock().expect("failed lock").remove(name);
     tracing::info!(name, epoch, thread, "object open");
     Ok(())
+}
+
+/// The host records to open `record` with, once every component whose
+/// host is recorded up takes connections at its recorded address, or
+/// after [`STARTING_HOST_GRACE`] (then the copies that still do not answer
+/// are recorded absent, as for any host that is away).
+async fn await_starting_hosts(
+    node: &Node,
+    name: &str,
+    record: &ObjectRecord,
+    thread: usize,
+) -> BTreeMap<u64, HostRecord> {
+    let deadline = Instant::now() + STARTING_HOST_GRACE;
+    let mut told = false;
+    loop {
+        let hosts = hosts_by_id(node);
+        let mut starting = Vec::new();
+        for component in &record.components {
+            let Some(host) = hosts.get(&component.host).filter(|host| host.state == HostState::Up) else { continue };
+            let Some(address) = component_address(&host.component_addresses, thread) else { continue };
+            let connect = tokio::net::TcpStream::connect(address);
+            if !matches!(tokio::time::timeout(Duration::from_millis(500), connect).await, Ok(Ok(_))) {
+                starting.push(component.host);
+            }
+        }
+        if starting.is_empty() || Instant::now() >= deadline {
+            return hosts;
+        }
+        if !told {
+            tracing::info!(name, hosts = ?starting, "waiting for component hosts that are starting");
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Writes component states into the object's record, as long as it still

@@ -171,6 +171,24 @@ impl TestCluster {
         }
     }
 
+    /// SIGTERM to every running host at once (as `tessera up` stops a
+    /// cluster), then a clean exit of each.
+    pub fn stop_all(&mut self) {
+        let children: Vec<(u64, Child)> =
+            self.running().into_iter().map(|id| (id, self.signal(id, libc::SIGTERM))).collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for (id, mut child) in children {
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert!(status.success(), "host {id} exited with {status} on SIGTERM; log:\n{}", self.log_tail(id));
+                    break;
+                }
+                assert!(Instant::now() < deadline, "host {id} did not stop within 20 s of SIGTERM");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
     pub fn log_tail(&self, id: u64) -> String {
         last_lines(&self.log_text(id), 30)
     }

@@ -487,6 +487,61 @@ fn an_owner_restarted_mid_resync_still_copies_no_more() {
     scenario(Outage::OwnerRestartMidResync);
 }
 
+/// The whole cluster stops and starts again with one host late (as when
+/// the machines of a rack boot at different speeds). The object's owner
+/// waits for that host rather than record its copy absent: nothing is
+/// resynced, and what was written before the stop reads back.
+#[test]
+fn a_cluster_restarted_with_one_host_late_opens_its_objects_with_every_copy() {
+    let _guard = exclusive();
+    let mut cluster = TestCluster::start(3);
+    cluster.wait_healthy(Duration::from_secs(60));
+    let created = create(&cluster);
+    let runtime = runtime();
+    let written = 256;
+    let client = ObjectClient::new(TcpTransport::new(), node_addresses(&cluster), NAME);
+    for block in 0..written {
+        runtime.block_on(client.write_at(block * BLOCK as u64, &pattern(block, 1))).unwrap();
+    }
+    let late = created.components.iter().map(|component| component.host).find(|host| *host != created.owner).unwrap();
+    let taken = |cluster: &TestCluster| cluster.log_text(created.owner).matches("taking ownership").count();
+    let taken_before = taken(&cluster);
+    cluster.stop_all();
+    for id in cluster.hosts_ids().into_iter().filter(|id| *id != late) {
+        cluster.start_host(id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while taken(&cluster) == taken_before {
+        assert!(Instant::now() < deadline, "host {} did not take its object again:\n{}", created.owner, cluster.report());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("host {} is taking the object again; host {late} starts in 1 s", created.owner);
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.start_host(late);
+    cluster.wait_healthy(Duration::from_secs(60));
+    let reopened = wait_object(&cluster, "open again", Duration::from_secs(30), |status| {
+        status.owner_epoch > created.owner_epoch && status.resync.is_some()
+    });
+    assert_eq!(reopened.owner, created.owner);
+    let resyncs = cluster.metric(created.owner, "objects_resync_tasks_total").unwrap_or(0.0);
+    assert_eq!(
+        resyncs,
+        0.0,
+        "the late host's copy was recorded absent and resynced: {reopened:#?}\n{}",
+        cluster.log_tail(created.owner)
+    );
+    assert!(reopened.components.iter().all(|component| component.state == "active"), "{reopened:#?}");
+    assert!(
+        cluster.log_text(created.owner).contains("waiting for component hosts that are starting"),
+        "the owner never waited for host {late}: the test did not open the object before it was back\n{}",
+        cluster.log_tail(created.owner)
+    );
+    for block in 0..written {
+        let data = runtime.block_on(client.read_at(block * BLOCK as u64, BLOCK as u64)).unwrap();
+        assert!(data[..] == pattern(block, 1)[..], "block {block} did not read back after the restart");
+    }
+}
+
 /// A copy away past the repair delay is rebuilt on the host the object did
 /// not use, through a task in the cluster's queue, while writes go on; when
 /// the old host returns, its copy (named by no object now) is deleted.

@@ -178,7 +178,7 @@ fn up_then_status_shows_a_healthy_cluster_and_restart_reuses_data() {
     assert!(printed.iter().any(|line| line.contains("Reusing the cluster")));
     let second = status(&data);
     assert_eq!(second.cluster_id, first.cluster_id, "the same cluster came back");
-    assert!(second.healthy);
+    assert!(second.healthy, "{second:#?}");
     assert!(second.log.tail >= first.log.tail, "the log kept its entries");
     stop(child);
 }
