@@ -512,7 +512,12 @@ fn a_cluster_restarted_with_one_host_late_opens_its_objects_with_every_copy() {
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while taken(&cluster) == taken_before {
-        assert!(Instant::now() < deadline, "host {} did not take its object again:\n{}", created.owner, cluster.report());
+        assert!(
+            Instant::now() < deadline,
+            "host {} did not take its object again:\n{}",
+            created.owner,
+            cluster.report()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     println!("host {} is taking the object again; host {late} starts in 1 s", created.owner);
