@@ -615,7 +615,11 @@ pub(crate) async fn serve_here(
     // and a read of a copy on this host (served in place) wakes no other
     // thread. Changes go to the object's owner thread.
     let result = match io {
-        IoRequest::Read { .. } | IoRequest::Provisioning { .. } => Ok(perform(&object, io, data).await),
+        IoRequest::Read { offset, length, .. } => {
+            let via = node.storage.owner_threads.this_thread_transport();
+            Ok(object.read_at_via(offset, length, Some(&via)).await.map(Some))
+        }
+        IoRequest::Provisioning { .. } => Ok(perform(&object, io, data).await),
         io => node.storage.owner_threads.run(thread, move |_| async move { perform(&object, io, data).await }).await,
     };
     Ok(match result {

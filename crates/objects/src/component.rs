@@ -626,6 +626,11 @@ impl<T: Transport> Client<T> {
         Client::new(self.transport.clone(), address)
     }
 
+    /// The same address through another transport (another thread's).
+    pub fn with_transport(&self, transport: T) -> Client<T> {
+        Client { transport, address: self.address.clone() }
+    }
+
     /// An unordered request (reads, queries, create, and tests).
     pub async fn call(&self, epoch: u64, request: Request, data: &[u8]) -> Result<(Reply, Bytes), ClientError> {
         self.call_in(epoch, 0, 0, request, data).await

@@ -1260,6 +1260,19 @@ impl<T: Transport> Object<T> {
     /// Reads whole blocks from an active copy; a checksum error is repaired
     /// from another copy and reported.
     pub async fn read_at(self: &Arc<Self>, offset: u64, length: u64) -> Result<Bytes, ObjectError> {
+        self.read_at_via(offset, length, None).await
+    }
+
+    /// As [`Self::read_at`], reading copies through `via` (the calling
+    /// thread's transport) rather than the owner thread's connections.
+    /// Reads are unordered requests: any connection to the component
+    /// serves them alike.
+    pub async fn read_at_via(
+        self: &Arc<Self>,
+        offset: u64,
+        length: u64,
+        via: Option<&T>,
+    ) -> Result<Bytes, ObjectError> {
         let (first, count) = self.check(offset, length)?;
         if let Some(layout) = self.erasure {
             return self.read_erasure(layout, first, count).await;
@@ -1280,7 +1293,10 @@ impl<T: Transport> Object<T> {
         let mut errors = Vec::new();
         let mut corrupt: Vec<(Index, Vec<u64>)> = Vec::new();
         for index in active {
-            let (id, client) = (&self.ids[index], self.client(index));
+            let (id, mut client) = (&self.ids[index], self.client(index));
+            if let Some(transport) = via {
+                client = client.with_transport(transport.clone());
+            }
             let sent = self.cache.as_ref().map(|cache| cache.now());
             match client.read(self.epoch, *id, first, count).await {
                 Ok(data) => {

@@ -46,7 +46,20 @@ pub struct OwnerThreads {
     stats: Vec<Arc<ThreadStats>>,
     /// This host's component threads, served in place by these threads.
     local: LocalHandlers,
+    /// Where calls to components leave from.
+    source: Option<std::net::IpAddr>,
+    /// Tells these threads' transports for other threads apart from those
+    /// of another host's (tests run several hosts in one process).
+    id: u64,
 }
+
+thread_local! {
+    /// The calling thread's own transports, one per [`OwnerThreads`] it
+    /// ran reads for (see [`OwnerThreads::this_thread_transport`]).
+    static THREAD_TRANSPORTS: std::cell::RefCell<Vec<(u64, TcpTransport)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 #[derive(Debug, thiserror::Error)]
 #[error("owner thread {0} has stopped")]
@@ -81,7 +94,26 @@ impl OwnerThreads {
             senders.push(sender);
             stats.push(thread_stats);
         }
-        Ok(OwnerThreads { senders, stats, local })
+        Ok(OwnerThreads { senders, stats, local, source, id: NEXT_ID.fetch_add(1, Ordering::Relaxed) })
+    }
+
+    /// A transport of the calling thread's own, with its own connections
+    /// to component hosts, for the reads a thread other than an owner
+    /// thread runs (an iSCSI connection's thread). Its connections' tasks
+    /// run on that thread's runtime, so a read's request and answer stay on
+    /// the thread; through an owner thread's transport, each would wake the
+    /// owner thread and then be handed back. Calls to this host's component
+    /// threads are still served in place.
+    pub fn this_thread_transport(&self) -> TcpTransport {
+        THREAD_TRANSPORTS.with(|transports| {
+            let mut transports = transports.borrow_mut();
+            if let Some((_, transport)) = transports.iter().find(|(id, _)| *id == self.id) {
+                return transport.clone();
+            }
+            let transport = TcpTransport::with_local(self.local.clone()).bound_to(self.source);
+            transports.push((self.id, transport.clone()));
+            transport
+        })
     }
 
     /// Where this host's component threads register, so that calls to them

@@ -176,7 +176,11 @@ impl TcpTransport {
         let connect_error = |reason: String| CallError::Connect { address: address.to_string(), reason };
         let timed_out = || connect_error(format!("timed out after {} ms", timeout.as_millis()));
         let mut slot = tokio::time::timeout_at(deadline, slot.lock()).await.map_err(|_| timed_out())?;
-        if let Some(connection) = slot.as_ref().filter(|connection| !connection.closed.load(Ordering::SeqCst)) {
+        // A writer task gone without marking the connection closed: its
+        // runtime stopped (a thread's own transport outlived it).
+        let alive =
+            |connection: &&Arc<Connection>| !connection.closed.load(Ordering::SeqCst) && !connection.writer.is_closed();
+        if let Some(connection) = slot.as_ref().filter(alive) {
             return Ok(connection.clone());
         }
         *slot = None;
