@@ -99,8 +99,18 @@ fn volume_and_target_with(
     assert!(created.contains(&format!("iscsi://{}/{TARGET}/0", portal(1, port))), "{created}");
     let url = format!("iscsi://{}/{TARGET}/0", portal(1, port));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !run(cluster, "iscsi-inq", &[&url]).status.success() {
-        assert!(Instant::now() < deadline, "host 1 does not serve {url}");
+    loop {
+        let inquiry = run(cluster, "iscsi-inq", &[&url]);
+        if inquiry.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host 1 does not serve {url}: iscsi-inq said {}{}\n{}",
+            String::from_utf8_lossy(&inquiry.stdout),
+            String::from_utf8_lossy(&inquiry.stderr),
+            cluster.report()
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     url
