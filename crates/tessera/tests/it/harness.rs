@@ -159,16 +159,8 @@ impl TestCluster {
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self, id: u64) {
-        let mut child = self.signal(id, libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "host {id} exited with {status} on SIGTERM; log:\n{}", self.log_tail(id));
-                return;
-            }
-            assert!(Instant::now() < deadline, "host {id} did not stop within 20 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let child = self.signal(id, libc::SIGTERM);
+        self.clean_exit(id, child, Instant::now() + Duration::from_secs(20));
     }
 
     /// SIGTERM to every running host at once (as `tessera up` stops a
@@ -177,15 +169,21 @@ impl TestCluster {
         let children: Vec<(u64, Child)> =
             self.running().into_iter().map(|id| (id, self.signal(id, libc::SIGTERM))).collect();
         let deadline = Instant::now() + Duration::from_secs(20);
-        for (id, mut child) in children {
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    assert!(status.success(), "host {id} exited with {status} on SIGTERM; log:\n{}", self.log_tail(id));
-                    break;
-                }
-                assert!(Instant::now() < deadline, "host {id} did not stop within 20 s of SIGTERM");
-                std::thread::sleep(Duration::from_millis(50));
+        for (id, child) in children {
+            self.clean_exit(id, child, deadline);
+        }
+    }
+
+    /// Waits for host `id`'s process, signalled to stop, to exit with
+    /// success by `deadline`.
+    fn clean_exit(&self, id: u64, mut child: Child, deadline: Instant) {
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "host {id} exited with {status} on SIGTERM; log:\n{}", self.log_tail(id));
+                return;
             }
+            assert!(Instant::now() < deadline, "host {id} did not stop within 20 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
