@@ -1275,7 +1275,7 @@ impl<T: Transport> Object<T> {
     ) -> Result<Bytes, ObjectError> {
         let (first, count) = self.check(offset, length)?;
         if let Some(layout) = self.erasure {
-            return self.read_erasure(layout, first, count).await;
+            return self.read_erasure(layout, first, count, via).await;
         }
         if let Some(cache) = &self.cache {
             if let Some(data) = cache.lookup(first, count) {

@@ -216,15 +216,18 @@ impl<T: Transport> Object<T> {
 
     /// Reads whole object blocks: each chunk piece from its component, or
     /// rebuilt from the rest of its stripe.
+    /// `via`: the calling thread's transport, for the chunk reads (see
+    /// [`Object::read_at_via`]).
     pub(super) async fn read_erasure(
         self: &Arc<Self>,
         layout: Layout,
         first: u64,
         count: u64,
+        via: Option<&T>,
     ) -> Result<Bytes, ObjectError> {
         let pieces = layout.pieces(first, count);
         let parts =
-            futures::future::try_join_all(pieces.into_iter().map(|piece| self.read_piece(layout, piece))).await?;
+            futures::future::try_join_all(pieces.into_iter().map(|piece| self.read_piece(layout, piece, via))).await?;
         let mut out = BytesMut::with_capacity(ec::bytes(count));
         for part in parts {
             out.extend_from_slice(&part);
@@ -232,9 +235,12 @@ impl<T: Transport> Object<T> {
         Ok(out.freeze())
     }
 
-    async fn read_piece(self: &Arc<Self>, layout: Layout, piece: Piece) -> Result<Bytes, ObjectError> {
+    async fn read_piece(self: &Arc<Self>, layout: Layout, piece: Piece, via: Option<&T>) -> Result<Bytes, ObjectError> {
         if self.statuses()[piece.component] == Status::Active {
-            let client = self.client(piece.component);
+            let mut client = self.client(piece.component);
+            if let Some(transport) = via {
+                client = client.with_transport(transport.clone());
+            }
             match client.read(self.epoch, self.ids[piece.component], piece.row, piece.count).await {
                 Ok(data) => return Ok(data),
                 Err(error) if self.deposed_by(&error) => return Err(ObjectError::Deposed),
