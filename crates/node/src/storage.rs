@@ -59,8 +59,10 @@ const OPEN_RETRY: Duration = Duration::from_secs(1);
 const FOLLOW_IOS: u64 = 256;
 const FOLLOW_WINDOW: Duration = Duration::from_secs(2);
 const FOLLOW_COOLDOWN: Duration = Duration::from_secs(300);
-/// How long a request waits for an object this host is opening.
-const OPEN_WAIT: Duration = Duration::from_secs(10);
+/// How long a request waits for an object this host is opening: longer
+/// than an open that waits out [`STARTING_HOST_GRACE`] and then asks the
+/// components.
+const OPEN_WAIT: Duration = Duration::from_secs(15);
 /// How long a new owner waits for a component whose host the catalog
 /// records up but which does not take connections yet. A host starting
 /// with the rest of the cluster has not registered its new component
@@ -881,30 +883,39 @@ async fn open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) -> Resul
     Ok(())
 }
 
-/// The host records to open `record` with, once every component whose
-/// host is recorded up takes connections at its recorded address, or
-/// after [`STARTING_HOST_GRACE`] (then the copies that still do not answer
-/// are recorded absent, as for any host that is away).
+/// The host records to open `record` with, once every copy recorded
+/// active whose host is recorded up stops refusing connections at its
+/// recorded address; or once such a host is recorded down, or after
+/// [`STARTING_HOST_GRACE`]. A copy that still does not answer is then
+/// recorded absent, as for any host that is away. Only a refused
+/// connection counts as starting: a host that does not answer at all
+/// (cut off, or its machine down) is not waited for.
 async fn await_starting_hosts(
     node: &Node,
     name: &str,
     record: &ObjectRecord,
     thread: usize,
 ) -> BTreeMap<u64, HostRecord> {
-    let deadline = Instant::now() + STARTING_HOST_GRACE;
+    let started = Instant::now();
+    let source = node.storage.owner_threads.source();
     let mut told = false;
     loop {
         let hosts = hosts_by_id(node);
-        let mut starting = Vec::new();
-        for component in &record.components {
-            let Some(host) = hosts.get(&component.host).filter(|host| host.state == HostState::Up) else { continue };
-            let Some(address) = component_address(&host.component_addresses, thread) else { continue };
-            let connect = tokio::net::TcpStream::connect(address);
-            if !matches!(tokio::time::timeout(Duration::from_millis(500), connect).await, Ok(Ok(_))) {
-                starting.push(component.host);
+        let probes = record.components.iter().zip(&record.states).filter_map(|(component, state)| {
+            let host = hosts.get(&component.host).filter(|host| host.state == HostState::Up)?;
+            let address = component_address(&host.component_addresses, thread)?.to_string();
+            (*state == ComponentState::Active)
+                .then_some(async move { refuses_connections(&address, source).await.then_some(component.host) })
+        });
+        let starting: Vec<u64> = futures::future::join_all(probes).await.into_iter().flatten().collect();
+        if starting.is_empty() {
+            if told {
+                tracing::info!(name, waited = ?started.elapsed(), "component hosts answer");
             }
+            return hosts;
         }
-        if starting.is_empty() || Instant::now() >= deadline {
+        if started.elapsed() >= STARTING_HOST_GRACE {
+            tracing::warn!(name, hosts = ?starting, "component hosts still refuse connections; opening without them");
             return hosts;
         }
         if !told {
@@ -913,6 +924,27 @@ async fn await_starting_hosts(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Whether `address` refuses a TCP connection from `source` (nothing
+/// listens there). A connection that opens, times out or fails otherwise
+/// is not a refusal.
+async fn refuses_connections(address: &str, source: Option<std::net::IpAddr>) -> bool {
+    let Ok(peer) = address.parse::<std::net::SocketAddr>() else { return false };
+    let socket = match peer {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    };
+    let Ok(socket) = socket else { return false };
+    if let Some(source) = source.filter(|source| source.is_ipv4() == peer.is_ipv4() && !source.is_unspecified()) {
+        if socket.bind(std::net::SocketAddr::new(source, 0)).is_err() {
+            return false;
+        }
+    }
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), socket.connect(peer)).await,
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// Writes component states into the object's record, as long as it still

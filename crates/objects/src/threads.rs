@@ -116,6 +116,12 @@ impl OwnerThreads {
         })
     }
 
+    /// The address calls to components leave from (`None`: the kernel's
+    /// choice).
+    pub fn source(&self) -> Option<std::net::IpAddr> {
+        self.source
+    }
+
     /// Where this host's component threads register, so that calls to them
     /// from these threads are served in place.
     pub fn local_handlers(&self) -> &LocalHandlers {

@@ -47,6 +47,10 @@ struct Connection {
     pending: Pending,
     next_correlation: AtomicU64,
     closed: AtomicBool,
+    /// Tells the writer task the reader ended, so it closes the socket
+    /// now rather than at the next call (which a peer that restarted at
+    /// another address never gets).
+    ended: Arc<tokio::sync::Notify>,
 }
 
 impl Connection {
@@ -54,6 +58,7 @@ impl Connection {
         self.closed.store(true, Ordering::SeqCst);
         // Dropping the senders wakes every waiter with ConnectionLost.
         self.pending.lock().expect("pending lock poisoned").clear();
+        self.ended.notify_one();
     }
 }
 
@@ -197,8 +202,9 @@ impl TcpTransport {
             pending: Mutex::new(HashMap::new()),
             next_correlation: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            ended: Arc::new(tokio::sync::Notify::new()),
         });
-        tokio::spawn(write_frames(write_half, queue, address.to_string()));
+        tokio::spawn(write_frames(write_half, queue, address.to_string(), connection.ended.clone()));
         tokio::spawn(read_replies(read_half, connection.clone()));
         *slot = Some(connection.clone());
         Ok(connection)
@@ -271,9 +277,21 @@ impl Transport for TcpTransport {
     }
 }
 
-async fn write_frames(mut stream: OwnedWriteHalf, mut queue: mpsc::Receiver<Frame>, peer: String) {
+async fn write_frames(
+    mut stream: OwnedWriteHalf,
+    mut queue: mpsc::Receiver<Frame>,
+    peer: String,
+    ended: Arc<tokio::sync::Notify>,
+) {
     let mut buffer = BytesMut::with_capacity(64 * 1024);
-    while let Some(frame) = queue.recv().await {
+    loop {
+        let frame = tokio::select! {
+            frame = queue.recv() => match frame {
+                Some(frame) => frame,
+                None => break,
+            },
+            () = ended.notified() => break,
+        };
         frame.encode(&mut buffer);
         while buffer.len() < WRITE_BATCH_BYTES_MAX {
             match queue.try_recv() {
@@ -380,7 +398,7 @@ async fn serve_tcp(address: &str, handler: Arc<dyn Handler>) -> std::io::Result<
 async fn serve_connection(stream: TcpStream, peer: String, handler: Arc<dyn Handler>, stats: Arc<ServerStats>) {
     let (mut read_half, write_half) = stream.into_split();
     let (writer, queue) = mpsc::channel(WRITE_QUEUE_FRAMES_MAX);
-    let writer_task = tokio::spawn(write_frames(write_half, queue, peer.clone()));
+    let writer_task = tokio::spawn(write_frames(write_half, queue, peer.clone(), Arc::new(tokio::sync::Notify::new())));
     let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_PER_CONNECTION_MAX));
     let decoder = Decoder::default();
     let mut buffer = BytesMut::with_capacity(READ_BUFFER_BYTES);
