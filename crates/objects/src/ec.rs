@@ -132,6 +132,17 @@ impl Layout {
         stripe * self.stripe_blocks() + position as u64 * self.chunk_blocks + row % self.chunk_blocks
     }
 
+    /// The run of object blocks `(first, count)` that holds every data
+    /// block of rows `row..row + rows` (`rows` > 0): from the first row's
+    /// block at position 0 to the last row's at position k - 1. Within one
+    /// stripe it also holds the other rows' blocks between them; across
+    /// stripes, everything between.
+    pub fn blocks_of_rows(&self, row: u64, rows: u64) -> (u64, u64) {
+        let first = self.block_at(row, 0);
+        let last = self.block_at(row + rows.max(1) - 1, self.data - 1);
+        (first, last - first + 1)
+    }
+
     /// Parity for `data` (k pieces of equal length, whole blocks): m pieces.
     pub fn encode(&self, data: &[&[u8]]) -> Result<Vec<Vec<u8>>, CodeError> {
         assert_eq!(data.len(), self.data, "one piece per data position");
@@ -204,6 +215,40 @@ mod tests {
                 state as u8
             })
             .collect()
+    }
+
+    #[test]
+    fn the_blocks_of_rows_hold_every_block_those_rows_store() {
+        for (k, m) in [(2, 1), (3, 1), (4, 2)] {
+            let layout = Layout::new(k, m);
+            let stripes = 3;
+            let object_blocks = stripes * layout.stripe_blocks();
+            for row in 0..stripes * layout.chunk_blocks {
+                for rows in [1, 2, layout.chunk_blocks, 2 * layout.chunk_blocks + 1] {
+                    let rows = rows.min(stripes * layout.chunk_blocks - row);
+                    let (first, count) = layout.blocks_of_rows(row, rows);
+                    // Every object block stored in those rows is in the run.
+                    for block in 0..object_blocks {
+                        let piece = layout.pieces(block, 1)[0];
+                        if (row..row + rows).contains(&piece.row) {
+                            assert!(
+                                (first..first + count).contains(&block),
+                                "{k}+{m}: rows {row}+{rows}: block {block}"
+                            );
+                        }
+                    }
+                    // And the run reaches no further than those rows' stripes.
+                    let stripe_first = layout.stripe_of_row(row) * layout.stripe_blocks();
+                    let stripe_end = (layout.stripe_of_row(row + rows - 1) + 1) * layout.stripe_blocks();
+                    assert!(first >= stripe_first && first + count <= stripe_end);
+                }
+            }
+            // One row: one block per data chunk, and the rows between them.
+            assert_eq!(
+                layout.blocks_of_rows(layout.chunk_blocks + 3, 1),
+                (layout.stripe_blocks() + 3, (k as u64 - 1) * layout.chunk_blocks + 1)
+            );
+        }
     }
 
     #[test]

@@ -301,9 +301,7 @@ impl<T: Transport> Object<T> {
             reported_newest: Mutex::new(HashMap::new()),
             resync_stats: ResyncStats::default(),
             full_stripe_writes: AtomicU64::new(0),
-            // The block cache counts object blocks; an erasure-coded
-            // object's operations count rows. It does not cache (yet).
-            cache: hooks.cache.filter(|_| hooks.erasure.is_none()).map(ObjectCache::new),
+            cache: hooks.cache.map(ObjectCache::new),
             writes_after,
             erasure: hooks.erasure,
             stripes: match hooks.erasure {
@@ -341,8 +339,7 @@ impl<T: Transport> Object<T> {
         let infos = futures::future::join_all(asks).await;
         // Every component that answered fences the older owner from now
         // on; a block it cached stays servable until its lease runs out.
-        // (An erasure-coded object caches nothing.)
-        let writes_after = (!hooks.first_owner && hooks.erasure.is_none()).then(|| tokio::time::Instant::now() + LEASE);
+        let writes_after = (!hooks.first_owner).then(|| tokio::time::Instant::now() + LEASE);
         if infos.iter().any(|info| matches!(info, Err(None))) {
             return Err(ObjectError::Deposed);
         }
@@ -714,7 +711,13 @@ impl<T: Transport> Object<T> {
         let (first, count) = match op {
             Op::Write { first, count } | Op::Unmap { first, count } => (first, count),
         };
-        let mark = self.cache.as_ref().map(|cache| cache.start_write(first, count));
+        let mark = self.cache.as_ref().map(|cache| {
+            let (first, count) = match self.erasure {
+                Some(layout) => layout.blocks_of_rows(first, count),
+                None => (first, count),
+            };
+            cache.start_write(first, count)
+        });
         state.waiters.insert(request, Waiter { done, mark });
         let mut out = Vec::new();
         state.owner.handle(0, Input::Submit { request, op }, &mut out);

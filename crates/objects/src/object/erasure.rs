@@ -225,14 +225,36 @@ impl<T: Transport> Object<T> {
         count: u64,
         via: Option<&T>,
     ) -> Result<Bytes, ObjectError> {
+        // The block cache as for copies (see `read_at_via`): a write marks
+        // the data blocks of the rows it changes, so a fill is checked
+        // against every write that could touch what it read.
+        if let Some(data) = self.cache.as_ref().and_then(|cache| cache.lookup(first, count)) {
+            return Ok(data);
+        }
+        let ticket = self.cache.as_ref().and_then(|cache| cache.ticket(first, count));
+        let sent = self.cache.as_ref().map(|cache| cache.now());
         let pieces = layout.pieces(first, count);
         let parts =
             futures::future::try_join_all(pieces.into_iter().map(|piece| self.read_piece(layout, piece, via))).await?;
-        let mut out = BytesMut::with_capacity(ec::bytes(count));
-        for part in parts {
-            out.extend_from_slice(&part);
+        let data = match <[Bytes; 1]>::try_from(parts) {
+            Ok([part]) => part,
+            Err(parts) => {
+                let mut out = BytesMut::with_capacity(ec::bytes(count));
+                for part in parts {
+                    out.extend_from_slice(&part);
+                }
+                out.freeze()
+            }
+        };
+        if let (Some(cache), Some(sent)) = (&self.cache, sent) {
+            // Every piece came from active components (read, or rebuilt
+            // from others read).
+            cache.answered(sent);
+            if let Some(ticket) = &ticket {
+                cache.fill(ticket, first, &data);
+            }
         }
-        Ok(out.freeze())
+        Ok(data)
     }
 
     async fn read_piece(self: &Arc<Self>, layout: Layout, piece: Piece, via: Option<&T>) -> Result<Bytes, ObjectError> {

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use blockstore::BLOCK_SIZE;
 use bytes::Bytes;
 use objects::block_cache::BlockCache;
+use objects::ec::Layout;
 use objects::object::{Hooks, Object};
 use objects::owner::Status;
 use wire::tcp::TcpTransport;
 
-use crate::object::{components, hosts, BLOCKS};
+use crate::object::{components, hosts, Host, BLOCKS};
 
 /// Blocks the writers and readers share: four writers own every fourth.
 const HOT: u64 = 24;
@@ -44,16 +45,46 @@ fn hooks(cache: &Arc<BlockCache>) -> Hooks {
     Hooks { cache: Some(cache.clone()), ..Hooks::default() }
 }
 
+fn erasure_hooks(cache: &Arc<BlockCache>, layout: Layout) -> Hooks {
+    Hooks { erasure: Some(layout), ..hooks(cache) }
+}
+
+/// Room for about a third of the hot blocks: fills, hits and evictions
+/// all happen.
+fn small_cache(seed: u64) -> Arc<BlockCache> {
+    BlockCache::seeded(8 * (BLOCK_SIZE as u64 + 128), seed)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_never_see_a_block_older_than_an_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let transport = TcpTransport::new();
     let hosts = hosts(dir.path(), &transport, 2, 100).await;
-    // Room for about a third of the hot blocks: fills, hits and evictions
-    // all happen.
-    let cache = BlockCache::seeded(8 * (BLOCK_SIZE as u64 + 128), 7);
+    let cache = small_cache(7);
     let object = Object::open_with(1, BLOCKS, components(&hosts), 0, hooks(&cache));
-    // Per block: the newest version acknowledged, and the newest sent.
+    no_stale_reads(object, &cache, 0).await;
+}
+
+/// The same on a RAID-5 (2+1) object, whose writes change rows of chunks:
+/// the hot blocks straddle two stripes and two data chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_of_an_erasure_coded_object_never_see_a_block_older_than_an_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 3, 100).await;
+    let cache = small_cache(8);
+    let layout = Layout::new(2, 1);
+    let blocks = BLOCKS * layout.data as u64;
+    let object = Object::open_with(1, blocks, components(&hosts), 0, erasure_hooks(&cache, layout));
+    let base = layout.stripe_blocks() - HOT / 2;
+    no_stale_reads(object, &cache, base).await;
+}
+
+/// Writers and readers on blocks `base..base + HOT`; fails on any read of
+/// a block older than a write acknowledged before the read began (or torn,
+/// or never written), and if the cache did not both hit and evict.
+async fn no_stale_reads(object: Arc<Object<TcpTransport>>, cache: &BlockCache, base: u64) {
+    // Per hot block: the newest version acknowledged, and the newest sent.
     let acked: Arc<Vec<AtomicU64>> = Arc::new((0..HOT).map(|_| AtomicU64::new(0)).collect());
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..HOT).map(|_| AtomicU64::new(0)).collect());
     let violations = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -74,8 +105,8 @@ async fn readers_never_see_a_block_older_than_an_acknowledged_write() {
                         continue;
                     }
                     sent[block as usize].store(version, Ordering::SeqCst);
-                    let data = Bytes::from(versioned(block, version));
-                    object.write_at(block * BLOCK_SIZE as u64, data).await.unwrap();
+                    let data = Bytes::from(versioned(base + block, version));
+                    object.write_at((base + block) * BLOCK_SIZE as u64, data).await.unwrap();
                     acked[block as usize].store(version, Ordering::SeqCst);
                     writes += 1;
                 }
@@ -95,14 +126,14 @@ async fn readers_never_see_a_block_older_than_an_acknowledged_write() {
                 let count = if at.is_multiple_of(5) { (HOT - at).min(4) } else { 1 };
                 let before: Vec<u64> =
                     (at..at + count).map(|block| acked[block as usize].load(Ordering::SeqCst)).collect();
-                let data = object.read_at(at * BLOCK_SIZE as u64, count * BLOCK_SIZE as u64).await.unwrap();
+                let data = object.read_at((base + at) * BLOCK_SIZE as u64, count * BLOCK_SIZE as u64).await.unwrap();
                 reads += 1;
                 // A hit does not wait for anything: let the writers run.
                 tokio::task::yield_now().await;
                 for (offset, floor) in before.iter().enumerate() {
                     let block = at + offset as u64;
                     let ceiling = sent[block as usize].load(Ordering::SeqCst);
-                    let seen = version_of(block, &data[offset * BLOCK_SIZE..(offset + 1) * BLOCK_SIZE]);
+                    let seen = version_of(base + block, &data[offset * BLOCK_SIZE..(offset + 1) * BLOCK_SIZE]);
                     let problem = match seen {
                         Ok(seen) if seen < *floor => {
                             Some(format!("block {block}: read version {seen} after version {floor} was acknowledged"))
@@ -142,13 +173,33 @@ async fn readers_never_see_a_block_older_than_an_acknowledged_write() {
     assert!(stats.bytes <= stats.capacity, "{stats:?}");
 }
 
+/// Copies (raid1, 2 copies), or an erasure-coded object of `layout`: its
+/// components' hosts, its blocks, and the hooks of an owner with `cache`.
+async fn fixture(dir: &std::path::Path, layout: Option<Layout>) -> (Vec<Host>, u64) {
+    let width = layout.map_or(2, |layout| layout.width());
+    let hosts = hosts(dir, &TcpTransport::new(), width, 100).await;
+    (hosts, BLOCKS * layout.map_or(1, |layout| layout.data as u64))
+}
+
+fn owner_hooks(cache: &Arc<BlockCache>, layout: Option<Layout>) -> Hooks {
+    Hooks { erasure: layout, ..hooks(cache) }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_owner_does_not_serve_what_it_cached() {
+    deposed_owner_serves_nothing_stale(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_owner_of_an_erasure_coded_object_does_not_serve_what_it_cached() {
+    deposed_owner_serves_nothing_stale(Some(Layout::new(2, 1))).await;
+}
+
+async fn deposed_owner_serves_nothing_stale(layout: Option<Layout>) {
     let dir = tempfile::tempdir().unwrap();
-    let transport = TcpTransport::new();
-    let hosts = hosts(dir.path(), &transport, 2, 100).await;
+    let (hosts, blocks) = fixture(dir.path(), layout).await;
     let old_cache = BlockCache::seeded(1 << 20, 1);
-    let old = Object::open_with(1, BLOCKS, components(&hosts), 0, hooks(&old_cache));
+    let old = Object::open_with(1, blocks, components(&hosts), 0, owner_hooks(&old_cache, layout));
     old.write_at(0, Bytes::from(versioned(0, 1))).await.unwrap();
     for _ in 0..2 {
         assert_eq!(version_of(0, &old.read_at(0, BLOCK_SIZE as u64).await.unwrap()), Ok(1));
@@ -157,8 +208,8 @@ async fn a_deposed_owner_does_not_serve_what_it_cached() {
 
     // A new owner takes over (which fences the old one) and writes at once.
     let new_cache = BlockCache::seeded(1 << 20, 2);
-    let recorded = vec![Status::Active; 2];
-    let new = Object::recover(2, BLOCKS, components(&hosts), recorded, hooks(&new_cache)).await.unwrap();
+    let recorded = vec![Status::Active; hosts.len()];
+    let new = Object::recover(2, blocks, components(&hosts), recorded, owner_hooks(&new_cache, layout)).await.unwrap();
     let taken = Instant::now();
     new.write_at(0, Bytes::from(versioned(0, 2))).await.unwrap();
     println!("the new owner's first write was acknowledged {:?} after it took over", taken.elapsed());
@@ -173,22 +224,53 @@ async fn a_deposed_owner_does_not_serve_what_it_cached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmapped_blocks_are_not_served_from_the_cache() {
+    unmapped_blocks_read_as_zeros(None, 0, 4, 1, 2).await;
+}
+
+/// Erasure-coded: an unmap of part of a stripe (written with zeros) and
+/// one of whole stripes (their rows deallocated on every component).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmapped_blocks_of_an_erasure_coded_object_are_not_served_from_the_cache() {
+    let layout = Layout::new(2, 1);
+    let stripe = layout.stripe_blocks();
+    // Blocks on both sides of the boundary of stripes 0 and 1.
+    unmapped_blocks_read_as_zeros(Some(layout), stripe - 3, 6, 2, 2).await;
+    // Stripe 1 whole, and a block of stripes 0 and 2 beside it.
+    unmapped_blocks_read_as_zeros(Some(layout), stripe - 1, stripe + 2, 1, stripe).await;
+}
+
+/// Writes blocks `first..first + count`, reads them twice (the second time
+/// from the cache), unmaps `unmapped` blocks from `first + from`, and reads
+/// them all again: the unmapped ones must read as zeros, the rest as
+/// written.
+async fn unmapped_blocks_read_as_zeros(layout: Option<Layout>, first: u64, count: u64, from: u64, unmapped: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let transport = TcpTransport::new();
-    let hosts = hosts(dir.path(), &transport, 2, 100).await;
+    let (hosts, blocks) = fixture(dir.path(), layout).await;
     let cache = BlockCache::seeded(1 << 20, 3);
-    let object = Object::open_with(1, BLOCKS, components(&hosts), 0, hooks(&cache));
-    let data: Vec<u8> = (0..4).flat_map(|block| versioned(block, 1)).collect();
-    object.write_at(0, Bytes::from(data)).await.unwrap();
+    let object = Object::open_with(1, blocks, components(&hosts), 0, owner_hooks(&cache, layout));
+    let data: Vec<u8> = (first..first + count).flat_map(|block| versioned(block, 1)).collect();
+    let offset = first * BLOCK_SIZE as u64;
+    object.write_at(offset, Bytes::from(data)).await.unwrap();
+    // In runs of 4 blocks: a read of more than 32 bypasses the cache.
+    let read_all = || async {
+        let mut read = Vec::new();
+        for run in (first..first + count).step_by(4) {
+            let blocks = 4.min(first + count - run);
+            read.extend_from_slice(&object.read_at(run * BLOCK_SIZE as u64, blocks * BLOCK_SIZE as u64).await.unwrap());
+        }
+        read
+    };
     for _ in 0..2 {
-        object.read_at(0, 4 * BLOCK_SIZE as u64).await.unwrap();
+        read_all().await;
     }
-    assert!(cache.stats().hits >= 4, "{:?}", cache.stats());
-    object.unmap(BLOCK_SIZE as u64, 2 * BLOCK_SIZE as u64).await.unwrap();
-    let read = object.read_at(0, 4 * BLOCK_SIZE as u64).await.unwrap();
-    let versions: Vec<u64> =
-        (0..4).map(|block| version_of(block, &read[block as usize * BLOCK_SIZE..][..BLOCK_SIZE]).unwrap()).collect();
-    assert_eq!(versions, vec![1, 0, 0, 1]);
+    assert!(cache.stats().hits >= count, "{:?}", cache.stats());
+    object.unmap((first + from) * BLOCK_SIZE as u64, unmapped * BLOCK_SIZE as u64).await.unwrap();
+    let read = read_all().await;
+    let versions: Vec<u64> = (0..count)
+        .map(|index| version_of(first + index, &read[index as usize * BLOCK_SIZE..][..BLOCK_SIZE]).unwrap())
+        .collect();
+    let expected: Vec<u64> = (0..count).map(|index| u64::from(!(from..from + unmapped).contains(&index))).collect();
+    assert_eq!(versions, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
