@@ -271,7 +271,7 @@ impl<T: Transport> Object<T> {
     ) -> Arc<Self> {
         let count = components.len();
         // Plans unique to this owner (see `Owner::planning_above`).
-        let owner = owner.planning_above(epoch << 32);
+        let owner = owner.planning_above(epoch << 32).needing_holders(hooks.erasure.map_or(1, |layout| layout.data));
         let persisted = owner.statuses();
         let (ids, clients) = components.into_iter().map(|(id, client)| (id, std::sync::RwLock::new(client))).unzip();
         Arc::new(Object {

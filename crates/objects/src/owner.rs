@@ -207,6 +207,10 @@ pub struct Owner {
     history_floor: Lsn,
     /// The newest LSN answered as done.
     done_lsn: Lsn,
+    /// Components that must hold a write for it to be done: 1 for copies
+    /// (any copy holds all of it), k for an erasure-coded object (fewer
+    /// chunks of a row cannot be decoded).
+    holders_needed: usize,
     /// The last resync plan issued.
     plans: u64,
     /// After every component was absent, the one that came back first
@@ -259,9 +263,18 @@ impl Owner {
             history: BTreeMap::new(),
             history_floor: committed,
             done_lsn: committed,
+            holders_needed: 1,
             plans: 0,
             restarted: None,
         }
+    }
+
+    /// A write is done only once `holders` components hold it (an
+    /// erasure-coded object: its k); with fewer it is refused, as a write
+    /// no component holds is.
+    pub fn needing_holders(mut self, holders: usize) -> Owner {
+        self.holders_needed = holders.max(1);
+        self
     }
 
     /// Numbers new writes above `start` (a new owner: above every LSN any
@@ -510,7 +523,7 @@ impl Owner {
                 continue;
             }
             let (lsn, pending) = self.pending.pop_first().expect("the first entry");
-            if !pending.holders.is_empty() {
+            if pending.holders.len() >= self.holders_needed {
                 self.done_lsn = self.done_lsn.max(lsn);
                 out.push(Action::Done { request: pending.request, lsn });
             } else {
@@ -978,6 +991,25 @@ mod tests {
         let out = decline(&mut owner, 1, 1);
         assert_eq!(owner.status(1), &Status::Absent { stale: 0, since: 0 });
         assert!(out.contains(&Action::Done { request: 1, lsn: 1 }), "{out:?}");
+    }
+
+    #[test]
+    fn a_write_fewer_components_hold_than_needed_is_refused() {
+        // A 2+1 erasure-coded object needs two chunks of a row; copies need one.
+        for (needed, expected) in [(2, Action::Refused { request: 2 }), (1, Action::Done { request: 2, lsn: 2 })] {
+            let mut owner = owner(3).needing_holders(needed);
+            write(&mut owner, 1, 0);
+            let done = [ack(&mut owner, 0, 1), ack(&mut owner, 1, 1), ack(&mut owner, 2, 1)].concat();
+            assert_eq!(done, vec![Action::Done { request: 1, lsn: 1 }]);
+            // Component 0 takes write 2; the other two fail before they do.
+            write(&mut owner, 2, 0);
+            let mut out = ack(&mut owner, 0, 2);
+            owner.handle(100, Input::Failed { component: 1 }, &mut out);
+            owner.handle(100, Input::Failed { component: 2 }, &mut out);
+            let answers: Vec<&Action> =
+                out.iter().filter(|action| matches!(action, Action::Done { .. } | Action::Refused { .. })).collect();
+            assert_eq!(answers, vec![&expected], "{needed} holders needed");
+        }
     }
 
     #[test]

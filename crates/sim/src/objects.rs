@@ -1,5 +1,6 @@
 //! The distributed-object scenario: one RAID-1 object with three copies on
-//! three simulated hosts, each a real component service over a real block
+//! three simulated hosts (or an erasure-coded object, a component on each
+//! of k + m hosts), each a real component service over a real block
 //! store on a `SimFs` disk, driven by writers and readers through the block
 //! client API of a real owner, while a nemesis crashes hosts (power loss:
 //! unsynced data lost, appends torn), partitions them, and drops messages.
@@ -16,7 +17,9 @@
 //! The checker: every acknowledged write is there, on every copy, unless a
 //! later write to the block replaced it; a read never returns a block older
 //! than the last write acknowledged before it began; at the end, once every
-//! host is back and healed, every copy is byte-identical.
+//! host is back and healed, every copy is byte-identical. Erasure-coded:
+//! every block is checked in the data chunk that holds it, and every
+//! stripe's parity chunks must be the code of its data chunks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -29,6 +32,7 @@ use bytes::Bytes;
 use fsio::SimFs;
 use objects::block_cache::BlockCache;
 use objects::component::{Client, Request, Service};
+use objects::ec::Layout;
 use objects::object::{Hooks, Object, ObjectError, PersistError, Persister};
 use objects::owner::Status;
 use rand::rngs::StdRng;
@@ -48,8 +52,13 @@ const TEND_EVERY: Duration = Duration::from_millis(200);
 
 #[derive(Clone, Debug)]
 pub struct Scenario {
+    /// Components (one per host): the copies, or for an erasure-coded
+    /// object its layout's width.
     pub copies: usize,
+    /// The object's blocks.
     pub blocks: u64,
+    /// Erasure-coded with this layout (None: copies).
+    pub erasure: Option<Layout>,
     pub writers: usize,
     /// Virtual time the nemesis runs for (then everything heals).
     pub duration: Duration,
@@ -57,6 +66,10 @@ pub struct Scenario {
     pub loss_probability: f64,
     pub crashes: bool,
     pub partitions: bool,
+    /// Bursts of message loss (up to 20%) on top of the background loss.
+    /// Calls time out on every host at once, so several components can
+    /// fail together: more than an erasure-coded object's m.
+    pub loss_bursts: bool,
     /// The nemesis also fills disks (one host's, or every host's at once),
     /// and writers unmap now and then, so writes keep needing new blocks.
     pub full_disks: bool,
@@ -67,11 +80,13 @@ impl Default for Scenario {
         Scenario {
             copies: 3,
             blocks: 64,
+            erasure: None,
             writers: 4,
             duration: Duration::from_secs(40),
             loss_probability: 0.0,
             crashes: true,
             partitions: true,
+            loss_bursts: true,
             full_disks: false,
         }
     }
@@ -270,6 +285,11 @@ fn clients(world: &World, from: usize) -> Vec<(u64, Client<SimTransport>)> {
         .collect()
 }
 
+/// Blocks each component holds: the object's, or its rows of chunks.
+fn component_blocks(scenario: &Scenario) -> u64 {
+    scenario.erasure.map_or(scenario.blocks, |layout| layout.rows(scenario.blocks))
+}
+
 fn component_id(index: usize) -> u64 {
     (1 << 8) | index as u64
 }
@@ -290,7 +310,7 @@ fn hooks(world: &Shared, persister: Persister, seed: u64, first_owner: bool) -> 
         cache: Some(cache),
         resync_pace: None,
         first_owner,
-        erasure: None,
+        erasure: lock(world).scenario.erasure,
     }
 }
 
@@ -543,11 +563,11 @@ async fn unmap(world: &Shared, owner: &Arc<Object<SimTransport>>, index: usize, 
 /// Faults, one host at a time, with loss bursts on top.
 async fn nemesis(world: Shared, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x006e_656d_6573_6973);
-    let (duration, copies, crashes, partitions, loss, full_disks) = {
+    let (duration, copies, crashes, partitions, loss, full_disks, bursts) = {
         let world = lock(&world);
         let scenario = &world.scenario;
-        let kinds = (scenario.crashes, scenario.partitions, scenario.full_disks);
-        (scenario.duration, scenario.copies, kinds.0, kinds.1, scenario.loss_probability, kinds.2)
+        let kinds = (scenario.crashes, scenario.partitions, scenario.full_disks, scenario.loss_bursts);
+        (scenario.duration, scenario.copies, kinds.0, kinds.1, scenario.loss_probability, kinds.2, kinds.3)
     };
     let end = tokio::time::Instant::now() + duration;
     while tokio::time::Instant::now() < end {
@@ -597,6 +617,7 @@ async fn nemesis(world: Shared, seed: u64) {
                 }
                 note(&world, format!("host {host} reconnected"));
             }
+            _ if !bursts => {}
             _ => {
                 let burst = rng.gen_range(0.02..0.2);
                 note(&world, format!("lose {burst:.2} of messages for {outage:?}"));
@@ -638,9 +659,10 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
     // Create the components and open the object, as `object create` does.
     {
         let components = clients(&lock(&world), 0);
+        let blocks = component_blocks(&scenario);
         for (id, client) in &components {
             client
-                .call(0, Request::Create { component: *id, disk: 0, blocks: scenario.blocks }, &[])
+                .call(0, Request::Create { component: *id, disk: 0, blocks }, &[])
                 .await
                 .expect("creating a component on a healthy network");
         }
@@ -686,11 +708,12 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
 }
 
 /// Reads every copy directly and checks them against the history and
-/// against each other.
+/// against each other (erasure-coded: every block in its data chunk, and
+/// every stripe's parity against its data).
 async fn check(world: &Shared, healed: bool) -> Report {
-    let (owner, components, blocks) = {
+    let (owner, components, scenario) = {
         let world = lock(world);
-        (world.owner.clone(), clients(&world, 0), world.scenario.blocks)
+        (world.owner.clone(), clients(&world, 0), world.scenario.clone())
     };
     let mut violations = Vec::new();
     let statuses = owner.as_ref().map(|owner| owner.statuses());
@@ -702,34 +725,63 @@ async fn check(world: &Shared, healed: bool) -> Report {
     let epoch = lock(world).record.epoch;
     let mut copies = Vec::new();
     for (id, client) in &components {
-        match client.read(epoch, *id, 0, blocks).await {
+        match client.read(epoch, *id, 0, component_blocks(&scenario)).await {
             Ok(data) => copies.push(data),
             Err(error) => violations.push(format!("component {id} cannot be read: {error}")),
         }
     }
     let mut world = lock(world);
-    for (index, copy) in copies.iter().enumerate() {
-        if copy != &copies[0] {
-            let differ: Vec<u64> = (0..blocks)
-                .filter(|block| {
-                    let at = *block as usize * BLOCK_SIZE;
-                    copy[at..at + BLOCK_SIZE] != copies[0][at..at + BLOCK_SIZE]
-                })
-                .collect();
-            violations.push(format!("copy {index} differs from copy 0 in blocks {differ:?}"));
+    let check_block = |violations: &mut Vec<String>, block: u64, data: &[u8], on: String| {
+        let history = world.history.blocks.get(&block).cloned().unwrap_or_default();
+        match decode(block, data) {
+            Ok(seen) if history.allows(seen) => {}
+            Ok(seen) => violations.push(format!(
+                "{on} block {block} holds write {seen:?}; the last acknowledged was {:?} (maybe {:?})",
+                history.acked, history.maybe
+            )),
+            Err(damage) => violations.push(format!("{on}: {damage}")),
         }
-        for block in 0..blocks {
-            let at = block as usize * BLOCK_SIZE;
-            let history = world.history.blocks.get(&block).cloned().unwrap_or_default();
-            match decode(block, &copy[at..at + BLOCK_SIZE]) {
-                Ok(seen) if history.allows(seen) => {}
-                Ok(seen) => violations.push(format!(
-                    "copy {index} block {block} holds write {seen:?}; the last acknowledged was {:?} (maybe {:?})",
-                    history.acked, history.maybe
-                )),
-                Err(damage) => violations.push(format!("copy {index}: {damage}")),
+    };
+    match scenario.erasure {
+        None => {
+            for (index, copy) in copies.iter().enumerate() {
+                if copy != &copies[0] {
+                    let differ: Vec<u64> = (0..scenario.blocks)
+                        .filter(|block| {
+                            let at = *block as usize * BLOCK_SIZE;
+                            copy[at..at + BLOCK_SIZE] != copies[0][at..at + BLOCK_SIZE]
+                        })
+                        .collect();
+                    violations.push(format!("copy {index} differs from copy 0 in blocks {differ:?}"));
+                }
+                for block in 0..scenario.blocks {
+                    let at = block as usize * BLOCK_SIZE;
+                    check_block(&mut violations, block, &copy[at..at + BLOCK_SIZE], format!("copy {index}"));
+                }
             }
         }
+        Some(layout) if copies.len() == layout.width() => {
+            let rows = |component: usize, row: u64, count: u64| {
+                &copies[component][row as usize * BLOCK_SIZE..(row + count) as usize * BLOCK_SIZE]
+            };
+            for block in 0..scenario.blocks {
+                let piece = layout.pieces(block, 1)[0];
+                let on = format!("component {} row {}", piece.component, piece.row);
+                check_block(&mut violations, block, rows(piece.component, piece.row, 1), on);
+            }
+            for stripe in 0..layout.stripes(scenario.blocks) {
+                let row = stripe * layout.chunk_blocks;
+                let chunk = |position: usize| rows(layout.component(stripe, position), row, layout.chunk_blocks);
+                let data: Vec<&[u8]> = (0..layout.data).map(chunk).collect();
+                let parity = layout.encode(&data).expect("chunks of one length");
+                for (index, expected) in parity.iter().enumerate() {
+                    if chunk(layout.data + index) != &expected[..] {
+                        violations.push(format!("stripe {stripe}: parity chunk {index} is not the code of its data"));
+                    }
+                }
+            }
+        }
+        Some(_) => {}
     }
     if let Some(owner) = &owner {
         world.report.blocks_resynced = owner.resync_stats.blocks_copied.load(std::sync::atomic::Ordering::Relaxed);
