@@ -656,6 +656,11 @@ impl<T: Transport> Object<T> {
         match self.write_blocks(start, blocks.freeze()).await {
             // A read-modify-write of part of a block is the same done twice.
             Err(ObjectError::Deposed) if !expected.is_empty() => Err(ObjectError::Indeterminate),
+            // An erasure-coded write refused with fewer than k chunks
+            // holding it may still be read from those chunks.
+            Err(ObjectError::Unavailable) if !expected.is_empty() && self.erasure.is_some() => {
+                Err(ObjectError::Indeterminate)
+            }
             other => other.map(|_| None),
         }
     }

@@ -41,7 +41,11 @@ impl<T: Transport> Object<T> {
             writes.push(self.write_stripe(layout, stripe, block, part));
             block = end;
         }
-        futures::future::try_join_all(writes).await?;
+        // Every stripe's write runs to its end, even after another failed:
+        // dropping one would let go of its stripe lock while its chunks
+        // may still be on their way, and the next write to the stripe
+        // would read rows half written.
+        futures::future::join_all(writes).await.into_iter().collect::<Result<Vec<()>, ObjectError>>()?;
         Ok(())
     }
 

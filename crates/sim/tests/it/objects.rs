@@ -120,9 +120,10 @@ fn writes_refused_for_want_of_space_land_nowhere_and_copies_converge_when_disks_
 /// A RAID-6 (4+2) object, a chunk on each of 6 hosts, under power loss
 /// of one host at a time (two components can be away at once: one still
 /// resyncing when the next crash comes): writes of parts of stripes (read,
-/// laid over, written with before-images), owners dying mid-write (rolled
-/// back by the next), chunks away (reads rebuilt), resync by rebuilding
-/// rows, and the block cache filling and serving throughout. No partitions
+/// laid over, written with before-images), owners dying (the next one
+/// rolls back what a write left half done, when one did: not counted
+/// here), chunks away (reads rebuilt), resync by rebuilding rows, and the
+/// block cache filling and serving throughout. No partitions
 /// or loss bursts: in the simulated network they drop messages on live
 /// connections, so calls time out up to 10 s later, and with the faults
 /// that follow, more than m = 2 components can be away at once, which an
