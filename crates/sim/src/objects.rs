@@ -631,6 +631,9 @@ async fn nemesis(world: Shared, seed: u64) {
 }
 
 async fn simulate(seed: u64, scenario: Scenario) -> Report {
+    if let Some(layout) = scenario.erasure {
+        assert_eq!(scenario.copies, layout.width(), "an erasure-coded object has a component per chunk of a stripe");
+    }
     let network = SimNetwork::new(seed, Faults { loss_probability: scenario.loss_probability, ..Faults::default() });
     let hosts = (0..scenario.copies)
         .map(|host| Host { fs: SimFs::new(seed.wrapping_mul(31).wrapping_add(host as u64)), process: None })
@@ -781,6 +784,7 @@ async fn check(world: &Shared, healed: bool) -> Report {
                 }
             }
         }
+        // A component could not be read: already a violation above.
         Some(_) => {}
     }
     if let Some(owner) = &owner {
