@@ -182,6 +182,9 @@ pub struct ResyncStats {
     /// Blocks copied since the resyncs under way began, and when (ms).
     pub blocks_copied_current: AtomicU64,
     pub current_started_ms: AtomicU64,
+    /// Erasure-coded: readmissions after more than m components were away
+    /// at once (see [`Action::Readmit`]).
+    pub readmissions: AtomicU64,
 }
 
 struct State {
@@ -358,12 +361,20 @@ impl<T: Transport> Object<T> {
             Status::Active => None,
             Status::Absent { stale, .. } | Status::Resyncing { stale, .. } => Some(*stale),
         };
-        let all_away = recorded.iter().all(|status| *status != Status::Active);
+        // Too few recorded active to take I/O (copies: none; erasure
+        // coding: fewer than k): no write was answered done since, and the
+        // last answered done is held by one of those recorded away at the
+        // highest stale LSN (the last of its holders to go), as well as by
+        // every component recorded active.
+        let needed = hooks.erasure.map_or(1, |layout| layout.data);
+        let all_away = recorded.iter().filter(|status| **status == Status::Active).count() < needed;
         let last_away = recorded.iter().filter_map(recorded_stale).max();
         let candidate = |index: usize| -> Option<Lsn> {
             let info = infos[index].as_ref().ok()?;
             match &recorded[index] {
                 Status::Active => Some(info.committed_lsn),
+                // A chunk mid-resync holds rebuilt rows no rollback undoes.
+                _ if hooks.erasure.is_some() && info.sync.is_some() => None,
                 status if all_away && recorded_stale(status) == last_away => {
                     let stale = last_away.unwrap_or(0);
                     (info.committed_lsn >= stale).then_some(stale)
@@ -515,7 +526,8 @@ impl<T: Transport> Object<T> {
             }
             for (index, committed) in behind {
                 state.sessions[index] = (object.next_session.fetch_add(1, Ordering::Relaxed), 1);
-                state.owner.handle(now, Input::Back { component: index, committed }, &mut out);
+                let mid_resync = infos[index].as_ref().is_ok_and(rows_resynced);
+                state.owner.handle(now, Input::Back { component: index, committed, mid_resync }, &mut out);
             }
             object.act(&mut state, out, &Payload::none());
         }
@@ -810,7 +822,72 @@ impl<T: Transport> Object<T> {
                     let request = Request::EndSync { component: self.ids[component], plan: 0 };
                     self.send(state, component, request, Bytes::new(), None);
                 }
+                Action::Readmit { components, to } => {
+                    // What was cached may include rows the rollback undoes.
+                    if let Some(cache) = &self.cache {
+                        cache.forget();
+                    }
+                    let answers: Vec<(Index, oneshot::Receiver<Result<Reply, ClientError>>)> = components
+                        .iter()
+                        .map(|&index| {
+                            let id = self.ids[index];
+                            if matches!(state.owner.status(index), Status::Absent { .. }) {
+                                // A resync it began wrote nothing there
+                                // (see `rows_resynced`): it ends as it
+                                // stands, and the rollback then sets its
+                                // committed LSN.
+                                let request = Request::EndSync { component: id, plan: 0 };
+                                drop(self.send(state, index, request, Bytes::new(), None));
+                            }
+                            let request = Request::RollBack { component: id, to };
+                            (index, self.send(state, index, request, Bytes::new(), None))
+                        })
+                        .collect();
+                    let object = self.clone();
+                    tokio::spawn(async move { object.readmit(to, answers).await });
+                }
                 Action::Persist => self.persist(state),
+            }
+        }
+    }
+
+    /// Carries out a readmission (see [`Action::Readmit`]): once every
+    /// component rolled back, the owner takes them for active; completions
+    /// wait until that is recorded (a new owner reading the older record
+    /// could take a component still away for current, and roll the
+    /// readmitted ones back below writes answered since). Chunk unmaps
+    /// above `to` cannot be undone: they are completed on every component.
+    async fn readmit(self: Arc<Self>, to: Lsn, answers: Vec<(Index, oneshot::Receiver<Result<Reply, ClientError>>)>) {
+        let mut rolled_back = true;
+        let mut unmaps = Vec::new();
+        for (index, answer) in answers {
+            match answer.await {
+                Ok(Ok(Reply::RolledBack(ranges))) => unmaps.extend(ranges),
+                other => {
+                    tracing::warn!(component = index, to, answer = ?other, "no rollback for a readmission");
+                    rolled_back = false;
+                }
+            }
+        }
+        {
+            let mut state = self.state.lock().expect("object lock");
+            if state.closed {
+                return;
+            }
+            let mut out = Vec::new();
+            state.owner.handle(now_ms(), Input::Readmitted { rolled_back }, &mut out);
+            if rolled_back && self.persister.is_some() {
+                state.barrier = true;
+            }
+            self.act(&mut state, out, &Payload::none());
+        }
+        if rolled_back {
+            self.resync_stats.readmissions.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("objects_erasure_readmissions_total").increment(1);
+            unmaps.sort_unstable();
+            unmaps.dedup();
+            if let Err(error) = self.complete_unmaps(unmaps).await {
+                tracing::warn!(%error, "completing unmaps a readmission rolled back over");
             }
         }
     }
@@ -850,7 +927,7 @@ impl<T: Transport> Object<T> {
                 Ok(()) => {
                     let mut state = self.state.lock().expect("object lock");
                     state.persisted = statuses;
-                    if state.barrier && !newly_absent(&state.owner.statuses(), &state.persisted) {
+                    if state.barrier && !unrecorded(&state.owner.statuses(), &state.persisted) {
                         state.barrier = false;
                         for (request, lsn) in std::mem::take(&mut state.held) {
                             if let Some(waiter) = state.waiters.remove(&request) {
@@ -970,7 +1047,9 @@ impl<T: Transport> Object<T> {
     }
 
     /// Asks an absent component whether it is back; if so, the owner plans
-    /// its resync.
+    /// its resync (or, for an erasure-coded object with fewer than k
+    /// components active, counts it toward a readmission). Returns whether
+    /// it was taken back or a readmission began.
     pub async fn probe(self: &Arc<Self>, component: Index) -> bool {
         if !matches!(self.statuses()[component], Status::Absent { .. }) {
             return false;
@@ -982,15 +1061,18 @@ impl<T: Transport> Object<T> {
         self.reported_newest.lock().expect("reported lock").insert(component, info.newest_lsn);
         self.track_exactly(from).await;
         let mut state = self.state.lock().expect("object lock");
-        if !matches!(state.owner.status(component), Status::Absent { .. }) {
+        // A readmission's rollback may be on its way to it in its session.
+        if !matches!(state.owner.status(component), Status::Absent { .. }) || state.owner.readmitting() {
             return false;
         }
         // A new session: the old one's messages are void.
         state.sessions[component] = (self.next_session.fetch_add(1, Ordering::Relaxed), 1);
         let mut out = Vec::new();
-        state.owner.handle(now_ms(), Input::Back { component, committed: info.committed_lsn }, &mut out);
+        let back = Input::Back { component, committed: info.committed_lsn, mid_resync: rows_resynced(&info) };
+        state.owner.handle(now_ms(), back, &mut out);
+        let taken = !matches!(state.owner.status(component), Status::Absent { .. }) || !out.is_empty();
         self.act(&mut state, out, &Payload::none());
-        true
+        taken
     }
 
     /// Makes sure every active component holds a complete tracking bitmap
@@ -1403,6 +1485,13 @@ impl Drop for Progress<'_> {
 }
 
 /// The stale LSNs a component holds complete tracking bitmaps for.
+/// Whether a component is in the middle of a resync that has written
+/// some of its blocks (rebuilt rows, or writes that reached it since). One
+/// that has written none holds what it held at its stale LSN.
+fn rows_resynced(info: &ComponentInfo) -> bool {
+    info.sync.is_some_and(|(_, _, done)| done > 0)
+}
+
 fn complete_tracking(info: &ComponentInfo) -> Vec<Lsn> {
     info.tracking.iter().filter(|(_, _, complete)| *complete).map(|(lsn, _, _)| *lsn).collect()
 }
@@ -1415,7 +1504,10 @@ fn stable(state: &State) -> Lsn {
         .filter(|index| state.persisted[*index] == Status::Active)
         .map(|index| state.owner.acked_up_to(index))
         .min();
-    unrecorded.map_or(state.owner.stable(), |acked| acked.min(state.owner.stable()))
+    let stable = unrecorded.map_or(state.owner.stable(), |acked| acked.min(state.owner.stable()));
+    // A write not answered done may still be rolled back (a readmission
+    // after more than m components were away at once).
+    stable.min(state.owner.done_lsn())
 }
 
 /// Whether a component absent in `now` was not absent when last recorded.
@@ -1423,6 +1515,14 @@ fn newly_absent(now: &[Status], recorded: &[Status]) -> bool {
     now.iter().enumerate().any(|(index, status)| {
         matches!(status, Status::Absent { .. }) && !matches!(recorded.get(index), Some(Status::Absent { .. }))
     })
+}
+
+/// Whether a component absent in `now` was not recorded absent, or one
+/// active in `now` was not recorded active: completions wait for either
+/// (the second after a readmission).
+fn unrecorded(now: &[Status], recorded: &[Status]) -> bool {
+    newly_absent(now, recorded)
+        || now.iter().zip(recorded).any(|(now, recorded)| *now == Status::Active && *recorded != Status::Active)
 }
 
 fn now_ms() -> u64 {

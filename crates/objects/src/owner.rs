@@ -120,6 +120,15 @@ pub enum Action {
     Current {
         component: Index,
     },
+    /// Erasure-coded, with fewer than k components active: roll each of
+    /// `components` back to `to` (in order behind what was sent to it),
+    /// then report [`Input::Readmitted`]. Each holds every write answered
+    /// done, so once none holds anything above `to` every stripe is one
+    /// codeword again and they are the object's active components.
+    Readmit {
+        components: Vec<Index>,
+        to: Lsn,
+    },
     /// The component states changed: record them in the catalog.
     Persist,
 }
@@ -141,8 +150,13 @@ pub enum Input {
     /// tracking bitmap from when it sends it, as the connection keeps order).
     Tracking { component: Index, stale: Lsn },
     /// An absent component is reachable again, with everything up to
-    /// `committed` (its own committed LSN).
-    Back { component: Index, committed: Lsn },
+    /// `committed` (its own committed LSN). `mid_resync`: its disk is in
+    /// the middle of a resync (rows rebuilt from others that no rollback
+    /// can undo), so it can only be resynced, never readmitted as it stands.
+    Back { component: Index, committed: Lsn, mid_resync: bool },
+    /// The rollback of a [`Action::Readmit`] ended: every component
+    /// answered it (`rolled_back`), or some did not (they fail).
+    Readmitted { rolled_back: bool },
     /// Resync `plan` of `component` finished (its end was acknowledged
     /// after every write sent to it before). The end of a resync planned
     /// before the current one is ignored.
@@ -217,6 +231,12 @@ pub struct Owner {
     /// became the copy of record at `.0`; writes up to `.1` were issued
     /// before, and a component holding some of them above `.0` diverged.
     restarted: Option<(Lsn, Lsn)>,
+    /// Erasure-coded, while fewer than k components are active: absent
+    /// components that answered since, with the LSN each is known to hold
+    /// up to (see `readmit`).
+    returned: BTreeMap<Index, Lsn>,
+    /// A readmission under way: its components and the LSN they roll back to.
+    readmitting: Option<(Vec<Index>, Lsn)>,
 }
 
 impl Component {
@@ -266,6 +286,8 @@ impl Owner {
             holders_needed: 1,
             plans: 0,
             restarted: None,
+            returned: BTreeMap::new(),
+            readmitting: None,
         }
     }
 
@@ -366,16 +388,39 @@ impl Owner {
             Input::Failed { component } => self.failed(now, component, out),
             Input::Declined { component, lsn } => self.declined(now, component, lsn, out),
             Input::Tracking { .. } => {}
-            Input::Back { component, committed } => self.back(component, committed, false, out),
+            Input::Back { component, committed, mid_resync } => {
+                if self.holders_needed > 1 && self.active_count() < self.holders_needed {
+                    self.returned_while_unavailable(component, committed, mid_resync, out);
+                } else {
+                    self.back(component, committed, false, out);
+                }
+            }
+            Input::Readmitted { rolled_back } => self.readmitted(now, rolled_back, out),
             Input::Resynced { component, plan } => self.resynced(component, plan, out),
         }
+    }
+
+    fn active_count(&self) -> usize {
+        self.components.iter().filter(|component| component.status == Status::Active).count()
+    }
+
+    /// Whether a readmission's rollback is under way.
+    pub fn readmitting(&self) -> bool {
+        self.readmitting.is_some()
+    }
+
+    /// The newest LSN answered as done.
+    pub fn done_lsn(&self) -> Lsn {
+        self.done_lsn
     }
 
     fn submit(&mut self, request: u64, op: Op, out: &mut Vec<Action>) {
         let active: BTreeSet<Index> = (0..self.components.len())
             .filter(|index| matches!(self.components[*index].status, Status::Active))
             .collect();
-        if active.is_empty() {
+        // Fewer than the holders a write needs: it could only be refused
+        // (and an erasure-coded write would leave chunks to roll back).
+        if active.len() < self.holders_needed || self.readmitting.is_some() {
             out.push(Action::Refused { request });
             return;
         }
@@ -478,8 +523,16 @@ impl Owner {
     }
 
     /// Answers the operations no active component still owes, in LSN order
-    /// (a client sees its writes complete in the order they were made).
+    /// (a client sees its writes complete in the order they were made);
+    /// with none left, a readmission that waited for that may begin.
     fn complete(&mut self, now: u64, out: &mut Vec<Action>) {
+        self.complete_in_order(now, out);
+        if !self.returned.is_empty() {
+            self.readmit(out);
+        }
+    }
+
+    fn complete_in_order(&mut self, now: u64, out: &mut Vec<Action>) {
         while let Some((&lsn, pending)) = self.pending.first_key_value() {
             if !pending.waiting.is_empty() {
                 break;
@@ -556,6 +609,10 @@ impl Owner {
     /// false if it already was. Completing what waited for it is the
     /// caller's.
     fn mark_failed(&mut self, now: u64, index: Index, out: &mut Vec<Action>) -> bool {
+        // A failed component is not readmitted, whatever its rollback said.
+        if let Some((members, _)) = &mut self.readmitting {
+            members.retain(|member| *member != index);
+        }
         let stale = match self.components[index].status {
             Status::Absent { .. } => return false,
             // A resyncing component that fails is still only current to
@@ -729,6 +786,126 @@ impl Owner {
         out.push(Action::Persist);
     }
 
+    /// Erasure-coded: `index` is back while fewer than k components are
+    /// active. No resync can run (a chunk is rebuilt from k others), and
+    /// planning one would start rows on its disk that no rollback undoes.
+    /// Instead it is remembered, with the LSN it is known to hold up to,
+    /// for a readmission.
+    fn returned_while_unavailable(&mut self, index: Index, committed: Lsn, mid_resync: bool, out: &mut Vec<Action>) {
+        let Some(from) = self.resync_from(index, committed) else { return };
+        if mid_resync || !self.components[index].holes.is_empty() {
+            tracing::info!(component = index, committed, "back mid-resync while the object is unavailable: it waits");
+            self.returned.remove(&index);
+            return;
+        }
+        self.returned.insert(index, from);
+        self.readmit(out);
+    }
+
+    /// Erasure-coded, with fewer than k components active: once the active
+    /// components and the returned ones that hold every write answered
+    /// done (their LSN at or above the newest such) number k, they roll
+    /// back to the lowest LSN among them and become the active components.
+    /// Every write above it was never answered done, and may have reached
+    /// only some chunks of its stripe; after the rollback none holds it, so
+    /// every stripe decodes as it stood at that LSN. Nothing is pending
+    /// (what was in flight is answered first): no acknowledgement can
+    /// arrive for a write the rollback undoes.
+    fn readmit(&mut self, out: &mut Vec<Action>) {
+        if self.holders_needed <= 1 || self.readmitting.is_some() || !self.pending.is_empty() {
+            return;
+        }
+        let active: Vec<(Index, Lsn)> = (0..self.components.len())
+            .filter(|index| self.components[*index].status == Status::Active)
+            .map(|index| (index, self.components[index].acked))
+            .collect();
+        if active.len() >= self.holders_needed {
+            self.returned.clear();
+            return;
+        }
+        // Only absent ones: one being resynced or active since it answered
+        // is no longer the component that answered.
+        self.returned.retain(|index, _| matches!(self.components[*index].status, Status::Absent { .. }));
+        let done = self.done_lsn;
+        let qualified: Vec<(Index, Lsn)> =
+            self.returned.iter().filter(|(_, held)| **held >= done).map(|(index, held)| (*index, *held)).collect();
+        if active.len() + qualified.len() < self.holders_needed {
+            tracing::info!(
+                active = active.len(),
+                returned = ?self.returned,
+                done,
+                needed = self.holders_needed,
+                "too few components hold every write answered done to take the object back yet"
+            );
+            return;
+        }
+        let members: Vec<(Index, Lsn)> = active.into_iter().chain(qualified).collect();
+        let to = members.iter().map(|(_, held)| *held).min().expect("k members");
+        let components: Vec<Index> = members.iter().map(|(index, _)| *index).collect();
+        tracing::warn!(?components, to, done, "readmitting components that hold every write answered done");
+        self.readmitting = Some((components.clone(), to));
+        out.push(Action::Readmit { components, to });
+    }
+
+    fn readmitted(&mut self, now: u64, rolled_back: bool, out: &mut Vec<Action>) {
+        let Some((members, to)) = self.readmitting.take() else { return };
+        self.returned.clear();
+        if !rolled_back || members.len() < self.holders_needed {
+            // Those that did not answer fail (or are still away); the rest
+            // hold nothing above `to` now, and answer again when probed.
+            tracing::warn!(components = ?members, to, "a readmission's rollback did not finish everywhere");
+            return;
+        }
+        let last = self.last_lsn;
+        for &index in &members {
+            let component = &mut self.components[index];
+            if !matches!(component.status, Status::Active | Status::Absent { .. }) {
+                continue;
+            }
+            // It holds everything up to `to` and nothing above; the LSNs
+            // above, issued before, were refused.
+            component.status = Status::Active;
+            component.acked = last;
+            component.acked_above.clear();
+            component.last_sent = to;
+            component.unanswered.clear();
+            component.holes.clear();
+            component.source = None;
+            component.uses = None;
+            // A returned one's tracking bitmaps were forgotten when it
+            // failed; an active one's still mark every block changed above
+            // their stale LSNs, the rolled back ones among them.
+        }
+        for component in &mut self.components {
+            match component.status {
+                // Still away, having held writes above `to`: it holds what
+                // the rollback undid, so its resync starts from `to`.
+                Status::Absent { stale, since } if stale > to => {
+                    component.status = Status::Absent { stale: to, since };
+                    component.acked = to;
+                }
+                // Resyncing (stalled: nothing could be rebuilt): writes in
+                // flight when the object became unavailable may have
+                // reached it and be skipped by its resync as newer, though
+                // rolled back here. It fails, to be resynced anew.
+                Status::Resyncing { stale, .. } => {
+                    component.status = Status::Absent { stale: stale.min(to), since: now };
+                    component.acked = stale.min(to);
+                    component.acked_above.clear();
+                    component.tracking.clear();
+                    component.unanswered.clear();
+                    component.source = None;
+                    component.uses = None;
+                }
+                _ => {}
+            }
+        }
+        self.history.clear();
+        self.history_floor = self.history_floor.max(last);
+        self.prune_history();
+        out.push(Action::Persist);
+    }
+
     fn resynced(&mut self, index: Index, ended: u64, out: &mut Vec<Action>) {
         let Status::Resyncing { stale, target } = self.components[index].status else { return };
         if self.components[index].plan != ended {
@@ -847,7 +1024,7 @@ mod tests {
         ack(&mut owner, 0, 2);
         ack(&mut owner, 1, 2);
         out.clear();
-        owner.handle(0, Input::Back { component: 2, committed: 1 }, &mut out);
+        owner.handle(0, Input::Back { component: 2, committed: 1, mid_resync: false }, &mut out);
         assert_eq!(
             out[0],
             Action::Resync {
@@ -876,7 +1053,7 @@ mod tests {
     fn without_a_tracking_bitmap_it_falls_back_to_a_full_copy() {
         let mut owner = Owner::new(vec![Status::Active, Status::Absent { stale: 3, since: 0 }], 9);
         let mut out = Vec::new();
-        owner.handle(0, Input::Back { component: 1, committed: 3 }, &mut out);
+        owner.handle(0, Input::Back { component: 1, committed: 3, mid_resync: false }, &mut out);
         assert_eq!(
             out[0],
             Action::Resync {
@@ -900,7 +1077,7 @@ mod tests {
         let mut owner = Owner::new(statuses, 9).numbering_from(12);
         owner.set_tracking(0, [5]);
         let mut out = Vec::new();
-        owner.handle(0, Input::Back { component: 1, committed: 5 }, &mut out);
+        owner.handle(0, Input::Back { component: 1, committed: 5, mid_resync: false }, &mut out);
         assert_eq!(
             out[0],
             Action::Resync {
@@ -1010,6 +1187,84 @@ mod tests {
                 out.iter().filter(|action| matches!(action, Action::Done { .. } | Action::Refused { .. })).collect();
             assert_eq!(answers, vec![&expected], "{needed} holders needed");
         }
+    }
+
+    fn back(owner: &mut Owner, component: Index, committed: Lsn, mid_resync: bool) -> Vec<Action> {
+        let mut out = Vec::new();
+        owner.handle(200, Input::Back { component, committed, mid_resync }, &mut out);
+        out
+    }
+
+    /// A 2+1 erasure-coded owner: write 1 done everywhere, then component 0
+    /// alone takes write 2 (refused) as 1 and 2 fail, both holding write 1.
+    fn two_of_three_away() -> Owner {
+        let mut owner = owner(3).needing_holders(2);
+        write(&mut owner, 1, 0);
+        for component in 0..3 {
+            ack(&mut owner, component, 1);
+        }
+        write(&mut owner, 2, 0);
+        let mut out = ack(&mut owner, 0, 2);
+        owner.handle(100, Input::Failed { component: 1 }, &mut out);
+        owner.handle(100, Input::Failed { component: 2 }, &mut out);
+        assert!(out.contains(&Action::Refused { request: 2 }));
+        owner
+    }
+
+    #[test]
+    fn erasure_coded_with_fewer_than_k_active_a_write_is_refused_before_it_is_sent() {
+        let mut owner = two_of_three_away();
+        assert_eq!(write(&mut owner, 3, 0), vec![Action::Refused { request: 3 }]);
+    }
+
+    #[test]
+    fn erasure_coded_with_fewer_than_k_active_components_holding_every_done_write_are_readmitted_after_a_rollback() {
+        let mut owner = two_of_three_away();
+        // Component 1 holds write 1, the newest answered done: with 0 it
+        // makes two, rolled back to 1 (0's chunk of the refused write 2
+        // goes). No resync is planned: none could rebuild a chunk.
+        let out = back(&mut owner, 1, 1, false);
+        assert_eq!(out, vec![Action::Readmit { components: vec![0, 1], to: 1 }]);
+        assert_eq!(owner.status(1), &Status::Absent { stale: 1, since: 100 });
+        assert_eq!(write(&mut owner, 3, 0), vec![Action::Refused { request: 3 }], "no write while it rolls back");
+        let mut out = Vec::new();
+        owner.handle(300, Input::Readmitted { rolled_back: true }, &mut out);
+        assert_eq!(out, vec![Action::Persist]);
+        assert_eq!(owner.statuses()[..2], [Status::Active, Status::Active]);
+        // Writes go on above every LSN issued (write 3 was refused before
+        // it took one); the third is resynced from the two (its chunks
+        // rebuilt), from where it stood.
+        let sent = write(&mut owner, 4, 0);
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert!(sent.iter().all(|action| matches!(action, Action::Send { lsn: 3, .. })), "{sent:?}");
+        let done = [ack(&mut owner, 0, 3), ack(&mut owner, 1, 3)].concat();
+        assert_eq!(done, vec![Action::Done { request: 4, lsn: 3 }]);
+        let out = back(&mut owner, 2, 1, false);
+        assert!(out.iter().any(|action| matches!(action, Action::Resync { component: 2, stale: 1, .. })), "{out:?}");
+    }
+
+    #[test]
+    fn erasure_coded_a_component_that_lacks_a_done_write_or_is_mid_resync_is_not_readmitted() {
+        let mut owner = two_of_three_away();
+        // Component 2 comes back holding nothing (its disk was replaced,
+        // say): it lacks write 1, answered done.
+        assert!(back(&mut owner, 2, 0, false).is_empty());
+        // Component 1 holds write 1, but in the middle of a resync.
+        assert!(back(&mut owner, 1, 1, true).is_empty());
+        assert!(owner.statuses()[1..].iter().all(|status| matches!(status, Status::Absent { .. })));
+        // Once it is clean, it is.
+        assert_eq!(back(&mut owner, 1, 1, false), vec![Action::Readmit { components: vec![0, 1], to: 1 }]);
+    }
+
+    #[test]
+    fn erasure_coded_a_readmission_whose_rollback_fails_somewhere_takes_nobody_back() {
+        let mut owner = two_of_three_away();
+        back(&mut owner, 1, 1, false);
+        let mut out = Vec::new();
+        owner.handle(300, Input::Failed { component: 0 }, &mut out);
+        owner.handle(300, Input::Readmitted { rolled_back: true }, &mut out);
+        assert!(owner.statuses().iter().all(|status| matches!(status, Status::Absent { .. })), "{:?}", owner.statuses());
+        assert_eq!(write(&mut owner, 3, 0), vec![Action::Refused { request: 3 }]);
     }
 
     #[test]

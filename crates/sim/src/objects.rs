@@ -112,6 +112,9 @@ pub struct Report {
     pub disks_filled: u64,
     pub blocks_resynced: u64,
     pub full_copies: u64,
+    /// Erasure-coded: times the last owner took components back after more
+    /// than m were away at once.
+    pub readmissions: u64,
     pub virtual_seconds: f64,
     pub messages: (u64, u64),
     /// What happened, in order (faults, ownership, each write's outcome).
@@ -790,6 +793,7 @@ async fn check(world: &Shared, healed: bool) -> Report {
     if let Some(owner) = &owner {
         world.report.blocks_resynced = owner.resync_stats.blocks_copied.load(std::sync::atomic::Ordering::Relaxed);
         world.report.full_copies = owner.resync_stats.full_copies.load(std::sync::atomic::Ordering::Relaxed);
+        world.report.readmissions = owner.resync_stats.readmissions.load(std::sync::atomic::Ordering::Relaxed);
     }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     world.trace.hash(&mut hasher);

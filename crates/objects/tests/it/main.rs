@@ -134,6 +134,7 @@ impl World {
                     self.no_space.insert(self.lsn_of[&request]);
                 }
                 Action::Persist => {}
+                Action::Readmit { .. } => unreachable!("copies need one holder: never fewer active than that"),
                 Action::Current { component } => self.components[component].queue.push_back(Message::Current),
                 Action::Track { component, stale, seed } => {
                     self.components[component].queue.push_back(Message::Track { stale, seed })
@@ -246,7 +247,8 @@ impl World {
         }
         self.components[index].up = true;
         let committed = self.components[index].committed();
-        self.input(Input::Back { component: index, committed });
+        let mid_resync = self.components[index].sync.is_some();
+        self.input(Input::Back { component: index, committed, mid_resync });
         if matches!(self.owner.status(index), Status::Absent { .. }) {
             // Not taken back yet (no copy to resync from): it tries again.
             self.components[index].up = false;
