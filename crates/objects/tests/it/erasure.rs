@@ -438,3 +438,50 @@ async fn a_compare_and_write_deposed_mid_write_is_of_unknown_outcome() {
     let answer = old.compare_and_write(100, &[], Bytes::from(vec![9u8; 512])).await;
     assert!(matches!(answer, Err(ObjectError::Deposed)), "{answer:?}");
 }
+
+/// Two of a RAID-5 (2+1) object's three components away at once: the
+/// write that found them gone reached only the third, and is refused; no
+/// chunk can be rebuilt, so nothing is resynced. Once one of the two is
+/// back, the two that hold every acknowledged write roll back to the
+/// newest one (the refused write's chunk goes) and take I/O again; the
+/// last is then resynced, and every stripe is a codeword of what was
+/// acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_more_than_m_components_away_the_object_takes_back_k_that_hold_every_acknowledged_write() {
+    let layout = Layout::new(2, 1);
+    let Fixture { _dir, hosts, blocks, object, mut model } = Fixture::open(layout, 3, 700).await;
+    write(&object, &mut model, 0, blocks, 1).await;
+    for index in [1, 2] {
+        hosts[index].online.store(false, Ordering::SeqCst);
+    }
+    // A whole stripe, sent to all three (all were active, so it reads
+    // nothing first), held by component 0 alone.
+    let stripe = layout.stripe_blocks();
+    let refused = object.write_at(stripe * BLOCK_SIZE as u64, Bytes::from(bytes(2, stripe))).await;
+    assert!(refused.is_err(), "a write one chunk holds must not be acknowledged");
+    let statuses = object.statuses();
+    assert!(statuses[1..].iter().all(|status| matches!(status, Status::Absent { .. })), "{statuses:?}");
+    let held_by_0 = hosts[0].service.disks()[0].component(hosts[0].id).unwrap().committed_lsn;
+    // Refused before it is sent: nothing more to roll back.
+    assert!(object.write_at(0, Bytes::from(bytes(3, 1))).await.is_err());
+    assert!(object.read_at(0, blocks * BLOCK_SIZE as u64).await.is_err(), "one chunk of a row cannot be read");
+
+    // Component 1 comes back, holding every acknowledged write.
+    hosts[1].online.store(true, Ordering::SeqCst);
+    assert!(object.probe(1).await, "k components hold every acknowledged write: they are taken back");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while object.statuses()[..2] != [Status::Active, Status::Active] {
+        assert!(Instant::now() < deadline, "not taken back: {:?}", object.statuses());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(object.resync_stats.readmissions.load(Ordering::Relaxed), 1);
+    let now_0 = hosts[0].service.disks()[0].component(hosts[0].id).unwrap().committed_lsn;
+    assert!(now_0 < held_by_0, "component 0 rolled the refused write back: {now_0} from {held_by_0}");
+    assert!(read_all(&object, blocks).await == model, "the refused write's chunk must not be read");
+    write(&object, &mut model, 7, 40, 4).await;
+
+    // The last one is resynced, its chunks rebuilt from the two.
+    bring_back(&object, &hosts, 2).await;
+    check_stripes(&hosts, layout, &model).await;
+    assert!(read_all(&object, blocks).await == model);
+}
