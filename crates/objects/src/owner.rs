@@ -576,7 +576,20 @@ impl Owner {
                 continue;
             }
             let (lsn, pending) = self.pending.pop_first().expect("the first entry");
-            if pending.holders.len() >= self.holders_needed {
+            // A component sent it while resyncing, active since, that
+            // acknowledged it holds it too (it was not waited for).
+            let resynced_holders = pending
+                .sent
+                .iter()
+                .filter(|index| !pending.holders.contains(index) && !pending.refused.contains(index))
+                .filter(|index| {
+                    let component = &self.components[**index];
+                    component.status == Status::Active
+                        && (component.acked >= lsn || component.acked_above.contains(&lsn))
+                        && !component.unanswered.contains(&lsn)
+                })
+                .count();
+            if pending.holders.len() + resynced_holders >= self.holders_needed {
                 self.done_lsn = self.done_lsn.max(lsn);
                 out.push(Action::Done { request: pending.request, lsn });
             } else {
@@ -1265,6 +1278,33 @@ mod tests {
         owner.handle(300, Input::Readmitted { rolled_back: true }, &mut out);
         assert!(owner.statuses().iter().all(|status| matches!(status, Status::Absent { .. })), "{:?}", owner.statuses());
         assert_eq!(write(&mut owner, 3, 0), vec![Action::Refused { request: 3 }]);
+    }
+
+    #[test]
+    fn erasure_coded_a_write_a_component_acknowledged_while_resyncing_counts_it_once_it_is_active() {
+        let mut owner = owner(3).needing_holders(2);
+        let mut out = Vec::new();
+        owner.handle(100, Input::Failed { component: 2 }, &mut out);
+        let out = back(&mut owner, 2, 0, false);
+        let plan = out
+            .iter()
+            .find_map(|action| match action {
+                Action::Resync { component: 2, plan, .. } => Some(*plan),
+                _ => None,
+            })
+            .expect("a resync of component 2");
+        // Sent to the two active ones and to the one resyncing, which
+        // acknowledges it, then finishes its resync.
+        assert_eq!(write(&mut owner, 1, 0).len(), 3);
+        assert!(ack(&mut owner, 2, 1).is_empty());
+        let mut out = Vec::new();
+        owner.handle(200, Input::Resynced { component: 2, plan }, &mut out);
+        assert_eq!(owner.status(2), &Status::Active);
+        // One of the two it waited for fails: the other and the one
+        // resynced hold it, k of them.
+        owner.handle(300, Input::Failed { component: 0 }, &mut out);
+        let out = ack(&mut owner, 1, 1);
+        assert!(out.contains(&Action::Done { request: 1, lsn: 1 }), "{out:?}");
     }
 
     #[test]
