@@ -118,18 +118,15 @@ fn writes_refused_for_want_of_space_land_nowhere_and_copies_converge_when_disks_
     }
 }
 
-/// A RAID-6 (4+2) object, a chunk on each of 6 hosts, under power loss
-/// of one host at a time (two components can be away at once: one still
-/// resyncing when the next crash comes): writes of parts of stripes (read,
-/// laid over, written with before-images), owners dying (the next one
-/// rolls back what a write left half done, when one did: not counted
-/// here), chunks away (reads rebuilt), resync by rebuilding rows, and the
-/// block cache filling and serving throughout. No partitions
-/// or loss bursts: in the simulated network they drop messages on live
-/// connections, so calls time out up to 10 s later, and with the faults
-/// that follow, more than m = 2 components can be away at once, which an
-/// erasure-coded object does not heal from yet (seed 22 with partitions;
-/// docs/design/erasure-coding.md).
+/// A RAID-6 (4+2) object, a chunk on each of 6 hosts, under power loss,
+/// partitions and loss bursts: writes of parts of stripes (read, laid
+/// over, written with before-images), owners dying (the next one rolls
+/// back what a write left half done, when one did: not counted here),
+/// chunks away (reads rebuilt), resync by rebuilding rows, more than m = 2
+/// components away at once (dropped messages fail components up to 10 s
+/// after the fault; the owner readmits k that hold every acknowledged
+/// write), and the block cache filling and serving throughout. Before
+/// readmission, seed 22 ended unhealed, so this ran host crashes only.
 #[test]
 fn an_erasure_coded_object_loses_no_acknowledged_write_and_keeps_every_stripe_consistent() {
     let layout = Layout::new(4, 2);
@@ -137,8 +134,8 @@ fn an_erasure_coded_object_loses_no_acknowledged_write_and_keeps_every_stripe_co
         copies: layout.width(),
         blocks: 4 * layout.stripe_blocks(),
         erasure: Some(layout),
-        partitions: false,
-        loss_bursts: false,
+        partitions: true,
+        loss_bursts: true,
         ..Scenario::default()
     };
     let (mut crashes, mut moves, mut hits, mut resynced) = (0, 0, 0, 0);
