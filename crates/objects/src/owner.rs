@@ -1276,7 +1276,11 @@ mod tests {
         let mut out = Vec::new();
         owner.handle(300, Input::Failed { component: 0 }, &mut out);
         owner.handle(300, Input::Readmitted { rolled_back: true }, &mut out);
-        assert!(owner.statuses().iter().all(|status| matches!(status, Status::Absent { .. })), "{:?}", owner.statuses());
+        assert!(
+            owner.statuses().iter().all(|status| matches!(status, Status::Absent { .. })),
+            "{:?}",
+            owner.statuses()
+        );
         assert_eq!(write(&mut owner, 3, 0), vec![Action::Refused { request: 3 }]);
     }
 
