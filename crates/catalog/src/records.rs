@@ -245,9 +245,15 @@ pub struct ObjectRecord {
 }
 
 impl ObjectRecord {
-    /// `healthy`, `degraded` or `resyncing`.
+    /// `unavailable` (fewer components active than I/O needs: one copy,
+    /// or an erasure-coded object's data chunks), `degraded` (some
+    /// absent), `resyncing` or `healthy`.
     pub fn health(&self) -> &'static str {
-        if self.states.iter().any(|state| matches!(state, ComponentState::Absent { .. })) {
+        let needed = self.policy.erasure().map_or(1, |(data, _)| data);
+        let active = self.states.iter().filter(|state| **state == ComponentState::Active).count();
+        if active < needed {
+            "unavailable"
+        } else if self.states.iter().any(|state| matches!(state, ComponentState::Absent { .. })) {
             "degraded"
         } else if self.states.iter().any(|state| matches!(state, ComponentState::Resyncing { .. })) {
             "resyncing"
@@ -320,4 +326,45 @@ pub struct VipRecord {
     pub epoch: u64,
     /// When the current owner took it (milliseconds since the epoch).
     pub since_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(policy: Policy, states: Vec<ComponentState>) -> ObjectRecord {
+        ObjectRecord {
+            id: 1,
+            name: "object".into(),
+            policy,
+            size_bytes: 1 << 20,
+            components: Vec::new(),
+            owner: 1,
+            owner_epoch: 1,
+            states,
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn an_object_with_fewer_components_active_than_io_needs_is_unavailable() {
+        let absent = ComponentState::Absent { stale: 5, since_ms: 0 };
+        let resyncing = ComponentState::Resyncing { stale: 5, target: 9 };
+        let active = ComponentState::Active;
+        let raid5 = Policy::Raid5 { data: 2 };
+        let raid1 = Policy::Raid1 { copies: 2 };
+        let cases = [
+            (raid5, vec![active.clone(), active.clone(), active.clone()], "healthy"),
+            (raid5, vec![active.clone(), active.clone(), resyncing.clone()], "resyncing"),
+            (raid5, vec![active.clone(), active.clone(), absent.clone()], "degraded"),
+            // Two data chunks are needed to read a row.
+            (raid5, vec![active.clone(), absent.clone(), absent.clone()], "unavailable"),
+            (raid5, vec![active.clone(), resyncing.clone(), absent.clone()], "unavailable"),
+            (raid1, vec![active.clone(), absent.clone()], "degraded"),
+            (raid1, vec![absent.clone(), resyncing.clone()], "unavailable"),
+        ];
+        for (policy, states, health) in cases {
+            assert_eq!(object(policy, states.clone()).health(), health, "{policy:?} {states:?}");
+        }
+    }
 }

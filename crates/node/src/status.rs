@@ -48,7 +48,8 @@ pub struct ObjectStatus {
     pub size_bytes: u64,
     pub owner: u64,
     pub owner_epoch: u64,
-    /// "healthy", "degraded" or "resyncing" (as the catalog records it).
+    /// "healthy", "resyncing", "degraded" or "unavailable" (as the catalog
+    /// records it; see `catalog::ObjectRecord::health`).
     pub health: String,
     pub components: Vec<ComponentStatus>,
     /// Live figures from the owner, when it answered.

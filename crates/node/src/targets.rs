@@ -758,6 +758,8 @@ pub fn volume_statuses(node: &Node) -> Vec<VolumeStatus> {
                 .collect();
             let health = if healths.len() < record.objects.len() {
                 "missing objects"
+            } else if healths.contains(&"unavailable") {
+                "unavailable"
             } else if healths.contains(&"degraded") {
                 "degraded"
             } else if healths.contains(&"resyncing") {

@@ -235,6 +235,12 @@ impl<T: Transport> Object<T> {
         if let Some(data) = self.cache.as_ref().and_then(|cache| cache.lookup(first, count)) {
             return Ok(data);
         }
+        // Fewer than k active: a chunk read straight from an active
+        // component could hold a write that was refused and is rolled back
+        // when k are back (a read must not see a write that then vanishes).
+        if self.active().len() < layout.data {
+            return Err(ObjectError::Unavailable);
+        }
         let ticket = self.cache.as_ref().and_then(|cache| cache.ticket(first, count));
         let sent = self.cache.as_ref().map(|cache| cache.now());
         let pieces = layout.pieces(first, count);

@@ -454,10 +454,15 @@ async fn with_more_than_m_components_away_the_object_takes_back_k_that_hold_ever
     for index in [1, 2] {
         hosts[index].online.store(false, Ordering::SeqCst);
     }
-    // A whole stripe, sent to all three (all were active, so it reads
-    // nothing first), held by component 0 alone.
-    let stripe = layout.stripe_blocks();
-    let refused = object.write_at(stripe * BLOCK_SIZE as u64, Bytes::from(bytes(2, stripe))).await;
+    // A whole stripe where component 0 holds a data chunk, sent to all
+    // three (all were active, so it reads nothing first), held by
+    // component 0 alone.
+    let (stripe, position) = (0..layout.stripes(blocks))
+        .flat_map(|stripe| (0..layout.data).map(move |position| (stripe, position)))
+        .find(|(stripe, position)| layout.component(*stripe, *position) == 0)
+        .expect("a data chunk on component 0");
+    let size = layout.stripe_blocks();
+    let refused = object.write_at(stripe * size * BLOCK_SIZE as u64, Bytes::from(bytes(2, size))).await;
     assert!(refused.is_err(), "a write one chunk holds must not be acknowledged");
     let statuses = object.statuses();
     assert!(statuses[1..].iter().all(|status| matches!(status, Status::Absent { .. })), "{statuses:?}");
@@ -465,6 +470,11 @@ async fn with_more_than_m_components_away_the_object_takes_back_k_that_hold_ever
     // Refused before it is sent: nothing more to roll back.
     assert!(object.write_at(0, Bytes::from(bytes(3, 1))).await.is_err());
     assert!(object.read_at(0, blocks * BLOCK_SIZE as u64).await.is_err(), "one chunk of a row cannot be read");
+    // Not even a block whose data chunk is on component 0: that holds the
+    // refused write, which the readmission rolls back.
+    let block = layout.block_at(stripe * layout.chunk_blocks, position);
+    let read = object.read_at(block * BLOCK_SIZE as u64, BLOCK_SIZE as u64).await;
+    assert!(read.is_err(), "a block of a refused write was read");
 
     // Component 1 comes back, holding every acknowledged write.
     hosts[1].online.store(true, Ordering::SeqCst);

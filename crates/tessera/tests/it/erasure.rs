@@ -643,3 +643,60 @@ fn raid5_a_column_away_past_the_repair_delay_is_rebuilt_elsewhere_from_the_other
         ledger.acked.len()
     );
 }
+
+/// More than m components away at once: the hosts of both components of
+/// a RAID-5 (2+1) object other than its owner's are killed together under
+/// the self-verifying writers (5 hosts, so the log keeps its majority).
+/// No chunk can be rebuilt: the object is unavailable, and says so, and
+/// writes fail. The hosts restart: the owner takes back the two components
+/// that hold every acknowledged write (rolled back to the newest one) and
+/// resyncs the third; every stripe's parity matches its data and no
+/// acknowledged write is lost.
+#[test]
+fn raid5_with_two_of_three_component_hosts_killed_at_once_is_unavailable_until_they_return_then_heals() {
+    let _guard = exclusive();
+    let mut cluster = TestCluster::start(5);
+    cluster.wait_healthy(Duration::from_secs(90));
+    let policy = "raid5:2+1";
+    let Written { created, layout, runtime, client, writers } = Written::start(&cluster, policy);
+    let victims = victims(&cluster, &created);
+    assert_eq!(victims.len(), 2, "{created:?}");
+    for victim in &victims {
+        cluster.kill(*victim);
+    }
+    println!("{policy}: killed hosts {victims:?} together (the owner is host {})", created.owner);
+    wait_object(&cluster, "unavailable", Duration::from_secs(30), |status| status.health == "unavailable");
+    let (acked, failed) = (writers.acked.load(Ordering::Relaxed), writers.failed.load(Ordering::Relaxed));
+    std::thread::sleep(Duration::from_secs(3));
+    let failed_while_away = writers.failed.load(Ordering::Relaxed) - failed;
+    assert_eq!(writers.acked.load(Ordering::Relaxed), acked, "a write acknowledged with one chunk of three");
+    assert!(failed_while_away > 0, "the writers' writes must fail while the object is unavailable");
+    assert!(runtime.block_on(client.read_at(0, BLOCK as u64)).is_err(), "a read with one chunk of a row");
+
+    for victim in &victims {
+        cluster.start_host(*victim);
+    }
+    let back_at = Instant::now();
+    wait_object(&cluster, "healthy", Duration::from_secs(120), |status| {
+        status.health == "healthy" && status.resync.as_ref().is_none_or(|resync| resync.bytes_to_go == 0)
+    });
+    println!(
+        "{policy}: {failed_while_away} writes failed in 3 s while unavailable; healthy {:?} after the hosts were back",
+        back_at.elapsed()
+    );
+    let owner = object(&cluster).unwrap().owner;
+    assert!(
+        cluster.log_text(owner).contains("readmitting components"),
+        "the owner took components back by readmission, not otherwise"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let ledger = writers.finish(&runtime);
+    let content = stripes_checked(&runtime, &cluster, layout);
+    check_blocks(&content, &ledger.acked, &ledger.attempted).unwrap_or_else(|error| panic!("after healing: {error}"));
+    let mut through_owner = Vec::new();
+    for first in (0..BLOCKS).step_by(256) {
+        through_owner
+            .extend_from_slice(&runtime.block_on(client.read_at(first * BLOCK as u64, 256 * BLOCK as u64)).unwrap());
+    }
+    assert!(through_owner == content, "reading through the owner differs from the data chunks");
+}
