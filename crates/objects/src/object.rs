@@ -8,7 +8,7 @@
 //! run as tasks: begin, wait for the source to be ready, copy the blocks the
 //! source's tracking bitmap marks (or every block), end.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -227,6 +227,13 @@ pub struct Object<T: Transport> {
     /// The newest LSN a returning copy said it holds: above its stale LSN,
     /// its resync also copies the blocks it wrote itself.
     reported_newest: Mutex<HashMap<Index, Lsn>>,
+    /// Erasure-coded: components whose disks may hold rows a resync
+    /// rebuilt that has not ended (sent under this owner, under any plan,
+    /// or found mid-resync by it): never readmitted as they stand.
+    rows_rebuilt: Mutex<HashSet<Index>>,
+    /// Chunk unmaps rollbacks reported, to be completed on every component
+    /// once a readmission takes k back (a rollback reports them once).
+    unmaps_to_complete: Mutex<Vec<(u64, u64)>>,
     pub resync_stats: ResyncStats,
     /// Erasure-coded: stripes written whole, with no read and no
     /// before-image sent.
@@ -302,6 +309,8 @@ impl<T: Transport> Object<T> {
             resync_pace: hooks.resync_pace,
             extra: Mutex::new(HashMap::new()),
             reported_newest: Mutex::new(HashMap::new()),
+            rows_rebuilt: Mutex::new(HashSet::new()),
+            unmaps_to_complete: Mutex::new(Vec::new()),
             resync_stats: ResyncStats::default(),
             full_stripe_writes: AtomicU64::new(0),
             cache: hooks.cache.map(ObjectCache::new),
@@ -362,22 +371,29 @@ impl<T: Transport> Object<T> {
             Status::Absent { stale, .. } | Status::Resyncing { stale, .. } => Some(*stale),
         };
         // Too few recorded active to take I/O (copies: none; erasure
-        // coding: fewer than k): no write was answered done since, and the
-        // last answered done is held by one of those recorded away at the
-        // highest stale LSN (the last of its holders to go), as well as by
-        // every component recorded active.
+        // coding: fewer than k). Every write answered done had k holders
+        // (copies: one), each recorded active since or recorded away at a
+        // stale LSN at or above it (completions wait for the record), so
+        // the k-th highest of the recorded stale LSNs (active counting as
+        // above all) is at or above the newest write answered done: a
+        // component recorded away at or above it that holds that much holds
+        // every such write (copies: the last copy to go).
         let needed = hooks.erasure.map_or(1, |layout| layout.data);
         let all_away = recorded.iter().filter(|status| **status == Status::Active).count() < needed;
-        let last_away = recorded.iter().filter_map(recorded_stale).max();
+        let mut levels: Vec<Lsn> = recorded.iter().map(|status| recorded_stale(status).unwrap_or(Lsn::MAX)).collect();
+        levels.sort_unstable_by(|a, b| b.cmp(a));
+        let threshold = levels.get(needed - 1).copied().unwrap_or(0);
         let candidate = |index: usize| -> Option<Lsn> {
             let info = infos[index].as_ref().ok()?;
             match &recorded[index] {
                 Status::Active => Some(info.committed_lsn),
                 // A chunk mid-resync holds rebuilt rows no rollback undoes.
                 _ if hooks.erasure.is_some() && info.sync.is_some() => None,
-                status if all_away && recorded_stale(status) == last_away => {
-                    let stale = last_away.unwrap_or(0);
-                    (info.committed_lsn >= stale).then_some(stale)
+                status if all_away && recorded_stale(status).is_some_and(|stale| stale >= threshold) => {
+                    // Above its stale LSN it may hold a deposed owner's
+                    // writes: it counts to there.
+                    let held = info.committed_lsn.min(recorded_stale(status).unwrap_or(0));
+                    (held >= threshold).then_some(held)
                 }
                 _ => None,
             }
@@ -468,9 +484,13 @@ impl<T: Transport> Object<T> {
             statuses.push(match info {
                 _ if current.contains(&index) => Status::Active,
                 Ok(info) => {
-                    behind.push((index, info.committed_lsn));
+                    // Above the LSN taken for current it holds nothing that
+                    // counts (a deposed owner's writes, or ones rolled back
+                    // elsewhere): its resync starts no higher.
+                    let stale = info.committed_lsn.min(committed);
+                    behind.push((index, stale));
                     reported_newest.insert(index, info.newest_lsn);
-                    Status::Absent { stale: info.committed_lsn, since }
+                    Status::Absent { stale, since }
                 }
                 Err(_) => {
                     missing = true;
@@ -509,6 +529,13 @@ impl<T: Transport> Object<T> {
         let object = Self::with_owner(epoch, blocks, components, owner, hooks, writes_after);
         *object.extra.lock().expect("extra lock") = extra;
         *object.reported_newest.lock().expect("reported lock") = reported_newest;
+        // Mid-resync under an older owner: rows may have been rebuilt there
+        // under a plan its disk no longer shows.
+        object
+            .rows_rebuilt
+            .lock()
+            .expect("rebuilt lock")
+            .extend((0..infos.len()).filter(|index| infos[*index].as_ref().is_ok_and(|info| info.sync.is_some())));
         for stale in wanted {
             object.track_exactly(stale).await;
         }
@@ -821,28 +848,26 @@ impl<T: Transport> Object<T> {
                     }
                     let request = Request::EndSync { component: self.ids[component], plan: 0 };
                     self.send(state, component, request, Bytes::new(), None);
+                    self.rows_rebuilt.lock().expect("rebuilt lock").remove(&component);
                 }
                 Action::Readmit { components, to } => {
                     // What was cached may include rows the rollback undoes.
                     if let Some(cache) = &self.cache {
                         cache.forget();
                     }
-                    let answers: Vec<(Index, oneshot::Receiver<Result<Reply, ClientError>>)> = components
-                        .iter()
-                        .map(|&index| {
-                            let id = self.ids[index];
-                            if matches!(state.owner.status(index), Status::Absent { .. }) {
-                                // A resync it began wrote nothing there
-                                // (see `rows_resynced`): it ends as it
-                                // stands, and the rollback then sets its
-                                // committed LSN.
-                                let request = Request::EndSync { component: id, plan: 0 };
-                                drop(self.send(state, index, request, Bytes::new(), None));
-                            }
-                            let request = Request::RollBack { component: id, to };
-                            (index, self.send(state, index, request, Bytes::new(), None))
-                        })
-                        .collect();
+                    let mut answers: Vec<(Index, oneshot::Receiver<Result<Reply, ClientError>>)> = Vec::new();
+                    for &index in &components {
+                        let id = self.ids[index];
+                        if matches!(state.owner.status(index), Status::Absent { .. }) {
+                            // A resync it began wrote nothing there (see
+                            // `rows_resynced`): it ends as it stands, and
+                            // the rollback then sets its committed LSN.
+                            let request = Request::EndSync { component: id, plan: 0 };
+                            answers.push((index, self.send(state, index, request, Bytes::new(), None)));
+                        }
+                        let request = Request::RollBack { component: id, to };
+                        answers.push((index, self.send(state, index, request, Bytes::new(), None)));
+                    }
                     let object = self.clone();
                     tokio::spawn(async move { object.readmit(to, answers).await });
                 }
@@ -852,43 +877,62 @@ impl<T: Transport> Object<T> {
     }
 
     /// Carries out a readmission (see [`Action::Readmit`]): once every
-    /// component rolled back, the owner takes them for active; completions
-    /// wait until that is recorded (a new owner reading the older record
-    /// could take a component still away for current, and roll the
-    /// readmitted ones back below writes answered since). Chunk unmaps
-    /// above `to` cannot be undone: they are completed on every component.
+    /// component ended any resync it was in and rolled back, the owner
+    /// takes them for active. Completions wait until that is recorded (a
+    /// new owner reading the older record could take a component still away
+    /// for current, and roll the readmitted ones back below writes answered
+    /// since). Chunk unmaps above `to` cannot be undone: they are completed
+    /// on every component before any client write or unmap begins (those
+    /// wait for `atomic`, held alone from before the owner takes the
+    /// components back until the unmaps are done), and kept until then,
+    /// whatever becomes of this readmission.
     async fn readmit(self: Arc<Self>, to: Lsn, answers: Vec<(Index, oneshot::Receiver<Result<Reply, ClientError>>)>) {
         let mut rolled_back = true;
-        let mut unmaps = Vec::new();
         for (index, answer) in answers {
             match answer.await {
-                Ok(Ok(Reply::RolledBack(ranges))) => unmaps.extend(ranges),
+                Ok(Ok(Reply::RolledBack(ranges))) => {
+                    self.unmaps_to_complete.lock().expect("unmaps lock").extend(ranges)
+                }
+                Ok(Ok(Reply::Ended(_))) => {}
                 other => {
                     tracing::warn!(component = index, to, answer = ?other, "no rollback for a readmission");
                     rolled_back = false;
                 }
             }
         }
-        {
+        // Client writes hold it shared until answered; they are refused
+        // while the readmission is under way, so this comes soon.
+        let _alone = self.atomic.write().await;
+        let taken = {
             let mut state = self.state.lock().expect("object lock");
             if state.closed {
                 return;
             }
             let mut out = Vec::new();
-            state.owner.handle(now_ms(), Input::Readmitted { rolled_back }, &mut out);
-            if rolled_back && self.persister.is_some() {
-                state.barrier = true;
+            let taken = state.owner.readmitted(now_ms(), rolled_back, &mut out);
+            if taken {
+                let members: Vec<Index> =
+                    (0..self.ids.len()).filter(|index| state.owner.status(*index) == &Status::Active).collect();
+                let mut rebuilt = self.rows_rebuilt.lock().expect("rebuilt lock");
+                for index in members {
+                    rebuilt.remove(&index);
+                }
             }
             self.act(&mut state, out, &Payload::none());
+            taken
+        };
+        if !taken {
+            return;
         }
-        if rolled_back {
-            self.resync_stats.readmissions.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("objects_erasure_readmissions_total").increment(1);
-            unmaps.sort_unstable();
-            unmaps.dedup();
-            if let Err(error) = self.complete_unmaps(unmaps).await {
-                tracing::warn!(%error, "completing unmaps a readmission rolled back over");
-            }
+        self.resync_stats.readmissions.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("objects_erasure_readmissions_total").increment(1);
+        let mut unmaps = std::mem::take(&mut *self.unmaps_to_complete.lock().expect("unmaps lock"));
+        unmaps.sort_unstable();
+        unmaps.dedup();
+        if let Err(error) = self.complete_unmaps(unmaps.clone()).await {
+            // Kept for the next readmission (unmapping twice is harmless).
+            tracing::warn!(%error, "completing unmaps a readmission rolled back over; kept for the next");
+            self.unmaps_to_complete.lock().expect("unmaps lock").extend(unmaps);
         }
     }
 
@@ -899,7 +943,11 @@ impl<T: Transport> Object<T> {
         if self.persister.is_none() {
             return;
         }
-        if newly_absent(&state.owner.statuses(), &state.persisted) {
+        // A new absence, or a component now active that the record does
+        // not show so (resynced, readmitted, or all of them before a new
+        // owner's first record): completions wait for the record, which
+        // is what a new owner would go by.
+        if unrecorded(&state.owner.statuses(), &state.persisted) {
             state.barrier = true;
         }
         state.dirty = true;
@@ -1068,7 +1116,8 @@ impl<T: Transport> Object<T> {
         // A new session: the old one's messages are void.
         state.sessions[component] = (self.next_session.fetch_add(1, Ordering::Relaxed), 1);
         let mut out = Vec::new();
-        let back = Input::Back { component, committed: info.committed_lsn, mid_resync: rows_resynced(&info) };
+        let mid_resync = rows_resynced(&info) || self.rows_rebuilt.lock().expect("rebuilt lock").contains(&component);
+        let back = Input::Back { component, committed: info.committed_lsn, mid_resync };
         state.owner.handle(now_ms(), back, &mut out);
         let taken = !matches!(state.owner.status(component), Status::Absent { .. }) || !out.is_empty();
         self.act(&mut state, out, &Payload::none());
@@ -1310,6 +1359,7 @@ impl<T: Transport> Object<T> {
             self.send(&mut state, target, request, Bytes::new(), None)
         };
         if let Ok(Ok(Reply::Ended(true))) = ended.await {
+            self.rows_rebuilt.lock().expect("rebuilt lock").remove(&target);
             self.extra.lock().expect("extra lock").remove(&target);
             self.reported_newest.lock().expect("reported lock").remove(&target);
             self.resync_stats.resyncs_done.fetch_add(1, Ordering::Relaxed);
@@ -1517,11 +1567,12 @@ fn newly_absent(now: &[Status], recorded: &[Status]) -> bool {
     })
 }
 
-/// Whether a component absent in `now` was not recorded absent, or one
-/// active in `now` was not recorded active: completions wait for either
-/// (the second after a readmission).
+/// Whether the record lags what counts for a new owner: nothing recorded
+/// yet, a component absent in `now` not recorded absent, or one active in
+/// `now` not recorded active. Completions wait for the record then.
 fn unrecorded(now: &[Status], recorded: &[Status]) -> bool {
-    newly_absent(now, recorded)
+    now.len() != recorded.len()
+        || newly_absent(now, recorded)
         || now.iter().zip(recorded).any(|(now, recorded)| *now == Status::Active && *recorded != Status::Active)
 }
 

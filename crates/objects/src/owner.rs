@@ -395,7 +395,9 @@ impl Owner {
                     self.back(component, committed, false, out);
                 }
             }
-            Input::Readmitted { rolled_back } => self.readmitted(now, rolled_back, out),
+            Input::Readmitted { rolled_back } => {
+                self.readmitted(now, rolled_back, out);
+            }
             Input::Resynced { component, plan } => self.resynced(component, plan, out),
         }
     }
@@ -689,6 +691,12 @@ impl Owner {
             component.status = Status::Absent { stale, since: now };
             component.acked = stale;
             component.source = None;
+            // Erasure-coded with fewer than k active: no chunk can be
+            // rebuilt, so no new plan (one would also hide, on its disk,
+            // the rows the old one rebuilt); it waits to be probed.
+            if self.holders_needed > 1 && self.active_count() < self.holders_needed {
+                continue;
+            }
             self.back(other, stale, true, out);
         }
     }
@@ -860,14 +868,16 @@ impl Owner {
         out.push(Action::Readmit { components, to });
     }
 
-    fn readmitted(&mut self, now: u64, rolled_back: bool, out: &mut Vec<Action>) {
-        let Some((members, to)) = self.readmitting.take() else { return };
+    /// The end of a readmission's rollback ([`Input::Readmitted`]); returns
+    /// whether its components were taken for active.
+    pub fn readmitted(&mut self, now: u64, rolled_back: bool, out: &mut Vec<Action>) -> bool {
+        let Some((members, to)) = self.readmitting.take() else { return false };
         self.returned.clear();
         if !rolled_back || members.len() < self.holders_needed {
             // Those that did not answer fail (or are still away); the rest
             // hold nothing above `to` now, and answer again when probed.
             tracing::warn!(components = ?members, to, "a readmission's rollback did not finish everywhere");
-            return;
+            return false;
         }
         let last = self.last_lsn;
         for &index in &members {
@@ -917,6 +927,7 @@ impl Owner {
         self.history_floor = self.history_floor.max(last);
         self.prune_history();
         out.push(Action::Persist);
+        true
     }
 
     fn resynced(&mut self, index: Index, ended: u64, out: &mut Vec<Action>) {
@@ -1309,6 +1320,25 @@ mod tests {
         owner.handle(300, Input::Failed { component: 0 }, &mut out);
         let out = ack(&mut owner, 1, 1);
         assert!(out.contains(&Action::Done { request: 1, lsn: 1 }), "{out:?}");
+    }
+
+    #[test]
+    fn erasure_coded_a_resync_whose_source_fails_leaving_fewer_than_k_active_is_not_planned_again() {
+        let mut owner = owner(3).needing_holders(2);
+        let mut out = Vec::new();
+        owner.handle(100, Input::Failed { component: 2 }, &mut out);
+        let out = back(&mut owner, 2, 0, false);
+        let source = out
+            .iter()
+            .find_map(|action| match action {
+                Action::Resync { component: 2, source, .. } => Some(source.index()),
+                _ => None,
+            })
+            .expect("a resync of component 2");
+        let mut out = Vec::new();
+        owner.handle(300, Input::Failed { component: source }, &mut out);
+        assert!(!out.iter().any(|action| matches!(action, Action::Resync { .. })), "{out:?}");
+        assert!(matches!(owner.status(2), Status::Absent { .. }));
     }
 
     #[test]

@@ -382,6 +382,9 @@ impl<T: Transport> Object<T> {
             if state.owner.status(target) == &Status::Active {
                 return Err(());
             }
+            // Rebuilt rows have no before-image: it can no longer be
+            // readmitted as it stands (see `Object::readmit`).
+            self.rows_rebuilt.lock().expect("rebuilt lock").insert(target);
             let request = Request::SyncWrite { component: self.ids[target], first: row };
             self.send(&mut state, target, request, data, None)
         };

@@ -495,3 +495,33 @@ async fn with_more_than_m_components_away_the_object_takes_back_k_that_hold_ever
     check_stripes(&hosts, layout, &model).await;
     assert!(read_all(&object, blocks).await == model);
 }
+
+/// A new owner finding every component recorded away, the one that went
+/// last holding a write the others never got (refused: one chunk held
+/// it): the newest write answered done is at or above the second highest
+/// recorded stale LSN, so all three are current, rolled back to it. (Going
+/// by the highest alone, one component, fewer than k, would be current
+/// and the object could never be opened.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_takes_for_current_the_components_recorded_away_that_hold_every_write_answered_done() {
+    let layout = Layout::new(2, 1);
+    let Fixture { _dir, hosts, blocks, object, mut model } = Fixture::open(layout, 3, 800).await;
+    write(&object, &mut model, 0, blocks, 1).await;
+    write(&object, &mut model, 3, 2, 2).await;
+    object.close();
+    let committed: Vec<u64> =
+        hosts.iter().map(|host| host.service.disks()[0].component(host.id).unwrap().committed_lsn).collect();
+    assert!(committed.iter().all(|lsn| *lsn == committed[0]), "{committed:?}");
+    // The last write of the old owner reached one chunk; every component
+    // was then recorded away, that one last.
+    tear_a_write(&hosts, layout).await;
+    let last = layout.component(0, 0);
+    let recorded: Vec<Status> =
+        (0..3).map(|index| Status::Absent { stale: committed[0] + u64::from(index == last), since: 0 }).collect();
+    let object = Object::recover(2, blocks, components(&hosts), recorded, hooks(layout)).await.unwrap();
+    assert_eq!(object.statuses(), vec![Status::Active; 3]);
+    assert!(read_all(&object, blocks).await == model, "the torn write must be rolled back");
+    check_stripes(&hosts, layout, &model).await;
+    write(&object, &mut model, 10, 30, 3).await;
+    check_stripes(&hosts, layout, &model).await;
+}
