@@ -1579,3 +1579,26 @@ fn unrecorded(now: &[Status], recorded: &[Status]) -> bool {
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completions_wait_while_the_record_lags_what_a_new_owner_would_go_by() {
+        let absent = Status::Absent { stale: 4, since: 0 };
+        let resyncing = Status::Resyncing { stale: 4, target: 9 };
+        let active = Status::Active;
+        // A new owner's first record is not made yet.
+        assert!(unrecorded(&[active.clone(), active.clone()], &[]));
+        // A new absence.
+        assert!(unrecorded(&[active.clone(), absent.clone()], &[active.clone(), active.clone()]));
+        // A resync ended (its component may count among a write's holders).
+        assert!(unrecorded(&[active.clone(), active.clone()], &[active.clone(), resyncing.clone()]));
+        // Readmitted.
+        assert!(unrecorded(&[active.clone(), active.clone()], &[active.clone(), absent.clone()]));
+        // Only what does not count for a new owner differs.
+        assert!(!unrecorded(&[active.clone(), resyncing.clone()], &[active.clone(), absent.clone()]));
+        assert!(!unrecorded(&[active.clone(), Status::Absent { stale: 2, since: 5 }], &[active, absent]));
+    }
+}
