@@ -437,7 +437,10 @@ impl<T: Transport> Object<T> {
         // completed below instead.
         let mut unmaps = Vec::new();
         let committed = match hooks.erasure {
-            Some(_) if lowest < committed => {
+            // Every current component holding more than the lowest, whatever
+            // it counted as (one recorded away counts only up to its stale
+            // LSN, and may hold writes above it on disk).
+            Some(_) => {
                 for &index in &current {
                     let Ok(info) = &infos[index] else { continue };
                     if info.committed_lsn <= lowest {
@@ -793,7 +796,11 @@ impl<T: Transport> Object<T> {
                                 // Resyncing since the write was planned: its
                                 // blocks may be older than the stripe's last
                                 // write, so it cannot read its before-image.
-                                // Taken for failed; resynced again.
+                                // Taken for failed; resynced again. Missing
+                                // a write a later one's before-image
+                                // assumes, it is never readmitted as it
+                                // stands.
+                                self.rows_rebuilt.lock().expect("rebuilt lock").insert(component);
                                 self.fail_soon(state, component);
                                 continue;
                             }
@@ -1535,11 +1542,15 @@ impl Drop for Progress<'_> {
 }
 
 /// The stale LSNs a component holds complete tracking bitmaps for.
-/// Whether a component is in the middle of a resync that has written
-/// some of its blocks (rebuilt rows, or writes that reached it since). One
-/// that has written none holds what it held at its stale LSN.
+/// Whether a component is in the middle of a resync whose blocks written
+/// no rollback can take back to what it held. One that has written none
+/// holds what it held at its stale LSN. One whose resync had nothing to
+/// bring (its stale LSN is its target) holds that too, plus the writes
+/// sent to it since, in order, each with the stripe's before-image, which
+/// was then its own; the rows a resync rebuilt, or a write it was not
+/// sent, the owner accounts for (`rows_rebuilt`).
 fn rows_resynced(info: &ComponentInfo) -> bool {
-    info.sync.is_some_and(|(_, _, done)| done > 0)
+    info.sync.is_some_and(|(stale, target, done)| done > 0 && stale != target)
 }
 
 fn complete_tracking(info: &ComponentInfo) -> Vec<Lsn> {

@@ -578,17 +578,27 @@ impl Owner {
                 continue;
             }
             let (lsn, pending) = self.pending.pop_first().expect("the first entry");
-            // A component sent it while resyncing, active since, that
-            // acknowledged it holds it too (it was not waited for).
-            let resynced_holders = pending
-                .sent
-                .iter()
+            // Holders it was not waiting for: a component that acknowledged
+            // it while resyncing (active since, or failed after it), or
+            // resynced past it since it was sent. Any holder of a later
+            // write holds this one too (acknowledgements count in LSN
+            // order), so a write is never refused below one answered done:
+            // an erasure-coded write refused there would stay on some
+            // chunks of its stripe, below any LSN a readmission rolls back to.
+            let resynced_holders = (0..self.components.len())
                 .filter(|index| !pending.holders.contains(index) && !pending.refused.contains(index))
                 .filter(|index| {
-                    let component = &self.components[**index];
-                    component.status == Status::Active
-                        && (component.acked >= lsn || component.acked_above.contains(&lsn))
-                        && !component.unanswered.contains(&lsn)
+                    let component = &self.components[*index];
+                    let acknowledged = component.acked >= lsn || component.acked_above.contains(&lsn);
+                    match component.status {
+                        Status::Active => acknowledged && !component.unanswered.contains(&lsn),
+                        // Sent it directly (above its target), and answered.
+                        Status::Resyncing { target, .. } => {
+                            lsn > target && acknowledged && !component.unanswered.contains(&lsn)
+                        }
+                        // Durable there before it failed.
+                        Status::Absent { stale, .. } => stale >= lsn && !component.holes.contains(&lsn),
+                    }
                 })
                 .count();
             if pending.holders.len() + resynced_holders >= self.holders_needed {
@@ -1339,6 +1349,36 @@ mod tests {
         owner.handle(300, Input::Failed { component: source }, &mut out);
         assert!(!out.iter().any(|action| matches!(action, Action::Resync { .. })), "{out:?}");
         assert!(matches!(owner.status(2), Status::Absent { .. }));
+    }
+
+    #[test]
+    fn erasure_coded_a_write_is_never_refused_below_one_answered_done() {
+        let mut owner = owner(3).needing_holders(2);
+        let mut out = Vec::new();
+        owner.handle(100, Input::Failed { component: 2 }, &mut out);
+        // Write 1 goes to the two active ones only.
+        assert_eq!(write(&mut owner, 1, 0).len(), 2);
+        // Component 2 comes back and is resynced past it.
+        let out = back(&mut owner, 2, 0, false);
+        let plan = out
+            .iter()
+            .find_map(|action| match action {
+                Action::Resync { component: 2, plan, .. } => Some(*plan),
+                _ => None,
+            })
+            .expect("a resync of component 2");
+        assert!(ack(&mut owner, 0, 1).is_empty());
+        let mut out = Vec::new();
+        owner.handle(200, Input::Resynced { component: 2, plan }, &mut out);
+        // Write 2 goes to all three; two acknowledge it; the one that
+        // never acknowledged write 1 fails.
+        assert_eq!(write(&mut owner, 2, 0).len(), 3);
+        let mut out = [ack(&mut owner, 0, 2), ack(&mut owner, 2, 2)].concat();
+        owner.handle(300, Input::Failed { component: 1 }, &mut out);
+        let answers: Vec<&Action> =
+            out.iter().filter(|action| matches!(action, Action::Done { .. } | Action::Refused { .. })).collect();
+        // Component 2 holds write 1 by its resync: both are done.
+        assert_eq!(answers, vec![&Action::Done { request: 1, lsn: 1 }, &Action::Done { request: 2, lsn: 2 }]);
     }
 
     #[test]

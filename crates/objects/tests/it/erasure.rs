@@ -525,3 +525,22 @@ async fn a_new_owner_takes_for_current_the_components_recorded_away_that_hold_ev
     write(&object, &mut model, 10, 30, 3).await;
     check_stripes(&hosts, layout, &model).await;
 }
+
+/// As above, but the old owner recorded every component away at one stale
+/// LSN, the torn write on one of them above it: each counts only up to its
+/// stale LSN, all the same, yet that one holds more on disk and is rolled
+/// back all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_rolls_back_a_component_recorded_away_that_holds_more_than_it_counts_for() {
+    let layout = Layout::new(2, 1);
+    let Fixture { _dir, hosts, blocks, object, mut model } = Fixture::open(layout, 3, 900).await;
+    write(&object, &mut model, 0, blocks, 1).await;
+    object.close();
+    let committed = hosts[0].service.disks()[0].component(hosts[0].id).unwrap().committed_lsn;
+    tear_a_write(&hosts, layout).await;
+    let recorded = vec![Status::Absent { stale: committed, since: 0 }; 3];
+    let object = Object::recover(2, blocks, components(&hosts), recorded, hooks(layout)).await.unwrap();
+    assert_eq!(object.statuses(), vec![Status::Active; 3]);
+    assert!(read_all(&object, blocks).await == model, "the torn write must be rolled back");
+    check_stripes(&hosts, layout, &model).await;
+}
