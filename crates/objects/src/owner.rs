@@ -585,7 +585,12 @@ impl Owner {
             // order), so a write is never refused below one answered done:
             // an erasure-coded write refused there would stay on some
             // chunks of its stripe, below any LSN a readmission rolls back to.
+            // Erasure coding only: copies need one holder, and a copy's
+            // acknowledged LSN can stand for writes it never had (the copy
+            // of record after every copy was away).
+            let erasure = self.holders_needed > 1;
             let resynced_holders = (0..self.components.len())
+                .filter(|_| erasure)
                 .filter(|index| !pending.holders.contains(index) && !pending.refused.contains(index))
                 .filter(|index| {
                     let component = &self.components[*index];
