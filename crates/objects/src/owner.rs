@@ -579,8 +579,8 @@ impl Owner {
             }
             let (lsn, pending) = self.pending.pop_first().expect("the first entry");
             // Holders it was not waiting for: a component that acknowledged
-            // it while resyncing (active since, or failed after it), or
-            // resynced past it since it was sent. Any holder of a later
+            // it while resyncing and is active since (or failed after that),
+            // or resynced past it since it was sent. Any holder of a later
             // write holds this one too (acknowledgements count in LSN
             // order), so a write is never refused below one answered done:
             // an erasure-coded write refused there would stay on some
@@ -597,10 +597,10 @@ impl Owner {
                     let acknowledged = component.acked >= lsn || component.acked_above.contains(&lsn);
                     match component.status {
                         Status::Active => acknowledged && !component.unanswered.contains(&lsn),
-                        // Sent it directly (above its target), and answered.
-                        Status::Resyncing { target, .. } => {
-                            lsn > target && acknowledged && !component.unanswered.contains(&lsn)
-                        }
+                        // Its chunk is there, but until its resync ends it
+                        // may not count for anything (it fails back to its
+                        // stale LSN, mid-resync, and cannot be readmitted).
+                        Status::Resyncing { .. } => false,
                         // Durable there before it failed.
                         Status::Absent { stale, .. } => stale >= lsn && !component.holes.contains(&lsn),
                     }
