@@ -891,7 +891,24 @@ impl Owner {
         if !rolled_back || members.len() < self.holders_needed {
             // Those that did not answer fail (or are still away); the rest
             // hold nothing above `to` now, and answer again when probed.
+            // Each counts as holding only up to `to` from here on: that is
+            // at or above every write answered done, and what a new owner
+            // goes by must not exceed what their disks now hold.
             tracing::warn!(components = ?members, to, "a readmission's rollback did not finish everywhere");
+            for component in &mut self.components {
+                match component.status {
+                    Status::Absent { stale, since } if stale > to => {
+                        component.status = Status::Absent { stale: to, since };
+                        component.acked = to;
+                    }
+                    Status::Active if component.acked > to => {
+                        component.acked = to;
+                        component.acked_above.clear();
+                    }
+                    _ => {}
+                }
+            }
+            out.push(Action::Persist);
             return false;
         }
         let last = self.last_lsn;
@@ -1307,6 +1324,9 @@ mod tests {
             "{:?}",
             owner.statuses()
         );
+        // Component 0 may have rolled back before it failed: it, like the
+        // others, counts only up to where the rollback went.
+        assert_eq!(owner.status(0), &Status::Absent { stale: 1, since: 300 });
         assert_eq!(write(&mut owner, 3, 0), vec![Action::Refused { request: 3 }]);
     }
 
