@@ -1251,6 +1251,16 @@ mod tests {
         out
     }
 
+    /// The plan of the resync `out` starts for `component`.
+    fn resync_plan(out: &[Action], component: Index) -> u64 {
+        out.iter()
+            .find_map(|action| match action {
+                Action::Resync { component: target, plan, .. } if *target == component => Some(*plan),
+                _ => None,
+            })
+            .expect("a resync of the component")
+    }
+
     /// A 2+1 erasure-coded owner: write 1 done everywhere, then component 0
     /// alone takes write 2 (refused) as 1 and 2 fail, both holding write 1.
     fn two_of_three_away() -> Owner {
@@ -1336,13 +1346,7 @@ mod tests {
         let mut out = Vec::new();
         owner.handle(100, Input::Failed { component: 2 }, &mut out);
         let out = back(&mut owner, 2, 0, false);
-        let plan = out
-            .iter()
-            .find_map(|action| match action {
-                Action::Resync { component: 2, plan, .. } => Some(*plan),
-                _ => None,
-            })
-            .expect("a resync of component 2");
+        let plan = resync_plan(&out, 2);
         // Sent to the two active ones and to the one resyncing, which
         // acknowledges it, then finishes its resync.
         assert_eq!(write(&mut owner, 1, 0).len(), 3);
@@ -1385,13 +1389,7 @@ mod tests {
         assert_eq!(write(&mut owner, 1, 0).len(), 2);
         // Component 2 comes back and is resynced past it.
         let out = back(&mut owner, 2, 0, false);
-        let plan = out
-            .iter()
-            .find_map(|action| match action {
-                Action::Resync { component: 2, plan, .. } => Some(*plan),
-                _ => None,
-            })
-            .expect("a resync of component 2");
+        let plan = resync_plan(&out, 2);
         assert!(ack(&mut owner, 0, 1).is_empty());
         let mut out = Vec::new();
         owner.handle(200, Input::Resynced { component: 2, plan }, &mut out);
