@@ -917,14 +917,6 @@ impl<T: Transport> Object<T> {
             }
             let mut out = Vec::new();
             let taken = state.owner.readmitted(now_ms(), rolled_back, &mut out);
-            if taken {
-                let members: Vec<Index> =
-                    (0..self.ids.len()).filter(|index| state.owner.status(*index) == &Status::Active).collect();
-                let mut rebuilt = self.rows_rebuilt.lock().expect("rebuilt lock");
-                for index in members {
-                    rebuilt.remove(&index);
-                }
-            }
             self.act(&mut state, out, &Payload::none());
             taken
         };
@@ -1397,6 +1389,11 @@ impl<T: Transport> Object<T> {
 
     /// The copies that are up to date now, those on this host first (a read
     /// of a local copy skips the network).
+    /// Components active now (no allocation: for every read).
+    pub(crate) fn active_count(&self) -> usize {
+        self.state.lock().expect("object lock").owner.active_count()
+    }
+
     fn active(&self) -> Vec<Index> {
         let statuses = self.statuses();
         let mut active: Vec<Index> = (0..statuses.len()).filter(|&index| statuses[index] == Status::Active).collect();
@@ -1541,7 +1538,6 @@ impl Drop for Progress<'_> {
     }
 }
 
-/// The stale LSNs a component holds complete tracking bitmaps for.
 /// Whether a component is in the middle of a resync whose blocks written
 /// no rollback can take back to what it held. One that has written none
 /// holds what it held at its stale LSN. One whose resync had nothing to
@@ -1553,6 +1549,7 @@ fn rows_resynced(info: &ComponentInfo) -> bool {
     info.sync.is_some_and(|(stale, target, done)| done > 0 && stale != target)
 }
 
+/// The stale LSNs a component holds complete tracking bitmaps for.
 fn complete_tracking(info: &ComponentInfo) -> Vec<Lsn> {
     info.tracking.iter().filter(|(_, _, complete)| *complete).map(|(lsn, _, _)| *lsn).collect()
 }

@@ -389,7 +389,7 @@ impl Owner {
             Input::Declined { component, lsn } => self.declined(now, component, lsn, out),
             Input::Tracking { .. } => {}
             Input::Back { component, committed, mid_resync } => {
-                if self.holders_needed > 1 && self.active_count() < self.holders_needed {
+                if self.erasure_unavailable() {
                     self.returned_while_unavailable(component, committed, mid_resync, out);
                 } else {
                     self.back(component, committed, false, out);
@@ -402,8 +402,28 @@ impl Owner {
         }
     }
 
-    fn active_count(&self) -> usize {
+    /// Components active now.
+    pub fn active_count(&self) -> usize {
         self.components.iter().filter(|component| component.status == Status::Active).count()
+    }
+
+    /// Erasure-coded, with fewer than k components active: no chunk can
+    /// be rebuilt, so nothing is resynced (see `readmit`).
+    fn erasure_unavailable(&self) -> bool {
+        self.holders_needed > 1 && self.active_count() < self.holders_needed
+    }
+
+    /// Every component away counts as holding no more than `to`: a
+    /// readmission rolled back to it (or may have, on those that answered).
+    fn away_hold_no_more_than(&mut self, to: Lsn) {
+        for component in &mut self.components {
+            if let Status::Absent { stale, since } = component.status {
+                if stale > to {
+                    component.status = Status::Absent { stale: to, since };
+                    component.acked = to;
+                }
+            }
+        }
     }
 
     /// Whether a readmission's rollback is under way.
@@ -709,7 +729,7 @@ impl Owner {
             // Erasure-coded with fewer than k active: no chunk can be
             // rebuilt, so no new plan (one would also hide, on its disk,
             // the rows the old one rebuilt); it waits to be probed.
-            if self.holders_needed > 1 && self.active_count() < self.holders_needed {
+            if self.erasure_unavailable() {
                 continue;
             }
             self.back(other, stale, true, out);
@@ -895,17 +915,11 @@ impl Owner {
             // at or above every write answered done, and what a new owner
             // goes by must not exceed what their disks now hold.
             tracing::warn!(components = ?members, to, "a readmission's rollback did not finish everywhere");
+            self.away_hold_no_more_than(to);
             for component in &mut self.components {
-                match component.status {
-                    Status::Absent { stale, since } if stale > to => {
-                        component.status = Status::Absent { stale: to, since };
-                        component.acked = to;
-                    }
-                    Status::Active if component.acked > to => {
-                        component.acked = to;
-                        component.acked_above.clear();
-                    }
-                    _ => {}
+                if component.status == Status::Active && component.acked > to {
+                    component.acked = to;
+                    component.acked_above.clear();
                 }
             }
             out.push(Action::Persist);
@@ -931,28 +945,22 @@ impl Owner {
             // failed; an active one's still mark every block changed above
             // their stale LSNs, the rolled back ones among them.
         }
+        // Still away, having held writes above `to`: it holds what the
+        // rollback undid, so its resync starts from `to`.
+        self.away_hold_no_more_than(to);
+        // Resyncing (stalled: nothing could be rebuilt): writes in flight
+        // when the object became unavailable may have reached it and be
+        // skipped by its resync as newer, though rolled back here. It
+        // fails, to be resynced anew.
         for component in &mut self.components {
-            match component.status {
-                // Still away, having held writes above `to`: it holds what
-                // the rollback undid, so its resync starts from `to`.
-                Status::Absent { stale, since } if stale > to => {
-                    component.status = Status::Absent { stale: to, since };
-                    component.acked = to;
-                }
-                // Resyncing (stalled: nothing could be rebuilt): writes in
-                // flight when the object became unavailable may have
-                // reached it and be skipped by its resync as newer, though
-                // rolled back here. It fails, to be resynced anew.
-                Status::Resyncing { stale, .. } => {
-                    component.status = Status::Absent { stale: stale.min(to), since: now };
-                    component.acked = stale.min(to);
-                    component.acked_above.clear();
-                    component.tracking.clear();
-                    component.unanswered.clear();
-                    component.source = None;
-                    component.uses = None;
-                }
-                _ => {}
+            if let Status::Resyncing { stale, .. } = component.status {
+                component.status = Status::Absent { stale: stale.min(to), since: now };
+                component.acked = stale.min(to);
+                component.acked_above.clear();
+                component.tracking.clear();
+                component.unanswered.clear();
+                component.source = None;
+                component.uses = None;
             }
         }
         self.history.clear();

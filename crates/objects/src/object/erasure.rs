@@ -238,7 +238,7 @@ impl<T: Transport> Object<T> {
         // Fewer than k active: a chunk read straight from an active
         // component could hold a write that was refused and is rolled back
         // when k are back (a read must not see a write that then vanishes).
-        if self.active().len() < layout.data {
+        if self.active_count() < layout.data {
             return Err(ObjectError::Unavailable);
         }
         let ticket = self.cache.as_ref().and_then(|cache| cache.ticket(first, count));

@@ -118,6 +118,19 @@ fn writes_refused_for_want_of_space_land_nowhere_and_copies_converge_when_disks_
     }
 }
 
+/// An erasure-coded object of `layout`, four stripes, a chunk on each
+/// host, under crashes, partitions and loss bursts.
+fn erasure_scenario(layout: Layout) -> Scenario {
+    Scenario {
+        copies: layout.width(),
+        blocks: 4 * layout.stripe_blocks(),
+        erasure: Some(layout),
+        partitions: true,
+        loss_bursts: true,
+        ..Scenario::default()
+    }
+}
+
 /// A RAID-6 (4+2) object, a chunk on each of 6 hosts, under power loss,
 /// partitions and loss bursts: writes of parts of stripes (read, laid
 /// over, written with before-images), owners dying (the next one rolls
@@ -129,15 +142,7 @@ fn writes_refused_for_want_of_space_land_nowhere_and_copies_converge_when_disks_
 /// readmission, seed 22 ended unhealed, so this ran host crashes only.
 #[test]
 fn an_erasure_coded_object_loses_no_acknowledged_write_and_keeps_every_stripe_consistent() {
-    let layout = Layout::new(4, 2);
-    let scenario = Scenario {
-        copies: layout.width(),
-        blocks: 4 * layout.stripe_blocks(),
-        erasure: Some(layout),
-        partitions: true,
-        loss_bursts: true,
-        ..Scenario::default()
-    };
+    let scenario = erasure_scenario(Layout::new(4, 2));
     let (mut crashes, mut moves, mut hits, mut resynced) = (0, 0, 0, 0);
     for seed in seeds_up_to(4, 100) {
         let report = run(seed, &scenario);
@@ -160,15 +165,7 @@ fn an_erasure_coded_object_loses_no_acknowledged_write_and_keeps_every_stripe_co
 /// readmission (`Action::Readmit`) seed 2 ended with the object unhealed.
 #[test]
 fn an_erasure_coded_object_with_more_than_m_components_away_at_once_heals_once_k_are_back() {
-    let layout = Layout::new(2, 1);
-    let scenario = Scenario {
-        copies: layout.width(),
-        blocks: 4 * layout.stripe_blocks(),
-        erasure: Some(layout),
-        partitions: true,
-        loss_bursts: true,
-        ..Scenario::default()
-    };
+    let scenario = erasure_scenario(Layout::new(2, 1));
     let mut readmissions = 0;
     for seed in seeds_up_to(4, 100) {
         let report = run(seed, &scenario);

@@ -224,6 +224,15 @@ fn stripes_checked(runtime: &tokio::runtime::Runtime, cluster: &TestCluster, lay
     content
 }
 
+/// The whole object, read through its owner.
+fn read_through_owner(runtime: &tokio::runtime::Runtime, client: &ObjectClient<TcpTransport>) -> Vec<u8> {
+    let mut content = Vec::with_capacity(BLOCKS as usize * BLOCK);
+    for first in (0..BLOCKS).step_by(256) {
+        content.extend_from_slice(&runtime.block_on(client.read_at(first * BLOCK as u64, 256 * BLOCK as u64)).unwrap());
+    }
+    content
+}
+
 /// Every block of `content` holds its newest write acknowledged before
 /// (`floor`), or a newer attempted one, or zeros if none was.
 fn check_blocks(content: &[u8], floor: &BTreeMap<u64, u64>, attempted: &BTreeMap<u64, u64>) -> Result<(), String> {
@@ -301,11 +310,8 @@ fn hosts_down(policy: &str, hosts: u64, down: usize) {
 
     // Reads while they are down, with the writers still writing.
     let floor = writers.ledger.lock().unwrap().acked.clone();
-    let mut content = Vec::with_capacity(BLOCKS as usize * BLOCK);
     let started = Instant::now();
-    for first in (0..BLOCKS).step_by(256) {
-        content.extend_from_slice(&runtime.block_on(client.read_at(first * BLOCK as u64, 256 * BLOCK as u64)).unwrap());
-    }
+    let content = read_through_owner(&runtime, &client);
     let attempted = writers.ledger.lock().unwrap().attempted.clone();
     check_blocks(&content, &floor, &attempted).unwrap_or_else(|error| panic!("degraded read: {error}"));
     let acked_down = writers.acked.load(Ordering::Relaxed);
@@ -360,11 +366,7 @@ fn hosts_down(policy: &str, hosts: u64, down: usize) {
     assert!(ratio <= 1.1, "resync rebuilt {ratio:.3}x the bytes changed on the returning components");
     let content = stripes_checked(&runtime, &cluster, layout);
     check_blocks(&content, &ledger.acked, &ledger.attempted).unwrap_or_else(|error| panic!("after healing: {error}"));
-    let mut through_owner = Vec::new();
-    for first in (0..BLOCKS).step_by(256) {
-        through_owner
-            .extend_from_slice(&runtime.block_on(client.read_at(first * BLOCK as u64, 256 * BLOCK as u64)).unwrap());
-    }
+    let through_owner = read_through_owner(&runtime, &client);
     assert!(through_owner == content, "reading through the owner differs from the data chunks");
     resyncs_went_through_the_queue(&cluster);
 }
@@ -693,10 +695,6 @@ fn raid5_with_two_of_three_component_hosts_killed_at_once_is_unavailable_until_t
     let ledger = writers.finish(&runtime);
     let content = stripes_checked(&runtime, &cluster, layout);
     check_blocks(&content, &ledger.acked, &ledger.attempted).unwrap_or_else(|error| panic!("after healing: {error}"));
-    let mut through_owner = Vec::new();
-    for first in (0..BLOCKS).step_by(256) {
-        through_owner
-            .extend_from_slice(&runtime.block_on(client.read_at(first * BLOCK as u64, 256 * BLOCK as u64)).unwrap());
-    }
+    let through_owner = read_through_owner(&runtime, &client);
     assert!(through_owner == content, "reading through the owner differs from the data chunks");
 }
