@@ -1427,7 +1427,13 @@ impl Inner {
                 journal.file = next;
                 journal.len = len;
                 journal.zeroed = len;
-                journal.checkpoint_at = self.config.journal_max_bytes;
+                // Before-images kept longer than a journal's worth (a
+                // component slow to acknowledge holds the stable mark
+                // back) would otherwise be copied into a new journal on
+                // every group commit: the next checkpoint waits until as
+                // much again is written, so each byte written copies at
+                // most one kept byte.
+                journal.checkpoint_at = self.config.journal_max_bytes.max(2 * len);
                 journal.early_after = 0;
             }
             Err(error) => {

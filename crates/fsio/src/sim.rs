@@ -25,7 +25,10 @@ struct Inode {
 
 #[derive(Default)]
 struct State {
-    inodes: Vec<Arc<Mutex<Inode>>>,
+    /// Every inode a path names, now or as a crash would leave it; one
+    /// neither names is freed (an open handle keeps its own).
+    inodes: BTreeMap<usize, Arc<Mutex<Inode>>>,
+    next_inode: usize,
     /// Path → inode index, as the running system sees it.
     current: BTreeMap<PathBuf, usize>,
     /// Path → inode index, as a crash would leave it.
@@ -68,8 +71,8 @@ impl SimFs {
     pub fn crash(&self, torn_writes: bool) {
         let mut state = self.state.lock().expect("simfs lock poisoned");
         let mut rng = self.rng.lock().expect("simfs rng lock poisoned");
-        let mut fresh = Vec::with_capacity(state.inodes.len());
-        for inode in &state.inodes {
+        let mut fresh = BTreeMap::new();
+        for (index, inode) in &state.inodes {
             let old = inode.lock().expect("inode lock poisoned");
             let mut contents = old.durable.clone();
             if torn_writes && old.dirty && old.current.len() > old.durable.len() {
@@ -79,16 +82,31 @@ impl SimFs {
                     contents.extend_from_slice(&old.current[common..common + extra]);
                 }
             }
-            fresh.push(Arc::new(Mutex::new(Inode {
+            let inode = Inode {
                 durable: contents.clone(),
                 current: contents,
                 dirty: false,
                 holes: old.durable_holes.clone(),
                 durable_holes: old.durable_holes.clone(),
-            })));
+            };
+            fresh.insert(*index, Arc::new(Mutex::new(inode)));
         }
         state.inodes = fresh;
         state.current = state.durable.clone();
+        state.free_unnamed();
+    }
+
+    /// How many inodes are kept (for tests).
+    pub fn inode_count(&self) -> usize {
+        self.state.lock().expect("simfs lock poisoned").inodes.len()
+    }
+}
+
+impl State {
+    fn free_unnamed(&mut self) {
+        let named: std::collections::BTreeSet<usize> =
+            self.current.values().chain(self.durable.values()).copied().collect();
+        self.inodes.retain(|index, _| named.contains(index));
     }
 }
 
@@ -227,7 +245,7 @@ impl Fs for SimFs {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn File>> {
         let mut state = self.state.lock().expect("simfs lock poisoned");
         if let Some(index) = state.current.get(path) {
-            return Ok(Arc::new(SimFile(state.inodes[*index].clone(), self.full.clone())));
+            return Ok(Arc::new(SimFile(state.inodes[index].clone(), self.full.clone())));
         }
         if !create {
             return Err(not_found(path));
@@ -236,15 +254,19 @@ impl Fs for SimFs {
         if !state.directories.contains(parent) {
             return Err(not_found(parent));
         }
-        state.inodes.push(Arc::new(Mutex::new(Inode::default())));
-        let index = state.inodes.len() - 1;
+        let index = state.next_inode;
+        state.next_inode += 1;
+        let inode = Arc::new(Mutex::new(Inode::default()));
+        state.inodes.insert(index, inode.clone());
         state.current.insert(path.to_path_buf(), index);
-        Ok(Arc::new(SimFile(state.inodes[index].clone(), self.full.clone())))
+        Ok(Arc::new(SimFile(inode, self.full.clone())))
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state.lock().expect("simfs lock poisoned");
-        state.current.remove(path).map(|_| ()).ok_or_else(|| not_found(path))
+        state.current.remove(path).ok_or_else(|| not_found(path))?;
+        state.free_unnamed();
+        Ok(())
     }
 
     fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
@@ -252,6 +274,7 @@ impl Fs for SimFs {
         state.current.retain(|file, _| !file.starts_with(path));
         state.durable.retain(|file, _| !file.starts_with(path));
         state.directories.retain(|directory| !directory.starts_with(path));
+        state.free_unnamed();
         Ok(())
     }
 
@@ -276,6 +299,7 @@ impl Fs for SimFs {
         }
         let index = state.current.remove(from).ok_or_else(|| not_found(from))?;
         state.current.insert(to.to_path_buf(), index);
+        state.free_unnamed();
         Ok(())
     }
 
@@ -293,6 +317,7 @@ impl Fs for SimFs {
             .collect();
         state.durable.retain(|path, _| path.parent() != Some(dir));
         state.durable.extend(current);
+        state.free_unnamed();
         Ok(())
     }
 }
@@ -317,6 +342,33 @@ mod tests {
         fs.crash(false);
         assert_eq!(fs.read_file(&dir.join("a")).unwrap(), b"durable");
         assert!(!fs.exists(&dir.join("b")), "a file whose directory entry was never synced is gone");
+    }
+
+    #[test]
+    fn a_removed_file_is_freed_once_no_directory_entry_names_it() {
+        let fs = SimFs::new(1);
+        let dir = Path::new("/d");
+        fs.create_dir_all(dir).unwrap();
+        for generation in 0..100 {
+            let path = dir.join(format!("journal-{generation}"));
+            let file = fs.open(&path, true).unwrap();
+            file.write_at(&[1; 4096], 0).unwrap();
+            file.sync_data().unwrap();
+            fs.sync_dir(dir).unwrap();
+            if generation > 0 {
+                fs.remove_file(&dir.join(format!("journal-{}", generation - 1))).unwrap();
+            }
+        }
+        // The newest, and the one removed last (a crash would bring its
+        // entry back until the directory is synced).
+        assert_eq!(fs.inode_count(), 2);
+        fs.crash(false);
+        assert_eq!(fs.read_file(&dir.join("journal-98")).unwrap(), vec![1; 4096]);
+        fs.sync_dir(dir).unwrap();
+        assert_eq!(fs.inode_count(), 2);
+        fs.remove_file(&dir.join("journal-98")).unwrap();
+        fs.sync_dir(dir).unwrap();
+        assert_eq!(fs.inode_count(), 1);
     }
 
     #[test]

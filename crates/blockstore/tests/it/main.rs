@@ -473,6 +473,39 @@ async fn records_submitted_in_order_are_applied_in_order() {
     assert!(matches!(disk.submit_now(too_big), Err(Error::OutOfRange { .. })));
 }
 
+/// Before-images the stable mark holds back, more than a journal holds:
+/// each checkpoint carries them into the next journal, which must not be
+/// checkpointed again at once (one group commit, one copy of them all).
+#[tokio::test]
+async fn before_images_kept_past_a_journal_s_size_are_not_copied_on_every_commit() {
+    use blockstore::Record;
+    let dir = tempfile::tempdir().unwrap();
+    let config = DiskConfig { journal_max_bytes: 96 * 1024, ..DiskConfig::default() };
+    let disk = Disk::open(fsio::real(), dir.path(), config).unwrap();
+    disk.create(1, 64).await.unwrap();
+    let writes = 200u64;
+    for lsn in 1..=writes {
+        let first = (lsn * 4) % 64;
+        let undo = disk.read(1, first, 4).unwrap();
+        let data = blocks(first, 4, lsn);
+        // Each waits for the one before: a group commit each.
+        disk.submit_now(Record::ChunkWrite { component: 1, lsn, first, stable: 0, data, undo }).unwrap().await.unwrap();
+    }
+    let generation = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|entry| entry.unwrap().file_name().to_str()?.strip_prefix("journal-")?.parse::<u64>().ok())
+        .max()
+        .expect("a journal");
+    // 200 writes keep 3.2 MiB of before-images against a 96 KiB journal:
+    // checkpointing whenever the journal is twice what it began with
+    // takes a few dozen at most, where checkpointing on every commit past
+    // 96 KiB took one per write.
+    assert!(generation < writes / 4, "{generation} checkpoints for {writes} group commits");
+    // They are all still there to roll back.
+    disk.submit_now(Record::RollBack { component: 1, to: 0 }).unwrap().await.unwrap();
+    assert_eq!(disk.read(1, 0, 64).unwrap(), vec![0u8; 64 * BLOCK_SIZE]);
+}
+
 #[tokio::test]
 async fn chunk_writes_roll_back_from_before_images_kept_across_checkpoints_until_stable() {
     use blockstore::Record;
