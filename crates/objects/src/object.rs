@@ -19,7 +19,7 @@ use blockstore::{ComponentId, ComponentInfo, Lsn, BLOCK_SIZE};
 use bytes::Bytes;
 use futures::StreamExt;
 use roaring::RoaringBitmap;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use wire::Transport;
 
 use crate::block_cache::{BlockCache, ObjectCache, WriteMark, LEASE};
@@ -234,6 +234,8 @@ pub struct Object<T: Transport> {
     /// Chunk unmaps rollbacks reported, to be completed on every component
     /// once a readmission takes k back (a rollback reports them once).
     unmaps_to_complete: Mutex<Vec<(u64, u64)>>,
+    /// Signalled when states are recorded, and when the object closes.
+    recorded: Notify,
     pub resync_stats: ResyncStats,
     /// Erasure-coded: stripes written whole, with no read and no
     /// before-image sent.
@@ -311,6 +313,7 @@ impl<T: Transport> Object<T> {
             reported_newest: Mutex::new(HashMap::new()),
             rows_rebuilt: Mutex::new(HashSet::new()),
             unmaps_to_complete: Mutex::new(Vec::new()),
+            recorded: Notify::new(),
             resync_stats: ResyncStats::default(),
             full_stripe_writes: AtomicU64::new(0),
             cache: hooks.cache.map(ObjectCache::new),
@@ -402,9 +405,14 @@ impl<T: Transport> Object<T> {
             let reasons: Vec<String> = infos
                 .iter()
                 .enumerate()
-                .map(|(index, info)| match info {
-                    Ok(_) => format!("component {index} missed writes (recorded absent)"),
-                    Err(reason) => format!("component {index}: {reason}"),
+                .map(|(index, info)| match (info, recorded_stale(&recorded[index])) {
+                    (Ok(info), Some(stale)) => format!(
+                        "component {index} holds LSN {} and is recorded away at {stale} (needed: {threshold}{})",
+                        info.committed_lsn,
+                        if info.sync.is_some() { ", mid-resync" } else { "" }
+                    ),
+                    (Ok(info), None) => format!("component {index} holds LSN {}", info.committed_lsn),
+                    (Err(reason), _) => format!("component {index}: {reason}"),
                 })
                 .collect();
             return Err(ObjectError::Recover(format!("no current copy answers: {}", reasons.join("; "))));
@@ -587,6 +595,7 @@ impl<T: Transport> Object<T> {
     pub fn close(&self) {
         let mut state = self.state.lock().expect("object lock");
         state.closed = true;
+        self.recorded.notify_one();
         if let Some(cache) = &self.cache {
             cache.close();
         }
@@ -862,21 +871,8 @@ impl<T: Transport> Object<T> {
                     if let Some(cache) = &self.cache {
                         cache.forget();
                     }
-                    let mut answers: Vec<(Index, oneshot::Receiver<Result<Reply, ClientError>>)> = Vec::new();
-                    for &index in &components {
-                        let id = self.ids[index];
-                        if matches!(state.owner.status(index), Status::Absent { .. }) {
-                            // A resync it began wrote nothing there (see
-                            // `rows_resynced`): it ends as it stands, and
-                            // the rollback then sets its committed LSN.
-                            let request = Request::EndSync { component: id, plan: 0 };
-                            answers.push((index, self.send(state, index, request, Bytes::new(), None)));
-                        }
-                        let request = Request::RollBack { component: id, to };
-                        answers.push((index, self.send(state, index, request, Bytes::new(), None)));
-                    }
                     let object = self.clone();
-                    tokio::spawn(async move { object.readmit(to, answers).await });
+                    tokio::spawn(async move { object.readmit(components, to).await });
                 }
                 Action::Persist => self.persist(state),
             }
@@ -893,7 +889,40 @@ impl<T: Transport> Object<T> {
     /// wait for `atomic`, held alone from before the owner takes the
     /// components back until the unmaps are done), and kept until then,
     /// whatever becomes of this readmission.
-    async fn readmit(self: Arc<Self>, to: Lsn, answers: Vec<(Index, oneshot::Receiver<Result<Reply, ClientError>>)>) {
+    async fn readmit(self: Arc<Self>, components: Vec<Index>, to: Lsn) {
+        // The states counting no component above `to` are recorded first.
+        loop {
+            {
+                let state = self.state.lock().expect("object lock");
+                if state.closed {
+                    return;
+                }
+                if self.persister.is_none() || recorded_no_higher_than(&state.persisted, self.ids.len(), to) {
+                    break;
+                }
+            }
+            self.recorded.notified().await;
+        }
+        let answers: Vec<(Index, oneshot::Receiver<Result<Reply, ClientError>>)> = {
+            let mut state = self.state.lock().expect("object lock");
+            if state.closed {
+                return;
+            }
+            let mut answers = Vec::new();
+            for &index in &components {
+                let id = self.ids[index];
+                if matches!(state.owner.status(index), Status::Absent { .. }) {
+                    // A resync it began wrote nothing there (see
+                    // `rows_resynced`): it ends as it stands, and the
+                    // rollback then sets its committed LSN.
+                    let request = Request::EndSync { component: id, plan: 0 };
+                    answers.push((index, self.send(&mut state, index, request, Bytes::new(), None)));
+                }
+                let request = Request::RollBack { component: id, to };
+                answers.push((index, self.send(&mut state, index, request, Bytes::new(), None)));
+            }
+            answers
+        };
         let mut rolled_back = true;
         for (index, answer) in answers {
             match answer.await {
@@ -974,6 +1003,7 @@ impl<T: Transport> Object<T> {
                 Ok(()) => {
                     let mut state = self.state.lock().expect("object lock");
                     state.persisted = statuses;
+                    self.recorded.notify_one();
                     if state.barrier && !unrecorded(&state.owner.statuses(), &state.persisted) {
                         state.barrier = false;
                         for (request, lsn) in std::mem::take(&mut state.held) {
@@ -1578,6 +1608,15 @@ fn newly_absent(now: &[Status], recorded: &[Status]) -> bool {
 /// Whether the record lags what counts for a new owner: nothing recorded
 /// yet, a component absent in `now` not recorded absent, or one active in
 /// `now` not recorded active. Completions wait for the record then.
+/// Whether the record shows all `width` components and none above `to`.
+fn recorded_no_higher_than(recorded: &[Status], width: usize, to: Lsn) -> bool {
+    recorded.len() == width
+        && recorded.iter().all(|status| match status {
+            Status::Active => true,
+            Status::Absent { stale, .. } | Status::Resyncing { stale, .. } => *stale <= to,
+        })
+}
+
 fn unrecorded(now: &[Status], recorded: &[Status]) -> bool {
     now.len() != recorded.len()
         || newly_absent(now, recorded)

@@ -124,7 +124,11 @@ pub enum Action {
     /// `components` back to `to` (in order behind what was sent to it),
     /// then report [`Input::Readmitted`]. Each holds every write answered
     /// done, so once none holds anything above `to` every stripe is one
-    /// codeword again and they are the object's active components.
+    /// codeword again and they are the object's active components. Comes
+    /// after an [`Action::Persist`] of states counting no component above
+    /// `to`: no rollback is sent before that is recorded (an owner deposed
+    /// mid-readmission would otherwise leave a record above what the disks
+    /// hold, and no new owner could open the object).
     Readmit {
         components: Vec<Index>,
         to: Lsn,
@@ -413,15 +417,28 @@ impl Owner {
         self.holders_needed > 1 && self.active_count() < self.holders_needed
     }
 
-    /// Every component away counts as holding no more than `to`: a
-    /// readmission rolled back to it (or may have, on those that answered).
-    fn away_hold_no_more_than(&mut self, to: Lsn) {
+    /// Every component counts as holding no more than `to`: a readmission
+    /// rolls back to it. What is recorded must not exceed what the disks
+    /// hold once rolled back, or no new owner finds k components holding
+    /// the k-th highest recorded stale LSN. Nothing is pending, so no
+    /// acknowledgement counts on what this lowers.
+    fn hold_no_more_than(&mut self, to: Lsn) {
         for component in &mut self.components {
-            if let Status::Absent { stale, since } = component.status {
-                if stale > to {
+            match component.status {
+                Status::Absent { stale, since } if stale > to => {
                     component.status = Status::Absent { stale: to, since };
                     component.acked = to;
                 }
+                // Stalled (nothing can be rebuilt): if it fails, it is
+                // current only to here.
+                Status::Resyncing { stale, target } if stale > to => {
+                    component.status = Status::Resyncing { stale: to, target };
+                }
+                Status::Active if component.acked > to => {
+                    component.acked = to;
+                    component.acked_above.clear();
+                }
+                _ => {}
             }
         }
     }
@@ -900,6 +917,9 @@ impl Owner {
         let components: Vec<Index> = members.iter().map(|(index, _)| *index).collect();
         tracing::warn!(?components, to, done, "readmitting components that hold every write answered done");
         self.readmitting = Some((components.clone(), to));
+        // Recorded before any rollback is sent (see `Action::Readmit`).
+        self.hold_no_more_than(to);
+        out.push(Action::Persist);
         out.push(Action::Readmit { components, to });
     }
 
@@ -911,17 +931,10 @@ impl Owner {
         if !rolled_back || members.len() < self.holders_needed {
             // Those that did not answer fail (or are still away); the rest
             // hold nothing above `to` now, and answer again when probed.
-            // Each counts as holding only up to `to` from here on: that is
-            // at or above every write answered done, and what a new owner
-            // goes by must not exceed what their disks now hold.
+            // Each counts as holding only up to `to` from here on (as it
+            // has since the readmission began): that is at or above every
+            // write answered done.
             tracing::warn!(components = ?members, to, "a readmission's rollback did not finish everywhere");
-            self.away_hold_no_more_than(to);
-            for component in &mut self.components {
-                if component.status == Status::Active && component.acked > to {
-                    component.acked = to;
-                    component.acked_above.clear();
-                }
-            }
             out.push(Action::Persist);
             return false;
         }
@@ -945,9 +958,6 @@ impl Owner {
             // failed; an active one's still mark every block changed above
             // their stale LSNs, the rolled back ones among them.
         }
-        // Still away, having held writes above `to`: it holds what the
-        // rollback undid, so its resync starts from `to`.
-        self.away_hold_no_more_than(to);
         // Resyncing (stalled: nothing could be rebuilt): writes in flight
         // when the object became unavailable may have reached it and be
         // skipped by its resync as newer, though rolled back here. It
@@ -1298,7 +1308,7 @@ mod tests {
         // makes two, rolled back to 1 (0's chunk of the refused write 2
         // goes). No resync is planned: none could rebuild a chunk.
         let out = back(&mut owner, 1, 1, false);
-        assert_eq!(out, vec![Action::Readmit { components: vec![0, 1], to: 1 }]);
+        assert_eq!(out, vec![Action::Persist, Action::Readmit { components: vec![0, 1], to: 1 }]);
         assert_eq!(owner.status(1), &Status::Absent { stale: 1, since: 100 });
         assert_eq!(write(&mut owner, 3, 0), vec![Action::Refused { request: 3 }], "no write while it rolls back");
         let mut out = Vec::new();
@@ -1327,7 +1337,59 @@ mod tests {
         assert!(back(&mut owner, 1, 1, true).is_empty());
         assert!(owner.statuses()[1..].iter().all(|status| matches!(status, Status::Absent { .. })));
         // Once it is clean, it is.
-        assert_eq!(back(&mut owner, 1, 1, false), vec![Action::Readmit { components: vec![0, 1], to: 1 }]);
+        assert_eq!(
+            back(&mut owner, 1, 1, false),
+            vec![Action::Persist, Action::Readmit { components: vec![0, 1], to: 1 }]
+        );
+    }
+
+    #[test]
+    fn erasure_coded_a_readmission_counts_every_component_only_up_to_where_it_rolls_back_before_it_is_sent() {
+        let mut owner = owner(3).needing_holders(2);
+        write(&mut owner, 1, 0);
+        for component in 0..3 {
+            ack(&mut owner, component, 1);
+        }
+        // Write 2 reaches component 1 alone, which then fails (away at 2),
+        // and so do the other two: it is refused.
+        write(&mut owner, 2, 0);
+        let mut out = ack(&mut owner, 1, 2);
+        for component in [1, 0, 2] {
+            owner.handle(100, Input::Failed { component }, &mut out);
+        }
+        assert!(out.contains(&Action::Refused { request: 2 }), "{out:?}");
+        assert_eq!(owner.status(1), &Status::Absent { stale: 2, since: 100 });
+        back(&mut owner, 0, 1, false);
+        // Components 0 and 1 hold write 1, answered done: they roll back to
+        // it. Component 1's disk will not hold write 2 any more, so the
+        // states to record first count it only up to 1; were the owner
+        // deposed after the rollback, a new owner going by 2 would find no
+        // component holding that much.
+        let out = back(&mut owner, 1, 2, false);
+        assert_eq!(out, vec![Action::Persist, Action::Readmit { components: vec![0, 1], to: 1 }]);
+        assert_eq!(owner.status(1), &Status::Absent { stale: 1, since: 100 });
+    }
+
+    #[test]
+    fn erasure_coded_an_active_component_failing_mid_readmission_counts_only_up_to_where_it_rolls_back() {
+        let mut owner = owner(3).needing_holders(2);
+        write(&mut owner, 1, 0);
+        for component in 0..3 {
+            ack(&mut owner, component, 1);
+        }
+        // Write 2 reaches component 1 alone; the other two fail.
+        write(&mut owner, 2, 0);
+        let mut out = ack(&mut owner, 1, 2);
+        for component in [0, 2] {
+            owner.handle(100, Input::Failed { component }, &mut out);
+        }
+        assert!(out.contains(&Action::Refused { request: 2 }), "{out:?}");
+        let out = back(&mut owner, 0, 1, false);
+        assert_eq!(out, vec![Action::Persist, Action::Readmit { components: vec![1, 0], to: 1 }]);
+        // Component 1 may have rolled write 2 back before it failed.
+        let mut out = Vec::new();
+        owner.handle(300, Input::Failed { component: 1 }, &mut out);
+        assert_eq!(owner.status(1), &Status::Absent { stale: 1, since: 300 });
     }
 
     #[test]

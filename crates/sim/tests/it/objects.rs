@@ -30,11 +30,15 @@ fn seeds_up_to(quick: u64, slow: u64) -> Vec<u64> {
 }
 
 fn seeds() -> Vec<u64> {
-    let mut seeds = seeds_up_to(12, 300);
+    with_regressions(seeds_up_to(12, 300), &REGRESSIONS)
+}
+
+/// `seeds`, and `regressions` unless one seed is replayed.
+fn with_regressions(mut seeds: Vec<u64>, regressions: &[u64]) -> Vec<u64> {
     if std::env::var_os("TESSERA_SIM_SEED").is_none() {
-        for seed in REGRESSIONS {
-            if !seeds.contains(&seed) {
-                seeds.push(seed);
+        for seed in regressions {
+            if !seeds.contains(seed) {
+                seeds.push(*seed);
             }
         }
     }
@@ -140,11 +144,14 @@ fn erasure_scenario(layout: Layout) -> Scenario {
 /// after the fault; the owner readmits k that hold every acknowledged
 /// write), and the block cache filling and serving throughout. Before
 /// readmission, seed 22 ended unhealed, so this ran host crashes only.
+/// Seed 27, run every time, ran out of memory: a component slow to
+/// acknowledge held the before-images' stable mark back, and every group
+/// commit then checkpointed and copied them all.
 #[test]
 fn an_erasure_coded_object_loses_no_acknowledged_write_and_keeps_every_stripe_consistent() {
     let scenario = erasure_scenario(Layout::new(4, 2));
     let (mut crashes, mut moves, mut hits, mut resynced) = (0, 0, 0, 0);
-    for seed in seeds_up_to(4, 100) {
+    for seed in with_regressions(seeds_up_to(4, 100), &[27]) {
         let report = run(seed, &scenario);
         crashes += report.crashes;
         moves += report.owner_moves;
@@ -163,11 +170,14 @@ fn an_erasure_coded_object_loses_no_acknowledged_write_and_keeps_every_stripe_co
 /// loss bursts, whose dropped messages fail components up to 10 s after
 /// the fault, so two of the three are often away together. Without
 /// readmission (`Action::Readmit`) seed 2 ended with the object unhealed.
+/// Seed 30, run every time, left no owner able to open the object: one
+/// was deposed mid-readmission after its rollbacks reached disks the
+/// record still counted above where they went.
 #[test]
 fn an_erasure_coded_object_with_more_than_m_components_away_at_once_heals_once_k_are_back() {
     let scenario = erasure_scenario(Layout::new(2, 1));
     let mut readmissions = 0;
-    for seed in seeds_up_to(4, 100) {
+    for seed in with_regressions(seeds_up_to(4, 100), &[30]) {
         let report = run(seed, &scenario);
         readmissions += report.readmissions;
         assert_clean(&report);
