@@ -1343,21 +1343,27 @@ mod tests {
         );
     }
 
-    #[test]
-    fn erasure_coded_a_readmission_counts_every_component_only_up_to_where_it_rolls_back_before_it_is_sent() {
+    /// RAID-5 (2+1): write 1 on all three, write 2 acknowledged by
+    /// component 1 alone, then `failing` fail (at 100): write 2 is refused.
+    fn second_write_held_by_one(failing: &[Index]) -> Owner {
         let mut owner = owner(3).needing_holders(2);
         write(&mut owner, 1, 0);
         for component in 0..3 {
             ack(&mut owner, component, 1);
         }
-        // Write 2 reaches component 1 alone, which then fails (away at 2),
-        // and so do the other two: it is refused.
         write(&mut owner, 2, 0);
         let mut out = ack(&mut owner, 1, 2);
-        for component in [1, 0, 2] {
+        for &component in failing {
             owner.handle(100, Input::Failed { component }, &mut out);
         }
         assert!(out.contains(&Action::Refused { request: 2 }), "{out:?}");
+        owner
+    }
+
+    #[test]
+    fn erasure_coded_a_readmission_counts_every_component_only_up_to_where_it_rolls_back_before_it_is_sent() {
+        // Component 1 fails too (away at 2), first.
+        let mut owner = second_write_held_by_one(&[1, 0, 2]);
         assert_eq!(owner.status(1), &Status::Absent { stale: 2, since: 100 });
         back(&mut owner, 0, 1, false);
         // Components 0 and 1 hold write 1, answered done: they roll back to
@@ -1372,18 +1378,8 @@ mod tests {
 
     #[test]
     fn erasure_coded_an_active_component_failing_mid_readmission_counts_only_up_to_where_it_rolls_back() {
-        let mut owner = owner(3).needing_holders(2);
-        write(&mut owner, 1, 0);
-        for component in 0..3 {
-            ack(&mut owner, component, 1);
-        }
-        // Write 2 reaches component 1 alone; the other two fail.
-        write(&mut owner, 2, 0);
-        let mut out = ack(&mut owner, 1, 2);
-        for component in [0, 2] {
-            owner.handle(100, Input::Failed { component }, &mut out);
-        }
-        assert!(out.contains(&Action::Refused { request: 2 }), "{out:?}");
+        // Component 1 stays active, acknowledged up to 2.
+        let mut owner = second_write_held_by_one(&[0, 2]);
         let out = back(&mut owner, 0, 1, false);
         assert_eq!(out, vec![Action::Persist, Action::Readmit { components: vec![1, 0], to: 1 }]);
         // Component 1 may have rolled write 2 back before it failed.
