@@ -200,6 +200,10 @@ struct State {
     persisted: Vec<Status>,
     persisting: bool,
     dirty: bool,
+    /// Persists asked for so far, and how many of them the last record
+    /// covers (it was taken after the `recorded_asks`-th).
+    persist_asks: u64,
+    recorded_asks: u64,
     /// Deposed or closed: no more I/O.
     closed: bool,
 }
@@ -301,6 +305,8 @@ impl<T: Transport> Object<T> {
                 persisted,
                 persisting: false,
                 dirty: false,
+                persist_asks: 0,
+                recorded_asks: 0,
                 closed: false,
             }),
             next_session: AtomicU64::new(count as u64 + 1),
@@ -871,8 +877,12 @@ impl<T: Transport> Object<T> {
                     if let Some(cache) = &self.cache {
                         cache.forget();
                     }
+                    // The states to record first were asked for just before
+                    // (`Action::Persist`): the record to wait for is one
+                    // taken since.
+                    let asked = state.persist_asks;
                     let object = self.clone();
-                    tokio::spawn(async move { object.readmit(components, to).await });
+                    tokio::spawn(async move { object.readmit(components, to, asked).await });
                 }
                 Action::Persist => self.persist(state),
             }
@@ -889,15 +899,18 @@ impl<T: Transport> Object<T> {
     /// wait for `atomic`, held alone from before the owner takes the
     /// components back until the unmaps are done), and kept until then,
     /// whatever becomes of this readmission.
-    async fn readmit(self: Arc<Self>, components: Vec<Index>, to: Lsn) {
-        // The states counting no component above `to` are recorded first.
+    async fn readmit(self: Arc<Self>, components: Vec<Index>, to: Lsn, asked: u64) {
+        // The states counting no component above `to` are recorded first: a
+        // record taken after they were lowered (one in flight from before
+        // may still show a component higher).
         loop {
             {
                 let state = self.state.lock().expect("object lock");
                 if state.closed {
                     return;
                 }
-                if self.persister.is_none() || recorded_no_higher_than(&state.persisted, self.ids.len(), to) {
+                if self.persister.is_none() || state.recorded_asks >= asked {
+                    debug_assert!(self.persister.is_none() || recorded_no_higher_than(&state.persisted, to));
                     break;
                 }
             }
@@ -979,6 +992,7 @@ impl<T: Transport> Object<T> {
             state.barrier = true;
         }
         state.dirty = true;
+        state.persist_asks += 1;
         if state.persisting {
             return;
         }
@@ -990,19 +1004,20 @@ impl<T: Transport> Object<T> {
     async fn persist_loop(self: Arc<Self>) {
         let persister = self.persister.clone().expect("a persister");
         loop {
-            let statuses = {
+            let (statuses, asks) = {
                 let mut state = self.state.lock().expect("object lock");
                 if !state.dirty || state.closed {
                     state.persisting = false;
                     return;
                 }
                 state.dirty = false;
-                state.owner.statuses()
+                (state.owner.statuses(), state.persist_asks)
             };
             match persister(statuses.clone()).await {
                 Ok(()) => {
                     let mut state = self.state.lock().expect("object lock");
                     state.persisted = statuses;
+                    state.recorded_asks = asks;
                     self.recorded.notify_one();
                     if state.barrier && !unrecorded(&state.owner.statuses(), &state.persisted) {
                         state.barrier = false;
@@ -1605,18 +1620,17 @@ fn newly_absent(now: &[Status], recorded: &[Status]) -> bool {
     })
 }
 
+/// Whether the record counts no component recorded away above `to`.
+fn recorded_no_higher_than(recorded: &[Status], to: Lsn) -> bool {
+    recorded.iter().all(|status| match status {
+        Status::Active => true,
+        Status::Absent { stale, .. } | Status::Resyncing { stale, .. } => *stale <= to,
+    })
+}
+
 /// Whether the record lags what counts for a new owner: nothing recorded
 /// yet, a component absent in `now` not recorded absent, or one active in
 /// `now` not recorded active. Completions wait for the record then.
-/// Whether the record shows all `width` components and none above `to`.
-fn recorded_no_higher_than(recorded: &[Status], width: usize, to: Lsn) -> bool {
-    recorded.len() == width
-        && recorded.iter().all(|status| match status {
-            Status::Active => true,
-            Status::Absent { stale, .. } | Status::Resyncing { stale, .. } => *stale <= to,
-        })
-}
-
 fn unrecorded(now: &[Status], recorded: &[Status]) -> bool {
     now.len() != recorded.len()
         || newly_absent(now, recorded)

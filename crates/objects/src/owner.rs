@@ -402,7 +402,7 @@ impl Owner {
             Input::Readmitted { rolled_back } => {
                 self.readmitted(now, rolled_back, out);
             }
-            Input::Resynced { component, plan } => self.resynced(component, plan, out),
+            Input::Resynced { component, plan } => self.resynced(now, component, plan, out),
         }
     }
 
@@ -495,6 +495,12 @@ impl Owner {
         let component = &mut self.components[index];
         component.unanswered.remove(&lsn);
         if matches!(component.status, Status::Absent { .. }) || lsn <= component.acked {
+            return;
+        }
+        // A write a readmission rolls back (one sent to a component while
+        // it resynced, answered late): it counts for nothing, and no count
+        // rises above what is recorded before the rollbacks (see `readmit`).
+        if self.readmitting.as_ref().is_some_and(|(_, to)| lsn > *to) {
             return;
         }
         component.acknowledge(lsn);
@@ -935,6 +941,7 @@ impl Owner {
             // has since the readmission began): that is at or above every
             // write answered done.
             tracing::warn!(components = ?members, to, "a readmission's rollback did not finish everywhere");
+            self.hold_no_more_than(to);
             out.push(Action::Persist);
             return false;
         }
@@ -980,9 +987,17 @@ impl Owner {
         true
     }
 
-    fn resynced(&mut self, index: Index, ended: u64, out: &mut Vec<Action>) {
+    fn resynced(&mut self, now: u64, index: Index, ended: u64, out: &mut Vec<Action>) {
         let Status::Resyncing { stale, target } = self.components[index].status else { return };
         if self.components[index].plan != ended {
+            return;
+        }
+        if self.readmitting.is_some() {
+            // It may hold writes above the LSN the readmission rolls back
+            // to, which no rollback reaches there: it fails, current only
+            // to where it started (lowered to that LSN), and comes back.
+            tracing::info!(component = index, "resync ended during a readmission: taken for failed");
+            self.failed(now, index, out);
             return;
         }
         tracing::info!(component = index, stale, target, plan = ended, "resync done: the component is active");
@@ -1377,12 +1392,47 @@ mod tests {
     }
 
     #[test]
+    fn erasure_coded_a_resync_ending_during_a_readmission_fails_its_component() {
+        let mut owner = owner(3).needing_holders(2);
+        write(&mut owner, 1, 0);
+        for component in 0..3 {
+            ack(&mut owner, component, 1);
+        }
+        let mut out = Vec::new();
+        owner.handle(100, Input::Failed { component: 2 }, &mut out);
+        let out = back(&mut owner, 2, 0, false);
+        let (plan, source) = out
+            .iter()
+            .find_map(|action| match action {
+                Action::Resync { component: 2, plan, source, .. } => Some((*plan, source.index())),
+                _ => None,
+            })
+            .expect("a resync of component 2");
+        // The other active one fails: fewer than k active, the resync
+        // stalls, and that one comes back to be readmitted with the source.
+        let other = 1 - source;
+        let mut out = Vec::new();
+        owner.handle(150, Input::Failed { component: other }, &mut out);
+        assert!(matches!(owner.status(2), Status::Resyncing { .. }));
+        let out = back(&mut owner, other, 1, false);
+        assert!(out.iter().any(|action| matches!(action, Action::Readmit { .. })), "{out:?}");
+        // The resync ends meanwhile: no rollback reaches component 2, which
+        // may hold writes above where the others roll back to, so it fails.
+        let mut out = Vec::new();
+        owner.handle(200, Input::Resynced { component: 2, plan }, &mut out);
+        assert_eq!(owner.status(2), &Status::Absent { stale: 0, since: 200 });
+    }
+
+    #[test]
     fn erasure_coded_an_active_component_failing_mid_readmission_counts_only_up_to_where_it_rolls_back() {
         // Component 1 stays active, acknowledged up to 2.
         let mut owner = second_write_held_by_one(&[0, 2]);
         let out = back(&mut owner, 0, 1, false);
         assert_eq!(out, vec![Action::Persist, Action::Readmit { components: vec![1, 0], to: 1 }]);
-        // Component 1 may have rolled write 2 back before it failed.
+        // A late answer for write 2 (one sent while it resynced, say)
+        // counts for nothing now. Component 1 may have rolled write 2 back
+        // before it failed.
+        ack(&mut owner, 1, 2);
         let mut out = Vec::new();
         owner.handle(300, Input::Failed { component: 1 }, &mut out);
         assert_eq!(owner.status(1), &Status::Absent { stale: 1, since: 300 });

@@ -496,6 +496,75 @@ async fn with_more_than_m_components_away_the_object_takes_back_k_that_hold_ever
     assert!(read_all(&object, blocks).await == model);
 }
 
+/// A readmission sends no rollback before the states it lowered are
+/// recorded: with the catalog slow (a record held back), the component
+/// holding a refused write still holds it, however long that takes; once
+/// the record is in, the rollback goes and the two are taken back. (An
+/// owner deposed after rollbacks reached disks that the record still
+/// counted above where they went left an object no new owner could open:
+/// raid5 sim seed 30.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_readmission_rolls_nothing_back_before_the_states_it_goes_by_are_recorded() {
+    use objects::object::{PersistError, Persister};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+    let layout = Layout::new(2, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = crate::object::hosts(dir.path(), &TcpTransport::new(), 3, 1000).await;
+    let blocks = object_blocks(&layout);
+    let held_back = Arc::new(AtomicBool::new(false));
+    let records: Arc<Mutex<Vec<Vec<Status>>>> = Arc::default();
+    let persister: Persister = {
+        let (held_back, records) = (held_back.clone(), records.clone());
+        Arc::new(move |statuses: Vec<Status>| {
+            let (held_back, records) = (held_back.clone(), records.clone());
+            Box::pin(async move {
+                while held_back.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                records.lock().unwrap().push(statuses);
+                Ok::<(), PersistError>(())
+            })
+        })
+    };
+    let hooks = Hooks { persister: Some(persister), erasure: Some(layout), ..Hooks::default() };
+    let object = Object::open_with(1, blocks, components(&hosts), 0, hooks);
+    let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
+    write(&object, &mut model, 0, blocks, 1).await;
+    for index in [1, 2] {
+        hosts[index].online.store(false, Ordering::SeqCst);
+    }
+    // A write component 0 alone holds: refused.
+    let stripe = (0..layout.stripes(blocks))
+        .find(|stripe| (0..layout.data).any(|position| layout.component(*stripe, position) == 0))
+        .expect("a data chunk on component 0");
+    let size = layout.stripe_blocks();
+    assert!(object.write_at(stripe * size * BLOCK_SIZE as u64, Bytes::from(bytes(2, size))).await.is_err());
+    let committed = |index: usize| hosts[index].service.disks()[0].component(hosts[index].id).unwrap().committed_lsn;
+    let held_by_0 = committed(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while records.lock().unwrap().last().is_none_or(|last| last[1..].contains(&Status::Active)) {
+        assert!(Instant::now() < deadline, "the absences were not recorded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    held_back.store(true, Ordering::SeqCst);
+    hosts[1].online.store(true, Ordering::SeqCst);
+    assert!(object.probe(1).await, "k components hold every acknowledged write: a readmission begins");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(committed(0), held_by_0, "rolled back before the record was in");
+    assert!(matches!(object.statuses()[1], Status::Absent { .. }));
+
+    held_back.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while object.statuses()[..2] != [Status::Active, Status::Active] {
+        assert!(Instant::now() < deadline, "not taken back: {:?}", object.statuses());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(committed(0) < held_by_0, "component 0 rolled the refused write back");
+    assert!(read_all(&object, blocks).await == model);
+}
+
 /// A new owner finding every component recorded away, the one that went
 /// last holding a write the others never got (refused: one chunk held
 /// it): the newest write answered done is at or above the second highest
