@@ -1403,11 +1403,20 @@ impl<T: Transport> Object<T> {
             self.send(&mut state, target, request, Bytes::new(), None)
         };
         if let Ok(Ok(Reply::Ended(true))) = ended.await {
-            self.rows_rebuilt.lock().expect("rebuilt lock").remove(&target);
             self.extra.lock().expect("extra lock").remove(&target);
             self.reported_newest.lock().expect("reported lock").remove(&target);
             self.resync_stats.resyncs_done.fetch_add(1, Ordering::Relaxed);
             self.input(Input::Resynced { component: target, plan });
+            // Taken for failed instead (a readmission under way), its disk
+            // no longer says it is mid-resync, yet holds rows rebuilt above
+            // where the others roll back to, which no rollback undoes.
+            let active = self.state.lock().expect("object lock").owner.status(target) == &Status::Active;
+            let mut rebuilt = self.rows_rebuilt.lock().expect("rebuilt lock");
+            if active {
+                rebuilt.remove(&target);
+            } else {
+                rebuilt.insert(target);
+            }
         }
     }
 

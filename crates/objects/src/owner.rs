@@ -942,6 +942,10 @@ impl Owner {
             // write answered done.
             tracing::warn!(components = ?members, to, "a readmission's rollback did not finish everywhere");
             self.hold_no_more_than(to);
+            // Some of the others may have rolled back: one resyncing could
+            // otherwise end its resync and be active with writes above
+            // `to` that they no longer hold.
+            self.fail_stalled_resyncs(now, to);
             out.push(Action::Persist);
             return false;
         }
@@ -965,10 +969,20 @@ impl Owner {
             // failed; an active one's still mark every block changed above
             // their stale LSNs, the rolled back ones among them.
         }
-        // Resyncing (stalled: nothing could be rebuilt): writes in flight
-        // when the object became unavailable may have reached it and be
-        // skipped by its resync as newer, though rolled back here. It
-        // fails, to be resynced anew.
+        self.fail_stalled_resyncs(now, to);
+        self.history.clear();
+        self.history_floor = self.history_floor.max(last);
+        self.prune_history();
+        out.push(Action::Persist);
+        true
+    }
+
+    /// At the end of a readmission, components still resyncing (stalled:
+    /// nothing could be rebuilt) fail, current only up to `to`: writes in
+    /// flight when the object became unavailable may have reached them
+    /// and be skipped by their resync as newer, though rolled back
+    /// elsewhere. They are resynced anew.
+    fn fail_stalled_resyncs(&mut self, now: u64, to: Lsn) {
         for component in &mut self.components {
             if let Status::Resyncing { stale, .. } = component.status {
                 component.status = Status::Absent { stale: stale.min(to), since: now };
@@ -980,11 +994,6 @@ impl Owner {
                 component.uses = None;
             }
         }
-        self.history.clear();
-        self.history_floor = self.history_floor.max(last);
-        self.prune_history();
-        out.push(Action::Persist);
-        true
     }
 
     fn resynced(&mut self, now: u64, index: Index, ended: u64, out: &mut Vec<Action>) {
@@ -1391,8 +1400,11 @@ mod tests {
         assert_eq!(owner.status(1), &Status::Absent { stale: 1, since: 100 });
     }
 
-    #[test]
-    fn erasure_coded_a_resync_ending_during_a_readmission_fails_its_component() {
+    /// RAID-5 (2+1): component 2 resyncing, its resync stalled (the other
+    /// active one failed, fewer than k active), and a readmission of that
+    /// one with the source under way. Returns the owner and the resync's
+    /// plan.
+    fn readmitting_with_a_stalled_resync() -> (Owner, u64) {
         let mut owner = owner(3).needing_holders(2);
         write(&mut owner, 1, 0);
         for component in 0..3 {
@@ -1408,18 +1420,34 @@ mod tests {
                 _ => None,
             })
             .expect("a resync of component 2");
-        // The other active one fails: fewer than k active, the resync
-        // stalls, and that one comes back to be readmitted with the source.
         let other = 1 - source;
         let mut out = Vec::new();
         owner.handle(150, Input::Failed { component: other }, &mut out);
         assert!(matches!(owner.status(2), Status::Resyncing { .. }));
         let out = back(&mut owner, other, 1, false);
         assert!(out.iter().any(|action| matches!(action, Action::Readmit { .. })), "{out:?}");
+        (owner, plan)
+    }
+
+    #[test]
+    fn erasure_coded_a_resync_ending_during_a_readmission_fails_its_component() {
+        let (mut owner, plan) = readmitting_with_a_stalled_resync();
         // The resync ends meanwhile: no rollback reaches component 2, which
         // may hold writes above where the others roll back to, so it fails.
         let mut out = Vec::new();
         owner.handle(200, Input::Resynced { component: 2, plan }, &mut out);
+        assert_eq!(owner.status(2), &Status::Absent { stale: 0, since: 200 });
+    }
+
+    #[test]
+    fn erasure_coded_a_readmission_that_fails_fails_the_stalled_resyncs_too() {
+        let (mut owner, plan) = readmitting_with_a_stalled_resync();
+        let mut out = Vec::new();
+        owner.handle(200, Input::Readmitted { rolled_back: false }, &mut out);
+        // Some components may have rolled back: a resync ending later must
+        // not make component 2 active with writes they no longer hold.
+        assert_eq!(owner.status(2), &Status::Absent { stale: 0, since: 200 });
+        owner.handle(300, Input::Resynced { component: 2, plan }, &mut out);
         assert_eq!(owner.status(2), &Status::Absent { stale: 0, since: 200 });
     }
 
