@@ -1441,13 +1441,13 @@ impl<T: Transport> Object<T> {
         allocated
     }
 
-    /// The copies that are up to date now, those on this host first (a read
-    /// of a local copy skips the network).
     /// Components active now (no allocation: for every read).
     pub(crate) fn active_count(&self) -> usize {
         self.state.lock().expect("object lock").owner.active_count()
     }
 
+    /// The copies that are up to date now, those on this host first (a read
+    /// of a local copy skips the network).
     fn active(&self) -> Vec<Index> {
         let statuses = self.statuses();
         let mut active: Vec<Index> = (0..statuses.len()).filter(|&index| statuses[index] == Status::Active).collect();

@@ -1293,24 +1293,37 @@ mod tests {
         out
     }
 
-    /// The plan of the resync `out` starts for `component`.
-    fn resync_plan(out: &[Action], component: Index) -> u64 {
+    /// The plan and the source of the resync `out` starts for `component`.
+    fn resync_of(out: &[Action], component: Index) -> (u64, Index) {
         out.iter()
             .find_map(|action| match action {
-                Action::Resync { component: target, plan, .. } if *target == component => Some(*plan),
+                Action::Resync { component: target, plan, source, .. } if *target == component => {
+                    Some((*plan, source.index()))
+                }
                 _ => None,
             })
             .expect("a resync of the component")
     }
 
-    /// A 2+1 erasure-coded owner: write 1 done everywhere, then component 0
-    /// alone takes write 2 (refused) as 1 and 2 fail, both holding write 1.
-    fn two_of_three_away() -> Owner {
+    /// The plan of the resync `out` starts for `component`.
+    fn resync_plan(out: &[Action], component: Index) -> u64 {
+        resync_of(out, component).0
+    }
+
+    /// A 2+1 erasure-coded owner with write 1 done on all three.
+    fn raid5_written_everywhere() -> Owner {
         let mut owner = owner(3).needing_holders(2);
         write(&mut owner, 1, 0);
         for component in 0..3 {
             ack(&mut owner, component, 1);
         }
+        owner
+    }
+
+    /// A 2+1 erasure-coded owner: write 1 done everywhere, then component 0
+    /// alone takes write 2 (refused) as 1 and 2 fail, both holding write 1.
+    fn two_of_three_away() -> Owner {
+        let mut owner = raid5_written_everywhere();
         write(&mut owner, 2, 0);
         let mut out = ack(&mut owner, 0, 2);
         owner.handle(100, Input::Failed { component: 1 }, &mut out);
@@ -1370,11 +1383,7 @@ mod tests {
     /// RAID-5 (2+1): write 1 on all three, write 2 acknowledged by
     /// component 1 alone, then `failing` fail (at 100): write 2 is refused.
     fn second_write_held_by_one(failing: &[Index]) -> Owner {
-        let mut owner = owner(3).needing_holders(2);
-        write(&mut owner, 1, 0);
-        for component in 0..3 {
-            ack(&mut owner, component, 1);
-        }
+        let mut owner = raid5_written_everywhere();
         write(&mut owner, 2, 0);
         let mut out = ack(&mut owner, 1, 2);
         for &component in failing {
@@ -1405,21 +1414,10 @@ mod tests {
     /// one with the source under way. Returns the owner and the resync's
     /// plan.
     fn readmitting_with_a_stalled_resync() -> (Owner, u64) {
-        let mut owner = owner(3).needing_holders(2);
-        write(&mut owner, 1, 0);
-        for component in 0..3 {
-            ack(&mut owner, component, 1);
-        }
+        let mut owner = raid5_written_everywhere();
         let mut out = Vec::new();
         owner.handle(100, Input::Failed { component: 2 }, &mut out);
-        let out = back(&mut owner, 2, 0, false);
-        let (plan, source) = out
-            .iter()
-            .find_map(|action| match action {
-                Action::Resync { component: 2, plan, source, .. } => Some((*plan, source.index())),
-                _ => None,
-            })
-            .expect("a resync of component 2");
+        let (plan, source) = resync_of(&back(&mut owner, 2, 0, false), 2);
         let other = 1 - source;
         let mut out = Vec::new();
         owner.handle(150, Input::Failed { component: other }, &mut out);
@@ -1511,13 +1509,7 @@ mod tests {
         let mut out = Vec::new();
         owner.handle(100, Input::Failed { component: 2 }, &mut out);
         let out = back(&mut owner, 2, 0, false);
-        let source = out
-            .iter()
-            .find_map(|action| match action {
-                Action::Resync { component: 2, source, .. } => Some(source.index()),
-                _ => None,
-            })
-            .expect("a resync of component 2");
+        let (_, source) = resync_of(&out, 2);
         let mut out = Vec::new();
         owner.handle(300, Input::Failed { component: source }, &mut out);
         assert!(!out.iter().any(|action| matches!(action, Action::Resync { .. })), "{out:?}");

@@ -116,6 +116,43 @@ async fn bring_back(object: &Arc<Object<TcpTransport>>, hosts: &[Host], away: us
     wait_all_active(object, hosts.len()).await;
 }
 
+/// The LSN `host`'s component has committed.
+fn committed(host: &Host) -> u64 {
+    host.service.disks()[0].component(host.id).unwrap().committed_lsn
+}
+
+/// RAID-5 (2+1), every block written: components 1 and 2 go away and a
+/// whole-stripe write reaches component 0 alone (all were active when it
+/// was sent, so it read nothing first), and is refused. Returns the stripe
+/// and the position of a data chunk of it on component 0.
+async fn refuse_a_write_component_0_alone_holds(
+    object: &Arc<Object<TcpTransport>>,
+    hosts: &[Host],
+    layout: Layout,
+    blocks: u64,
+) -> (u64, usize) {
+    for host in &hosts[1..] {
+        host.online.store(false, Ordering::SeqCst);
+    }
+    let (stripe, position) = (0..layout.stripes(blocks))
+        .flat_map(|stripe| (0..layout.data).map(move |position| (stripe, position)))
+        .find(|(stripe, position)| layout.component(*stripe, *position) == 0)
+        .expect("a data chunk on component 0");
+    let size = layout.stripe_blocks();
+    let refused = object.write_at(stripe * size * BLOCK_SIZE as u64, Bytes::from(bytes(2, size))).await;
+    assert!(refused.is_err(), "a write one chunk holds must not be acknowledged");
+    (stripe, position)
+}
+
+/// Waits until components 0 and 1 are active again.
+async fn wait_taken_back(object: &Arc<Object<TcpTransport>>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while object.statuses()[..2] != [Status::Active, Status::Active] {
+        assert!(Instant::now() < deadline, "not taken back: {:?}", object.statuses());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Writes that start and end anywhere: inside a chunk, across chunks,
 /// across stripes, whole stripes, the whole object.
 const WRITES: [(u64, u64); 9] = [(0, 1), (5, 3), (14, 4), (15, 40), (48, 48), (100, 200), (300, 1), (2, 130), (33, 17)];
@@ -451,22 +488,10 @@ async fn with_more_than_m_components_away_the_object_takes_back_k_that_hold_ever
     let layout = Layout::new(2, 1);
     let Fixture { _dir, hosts, blocks, object, mut model } = Fixture::open(layout, 3, 700).await;
     write(&object, &mut model, 0, blocks, 1).await;
-    for index in [1, 2] {
-        hosts[index].online.store(false, Ordering::SeqCst);
-    }
-    // A whole stripe where component 0 holds a data chunk, sent to all
-    // three (all were active, so it reads nothing first), held by
-    // component 0 alone.
-    let (stripe, position) = (0..layout.stripes(blocks))
-        .flat_map(|stripe| (0..layout.data).map(move |position| (stripe, position)))
-        .find(|(stripe, position)| layout.component(*stripe, *position) == 0)
-        .expect("a data chunk on component 0");
-    let size = layout.stripe_blocks();
-    let refused = object.write_at(stripe * size * BLOCK_SIZE as u64, Bytes::from(bytes(2, size))).await;
-    assert!(refused.is_err(), "a write one chunk holds must not be acknowledged");
+    let (stripe, position) = refuse_a_write_component_0_alone_holds(&object, &hosts, layout, blocks).await;
     let statuses = object.statuses();
     assert!(statuses[1..].iter().all(|status| matches!(status, Status::Absent { .. })), "{statuses:?}");
-    let held_by_0 = hosts[0].service.disks()[0].component(hosts[0].id).unwrap().committed_lsn;
+    let held_by_0 = committed(&hosts[0]);
     // Refused before it is sent: nothing more to roll back.
     assert!(object.write_at(0, Bytes::from(bytes(3, 1))).await.is_err());
     assert!(object.read_at(0, blocks * BLOCK_SIZE as u64).await.is_err(), "one chunk of a row cannot be read");
@@ -479,13 +504,9 @@ async fn with_more_than_m_components_away_the_object_takes_back_k_that_hold_ever
     // Component 1 comes back, holding every acknowledged write.
     hosts[1].online.store(true, Ordering::SeqCst);
     assert!(object.probe(1).await, "k components hold every acknowledged write: they are taken back");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while object.statuses()[..2] != [Status::Active, Status::Active] {
-        assert!(Instant::now() < deadline, "not taken back: {:?}", object.statuses());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_taken_back(&object).await;
     assert_eq!(object.resync_stats.readmissions.load(Ordering::Relaxed), 1);
-    let now_0 = hosts[0].service.disks()[0].component(hosts[0].id).unwrap().committed_lsn;
+    let now_0 = committed(&hosts[0]);
     assert!(now_0 < held_by_0, "component 0 rolled the refused write back: {now_0} from {held_by_0}");
     assert!(read_all(&object, blocks).await == model, "the refused write's chunk must not be read");
     write(&object, &mut model, 7, 40, 4).await;
@@ -531,17 +552,8 @@ async fn a_readmission_rolls_nothing_back_before_the_states_it_goes_by_are_recor
     let object = Object::open_with(1, blocks, components(&hosts), 0, hooks);
     let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
     write(&object, &mut model, 0, blocks, 1).await;
-    for index in [1, 2] {
-        hosts[index].online.store(false, Ordering::SeqCst);
-    }
-    // A write component 0 alone holds: refused.
-    let stripe = (0..layout.stripes(blocks))
-        .find(|stripe| (0..layout.data).any(|position| layout.component(*stripe, position) == 0))
-        .expect("a data chunk on component 0");
-    let size = layout.stripe_blocks();
-    assert!(object.write_at(stripe * size * BLOCK_SIZE as u64, Bytes::from(bytes(2, size))).await.is_err());
-    let committed = |index: usize| hosts[index].service.disks()[0].component(hosts[index].id).unwrap().committed_lsn;
-    let held_by_0 = committed(0);
+    refuse_a_write_component_0_alone_holds(&object, &hosts, layout, blocks).await;
+    let held_by_0 = committed(&hosts[0]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while records.lock().unwrap().last().is_none_or(|last| last[1..].contains(&Status::Active)) {
         assert!(Instant::now() < deadline, "the absences were not recorded");
@@ -552,16 +564,12 @@ async fn a_readmission_rolls_nothing_back_before_the_states_it_goes_by_are_recor
     hosts[1].online.store(true, Ordering::SeqCst);
     assert!(object.probe(1).await, "k components hold every acknowledged write: a readmission begins");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(committed(0), held_by_0, "rolled back before the record was in");
+    assert_eq!(committed(&hosts[0]), held_by_0, "rolled back before the record was in");
     assert!(matches!(object.statuses()[1], Status::Absent { .. }));
 
     held_back.store(false, Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while object.statuses()[..2] != [Status::Active, Status::Active] {
-        assert!(Instant::now() < deadline, "not taken back: {:?}", object.statuses());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(committed(0) < held_by_0, "component 0 rolled the refused write back");
+    wait_taken_back(&object).await;
+    assert!(committed(&hosts[0]) < held_by_0, "component 0 rolled the refused write back");
     assert!(read_all(&object, blocks).await == model);
 }
 
@@ -578,8 +586,7 @@ async fn a_new_owner_takes_for_current_the_components_recorded_away_that_hold_ev
     write(&object, &mut model, 0, blocks, 1).await;
     write(&object, &mut model, 3, 2, 2).await;
     object.close();
-    let committed: Vec<u64> =
-        hosts.iter().map(|host| host.service.disks()[0].component(host.id).unwrap().committed_lsn).collect();
+    let committed: Vec<u64> = hosts.iter().map(committed).collect();
     assert!(committed.iter().all(|lsn| *lsn == committed[0]), "{committed:?}");
     // The last write of the old owner reached one chunk; every component
     // was then recorded away, that one last.
@@ -605,7 +612,7 @@ async fn a_new_owner_rolls_back_a_component_recorded_away_that_holds_more_than_i
     let Fixture { _dir, hosts, blocks, object, mut model } = Fixture::open(layout, 3, 900).await;
     write(&object, &mut model, 0, blocks, 1).await;
     object.close();
-    let committed = hosts[0].service.disks()[0].component(hosts[0].id).unwrap().committed_lsn;
+    let committed = committed(&hosts[0]);
     tear_a_write(&hosts, layout).await;
     let recorded = vec![Status::Absent { stale: committed, since: 0 }; 3];
     let object = Object::recover(2, blocks, components(&hosts), recorded, hooks(layout)).await.unwrap();
