@@ -32,8 +32,9 @@
 //! grow is checkpointed early (a fresh journal frees the old one); a batch
 //! that still finds no room is refused, not latched failed. A component that
 //! refused a write refuses every later write and unmap until its owner says
-//! the refused ones are settled ([`Disk::resume`]) or a resync begins, so its
-//! committed LSN never passes a write it lacks.
+//! the refused ones are settled ([`Disk::resume`]), a resync begins, or an
+//! erasure-coded rollback gives them up, so its committed LSN never passes a
+//! write it lacks.
 //!
 //! **Invariant:** after a crash, every change that was acknowledged is
 //! there: its data (and checksum), the LSN it carried, and its marks in
@@ -320,7 +321,8 @@ struct Inner {
     /// Components that refused a write for want of space, with the LSN of
     /// the first: they refuse every later write and unmap (so their
     /// committed LSN never passes the write they lack) until the owner
-    /// says it settled it ([`Disk::resume`]) or a resync begins or ends.
+    /// says it settled it ([`Disk::resume`]), a resync begins or ends, or
+    /// a rollback (erasure coding) goes below it.
     halted: Mutex<BTreeMap<ComponentId, Lsn>>,
 }
 
@@ -1220,6 +1222,13 @@ impl Inner {
                 state.undo.insert(*lsn, Undo::Unmapped { first: *first, count: *count });
             }
             Record::RollBack { to, .. } => {
+                // A write refused for want of room above `to` is given up
+                // with every other write there: nothing waits on it.
+                let mut halted = self.halted.lock().expect("halted lock");
+                if halted.get(&id).is_some_and(|first| first > to) {
+                    halted.remove(&id);
+                }
+                drop(halted);
                 // Newest first: each before-image is what the blocks held
                 // under the write before it.
                 let above: Vec<Lsn> = state.undo.range(to + 1..).map(|(lsn, _)| *lsn).rev().collect();

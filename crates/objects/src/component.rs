@@ -111,13 +111,14 @@ pub enum Request {
     /// what they replace, follow the header; or, `local`, the new blocks
     /// alone, the component reading what they replace itself. `stable`:
     /// every LSN up to it is on every active component (their
-    /// before-images can go).
+    /// before-images can go). `settled`: as for `Write`.
     ChunkWrite {
         component: ComponentId,
         lsn: Lsn,
         first: u64,
         stable: Lsn,
         local: bool,
+        settled: Lsn,
     },
     /// An erasure-coded unmap of whole stripes' rows.
     ChunkUnmap {
@@ -126,6 +127,7 @@ pub enum Request {
         first: u64,
         count: u64,
         stable: Lsn,
+        settled: Lsn,
     },
     /// Rolls the chunk writes above `to` back (a new owner, before it
     /// takes I/O); answers the ranges of chunk unmaps above `to`, which it
@@ -430,7 +432,11 @@ impl Service {
         let component = request.component();
         let disk = self.disk_of(component)?.clone();
         let mut reply = Reply::Done;
-        if let Request::Write { settled, .. } | Request::Unmap { settled, .. } = request {
+        if let Request::Write { settled, .. }
+        | Request::Unmap { settled, .. }
+        | Request::ChunkWrite { settled, .. }
+        | Request::ChunkUnmap { settled, .. } = request
+        {
             disk.resume(component, settled);
         }
         let record = match request {

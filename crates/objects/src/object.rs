@@ -819,10 +819,10 @@ impl<T: Transport> Object<T> {
                                 self.fail_soon(state, component);
                                 continue;
                             }
-                            Request::ChunkWrite { component: id, lsn, first, stable, local }
+                            Request::ChunkWrite { component: id, lsn, first, stable, local, settled }
                         }
                         (Some(Op::Unmap { first, count }), Some(_)) => {
-                            Request::ChunkUnmap { component: id, lsn, first, count, stable }
+                            Request::ChunkUnmap { component: id, lsn, first, count, stable, settled }
                         }
                         (None, _) => continue,
                     };
@@ -1071,11 +1071,9 @@ impl<T: Transport> Object<T> {
                 (Ok(_), None) => None,
                 // Deposed: not a failure here, nor the copy marked away.
                 (Err(error), _) if object.deposed_by(error) => None,
-                // Refused whole for want of space (an erasure-coded write
-                // must reach every chunk: that copy has failed).
-                (Err(ClientError::Component(ComponentError::NoSpace(reason))), Some(lsn))
-                    if object.erasure.is_none() =>
-                {
+                // Refused whole for want of space: settled by the owner
+                // once every component it was sent to has answered.
+                (Err(ClientError::Component(ComponentError::NoSpace(reason))), Some(lsn)) => {
                     tracing::warn!(component, lsn, %reason, "no room for a write");
                     Some(Input::Declined { component, lsn })
                 }

@@ -652,6 +652,13 @@ impl Owner {
             if pending.holders.len() + resynced_holders >= self.holders_needed {
                 self.done_lsn = self.done_lsn.max(lsn);
                 out.push(Action::Done { request: pending.request, lsn });
+            } else if erasure && !pending.refused.is_empty() {
+                // Too few holders because some components had no room: as
+                // every write refused here, it is rolled back wherever it
+                // reached before the object takes I/O again (a readmission
+                // or a new owner), so it changes nothing, and the client
+                // learns why.
+                out.push(Action::NoSpace { request: pending.request });
             } else {
                 out.push(Action::Refused { request: pending.request });
             }
@@ -872,7 +879,11 @@ impl Owner {
     /// for a readmission.
     fn returned_while_unavailable(&mut self, index: Index, committed: Lsn, mid_resync: bool, out: &mut Vec<Action>) {
         let Some(from) = self.resync_from(index, committed) else { return };
-        if mid_resync || !self.components[index].holes.is_empty() {
+        // A write it declined is above `from` (it never acknowledged it),
+        // so a readmission, which rolls back to `from` or below, undoes it
+        // everywhere: no hole keeps it out.
+        debug_assert!(self.components[index].holes.range(..=from).next().is_none());
+        if mid_resync {
             tracing::info!(component = index, committed, "back mid-resync while the object is unavailable: it waits");
             self.returned.remove(&index);
             return;
@@ -1378,6 +1389,54 @@ mod tests {
             back(&mut owner, 1, 1, false),
             vec![Action::Persist, Action::Readmit { components: vec![0, 1], to: 1 }]
         );
+    }
+
+    #[test]
+    fn erasure_coded_a_write_every_component_declines_is_refused_for_want_of_space_and_all_go_on() {
+        let mut owner = raid5_written_everywhere();
+        write(&mut owner, 2, 0);
+        assert!(decline(&mut owner, 0, 2).is_empty());
+        assert!(decline(&mut owner, 1, 2).is_empty());
+        assert_eq!(decline(&mut owner, 2, 2), vec![Action::NoSpace { request: 2 }]);
+        assert_eq!(owner.statuses(), vec![Status::Active; 3]);
+        // The next writes tell each component its refusal is settled.
+        assert!((0..3).all(|component| owner.settled(component) == 2));
+        write(&mut owner, 3, 0);
+        let done: Vec<Action> = (0..3).flat_map(|component| ack(&mut owner, component, 3)).collect();
+        assert_eq!(done, vec![Action::Done { request: 3, lsn: 3 }]);
+    }
+
+    #[test]
+    fn erasure_coded_a_write_k_components_hold_is_done_and_the_one_with_no_room_has_failed() {
+        let mut owner = raid5_written_everywhere();
+        write(&mut owner, 2, 0);
+        assert!(decline(&mut owner, 2, 2).is_empty());
+        ack(&mut owner, 0, 2);
+        let out = ack(&mut owner, 1, 2);
+        assert!(out.contains(&Action::Done { request: 2, lsn: 2 }), "{out:?}");
+        assert_eq!(owner.status(2), &Status::Absent { stale: 1, since: 0 });
+        // It misses write 2: resynced from where it stood before it.
+        let out = back(&mut owner, 2, 1, false);
+        assert!(out.iter().any(|action| matches!(action, Action::Resync { component: 2, stale: 1, .. })), "{out:?}");
+    }
+
+    #[test]
+    fn erasure_coded_a_write_too_few_components_had_room_for_is_refused_for_want_of_space_then_rolled_back() {
+        let mut owner = raid5_written_everywhere();
+        write(&mut owner, 2, 0);
+        ack(&mut owner, 0, 2);
+        assert!(decline(&mut owner, 1, 2).is_empty());
+        // One holder of two needed: not done; the client learns why (the
+        // write is rolled back before the object takes I/O again).
+        let out = decline(&mut owner, 2, 2);
+        assert!(out.contains(&Action::NoSpace { request: 2 }), "{out:?}");
+        assert!(!out.iter().any(|action| matches!(action, Action::Refused { .. } | Action::Done { .. })), "{out:?}");
+        assert_eq!(owner.status(0), &Status::Active);
+        assert!(owner.statuses()[1..].iter().all(|status| matches!(status, Status::Absent { stale: 1, .. })));
+        // The two that had no room hold write 1, answered done, so either
+        // makes k with component 0: rolled back to 1, write 2 goes.
+        let out = back(&mut owner, 1, 1, false);
+        assert_eq!(out, vec![Action::Persist, Action::Readmit { components: vec![0, 1], to: 1 }]);
     }
 
     /// RAID-5 (2+1): write 1 on all three, write 2 acknowledged by

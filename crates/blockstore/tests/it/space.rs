@@ -139,3 +139,47 @@ async fn without_a_reserve_a_journal_that_cannot_grow_is_refused_not_failed() {
     check(&disk, 0..written, |piece| if rewritten.contains(&piece) { 5 } else { 1 });
     disk.close();
 }
+
+/// An erasure-coded chunk write with no room halts its component like any
+/// write; a rollback to below it (a readmission, or a new owner, gives up
+/// every write above) lifts the halt, and one that keeps it does not.
+#[tokio::test]
+async fn a_rollback_below_a_chunk_write_refused_for_want_of_room_lets_writes_in_again() {
+    use blockstore::Record;
+    let tmpfs = Tmpfs::mount(32);
+    let dir: PathBuf = tmpfs.path().join("disk");
+    let disk = Disk::open(fsio::real(), &dir, config(8)).unwrap();
+    disk.create(1, 128 * MIB_BLOCKS).await.unwrap();
+    let chunk = |lsn: u64, piece: u64, version: u64| Record::ChunkWrite {
+        component: 1,
+        lsn,
+        first: piece * MIB_BLOCKS,
+        stable: 0,
+        data: blocks(piece * MIB_BLOCKS, MIB_BLOCKS, version),
+        undo: bytes::Bytes::from(vec![0u8; MIB_BLOCKS as usize * BLOCK_SIZE]),
+    };
+    let mut lsn = 0;
+    let refused = loop {
+        lsn += 1;
+        match disk.submit_now(chunk(lsn, lsn - 1, 1)).unwrap().await {
+            Ok(()) => {}
+            Err(Error::NoSpace { .. }) => break lsn,
+            Err(error) => panic!("chunk write {lsn}: {error}"),
+        }
+        assert!(lsn < 32, "32 MiB of chunks fit a 32 MiB file system");
+    };
+    assert_eq!(disk.halted(1), Some(refused));
+    // A rollback that keeps the write before it changes nothing here.
+    disk.submit_now(Record::RollBack { component: 1, to: refused }).unwrap().await.unwrap();
+    assert_eq!(disk.halted(1), Some(refused), "a rollback to the refused write itself keeps the halt");
+    let overwrite = disk.submit_now(chunk(refused + 1, 0, 2)).unwrap().await;
+    assert!(matches!(overwrite, Err(Error::NoSpace { .. })), "halted: {overwrite:?}");
+    // Below it: given up with the others, nothing waits on it.
+    disk.submit_now(Record::RollBack { component: 1, to: refused - 2 }).unwrap().await.unwrap();
+    assert_eq!(disk.halted(1), None);
+    assert_eq!(disk.component(1).unwrap().committed_lsn, refused - 2);
+    disk.submit_now(chunk(refused + 2, 0, 3)).unwrap().await.unwrap();
+    assert_eq!(disk.read(1, 0, MIB_BLOCKS).unwrap(), blocks(0, MIB_BLOCKS, 3));
+    assert_eq!(disk.failure(), None);
+    disk.close();
+}

@@ -302,8 +302,14 @@ async fn tear_a_write(hosts: &[Host], layout: Layout) -> Vec<u8> {
     let old = host.client.read(1, host.id, 3, 2).await.unwrap();
     let mut both = bytes(77, 2);
     both.extend_from_slice(&old);
-    let request =
-        Request::ChunkWrite { component: host.id, lsn: info.committed_lsn + 1, first: 3, stable: 0, local: false };
+    let request = Request::ChunkWrite {
+        component: host.id,
+        lsn: info.committed_lsn + 1,
+        first: 3,
+        stable: 0,
+        local: false,
+        settled: 0,
+    };
     host.client.call(1, request, &both).await.unwrap();
     old.to_vec()
 }
@@ -316,8 +322,14 @@ async fn tear_a_whole_stripe_write(hosts: &[Host], layout: Layout) {
         let host = &hosts[layout.component(1, position)];
         let info = host.service.disks()[0].component(host.id).unwrap();
         let (first, count) = (layout.chunk_blocks, layout.chunk_blocks);
-        let request =
-            Request::ChunkWrite { component: host.id, lsn: info.committed_lsn + 1, first, stable: 0, local: true };
+        let request = Request::ChunkWrite {
+            component: host.id,
+            lsn: info.committed_lsn + 1,
+            first,
+            stable: 0,
+            local: true,
+            settled: 0,
+        };
         host.client.call(1, request, &bytes(88 + position as u64, count)).await.unwrap();
     }
 }

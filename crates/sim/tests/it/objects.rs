@@ -122,6 +122,27 @@ fn writes_refused_for_want_of_space_land_nowhere_and_copies_converge_when_disks_
     }
 }
 
+/// RAID-5 (2+1) as `an_erasure_coded_object_with_more_than_m_...`, with
+/// disks filling too (one host's, or every host's at once): a write some
+/// components had no room for is answered done if k others hold it, and
+/// is otherwise refused for want of space and rolled back wherever it
+/// reached (the checker: it lands nowhere), and the object heals once the
+/// disks have room again.
+#[test]
+fn an_erasure_coded_object_on_filling_disks_refuses_writes_that_then_land_nowhere() {
+    let scenario = Scenario { full_disks: true, ..erasure_scenario(Layout::new(2, 1)) };
+    let (mut refused, mut filled) = (0, 0);
+    for seed in seeds_up_to(4, 100) {
+        let report = run(seed, &scenario);
+        refused += report.no_space_writes;
+        filled += report.disks_filled;
+        assert_clean(&report);
+    }
+    if std::env::var_os("TESSERA_SIM_SEED").is_none() {
+        assert!(filled > 0 && refused > 0, "the nemesis must fill disks and some writes must be refused");
+    }
+}
+
 /// An erasure-coded object of `layout`, four stripes, a chunk on each
 /// host, under crashes, partitions and loss bursts.
 fn erasure_scenario(layout: Layout) -> Scenario {

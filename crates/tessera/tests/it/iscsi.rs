@@ -513,8 +513,8 @@ fn ownership_follows_the_io_to_the_serving_host_without_failing_or_losing_a_writ
     );
 }
 
-/// A thinly provisioned LUN whose disks fill up (a 72 MiB tmpfs per host
-/// under a 64 MiB volume, with the journal and the disk's reserve): a
+/// A thinly provisioned LUN whose disks fill up (a `disk_mib` tmpfs per
+/// host under a 64 MiB volume, with the journal and the disk's reserve): a
 /// write that needs new blocks ends with DATA PROTECT, SPACE ALLOCATION
 /// FAILED WRITE PROTECT; no disk is latched failed; what was written reads
 /// back; overwrites go on; UNMAP makes room again. With one copy nothing
@@ -522,12 +522,14 @@ fn ownership_follows_the_io_to_the_serving_host_without_failing_or_losing_a_writ
 /// had no room for a write the other took misses it and is resynced later,
 /// and when a copy fails under a write in flight the object may be in
 /// transition for a moment (NOT READY, ASYMMETRIC ACCESS STATE TRANSITION,
-/// which initiators retry: this test retries too). Needs root to mount
-/// the tmpfs.
-fn fill_a_thin_lun(hosts: u64, policy: &str) {
+/// which initiators retry: this test retries too). Erasure-coded, every
+/// component of a row takes a chunk of each write: a write too few of them
+/// had room for is refused the same way, and every object keeps `active`
+/// components (k) to read from. Needs root to mount the tmpfs.
+fn fill_a_thin_lun(hosts: u64, policy: &str, disk_mib: u64, active: usize) {
     let strict = hosts == 1;
     let _exclusive = exclusive();
-    let disks: Vec<fsio::tmpfs::Tmpfs> = (0..hosts).map(|_| fsio::tmpfs::Tmpfs::mount(72)).collect();
+    let disks: Vec<fsio::tmpfs::Tmpfs> = (0..hosts).map(|_| fsio::tmpfs::Tmpfs::mount(disk_mib)).collect();
     let ips: Vec<String> = (1..=hosts).map(|host| format!("127.0.0.{}", host + 10)).collect();
     let port = free_port(&ips.iter().map(String::as_str).collect::<Vec<_>>());
     let paths: Vec<std::path::PathBuf> = disks.iter().map(|disk| disk.path().join("disk0")).collect();
@@ -539,7 +541,8 @@ fn fill_a_thin_lun(hosts: u64, policy: &str) {
     });
     cluster.wait_healthy(Duration::from_secs(60));
     // Placement counts an object's whole size against a disk's free space
-    // when it places it (four 16 MiB objects fit a 72 MiB disk); the
+    // when it places it (four 16 MiB objects fit a 72 MiB disk, four of
+    // 8 MiB chunks a 44 MiB one); the
     // journal and the disk's reserve then leave less than that for data.
     let url = volume_and_target_with(&cluster, port, "thin", "64MiB", policy, "16MiB");
 
@@ -550,7 +553,7 @@ fn fill_a_thin_lun(hosts: u64, policy: &str) {
     let data = random_file(&source, 64 << 20);
     let copy = run(&cluster, "qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", source.to_str().unwrap(), &url]);
     let said = String::from_utf8_lossy(&copy.stderr).into_owned();
-    assert!(!copy.status.success(), "64 MiB of data, its journal and the reserve fit a 72 MiB disk");
+    assert!(!copy.status.success(), "64 MiB of data, its journal and the reserve fit {disk_mib} MiB disks");
     println!("qemu-img convert: {}", said.trim());
     assert!(said.contains("No space left on device") || !strict, "{said}");
 
@@ -585,13 +588,16 @@ fn fill_a_thin_lun(hosts: u64, policy: &str) {
     let (status, sense) = write(8, &mut block);
     assert_eq!((status, sense), (STATUS_GOOD, None), "an overwrite on a full disk");
 
-    // Nothing failed: with one copy the object is healthy; with two, every
-    // object keeps a copy active. No disk latched failed.
+    // Nothing failed: with one copy the object is healthy; otherwise every
+    // object keeps enough components active to read. No disk latched failed.
     let status = cluster.status().unwrap();
     for object in &status.objects {
         match strict {
             true => assert_eq!(object.health, "healthy", "{object:?}"),
-            false => assert!(object.components.iter().any(|copy| copy.state == "active"), "{object:?}"),
+            false => assert!(
+                object.components.iter().filter(|component| component.state == "active").count() >= active,
+                "{object:?}"
+            ),
         }
     }
     for host in 1..=hosts {
@@ -619,10 +625,17 @@ fn fill_a_thin_lun(hosts: u64, policy: &str) {
 
 #[test]
 fn a_lun_whose_disk_fills_refuses_new_blocks_with_space_allocation_failed_and_keeps_serving() {
-    fill_a_thin_lun(1, "none");
+    fill_a_thin_lun(1, "none", 72, 1);
 }
 
 #[test]
 fn a_raid1_lun_whose_disks_fill_refuses_new_blocks_and_keeps_serving() {
-    fill_a_thin_lun(2, "raid1:2");
+    fill_a_thin_lun(2, "raid1:2", 72, 1);
+}
+
+/// RAID-5 (2+1) over three hosts: each holds half of the 64 MiB, which
+/// 44 MiB disks (less the journal and the reserve) do not.
+#[test]
+fn an_erasure_coded_lun_whose_disks_fill_refuses_new_blocks_and_keeps_serving() {
+    fill_a_thin_lun(3, "raid5:2+1", 44, 2);
 }
