@@ -652,12 +652,15 @@ impl Owner {
             if pending.holders.len() + resynced_holders >= self.holders_needed {
                 self.done_lsn = self.done_lsn.max(lsn);
                 out.push(Action::Done { request: pending.request, lsn });
-            } else if erasure && !pending.refused.is_empty() {
-                // Too few holders because some components had no room: as
-                // every write refused here, it is rolled back wherever it
-                // reached before the object takes I/O again (a readmission
-                // or a new owner), so it changes nothing, and the client
-                // learns why.
+            } else if erasure
+                && !pending.refused.is_empty()
+                && pending.holders.len() + resynced_holders + pending.refused.len() >= self.holders_needed
+            {
+                // Too few holders because some components had no room (had
+                // they taken it, it would be done): as every write refused
+                // here, it is rolled back wherever it reached before the
+                // object takes I/O again (a readmission or a new owner), so
+                // it changes nothing, and the client learns why.
                 out.push(Action::NoSpace { request: pending.request });
             } else {
                 out.push(Action::Refused { request: pending.request });
@@ -1437,6 +1440,19 @@ mod tests {
         // makes k with component 0: rolled back to 1, write 2 goes.
         let out = back(&mut owner, 1, 1, false);
         assert_eq!(out, vec![Action::Persist, Action::Readmit { components: vec![0, 1], to: 1 }]);
+    }
+
+    #[test]
+    fn erasure_coded_a_write_too_few_components_could_hold_even_with_room_is_refused_as_unavailable() {
+        let mut owner = raid5_written_everywhere();
+        write(&mut owner, 2, 0);
+        assert!(decline(&mut owner, 2, 2).is_empty());
+        let mut out = Vec::new();
+        owner.handle(100, Input::Failed { component: 0 }, &mut out);
+        owner.handle(100, Input::Failed { component: 1 }, &mut out);
+        // Room on component 2 would not have made it done: not for want of space.
+        assert!(out.contains(&Action::Refused { request: 2 }), "{out:?}");
+        assert!(!out.iter().any(|action| matches!(action, Action::NoSpace { .. })), "{out:?}");
     }
 
     /// RAID-5 (2+1): write 1 on all three, write 2 acknowledged by
