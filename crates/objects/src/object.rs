@@ -193,8 +193,11 @@ struct State {
     sessions: Vec<(u64, u64)>,
     waiters: BTreeMap<u64, Waiter>,
     next_request: u64,
-    /// Completions held until a new absence is recorded.
-    held: Vec<(u64, Lsn)>,
+    /// Answers held until a new absence is recorded: writes done, and
+    /// erasure-coded writes refused for want of space, whose promise that
+    /// they change nothing holds once the record shows the components
+    /// that declined them away (a new owner then rolls them back).
+    held: Vec<(u64, Result<Lsn, ObjectError>)>,
     barrier: bool,
     /// The statuses last recorded, and whether newer ones wait.
     persisted: Vec<Status>,
@@ -451,15 +454,16 @@ impl<T: Transport> Object<T> {
         // completed below instead.
         let mut unmaps = Vec::new();
         let committed = match hooks.erasure {
-            // Every current component holding more than the lowest, whatever
-            // it counted as (one recorded away counts only up to its stale
-            // LSN, and may hold writes above it on disk).
+            // Every current component: one holding more than the lowest
+            // rolls back, whatever it counted as (one recorded away counts
+            // only up to its stale LSN, and may hold writes above it on
+            // disk).
             Some(_) => {
                 for &index in &current {
                     let Ok(info) = &infos[index] else { continue };
-                    if info.committed_lsn <= lowest {
-                        continue;
-                    }
+                    // Sent to one at `lowest` too: one that declined the
+                    // write above it for want of room takes no write until
+                    // a rollback below that gives it up.
                     let (id, client) = &components[index];
                     match client.call(epoch, Request::RollBack { component: *id, to: lowest }, &[]).await {
                         Ok((Reply::RolledBack(ranges), _)) => unmaps.extend(ranges),
@@ -472,8 +476,10 @@ impl<T: Transport> Object<T> {
                             return Err(ObjectError::Recover(format!("rolling component {index} back: {error}")))
                         }
                     }
-                    tracing::info!(component = index, from = info.committed_lsn, to = lowest, "rolled back");
-                    metrics::counter!("objects_erasure_rollbacks_total").increment(1);
+                    if info.newest_lsn > lowest {
+                        tracing::info!(component = index, from = info.newest_lsn, to = lowest, "rolled back");
+                        metrics::counter!("objects_erasure_rollbacks_total").increment(1);
+                    }
                 }
                 lowest
             }
@@ -828,23 +834,13 @@ impl<T: Transport> Object<T> {
                     };
                     self.send(state, component, request, data.to(component), Some(lsn));
                 }
-                Action::Done { request, lsn } => {
-                    if state.barrier {
-                        state.held.push((request, lsn));
-                    } else if let Some(waiter) = state.waiters.remove(&request) {
-                        waiter.answer(Ok(lsn));
-                    }
-                }
+                Action::Done { request, lsn } => self.answer_after_record(state, request, Ok(lsn)),
                 Action::Refused { request } => {
                     if let Some(waiter) = state.waiters.remove(&request) {
                         waiter.answer(Err(ObjectError::Unavailable));
                     }
                 }
-                Action::NoSpace { request } => {
-                    if let Some(waiter) = state.waiters.remove(&request) {
-                        waiter.answer(Err(ObjectError::NoSpace));
-                    }
-                }
+                Action::NoSpace { request } => self.answer_after_record(state, request, Err(ObjectError::NoSpace)),
                 Action::Track { component, stale, seed } => {
                     let request = Request::Track { component: self.ids[component], stale, seed: Some(seed) };
                     self.send(state, component, request, Bytes::new(), None);
@@ -977,6 +973,16 @@ impl<T: Transport> Object<T> {
         }
     }
 
+    /// Answers `request` now, or once the record shows every absence
+    /// there is (see `held`).
+    fn answer_after_record(&self, state: &mut State, request: u64, result: Result<Lsn, ObjectError>) {
+        if state.barrier {
+            state.held.push((request, result));
+        } else if let Some(waiter) = state.waiters.remove(&request) {
+            waiter.answer(result);
+        }
+    }
+
     /// Has the statuses recorded (coalesced: one write at a time, the
     /// newest statuses each time). A new absence holds completions until
     /// it is recorded.
@@ -1021,9 +1027,9 @@ impl<T: Transport> Object<T> {
                     self.recorded.notify_one();
                     if state.barrier && !unrecorded(&state.owner.statuses(), &state.persisted) {
                         state.barrier = false;
-                        for (request, lsn) in std::mem::take(&mut state.held) {
+                        for (request, result) in std::mem::take(&mut state.held) {
                             if let Some(waiter) = state.waiters.remove(&request) {
-                                waiter.answer(Ok(lsn));
+                                waiter.answer(result);
                             }
                         }
                     }

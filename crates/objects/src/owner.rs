@@ -185,6 +185,9 @@ struct Pending {
     /// Every component that declined it, by whatever path (one resyncing
     /// fails at once): none of them holds it.
     refused: BTreeSet<Index>,
+    /// How many declined it while active and waited for: with room, each
+    /// would have been a holder.
+    short_of_room: usize,
 }
 
 struct Component {
@@ -483,6 +486,7 @@ impl Owner {
             sent,
             declined_by: BTreeSet::new(),
             refused: BTreeSet::new(),
+            short_of_room: 0,
         };
         self.pending.insert(lsn, pending);
     }
@@ -528,6 +532,7 @@ impl Owner {
             // source it is until then (see `holds`).
             pending.waiting.remove(&index);
             pending.declined_by.insert(index);
+            pending.short_of_room += 1;
             self.components[index].holes.insert(lsn);
         } else if answered && component.status == Status::Active && lsn <= component.acked {
             // Answered before, and active since it was sent: it counts as
@@ -653,8 +658,8 @@ impl Owner {
                 self.done_lsn = self.done_lsn.max(lsn);
                 out.push(Action::Done { request: pending.request, lsn });
             } else if erasure
-                && !pending.refused.is_empty()
-                && pending.holders.len() + resynced_holders + pending.refused.len() >= self.holders_needed
+                && pending.short_of_room > 0
+                && pending.holders.len() + resynced_holders + pending.short_of_room >= self.holders_needed
             {
                 // Too few holders because some components had no room (had
                 // they taken it, it would be done): as every write refused
@@ -884,8 +889,14 @@ impl Owner {
         let Some(from) = self.resync_from(index, committed) else { return };
         // A write it declined is above `from` (it never acknowledged it),
         // so a readmission, which rolls back to `from` or below, undoes it
-        // everywhere: no hole keeps it out.
-        debug_assert!(self.components[index].holes.range(..=from).next().is_none());
+        // everywhere: such a hole does not keep it out. One at or below
+        // would (it would lack a write it is counted as holding).
+        let lacking = self.components[index].holes.range(..=from).next().copied();
+        if let Some(hole) = lacking {
+            tracing::warn!(component = index, hole, from, "back lacking a write it would be readmitted with: it waits");
+            self.returned.remove(&index);
+            return;
+        }
         if mid_resync {
             tracing::info!(component = index, committed, "back mid-resync while the object is unavailable: it waits");
             self.returned.remove(&index);
@@ -1453,6 +1464,32 @@ mod tests {
         // Room on component 2 would not have made it done: not for want of space.
         assert!(out.contains(&Action::Refused { request: 2 }), "{out:?}");
         assert!(!out.iter().any(|action| matches!(action, Action::NoSpace { .. })), "{out:?}");
+    }
+
+    #[test]
+    fn erasure_coded_a_resyncing_component_with_no_room_does_not_make_a_refused_write_one_for_want_of_space() {
+        let mut owner = raid5_written_everywhere();
+        let mut out = Vec::new();
+        owner.handle(100, Input::Failed { component: 2 }, &mut out);
+        back(&mut owner, 2, 1, false);
+        assert!(matches!(owner.status(2), Status::Resyncing { .. }));
+        write(&mut owner, 2, 0);
+        // Resyncing, it would not have counted as a holder with room.
+        decline(&mut owner, 2, 2);
+        ack(&mut owner, 0, 2);
+        let mut out = Vec::new();
+        owner.handle(300, Input::Failed { component: 1 }, &mut out);
+        assert!(out.contains(&Action::Refused { request: 2 }), "{out:?}");
+        assert!(!out.iter().any(|action| matches!(action, Action::NoSpace { .. })), "{out:?}");
+    }
+
+    #[test]
+    fn erasure_coded_a_component_back_lacking_a_write_at_or_below_what_it_would_be_readmitted_with_waits() {
+        let mut owner = two_of_three_away();
+        // As if component 1 had declined write 1, answered done on 0 and 2.
+        owner.components[1].holes.insert(1);
+        assert!(back(&mut owner, 1, 1, false).is_empty());
+        assert!(matches!(owner.status(1), Status::Absent { .. }));
     }
 
     /// RAID-5 (2+1): write 1 on all three, write 2 acknowledged by

@@ -174,12 +174,23 @@ async fn a_rollback_below_a_chunk_write_refused_for_want_of_room_lets_writes_in_
     assert_eq!(disk.halted(1), Some(refused), "a rollback to the refused write itself keeps the halt");
     let overwrite = disk.submit_now(chunk(refused + 1, 0, 2)).unwrap().await;
     assert!(matches!(overwrite, Err(Error::NoSpace { .. })), "halted: {overwrite:?}");
-    // Below it: given up with the others, nothing waits on it.
-    disk.submit_now(Record::RollBack { component: 1, to: refused - 2 }).unwrap().await.unwrap();
+    // Just below it (where a component that declined it stands): given up
+    // with the others, nothing waits on it.
+    disk.submit_now(Record::RollBack { component: 1, to: refused - 1 }).unwrap().await.unwrap();
     assert_eq!(disk.halted(1), None);
-    assert_eq!(disk.component(1).unwrap().committed_lsn, refused - 2);
-    disk.submit_now(chunk(refused + 2, 0, 3)).unwrap().await.unwrap();
-    assert_eq!(disk.read(1, 0, MIB_BLOCKS).unwrap(), blocks(0, MIB_BLOCKS, 3));
+    assert_eq!(disk.component(1).unwrap().committed_lsn, refused - 1);
+    // An overwrite of one allocated block (what room is left is the
+    // reserve's, for the journal).
+    let overwrite = Record::ChunkWrite {
+        component: 1,
+        lsn: refused + 2,
+        first: 0,
+        stable: 0,
+        data: blocks(0, 1, 3),
+        undo: blocks(0, 1, 1),
+    };
+    disk.submit_now(overwrite).unwrap().await.unwrap();
+    assert_eq!(disk.read(1, 0, 1).unwrap(), blocks(0, 1, 3));
     assert_eq!(disk.failure(), None);
     disk.close();
 }

@@ -632,3 +632,107 @@ async fn a_new_owner_rolls_back_a_component_recorded_away_that_holds_more_than_i
     assert!(read_all(&object, blocks).await == model, "the torn write must be rolled back");
     check_stripes(&hosts, layout, &model).await;
 }
+
+/// A write fewer than k components hold because another had no room is
+/// answered "no space" (it changes nothing: it is rolled back wherever it
+/// reached). That promise holds only once the record shows the components
+/// that did not take it away, since a new owner going by an older record
+/// could take one that applied it, unacknowledged, for current and keep
+/// it: with the catalog slow, the answer waits for the record. Component
+/// 2's disk is a small tmpfs, nearly full (needs root to mount it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_for_want_of_room_is_answered_once_the_absences_are_recorded() {
+    use objects::object::{ObjectError, PersistError, Persister};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+    let layout = Layout::new(2, 1);
+    let (dir, tmpfs, hosts) = third_host_without_room(1100).await;
+    let blocks = object_blocks(&layout);
+    let held_back = Arc::new(AtomicBool::new(false));
+    let records: Arc<Mutex<Vec<Vec<Status>>>> = Arc::default();
+    let persister: Persister = {
+        let (held_back, records) = (held_back.clone(), records.clone());
+        Arc::new(move |statuses: Vec<Status>| {
+            let (held_back, records) = (held_back.clone(), records.clone());
+            Box::pin(async move {
+                while held_back.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                records.lock().unwrap().push(statuses);
+                Ok::<(), PersistError>(())
+            })
+        })
+    };
+    let hooks = Hooks { persister: Some(persister), erasure: Some(layout), ..Hooks::default() };
+    let object = Object::open_with(1, blocks, components(&hosts), 0, hooks);
+
+    // Component 1 stops answering and component 2 has no room: component
+    // 0 alone holds the write, and room on 2 would have made it done.
+    held_back.store(true, Ordering::SeqCst);
+    hosts[1].online.store(false, Ordering::SeqCst);
+    let write = {
+        let object = object.clone();
+        tokio::spawn(async move { object.write_at(0, Bytes::from(bytes(3, layout.stripe_blocks()))).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while object.statuses()[1..].contains(&Status::Active) {
+        assert!(Instant::now() < deadline, "components 1 and 2 still active: {:?}", object.statuses());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!write.is_finished(), "answered before the absences were recorded");
+
+    held_back.store(false, Ordering::SeqCst);
+    let answer = tokio::time::timeout(Duration::from_secs(10), write).await.expect("answered").unwrap();
+    assert!(matches!(answer, Err(ObjectError::NoSpace)), "{answer:?}");
+    let recorded = records.lock().unwrap().last().cloned().expect("a record");
+    assert!(recorded[1..].iter().all(|status| matches!(status, Status::Absent { .. })), "{recorded:?}");
+    drop(hosts);
+    drop((dir, tmpfs));
+}
+
+/// Three in-process hosts (component ids from `first`), the third's disk a
+/// 100 MiB tmpfs with less free than the block store's reserve (64 MiB):
+/// it takes no write that needs new blocks (needs root to mount it).
+async fn third_host_without_room(first: u64) -> (tempfile::TempDir, fsio::tmpfs::Tmpfs, Vec<Host>) {
+    let dir = tempfile::tempdir().unwrap();
+    let tmpfs = fsio::tmpfs::Tmpfs::mount(100);
+    std::fs::create_dir(tmpfs.path().join("host2")).unwrap();
+    std::os::unix::fs::symlink(tmpfs.path().join("host2"), dir.path().join("host2")).unwrap();
+    let hosts = hosts(dir.path(), &TcpTransport::new(), 3, first).await;
+    std::fs::write(tmpfs.path().join("filler"), vec![1u8; 60 << 20]).unwrap();
+    (dir, tmpfs, hosts)
+}
+
+/// A new owner rolls back every current component, even one at the LSN
+/// it rolls back to: one that declined the write above for want of room
+/// takes nothing more until a rollback gives that write up (or its owner
+/// settles it). Without that, the first write under the new owner found
+/// it still refusing, though its disk had room again, and it failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_lets_a_component_that_had_no_room_take_writes_again() {
+    let layout = Layout::new(2, 1);
+    let (dir, tmpfs, hosts) = third_host_without_room(1200).await;
+    let blocks = object_blocks(&layout);
+    let object = Object::open_with(1, blocks, components(&hosts), 0, hooks(layout));
+    // Components 0 and 1 take it; 2 declines it and fails.
+    let size = layout.stripe_blocks();
+    let done = object.write_at(0, Bytes::from(bytes(4, size))).await;
+    assert!(done.is_ok(), "k components hold it: {done:?}");
+    assert!(matches!(object.statuses()[2], Status::Absent { .. }));
+    assert!(hosts[2].service.disks()[0].halted(hosts[2].id).is_some(), "component 2 halted");
+    object.close();
+
+    // The owner dies before its record shows component 2 away: the new
+    // owner takes all three for current, at the lowest LSN among them.
+    std::fs::remove_file(tmpfs.path().join("filler")).unwrap();
+    let recorded = vec![Status::Active; 3];
+    let object = Object::recover(2, blocks, components(&hosts), recorded, hooks(layout)).await.unwrap();
+    assert_eq!(object.statuses(), vec![Status::Active; 3]);
+    assert_eq!(hosts[2].service.disks()[0].halted(hosts[2].id), None, "the rollback lifted the halt");
+    let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
+    write(&object, &mut model, size, size, 5).await;
+    assert_eq!(object.statuses(), vec![Status::Active; 3], "component 2 took the write");
+    drop(hosts);
+    drop((dir, tmpfs));
+}
