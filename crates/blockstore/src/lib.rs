@@ -149,6 +149,9 @@ pub struct ComponentInfo {
     pub sync: Option<(Lsn, Lsn, u64)>,
     /// Bytes the component's data file holds on disk.
     pub allocated_bytes: u64,
+    /// The LSN of the write it refused for want of room, while it takes no
+    /// later one (see [`Disk::resume`]).
+    pub halted: Option<Lsn>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -590,6 +593,7 @@ impl Disk {
 
     pub fn component(&self, id: ComponentId) -> Result<ComponentInfo> {
         let component = self.inner.get(id)?;
+        let halted = self.halted(id);
         let state = component.state.read().expect("component lock");
         Ok(ComponentInfo {
             id,
@@ -604,6 +608,7 @@ impl Disk {
                 .collect(),
             sync: state.sync.as_ref().map(|sync| (sync.stale, sync.target, sync.done.len())),
             allocated_bytes: component.data.allocated_bytes().unwrap_or(0),
+            halted,
         })
     }
 

@@ -454,16 +454,18 @@ impl<T: Transport> Object<T> {
         // completed below instead.
         let mut unmaps = Vec::new();
         let committed = match hooks.erasure {
-            // Every current component: one holding more than the lowest
-            // rolls back, whatever it counted as (one recorded away counts
-            // only up to its stale LSN, and may hold writes above it on
-            // disk).
+            // Every current component holding more than the lowest,
+            // whatever it counted as (one recorded away counts only up to
+            // its stale LSN, and may hold writes above it on disk).
             Some(_) => {
                 for &index in &current {
                     let Ok(info) = &infos[index] else { continue };
-                    // Sent to one at `lowest` too: one that declined the
-                    // write above it for want of room takes no write until
-                    // a rollback below that gives it up.
+                    // And to one at `lowest` that declined the write above
+                    // it for want of room: it takes no write until a
+                    // rollback below that gives it up.
+                    if info.committed_lsn <= lowest && info.halted.is_none_or(|halted| halted <= lowest) {
+                        continue;
+                    }
                     let (id, client) = &components[index];
                     match client.call(epoch, Request::RollBack { component: *id, to: lowest }, &[]).await {
                         Ok((Reply::RolledBack(ranges), _)) => unmaps.extend(ranges),
@@ -476,8 +478,8 @@ impl<T: Transport> Object<T> {
                             return Err(ObjectError::Recover(format!("rolling component {index} back: {error}")))
                         }
                     }
-                    if info.newest_lsn > lowest {
-                        tracing::info!(component = index, from = info.newest_lsn, to = lowest, "rolled back");
+                    if info.committed_lsn > lowest {
+                        tracing::info!(component = index, from = info.committed_lsn, to = lowest, "rolled back");
                         metrics::counter!("objects_erasure_rollbacks_total").increment(1);
                     }
                 }
