@@ -529,6 +529,38 @@ async fn with_more_than_m_components_away_the_object_takes_back_k_that_hold_ever
     assert!(read_all(&object, blocks).await == model);
 }
 
+/// A catalog that records an object's statuses, and that a test can hold
+/// back (a record waits until it lets go).
+struct Catalog {
+    held_back: Arc<std::sync::atomic::AtomicBool>,
+    records: Arc<std::sync::Mutex<Vec<Vec<Status>>>>,
+    /// Hooks for an erasure-coded object of the layout recording there.
+    hooks: Hooks,
+}
+
+impl Catalog {
+    fn new(layout: Layout) -> Catalog {
+        use objects::object::{PersistError, Persister};
+        let held_back: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let records: Arc<std::sync::Mutex<Vec<Vec<Status>>>> = Arc::default();
+        let persister: Persister = {
+            let (held_back, records) = (held_back.clone(), records.clone());
+            Arc::new(move |statuses: Vec<Status>| {
+                let (held_back, records) = (held_back.clone(), records.clone());
+                Box::pin(async move {
+                    while held_back.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    records.lock().unwrap().push(statuses);
+                    Ok::<(), PersistError>(())
+                })
+            })
+        };
+        let hooks = Hooks { persister: Some(persister), erasure: Some(layout), ..Hooks::default() };
+        Catalog { held_back, records, hooks }
+    }
+}
+
 /// A readmission sends no rollback before the states it lowered are
 /// recorded: with the catalog slow (a record held back), the component
 /// holding a refused write still holds it, however long that takes; once
@@ -538,29 +570,11 @@ async fn with_more_than_m_components_away_the_object_takes_back_k_that_hold_ever
 /// raid5 sim seed 30.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_readmission_rolls_nothing_back_before_the_states_it_goes_by_are_recorded() {
-    use objects::object::{PersistError, Persister};
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Mutex;
     let layout = Layout::new(2, 1);
     let dir = tempfile::tempdir().unwrap();
     let hosts = crate::object::hosts(dir.path(), &TcpTransport::new(), 3, 1000).await;
     let blocks = object_blocks(&layout);
-    let held_back = Arc::new(AtomicBool::new(false));
-    let records: Arc<Mutex<Vec<Vec<Status>>>> = Arc::default();
-    let persister: Persister = {
-        let (held_back, records) = (held_back.clone(), records.clone());
-        Arc::new(move |statuses: Vec<Status>| {
-            let (held_back, records) = (held_back.clone(), records.clone());
-            Box::pin(async move {
-                while held_back.load(Ordering::SeqCst) {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                records.lock().unwrap().push(statuses);
-                Ok::<(), PersistError>(())
-            })
-        })
-    };
-    let hooks = Hooks { persister: Some(persister), erasure: Some(layout), ..Hooks::default() };
+    let Catalog { held_back, records, hooks } = Catalog::new(layout);
     let object = Object::open_with(1, blocks, components(&hosts), 0, hooks);
     let mut model = vec![0u8; blocks as usize * BLOCK_SIZE];
     write(&object, &mut model, 0, blocks, 1).await;
@@ -642,28 +656,11 @@ async fn a_new_owner_rolls_back_a_component_recorded_away_that_holds_more_than_i
 /// 2's disk is a small tmpfs, nearly full (needs root to mount it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_refused_for_want_of_room_is_answered_once_the_absences_are_recorded() {
-    use objects::object::{ObjectError, PersistError, Persister};
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Mutex;
+    use objects::object::ObjectError;
     let layout = Layout::new(2, 1);
     let (dir, tmpfs, hosts) = third_host_without_room(1100).await;
     let blocks = object_blocks(&layout);
-    let held_back = Arc::new(AtomicBool::new(false));
-    let records: Arc<Mutex<Vec<Vec<Status>>>> = Arc::default();
-    let persister: Persister = {
-        let (held_back, records) = (held_back.clone(), records.clone());
-        Arc::new(move |statuses: Vec<Status>| {
-            let (held_back, records) = (held_back.clone(), records.clone());
-            Box::pin(async move {
-                while held_back.load(Ordering::SeqCst) {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                records.lock().unwrap().push(statuses);
-                Ok::<(), PersistError>(())
-            })
-        })
-    };
-    let hooks = Hooks { persister: Some(persister), erasure: Some(layout), ..Hooks::default() };
+    let Catalog { held_back, records, hooks } = Catalog::new(layout);
     let object = Object::open_with(1, blocks, components(&hosts), 0, hooks);
 
     // Component 1 stops answering and component 2 has no room: component
