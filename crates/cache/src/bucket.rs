@@ -2,22 +2,30 @@
 //! and its share of the cache's counters.
 //!
 //! The first `NEAR` slots sit in the bucket itself, their tags apart from
-//! their pointers, so the lock word, the tags and the pointers of a bucket
-//! share one 64-byte line: a lookup in a bucket of up to `NEAR` entries
-//! touches that line and then only the element it finds. Further slots go
-//! to a vector allocated when a bucket first needs one; a near slot emptied
+//! their words, so the lock word, the tags and the words of a bucket share
+//! one 64-byte line: a lookup in a bucket of up to `NEAR` entries touches
+//! that line and then only the element it finds. Further slots go to a
+//! vector allocated when a bucket first needs one; a near slot emptied
 //! takes the last far one, so the far vector holds only what the near slots
 //! cannot.
 //!
-//! A slot is empty (tag 0, no element), a ghost (a tag, no element: the key
-//! of that hash was evicted not long ago) or live (a tag and an element).
-//! A tag is the low 32 bits of the key's hash with the lowest bit set, so
-//! it is never 0: for a live slot it spares comparing the keys of most
-//! non-matching elements; for a ghost it is all there is. Two hashes of one
-//! bucket that share their tag (one pair in two billion) can make a key go
-//! to the main queue when it would have gone to the small one, or drop the
-//! other's ghost early: a matter of hit ratio, never of a value returned.
+//! A slot is empty (tag 0), a ghost (a tag and the sequence number the
+//! ghost was made with: the key of that hash was evicted from the small
+//! queue not long ago) or live (a tag and a borrowed pointer to the
+//! element). A tag is the low 32 bits of the key's hash with the lowest bit
+//! set, so it is never 0: for a live slot it spares comparing the keys of
+//! most non-matching elements; for a ghost it is all there is. Two hashes
+//! of one bucket that share their tag (one pair in two billion) can make a
+//! key go to the main queue when it would have gone to the small one: a
+//! matter of hit ratio, never of a value returned.
+//!
+//! **Invariant:** a live slot's element stays allocated while it is listed
+//! here (the cache's ownership rule, `lib.rs`): it is read only through
+//! `&self` of this list, which the bucket's lock guard lends, and the
+//! element's owner frees it only once it is unlisted.
 
+use std::marker::PhantomData;
+use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -31,6 +39,29 @@ pub(crate) fn tag(hash: u64) -> u32 {
     hash as u32 | 1
 }
 
+/// What goes into a slot.
+pub(crate) enum Slot<E> {
+    Live(NonNull<E>),
+    /// A ghost, with the sequence number it was made with.
+    Ghost(u64),
+}
+
+/// What a slot holds, as a reader sees it.
+pub(crate) enum View<'a, E> {
+    Empty,
+    Live(&'a E),
+    Ghost(u64),
+}
+
+/// A slot's word: an element's pointer (an even address), or a ghost's
+/// sequence number shifted left with the low bit set, or null when empty.
+fn word<E>(slot: Slot<E>) -> *mut E {
+    match slot {
+        Slot::Live(element) => element.as_ptr(),
+        Slot::Ghost(sequence) => ptr::without_provenance_mut(((sequence as usize) << 1) | 1),
+    }
+}
+
 pub(crate) struct List<E> {
     tags: [u32; NEAR],
     /// Hits, misses, insertions and evictions in this bucket not yet added
@@ -39,97 +70,128 @@ pub(crate) struct List<E> {
     /// every thread shares cost a fifth of a hit's time); a count goes over
     /// to the shard before it would overflow.
     pending: [u16; 4],
-    near: [Option<Arc<E>>; NEAR],
+    near: [*mut E; NEAR],
     far: Option<Box<Far<E>>>,
+    /// The elements are shared between threads as an `Arc<E>` would be.
+    _elements: PhantomData<Arc<E>>,
 }
 
-/// Slots past the near ones: tag and element (none for a ghost).
-type Far<E> = Vec<(u32, Option<Arc<E>>)>;
+/// Slots past the near ones: tag and word.
+type Far<E> = Vec<(u32, *mut E)>;
+
+// SAFETY: the raw words are borrowed pointers to elements shared between
+// threads (`_elements` asks of `E` what sharing needs) or plain numbers.
+unsafe impl<E: Send + Sync> Send for List<E> {}
 
 impl<E> Default for List<E> {
     fn default() -> Self {
-        List { tags: [0; NEAR], pending: [0; 4], near: Default::default(), far: None }
+        List { tags: [0; NEAR], pending: [0; 4], near: [ptr::null_mut(); NEAR], far: None, _elements: PhantomData }
     }
 }
 
 impl<E> List<E> {
-    pub(crate) fn get(&self, index: usize) -> (u32, Option<&Arc<E>>) {
+    fn view(&self, tag: u32, word: *mut E) -> View<'_, E> {
+        if tag == 0 {
+            View::Empty
+        } else if word.addr() & 1 == 1 {
+            View::Ghost((word.addr() >> 1) as u64)
+        } else {
+            // SAFETY: a live slot's element is allocated while listed, and
+            // the `&self` borrow keeps it listed (the module's invariant).
+            View::Live(unsafe { &*word })
+        }
+    }
+
+    pub(crate) fn get(&self, index: usize) -> View<'_, E> {
         match index.checked_sub(NEAR) {
-            None => (self.tags[index], self.near[index].as_ref()),
+            None => self.view(self.tags[index], self.near[index]),
             Some(far) => {
-                let (tag, element) = &self.far.as_ref().expect("a far slot")[far];
-                (*tag, element.as_ref())
+                let (tag, word) = self.far.as_ref().expect("a far slot")[far];
+                self.view(tag, word)
             }
         }
     }
 
-    /// Every slot, empty ones included, as (tag, element): the n-th is
-    /// slot index n.
-    pub(crate) fn slots(&self) -> impl Iterator<Item = (u32, Option<&Arc<E>>)> {
+    /// Every slot, empty ones included, as (tag, view): the n-th is slot
+    /// index n.
+    pub(crate) fn slots(&self) -> impl Iterator<Item = (u32, View<'_, E>)> {
         let near = self.tags.iter().zip(&self.near);
-        let far = self.far.iter().flat_map(|far| far.iter().map(|(tag, element)| (tag, element)));
-        near.chain(far).map(|(tag, element)| (*tag, element.as_ref()))
+        let far = self.far.iter().flat_map(|far| far.iter().map(|(tag, word)| (tag, word)));
+        near.chain(far).map(|(&tag, &word)| (tag, self.view(tag, word)))
     }
 
-    /// The first slot, not empty, that `matches` (given its tag and
-    /// element). Every lookup comes here: two plain loops ran reads about a
-    /// tenth faster than `slots().position(..)` did.
-    pub(crate) fn find(&self, mut matches: impl FnMut(u32, Option<&Arc<E>>) -> bool) -> Option<usize> {
+    /// The first slot, not empty, that `matches` (given its tag and view).
+    /// Every lookup comes here: two plain loops ran reads about a tenth
+    /// faster than `slots().position(..)` did.
+    pub(crate) fn find(&self, mut matches: impl FnMut(u32, View<'_, E>) -> bool) -> Option<usize> {
         for index in 0..NEAR {
-            if self.tags[index] != 0 && matches(self.tags[index], self.near[index].as_ref()) {
+            let tag = self.tags[index];
+            if tag != 0 && matches(tag, self.view(tag, self.near[index])) {
                 return Some(index);
             }
         }
         let far = self.far.as_ref()?;
-        far.iter().position(|(tag, element)| matches(*tag, element.as_ref())).map(|index| NEAR + index)
+        far.iter().position(|&(tag, word)| matches(tag, self.view(tag, word))).map(|index| NEAR + index)
     }
 
     /// The live element whose tag is `tag` and which `is_it`.
-    pub(crate) fn live(&self, tag: u32, mut is_it: impl FnMut(&E) -> bool) -> Option<&Arc<E>> {
-        let index = self.find(|slot_tag, element| slot_tag == tag && element.is_some_and(|e| is_it(e)))?;
-        self.get(index).1
+    pub(crate) fn live(&self, tag: u32, mut is_it: impl FnMut(&E) -> bool) -> Option<&E> {
+        let index =
+            self.find(|slot_tag, view| matches!(view, View::Live(element) if slot_tag == tag && is_it(element)))?;
+        match self.get(index) {
+            View::Live(element) => Some(element),
+            _ => unreachable!("found live"),
+        }
     }
 
-    /// Replaces slot `index` with a tag and an element (none for a ghost).
-    pub(crate) fn set(&mut self, index: usize, tag: u32, element: Option<Arc<E>>) {
+    /// The slot that lists `element`, if any: compares addresses only.
+    pub(crate) fn position_of(&self, element: NonNull<E>) -> Option<usize> {
+        self.find(|_, view| matches!(view, View::Live(listed) if ptr::eq(listed, element.as_ptr())))
+    }
+
+    /// Replaces slot `index` with a tag and what it holds.
+    pub(crate) fn set(&mut self, index: usize, tag: u32, slot: Slot<E>) {
         debug_assert_ne!(tag, 0, "a slot set is not empty");
+        let word = word(slot);
         match index.checked_sub(NEAR) {
             None => {
                 self.tags[index] = tag;
-                self.near[index] = element;
+                self.near[index] = word;
             }
-            Some(far) => self.far.as_mut().expect("a far slot")[far] = (tag, element),
+            Some(far) => self.far.as_mut().expect("a far slot")[far] = (tag, word),
         }
     }
 
     /// Puts a slot into the first empty place.
-    pub(crate) fn add(&mut self, tag: u32, element: Option<Arc<E>>) {
+    pub(crate) fn add(&mut self, tag: u32, slot: Slot<E>) {
         debug_assert_ne!(tag, 0, "a slot added is not empty");
+        let word = word(slot);
         match self.tags.iter().position(|&slot_tag| slot_tag == 0) {
             Some(index) => {
                 self.tags[index] = tag;
-                self.near[index] = element;
+                self.near[index] = word;
             }
-            None => self.far.get_or_insert_with(Default::default).push((tag, element)),
+            None => self.far.get_or_insert_with(Default::default).push((tag, word)),
         }
     }
 
-    /// Empties slot `index`: a near slot takes the last far one (or
-    /// becomes empty), a far slot is removed (the last takes its place),
-    /// and the far vector goes once it is empty.
-    pub(crate) fn take(&mut self, index: usize) -> Option<Arc<E>> {
-        let element = match index.checked_sub(NEAR) {
+    /// Empties slot `index`, unlisting what it held: a near slot takes the
+    /// last far one (or becomes empty), a far slot is removed (the last
+    /// takes its place), and the far vector goes once it is empty.
+    pub(crate) fn take(&mut self, index: usize) {
+        match index.checked_sub(NEAR) {
             None => {
-                let (tag, last) = self.far.as_mut().and_then(|far| far.pop()).unwrap_or((0, None));
+                let (tag, word) = self.far.as_mut().and_then(|far| far.pop()).unwrap_or((0, ptr::null_mut()));
                 self.tags[index] = tag;
-                std::mem::replace(&mut self.near[index], last)
+                self.near[index] = word;
             }
-            Some(far) => self.far.as_mut().expect("a far slot").swap_remove(far).1,
-        };
+            Some(far) => {
+                self.far.as_mut().expect("a far slot").swap_remove(far);
+            }
+        }
         if self.far.as_ref().is_some_and(|far| far.is_empty()) {
             self.far = None;
         }
-        element
     }
 
     pub(crate) fn count(&mut self, counter: usize, counters: &[AtomicU64; 4]) {
@@ -165,38 +227,50 @@ impl<E> List<E> {
 mod tests {
     use super::*;
 
+    fn value(list: &List<u64>, index: usize) -> Option<u64> {
+        match list.get(index) {
+            View::Live(element) => Some(*element),
+            _ => None,
+        }
+    }
+
     #[test]
     fn slots_beyond_the_near_ones_go_far_and_come_back_empty() {
-        let mut list = List::<u32>::default();
-        for value in 1..=5u32 {
-            list.add(tag(u64::from(value)), Some(Arc::new(value)));
+        let elements: Vec<Box<u64>> = (0..=5).map(Box::new).collect();
+        let pointer = |value: u64| NonNull::from(&*elements[value as usize]);
+        let mut list = List::<u64>::default();
+        for value in 1..=5 {
+            list.add(tag(value), Slot::Live(pointer(value)));
         }
         assert_eq!(list.slots().count(), 5);
-        let found = |list: &List<u32>, value: u32| list.live(tag(u64::from(value)), |e| *e == value).map(|e| **e);
+        let found = |list: &List<u64>, value: u64| list.live(tag(value), |e| *e == value).copied();
         assert!((1..=5).all(|value| found(&list, value) == Some(value)));
         // A near slot emptied takes the last far one; far ones shrink.
-        let index = list.find(|_, element| element.is_some_and(|e| **e == 2)).unwrap();
-        assert_eq!(list.take(index).map(|e| *e), Some(2));
+        let index = list.position_of(pointer(2)).unwrap();
+        list.take(index);
         assert_eq!(list.slots().count(), NEAR + 1, "a far slot moved into the emptied near one");
         assert!(list.far_is_tidy());
-        let far = list.find(|_, element| element.is_some_and(|e| **e == 4)).unwrap();
+        let far = list.position_of(pointer(4)).unwrap();
         assert!(far >= NEAR, "4 is still far");
         list.take(far);
         assert_eq!(list.slots().count(), NEAR, "the far vector went with its last slot");
         assert!(list.far_is_tidy());
-        let near = list.find(|_, element| element.is_some_and(|e| **e == 1)).unwrap();
+        let near = list.position_of(pointer(1)).unwrap();
         list.take(near);
-        list.add(tag(9), None);
-        assert_eq!(list.get(near), (tag(9), None), "the ghost took the emptied near slot");
-        assert_eq!(found(&list, 4), None);
+        list.add(tag(9), Slot::Ghost(77));
+        assert!(matches!(list.get(near), View::Ghost(77)), "the ghost took the emptied near slot");
+        assert_eq!(value(&list, near), None);
         assert!([1, 2, 4].iter().all(|&value| found(&list, value).is_none()));
         assert!([3, 5].iter().all(|&value| found(&list, value) == Some(value)));
+        // A ghost's sequence number keeps all its bits but the top one.
+        list.set(near, tag(9), Slot::Ghost(u64::MAX >> 1));
+        assert!(matches!(list.get(near), View::Ghost(sequence) if sequence == u64::MAX >> 1));
     }
 
     #[test]
     fn pending_counts_go_over_to_the_shard_before_they_overflow() {
         let counters: [AtomicU64; 4] = Default::default();
-        let mut list = List::<u32>::default();
+        let mut list = List::<u64>::default();
         for _ in 0..200_000 {
             list.count(1, &counters);
         }

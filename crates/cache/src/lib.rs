@@ -13,10 +13,16 @@
 //!   counting a read costs no atomic instruction of its own.
 //! - **Three queues**, S3-FIFO's: *small* (where new keys enter), *main*
 //!   (keys that were read again while in small, or that come back soon
-//!   after eviction) and *ghost* (hashes of keys evicted from small). Each
-//!   queue is a ring whose positions are claimed with atomic
+//!   after eviction) and *ghost* (hashes of keys evicted from small). Small
+//!   and main are rings whose positions are claimed with one atomic
 //!   compare-and-swap (`ring.rs`), so threads push and pop at once without
-//!   a queue-wide lock.
+//!   a queue-wide lock. The ghost queue's position is a counter advanced
+//!   with one atomic add per ghost; each ghost sits in its key's bucket
+//!   with the position it was pushed at, and it has left the queue once
+//!   `GHOST_PERCENT` of the estimated items' worth of ghosts came after it.
+//!   So pushing a ghost takes no lock but the evicted key's bucket's, which
+//!   the eviction holds anyway, and a ghost that left is found out by the
+//!   next insertion into its bucket, which reuses its slot.
 //! - **Each element carries its own lock word** (`Element::state`): the
 //!   queue it is in, or removed. Every move between queues and every
 //!   removal is a compare-and-swap on it, so two threads that race on one
@@ -30,6 +36,17 @@
 //!   counters and weights are shared by every insertion, and sharding
 //!   keeps two cores from writing the same ones (with one shard, 50/50
 //!   reads and inserts ran 3-6 times slower than quick_cache on 2 cores).
+//!
+//! **Ownership:** an element is owned by exactly one party at a time: the
+//! thread that inserted it, until it pushes it into a ring; the ring slot
+//! that holds it; or the thread that popped it, until it pushes it again
+//! or frees it (`ring::Owned`). A bucket lists an element by a borrowed
+//! pointer, read only under the bucket's lock. The owner frees an element
+//! only once it is out of its bucket: it took it out itself, under the
+//! bucket's lock, or it found it removed (a remover marks an element
+//! removed and takes it out of its bucket in one hold of the bucket's
+//! lock) and then took the bucket's lock once, to wait for that hold to
+//! end. No reference count: sharing costs no atomic instruction.
 //!
 //! **Invariant:** a key has at most one live element; a live element is in
 //! the bucket list of its hash and in the ring its state names; the small
@@ -46,13 +63,13 @@ mod ring;
 use std::borrow::Borrow;
 use std::cell::UnsafeCell;
 use std::hash::{BuildHasher, Hash};
+use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
 
-use bucket::{tag, List};
-use crossbeam_utils::CachePadded;
+use bucket::{tag, List, Slot, View};
+use crossbeam_utils::{Backoff, CachePadded};
 use lock::BucketLock;
-use ring::Ring;
+use ring::{Owned, Ring};
 
 /// How much of the capacity one entry takes.
 pub trait Weigher<K, V>: Send + Sync {
@@ -162,37 +179,6 @@ impl<V> Guarded<V> {
 /// (`bucket.rs`), under its own mutex (`lock.rs`).
 type Bucket<K, V> = BucketLock<List<Element<K, V>>>;
 
-/// The ghost queue: a ring of hashes, advanced with one atomic add. A push
-/// overwrites the oldest ghost, whose bucket entry is then dropped.
-struct GhostRing {
-    slots: Box<[AtomicU64]>,
-    mask: u64,
-    head: CachePadded<AtomicU64>,
-}
-
-impl GhostRing {
-    fn new(capacity: usize) -> Self {
-        let len = capacity.max(2).next_power_of_two();
-        GhostRing {
-            slots: (0..len).map(|_| AtomicU64::new(0)).collect(),
-            mask: len as u64 - 1,
-            head: CachePadded::new(AtomicU64::new(0)),
-        }
-    }
-
-    /// Records a ghost; returns the ghost it pushed out, if any.
-    fn push(&self, hash: u64) -> Option<u64> {
-        let position = self.head.fetch_add(1, Ordering::Relaxed);
-        // 0 marks an empty slot, so hashes are stored with the low bit set.
-        let old = self.slots[(position & self.mask) as usize].swap(ghost_tag(hash), Ordering::Relaxed);
-        (old != 0).then_some(old)
-    }
-}
-
-fn ghost_tag(hash: u64) -> u64 {
-    hash | 1
-}
-
 /// Hits, misses, insertions and evictions since the cache was made.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
@@ -214,7 +200,11 @@ struct Shard<K, V> {
     bucket_mask: u64,
     small: Ring<Element<K, V>>,
     main: Ring<Element<K, V>>,
-    ghosts: GhostRing,
+    /// Ghosts pushed so far: the ghost queue's head. A ghost pushed at
+    /// position `p` is in the queue while fewer than `ghost_window` were
+    /// pushed after it.
+    ghosts_pushed: CachePadded<AtomicU64>,
+    ghost_window: u64,
     /// Weights of the live elements in each queue. Signed: a remover may
     /// subtract an element's weight a moment before the evictor that moved
     /// it between queues adds it.
@@ -404,7 +394,8 @@ impl<K: Eq, V: Clone> Shard<K, V> {
             bucket_mask: buckets as u64 - 1,
             small: Ring::new(estimated_items),
             main: Ring::new(estimated_items),
-            ghosts: GhostRing::new(estimated_items * GHOST_PERCENT / 100),
+            ghosts_pushed: CachePadded::new(AtomicU64::new(0)),
+            ghost_window: (estimated_items * GHOST_PERCENT / 100).max(1) as u64,
             small_weight: CachePadded::new(AtomicI64::new(0)),
             main_weight: CachePadded::new(AtomicI64::new(0)),
             capacity,
@@ -419,7 +410,9 @@ impl<K: Eq, V: Clone> Shard<K, V> {
     }
 
     fn len(&self) -> usize {
-        self.buckets.iter().map(|bucket| bucket.lock().slots().filter(|(_, element)| element.is_some()).count()).sum()
+        let live =
+            |bucket: &Bucket<K, V>| bucket.lock().slots().filter(|(_, slot)| matches!(slot, View::Live(_))).count();
+        self.buckets.iter().map(live).sum()
     }
 
     fn bucket_index(&self, hash: u64) -> usize {
@@ -445,6 +438,14 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         found
     }
 
+    /// Whether a ghost pushed at `position` is still in the ghost queue.
+    fn ghost_is_queued(&self, position: u64) -> bool {
+        // Read under the lock of the bucket that lists the ghost, which the
+        // pusher held when it listed it: the head read is at or past it.
+        let head = self.ghosts_pushed.load(Ordering::Relaxed);
+        head.wrapping_sub(position) <= self.ghost_window
+    }
+
     fn insert_if(&self, hash: u64, key: K, value: V, weight: u32, still_valid: impl FnOnce() -> bool) -> bool {
         let element = {
             let mut bucket = self.buckets[self.bucket_index(hash)].lock();
@@ -453,27 +454,31 @@ impl<K: Eq, V: Clone> Shard<K, V> {
             }
             let tag = tag(hash);
             let mut live = None;
+            // The key's own ghost, and whether it is still queued.
             let mut ghost = None;
-            // One pass for both: a ghost whose tag a live key shares (two
+            // A slot whose ghost has left the queue, free to reuse.
+            let mut left = None;
+            // One pass for all: a ghost whose tag a live key shares (two
             // hashes, one tag) must not hide the live key.
-            for (position, slot) in bucket.slots().enumerate() {
+            for (position, (slot_tag, slot)) in bucket.slots().enumerate() {
                 match slot {
-                    (slot_tag, Some(element)) if slot_tag == tag && element.key == key => {
+                    View::Live(element) if slot_tag == tag && element.key == key => {
                         live = Some(position);
                         break;
                     }
-                    (slot_tag, None) if slot_tag == tag => ghost = Some(position),
+                    View::Ghost(pushed) if slot_tag == tag => ghost = Some((position, self.ghost_is_queued(pushed))),
+                    View::Ghost(pushed) if left.is_none() && !self.ghost_is_queued(pushed) => left = Some(position),
                     _ => {}
                 }
             }
             // A key replaced by a value of the same weight keeps its place:
             // the value changes in place and counts as a read. Otherwise
             // the key keeps its queue and its reads but goes to the back.
-            // A key evicted from small not long ago (a ghost) goes straight
-            // to main.
+            // A key evicted from small not long ago (a ghost still queued)
+            // goes straight to main.
             let (state, frequency) = match live {
                 Some(position) => {
-                    let old = bucket.get(position).1.expect("a live slot");
+                    let View::Live(old) = bucket.get(position) else { unreachable!("a live slot") };
                     if old.weight == weight && old.state.load(Ordering::Acquire) != REMOVED {
                         // SAFETY: this bucket's lock is held (`bucket`).
                         let previous = unsafe { old.value.replace(value) };
@@ -483,13 +488,14 @@ impl<K: Eq, V: Clone> Shard<K, V> {
                         drop(previous);
                         return true;
                     }
+                    // Its owner frees it once this hold of the lock ends.
                     let state = self.retire(old).unwrap_or(IN_SMALL);
                     (state, old.frequency.load(Ordering::Relaxed))
                 }
-                None if ghost.is_some() => (IN_MAIN, 0),
+                None if ghost.is_some_and(|(_, queued)| queued) => (IN_MAIN, 0),
                 None => (IN_SMALL, 0),
             };
-            let element = Arc::new(Element {
+            let element = Owned::new(Element {
                 key,
                 value: Guarded(UnsafeCell::new(value)),
                 hash,
@@ -500,10 +506,10 @@ impl<K: Eq, V: Clone> Shard<K, V> {
             // Counted before anyone can find it, so a remover never
             // subtracts what was not yet added.
             self.queue_weight(state).fetch_add(weight as i64, Ordering::Relaxed);
-            let queued = Some(Arc::clone(&element));
-            match (live, ghost) {
-                (Some(position), _) | (None, Some(position)) => bucket.set(position, tag, queued),
-                (None, None) => bucket.add(tag, queued),
+            let listed = Slot::Live(element.as_ptr());
+            match live.or(ghost.map(|(position, _)| position)).or(left) {
+                Some(position) => bucket.set(position, tag, listed),
+                None => bucket.add(tag, listed),
             }
             bucket.count(INSERT, &self.counters);
             element
@@ -520,11 +526,15 @@ impl<K: Eq, V: Clone> Shard<K, V> {
     {
         let mut bucket = self.buckets[self.bucket_index(hash)].lock();
         let tag = tag(hash);
-        let position = bucket
-            .find(|slot_tag, element| slot_tag == tag && element.is_some_and(|element| element.key.borrow() == key));
-        let Some(position) = position else { return false };
-        let element = bucket.take(position).expect("a live slot");
-        self.retire(&element).is_some()
+        let Some(element) = bucket.live(tag, |element| element.key.borrow() == key) else { return false };
+        let element = NonNull::from(element);
+        // SAFETY: listed, and this thread holds the bucket's lock until it
+        // is unlisted and marked removed below, so its owner cannot free it
+        // meanwhile (the crate's ownership rule).
+        let removed = self.retire(unsafe { element.as_ref() }).is_some();
+        let position = bucket.position_of(element).expect("found just now");
+        bucket.take(position);
+        removed
     }
 
     fn queue_weight(&self, state: u8) -> &AtomicI64 {
@@ -538,7 +548,7 @@ impl<K: Eq, V: Clone> Shard<K, V> {
     /// Marks an element removed and takes its weight off its queue; returns
     /// the queue it was in, or `None` if another thread removed it first.
     /// The element itself stays in its ring until an evictor pops and
-    /// drops it.
+    /// frees it.
     fn retire(&self, element: &Element<K, V>) -> Option<u8> {
         let mut state = element.state.load(Ordering::Acquire);
         loop {
@@ -556,25 +566,37 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         }
     }
 
+    /// Frees an element this thread owns that another thread marked
+    /// removed. That thread marked it and took it out of its bucket in one
+    /// hold of the bucket's lock, which may not have ended yet: taking the
+    /// lock once waits for it to.
+    fn free_removed(&self, element: Owned<Element<K, V>>) {
+        drop(self.buckets[self.bucket_index(element.hash)].lock());
+        // SAFETY: out of its bucket (above), in no ring (this thread owns
+        // it), so no other thread can reach it.
+        unsafe { element.free() };
+    }
+
     /// Puts an element into the ring its state names, making room first if
     /// that ring is full.
-    fn enqueue(&self, mut element: Arc<Element<K, V>>) {
+    fn enqueue(&self, mut element: Owned<Element<K, V>>) {
+        let backoff = Backoff::new();
         loop {
             let state = element.state.load(Ordering::Acquire);
             let ring = match state {
                 IN_SMALL => &self.small,
                 IN_MAIN => &self.main,
-                // Removed before it was queued: nothing to do.
-                _ => return,
+                // Removed before it was queued.
+                _ => return self.free_removed(element),
             };
             match ring.push(element) {
                 Ok(()) => return,
                 Err(back) => {
                     element = back;
-                    if state == IN_SMALL {
-                        self.evict_small();
-                    } else {
-                        self.evict_main();
+                    let made_room = if state == IN_SMALL { self.evict_small() } else { self.evict_main() };
+                    if !made_room {
+                        // The oldest element's pusher has yet to store it.
+                        backoff.snooze();
                     }
                 }
             }
@@ -608,13 +630,13 @@ impl<K: Eq, V: Clone> Shard<K, V> {
                 self.small_weight.fetch_sub(element.weight as i64, Ordering::Relaxed);
                 self.main_weight.fetch_add(element.weight as i64, Ordering::Relaxed);
                 self.enqueue(element);
+            } else {
+                // Removed meanwhile.
+                self.free_removed(element);
             }
-            // Otherwise it was removed meanwhile, and is dropped here.
             return true;
         }
-        if self.retire(&element).is_some() {
-            self.unlink(&element, true);
-        }
+        self.evict_popped(element, true);
         true
     }
 
@@ -626,96 +648,86 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         let frequency = element.frequency.load(Ordering::Relaxed);
         if frequency > 0 && element.state.load(Ordering::Acquire) == IN_MAIN {
             element.frequency.store(frequency - 1, Ordering::Relaxed);
-            match self.main.push(element) {
-                Ok(()) => return true,
+            if let Err(back) = self.main.push(element) {
                 // Other threads filled the ring meanwhile: evict it after all.
-                Err(back) => self.evict_popped(&back),
+                self.evict_popped(back, false);
             }
         } else {
-            self.evict_popped(&element);
+            self.evict_popped(element, false);
         }
         true
     }
 
-    fn evict_popped(&self, element: &Arc<Element<K, V>>) {
-        if self.retire(element).is_some() {
-            self.unlink(element, false);
+    /// Evicts a popped element (leaving its ghost if asked to) and frees it.
+    fn evict_popped(&self, element: Owned<Element<K, V>>, leave_ghost: bool) {
+        if self.retire(&element).is_none() {
+            return self.free_removed(element);
         }
-    }
-
-    /// Takes an evicted element out of its bucket, leaving its ghost there
-    /// if asked to, and counts the eviction.
-    fn unlink(&self, element: &Arc<Element<K, V>>, leave_ghost: bool) {
         {
             let mut bucket = self.buckets[self.bucket_index(element.hash)].lock();
             bucket.count(EVICTION, &self.counters);
-            let position = bucket.find(|_, slot| slot.is_some_and(|e| Arc::ptr_eq(e, element)));
-            // Not found: a writer replaced the key meanwhile, which is live again.
-            let Some(position) = position else { return };
-            if leave_ghost {
-                bucket.set(position, tag(element.hash), None);
-            } else {
-                bucket.take(position);
+            // Not listed: a writer replaced the key meanwhile, under this
+            // lock, and the key is live again.
+            if let Some(position) = bucket.position_of(element.as_ptr()) {
+                if leave_ghost {
+                    let pushed = self.ghosts_pushed.fetch_add(1, Ordering::Relaxed);
+                    bucket.set(position, tag(element.hash), Slot::Ghost(pushed));
+                } else {
+                    bucket.take(position);
+                }
             }
         }
-        if leave_ghost {
-            if let Some(old) = self.ghosts.push(element.hash) {
-                self.forget_ghost(old);
-            }
-        }
-    }
-
-    /// Drops one ghost entry of this hash from its bucket (none may be
-    /// left: a ghost hit consumes the entry but not its ring slot).
-    fn forget_ghost(&self, hash: u64) {
-        let mut bucket = self.buckets[self.bucket_index(hash)].lock();
-        let tag = tag(hash);
-        if let Some(position) = bucket.find(|slot_tag, element| slot_tag == tag && element.is_none()) {
-            bucket.take(position);
-        }
+        // SAFETY: out of its bucket (above), in no ring (this thread owns
+        // it), so no other thread can reach it.
+        unsafe { element.free() };
     }
 
     fn audit(&mut self) -> Result<(), String> {
         let mut in_rings = std::collections::HashMap::new();
         for (ring, name) in [(&mut self.small, IN_SMALL), (&mut self.main, IN_MAIN)] {
             for element in ring.elements() {
-                let state = element.state.load(Ordering::Relaxed);
-                if state == REMOVED {
-                    continue;
-                }
-                if state != name {
-                    return Err(format!("an element in state {state} sits in queue {name}"));
-                }
-                if in_rings.insert(element as *const Element<K, V>, name).is_some() {
+                if in_rings.insert(ptr::from_ref(element), name).is_some() {
                     return Err("an element is queued twice".into());
+                }
+                let state = element.state.load(Ordering::Relaxed);
+                if state != REMOVED && state != name {
+                    return Err(format!("an element in state {state} sits in queue {name}"));
                 }
             }
         }
-        let (mut small, mut main, mut ghosts, mut live) = (0i64, 0i64, 0usize, 0usize);
+        let ghost_window = self.ghost_window;
+        let ghosts_pushed = *self.ghosts_pushed.get_mut();
+        let (mut small, mut main, mut ghosts, mut live) = (0i64, 0i64, 0u64, 0usize);
         for bucket in self.buckets.iter_mut() {
             let list = bucket.get_mut();
             if !list.far_is_tidy() {
                 return Err("a bucket's far slots are empty, or could be near".into());
             }
             let slots = list.slots().collect::<Vec<_>>();
-            for (position, &(slot_tag, slot)) in slots.iter().enumerate() {
-                let Some(element) = slot else {
-                    if slot_tag != 0 {
-                        ghosts += 1;
+            for (position, (slot_tag, slot)) in slots.iter().enumerate() {
+                let element = match *slot {
+                    View::Empty => continue,
+                    View::Ghost(pushed) if pushed >= ghosts_pushed => {
+                        return Err(format!("a ghost pushed at {pushed}, past the queue's head {ghosts_pushed}"))
                     }
-                    continue;
+                    View::Ghost(pushed) => {
+                        ghosts += u64::from(ghosts_pushed - pushed <= ghost_window);
+                        continue;
+                    }
+                    View::Live(element) => element,
                 };
                 live += 1;
-                if slot_tag != tag(element.hash) {
+                if *slot_tag != tag(element.hash) {
                     return Err("a live element's slot has another hash's tag".into());
                 }
-                let duplicate =
-                    slots[..position].iter().any(|(_, other)| other.is_some_and(|other| other.key == element.key));
+                let duplicate = slots[..position]
+                    .iter()
+                    .any(|(_, other)| matches!(other, View::Live(other) if other.key == element.key));
                 if duplicate {
                     return Err("a key is live twice in its bucket".into());
                 }
                 let state = element.state.load(Ordering::Relaxed);
-                match in_rings.get(&Arc::as_ptr(element)) {
+                match in_rings.get(&ptr::from_ref(element)) {
                     Some(&queue) if queue == state => {}
                     _ => return Err(format!("a live element in state {state} is not in that queue")),
                 }
@@ -726,8 +738,12 @@ impl<K: Eq, V: Clone> Shard<K, V> {
                 }
             }
         }
-        if live != in_rings.len() {
-            return Err(format!("{} live elements queued but {live} in the table", in_rings.len()));
+        let removed_in_rings = in_rings.keys().filter(|&&element| {
+            // SAFETY: queued elements are owned by their rings, borrowed by `&mut self`.
+            unsafe { &*element }.state.load(Ordering::Relaxed) == REMOVED
+        });
+        if live + removed_in_rings.count() != in_rings.len() {
+            return Err(format!("{} elements queued, {live} of them live in the table", in_rings.len()));
         }
         let (small_weight, main_weight) = (*self.small_weight.get_mut(), *self.main_weight.get_mut());
         if (small, main) != (small_weight, main_weight) {
@@ -736,8 +752,8 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         if (small + main) as u64 > self.capacity {
             return Err(format!("weight {} over capacity {}", small + main, self.capacity));
         }
-        if ghosts > self.ghosts.slots.len() {
-            return Err(format!("{ghosts} ghosts for a ghost ring of {}", self.ghosts.slots.len()));
+        if ghosts > ghost_window {
+            return Err(format!("{ghosts} ghosts queued for a ghost queue of {ghost_window}"));
         }
         Ok(())
     }
@@ -805,6 +821,20 @@ mod tests {
     }
 
     #[test]
+    fn a_key_whose_ghost_has_left_the_ghost_queue_comes_back_to_small() {
+        // 400 estimated items: a ghost queue of 160.
+        let mut cache = cache(100);
+        cache.insert(7, 7);
+        for cold in 100..400 {
+            cache.insert(cold, cold);
+        }
+        assert_eq!(cache.peek(&7), None, "evicted unread from small");
+        cache.insert(7, 7);
+        assert_eq!(cache.elements_state(&7), Some(IN_SMALL), "more than 160 ghosts came after 7's");
+        cache.audit().unwrap();
+    }
+
+    #[test]
     fn weight_is_bounded_by_the_capacity_and_oversized_values_are_refused() {
         let mut cache: Cache<u64, Vec<u8>, _> =
             Cache::with_weigher(64, 1000, |_: &u64, value: &Vec<u8>| value.len() as u64);
@@ -845,7 +875,7 @@ mod tests {
             let hash = self.hasher.hash_one(key);
             let shard = self.shard(hash);
             let bucket = shard.buckets[shard.bucket_index(hash)].lock();
-            bucket.live(tag(hash), |e| &e.key == key).map(|e| e.state.load(Ordering::Relaxed))
+            bucket.live(tag(hash), |element| &element.key == key).map(|element| element.state.load(Ordering::Relaxed))
         }
     }
 }

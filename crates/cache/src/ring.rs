@@ -1,137 +1,194 @@
-//! A bounded multi-producer, multi-consumer FIFO of `Arc`s: one of the
-//! cache's three queues.
+//! A bounded multi-producer, multi-consumer FIFO of owned elements: one of
+//! the cache's queues.
 //!
-//! The queue is a ring of slots and two counters. A thread claims a
-//! position by advancing a counter with one compare-and-swap, so no thread
-//! ever holds a lock on the whole queue: pushers on different positions,
-//! and poppers on different positions, proceed at once.
+//! The queue is a ring of slots and two counters, head and tail. A thread
+//! claims a position by advancing a counter with one compare-and-swap, so
+//! no thread ever holds a lock on the whole queue: pushers on different
+//! positions, and poppers on different positions, proceed at once. Each
+//! push and each pop costs that one atomic read-modify-write and no more
+//! (the slot is then written with a plain store): on one thread, an insert
+//! that evicts pushes and pops several times, and every atomic instruction
+//! counts there (bench/RESULTS.md).
 //!
-//! **Invariant:** `tail <= head` and `head - tail <= slots.len()`. Every
-//! position in `tail..head` has been claimed by a pusher, who stores its
-//! element there (perhaps a moment later); every position below `tail` has
-//! been claimed by a popper, who takes the element out (perhaps a moment
-//! later). A slot is therefore either empty or owned by exactly one element.
+//! A slot's word is the element's pointer with two low bits of state: *full*
+//! and the *lap* (position divided by the ring's length) modulo 2. A slot is
+//! ready for the pusher of position `p` when it is empty for `p`'s lap, and
+//! for the popper of `p` when it is full for `p`'s lap; a thread looks
+//! before it claims, and claims only a slot that is ready for it. One bit of
+//! lap is enough: while head (or tail) still reads `p`, the slot of `p` can
+//! only be a lap behind (its element not yet stored, or not yet taken) or
+//! ready, never a lap ahead, and the claim itself fails if the counter
+//! moved.
+//!
+//! **Invariant:** a slot that is full holds the one reference to its
+//! element (see `Owned`): a push moves the caller's reference in, a pop
+//! moves it out to the caller.
 
-use std::ptr;
+use std::marker::PhantomData;
+use std::ops::Deref;
+use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_utils::{Backoff, CachePadded};
 
+/// The one owning reference to a heap element. It has no `Drop`: its holder
+/// either passes it on (into a ring) or frees it, once nothing else can
+/// reach the element (`free`'s contract).
+pub(crate) struct Owned<T>(NonNull<T>);
+
+impl<T> Owned<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Owned(NonNull::from(Box::leak(Box::new(value))))
+    }
+
+    /// The element's address, for others to borrow while the owner lets them.
+    pub(crate) fn as_ptr(&self) -> NonNull<T> {
+        self.0
+    }
+
+    /// Drops the element.
+    ///
+    /// # Safety
+    /// No other thread can reach the element any more, nor ever will.
+    pub(crate) unsafe fn free(self) {
+        // SAFETY: the pointer came from `Box::leak` in `new`, this is its one
+        // owning reference, and per the contract no one else uses it.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+    }
+}
+
+impl<T> Deref for Owned<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // SAFETY: the owner's element is alive until the owner frees it,
+        // which consumes `self`; others only ever read it through shared
+        // references (its mutable parts are atomics or behind a lock).
+        unsafe { self.0.as_ref() }
+    }
+}
+
+/// The low bits of a slot's word.
+const FULL: usize = 1;
+const LAP: usize = 2;
+
 pub(crate) struct Ring<T> {
     slots: Box<[AtomicPtr<T>]>,
     mask: u64,
+    /// log2 of the length: a position's lap is `position >> shift`.
+    shift: u32,
     /// The next position to push at.
     head: CachePadded<AtomicU64>,
     /// The next position to pop from.
     tail: CachePadded<AtomicU64>,
+    /// Elements go in on one thread and come out on another, and others
+    /// read them meanwhile: shared as an `Arc<T>` would be.
+    _elements: PhantomData<Arc<T>>,
 }
 
 impl<T> Ring<T> {
     /// A ring holding at least `capacity` elements (rounded up to a power of two).
     pub(crate) fn new(capacity: usize) -> Self {
+        const { assert!(std::mem::align_of::<T>() > (FULL | LAP), "the two state bits need an aligned pointer") };
         let len = capacity.max(2).next_power_of_two();
         Ring {
             slots: (0..len).map(|_| AtomicPtr::new(ptr::null_mut())).collect(),
             mask: len as u64 - 1,
+            shift: len.trailing_zeros(),
             head: CachePadded::new(AtomicU64::new(0)),
             tail: CachePadded::new(AtomicU64::new(0)),
+            _elements: PhantomData,
         }
+    }
+
+    /// The lap bit of a position, as it sits in a slot's word.
+    fn lap(&self, position: u64) -> usize {
+        if (position >> self.shift) & 1 == 1 {
+            LAP
+        } else {
+            0
+        }
+    }
+
+    fn slot(&self, position: u64) -> &AtomicPtr<T> {
+        &self.slots[(position & self.mask) as usize]
     }
 
     /// The queued elements, oldest first. `&mut self`: no push or pop is in
     /// flight, so every claimed position holds its element.
     pub(crate) fn elements(&mut self) -> impl Iterator<Item = &T> + '_ {
         let (tail, head) = (*self.tail.get_mut(), *self.head.get_mut());
-        let (slots, mask) = (&self.slots, self.mask);
         (tail..head).filter_map(move |position| {
-            let raw = slots[(position & mask) as usize].load(Ordering::Relaxed);
-            // SAFETY: a non-null slot holds a reference count taken by
-            // `Arc::into_raw`, which only `take` or `drop` gives back, and
-            // neither can run while `self` is borrowed.
-            (!raw.is_null()).then(|| unsafe { &*raw })
+            let word = self.slot(position).load(Ordering::Relaxed);
+            // SAFETY: a full slot holds an owning reference (the module's
+            // invariant), which no one can take while `self` is borrowed.
+            (word.addr() & FULL != 0).then(|| unsafe { &*word.map_addr(|addr| addr & !(FULL | LAP)) })
         })
     }
 
     /// Appends `element`, or hands it back if the ring is full.
-    pub(crate) fn push(&self, element: Arc<T>) -> Result<(), Arc<T>> {
+    pub(crate) fn push(&self, element: Owned<T>) -> Result<(), Owned<T>> {
         let backoff = Backoff::new();
         loop {
-            // Tail first, then head: head can only have grown since, so the
-            // difference never underflows; it may overstate the fill, which
-            // at worst refuses a push that a moment later would fit.
-            let tail = self.tail.load(Ordering::Acquire);
             let head = self.head.load(Ordering::Acquire);
-            if head - tail >= self.slots.len() as u64 {
+            let lap = self.lap(head);
+            let slot = self.slot(head);
+            if slot.load(Ordering::Acquire).addr() == lap {
+                if self.head.compare_exchange_weak(head, head + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                    slot.store(element.0.as_ptr().map_addr(|addr| addr | lap | FULL), Ordering::Release);
+                    return Ok(());
+                }
+            } else if self.head.load(Ordering::Acquire) == head {
+                // The slot still holds the element a lap back, or is about
+                // to: every slot is taken. (Acquire on head makes the slot's
+                // load see at least what the pusher a lap back saw.)
                 return Err(element);
-            }
-            if self.head.compare_exchange_weak(head, head + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                self.store(head, element);
-                return Ok(());
             }
             // Another pusher took this position: retry with the next one.
             backoff.spin();
         }
     }
 
-    /// Takes the oldest element, or `None` if the ring is empty.
-    pub(crate) fn pop(&self) -> Option<Arc<T>> {
+    /// Takes the oldest element, or `None` if there is none to take yet (the
+    /// ring is empty, or the oldest element's pusher has claimed its
+    /// position and not yet stored into it).
+    pub(crate) fn pop(&self) -> Option<Owned<T>> {
         let backoff = Backoff::new();
         loop {
             let tail = self.tail.load(Ordering::Acquire);
-            let head = self.head.load(Ordering::Acquire);
-            if tail == head {
+            let lap = self.lap(tail);
+            let slot = self.slot(tail);
+            let word = slot.load(Ordering::Acquire);
+            if word.addr() & (FULL | LAP) == lap | FULL {
+                if self.tail.compare_exchange_weak(tail, tail + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                    // Empty for the next lap's pusher.
+                    slot.store(ptr::without_provenance_mut(lap ^ LAP), Ordering::Release);
+                    let element = word.map_addr(|addr| addr & !(FULL | LAP));
+                    // SAFETY: a full slot's word is an owning reference's
+                    // pointer plus state bits (the module's invariant), and
+                    // the claim made this thread its one taker.
+                    return Some(Owned(unsafe { NonNull::new_unchecked(element) }));
+                }
+            } else if self.tail.load(Ordering::Acquire) == tail {
                 return None;
-            }
-            if self.tail.compare_exchange_weak(tail, tail + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                return Some(self.take(tail));
             }
             // Another popper took this position: retry with the next one.
             backoff.spin();
-        }
-    }
-
-    /// Stores into a claimed position. The slot's previous occupant (one lap
-    /// earlier) was claimed by a popper, who may not have taken it out yet:
-    /// wait for it to.
-    fn store(&self, position: u64, element: Arc<T>) {
-        let slot = &self.slots[(position & self.mask) as usize];
-        let raw = Arc::into_raw(element).cast_mut();
-        let backoff = Backoff::new();
-        while slot.compare_exchange_weak(ptr::null_mut(), raw, Ordering::Release, Ordering::Relaxed).is_err() {
-            backoff.snooze();
-        }
-    }
-
-    /// Takes from a claimed position, waiting for its pusher to store into it.
-    ///
-    /// A popper one lap later can, rarely, swap out this slot's element
-    /// before this popper does (its pusher then refills the slot): the two
-    /// poppers then exchange elements. Nothing is lost or duplicated; only
-    /// the order of those two elements differs.
-    fn take(&self, position: u64) -> Arc<T> {
-        let slot = &self.slots[(position & self.mask) as usize];
-        let backoff = Backoff::new();
-        loop {
-            let raw = slot.swap(ptr::null_mut(), Ordering::Acquire);
-            if !raw.is_null() {
-                // SAFETY: every non-null slot value came from `Arc::into_raw`
-                // in `store`, and the swap above made this thread its only
-                // holder, so the reference count it stands for moves here.
-                return unsafe { Arc::from_raw(raw) };
-            }
-            backoff.snooze();
         }
     }
 }
 
 impl<T> Drop for Ring<T> {
     fn drop(&mut self) {
-        for slot in self.slots.iter() {
-            let raw = slot.swap(ptr::null_mut(), Ordering::Acquire);
-            if !raw.is_null() {
-                // SAFETY: as in `take`; `&mut self` means no thread is mid-push or mid-pop.
-                drop(unsafe { Arc::from_raw(raw) });
+        for slot in self.slots.iter_mut() {
+            let word = *slot.get_mut();
+            if word.addr() & FULL != 0 {
+                let element = word.map_addr(|addr| addr & !(FULL | LAP));
+                // SAFETY: a full slot holds an owning reference (the
+                // module's invariant), and a ring being dropped is the last
+                // thing that can reach its elements.
+                unsafe { Owned(NonNull::new_unchecked(element)).free() };
             }
         }
     }
@@ -141,34 +198,47 @@ impl<T> Drop for Ring<T> {
 mod tests {
     use super::*;
 
+    fn value(element: Owned<u64>) -> u64 {
+        let value = *element;
+        // SAFETY: the test is the element's only holder.
+        unsafe { element.free() };
+        value
+    }
+
     #[test]
     fn a_ring_is_first_in_first_out_and_refuses_a_push_when_full() {
         let ring = Ring::new(4);
         for value in 0..4 {
-            ring.push(Arc::new(value)).expect("room");
+            assert!(ring.push(Owned::new(value)).is_ok(), "room");
         }
-        assert_eq!(*ring.push(Arc::new(9)).expect_err("full"), 9);
-        for value in 0..4 {
-            assert_eq!(*ring.pop().expect("an element"), value);
+        let refused = ring.push(Owned::new(9)).expect_err("full");
+        assert_eq!(value(refused), 9);
+        for expected in 0..4 {
+            assert_eq!(value(ring.pop().expect("an element")), expected);
         }
         assert!(ring.pop().is_none());
-        // Wraps around: positions keep growing, slots are reused.
+        // Wraps around: positions keep growing, slots are reused, and the
+        // lap bit tells this lap's elements from the last one's.
         for lap in 0..10 {
-            ring.push(Arc::new(lap)).expect("room");
-            assert_eq!(*ring.pop().expect("an element"), lap);
+            assert!(ring.push(Owned::new(lap)).is_ok(), "room");
+            assert!(ring.push(Owned::new(lap + 100)).is_ok(), "room");
+            assert_eq!(value(ring.pop().expect("an element")), lap);
+            assert_eq!(value(ring.pop().expect("an element")), lap + 100);
         }
+        // What is left when the ring goes is freed with it (Miri checks).
+        assert!(ring.push(Owned::new(7)).is_ok());
     }
 
     #[test]
     fn concurrent_pushers_and_poppers_lose_and_duplicate_nothing() {
-        const PER_THREAD: u64 = 20_000;
-        let ring = Arc::new(Ring::new(64));
+        let per_thread: u64 = if cfg!(miri) { 200 } else { 20_000 };
+        let ring = Ring::new(64);
         let popped = std::thread::scope(|scope| {
             for thread in 0..2u64 {
                 let ring = &ring;
                 scope.spawn(move || {
-                    for index in 0..PER_THREAD {
-                        let mut element = Arc::new(thread * PER_THREAD + index);
+                    for index in 0..per_thread {
+                        let mut element = Owned::new(thread * per_thread + index);
                         while let Err(back) = ring.push(element) {
                             element = back;
                             std::thread::yield_now();
@@ -181,9 +251,9 @@ mod tests {
                     let ring = &ring;
                     scope.spawn(move || {
                         let mut seen = Vec::new();
-                        while seen.len() < PER_THREAD as usize {
+                        while seen.len() < per_thread as usize {
                             match ring.pop() {
-                                Some(element) => seen.push(*element),
+                                Some(element) => seen.push(value(element)),
                                 None => std::thread::yield_now(),
                             }
                         }
@@ -195,7 +265,7 @@ mod tests {
         });
         let mut sorted = popped;
         sorted.sort_unstable();
-        assert_eq!(sorted, (0..2 * PER_THREAD).collect::<Vec<_>>());
+        assert_eq!(sorted, (0..2 * per_thread).collect::<Vec<_>>());
         assert!(ring.pop().is_none());
     }
 }
