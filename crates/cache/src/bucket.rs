@@ -76,6 +76,16 @@ pub(crate) struct List<E> {
     _elements: PhantomData<Arc<E>>,
 }
 
+/// Where an insertion goes (`List::place`): slot indexes.
+#[derive(Default)]
+pub(crate) struct Place {
+    pub(crate) live: Option<usize>,
+    /// The key's ghost, and the position it was pushed at.
+    pub(crate) ghost: Option<(usize, u64)>,
+    /// A slot whose ghost has left the ghost queue.
+    pub(crate) left: Option<usize>,
+}
+
 /// Slots past the near ones: tag and word.
 type Far<E> = Vec<(u32, *mut E)>;
 
@@ -132,6 +142,45 @@ impl<E> List<E> {
         }
         let far = self.far.as_ref()?;
         far.iter().position(|&(tag, word)| matches(tag, self.view(tag, word))).map(|index| NEAR + index)
+    }
+
+    /// Where an insertion of a key with `tag` goes: the key's live slot, if
+    /// it has one (`is_key` says which element is the key's); else its
+    /// ghost's, and that ghost's push position; else the first slot whose
+    /// ghost `has_left` the ghost queue. One pass for all, in plain loops
+    /// as in `find`: a ghost whose tag a live key shares (two hashes, one
+    /// tag) must not hide the live key.
+    pub(crate) fn place(
+        &self,
+        tag: u32,
+        mut is_key: impl FnMut(&E) -> bool,
+        has_left: impl Fn(u64) -> bool,
+    ) -> Place {
+        let mut place = Place::default();
+        let mut visit = |index: usize, slot_tag: u32, view: View<'_, E>| {
+            match view {
+                View::Live(element) if slot_tag == tag && is_key(element) => {
+                    place.live = Some(index);
+                    return true;
+                }
+                View::Ghost(pushed) if slot_tag == tag => place.ghost = Some((index, pushed)),
+                View::Ghost(pushed) if place.left.is_none() && has_left(pushed) => place.left = Some(index),
+                _ => {}
+            }
+            false
+        };
+        for index in 0..NEAR {
+            let slot_tag = self.tags[index];
+            if slot_tag != 0 && visit(index, slot_tag, self.view(slot_tag, self.near[index])) {
+                return place;
+            }
+        }
+        for (index, &(slot_tag, word)) in self.far.iter().flat_map(|far| far.iter()).enumerate() {
+            if visit(NEAR + index, slot_tag, self.view(slot_tag, word)) {
+                break;
+            }
+        }
+        place
     }
 
     /// The live element whose tag is `tag` and which `is_it`.

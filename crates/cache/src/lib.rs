@@ -453,30 +453,13 @@ impl<K: Eq, V: Clone> Shard<K, V> {
                 return false;
             }
             let tag = tag(hash);
-            let mut live = None;
-            // The key's own ghost, and whether it is still queued.
-            let mut ghost = None;
-            // A slot whose ghost has left the queue, free to reuse.
-            let mut left = None;
-            // One pass for all: a ghost whose tag a live key shares (two
-            // hashes, one tag) must not hide the live key.
-            for (position, (slot_tag, slot)) in bucket.slots().enumerate() {
-                match slot {
-                    View::Live(element) if slot_tag == tag && element.key == key => {
-                        live = Some(position);
-                        break;
-                    }
-                    View::Ghost(pushed) if slot_tag == tag => ghost = Some((position, self.ghost_is_queued(pushed))),
-                    View::Ghost(pushed) if left.is_none() && !self.ghost_is_queued(pushed) => left = Some(position),
-                    _ => {}
-                }
-            }
+            let place = bucket.place(tag, |element| element.key == key, |pushed| !self.ghost_is_queued(pushed));
             // A key replaced by a value of the same weight keeps its place:
             // the value changes in place and counts as a read. Otherwise
             // the key keeps its queue and its reads but goes to the back.
             // A key evicted from small not long ago (a ghost still queued)
             // goes straight to main.
-            let (state, frequency) = match live {
+            let (state, frequency) = match place.live {
                 Some(position) => {
                     let View::Live(old) = bucket.get(position) else { unreachable!("a live slot") };
                     if old.weight == weight && old.state.load(Ordering::Acquire) != REMOVED {
@@ -492,7 +475,7 @@ impl<K: Eq, V: Clone> Shard<K, V> {
                     let state = self.retire(old).unwrap_or(IN_SMALL);
                     (state, old.frequency.load(Ordering::Relaxed))
                 }
-                None if ghost.is_some_and(|(_, queued)| queued) => (IN_MAIN, 0),
+                None if place.ghost.is_some_and(|(_, pushed)| self.ghost_is_queued(pushed)) => (IN_MAIN, 0),
                 None => (IN_SMALL, 0),
             };
             let element = Owned::new(Element {
@@ -507,7 +490,7 @@ impl<K: Eq, V: Clone> Shard<K, V> {
             // subtracts what was not yet added.
             self.queue_weight(state).fetch_add(weight as i64, Ordering::Relaxed);
             let listed = Slot::Live(element.as_ptr());
-            match live.or(ghost.map(|(position, _)| position)).or(left) {
+            match place.live.or(place.ghost.map(|(position, _)| position)).or(place.left) {
                 Some(position) => bucket.set(position, tag, listed),
                 None => bucket.add(tag, listed),
             }
