@@ -150,12 +150,7 @@ impl<E> List<E> {
     /// ghost `has_left` the ghost queue. One pass for all, in plain loops
     /// as in `find`: a ghost whose tag a live key shares (two hashes, one
     /// tag) must not hide the live key.
-    pub(crate) fn place(
-        &self,
-        tag: u32,
-        mut is_key: impl FnMut(&E) -> bool,
-        has_left: impl Fn(u64) -> bool,
-    ) -> Place {
+    pub(crate) fn place(&self, tag: u32, mut is_key: impl FnMut(&E) -> bool, has_left: impl Fn(u64) -> bool) -> Place {
         let mut place = Place::default();
         let mut visit = |index: usize, slot_tag: u32, view: View<'_, E>| {
             match view {
