@@ -146,46 +146,71 @@ impl<E> List<E> {
 
     /// Where an insertion of a key with `tag` goes: the key's live slot, if
     /// it has one (`is_key` says which element is the key's); else its
-    /// ghost's, and that ghost's push position; else the first slot whose
-    /// ghost `has_left` the ghost queue. One pass for all, in plain loops
-    /// as in `find`: a ghost whose tag a live key shares (two hashes, one
-    /// tag) must not hide the live key.
+    /// ghost's, and that ghost's push position; else, if no near slot is
+    /// empty, the first slot whose ghost `has_left` the ghost queue. Tags
+    /// are compared as in `live`; a ghost whose tag a live key shares (two
+    /// hashes, one tag) must not hide the live key, so a ghost found does
+    /// not end the search.
     pub(crate) fn place(&self, tag: u32, mut is_key: impl FnMut(&E) -> bool, has_left: impl Fn(u64) -> bool) -> Place {
         let mut place = Place::default();
-        let mut visit = |index: usize, slot_tag: u32, view: View<'_, E>| {
+        let mut visit = |index: usize, view: View<'_, E>| {
             match view {
-                View::Live(element) if slot_tag == tag && is_key(element) => {
+                View::Live(element) if is_key(element) => {
                     place.live = Some(index);
                     return true;
                 }
-                View::Ghost(pushed) if slot_tag == tag => place.ghost = Some((index, pushed)),
-                View::Ghost(pushed) if place.left.is_none() && has_left(pushed) => place.left = Some(index),
+                View::Ghost(pushed) => place.ghost = Some((index, pushed)),
                 _ => {}
             }
             false
         };
-        for index in 0..NEAR {
-            let slot_tag = self.tags[index];
-            if slot_tag != 0 && visit(index, slot_tag, self.view(slot_tag, self.near[index])) {
+        let mut matching = self.matching(tag);
+        while matching != 0 {
+            let index = matching.trailing_zeros() as usize;
+            matching &= matching - 1;
+            if visit(index, self.view(tag, self.near[index])) {
                 return place;
             }
         }
         for (index, &(slot_tag, word)) in self.far.iter().flat_map(|far| far.iter()).enumerate() {
-            if visit(NEAR + index, slot_tag, self.view(slot_tag, word)) {
-                break;
+            if slot_tag == tag && visit(NEAR + index, self.view(slot_tag, word)) {
+                return place;
             }
+        }
+        if place.ghost.is_none() && self.tags.iter().all(|&slot_tag| slot_tag != 0) {
+            place.left = self.find(|_, view| matches!(view, View::Ghost(pushed) if has_left(pushed)));
         }
         place
     }
 
-    /// The live element whose tag is `tag` and which `is_it`.
+    /// A bit per near slot whose tag is `tag`, computed without a branch
+    /// per slot: which slot matches, if any, is as random as the keys, so
+    /// a branch per slot is mispredicted often.
+    fn matching(&self, tag: u32) -> u32 {
+        let slot_bit = |(index, &slot_tag): (usize, &u32)| u32::from(slot_tag == tag) << index;
+        self.tags.iter().enumerate().map(slot_bit).fold(0, |mask, bit| mask | bit)
+    }
+
+    /// The live element whose tag is `tag` and which `is_it`. Every read
+    /// comes here: the near tags are compared at once (`matching`), and
+    /// only a matching slot is decoded. A tag is never 0, so a match is
+    /// never empty.
     pub(crate) fn live(&self, tag: u32, mut is_it: impl FnMut(&E) -> bool) -> Option<&E> {
-        let index =
-            self.find(|slot_tag, view| matches!(view, View::Live(element) if slot_tag == tag && is_it(element)))?;
-        match self.get(index) {
-            View::Live(element) => Some(element),
-            _ => unreachable!("found live"),
+        let mut matching = self.matching(tag);
+        while matching != 0 {
+            let index = matching.trailing_zeros() as usize;
+            matching &= matching - 1;
+            if let View::Live(element) = self.view(tag, self.near[index]) {
+                if is_it(element) {
+                    return Some(element);
+                }
+            }
         }
+        let far = self.far.as_ref()?;
+        far.iter().find_map(|&(slot_tag, word)| match self.view(slot_tag, word) {
+            View::Live(element) if slot_tag == tag && is_it(element) => Some(element),
+            _ => None,
+        })
     }
 
     /// The slot that lists `element`, if any: compares addresses only.
