@@ -9,14 +9,15 @@
 //! takes the last far one, so the far vector holds only what the near slots
 //! cannot.
 //!
-//! A slot is empty (tag 0), a ghost (a tag and the sequence number the
-//! ghost was made with: the key of that hash was evicted from the small
-//! queue not long ago) or live (a tag and a borrowed pointer to the
-//! element). A tag is the low 32 bits of the key's hash with the lowest bit
-//! set, so it is never 0: for a live slot it spares comparing the keys of
-//! most non-matching elements; for a ghost it is all there is. Two hashes
-//! of one bucket that share their tag (one pair in two billion) can make a
-//! key go to the main queue when it would have gone to the small one: a
+//! A slot is empty (tag 0), a ghost (a tag and the position the ghost was
+//! pushed at in the ghost queue: the key of that hash was evicted from the
+//! small queue; the shard tells whether the ghost is still queued) or live
+//! (a tag and a borrowed pointer to the element). A tag is the low 32 bits
+//! of the key's hash with the lowest bit set, so it is never 0: for a live
+//! slot it spares comparing the keys of most non-matching elements; for a
+//! ghost it is all there is. Two hashes of one bucket that share their tag
+//! (one pair in two billion) can make a key go to the main queue when it
+//! would have gone to the small one, or take the other's ghost's slot: a
 //! matter of hit ratio, never of a value returned.
 //!
 //! **Invariant:** a live slot's element stays allocated while it is listed
@@ -30,8 +31,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Slots in the bucket itself. With the tables sized for about two live
-/// elements per bucket and ghosts for two fifths as many again, most
-/// buckets need no more.
+/// elements per bucket and queued ghosts for two fifths as many again, most
+/// buckets need no more (ghosts that left the queue take slots too, until
+/// reused).
 pub(crate) const NEAR: usize = 3;
 
 /// A hash's tag (see the module documentation).
@@ -42,7 +44,7 @@ pub(crate) fn tag(hash: u64) -> u32 {
 /// What goes into a slot.
 pub(crate) enum Slot<E> {
     Live(NonNull<E>),
-    /// A ghost, with the sequence number it was made with.
+    /// A ghost, with the position it was pushed at in the ghost queue.
     Ghost(u64),
 }
 
@@ -54,11 +56,15 @@ pub(crate) enum View<'a, E> {
 }
 
 /// A slot's word: an element's pointer (an even address), or a ghost's
-/// sequence number shifted left with the low bit set, or null when empty.
+/// push position shifted left with the low bit set, or null when empty.
+/// The shift keeps 63 bits of the position: enough on a 64-bit target,
+/// the only kind the workspace builds for.
+const _: () = assert!(usize::BITS == 64, "a ghost's push position needs a 64-bit word");
+
 fn word<E>(slot: Slot<E>) -> *mut E {
     match slot {
         Slot::Live(element) => element.as_ptr(),
-        Slot::Ghost(sequence) => ptr::without_provenance_mut(((sequence as usize) << 1) | 1),
+        Slot::Ghost(pushed) => ptr::without_provenance_mut(((pushed as usize) << 1) | 1),
     }
 }
 
@@ -331,9 +337,9 @@ mod tests {
         assert_eq!(value(&list, near), None);
         assert!([1, 2, 4].iter().all(|&value| found(&list, value).is_none()));
         assert!([3, 5].iter().all(|&value| found(&list, value) == Some(value)));
-        // A ghost's sequence number keeps all its bits but the top one.
+        // A ghost's push position keeps all its bits but the top one.
         list.set(near, tag(9), Slot::Ghost(u64::MAX >> 1));
-        assert!(matches!(list.get(near), View::Ghost(sequence) if sequence == u64::MAX >> 1));
+        assert!(matches!(list.get(near), View::Ghost(pushed) if pushed == u64::MAX >> 1));
     }
 
     #[test]

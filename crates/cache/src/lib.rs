@@ -21,8 +21,9 @@
 //!   with the position it was pushed at, and it has left the queue once
 //!   `GHOST_PERCENT` of the estimated items' worth of ghosts came after it.
 //!   So pushing a ghost takes no lock but the evicted key's bucket's, which
-//!   the eviction holds anyway, and a ghost that left is found out by the
-//!   next insertion into its bucket, which reuses its slot.
+//!   the eviction holds anyway. A ghost that left stays in its slot until
+//!   its key comes back, or until an insertion into its bucket that finds
+//!   no empty near slot reuses its slot.
 //! - **Each element carries its own lock word** (`Element::state`): the
 //!   queue it is in, or removed. Every move between queues and every
 //!   removal is a compare-and-swap on it, so two threads that race on one
@@ -104,9 +105,10 @@ const FREQUENCY_MAX: u8 = 3;
 /// 2% (with ghosts for 40% of the items) is at or above it on every Zipf
 /// trace over four seeds (bench/RESULTS.md).
 const SMALL_PERCENT: u64 = 2;
-/// Live elements per bucket at the estimated item count; ghosts add up to
-/// two fifths as many again. Short lists keep a lookup to a few compares in one cache
-/// line or two.
+/// Live elements per bucket at the estimated item count; queued ghosts add
+/// up to two fifths as many again, and ghosts that left the queue sit in
+/// their slots until reused. Short lists keep a lookup to a few compares in
+/// one cache line or two.
 const ITEMS_PER_BUCKET: usize = 2;
 /// Shards per core, at most (each shard has its own table, queues and
 /// weights, so threads on different shards share no cache line), and
@@ -115,9 +117,13 @@ const ITEMS_PER_BUCKET: usize = 2;
 const SHARDS_PER_CORE: usize = 4;
 const SHARDS_MAX: usize = 64;
 const SHARD_ITEMS_MIN: usize = 256;
-/// The ghost queue's length, as a share of the estimated items (tuned with
-/// `SMALL_PERCENT`: 50% and 100% gave lower hit ratios, 25% a higher one on
-/// Zipf traces but a lower one on the scan mix).
+/// The ghost queue's length, as a share of the estimated items. Tuned with
+/// `SMALL_PERCENT` when the ghost queue was a ring whose length was this
+/// share rounded up to a power of two: 50% and 100% gave lower hit ratios,
+/// 25% a higher one on Zipf traces but a lower one on the scan mix. Since
+/// the length is exactly this share (a shorter queue, by up to half), hit
+/// ratios stayed at or above quick_cache's on every Zipf trace of
+/// bench/cache.sh, and within the scan mix's usual swing (bench/RESULTS.md).
 const GHOST_PERCENT: usize = 40;
 
 /// An element's state, its lock word.
@@ -377,7 +383,7 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
     /// Checks the invariants (see the crate documentation) of every shard
     /// of a quiescent cache, for tests: every key live at most once, every
     /// live element in the ring of its state exactly once, the weights
-    /// exact and within capacity, ghosts no more than the ghost ring holds.
+    /// exact and within capacity, no more ghosts queued than the ghost queue's length.
     pub fn audit(&mut self) -> Result<(), String> {
         for (index, shard) in self.shards.iter_mut().enumerate() {
             shard.audit().map_err(|error| format!("shard {index}: {error}"))?;
@@ -578,7 +584,7 @@ impl<K: Eq, V: Clone> Shard<K, V> {
                     element = back;
                     let made_room = if state == IN_SMALL { self.evict_small() } else { self.evict_main() };
                     if !made_room {
-                        // The oldest element's pusher has yet to store it.
+                        // Other threads emptied the ring meanwhile: push again.
                         backoff.snooze();
                     }
                 }

@@ -111,6 +111,10 @@ impl<T> Ring<T> {
         }
     }
 
+    fn len(&self) -> u64 {
+        self.mask + 1
+    }
+
     fn slot(&self, position: u64) -> &AtomicPtr<T> {
         &self.slots[(position & self.mask) as usize]
     }
@@ -127,7 +131,9 @@ impl<T> Ring<T> {
         })
     }
 
-    /// Appends `element`, or hands it back if the ring is full.
+    /// Appends `element`, or hands it back if the ring is full. A popper
+    /// that has claimed the slot's previous element and not yet emptied the
+    /// slot is waited for.
     pub(crate) fn push(&self, element: Owned<T>) -> Result<(), Owned<T>> {
         let backoff = Backoff::new();
         loop {
@@ -140,19 +146,24 @@ impl<T> Ring<T> {
                     return Ok(());
                 }
             } else if self.head.load(Ordering::Acquire) == head {
-                // The slot still holds the element a lap back, or is about
-                // to: every slot is taken. (Acquire on head makes the slot's
-                // load see at least what the pusher a lap back saw.)
-                return Err(element);
+                // The slot still holds the element a lap back (Acquire on
+                // head makes the slot's load see at least what the pusher a
+                // lap back saw). If its popper has claimed it, it is about
+                // to store: wait for that. Otherwise every slot is taken.
+                if self.tail.load(Ordering::Acquire) + self.len() <= head {
+                    return Err(element);
+                }
+                backoff.snooze();
+                continue;
             }
             // Another pusher took this position: retry with the next one.
             backoff.spin();
         }
     }
 
-    /// Takes the oldest element, or `None` if there is none to take yet (the
-    /// ring is empty, or the oldest element's pusher has claimed its
-    /// position and not yet stored into it).
+    /// Takes the oldest element, or `None` if the ring is empty. A pusher
+    /// that has claimed the oldest position and not yet stored into it is
+    /// waited for.
     pub(crate) fn pop(&self) -> Option<Owned<T>> {
         let backoff = Backoff::new();
         loop {
@@ -171,7 +182,14 @@ impl<T> Ring<T> {
                     return Some(Owned(unsafe { NonNull::new_unchecked(element) }));
                 }
             } else if self.tail.load(Ordering::Acquire) == tail {
-                return None;
+                // Nothing at this position yet. If its pusher has claimed
+                // it, it is about to store: wait for that. Otherwise the
+                // ring is empty.
+                if self.head.load(Ordering::Acquire) == tail {
+                    return None;
+                }
+                backoff.snooze();
+                continue;
             }
             // Another popper took this position: retry with the next one.
             backoff.spin();
