@@ -343,6 +343,36 @@ mod tests {
     }
 
     #[test]
+    fn slots_taken_anywhere_leave_the_others_listed_however_far_they_went() {
+        let elements: Vec<Box<u64>> = (0..20).map(Box::new).collect();
+        let pointer = |value: u64| NonNull::from(&*elements[value as usize]);
+        let mut list = List::<u64>::default();
+        let mut listed: Vec<u64> = (0..14).collect();
+        for &value in &listed {
+            list.add(tag(value), Slot::Live(pointer(value)));
+        }
+        // Near, inline far and further far slots, taken in a scattered order.
+        for value in [13, 0, 5, 9, 6, 1, 12, 3, 8, 2, 11, 4, 7, 10] {
+            let position = list.position_of(pointer(value)).expect("still listed");
+            list.take(position);
+            listed.retain(|&other| other != value);
+            let mut seen: Vec<u64> = list
+                .slots()
+                .filter_map(|(_, slot)| match slot {
+                    View::Live(element) => Some(*element),
+                    _ => None,
+                })
+                .collect();
+            seen.sort_unstable();
+            assert_eq!(seen, listed, "after taking {value}");
+            assert_eq!(list.slots().count(), listed.len().max(NEAR), "no empty far slot left behind");
+            assert!(list.far_is_tidy(), "after taking {value}");
+            assert!(listed.iter().all(|&other| list.live(tag(other), |e| *e == other) == Some(&other)));
+        }
+        assert!(list.far.is_none());
+    }
+
+    #[test]
     fn pending_counts_go_over_to_the_shard_before_they_overflow() {
         let counters: [AtomicU64; 4] = Default::default();
         let mut list = List::<u64>::default();
