@@ -64,7 +64,7 @@ mod ring;
 use std::borrow::Borrow;
 use std::cell::UnsafeCell;
 use std::hash::{BuildHasher, Hash};
-use std::ptr::{self, NonNull};
+use std::ptr;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 
 use bucket::{tag, List, Slot, View};
@@ -515,13 +515,15 @@ impl<K: Eq, V: Clone> Shard<K, V> {
     {
         let mut bucket = self.buckets[self.bucket_index(hash)].lock();
         let tag = tag(hash);
-        let Some(element) = bucket.live(tag, |element| element.key.borrow() == key) else { return false };
-        let element = NonNull::from(element);
-        // SAFETY: listed, and this thread holds the bucket's lock until it
-        // is unlisted and marked removed below, so its owner cannot free it
-        // meanwhile (the crate's ownership rule).
-        let removed = self.retire(unsafe { element.as_ref() }).is_some();
-        let position = bucket.position_of(element).expect("found just now");
+        let is_key = |slot_tag, view: View<'_, Element<K, V>>| match view {
+            View::Live(element) => slot_tag == tag && element.key.borrow() == key,
+            _ => false,
+        };
+        let Some(position) = bucket.find(is_key) else { return false };
+        // Marked removed and unlisted in one hold of the lock: its owner
+        // frees it once this hold ends (the crate's ownership rule).
+        let View::Live(element) = bucket.get(position) else { unreachable!("found live") };
+        let removed = self.retire(element).is_some();
         bucket.take(position);
         removed
     }
@@ -673,12 +675,14 @@ impl<K: Eq, V: Clone> Shard<K, V> {
 
     fn audit(&mut self) -> Result<(), String> {
         let mut in_rings = std::collections::HashMap::new();
+        let mut removed_in_rings = 0;
         for (ring, name) in [(&mut self.small, IN_SMALL), (&mut self.main, IN_MAIN)] {
             for element in ring.elements() {
                 if in_rings.insert(ptr::from_ref(element), name).is_some() {
                     return Err("an element is queued twice".into());
                 }
                 let state = element.state.load(Ordering::Relaxed);
+                removed_in_rings += usize::from(state == REMOVED);
                 if state != REMOVED && state != name {
                     return Err(format!("an element in state {state} sits in queue {name}"));
                 }
@@ -727,11 +731,7 @@ impl<K: Eq, V: Clone> Shard<K, V> {
                 }
             }
         }
-        let removed_in_rings = in_rings.keys().filter(|&&element| {
-            // SAFETY: queued elements are owned by their rings, borrowed by `&mut self`.
-            unsafe { &*element }.state.load(Ordering::Relaxed) == REMOVED
-        });
-        if live + removed_in_rings.count() != in_rings.len() {
+        if live + removed_in_rings != in_rings.len() {
             return Err(format!("{} elements queued, {live} of them live in the table", in_rings.len()));
         }
         let (small_weight, main_weight) = (*self.small_weight.get_mut(), *self.main_weight.get_mut());

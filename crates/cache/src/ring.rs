@@ -73,6 +73,11 @@ impl<T> Deref for Owned<T> {
 const FULL: usize = 1;
 const LAP: usize = 2;
 
+/// The element's pointer in a full slot's word.
+fn element_of<T>(word: *mut T) -> *mut T {
+    word.map_addr(|addr| addr & !(FULL | LAP))
+}
+
 pub(crate) struct Ring<T> {
     slots: Box<[AtomicPtr<T>]>,
     mask: u64,
@@ -127,7 +132,7 @@ impl<T> Ring<T> {
             let word = self.slot(position).load(Ordering::Relaxed);
             // SAFETY: a full slot holds an owning reference (the module's
             // invariant), which no one can take while `self` is borrowed.
-            (word.addr() & FULL != 0).then(|| unsafe { &*word.map_addr(|addr| addr & !(FULL | LAP)) })
+            (word.addr() & FULL != 0).then(|| unsafe { &*element_of(word) })
         })
     }
 
@@ -175,11 +180,10 @@ impl<T> Ring<T> {
                 if self.tail.compare_exchange_weak(tail, tail + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                     // Empty for the next lap's pusher.
                     slot.store(ptr::without_provenance_mut(lap ^ LAP), Ordering::Release);
-                    let element = word.map_addr(|addr| addr & !(FULL | LAP));
                     // SAFETY: a full slot's word is an owning reference's
                     // pointer plus state bits (the module's invariant), and
                     // the claim made this thread its one taker.
-                    return Some(Owned(unsafe { NonNull::new_unchecked(element) }));
+                    return Some(Owned(unsafe { NonNull::new_unchecked(element_of(word)) }));
                 }
             } else if self.tail.load(Ordering::Acquire) == tail {
                 // Nothing at this position yet. If its pusher has claimed
@@ -202,11 +206,10 @@ impl<T> Drop for Ring<T> {
         for slot in self.slots.iter_mut() {
             let word = *slot.get_mut();
             if word.addr() & FULL != 0 {
-                let element = word.map_addr(|addr| addr & !(FULL | LAP));
                 // SAFETY: a full slot holds an owning reference (the
                 // module's invariant), and a ring being dropped is the last
                 // thing that can reach its elements.
-                unsafe { Owned(NonNull::new_unchecked(element)).free() };
+                unsafe { Owned(NonNull::new_unchecked(element_of(word))).free() };
             }
         }
     }
