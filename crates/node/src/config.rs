@@ -81,6 +81,13 @@ pub struct NodeConfig {
     /// leaves room for foreground I/O; 0: unpaced (default).
     #[serde(default)]
     pub resync_mib_per_second: u64,
+    /// Seconds an I/O this host serves for an initiator waits when no host
+    /// answers as its object's owner (the owner's host died, and another
+    /// takes the object over once the death is detected, in about 4-5 s),
+    /// before it fails with NOT READY; 0: fail at once. Keep it under the
+    /// initiators' command timeout (Linux: 30 s) (default: 20).
+    #[serde(default = "default_io_hold_secs")]
+    pub io_hold_secs: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +132,10 @@ fn default_disk_reserve_mib() -> u64 {
     64
 }
 
+fn default_io_hold_secs() -> u64 {
+    20
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -157,6 +168,7 @@ impl NodeConfig {
             disk_reserve_mib: default_disk_reserve_mib(),
             vip_interface: None,
             resync_mib_per_second: 0,
+            io_hold_secs: default_io_hold_secs(),
         }
     }
 

@@ -13,10 +13,15 @@
 //!   unit keeps its reservations and unit attentions across refreshes.
 //! - A SANITIZE OVERWRITE writes no faster than `sanitize_mib_per_second`
 //!   (node.toml), so it leaves disks and links to other volumes.
+//! - An I/O whose object no host answers for (its owner's host died and no
+//!   other has taken it over yet) is held and tried again, for up to
+//!   `io_hold_secs` (node.toml), instead of failing at once: initiators
+//!   such as QEMU's fail the guest's I/O on NOT READY, where a few seconds'
+//!   wait sees the object's new owner serve it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use catalog::{ChapRecord, Policy, TargetRecord, VolumeRecord};
@@ -98,24 +103,56 @@ impl NodeObjects {
         });
         Box::pin(async move {
             let node = node.ok_or_else(|| unavailable(&name, "the node is stopping"))?;
-            // Owned here: served on this host, with no owner looked up.
-            match storage::serve_here(&node, io.clone(), data.clone()).await {
-                Ok((IoReply::Done | IoReply::Data, out)) => return Ok(out),
-                Ok((IoReply::Error(reason), _)) => return Err(unavailable(&name, reason)),
-                Ok((IoReply::NoSpace(reason), _)) => return Err(VolumeError::NoSpace { object: name, reason }),
-                // Owned elsewhere, or deposed meanwhile: to the owner.
-                Ok((IoReply::NotOwner { .. }, _)) | Err(_) => {}
-            }
             let client = client.expect("a client when the node is up");
-            node.storage.note_forwarded(&name);
-            // The same request, to the owner; its answer as it comes.
-            client.call(io, &data).await.map_err(|error| match error {
-                ClientError::Failed(reason) | ClientError::Unreachable(reason) => unavailable(&name, reason),
-                ClientError::NoSpace(reason) => VolumeError::NoSpace { object: name.clone(), reason },
-            })
+            let hold = Duration::from_secs(node.config.io_hold_secs);
+            let started = Instant::now();
+            let mut pause = HOLD_PAUSE_FIRST;
+            let mut held = false;
+            loop {
+                // Owned here: served on this host, with no owner looked up.
+                match storage::serve_here(&node, io.clone(), data.clone()).await {
+                    Ok((IoReply::Done | IoReply::Data, out)) => return Ok(out),
+                    Ok((IoReply::Error(reason), _)) => return Err(unavailable(&name, reason)),
+                    Ok((IoReply::NoSpace(reason), _)) => return Err(VolumeError::NoSpace { object: name, reason }),
+                    // Owned elsewhere, or deposed meanwhile: to the owner.
+                    Ok((IoReply::NotOwner { .. }, _)) | Err(_) => {}
+                }
+                if !held {
+                    node.storage.note_forwarded(&name);
+                }
+                // The same request, to the owner; its answer as it comes.
+                let reason = match client.call(io.clone(), &data).await {
+                    Ok(out) => return Ok(out),
+                    Err(ClientError::NoSpace(reason)) => return Err(VolumeError::NoSpace { object: name, reason }),
+                    Err(ClientError::Failed(reason)) => return Err(unavailable(&name, reason)),
+                    // No host serves the object: its owner is gone and no
+                    // other has taken it over yet. Nothing was carried out
+                    // that a second try could not repeat (a compare and
+                    // write that may have been is `Failed`).
+                    Err(ClientError::Unreachable(reason)) => reason,
+                };
+                if started.elapsed() + pause > hold {
+                    if held {
+                        metrics::counter!("iscsi_io_hold_expired_total").increment(1);
+                        tracing::warn!(object = name, waited = ?started.elapsed(), %reason, "no host took the object over within io_hold_secs: the I/O fails");
+                    }
+                    return Err(unavailable(&name, reason));
+                }
+                if !held {
+                    held = true;
+                    metrics::counter!("iscsi_io_held_total").increment(1);
+                    tracing::debug!(object = name, %reason, "no owner answers: holding the I/O until one does");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(HOLD_PAUSE_MAX);
+            }
         })
     }
 }
+
+/// The first and the longest wait between tries of a held I/O.
+const HOLD_PAUSE_FIRST: Duration = Duration::from_millis(50);
+const HOLD_PAUSE_MAX: Duration = Duration::from_millis(500);
 
 impl ObjectIo for NodeObjects {
     fn compare_and_write(

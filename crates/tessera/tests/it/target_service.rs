@@ -4,6 +4,8 @@
 //!   target's host; when its owner is killed, another host takes the VIP in
 //!   the catalog, binds it, and discovery and logins work through it again.
 //! - Target ownership balanced with site affinity, as hosts leave and join.
+//! - An object's owner killed while another host serves its I/O: that
+//!   host holds the I/O until the object is taken over; no write fails.
 //!
 //! Needs libiscsi-bin (`scripts/test` installs it).
 
@@ -535,6 +537,85 @@ fn killing_the_host_an_initiator_writes_through_fails_over_to_another_portal_wit
         stalls[stalls.len() / 2],
         stalls[stalls.len() - 1]
     );
+}
+
+/// Blocks the held-I/O scenario writes (one each, in turn).
+const HELD_BLOCKS: u64 = 64;
+
+#[test]
+fn killing_an_objects_owner_holds_the_io_another_host_serves_until_the_object_is_taken_over() {
+    let _exclusive = exclusive();
+    tool("qemu-io");
+    tool("qemu-img");
+    let (mut cluster, port) = target_hosts(3, &[], &[]);
+    const TARGET: &str = "iqn.2026-11.org.tessera.test:held";
+    volume_and_target(&cluster, "held", "64MiB", TARGET);
+    let url = |host: u64| format!("iscsi://127.0.0.{}:{port}/{TARGET}/0", host + 10);
+    let owner_of_the_object = |cluster: &TestCluster| -> Option<u64> {
+        let objects = cluster.status()?.objects;
+        assert!(objects.len() <= 1, "a 64 MiB volume is one object: {objects:?}");
+        Some(objects.first()?.owner)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let owner = loop {
+        if let Some(owner) = owner_of_the_object(&cluster).filter(|owner| *owner != 0) {
+            break owner;
+        }
+        assert!(Instant::now() < deadline, "the volume's object has no owner: {}", cluster.report());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The initiator logs in to another host, which forwards each I/O to the
+    // owner. Writes are paced (about 40 a second) so that ownership does
+    // not follow them to the host serving them (it moves after 256
+    // forwarded I/Os within 2 s).
+    let serving = (1..=3).find(|host| *host != owner).unwrap();
+    let mut path = IoPath::open(&url(serving));
+    let pattern = |seq: u64| (seq % 251 + 1) as u8;
+    let pace = Duration::from_millis(25);
+    for seq in 0..HELD_BLOCKS / 4 {
+        path.write(seq, pattern(seq), Duration::from_secs(30))
+            .unwrap_or_else(|error| panic!("write {seq} through host {serving}: {error}"));
+        std::thread::sleep(pace);
+    }
+    assert_eq!(owner_of_the_object(&cluster), Some(owner), "ownership moved before the kill; the test needs it not to");
+    println!("host {owner} owns the object, host {serving} serves the initiator; killing host {owner}");
+    cluster.kill(owner);
+    let killed_at = Instant::now();
+    // Not one write fails: each waits, on the serving host, until another
+    // host has taken the object over.
+    let mut longest = Duration::ZERO;
+    for seq in HELD_BLOCKS / 4..HELD_BLOCKS {
+        let started = Instant::now();
+        path.write(seq, pattern(seq), Duration::from_secs(30)).unwrap_or_else(|error| {
+            panic!(
+                "write {seq} through host {serving}, {:?} after its object's owner (host {owner}) was killed, failed: \
+                 {error}; it should have waited for the object's new owner\n{}",
+                killed_at.elapsed(),
+                cluster.report()
+            )
+        });
+        longest = longest.max(started.elapsed());
+        std::thread::sleep(pace);
+    }
+    let new_owner = owner_of_the_object(&cluster);
+    println!(
+        "all {} writes after the kill acknowledged; the longest waited {longest:?}; the object's owner is now host \
+         {new_owner:?}",
+        HELD_BLOCKS - HELD_BLOCKS / 4
+    );
+    assert!(new_owner.is_some_and(|new| new != owner), "the object was not taken over: owner {new_owner:?}");
+    drop(path);
+    // Every block holds its write.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("lun.raw");
+    let output =
+        run(&cluster, "qemu-img", &["convert", "-f", "raw", "-O", "raw", &url(serving), image.to_str().unwrap()]);
+    assert!(output.status.success(), "reading the LUN back: {}", String::from_utf8_lossy(&output.stderr));
+    let data = std::fs::read(&image).unwrap();
+    for seq in 0..HELD_BLOCKS {
+        let block = &data[seq as usize * 4096..(seq as usize + 1) * 4096];
+        assert!(block.iter().all(|byte| *byte == pattern(seq)), "block {seq} does not hold its acknowledged write");
+    }
 }
 
 #[test]
