@@ -164,6 +164,12 @@ pub enum IoReply {
     Error(String),
     /// No room for the write on the object's disks; nothing was written.
     NoSpace(String),
+    /// No copy of the object is available now (every one is away); one
+    /// may come back.
+    Unavailable(String),
+    /// This host knows no object of that name (none exists, or its catalog
+    /// is not open or not caught up yet, as after a restart).
+    Unknown,
 }
 
 /// Live figures of an owned object.
@@ -582,7 +588,7 @@ pub(crate) async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (I
     };
     let record = node.services().and_then(|services| services.catalog.objects.get_local(&io.name().to_string()));
     match record {
-        None => (IoReply::Error(format!("no object named {:?}", io.name())), Bytes::new()),
+        None => (IoReply::Unknown, Bytes::new()),
         Some((record, _)) => {
             let address = hosts_by_id(node).get(&record.owner).map(|host| host.address.clone());
             let owner = (record.owner != node.config.node_id).then_some(record.owner);
@@ -629,6 +635,7 @@ pub(crate) async fn serve_here(
         Ok(Ok(None)) => (IoReply::Done, Bytes::new()),
         Ok(Err(ObjectError::Deposed)) => (IoReply::NotOwner { owner: None, address: None }, Bytes::new()),
         Ok(Err(error @ ObjectError::NoSpace)) => (IoReply::NoSpace(error.to_string()), Bytes::new()),
+        Ok(Err(error @ ObjectError::Unavailable)) => (IoReply::Unavailable(error.to_string()), Bytes::new()),
         Ok(Err(error)) => (IoReply::Error(error.to_string()), Bytes::new()),
         Err(error) => (IoReply::Error(error.to_string()), Bytes::new()),
     })
@@ -1018,6 +1025,9 @@ pub enum ClientError {
     Unreachable(String),
     #[error("{0}")]
     NoSpace(String),
+    /// The owner has no copy of the object available now.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl<T: Transport> ObjectClient<T> {
@@ -1096,8 +1106,11 @@ impl<T: Transport> ObjectClient<T> {
                     candidates.insert(index, owner);
                 }
                 IoReply::NotOwner { .. } => tried.push(format!("{address}: no owner open yet")),
+                // Another host may know it (this one may have just started).
+                IoReply::Unknown => tried.push(format!("{address}: no object named {:?} here", self.name)),
                 IoReply::Error(reason) => return Err(ClientError::Failed(reason)),
                 IoReply::NoSpace(reason) => return Err(ClientError::NoSpace(reason)),
+                IoReply::Unavailable(reason) => return Err(ClientError::Unavailable(reason)),
             }
         }
         *self.owner.lock().expect("owner lock") = None;

@@ -14,10 +14,13 @@
 //! - A SANITIZE OVERWRITE writes no faster than `sanitize_mib_per_second`
 //!   (node.toml), so it leaves disks and links to other volumes.
 //! - An I/O whose object no host answers for (its owner's host died and no
-//!   other has taken it over yet) is held and tried again, for up to
+//!   other has taken it over yet), or whose owner has no copy available
+//!   (every copy's host is away), is held and tried again, for up to
 //!   `io_hold_secs` (node.toml), instead of failing at once: initiators
 //!   such as QEMU's fail the guest's I/O on NOT READY, where a few seconds'
-//!   wait sees the object's new owner serve it.
+//!   wait sees the object's new owner, or a returning copy, serve it. A
+//!   compare and write is not held when no copy is available: it may have
+//!   reached one, and a second try would compare against its own data.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
@@ -109,44 +112,79 @@ impl NodeObjects {
             let mut pause = HOLD_PAUSE_FIRST;
             let mut held = false;
             loop {
-                // Owned here: served on this host, with no owner looked up.
-                match storage::serve_here(&node, io.clone(), data.clone()).await {
-                    Ok((IoReply::Done | IoReply::Data, out)) => return Ok(out),
-                    Ok((IoReply::Error(reason), _)) => return Err(unavailable(&name, reason)),
-                    Ok((IoReply::NoSpace(reason), _)) => return Err(VolumeError::NoSpace { object: name, reason }),
-                    // Owned elsewhere, or deposed meanwhile: to the owner.
-                    Ok((IoReply::NotOwner { .. }, _)) | Err(_) => {}
-                }
-                if !held {
-                    node.storage.note_forwarded(&name);
-                }
-                // The same request, to the owner; its answer as it comes.
-                let reason = match client.call(io.clone(), &data).await {
-                    Ok(out) => return Ok(out),
-                    Err(ClientError::NoSpace(reason)) => return Err(VolumeError::NoSpace { object: name, reason }),
-                    Err(ClientError::Failed(reason)) => return Err(unavailable(&name, reason)),
-                    // No host serves the object: its owner is gone and no
-                    // other has taken it over yet. Nothing was carried out
-                    // that a second try could not repeat (a compare and
-                    // write that may have been is `Failed`).
-                    Err(ClientError::Unreachable(reason)) => reason,
+                let reason = match serve(&node, &client, &io, &data, held).await {
+                    Served::Done(out) => return Ok(out),
+                    Served::Failed(error) => return Err(error),
+                    Served::Later(reason) => reason,
                 };
                 if started.elapsed() + pause > hold {
                     if held {
                         metrics::counter!("iscsi_io_hold_expired_total").increment(1);
-                        tracing::warn!(object = name, waited = ?started.elapsed(), %reason, "no host took the object over within io_hold_secs: the I/O fails");
+                        tracing::warn!(object = name, waited = ?started.elapsed(), %reason, "the object had no owner, or no copy, for io_hold_secs: the I/O fails");
                     }
                     return Err(unavailable(&name, reason));
                 }
                 if !held {
                     held = true;
                     metrics::counter!("iscsi_io_held_total").increment(1);
-                    tracing::debug!(object = name, %reason, "no owner answers: holding the I/O until one does");
+                    tracing::debug!(object = name, %reason, "the object has no owner or no copy now: holding the I/O");
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(HOLD_PAUSE_MAX);
             }
         })
+    }
+}
+
+/// What one try of an I/O came to.
+enum Served {
+    Done(Bytes),
+    Failed(VolumeError),
+    /// No host serves the object now, or no copy of it is available: the
+    /// same I/O may go through in a moment.
+    Later(String),
+}
+
+/// One try of `io`: here when this host owns the object, else at its owner.
+async fn serve(
+    node: &Arc<Node>,
+    client: &ObjectClient<TcpTransport>,
+    io: &IoRequest,
+    data: &Bytes,
+    held: bool,
+) -> Served {
+    let name = io.name().to_string();
+    let unavailable = |reason: String| {
+        // Tried again only if it cannot have been carried out in part.
+        if io.compares() {
+            Served::Failed(unavailable(&name, reason))
+        } else {
+            Served::Later(reason)
+        }
+    };
+    // Owned here: served on this host, with no owner looked up.
+    match storage::serve_here(node, io.clone(), data.clone()).await {
+        Ok((IoReply::Done | IoReply::Data, out)) => return Served::Done(out),
+        Ok((IoReply::Error(reason), _)) => return Served::Failed(self::unavailable(&name, reason)),
+        Ok((IoReply::NoSpace(reason), _)) => return Served::Failed(VolumeError::NoSpace { object: name, reason }),
+        Ok((IoReply::Unavailable(reason), _)) => return unavailable(reason),
+        // Owned elsewhere, or deposed meanwhile: to the owner.
+        Ok((IoReply::NotOwner { .. } | IoReply::Unknown, _)) | Err(_) => {}
+    }
+    if !held {
+        node.storage.note_forwarded(&name);
+    }
+    // The same request, to the owner; its answer as it comes.
+    match client.call(io.clone(), data).await {
+        Ok(out) => Served::Done(out),
+        Err(ClientError::NoSpace(reason)) => Served::Failed(VolumeError::NoSpace { object: name, reason }),
+        Err(ClientError::Failed(reason)) => Served::Failed(self::unavailable(&name, reason)),
+        Err(ClientError::Unavailable(reason)) => unavailable(reason),
+        // No host serves the object: its owner is gone and no other has
+        // taken it over yet. Nothing was carried out that a second try
+        // could not repeat (a compare and write that may have been is
+        // `Failed`).
+        Err(ClientError::Unreachable(reason)) => Served::Later(reason),
     }
 }
 
