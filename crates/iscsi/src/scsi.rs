@@ -51,6 +51,13 @@ pub enum IoError {
     /// written.
     #[error("out of space: {0}")]
     NoSpace(String),
+    /// The storage cannot serve the request now, and may in a moment (no
+    /// host serves its data yet); nothing was carried out that the same
+    /// request again could not repeat. A unit made with a hold
+    /// ([`LogicalUnit::with_io_hold`]) tries the command again; otherwise,
+    /// or once the hold is over, as [`IoError::Unavailable`].
+    #[error("unavailable for now: {0}")]
+    Later(String),
 }
 
 pub type IoResult<T> = Result<T, IoError>;
@@ -277,9 +284,33 @@ pub struct LogicalUnit {
     /// Reservations shared with the other hosts serving the unit (the
     /// unit's own `state.reservations` are unused then).
     reservation_store: Option<Arc<dyn pr::ReservationStore>>,
+    /// How long a command the storage cannot serve yet is tried again
+    /// (`with_io_hold`); zero: not at all.
+    hold: std::time::Duration,
 }
 
 type Outcome = Result<Reply, Sense>;
+
+/// The first and the longest pause between tries of a held command.
+const HOLD_PAUSE_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+const HOLD_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Commands that may be tried again whole when the storage could not serve
+/// them yet: doing one twice is doing it once. Not COMPARE AND WRITE (a
+/// first try may have written, and the second would compare against its
+/// own data), EXTENDED COPY, SANITIZE or the reservation commands.
+fn repeatable(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        0x08 | 0x28 | 0xa8 | 0x88 // READ
+            | 0x0a | 0x2a | 0xaa | 0x8a // WRITE
+            | 0x2e | 0x8e | 0x2f | 0x8f // WRITE AND VERIFY, VERIFY
+            | 0x41 | 0x93 // WRITE SAME
+            | 0x42 // UNMAP
+            | 0x35 | 0x91 // SYNCHRONIZE CACHE
+            | 0x9e // GET LBA STATUS
+    )
+}
 
 enum Guard<'a> {
     Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
@@ -459,6 +490,7 @@ impl LogicalUnit {
             sanitize_rate: None,
             reservation_store: None,
             settled: tokio::sync::Notify::new(),
+            hold: std::time::Duration::ZERO,
         }
     }
 
@@ -566,11 +598,64 @@ impl LogicalUnit {
         }
     }
 
+    /// Holds a command the storage cannot serve yet ([`IoError::Later`]:
+    /// no host serves its data right now, as while another host takes
+    /// over from one that died) and tries it again, whole, for up to `hold`
+    /// from its first try, instead of answering NOT READY at once (QEMU's
+    /// initiator fails the guest's I/O on that). Each try is admitted anew
+    /// (unit attentions, reservations) and holds no lock while it waits.
+    /// Only commands done twice as once are held (see `repeatable`).
+    pub fn with_io_hold(mut self, hold: std::time::Duration) -> LogicalUnit {
+        self.hold = hold;
+        self
+    }
+
     pub async fn execute(&self, command: Command<'_>) -> Reply {
+        self.execute_unless_aborted(command, None).await
+    }
+
+    /// As [`LogicalUnit::execute`]; a command held for the storage stops
+    /// waiting once `aborted` is true (its task was aborted, or its
+    /// connection is gone), so no try of it starts after that.
+    pub async fn execute_unless_aborted(
+        &self,
+        command: Command<'_>,
+        mut aborted: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Reply {
         let descriptor = self.descriptor_sense();
-        match self.run(command).await {
-            Ok(reply) => reply,
-            Err(sense) => Reply::check(sense, descriptor),
+        let hold = if command.cdb.first().copied().is_some_and(repeatable) { self.hold } else { Default::default() };
+        let started = tokio::time::Instant::now();
+        let mut pause = HOLD_PAUSE_FIRST;
+        let mut held = false;
+        loop {
+            let again = Command { data: command.data.clone(), ..command };
+            let sense = match self.run(again).await {
+                Ok(reply) => return reply,
+                Err(sense) => sense,
+            };
+            let stopped = aborted.as_ref().is_some_and(|aborted| *aborted.borrow());
+            if !sense.later || stopped || started.elapsed() + pause > hold {
+                if held && !stopped {
+                    metrics::counter!("iscsi_io_hold_expired_total").increment(1);
+                    tracing::warn!(waited = ?started.elapsed(), "the storage could not serve a held command in time");
+                }
+                return Reply::check(sense, descriptor);
+            }
+            if !held {
+                held = true;
+                metrics::counter!("iscsi_io_held_total").increment(1);
+                tracing::debug!(opcode = command.cdb[0], "the storage cannot serve the command yet: holding it");
+            }
+            match aborted.as_mut() {
+                Some(aborted) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = aborted.wait_for(|aborted| *aborted) => {}
+                    }
+                }
+                None => tokio::time::sleep(pause).await,
+            }
+            pause = (pause * 2).min(HOLD_PAUSE_MAX);
         }
     }
 
@@ -1649,6 +1734,7 @@ fn first_difference(medium: &[u8], expected: &[u8]) -> Option<u64> {
 fn io_sense(error: IoError, write: bool) -> Sense {
     match error {
         IoError::Unavailable(_) => Sense::in_transition(),
+        IoError::Later(_) => Sense { later: true, ..Sense::in_transition() },
         IoError::NoSpace(_) => Sense::space_allocation_failed(),
         IoError::Medium(_) if write => Sense::write_error(),
         IoError::Medium(_) => Sense::read_error(),

@@ -37,11 +37,15 @@ pub struct Sense {
     pub field: Option<(bool, u16, Option<u8>)>,
     /// Sense-key specific progress indication: done, in 65536ths.
     pub progress: Option<u16>,
+    /// The storage may serve the same command in a moment
+    /// ([`crate::scsi::IoError::Later`]): a unit made with a hold tries it
+    /// again (see `LogicalUnit::with_io_hold`). Not part of the sense data.
+    pub later: bool,
 }
 
 impl Sense {
     pub const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
-        Sense { key, asc, ascq, information: None, field: None, progress: None }
+        Sense { key, asc, ascq, information: None, field: None, progress: None, later: false }
     }
 
     pub fn invalid_opcode() -> Sense {

@@ -81,11 +81,13 @@ pub struct NodeConfig {
     /// leaves room for foreground I/O; 0: unpaced (default).
     #[serde(default)]
     pub resync_mib_per_second: u64,
-    /// Seconds an I/O this host serves for an initiator waits when no host
+    /// Seconds a SCSI command this host serves is tried again when no host
     /// answers as its object's owner (the owner's host died, and another
-    /// takes the object over once the death is detected, in about 4-5 s),
-    /// before it fails with NOT READY; 0: fail at once. Keep it under the
-    /// initiators' command timeout (Linux: 30 s) (default: 20).
+    /// takes the object over once the death is detected, in about 4-5 s) or
+    /// the owner has no copy available (every copy's host is away), before
+    /// it ends with NOT READY; 0: at once. A try can itself take up to the
+    /// block client's I/O timeout. Keep it under the initiators' command
+    /// timeout (Linux: 30 s) (default: 20).
     #[serde(default = "default_io_hold_secs")]
     pub io_hold_secs: u64,
 }

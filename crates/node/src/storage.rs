@@ -1079,6 +1079,8 @@ impl<T: Transport> ObjectClient<T> {
         let mut tried = Vec::new();
         let mut candidates: Vec<String> = known.into_iter().chain(self.hosts.iter().cloned()).collect();
         let mut index = 0;
+        // Hosts that answered they know no object of the name.
+        let mut unknown = 0;
         while index < candidates.len() && index < 16 {
             let address = candidates[index].clone();
             index += 1;
@@ -1107,13 +1109,20 @@ impl<T: Transport> ObjectClient<T> {
                 }
                 IoReply::NotOwner { .. } => tried.push(format!("{address}: no owner open yet")),
                 // Another host may know it (this one may have just started).
-                IoReply::Unknown => tried.push(format!("{address}: no object named {:?} here", self.name)),
+                IoReply::Unknown => {
+                    unknown += 1;
+                    tried.push(format!("{address}: no object named {:?} here", self.name));
+                }
                 IoReply::Error(reason) => return Err(ClientError::Failed(reason)),
                 IoReply::NoSpace(reason) => return Err(ClientError::NoSpace(reason)),
                 IoReply::Unavailable(reason) => return Err(ClientError::Unavailable(reason)),
             }
         }
         *self.owner.lock().expect("owner lock") = None;
+        if unknown == index {
+            // Every host asked knows no such object.
+            return Err(ClientError::Failed(format!("no object named {:?}", self.name)));
+        }
         Err(ClientError::Unreachable(tried.join("; ")))
     }
 }

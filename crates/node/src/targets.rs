@@ -15,16 +15,15 @@
 //!   (node.toml), so it leaves disks and links to other volumes.
 //! - An I/O whose object no host answers for (its owner's host died and no
 //!   other has taken it over yet), or whose owner has no copy available
-//!   (every copy's host is away), is held and tried again, for up to
-//!   `io_hold_secs` (node.toml), instead of failing at once: initiators
-//!   such as QEMU's fail the guest's I/O on NOT READY, where a few seconds'
-//!   wait sees the object's new owner, or a returning copy, serve it. A
-//!   compare and write is not held when no copy is available: it may have
-//!   reached one, and a second try would compare against its own data.
+//!   (every copy's host is away), ends with `VolumeError::Later`: the
+//!   logical unit holds the command and tries it again for up to
+//!   `io_hold_secs` (node.toml; `LogicalUnit::with_io_hold`) instead of
+//!   answering NOT READY at once. A compare and write that may have reached
+//!   a copy ends `Unavailable` instead.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use catalog::{ChapRecord, Policy, TargetRecord, VolumeRecord};
@@ -107,90 +106,49 @@ impl NodeObjects {
         Box::pin(async move {
             let node = node.ok_or_else(|| unavailable(&name, "the node is stopping"))?;
             let client = client.expect("a client when the node is up");
-            let hold = Duration::from_secs(node.config.io_hold_secs);
-            let started = Instant::now();
-            let mut pause = HOLD_PAUSE_FIRST;
-            let mut held = false;
-            loop {
-                let reason = match serve(&node, &client, &io, &data, held).await {
-                    Served::Done(out) => return Ok(out),
-                    Served::Failed(error) => return Err(error),
-                    Served::Later(reason) => reason,
-                };
-                if started.elapsed() + pause > hold {
-                    if held {
-                        metrics::counter!("iscsi_io_hold_expired_total").increment(1);
-                        tracing::warn!(object = name, waited = ?started.elapsed(), %reason, "the object had no owner, or no copy, for io_hold_secs: the I/O fails");
-                    }
-                    return Err(unavailable(&name, reason));
-                }
-                if !held {
-                    held = true;
-                    metrics::counter!("iscsi_io_held_total").increment(1);
-                    tracing::debug!(object = name, %reason, "the object has no owner or no copy now: holding the I/O");
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(HOLD_PAUSE_MAX);
-            }
+            serve(&node, &client, &io, &data).await
         })
     }
 }
 
-/// What one try of an I/O came to.
-enum Served {
-    Done(Bytes),
-    Failed(VolumeError),
-    /// No host serves the object now, or no copy of it is available: the
-    /// same I/O may go through in a moment.
-    Later(String),
-}
-
-/// One try of `io`: here when this host owns the object, else at its owner.
+/// `io`, here when this host owns the object, else at its owner. When no
+/// host serves the object now, or no copy of it is available, the error is
+/// [`VolumeError::Later`] (the logical unit holds the command and tries it
+/// again, `io_hold_secs`), unless the request may have been carried out in
+/// part (a compare and write).
 async fn serve(
     node: &Arc<Node>,
     client: &ObjectClient<TcpTransport>,
     io: &IoRequest,
     data: &Bytes,
-    held: bool,
-) -> Served {
+) -> Result<Bytes, VolumeError> {
     let name = io.name().to_string();
-    let unavailable = |reason: String| {
-        // Tried again only if it cannot have been carried out in part.
-        if io.compares() {
-            Served::Failed(unavailable(&name, reason))
-        } else {
-            Served::Later(reason)
-        }
+    let later = |reason: String| match io.compares() {
+        true => unavailable(&name, reason),
+        false => VolumeError::Later { object: name.clone(), reason },
     };
     // Owned here: served on this host, with no owner looked up.
     match storage::serve_here(node, io.clone(), data.clone()).await {
-        Ok((IoReply::Done | IoReply::Data, out)) => return Served::Done(out),
-        Ok((IoReply::Error(reason), _)) => return Served::Failed(self::unavailable(&name, reason)),
-        Ok((IoReply::NoSpace(reason), _)) => return Served::Failed(VolumeError::NoSpace { object: name, reason }),
-        Ok((IoReply::Unavailable(reason), _)) => return unavailable(reason),
+        Ok((IoReply::Done | IoReply::Data, out)) => return Ok(out),
+        Ok((IoReply::Error(reason), _)) => return Err(unavailable(&name, reason)),
+        Ok((IoReply::NoSpace(reason), _)) => return Err(VolumeError::NoSpace { object: name, reason }),
+        Ok((IoReply::Unavailable(reason), _)) => return Err(later(reason)),
         // Owned elsewhere, or deposed meanwhile: to the owner.
         Ok((IoReply::NotOwner { .. } | IoReply::Unknown, _)) | Err(_) => {}
     }
-    if !held {
-        node.storage.note_forwarded(&name);
-    }
+    node.storage.note_forwarded(&name);
     // The same request, to the owner; its answer as it comes.
-    match client.call(io.clone(), data).await {
-        Ok(out) => Served::Done(out),
-        Err(ClientError::NoSpace(reason)) => Served::Failed(VolumeError::NoSpace { object: name, reason }),
-        Err(ClientError::Failed(reason)) => Served::Failed(self::unavailable(&name, reason)),
-        Err(ClientError::Unavailable(reason)) => unavailable(reason),
+    client.call(io.clone(), data).await.map_err(|error| match error {
+        ClientError::NoSpace(reason) => VolumeError::NoSpace { object: name.clone(), reason },
+        ClientError::Failed(reason) => unavailable(&name, reason),
+        ClientError::Unavailable(reason) => later(reason),
         // No host serves the object: its owner is gone and no other has
         // taken it over yet. Nothing was carried out that a second try
         // could not repeat (a compare and write that may have been is
         // `Failed`).
-        Err(ClientError::Unreachable(reason)) => Served::Later(reason),
-    }
+        ClientError::Unreachable(reason) => VolumeError::Later { object: name.clone(), reason },
+    })
 }
-
-/// The first and the longest wait between tries of a held I/O.
-const HOLD_PAUSE_FIRST: Duration = Duration::from_millis(50);
-const HOLD_PAUSE_MAX: Duration = Duration::from_millis(500);
 
 impl ObjectIo for NodeObjects {
     fn compare_and_write(
@@ -277,6 +235,7 @@ fn io_error(error: VolumeError) -> IoError {
     tracing::warn!(%error, "volume I/O failed");
     match error {
         VolumeError::Unavailable { .. } => IoError::Unavailable(error.to_string()),
+        VolumeError::Later { .. } => IoError::Later(error.to_string()),
         VolumeError::NoSpace { .. } => IoError::NoSpace(error.to_string()),
         VolumeError::Invalid(_) | VolumeError::Failed { .. } => IoError::Medium(error.to_string()),
     }
@@ -437,6 +396,7 @@ pub fn refresh(node: &Arc<Node>) {
                             std::num::NonZeroU64::new(node.config.sanitize_mib_per_second.saturating_mul(1 << 20));
                         let reservations = crate::reservations::CatalogReservations::new(node, name);
                         let unit = LogicalUnit::new(device, record.id, format!("{:016x}", record.id))
+                            .with_io_hold(Duration::from_secs(node.config.io_hold_secs))
                             .with_sanitize_rate(sanitize_rate)
                             .with_reservation_store(Arc::new(reservations));
                         let unit = Arc::new(unit);

@@ -33,6 +33,12 @@ pub enum VolumeError {
     /// The object cannot serve now (owner moving, copies away): retry.
     #[error("object {object} unavailable: {reason}")]
     Unavailable { object: String, reason: String },
+    /// No host serves the object now (its owner's host died and no other
+    /// has taken it over yet), or no copy of it is available: the same
+    /// request may go through in a moment, and nothing of it was carried
+    /// out that a second try could not repeat.
+    #[error("object {object} unavailable for now: {reason}")]
+    Later { object: String, reason: String },
     #[error("object {object} failed: {reason}")]
     Failed { object: String, reason: String },
     /// No room on the object's disks for the blocks the write needed;

@@ -1,9 +1,11 @@
 //! Property tests for what the target parses from the network: nothing an
 //! initiator sends makes the parsers panic, and what the target encodes
 //! decodes back to the same thing. `sanitize`: SANITIZE through a logical
-//! unit. `login`: the login state machine, request by request.
+//! unit. `login`: the login state machine, request by request. `held`:
+//! commands held while the storage cannot serve them yet.
 
 mod geometry;
+mod held;
 mod login;
 mod sanitize;
 mod shared_reservations;
