@@ -5,15 +5,16 @@
 //! while a write waits keeps that write out.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use iscsi::memory::MemoryDevice;
-use iscsi::pr::{Attentions, Change, PrError, ReservationStore, Reservations};
 use iscsi::scsi::{BlockDevice, IoError, IoResult, LogicalUnit, Reply};
 use iscsi::sense::status;
+
+use crate::shared_reservations::{prout, read10, Shared};
 
 const A: &str = "iqn.2026-11.test:a,i,0x1";
 const B: &str = "iqn.2026-11.test:b,i,0x1";
@@ -77,14 +78,6 @@ fn write10(lba: u32, data: &[u8]) -> ([u8; 10], Vec<u8>) {
     cdb[2..6].copy_from_slice(&lba.to_be_bytes());
     cdb[8] = (data.len() / 512) as u8;
     (cdb, data.to_vec())
-}
-
-fn read10(lba: u32) -> [u8; 10] {
-    let mut cdb = [0u8; 10];
-    cdb[0] = 0x28;
-    cdb[2..6].copy_from_slice(&lba.to_be_bytes());
-    cdb[8] = 1;
-    cdb
 }
 
 /// (sense key, ASC << 8 | ASCQ) of a CHECK CONDITION.
@@ -165,43 +158,6 @@ async fn an_abort_ends_the_hold() {
     let tries = device.tries.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(device.tries.load(Ordering::SeqCst), tries, "no try after the abort");
-}
-
-/// Reservations shared by the units of one volume (as the node's catalog
-/// store does).
-#[derive(Default)]
-struct Shared {
-    state: Mutex<Arc<Reservations>>,
-}
-
-impl ReservationStore for Shared {
-    fn load(&self) -> Arc<Reservations> {
-        self.state.lock().unwrap().clone()
-    }
-
-    fn update<'a>(&'a self, change: &'a Change<'a>) -> BoxFuture<'a, Result<Result<Attentions, PrError>, String>> {
-        Box::pin(async move {
-            let mut state = self.state.lock().unwrap();
-            let mut next = (**state).clone();
-            let result = change(&mut next);
-            if result.is_ok() {
-                *state = Arc::new(next);
-            }
-            Ok(result)
-        })
-    }
-}
-
-fn prout(action: u8, kind: u8, key: u64, service_key: u64) -> ([u8; 10], [u8; 24]) {
-    let mut cdb = [0u8; 10];
-    cdb[0] = 0x5f;
-    cdb[1] = action;
-    cdb[2] = kind;
-    cdb[8] = 24;
-    let mut data = [0u8; 24];
-    data[0..8].copy_from_slice(&key.to_be_bytes());
-    data[8..16].copy_from_slice(&service_key.to_be_bytes());
-    (cdb, data)
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ const B: &str = "iqn.2026-11.test:b,i,0x1";
 /// The shared copy (the node's store compares and sets on the catalog;
 /// one lock does here).
 #[derive(Default)]
-struct Shared {
+pub(crate) struct Shared {
     state: Mutex<Arc<Reservations>>,
 }
 
@@ -40,7 +40,7 @@ impl ReservationStore for Shared {
     }
 }
 
-fn prout(action: u8, kind: u8, key: u64, service_key: u64) -> ([u8; 10], [u8; 24]) {
+pub(crate) fn prout(action: u8, kind: u8, key: u64, service_key: u64) -> ([u8; 10], [u8; 24]) {
     let mut cdb = [0u8; 10];
     cdb[0] = 0x5f;
     cdb[1] = action;
@@ -60,7 +60,7 @@ fn write10(lba: u32) -> [u8; 10] {
     cdb
 }
 
-fn read10(lba: u32) -> [u8; 10] {
+pub(crate) fn read10(lba: u32) -> [u8; 10] {
     let mut cdb = [0u8; 10];
     cdb[0] = 0x28;
     cdb[2..6].copy_from_slice(&lba.to_be_bytes());
