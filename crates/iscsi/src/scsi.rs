@@ -304,7 +304,7 @@ fn repeatable(opcode: u8) -> bool {
         opcode,
         0x08 | 0x28 | 0xa8 | 0x88 // READ
             | 0x0a | 0x2a | 0xaa | 0x8a // WRITE
-            | 0x2e | 0x8e | 0x2f | 0x8f // WRITE AND VERIFY, VERIFY
+            | 0x2e | 0x8e | 0xae | 0x2f | 0x8f | 0xaf // WRITE AND VERIFY, VERIFY
             | 0x41 | 0x93 // WRITE SAME
             | 0x42 // UNMAP
             | 0x35 | 0x91 // SYNCHRONIZE CACHE
@@ -633,9 +633,14 @@ impl LogicalUnit {
                 Ok(reply) => return reply,
                 Err(sense) => sense,
             };
-            let stopped = aborted.as_ref().is_some_and(|aborted| *aborted.borrow());
-            if !sense.later || stopped || started.elapsed() + pause > hold {
-                if held && !stopped {
+            let stopped = |aborted: &Option<tokio::sync::watch::Receiver<bool>>| {
+                aborted.as_ref().is_some_and(|aborted| *aborted.borrow())
+            };
+            if !sense.later || stopped(&aborted) {
+                return Reply::check(sense, descriptor);
+            }
+            if started.elapsed() + pause > hold {
+                if held {
                     metrics::counter!("iscsi_io_hold_expired_total").increment(1);
                     tracing::warn!(waited = ?started.elapsed(), "the storage could not serve a held command in time");
                 }
@@ -654,6 +659,10 @@ impl LogicalUnit {
                     }
                 }
                 None => tokio::time::sleep(pause).await,
+            }
+            // Aborted while it waited: no other try starts.
+            if stopped(&aborted) {
+                return Reply::check(sense, descriptor);
             }
             pause = (pause * 2).min(HOLD_PAUSE_MAX);
         }

@@ -232,7 +232,12 @@ impl VolumeDevice {
 }
 
 fn io_error(error: VolumeError) -> IoError {
-    tracing::warn!(%error, "volume I/O failed");
+    match &error {
+        // Tried again (held) by the logical unit: one line per try would
+        // flood the log.
+        VolumeError::Later { .. } => tracing::debug!(%error, "volume I/O cannot be served yet"),
+        _ => tracing::warn!(%error, "volume I/O failed"),
+    }
     match error {
         VolumeError::Unavailable { .. } => IoError::Unavailable(error.to_string()),
         VolumeError::Later { .. } => IoError::Later(error.to_string()),
