@@ -1495,6 +1495,8 @@ impl<T: Transport> Object<T> {
         }
         let written_before = self.state.lock().expect("object lock").owner.last_lsn();
         let mut errors = Vec::new();
+        // Of them, copies that could not be reached.
+        let mut unreachable = 0;
         let mut corrupt: Vec<(Index, Vec<u64>)> = Vec::new();
         for index in active {
             let (id, mut client) = (&self.ids[index], self.client(index));
@@ -1520,8 +1522,24 @@ impl<T: Transport> Object<T> {
                     corrupt.push((index, blocks));
                 }
                 Err(error) if self.deposed_by(&error) => return Err(ObjectError::Deposed),
-                Err(error) => errors.push(error.to_string()),
+                Err(error) => {
+                    unreachable += usize::from(matches!(
+                        error,
+                        ClientError::Call(
+                            wire::CallError::Connect { .. }
+                                | wire::CallError::ConnectionLost { .. }
+                                | wire::CallError::Timeout { .. }
+                                | wire::CallError::Overloaded { .. }
+                        )
+                    ));
+                    errors.push(error.to_string());
+                }
             }
+        }
+        // No copy could be reached (their hosts are gone, and the owner has
+        // not marked them away yet): none is available, as once it has.
+        if corrupt.is_empty() && unreachable == errors.len() {
+            return Err(ObjectError::Unavailable);
         }
         Err(ObjectError::Read(errors.join("; ")))
     }

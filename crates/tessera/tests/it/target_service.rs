@@ -331,15 +331,31 @@ impl IoPath {
     /// Writes one 4 KiB block of `pattern`; `Err` if qemu-io reports a
     /// failure, exits, or does not answer within `limit`.
     fn write(&mut self, block: u64, pattern: u8, limit: Duration) -> Result<(), String> {
+        self.block_command("write", "wrote", block, pattern, limit)
+    }
+
+    /// Reads one 4 KiB block and checks it holds `pattern`, as `write`.
+    fn read(&mut self, block: u64, pattern: u8, limit: Duration) -> Result<(), String> {
+        self.block_command("read", "read", block, pattern, limit)
+    }
+
+    fn block_command(
+        &mut self,
+        verb: &str,
+        done: &str,
+        block: u64,
+        pattern: u8,
+        limit: Duration,
+    ) -> Result<(), String> {
         use std::io::Write;
         let offset = block * 4096;
-        writeln!(self.stdin, "write -P {pattern} {offset} 4096")
+        writeln!(self.stdin, "{verb} -P {pattern} {offset} 4096")
             .map_err(|error| format!("qemu-io is gone: {error}"))?;
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(&format!("wrote 4096/4096 bytes at offset {offset}")) => return Ok(()),
+                Ok(line) if line.contains(&format!("{done} 4096/4096 bytes at offset {offset}")) => return Ok(()),
                 Ok(line) if line.contains("failed") || line.contains("error") => return Err(line),
                 Ok(_) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return Err(format!("no answer within {limit:?}")),
@@ -690,10 +706,16 @@ fn every_copy_of_an_object_away_for_a_moment_holds_its_io_until_one_is_back() {
             std::thread::sleep(Duration::from_secs(3));
             cluster.start_host(first_back);
         });
-        held_writes(&mut path, HELD_BLOCKS / 4..HELD_BLOCKS, Duration::from_secs(70), &what)
+        // A read first, before the owner has noticed the copies are gone.
+        let started = Instant::now();
+        path.read(0, held_pattern(0), Duration::from_secs(70)).unwrap_or_else(|error| {
+            panic!("reading block 0 {what} failed: {error}; it should have waited until a copy was back")
+        });
+        let read = started.elapsed();
+        held_writes(&mut path, HELD_BLOCKS / 4..HELD_BLOCKS, Duration::from_secs(70), &what).max(read)
     });
     println!(
-        "all {} writes after the kills acknowledged ({:?} after them); the longest waited {longest:?}",
+        "a read and all {} writes after the kills answered ({:?} after them); the longest waited {longest:?}",
         HELD_BLOCKS - HELD_BLOCKS / 4,
         killed_at.elapsed()
     );
