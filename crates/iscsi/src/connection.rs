@@ -515,7 +515,7 @@ impl Session {
                             }
                         }
                     } else {
-                        unit.execute_unless_aborted(command, Some(aborted.clone())).await
+                        unit.execute_unless_aborted(command, Some(aborted)).await
                     }
                 }
                 None => no_such_unit(&cdb, &self.luns),

@@ -295,6 +295,11 @@ type Outcome = Result<Reply, Sense>;
 const HOLD_PAUSE_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
 const HOLD_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Whether the command's task was aborted (or its connection is gone).
+fn stopped(aborted: &Option<tokio::sync::watch::Receiver<bool>>) -> bool {
+    aborted.as_ref().is_some_and(|aborted| *aborted.borrow())
+}
+
 /// Commands that may be tried again whole when the storage could not serve
 /// them yet: doing one twice is doing it once. Not COMPARE AND WRITE (a
 /// first try may have written, and the second would compare against its
@@ -632,9 +637,6 @@ impl LogicalUnit {
             let sense = match self.run(again).await {
                 Ok(reply) => return reply,
                 Err(sense) => sense,
-            };
-            let stopped = |aborted: &Option<tokio::sync::watch::Receiver<bool>>| {
-                aborted.as_ref().is_some_and(|aborted| *aborted.borrow())
             };
             if !sense.later || stopped(&aborted) {
                 return Reply::check(sense, descriptor);

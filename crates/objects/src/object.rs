@@ -1523,15 +1523,7 @@ impl<T: Transport> Object<T> {
                 }
                 Err(error) if self.deposed_by(&error) => return Err(ObjectError::Deposed),
                 Err(error) => {
-                    unreachable += usize::from(matches!(
-                        error,
-                        ClientError::Call(
-                            wire::CallError::Connect { .. }
-                                | wire::CallError::ConnectionLost { .. }
-                                | wire::CallError::Timeout { .. }
-                                | wire::CallError::Overloaded { .. }
-                        )
-                    ));
+                    unreachable += usize::from(matches!(&error, ClientError::Call(call) if call.is_unanswered()));
                     errors.push(error.to_string());
                 }
             }

@@ -30,7 +30,8 @@ pub const CHUNK: u64 = 4 << 20;
 pub enum VolumeError {
     #[error("{0}")]
     Invalid(String),
-    /// The object cannot serve now (owner moving, copies away): retry.
+    /// The object's owner could not serve the request (it failed it, or
+    /// cannot tell whether it was carried out): the initiator may retry.
     #[error("object {object} unavailable: {reason}")]
     Unavailable { object: String, reason: String },
     /// No host serves the object now (its owner's host died and no other

@@ -94,6 +94,19 @@ impl CallError {
     pub fn is_ambiguous(&self) -> bool {
         matches!(self, CallError::ConnectionLost { .. } | CallError::Timeout { .. })
     }
+
+    /// True when no answer came from the handler: the peer could not be
+    /// reached, went away, was too slow or too busy (not an error it
+    /// answered, nor an answer that did not decode).
+    pub fn is_unanswered(&self) -> bool {
+        matches!(
+            self,
+            CallError::Connect { .. }
+                | CallError::ConnectionLost { .. }
+                | CallError::Timeout { .. }
+                | CallError::Overloaded { .. }
+        )
+    }
 }
 
 /// A node's request handler: one for all methods of the node.

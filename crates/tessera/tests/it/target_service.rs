@@ -619,6 +619,12 @@ fn held_writes(path: &mut IoPath, seqs: std::ops::Range<u64>, limit: Duration, w
     longest
 }
 
+/// Host `serving` held at least one command (`iscsi_io_held_total`).
+fn assert_held_some(cluster: &TestCluster, serving: u64) {
+    let held = cluster.metric(serving, "iscsi_io_held_total");
+    assert!(held.is_some_and(|held| held >= 1.0), "host {serving} held no I/O: {held:?}");
+}
+
 /// Every block a held-I/O scenario wrote holds its write.
 fn held_blocks_read_back(cluster: &TestCluster, url: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -663,8 +669,7 @@ fn killing_an_objects_owner_holds_the_io_another_host_serves_until_the_object_is
         HELD_BLOCKS - HELD_BLOCKS / 4
     );
     assert!(new_owner.is_some_and(|new| new != owner), "the object was not taken over: owner {new_owner:?}");
-    let held = cluster.metric(serving, "iscsi_io_held_total");
-    assert!(held.is_some_and(|held| held >= 1.0), "host {serving} held no I/O: {held:?}");
+    assert_held_some(&cluster, serving);
     drop(path);
     held_blocks_read_back(&cluster, &url(serving));
 }
@@ -675,7 +680,7 @@ fn every_copy_of_an_object_away_for_a_moment_holds_its_io_until_one_is_back() {
     tool("qemu-io");
     tool("qemu-img");
     // Both copies' hosts away (the shared log's quorum with them), one back
-    // after 3 s: on this machine writes went on about 10-12 s after that.
+    // after 3 s: on this machine I/O went on 9-12 s after the kills.
     // A longer hold than the default keeps a slow run from failing.
     let (mut cluster, url, object) = held_io_cluster("iqn.2026-11.org.tessera.test:away", 60);
     let copies: Vec<u64> = object.components.iter().map(|component| component.host).collect();
@@ -719,8 +724,7 @@ fn every_copy_of_an_object_away_for_a_moment_holds_its_io_until_one_is_back() {
         HELD_BLOCKS - HELD_BLOCKS / 4,
         killed_at.elapsed()
     );
-    let held = cluster.metric(serving, "iscsi_io_held_total");
-    assert!(held.is_some_and(|held| held >= 1.0), "host {serving} held no I/O: {held:?}");
+    assert_held_some(&cluster, serving);
     drop(path);
     cluster.start_host(copies[1]);
     cluster.wait_healthy(Duration::from_secs(120));
