@@ -70,6 +70,39 @@ pub enum ObjectError {
     NoSpace,
 }
 
+/// The component reads of one I/O that failed: why, and how many went
+/// unanswered (`wire::CallError::is_unanswered`: the host could not be
+/// reached, went away or was too slow).
+#[derive(Default)]
+struct Misses {
+    messages: Vec<String>,
+    unanswered: usize,
+}
+
+impl Misses {
+    fn push(&mut self, message: String, error: &ClientError) {
+        self.unanswered += usize::from(matches!(error, ClientError::Call(call) if call.is_unanswered()));
+        self.messages.push(message);
+    }
+
+    /// Whether no component answered at all (or none was asked).
+    fn all_unanswered(&self) -> bool {
+        self.unanswered == self.messages.len()
+    }
+
+    /// The I/O's error once no component served it. None answered: their
+    /// hosts are gone and the owner has not marked them away yet, so the
+    /// object is unavailable for now, as once it has (the target holds
+    /// such an I/O until the object is back). Otherwise a read error.
+    fn into_error(self) -> ObjectError {
+        if self.all_unanswered() {
+            ObjectError::Unavailable
+        } else {
+            ObjectError::Read(self.messages.join("; "))
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
     /// The catalog names a newer owner: this one must stop.
@@ -1494,9 +1527,7 @@ impl<T: Transport> Object<T> {
             return Err(ObjectError::Unavailable);
         }
         let written_before = self.state.lock().expect("object lock").owner.last_lsn();
-        let mut errors = Vec::new();
-        // Of them, copies that could not be reached.
-        let mut unreachable = 0;
+        let mut errors = Misses::default();
         let mut corrupt: Vec<(Index, Vec<u64>)> = Vec::new();
         for index in active {
             let (id, mut client) = (&self.ids[index], self.client(index));
@@ -1522,18 +1553,13 @@ impl<T: Transport> Object<T> {
                     corrupt.push((index, blocks));
                 }
                 Err(error) if self.deposed_by(&error) => return Err(ObjectError::Deposed),
-                Err(error) => {
-                    unreachable += usize::from(matches!(&error, ClientError::Call(call) if call.is_unanswered()));
-                    errors.push(error.to_string());
-                }
+                Err(error) => errors.push(error.to_string(), &error),
             }
         }
-        // No copy could be reached (their hosts are gone, and the owner has
-        // not marked them away yet): none is available, as once it has.
-        if corrupt.is_empty() && unreachable == errors.len() {
-            return Err(ObjectError::Unavailable);
+        if corrupt.is_empty() {
+            return Err(errors.into_error());
         }
-        Err(ObjectError::Read(errors.join("; ")))
+        Err(ObjectError::Read(errors.messages.join("; ")))
     }
 
     /// Whether the block at `offset` is allocated on a healthy copy, and
@@ -1544,17 +1570,14 @@ impl<T: Transport> Object<T> {
             return self.provisioning_erasure(layout, first, count).await;
         }
         let active = self.active();
-        let mut errors = Vec::new();
+        let mut errors = Misses::default();
         for index in active {
             match self.client(index).provisioning(self.epoch, self.ids[index], first, count).await {
                 Ok((mapped, blocks)) => return Ok((mapped, blocks * BLOCK_SIZE as u64)),
-                Err(error) => errors.push(error.to_string()),
+                Err(error) => errors.push(error.to_string(), &error),
             }
         }
-        if errors.is_empty() {
-            return Err(ObjectError::Unavailable);
-        }
-        Err(ObjectError::Read(errors.join("; ")))
+        Err(errors.into_error())
     }
 
     /// Rewrites corrupt blocks of `component` with good data read while no

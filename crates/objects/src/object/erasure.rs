@@ -157,7 +157,7 @@ impl<T: Transport> Object<T> {
         let active = |position: usize| statuses[layout.component(stripe, position)] == Status::Active;
         let mut slots: Vec<Option<Vec<u8>>> = vec![None; layout.width()];
         let mut tried = vec![false; layout.width()];
-        let mut errors = Vec::new();
+        let mut errors = Misses::default();
         let direct: Vec<usize> = wanted.iter().copied().filter(|position| active(*position)).collect();
         self.read_positions(layout, stripe, row, rows, &direct, &mut slots, &mut tried, &mut errors).await?;
         if wanted.iter().all(|position| slots[*position].is_some()) {
@@ -168,11 +168,17 @@ impl<T: Transport> Object<T> {
         self.read_positions(layout, stripe, row, rows, &others, &mut slots, &mut tried, &mut errors).await?;
         let have = slots.iter().filter(|slot| slot.is_some()).count();
         if have < layout.data {
+            // Every chunk that failed went unanswered (its host is gone and
+            // the owner has not marked it away yet), and the rest are away:
+            // the stripe is unavailable for now, as once they are marked.
+            if errors.all_unanswered() {
+                return Err(ObjectError::Unavailable);
+            }
             return Err(ObjectError::Read(format!(
                 "stripe {stripe}: {have} of {} chunks readable, {} needed ({})",
                 layout.width(),
                 layout.data,
-                errors.join("; ")
+                errors.messages.join("; ")
             )));
         }
         // Exactly k pieces suffice; more than k but fewer than k + m is
@@ -195,7 +201,7 @@ impl<T: Transport> Object<T> {
         positions: &[usize],
         slots: &mut [Option<Vec<u8>>],
         tried: &mut [bool],
-        errors: &mut Vec<String>,
+        errors: &mut Misses,
     ) -> Result<(), ObjectError> {
         let reads = positions.iter().map(|&position| {
             let component = layout.component(stripe, position);
@@ -211,7 +217,7 @@ impl<T: Transport> Object<T> {
                 Err(error) => {
                     let component = layout.component(stripe, position);
                     tracing::warn!(component, stripe, %error, "chunk unreadable; rebuilding it from the others");
-                    errors.push(format!("component {component}: {error}"));
+                    errors.push(format!("component {component}: {error}"), &error);
                 }
             }
         }
@@ -347,17 +353,17 @@ impl<T: Transport> Object<T> {
         let mut order = vec![piece.component];
         order.extend(self.active().into_iter().filter(|component| *component != piece.component));
         let statuses = self.statuses();
-        let mut errors = Vec::new();
+        let mut errors = Misses::default();
         for component in order {
             if statuses[component] != Status::Active {
                 continue;
             }
             match self.client(component).provisioning(self.epoch, self.ids[component], piece.row, piece.count).await {
                 Ok((mapped, rows)) => return Ok((mapped, rows.min(piece.count) * BLOCK_SIZE as u64)),
-                Err(error) => errors.push(error.to_string()),
+                Err(error) => errors.push(error.to_string(), &error),
             }
         }
-        Err(if errors.is_empty() { ObjectError::Unavailable } else { ObjectError::Read(errors.join("; ")) })
+        Err(errors.into_error())
     }
 
     /// A resync step: rebuilds `target`'s chunks at rows `row..row + rows`

@@ -464,6 +464,57 @@ async fn a_deposed_owner_of_copies_answers_its_writes_deposed() {
     assert!(matches!(read, Err(objects::object::ObjectError::Deposed)), "{read:?}");
 }
 
+/// A read that reaches too few chunks to rebuild a stripe because their
+/// hosts died (connections refused), before the owner has marked them
+/// away, is `Unavailable`: the iSCSI target holds such an I/O until the
+/// object is back rather than fail it. A chunk whose host answers with an
+/// error is a read error, as before. The same for the allocation query
+/// once no component answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_reaches_too_few_chunks_because_their_hosts_died_is_unavailable_not_an_error() {
+    use objects::object::ObjectError;
+    let layout = Layout::new(2, 1);
+    let Fixture { _dir, mut hosts, blocks, object, mut model } = Fixture::open(layout, 3, 900).await;
+    write(&object, &mut model, 0, blocks, 1).await;
+    hosts[0].die();
+    assert!(read_all(&object, blocks).await == model, "one chunk gone: rebuilt from the others");
+    let length = 8 * BLOCK_SIZE as u64;
+    hosts[1].online.store(false, Ordering::SeqCst);
+    let read = object.read_at(0, length).await;
+    assert!(matches!(read, Err(ObjectError::Read(_))), "a host answered with an error: {read:?}");
+    hosts[1].online.store(true, Ordering::SeqCst);
+    hosts[1].die();
+    let read = object.read_at(0, length).await;
+    assert!(matches!(read, Err(ObjectError::Unavailable)), "{read:?}");
+    // Any component tells whether rows are allocated: the last one still does.
+    assert!(object.provisioning(0, length).await.is_ok());
+    hosts[2].die();
+    let provisioning = object.provisioning(0, length).await;
+    assert!(matches!(provisioning, Err(ObjectError::Unavailable)), "{provisioning:?}");
+    assert_eq!(object.statuses(), vec![Status::Active; 3], "reads mark nothing away");
+}
+
+/// The same for copies: no copy reached is `Unavailable`, a copy that
+/// answered with an error makes it a read error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_reaches_no_copy_because_their_hosts_died_is_unavailable_not_an_error() {
+    use objects::object::ObjectError;
+    let (_dir, mut hosts, object) = two_copies_written(1000).await;
+    hosts[0].die();
+    assert_eq!(object.read_at(0, 4 * BLOCK_SIZE as u64).await.unwrap(), bytes(1, 4), "read from the other copy");
+    hosts[1].online.store(false, Ordering::SeqCst);
+    let read = object.read_at(0, BLOCK_SIZE as u64).await;
+    assert!(matches!(read, Err(ObjectError::Read(_))), "a host answered with an error: {read:?}");
+    let provisioning = object.provisioning(0, BLOCK_SIZE as u64).await;
+    assert!(matches!(provisioning, Err(ObjectError::Read(_))), "{provisioning:?}");
+    hosts[1].online.store(true, Ordering::SeqCst);
+    hosts[1].die();
+    let read = object.read_at(0, BLOCK_SIZE as u64).await;
+    assert!(matches!(read, Err(ObjectError::Unavailable)), "{read:?}");
+    let provisioning = object.provisioning(0, BLOCK_SIZE as u64).await;
+    assert!(matches!(provisioning, Err(ObjectError::Unavailable)), "{provisioning:?}");
+}
+
 /// A compare and write whose compare passed but whose write a newer
 /// owner's fence refused on one copy (it may have reached the other) is
 /// answered as of unknown outcome, not `Deposed`: tried again at the new

@@ -23,7 +23,16 @@ pub(crate) struct Host {
     pub(crate) service: Arc<Service>,
     pub(crate) online: Arc<AtomicBool>,
     pub(crate) client: Client<TcpTransport>,
-    _handle: wire::ServeHandle,
+    handle: Option<wire::ServeHandle>,
+}
+
+impl Host {
+    /// Stops serving and closes every connection, as a host that died
+    /// does: calls to it go unanswered (refused connections), where an
+    /// offline host (`online`) answers each with an error.
+    pub(crate) fn die(&mut self) {
+        self.handle.take().expect("serving").stop();
+    }
 }
 
 /// A component service whose host can be taken off the network.
@@ -48,7 +57,7 @@ async fn host(dir: &std::path::Path, transport: &TcpTransport) -> Host {
         .await
         .unwrap();
     let client = Client::new(transport.clone(), handle.local_address.clone());
-    Host { id: 0, service, online, client, _handle: handle }
+    Host { id: 0, service, online, client, handle: Some(handle) }
 }
 
 /// `count` hosts, host `i` holding component `first + i` of `BLOCKS`
