@@ -67,7 +67,11 @@ fn target_hosts_with(
 
 /// A raid1(2) volume of `size` served as LUN 0 of `target`.
 fn volume_and_target(cluster: &TestCluster, volume: &str, size: &str, target: &str) {
-    tessera(cluster, 1, &["volume", "create", volume, "--size", size, "--policy", "raid1:2"]);
+    volume_and_target_with(cluster, volume, size, "raid1:2", target)
+}
+
+fn volume_and_target_with(cluster: &TestCluster, volume: &str, size: &str, policy: &str, target: &str) {
+    tessera(cluster, 1, &["volume", "create", volume, "--size", size, "--policy", policy]);
     tessera(cluster, 1, &["target", "create", target, "--lun", &format!("0={volume}")]);
 }
 
@@ -578,12 +582,16 @@ fn held_pattern(seq: u64) -> u8 {
     (seq % 251 + 1) as u8
 }
 
-/// A 3-host cluster serving a 64 MiB raid1(2) volume (one object) as LUN 0
-/// of `target`, holding I/O up to `hold_secs` (`io_hold_secs`); the URL of
-/// each host's portal to it, and the object once it has an owner.
-fn held_io_cluster(target: &str, hold_secs: u64) -> (TestCluster, impl Fn(u64) -> String, node::status::ObjectStatus) {
+/// A 3-host cluster serving a 64 MiB volume of `policy` (one object) as
+/// LUN 0 of `target`, holding I/O up to `hold_secs` (`io_hold_secs`); the
+/// URL of each host's portal to it, and the object once it has an owner.
+fn held_io_cluster(
+    target: &str,
+    policy: &str,
+    hold_secs: u64,
+) -> (TestCluster, impl Fn(u64) -> String, node::status::ObjectStatus) {
     let (cluster, port) = target_hosts_with(3, &[], &[], |config| config.io_hold_secs = hold_secs);
-    volume_and_target(&cluster, "held", "64MiB", target);
+    volume_and_target_with(&cluster, "held", "64MiB", policy, target);
     let target = target.to_string();
     let url = move |host: u64| format!("iscsi://127.0.0.{}:{port}/{target}/0", host + 10);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -647,7 +655,7 @@ fn killing_an_objects_owner_holds_the_io_another_host_serves_until_the_object_is
     tool("qemu-io");
     tool("qemu-img");
     // The default hold: a takeover takes about 5 s.
-    let (mut cluster, url, object) = held_io_cluster("iqn.2026-11.org.tessera.test:held", 20);
+    let (mut cluster, url, object) = held_io_cluster("iqn.2026-11.org.tessera.test:held", "raid1:2", 20);
     let owner = object.owner;
     // The initiator logs in to another host, which forwards each I/O to the
     // owner.
@@ -676,19 +684,35 @@ fn killing_an_objects_owner_holds_the_io_another_host_serves_until_the_object_is
 
 #[test]
 fn every_copy_of_an_object_away_for_a_moment_holds_its_io_until_one_is_back() {
+    components_away_for_a_moment_hold_the_io("iqn.2026-11.org.tessera.test:away", "raid1:2");
+}
+
+/// The same for an erasure-coded object: two of a raid5 (2+1) object's
+/// three chunks away leave too few to read or write a stripe.
+#[test]
+fn two_of_a_raid5_objects_three_chunks_away_for_a_moment_hold_its_io_until_one_is_back() {
+    components_away_for_a_moment_hold_the_io("iqn.2026-11.org.tessera.test:away-ec", "raid5:2+1");
+}
+
+/// Two hosts holding components of a `policy` object die (the shared
+/// log's quorum with them), and one is back after 3 s: the I/O a third
+/// host serves meanwhile waits, and none fails. For raid1(2) the host with
+/// no copy serves, once the object's ownership has followed its I/O there;
+/// for raid5 (2+1) over three hosts, the owner, which holds a chunk too.
+fn components_away_for_a_moment_hold_the_io(target: &str, policy: &str) {
     let _exclusive = exclusive();
     tool("qemu-io");
     tool("qemu-img");
-    // Both copies' hosts away (the shared log's quorum with them), one back
-    // after 3 s: on this machine I/O went on 9-12 s after the kills.
-    // A longer hold than the default keeps a slow run from failing.
-    let (mut cluster, url, object) = held_io_cluster("iqn.2026-11.org.tessera.test:away", 60);
-    let copies: Vec<u64> = object.components.iter().map(|component| component.host).collect();
-    assert_eq!(copies.len(), 2, "{object:?}");
-    // The initiator logs in to the host with no copy, and its writes, not
+    // On this machine I/O went on 9-14 s after the kills. A longer hold
+    // than the default keeps a slow run from failing.
+    let (mut cluster, url, object) = held_io_cluster(target, policy, 60);
+    let holders: Vec<u64> = object.components.iter().map(|component| component.host).collect();
+    let serving = (1..=3).find(|host| !holders.contains(host)).unwrap_or(object.owner);
+    let away: Vec<u64> = holders.iter().copied().filter(|host| *host != serving).collect();
+    assert_eq!(away.len(), 2, "{object:?}");
+    // The initiator logs in to the serving host, and its writes, not
     // paced, bring the object's ownership there: the owner stays up and
-    // answers that no copy is available.
-    let serving = (1..=3).find(|host| !copies.contains(host)).unwrap();
+    // answers that too few components are available.
     let mut path = IoPath::open(&url(serving));
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seq = 0;
@@ -700,33 +724,46 @@ fn every_copy_of_an_object_away_for_a_moment_holds_its_io_until_one_is_back() {
             seq += 1;
         }
     }
-    println!("host {serving} owns the object and serves the initiator; killing hosts {copies:?}, its copies' hosts");
-    cluster.kill(copies[0]);
-    cluster.kill(copies[1]);
+    // The blocks read after the kills, and those read back at the end,
+    // were written before them.
+    for seq in 0..HELD_BLOCKS / 2 {
+        path.write(seq, held_pattern(seq), Duration::from_secs(30))
+            .unwrap_or_else(|error| panic!("write {seq} through host {serving}: {error}"));
+    }
+    println!("host {serving} owns the {policy} object and serves the initiator; killing hosts {away:?}");
+    cluster.kill(away[0]);
+    cluster.kill(away[1]);
     let killed_at = Instant::now();
-    let what = format!("through host {serving} while the hosts of the object's copies, {copies:?}, were away");
+    let what = format!("through host {serving} while hosts {away:?}, with the object's other components, were away");
     let longest = std::thread::scope(|scope| {
-        let (cluster, first_back) = (&mut cluster, copies[0]);
+        let (cluster, first_back) = (&mut cluster, away[0]);
         scope.spawn(move || {
             std::thread::sleep(Duration::from_secs(3));
             cluster.start_host(first_back);
         });
-        // A read first, before the owner has noticed the copies are gone.
-        let started = Instant::now();
-        path.read(0, held_pattern(0), Duration::from_secs(70)).unwrap_or_else(|error| {
-            panic!("reading block 0 {what} failed: {error}; it should have waited until a copy was back")
-        });
-        let read = started.elapsed();
+        // Reads first, before the owner has noticed the components are
+        // gone: of blocks in two chunks of a raid5 stripe, so at least one
+        // is on a host that died.
+        let mut reads = Vec::new();
+        for seq in [0, HELD_BLOCKS / 4] {
+            let started = Instant::now();
+            path.read(seq, held_pattern(seq), Duration::from_secs(70)).unwrap_or_else(|error| {
+                panic!("reading block {seq} {what} failed: {error}; it should have waited until a component was back")
+            });
+            reads.push(started.elapsed());
+        }
+        println!("{policy}: reads after the kills waited {reads:?}");
+        let read = reads.into_iter().max().unwrap_or_default();
         held_writes(&mut path, HELD_BLOCKS / 4..HELD_BLOCKS, Duration::from_secs(70), &what).max(read)
     });
     println!(
-        "a read and all {} writes after the kills answered ({:?} after them); the longest waited {longest:?}",
+        "{policy}: the reads and all {} writes after the kills answered ({:?} after them); the longest waited {longest:?}",
         HELD_BLOCKS - HELD_BLOCKS / 4,
         killed_at.elapsed()
     );
     assert_held_some(&cluster, serving);
     drop(path);
-    cluster.start_host(copies[1]);
+    cluster.start_host(away[1]);
     cluster.wait_healthy(Duration::from_secs(120));
     held_blocks_read_back(&cluster, &url(serving));
 }
