@@ -117,7 +117,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     threads: Vec<usize>,
     /// Caches to run the throughput table on (tessera, quick_cache, moka), for profiling one alone.
-    #[arg(long, value_delimiter = ',', default_value = "tessera,quick_cache,moka")]
+    #[arg(long, value_delimiter = ',', default_value = "tessera,quick_cache,moka,tessera_counting")]
     caches: Vec<String>,
     /// Percent of reads in each throughput mix.
     #[arg(long, value_delimiter = ',', default_value = "90,50")]
@@ -136,13 +136,30 @@ trait Subject: Sync {
     fn insert(&self, key: u64, value: u64);
 }
 
+/// Tessera's cache as quick_cache's default build: keeping no counts.
 struct Tessera(cache::Cache<u64, u64>);
+/// Tessera's cache counting insertions and evictions, as the block cache
+/// has it do (quick_cache keeps counts only with its `stats` feature, which
+/// this bench leaves off).
+struct TesseraCounting(cache::Cache<u64, u64>);
 struct Quick(quick_cache::sync::Cache<u64, u64>);
 struct Moka(moka::sync::Cache<u64, u64>);
 
 impl Subject for Tessera {
     fn new(capacity: usize) -> Self {
         Tessera(cache::Cache::new(capacity))
+    }
+    fn get(&self, key: u64) -> Option<u64> {
+        self.0.get(&key)
+    }
+    fn insert(&self, key: u64, value: u64) {
+        self.0.insert(key, value)
+    }
+}
+
+impl Subject for TesseraCounting {
+    fn new(capacity: usize) -> Self {
+        TesseraCounting(cache::Cache::new(capacity).with_stats())
     }
     fn get(&self, key: u64) -> Option<u64> {
         self.0.get(&key)
@@ -360,8 +377,11 @@ fn throughputs(args: &Args) {
          {} operations per thread)\n",
         args.rounds, args.keys, args.operations
     );
-    println!("| threads | reads/inserts | tessera | quick_cache | moka | tessera / quick_cache (median of rounds) | (min-max) |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| threads | reads/inserts | tessera | quick_cache | moka | tessera / quick_cache (median of rounds) | (min-max) \
+         | tessera counting | counting / quick_cache (median of rounds) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     let trace = zipf_trace(args.keys, 1.0, args.requests, args.seed + 1);
     for &read_percent in &args.reads {
         for &threads in &args.threads {
@@ -373,6 +393,7 @@ fn throughputs(args: &Args) {
                 }
             };
             let (mut ours, mut quick, mut moka, mut ratios) = (vec![], vec![], vec![], vec![]);
+            let (mut counting, mut counting_ratios) = (vec![], vec![]);
             for round in 0..args.rounds.max(1) {
                 let (tessera, quick_cache) = if round % 2 == 0 {
                     let tessera = run("tessera", throughput::<Tessera>);
@@ -384,6 +405,9 @@ fn throughputs(args: &Args) {
                 ours.push(tessera);
                 quick.push(quick_cache);
                 ratios.push(tessera / quick_cache);
+                let counted = run("tessera_counting", throughput::<TesseraCounting>);
+                counting.push(counted);
+                counting_ratios.push(counted / quick_cache);
                 if round == 0 {
                     // moka is an order of magnitude slower: one round.
                     moka.push(run("moka", throughput::<Moka>));
@@ -393,12 +417,14 @@ fn throughputs(args: &Args) {
                 .iter()
                 .fold((f64::INFINITY, f64::NEG_INFINITY), |(low, high), &ratio| (low.min(ratio), high.max(ratio)));
             println!(
-                "| {threads} | {read_percent}/{} | {:.2} | {:.2} | {:.2} | {:.2} | {low:.2}-{high:.2} |",
+                "| {threads} | {read_percent}/{} | {:.2} | {:.2} | {:.2} | {:.2} | {low:.2}-{high:.2} | {:.2} | {:.2} |",
                 100 - read_percent,
                 median(&mut ours),
                 median(&mut quick),
                 median(&mut moka),
                 median(&mut ratios),
+                median(&mut counting),
+                median(&mut counting_ratios),
             );
         }
     }

@@ -8,9 +8,7 @@
 //!   bucket's list also remembers the hashes of recently evicted keys (the
 //!   ghosts), so a lookup and a ghost check are one scan under one lock.
 //!   The mutex is a lock word released by a plain store (`lock.rs`); the
-//!   word, the first slots and the bucket's share of the hit, miss,
-//!   insertion and eviction counts fill one cache line (`bucket.rs`), so
-//!   counting a read costs no atomic instruction of its own.
+//!   word and the first slots fill one cache line (`bucket.rs`).
 //! - **Three queues**, S3-FIFO's: *small* (where new keys enter), *main*
 //!   (keys that were read again while in small, or that come back soon
 //!   after eviction) and *ghost* (hashes of keys evicted from small). Small
@@ -181,23 +179,22 @@ impl<V> Guarded<V> {
     }
 }
 
-/// A bucket of the hash table: its list and its share of the counters
-/// (`bucket.rs`), under its own mutex (`lock.rs`).
+/// A bucket of the hash table: its list (`bucket.rs`), under its own
+/// mutex (`lock.rs`).
 type Bucket<K, V> = BucketLock<List<Element<K, V>>>;
 
-/// Hits, misses, insertions and evictions since the cache was made.
+/// Insertions and evictions since the cache was made, if it counts them
+/// ([`Cache::with_stats`]); zeros if not. Hits and misses are the caller's
+/// to count: it sees every answer of `get`, and counting them here would
+/// slow every read (see `with_stats`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
-    pub hits: u64,
-    pub misses: u64,
     pub inserts: u64,
     pub evictions: u64,
 }
 
-const HIT: usize = 0;
-const MISS: usize = 1;
-const INSERT: usize = 2;
-const EVICTION: usize = 3;
+const INSERT: usize = 0;
+const EVICTION: usize = 1;
 
 /// One shard: a hash table and three queues for its share of the keys and
 /// of the capacity. Every operation on a key stays within its shard.
@@ -218,8 +215,9 @@ struct Shard<K, V> {
     main_weight: CachePadded<AtomicI64>,
     capacity: u64,
     small_capacity: u64,
-    /// Counts handed over by the buckets (see `List::pending`).
-    counters: CachePadded<[AtomicU64; 4]>,
+    /// Insertions and evictions, if `counting`.
+    counters: CachePadded<[AtomicU64; 2]>,
+    counting: bool,
 }
 
 /// A concurrent S3-FIFO cache. See the crate documentation.
@@ -360,24 +358,30 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
         self.len() == 0
     }
 
-    /// Counts since the cache was made (walks every bucket: for reports,
-    /// not hot paths).
+    /// Makes the cache count insertions and evictions (for
+    /// [`Cache::stats`]): an atomic add to a counter of the key's shard per
+    /// insertion and per eviction. Off by default, as quick_cache's counts
+    /// are. Reads are never counted: counting them in their bucket, under
+    /// its lock, took a slot's room out of every bucket (bucket.rs), and
+    /// behind this switch the check alone cost reads on one thread about a
+    /// twentieth of their speed (bench/RESULTS.md).
+    pub fn with_stats(mut self) -> Self {
+        for shard in self.shards.iter_mut() {
+            shard.counting = true;
+        }
+        self
+    }
+
+    /// Counts since the cache was made, if it counts them
+    /// ([`Cache::with_stats`]); zeros if not.
     pub fn stats(&self) -> CacheStats {
-        // Each bucket's pending counts move to its shard's counters under
-        // its lock, then the counters are read: a count is in exactly one
-        // place at any time, and totals never go down from one call to the
-        // next (summing the two without moving could miss a bucket's
-        // overflow between the reads).
-        let mut sums = [0u64; 4];
+        let mut sums = [0u64; 2];
         for shard in self.shards.iter() {
-            for bucket in shard.buckets.iter() {
-                bucket.lock().hand_over(&shard.counters);
-            }
             for (sum, counter) in sums.iter_mut().zip(shard.counters.iter()) {
                 *sum += counter.load(Ordering::Relaxed);
             }
         }
-        CacheStats { hits: sums[HIT], misses: sums[MISS], inserts: sums[INSERT], evictions: sums[EVICTION] }
+        CacheStats { inserts: sums[INSERT], evictions: sums[EVICTION] }
     }
 
     /// Checks the invariants (see the crate documentation) of every shard
@@ -407,6 +411,7 @@ impl<K: Eq, V: Clone> Shard<K, V> {
             capacity,
             small_capacity: (capacity * SMALL_PERCENT / 100).max(1),
             counters: CachePadded::new(Default::default()),
+            counting: false,
         }
     }
 
@@ -430,18 +435,14 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         K: Borrow<Q>,
         Q: Eq + ?Sized,
     {
-        let mut bucket = self.buckets[self.bucket_index(hash)].lock();
-        let found = bucket.live(tag(hash), |element| element.key.borrow() == key).map(|element| {
+        let bucket = self.buckets[self.bucket_index(hash)].lock();
+        bucket.live(tag(hash), |element| element.key.borrow() == key).map(|element| {
             if touch {
                 element.touch();
             }
             // SAFETY: this bucket's lock is held (`bucket`).
             unsafe { element.value.get() }.clone()
-        });
-        if touch {
-            bucket.count(if found.is_some() { HIT } else { MISS }, &self.counters);
-        }
-        found
+        })
     }
 
     /// Whether a ghost pushed at `position` is still in the ghost queue.
@@ -472,7 +473,7 @@ impl<K: Eq, V: Clone> Shard<K, V> {
                         // SAFETY: this bucket's lock is held (`bucket`).
                         let previous = unsafe { old.value.replace(value) };
                         old.touch();
-                        bucket.count(INSERT, &self.counters);
+                        self.count(INSERT);
                         drop(bucket);
                         drop(previous);
                         return true;
@@ -500,7 +501,7 @@ impl<K: Eq, V: Clone> Shard<K, V> {
                 Some(position) => bucket.set(position, tag, listed),
                 None => bucket.add(tag, listed),
             }
-            bucket.count(INSERT, &self.counters);
+            self.count(INSERT);
             element
         };
         self.enqueue(element);
@@ -656,7 +657,6 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         }
         {
             let mut bucket = self.buckets[self.bucket_index(element.hash)].lock();
-            bucket.count(EVICTION, &self.counters);
             // Not listed: a writer replaced the key meanwhile, under this
             // lock, and the key is live again.
             if let Some(position) = bucket.position_of(element.as_ptr()) {
@@ -668,9 +668,16 @@ impl<K: Eq, V: Clone> Shard<K, V> {
                 }
             }
         }
+        self.count(EVICTION);
         // SAFETY: out of its bucket (above), in no ring (this thread owns
         // it), so no other thread can reach it.
         unsafe { element.free() };
+    }
+
+    fn count(&self, counter: usize) {
+        if self.counting {
+            self.counters[counter].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn audit(&mut self) -> Result<(), String> {
@@ -846,15 +853,17 @@ mod tests {
     }
 
     #[test]
-    fn stats_count_hits_misses_inserts_and_evictions() {
-        let cache = cache(10);
-        for key in 0..20 {
-            cache.insert(key, key);
+    fn stats_count_inserts_and_evictions_when_asked_to() {
+        for counting in [true, false] {
+            let cache = if counting { cache(10).with_stats() } else { cache(10) };
+            for key in 0..20 {
+                cache.insert(key, key);
+            }
+            // A value replaced in place counts as an insertion too.
+            cache.insert(19, 190);
+            let expected = if counting { CacheStats { inserts: 21, evictions: 10 } } else { CacheStats::default() };
+            assert_eq!(cache.stats(), expected);
         }
-        cache.get(&19);
-        cache.get(&0);
-        let stats = cache.stats();
-        assert_eq!((stats.hits, stats.misses, stats.inserts, stats.evictions), (1, 1, 20, 10));
     }
 
     impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S> {

@@ -73,6 +73,26 @@ impl cache::Weigher<Key, Bytes> for Weight {
 /// The node's block cache, shared by every object it owns.
 pub struct BlockCache {
     blocks: cache::Cache<Key, Bytes, Weight, FixedState>,
+    /// Blocks found and not found by lookups (the cache counts only
+    /// insertions and evictions).
+    reads: Reads,
+}
+
+/// Hits and misses, apart from the cache's own lines: every reading
+/// thread adds to them.
+#[derive(Default)]
+#[repr(align(64))]
+struct Reads {
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl Reads {
+    fn count(&self, block: Option<Bytes>) -> Option<Bytes> {
+        let counter = if block.is_some() { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        block
+    }
 }
 
 /// Hits, misses, fills and evictions, in blocks; the bytes held.
@@ -90,23 +110,24 @@ impl BlockCache {
     /// A cache of at most `capacity` bytes (data and overhead).
     pub fn new(capacity: u64) -> Arc<BlockCache> {
         let seed = std::hash::BuildHasher::hash_one(&foldhash::fast::RandomState::default(), 0u64);
-        let blocks = cache::Cache::with(items(capacity), capacity, Weight, FixedState::with_seed(seed));
-        Arc::new(BlockCache { blocks })
+        let blocks = cache::Cache::with(items(capacity), capacity, Weight, FixedState::with_seed(seed)).with_stats();
+        Arc::new(BlockCache { blocks, reads: Reads::default() })
     }
 
     /// As [`BlockCache::new`], in one shard hashing with `seed`: the same
     /// operations evict the same blocks every run, on any machine (the
     /// simulator replays by seed).
     pub fn seeded(capacity: u64, seed: u64) -> Arc<BlockCache> {
-        let blocks = cache::Cache::with_shards(1, items(capacity), capacity, Weight, FixedState::with_seed(seed));
-        Arc::new(BlockCache { blocks })
+        let blocks =
+            cache::Cache::with_shards(1, items(capacity), capacity, Weight, FixedState::with_seed(seed)).with_stats();
+        Arc::new(BlockCache { blocks, reads: Reads::default() })
     }
 
     pub fn stats(&self) -> BlockCacheStats {
         let stats = self.blocks.stats();
         BlockCacheStats {
-            hits: stats.hits,
-            misses: stats.misses,
+            hits: self.reads.hits.load(Ordering::Relaxed),
+            misses: self.reads.misses.load(Ordering::Relaxed),
             fills: stats.inserts,
             evictions: stats.evictions,
             bytes: self.blocks.weight(),
@@ -194,12 +215,13 @@ impl ObjectCache {
             return None;
         }
         let namespace = self.namespace.load(Ordering::SeqCst);
+        let get = |block: u64| self.shared.reads.count(self.shared.blocks.get(&(namespace, block)));
         if count == 1 {
-            return self.shared.blocks.get(&(namespace, first));
+            return get(first);
         }
         let mut data = BytesMut::with_capacity(count as usize * BLOCK_SIZE);
         for block in first..first + count {
-            data.extend_from_slice(&self.shared.blocks.get(&(namespace, block))?);
+            data.extend_from_slice(&get(block)?);
         }
         Some(data.freeze())
     }
