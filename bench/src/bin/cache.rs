@@ -139,8 +139,9 @@ trait Subject: Sync {
 /// Tessera's cache as quick_cache's default build: keeping no counts.
 struct Tessera(cache::Cache<u64, u64>);
 /// Tessera's cache counting insertions and evictions, as the block cache
-/// has it do (quick_cache keeps counts only with its `stats` feature, which
-/// this bench leaves off).
+/// has it do (the block cache counts its hits and misses itself, an atomic
+/// add per lookup, not measured here; quick_cache keeps counts only with its
+/// `stats` feature, which this bench leaves off).
 struct TesseraCounting(cache::Cache<u64, u64>);
 struct Quick(quick_cache::sync::Cache<u64, u64>);
 struct Moka(moka::sync::Cache<u64, u64>);

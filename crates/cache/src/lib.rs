@@ -285,7 +285,7 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
         &self.shards[((hash >> 58) & self.shard_mask) as usize]
     }
 
-    /// The value cached for `key`, counting a read of it.
+    /// The value cached for `key`, marking it read (for eviction).
     pub fn get<Q>(&self, key: &Q) -> Option<V>
     where
         K: Borrow<Q>,

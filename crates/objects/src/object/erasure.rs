@@ -17,6 +17,31 @@ use bytes::BytesMut;
 use super::*;
 use crate::ec::Piece;
 
+/// The pieces read, or the error that decides the read's fate, whichever
+/// piece it came from: `Deposed` (the caller goes to the new owner), then
+/// any error a component answered (the read fails at once), and only then
+/// `Unavailable` (held until the object is back). A read over several
+/// stripes must not be held because one stripe's hosts went unanswered
+/// while another's chunk is unreadable, nor fail at once or be held
+/// according to which stripe answered first.
+fn first_error(parts: Vec<Result<Bytes, ObjectError>>) -> Result<Vec<Bytes>, ObjectError> {
+    let rank = |error: &ObjectError| match error {
+        ObjectError::Deposed => 0,
+        ObjectError::Unavailable => 2,
+        _ => 1,
+    };
+    let mut worst: Option<ObjectError> = None;
+    let mut read = Vec::with_capacity(parts.len());
+    for part in parts {
+        match part {
+            Ok(bytes) => read.push(bytes),
+            Err(error) if worst.as_ref().is_none_or(|worst| rank(&error) < rank(worst)) => worst = Some(error),
+            Err(_) => {}
+        }
+    }
+    worst.map_or(Ok(read), Err)
+}
+
 impl<T: Transport> Object<T> {
     fn stripe_lock(&self, stripe: u64) -> &tokio::sync::Mutex<()> {
         &self.stripes[(stripe % STRIPE_LOCKS as u64) as usize]
@@ -169,8 +194,9 @@ impl<T: Transport> Object<T> {
         let have = slots.iter().filter(|slot| slot.is_some()).count();
         if have < layout.data {
             // Every chunk that failed went unanswered (its host is gone and
-            // the owner has not marked it away yet), and the rest are away:
-            // the stripe is unavailable for now, as once they are marked.
+            // the owner has not marked it away yet), and the rest are not
+            // active: the stripe is unavailable for now, as once the owner
+            // has marked them.
             if errors.all_unanswered() {
                 return Err(ObjectError::Unavailable);
             }
@@ -250,8 +276,9 @@ impl<T: Transport> Object<T> {
         let ticket = self.cache.as_ref().and_then(|cache| cache.ticket(first, count));
         let sent = self.cache.as_ref().map(|cache| cache.now());
         let pieces = layout.pieces(first, count);
-        let parts =
-            futures::future::try_join_all(pieces.into_iter().map(|piece| self.read_piece(layout, piece, via))).await?;
+        let parts = first_error(
+            futures::future::join_all(pieces.into_iter().map(|piece| self.read_piece(layout, piece, via))).await,
+        )?;
         let data = match <[Bytes; 1]>::try_from(parts) {
             Ok([part]) => part,
             Err(parts) => {
@@ -409,5 +436,25 @@ impl<T: Transport> Object<T> {
             self.submit(Op::Unmap { first, count }, Payload::none()).await.map_err(|_| ObjectError::Unavailable)??;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_over_stripes_fails_with_the_error_that_decides_its_fate_whichever_came_first() {
+        let read = || ObjectError::Read("a checksum mismatch".into());
+        let ok = || Ok(Bytes::from_static(b"rows"));
+        assert_eq!(first_error(vec![ok(), ok()]).unwrap().len(), 2);
+        let answered = first_error(vec![Err(ObjectError::Unavailable), ok(), Err(read())]);
+        assert!(matches!(answered, Err(ObjectError::Read(_))), "{answered:?}");
+        let answered = first_error(vec![Err(read()), Err(ObjectError::Unavailable)]);
+        assert!(matches!(answered, Err(ObjectError::Read(_))), "{answered:?}");
+        let deposed = first_error(vec![Err(read()), Err(ObjectError::Unavailable), Err(ObjectError::Deposed)]);
+        assert!(matches!(deposed, Err(ObjectError::Deposed)), "{deposed:?}");
+        let held = first_error(vec![ok(), Err(ObjectError::Unavailable)]);
+        assert!(matches!(held, Err(ObjectError::Unavailable)), "{held:?}");
     }
 }

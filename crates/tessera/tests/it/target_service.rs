@@ -573,6 +573,8 @@ fn killing_the_host_an_initiator_writes_through_fails_over_to_another_portal_wit
 
 /// Blocks the held-I/O scenarios write (one each, in turn).
 const HELD_BLOCKS: u64 = 64;
+// The raid5 scenario reads block `CHUNK_BLOCKS`, written before its kills.
+const _: () = assert!(objects::ec::CHUNK_BLOCKS < HELD_BLOCKS / 2);
 /// A held-I/O scenario's writes are paced (about 40 a second) so that
 /// ownership does not follow them to the host serving them (it moves after
 /// 256 forwarded I/Os within 2 s).
@@ -742,10 +744,10 @@ fn components_away_for_a_moment_hold_the_io(target: &str, policy: &str) {
             cluster.start_host(first_back);
         });
         // Reads first, before the owner has noticed the components are
-        // gone: of blocks in two chunks of a raid5 stripe, so at least one
-        // is on a host that died.
+        // gone: of blocks in the first two chunks of a raid5 stripe, so at
+        // least one is on a host that died.
         let mut reads = Vec::new();
-        for seq in [0, HELD_BLOCKS / 4] {
+        for seq in [0, objects::ec::CHUNK_BLOCKS] {
             let started = Instant::now();
             path.read(seq, held_pattern(seq), Duration::from_secs(70)).unwrap_or_else(|error| {
                 panic!("reading block {seq} {what} failed: {error}; it should have waited until a component was back")
