@@ -581,6 +581,14 @@ pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<Bytes, R
     }
 }
 
+/// The owner this host's copy of the catalog names for object `name`, and
+/// its node address if the host is known.
+pub(crate) fn catalog_owner(node: &Node, name: &str) -> Option<(u64, Option<String>)> {
+    let (record, _) = node.services()?.catalog.objects.get_local(&name.to_string())?;
+    let address = hosts_by_id(node).get(&record.owner).map(|host| host.address.clone());
+    Some((record.owner, address))
+}
+
 pub(crate) async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (IoReply, Bytes) {
     let io = match serve_here(node, io, data).await {
         Ok(served) => return served,
@@ -1069,6 +1077,12 @@ impl<T: Transport> ObjectClient<T> {
     pub async fn provisioning(&self, offset: u64, length: u64) -> Result<Provisioned, ClientError> {
         let data = self.call(IoRequest::Provisioning { name: self.name.clone(), offset, length }, &[]).await?;
         Provisioned::decode(&data).ok_or_else(|| ClientError::Failed("bad provisioning answer".into()))
+    }
+
+    /// Sends the next request to `address` first (the owner, as the caller
+    /// learned it), or, with `None`, to each host in turn.
+    pub(crate) fn aim_at(&self, address: Option<String>) {
+        *self.owner.lock().expect("owner lock") = address;
     }
 
     /// Sends to the owner it knows, else to each host in turn, following

@@ -42,6 +42,9 @@ use crate::storage::{self, ClientError, IoReply, IoRequest, ObjectClient};
 pub const DEFAULT_OBJECT_SIZE: u64 = 256 << 30;
 const REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 const REBALANCE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an I/O forwarded to an object's owner checks whether the
+/// catalog names another owner (`serve`).
+const OWNER_CHECK: Duration = Duration::from_millis(250);
 
 /// The target service of one host.
 pub struct TargetService {
@@ -137,8 +140,40 @@ async fn serve(
         Ok((IoReply::NotOwner { .. } | IoReply::Unknown, _)) | Err(_) => {}
     }
     node.storage.note_forwarded(&name);
-    // The same request, to the owner; its answer as it comes.
-    client.call(io.clone(), data).await.map_err(|error| match error {
+    // The same request, to the owner; its answer as it comes, unless the
+    // catalog names another owner meanwhile. An owner cut off from the
+    // network answers nothing, and the call would wait out its whole I/O
+    // timeout though a new owner serves within seconds: the I/O is then
+    // held and tried again, at the new owner. Giving up on the request is
+    // safe: the new owner serves no write until it has fenced the
+    // components against the old one, so a write the old owner still
+    // carries out is refused, or lands before the retry's (the same
+    // data). Not so a compare and write, which may have written: it waits.
+    let call = client.call(io.clone(), data);
+    let answer = match storage::catalog_owner(node, &name) {
+        Some((asked, _)) if !io.compares() => {
+            tokio::pin!(call);
+            let mut check = tokio::time::interval(OWNER_CHECK);
+            loop {
+                tokio::select! {
+                    answer = &mut call => break answer,
+                    _ = check.tick() => match storage::catalog_owner(node, &name) {
+                        Some((owner, address)) if owner != asked => {
+                            client.aim_at(address);
+                            metrics::counter!("node_forwarded_io_abandoned_total").increment(1);
+                            return Err(VolumeError::Later {
+                                object: name.clone(),
+                                reason: format!("its owner changed from host {asked} to host {owner} while it waited"),
+                            });
+                        }
+                        _ => {}
+                    },
+                }
+            }
+        }
+        _ => call.await,
+    };
+    answer.map_err(|error| match error {
         ClientError::NoSpace(reason) => VolumeError::NoSpace { object: name.clone(), reason },
         ClientError::Failed(reason) => unavailable(&name, reason),
         ClientError::Unavailable(reason) => later(reason),

@@ -684,6 +684,43 @@ fn killing_an_objects_owner_holds_the_io_another_host_serves_until_the_object_is
     held_blocks_read_back(&cluster, &url(serving));
 }
 
+/// The same with the owner cut off from its peers rather than killed: its
+/// process runs on and the serving host's requests to it go unanswered.
+/// The serving host gives up on a forwarded I/O once the catalog names a
+/// new owner, rather than wait out the block client's I/O timeout (30 s),
+/// and holds it until the new owner serves it. Needs nftables (`nft`) and
+/// root, as the partition scenarios do.
+#[test]
+fn cutting_an_objects_owner_off_holds_the_io_another_host_serves_until_the_object_is_taken_over() {
+    let _exclusive = exclusive();
+    tool("qemu-io");
+    tool("qemu-img");
+    let (cluster, url, object) = held_io_cluster("iqn.2026-11.org.tessera.test:cut", "raid1:2", 20);
+    let owner = object.owner;
+    let serving = (1..=3).find(|host| *host != owner).unwrap();
+    let mut path = IoPath::open(&url(serving));
+    held_writes(&mut path, 0..HELD_BLOCKS / 4, Duration::from_secs(30), "before the cut");
+    let owner_now = the_object(&cluster).map(|object| object.owner);
+    assert_eq!(owner_now, Some(owner), "ownership moved before the cut; the test needs it not to");
+    println!("host {owner} owns the object, host {serving} serves the initiator; cutting host {owner} off");
+    let cut = crate::harness::Cut::off_from_peers(&format!("127.0.0.{}", owner + 10));
+    // Each write must be answered well within the 30 s a request to the
+    // cut-off owner would wait.
+    let what = format!("through host {serving} after its object's owner (host {owner}) was cut off");
+    let longest = held_writes(&mut path, HELD_BLOCKS / 4..HELD_BLOCKS, Duration::from_secs(20), &what);
+    let new_owner = the_object(&cluster).map(|object| object.owner);
+    println!(
+        "all {} writes after the cut acknowledged; the longest waited {longest:?}; the object's owner is now host \
+         {new_owner:?}",
+        HELD_BLOCKS - HELD_BLOCKS / 4
+    );
+    assert!(new_owner.is_some_and(|new| new != owner), "the object was not taken over: owner {new_owner:?}");
+    assert_held_some(&cluster, serving);
+    drop(path);
+    drop(cut);
+    held_blocks_read_back(&cluster, &url(serving));
+}
+
 #[test]
 fn every_copy_of_an_object_away_for_a_moment_holds_its_io_until_one_is_back() {
     components_away_for_a_moment_hold_the_io("iqn.2026-11.org.tessera.test:away", "raid1:2");
