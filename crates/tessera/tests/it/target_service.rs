@@ -609,7 +609,18 @@ fn held_io_cluster(
 
 /// The one object of a held-I/O scenario's cluster.
 fn the_object(cluster: &TestCluster) -> Option<node::status::ObjectStatus> {
-    let objects = cluster.status()?.objects;
+    objects_of(cluster.status()?)
+}
+
+/// The one object as host `host` sees it (a host cut off from its peers
+/// still answers the test, from a catalog that no longer changes).
+fn the_object_seen_by(cluster: &TestCluster, host: u64) -> Option<node::status::ObjectStatus> {
+    let status = cluster.get(host, "/api/v1/status").ok().and_then(|value| serde_json::from_value(value).ok())?;
+    objects_of(status)
+}
+
+fn objects_of(status: node::status::ClusterStatus) -> Option<node::status::ObjectStatus> {
+    let objects = status.objects;
     assert!(objects.len() <= 1, "a 64 MiB volume is one object: {objects:?}");
     objects.into_iter().next()
 }
@@ -708,7 +719,7 @@ fn cutting_an_objects_owner_off_holds_the_io_another_host_serves_until_the_objec
     // cut-off owner would wait.
     let what = format!("through host {serving} after its object's owner (host {owner}) was cut off");
     let longest = held_writes(&mut path, HELD_BLOCKS / 4..HELD_BLOCKS, Duration::from_secs(20), &what);
-    let new_owner = the_object(&cluster).map(|object| object.owner);
+    let new_owner = the_object_seen_by(&cluster, serving).map(|object| object.owner);
     println!(
         "all {} writes after the cut acknowledged; the longest waited {longest:?}; the object's owner is now host \
          {new_owner:?}",
