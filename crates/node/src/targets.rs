@@ -145,10 +145,15 @@ async fn serve(
     // network answers nothing, and the call would wait out its whole I/O
     // timeout though a new owner serves within seconds: the I/O is then
     // held and tried again, at the new owner. Giving up on the request is
-    // safe: the new owner serves no write until it has fenced the
-    // components against the old one, so a write the old owner still
-    // carries out is refused, or lands before the retry's (the same
-    // data). Not so a compare and write, which may have written: it waits.
+    // safe: a new owner holds the I/O sent to it until it has opened the
+    // object, which fences every component it reaches against the old
+    // owner first, so a write the old owner still carries out lands on a
+    // component before that fence (the retry brings the same data), or on
+    // one the new owner could not reach, which a resync brings back to the
+    // new owner's writes when it returns. Not so a compare and write,
+    // which may have written: it waits. (An I/O that starts after the
+    // catalog changed but goes to the client's remembered, earlier owner
+    // still waits out the timeout: not yet handled.)
     let call = client.call(io.clone(), data);
     let answer = match storage::catalog_owner(node, &name) {
         Some((asked, _)) if !io.compares() => {
