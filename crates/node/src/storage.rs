@@ -581,12 +581,16 @@ pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<Bytes, R
     }
 }
 
-/// The owner this host's copy of the catalog names for object `name`, and
-/// its node address if the host is known.
-pub(crate) fn catalog_owner(node: &Node, name: &str) -> Option<(u64, Option<String>)> {
-    let (record, _) = node.services()?.catalog.objects.get_local(&name.to_string())?;
-    let address = hosts_by_id(node).get(&record.owner).map(|host| host.address.clone());
-    Some((record.owner, address))
+/// The owner this host's copy of the catalog names for object `name`
+/// (cheap: on the path of every forwarded I/O).
+pub(crate) fn catalog_owner(node: &Node, name: &str) -> Option<u64> {
+    let name = name.to_string();
+    node.services()?.catalog.objects.read_local(|objects| objects.get(&name).map(|(record, _)| record.owner))
+}
+
+/// Host `host`'s node address, from this host's copy of the catalog.
+pub(crate) fn host_address(node: &Node, host: u64) -> Option<String> {
+    node.services()?.catalog.hosts.read_local(|hosts| hosts.get(&host).map(|(record, _)| record.address.clone()))
 }
 
 pub(crate) async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (IoReply, Bytes) {

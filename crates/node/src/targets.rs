@@ -22,6 +22,7 @@
 //!   a copy ends `Unavailable` instead.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -84,7 +85,32 @@ impl TargetService {
 /// Object I/O for volumes: local when this host owns the object.
 struct NodeObjects {
     node: Weak<Node>,
-    clients: Mutex<HashMap<String, Arc<ObjectClient<TcpTransport>>>>,
+    clients: Mutex<HashMap<String, Arc<Forwarder>>>,
+}
+
+/// Sends one object's I/O to its owner when another host owns it.
+struct Forwarder {
+    client: ObjectClient<TcpTransport>,
+    /// The owner this host's catalog named when the client was last aimed
+    /// from it (0: never). The client follows redirects on its own; it is
+    /// aimed anew only when the catalog names another owner, so an owner
+    /// cut off from the network is not asked again once it is replaced.
+    aimed: AtomicU64,
+}
+
+impl Forwarder {
+    /// Aims the client at `owner`, the catalog's owner, if it was not aimed
+    /// there already; false if it was.
+    fn aim(&self, node: &Node, owner: u64) -> bool {
+        if self.aimed.swap(owner, Ordering::Relaxed) == owner {
+            return false;
+        }
+        // This host itself: it would only send the client round to itself.
+        if owner != node.config.node_id {
+            self.client.aim_at(storage::host_address(node, owner));
+        }
+        true
+    }
 }
 
 fn unavailable(object: &str, reason: impl ToString) -> VolumeError {
@@ -102,14 +128,15 @@ impl NodeObjects {
                 .or_insert_with(|| {
                     let hosts: Vec<String> =
                         storage::hosts_by_id(node).values().map(|host| host.address.clone()).collect();
-                    Arc::new(ObjectClient::new(node.transport.clone(), hosts, name.clone()))
+                    let client = ObjectClient::new(node.transport.clone(), hosts, name.clone());
+                    Arc::new(Forwarder { client, aimed: AtomicU64::new(0) })
                 })
                 .clone()
         });
         Box::pin(async move {
             let node = node.ok_or_else(|| unavailable(&name, "the node is stopping"))?;
-            let client = client.expect("a client when the node is up");
-            serve(&node, &client, &io, &data).await
+            let forwarder = client.expect("a client when the node is up");
+            serve(&node, &forwarder, &io, &data).await
         })
     }
 }
@@ -119,12 +146,8 @@ impl NodeObjects {
 /// [`VolumeError::Later`] (the logical unit holds the command and tries it
 /// again, `io_hold_secs`), unless the request may have been carried out in
 /// part (a compare and write).
-async fn serve(
-    node: &Arc<Node>,
-    client: &ObjectClient<TcpTransport>,
-    io: &IoRequest,
-    data: &Bytes,
-) -> Result<Bytes, VolumeError> {
+async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &Bytes) -> Result<Bytes, VolumeError> {
+    let client = &forwarder.client;
     let name = io.name().to_string();
     let later = |reason: String| match io.compares() {
         true => unavailable(&name, reason),
@@ -140,31 +163,34 @@ async fn serve(
         Ok((IoReply::NotOwner { .. } | IoReply::Unknown, _)) | Err(_) => {}
     }
     node.storage.note_forwarded(&name);
-    // The same request, to the owner; its answer as it comes, unless the
-    // catalog names another owner meanwhile. An owner cut off from the
-    // network answers nothing, and the call would wait out its whole I/O
-    // timeout though a new owner serves within seconds: the I/O is then
-    // held and tried again, at the new owner. Giving up on the request is
-    // safe: a new owner holds the I/O sent to it until it has opened the
-    // object, which fences every component it reaches against the old
-    // owner first, so a write the old owner still carries out lands on a
-    // component before that fence (the retry brings the same data), or on
-    // one the new owner could not reach, which a resync brings back to the
-    // new owner's writes when it returns. Not so a compare and write,
-    // which may have written: it waits. (An I/O that starts after the
-    // catalog changed but goes to the client's remembered, earlier owner
-    // still waits out the timeout: not yet handled.)
+    // The same request, to the owner the catalog names (the client follows
+    // redirects from there); its answer as it comes, unless the catalog
+    // names another owner meanwhile. An owner cut off from the network
+    // answers nothing, and the call would wait out its whole I/O timeout
+    // though a new owner serves within seconds: the I/O is then held and
+    // tried again, at the new owner. Giving up on the request is safe: a
+    // new owner holds the I/O sent to it until it has opened the object,
+    // which fences every component it reaches against the old owner first,
+    // so a write the old owner still carries out lands on a component
+    // before that fence (the retry brings the same data), or on one the new
+    // owner could not reach, which a resync brings back to the new owner's
+    // writes when it returns. Not so a compare and write, which may have
+    // written: it waits.
+    let asked = storage::catalog_owner(node, &name);
+    if let Some(owner) = asked {
+        forwarder.aim(node, owner);
+    }
     let call = client.call(io.clone(), data);
-    let answer = match storage::catalog_owner(node, &name) {
-        Some((asked, _)) if !io.compares() => {
+    let answer = match asked {
+        Some(asked) if !io.compares() => {
             tokio::pin!(call);
             let mut check = tokio::time::interval(OWNER_CHECK);
             loop {
                 tokio::select! {
                     answer = &mut call => break answer,
                     _ = check.tick() => match storage::catalog_owner(node, &name) {
-                        Some((owner, address)) if owner != asked => {
-                            client.aim_at(address);
+                        Some(owner) if owner != asked => {
+                            forwarder.aim(node, owner);
                             metrics::counter!("node_forwarded_io_abandoned_total").increment(1);
                             return Err(VolumeError::Later {
                                 object: name.clone(),

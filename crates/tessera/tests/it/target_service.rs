@@ -664,35 +664,7 @@ fn held_blocks_read_back(cluster: &TestCluster, url: &str) {
 
 #[test]
 fn killing_an_objects_owner_holds_the_io_another_host_serves_until_the_object_is_taken_over() {
-    let _exclusive = exclusive();
-    tool("qemu-io");
-    tool("qemu-img");
-    // The default hold: a takeover takes about 5 s.
-    let (mut cluster, url, object) = held_io_cluster("iqn.2026-11.org.tessera.test:held", "raid1:2", 20);
-    let owner = object.owner;
-    // The initiator logs in to another host, which forwards each I/O to the
-    // owner.
-    let serving = (1..=3).find(|host| *host != owner).unwrap();
-    let mut path = IoPath::open(&url(serving));
-    held_writes(&mut path, 0..HELD_BLOCKS / 4, Duration::from_secs(30), "before the kill");
-    let owner_now = the_object(&cluster).map(|object| object.owner);
-    assert_eq!(owner_now, Some(owner), "ownership moved before the kill; the test needs it not to");
-    println!("host {owner} owns the object, host {serving} serves the initiator; killing host {owner}");
-    cluster.kill(owner);
-    // Not one write fails: each waits, on the serving host, until another
-    // host has taken the object over.
-    let what = format!("through host {serving} after its object's owner (host {owner}) was killed");
-    let longest = held_writes(&mut path, HELD_BLOCKS / 4..HELD_BLOCKS, Duration::from_secs(30), &what);
-    let new_owner = the_object(&cluster).map(|object| object.owner);
-    println!(
-        "all {} writes after the kill acknowledged; the longest waited {longest:?}; the object's owner is now host \
-         {new_owner:?}",
-        HELD_BLOCKS - HELD_BLOCKS / 4
-    );
-    assert!(new_owner.is_some_and(|new| new != owner), "the object was not taken over: owner {new_owner:?}");
-    assert_held_some(&cluster, serving);
-    drop(path);
-    held_blocks_read_back(&cluster, &url(serving));
+    owner_away_holds_the_io("iqn.2026-11.org.tessera.test:held", Outage::Kill);
 }
 
 /// The same with the owner cut off from its peers rather than killed: its
@@ -703,30 +675,89 @@ fn killing_an_objects_owner_holds_the_io_another_host_serves_until_the_object_is
 /// root, as the partition scenarios do.
 #[test]
 fn cutting_an_objects_owner_off_holds_the_io_another_host_serves_until_the_object_is_taken_over() {
+    owner_away_holds_the_io("iqn.2026-11.org.tessera.test:cut", Outage::Cut);
+}
+
+/// The same, with no I/O from the cut until the serving host's catalog
+/// names a new owner: the next I/O goes to that owner, not to the cut-off
+/// one the serving host last sent to (which would answer nothing for the
+/// block client's whole I/O timeout).
+#[test]
+fn an_io_after_an_idle_takeover_of_a_cut_off_owners_object_goes_to_the_new_owner() {
+    owner_away_holds_the_io("iqn.2026-11.org.tessera.test:cut-idle", Outage::CutThenIdle);
+}
+
+/// How a held-I/O scenario takes an object's owner away.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Outage {
+    /// kill -9, with the writes going on.
+    Kill,
+    /// Cut off from its peers (nftables), its process running on, with
+    /// the writes going on.
+    Cut,
+    /// Cut off, and no writes until the serving host's catalog names a new
+    /// owner.
+    CutThenIdle,
+}
+
+/// A 3-host cluster with a raid1(2) object; an initiator writes through a
+/// host that is not the object's owner, which forwards each I/O to the
+/// owner; the owner is taken away by `outage`, and not one later write
+/// fails: each waits, on the serving host, until another host has taken
+/// the object over. Every acknowledged write is read back.
+fn owner_away_holds_the_io(target: &str, outage: Outage) {
     let _exclusive = exclusive();
     tool("qemu-io");
     tool("qemu-img");
-    let (cluster, url, object) = held_io_cluster("iqn.2026-11.org.tessera.test:cut", "raid1:2", 20);
+    // The default hold: a takeover takes about 5-10 s.
+    let (mut cluster, url, object) = held_io_cluster(target, "raid1:2", 20);
     let owner = object.owner;
-    let serving = (1..=3).find(|host| *host != owner).unwrap();
+    // The host that takes the object over is the lowest-numbered live one
+    // holding a copy; the initiator writes through the third, so that
+    // after the outage too its I/O is forwarded, to the new owner.
+    let successor = object.components.iter().map(|component| component.host).filter(|host| *host != owner).min();
+    let serving = (1..=3).find(|host| *host != owner && Some(*host) != successor).unwrap();
     let mut path = IoPath::open(&url(serving));
-    held_writes(&mut path, 0..HELD_BLOCKS / 4, Duration::from_secs(30), "before the cut");
+    held_writes(&mut path, 0..HELD_BLOCKS / 4, Duration::from_secs(30), "before the outage");
     let owner_now = the_object(&cluster).map(|object| object.owner);
-    assert_eq!(owner_now, Some(owner), "ownership moved before the cut; the test needs it not to");
-    println!("host {owner} owns the object, host {serving} serves the initiator; cutting host {owner} off");
-    let cut = crate::harness::Cut::off_from_peers(&format!("127.0.0.{}", owner + 10));
-    // Each write must be answered well within the 30 s a request to the
-    // cut-off owner would wait.
-    let what = format!("through host {serving} after its object's owner (host {owner}) was cut off");
-    let longest = held_writes(&mut path, HELD_BLOCKS / 4..HELD_BLOCKS, Duration::from_secs(20), &what);
-    let new_owner = the_object_seen_by(&cluster, serving).map(|object| object.owner);
+    assert_eq!(owner_now, Some(owner), "ownership moved before the outage; the test needs it not to");
+    println!("host {owner} owns the object, host {serving} serves the initiator; {outage:?} host {owner}");
+    // A host cut off from its peers still answers the test, from a catalog
+    // that no longer changes: the serving host says who owns the object.
+    let owner_seen = |cluster: &TestCluster| the_object_seen_by(cluster, serving).map(|object| object.owner);
+    let cut = match outage {
+        Outage::Kill => {
+            cluster.kill(owner);
+            None
+        }
+        Outage::Cut | Outage::CutThenIdle => {
+            Some(crate::harness::Cut::off_from_peers(&format!("127.0.0.{}", owner + 10)))
+        }
+    };
+    if outage == Outage::CutThenIdle {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while owner_seen(&cluster) == Some(owner) {
+            assert!(Instant::now() < deadline, "host {serving}'s catalog still names host {owner} the owner");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        println!("host {serving}'s catalog names host {:?} the owner", owner_seen(&cluster));
+    }
+    // A cut-off owner answers nothing: each write must be answered well
+    // within the 30 s a request to it would wait.
+    let limit = Duration::from_secs(if outage == Outage::Kill { 30 } else { 20 });
+    let what = format!("through host {serving} after its object's owner (host {owner}) was taken away ({outage:?})");
+    let longest = held_writes(&mut path, HELD_BLOCKS / 4..HELD_BLOCKS, limit, &what);
+    let new_owner = owner_seen(&cluster);
     println!(
-        "all {} writes after the cut acknowledged; the longest waited {longest:?}; the object's owner is now host \
-         {new_owner:?}",
+        "all {} writes after the outage acknowledged; the longest waited {longest:?}; the object's owner is now \
+         host {new_owner:?}",
         HELD_BLOCKS - HELD_BLOCKS / 4
     );
     assert!(new_owner.is_some_and(|new| new != owner), "the object was not taken over: owner {new_owner:?}");
-    assert_held_some(&cluster, serving);
+    assert_eq!(new_owner, successor, "the object was taken over by another host than expected");
+    if outage != Outage::CutThenIdle {
+        assert_held_some(&cluster, serving);
+    }
     drop(path);
     drop(cut);
     held_blocks_read_back(&cluster, &url(serving));
