@@ -150,8 +150,9 @@ impl Node {
         // deduplication, and a restarted process starts its sequence over.
         let session_id = (config.node_id << 48) ^ (rand::random::<u64>() >> 16);
         let mut client_config = ClientConfig::new(replicas.values().cloned().collect(), session_id);
-        if log_server.is_some() {
+        if let Some(server) = &log_server {
             client_config.read_replica = Some(me.address.clone());
+            client_config.leader_hint = Some(server.leader_hint());
         }
         let client = LogClient::new(transport.clone(), client_config.clone());
         let mut status_config = client_config;

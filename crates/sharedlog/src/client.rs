@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use wire::Transport;
 
 use crate::protocol::*;
@@ -31,6 +31,12 @@ pub struct ClientConfig {
     pub call_timeout: Duration,
     /// How long an operation keeps retrying before it fails.
     pub operation_deadline: Duration,
+    /// The leader the local replica knows, on a log host
+    /// ([`crate::server::LogServer::leader_hint`]). A call to a former
+    /// leader cut off from the network would wait out `call_timeout`; once
+    /// the hint names another leader the call goes there at once (safe:
+    /// appends are deduplicated, reads repeatable).
+    pub leader_hint: Option<watch::Receiver<Option<String>>>,
     pub batch_records_max: usize,
     pub batch_bytes_max: usize,
     pub batches_in_flight_max: usize,
@@ -44,6 +50,7 @@ impl ClientConfig {
             read_replica: None,
             call_timeout: Duration::from_secs(3),
             operation_deadline: Duration::from_secs(30),
+            leader_hint: None,
             batch_records_max: 4096,
             batch_bytes_max: 512 * 1024,
             batches_in_flight_max: 16,
@@ -73,6 +80,9 @@ impl<T: Transport> Caller<T> {
         if let Some(leader) = self.leader.lock().expect("leader lock").clone() {
             return leader;
         }
+        if let Some(leader) = self.config.leader_hint.as_ref().and_then(|hint| hint.borrow().clone()) {
+            return leader;
+        }
         let index = self.next_replica.fetch_add(1, Ordering::Relaxed);
         self.config.replicas[index % self.config.replicas.len()].clone()
     }
@@ -95,25 +105,27 @@ impl<T: Transport> Caller<T> {
         let mut last_error;
         loop {
             let address = self.pick();
-            let reply: Result<LogResult<Resp>, wire::CallError> =
-                wire::call(&self.transport, &address, method, request, self.config.call_timeout).await;
-            let pause = match reply {
-                Ok(Ok(response)) => {
+            let pause = match self.call_unless_leader_moves::<Req, Resp>(&address, method, request).await {
+                None => {
+                    last_error = format!("{address} is no longer the leader");
+                    false
+                }
+                Some(Ok(Ok(response))) => {
                     *self.leader.lock().expect("leader lock") = Some(address);
                     return Ok(response);
                 }
-                Ok(Err(LogError::NotLeader { leader: Some((_, leader)) })) if leader != address => {
+                Some(Ok(Err(LogError::NotLeader { leader: Some((_, leader)) }))) if leader != address => {
                     *self.leader.lock().expect("leader lock") = Some(leader);
                     last_error = format!("{address} is not the leader");
                     false
                 }
-                Ok(Err(LogError::NotLeader { .. })) | Ok(Err(LogError::Unavailable(_))) => {
+                Some(Ok(Err(LogError::NotLeader { .. })) | Ok(Err(LogError::Unavailable(_)))) => {
                     self.forget_leader(&address);
                     last_error = format!("{address} knows no leader");
                     true
                 }
-                Ok(Err(error)) => return Err(ClientError::Log(error)),
-                Err(error) => {
+                Some(Ok(Err(error))) => return Err(ClientError::Log(error)),
+                Some(Err(error)) => {
                     self.forget_leader(&address);
                     last_error = error.to_string();
                     true
@@ -125,6 +137,36 @@ impl<T: Transport> Caller<T> {
             if pause {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+
+    /// Calls `address`, as the leader; `None` when the leader hint names
+    /// another leader before it answers (the hint is then the leader).
+    async fn call_unless_leader_moves<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        address: &str,
+        method: u32,
+        request: &Req,
+    ) -> Option<Result<LogResult<Resp>, wire::CallError>> {
+        let call = wire::call(&self.transport, address, method, request, self.config.call_timeout);
+        let Some(mut hint) = self.config.leader_hint.clone() else { return Some(call.await) };
+        hint.mark_unchanged();
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                reply = &mut call => return Some(reply),
+                changed = hint.changed() => {
+                    if changed.is_err() {
+                        // The replica is gone: no more hints.
+                        return Some(call.await);
+                    }
+                    let leader = hint.borrow_and_update().clone();
+                    if let Some(leader) = leader.filter(|leader| leader != address) {
+                        *self.leader.lock().expect("leader lock") = Some(leader);
+                        return None;
+                    }
+                }
             }
         }
     }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use fsio::{File, Fs};
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use wire::{ErrorCode, RemoteError, Request, Transport};
 
 use crate::machine::{Shared, SnapshotData, StateMachine};
@@ -114,6 +114,12 @@ pub struct LogServer {
     fs: Arc<dyn Fs>,
 }
 
+/// The address of the leader `metrics` name, if they know one.
+fn leader_address(metrics: &openraft::RaftMetrics<NodeId, BasicNode>) -> Option<String> {
+    let leader = metrics.current_leader?;
+    metrics.membership_config.membership().get_node(&leader).map(|node| node.addr.clone())
+}
+
 fn not_leader_from(error: &RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> LogError {
     match error {
         RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => LogError::NotLeader {
@@ -185,6 +191,35 @@ impl LogServer {
         if let Err(error) = self.raft.shutdown().await {
             tracing::warn!(%error, "Raft shutdown");
         }
+    }
+
+    /// The address of the leader this replica knows, as it changes: a log
+    /// client on the same host follows it ([`ClientConfig::leader_hint`]),
+    /// rather than wait on a former leader that no longer answers.
+    ///
+    /// [`ClientConfig::leader_hint`]: crate::client::ClientConfig::leader_hint
+    pub fn leader_hint(&self) -> watch::Receiver<Option<String>> {
+        let mut metrics = self.raft.metrics();
+        let (mut known, first) = {
+            let metrics = metrics.borrow_and_update();
+            (metrics.current_leader, leader_address(&metrics))
+        };
+        let (sender, receiver) = watch::channel(first);
+        tokio::spawn(async move {
+            // Metrics change with every applied entry; the leader seldom.
+            while metrics.changed().await.is_ok() && !sender.is_closed() {
+                let address = {
+                    let metrics = metrics.borrow_and_update();
+                    if metrics.current_leader == known {
+                        continue;
+                    }
+                    known = metrics.current_leader;
+                    leader_address(&metrics)
+                };
+                sender.send_replace(address);
+            }
+        });
+        receiver
     }
 
     fn leader(&self) -> Option<(NodeId, String)> {

@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use sharedlog::client::{ClientConfig, LogClient};
 use sharedlog::types::{ReadOutcome, StreamId};
 
 use crate::cluster::Cluster;
@@ -128,5 +129,78 @@ async fn a_subscription_sees_every_entry_of_its_stream_in_order() {
         last_position = Some(entry.position);
     }
     writer.await.unwrap();
+    cluster.shutdown().await;
+}
+
+/// A replica's leader hint names the leader it knows, and the new one once
+/// the leader stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicas_leader_hint_follows_the_leader() {
+    let mut cluster = Cluster::start(3).await;
+    let leader = cluster.wait_for_leader().await;
+    let follower = *cluster.replicas.keys().find(|id| **id != leader).unwrap();
+    let mut hint = cluster.replicas[&follower].server.leader_hint();
+    let old = cluster.addresses[&leader].clone();
+    let named = tokio::time::timeout(Duration::from_secs(10), hint.wait_for(|known| known.as_ref() == Some(&old)))
+        .await
+        .expect("the follower's hint names the leader")
+        .unwrap()
+        .clone();
+    assert_eq!(named, Some(old.clone()));
+    cluster.stop_replica(leader).await;
+    let new_leader = cluster.wait_for_leader().await;
+    let new = cluster.addresses[&new_leader].clone();
+    // A follower may know no leader for a moment between the two.
+    let named = tokio::time::timeout(Duration::from_secs(10), hint.wait_for(|known| known.as_ref() == Some(&new)))
+        .await
+        .expect("the follower's hint names the new leader")
+        .unwrap()
+        .clone();
+    assert_ne!(named, Some(old), "{new_leader} replaced {leader}");
+    cluster.shutdown().await;
+}
+
+/// A client on a log host follows its replica's view of the leader
+/// (`ClientConfig::leader_hint`): an append sent to a former leader that
+/// takes the connection but never answers (cut off from the network) goes
+/// to the leader the hint names as soon as it names one, rather than wait
+/// out the call timeout (here 120 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_waiting_on_a_silent_former_leader_goes_to_the_leader_the_hint_names() {
+    let cluster = Cluster::start(3).await;
+    // Accepts connections and reads what comes, never answering.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_address = silent.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = silent.accept().await {
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut socket, &mut tokio::io::sink()).await;
+            });
+        }
+    });
+    let (hint, hinted) = tokio::sync::watch::channel(None);
+    // The silent address is the only one the client knows: without the
+    // hint it has nowhere else to go.
+    let mut config = ClientConfig::new(vec![silent_address], 7);
+    config.call_timeout = Duration::from_secs(120);
+    config.operation_deadline = Duration::from_secs(240);
+    config.leader_hint = Some(hinted);
+    let client = LogClient::new(cluster.transport.clone(), config);
+    let append = {
+        let client = client.clone();
+        tokio::spawn(async move { client.append(&[STREAM], b"hinted".to_vec()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!append.is_finished(), "the append was answered before the hint named a leader: {append:?}");
+    let leader = cluster.wait_for_leader().await;
+    hint.send(Some(cluster.addresses[&leader].clone())).unwrap();
+    let position = tokio::time::timeout(Duration::from_secs(30), append)
+        .await
+        .expect("the append still waits on the silent address 30 s after the hint named the leader")
+        .unwrap()
+        .unwrap();
+    let tail = client.tail().await.unwrap();
+    let entries = client.read_stream_all(STREAM, 0, tail, None).await.unwrap();
+    assert!(entries.iter().any(|entry| entry.position == position && &entry.payload[..] == b"hinted"));
     cluster.shutdown().await;
 }
