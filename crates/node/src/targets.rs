@@ -22,7 +22,6 @@
 //!   a copy ends `Unavailable` instead.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -46,6 +45,9 @@ const REBALANCE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often an I/O forwarded to an object's owner checks whether the
 /// catalog names another owner (`serve`).
 const OWNER_CHECK: Duration = Duration::from_millis(250);
+/// How long a compare and write forwarded to an object's owner still waits
+/// for its answer once the catalog names another owner (`serve`).
+const COMPARE_GRACE: Duration = Duration::from_secs(2);
 
 /// The target service of one host.
 pub struct TargetService {
@@ -92,24 +94,29 @@ struct NodeObjects {
 struct Forwarder {
     client: ObjectClient<TcpTransport>,
     /// The owner this host's catalog named when the client was last aimed
-    /// from it (0: never). The client follows redirects on its own; it is
-    /// aimed anew only when the catalog names another owner, so an owner
-    /// cut off from the network is not asked again once it is replaced.
-    aimed: AtomicU64,
+    /// from it (0: never, or the client lost its way since). The client
+    /// follows redirects on its own; it is aimed anew only when the catalog
+    /// names another owner, so an owner cut off from the network is not
+    /// asked again once it is replaced. Aimed under this lock, so the
+    /// owner recorded is the one the client was aimed at last.
+    aimed: Mutex<u64>,
 }
 
 impl Forwarder {
-    /// Aims the client at `owner`, the catalog's owner, if it was not aimed
-    /// there already; false if it was.
-    fn aim(&self, node: &Node, owner: u64) -> bool {
-        if self.aimed.swap(owner, Ordering::Relaxed) == owner {
-            return false;
-        }
-        // This host itself: it would only send the client round to itself.
-        if owner != node.config.node_id {
+    /// Aims the client at `owner` (not this host), the catalog's owner, if
+    /// it was not aimed there already.
+    fn aim(&self, node: &Node, owner: u64) {
+        let mut aimed = self.aimed.lock().expect("aimed lock");
+        if *aimed != owner && owner != node.config.node_id {
             self.client.aim_at(storage::host_address(node, owner));
+            *aimed = owner;
         }
-        true
+    }
+
+    /// The client found no host serving the object and starts over from
+    /// the first host next time: aimed from the catalog again, then.
+    fn lost(&self) {
+        *self.aimed.lock().expect("aimed lock") = 0;
     }
 }
 
@@ -129,7 +136,7 @@ impl NodeObjects {
                     let hosts: Vec<String> =
                         storage::hosts_by_id(node).values().map(|host| host.address.clone()).collect();
                     let client = ObjectClient::new(node.transport.clone(), hosts, name.clone());
-                    Arc::new(Forwarder { client, aimed: AtomicU64::new(0) })
+                    Arc::new(Forwarder { client, aimed: Mutex::new(0) })
                 })
                 .clone()
         });
@@ -175,26 +182,41 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
     // before that fence (the retry brings the same data), or on one the new
     // owner could not reach, which a resync brings back to the new owner's
     // writes when it returns. Not so a compare and write, which may have
-    // written: it waits.
+    // written: a live former owner answers it within moments (done, or
+    // deposed before it wrote), so it waits `COMPARE_GRACE` past the
+    // change; then it ends with its outcome unknown (`Unavailable`, as
+    // when its call times out) rather than wait out the call's timeout.
     let asked = storage::catalog_owner(node, &name);
-    if let Some(owner) = asked {
-        forwarder.aim(node, owner);
+    match asked {
+        // Named here, yet not served here: being opened again after a
+        // failed open, or deposed here and the catalog not yet caught up.
+        Some(owner) if owner == node.config.node_id => {
+            return Err(later(format!("host {owner} (this host) is named its owner but does not serve it yet")))
+        }
+        Some(owner) => forwarder.aim(node, owner),
+        None => {}
     }
     let call = client.call(io.clone(), data);
     let answer = match asked {
-        Some(asked) if !io.compares() => {
+        Some(asked) => {
             tokio::pin!(call);
             let mut check = tokio::time::interval(OWNER_CHECK);
+            let mut changed_at = None;
             loop {
                 tokio::select! {
                     answer = &mut call => break answer,
                     _ = check.tick() => match storage::catalog_owner(node, &name) {
                         Some(owner) if owner != asked => {
                             forwarder.aim(node, owner);
+                            let changed_at = *changed_at.get_or_insert_with(tokio::time::Instant::now);
+                            if io.compares() && changed_at.elapsed() < COMPARE_GRACE {
+                                continue;
+                            }
                             metrics::counter!("node_forwarded_io_abandoned_total").increment(1);
-                            return Err(VolumeError::Later {
-                                object: name.clone(),
-                                reason: format!("its owner changed from host {asked} to host {owner} while it waited"),
+                            let reason = format!("its owner changed from host {asked} to host {owner} while it waited");
+                            return Err(match io.compares() {
+                                true => unavailable(&name, format!("{reason}; whether it wrote is unknown")),
+                                false => VolumeError::Later { object: name.clone(), reason },
                             });
                         }
                         _ => {}
@@ -212,7 +234,10 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
         // taken it over yet. Nothing was carried out that a second try
         // could not repeat (a compare and write that may have been is
         // `Failed`).
-        ClientError::Unreachable(reason) => VolumeError::Later { object: name.clone(), reason },
+        ClientError::Unreachable(reason) => {
+            forwarder.lost();
+            VolumeError::Later { object: name.clone(), reason }
+        }
     })
 }
 

@@ -34,8 +34,10 @@ pub struct ClientConfig {
     /// The leader the local replica knows, on a log host
     /// ([`crate::server::LogServer::leader_hint`]). A call to a former
     /// leader cut off from the network would wait out `call_timeout`; once
-    /// the hint names another leader the call goes there at once (safe:
-    /// appends are deduplicated, reads repeatable).
+    /// the hint names another leader the call goes there at once, and so
+    /// does the next call. Safe as a retry after a timeout is: appends are
+    /// deduplicated, and the other calls to the leader (reads, GC
+    /// registrations and reports) may be repeated.
     pub leader_hint: Option<watch::Receiver<Option<String>>>,
     pub batch_records_max: usize,
     pub batch_bytes_max: usize,
@@ -72,19 +74,35 @@ struct Caller<T: Transport> {
     transport: T,
     config: ClientConfig,
     leader: Mutex<Option<String>>,
+    /// `config.leader_hint`, as far as calls have looked at it.
+    hint: Option<Mutex<watch::Receiver<Option<String>>>>,
     next_replica: AtomicUsize,
 }
 
+/// A leader hint as a call saw it when it chose where to go.
+type HintWatch = watch::Receiver<Option<String>>;
+
 impl<T: Transport> Caller<T> {
-    fn pick(&self) -> String {
+    /// The replica to call: the leader the hint names if it named a new
+    /// one since the last call, else the leader known, else each replica
+    /// in turn. With a hint, a watch on it from before the choice, so the
+    /// call sees every change after it.
+    fn pick(&self) -> (String, Option<HintWatch>) {
+        let watch = self.hint.as_ref().map(|hint| {
+            let mut hint = hint.lock().expect("hint lock");
+            let seen = hint.clone();
+            if hint.has_changed().unwrap_or(false) {
+                if let Some(leader) = hint.borrow_and_update().clone() {
+                    *self.leader.lock().expect("leader lock") = Some(leader);
+                }
+            }
+            seen
+        });
         if let Some(leader) = self.leader.lock().expect("leader lock").clone() {
-            return leader;
-        }
-        if let Some(leader) = self.config.leader_hint.as_ref().and_then(|hint| hint.borrow().clone()) {
-            return leader;
+            return (leader, watch);
         }
         let index = self.next_replica.fetch_add(1, Ordering::Relaxed);
-        self.config.replicas[index % self.config.replicas.len()].clone()
+        (self.config.replicas[index % self.config.replicas.len()].clone(), watch)
     }
 
     fn forget_leader(&self, address: &str) {
@@ -104,8 +122,8 @@ impl<T: Transport> Caller<T> {
         let mut backoff = Duration::from_millis(20);
         let mut last_error;
         loop {
-            let address = self.pick();
-            let pause = match self.call_unless_leader_moves::<Req, Resp>(&address, method, request).await {
+            let (address, hint) = self.pick();
+            let pause = match self.call_unless_leader_moves::<Req, Resp>(&address, method, request, hint).await {
                 None => {
                     last_error = format!("{address} is no longer the leader");
                     false
@@ -148,10 +166,10 @@ impl<T: Transport> Caller<T> {
         address: &str,
         method: u32,
         request: &Req,
+        hint: Option<HintWatch>,
     ) -> Option<Result<LogResult<Resp>, wire::CallError>> {
         let call = wire::call(&self.transport, address, method, request, self.config.call_timeout);
-        let Some(mut hint) = self.config.leader_hint.clone() else { return Some(call.await) };
-        hint.mark_unchanged();
+        let Some(mut hint) = hint else { return Some(call.await) };
         tokio::pin!(call);
         loop {
             tokio::select! {
@@ -225,8 +243,13 @@ pub struct LogClient<T: Transport> {
 impl<T: Transport> LogClient<T> {
     pub fn new(transport: T, config: ClientConfig) -> LogClient<T> {
         assert!(!config.replicas.is_empty(), "a log client needs at least one replica address");
-        let caller =
-            Arc::new(Caller { transport, config, leader: Mutex::new(None), next_replica: AtomicUsize::new(0) });
+        let caller = Arc::new(Caller {
+            transport,
+            hint: config.leader_hint.clone().map(Mutex::new),
+            config,
+            leader: Mutex::new(None),
+            next_replica: AtomicUsize::new(0),
+        });
         let (appends, queue) = mpsc::channel(64 * 1024);
         let sequencer = Arc::new(Mutex::new(Sequencer::default()));
         tokio::spawn(run_appender(caller.clone(), queue, sequencer.clone()));

@@ -210,23 +210,30 @@ impl LogServer {
             while metrics.changed().await.is_ok() && !sender.is_closed() {
                 let address = {
                     let metrics = metrics.borrow_and_update();
-                    if metrics.current_leader == known {
+                    // Looked up again while the membership lacks the
+                    // leader's address.
+                    if metrics.current_leader == known && sender.borrow().is_some() {
                         continue;
                     }
                     known = metrics.current_leader;
                     leader_address(&metrics)
                 };
-                sender.send_replace(address);
+                sender.send_if_modified(|hint| {
+                    let changed = *hint != address;
+                    *hint = address;
+                    changed
+                });
             }
+            // Raft stopped: no leader to name any more.
+            sender.send_replace(None);
         });
         receiver
     }
 
     fn leader(&self) -> Option<(NodeId, String)> {
-        let metrics = self.raft.metrics().borrow().clone();
-        let leader = metrics.current_leader?;
-        let address = metrics.membership_config.membership().get_node(&leader).map(|node| node.addr.clone())?;
-        Some((leader, address))
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        Some((metrics.current_leader?, leader_address(&metrics)?))
     }
 
     fn is_leader(&self) -> bool {

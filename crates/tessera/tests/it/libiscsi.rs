@@ -149,6 +149,11 @@ pub struct Session {
     lun: c_int,
 }
 
+// SAFETY: a libiscsi context keeps no thread-local state and is used
+// through `&self` by one synchronous call at a time on whichever thread
+// holds the session; moving it to another thread is sound.
+unsafe impl Send for Session {}
+
 impl Session {
     pub fn login(initiator: &str, portal: &str, target: &str, lun: i32) -> Result<Session, String> {
         let api = api();

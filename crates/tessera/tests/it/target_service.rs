@@ -736,7 +736,7 @@ fn owner_away_holds_the_io(target: &str, outage: Outage) {
     };
     if outage == Outage::CutThenIdle {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while owner_seen(&cluster) == Some(owner) {
+        while !owner_seen(&cluster).is_some_and(|seen| seen != owner) {
             assert!(Instant::now() < deadline, "host {serving}'s catalog still names host {owner} the owner");
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -761,6 +761,74 @@ fn owner_away_holds_the_io(target: &str, outage: Outage) {
     drop(path);
     drop(cut);
     held_blocks_read_back(&cluster, &url(serving));
+}
+
+/// A COMPARE AND WRITE forwarded to an owner cut off from its peers may
+/// have written, so it is not held and tried again as other I/O is: it
+/// ends with its outcome unknown (NOT READY) soon after another host takes
+/// the object over, not after the block client's 30 s I/O timeout. The
+/// block then holds the old or the new data, and the next COMPARE AND
+/// WRITE, at the new owner, succeeds. Needs nftables (`nft`) and root.
+#[test]
+fn a_compare_and_write_forwarded_to_a_cut_off_owner_ends_soon_after_the_takeover() {
+    use crate::libiscsi::{STATUS_CHECK_CONDITION, STATUS_GOOD};
+    const SENSE_NOT_READY: u8 = 0x02;
+    let _exclusive = exclusive();
+    const TARGET: &str = "iqn.2026-11.org.tessera.test:cut-ats";
+    let (cluster, url, object) = held_io_cluster(TARGET, "raid1:2", 20);
+    let owner = object.owner;
+    let successor = object.components.iter().map(|component| component.host).filter(|host| *host != owner).min();
+    let serving = (1..=3).find(|host| *host != owner && Some(*host) != successor).unwrap();
+    let portal = url(serving).trim_start_matches("iscsi://").split('/').next().unwrap().to_string();
+    let session = login_through("iqn.2026-11.org.tessera.test:cut-ats", &portal, TARGET);
+    let block = |fill: u8| [fill; 512];
+    let both = |old: [u8; 512], new: [u8; 512]| {
+        let mut both = [0u8; 1024];
+        both[..512].copy_from_slice(&old);
+        both[512..].copy_from_slice(&new);
+        both
+    };
+    let answer = session.compare_and_write(0, &mut both(block(0), block(1))).expect("COMPARE AND WRITE");
+    assert_eq!(answer, (STATUS_GOOD, None), "the first COMPARE AND WRITE, through host {serving}");
+    assert_eq!(the_object(&cluster).map(|object| object.owner), Some(owner), "ownership moved before the cut");
+    println!("host {owner} owns the object, host {serving} serves the initiator; cutting host {owner} off");
+    let cut = crate::harness::Cut::off_from_peers(&format!("127.0.0.{}", owner + 10));
+    let (sender, answered) = std::sync::mpsc::channel();
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        let answer = session.compare_and_write(0, &mut both(block(1), block(2)));
+        let _ = sender.send((answer, session));
+    });
+    let (answer, session) = answered
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the COMPARE AND WRITE sent to the cut-off owner was not answered within 20 s");
+    let waited = started.elapsed();
+    let answer = answer.expect("COMPARE AND WRITE");
+    println!("the COMPARE AND WRITE sent to the cut-off owner ended after {waited:?}: {answer:?}");
+    assert!(
+        answer == (STATUS_GOOD, None) || answer == (STATUS_CHECK_CONDITION, Some(SENSE_NOT_READY)),
+        "a COMPARE AND WRITE whose outcome is unknown ends NOT READY: {answer:?}"
+    );
+    let mut read = [0u8; 512];
+    assert_eq!(session.settled(|s| s.read10(0, &mut read)), Ok(STATUS_GOOD));
+    assert!(read == block(1) || read == block(2), "block 0 holds neither the old nor the new data");
+    if answer.0 == STATUS_GOOD {
+        assert_eq!(read, block(2), "a COMPARE AND WRITE answered GOOD did not write");
+    }
+    // The next one goes to the new owner.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match session.compare_and_write(0, &mut both(read, block(3))).expect("COMPARE AND WRITE") {
+            (STATUS_GOOD, _) => break,
+            other => assert!(Instant::now() < deadline, "COMPARE AND WRITE after the takeover: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(session.settled(|s| s.read10(0, &mut read)), Ok(STATUS_GOOD));
+    assert_eq!(read, block(3));
+    let new_owner = the_object_seen_by(&cluster, serving).map(|object| object.owner);
+    assert!(new_owner.is_some_and(|new| new != owner), "the object was not taken over: owner {new_owner:?}");
+    drop(cut);
 }
 
 #[test]
