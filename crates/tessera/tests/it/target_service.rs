@@ -736,7 +736,7 @@ fn owner_away_holds_the_io(target: &str, outage: Outage) {
     };
     if outage == Outage::CutThenIdle {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !owner_seen(&cluster).is_some_and(|seen| seen != owner) {
+        while owner_seen(&cluster).is_none_or(|seen| seen == owner) {
             assert!(Instant::now() < deadline, "host {serving}'s catalog still names host {owner} the owner");
             std::thread::sleep(Duration::from_millis(200));
         }
