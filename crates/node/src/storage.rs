@@ -1092,6 +1092,17 @@ impl<T: Transport> ObjectClient<T> {
     /// Sends to the owner it knows, else to each host in turn, following
     /// one redirect per host.
     pub(crate) async fn call(&self, request: IoRequest, data: &[u8]) -> Result<Bytes, ClientError> {
+        self.call_noting(request, data, &Mutex::new(None)).await
+    }
+
+    /// [`ObjectClient::call`], noting in `at` the host each attempt is sent
+    /// to while it waits for its answer.
+    pub(crate) async fn call_noting(
+        &self,
+        request: IoRequest,
+        data: &[u8],
+        at: &Mutex<Option<String>>,
+    ) -> Result<Bytes, ClientError> {
         let payload = frame(&request, data);
         let known = self.owner.lock().expect("owner lock").clone();
         let mut tried = Vec::new();
@@ -1102,6 +1113,7 @@ impl<T: Transport> ObjectClient<T> {
         while index < candidates.len() && index < 16 {
             let address = candidates[index].clone();
             index += 1;
+            *at.lock().expect("attempt lock") = Some(address.clone());
             let reply = match self.transport.call(&address, method::OBJECT_IO, payload.clone(), IO_TIMEOUT).await {
                 Ok(reply) => reply,
                 // Sent, and perhaps carried out: a compare and write tried

@@ -107,8 +107,12 @@ impl Forwarder {
     /// it was not aimed there already.
     fn aim(&self, node: &Node, owner: u64) {
         let mut aimed = self.aimed.lock().expect("aimed lock");
-        if *aimed != owner && owner != node.config.node_id {
-            self.client.aim_at(storage::host_address(node, owner));
+        if *aimed == owner || owner == node.config.node_id {
+            return;
+        }
+        // An owner whose address is not known yet: aimed once it is.
+        if let Some(address) = storage::host_address(node, owner) {
+            self.client.aim_at(Some(address));
             *aimed = owner;
         }
     }
@@ -183,20 +187,29 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
     // owner could not reach, which a resync brings back to the new owner's
     // writes when it returns. Not so a compare and write, which may have
     // written: a live former owner answers it within moments (done, or
-    // deposed before it wrote), so it waits `COMPARE_GRACE` past the
-    // change; then it ends with its outcome unknown (`Unavailable`, as
-    // when its call times out) rather than wait out the call's timeout.
+    // deposed before it wrote, and the client takes it to the new owner),
+    // so it is given up on only while its request waits at the replaced
+    // owner, and `COMPARE_GRACE` after the change; it then ends with its
+    // outcome unknown (`Unavailable`, as when its call times out) rather
+    // than wait out the call's timeout. Whatever that owner still does is
+    // fenced before the new owner serves; a request sent on to the new
+    // owner is not given up on, as it could still be carried out there
+    // after its answer.
     let asked = storage::catalog_owner(node, &name);
     match asked {
         // Named here, yet not served here: being opened again after a
         // failed open, or deposed here and the catalog not yet caught up.
-        Some(owner) if owner == node.config.node_id => {
+        // Held (a compare and write, which the logical unit does not hold,
+        // goes to whichever host serves the object).
+        Some(owner) if owner == node.config.node_id && !io.compares() => {
             return Err(later(format!("host {owner} (this host) is named its owner but does not serve it yet")))
         }
         Some(owner) => forwarder.aim(node, owner),
         None => {}
     }
-    let call = client.call(io.clone(), data);
+    // Where the request waits for its answer now.
+    let at = Mutex::new(None);
+    let call = client.call_noting(io.clone(), data, &at);
     let answer = match asked {
         Some(asked) => {
             tokio::pin!(call);
@@ -209,8 +222,12 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
                         Some(owner) if owner != asked => {
                             forwarder.aim(node, owner);
                             let changed_at = *changed_at.get_or_insert_with(tokio::time::Instant::now);
-                            if io.compares() && changed_at.elapsed() < COMPARE_GRACE {
-                                continue;
+                            if io.compares() {
+                                let waiting = at.lock().expect("attempt lock").clone();
+                                let at_replaced = waiting.is_some() && waiting == storage::host_address(node, asked);
+                                if !at_replaced || changed_at.elapsed() < COMPARE_GRACE {
+                                    continue;
+                                }
                             }
                             metrics::counter!("node_forwarded_io_abandoned_total").increment(1);
                             let reason = format!("its owner changed from host {asked} to host {owner} while it waited");
