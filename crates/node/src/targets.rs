@@ -200,8 +200,9 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
         // Named here, yet not served here: being opened again after a
         // failed open, or deposed here and the catalog not yet caught up.
         // Held (a compare and write, which the logical unit does not hold,
-        // goes to whichever host serves the object).
-        Some(owner) if owner == node.config.node_id && !io.compares() => {
+        // ends NOT READY: sent on, it would go to the client's earlier
+        // owner, perhaps one cut off, and wait out the I/O timeout there).
+        Some(owner) if owner == node.config.node_id => {
             return Err(later(format!("host {owner} (this host) is named its owner but does not serve it yet")))
         }
         Some(owner) => forwarder.aim(node, owner),

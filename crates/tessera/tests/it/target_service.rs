@@ -827,6 +827,7 @@ fn a_compare_and_write_forwarded_to_a_cut_off_owner_ends_soon_after_the_takeover
         if now == block(3) {
             break;
         }
+        assert!(now == read, "block 0 changed under the initiator, with no COMPARE AND WRITE of its own answered");
         assert!(Instant::now() < deadline, "COMPARE AND WRITE after the takeover: {answer:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
