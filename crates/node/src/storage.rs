@@ -584,8 +584,7 @@ pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<Bytes, R
 /// The owner this host's copy of the catalog names for object `name`
 /// (cheap: on the path of every forwarded I/O).
 pub(crate) fn catalog_owner(node: &Node, name: &str) -> Option<u64> {
-    let name = name.to_string();
-    node.services()?.catalog.objects.read_local(|objects| objects.get(&name).map(|(record, _)| record.owner))
+    node.services()?.catalog.objects.read_local(|objects| objects.get(name).map(|(record, _)| record.owner))
 }
 
 /// Host `host`'s node address, from this host's copy of the catalog.
@@ -598,13 +597,12 @@ pub(crate) async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (I
         Ok(served) => return served,
         Err((io, _)) => io,
     };
-    let record = node.services().and_then(|services| services.catalog.objects.get_local(&io.name().to_string()));
-    match record {
+    match catalog_owner(node, io.name()) {
         None => (IoReply::Unknown, Bytes::new()),
-        Some((record, _)) => {
-            let address = hosts_by_id(node).get(&record.owner).map(|host| host.address.clone());
-            let owner = (record.owner != node.config.node_id).then_some(record.owner);
-            (IoReply::NotOwner { owner, address: owner.and(address) }, Bytes::new())
+        Some(owner) => {
+            let owner = (owner != node.config.node_id).then_some(owner);
+            let address = owner.and_then(|owner| host_address(node, owner));
+            (IoReply::NotOwner { owner, address }, Bytes::new())
         }
     }
 }
@@ -1092,16 +1090,16 @@ impl<T: Transport> ObjectClient<T> {
     /// Sends to the owner it knows, else to each host in turn, following
     /// one redirect per host.
     pub(crate) async fn call(&self, request: IoRequest, data: &[u8]) -> Result<Bytes, ClientError> {
-        self.call_noting(request, data, &Mutex::new(None)).await
+        self.call_noting(request, data, None).await
     }
 
-    /// [`ObjectClient::call`], noting in `at` the host each attempt is sent
-    /// to while it waits for its answer.
+    /// [`ObjectClient::call`], noting in `at`, if given, the host each
+    /// attempt is sent to while it waits for its answer.
     pub(crate) async fn call_noting(
         &self,
         request: IoRequest,
         data: &[u8],
-        at: &Mutex<Option<String>>,
+        at: Option<&Mutex<Option<String>>>,
     ) -> Result<Bytes, ClientError> {
         let payload = frame(&request, data);
         let known = self.owner.lock().expect("owner lock").clone();
@@ -1113,7 +1111,9 @@ impl<T: Transport> ObjectClient<T> {
         while index < candidates.len() && index < 16 {
             let address = candidates[index].clone();
             index += 1;
-            *at.lock().expect("attempt lock") = Some(address.clone());
+            if let Some(at) = at {
+                *at.lock().expect("attempt lock") = Some(address.clone());
+            }
             let reply = match self.transport.call(&address, method::OBJECT_IO, payload.clone(), IO_TIMEOUT).await {
                 Ok(reply) => reply,
                 // Sent, and perhaps carried out: a compare and write tried

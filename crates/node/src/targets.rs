@@ -208,9 +208,9 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
         Some(owner) => forwarder.aim(node, owner),
         None => {}
     }
-    // Where the request waits for its answer now.
+    // Where a compare and write waits for its answer now.
     let at = Mutex::new(None);
-    let call = client.call_noting(io.clone(), data, &at);
+    let call = client.call_noting(io.clone(), data, io.compares().then_some(&at));
     let answer = match asked {
         Some(asked) => {
             tokio::pin!(call);

@@ -53,7 +53,11 @@ pub enum MapOp<K, V> {
 }
 
 impl<K: Value + Ord, V: Value> Map<K, V> {
-    pub fn get(&self, key: &K) -> Option<&(V, Position)> {
+    pub fn get<Q>(&self, key: &Q) -> Option<&(V, Position)>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
         self.entries.get(key)
     }
 

@@ -607,6 +607,17 @@ fn held_io_cluster(
     (cluster, url, object)
 }
 
+/// Of a held-I/O cluster's raid1(2) object: the host that takes it over
+/// if its owner goes (the lowest-numbered live one holding a copy, see
+/// `should_own`), and the third host, through which an initiator's I/O is
+/// forwarded to the owner before and after.
+fn successor_and_serving(object: &node::status::ObjectStatus) -> (Option<u64>, u64) {
+    let owner = object.owner;
+    let successor = object.components.iter().map(|component| component.host).filter(|host| *host != owner).min();
+    let serving = (1..=3).find(|host| *host != owner && Some(*host) != successor).unwrap();
+    (successor, serving)
+}
+
 /// The one object of a held-I/O scenario's cluster.
 fn the_object(cluster: &TestCluster) -> Option<node::status::ObjectStatus> {
     objects_of(cluster.status()?)
@@ -712,11 +723,7 @@ fn owner_away_holds_the_io(target: &str, outage: Outage) {
     // The default hold: a takeover takes about 5-10 s.
     let (mut cluster, url, object) = held_io_cluster(target, "raid1:2", 20);
     let owner = object.owner;
-    // The host that takes the object over is the lowest-numbered live one
-    // holding a copy; the initiator writes through the third, so that
-    // after the outage too its I/O is forwarded, to the new owner.
-    let successor = object.components.iter().map(|component| component.host).filter(|host| *host != owner).min();
-    let serving = (1..=3).find(|host| *host != owner && Some(*host) != successor).unwrap();
+    let (successor, serving) = successor_and_serving(&object);
     let mut path = IoPath::open(&url(serving));
     held_writes(&mut path, 0..HELD_BLOCKS / 4, Duration::from_secs(30), "before the outage");
     let owner_now = the_object(&cluster).map(|object| object.owner);
@@ -777,8 +784,7 @@ fn a_compare_and_write_forwarded_to_a_cut_off_owner_ends_soon_after_the_takeover
     const TARGET: &str = "iqn.2026-11.org.tessera.test:cut-ats";
     let (cluster, url, object) = held_io_cluster(TARGET, "raid1:2", 20);
     let owner = object.owner;
-    let successor = object.components.iter().map(|component| component.host).filter(|host| *host != owner).min();
-    let serving = (1..=3).find(|host| *host != owner && Some(*host) != successor).unwrap();
+    let (_, serving) = successor_and_serving(&object);
     let portal = url(serving).trim_start_matches("iscsi://").split('/').next().unwrap().to_string();
     let session = login_through("iqn.2026-11.org.tessera.test:cut-ats", &portal, TARGET);
     let block = |fill: u8| [fill; 512];
