@@ -17,7 +17,7 @@
 //!   [`method::OBJECT_IO`]); a host that does not own it names the owner.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -110,6 +110,32 @@ pub enum IoRequest {
     },
 }
 
+/// Which opening of which object a request is meant for: the object's id
+/// and its owner's epoch, as the sender learned them (the catalog, or a
+/// redirect). Sent with every request over the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ownership {
+    pub object: u64,
+    pub epoch: u64,
+}
+
+/// A request over the network (`method::OBJECT_IO`), data following.
+///
+/// A host carries it out only when it owns the object at exactly
+/// `ownership`. A request can reach a host long after it was sent: one
+/// queued on a connection to an owner cut off from the network arrives when
+/// the cut heals, after its sender gave up on it and sent it (and later
+/// writes) on to the new owner. Should that host own the object again by
+/// then, at a later epoch, the request is refused, not carried out over
+/// newer data. A request without an ownership is never carried out: it
+/// asks which host owns the object, at what epoch (the answer is a
+/// [`IoReply::NotOwner`], naming the host itself if it is the owner).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IoHeader {
+    pub ownership: Option<Ownership>,
+    pub io: IoRequest,
+}
+
 impl IoRequest {
     pub(crate) fn name(&self) -> &str {
         match self {
@@ -156,10 +182,13 @@ pub enum IoReply {
     Done,
     /// Data follows the header.
     Data,
-    /// This host does not own the object; the catalog names `owner`.
+    /// This host does not own the object at the ownership asked for; the
+    /// catalog names `owner` (this host, if it owns the object at another
+    /// epoch), to be asked at `ownership`.
     NotOwner {
         owner: Option<u64>,
         address: Option<String>,
+        ownership: Option<Ownership>,
     },
     Error(String),
     /// No room for the write on the object's disks; nothing was written.
@@ -191,6 +220,8 @@ pub struct ObjectStats {
 }
 
 struct Owned {
+    /// The object's id (the catalog's).
+    id: u64,
     epoch: u64,
     thread: usize,
     /// The components' hosts, by index.
@@ -267,8 +298,12 @@ impl Storage {
         self.component_threads.as_ref().map(|threads| threads.addresses().to_vec()).unwrap_or_default()
     }
 
-    fn owned(&self, name: &str) -> Option<(Arc<Object<TcpTransport>>, usize)> {
-        self.owned.lock().expect("owned lock").get(name).map(|owned| (owned.object.clone(), owned.thread))
+    fn owned(&self, name: &str) -> Option<Serving> {
+        self.owned.lock().expect("owned lock").get(name).map(|owned| Serving {
+            object: owned.object.clone(),
+            thread: owned.thread,
+            ownership: Ownership { object: owned.id, epoch: owned.epoch },
+        })
     }
 
     /// Counts one I/O of `name` that this host sent on to the object's
@@ -571,9 +606,9 @@ async fn delete_components(node: &Arc<Node>, record: &ObjectRecord, epoch: u64) 
 pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<Bytes, RemoteError> {
     match request.method {
         method::OBJECT_IO => {
-            let (io, data): (IoRequest, Bytes) = unframe(&request.payload)
+            let (header, data): (IoHeader, Bytes) = unframe(&request.payload)
                 .map_err(|reason| RemoteError::new(ErrorCode::BadRequest, format!("object request: {reason}")))?;
-            let (reply, data) = serve_io(&node, io, data).await;
+            let (reply, data) = serve_io(&node, header, data).await;
             Ok(frame(&reply, &data))
         }
         method::OBJECT_STATS => Ok(wire::encode(&node.storage.stats())),
@@ -581,10 +616,12 @@ pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<Bytes, R
     }
 }
 
-/// The owner this host's copy of the catalog names for object `name`
-/// (cheap: on the path of every forwarded I/O).
-pub(crate) fn catalog_owner(node: &Node, name: &str) -> Option<u64> {
-    node.services()?.catalog.objects.read_local(|objects| objects.get(name).map(|(record, _)| record.owner))
+/// The owner this host's copy of the catalog names for object `name`, and
+/// the ownership to ask it at (cheap: on the path of every forwarded I/O).
+pub(crate) fn catalog_owner(node: &Node, name: &str) -> Option<(u64, Ownership)> {
+    node.services()?.catalog.objects.read_local(|objects| {
+        objects.get(name).map(|(record, _)| (record.owner, Ownership { object: record.id, epoch: record.owner_epoch }))
+    })
 }
 
 /// Host `host`'s node address, from this host's copy of the catalog.
@@ -592,22 +629,70 @@ pub(crate) fn host_address(node: &Node, host: u64) -> Option<String> {
     node.services()?.catalog.hosts.read_local(|hosts| hosts.get(&host).map(|(record, _)| record.address.clone()))
 }
 
-pub(crate) async fn serve_io(node: &Arc<Node>, io: IoRequest, data: Bytes) -> (IoReply, Bytes) {
-    let io = match serve_here(node, io, data).await {
-        Ok(served) => return served,
-        Err((io, _)) => io,
-    };
+/// A request from the network: carried out if this host owns the object
+/// at the ownership it names, else answered with where to send it.
+pub(crate) async fn serve_io(node: &Arc<Node>, header: IoHeader, data: Bytes) -> (IoReply, Bytes) {
+    let IoHeader { ownership, io } = header;
+    let me = node.config.node_id;
+    if let Some(serving) = owned_or_opening(node, io.name()).await {
+        if ownership == Some(serving.ownership) {
+            return carry_out(node, serving, io, data).await;
+        }
+        // Asked which host owns it, or sent for an earlier epoch, or for
+        // an object of the same name deleted since: this host, at its
+        // ownership. A sender still waiting sends the request again; one
+        // that gave up on it long ago waits for no answer. (Sent for a
+        // later epoch: this host was deposed and may not know it yet; the
+        // catalog says who owns the object now.)
+        let deposed = ownership
+            .is_some_and(|asked| asked.object == serving.ownership.object && asked.epoch > serving.ownership.epoch);
+        if !deposed {
+            let address = Some(node.me.address.clone());
+            return (IoReply::NotOwner { owner: Some(me), address, ownership: Some(serving.ownership) }, Bytes::new());
+        }
+    }
     match catalog_owner(node, io.name()) {
         None => (IoReply::Unknown, Bytes::new()),
-        Some(owner) => {
-            let owner = (owner != node.config.node_id).then_some(owner);
-            let address = owner.and_then(|owner| host_address(node, owner));
-            (IoReply::NotOwner { owner, address }, Bytes::new())
+        // Named here, and not served here (yet, or any more): no owner to
+        // send the request to.
+        Some((owner, _)) if owner == me => {
+            (IoReply::NotOwner { owner: None, address: None, ownership: None }, Bytes::new())
+        }
+        Some((owner, ownership)) => {
+            let address = host_address(node, owner);
+            (IoReply::NotOwner { owner: Some(owner), address, ownership: Some(ownership) }, Bytes::new())
         }
     }
 }
 
-/// Serves `io` if this host owns the object, waiting for it if this host
+/// An object this host owns, ready to serve.
+struct Serving {
+    object: Arc<Object<TcpTransport>>,
+    thread: usize,
+    ownership: Ownership,
+}
+
+/// Object `name` if this host owns it, waiting for it if this host is
+/// opening it.
+async fn owned_or_opening(node: &Node, name: &str) -> Option<Serving> {
+    let mut owned = node.storage.owned(name);
+    if owned.is_none() && node.storage.opening.lock().expect("opening lock").contains(name) {
+        // Being opened here (taken over, or after its owner failed): wait
+        // for it rather than send the caller round the other hosts.
+        let deadline = Instant::now() + OPEN_WAIT;
+        while owned.is_none()
+            && Instant::now() < deadline
+            && node.storage.opening.lock().expect("opening lock").contains(name)
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            owned = node.storage.owned(name);
+        }
+    }
+    owned
+}
+
+/// Serves `io`, from this host, if this host owns the object (at whatever
+/// epoch: `io` was not sent over the network), waiting for it if this host
 /// is opening it; hands the request back if the object is owned elsewhere
 /// (or by nobody yet).
 pub(crate) async fn serve_here(
@@ -615,20 +700,14 @@ pub(crate) async fn serve_here(
     io: IoRequest,
     data: Bytes,
 ) -> Result<(IoReply, Bytes), (IoRequest, Bytes)> {
-    let mut owned = node.storage.owned(io.name());
-    if owned.is_none() && node.storage.opening.lock().expect("opening lock").contains(io.name()) {
-        // Being opened here (taken over, or after its owner failed): wait
-        // for it rather than send the caller round the other hosts.
-        let deadline = Instant::now() + OPEN_WAIT;
-        while owned.is_none()
-            && Instant::now() < deadline
-            && node.storage.opening.lock().expect("opening lock").contains(io.name())
-        {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            owned = node.storage.owned(io.name());
-        }
+    match owned_or_opening(node, io.name()).await {
+        Some(serving) => Ok(carry_out(node, serving, io, data).await),
+        None => Err((io, data)),
     }
-    let Some((object, thread)) = owned else { return Err((io, data)) };
+}
+
+async fn carry_out(node: &Node, serving: Serving, io: IoRequest, data: Bytes) -> (IoReply, Bytes) {
+    let Serving { object, thread, .. } = serving;
     // Reads change nothing in the owner: they run on the caller's thread,
     // and a read of a copy on this host (served in place) wakes no other
     // thread. Changes go to the object's owner thread.
@@ -640,15 +719,17 @@ pub(crate) async fn serve_here(
         IoRequest::Provisioning { .. } => Ok(perform(&object, io, data).await),
         io => node.storage.owner_threads.run(thread, move |_| async move { perform(&object, io, data).await }).await,
     };
-    Ok(match result {
+    match result {
         Ok(Ok(Some(data))) => (IoReply::Data, data),
         Ok(Ok(None)) => (IoReply::Done, Bytes::new()),
-        Ok(Err(ObjectError::Deposed)) => (IoReply::NotOwner { owner: None, address: None }, Bytes::new()),
+        Ok(Err(ObjectError::Deposed)) => {
+            (IoReply::NotOwner { owner: None, address: None, ownership: None }, Bytes::new())
+        }
         Ok(Err(error @ ObjectError::NoSpace)) => (IoReply::NoSpace(error.to_string()), Bytes::new()),
         Ok(Err(error @ ObjectError::Unavailable)) => (IoReply::Unavailable(error.to_string()), Bytes::new()),
         Ok(Err(error)) => (IoReply::Error(error.to_string()), Bytes::new()),
         Err(error) => (IoReply::Error(error.to_string()), Bytes::new()),
-    })
+    }
 }
 
 async fn perform(object: &Arc<Object<TcpTransport>>, io: IoRequest, data: Bytes) -> Result<Option<Bytes>, ObjectError> {
@@ -888,6 +969,7 @@ async fn open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) -> Resul
     node.storage.owned.lock().expect("owned lock").insert(
         name.to_string(),
         Owned {
+            id: record.id,
             epoch,
             thread,
             hosts: record.components.iter().map(|component| component.host).collect(),
@@ -1023,7 +1105,8 @@ pub struct ObjectClient<T: Transport> {
     transport: T,
     /// Node addresses to start from.
     hosts: Vec<String>,
-    owner: Arc<Mutex<Option<String>>>,
+    /// The owner's address and the ownership to ask it at, as last learned.
+    owner: Arc<Mutex<Option<(String, Ownership)>>>,
     name: String,
 }
 
@@ -1081,10 +1164,11 @@ impl<T: Transport> ObjectClient<T> {
         Provisioned::decode(&data).ok_or_else(|| ClientError::Failed("bad provisioning answer".into()))
     }
 
-    /// Sends the next request to `address` first (the owner, as the caller
-    /// learned it), or, with `None`, to each host in turn.
-    pub(crate) fn aim_at(&self, address: Option<String>) {
-        *self.owner.lock().expect("owner lock") = address;
+    /// Sends the next request to `address` at `ownership` first (the
+    /// owner, as the caller learned it), or, with `None`, to each host in
+    /// turn.
+    pub(crate) fn aim_at(&self, owner: Option<(String, Ownership)>) {
+        *self.owner.lock().expect("owner lock") = owner;
     }
 
     /// Sends to the owner it knows, else to each host in turn, following
@@ -1093,32 +1177,44 @@ impl<T: Transport> ObjectClient<T> {
         self.call_noting(request, data, None).await
     }
 
-    /// [`ObjectClient::call`], noting in `at`, if given, the host each
-    /// attempt is sent to while it waits for its answer.
+    /// [`ObjectClient::call`], noting in `at`, if given, the owner epoch
+    /// each attempt is sent for while it waits for its answer (0: none,
+    /// or an attempt that only asks who owns the object, which no host
+    /// carries out).
     pub(crate) async fn call_noting(
         &self,
         request: IoRequest,
         data: &[u8],
-        at: Option<&Mutex<Option<String>>>,
+        at: Option<&AtomicU64>,
     ) -> Result<Bytes, ClientError> {
-        let payload = frame(&request, data);
         let known = self.owner.lock().expect("owner lock").clone();
         let mut tried = Vec::new();
-        let mut candidates: Vec<String> = known.into_iter().chain(self.hosts.iter().cloned()).collect();
+        // Hosts to ask, each with the ownership to ask it at (none for a
+        // host that is not known to own the object: it answers which does).
+        let mut candidates: Vec<(String, Option<Ownership>)> = known
+            .map(|(address, ownership)| (address, Some(ownership)))
+            .into_iter()
+            .chain(self.hosts.iter().map(|address| (address.clone(), None)))
+            .collect();
         let mut index = 0;
         // Hosts that answered they know no object of the name.
         let mut unknown = 0;
+        let mut header = IoHeader { ownership: None, io: request };
         while index < candidates.len() && index < 16 {
-            let address = candidates[index].clone();
+            let (address, ownership) = candidates[index].clone();
             index += 1;
+            header.ownership = ownership;
             if let Some(at) = at {
-                *at.lock().expect("attempt lock") = Some(address.clone());
+                at.store(ownership.map_or(0, |ownership| ownership.epoch), Ordering::Relaxed);
             }
-            let reply = match self.transport.call(&address, method::OBJECT_IO, payload.clone(), IO_TIMEOUT).await {
+            let payload = frame(&header, data);
+            let reply = match self.transport.call(&address, method::OBJECT_IO, payload, IO_TIMEOUT).await {
                 Ok(reply) => reply,
                 // Sent, and perhaps carried out: a compare and write tried
                 // again would fail its compare on its own data.
-                Err(error @ (CallError::Timeout { .. } | CallError::ConnectionLost { .. })) if request.compares() => {
+                Err(error @ (CallError::Timeout { .. } | CallError::ConnectionLost { .. }))
+                    if ownership.is_some() && header.io.compares() =>
+                {
                     return Err(ClientError::Failed(format!("{address}: {error}: whether it wrote is unknown")));
                 }
                 Err(error) => {
@@ -1130,12 +1226,22 @@ impl<T: Transport> ObjectClient<T> {
                 unframe(&reply).map_err(|reason| ClientError::Failed(format!("bad reply from {address}: {reason}")))?;
             match reply {
                 IoReply::Done | IoReply::Data => {
-                    *self.owner.lock().expect("owner lock") = Some(address);
+                    if let Some(ownership) = ownership {
+                        // Not back to an earlier owner, should its answer
+                        // come after the client learned of a later one.
+                        let mut owner = self.owner.lock().expect("owner lock");
+                        let later = owner.as_ref().is_some_and(|(_, known)| {
+                            known.object == ownership.object && known.epoch > ownership.epoch
+                        });
+                        if !later {
+                            *owner = Some((address, ownership));
+                        }
+                    }
                     return Ok(data);
                 }
-                IoReply::NotOwner { address: Some(owner), .. } => {
-                    tried.push(format!("{address}: not the owner"));
-                    candidates.insert(index, owner);
+                IoReply::NotOwner { address: Some(redirect), ownership, .. } => {
+                    tried.push(format!("{address}: the owner is at {redirect}"));
+                    candidates.insert(index, (redirect, ownership));
                 }
                 IoReply::NotOwner { .. } => tried.push(format!("{address}: no owner open yet")),
                 // Another host may know it (this one may have just started).

@@ -22,6 +22,7 @@
 //!   a copy ends `Unavailable` instead.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -36,7 +37,7 @@ use wire::tcp::TcpTransport;
 
 use crate::balance;
 use crate::daemon::Node;
-use crate::storage::{self, ClientError, IoReply, IoRequest, ObjectClient};
+use crate::storage::{self, ClientError, IoReply, IoRequest, ObjectClient, Ownership};
 
 /// The default size of a volume's backend objects (the spec's 256 GiB).
 pub const DEFAULT_OBJECT_SIZE: u64 = 256 << 30;
@@ -93,34 +94,35 @@ struct NodeObjects {
 /// Sends one object's I/O to its owner when another host owns it.
 struct Forwarder {
     client: ObjectClient<TcpTransport>,
-    /// The owner this host's catalog named when the client was last aimed
-    /// from it (0: never, or the client lost its way since). The client
-    /// follows redirects on its own; it is aimed anew only when the catalog
-    /// names another owner, so an owner cut off from the network is not
-    /// asked again once it is replaced. Aimed under this lock, so the
-    /// owner recorded is the one the client was aimed at last.
-    aimed: Mutex<u64>,
+    /// The owner, and its ownership, this host's catalog named when the
+    /// client was last aimed from it (none: never, or the client lost its
+    /// way since). The client follows redirects on its own; it is aimed
+    /// anew only when the catalog names another owner or epoch, so an owner
+    /// cut off from the network is not asked again once it is replaced.
+    /// Aimed under this lock, so the owner recorded is the one the client
+    /// was aimed at last.
+    aimed: Mutex<Option<(u64, Ownership)>>,
 }
 
 impl Forwarder {
-    /// Aims the client at `owner` (not this host), the catalog's owner, if
-    /// it was not aimed there already.
-    fn aim(&self, node: &Node, owner: u64) {
+    /// Aims the client at `owner` (not this host) at `ownership`, the
+    /// catalog's, if it was not aimed there already.
+    fn aim(&self, node: &Node, owner: u64, ownership: Ownership) {
         let mut aimed = self.aimed.lock().expect("aimed lock");
-        if *aimed == owner || owner == node.config.node_id {
+        if *aimed == Some((owner, ownership)) || owner == node.config.node_id {
             return;
         }
         // An owner whose address is not known yet: aimed once it is.
         if let Some(address) = storage::host_address(node, owner) {
-            self.client.aim_at(Some(address));
-            *aimed = owner;
+            self.client.aim_at(Some((address, ownership)));
+            *aimed = Some((owner, ownership));
         }
     }
 
     /// The client found no host serving the object and starts over from
     /// the first host next time: aimed from the catalog again, then.
     fn lost(&self) {
-        *self.aimed.lock().expect("aimed lock") = 0;
+        *self.aimed.lock().expect("aimed lock") = None;
     }
 }
 
@@ -140,7 +142,7 @@ impl NodeObjects {
                     let hosts: Vec<String> =
                         storage::hosts_by_id(node).values().map(|host| host.address.clone()).collect();
                     let client = ObjectClient::new(node.transport.clone(), hosts, name.clone());
-                    Arc::new(Forwarder { client, aimed: Mutex::new(0) })
+                    Arc::new(Forwarder { client, aimed: Mutex::new(None) })
                 })
                 .clone()
         });
@@ -188,13 +190,16 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
     // writes when it returns. Not so a compare and write, which may have
     // written: a live former owner answers it within moments (done, or
     // deposed before it wrote, and the client takes it to the new owner),
-    // so it is given up on only while its request waits at the replaced
-    // owner, and `COMPARE_GRACE` after the change; it then ends with its
+    // so it is given up on only while its request waits at an owner epoch
+    // before the new owner's (at a replaced owner, or asking which host
+    // owns the object), and `COMPARE_GRACE` after the change; it then ends with its
     // outcome unknown (`Unavailable`, as when its call times out) rather
     // than wait out the call's timeout. Whatever that owner still does is
     // fenced before the new owner serves; a request sent on to the new
     // owner is not given up on, as it could still be carried out there
-    // after its answer.
+    // after its answer. A request given up on may still reach the owner it
+    // was sent to, even long after, but each carries the owner epoch it
+    // was sent for, and is carried out only at that epoch.
     let asked = storage::catalog_owner(node, &name);
     match asked {
         // Named here, yet not served here: being opened again after a
@@ -202,17 +207,17 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
         // Held (a compare and write, which the logical unit does not hold,
         // ends NOT READY: sent on, it would go to the client's earlier
         // owner, perhaps one cut off, and wait out the I/O timeout there).
-        Some(owner) if owner == node.config.node_id => {
+        Some((owner, _)) if owner == node.config.node_id => {
             return Err(later(format!("host {owner} (this host) is named its owner but does not serve it yet")))
         }
-        Some(owner) => forwarder.aim(node, owner),
+        Some((owner, ownership)) => forwarder.aim(node, owner, ownership),
         None => {}
     }
-    // Where a compare and write waits for its answer now.
-    let at = Mutex::new(None);
+    // The owner epoch a compare and write's attempt waits at now.
+    let at = AtomicU64::new(0);
     let call = client.call_noting(io.clone(), data, io.compares().then_some(&at));
     let answer = match asked {
-        Some(asked) => {
+        Some((asked, _)) => {
             tokio::pin!(call);
             let mut check = tokio::time::interval(OWNER_CHECK);
             let mut changed_at = None;
@@ -220,15 +225,14 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
                 tokio::select! {
                     answer = &mut call => break answer,
                     _ = check.tick() => match storage::catalog_owner(node, &name) {
-                        Some(owner) if owner != asked => {
-                            forwarder.aim(node, owner);
+                        Some((owner, ownership)) if owner != asked => {
+                            forwarder.aim(node, owner, ownership);
                             let changed_at = *changed_at.get_or_insert_with(tokio::time::Instant::now);
-                            if io.compares() {
-                                let waiting = at.lock().expect("attempt lock").clone();
-                                let at_replaced = waiting.is_some() && waiting == storage::host_address(node, asked);
-                                if !at_replaced || changed_at.elapsed() < COMPARE_GRACE {
-                                    continue;
-                                }
+                            // An attempt at the new owner's epoch (or a
+                            // later one) is waited for.
+                            let waiting = at.load(Ordering::Relaxed);
+                            if io.compares() && (waiting >= ownership.epoch || changed_at.elapsed() < COMPARE_GRACE) {
+                                continue;
                             }
                             metrics::counter!("node_forwarded_io_abandoned_total").increment(1);
                             let reason = format!("its owner changed from host {asked} to host {owner} while it waited");
@@ -237,7 +241,8 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
                                 false => VolumeError::Later { object: name.clone(), reason },
                             });
                         }
-                        _ => {}
+                        Some((owner, ownership)) => forwarder.aim(node, owner, ownership),
+                        None => {}
                     },
                 }
             }

@@ -651,6 +651,24 @@ fn held_writes(path: &mut IoPath, seqs: std::ops::Range<u64>, limit: Duration, w
     longest
 }
 
+/// Writes through `path`, to host `host`, not paced, until the object's
+/// ownership has followed them there (256 forwarded I/Os within 2 s, at
+/// most once per host in 5 minutes); block `n` of the first
+/// `HELD_BLOCKS / 4` then holds `held_pattern(n)`.
+fn follow_writes_to(cluster: &TestCluster, path: &mut IoPath, host: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seq = 0;
+    while the_object(cluster).map(|object| object.owner) != Some(host) {
+        assert!(Instant::now() < deadline, "ownership did not follow the writes to host {host}");
+        for _ in 0..300 {
+            let block = seq % (HELD_BLOCKS / 4);
+            path.write(block, held_pattern(block), Duration::from_secs(30))
+                .unwrap_or_else(|error| panic!("write {seq} through host {host}: {error}"));
+            seq += 1;
+        }
+    }
+}
+
 /// Host `serving` held at least one command (`iscsi_io_held_total`).
 fn assert_held_some(cluster: &TestCluster, serving: u64) {
     let held = cluster.metric(serving, "iscsi_io_held_total");
@@ -848,6 +866,69 @@ fn a_compare_and_write_forwarded_to_a_cut_off_owner_ends_soon_after_the_takeover
     assert_eq!(read, block(3), "block 0 changed when the cut-off owner came back");
 }
 
+/// A request a host forwarded to an object's owner, and gave up on, can
+/// reach that owner long after it was sent (queued on the connection to
+/// it while it was cut off, delivered when the cut heals). Should that host
+/// own the object again by then, the request must not be carried out over
+/// the writes acknowledged since. Ownership follows an initiator's writes
+/// to another host and back, so the first owner owns the object again, at
+/// a later epoch; a write sent for the first epoch then reaches it and is
+/// refused, and block 0 keeps the write acknowledged last. The same write,
+/// sent for the current epoch, is carried out.
+#[test]
+fn a_request_sent_for_an_earlier_owner_epoch_is_refused_by_its_host_owning_the_object_again() {
+    use bytes::Bytes;
+    use node::storage::{method, IoHeader, IoReply, IoRequest, Ownership};
+    use wire::Transport;
+    let _exclusive = exclusive();
+    tool("qemu-io");
+    let (cluster, url, object) = held_io_cluster("iqn.2026-11.org.tessera.test:epoch", "raid1:2", 20);
+    let first = object.owner;
+    let other = (1..=3).find(|host| *host != first).unwrap();
+    let mut path = IoPath::open(&url(other));
+    follow_writes_to(&cluster, &mut path, other);
+    drop(path);
+    let mut path = IoPath::open(&url(first));
+    follow_writes_to(&cluster, &mut path, first);
+    let now = the_object(&cluster).unwrap();
+    println!(
+        "host {first} owned the object at epoch {}, host {other} took it over, host {first} took it back at epoch {}",
+        object.owner_epoch, now.owner_epoch
+    );
+    assert!(now.owner_epoch >= object.owner_epoch + 2, "the owner epoch did not move twice: {now:?}");
+    const LATEST: u8 = 0x11;
+    const LATE: u8 = 0x5a;
+    path.write(0, LATEST, Duration::from_secs(30)).expect("writing block 0 at the owner's current epoch");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let transport = wire::tcp::TcpTransport::new();
+    let send = |ownership: Option<Ownership>| -> IoReply {
+        let header = IoHeader { ownership, io: IoRequest::Write { name: object.name.clone(), offset: 0 } };
+        let payload = objects::component::frame(&header, &[LATE; 4096]);
+        let call = transport.call(&cluster.address(first), method::OBJECT_IO, payload, Duration::from_secs(30));
+        let reply = runtime.block_on(call).expect("a request to the owner");
+        let (reply, _): (IoReply, Bytes) = objects::component::unframe(&reply).expect("an object reply");
+        reply
+    };
+    let current = Ownership { object: object.id, epoch: now.owner_epoch };
+    let stale = Ownership { object: object.id, epoch: object.owner_epoch };
+    // Sent for the first epoch, or asking which host owns the object: the
+    // answer names this host at its epoch, and nothing is written.
+    for ownership in [Some(stale), None] {
+        match send(ownership) {
+            IoReply::NotOwner { owner: Some(owner), ownership: Some(answered), .. }
+                if owner == first && answered == current => {}
+            reply => panic!("a write sent to host {first} for {ownership:?} was answered {reply:?}"),
+        }
+        path.read(0, LATEST, Duration::from_secs(30)).unwrap_or_else(|error| {
+            panic!("block 0 no longer holds the write acknowledged last after a write sent for {ownership:?}: {error}")
+        });
+    }
+    // Sent for the current epoch: carried out.
+    let reply = send(Some(current));
+    assert!(matches!(reply, IoReply::Done), "a write sent for the current ownership was answered {reply:?}");
+    path.read(0, LATE, Duration::from_secs(30)).expect("block 0 holds the write sent for the current ownership");
+}
+
 #[test]
 fn every_copy_of_an_object_away_for_a_moment_holds_its_io_until_one_is_back() {
     components_away_for_a_moment_hold_the_io("iqn.2026-11.org.tessera.test:away", "raid1:2");
@@ -880,16 +961,7 @@ fn components_away_for_a_moment_hold_the_io(target: &str, policy: &str) {
     // paced, bring the object's ownership there: the owner stays up and
     // answers that too few components are available.
     let mut path = IoPath::open(&url(serving));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seq = 0;
-    while the_object(&cluster).map(|object| object.owner) != Some(serving) {
-        assert!(Instant::now() < deadline, "ownership did not follow the writes to host {serving}");
-        for _ in 0..300 {
-            path.write(seq % (HELD_BLOCKS / 4), held_pattern(seq % (HELD_BLOCKS / 4)), Duration::from_secs(30))
-                .unwrap_or_else(|error| panic!("write {seq} through host {serving}: {error}"));
-            seq += 1;
-        }
-    }
+    follow_writes_to(&cluster, &mut path, serving);
     // The blocks read after the kills, and those read back at the end,
     // were written before them.
     for seq in 0..HELD_BLOCKS / 2 {
