@@ -182,9 +182,13 @@ pub enum IoReply {
     Done,
     /// Data follows the header.
     Data,
-    /// This host does not own the object at the ownership asked for; the
-    /// catalog names `owner` (this host, if it owns the object at another
-    /// epoch), to be asked at `ownership`.
+    /// Not carried out: this host does not own the object at the ownership
+    /// asked for. This host's catalog names `owner`, at `address`, to be
+    /// asked at `ownership`: this host itself when it owns the object at
+    /// the catalog's ownership and was asked at none, an earlier epoch or
+    /// another object's; none when the catalog names this host but it does
+    /// not serve the object at that (yet), or the object's components
+    /// refused it as deposed.
     NotOwner {
         owner: Option<u64>,
         address: Option<String>,
@@ -634,33 +638,38 @@ pub(crate) fn host_address(node: &Node, host: u64) -> Option<String> {
 pub(crate) async fn serve_io(node: &Arc<Node>, header: IoHeader, data: Bytes) -> (IoReply, Bytes) {
     let IoHeader { ownership, io } = header;
     let me = node.config.node_id;
-    if let Some(serving) = owned_or_opening(node, io.name()).await {
-        if ownership == Some(serving.ownership) {
-            return carry_out(node, serving, io, data).await;
-        }
-        // Asked which host owns it, or sent for an earlier epoch, or for
-        // an object of the same name deleted since: this host, at its
-        // ownership. A sender still waiting sends the request again; one
-        // that gave up on it long ago waits for no answer. (Sent for a
-        // later epoch: this host was deposed and may not know it yet; the
-        // catalog says who owns the object now.)
-        let deposed = ownership
-            .is_some_and(|asked| asked.object == serving.ownership.object && asked.epoch > serving.ownership.epoch);
-        if !deposed {
-            let address = Some(node.me.address.clone());
-            return (IoReply::NotOwner { owner: Some(me), address, ownership: Some(serving.ownership) }, Bytes::new());
-        }
-    }
+    let serving = owned_or_opening(node, io.name()).await;
+    let serving = match serving {
+        Some(serving) if ownership == Some(serving.ownership) => return carry_out(node, serving, io, data).await,
+        serving => serving.map(|serving| serving.ownership),
+    };
+    // Not carried out: the catalog's owner and ownership instead. A sender
+    // still waiting sends the request there; one that gave up on it long
+    // ago waits for no answer.
     match catalog_owner(node, io.name()) {
         None => (IoReply::Unknown, Bytes::new()),
-        // Named here, and not served here (yet, or any more): no owner to
-        // send the request to.
+        // Served here at the catalog's ownership, and asked which host owns
+        // the object, or sent for an earlier epoch or an object of the same
+        // name deleted since: this host, at its ownership. (Sent for a
+        // later epoch, the sender knows more than this host's catalog: this
+        // host was deposed, or the object reopened, and it does not know
+        // yet.)
+        Some((owner, current))
+            if owner == me
+                && serving == Some(current)
+                && ownership.is_none_or(|asked| asked.object != current.object || asked.epoch < current.epoch) =>
+        {
+            let address = Some(node.me.address.clone());
+            (IoReply::NotOwner { owner: Some(me), address, ownership: Some(current) }, Bytes::new())
+        }
+        // Named here, and not served here at that (yet, or any more): no
+        // owner to send the request to.
         Some((owner, _)) if owner == me => {
             (IoReply::NotOwner { owner: None, address: None, ownership: None }, Bytes::new())
         }
-        Some((owner, ownership)) => {
+        Some((owner, current)) => {
             let address = host_address(node, owner);
-            (IoReply::NotOwner { owner: Some(owner), address, ownership: Some(ownership) }, Bytes::new())
+            (IoReply::NotOwner { owner: Some(owner), address, ownership: Some(current) }, Bytes::new())
         }
     }
 }
@@ -1167,8 +1176,15 @@ impl<T: Transport> ObjectClient<T> {
     /// Sends the next request to `address` at `ownership` first (the
     /// owner, as the caller learned it), or, with `None`, to each host in
     /// turn.
+    /// Not back to an earlier epoch of the object than one it learned.
     pub(crate) fn aim_at(&self, owner: Option<(String, Ownership)>) {
-        *self.owner.lock().expect("owner lock") = owner;
+        let mut known = self.owner.lock().expect("owner lock");
+        if let (Some((_, new)), Some((_, learned))) = (&owner, &*known) {
+            if new.object == learned.object && new.epoch < learned.epoch {
+                return;
+            }
+        }
+        *known = owner;
     }
 
     /// Sends to the owner it knows, else to each host in turn, following
@@ -1178,9 +1194,9 @@ impl<T: Transport> ObjectClient<T> {
     }
 
     /// [`ObjectClient::call`], noting in `at`, if given, the owner epoch
-    /// each attempt is sent for while it waits for its answer (0: none,
-    /// or an attempt that only asks who owns the object, which no host
-    /// carries out).
+    /// each attempt is sent for while it waits for its answer (0: none
+    /// yet, or an attempt that only asks which host owns the object, which
+    /// no host carries out).
     pub(crate) async fn call_noting(
         &self,
         request: IoRequest,
@@ -1226,16 +1242,10 @@ impl<T: Transport> ObjectClient<T> {
                 unframe(&reply).map_err(|reason| ClientError::Failed(format!("bad reply from {address}: {reason}")))?;
             match reply {
                 IoReply::Done | IoReply::Data => {
-                    if let Some(ownership) = ownership {
-                        // Not back to an earlier owner, should its answer
-                        // come after the client learned of a later one.
-                        let mut owner = self.owner.lock().expect("owner lock");
-                        let later = owner.as_ref().is_some_and(|(_, known)| {
-                            known.object == ownership.object && known.epoch > ownership.epoch
-                        });
-                        if !later {
-                            *owner = Some((address, ownership));
-                        }
+                    // Not back to an earlier owner, should its answer come
+                    // after the client learned of a later one.
+                    if ownership.is_some() {
+                        self.aim_at(ownership.map(|ownership| (address, ownership)));
                     }
                     return Ok(data);
                 }

@@ -181,25 +181,25 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
     // names another owner meanwhile. An owner cut off from the network
     // answers nothing, and the call would wait out its whole I/O timeout
     // though a new owner serves within seconds: the I/O is then held and
-    // tried again, at the new owner. Giving up on the request is safe: a
-    // new owner holds the I/O sent to it until it has opened the object,
-    // which fences every component it reaches against the old owner first,
-    // so a write the old owner still carries out lands on a component
-    // before that fence (the retry brings the same data), or on one the new
-    // owner could not reach, which a resync brings back to the new owner's
-    // writes when it returns. Not so a compare and write, which may have
-    // written: a live former owner answers it within moments (done, or
-    // deposed before it wrote, and the client takes it to the new owner),
-    // so it is given up on only while its request waits at an owner epoch
-    // before the new owner's (at a replaced owner, or asking which host
-    // owns the object), and `COMPARE_GRACE` after the change; it then ends with its
+    // tried again, at the new owner. The request is given up on only while
+    // its attempt waits at an owner epoch before the new owner's (at a
+    // replaced owner, or asking which host owns the object): one sent on to
+    // the new owner could still be carried out there after the retry, and
+    // over writes that came after it. Giving up on an attempt at a replaced
+    // owner is safe: the new owner holds the I/O sent to it until it has
+    // opened the object, which fences every component it reaches against
+    // the replaced owner first, so a write that owner still carries out
+    // lands on a component before that fence (the retry brings the same
+    // data), or on one the new owner could not reach, which a resync brings
+    // back to the new owner's writes when it returns. Should the attempt
+    // reach that host even long after (queued on the connection to it), it
+    // is carried out only at the epoch it was sent for, which that host no
+    // longer holds. A compare and write, which may have written, is given
+    // up on `COMPARE_GRACE` after the change at the earliest (a live former
+    // owner answers it within moments: done, or deposed before it wrote,
+    // and the client takes it to the new owner); it then ends with its
     // outcome unknown (`Unavailable`, as when its call times out) rather
-    // than wait out the call's timeout. Whatever that owner still does is
-    // fenced before the new owner serves; a request sent on to the new
-    // owner is not given up on, as it could still be carried out there
-    // after its answer. A request given up on may still reach the owner it
-    // was sent to, even long after, but each carries the owner epoch it
-    // was sent for, and is carried out only at that epoch.
+    // than wait out the call's timeout.
     let asked = storage::catalog_owner(node, &name);
     match asked {
         // Named here, yet not served here: being opened again after a
@@ -213,9 +213,9 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
         Some((owner, ownership)) => forwarder.aim(node, owner, ownership),
         None => {}
     }
-    // The owner epoch a compare and write's attempt waits at now.
+    // The owner epoch the request's attempt waits at now.
     let at = AtomicU64::new(0);
-    let call = client.call_noting(io.clone(), data, io.compares().then_some(&at));
+    let call = client.call_noting(io.clone(), data, Some(&at));
     let answer = match asked {
         Some((asked, _)) => {
             tokio::pin!(call);
@@ -230,8 +230,9 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
                             let changed_at = *changed_at.get_or_insert_with(tokio::time::Instant::now);
                             // An attempt at the new owner's epoch (or a
                             // later one) is waited for.
-                            let waiting = at.load(Ordering::Relaxed);
-                            if io.compares() && (waiting >= ownership.epoch || changed_at.elapsed() < COMPARE_GRACE) {
+                            if at.load(Ordering::Relaxed) >= ownership.epoch
+                                || io.compares() && changed_at.elapsed() < COMPARE_GRACE
+                            {
                                 continue;
                             }
                             metrics::counter!("node_forwarded_io_abandoned_total").increment(1);

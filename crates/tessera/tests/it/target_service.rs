@@ -882,7 +882,16 @@ fn a_request_sent_for_an_earlier_owner_epoch_is_refused_by_its_host_owning_the_o
     use wire::Transport;
     let _exclusive = exclusive();
     tool("qemu-io");
-    let (cluster, url, object) = held_io_cluster("iqn.2026-11.org.tessera.test:epoch", "raid1:2", 20);
+    let (cluster, url, _) = held_io_cluster("iqn.2026-11.org.tessera.test:epoch", "raid1:2", 20);
+    // Owned at a first epoch (the record's is 0 until its owner opens it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let object = loop {
+        if let Some(object) = the_object(&cluster).filter(|object| object.owner_epoch >= 1) {
+            break object;
+        }
+        assert!(Instant::now() < deadline, "the object was not opened: {}", cluster.report());
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let first = object.owner;
     let other = (1..=3).find(|host| *host != first).unwrap();
     let mut path = IoPath::open(&url(other));
@@ -911,13 +920,18 @@ fn a_request_sent_for_an_earlier_owner_epoch_is_refused_by_its_host_owning_the_o
     };
     let current = Ownership { object: object.id, epoch: now.owner_epoch };
     let stale = Ownership { object: object.id, epoch: object.owner_epoch };
-    // Sent for the first epoch, or asking which host owns the object: the
-    // answer names this host at its epoch, and nothing is written.
-    for ownership in [Some(stale), None] {
-        match send(ownership) {
-            IoReply::NotOwner { owner: Some(owner), ownership: Some(answered), .. }
+    let deleted = Ownership { object: object.id ^ 1, epoch: now.owner_epoch };
+    let later = Ownership { object: object.id, epoch: now.owner_epoch + 1 };
+    // Sent for the first epoch, or for an earlier object of the name, or
+    // asking which host owns the object: the answer names this host at its
+    // ownership. Sent for a later epoch than this host's catalog knows: no
+    // owner to name. Nothing is written.
+    for ownership in [Some(stale), Some(deleted), None, Some(later)] {
+        match (send(ownership), ownership == Some(later)) {
+            (IoReply::NotOwner { owner: Some(owner), ownership: Some(answered), .. }, false)
                 if owner == first && answered == current => {}
-            reply => panic!("a write sent to host {first} for {ownership:?} was answered {reply:?}"),
+            (IoReply::NotOwner { owner: None, address: None, ownership: None }, true) => {}
+            (reply, _) => panic!("a write sent to host {first} for {ownership:?} was answered {reply:?}"),
         }
         path.read(0, LATEST, Duration::from_secs(30)).unwrap_or_else(|error| {
             panic!("block 0 no longer holds the write acknowledged last after a write sent for {ownership:?}: {error}")
