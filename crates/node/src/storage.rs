@@ -1117,6 +1117,8 @@ pub struct ObjectClient<T: Transport> {
     /// The owner's address and the ownership to ask it at, as last learned.
     owner: Arc<Mutex<Option<(String, Ownership)>>>,
     name: String,
+    /// How long one attempt waits for its answer.
+    io_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -1134,7 +1136,13 @@ pub enum ClientError {
 
 impl<T: Transport> ObjectClient<T> {
     pub fn new(transport: T, hosts: Vec<String>, name: impl Into<String>) -> ObjectClient<T> {
-        ObjectClient { transport, hosts, owner: Arc::new(Mutex::new(None)), name: name.into() }
+        ObjectClient { transport, hosts, owner: Arc::new(Mutex::new(None)), name: name.into(), io_timeout: IO_TIMEOUT }
+    }
+
+    /// Each attempt waits at most `timeout` for its answer (default 30 s).
+    pub fn with_io_timeout(mut self, timeout: Duration) -> ObjectClient<T> {
+        self.io_timeout = timeout;
+        self
     }
 
     pub async fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
@@ -1224,7 +1232,14 @@ impl<T: Transport> ObjectClient<T> {
                 at.store(ownership.map_or(0, |ownership| ownership.epoch), Ordering::Relaxed);
             }
             let payload = frame(&header, data);
-            let reply = match self.transport.call(&address, method::OBJECT_IO, payload, IO_TIMEOUT).await {
+            // An attempt that times out may still wait at the owner's host,
+            // queued in the connection (the host cut off from this one, not
+            // from its peers, and still the owner at the same epoch): it
+            // must not be carried out there once this call has moved on,
+            // perhaps after writes the caller sent since through another
+            // host. So its connection is aborted, and what it queued with it.
+            let call = self.transport.call_or_abort(&address, method::OBJECT_IO, payload, self.io_timeout);
+            let reply = match call.await {
                 Ok(reply) => reply,
                 // Sent, and perhaps carried out: a compare and write tried
                 // again would fail its compare on its own data.

@@ -51,9 +51,22 @@ struct Connection {
     /// now rather than at the next call (which a peer that restarted at
     /// another address never gets).
     ended: Arc<tokio::sync::Notify>,
+    /// Set once to close the connection at once with a reset, delivering
+    /// nothing more (`Transport::call_or_abort`).
+    abort: tokio::sync::watch::Sender<bool>,
 }
 
 impl Connection {
+    /// Closes the connection with a reset: the writer drops the frames it
+    /// has queued, the kernel the bytes it has not had acknowledged, and
+    /// every call waiting on it ends `ConnectionLost`.
+    fn abort(&self) {
+        // First: failing the calls tells the writer the connection ended,
+        // and it must see why.
+        self.abort.send_replace(true);
+        self.fail_all_pending();
+    }
+
     fn fail_all_pending(&self) {
         self.closed.store(true, Ordering::SeqCst);
         // Dropping the senders wakes every waiter with ConnectionLost.
@@ -196,6 +209,7 @@ impl TcpTransport {
         stream.set_nodelay(true).map_err(|error| connect_error(error.to_string()))?;
         let (read_half, write_half) = stream.into_split();
         let (writer, queue) = mpsc::channel(WRITE_QUEUE_FRAMES_MAX);
+        let (abort, aborted) = tokio::sync::watch::channel(false);
         let connection = Arc::new(Connection {
             address: address.to_string(),
             writer,
@@ -203,19 +217,24 @@ impl TcpTransport {
             next_correlation: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             ended: Arc::new(tokio::sync::Notify::new()),
+            abort,
         });
-        tokio::spawn(write_frames(write_half, queue, address.to_string(), connection.ended.clone()));
-        tokio::spawn(read_replies(read_half, connection.clone()));
+        let peer = address.to_string();
+        tokio::spawn(write_frames(write_half, queue, peer, connection.ended.clone(), Some(aborted.clone())));
+        tokio::spawn(read_replies(read_half, connection.clone(), aborted));
         *slot = Some(connection.clone());
         Ok(connection)
     }
 
+    /// A call over TCP; one that times out aborts its connection if
+    /// `abort_on_timeout` (`Transport::call_or_abort`).
     async fn call_inner(
         &self,
         address: String,
         method: u32,
         payload: Bytes,
         timeout: Duration,
+        abort_on_timeout: bool,
     ) -> Result<Bytes, CallError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let connection = self.connection(&address, deadline, timeout).await?;
@@ -241,6 +260,10 @@ impl TcpTransport {
             Ok(result) => result?,
             Err(_) => {
                 connection.pending.lock().expect("pending lock poisoned").remove(&correlation);
+                if abort_on_timeout {
+                    tracing::debug!(peer = %address, "a call timed out; aborting its connection");
+                    connection.abort();
+                }
                 return Err(CallError::Timeout { address, timeout_ms: timeout.as_millis() as u64 });
             }
         };
@@ -264,7 +287,23 @@ impl Transport for TcpTransport {
             return Box::pin(TcpTransport::call_in_place(handler, address, method, payload, timeout));
         }
         let transport = self.clone();
-        Box::pin(async move { transport.call_inner(address, method, payload, timeout).await })
+        Box::pin(async move { transport.call_inner(address, method, payload, timeout, false).await })
+    }
+
+    /// A call served in place is dropped with its timeout: it needs no more.
+    fn call_or_abort(
+        &self,
+        to: &str,
+        method: u32,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> BoxFuture<Result<Bytes, CallError>> {
+        let address = to.to_string();
+        if let Some(handler) = self.local.get(to) {
+            return Box::pin(TcpTransport::call_in_place(handler, address, method, payload, timeout));
+        }
+        let transport = self.clone();
+        Box::pin(async move { transport.call_inner(address, method, payload, timeout, true).await })
     }
 
     fn serve(&self, address: &str, handler: Arc<dyn Handler>) -> BoxFuture<std::io::Result<ServeHandle>> {
@@ -282,6 +321,7 @@ async fn write_frames(
     mut queue: mpsc::Receiver<Frame>,
     peer: String,
     ended: Arc<tokio::sync::Notify>,
+    mut aborted: Option<tokio::sync::watch::Receiver<bool>>,
 ) {
     let mut buffer = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -291,6 +331,7 @@ async fn write_frames(
                 None => break,
             },
             () = ended.notified() => break,
+            () = until_aborted(&mut aborted) => return reset(stream),
         };
         frame.encode(&mut buffer);
         while buffer.len() < WRITE_BATCH_BYTES_MAX {
@@ -299,16 +340,49 @@ async fn write_frames(
                 Err(_) => break,
             }
         }
-        if let Err(error) = stream.write_all(&buffer).await {
-            tracing::debug!(%peer, %error, "write failed; closing connection");
-            return;
+        // A write blocked on a peer that takes nothing (cut off) ends with
+        // an abort too.
+        tokio::select! {
+            written = stream.write_all(&buffer) => {
+                if let Err(error) = written {
+                    tracing::debug!(%peer, %error, "write failed; closing connection");
+                    return;
+                }
+            }
+            () = until_aborted(&mut aborted) => return reset(stream),
         }
         buffer.clear();
+    }
+    if aborted.as_ref().is_some_and(|aborted| *aborted.borrow()) {
+        return reset(stream);
     }
     let _ = stream.shutdown().await;
 }
 
-async fn read_replies(mut stream: OwnedReadHalf, connection: Arc<Connection>) {
+/// Returns once the connection is aborted; never for one that cannot be
+/// (a server's).
+async fn until_aborted(aborted: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(aborted) = aborted {
+        if aborted.wait_for(|aborted| *aborted).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Closes an aborted connection's socket (once its read half is gone too)
+/// with a reset, discarding the bytes the kernel still holds for the peer.
+fn reset(stream: OwnedWriteHalf) {
+    let _ = stream.as_ref().set_zero_linger();
+    stream.forget();
+}
+
+async fn read_replies(
+    mut stream: OwnedReadHalf,
+    connection: Arc<Connection>,
+    aborted: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut aborted = Some(aborted);
     let decoder = Decoder::default();
     let mut buffer = BytesMut::with_capacity(READ_BUFFER_BYTES);
     loop {
@@ -335,7 +409,11 @@ async fn read_replies(mut stream: OwnedReadHalf, connection: Arc<Connection>) {
                 }
             }
         }
-        match stream.read_buf(&mut buffer).await {
+        let read = tokio::select! {
+            read = stream.read_buf(&mut buffer) => read,
+            () = until_aborted(&mut aborted) => return,
+        };
+        match read {
             Ok(0) | Err(_) => {
                 connection.fail_all_pending();
                 return;
@@ -398,7 +476,8 @@ async fn serve_tcp(address: &str, handler: Arc<dyn Handler>) -> std::io::Result<
 async fn serve_connection(stream: TcpStream, peer: String, handler: Arc<dyn Handler>, stats: Arc<ServerStats>) {
     let (mut read_half, write_half) = stream.into_split();
     let (writer, queue) = mpsc::channel(WRITE_QUEUE_FRAMES_MAX);
-    let writer_task = tokio::spawn(write_frames(write_half, queue, peer.clone(), Arc::new(tokio::sync::Notify::new())));
+    let ended = Arc::new(tokio::sync::Notify::new());
+    let writer_task = tokio::spawn(write_frames(write_half, queue, peer.clone(), ended, None));
     let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_PER_CONNECTION_MAX));
     let decoder = Decoder::default();
     let mut buffer = BytesMut::with_capacity(READ_BUFFER_BYTES);

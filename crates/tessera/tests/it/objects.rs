@@ -620,3 +620,61 @@ fn a_copy_away_past_the_repair_delay_is_rebuilt_elsewhere_and_its_orphan_removed
     }
     println!("the orphaned copy {old:#x} on host {victim} was deleted");
 }
+
+/// A write whose attempt timed out at an owner cut off from the client
+/// (from it alone: the owner still serves, at the same epoch) must not be
+/// carried out there when the cut heals: the caller has been told it
+/// failed, and may have written the block again since, through another
+/// host. Its connection is aborted when it times out, so TCP does not
+/// deliver it late. A stand-in owner counts the writes it is sent. Needs
+/// nftables (`nft`) and root, as the partition scenarios do.
+#[test]
+fn a_write_timed_out_at_an_owner_cut_off_from_the_client_does_not_land_when_the_cut_heals() {
+    use bytes::Bytes;
+    use node::storage::{IoHeader, IoReply, IoRequest, Ownership};
+    let _guard = exclusive();
+    let runtime = runtime();
+    let (owner_ip, client_ip) = ("127.0.0.61", "127.0.0.62");
+    let address = format!("{owner_ip}:{}", crate::harness::free_port(&[owner_ip]));
+    const OWNED: Ownership = Ownership { object: 7, epoch: 1 };
+    let writes = Arc::new(AtomicU64::new(0));
+    let handler = {
+        let (writes, address) = (writes.clone(), address.clone());
+        move |request: wire::Request| {
+            let (writes, address) = (writes.clone(), address.clone());
+            async move {
+                let (header, _): (IoHeader, Bytes) =
+                    objects::component::unframe(&request.payload).expect("an object request");
+                let reply = match (header.ownership, header.io) {
+                    (Some(OWNED), IoRequest::Write { .. }) => {
+                        writes.fetch_add(1, Ordering::SeqCst);
+                        IoReply::Done
+                    }
+                    _ => IoReply::NotOwner { owner: Some(1), address: Some(address), ownership: Some(OWNED) },
+                };
+                Ok(objects::component::frame(&reply, &[]))
+            }
+        }
+    };
+    let _served = runtime.block_on(wire::Transport::serve(&TcpTransport::new(), &address, Arc::new(handler))).unwrap();
+    let transport = TcpTransport::new().bound_to(Some(client_ip.parse().unwrap()));
+    let client = ObjectClient::new(transport, vec![address.clone()], "cut").with_io_timeout(Duration::from_secs(1));
+    runtime.block_on(client.write_at(0, &[1; 4096])).expect("a write before the cut");
+    assert_eq!(writes.load(Ordering::SeqCst), 1);
+    let cut = Cut::ports(client_ip, std::slice::from_ref(&address));
+    let failed = runtime.block_on(client.write_at(0, &[2; 4096]));
+    assert!(failed.is_err(), "a write to an owner cut off from the client succeeded: {failed:?}");
+    assert_eq!(writes.load(Ordering::SeqCst), 1, "the write reached the owner through the cut");
+    drop(cut);
+    // TCP would retransmit a request still queued within seconds (its
+    // backoff after a cut of about 2 s is 1.6-3.2 s).
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        writes.load(Ordering::SeqCst),
+        1,
+        "the write that timed out reached the owner after the cut healed ({failed:?})"
+    );
+    // The client reaches the owner again, on a new connection.
+    runtime.block_on(client.write_at(0, &[3; 4096])).expect("a write after the cut healed");
+    assert_eq!(writes.load(Ordering::SeqCst), 2);
+}

@@ -59,6 +59,33 @@ async fn remote_errors_and_timeouts_are_distinct() {
     assert_eq!(&reply[..], b"ok");
 }
 
+/// A call that times out with `call_or_abort` ends its connection at once:
+/// the other calls waiting on it end `ConnectionLost`, and the next call
+/// opens a new one. A plain call's timeout leaves the connection be.
+#[tokio::test]
+async fn a_call_or_abort_that_times_out_ends_its_connection() {
+    let server = echo_server().await;
+    let address = server.local_address.clone();
+    let transport = TcpTransport::new();
+    let accepted = || server.stats.connections_accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let short = Duration::from_millis(200);
+    let plain = transport.call(&address, 3, Bytes::new(), short).await;
+    assert!(matches!(plain, Err(CallError::Timeout { .. })), "{plain:?}");
+    assert_eq!(transport.call(&address, 1, Bytes::from_static(b"a"), TIMEOUT).await.unwrap(), &b"a"[..]);
+    assert_eq!(accepted(), 1, "a plain call's timeout kept the connection");
+    let waiting = tokio::spawn({
+        let (transport, address) = (transport.clone(), address.clone());
+        async move { transport.call(&address, 3, Bytes::new(), TIMEOUT).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let aborted = transport.call_or_abort(&address, 3, Bytes::new(), short).await;
+    assert!(matches!(aborted, Err(CallError::Timeout { .. })), "{aborted:?}");
+    let other = waiting.await.unwrap();
+    assert!(matches!(other, Err(CallError::ConnectionLost { .. })), "{other:?}");
+    assert_eq!(transport.call(&address, 1, Bytes::from_static(b"b"), TIMEOUT).await.unwrap(), &b"b"[..]);
+    assert_eq!(accepted(), 2, "the next call did not open a new connection");
+}
+
 #[tokio::test]
 async fn connect_failure_is_reported() {
     let transport = TcpTransport::new();
