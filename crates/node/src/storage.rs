@@ -148,6 +148,11 @@ impl IoRequest {
         }
     }
 
+    /// Whether it changes the object's data.
+    pub(crate) fn changes(&self) -> bool {
+        matches!(self, IoRequest::Write { .. } | IoRequest::Unmap { .. } | IoRequest::CompareAndWrite { .. })
+    }
+
     /// A compare and write with something to compare: not the same if
     /// done twice.
     pub(crate) fn compares(&self) -> bool {
@@ -1232,13 +1237,19 @@ impl<T: Transport> ObjectClient<T> {
                 at.store(ownership.map_or(0, |ownership| ownership.epoch), Ordering::Relaxed);
             }
             let payload = frame(&header, data);
-            // An attempt that times out may still wait at the owner's host,
+            // A change that times out may still wait for the owner's host,
             // queued in the connection (the host cut off from this one, not
             // from its peers, and still the owner at the same epoch): it
             // must not be carried out there once this call has moved on,
             // perhaps after writes the caller sent since through another
-            // host. So its connection is aborted, and what it queued with it.
-            let call = self.transport.call_or_abort(&address, method::OBJECT_IO, payload, self.io_timeout);
+            // host. So its connection is aborted, and what it queued with
+            // it. (Not for a read, or a request that only asks which host
+            // owns the object: the abort fails every other call on the
+            // connection.)
+            let call = match ownership.is_some() && header.io.changes() {
+                true => self.transport.call_or_abort(&address, method::OBJECT_IO, payload, self.io_timeout),
+                false => self.transport.call(&address, method::OBJECT_IO, payload, self.io_timeout),
+            };
             let reply = match call.await {
                 Ok(reply) => reply,
                 // Sent, and perhaps carried out: a compare and write tried

@@ -800,8 +800,12 @@ impl Owner {
             .collect();
         let Some(&first) = candidates.first() else {
             // Every other copy is away. One that has every write answered as
-            // done becomes the copy of record; others wait for it.
-            if committed < self.done_lsn {
+            // done becomes the copy of record; others wait for it. Counted
+            // only up to where its resync would start: above its stale LSN
+            // it may hold a deposed owner's writes under the same LSNs as
+            // writes answered done here, which it does not have (a copy cut
+            // off with its owner, written by it there).
+            if committed.min(from) < self.done_lsn {
                 tracing::info!(
                     component = index,
                     committed,
@@ -1090,6 +1094,29 @@ mod tests {
         assert!(ack(&mut owner, 0, 1).is_empty());
         assert!(ack(&mut owner, 2, 1).is_empty());
         assert_eq!(ack(&mut owner, 1, 1), vec![Action::Done { request: 7, lsn: 1 }]);
+    }
+
+    /// Component 0 is away from LSN 1; LSN 2 is answered done on component
+    /// 1 alone, which then fails too. Component 0 comes back holding an LSN
+    /// 2 of its own (a deposed owner's write): it is not the copy of record,
+    /// and waits for component 1, which is.
+    #[test]
+    fn a_copy_back_with_writes_above_its_stale_lsn_is_not_the_copy_of_record_over_writes_answered_done() {
+        let mut owner = Owner::new(vec![Status::Absent { stale: 1, since: 0 }, Status::Active], 1);
+        write(&mut owner, 1, 0);
+        assert_eq!(ack(&mut owner, 1, 2), vec![Action::Done { request: 1, lsn: 2 }]);
+        let mut out = Vec::new();
+        owner.handle(10, Input::Failed { component: 1 }, &mut out);
+        out.clear();
+        owner.handle(20, Input::Back { component: 0, committed: 2, mid_resync: false }, &mut out);
+        assert!(
+            !out.iter().any(|action| matches!(action, Action::Current { .. })),
+            "a copy lacking the write answered done became the copy of record: {out:?}"
+        );
+        assert_eq!(owner.status(0), &Status::Absent { stale: 1, since: 0 });
+        out.clear();
+        owner.handle(30, Input::Back { component: 1, committed: 2, mid_resync: false }, &mut out);
+        assert_eq!(owner.status(1), &Status::Active, "{out:?}");
     }
 
     #[test]

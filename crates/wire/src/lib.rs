@@ -162,16 +162,19 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// Sends one request and waits for its reply, at most `timeout`.
     fn call(&self, to: &str, method: u32, payload: Bytes, timeout: Duration) -> BoxFuture<Result<Bytes, CallError>>;
 
-    /// As [`Transport::call`], but a request that times out cannot reach
-    /// `to` later: what is still queued for `to` is dropped. For a request
-    /// that must not be carried out once its caller has moved on (a write
-    /// the caller reports failed, whose data a later write may replace).
-    /// Over TCP the connection is closed with a reset, so neither the
-    /// writer's queue nor the kernel's unsent or unacknowledged bytes are
-    /// delivered after the timeout (a peer cut off from the network would
-    /// otherwise get them when the cut heals); the other calls waiting on
-    /// it end `ConnectionLost`. A transport that never delivers a request
-    /// after its call's timeout needs no more than `call`.
+    /// As [`Transport::call`], but a request that times out is not sent
+    /// after its timeout: what is still queued for `to` is dropped. For a
+    /// request that must not be carried out once its caller has moved on
+    /// (a write the caller reports failed, whose data a later write may
+    /// replace). Over TCP the connection is closed with a reset, so neither
+    /// the writer's queue nor the kernel's unsent or unacknowledged bytes
+    /// are delivered after the timeout (a peer cut off from the network
+    /// would otherwise get them when the cut heals), and the peer drops the
+    /// requests it has received but not started when it sees the reset;
+    /// the other calls waiting on the connection end `ConnectionLost`. Not
+    /// covered: a request the peer already started, or one whose call is
+    /// dropped before its timeout. A transport that never delivers a
+    /// request after its call's timeout needs no more than `call`.
     fn call_or_abort(
         &self,
         to: &str,

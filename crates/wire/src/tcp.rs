@@ -61,8 +61,8 @@ impl Connection {
     /// has queued, the kernel the bytes it has not had acknowledged, and
     /// every call waiting on it ends `ConnectionLost`.
     fn abort(&self) {
-        // First: failing the calls tells the writer the connection ended,
-        // and it must see why.
+        // The flag first: `fail_all_pending` wakes the writer through
+        // `ended`, and it must then see the flag.
         self.abort.send_replace(true);
         self.fail_all_pending();
     }
@@ -207,6 +207,11 @@ impl TcpTransport {
             .map_err(|_| timed_out())?
             .map_err(|error| connect_error(error.to_string()))?;
         stream.set_nodelay(true).map_err(|error| connect_error(error.to_string()))?;
+        // Closed with a reset, however it closes (an abort, the process
+        // ending): what it still holds for the peer is not sent after, when
+        // nobody waits for its answers (a peer cut off from the network
+        // would get it when the cut heals).
+        stream.set_zero_linger().map_err(|error| connect_error(error.to_string()))?;
         let (read_half, write_half) = stream.into_split();
         let (writer, queue) = mpsc::channel(WRITE_QUEUE_FRAMES_MAX);
         let (abort, aborted) = tokio::sync::watch::channel(false);
@@ -290,7 +295,8 @@ impl Transport for TcpTransport {
         Box::pin(async move { transport.call_inner(address, method, payload, timeout, false).await })
     }
 
-    /// A call served in place is dropped with its timeout: it needs no more.
+    /// A call served in place is not sent anywhere: its timeout drops it
+    /// (what its handler already handed to another task may still run).
     fn call_or_abort(
         &self,
         to: &str,
@@ -326,12 +332,13 @@ async fn write_frames(
     let mut buffer = BytesMut::with_capacity(64 * 1024);
     loop {
         let frame = tokio::select! {
+            biased;
+            () = until_aborted(&mut aborted) => return reset(stream),
             frame = queue.recv() => match frame {
                 Some(frame) => frame,
                 None => break,
             },
             () = ended.notified() => break,
-            () = until_aborted(&mut aborted) => return reset(stream),
         };
         frame.encode(&mut buffer);
         while buffer.len() < WRITE_BATCH_BYTES_MAX {
@@ -343,13 +350,14 @@ async fn write_frames(
         // A write blocked on a peer that takes nothing (cut off) ends with
         // an abort too.
         tokio::select! {
+            biased;
+            () = until_aborted(&mut aborted) => return reset(stream),
             written = stream.write_all(&buffer) => {
                 if let Err(error) = written {
                     tracing::debug!(%peer, %error, "write failed; closing connection");
                     return;
                 }
             }
-            () = until_aborted(&mut aborted) => return reset(stream),
         }
         buffer.clear();
     }
@@ -371,9 +379,9 @@ async fn until_aborted(aborted: &mut Option<tokio::sync::watch::Receiver<bool>>)
 }
 
 /// Closes an aborted connection's socket (once its read half is gone too)
-/// with a reset, discarding the bytes the kernel still holds for the peer.
+/// with a reset (its linger is zero), not after the bytes the kernel still
+/// holds for the peer.
 fn reset(stream: OwnedWriteHalf) {
-    let _ = stream.as_ref().set_zero_linger();
     stream.forget();
 }
 
@@ -473,6 +481,19 @@ async fn serve_tcp(address: &str, handler: Arc<dyn Handler>) -> std::io::Result<
     ))
 }
 
+/// Whether the client reset the connection (`Transport::call_or_abort`).
+/// Requests it sent before that are still read after the reset, but it
+/// gave up on them: those not started yet are dropped, with the connection.
+fn reset_by_peer(read_half: &OwnedReadHalf, peer: &str) -> bool {
+    match read_half.as_ref().take_error() {
+        Ok(Some(error)) => {
+            tracing::debug!(%peer, %error, "the client reset the connection; dropping the requests not started");
+            true
+        }
+        _ => false,
+    }
+}
+
 async fn serve_connection(stream: TcpStream, peer: String, handler: Arc<dyn Handler>, stats: Arc<ServerStats>) {
     let (mut read_half, write_half) = stream.into_split();
     let (writer, queue) = mpsc::channel(WRITE_QUEUE_FRAMES_MAX);
@@ -486,7 +507,17 @@ async fn serve_connection(stream: TcpStream, peer: String, handler: Arc<dyn Hand
             match decoder.decode(&mut buffer) {
                 Ok(Some(frame)) if frame.kind == Kind::Request => {
                     stats.requests.fetch_add(1, Ordering::Relaxed);
-                    let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+                    let permit = match in_flight.clone().try_acquire_owned() {
+                        Ok(permit) => permit,
+                        Err(_) => {
+                            let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+                            // The client may have given up meanwhile.
+                            if reset_by_peer(&read_half, &peer) {
+                                break 'connection;
+                            }
+                            permit
+                        }
+                    };
                     let handler = handler.clone();
                     let writer = writer.clone();
                     let peer = peer.clone();
@@ -531,6 +562,7 @@ async fn serve_connection(stream: TcpStream, peer: String, handler: Arc<dyn Hand
                 }
                 break;
             }
+            Ok(_) if reset_by_peer(&read_half, &peer) => break,
             Ok(_) => {}
             Err(error) => {
                 tracing::debug!(%peer, %error, "read failed; closing connection");

@@ -658,6 +658,9 @@ fn a_write_timed_out_at_an_owner_cut_off_from_the_client_does_not_land_when_the_
     };
     let _served = runtime.block_on(wire::Transport::serve(&TcpTransport::new(), &address, Arc::new(handler))).unwrap();
     let transport = TcpTransport::new().bound_to(Some(client_ip.parse().unwrap()));
+    // Two clients on the same connections: one whose attempts wait 1 s for
+    // the write at the cut, one that waits longer for the others.
+    let patient = ObjectClient::new(transport.clone(), vec![address.clone()], "cut");
     let client = ObjectClient::new(transport, vec![address.clone()], "cut").with_io_timeout(Duration::from_secs(1));
     runtime.block_on(client.write_at(0, &[1; 4096])).expect("a write before the cut");
     assert_eq!(writes.load(Ordering::SeqCst), 1);
@@ -675,6 +678,6 @@ fn a_write_timed_out_at_an_owner_cut_off_from_the_client_does_not_land_when_the_
         "the write that timed out reached the owner after the cut healed ({failed:?})"
     );
     // The client reaches the owner again, on a new connection.
-    runtime.block_on(client.write_at(0, &[3; 4096])).expect("a write after the cut healed");
+    runtime.block_on(patient.write_at(0, &[3; 4096])).expect("a write after the cut healed");
     assert_eq!(writes.load(Ordering::SeqCst), 2);
 }

@@ -86,6 +86,24 @@ async fn a_call_or_abort_that_times_out_ends_its_connection() {
     assert_eq!(accepted(), 2, "the next call did not open a new connection");
 }
 
+/// The connection of a `call_or_abort` that timed out is reset, not closed
+/// after its bytes: the peer's read ends with a reset.
+#[tokio::test]
+async fn an_aborted_connection_is_reset() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let transport = TcpTransport::new();
+    let call = tokio::spawn(async move {
+        transport.call_or_abort(&address, 1, Bytes::from_static(b"late"), Duration::from_millis(200)).await
+    });
+    let (mut peer, _) = listener.accept().await.unwrap();
+    let timed_out = call.await.unwrap();
+    assert!(matches!(timed_out, Err(CallError::Timeout { .. })), "{timed_out:?}");
+    let mut bytes = Vec::new();
+    let end = tokio::time::timeout(TIMEOUT, peer.read_to_end(&mut bytes)).await.expect("the connection ended");
+    assert_eq!(end.map_err(|error| error.kind()), Err(std::io::ErrorKind::ConnectionReset));
+}
+
 #[tokio::test]
 async fn connect_failure_is_reported() {
     let transport = TcpTransport::new();
