@@ -109,6 +109,11 @@ pub struct Agent {
     /// summary, no manager during a hand-over), so it is repeated until
     /// the tree lets them go or they speak again.
     reported: BTreeMap<HostId, Millis>,
+    /// At the root: hosts a branch reported failed, which the root probes
+    /// itself before it reports them to the manager. A branch's report
+    /// can be stale: one cut off from its children finds them failed, and
+    /// its summaries reach the root when the cut heals.
+    verifying: BTreeMap<HostId, Watch>,
     last_report: Option<Millis>,
     /// When `tick` last ran: a long gap means this host was paused.
     last_tick: Option<Millis>,
@@ -125,6 +130,7 @@ impl Agent {
             watched: BTreeMap::new(),
             report_now: false,
             reported: BTreeMap::new(),
+            verifying: BTreeMap::new(),
             last_report: None,
             last_tick: None,
             next_nonce: 0,
@@ -153,7 +159,9 @@ impl Agent {
                 Message::Summary { failed, .. } => {
                     self.heard(from, now, out);
                     if self.role.as_ref().is_some_and(|role| role.is_root) {
-                        out.extend(failed.into_iter().map(Output::Failed));
+                        for host in failed {
+                            self.verify(now, host, out);
+                        }
                     }
                 }
                 Message::Probe { nonce } => out.push(Output::Send { to: from, message: Message::ProbeReply { nonce } }),
@@ -162,7 +170,25 @@ impl Agent {
         }
     }
 
+    /// A branch reported `host` failed: the root probes it, and reports it
+    /// to the manager only if it does not answer either.
+    fn verify(&mut self, now: Millis, host: HostId, out: &mut Vec<Output>) {
+        if host == self.me || self.reported.contains_key(&host) || self.verifying.contains_key(&host) {
+            return;
+        }
+        if let Some(watch) = self.watched.get_mut(&host) {
+            // Watched here too: suspected now, failed as any silent one.
+            watch.last_heard = watch.last_heard.min(now.saturating_sub(self.config.suspect_after));
+            return;
+        }
+        self.verifying.insert(host, Watch { last_heard: now, suspected: true, last_probe: None, probes: 0 });
+        out.push(Output::Suspected(host));
+    }
+
     fn heard(&mut self, from: HostId, now: Millis, out: &mut Vec<Output>) {
+        if self.verifying.remove(&from).is_some() {
+            out.push(Output::Cleared(from));
+        }
         if self.reported.remove(&from).is_some() {
             // Found failed, yet it speaks (it was paused, or it came back
             // and is in the tree again): watch it afresh.
@@ -224,6 +250,9 @@ impl Agent {
             for watch in self.watched.values_mut() {
                 watch.last_heard = watch.last_heard.max(now.saturating_sub(self.config.heartbeat_interval));
             }
+            for watch in self.verifying.values_mut() {
+                watch.probes = 0;
+            }
         }
         self.last_tick = Some(now);
         let Some(role) = self.role.clone() else { return now + self.config.heartbeat_interval };
@@ -252,8 +281,25 @@ impl Agent {
             }
             next = next.min(watch.last_heard + self.config.fail_after);
         }
+        // Hosts a branch reported: failed once the root's own probes went
+        // unanswered, each for a full probe interval.
+        for (host, watch) in self.verifying.iter_mut() {
+            let answered_by = watch.last_probe.map(|last| last + self.config.probe_interval);
+            if watch.probes >= PROBES_BEFORE_FAILURE && answered_by.is_some_and(|by| now >= by) {
+                confirmed.push(*host);
+                continue;
+            }
+            if watch.last_probe.is_none_or(|last| now >= last + self.config.probe_interval) {
+                watch.last_probe = Some(now);
+                watch.probes += 1;
+                self.next_nonce += 1;
+                out.push(Output::Send { to: *host, message: Message::Probe { nonce: self.next_nonce } });
+            }
+            next = next.min(watch.last_probe.unwrap_or(now) + self.config.probe_interval);
+        }
         for host in confirmed {
             self.watched.remove(&host);
+            self.verifying.remove(&host);
             self.reported.insert(host, now);
             if role.is_root {
                 out.push(Output::Failed(host));
@@ -412,12 +458,54 @@ mod tests {
         assert!(failed);
     }
 
+    /// A host a branch reports failed is failed once it does not answer the
+    /// root's own probes either.
     #[test]
-    fn the_root_forwards_failures_from_summaries() {
+    fn the_root_forwards_failures_from_summaries_once_its_own_probes_go_unanswered() {
         let mut root = agent(1);
         let mut out = Vec::new();
         root.handle(10, Input::Received { from: 4, message: Message::Summary { epoch: 1, failed: vec![6] } }, &mut out);
-        assert_eq!(out, vec![Output::Failed(6)]);
+        assert_eq!(out, vec![Output::Suspected(6)]);
+        let mut probes = 0;
+        let mut failed_at = None;
+        for now in (10..2000).step_by(10) {
+            out.clear();
+            root.tick(now, &mut out);
+            probes += out
+                .iter()
+                .filter(|output| matches!(output, Output::Send { to: 6, message: Message::Probe { .. } }))
+                .count();
+            if failed_at.is_none() && out.contains(&Output::Failed(6)) {
+                failed_at = Some(now);
+            }
+        }
+        assert_eq!(probes, PROBES_BEFORE_FAILURE as usize, "probes before the failure");
+        let failed_at = failed_at.expect("host 6 was not failed");
+        assert!(failed_at <= 10 + 250 * u64::from(PROBES_BEFORE_FAILURE), "failed at {failed_at}");
+    }
+
+    /// A stale report (a branch cut off from the host, its summary arriving
+    /// when the cut heals) does not fail a host that answers the root.
+    #[test]
+    fn a_host_a_branch_reports_failed_that_answers_the_roots_probe_is_not_failed() {
+        let mut root = agent(1);
+        let mut out = Vec::new();
+        root.handle(10, Input::Received { from: 4, message: Message::Summary { epoch: 1, failed: vec![6] } }, &mut out);
+        root.tick(20, &mut out);
+        let nonce = out
+            .iter()
+            .find_map(|output| match output {
+                Output::Send { to: 6, message: Message::Probe { nonce } } => Some(*nonce),
+                _ => None,
+            })
+            .expect("host 6 probed");
+        root.handle(30, Input::Received { from: 6, message: Message::ProbeReply { nonce } }, &mut out);
+        assert!(out.contains(&Output::Cleared(6)), "{out:?}");
+        out.clear();
+        for now in (40..5000).step_by(10) {
+            root.tick(now, &mut out);
+        }
+        assert!(!out.contains(&Output::Failed(6)), "{out:?}");
     }
 
     fn summarized(out: &[Output], host: HostId) -> bool {
