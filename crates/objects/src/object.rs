@@ -544,8 +544,12 @@ impl<T: Transport> Object<T> {
                 Ok(info) => {
                     // Above the LSN taken for current it holds nothing that
                     // counts (a deposed owner's writes, or ones rolled back
-                    // elsewhere): its resync starts no higher.
-                    let stale = info.committed_lsn.min(committed);
+                    // elsewhere), nor above the stale LSN it is recorded
+                    // away at: a deposed owner cut off with it may have
+                    // written it there under LSNs the owners since gave
+                    // other writes. Its resync starts no higher.
+                    let stale =
+                        info.committed_lsn.min(committed).min(recorded_stale(&recorded[index]).unwrap_or(Lsn::MAX));
                     behind.push((index, stale));
                     reported_newest.insert(index, info.newest_lsn);
                     Status::Absent { stale, since }

@@ -390,3 +390,45 @@ async fn a_new_owner_begins_a_fresh_resync_plan_on_a_copy_the_old_owner_was_resy
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An owner cut off with one copy (host 0) writes LSN 2 there after a new
+/// owner, which could not reach that copy, wrote its own LSN 2 to the
+/// other copy and answered it done. The next owner finds both copies
+/// recorded away, host 0's at LSN 1: it takes host 1's for current, and
+/// host 0's copy is resynced from LSN 1, not taken for holding LSN 2
+/// already (the deposed owner's write would stay there for good, and
+/// come back whenever that copy is read or copied from).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_recorded_away_is_resynced_from_its_stale_lsn_over_a_deposed_owners_write_under_a_later_lsn() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 2, 100).await;
+    let first = Object::open(1, BLOCKS, components(&hosts), 0);
+    write(&first, 0, 1, 1).await;
+    hosts[0].online.store(false, Ordering::SeqCst);
+    let recorded = vec![Status::Active, Status::Active];
+    let second = Object::recover(2, BLOCKS, components(&hosts), recorded, Hooks::default()).await.unwrap();
+    write(&second, 0, 1, 2).await;
+    drop(second);
+    // The first owner, deposed but cut off with host 0, writes there.
+    hosts[0].online.store(true, Ordering::SeqCst);
+    let late = Request::Write { component: hosts[0].id, lsn: 2, first: 0, settled: 0 };
+    hosts[0].client.call(1, late, &pattern(0, 9)).await.expect("the deposed owner's write on its cut-off copy");
+    drop(first);
+    let recorded = vec![Status::Absent { stale: 1, since: 0 }, Status::Absent { stale: 2, since: 0 }];
+    let third = Object::recover(3, BLOCKS, components(&hosts), recorded, Hooks::default()).await.unwrap();
+    assert!(
+        matches!(third.statuses()[0], Status::Absent { stale: 1, .. } | Status::Resyncing { stale: 1, .. }),
+        "{:?}",
+        third.statuses()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while third.statuses() != vec![Status::Active; 2] {
+        assert!(Instant::now() < deadline, "resync did not finish: {:?}", third.statuses());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (index, host) in hosts.iter().enumerate() {
+        let held = host.client.read(3, host.id, 0, 1).await.unwrap();
+        assert!(held[..] == pattern(0, 2)[..], "copy {index} does not hold the write answered done");
+    }
+}
