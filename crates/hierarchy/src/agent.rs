@@ -191,8 +191,11 @@ impl Agent {
         }
         if self.reported.remove(&from).is_some() {
             // Found failed, yet it speaks (it was paused, or it came back
-            // and is in the tree again): watch it afresh.
-            self.watched.insert(from, Watch { last_heard: now, suspected: false, last_probe: None, probes: 0 });
+            // and is in the tree again): watch it afresh, if this host
+            // watches it (the root also fails hosts branches reported).
+            if self.role.as_ref().is_some_and(|role| role.watches.contains(&from)) {
+                self.watched.insert(from, Watch { last_heard: now, suspected: false, last_probe: None, probes: 0 });
+            }
             return;
         }
         if let Some(watch) = self.watched.get_mut(&from) {
@@ -231,6 +234,12 @@ impl Agent {
             watched.insert(host, watch);
         }
         self.watched = watched;
+        // Only the root verifies branches' reports, and only of hosts in
+        // the tree.
+        if !role.as_ref().is_some_and(|role| role.is_root) {
+            self.verifying.clear();
+        }
+        self.verifying.retain(|host, _| tree.role(*host).is_some());
         let was_root = self.role.as_ref().is_some_and(|role| role.is_root);
         if role.as_ref().map(|role| role.parent) != self.role.as_ref().map(|role| role.parent) && !was_root {
             // A new parent should hear from us at once.

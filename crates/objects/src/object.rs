@@ -530,7 +530,8 @@ impl<T: Transport> Object<T> {
         let lower_bound = committed.saturating_sub(INFLIGHT_MAX as Lsn);
         let mut statuses = Vec::new();
         let mut behind = Vec::new();
-        let mut missing = false;
+        // The stale LSNs of the copies that do not answer.
+        let mut missing = Vec::new();
         let mut reported_newest = HashMap::new();
         for (index, info) in infos.iter().enumerate() {
             // A copy already recorded away has been away since then (the
@@ -555,16 +556,16 @@ impl<T: Transport> Object<T> {
                     Status::Absent { stale, since }
                 }
                 Err(_) => {
-                    missing = true;
-                    Status::Absent { stale: lower_bound, since }
+                    // No higher than it is recorded away at, for the same
+                    // reason.
+                    let stale = lower_bound.min(recorded_stale(&recorded[index]).unwrap_or(Lsn::MAX));
+                    missing.push(stale);
+                    Status::Absent { stale, since }
                 }
             });
         }
         // Stale LSNs the components behind or away need tracking bitmaps for.
-        let mut wanted: Vec<Lsn> = behind.iter().map(|(_, lsn)| *lsn).collect();
-        if missing {
-            wanted.push(lower_bound);
-        }
+        let mut wanted: Vec<Lsn> = behind.iter().map(|(_, lsn)| *lsn).chain(missing.iter().copied()).collect();
         wanted.sort_unstable();
         wanted.dedup();
         let mut extra = HashMap::new();
@@ -587,7 +588,7 @@ impl<T: Transport> Object<T> {
                 owner.set_tracking(index, complete_tracking(info));
             }
         }
-        tracing::info!(epoch, committed, start, current = ?current, behind = ?behind, missing, "opened as the new owner");
+        tracing::info!(epoch, committed, start, current = ?current, behind = ?behind, missing = ?missing, "opened as the new owner");
         let object = Self::with_owner(epoch, blocks, components, owner, hooks, writes_after);
         *object.extra.lock().expect("extra lock") = extra;
         *object.reported_newest.lock().expect("reported lock") = reported_newest;

@@ -485,8 +485,10 @@ async fn serve_tcp(address: &str, handler: Arc<dyn Handler>) -> std::io::Result<
 /// Requests it sent before that are still read after the reset, but it
 /// gave up on them: those not started yet are dropped, with the connection.
 fn reset_by_peer(read_half: &OwnedReadHalf, peer: &str) -> bool {
+    // Only a reset: other socket errors (an ICMP message, say) leave the
+    // connection working.
     match read_half.as_ref().take_error() {
-        Ok(Some(error)) => {
+        Ok(Some(error)) if error.kind() == std::io::ErrorKind::ConnectionReset => {
             tracing::debug!(%peer, %error, "the client reset the connection; dropping the requests not started");
             true
         }
