@@ -517,6 +517,29 @@ mod tests {
         assert!(!out.contains(&Output::Failed(6)), "{out:?}");
     }
 
+    /// A host that stops being root stops verifying the reports it got as
+    /// root: it fails no host for them.
+    #[test]
+    fn a_root_that_hands_its_role_over_stops_verifying_reports() {
+        let mut root = agent(1);
+        let mut out = Vec::new();
+        root.handle(10, Input::Received { from: 4, message: Message::Summary { epoch: 1, failed: vec![6] } }, &mut out);
+        assert!(out.contains(&Output::Suspected(6)), "{out:?}");
+        let mut moved = (*tree()).clone();
+        moved.epoch = 2;
+        moved.root = Some(4);
+        root.handle(20, Input::Tree(Arc::new(moved)), &mut out);
+        out.clear();
+        for now in (20..3000).step_by(10) {
+            root.tick(now, &mut out);
+        }
+        assert!(!out.contains(&Output::Failed(6)), "{out:?}");
+        assert!(
+            !out.iter().any(|output| matches!(output, Output::Send { to: 6, message: Message::Probe { .. } })),
+            "{out:?}"
+        );
+    }
+
     fn summarized(out: &[Output], host: HostId) -> bool {
         out.iter().any(|output| {
             matches!(output, Output::Send { message: Message::Summary { failed, .. }, .. } if failed.contains(&host))

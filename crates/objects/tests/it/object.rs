@@ -432,3 +432,24 @@ async fn a_copy_recorded_away_is_resynced_from_its_stale_lsn_over_a_deposed_owne
         assert!(held[..] == pattern(0, 2)[..], "copy {index} does not hold the write answered done");
     }
 }
+
+/// A copy that does not answer a new owner is recorded away no higher than
+/// the stale LSN it was recorded at before: the lower bound of the writes
+/// in flight (the committed LSN less `INFLIGHT_MAX`) can be above it, and
+/// above the LSNs a deposed owner cut off with it may have written there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_does_not_answer_a_new_owner_stays_recorded_at_its_stale_lsn() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 2, 100).await;
+    let first = Object::open(1, BLOCKS, components(&hosts), 0);
+    write(&first, 0, 1, 1).await;
+    hosts[0].online.store(false, Ordering::SeqCst);
+    for pass in 2..300 {
+        write(&first, pass % BLOCKS, 1, pass).await;
+    }
+    drop(first);
+    let recorded = vec![Status::Absent { stale: 1, since: 0 }, Status::Active];
+    let second = Object::recover(2, BLOCKS, components(&hosts), recorded, Hooks::default()).await.unwrap();
+    assert!(matches!(second.statuses()[0], Status::Absent { stale: 1, .. }), "{:?}", second.statuses());
+}
