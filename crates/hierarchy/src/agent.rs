@@ -260,6 +260,7 @@ impl Agent {
                 watch.last_heard = watch.last_heard.max(now.saturating_sub(self.config.heartbeat_interval));
             }
             for watch in self.verifying.values_mut() {
+                watch.last_heard = now;
                 watch.probes = 0;
             }
         }
@@ -291,10 +292,16 @@ impl Agent {
             next = next.min(watch.last_heard + self.config.fail_after);
         }
         // Hosts a branch reported: failed once the root's own probes went
-        // unanswered, each for a full probe interval.
+        // unanswered, each for a full probe interval, for as long as the
+        // probing of a host it watches itself lasts (`fail_after` less
+        // `suspect_after`; its `last_heard` is when the report came).
+        let window = self.config.fail_after.saturating_sub(self.config.suspect_after);
         for (host, watch) in self.verifying.iter_mut() {
             let answered_by = watch.last_probe.map(|last| last + self.config.probe_interval);
-            if watch.probes >= PROBES_BEFORE_FAILURE && answered_by.is_some_and(|by| now >= by) {
+            if watch.probes >= PROBES_BEFORE_FAILURE
+                && now >= watch.last_heard + window
+                && answered_by.is_some_and(|by| now >= by)
+            {
                 confirmed.push(*host);
                 continue;
             }
@@ -488,9 +495,12 @@ mod tests {
                 failed_at = Some(now);
             }
         }
-        assert_eq!(probes, PROBES_BEFORE_FAILURE as usize, "probes before the failure");
+        // Probed as long as a host it watches is before it fails: 1 s, a
+        // probe every 250 ms.
+        let window = config().fail_after - config().suspect_after;
+        assert_eq!(probes as u64, window / config().probe_interval, "probes before the failure");
         let failed_at = failed_at.expect("host 6 was not failed");
-        assert!(failed_at <= 10 + 250 * u64::from(PROBES_BEFORE_FAILURE), "failed at {failed_at}");
+        assert!((10 + window..=10 + window + 250).contains(&failed_at), "failed at {failed_at}");
     }
 
     /// A stale report (a branch cut off from the host, its summary arriving

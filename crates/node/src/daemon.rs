@@ -450,6 +450,7 @@ impl Node {
             use std::sync::atomic::Ordering::Relaxed;
             metrics::gauge!("wire_connections_accepted").set(stats.connections_accepted.load(Relaxed) as f64);
             metrics::gauge!("wire_connections_rejected").set(stats.connections_rejected.load(Relaxed) as f64);
+            metrics::gauge!("wire_connections_open").set(stats.connections_open.load(Relaxed) as f64);
             metrics::gauge!("wire_bad_frames").set(stats.bad_frames.load(Relaxed) as f64);
             metrics::gauge!("wire_requests").set(stats.requests.load(Relaxed) as f64);
         }

@@ -617,7 +617,9 @@ impl<T: Transport> Object<T> {
             for (index, committed) in behind {
                 state.sessions[index] = (object.next_session.fetch_add(1, Ordering::Relaxed), 1);
                 let mid_resync = infos[index].as_ref().is_ok_and(rows_resynced);
-                state.owner.handle(now, Input::Back { component: index, committed, mid_resync }, &mut out);
+                let newest = infos[index].as_ref().map_or(committed, |info| info.newest_lsn);
+                let back = Input::Back { component: index, committed, newest, mid_resync };
+                state.owner.handle(now, back, &mut out);
             }
             object.act(&mut state, out, &Payload::none());
         }
@@ -1205,7 +1207,7 @@ impl<T: Transport> Object<T> {
         state.sessions[component] = (self.next_session.fetch_add(1, Ordering::Relaxed), 1);
         let mut out = Vec::new();
         let mid_resync = rows_resynced(&info) || self.rows_rebuilt.lock().expect("rebuilt lock").contains(&component);
-        let back = Input::Back { component, committed: info.committed_lsn, mid_resync };
+        let back = Input::Back { component, committed: info.committed_lsn, newest: info.newest_lsn, mid_resync };
         state.owner.handle(now_ms(), back, &mut out);
         let taken = !matches!(state.owner.status(component), Status::Absent { .. }) || !out.is_empty();
         self.act(&mut state, out, &Payload::none());

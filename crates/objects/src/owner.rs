@@ -154,10 +154,11 @@ pub enum Input {
     /// tracking bitmap from when it sends it, as the connection keeps order).
     Tracking { component: Index, stale: Lsn },
     /// An absent component is reachable again, with everything up to
-    /// `committed` (its own committed LSN). `mid_resync`: its disk is in
+    /// `committed` (its own committed LSN) and writes up to `newest` (above
+    /// `committed` in the middle of a resync). `mid_resync`: its disk is in
     /// the middle of a resync (rows rebuilt from others that no rollback
     /// can undo), so it can only be resynced, never readmitted as it stands.
-    Back { component: Index, committed: Lsn, mid_resync: bool },
+    Back { component: Index, committed: Lsn, newest: Lsn, mid_resync: bool },
     /// The rollback of a [`Action::Readmit`] ended: every component
     /// answered it (`rolled_back`), or some did not (they fail).
     Readmitted { rolled_back: bool },
@@ -395,11 +396,11 @@ impl Owner {
             Input::Failed { component } => self.failed(now, component, out),
             Input::Declined { component, lsn } => self.declined(now, component, lsn, out),
             Input::Tracking { .. } => {}
-            Input::Back { component, committed, mid_resync } => {
+            Input::Back { component, committed, newest, mid_resync } => {
                 if self.erasure_unavailable() {
                     self.returned_while_unavailable(component, committed, mid_resync, out);
                 } else {
-                    self.back(component, committed, false, out);
+                    self.back(component, committed, newest, false, out);
                 }
             }
             Input::Readmitted { rolled_back } => {
@@ -770,7 +771,7 @@ impl Owner {
             if self.erasure_unavailable() {
                 continue;
             }
-            self.back(other, stale, true, out);
+            self.back(other, stale, stale, true, out);
         }
     }
 
@@ -788,7 +789,7 @@ impl Owner {
         }
     }
 
-    fn back(&mut self, index: Index, committed: Lsn, connected: bool, out: &mut Vec<Action>) {
+    fn back(&mut self, index: Index, committed: Lsn, newest: Lsn, connected: bool, out: &mut Vec<Action>) {
         let Some(from) = self.resync_from(index, committed) else { return };
         // A copy that declined a write holds everything only below it.
         let committed = match self.components[index].holes.first() {
@@ -816,6 +817,16 @@ impl Owner {
             }
             tracing::warn!(component = index, committed, "every copy was away: this one is the copy of record now");
             self.restarted = Some((committed, self.last_lsn));
+            // It may hold LSNs above any issued here (a deposed owner's,
+            // cut off with it; up to `newest` if that owner was resyncing
+            // it, which it now ends): new writes are numbered above them,
+            // so no LSN stands for two writes and its committed LSN stays
+            // that of the others that copy from it.
+            let held = committed.max(newest);
+            if held > self.last_lsn {
+                self.last_lsn = held;
+                self.history_floor = self.history_floor.max(held);
+            }
             let component = &mut self.components[index];
             component.status = Status::Active;
             component.holes.clear();
@@ -1108,15 +1119,39 @@ mod tests {
         let mut out = Vec::new();
         owner.handle(10, Input::Failed { component: 1 }, &mut out);
         out.clear();
-        owner.handle(20, Input::Back { component: 0, committed: 2, mid_resync: false }, &mut out);
+        owner.handle(20, Input::Back { component: 0, committed: 2, newest: 2, mid_resync: false }, &mut out);
         assert!(
             !out.iter().any(|action| matches!(action, Action::Current { .. })),
             "a copy lacking the write answered done became the copy of record: {out:?}"
         );
         assert_eq!(owner.status(0), &Status::Absent { stale: 1, since: 0 });
         out.clear();
-        owner.handle(30, Input::Back { component: 1, committed: 2, mid_resync: false }, &mut out);
+        owner.handle(30, Input::Back { component: 1, committed: 2, newest: 2, mid_resync: false }, &mut out);
         assert_eq!(owner.status(1), &Status::Active, "{out:?}");
+    }
+
+    /// Every copy fails after LSN 1 is done; component 0 comes back first
+    /// holding up to LSN 9 (a deposed owner's writes, made while it was cut
+    /// off with it: committed, or written by a resync that owner began) and
+    /// becomes the copy of record: the next write is numbered above 9, not
+    /// 2, which it holds already for another write.
+    #[test]
+    fn writes_after_a_copy_of_record_holding_later_lsns_are_numbered_above_them() {
+        for (committed, newest) in [(9, 9), (1, 9)] {
+            let mut owner = owner(2);
+            write(&mut owner, 1, 0);
+            ack(&mut owner, 0, 1);
+            assert_eq!(ack(&mut owner, 1, 1), vec![Action::Done { request: 1, lsn: 1 }]);
+            let mut out = Vec::new();
+            owner.handle(10, Input::Failed { component: 1 }, &mut out);
+            owner.handle(10, Input::Failed { component: 0 }, &mut out);
+            out.clear();
+            owner.handle(20, Input::Back { component: 0, committed, newest, mid_resync: false }, &mut out);
+            assert!(out.contains(&Action::Current { component: 0 }), "{out:?}");
+            let sent = write(&mut owner, 2, 3);
+            assert_eq!(sent, vec![Action::Send { component: 0, lsn: 10, request: 2 }], "committed {committed}");
+            assert_eq!(ack(&mut owner, 0, 10), vec![Action::Done { request: 2, lsn: 10 }]);
+        }
     }
 
     #[test]
@@ -1174,7 +1209,7 @@ mod tests {
         ack(&mut owner, 0, 2);
         ack(&mut owner, 1, 2);
         out.clear();
-        owner.handle(0, Input::Back { component: 2, committed: 1, mid_resync: false }, &mut out);
+        owner.handle(0, Input::Back { component: 2, committed: 1, newest: 1, mid_resync: false }, &mut out);
         assert_eq!(
             out[0],
             Action::Resync {
@@ -1203,7 +1238,7 @@ mod tests {
     fn without_a_tracking_bitmap_it_falls_back_to_a_full_copy() {
         let mut owner = Owner::new(vec![Status::Active, Status::Absent { stale: 3, since: 0 }], 9);
         let mut out = Vec::new();
-        owner.handle(0, Input::Back { component: 1, committed: 3, mid_resync: false }, &mut out);
+        owner.handle(0, Input::Back { component: 1, committed: 3, newest: 3, mid_resync: false }, &mut out);
         assert_eq!(
             out[0],
             Action::Resync {
@@ -1227,7 +1262,7 @@ mod tests {
         let mut owner = Owner::new(statuses, 9).numbering_from(12);
         owner.set_tracking(0, [5]);
         let mut out = Vec::new();
-        owner.handle(0, Input::Back { component: 1, committed: 5, mid_resync: false }, &mut out);
+        owner.handle(0, Input::Back { component: 1, committed: 5, newest: 5, mid_resync: false }, &mut out);
         assert_eq!(
             out[0],
             Action::Resync {
@@ -1346,7 +1381,7 @@ mod tests {
 
     fn back(owner: &mut Owner, component: Index, committed: Lsn, mid_resync: bool) -> Vec<Action> {
         let mut out = Vec::new();
-        owner.handle(200, Input::Back { component, committed, mid_resync }, &mut out);
+        owner.handle(200, Input::Back { component, committed, newest: committed, mid_resync }, &mut out);
         out
     }
 

@@ -16,7 +16,7 @@
 use std::sync::{Arc, RwLock};
 
 use bytes::{Bytes, BytesMut};
-use futures::future::{try_join_all, BoxFuture};
+use futures::future::{join_all, try_join_all, BoxFuture};
 
 /// The sector: the volume's logical block.
 pub const SECTOR: u64 = 512;
@@ -211,7 +211,9 @@ impl Volume {
 
     /// Writes whole sectors; parts of blocks are read-modify-written at the
     /// object's owner, as one step (two hosts writing different sectors of
-    /// one block lose neither).
+    /// one block lose neither). Answers once every object's piece has
+    /// ended, even when one has failed: a piece given up on could still
+    /// land after the caller was told the write failed, over a later write.
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), VolumeError> {
         Self::sectors(offset, data.len() as u64)?;
         let layout = self.layout();
@@ -221,7 +223,7 @@ impl Volume {
             let part = data.slice(piece.at as usize..(piece.at + piece.length) as usize);
             self.write_piece(object, piece.offset, part)
         });
-        try_join_all(writes).await?;
+        join_all(writes).await.into_iter().collect::<Result<Vec<()>, VolumeError>>()?;
         Ok(())
     }
 

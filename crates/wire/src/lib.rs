@@ -129,6 +129,8 @@ where
 pub struct ServerStats {
     pub connections_accepted: std::sync::atomic::AtomicU64,
     pub connections_rejected: std::sync::atomic::AtomicU64,
+    /// Connections served now: accepted, not yet ended.
+    pub connections_open: std::sync::atomic::AtomicU64,
     pub bad_frames: std::sync::atomic::AtomicU64,
     pub requests: std::sync::atomic::AtomicU64,
 }
@@ -172,9 +174,10 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// would otherwise get them when the cut heals), and the peer drops the
     /// requests it has received but not started when it sees the reset;
     /// the other calls waiting on the connection end `ConnectionLost`. Not
-    /// covered: a request the peer already started, or one whose call is
-    /// dropped before its timeout. A transport that never delivers a
-    /// request after its call's timeout needs no more than `call`.
+    /// covered: a request the peer already started, or one whose call's
+    /// future is dropped (its caller must drop it only where something else
+    /// fences the request off). A transport that never delivers a request
+    /// after its call's timeout needs no more than `call`.
     fn call_or_abort(
         &self,
         to: &str,

@@ -38,6 +38,22 @@ const WRITE_QUEUE_FRAMES_MAX: usize = 8192;
 /// The writer flushes once this much is buffered even if more frames wait.
 const WRITE_BATCH_BYTES_MAX: usize = 1024 * 1024;
 const READ_BUFFER_BYTES: usize = 256 * 1024;
+/// A connection idle this long is probed (TCP keepalive), every
+/// `KEEPALIVE_INTERVAL`. Why: a client that aborts a connection while cut
+/// off from the server (`call_or_abort`) sends a reset the server never
+/// gets, and a server that never wrote there again held the connection,
+/// one of its `CONNECTIONS_MAX`, for good. A live peer answers a probe; one
+/// that lost the connection answers it with a reset, which ends it at once.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_PROBES: u32 = 3;
+/// A connection ends once what it sent, data or keepalive probes, has gone
+/// unacknowledged this long (`TCP_USER_TIMEOUT`, which on Linux takes over
+/// from the probe count): a peer gone without a word is let go after about
+/// 30 s, where the kernel would retransmit data for about 15 minutes. It
+/// also ends a connection whose peer takes nothing (a zero window) for as
+/// long: as long as a block I/O call waits (`IO_TIMEOUT` in the node).
+const UNACKNOWLEDGED_MAX: Duration = Duration::from_secs(30);
 
 type Pending = Mutex<HashMap<u64, oneshot::Sender<Frame>>>;
 
@@ -212,6 +228,9 @@ impl TcpTransport {
         // nobody waits for its answers (a peer cut off from the network
         // would get it when the cut heals).
         stream.set_zero_linger().map_err(|error| connect_error(error.to_string()))?;
+        if let Err(error) = detect_dead_peers(&stream) {
+            tracing::warn!(peer = %address, %error, "could not enable keepalive; a peer gone silently holds the connection");
+        }
         let (read_half, write_half) = stream.into_split();
         let (writer, queue) = mpsc::channel(WRITE_QUEUE_FRAMES_MAX);
         let (abort, aborted) = tokio::sync::watch::channel(false);
@@ -460,14 +479,19 @@ async fn serve_tcp(address: &str, handler: Arc<dyn Handler>) -> std::io::Result<
             };
             accept_stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
             let _ = stream.set_nodelay(true);
+            if let Err(error) = detect_dead_peers(&stream) {
+                tracing::warn!(%peer, %error, "could not enable keepalive; a peer gone silently holds its connection");
+            }
             let handler = handler.clone();
             let stats = accept_stats.clone();
             let mut stop = stop.clone();
+            stats.connections_open.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
                 tokio::select! {
-                    _ = serve_connection(stream, peer.to_string(), handler, stats) => {}
+                    _ = serve_connection(stream, peer.to_string(), handler, stats.clone()) => {}
                     _ = stop.changed() => {}
                 }
+                stats.connections_open.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             });
         }
@@ -481,15 +505,29 @@ async fn serve_tcp(address: &str, handler: Arc<dyn Handler>) -> std::io::Result<
     ))
 }
 
+/// Ends the connection once its peer stops answering: when idle, after
+/// unanswered keepalive probes; with data outstanding, once it has gone
+/// unacknowledged for `UNACKNOWLEDGED_MAX`.
+fn detect_dead_peers(stream: &TcpStream) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket.set_tcp_keepalive(&keepalive)?;
+    socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_MAX))
+}
+
 /// Whether the client reset the connection (`Transport::call_or_abort`).
 /// Requests it sent before that are still read after the reset, but it
 /// gave up on them: those not started yet are dropped, with the connection.
 fn reset_by_peer(read_half: &OwnedReadHalf, peer: &str) -> bool {
-    // Only a reset: other socket errors (an ICMP message, say) leave the
-    // connection working.
-    match read_half.as_ref().take_error() {
-        Ok(Some(error)) if error.kind() == std::io::ErrorKind::ConnectionReset => {
-            tracing::debug!(%peer, %error, "the client reset the connection; dropping the requests not started");
+    // A reset closes the socket: it has no peer any more. (Not the
+    // socket's pending error: a reply written after the reset takes that.)
+    // Other errors (an ICMP message, say) leave the connection working.
+    match read_half.peer_addr() {
+        Err(error) if error.kind() == std::io::ErrorKind::NotConnected => {
+            tracing::debug!(%peer, "the client reset the connection; dropping the requests not started");
             true
         }
         _ => false,

@@ -248,7 +248,8 @@ impl World {
         self.components[index].up = true;
         let committed = self.components[index].committed();
         let mid_resync = self.components[index].sync.is_some();
-        self.input(Input::Back { component: index, committed, mid_resync });
+        let newest = self.components[index].applied;
+        self.input(Input::Back { component: index, committed, newest, mid_resync });
         if matches!(self.owner.status(index), Status::Absent { .. }) {
             // Not taken back yet (no copy to resync from): it tries again.
             self.components[index].up = false;

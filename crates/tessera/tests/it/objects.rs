@@ -626,7 +626,8 @@ fn a_copy_away_past_the_repair_delay_is_rebuilt_elsewhere_and_its_orphan_removed
 /// carried out there when the cut heals: the caller has been told it
 /// failed, and may have written the block again since, through another
 /// host. Its connection is aborted when it times out, so TCP does not
-/// deliver it late. A stand-in owner counts the writes it is sent. Needs
+/// deliver it late; the owner's end of it, whose reset was lost in the
+/// cut, ends too. A stand-in owner counts the writes it is sent. Needs
 /// nftables (`nft`) and root, as the partition scenarios do.
 #[test]
 fn a_write_timed_out_at_an_owner_cut_off_from_the_client_does_not_land_when_the_cut_heals() {
@@ -656,7 +657,7 @@ fn a_write_timed_out_at_an_owner_cut_off_from_the_client_does_not_land_when_the_
             }
         }
     };
-    let _served = runtime.block_on(wire::Transport::serve(&TcpTransport::new(), &address, Arc::new(handler))).unwrap();
+    let served = runtime.block_on(wire::Transport::serve(&TcpTransport::new(), &address, Arc::new(handler))).unwrap();
     let transport = TcpTransport::new().bound_to(Some(client_ip.parse().unwrap()));
     // Two clients on the same connections: one whose attempts wait 1 s for
     // the write at the cut, one that waits longer for the others.
@@ -664,6 +665,10 @@ fn a_write_timed_out_at_an_owner_cut_off_from_the_client_does_not_land_when_the_
     let client = ObjectClient::new(transport, vec![address.clone()], "cut").with_io_timeout(Duration::from_secs(1));
     runtime.block_on(client.write_at(0, &[1; 4096])).expect("a write before the cut");
     assert_eq!(writes.load(Ordering::SeqCst), 1);
+    // Everything the owner sent acknowledged before the cut: its own
+    // retransmission after the heal would otherwise find the client's end
+    // gone, and end its end too, keepalive or not.
+    std::thread::sleep(Duration::from_millis(500));
     let cut = Cut::ports(client_ip, std::slice::from_ref(&address));
     let failed = runtime.block_on(client.write_at(0, &[2; 4096]));
     assert!(failed.is_err(), "a write to an owner cut off from the client succeeded: {failed:?}");
@@ -680,4 +685,13 @@ fn a_write_timed_out_at_an_owner_cut_off_from_the_client_does_not_land_when_the_
     // The client reaches the owner again, on a new connection.
     runtime.block_on(patient.write_at(0, &[3; 4096])).expect("a write after the cut healed");
     assert_eq!(writes.load(Ordering::SeqCst), 2);
+    // The reset that ended the aborted connection was lost in the cut: the
+    // owner's end learns the client is gone from its keepalive probes, and
+    // only the new connection is left.
+    let open = || served.stats.connections_open.load(Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while open() != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(open(), 1, "the owner still holds the connection the client aborted during the cut");
 }

@@ -195,3 +195,67 @@ fn provisioning_follows_writes_and_unmaps_across_objects() {
     assert!(runtime.block_on(volume.provisioning(5 * BLOCK)).is_err(), "past the end");
     assert!(runtime.block_on(volume.provisioning(1)).is_err(), "not a sector");
 }
+
+/// Objects whose write to `v.0` fails at once and whose write to `v.1`
+/// ends 200 ms later, noting that it did.
+#[derive(Default)]
+struct OneFailsFast {
+    slow_write_ended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ObjectIo for OneFailsFast {
+    fn read(&self, object: &str, _offset: u64, _length: u64) -> BoxFuture<'static, Result<Bytes, VolumeError>> {
+        let object = object.to_string();
+        Box::pin(async move { Err(VolumeError::Failed { object, reason: "not read here".into() }) })
+    }
+
+    fn write(&self, object: &str, _offset: u64, _data: Bytes) -> BoxFuture<'static, Result<(), VolumeError>> {
+        let (object, ended) = (object.to_string(), self.slow_write_ended.clone());
+        Box::pin(async move {
+            if object == "v.0" {
+                return Err(VolumeError::Later { object, reason: "its owner is changing".into() });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            ended.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        })
+    }
+
+    fn unmap(&self, object: &str, _offset: u64, _length: u64) -> BoxFuture<'static, Result<(), VolumeError>> {
+        let object = object.to_string();
+        Box::pin(async move { Err(VolumeError::Failed { object, reason: "not unmapped here".into() }) })
+    }
+
+    fn compare_and_write(
+        &self,
+        object: &str,
+        _offset: u64,
+        _expected: Bytes,
+        _new: Bytes,
+    ) -> BoxFuture<'static, Result<Option<u64>, VolumeError>> {
+        let object = object.to_string();
+        Box::pin(async move { Err(VolumeError::Failed { object, reason: "not compared here".into() }) })
+    }
+
+    fn flush(&self, _object: &str) -> BoxFuture<'static, Result<(), VolumeError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A write across two objects, one of which fails at once, answers only
+/// once the other object's piece has ended: dropped on the way, that
+/// piece could still reach its owner after the caller was told the write
+/// failed, and land over a write sent since.
+#[test]
+fn a_write_across_objects_answers_only_once_every_piece_has_ended() {
+    let objects = Arc::new(OneFailsFast::default());
+    let layout = Layout { size: 2 * BLOCK, object_size: BLOCK, objects: vec!["v.0".into(), "v.1".into()] };
+    let volume = Volume::new(layout, objects.clone()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let written = runtime.block_on(volume.write(0, Bytes::from(vec![7; 2 * BLOCK as usize])));
+    assert!(matches!(written, Err(VolumeError::Later { .. })), "{written:?}");
+    assert!(
+        objects.slow_write_ended.load(std::sync::atomic::Ordering::SeqCst),
+        "the write answered while a piece of it was still on its way"
+    );
+}

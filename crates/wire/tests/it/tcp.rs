@@ -104,6 +104,58 @@ async fn an_aborted_connection_is_reset() {
     assert_eq!(end.map_err(|error| error.kind()), Err(std::io::ErrorKind::ConnectionReset));
 }
 
+/// Requests a server has read but not started when the client resets the
+/// connection (a `call_or_abort` that timed out) are dropped: the client
+/// gave up on them, and may have sent the same change elsewhere since. The
+/// handler holds as many requests as one connection may have in flight;
+/// the next ones wait for room, and once the client has aborted, none of
+/// them is handled when room is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_drops_the_requests_it_had_not_started_once_the_client_resets() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let started = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = {
+        let (started, gate) = (started.clone(), gate.clone());
+        move |_request: Request| {
+            let (started, gate) = (started.clone(), gate.clone());
+            async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                let _ = gate.acquire().await.unwrap();
+                Ok(Bytes::new())
+            }
+        }
+    };
+    let server = TcpTransport::new().serve("127.0.0.1:0", Arc::new(handler)).await.unwrap();
+    let address = server.local_address.clone();
+    let transport = TcpTransport::new();
+    let held = wire::tcp::REQUESTS_IN_FLIGHT_PER_CONNECTION_MAX;
+    let waiting = 100;
+    let calls: Vec<_> = (0..held + waiting)
+        .map(|_| {
+            let (transport, address) = (transport.clone(), address.clone());
+            tokio::spawn(async move { transport.call(&address, 1, Bytes::new(), Duration::from_secs(60)).await })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while started.load(Ordering::SeqCst) < held && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(started.load(Ordering::SeqCst), held, "the server did not start as many requests as it may hold");
+    let aborted = transport.call_or_abort(&address, 1, Bytes::new(), Duration::from_millis(200)).await;
+    assert!(matches!(aborted, Err(CallError::Timeout { .. })), "{aborted:?}");
+    for call in calls {
+        let lost = call.await.unwrap();
+        assert!(matches!(lost, Err(CallError::ConnectionLost { .. })), "{lost:?}");
+    }
+    // The reset crosses loopback at once; then the handlers make room.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gate.add_permits(held + waiting + 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(started.load(Ordering::SeqCst), held, "requests the client gave up on were handled after its reset");
+    server.stop();
+}
+
 #[tokio::test]
 async fn connect_failure_is_reported() {
     let transport = TcpTransport::new();
