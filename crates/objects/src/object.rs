@@ -582,7 +582,10 @@ impl<T: Transport> Object<T> {
                 }
             }
         }
-        let mut owner = Owner::new(statuses, committed).numbering_from(start);
+        let recorded_active = (0..infos.len()).filter(|index| recorded[*index] == Status::Active);
+        let mut owner = Owner::new(statuses, committed)
+            .numbering_from(start)
+            .holding_every_write_done_before(recorded_active.filter(|index| !current.contains(index)));
         for &index in &current {
             if let Ok(info) = &infos[index] {
                 owner.set_tracking(index, complete_tracking(info));

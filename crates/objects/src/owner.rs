@@ -245,6 +245,15 @@ pub struct Owner {
     returned: BTreeMap<Index, Lsn>,
     /// A readmission under way: its components and the LSN they roll back to.
     readmitting: Option<(Vec<Index>, Lsn)>,
+    /// Copies recorded active under the previous owner that were not
+    /// current when this one opened (they did not answer, or answered
+    /// behind), and away since: they hold every write answered done before
+    /// it opened (a write is answered only once every copy recorded active
+    /// holds it), if not every write in flight then.
+    held_every_done: BTreeSet<Index>,
+    /// `done_lsn` when this owner opened: while it stands, this owner has
+    /// answered no write done.
+    done_at_open: Lsn,
 }
 
 impl Component {
@@ -296,12 +305,23 @@ impl Owner {
             restarted: None,
             returned: BTreeMap::new(),
             readmitting: None,
+            held_every_done: BTreeSet::new(),
+            done_at_open: committed,
         }
     }
 
     /// A write is done only once `holders` components hold it (an
     /// erasure-coded object: its k); with fewer it is refused, as a write
     /// no component holds is.
+    /// These copies, away, were recorded active under the previous owner
+    /// (see `held_every_done`): while this owner has answered no write
+    /// done, one that comes back when every other copy is away can be the
+    /// copy of record.
+    pub fn holding_every_write_done_before(mut self, copies: impl IntoIterator<Item = Index>) -> Owner {
+        self.held_every_done.extend(copies);
+        self
+    }
+
     pub fn needing_holders(mut self, holders: usize) -> Owner {
         self.holders_needed = holders.max(1);
         self
@@ -805,8 +825,13 @@ impl Owner {
             // only up to where its resync would start: above its stale LSN
             // it may hold a deposed owner's writes under the same LSNs as
             // writes answered done here, which it does not have (a copy cut
-            // off with its owner, written by it there).
-            if committed.min(from) < self.done_lsn {
+            // off with its owner, written by it there). Or, while this
+            // owner has answered nothing, one recorded active when it
+            // opened: it holds every write answered done before, though
+            // perhaps not every one in flight then, which others may hold
+            // (they diverged, below).
+            let held_every_done = self.held_every_done.contains(&index) && self.done_lsn == self.done_at_open;
+            if committed.min(from) < self.done_lsn && !held_every_done {
                 tracing::info!(
                     component = index,
                     committed,
@@ -816,6 +841,7 @@ impl Owner {
                 return;
             }
             tracing::warn!(component = index, committed, "every copy was away: this one is the copy of record now");
+            self.held_every_done.remove(&index);
             self.restarted = Some((committed, self.last_lsn));
             // It may hold LSNs above any issued here (a deposed owner's,
             // cut off with it; up to `newest` if that owner was resyncing
@@ -873,6 +899,7 @@ impl Owner {
                 }
             }
         };
+        self.held_every_done.remove(&index);
         let target = self.last_lsn;
         let ready = self.components[source.index()].last_sent;
         self.plans += 1;

@@ -453,3 +453,53 @@ async fn a_copy_that_does_not_answer_a_new_owner_stays_recorded_at_its_stale_lsn
     let second = Object::recover(2, BLOCKS, components(&hosts), recorded, Hooks::default()).await.unwrap();
     assert!(matches!(second.statuses()[0], Status::Absent { stale: 1, .. }), "{:?}", second.statuses());
 }
+
+/// A copy recorded active that does not answer a new owner holds every
+/// write answered done before that owner opened (a write is answered only
+/// once every copy recorded active holds it). If the other copy fails
+/// before the new owner answers any write, and this one comes back, it is
+/// the copy of record: the object takes I/O again with every write
+/// answered done (it was counted only up to the writes that could have
+/// been in flight, and waited for a copy that might never return). Once
+/// the new owner has answered a write, which it lacks, it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_recorded_active_that_missed_the_new_owners_open_is_its_copy_of_record_until_it_answers_a_write() {
+    for answered_since_open in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let transport = TcpTransport::new();
+        let hosts = hosts(dir.path(), &transport, 2, 100).await;
+        let first = Object::open(1, BLOCKS, components(&hosts), 0);
+        // Above `INFLIGHT_MAX` writes: a copy that does not answer counts
+        // only up to the committed LSN less that.
+        for pass in 1..300 {
+            write(&first, pass % BLOCKS, 1, pass).await;
+        }
+        drop(first);
+        hosts[0].online.store(false, Ordering::SeqCst);
+        let recorded = vec![Status::Active, Status::Active];
+        let second = Object::recover(2, BLOCKS, components(&hosts), recorded, Hooks::default()).await.unwrap();
+        assert!(matches!(second.statuses()[0], Status::Absent { .. }), "{:?}", second.statuses());
+        if answered_since_open {
+            write(&second, 5, 1, 1000).await;
+        }
+        hosts[1].online.store(false, Ordering::SeqCst);
+        hosts[0].online.store(true, Ordering::SeqCst);
+        let refused = second.write_at(0, Bytes::from(pattern(0, 2000))).await;
+        assert!(refused.is_err(), "a write with no copy reachable: {refused:?}");
+        assert!(matches!(second.statuses()[1], Status::Absent { .. }), "{:?}", second.statuses());
+        let taken = second.probe(0).await;
+        if answered_since_open {
+            assert!(!taken, "a copy lacking a write answered done became the copy of record");
+            assert!(matches!(second.statuses()[0], Status::Absent { .. }), "{:?}", second.statuses());
+            continue;
+        }
+        assert!(taken, "the copy holding every write answered done was not taken back");
+        assert_eq!(second.statuses()[0], Status::Active);
+        for pass in 280..300 {
+            let block = pass % BLOCKS;
+            let held = second.read_at(block * BLOCK_SIZE as u64, BLOCK_SIZE as u64).await.unwrap();
+            assert!(held[..] == pattern(block, pass)[..], "block {block} lost the write answered done");
+        }
+        write(&second, 7, 1, 3000).await;
+    }
+}
