@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -267,6 +267,9 @@ pub struct Object<T: Transport> {
     /// The newest LSN a returning copy said it holds: above its stale LSN,
     /// its resync also copies the blocks it wrote itself.
     reported_newest: Mutex<HashMap<Index, Lsn>>,
+    /// Set by the first read or provisioning query (`Owner::served_data`,
+    /// told before a copy comes back).
+    served: AtomicBool,
     /// Erasure-coded: components whose disks may hold rows a resync
     /// rebuilt that has not ended (sent under this owner, under any plan,
     /// or found mid-resync by it): never readmitted as they stand.
@@ -353,6 +356,7 @@ impl<T: Transport> Object<T> {
             resync_pace: hooks.resync_pace,
             extra: Mutex::new(HashMap::new()),
             reported_newest: Mutex::new(HashMap::new()),
+            served: AtomicBool::new(false),
             rows_rebuilt: Mutex::new(HashSet::new()),
             unmaps_to_complete: Mutex::new(Vec::new()),
             recorded: Notify::new(),
@@ -1210,6 +1214,9 @@ impl<T: Transport> Object<T> {
         state.sessions[component] = (self.next_session.fetch_add(1, Ordering::Relaxed), 1);
         let mut out = Vec::new();
         let mid_resync = rows_resynced(&info) || self.rows_rebuilt.lock().expect("rebuilt lock").contains(&component);
+        if self.served.load(Ordering::SeqCst) {
+            state.owner.served_data();
+        }
         let back = Input::Back { component, committed: info.committed_lsn, newest: info.newest_lsn, mid_resync };
         state.owner.handle(now_ms(), back, &mut out);
         let taken = !matches!(state.owner.status(component), Status::Absent { .. }) || !out.is_empty();
@@ -1504,6 +1511,14 @@ impl<T: Transport> Object<T> {
         active
     }
 
+    /// Notes that data was served, before the copies to serve it from are
+    /// chosen (under the object lock, which `probe` takes after it).
+    fn note_served(&self) {
+        if !self.served.load(Ordering::Relaxed) {
+            self.served.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Reads whole blocks from an active copy; a checksum error is repaired
     /// from another copy and reported.
     pub async fn read_at(self: &Arc<Self>, offset: u64, length: u64) -> Result<Bytes, ObjectError> {
@@ -1521,6 +1536,7 @@ impl<T: Transport> Object<T> {
         via: Option<&T>,
     ) -> Result<Bytes, ObjectError> {
         let (first, count) = self.check(offset, length)?;
+        self.note_served();
         if let Some(layout) = self.erasure {
             return self.read_erasure(layout, first, count, via).await;
         }
@@ -1576,6 +1592,7 @@ impl<T: Transport> Object<T> {
     /// how many bytes from it, up to `length`, share that state.
     pub async fn provisioning(self: &Arc<Self>, offset: u64, length: u64) -> Result<(bool, u64), ObjectError> {
         let (first, count) = self.check(offset, length)?;
+        self.note_served();
         if let Some(layout) = self.erasure {
             return self.provisioning_erasure(layout, first, count).await;
         }

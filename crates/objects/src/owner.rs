@@ -249,11 +249,12 @@ pub struct Owner {
     /// current when this one opened (they did not answer, or answered
     /// behind), and away since: they hold every write answered done before
     /// it opened (a write is answered only once every copy recorded active
-    /// holds it), if not every write in flight then.
+    /// holds it), if not every write in flight then. Emptied once this
+    /// owner answers a write done or serves data (a copy of the set may
+    /// lack both), or makes a copy of record (the LSNs above a copy's own
+    /// then mean this owner's writes, refused, where the set's copies may
+    /// hold the older owner's under them).
     held_every_done: BTreeSet<Index>,
-    /// `done_lsn` when this owner opened: while it stands, this owner has
-    /// answered no write done.
-    done_at_open: Lsn,
 }
 
 impl Component {
@@ -306,22 +307,27 @@ impl Owner {
             returned: BTreeMap::new(),
             readmitting: None,
             held_every_done: BTreeSet::new(),
-            done_at_open: committed,
         }
     }
 
-    /// A write is done only once `holders` components hold it (an
-    /// erasure-coded object: its k); with fewer it is refused, as a write
-    /// no component holds is.
     /// These copies, away, were recorded active under the previous owner
-    /// (see `held_every_done`): while this owner has answered no write
-    /// done, one that comes back when every other copy is away can be the
-    /// copy of record.
+    /// (see `held_every_done`): until this owner answers a write, serves
+    /// data or makes a copy of record, one that comes back when every other
+    /// copy is away can be the copy of record.
     pub fn holding_every_write_done_before(mut self, copies: impl IntoIterator<Item = Index>) -> Owner {
         self.held_every_done.extend(copies);
         self
     }
 
+    /// The object served data (a read, a compare, a provisioning query): a
+    /// copy that lacks what was read must not be the copy of record after.
+    pub fn served_data(&mut self) {
+        self.held_every_done.clear();
+    }
+
+    /// A write is done only once `holders` components hold it (an
+    /// erasure-coded object: its k); with fewer it is refused, as a write
+    /// no component holds is.
     pub fn needing_holders(mut self, holders: usize) -> Owner {
         self.holders_needed = holders.max(1);
         self
@@ -677,6 +683,7 @@ impl Owner {
                 .count();
             if pending.holders.len() + resynced_holders >= self.holders_needed {
                 self.done_lsn = self.done_lsn.max(lsn);
+                self.held_every_done.clear();
                 out.push(Action::Done { request: pending.request, lsn });
             } else if erasure
                 && pending.short_of_room > 0
@@ -825,12 +832,15 @@ impl Owner {
             // only up to where its resync would start: above its stale LSN
             // it may hold a deposed owner's writes under the same LSNs as
             // writes answered done here, which it does not have (a copy cut
-            // off with its owner, written by it there). Or, while this
-            // owner has answered nothing, one recorded active when it
-            // opened: it holds every write answered done before, though
-            // perhaps not every one in flight then, which others may hold
-            // (they diverged, below).
-            let held_every_done = self.held_every_done.contains(&index) && self.done_lsn == self.done_at_open;
+            // off with its owner, written by it there). Or one recorded
+            // active when this owner opened, before it answered a write,
+            // served data or made a copy of record (`held_every_done`),
+            // holding at least the lower bound it is recorded away at: it
+            // holds every write answered done before, though perhaps not
+            // every one in flight then, which others may hold (they
+            // diverged, below).
+            let held_every_done = self.held_every_done.contains(&index)
+                && matches!(self.components[index].status, Status::Absent { stale, .. } if committed >= stale);
             if committed.min(from) < self.done_lsn && !held_every_done {
                 tracing::info!(
                     component = index,
@@ -841,7 +851,7 @@ impl Owner {
                 return;
             }
             tracing::warn!(component = index, committed, "every copy was away: this one is the copy of record now");
-            self.held_every_done.remove(&index);
+            self.held_every_done.clear();
             self.restarted = Some((committed, self.last_lsn));
             // It may hold LSNs above any issued here (a deposed owner's,
             // cut off with it; up to `newest` if that owner was resyncing
@@ -1179,6 +1189,69 @@ mod tests {
             assert_eq!(sent, vec![Action::Send { component: 0, lsn: 10, request: 2 }], "committed {committed}");
             assert_eq!(ack(&mut owner, 0, 10), vec![Action::Done { request: 2, lsn: 10 }]);
         }
+    }
+
+    /// An owner opened at committed LSN 300 with copy 0 (recorded active,
+    /// not answering) away at its lower bound 44, and copy 2 likewise if
+    /// there are three; copy 1 is current and then fails.
+    fn opened_with_copies_away(copies: usize) -> Owner {
+        let mut statuses = vec![Status::Absent { stale: 44, since: 0 }; copies];
+        statuses[1] = Status::Active;
+        let away: Vec<Index> = (0..copies).filter(|index| *index != 1).collect();
+        let mut owner = Owner::new(statuses, 300).numbering_from(300).holding_every_write_done_before(away);
+        let mut out = Vec::new();
+        owner.handle(10, Input::Failed { component: 1 }, &mut out);
+        owner
+    }
+
+    fn made_current(out: &[Action], component: Index) -> bool {
+        out.contains(&Action::Current { component })
+    }
+
+    /// A copy recorded active when the owner opened, which did not answer,
+    /// holds every write answered done before: the only one back, it is
+    /// the copy of record, if it holds at least the lower bound it is
+    /// recorded away at, and until the owner serves data (which it may
+    /// lack: a write in flight at the open, on the copy that answered).
+    #[test]
+    fn a_copy_recorded_active_at_open_is_the_copy_of_record_until_the_owner_serves_data() {
+        let mut owner = opened_with_copies_away(2);
+        assert!(made_current(&back(&mut owner, 0, 250, false), 0));
+        let mut owner = opened_with_copies_away(2);
+        assert!(!made_current(&back(&mut owner, 0, 10, false), 0), "below its lower bound, it lost data");
+        let mut owner = opened_with_copies_away(2);
+        owner.served_data();
+        assert!(!made_current(&back(&mut owner, 0, 250, false), 0), "taken back after data was served");
+    }
+
+    /// Once a copy of record was made, the others recorded active at the
+    /// open are not taken for one: the LSNs above a copy's own mean this
+    /// owner's (refused) writes now, where they may hold the older owner's
+    /// under them, which a resync from the copy of record would miss.
+    #[test]
+    fn after_a_copy_of_record_no_other_copy_recorded_active_at_open_becomes_one() {
+        let mut owner = opened_with_copies_away(3);
+        assert!(made_current(&back(&mut owner, 0, 250, false), 0));
+        let mut out = Vec::new();
+        owner.handle(20, Input::Failed { component: 0 }, &mut out);
+        assert!(!made_current(&back(&mut owner, 2, 300, false), 2), "a second copy of record from the open");
+    }
+
+    /// A copy of record that held less than the copy that answered at the
+    /// open: that one, back, holds writes it lacks under the same LSNs
+    /// (in flight at the open): only a full copy makes it the same.
+    #[test]
+    fn the_copy_current_at_open_comes_back_to_a_full_copy_from_a_copy_of_record_recorded_active() {
+        let mut owner = opened_with_copies_away(2);
+        assert!(made_current(&back(&mut owner, 0, 250, false), 0));
+        let out = back(&mut owner, 1, 300, false);
+        assert!(
+            out.iter().any(|action| matches!(
+                action,
+                Action::Resync { component: 1, source: Source::FullCopy { source: 0 }, .. }
+            )),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -461,10 +461,11 @@ async fn a_copy_that_does_not_answer_a_new_owner_stays_recorded_at_its_stale_lsn
 /// the copy of record: the object takes I/O again with every write
 /// answered done (it was counted only up to the writes that could have
 /// been in flight, and waited for a copy that might never return). Once
-/// the new owner has answered a write, which it lacks, it waits.
+/// the new owner has answered a write, which it lacks, or served a read,
+/// whose data it may lack, it waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_copy_recorded_active_that_missed_the_new_owners_open_is_its_copy_of_record_until_it_answers_a_write() {
-    for answered_since_open in [false, true] {
+async fn a_copy_recorded_active_that_missed_the_new_owners_open_is_its_copy_of_record_until_it_serves_anything() {
+    for since_open in ["nothing", "a write", "a read"] {
         let dir = tempfile::tempdir().unwrap();
         let transport = TcpTransport::new();
         let hosts = hosts(dir.path(), &transport, 2, 100).await;
@@ -479,8 +480,10 @@ async fn a_copy_recorded_active_that_missed_the_new_owners_open_is_its_copy_of_r
         let recorded = vec![Status::Active, Status::Active];
         let second = Object::recover(2, BLOCKS, components(&hosts), recorded, Hooks::default()).await.unwrap();
         assert!(matches!(second.statuses()[0], Status::Absent { .. }), "{:?}", second.statuses());
-        if answered_since_open {
-            write(&second, 5, 1, 1000).await;
+        match since_open {
+            "a write" => write(&second, 5, 1, 1000).await,
+            "a read" => drop(second.read_at(0, BLOCK_SIZE as u64).await.unwrap()),
+            _ => {}
         }
         hosts[1].online.store(false, Ordering::SeqCst);
         hosts[0].online.store(true, Ordering::SeqCst);
@@ -488,8 +491,8 @@ async fn a_copy_recorded_active_that_missed_the_new_owners_open_is_its_copy_of_r
         assert!(refused.is_err(), "a write with no copy reachable: {refused:?}");
         assert!(matches!(second.statuses()[1], Status::Absent { .. }), "{:?}", second.statuses());
         let taken = second.probe(0).await;
-        if answered_since_open {
-            assert!(!taken, "a copy lacking a write answered done became the copy of record");
+        if since_open != "nothing" {
+            assert!(!taken, "a copy that may lack data answered since the open became the copy of record");
             assert!(matches!(second.statuses()[0], Status::Absent { .. }), "{:?}", second.statuses());
             continue;
         }
