@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -267,9 +267,6 @@ pub struct Object<T: Transport> {
     /// The newest LSN a returning copy said it holds: above its stale LSN,
     /// its resync also copies the blocks it wrote itself.
     reported_newest: Mutex<HashMap<Index, Lsn>>,
-    /// Set by the first read or provisioning query (`Owner::served_data`,
-    /// told before a copy comes back).
-    served: AtomicBool,
     /// Erasure-coded: components whose disks may hold rows a resync
     /// rebuilt that has not ended (sent under this owner, under any plan,
     /// or found mid-resync by it): never readmitted as they stand.
@@ -356,7 +353,6 @@ impl<T: Transport> Object<T> {
             resync_pace: hooks.resync_pace,
             extra: Mutex::new(HashMap::new()),
             reported_newest: Mutex::new(HashMap::new()),
-            served: AtomicBool::new(false),
             rows_rebuilt: Mutex::new(HashSet::new()),
             unmaps_to_complete: Mutex::new(Vec::new()),
             recorded: Notify::new(),
@@ -1214,9 +1210,6 @@ impl<T: Transport> Object<T> {
         state.sessions[component] = (self.next_session.fetch_add(1, Ordering::Relaxed), 1);
         let mut out = Vec::new();
         let mid_resync = rows_resynced(&info) || self.rows_rebuilt.lock().expect("rebuilt lock").contains(&component);
-        if self.served.load(Ordering::SeqCst) {
-            state.owner.served_data();
-        }
         let back = Input::Back { component, committed: info.committed_lsn, newest: info.newest_lsn, mid_resync };
         state.owner.handle(now_ms(), back, &mut out);
         let taken = !matches!(state.owner.status(component), Status::Absent { .. }) || !out.is_empty();
@@ -1506,17 +1499,31 @@ impl<T: Transport> Object<T> {
     /// of a local copy skips the network).
     fn active(&self) -> Vec<Index> {
         let statuses = self.statuses();
+        self.in_place_first(&statuses)
+    }
+
+    /// As [`Self::active`], for serving data from: choosing any counts as
+    /// serving it (`Owner::served_data`), in the same hold of the lock, so
+    /// a copy that comes back after cannot be taken for the copy of record
+    /// for lacking what this read may show. (A cache hit was filled by an
+    /// earlier read.)
+    fn active_serving(&self) -> Vec<Index> {
+        let statuses = {
+            let mut state = self.state.lock().expect("object lock");
+            let statuses = state.owner.statuses();
+            if statuses.contains(&Status::Active) {
+                state.owner.served_data();
+            }
+            statuses
+        };
+        self.in_place_first(&statuses)
+    }
+
+    /// The active copies among `statuses`, those on this host first.
+    fn in_place_first(&self, statuses: &[Status]) -> Vec<Index> {
         let mut active: Vec<Index> = (0..statuses.len()).filter(|&index| statuses[index] == Status::Active).collect();
         active.sort_by_key(|&index| !self.clients[index].read().expect("client lock").is_in_place());
         active
-    }
-
-    /// Notes that data was served, before the copies to serve it from are
-    /// chosen (under the object lock, which `probe` takes after it).
-    fn note_served(&self) {
-        if !self.served.load(Ordering::Relaxed) {
-            self.served.store(true, Ordering::SeqCst);
-        }
     }
 
     /// Reads whole blocks from an active copy; a checksum error is repaired
@@ -1536,7 +1543,6 @@ impl<T: Transport> Object<T> {
         via: Option<&T>,
     ) -> Result<Bytes, ObjectError> {
         let (first, count) = self.check(offset, length)?;
-        self.note_served();
         if let Some(layout) = self.erasure {
             return self.read_erasure(layout, first, count, via).await;
         }
@@ -1548,7 +1554,7 @@ impl<T: Transport> Object<T> {
         // Before the copies are chosen: a write answered before the ticket
         // was answered without any copy that failed before it.
         let ticket = self.cache.as_ref().and_then(|cache| cache.ticket(first, count));
-        let active = self.active();
+        let active = self.active_serving();
         if active.is_empty() {
             return Err(ObjectError::Unavailable);
         }
@@ -1592,11 +1598,10 @@ impl<T: Transport> Object<T> {
     /// how many bytes from it, up to `length`, share that state.
     pub async fn provisioning(self: &Arc<Self>, offset: u64, length: u64) -> Result<(bool, u64), ObjectError> {
         let (first, count) = self.check(offset, length)?;
-        self.note_served();
         if let Some(layout) = self.erasure {
             return self.provisioning_erasure(layout, first, count).await;
         }
-        let active = self.active();
+        let active = self.active_serving();
         let mut errors = Misses::default();
         for index in active {
             match self.client(index).provisioning(self.epoch, self.ids[index], first, count).await {

@@ -216,6 +216,9 @@ struct Component {
     source: Option<Index>,
     uses: Option<Lsn>,
     plan: u64,
+    /// `Owner::records` when it was last active: below it, it was away
+    /// when the current copy of record was made, and since.
+    record: u64,
 }
 
 pub struct Owner {
@@ -245,9 +248,9 @@ pub struct Owner {
     returned: BTreeMap<Index, Lsn>,
     /// A readmission under way: its components and the LSN they roll back to.
     readmitting: Option<(Vec<Index>, Lsn)>,
-    /// Copies recorded active under the previous owner that were not
-    /// current when this one opened (they did not answer, or answered
-    /// behind), and away since: they hold every write answered done before
+    /// Copies recorded active under the previous owner that did not answer
+    /// when this one opened (or answered behind, and are resynced at once),
+    /// and away since: they hold every write answered done before
     /// it opened (a write is answered only once every copy recorded active
     /// holds it), if not every write in flight then. Emptied once this
     /// owner answers a write done or serves data (a copy of the set may
@@ -255,6 +258,11 @@ pub struct Owner {
     /// then mean this owner's writes, refused, where the set's copies may
     /// hold the older owner's under them).
     held_every_done: BTreeSet<Index>,
+    /// Copies of record made since this owner opened. Once one is made,
+    /// only copies active since can be the next (`Component::record`): it
+    /// may hold writes in flight when every copy went away, which another
+    /// copy lacks, and which reads have shown since.
+    records: u64,
 }
 
 impl Component {
@@ -291,6 +299,7 @@ impl Owner {
                     source: None,
                     uses: None,
                     plan: 0,
+                    record: 0,
                 }
             })
             .collect();
@@ -307,6 +316,7 @@ impl Owner {
             returned: BTreeMap::new(),
             readmitting: None,
             held_every_done: BTreeSet::new(),
+            records: 0,
         }
     }
 
@@ -319,8 +329,9 @@ impl Owner {
         self
     }
 
-    /// The object served data (a read, a compare, a provisioning query): a
-    /// copy that lacks what was read must not be the copy of record after.
+    /// The object chose copies to serve data from (a read, a compare, a
+    /// provisioning query): a copy that may lack what it served must not
+    /// be the copy of record after.
     pub fn served_data(&mut self) {
         self.held_every_done.clear();
     }
@@ -839,8 +850,21 @@ impl Owner {
             // holds every write answered done before, though perhaps not
             // every one in flight then, which others may hold (they
             // diverged, below).
+            // A copy reporting nothing where the owner opened on written
+            // data lost it (a component created again).
             let held_every_done = self.held_every_done.contains(&index)
-                && matches!(self.components[index].status, Status::Absent { stale, .. } if committed >= stale);
+                && matches!(self.components[index].status, Status::Absent { stale, .. } if committed >= stale)
+                && (committed > 0 || self.done_lsn == 0);
+            // After a copy of record, only a copy active since holds what
+            // it held (writes that were in flight, and may have been read).
+            if self.components[index].record != self.records {
+                tracing::info!(
+                    component = index,
+                    committed,
+                    "every copy is away; this one was away when the last copy of record was made"
+                );
+                return;
+            }
             if committed.min(from) < self.done_lsn && !held_every_done {
                 tracing::info!(
                     component = index,
@@ -852,6 +876,7 @@ impl Owner {
             }
             tracing::warn!(component = index, committed, "every copy was away: this one is the copy of record now");
             self.held_every_done.clear();
+            self.records += 1;
             self.restarted = Some((committed, self.last_lsn));
             // It may hold LSNs above any issued here (a deposed owner's,
             // cut off with it; up to `newest` if that owner was resyncing
@@ -865,6 +890,7 @@ impl Owner {
             }
             let component = &mut self.components[index];
             component.status = Status::Active;
+            component.record = self.records;
             component.holes.clear();
             // The LSNs after `committed` issued before were refused: it has
             // everything that counts up to the last one.
@@ -1035,6 +1061,7 @@ impl Owner {
             // It holds everything up to `to` and nothing above; the LSNs
             // above, issued before, were refused.
             component.status = Status::Active;
+            component.record = self.records;
             component.acked = last;
             component.acked_above.clear();
             component.last_sent = to;
@@ -1087,8 +1114,10 @@ impl Owner {
             return;
         }
         tracing::info!(component = index, stale, target, plan = ended, "resync done: the component is active");
+        let records = self.records;
         let component = &mut self.components[index];
         component.status = Status::Active;
+        component.record = records;
         component.source = None;
         component.holes.clear();
         component.acked = component.acked.max(target);
@@ -1244,6 +1273,8 @@ mod tests {
     fn the_copy_current_at_open_comes_back_to_a_full_copy_from_a_copy_of_record_recorded_active() {
         let mut owner = opened_with_copies_away(2);
         assert!(made_current(&back(&mut owner, 0, 250, false), 0));
+        // An exact tracking bitmap: only divergence calls for a full copy.
+        owner.set_tracking(0, [300]);
         let out = back(&mut owner, 1, 300, false);
         assert!(
             out.iter().any(|action| matches!(
@@ -1252,6 +1283,26 @@ mod tests {
             )),
             "{out:?}"
         );
+    }
+
+    /// A copy away when a copy of record was made is not the next one: it
+    /// may lack writes that were in flight when every copy went away, which
+    /// the copy of record holds, and reads may have shown since. The copy
+    /// of record itself, back, is.
+    #[test]
+    fn a_copy_away_when_a_copy_of_record_was_made_is_not_the_next_one() {
+        let mut opened = opened_with_copies_away(2);
+        assert!(made_current(&back(&mut opened, 0, 310, false), 0));
+        let mut out = Vec::new();
+        opened.handle(20, Input::Failed { component: 0 }, &mut out);
+        assert!(!made_current(&back(&mut opened, 1, 300, false), 1), "the copy current at the open, after a record");
+        let mut fresh = owner(2);
+        fresh.handle(10, Input::Failed { component: 0 }, &mut out);
+        fresh.handle(10, Input::Failed { component: 1 }, &mut out);
+        assert!(made_current(&back(&mut fresh, 0, 0, false), 0));
+        fresh.handle(20, Input::Failed { component: 0 }, &mut out);
+        assert!(!made_current(&back(&mut fresh, 1, 0, false), 1), "a copy away when the record was made");
+        assert!(made_current(&back(&mut fresh, 0, 0, false), 0), "the copy of record itself, back");
     }
 
     #[test]

@@ -489,6 +489,8 @@ async fn a_copy_recorded_active_that_missed_the_new_owners_open_is_its_copy_of_r
         hosts[0].online.store(true, Ordering::SeqCst);
         let refused = second.write_at(0, Bytes::from(pattern(0, 2000))).await;
         assert!(refused.is_err(), "a write with no copy reachable: {refused:?}");
+        // A read finding no copy to read serves nothing.
+        assert!(second.read_at(0, BLOCK_SIZE as u64).await.is_err(), "a read with no copy reachable");
         assert!(matches!(second.statuses()[1], Status::Absent { .. }), "{:?}", second.statuses());
         let taken = second.probe(0).await;
         if since_open != "nothing" {
