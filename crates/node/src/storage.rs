@@ -254,8 +254,8 @@ pub struct Storage {
     opening: Mutex<HashSet<String>>,
     failed_opens: Mutex<HashMap<String, Instant>>,
     /// Per object this host does not own: I/Os forwarded to its owner in
-    /// the current window (since, count).
-    forwarded: Mutex<HashMap<String, (Instant, u64)>>,
+    /// the current window.
+    forwarded: Mutex<Forwarded>,
     /// When this host last took over each object from a live owner.
     followed: Mutex<HashMap<String, Instant>>,
 }
@@ -298,7 +298,7 @@ impl Storage {
             owned: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashSet::new()),
             failed_opens: Mutex::new(HashMap::new()),
-            forwarded: Mutex::new(HashMap::new()),
+            forwarded: Mutex::new(Forwarded::default()),
             followed: Mutex::new(HashMap::new()),
         })
     }
@@ -316,30 +316,15 @@ impl Storage {
     }
 
     /// Counts one I/O of `name` that this host sent on to the object's
-    /// owner elsewhere.
-    pub(crate) fn note_forwarded(&self, name: &str) {
-        let now = Instant::now();
-        let mut forwarded = self.forwarded.lock().expect("forwarded lock");
-        match forwarded.get_mut(name) {
-            Some((since, count)) if now.duration_since(*since) <= FOLLOW_WINDOW => *count += 1,
-            Some(window) => *window = (now, 1),
-            None => {
-                forwarded.insert(name.to_string(), (now, 1));
-            }
-        }
+    /// owner elsewhere (`compares`: a COMPARE AND WRITE).
+    pub(crate) fn note_forwarded(&self, name: &str, compares: bool) {
+        self.forwarded.lock().expect("forwarded lock").note(name, compares, Instant::now());
     }
 
     /// Objects whose I/O this host forwarded often enough, lately, to take
     /// them over; their counts start again.
     fn to_follow(&self) -> Vec<String> {
-        let mut forwarded = self.forwarded.lock().expect("forwarded lock");
-        forwarded.retain(|_, (since, _)| since.elapsed() <= FOLLOW_WINDOW);
-        let names: Vec<String> =
-            forwarded.iter().filter(|(_, (_, count))| *count >= FOLLOW_IOS).map(|(name, _)| name.clone()).collect();
-        for name in &names {
-            forwarded.remove(name);
-        }
-        names
+        self.forwarded.lock().expect("forwarded lock").due(Instant::now())
     }
 
     /// Live figures of the objects this host owns.
@@ -1299,6 +1284,49 @@ impl<T: Transport> ObjectClient<T> {
     }
 }
 
+/// I/Os this host forwarded per object, in windows of `FOLLOW_WINDOW`.
+#[derive(Default)]
+struct Forwarded {
+    /// Per object: when its window began, its I/Os since, and whether one
+    /// was a COMPARE AND WRITE.
+    windows: HashMap<String, (Instant, u64, bool)>,
+}
+
+impl Forwarded {
+    fn note(&mut self, name: &str, compares: bool, now: Instant) {
+        match self.windows.get_mut(name) {
+            Some((since, count, compared)) if now.duration_since(*since) <= FOLLOW_WINDOW => {
+                *count += 1;
+                *compared |= compares;
+            }
+            Some(window) => *window = (now, 1, compares),
+            None => {
+                self.windows.insert(name.to_string(), (now, 1, compares));
+            }
+        }
+    }
+
+    /// Objects forwarded `FOLLOW_IOS` times in their window, which start
+    /// again. Not one that was sent a COMPARE AND WRITE in it: taking an
+    /// object over deposes its owner, and one it was writing for ends with
+    /// its outcome unknown (`ObjectError::Indeterminate`), where the
+    /// initiators that race them (VMFS's ATS locks, multipath) want an
+    /// answer: such objects stay where they are.
+    fn due(&mut self, now: Instant) -> Vec<String> {
+        self.windows.retain(|_, (since, _, _)| now.duration_since(*since) <= FOLLOW_WINDOW);
+        let names: Vec<String> = self
+            .windows
+            .iter()
+            .filter(|(_, (_, count, compared))| *count >= FOLLOW_IOS && !compared)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &names {
+            self.windows.remove(name);
+        }
+        names
+    }
+}
+
 /// Every object's status: the catalog's record and the owner's figures.
 pub async fn object_statuses(node: &Node) -> Vec<crate::status::ObjectStatus> {
     let Some(services) = node.services() else { return Vec::new() };
@@ -1350,5 +1378,41 @@ pub fn object_status(record: &ObjectRecord, stats: Option<&ObjectStats>) -> crat
             })
             .collect(),
         resync,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An object forwarded `FOLLOW_IOS` times within a window is due to be
+    /// taken over, and its count starts again; not one sent a COMPARE AND
+    /// WRITE in that window (a takeover would leave one it was writing for
+    /// with its outcome unknown), nor one whose I/Os were spread over
+    /// longer.
+    #[test]
+    fn objects_forwarded_often_are_followed_unless_they_were_sent_a_compare_and_write() {
+        let start = Instant::now();
+        let mut forwarded = Forwarded::default();
+        for _ in 0..FOLLOW_IOS {
+            forwarded.note("written", false, start);
+            forwarded.note("compared", false, start);
+        }
+        forwarded.note("compared", true, start);
+        let late = start + FOLLOW_WINDOW / 2;
+        assert_eq!(forwarded.due(late), vec!["written".to_string()]);
+        assert!(forwarded.due(late).is_empty(), "counts start again once due");
+        // A new window: the compare is forgotten.
+        let next = start + FOLLOW_WINDOW * 2;
+        for _ in 0..FOLLOW_IOS {
+            forwarded.note("compared", false, next);
+        }
+        assert_eq!(forwarded.due(next), vec!["compared".to_string()]);
+        // Spread over two windows: not due.
+        for step in 0..FOLLOW_IOS {
+            let at = next + FOLLOW_WINDOW * 2 * (step as u32 * 2 / FOLLOW_IOS as u32);
+            forwarded.note("spread", false, at);
+        }
+        assert!(forwarded.due(next + FOLLOW_WINDOW * 2).is_empty());
     }
 }

@@ -175,7 +175,7 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
         // Owned elsewhere, or deposed meanwhile: to the owner.
         Ok((IoReply::NotOwner { .. } | IoReply::Unknown, _)) | Err(_) => {}
     }
-    node.storage.note_forwarded(&name);
+    node.storage.note_forwarded(&name, io.compares());
     // The same request, to the owner the catalog names (the client follows
     // redirects from there); its answer as it comes, unless the catalog
     // names another owner meanwhile. An owner cut off from the network
