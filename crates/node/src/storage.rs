@@ -1287,37 +1287,40 @@ impl<T: Transport> ObjectClient<T> {
 /// I/Os this host forwarded per object, in windows of `FOLLOW_WINDOW`.
 #[derive(Default)]
 struct Forwarded {
-    /// Per object: when its window began, its I/Os since, and whether one
-    /// was a COMPARE AND WRITE.
-    windows: HashMap<String, (Instant, u64, bool)>,
+    /// Per object: when its window began, and its I/Os since.
+    windows: HashMap<String, (Instant, u64)>,
+    /// Per object: when this host last forwarded a COMPARE AND WRITE of it.
+    compared: HashMap<String, Instant>,
 }
 
 impl Forwarded {
     fn note(&mut self, name: &str, compares: bool, now: Instant) {
+        if compares {
+            self.compared.insert(name.to_string(), now);
+        }
         match self.windows.get_mut(name) {
-            Some((since, count, compared)) if now.duration_since(*since) <= FOLLOW_WINDOW => {
-                *count += 1;
-                *compared |= compares;
-            }
-            Some(window) => *window = (now, 1, compares),
+            Some((since, count)) if now.duration_since(*since) <= FOLLOW_WINDOW => *count += 1,
+            Some(window) => *window = (now, 1),
             None => {
-                self.windows.insert(name.to_string(), (now, 1, compares));
+                self.windows.insert(name.to_string(), (now, 1));
             }
         }
     }
 
     /// Objects forwarded `FOLLOW_IOS` times in their window, which start
-    /// again. Not one that was sent a COMPARE AND WRITE in it: taking an
+    /// again. Not one sent a COMPARE AND WRITE within two windows (one
+    /// sent before this window may still be running): taking an
     /// object over deposes its owner, and one it was writing for ends with
     /// its outcome unknown (`ObjectError::Indeterminate`), where the
     /// initiators that race them (VMFS's ATS locks, multipath) want an
     /// answer: such objects stay where they are.
     fn due(&mut self, now: Instant) -> Vec<String> {
-        self.windows.retain(|_, (since, _, _)| now.duration_since(*since) <= FOLLOW_WINDOW);
+        self.windows.retain(|_, (since, _)| now.duration_since(*since) <= FOLLOW_WINDOW);
+        self.compared.retain(|_, at| now.duration_since(*at) <= FOLLOW_WINDOW * 2);
         let names: Vec<String> = self
             .windows
             .iter()
-            .filter(|(_, (_, count, compared))| *count >= FOLLOW_IOS && !compared)
+            .filter(|(name, (_, count))| *count >= FOLLOW_IOS && !self.compared.contains_key(*name))
             .map(|(name, _)| name.clone())
             .collect();
         for name in &names {
@@ -1402,17 +1405,24 @@ mod tests {
         let late = start + FOLLOW_WINDOW / 2;
         assert_eq!(forwarded.due(late), vec!["written".to_string()]);
         assert!(forwarded.due(late).is_empty(), "counts start again once due");
-        // A new window: the compare is forgotten.
-        let next = start + FOLLOW_WINDOW * 2;
+        // A new window, while the compare may still run: not yet.
+        let next = start + FOLLOW_WINDOW + Duration::from_millis(1);
         for _ in 0..FOLLOW_IOS {
             forwarded.note("compared", false, next);
         }
-        assert_eq!(forwarded.due(next), vec!["compared".to_string()]);
-        // Spread over two windows: not due.
-        for step in 0..FOLLOW_IOS {
-            let at = next + FOLLOW_WINDOW * 2 * (step as u32 * 2 / FOLLOW_IOS as u32);
-            forwarded.note("spread", false, at);
+        assert!(forwarded.due(next).is_empty(), "followed right after a compare");
+        // Once the compare is two windows old, it is.
+        let after = start + FOLLOW_WINDOW * 2 + Duration::from_millis(1);
+        forwarded.note("compared", false, after);
+        assert_eq!(forwarded.due(after), vec!["compared".to_string()]);
+        // Half the I/Os in one window, half just after it ended: not due.
+        for _ in 0..FOLLOW_IOS / 2 {
+            forwarded.note("spread", false, after);
         }
-        assert!(forwarded.due(next + FOLLOW_WINDOW * 2).is_empty());
+        let just_after = after + FOLLOW_WINDOW + Duration::from_millis(1);
+        for _ in 0..FOLLOW_IOS / 2 {
+            forwarded.note("spread", false, just_after);
+        }
+        assert!(forwarded.due(just_after).is_empty());
     }
 }

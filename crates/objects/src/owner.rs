@@ -875,6 +875,13 @@ impl Owner {
                 return;
             }
             tracing::warn!(component = index, committed, "every copy was away: this one is the copy of record now");
+            if held_every_done {
+                // Every write answered done is at or below what it holds:
+                // counted so, it can be the copy of record again when it
+                // comes back holding no less (the LSNs up to the open's it
+                // lacks were never answered).
+                self.done_lsn = self.done_lsn.min(committed.min(from));
+            }
             self.held_every_done.clear();
             self.records += 1;
             self.restarted = Some((committed, self.last_lsn));
@@ -1283,6 +1290,21 @@ mod tests {
             )),
             "{out:?}"
         );
+    }
+
+    /// A copy recorded active at the open taken for the copy of record,
+    /// below the open's committed LSN, fails and comes back holding what
+    /// it held: it is the copy of record again (the copy current at the
+    /// open, away when it was taken, is not).
+    #[test]
+    fn a_copy_of_record_recorded_active_at_open_is_taken_back_holding_what_it_held() {
+        let mut opened = opened_with_copies_away(2);
+        assert!(made_current(&back(&mut opened, 0, 250, false), 0));
+        opened.served_data();
+        let mut out = Vec::new();
+        opened.handle(20, Input::Failed { component: 0 }, &mut out);
+        assert!(!made_current(&back(&mut opened, 1, 300, false), 1));
+        assert!(made_current(&back(&mut opened, 0, 250, false), 0), "the copy of record, back, was refused");
     }
 
     /// A copy away when a copy of record was made is not the next one: it
