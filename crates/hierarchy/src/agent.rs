@@ -279,12 +279,7 @@ impl Agent {
                     watch.suspected = true;
                     out.push(Output::Suspected(*host));
                 }
-                if watch.last_probe.is_none_or(|last| now >= last + self.config.probe_interval) {
-                    watch.last_probe = Some(now);
-                    watch.probes += 1;
-                    self.next_nonce += 1;
-                    out.push(Output::Send { to: *host, message: Message::Probe { nonce: self.next_nonce } });
-                }
+                probe_when_due(*host, watch, now, self.config.probe_interval, &mut self.next_nonce, out);
                 next = next.min(now + self.config.probe_interval);
             } else {
                 next = next.min(watch.last_heard + self.config.suspect_after);
@@ -305,12 +300,7 @@ impl Agent {
                 confirmed.push(*host);
                 continue;
             }
-            if watch.last_probe.is_none_or(|last| now >= last + self.config.probe_interval) {
-                watch.last_probe = Some(now);
-                watch.probes += 1;
-                self.next_nonce += 1;
-                out.push(Output::Send { to: *host, message: Message::Probe { nonce: self.next_nonce } });
-            }
+            probe_when_due(*host, watch, now, self.config.probe_interval, &mut self.next_nonce, out);
             next = next.min(watch.last_probe.unwrap_or(now) + self.config.probe_interval);
         }
         for host in confirmed {
@@ -350,6 +340,23 @@ impl Agent {
             next = next.min(self.last_report.unwrap_or(now) + self.config.heartbeat_interval);
         }
         next.max(now + 1)
+    }
+}
+
+/// Probes `host` if its last probe is `interval` old, or it has none.
+fn probe_when_due(
+    host: HostId,
+    watch: &mut Watch,
+    now: Millis,
+    interval: Millis,
+    nonce: &mut u64,
+    out: &mut Vec<Output>,
+) {
+    if watch.last_probe.is_none_or(|last| now >= last + interval) {
+        watch.last_probe = Some(now);
+        watch.probes += 1;
+        *nonce += 1;
+        out.push(Output::Send { to: host, message: Message::Probe { nonce: *nonce } });
     }
 }
 

@@ -1506,17 +1506,17 @@ impl<T: Transport> Object<T> {
     /// serving it (`Owner::served_data`), in the same hold of the lock, so
     /// a copy that comes back after cannot be taken for the copy of record
     /// for lacking what this read may show. (A cache hit was filled by an
-    /// earlier read.)
-    fn active_serving(&self) -> Vec<Index> {
-        let statuses = {
+    /// earlier read.) With the last LSN written when they were chosen.
+    fn active_serving(&self) -> (Vec<Index>, Lsn) {
+        let (statuses, written) = {
             let mut state = self.state.lock().expect("object lock");
             let statuses = state.owner.statuses();
             if statuses.contains(&Status::Active) {
                 state.owner.served_data();
             }
-            statuses
+            (statuses, state.owner.last_lsn())
         };
-        self.in_place_first(&statuses)
+        (self.in_place_first(&statuses), written)
     }
 
     /// The active copies among `statuses`, those on this host first.
@@ -1554,11 +1554,10 @@ impl<T: Transport> Object<T> {
         // Before the copies are chosen: a write answered before the ticket
         // was answered without any copy that failed before it.
         let ticket = self.cache.as_ref().and_then(|cache| cache.ticket(first, count));
-        let active = self.active_serving();
+        let (active, written_before) = self.active_serving();
         if active.is_empty() {
             return Err(ObjectError::Unavailable);
         }
-        let written_before = self.state.lock().expect("object lock").owner.last_lsn();
         let mut errors = Misses::default();
         let mut corrupt: Vec<(Index, Vec<u64>)> = Vec::new();
         for index in active {
@@ -1601,7 +1600,7 @@ impl<T: Transport> Object<T> {
         if let Some(layout) = self.erasure {
             return self.provisioning_erasure(layout, first, count).await;
         }
-        let active = self.active_serving();
+        let (active, _) = self.active_serving();
         let mut errors = Misses::default();
         for index in active {
             match self.client(index).provisioning(self.epoch, self.ids[index], first, count).await {

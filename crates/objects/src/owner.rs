@@ -1235,9 +1235,12 @@ mod tests {
         statuses[1] = Status::Active;
         let away: Vec<Index> = (0..copies).filter(|index| *index != 1).collect();
         let mut owner = Owner::new(statuses, 300).numbering_from(300).holding_every_write_done_before(away);
-        let mut out = Vec::new();
-        owner.handle(10, Input::Failed { component: 1 }, &mut out);
+        fail(&mut owner, 1);
         owner
+    }
+
+    fn fail(owner: &mut Owner, component: Index) {
+        owner.handle(10, Input::Failed { component }, &mut Vec::new());
     }
 
     fn made_current(out: &[Action], component: Index) -> bool {
@@ -1268,8 +1271,7 @@ mod tests {
     fn after_a_copy_of_record_no_other_copy_recorded_active_at_open_becomes_one() {
         let mut owner = opened_with_copies_away(3);
         assert!(made_current(&back(&mut owner, 0, 250, false), 0));
-        let mut out = Vec::new();
-        owner.handle(20, Input::Failed { component: 0 }, &mut out);
+        fail(&mut owner, 0);
         assert!(!made_current(&back(&mut owner, 2, 300, false), 2), "a second copy of record from the open");
     }
 
@@ -1301,8 +1303,7 @@ mod tests {
         let mut opened = opened_with_copies_away(2);
         assert!(made_current(&back(&mut opened, 0, 250, false), 0));
         opened.served_data();
-        let mut out = Vec::new();
-        opened.handle(20, Input::Failed { component: 0 }, &mut out);
+        fail(&mut opened, 0);
         assert!(!made_current(&back(&mut opened, 1, 300, false), 1));
         assert!(made_current(&back(&mut opened, 0, 250, false), 0), "the copy of record, back, was refused");
     }
@@ -1315,14 +1316,13 @@ mod tests {
     fn a_copy_away_when_a_copy_of_record_was_made_is_not_the_next_one() {
         let mut opened = opened_with_copies_away(2);
         assert!(made_current(&back(&mut opened, 0, 310, false), 0));
-        let mut out = Vec::new();
-        opened.handle(20, Input::Failed { component: 0 }, &mut out);
+        fail(&mut opened, 0);
         assert!(!made_current(&back(&mut opened, 1, 300, false), 1), "the copy current at the open, after a record");
         let mut fresh = owner(2);
-        fresh.handle(10, Input::Failed { component: 0 }, &mut out);
-        fresh.handle(10, Input::Failed { component: 1 }, &mut out);
+        fail(&mut fresh, 0);
+        fail(&mut fresh, 1);
         assert!(made_current(&back(&mut fresh, 0, 0, false), 0));
-        fresh.handle(20, Input::Failed { component: 0 }, &mut out);
+        fail(&mut fresh, 0);
         assert!(!made_current(&back(&mut fresh, 1, 0, false), 1), "a copy away when the record was made");
         assert!(made_current(&back(&mut fresh, 0, 0, false), 0), "the copy of record itself, back");
     }

@@ -391,6 +391,13 @@ async fn a_new_owner_begins_a_fresh_resync_plan_on_a_copy_the_old_owner_was_resy
     }
 }
 
+/// Two hosts with one copy each, and the object's first owner (epoch 1).
+async fn two_copies_and_a_first_owner(dir: &std::path::Path) -> (Vec<Host>, Arc<Object<TcpTransport>>) {
+    let hosts = hosts(dir, &TcpTransport::new(), 2, 100).await;
+    let first = Object::open(1, BLOCKS, components(&hosts), 0);
+    (hosts, first)
+}
+
 /// An owner cut off with one copy (host 0) writes LSN 2 there after a new
 /// owner, which could not reach that copy, wrote its own LSN 2 to the
 /// other copy and answered it done. The next owner finds both copies
@@ -401,9 +408,7 @@ async fn a_new_owner_begins_a_fresh_resync_plan_on_a_copy_the_old_owner_was_resy
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_recorded_away_is_resynced_from_its_stale_lsn_over_a_deposed_owners_write_under_a_later_lsn() {
     let dir = tempfile::tempdir().unwrap();
-    let transport = TcpTransport::new();
-    let hosts = hosts(dir.path(), &transport, 2, 100).await;
-    let first = Object::open(1, BLOCKS, components(&hosts), 0);
+    let (hosts, first) = two_copies_and_a_first_owner(dir.path()).await;
     write(&first, 0, 1, 1).await;
     hosts[0].online.store(false, Ordering::SeqCst);
     let recorded = vec![Status::Active, Status::Active];
@@ -440,9 +445,7 @@ async fn a_copy_recorded_away_is_resynced_from_its_stale_lsn_over_a_deposed_owne
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_that_does_not_answer_a_new_owner_stays_recorded_at_its_stale_lsn() {
     let dir = tempfile::tempdir().unwrap();
-    let transport = TcpTransport::new();
-    let hosts = hosts(dir.path(), &transport, 2, 100).await;
-    let first = Object::open(1, BLOCKS, components(&hosts), 0);
+    let (hosts, first) = two_copies_and_a_first_owner(dir.path()).await;
     write(&first, 0, 1, 1).await;
     hosts[0].online.store(false, Ordering::SeqCst);
     for pass in 2..300 {
@@ -467,9 +470,7 @@ async fn a_copy_that_does_not_answer_a_new_owner_stays_recorded_at_its_stale_lsn
 async fn a_copy_recorded_active_that_missed_the_new_owners_open_is_its_copy_of_record_until_it_serves_anything() {
     for since_open in ["nothing", "a write", "a read"] {
         let dir = tempfile::tempdir().unwrap();
-        let transport = TcpTransport::new();
-        let hosts = hosts(dir.path(), &transport, 2, 100).await;
-        let first = Object::open(1, BLOCKS, components(&hosts), 0);
+        let (hosts, first) = two_copies_and_a_first_owner(dir.path()).await;
         // Above `INFLIGHT_MAX` writes: a copy that does not answer counts
         // only up to the committed LSN less that.
         for pass in 1..300 {
