@@ -662,6 +662,20 @@ impl<T: Transport> Object<T> {
         }
     }
 
+    /// Closes the object to hand it over to another owner: once every
+    /// write, unmap and compare-and-write under way has been answered, new
+    /// ones held back meanwhile. Those held back are then answered
+    /// `Deposed` with nothing of them written, so their senders send them
+    /// on to the new owner, and no compare-and-write ends of unknown
+    /// outcome (as one under way when an owner is deposed does). False,
+    /// and the object left open, if those under way are not all answered
+    /// `within`.
+    pub async fn close_when_idle(&self, within: Duration) -> bool {
+        let Ok(_alone) = tokio::time::timeout(within, self.atomic.write()).await else { return false };
+        self.close();
+        true
+    }
+
     /// Whether `error` says a newer owner holds the object (only a newer
     /// owner's fence raises a component's epoch); if so this owner closes,
     /// and everything waiting is answered `Deposed`, which sends callers to
@@ -754,6 +768,11 @@ impl<T: Transport> Object<T> {
         }
         let (start, stop) = (offset / block * block, end.div_ceil(block) * block);
         let _alone = self.atomic.write().await;
+        // Closed while it waited (handed over, `close_when_idle`): nothing
+        // of it was written, so the sender may send it to the new owner.
+        if self.is_closed() {
+            return Err(ObjectError::Deposed);
+        }
         let old = self.read_at(start, stop - start).await?;
         let from = (offset - start) as usize;
         if let Some(at) = old[from..from + expected.len()].iter().zip(expected).position(|(old, want)| old != want) {

@@ -509,3 +509,70 @@ async fn a_copy_recorded_active_that_missed_the_new_owners_open_is_its_copy_of_r
         write(&second, 7, 1, 3000).await;
     }
 }
+
+/// An owner hands its object over (`close_when_idle`) while chains of
+/// compare-and-writes run, one chain per block, each writing the next
+/// number over the last. Every compare-and-write under way is answered
+/// done before the object closes; every later one is answered `Deposed`
+/// with nothing written: none ends of unknown outcome, as one under way
+/// when an owner is deposed does. The next owner reads each block as its
+/// chain's last answered write left it, and hands over in turn: three
+/// owners (the writes take turns, so one is under way at a time: each
+/// handover catches one under way most of the time, not always).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_handing_over_answers_the_compare_and_writes_under_way_and_writes_none_of_those_held_back() {
+    use objects::object::ObjectError;
+    const CHAINS: u64 = 16;
+    let numbered = |number: u64| {
+        let mut data = vec![0u8; 512];
+        data[..8].copy_from_slice(&number.to_le_bytes());
+        data
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (hosts, mut owner) = two_copies_and_a_first_owner(dir.path()).await;
+    // Blocks start as zeros: number 0.
+    let mut numbers = vec![0u64; CHAINS as usize];
+    for epoch in 2..=4 {
+        let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let chains: Vec<_> = (0..CHAINS)
+            .map(|block| {
+                let (object, answered) = (owner.clone(), answered.clone());
+                let mut number = numbers[block as usize];
+                tokio::spawn(async move {
+                    loop {
+                        let offset = block * BLOCK_SIZE as u64;
+                        let next = Bytes::from(numbered(number + 1));
+                        match object.compare_and_write(offset, &numbered(number), next).await {
+                            Ok(None) => {
+                                number += 1;
+                                answered.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(Some(at)) => panic!("block {block}: miscompare at byte {at} at {number}"),
+                            Err(ObjectError::Deposed) => return number,
+                            Err(error) => panic!("block {block}, write of {}: {error}", number + 1),
+                        }
+                    }
+                })
+            })
+            .collect();
+        // Let every chain get going.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while answered.load(Ordering::Relaxed) < 4 * CHAINS {
+            assert!(Instant::now() < deadline, "the chains wrote {answered:?} times in 20 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(owner.close_when_idle(Duration::from_secs(10)).await, "the writes under way were not all answered");
+        assert!(owner.is_closed());
+        for (block, chain) in chains.into_iter().enumerate() {
+            numbers[block] = chain.await.expect("a chain ended with an answer of unknown outcome or a miscompare");
+        }
+        drop(owner);
+        let recorded = vec![Status::Active, Status::Active];
+        owner = Object::recover(epoch, BLOCKS, components(&hosts), recorded, Hooks::default()).await.unwrap();
+        for (block, number) in numbers.iter().enumerate() {
+            let held = owner.read_at(block as u64 * BLOCK_SIZE as u64, BLOCK_SIZE as u64).await.unwrap();
+            assert_eq!(held[..512], numbered(*number)[..], "block {block}: the chain's last answered write");
+        }
+        println!("owner {}: {answered:?} compare-and-writes answered before it handed over", epoch - 1);
+    }
+}
