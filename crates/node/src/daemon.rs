@@ -262,9 +262,9 @@ impl Node {
                 let method = request.method;
                 crate::membership::handle(self, method, &request).await
             }
-            crate::storage::method::OBJECT_IO | crate::storage::method::OBJECT_STATS => {
-                crate::storage::handle(self, &request).await
-            }
+            crate::storage::method::OBJECT_IO
+            | crate::storage::method::OBJECT_STATS
+            | crate::storage::method::OBJECT_HAND_OVER => crate::storage::handle(self, &request).await,
             crate::reservations::method::SYNC => crate::reservations::handle(self, &request).await,
             other => Err(RemoteError::new(ErrorCode::UnknownMethod, format!("unknown method {other:#06x}"))),
         }

@@ -41,6 +41,8 @@ pub mod method {
     pub const OBJECT_IO: u32 = 0x0204;
     /// Live figures of the objects a host owns.
     pub const OBJECT_STATS: u32 = 0x0205;
+    /// Asks an object's owner to hand it over to the caller ([`HandOver`]).
+    pub const OBJECT_HAND_OVER: u32 = 0x0207;
 }
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -59,6 +61,13 @@ const OPEN_RETRY: Duration = Duration::from_secs(1);
 const FOLLOW_IOS: u64 = 256;
 const FOLLOW_WINDOW: Duration = Duration::from_secs(2);
 const FOLLOW_COOLDOWN: Duration = Duration::from_secs(300);
+/// How long an owner asked to hand an object over waits for the writes
+/// under way to be answered (new ones held back meanwhile) before it
+/// refuses; and how long, once it has closed the object, it leaves the
+/// object to the host it handed it to before opening it again itself (that
+/// host takes it well within this, unless it failed).
+const HAND_OVER_DRAIN: Duration = Duration::from_secs(2);
+const HAND_OVER_HOLD: Duration = Duration::from_secs(10);
 /// How long a request waits for an object this host is opening: longer
 /// than an open that waits out [`STARTING_HOST_GRACE`] and then asks the
 /// components.
@@ -117,6 +126,27 @@ pub enum IoRequest {
 pub struct Ownership {
     pub object: u64,
     pub epoch: u64,
+}
+
+/// A request to hand object `name` over (`method::OBJECT_HAND_OVER`): its
+/// owner at `ownership` closes it once every change under way is answered
+/// (`Object::close_when_idle`), so the caller, taking it over, deposes no
+/// owner mid-write. Answered with a [`HandedOver`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HandOver {
+    pub name: String,
+    pub ownership: Ownership,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HandedOver {
+    /// Closed here: the caller may take the object over at that ownership.
+    Closed,
+    /// Not owned here at that ownership.
+    NotOwner,
+    /// Changes under way were not all answered within `HAND_OVER_DRAIN`:
+    /// the object stays open here.
+    Busy,
 }
 
 /// A request over the network (`method::OBJECT_IO`), data following.
@@ -258,6 +288,10 @@ pub struct Storage {
     forwarded: Mutex<Forwarded>,
     /// When this host last took over each object from a live owner.
     followed: Mutex<HashMap<String, Instant>>,
+    /// Objects this host handed over, with the epoch it owned them at and
+    /// when: not opened again here while the catalog still names this host
+    /// at that epoch, for `HAND_OVER_HOLD`.
+    handed_over: Mutex<HashMap<String, (u64, Instant)>>,
 }
 
 pub(crate) fn cores() -> usize {
@@ -300,6 +334,7 @@ impl Storage {
             failed_opens: Mutex::new(HashMap::new()),
             forwarded: Mutex::new(Forwarded::default()),
             followed: Mutex::new(HashMap::new()),
+            handed_over: Mutex::new(HashMap::new()),
         })
     }
 
@@ -313,6 +348,21 @@ impl Storage {
             thread: owned.thread,
             ownership: Ownership { object: owned.id, epoch: owned.epoch },
         })
+    }
+
+    /// Whether this host handed object `name` over at the epoch `record`
+    /// names it owner at, lately: it leaves the object to the host it
+    /// handed it to (`hand_over`).
+    fn holds_back(&self, name: &str, record: &ObjectRecord) -> bool {
+        self.handed_over.lock().expect("handed-over lock").retain(|_, (_, when)| when.elapsed() < HAND_OVER_HOLD);
+        self.handed_over_at(name, record.owner_epoch)
+    }
+
+    /// Whether this host handed object `name` over at owner epoch `epoch`,
+    /// less than `HAND_OVER_HOLD` ago.
+    fn handed_over_at(&self, name: &str, epoch: u64) -> bool {
+        let handed_over = self.handed_over.lock().expect("handed-over lock");
+        handed_over.get(name).is_some_and(|(at, when)| *at == epoch && when.elapsed() < HAND_OVER_HOLD)
     }
 
     /// Counts one I/O of `name` that this host sent on to the object's
@@ -606,6 +656,10 @@ pub async fn handle(node: Arc<Node>, request: &wire::Request) -> Result<Bytes, R
             Ok(frame(&reply, &data))
         }
         method::OBJECT_STATS => Ok(wire::encode(&node.storage.stats())),
+        method::OBJECT_HAND_OVER => {
+            let asked: HandOver = wire::decode_request(request)?;
+            Ok(wire::encode(&hand_over(&node, asked).await))
+        }
         other => Err(RemoteError::new(ErrorCode::UnknownMethod, format!("unknown method {other:#06x}"))),
     }
 }
@@ -616,6 +670,27 @@ pub(crate) fn catalog_owner(node: &Node, name: &str) -> Option<(u64, Ownership)>
     node.services()?.catalog.objects.read_local(|objects| {
         objects.get(name).map(|(record, _)| (record.owner, Ownership { object: record.id, epoch: record.owner_epoch }))
     })
+}
+
+/// As [`catalog_owner`], but once the catalog names another host if this
+/// host handed the object over at the ownership it names: the catalog
+/// names this host until the host it handed the object to takes it over,
+/// within moments (or, should that host fail first, until this host opens
+/// it again, after `HAND_OVER_HOLD`). Meanwhile no host serves the object,
+/// and a request of this host's own for it, not carried out here (this
+/// host answered it as one that no longer owns the object, having written
+/// nothing of it), waits for the new owner.
+pub(crate) async fn catalog_owner_past_hand_over(node: &Node, name: &str) -> Option<(u64, Ownership)> {
+    loop {
+        match catalog_owner(node, name) {
+            Some((owner, ownership))
+                if owner == node.config.node_id && node.storage.handed_over_at(name, ownership.epoch) =>
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            owner => return owner,
+        }
+    }
 }
 
 /// Host `host`'s node address, from this host's copy of the catalog.
@@ -809,7 +884,7 @@ fn manage_once(node: &Arc<Node>) {
             tend(node, name, &hosts);
             continue;
         }
-        if !should_own(record, me, &up) {
+        if !should_own(record, me, &up) || storage.holds_back(name, record) {
             continue;
         }
         start_open(node, name, None);
@@ -825,14 +900,16 @@ fn manage_once(node: &Arc<Node>) {
         followed.insert(name.clone(), Instant::now());
         drop(followed);
         tracing::info!(name, from = record.owner, "taking the object over: its I/O comes from this host");
-        start_open(node, &name, Some((record.owner, record.owner_epoch)));
+        let ownership = Ownership { object: record.id, epoch: record.owner_epoch };
+        start_open(node, &name, Some((record.owner, ownership)));
     }
 }
 
 /// Opens `name` in the background unless it is being opened or failed to
-/// open a moment ago. `follow`: take it over from that live owner and
-/// epoch, if they still hold it.
-fn start_open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) {
+/// open a moment ago. `follow`: take it over from that live owner at that
+/// ownership, once the owner has handed it over (`ask_hand_over`), if it
+/// still holds it.
+fn start_open(node: &Arc<Node>, name: &str, follow: Option<(u64, Ownership)>) {
     let storage = &node.storage;
     let recently_failed =
         storage.failed_opens.lock().expect("failed lock").get(name).is_some_and(|when| when.elapsed() < OPEN_RETRY);
@@ -842,12 +919,70 @@ fn start_open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) {
     let node = node.clone();
     let name = name.to_string();
     tokio::spawn(async move {
-        if let Err(reason) = open(&node, &name, follow).await {
+        // Marked opening meanwhile: this host's own I/O of the object waits
+        // for the open (`owned_or_opening`) rather than queue at the owner
+        // handing it over.
+        let handed = match follow {
+            Some((owner, ownership)) => ask_hand_over(&node, &name, owner, ownership).await,
+            None => true,
+        };
+        if !handed {
+            node.storage.opening.lock().expect("opening lock").remove(&name);
+            return;
+        }
+        if let Err(reason) = open(&node, &name, follow.map(|(owner, ownership)| (owner, ownership.epoch))).await {
             tracing::warn!(name, %reason, "could not open the object; retrying");
             node.storage.failed_opens.lock().expect("failed lock").insert(name.clone(), Instant::now());
         }
         node.storage.opening.lock().expect("opening lock").remove(&name);
     });
+}
+
+/// Asks host `owner` to hand object `name` over at `ownership`; whether it
+/// did. If not (it refused, or did not answer), the object is not taken
+/// over: taking it from a live owner without its consent would depose it
+/// mid-write, and a compare-and-write it was writing would end of unknown
+/// outcome.
+async fn ask_hand_over(node: &Node, name: &str, owner: u64, ownership: Ownership) -> bool {
+    let Some(address) = host_address(node, owner) else { return false };
+    let asked = HandOver { name: name.to_string(), ownership };
+    let timeout = HAND_OVER_DRAIN + Duration::from_secs(3);
+    match wire::call::<_, _, HandedOver>(&node.transport, &address, method::OBJECT_HAND_OVER, &asked, timeout).await {
+        Ok(HandedOver::Closed) => {
+            tracing::info!(name, owner, epoch = ownership.epoch, "the owner handed the object over");
+            true
+        }
+        answer => {
+            tracing::info!(name, owner, ?answer, "not taking the object over: its owner did not hand it over");
+            false
+        }
+    }
+}
+
+/// Hands object `name` over to the host asking, if this host owns it at
+/// the ownership asked: closes it once every change under way is answered,
+/// new ones held back meanwhile (they are then answered as by a host that
+/// no longer owns the object, and their senders send them on). The
+/// catalog still names this host until the asking host takes the object
+/// over; this host does not open it again meanwhile, for up to
+/// `HAND_OVER_HOLD` (should the asking host fail first).
+async fn hand_over(node: &Node, HandOver { name, ownership }: HandOver) -> HandedOver {
+    let storage = &node.storage;
+    let Some(serving) = storage.owned(&name).filter(|serving| serving.ownership == ownership) else {
+        return HandedOver::NotOwner;
+    };
+    storage.handed_over.lock().expect("handed-over lock").insert(name.clone(), (ownership.epoch, Instant::now()));
+    if !serving.object.close_when_idle(HAND_OVER_DRAIN).await {
+        storage.handed_over.lock().expect("handed-over lock").remove(&name);
+        tracing::warn!(name, "not handing the object over: writes under way were not answered in time");
+        return HandedOver::Busy;
+    }
+    let mut owned = storage.owned.lock().expect("owned lock");
+    if owned.get(&name).is_some_and(|owned| owned.epoch == ownership.epoch) {
+        owned.remove(&name);
+    }
+    tracing::info!(name, epoch = ownership.epoch, "handed the object over: every change under way answered");
+    HandedOver::Closed
 }
 
 /// Whether host `me` should own the object: the record names it, or the
@@ -1309,11 +1444,12 @@ impl Forwarded {
 
     /// Objects forwarded `FOLLOW_IOS` times in their window, which start
     /// again. Not one sent a COMPARE AND WRITE within two windows (one
-    /// sent before this window may still be running): taking an
-    /// object over deposes its owner, and one it was writing for ends with
-    /// its outcome unknown (`ObjectError::Indeterminate`), where the
-    /// initiators that race them (VMFS's ATS locks, multipath) want an
-    /// answer: such objects stay where they are.
+    /// sent before this window may still be running): the initiators that
+    /// race them (VMFS's ATS locks, multipath) race from several hosts, so
+    /// following one would hand the object to and fro, each handover
+    /// holding its I/O back a moment. (A handover no longer leaves a
+    /// COMPARE AND WRITE of unknown outcome: the owner answers those under
+    /// way first, `hand_over`.)
     fn due(&mut self, now: Instant) -> Vec<String> {
         self.windows.retain(|_, (since, _)| now.duration_since(*since) <= FOLLOW_WINDOW);
         self.compared.retain(|_, at| now.duration_since(*at) <= FOLLOW_WINDOW * 2);
@@ -1387,6 +1523,22 @@ pub fn object_status(record: &ObjectRecord, stats: Option<&ObjectStats>) -> crat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_node_methods_are_told_apart_by_number() {
+        let methods = [
+            crate::daemon::method::PING,
+            crate::membership::method::HIERARCHY,
+            crate::membership::method::SCHEDULER,
+            crate::membership::method::PLACE,
+            method::OBJECT_IO,
+            method::OBJECT_STATS,
+            method::OBJECT_HAND_OVER,
+            crate::reservations::method::SYNC,
+        ];
+        let distinct: HashSet<u32> = methods.into_iter().collect();
+        assert_eq!(distinct.len(), methods.len(), "two node methods share a number: {methods:x?}");
+    }
 
     /// An object forwarded `FOLLOW_IOS` times within a window is due to be
     /// taken over, and its count starts again; not one sent a COMPARE AND

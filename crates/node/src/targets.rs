@@ -200,7 +200,7 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
     // and the client takes it to the new owner); it then ends with its
     // outcome unknown (`Unavailable`, as when its call times out) rather
     // than wait out the call's timeout.
-    let asked = storage::catalog_owner(node, &name);
+    let asked = storage::catalog_owner_past_hand_over(node, &name).await;
     match asked {
         // Named here, yet not served here: being opened again after a
         // failed open, or deposed here and the catalog not yet caught up.
