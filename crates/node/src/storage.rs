@@ -65,7 +65,8 @@ const FOLLOW_COOLDOWN: Duration = Duration::from_secs(300);
 /// under way to be answered (new ones held back meanwhile) before it
 /// refuses; and how long, once it has closed the object, it leaves the
 /// object to the host it handed it to before opening it again itself (that
-/// host takes it well within this, unless it failed).
+/// host takes it within moments, unless it failed, or lost the answer, or
+/// could not record itself owner for half as long).
 const HAND_OVER_DRAIN: Duration = Duration::from_secs(2);
 const HAND_OVER_HOLD: Duration = Duration::from_secs(10);
 /// How long a request waits for an object this host is opening: longer
@@ -131,16 +132,19 @@ pub struct Ownership {
 /// A request to hand object `name` over (`method::OBJECT_HAND_OVER`): its
 /// owner at `ownership` closes it once every change under way is answered
 /// (`Object::close_when_idle`), so the caller, taking it over, deposes no
-/// owner mid-write. Answered with a [`HandedOver`].
+/// owner mid-write. `to`: the asking host, to which the owner sends
+/// requests for the object meanwhile. Answered with a [`HandedOver`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HandOver {
     pub name: String,
     pub ownership: Ownership,
+    pub to: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HandedOver {
     /// Closed here: the caller may take the object over at that ownership.
+    /// Answered again to the same question while the hold lasts.
     Closed,
     /// Not owned here at that ownership.
     NotOwner,
@@ -288,10 +292,10 @@ pub struct Storage {
     forwarded: Mutex<Forwarded>,
     /// When this host last took over each object from a live owner.
     followed: Mutex<HashMap<String, Instant>>,
-    /// Objects this host handed over, with the epoch it owned them at and
-    /// when: not opened again here while the catalog still names this host
-    /// at that epoch, for `HAND_OVER_HOLD`.
-    handed_over: Mutex<HashMap<String, (u64, Instant)>>,
+    /// Objects this host handed over, by object id: not opened again here
+    /// while the catalog still names this host at that epoch, for
+    /// `HAND_OVER_HOLD`, and their requests sent to the host taking them.
+    handed_over: Mutex<HashMap<u64, HandedTo>>,
 }
 
 pub(crate) fn cores() -> usize {
@@ -350,19 +354,20 @@ impl Storage {
         })
     }
 
-    /// Whether this host handed object `name` over at the epoch `record`
+    /// Whether this host handed the object over at the epoch `record`
     /// names it owner at, lately: it leaves the object to the host it
     /// handed it to (`hand_over`).
-    fn holds_back(&self, name: &str, record: &ObjectRecord) -> bool {
-        self.handed_over.lock().expect("handed-over lock").retain(|_, (_, when)| when.elapsed() < HAND_OVER_HOLD);
-        self.handed_over_at(name, record.owner_epoch)
+    fn holds_back(&self, record: &ObjectRecord) -> bool {
+        self.handed_over.lock().expect("handed-over lock").retain(|_, handed| handed.when.elapsed() < HAND_OVER_HOLD);
+        self.handed_to(Ownership { object: record.id, epoch: record.owner_epoch }).is_some()
     }
 
-    /// Whether this host handed object `name` over at owner epoch `epoch`,
-    /// less than `HAND_OVER_HOLD` ago.
-    fn handed_over_at(&self, name: &str, epoch: u64) -> bool {
+    /// The host this host handed the object over to at `ownership`, if it
+    /// did, less than `HAND_OVER_HOLD` ago.
+    fn handed_to(&self, ownership: Ownership) -> Option<u64> {
         let handed_over = self.handed_over.lock().expect("handed-over lock");
-        handed_over.get(name).is_some_and(|(at, when)| *at == epoch && when.elapsed() < HAND_OVER_HOLD)
+        let handed = handed_over.get(&ownership.object)?;
+        (handed.epoch == ownership.epoch && handed.when.elapsed() < HAND_OVER_HOLD).then_some(handed.to)
     }
 
     /// Counts one I/O of `name` that this host sent on to the object's
@@ -675,17 +680,15 @@ pub(crate) fn catalog_owner(node: &Node, name: &str) -> Option<(u64, Ownership)>
 /// As [`catalog_owner`], but once the catalog names another host if this
 /// host handed the object over at the ownership it names: the catalog
 /// names this host until the host it handed the object to takes it over,
-/// within moments (or, should that host fail first, until this host opens
-/// it again, after `HAND_OVER_HOLD`). Meanwhile no host serves the object,
-/// and a request of this host's own for it, not carried out here (this
-/// host answered it as one that no longer owns the object, having written
-/// nothing of it), waits for the new owner.
+/// within moments; should that host not (it failed), for at most
+/// `HAND_OVER_HOLD`, after which this host opens the object again.
+/// Meanwhile no host serves the object, and a request of this host's own
+/// for it, not carried out here (this host answered it as one that no
+/// longer owns the object, having written nothing of it), waits.
 pub(crate) async fn catalog_owner_past_hand_over(node: &Node, name: &str) -> Option<(u64, Ownership)> {
     loop {
         match catalog_owner(node, name) {
-            Some((owner, ownership))
-                if owner == node.config.node_id && node.storage.handed_over_at(name, ownership.epoch) =>
-            {
+            Some((owner, ownership)) if owner == node.config.node_id && node.storage.handed_to(ownership).is_some() => {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             owner => return owner,
@@ -728,15 +731,26 @@ pub(crate) async fn serve_io(node: &Arc<Node>, header: IoHeader, data: Bytes) ->
             (IoReply::NotOwner { owner: Some(me), address, ownership: Some(current) }, Bytes::new())
         }
         // Named here, and not served here at that (yet, or any more): no
-        // owner to send the request to.
-        Some((owner, _)) if owner == me => {
-            (IoReply::NotOwner { owner: None, address: None, ownership: None }, Bytes::new())
-        }
+        // owner to send the request to, unless this host handed the object
+        // over, to the host that takes it now.
+        Some((owner, current)) if owner == me => handed_over_reply(node, current),
         Some((owner, current)) => {
             let address = host_address(node, owner);
             (IoReply::NotOwner { owner: Some(owner), address, ownership: Some(current) }, Bytes::new())
         }
     }
+}
+
+/// The answer to a request for an object this host owns at `ownership` in
+/// the catalog and does not serve: the host it handed the object over to,
+/// if it did (which answers which host owns it once it has taken it
+/// over), else no owner.
+fn handed_over_reply(node: &Node, ownership: Ownership) -> (IoReply, Bytes) {
+    let reply = match node.storage.handed_to(ownership) {
+        Some(to) => IoReply::NotOwner { owner: Some(to), address: host_address(node, to), ownership: None },
+        None => IoReply::NotOwner { owner: None, address: None, ownership: None },
+    };
+    (reply, Bytes::new())
 }
 
 /// An object this host owns, ready to serve.
@@ -781,7 +795,7 @@ pub(crate) async fn serve_here(
 }
 
 async fn carry_out(node: &Node, serving: Serving, io: IoRequest, data: Bytes) -> (IoReply, Bytes) {
-    let Serving { object, thread, .. } = serving;
+    let Serving { object, thread, ownership } = serving;
     // Reads change nothing in the owner: they run on the caller's thread,
     // and a read of a copy on this host (served in place) wakes no other
     // thread. Changes go to the object's owner thread.
@@ -796,9 +810,8 @@ async fn carry_out(node: &Node, serving: Serving, io: IoRequest, data: Bytes) ->
     match result {
         Ok(Ok(Some(data))) => (IoReply::Data, data),
         Ok(Ok(None)) => (IoReply::Done, Bytes::new()),
-        Ok(Err(ObjectError::Deposed)) => {
-            (IoReply::NotOwner { owner: None, address: None, ownership: None }, Bytes::new())
-        }
+        // Deposed, or handed over while it was held back.
+        Ok(Err(ObjectError::Deposed)) => handed_over_reply(node, ownership),
         Ok(Err(error @ ObjectError::NoSpace)) => (IoReply::NoSpace(error.to_string()), Bytes::new()),
         Ok(Err(error @ ObjectError::Unavailable)) => (IoReply::Unavailable(error.to_string()), Bytes::new()),
         Ok(Err(error)) => (IoReply::Error(error.to_string()), Bytes::new()),
@@ -884,7 +897,7 @@ fn manage_once(node: &Arc<Node>) {
             tend(node, name, &hosts);
             continue;
         }
-        if !should_own(record, me, &up) || storage.holds_back(name, record) {
+        if !should_own(record, me, &up) || storage.holds_back(record) {
             continue;
         }
         start_open(node, name, None);
@@ -922,15 +935,11 @@ fn start_open(node: &Arc<Node>, name: &str, follow: Option<(u64, Ownership)>) {
         // Marked opening meanwhile: this host's own I/O of the object waits
         // for the open (`owned_or_opening`) rather than queue at the owner
         // handing it over.
-        let handed = match follow {
-            Some((owner, ownership)) => ask_hand_over(&node, &name, owner, ownership).await,
-            None => true,
+        let opened = match follow {
+            Some((owner, ownership)) => take_over(&node, &name, owner, ownership).await,
+            None => open(&node, &name, None).await,
         };
-        if !handed {
-            node.storage.opening.lock().expect("opening lock").remove(&name);
-            return;
-        }
-        if let Err(reason) = open(&node, &name, follow.map(|(owner, ownership)| (owner, ownership.epoch))).await {
+        if let Err(reason) = opened {
             tracing::warn!(name, %reason, "could not open the object; retrying");
             node.storage.failed_opens.lock().expect("failed lock").insert(name.clone(), Instant::now());
         }
@@ -938,16 +947,47 @@ fn start_open(node: &Arc<Node>, name: &str, follow: Option<(u64, Ownership)>) {
     });
 }
 
+/// Takes object `name` over from its live owner `owner` at `ownership`,
+/// once that owner has handed it over (`ask_hand_over`); not at all if it
+/// does not: taking it from a live owner without its consent would depose
+/// it mid-write, and a compare-and-write it was writing would end of
+/// unknown outcome. Once handed over, no host serves the object until this
+/// one records itself owner: a compare-and-set that fails (the catalog
+/// busy) is tried again, for half the owner's hold; conditioned on that
+/// owner and epoch, it takes nothing another host took meanwhile.
+async fn take_over(node: &Arc<Node>, name: &str, owner: u64, ownership: Ownership) -> Result<(), String> {
+    if !ask_hand_over(node, name, owner, ownership).await {
+        return Ok(());
+    }
+    let deadline = Instant::now() + HAND_OVER_HOLD / 2;
+    loop {
+        match open(node, name, Some((owner, ownership.epoch))).await {
+            Err(reason) if Instant::now() < deadline => {
+                tracing::warn!(name, %reason, "could not take the object over; trying again");
+                tokio::time::sleep(OPEN_RETRY / 4).await;
+            }
+            opened => return opened,
+        }
+    }
+}
+
 /// Asks host `owner` to hand object `name` over at `ownership`; whether it
-/// did. If not (it refused, or did not answer), the object is not taken
-/// over: taking it from a live owner without its consent would depose it
-/// mid-write, and a compare-and-write it was writing would end of unknown
-/// outcome.
+/// did. Asked twice should the first answer be lost: the owner answers the
+/// same question the same while it holds the object for this host.
 async fn ask_hand_over(node: &Node, name: &str, owner: u64, ownership: Ownership) -> bool {
     let Some(address) = host_address(node, owner) else { return false };
-    let asked = HandOver { name: name.to_string(), ownership };
+    let asked = HandOver { name: name.to_string(), ownership, to: node.config.node_id };
     let timeout = HAND_OVER_DRAIN + Duration::from_secs(3);
-    match wire::call::<_, _, HandedOver>(&node.transport, &address, method::OBJECT_HAND_OVER, &asked, timeout).await {
+    let mut tries = 0;
+    let answer = loop {
+        tries += 1;
+        match wire::call::<_, _, HandedOver>(&node.transport, &address, method::OBJECT_HAND_OVER, &asked, timeout).await
+        {
+            Err(error) if tries < 2 => tracing::warn!(name, owner, %error, "asking for the object; asking again"),
+            answer => break answer,
+        }
+    };
+    match answer {
         Ok(HandedOver::Closed) => {
             tracing::info!(name, owner, epoch = ownership.epoch, "the owner handed the object over");
             true
@@ -962,27 +1002,55 @@ async fn ask_hand_over(node: &Node, name: &str, owner: u64, ownership: Ownership
 /// Hands object `name` over to the host asking, if this host owns it at
 /// the ownership asked: closes it once every change under way is answered,
 /// new ones held back meanwhile (they are then answered as by a host that
-/// no longer owns the object, and their senders send them on). The
-/// catalog still names this host until the asking host takes the object
-/// over; this host does not open it again meanwhile, for up to
-/// `HAND_OVER_HOLD` (should the asking host fail first).
-async fn hand_over(node: &Node, HandOver { name, ownership }: HandOver) -> HandedOver {
+/// no longer owns the object, naming the asking host, and their senders
+/// send them there). The catalog still names this host until the asking
+/// host takes the object over; this host does not open it again
+/// meanwhile, for up to `HAND_OVER_HOLD` (should the asking host fail
+/// first), and sends requests for it to that host.
+async fn hand_over(node: &Node, HandOver { name, ownership, to }: HandOver) -> HandedOver {
     let storage = &node.storage;
-    let Some(serving) = storage.owned(&name).filter(|serving| serving.ownership == ownership) else {
-        return HandedOver::NotOwner;
+    // Not open here at that ownership: handed over already (the same
+    // question again, its answer lost: the same answer), or not owned.
+    let closed = || match storage.handed_to(ownership) == Some(to) {
+        true => HandedOver::Closed,
+        false => HandedOver::NotOwner,
     };
-    storage.handed_over.lock().expect("handed-over lock").insert(name.clone(), (ownership.epoch, Instant::now()));
+    let serving = storage.owned(&name).filter(|serving| serving.ownership == ownership);
+    let Some(serving) = serving.filter(|serving| !serving.object.is_closed()) else { return closed() };
+    {
+        let mut handed_over = storage.handed_over.lock().expect("handed-over lock");
+        let another = |handed: &HandedTo| {
+            handed.to != to && handed.epoch == ownership.epoch && handed.when.elapsed() < HAND_OVER_HOLD
+        };
+        if handed_over.get(&ownership.object).is_some_and(another) {
+            // Being handed to another host (asked at once by two).
+            return HandedOver::NotOwner;
+        }
+        handed_over.insert(ownership.object, HandedTo { epoch: ownership.epoch, to, when: Instant::now() });
+    }
     if !serving.object.close_when_idle(HAND_OVER_DRAIN).await {
-        storage.handed_over.lock().expect("handed-over lock").remove(&name);
-        tracing::warn!(name, "not handing the object over: writes under way were not answered in time");
+        if serving.object.is_closed() {
+            // Closed meanwhile: by the same question asked again, or deposed.
+            return closed();
+        }
+        storage.handed_over.lock().expect("handed-over lock").remove(&ownership.object);
+        tracing::warn!(name, "not handing the object over: changes under way were not answered in time");
         return HandedOver::Busy;
     }
     let mut owned = storage.owned.lock().expect("owned lock");
-    if owned.get(&name).is_some_and(|owned| owned.epoch == ownership.epoch) {
+    if owned.get(&name).is_some_and(|owned| owned.id == ownership.object && owned.epoch == ownership.epoch) {
         owned.remove(&name);
     }
-    tracing::info!(name, epoch = ownership.epoch, "handed the object over: every change under way answered");
+    tracing::info!(name, epoch = ownership.epoch, to, "handed the object over: every change under way answered");
     HandedOver::Closed
+}
+
+/// An object this host handed over (`Storage::handed_over`): at which
+/// owner epoch, to which host, and when.
+struct HandedTo {
+    epoch: u64,
+    to: u64,
+    when: Instant,
 }
 
 /// Whether host `me` should own the object: the record names it, or the
@@ -1542,9 +1610,8 @@ mod tests {
 
     /// An object forwarded `FOLLOW_IOS` times within a window is due to be
     /// taken over, and its count starts again; not one sent a COMPARE AND
-    /// WRITE in that window (a takeover would leave one it was writing for
-    /// with its outcome unknown), nor one whose I/Os were spread over
-    /// longer.
+    /// WRITE in that window (see `Forwarded::due`), nor one whose I/Os
+    /// were spread over longer.
     #[test]
     fn objects_forwarded_often_are_followed_unless_they_were_sent_a_compare_and_write() {
         let start = Instant::now();

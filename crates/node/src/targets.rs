@@ -203,7 +203,8 @@ async fn serve(node: &Arc<Node>, forwarder: &Forwarder, io: &IoRequest, data: &B
     let asked = storage::catalog_owner_past_hand_over(node, &name).await;
     match asked {
         // Named here, yet not served here: being opened again after a
-        // failed open, or deposed here and the catalog not yet caught up.
+        // failed open, or deposed here and the catalog not yet caught up,
+        // or handed over to a host that did not take it within the hold.
         // Held (a compare and write, which the logical unit does not hold,
         // ends NOT READY: sent on, it would go to the client's earlier
         // owner, perhaps one cut off, and wait out the I/O timeout there).

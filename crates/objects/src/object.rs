@@ -668,10 +668,19 @@ impl<T: Transport> Object<T> {
     /// `Deposed` with nothing of them written, so their senders send them
     /// on to the new owner, and no compare-and-write ends of unknown
     /// outcome (as one under way when an owner is deposed does). False,
-    /// and the object left open, if those under way are not all answered
-    /// `within`.
+    /// and the object left as it is, if those under way are not all
+    /// answered `within`, if it is closed already, or if an erasure-coded
+    /// readmission is under way or left unmaps to complete (a rollback
+    /// reports its unmaps once, to this owner alone).
     pub async fn close_when_idle(&self, within: Duration) -> bool {
         let Ok(_alone) = tokio::time::timeout(within, self.atomic.write()).await else { return false };
+        let unmaps_left = !self.unmaps_to_complete.lock().expect("unmaps lock").is_empty();
+        {
+            let state = self.state.lock().expect("object lock");
+            if state.closed || state.owner.readmitting() || unmaps_left {
+                return false;
+            }
+        }
         self.close();
         true
     }

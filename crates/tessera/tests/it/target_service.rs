@@ -1024,6 +1024,68 @@ fn a_takeover_following_the_io_waits_for_the_compare_and_write_the_owner_is_writ
     assert_eq!(block, numbered(number), "the block does not hold the chain's last COMPARE AND WRITE");
 }
 
+/// An owner hands its object over to a host that then never takes it (the
+/// test asks, in that host's name): asked the same again (its answer
+/// lost), it answers the same; asked for another host, it refuses. While
+/// it holds the object for that host it does not open it again, and sends
+/// requests for it there. Once the hold ends it opens the object again
+/// itself, at the next epoch, and the write its initiator sent meanwhile,
+/// held, is carried out.
+#[test]
+fn an_object_handed_over_to_a_host_that_never_takes_it_is_opened_again_by_its_owner() {
+    use bytes::Bytes;
+    use node::storage::{method, HandOver, HandedOver, IoHeader, IoReply, IoRequest, Ownership};
+    use wire::Transport;
+    let _exclusive = exclusive();
+    tool("qemu-io");
+    let (cluster, url, _) = held_io_cluster("iqn.2026-11.org.tessera.test:hold", "raid1:2", 30);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let object = loop {
+        if let Some(object) = the_object(&cluster).filter(|object| object.owner_epoch >= 1) {
+            break object;
+        }
+        assert!(Instant::now() < deadline, "the object was not opened: {}", cluster.report());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let owner = object.owner;
+    let to = (1..=3).find(|host| *host != owner).unwrap();
+    let third = (1..=3).find(|host| *host != owner && *host != to).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let transport = wire::tcp::TcpTransport::new();
+    let ownership = Ownership { object: object.id, epoch: object.owner_epoch };
+    let ask = |asking: u64| -> HandedOver {
+        let asked = HandOver { name: object.name.clone(), ownership, to: asking };
+        let address = cluster.address(owner);
+        let call = wire::call(&transport, &address, method::OBJECT_HAND_OVER, &asked, Duration::from_secs(10));
+        runtime.block_on(call).expect("an answer to the handover")
+    };
+    assert_eq!(ask(to), HandedOver::Closed);
+    assert_eq!(ask(to), HandedOver::Closed, "the same question asked again");
+    assert_eq!(ask(third), HandedOver::NotOwner, "asked for another host than the one it was handed to");
+    let header = IoHeader { ownership: Some(ownership), io: IoRequest::Write { name: object.name.clone(), offset: 0 } };
+    let payload = objects::component::frame(&header, &[0x5a; 4096]);
+    let reply =
+        runtime.block_on(transport.call(&cluster.address(owner), method::OBJECT_IO, payload, Duration::from_secs(30)));
+    let (reply, _): (IoReply, Bytes) =
+        objects::component::unframe(&reply.expect("an answer")).expect("an object reply");
+    match reply {
+        IoReply::NotOwner { owner: Some(named), address: Some(address), ownership: None }
+            if named == to && address == cluster.address(to) => {}
+        reply => panic!("a write for the object handed to host {to} was answered {reply:?}"),
+    }
+    // Held for host `to` (10 s): not opened again meanwhile.
+    for _ in 0..30 {
+        let now = the_object(&cluster).unwrap();
+        assert_eq!((now.owner, now.owner_epoch), (owner, object.owner_epoch), "opened again while held for host {to}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut path = IoPath::open(&url(owner));
+    path.write(0, 0x33, Duration::from_secs(40)).expect("a write held until the owner opened the object again");
+    let now = the_object(&cluster).unwrap();
+    assert_eq!((now.owner, now.owner_epoch), (owner, object.owner_epoch + 1), "not opened again by its owner");
+    path.read(0, 0x33, Duration::from_secs(30)).expect("block 0 holds the write");
+}
+
 #[test]
 fn every_copy_of_an_object_away_for_a_moment_holds_its_io_until_one_is_back() {
     components_away_for_a_moment_hold_the_io("iqn.2026-11.org.tessera.test:away", "raid1:2");
