@@ -1153,6 +1153,8 @@ async fn open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) -> Resul
         cache: node.storage.block_cache.clone(),
         resync_pace: node.storage.resync_pace.clone(),
         first_owner: epoch == 1,
+        // Taken from a live owner only once it handed the object over.
+        handed_over: follow.is_some(),
         erasure: layout(record.policy),
     };
     let blocks = record.size_bytes / BLOCK_SIZE as u64;

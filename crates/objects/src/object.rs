@@ -149,6 +149,10 @@ pub struct Hooks {
     /// catalog's epoch): `recover` need not wait out an older owner's cache
     /// lease before the first write.
     pub first_owner: bool,
+    /// The owner before this one handed the object over, its cache closed
+    /// before it consented (the node's `OBJECT_HAND_OVER`), and had waited
+    /// out any older owner's lease itself: nor need `recover`.
+    pub handed_over: bool,
     /// The object is erasure-coded with this layout (none: copies).
     pub erasure: Option<Layout>,
 }
@@ -395,8 +399,10 @@ impl<T: Transport> Object<T> {
         });
         let infos = futures::future::join_all(asks).await;
         // Every component that answered fences the older owner from now
-        // on; a block it cached stays servable until its lease runs out.
-        let writes_after = (!hooks.first_owner).then(|| tokio::time::Instant::now() + LEASE);
+        // on; a block it cached stays servable until its lease runs out
+        // (unless it closed its cache and handed the object over).
+        let lease_left = !hooks.first_owner && !hooks.handed_over;
+        let writes_after = lease_left.then(|| tokio::time::Instant::now() + LEASE);
         if infos.iter().any(|info| matches!(info, Err(None))) {
             return Err(ObjectError::Deposed);
         }

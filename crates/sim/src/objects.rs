@@ -313,6 +313,7 @@ fn hooks(world: &Shared, persister: Persister, seed: u64, first_owner: bool) -> 
         cache: Some(cache),
         resync_pace: None,
         first_owner,
+        handed_over: false,
         erasure: lock(world).scenario.erasure,
     }
 }

@@ -623,6 +623,19 @@ fn the_object(cluster: &TestCluster) -> Option<node::status::ObjectStatus> {
     objects_of(cluster.status()?)
 }
 
+/// The one object of a held-I/O scenario's cluster once its owner has
+/// opened it (the record's owner epoch is 0 until then).
+fn the_opened_object(cluster: &TestCluster) -> node::status::ObjectStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(object) = the_object(cluster).filter(|object| object.owner_epoch >= 1) {
+            return object;
+        }
+        assert!(Instant::now() < deadline, "the object was not opened: {}", cluster.report());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The one object as host `host` sees it (a host cut off from its peers
 /// still answers the test, from a catalog that no longer changes).
 fn the_object_seen_by(cluster: &TestCluster, host: u64) -> Option<node::status::ObjectStatus> {
@@ -883,15 +896,7 @@ fn a_request_sent_for_an_earlier_owner_epoch_is_refused_by_its_host_owning_the_o
     let _exclusive = exclusive();
     tool("qemu-io");
     let (cluster, url, _) = held_io_cluster("iqn.2026-11.org.tessera.test:epoch", "raid1:2", 20);
-    // Owned at a first epoch (the record's is 0 until its owner opens it).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let object = loop {
-        if let Some(object) = the_object(&cluster).filter(|object| object.owner_epoch >= 1) {
-            break object;
-        }
-        assert!(Instant::now() < deadline, "the object was not opened: {}", cluster.report());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let object = the_opened_object(&cluster);
     let first = object.owner;
     let other = (1..=3).find(|host| *host != first).unwrap();
     let mut path = IoPath::open(&url(other));
@@ -983,12 +988,15 @@ fn a_takeover_following_the_io_waits_for_the_compare_and_write_the_owner_is_writ
     let chain = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let (mut number, mut failures) = (0u64, Vec::new());
+            let (mut number, mut failures, mut longest) = (0u64, Vec::new(), Duration::ZERO);
             while !stop.load(Ordering::SeqCst) {
                 let mut both = [0u8; 1024];
                 both[..512].copy_from_slice(&numbered(number));
                 both[512..].copy_from_slice(&numbered(number + 1));
-                match session.compare_and_write(LBA, &mut both) {
+                let started = Instant::now();
+                let answer = session.compare_and_write(LBA, &mut both);
+                longest = longest.max(started.elapsed());
+                match answer {
                     Ok((STATUS_GOOD, None)) => number += 1,
                     answer => {
                         // Go on from what the block holds.
@@ -999,7 +1007,7 @@ fn a_takeover_following_the_io_waits_for_the_compare_and_write_the_owner_is_writ
                     }
                 }
             }
-            (number, failures, session)
+            (number, failures, longest, session)
         })
     };
     std::thread::sleep(Duration::from_millis(500));
@@ -1011,11 +1019,11 @@ fn a_takeover_following_the_io_waits_for_the_compare_and_write_the_owner_is_writ
         std::thread::sleep(Duration::from_secs(1));
     }
     stop.store(true, Ordering::SeqCst);
-    let (number, failures, session) = chain.join().expect("the chain of COMPARE AND WRITEs");
+    let (number, failures, longest, session) = chain.join().expect("the chain of COMPARE AND WRITEs");
     let now = the_object(&cluster).unwrap();
     println!(
         "{number} COMPARE AND WRITEs through host {owner} while host {other}, then host {third}, took the object \
-         over (epoch {} to {})",
+         over (epoch {} to {}); the longest took {longest:?}",
         object.owner_epoch, now.owner_epoch
     );
     assert!(failures.is_empty(), "COMPARE AND WRITEs not answered GOOD across the moves: {failures:?}");
@@ -1039,14 +1047,7 @@ fn an_object_handed_over_to_a_host_that_never_takes_it_is_opened_again_by_its_ow
     let _exclusive = exclusive();
     tool("qemu-io");
     let (cluster, url, _) = held_io_cluster("iqn.2026-11.org.tessera.test:hold", "raid1:2", 30);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let object = loop {
-        if let Some(object) = the_object(&cluster).filter(|object| object.owner_epoch >= 1) {
-            break object;
-        }
-        assert!(Instant::now() < deadline, "the object was not opened: {}", cluster.report());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let object = the_opened_object(&cluster);
     let owner = object.owner;
     let to = (1..=3).find(|host| *host != owner).unwrap();
     let third = (1..=3).find(|host| *host != owner && *host != to).unwrap();
