@@ -1017,6 +1017,9 @@ async fn hand_over(node: &Node, HandOver { name, ownership, to }: HandOver) -> H
     };
     let serving = storage.owned(&name).filter(|serving| serving.ownership == ownership);
     let Some(serving) = serving.filter(|serving| !serving.object.is_closed()) else { return closed() };
+    // Another handler of the same question (asked again) may replace the
+    // entry meanwhile: each removes only what it put.
+    let asked_at = Instant::now();
     {
         let mut handed_over = storage.handed_over.lock().expect("handed-over lock");
         let another = |handed: &HandedTo| {
@@ -1026,17 +1029,26 @@ async fn hand_over(node: &Node, HandOver { name, ownership, to }: HandOver) -> H
             // Being handed to another host (asked at once by two).
             return HandedOver::NotOwner;
         }
-        handed_over.insert(ownership.object, HandedTo { epoch: ownership.epoch, to, when: Instant::now() });
+        handed_over.insert(ownership.object, HandedTo { epoch: ownership.epoch, to, when: asked_at });
     }
     if !serving.object.close_when_idle(HAND_OVER_DRAIN).await {
         if serving.object.is_closed() {
             // Closed meanwhile: by the same question asked again, or deposed.
             return closed();
         }
-        storage.handed_over.lock().expect("handed-over lock").remove(&ownership.object);
+        let mut handed_over = storage.handed_over.lock().expect("handed-over lock");
+        if handed_over.get(&ownership.object).is_some_and(|handed| handed.when == asked_at) {
+            handed_over.remove(&ownership.object);
+        }
         tracing::warn!(name, "not handing the object over: changes under way were not answered in time");
         return HandedOver::Busy;
     }
+    // The hold counts from the close.
+    storage
+        .handed_over
+        .lock()
+        .expect("handed-over lock")
+        .insert(ownership.object, HandedTo { epoch: ownership.epoch, to, when: Instant::now() });
     let mut owned = storage.owned.lock().expect("owned lock");
     if owned.get(&name).is_some_and(|owned| owned.id == ownership.object && owned.epoch == ownership.epoch) {
         owned.remove(&name);

@@ -151,7 +151,8 @@ pub struct Hooks {
     pub first_owner: bool,
     /// The owner before this one handed the object over, its cache closed
     /// before it consented (the node's `OBJECT_HAND_OVER`), and had waited
-    /// out any older owner's lease itself: nor need `recover`.
+    /// out any older owner's lease itself (`close_when_idle`): nor need
+    /// `recover`.
     pub handed_over: bool,
     /// The object is erasure-coded with this layout (none: copies).
     pub erasure: Option<Layout>,
@@ -678,8 +679,19 @@ impl<T: Transport> Object<T> {
     /// answered `within`, if it is closed already, or if an erasure-coded
     /// readmission is under way or left unmaps to complete (a rollback
     /// reports its unmaps once, to this owner alone).
+    ///
+    /// An owner that has not yet waited out its predecessor's cache lease
+    /// (it has written nothing since it opened) waits it out first, within
+    /// `within`: the next owner, taking the object by this handover, does
+    /// not wait (`Hooks::handed_over`), and an owner deposed before this one
+    /// may serve what it cached until that lease runs out.
     pub async fn close_when_idle(&self, within: Duration) -> bool {
-        let Ok(_alone) = tokio::time::timeout(within, self.atomic.write()).await else { return false };
+        let idle = async {
+            let alone = self.atomic.write().await;
+            self.fenced().await;
+            alone
+        };
+        let Ok(_alone) = tokio::time::timeout(within, idle).await else { return false };
         let unmaps_left = !self.unmaps_to_complete.lock().expect("unmaps lock").is_empty();
         {
             let state = self.state.lock().expect("object lock");

@@ -299,3 +299,37 @@ async fn after_a_refused_write_and_a_new_copy_of_record_reads_fill_and_hit_again
     }
     assert_eq!(cache.stats().hits, hits + 2, "the first read after the change fills, the next two hit");
 }
+
+/// An owner deposed without knowing it still serves what it cached, within
+/// its lease. A new owner that writes nothing hands the object over at
+/// once, and the next owner, taking it by that handover, does not wait out
+/// a lease before its first write (`Hooks::handed_over`): the owner
+/// handing over must have waited it out itself (`close_when_idle`), so the
+/// deposed owner never serves its cached block over that write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_deposed_then_handed_over_at_once_serves_nothing_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hosts, blocks) = fixture(dir.path(), None).await;
+    let old_cache = BlockCache::seeded(1 << 20, 1);
+    let old = Object::open_with(1, blocks, components(&hosts), 0, owner_hooks(&old_cache, None));
+    old.write_at(0, Bytes::from(versioned(0, 1))).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(version_of(0, &old.read_at(0, BLOCK_SIZE as u64).await.unwrap()), Ok(1));
+    }
+    assert!(old_cache.stats().hits >= 1, "the old owner serves block 0 from its cache: {:?}", old_cache.stats());
+
+    let recorded = vec![Status::Active; hosts.len()];
+    let hooks = owner_hooks(&BlockCache::seeded(1 << 20, 2), None);
+    let between = Object::recover(2, blocks, components(&hosts), recorded.clone(), hooks).await.unwrap();
+    let taken = Instant::now();
+    assert!(between.close_when_idle(Duration::from_secs(5)).await, "an idle owner hands over");
+    println!("the owner that wrote nothing handed over {:?} after it took over", taken.elapsed());
+    let hooks = Hooks { handed_over: true, ..owner_hooks(&BlockCache::seeded(1 << 20, 3), None) };
+    let new = Object::recover(3, blocks, components(&hosts), recorded, hooks).await.unwrap();
+    new.write_at(0, Bytes::from(versioned(0, 2))).await.unwrap();
+    match old.read_at(0, BLOCK_SIZE as u64).await {
+        Ok(data) => assert_eq!(version_of(0, &data), Ok(2), "the deposed owner served a stale block"),
+        Err(error) => println!("the deposed owner's read fails: {error}"),
+    }
+    assert_eq!(version_of(0, &new.read_at(0, BLOCK_SIZE as u64).await.unwrap()), Ok(2));
+}
