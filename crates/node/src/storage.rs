@@ -366,8 +366,7 @@ impl Storage {
     /// did, less than `HAND_OVER_HOLD` ago.
     fn handed_to(&self, ownership: Ownership) -> Option<u64> {
         let handed_over = self.handed_over.lock().expect("handed-over lock");
-        let handed = handed_over.get(&ownership.object)?;
-        (handed.epoch == ownership.epoch && handed.when.elapsed() < HAND_OVER_HOLD).then_some(handed.to)
+        handed_over.get(&ownership.object).filter(|handed| handed.holds(ownership)).map(|handed| handed.to)
     }
 
     /// Counts one I/O of `name` that this host sent on to the object's
@@ -1022,10 +1021,7 @@ async fn hand_over(node: &Node, HandOver { name, ownership, to }: HandOver) -> H
     let asked_at = Instant::now();
     {
         let mut handed_over = storage.handed_over.lock().expect("handed-over lock");
-        let another = |handed: &HandedTo| {
-            handed.to != to && handed.epoch == ownership.epoch && handed.when.elapsed() < HAND_OVER_HOLD
-        };
-        if handed_over.get(&ownership.object).is_some_and(another) {
+        if handed_over.get(&ownership.object).is_some_and(|handed| handed.holds(ownership) && handed.to != to) {
             // Being handed to another host (asked at once by two).
             return HandedOver::NotOwner;
         }
@@ -1063,6 +1059,14 @@ struct HandedTo {
     epoch: u64,
     to: u64,
     when: Instant,
+}
+
+impl HandedTo {
+    /// Whether this host still holds the object at `ownership`'s epoch for
+    /// the host it handed it to (`HAND_OVER_HOLD`).
+    fn holds(&self, ownership: Ownership) -> bool {
+        self.epoch == ownership.epoch && self.when.elapsed() < HAND_OVER_HOLD
+    }
 }
 
 /// Whether host `me` should own the object: the record names it, or the

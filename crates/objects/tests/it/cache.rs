@@ -195,16 +195,23 @@ async fn a_deposed_owner_of_an_erasure_coded_object_does_not_serve_what_it_cache
     deposed_owner_serves_nothing_stale(Some(Layout::new(2, 1))).await;
 }
 
-async fn deposed_owner_serves_nothing_stale(layout: Option<Layout>) {
-    let dir = tempfile::tempdir().unwrap();
-    let (hosts, blocks) = fixture(dir.path(), layout).await;
+/// A first owner that wrote version 1 of block 0 and serves it from its
+/// cache.
+async fn an_owner_caching_block_0(hosts: &[Host], blocks: u64, layout: Option<Layout>) -> Arc<Object<TcpTransport>> {
     let old_cache = BlockCache::seeded(1 << 20, 1);
-    let old = Object::open_with(1, blocks, components(&hosts), 0, owner_hooks(&old_cache, layout));
+    let old = Object::open_with(1, blocks, components(hosts), 0, owner_hooks(&old_cache, layout));
     old.write_at(0, Bytes::from(versioned(0, 1))).await.unwrap();
     for _ in 0..2 {
         assert_eq!(version_of(0, &old.read_at(0, BLOCK_SIZE as u64).await.unwrap()), Ok(1));
     }
     assert!(old_cache.stats().hits >= 1, "the old owner serves block 0 from its cache: {:?}", old_cache.stats());
+    old
+}
+
+async fn deposed_owner_serves_nothing_stale(layout: Option<Layout>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (hosts, blocks) = fixture(dir.path(), layout).await;
+    let old = an_owner_caching_block_0(&hosts, blocks, layout).await;
 
     // A new owner takes over (which fences the old one) and writes at once.
     let new_cache = BlockCache::seeded(1 << 20, 2);
@@ -310,13 +317,7 @@ async fn after_a_refused_write_and_a_new_copy_of_record_reads_fill_and_hit_again
 async fn an_owner_deposed_then_handed_over_at_once_serves_nothing_stale() {
     let dir = tempfile::tempdir().unwrap();
     let (hosts, blocks) = fixture(dir.path(), None).await;
-    let old_cache = BlockCache::seeded(1 << 20, 1);
-    let old = Object::open_with(1, blocks, components(&hosts), 0, owner_hooks(&old_cache, None));
-    old.write_at(0, Bytes::from(versioned(0, 1))).await.unwrap();
-    for _ in 0..2 {
-        assert_eq!(version_of(0, &old.read_at(0, BLOCK_SIZE as u64).await.unwrap()), Ok(1));
-    }
-    assert!(old_cache.stats().hits >= 1, "the old owner serves block 0 from its cache: {:?}", old_cache.stats());
+    let old = an_owner_caching_block_0(&hosts, blocks, None).await;
 
     let recorded = vec![Status::Active; hosts.len()];
     let hooks = owner_hooks(&BlockCache::seeded(1 << 20, 2), None);

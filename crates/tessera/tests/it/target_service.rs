@@ -636,6 +636,27 @@ fn the_opened_object(cluster: &TestCluster) -> node::status::ObjectStatus {
     }
 }
 
+/// Block 0 of object `name` filled with `fill`, sent straight to the host at
+/// `address` (`OBJECT_IO`) for `ownership`, as a forwarding host sends it:
+/// the answer.
+fn raw_write(
+    runtime: &tokio::runtime::Runtime,
+    transport: &wire::tcp::TcpTransport,
+    address: &str,
+    name: &str,
+    ownership: Option<node::storage::Ownership>,
+    fill: u8,
+) -> node::storage::IoReply {
+    use node::storage::{method, IoHeader, IoRequest};
+    use wire::Transport;
+    let header = IoHeader { ownership, io: IoRequest::Write { name: name.to_string(), offset: 0 } };
+    let payload = objects::component::frame(&header, &[fill; 4096]);
+    let reply = runtime.block_on(transport.call(address, method::OBJECT_IO, payload, Duration::from_secs(30)));
+    let (reply, _): (node::storage::IoReply, bytes::Bytes) =
+        objects::component::unframe(&reply.expect("an answer to the request")).expect("an object reply");
+    reply
+}
+
 /// The one object as host `host` sees it (a host cut off from its peers
 /// still answers the test, from a catalog that no longer changes).
 fn the_object_seen_by(cluster: &TestCluster, host: u64) -> Option<node::status::ObjectStatus> {
@@ -890,9 +911,7 @@ fn a_compare_and_write_forwarded_to_a_cut_off_owner_ends_soon_after_the_takeover
 /// sent for the current epoch, is carried out.
 #[test]
 fn a_request_sent_for_an_earlier_owner_epoch_is_refused_by_its_host_owning_the_object_again() {
-    use bytes::Bytes;
-    use node::storage::{method, IoHeader, IoReply, IoRequest, Ownership};
-    use wire::Transport;
+    use node::storage::{IoReply, Ownership};
     let _exclusive = exclusive();
     tool("qemu-io");
     let (cluster, url, _) = held_io_cluster("iqn.2026-11.org.tessera.test:epoch", "raid1:2", 20);
@@ -916,12 +935,7 @@ fn a_request_sent_for_an_earlier_owner_epoch_is_refused_by_its_host_owning_the_o
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let transport = wire::tcp::TcpTransport::new();
     let send = |ownership: Option<Ownership>| -> IoReply {
-        let header = IoHeader { ownership, io: IoRequest::Write { name: object.name.clone(), offset: 0 } };
-        let payload = objects::component::frame(&header, &[LATE; 4096]);
-        let call = transport.call(&cluster.address(first), method::OBJECT_IO, payload, Duration::from_secs(30));
-        let reply = runtime.block_on(call).expect("a request to the owner");
-        let (reply, _): (IoReply, Bytes) = objects::component::unframe(&reply).expect("an object reply");
-        reply
+        raw_write(&runtime, &transport, &cluster.address(first), &object.name, ownership, LATE)
     };
     let current = Ownership { object: object.id, epoch: now.owner_epoch };
     let stale = Ownership { object: object.id, epoch: object.owner_epoch };
@@ -1041,9 +1055,7 @@ fn a_takeover_following_the_io_waits_for_the_compare_and_write_the_owner_is_writ
 /// held, is carried out.
 #[test]
 fn an_object_handed_over_to_a_host_that_never_takes_it_is_opened_again_by_its_owner() {
-    use bytes::Bytes;
-    use node::storage::{method, HandOver, HandedOver, IoHeader, IoReply, IoRequest, Ownership};
-    use wire::Transport;
+    use node::storage::{method, HandOver, HandedOver, IoReply, Ownership};
     let _exclusive = exclusive();
     tool("qemu-io");
     let (cluster, url, _) = held_io_cluster("iqn.2026-11.org.tessera.test:hold", "raid1:2", 30);
@@ -1063,13 +1075,7 @@ fn an_object_handed_over_to_a_host_that_never_takes_it_is_opened_again_by_its_ow
     assert_eq!(ask(to), HandedOver::Closed);
     assert_eq!(ask(to), HandedOver::Closed, "the same question asked again");
     assert_eq!(ask(third), HandedOver::NotOwner, "asked for another host than the one it was handed to");
-    let header = IoHeader { ownership: Some(ownership), io: IoRequest::Write { name: object.name.clone(), offset: 0 } };
-    let payload = objects::component::frame(&header, &[0x5a; 4096]);
-    let reply =
-        runtime.block_on(transport.call(&cluster.address(owner), method::OBJECT_IO, payload, Duration::from_secs(30)));
-    let (reply, _): (IoReply, Bytes) =
-        objects::component::unframe(&reply.expect("an answer")).expect("an object reply");
-    match reply {
+    match raw_write(&runtime, &transport, &cluster.address(owner), &object.name, Some(ownership), 0x5a) {
         IoReply::NotOwner { owner: Some(named), address: Some(address), ownership: None }
             if named == to && address == cluster.address(to) => {}
         reply => panic!("a write for the object handed to host {to} was answered {reply:?}"),
