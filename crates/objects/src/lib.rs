@@ -15,6 +15,7 @@
 
 pub mod block_cache;
 pub mod component;
+pub mod crypt;
 pub mod ec;
 pub mod object;
 pub mod owner;

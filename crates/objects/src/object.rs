@@ -24,6 +24,7 @@ use wire::Transport;
 
 use crate::block_cache::{BlockCache, ObjectCache, WriteMark, LEASE};
 use crate::component::{Client, ClientError, ComponentError, Reply, Request};
+use crate::crypt::{DataKey, Xts};
 use crate::ec::{self, Layout};
 use crate::owner::{Action, Index, Input, Op, Owner, Source, Status};
 
@@ -68,6 +69,9 @@ pub enum ObjectError {
     /// No copy taking writes had room for the blocks; nothing was written.
     #[error("no room for the write on the object's disks")]
     NoSpace,
+    /// [`Object::erase_key`] of an object not encrypted at rest.
+    #[error("the object is not encrypted at rest: it has no key to erase")]
+    NotEncrypted,
 }
 
 /// The component reads of one I/O that failed: why, and how many went
@@ -156,7 +160,15 @@ pub struct Hooks {
     pub handed_over: bool,
     /// The object is erasure-coded with this layout (none: copies).
     pub erasure: Option<Layout>,
+    /// The object is encrypted at rest with this key (see [`crate::crypt`]).
+    pub key: Option<DataKey>,
+    /// Makes and records a new key for [`Object::erase_key`].
+    pub rekeyer: Option<Rekeyer>,
 }
+
+/// Makes a new key for the object and records it where the object's next
+/// owner will find it (the catalog), answering it once recorded.
+pub type Rekeyer = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<DataKey, PersistError>> + Send>> + Send + Sync>;
 
 /// What a submitted operation's `Send`s carry: the same bytes to every
 /// component (copies), or each component its own (erasure coding).
@@ -296,6 +308,10 @@ pub struct Object<T: Transport> {
     /// holds its stripe until every active component has it.
     erasure: Option<Layout>,
     stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Encrypted at rest: the cipher of the object's key, replaced only
+    /// while no write is under way (`erase_key` holds `atomic` alone).
+    cipher: std::sync::RwLock<Option<Arc<Xts>>>,
+    rekeyer: Option<Rekeyer>,
 }
 
 impl<T: Transport> Object<T> {
@@ -370,6 +386,8 @@ impl<T: Transport> Object<T> {
                 Some(_) => (0..STRIPE_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
                 None => Vec::new(),
             },
+            cipher: std::sync::RwLock::new(hooks.key.as_ref().map(|key| Arc::new(Xts::new(key)))),
+            rekeyer: hooks.rekeyer,
         })
     }
 
@@ -821,6 +839,7 @@ impl<T: Transport> Object<T> {
 
     async fn write_blocks(self: &Arc<Self>, offset: u64, data: Bytes) -> Result<(), ObjectError> {
         let (first, count) = self.check(offset, data.len() as u64)?;
+        let data = self.seal(first, data);
         if let Some(layout) = self.erasure {
             return self.write_erasure(layout, first, data).await;
         }
@@ -854,6 +873,70 @@ impl<T: Transport> Object<T> {
     /// Every acknowledged write is already durable on every active copy.
     pub async fn flush(&self) -> Result<(), ObjectError> {
         Ok(())
+    }
+
+    /// Whether the object is encrypted at rest.
+    pub fn is_encrypted(&self) -> bool {
+        self.cipher.read().expect("cipher lock").is_some()
+    }
+
+    /// Replaces the object's key with a new one, recorded first: every
+    /// block written so far then reads as noise, and blocks never written
+    /// as zeros (SANITIZE's CRYPTO ERASE). No write is under way meanwhile,
+    /// so each write is sealed under the old key or the new one, whole. If
+    /// the new key may not have been recorded, the object closes: its next
+    /// owner opens it with whichever key the record holds.
+    pub async fn erase_key(self: &Arc<Self>) -> Result<(), ObjectError> {
+        let (Some(rekeyer), true) = (&self.rekeyer, self.is_encrypted()) else {
+            return Err(ObjectError::NotEncrypted);
+        };
+        let _alone = self.atomic.write().await;
+        if self.is_closed() {
+            return Err(ObjectError::Deposed);
+        }
+        match rekeyer().await {
+            Ok(key) => {
+                *self.cipher.write().expect("cipher lock") = Some(Arc::new(Xts::new(&key)));
+                metrics::counter!("objects_keys_erased_total").increment(1);
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(%error, "new key not recorded for certain; closing the object");
+                self.close();
+                Err(match error {
+                    PersistError::Deposed => ObjectError::Deposed,
+                    PersistError::Failed(_) => ObjectError::Unavailable,
+                })
+            }
+        }
+    }
+
+    fn current_cipher(&self) -> Option<Arc<Xts>> {
+        self.cipher.read().expect("cipher lock").clone()
+    }
+
+    /// `data` (whole blocks from `first`) as the components are to hold it.
+    fn seal(&self, first: u64, data: Bytes) -> Bytes {
+        match self.current_cipher() {
+            Some(cipher) => {
+                let mut sealed = bytes::BytesMut::from(&data[..]);
+                cipher.encrypt(first, &mut sealed);
+                sealed.freeze()
+            }
+            None => data,
+        }
+    }
+
+    /// Blocks read from the components, decrypted.
+    fn open_sealed(&self, first: u64, data: Bytes) -> Bytes {
+        match self.current_cipher() {
+            Some(cipher) => {
+                let mut opened = bytes::BytesMut::from(&data[..]);
+                cipher.decrypt(first, &mut opened);
+                opened.freeze()
+            }
+            None => data,
+        }
     }
 
     fn submit(self: &Arc<Self>, op: Op, data: Payload) -> oneshot::Receiver<Result<Lsn, ObjectError>> {
@@ -1589,6 +1672,13 @@ impl<T: Transport> Object<T> {
         via: Option<&T>,
     ) -> Result<Bytes, ObjectError> {
         let (first, count) = self.check(offset, length)?;
+        let sealed = self.read_sealed(first, count, via).await?;
+        Ok(self.open_sealed(first, sealed))
+    }
+
+    /// Blocks `first..first + count` as the components hold them
+    /// (encrypted, if the object is).
+    async fn read_sealed(self: &Arc<Self>, first: u64, count: u64, via: Option<&T>) -> Result<Bytes, ObjectError> {
         if let Some(layout) = self.erasure {
             return self.read_erasure(layout, first, count, via).await;
         }

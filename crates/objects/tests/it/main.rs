@@ -5,6 +5,7 @@
 
 mod cache;
 mod component;
+mod crypt;
 mod erasure;
 mod object;
 
