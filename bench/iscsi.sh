@@ -2,7 +2,8 @@
 # iSCSI block I/O, Tessera beside tgt, in one run on loopback:
 #   - Tessera: a `tessera up` cluster of 3 hosts; its default 1 GiB raid1(2)
 #     volume, and a 1 GiB volume with policy none (both durable: a write is
-#     acknowledged once fdatasync'd on every copy);
+#     acknowledged once fdatasync'd on every copy), and the same volume
+#     encrypted at rest (`--encrypted`: XTS-AES-256 at the objects' owners);
 #   - tgt: a 1 GiB file (page cache: acknowledged before it is durable), and
 #     a 1 GiB file opened O_SYNC (`--bsoflags sync`: durable, the fair
 #     comparison for Tessera's writes).
@@ -60,9 +61,14 @@ raid1_url=$(grep -o "iscsi://127.0.0.1:$iscsi_port/[^ ]*" "$work/up.log" | head 
 "$tessera" volume create bench-none --size "${SIZE_MIB}MiB" --policy none --object-size 256MiB --data "$work/cluster" >/dev/null
 "$tessera" target create iqn.2026-11.org.tessera:bench-none --lun 0=bench-none --data "$work/cluster" >/dev/null
 none_url="iscsi://127.0.0.1:$iscsi_port/iqn.2026-11.org.tessera:bench-none/0"
-for _ in $(seq 1 60); do
-    iscsi-inq "$none_url" >/dev/null 2>&1 && break
-    sleep 1
+"$tessera" volume create bench-enc --size "${SIZE_MIB}MiB" --policy none --object-size 256MiB --encrypted --data "$work/cluster" >/dev/null
+"$tessera" target create iqn.2026-11.org.tessera:bench-enc --lun 0=bench-enc --data "$work/cluster" >/dev/null
+enc_url="iscsi://127.0.0.1:$iscsi_port/iqn.2026-11.org.tessera:bench-enc/0"
+for url in "$none_url" "$enc_url"; do
+    for _ in $(seq 1 60); do
+        iscsi-inq "$url" >/dev/null 2>&1 && break
+        sleep 1
+    done
 done
 
 # tgt, on the same disk as Tessera's data.
@@ -103,8 +109,8 @@ perf() { # url: 4 KiB random reads at depth 32 for SECONDS_PER seconds, IOPS
     grep -o "iops average [0-9]*" <<<"$out" | tail -1 | awk '{ print $3 + 0 }'
 }
 
-names=(tgt-file tgt-sync tessera-none tessera-raid1)
-urls=("$tgt_url" "$sync_url" "$none_url" "$raid1_url")
+names=(tgt-file tgt-sync tessera-none tessera-none-enc tessera-raid1)
+urls=("$tgt_url" "$sync_url" "$none_url" "$enc_url" "$raid1_url")
 seq_count=$((SIZE_MIB * 8))    # 128 KiB requests covering the LUN
 stride=$((4096 * 7919))         # a prime number of 4 KiB blocks
 declare -A result
@@ -134,8 +140,9 @@ for name in "${names[@]}"; do
 done
 echo
 echo "Ratios (Tessera / tgt):"
-for name in tessera-none tessera-raid1; do
+for name in tessera-none tessera-none-enc tessera-raid1; do
     echo "  $name: 4K read vs tgt-file $(ratio "${result[$name,randr]}" "${result[tgt-file,randr]}") (qemu-img), $(ratio "${result[$name,perf]}" "${result[tgt-file,perf]}") (iscsi-perf), re-read $(ratio "${result[$name,reread]}" "${result[tgt-file,reread]}");" \
         "durable 4K write vs tgt-sync $(ratio "${result[$name,randw]}" "${result[tgt-sync,randw]}"), vs tgt-file $(ratio "${result[$name,randw]}" "${result[tgt-file,randw]}");" \
         "128K write vs tgt-sync $(ratio "${result[$name,seqw]}" "${result[tgt-sync,seqw]}"), 128K read vs tgt-file $(ratio "${result[$name,seqr]}" "${result[tgt-file,seqr]}")"
 done
+echo "Encryption at rest (tessera-none-enc / tessera-none): 128K write $(ratio "${result[tessera-none-enc,seqw]}" "${result[tessera-none,seqw]}"), 128K read $(ratio "${result[tessera-none-enc,seqr]}" "${result[tessera-none,seqr]}"), 4K write $(ratio "${result[tessera-none-enc,randw]}" "${result[tessera-none,randw]}"), 4K read $(ratio "${result[tessera-none-enc,randr]}" "${result[tessera-none,randr]}"), 4K re-read $(ratio "${result[tessera-none-enc,reread]}" "${result[tessera-none,reread]}")"

@@ -242,6 +242,45 @@ pub struct ObjectRecord {
     /// One per component, as the owner last recorded them.
     pub states: Vec<ComponentState>,
     pub created_ms: u64,
+    /// Encrypted at rest with this key (the owner seals every block
+    /// before it reaches a component); none: stored as written.
+    #[serde(default)]
+    pub key: Option<ObjectKey>,
+}
+
+/// An object's key for encryption at rest: XTS-AES-256's two AES-256 keys
+/// (see the objects crate's `crypt`). Its `Debug` shows nothing of it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectKey(pub [[u8; 32]; 2]);
+
+impl ObjectKey {
+    /// A new key from the operating system's random source, its two
+    /// halves distinct.
+    pub fn random() -> ObjectKey {
+        use rand::RngCore;
+        loop {
+            let mut key = ObjectKey([[0; 32]; 2]);
+            rand::rngs::OsRng.fill_bytes(&mut key.0[0]);
+            rand::rngs::OsRng.fill_bytes(&mut key.0[1]);
+            if key.0[0] != key.0[1] {
+                return key;
+            }
+        }
+    }
+
+    /// The 64 bytes: the data key, then the tweak key.
+    pub fn bytes(&self) -> [u8; 64] {
+        let mut bytes = [0u8; 64];
+        bytes[..32].copy_from_slice(&self.0[0]);
+        bytes[32..].copy_from_slice(&self.0[1]);
+        bytes
+    }
+}
+
+impl std::fmt::Debug for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ObjectKey(..)")
+    }
 }
 
 impl ObjectRecord {
@@ -276,6 +315,10 @@ pub struct VolumeRecord {
     /// Object names, in LBA order.
     pub objects: Vec<String>,
     pub created_ms: u64,
+    /// Its objects are encrypted at rest, each with its own key: a
+    /// SANITIZE CRYPTO ERASE replaces the keys.
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// CHAP secrets of a target (see the iSCSI crate).
@@ -343,6 +386,7 @@ mod tests {
             owner_epoch: 1,
             states,
             created_ms: 0,
+            key: None,
         }
     }
 

@@ -1,5 +1,5 @@
-//! SANITIZE (SBC-4 §5.30): OVERWRITE and BLOCK ERASE of a whole logical
-//! unit, and EXIT FAILURE MODE.
+//! SANITIZE (SBC-4 §5.30): OVERWRITE, BLOCK ERASE and CRYPTO ERASE of a
+//! whole logical unit, and EXIT FAILURE MODE.
 //!
 //! A sanitize runs in the background, apart from the command that started
 //! it: aborting that command, resetting the unit or losing the I_T nexus
@@ -13,7 +13,10 @@
 //! sanitizing a large unit does not take every disk and link it shares with
 //! other volumes; a block erase only deallocates and is not paced.
 //!
-//! CRYPTO ERASE is not offered: a Tessera volume holds no key to discard.
+//! CRYPTO ERASE is offered by a device that encrypts what it stores
+//! ([`BlockDevice::encrypted`]): it replaces the keys, so every block
+//! written before reads as noise (an encrypted Tessera volume: each of its
+//! objects' keys, in the catalog).
 //! A sanitize is not resumed after the process serving the unit restarts.
 
 use std::num::NonZeroU64;
@@ -30,6 +33,7 @@ use crate::sense::Sense;
 pub const OPCODE: u8 = 0x48;
 pub const OVERWRITE: u8 = 0x01;
 pub const BLOCK_ERASE: u8 = 0x02;
+pub const CRYPTO_ERASE: u8 = 0x03;
 pub const EXIT_FAILURE_MODE: u8 = 0x1f;
 
 /// Blocks written or unmapped per request, and requests in flight.
@@ -59,6 +63,8 @@ pub enum Operation {
     },
     /// Deallocates every block: each then reads as zeros.
     BlockErase,
+    /// Replaces the device's keys: each block written reads as noise.
+    CryptoErase,
     ExitFailureMode,
 }
 
@@ -73,7 +79,7 @@ impl Request {
             return Err(Sense::invalid_cdb(byte as u16, None));
         }
         let service_action = cdb[1] & 0x1f;
-        if !matches!(service_action, OVERWRITE | BLOCK_ERASE | EXIT_FAILURE_MODE) {
+        if !matches!(service_action, OVERWRITE | BLOCK_ERASE | CRYPTO_ERASE | EXIT_FAILURE_MODE) {
             return Err(Sense::invalid_cdb(1, Some(4)));
         }
         Ok(Request {
@@ -89,14 +95,15 @@ impl Request {
     pub fn operation(&self, data: &[u8], block_size: u32) -> Result<Operation, Sense> {
         let length = usize::from(self.parameter_length);
         if self.service_action != OVERWRITE {
-            // BLOCK ERASE and EXIT FAILURE MODE take no parameter list.
+            // BLOCK ERASE, CRYPTO ERASE and EXIT FAILURE MODE take no
+            // parameter list.
             if length != 0 {
                 return Err(Sense::invalid_cdb(7, None));
             }
-            return Ok(if self.service_action == BLOCK_ERASE {
-                Operation::BlockErase
-            } else {
-                Operation::ExitFailureMode
+            return Ok(match self.service_action {
+                BLOCK_ERASE => Operation::BlockErase,
+                CRYPTO_ERASE => Operation::CryptoErase,
+                _ => Operation::ExitFailureMode,
             });
         }
         // Four header bytes and a pattern of 1 to one block's bytes.
@@ -214,7 +221,7 @@ where
 pub fn total_blocks(operation: &Operation, blocks: u64) -> u64 {
     match operation {
         Operation::Overwrite { passes, .. } => blocks * u64::from(*passes),
-        Operation::BlockErase | Operation::ExitFailureMode => blocks,
+        Operation::BlockErase | Operation::CryptoErase | Operation::ExitFailureMode => blocks,
     }
 }
 
@@ -254,6 +261,10 @@ pub async fn run(
                 async move { device.unmap(lba, count).await }
             })
             .await?;
+        }
+        Operation::CryptoErase => {
+            device.crypto_erase().await?;
+            progress.add(blocks);
         }
         Operation::ExitFailureMode => return Ok(()),
     }
@@ -308,7 +319,7 @@ mod tests {
             bad[byte] = byte as u8;
             assert_eq!(Request::parse(&bad).unwrap_err().field, Some((true, byte as u16, None)));
         }
-        for action in [0x00, 0x03, 0x04, 0x1e] {
+        for action in [0x00, 0x04, 0x1e] {
             assert_eq!(invalid(Request::parse(&cdb(action, 0))), (0x24, 0), "service action {action:#x}");
         }
         let request = Request::parse(&cdb(0x80 | 0x20 | OVERWRITE, 516)).unwrap();
@@ -319,12 +330,14 @@ mod tests {
     }
 
     #[test]
-    fn block_erase_and_exit_failure_mode_take_no_parameters() {
+    fn block_erase_crypto_erase_and_exit_failure_mode_take_no_parameters() {
         let erase = Request::parse(&cdb(BLOCK_ERASE, 0)).unwrap();
         assert_eq!(erase.operation(&[], 512).unwrap(), Operation::BlockErase);
+        let crypto = Request::parse(&cdb(CRYPTO_ERASE, 0)).unwrap();
+        assert_eq!(crypto.operation(&[], 512).unwrap(), Operation::CryptoErase);
         let exit = Request::parse(&cdb(EXIT_FAILURE_MODE, 0)).unwrap();
         assert_eq!(exit.operation(&[], 512).unwrap(), Operation::ExitFailureMode);
-        for action in [BLOCK_ERASE, EXIT_FAILURE_MODE] {
+        for action in [BLOCK_ERASE, CRYPTO_ERASE, EXIT_FAILURE_MODE] {
             let with_list = Request::parse(&cdb(action, 8)).unwrap();
             assert_eq!(invalid(with_list.operation(&[0; 8], 512)), (0x24, 0));
         }

@@ -113,6 +113,16 @@ pub trait BlockDevice: Send + Sync + 'static {
             Ok(None)
         })
     }
+    /// Whether the device encrypts what it stores under keys it can
+    /// replace: SANITIZE CRYPTO ERASE is then offered.
+    fn encrypted(&self) -> bool {
+        false
+    }
+    /// Replaces every key the device's blocks are encrypted with: each
+    /// block written before then reads as noise, others as zeros.
+    fn crypto_erase(&self) -> BoxFuture<'_, IoResult<()>> {
+        Box::pin(async { Err(IoError::Medium("the device holds no key to erase".into())) })
+    }
     /// Whether `lba` is mapped, and how many blocks from it share that state.
     fn provisioning(&self, lba: u64) -> BoxFuture<'_, IoResult<(bool, u64)>> {
         let left = self.blocks().saturating_sub(lba);
@@ -357,6 +367,8 @@ const COMMANDS: &[(u8, Option<u8>, usize)] = &[
     (0x42, None, 10),
     (sanitize::OPCODE, Some(sanitize::OVERWRITE), 10),
     (sanitize::OPCODE, Some(sanitize::BLOCK_ERASE), 10),
+    // Offered only by a device that encrypts (`commands`).
+    (sanitize::OPCODE, Some(sanitize::CRYPTO_ERASE), 10),
     (sanitize::OPCODE, Some(sanitize::EXIT_FAILURE_MODE), 10),
     (0x55, None, 10),
     (0x5a, None, 10),
@@ -758,7 +770,7 @@ impl LogicalUnit {
             0xa0 => report_luns(cdb, command.luns),
             0xa3 => match cdb[1] & 0x1f {
                 0x0a => self.report_port_groups(cdb, command.port),
-                0x0c => report_opcodes(cdb),
+                0x0c => report_opcodes(cdb, self.device.encrypted()),
                 _ => Err(Sense::invalid_cdb(1, Some(4))),
             },
             0x16 => self.legacy_reservation(command.nexus, true),
@@ -1004,6 +1016,10 @@ impl LogicalUnit {
         let request = sanitize::Request::parse(cdb)?;
         self.check_writable()?;
         let operation = request.operation(&data, self.block_size())?;
+        if operation == sanitize::Operation::CryptoErase && !self.device.encrypted() {
+            // Not offered: the SERVICE ACTION field.
+            return Err(Sense::invalid_cdb(1, Some(4)));
+        }
         {
             let mut state = self.sanitize.lock().expect("sanitize state");
             // A failed sanitize that did not allow an unrestricted exit ends
@@ -1351,8 +1367,11 @@ impl LogicalUnit {
             0xb1 => {
                 let mut body = vec![0u8; 0x3c];
                 body[0..2].copy_from_slice(&1u16.to_be_bytes()); // non-rotating
-                                                                 // WABEREQ 01b: a read of a block-erased block succeeds (zeros).
-                body[3] = 0x40;
+                                                                 // WABEREQ 01b: a read of a block-erased block succeeds
+                                                                 // (zeros); WACEREQ 01b, with a device that encrypts: so
+                                                                 // does one of a crypto-erased block (noise, or zeros if
+                                                                 // never written).
+                body[3] = 0x40 | if self.device.encrypted() { 0x10 } else { 0 };
                 body
             }
             // LBPU, LBPWS, LBPWS10, LBPRZ; provisioning type: thin.
@@ -1831,8 +1850,17 @@ fn read_defect_data(cdb: &[u8]) -> Result<Reply, Sense> {
     Ok(Reply::good(out))
 }
 
-/// REPORT SUPPORTED OPERATION CODES.
-pub fn report_opcodes(cdb: &[u8]) -> Result<Reply, Sense> {
+/// The commands a unit runs: all of [`COMMANDS`] but CRYPTO ERASE, which
+/// only a device that encrypts offers.
+fn commands(encrypted: bool) -> impl Iterator<Item = &'static (u8, Option<u8>, usize)> {
+    COMMANDS.iter().filter(move |&&(code, action, _)| {
+        encrypted || (code, action) != (sanitize::OPCODE, Some(sanitize::CRYPTO_ERASE))
+    })
+}
+
+/// REPORT SUPPORTED OPERATION CODES, of a unit whose device encrypts or
+/// not.
+pub fn report_opcodes(cdb: &[u8], encrypted: bool) -> Result<Reply, Sense> {
     let timeouts = cdb[2] & 0x80 != 0;
     let options = cdb[2] & 0x07;
     let opcode = cdb[3];
@@ -1847,7 +1875,7 @@ pub fn report_opcodes(cdb: &[u8]) -> Result<Reply, Sense> {
     match options {
         0 => {
             out.extend_from_slice(&[0; 4]);
-            for &(code, action, length) in COMMANDS {
+            for &(code, action, length) in commands(encrypted) {
                 out.push(code);
                 out.push(0);
                 out.extend_from_slice(&u16::from(action.unwrap_or(0)).to_be_bytes());
@@ -1862,8 +1890,8 @@ pub fn report_opcodes(cdb: &[u8]) -> Result<Reply, Sense> {
             out[0..4].copy_from_slice(&length.to_be_bytes());
         }
         1..=3 => {
-            let has_actions = COMMANDS.iter().any(|&(code, action, _)| code == opcode && action.is_some());
-            let found = COMMANDS.iter().find(|&&(code, action, _)| {
+            let has_actions = commands(encrypted).any(|&(code, action, _)| code == opcode && action.is_some());
+            let found = commands(encrypted).find(|&&(code, action, _)| {
                 code == opcode
                     && match (options, action) {
                         (1, None) => true,
@@ -1877,7 +1905,7 @@ pub fn report_opcodes(cdb: &[u8]) -> Result<Reply, Sense> {
             if options == 1 && has_actions {
                 return Err(Sense::invalid_cdb(2, None));
             }
-            if options == 2 && !has_actions && COMMANDS.iter().any(|&(code, _, _)| code == opcode) {
+            if options == 2 && !has_actions && commands(encrypted).any(|&(code, _, _)| code == opcode) {
                 return Err(Sense::invalid_cdb(2, None));
             }
             match found {

@@ -209,6 +209,9 @@ pub struct NewObject {
     /// `none`, `raid1:2` or `raid1:3`.
     pub policy: String,
     pub size_bytes: u64,
+    /// Encrypted at rest, with a key of its own.
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 async fn list_objects(State(node): State<Arc<Node>>) -> Response {
@@ -245,7 +248,7 @@ async fn create_object(
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     use crate::storage::CreateError;
-    match crate::storage::create(&node, &new.name, policy, new.size_bytes).await {
+    match crate::storage::create(&node, &new.name, policy, new.size_bytes, new.encrypted).await {
         Ok(record) => (StatusCode::CREATED, Json(crate::storage::object_status(&record, None))).into_response(),
         Err(failure @ CreateError::Invalid(_)) => error(StatusCode::BAD_REQUEST, failure.to_string()),
         Err(failure @ CreateError::Exists(_)) => error(StatusCode::CONFLICT, failure.to_string()),

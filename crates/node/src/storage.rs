@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 
 use blockstore::{Disk, DiskConfig, BLOCK_SIZE};
 use bytes::Bytes;
-use catalog::{ComponentRecord, ComponentState, HostRecord, HostState, ObjectRecord, Policy};
+use catalog::{ComponentRecord, ComponentState, HostRecord, HostState, ObjectKey, ObjectRecord, Policy};
 use objects::block_cache::BlockCache;
 use objects::component::{frame, unframe, Client, Request as ComponentRequest, Service};
-use objects::object::{Hooks, Object, ObjectError, PersistError, Persister};
+use objects::crypt::DataKey;
+use objects::object::{Hooks, Object, ObjectError, PersistError, Persister, Rekeyer};
 use objects::owner::Status;
 use objects::threads::{component_address, ComponentThreads, OwnerThreads};
 use serde::{Deserialize, Serialize};
@@ -118,6 +119,12 @@ pub enum IoRequest {
         offset: u64,
         expected: u64,
     },
+    /// Replaces the key of an object encrypted at rest, recorded in the
+    /// catalog first: everything written to it reads as noise from then on
+    /// (SANITIZE's CRYPTO ERASE). Refused for an object without a key.
+    EraseKey {
+        name: String,
+    },
 }
 
 /// Which opening of which object a request is meant for: the object's id
@@ -178,13 +185,20 @@ impl IoRequest {
             | IoRequest::Unmap { name, .. }
             | IoRequest::Flush { name }
             | IoRequest::Provisioning { name, .. }
-            | IoRequest::CompareAndWrite { name, .. } => name,
+            | IoRequest::CompareAndWrite { name, .. }
+            | IoRequest::EraseKey { name } => name,
         }
     }
 
     /// Whether it changes the object's data.
     pub(crate) fn changes(&self) -> bool {
-        matches!(self, IoRequest::Write { .. } | IoRequest::Unmap { .. } | IoRequest::CompareAndWrite { .. })
+        matches!(
+            self,
+            IoRequest::Write { .. }
+                | IoRequest::Unmap { .. }
+                | IoRequest::CompareAndWrite { .. }
+                | IoRequest::EraseKey { .. }
+        )
     }
 
     /// A compare and write with something to compare: not the same if
@@ -522,11 +536,13 @@ pub fn component_blocks(policy: Policy, size_bytes: u64) -> u64 {
 
 /// Creates an object: places its components on distinct hosts, creates
 /// them, and records the object with the first component's host as owner.
+/// `encrypted`: encrypted at rest, with a key of its own.
 pub async fn create(
     node: &Arc<Node>,
     name: &str,
     policy: Policy,
     size_bytes: u64,
+    encrypted: bool,
 ) -> Result<ObjectRecord, CreateError> {
     check_name(name).map_err(CreateError::Invalid)?;
     if size_bytes == 0 || !size_bytes.is_multiple_of(BLOCK_SIZE as u64) {
@@ -601,6 +617,7 @@ pub async fn create(
         states: vec![ComponentState::Active; components.len()],
         components,
         created_ms: now_ms(),
+        key: encrypted.then(ObjectKey::random),
     };
     match services.catalog.create_object(record.clone()).await {
         Ok(Ok(_)) => {
@@ -833,6 +850,7 @@ async fn perform(object: &Arc<Object<TcpTransport>>, io: IoRequest, data: Bytes)
             let differs = object.compare_and_write(offset, &data[..split], data.slice(split..)).await?;
             Ok(Some(differs.map(|at| Bytes::copy_from_slice(&at.to_be_bytes())).unwrap_or_default()))
         }
+        IoRequest::EraseKey { .. } => object.erase_key().await.map(|_| None),
     }
 }
 
@@ -1172,6 +1190,8 @@ async fn open(node: &Arc<Node>, name: &str, follow: Option<(u64, u64)>) -> Resul
         // Taken from a live owner only once it handed the object over.
         handed_over: follow.is_some(),
         erasure: layout(record.policy),
+        key: record.key.as_ref().map(|key| DataKey(key.bytes())),
+        rekeyer: Some(rekeyer(node, name, epoch)),
     };
     let blocks = record.size_bytes / BLOCK_SIZE as u64;
     let opened = node
@@ -1297,6 +1317,56 @@ fn persister(node: &Arc<Node>, name: &str, epoch: u64) -> Persister {
             match result {
                 Ok(_) if deposed => Err(PersistError::Deposed),
                 Ok(_) => Ok(()),
+                Err(catalog::CatalogError::NotFound(_)) => Err(PersistError::Deposed),
+                Err(error) => Err(PersistError::Failed(error.to_string())),
+            }
+        });
+        Box::pin(async move { work.await.unwrap_or_else(|error| Err(PersistError::Failed(error.to_string()))) })
+    })
+}
+
+/// Makes a new key for object `name`, owned here at `epoch`, and records
+/// it in the catalog (never for an object recorded without a key, nor by
+/// an owner the catalog no longer names).
+fn rekeyer(node: &Arc<Node>, name: &str, epoch: u64) -> Rekeyer {
+    let node = Arc::downgrade(node);
+    let name = name.to_string();
+    let runtime = tokio::runtime::Handle::current();
+    Arc::new(move || {
+        let node = node.clone();
+        let name = name.clone();
+        let work = runtime.spawn(async move {
+            let Some(node) = node.upgrade() else { return Err(PersistError::Failed("node stopped".into())) };
+            let Some(services) = node.services() else { return Err(PersistError::Failed("no catalog".into())) };
+            let me = node.config.node_id;
+            let key = ObjectKey::random();
+            let mut refused = None;
+            let result = services
+                .catalog
+                .update_object(&name, |record| {
+                    refused = if record.owner != me || record.owner_epoch != epoch {
+                        Some(PersistError::Deposed)
+                    } else if record.key.is_none() {
+                        Some(PersistError::Failed("the object is recorded without a key".into()))
+                    } else {
+                        None
+                    };
+                    if refused.is_some() {
+                        return None;
+                    }
+                    let mut updated = record.clone();
+                    updated.key = Some(key.clone());
+                    Some(updated)
+                })
+                .await;
+            match result {
+                Ok(_) => match refused {
+                    Some(error) => Err(error),
+                    None => {
+                        tracing::info!(name, epoch, "object key replaced");
+                        Ok(DataKey(key.bytes()))
+                    }
+                },
                 Err(catalog::CatalogError::NotFound(_)) => Err(PersistError::Deposed),
                 Err(error) => Err(PersistError::Failed(error.to_string())),
             }

@@ -302,6 +302,11 @@ impl ObjectIo for NodeObjects {
         Box::pin(async move { call.await.map(|_| ()) })
     }
 
+    fn erase_key(&self, object: &str) -> BoxFuture<'static, Result<(), VolumeError>> {
+        let call = self.call(IoRequest::EraseKey { name: object.to_string() }, Bytes::new());
+        Box::pin(async move { call.await.map(|_| ()) })
+    }
+
     fn provisioning(
         &self,
         object: &str,
@@ -327,6 +332,8 @@ struct VolumeDevice {
     /// of more than itself: an erasure-coded volume's stripe (its data
     /// chunks), when stripes line up across objects; else a block.
     stripe: u32,
+    /// Its objects are encrypted at rest (SANITIZE CRYPTO ERASE is offered).
+    encrypted: bool,
 }
 
 impl VolumeDevice {
@@ -343,7 +350,7 @@ impl VolumeDevice {
             }
             None => block,
         };
-        VolumeDevice { volume, stripe: stripe as u32 }
+        VolumeDevice { volume, stripe: stripe as u32, encrypted: record.encrypted }
     }
 }
 
@@ -411,6 +418,23 @@ impl BlockDevice for VolumeDevice {
         } else {
             1
         }
+    }
+
+    fn encrypted(&self) -> bool {
+        self.encrypted
+    }
+
+    /// At each object's owner, which holds back the object's writes while
+    /// it records the new key: whichever host the initiators use, each
+    /// write is sealed under the old key or the new one.
+    fn crypto_erase(&self) -> BoxFuture<'_, IoResult<()>> {
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let objects = self.volume.layout().objects.len();
+            self.volume.erase_keys().await.map_err(io_error)?;
+            tracing::info!(objects, elapsed_ms = started.elapsed().as_millis() as u64, "volume keys erased");
+            Ok(())
+        })
     }
 
     /// At each object's owner: atomic whichever host the initiators use.
@@ -604,6 +628,10 @@ pub struct NewVolume {
     pub policy: String,
     #[serde(default)]
     pub object_size: Option<u64>,
+    /// Encrypt its objects at rest, each with a key of its own (SANITIZE
+    /// CRYPTO ERASE then replaces the keys).
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 fn default_policy() -> String {
@@ -657,7 +685,7 @@ pub async fn create_volume(node: &Arc<Node>, new: &NewVolume) -> Result<VolumeRe
     let mut objects: Vec<String> = Vec::new();
     for index in 0..count {
         let name = format!("{}.{index}", new.name);
-        if let Err(error) = storage::create(node, &name, policy, object_size).await {
+        if let Err(error) = storage::create(node, &name, policy, object_size, new.encrypted).await {
             for created in &objects {
                 let _ = storage::remove(node, created).await;
             }
@@ -673,6 +701,7 @@ pub async fn create_volume(node: &Arc<Node>, new: &NewVolume) -> Result<VolumeRe
         policy,
         objects: objects.clone(),
         created_ms: storage::now_ms(),
+        encrypted: new.encrypted,
     };
     let stored = services
         .catalog
@@ -711,7 +740,7 @@ pub async fn grow_volume(node: &Arc<Node>, name: &str, size_bytes: u64) -> Resul
     let mut objects = current.objects.clone();
     for index in objects.len()..count {
         let object = format!("{name}.{index}");
-        match storage::create(node, &object, current.policy, current.object_size).await {
+        match storage::create(node, &object, current.policy, current.object_size, current.encrypted).await {
             Ok(_) | Err(storage::CreateError::Exists(_)) => objects.push(object),
             Err(error) => return Err(create_error(error)),
         }
@@ -878,6 +907,9 @@ pub struct VolumeStatus {
     pub objects: Vec<String>,
     /// The worst health of its objects.
     pub health: String,
+    /// Its objects are encrypted at rest.
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// A target with the URLs initiators use.
@@ -930,6 +962,7 @@ pub fn volume_statuses(node: &Node) -> Vec<VolumeStatus> {
                 object_size: record.object_size,
                 objects: record.objects.clone(),
                 health: health.into(),
+                encrypted: record.encrypted,
             }
         })
         .collect()

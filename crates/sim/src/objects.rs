@@ -32,6 +32,7 @@ use bytes::Bytes;
 use fsio::SimFs;
 use objects::block_cache::BlockCache;
 use objects::component::{Client, Request, Service};
+use objects::crypt::{DataKey, Xts};
 use objects::ec::Layout;
 use objects::object::{Hooks, Object, ObjectError, PersistError, Persister};
 use objects::owner::Status;
@@ -73,7 +74,21 @@ pub struct Scenario {
     /// The nemesis also fills disks (one host's, or every host's at once),
     /// and writers unmap now and then, so writes keep needing new blocks.
     pub full_disks: bool,
+    /// The object is encrypted at rest ([`KEY`]): the checker decrypts
+    /// what it reads straight from the components.
+    pub encrypted: bool,
 }
+
+/// The key of an encrypted scenario's object.
+pub const KEY: DataKey = DataKey({
+    let mut key = [0u8; objects::crypt::KEY_BYTES];
+    let mut index = 0;
+    while index < key.len() {
+        key[index] = (index as u8).wrapping_mul(13).wrapping_add(5);
+        index += 1;
+    }
+    key
+});
 
 impl Default for Scenario {
     fn default() -> Self {
@@ -88,6 +103,7 @@ impl Default for Scenario {
             partitions: true,
             loss_bursts: true,
             full_disks: false,
+            encrypted: false,
         }
     }
 }
@@ -315,6 +331,8 @@ fn hooks(world: &Shared, persister: Persister, seed: u64, first_owner: bool) -> 
         first_owner,
         handed_over: false,
         erasure: lock(world).scenario.erasure,
+        key: lock(world).scenario.encrypted.then_some(KEY),
+        rekeyer: None,
     }
 }
 
@@ -738,9 +756,14 @@ async fn check(world: &Shared, healed: bool) -> Report {
         }
     }
     let mut world = lock(world);
+    let cipher = scenario.encrypted.then(|| Xts::new(&KEY));
     let check_block = |violations: &mut Vec<String>, block: u64, data: &[u8], on: String| {
         let history = world.history.blocks.get(&block).cloned().unwrap_or_default();
-        match decode(block, data) {
+        let mut data = data.to_vec();
+        if let Some(cipher) = &cipher {
+            cipher.decrypt(block, &mut data);
+        }
+        match decode(block, &data) {
             Ok(seen) if history.allows(seen) => {}
             Ok(seen) => violations.push(format!(
                 "{on} block {block} holds write {seen:?}; the last acknowledged was {:?} (maybe {:?})",

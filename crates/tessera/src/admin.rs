@@ -373,17 +373,20 @@ pub fn create_volume(
     size_bytes: u64,
     policy: &str,
     object_size: Option<u64>,
+    encrypted: bool,
 ) -> Result<()> {
-    let body =
-        serde_json::json!({ "name": name, "policy": policy, "size_bytes": size_bytes, "object_size": object_size });
+    let body = serde_json::json!({
+        "name": name, "policy": policy, "size_bytes": size_bytes, "object_size": object_size, "encrypted": encrypted
+    });
     let created = request(target, "POST", "/api/v1/volumes", Some(body))?;
     let volume: node::VolumeRecord =
         serde_json::from_value(created).context("create reply did not match this version of tessera")?;
     println!(
-        "created volume {} ({}, {}) over {} objects of {}",
+        "created volume {} ({}, {}{}) over {} objects of {}",
         volume.name,
         volume.policy,
         human_bytes(volume.size_bytes),
+        if volume.encrypted { ", encrypted at rest" } else { "" },
         volume.objects.len(),
         human_bytes(volume.object_size)
     );
@@ -403,12 +406,13 @@ pub fn list_volumes(target: &Target, json: bool) -> Result<()> {
     }
     for volume in volumes {
         println!(
-            "{:<24} {:>10}  {:<8} {:>3} objects  {}",
+            "{:<24} {:>10}  {:<8} {:>3} objects  {}{}",
             volume.name,
             human_bytes(volume.size_bytes),
             volume.policy,
             volume.objects.len(),
-            volume.health
+            volume.health,
+            if volume.encrypted { "  encrypted" } else { "" }
         );
     }
     Ok(())

@@ -54,6 +54,13 @@ pub trait ObjectIo: Send + Sync + 'static {
     fn write(&self, object: &str, offset: u64, data: Bytes) -> BoxFuture<'static, Result<(), VolumeError>>;
     fn unmap(&self, object: &str, offset: u64, length: u64) -> BoxFuture<'static, Result<(), VolumeError>>;
     fn flush(&self, object: &str) -> BoxFuture<'static, Result<(), VolumeError>>;
+    /// Replaces the key of an object encrypted at rest: what it held reads
+    /// as noise from then on, blocks never written as zeros. Without keys
+    /// of its own, refused.
+    fn erase_key(&self, object: &str) -> BoxFuture<'static, Result<(), VolumeError>> {
+        let refused = VolumeError::Invalid(format!("object {object} is not encrypted at rest"));
+        Box::pin(std::future::ready(Err(refused)))
+    }
     /// Writes `new` at `offset` (any bytes within the object) if the bytes
     /// there are `expected` (empty: unconditionally), as one step no other
     /// write to the object overlaps, whichever host it comes from (at the
@@ -309,6 +316,16 @@ impl Volume {
         let layout = self.layout();
         try_join_all(layout.objects.iter().map(|object| self.io.flush(object))).await?;
         Ok(())
+    }
+
+    /// Replaces the key of every object of an encrypted volume
+    /// ([`ObjectIo::erase_key`]), `KEYS_AT_ONCE` at a time: nothing
+    /// written before reads back (SANITIZE's CRYPTO ERASE).
+    pub async fn erase_keys(&self) -> Result<(), VolumeError> {
+        use futures::{StreamExt, TryStreamExt};
+        const KEYS_AT_ONCE: usize = 16;
+        let erases: Vec<_> = self.layout().objects.iter().map(|object| self.io.erase_key(object)).collect();
+        futures::stream::iter(erases).buffer_unordered(KEYS_AT_ONCE).try_collect::<()>().await
     }
 }
 

@@ -279,3 +279,85 @@ async fn a_paced_overwrite_takes_its_time_and_shows_its_progress_meanwhile() {
     let data = good(run(&unit, &read16(0, BLOCKS as u32), &[]).await);
     assert!(data.iter().all(|&byte| byte == 0x33), "a block was not overwritten");
 }
+
+/// A memory device that says whether it encrypts, and counts the crypto
+/// erases asked of it.
+struct Keyed {
+    inner: MemoryDevice,
+    encrypted: bool,
+    erased: std::sync::atomic::AtomicU32,
+}
+
+impl BlockDevice for Keyed {
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn blocks(&self) -> u64 {
+        BLOCKS
+    }
+    fn read(&self, lba: u64, count: u32) -> BoxFuture<'_, IoResult<Bytes>> {
+        self.inner.read(lba, count)
+    }
+    fn write(&self, lba: u64, data: Bytes) -> BoxFuture<'_, IoResult<()>> {
+        self.inner.write(lba, data)
+    }
+    fn unmap(&self, lba: u64, count: u64) -> BoxFuture<'_, IoResult<()>> {
+        self.inner.unmap(lba, count)
+    }
+    fn flush(&self) -> BoxFuture<'_, IoResult<()>> {
+        self.inner.flush()
+    }
+    fn encrypted(&self) -> bool {
+        self.encrypted
+    }
+    fn crypto_erase(&self) -> BoxFuture<'_, IoResult<()>> {
+        self.erased.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// REPORT SUPPORTED OPERATION CODES for one service action (reporting
+/// options 010b): the SUPPORT field.
+async fn support_of(unit: &LogicalUnit, opcode: u8, action: u16) -> u8 {
+    let mut cdb = [0u8; 12];
+    cdb[0] = 0xa3;
+    cdb[1] = 0x0c;
+    cdb[2] = 0x02;
+    cdb[3] = opcode;
+    cdb[4..6].copy_from_slice(&action.to_be_bytes());
+    cdb[6..10].copy_from_slice(&64u32.to_be_bytes());
+    good(run(unit, &cdb, &[]).await)[1] & 0x07
+}
+
+/// The Block Device Characteristics page's WABEREQ and WACEREQ byte.
+async fn erase_requirements(unit: &LogicalUnit) -> u8 {
+    good(run(unit, &[0x12, 0x01, 0xb1, 0, 0x40, 0], &[]).await)[7] & 0xf0
+}
+
+#[tokio::test]
+async fn crypto_erase_is_offered_and_carried_out_only_by_a_device_that_encrypts() {
+    for encrypted in [false, true] {
+        let device = Arc::new(Keyed { inner: MemoryDevice::new(512, BLOCKS), encrypted, erased: Default::default() });
+        let unit = LogicalUnit::new(device.clone(), 1, "s1");
+        let (support, requirements) = (support_of(&unit, 0x48, 0x03).await, erase_requirements(&unit).await);
+        let erase = run(&unit, &sanitize_cdb(0x03, 0), &[]).await;
+        if encrypted {
+            assert_eq!(support, 0x03, "CRYPTO ERASE listed as supported");
+            // WABEREQ 01b and WACEREQ 01b: reads after either erase succeed.
+            assert_eq!(requirements, 0x50);
+            good(erase);
+            assert_eq!(device.erased.load(Ordering::SeqCst), 1);
+            // No parameter list, as BLOCK ERASE.
+            let with_list = run(&unit, &sanitize_cdb(0x03, 8), &[0; 8]).await;
+            assert_eq!(sense_of(&with_list), (0x5, 0x24, 0x00));
+            assert_eq!(device.erased.load(Ordering::SeqCst), 1);
+        } else {
+            assert_eq!(support, 0x01, "CRYPTO ERASE not listed");
+            assert_eq!(requirements, 0x40);
+            assert_eq!(sense_of(&erase), (0x5, 0x24, 0x00));
+            assert_eq!(device.erased.load(Ordering::SeqCst), 0);
+        }
+        // BLOCK ERASE stays offered either way.
+        assert_eq!(support_of(&unit, 0x48, 0x02).await, 0x03);
+    }
+}

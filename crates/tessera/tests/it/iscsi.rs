@@ -92,8 +92,12 @@ fn volume_and_target_with(
     policy: &str,
     object_size: &str,
 ) -> String {
-    let created =
-        tessera(cluster, &["volume", "create", name, "--size", size, "--policy", policy, "--object-size", object_size]);
+    volume_and_target_as(cluster, port, name, &["--size", size, "--policy", policy, "--object-size", object_size])
+}
+
+/// As [`volume_and_target_with`], the volume created with `options`.
+fn volume_and_target_as(cluster: &TestCluster, port: u16, name: &str, options: &[&str]) -> String {
+    let created = tessera(cluster, &[&["volume", "create", name][..], options].concat());
     assert!(created.contains(&format!("created volume {name}")), "{created}");
     let created = tessera(cluster, &["target", "create", TARGET, "--lun", &format!("0={name}")]);
     assert!(created.contains(&format!("iscsi://{}/{TARGET}/0", portal(1, port))), "{created}");
@@ -357,15 +361,12 @@ fn garbage_on_one_connection_leaves_another_sessions_io_undisturbed() {
 }
 
 /// Tests `iscsi-test-cu` may skip: removable media, a
-/// read-only unit, CRYPTO ERASE (not offered), and the five tests
-/// that need LOGICAL BLOCKS PER PHYSICAL BLOCK > 1. The unit reports 1 on
+/// read-only unit, and the five tests that need LOGICAL BLOCKS PER PHYSICAL BLOCK > 1. The unit reports 1 on
 /// purpose: GetLBAStatus.UnmapSingle expects the first LBA status
 /// descriptor to start at the next physical block boundary rather than at
 /// the requested LBA (SBC-4 and QEMU's driver want the requested LBA), so
 /// reporting the true 8 would trade five skips for that failure.
 pub(crate) const SKIPS_ALLOWED: &[&str] = &[
-    // A volume holds no encryption key to discard.
-    "Sanitize.CryptoErase",
     "PreventAllow.",
     "StartStopUnit.",
     "NoMedia.",
@@ -409,7 +410,10 @@ fn iscsi_test_cu_passes_against_a_raid1_lun_with_only_expected_skips() {
     // Both copies of the LUN written whole, several times over, plus
     // journals and logs: well under this.
     cluster.require_free_disk(1 << 30, "a 64 MiB raid1(2) LUN overwritten whole by the SANITIZE tests");
-    let url = volume_and_target(&cluster, port, "64MiB", "32MiB");
+    // Encrypted at rest, so that SANITIZE CRYPTO ERASE is offered (and
+    // every other test runs through the encryption as well).
+    let options = ["--size", "64MiB", "--policy", "raid1:2", "--object-size", "32MiB", "--encrypted"];
+    let url = volume_and_target_as(&cluster, port, "vol", &options);
     tool("iscsi-test-cu");
     let started = Instant::now();
     // The second URL is a second session to the same host (the multipath
@@ -435,7 +439,7 @@ fn iscsi_test_cu_passes_against_a_raid1_lun_with_only_expected_skips() {
     let skipped: Vec<(&String, &String)> = results.iter().filter_map(|r| r.2.as_ref().map(|why| (&r.0, why))).collect();
     let passed = results.len() - failed.len() - skipped.len();
     println!(
-        "iscsi-test-cu -d -t ALL (two paths) and -d -S -t ALL.Sanitize (one path) on a raid1(2) LUN: \
+        "iscsi-test-cu -d -t ALL (two paths) and -d -S -t ALL.Sanitize (one path) on an encrypted raid1(2) LUN: \
          {} tests, {passed} passed, {} failed, {} skipped, in {:?}",
         results.len(),
         failed.len(),
@@ -447,12 +451,8 @@ fn iscsi_test_cu_passes_against_a_raid1_lun_with_only_expected_skips() {
     }
     assert!(results.len() >= 200, "the suite did not run:\n{log}\n{}", String::from_utf8_lossy(&all.stderr));
     assert!(failed.is_empty(), "failed: {failed:?}\n{log}\n{sanitize_log}");
-    // Sanitize.Readonly and .Reservations skip only their CRYPTO ERASE step.
-    let allowed = |test: &str, why: &str| {
-        SKIPS_ALLOWED.iter().any(|allowed| test.starts_with(allowed))
-            || test.starts_with("Sanitize.") && why.contains("CRYPTO_ERASE is not implemented")
-    };
-    let unexpected: Vec<&(&String, &String)> = skipped.iter().filter(|(test, why)| !allowed(test, why)).collect();
+    let allowed = |test: &str| SKIPS_ALLOWED.iter().any(|allowed| test.starts_with(allowed));
+    let unexpected: Vec<&(&String, &String)> = skipped.iter().filter(|(test, _)| !allowed(test)).collect();
     assert!(unexpected.is_empty(), "skipped for a feature the target should have: {unexpected:?}");
 }
 
@@ -638,4 +638,107 @@ fn a_raid1_lun_whose_disks_fill_refuses_new_blocks_and_keeps_serving() {
 #[test]
 fn an_erasure_coded_lun_whose_disks_fill_refuses_new_blocks_and_keeps_serving() {
     fill_a_thin_lun(3, "raid5:2+1", 44, 2);
+}
+
+/// Whether any file under `dir` but the nodes' logs holds `needle`.
+fn any_file_holds(dir: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_none_or(|extension| extension != "log") {
+                let Ok(data) = std::fs::read(&path) else { continue };
+                if data.windows(needle.len()).any(|window| window == needle) {
+                    found.push(path);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Text that says what it is, `bytes` of it.
+fn marker_text(marker: &str, bytes: usize) -> Vec<u8> {
+    (0..).flat_map(|line: u64| format!("{marker} line {line:08}\n").into_bytes()).take(bytes).collect()
+}
+
+/// An encrypted raid1(2) LUN on 3 hosts: no disk holds anything written to
+/// it (a plain LUN beside it shows that the search finds what is there);
+/// what was written reads back through every portal; a SANITIZE CRYPTO
+/// ERASE through host 1 leaves no sector written before readable through
+/// host 2 (whose reads go to each object's owner, wherever it is), blocks
+/// never written read as zeros, and what is written after it reads back.
+#[test]
+fn an_encrypted_lun_keeps_no_plaintext_on_disk_and_a_crypto_erase_leaves_nothing_written_readable() {
+    let _exclusive = exclusive();
+    let (cluster, port) = cluster();
+    // Four objects, owned by different hosts.
+    let options = ["--size", "16MiB", "--policy", "raid1:2", "--object-size", "4MiB", "--encrypted"];
+    let url = volume_and_target_as(&cluster, port, "enc", &options);
+    let listed = tessera(&cluster, &["volume", "ls"]);
+    assert!(listed.lines().any(|line| line.starts_with("enc ") && line.ends_with("encrypted")), "{listed}");
+    let plain_target = "iqn.2026-11.org.tessera.test:plain";
+    tessera(&cluster, &["volume", "create", "plain", "--size", "4MiB", "--policy", "raid1:2", "--object-size", "4MiB"]);
+    tessera(&cluster, &["target", "create", plain_target, "--lun", "0=plain"]);
+    let plain_url = format!("iscsi://{}/{plain_target}/0", portal(1, port));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (secret, open) = (dir.path().join("secret.txt"), dir.path().join("open.txt"));
+    let written = marker_text("encrypted-lun-secret", 8 << 20);
+    std::fs::write(&secret, &written).unwrap();
+    std::fs::write(&open, marker_text("plain-lun-text", 1 << 20)).unwrap();
+    ok(&cluster, "qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", secret.to_str().unwrap(), &url]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !run(&cluster, "qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", open.to_str().unwrap(), &plain_url])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the plain LUN is not served");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let on_plain = any_file_holds(cluster.root(), b"plain-lun-text line 00000042");
+    assert!(!on_plain.is_empty(), "the plain LUN's text is on no disk: the search finds nothing");
+    let on_encrypted = any_file_holds(cluster.root(), b"encrypted-lun-secret line");
+    assert!(on_encrypted.is_empty(), "the encrypted LUN's text is on disk in {on_encrypted:?}");
+
+    let through_host_2 = format!("iscsi://{}/{TARGET}/0", portal(2, port));
+    let read_all = |name: &str| -> Vec<u8> {
+        let back = dir.path().join(name);
+        ok(&cluster, "qemu-img", &["convert", "-f", "raw", "-O", "raw", &through_host_2, back.to_str().unwrap()]);
+        std::fs::read(&back).unwrap()
+    };
+    let before = read_all("before.raw");
+    assert!(before[..written.len()] == written[..], "the encrypted LUN does not read back what was written");
+    assert!(before[written.len()..].iter().all(|&byte| byte == 0), "its unwritten rest reads as zeros");
+
+    let session = Session::login("iqn.2026-11.org.tessera:eraser", &portal(1, port), TARGET, 0)
+        .expect("a session through host 1");
+    let started = Instant::now();
+    let (status, sense) = session.sanitize(3).expect("SANITIZE CRYPTO ERASE answered");
+    assert_eq!((status, sense), (STATUS_GOOD, None), "SANITIZE CRYPTO ERASE");
+    let erased_in = started.elapsed();
+    drop(session);
+
+    let after = read_all("after.raw");
+    let survivors =
+        after[..written.len()].chunks(512).zip(written.chunks(512)).filter(|(after, before)| after == before).count();
+    assert_eq!(survivors, 0, "{survivors} sectors written before the crypto erase still read back");
+    assert!(!after.windows(20).any(|window| window == b"encrypted-lun-secret"), "the text still reads back");
+    assert!(after[written.len()..].iter().all(|&byte| byte == 0), "blocks never written still read as zeros");
+    // Written after the erase, through host 2; read through host 1.
+    let qemu_io = |host: u64, command: &str| {
+        let url = format!("iscsi://{}/{TARGET}/0", portal(host, port));
+        let output = ok(&cluster, "qemu-io", &["-f", "raw", "-c", command, &url]);
+        assert!(!output.contains("verification failed"), "{command} through host {host}: {output}");
+    };
+    qemu_io(2, "write -P 0x3c 0 4M");
+    qemu_io(1, "read -P 0x3c 0 4M");
+    println!(
+        "no disk holds the encrypted LUN's 8 MiB of text (the plain LUN's text is in {} files); \
+         SANITIZE CRYPTO ERASE of 4 objects took {erased_in:?}; none of the 16384 sectors written before reads back",
+        on_plain.len()
+    );
 }

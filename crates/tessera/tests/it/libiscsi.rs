@@ -92,6 +92,7 @@ struct Api {
         unsafe extern "C" fn(Context, c_int, u64, *mut u8, u32, c_int, c_int, c_int, c_int, c_int, c_int) -> Task,
     persistent_reserve_in_sync: unsafe extern "C" fn(Context, c_int, c_int, u16) -> Task,
     unmap_sync: unsafe extern "C" fn(Context, c_int, c_int, c_int, *mut UnmapList, c_int) -> Task,
+    sanitize_sync: unsafe extern "C" fn(Context, c_int, c_int, c_int, c_int, c_int, *mut c_void) -> Task,
     datain_unmarshall: unsafe extern "C" fn(Task) -> *mut c_void,
     free_task: unsafe extern "C" fn(Task),
 }
@@ -136,6 +137,7 @@ fn api() -> &'static Api {
                 read10_iov_sync: symbol(library, c"iscsi_read10_iov_sync"),
                 compareandwrite_sync: symbol(library, c"iscsi_compareandwrite_sync"),
                 unmap_sync: symbol(library, c"iscsi_unmap_sync"),
+                sanitize_sync: symbol(library, c"iscsi_sanitize_sync"),
                 datain_unmarshall: symbol(library, c"scsi_datain_unmarshall"),
                 free_task: symbol(library, c"scsi_free_scsi_task"),
             }
@@ -254,6 +256,15 @@ impl Session {
         // SAFETY: the descriptors outlive the synchronous call.
         let task = unsafe { (api().unmap_sync)(self.context, self.lun, 0, 0, list.as_mut_ptr(), list.len() as c_int) };
         self.status(task)
+    }
+
+    /// SANITIZE with service action `action` (3: CRYPTO ERASE) and no
+    /// parameter list, waiting for it to end (no IMMED): the status, and
+    /// with CHECK CONDITION the sense key and `asc << 8 | ascq`.
+    pub fn sanitize(&self, action: c_int) -> Result<(c_int, Option<(u8, u16)>), String> {
+        // SAFETY: no parameter data; a synchronous call.
+        let task = unsafe { (api().sanitize_sync)(self.context, self.lun, 0, 0, action, 0, std::ptr::null_mut()) };
+        self.status_and_sense(task)
     }
 
     /// PERSISTENT RESERVE OUT (logical-unit scope): `action` 0 REGISTER,
