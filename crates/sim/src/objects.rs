@@ -322,7 +322,11 @@ fn component_id(index: usize) -> u64 {
 /// reads return covers the cache).
 fn hooks(world: &Shared, persister: Persister, seed: u64, first_owner: bool) -> Hooks {
     let cache = BlockCache::seeded(CACHE_BLOCKS * (BLOCK_SIZE as u64 + 128), seed);
-    lock(world).caches.push(cache.clone());
+    let (erasure, encrypted) = {
+        let mut world = lock(world);
+        world.caches.push(cache.clone());
+        (world.scenario.erasure, world.scenario.encrypted)
+    };
     Hooks {
         persister: Some(persister),
         admission: None,
@@ -330,8 +334,8 @@ fn hooks(world: &Shared, persister: Persister, seed: u64, first_owner: bool) -> 
         resync_pace: None,
         first_owner,
         handed_over: false,
-        erasure: lock(world).scenario.erasure,
-        key: lock(world).scenario.encrypted.then_some(KEY),
+        erasure,
+        key: encrypted.then_some(KEY),
         rekeyer: None,
     }
 }
