@@ -74,28 +74,23 @@ impl Xts {
     /// after `cipher`, all pieces through `cipher` at once (the AES
     /// instructions then run several in parallel).
     fn unit(&self, number: u64, block: &mut [u8], cipher: impl FnOnce(&mut [aes::Block])) {
-        let mut tweaks = [[0u8; UNIT]; UNITS];
-        let mut tweak = aes::Block::from((u128::from(number)).to_le_bytes());
+        let mut tweak = aes::Block::from(u128::from(number).to_le_bytes());
         self.tweak.encrypt_block(&mut tweak);
         let mut value = u128::from_le_bytes(tweak.into());
-        for slot in tweaks.iter_mut() {
-            *slot = value.to_le_bytes();
+        let mut tweaks = [0u128; UNITS];
+        let mut units: [aes::Block; UNITS] = [aes::Block::default(); UNITS];
+        for ((slot, unit), piece) in tweaks.iter_mut().zip(units.iter_mut()).zip(block.chunks_exact(UNIT)) {
+            *slot = value;
+            let piece = u128::from_le_bytes(piece.try_into().expect("16 bytes"));
+            *unit = (piece ^ value).to_le_bytes().into();
             // Multiplication by the primitive element α of GF(2^128),
             // x^128 + x^7 + x^2 + x + 1.
-            let carry = value >> 127;
-            value = (value << 1) ^ (carry * 0x87);
-        }
-        let mut units: [aes::Block; UNITS] = std::array::from_fn(|_| aes::Block::default());
-        for ((unit, piece), tweak) in units.iter_mut().zip(block.chunks_exact(UNIT)).zip(&tweaks) {
-            for ((out, byte), mask) in unit.iter_mut().zip(piece).zip(tweak) {
-                *out = byte ^ mask;
-            }
+            value = (value << 1) ^ ((value >> 127) * 0x87);
         }
         cipher(&mut units);
         for ((unit, piece), tweak) in units.iter().zip(block.chunks_exact_mut(UNIT)).zip(&tweaks) {
-            for ((out, byte), mask) in piece.iter_mut().zip(unit).zip(tweak) {
-                *out = byte ^ mask;
-            }
+            let unit: [u8; UNIT] = (*unit).into();
+            piece.copy_from_slice(&(u128::from_le_bytes(unit) ^ tweak).to_le_bytes());
         }
     }
 }
