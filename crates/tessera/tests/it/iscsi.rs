@@ -729,16 +729,24 @@ fn an_encrypted_lun_keeps_no_plaintext_on_disk_and_a_crypto_erase_leaves_nothing
     assert!(!after.windows(20).any(|window| window == b"encrypted-lun-secret"), "the text still reads back");
     assert!(after[written.len()..].iter().all(|&byte| byte == 0), "blocks never written still read as zeros");
     // Written after the erase, through host 2; read through host 1.
-    let qemu_io = |host: u64, command: &str| {
+    fn qemu_io(cluster: &TestCluster, port: u16, host: u64, command: &str) {
         let url = format!("iscsi://{}/{TARGET}/0", portal(host, port));
-        let output = ok(&cluster, "qemu-io", &["-f", "raw", "-c", command, &url]);
+        let output = ok(cluster, "qemu-io", &["-f", "raw", "-c", command, &url]);
         assert!(!output.contains("verification failed"), "{command} through host {host}: {output}");
-    };
-    qemu_io(2, "write -P 0x3c 0 4M");
-    qemu_io(1, "read -P 0x3c 0 4M");
+    }
+    qemu_io(&cluster, port, 2, "write -P 0x3c 0 4M");
+    qemu_io(&cluster, port, 1, "read -P 0x3c 0 4M");
+    // The first object's owner dies: the next owner opens it with the key
+    // the catalog recorded at the erase, and reads what was written since.
+    let status = cluster.status().expect("the cluster answers status");
+    let owner = status.objects.iter().find(|object| object.name == "enc.0").expect("object enc.0").owner;
+    let mut cluster = cluster;
+    cluster.kill(owner);
+    qemu_io(&cluster, port, if owner == 1 { 2 } else { 1 }, "read -P 0x3c 0 4M");
     println!(
         "no disk holds the encrypted LUN's 8 MiB of text (the plain LUN's text is in {} files); \
-         SANITIZE CRYPTO ERASE of 4 objects took {erased_in:?}; none of the 16384 sectors written before reads back",
+         SANITIZE CRYPTO ERASE of 4 objects took {erased_in:?}; none of the 16384 sectors written before reads back; \
+         what was written after it read back after host {owner}, the first object's owner, was killed",
         on_plain.len()
     );
 }
