@@ -1014,12 +1014,12 @@ impl LogicalUnit {
     /// IMMED, waits for it. The unit refuses other commands meanwhile.
     async fn sanitize(&self, cdb: &[u8], data: Bytes) -> Outcome {
         let request = sanitize::Request::parse(cdb)?;
-        self.check_writable()?;
-        let operation = request.operation(&data, self.block_size())?;
-        if operation == sanitize::Operation::CryptoErase && !self.device.encrypted() {
-            // Not offered: the SERVICE ACTION field.
+        if request.service_action == sanitize::CRYPTO_ERASE && !self.device.encrypted() {
+            // Not offered: the SERVICE ACTION field, before anything else.
             return Err(Sense::invalid_cdb(1, Some(4)));
         }
+        self.check_writable()?;
+        let operation = request.operation(&data, self.block_size())?;
         {
             let mut state = self.sanitize.lock().expect("sanitize state");
             // A failed sanitize that did not allow an unrestricted exit ends

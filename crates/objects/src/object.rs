@@ -882,7 +882,8 @@ impl<T: Transport> Object<T> {
 
     /// Replaces the object's key with a new one, recorded first: every
     /// block written so far then reads as noise, and blocks never written
-    /// as zeros (SANITIZE's CRYPTO ERASE). No write is under way meanwhile,
+    /// as zeros (SANITIZE's CRYPTO ERASE), here and at any owner before
+    /// (whose cache lease it waits out). No write is under way meanwhile,
     /// so each write is sealed under the old key or the new one, whole. If
     /// the new key may not have been recorded, the object closes: its next
     /// owner opens it with whichever key the record holds.
@@ -894,6 +895,9 @@ impl<T: Transport> Object<T> {
         if self.is_closed() {
             return Err(ObjectError::Deposed);
         }
+        // As for a write: an owner before this one may still serve blocks
+        // from its cache, opened with the old key, until its lease ends.
+        self.fenced().await;
         match rekeyer().await {
             Ok(key) => {
                 *self.cipher.write().expect("cipher lock") = Some(Arc::new(Xts::new(&key)));

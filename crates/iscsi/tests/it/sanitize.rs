@@ -355,6 +355,11 @@ async fn crypto_erase_is_offered_and_carried_out_only_by_a_device_that_encrypts(
             assert_eq!(support, 0x01, "CRYPTO ERASE not listed");
             assert_eq!(requirements, 0x40);
             assert_eq!(sense_of(&erase), (0x5, 0x24, 0x00));
+            // The service action is what is refused, with or without a
+            // parameter list.
+            let with_list = run(&unit, &sanitize_cdb(0x03, 8), &[0; 8]).await;
+            let sense = with_list.sense.as_ref().expect("sense data");
+            assert_eq!((sense[15], u16::from_be_bytes([sense[16], sense[17]])), (0x80 | 0x40 | 0x08 | 4, 1));
             assert_eq!(device.erased.load(Ordering::SeqCst), 0);
         }
         // BLOCK ERASE stays offered either way.

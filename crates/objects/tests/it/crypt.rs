@@ -164,3 +164,38 @@ async fn a_key_that_may_not_have_been_recorded_closes_the_object_and_an_object_w
     assert!(object.is_closed(), "an owner that cannot tell which key the record holds stops serving");
     assert_eq!(KEY_BYTES, 64);
 }
+
+/// A new owner erases the key at once after it took the object from an
+/// owner that was cut off (not handed over): the erase waits out the old
+/// owner's cache lease, so once it is answered the old owner serves
+/// nothing written before from its cache either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_erased_by_a_new_owner_at_once_leaves_the_deposed_owners_cache_nothing_to_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 2, 1).await;
+    let recorded = Arc::new(Mutex::new(key(1)));
+    let old_cache = BlockCache::new(1 << 20);
+    let old = Object::open_with(
+        1,
+        BLOCKS,
+        components(&hosts),
+        0,
+        Hooks { cache: Some(old_cache.clone()), ..hooks(&recorded, None) },
+    );
+    old.write_at(0, Bytes::from(text(0))).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(read(&old, 0).await, text(0));
+    }
+    assert!(old_cache.stats().hits >= 1, "the old owner serves block 0 from its cache");
+
+    let statuses = vec![objects::owner::Status::Active; 2];
+    let new = Object::recover(2, BLOCKS, components(&hosts), statuses, hooks(&recorded, None)).await.unwrap();
+    let taken = std::time::Instant::now();
+    new.erase_key().await.unwrap();
+    println!("the key was erased {:?} after the new owner took over", taken.elapsed());
+    match old.read_at(0, BLOCK_SIZE as u64).await {
+        Ok(data) => assert_ne!(data.to_vec(), text(0), "the deposed owner served the block the erase was to end"),
+        Err(error) => println!("the deposed owner's read fails: {error}"),
+    }
+}

@@ -211,7 +211,9 @@ fn an_erasure_coded_object_with_more_than_m_components_away_at_once_heals_once_k
 /// Objects encrypted at rest, three copies and RAID-5 (2+1), under the
 /// same crashes, partitions and loss: the checker decrypts each block it
 /// reads straight from the components, so a block sealed under another
-/// number, left in the clear, or torn between keys is a violation.
+/// number or left in the clear is a violation. (One key throughout: the
+/// erasure of a key is covered by the objects crate's and the multi-host
+/// tests, not here.)
 #[test]
 fn encrypted_objects_lose_no_acknowledged_write_and_their_components_hold_each_block_sealed_under_its_number() {
     let copies = Scenario { encrypted: true, ..Scenario::default() };
