@@ -1,6 +1,6 @@
 //! 4 KiB random writes and reads through the block client API
-//! (`Object::write_at` / `read_at`) for policies none, raid1(2) and
-//! raid1(3), side by side with pwrite+fdatasync and pread on a plain file in
+//! (`Object::write_at` / `read_at`) for policies none, raid1(2),
+//! raid1(3) and none encrypted at rest, side by side with pwrite+fdatasync and pread on a plain file in
 //! the same run; then raid1(2) with and without the owner's block cache, on
 //! uniform and hot-set reads and a read/write mix; then resync throughput.
 //!
@@ -286,14 +286,18 @@ fn run(args: &Args, depths: &[usize], dir: &Path) -> Result<()> {
     let owners = OwnerThreads::start(1, None)?;
     let main_runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let blocks = args.blocks;
-    let policies: [(&str, usize); 3] = [("none", 1), ("raid1(2)", 2), ("raid1(3)", 3)];
+    // The last: `none` encrypted at rest (XTS-AES-256 at the owner), its
+    // one copy on the same host as `none`'s.
+    let policies: [(&str, usize); 4] = [("none", 1), ("raid1(2)", 2), ("raid1(3)", 3), ("none, encrypted", 1)];
+    let key = objects::crypt::DataKey(std::array::from_fn(|index| (index as u8).wrapping_mul(31).wrapping_add(7)));
     let mut objects = Vec::new();
-    for (index, (_, copies)) in policies.iter().enumerate() {
+    for (index, (label, copies)) in policies.iter().enumerate() {
         let copies = *copies;
+        let hooks = Hooks { key: label.ends_with("encrypted").then(|| key.clone()), ..Hooks::default() };
         let addresses: Vec<(u64, String)> = (0..copies)
             .map(|copy| (((index as u64 + 1) << 8) | copy as u64, hosts[copy].threads.addresses()[0].clone()))
             .collect();
-        objects.push(filled_object(&owners, &main_runtime, addresses, blocks, Hooks::default())?);
+        objects.push(filled_object(&owners, &main_runtime, addresses, blocks, hooks)?);
     }
     println!(
         "# 4 KiB random I/O, {} rounds of {} s per policy and row (taking turns), {} MiB objects; one owner thread, 2 component threads per host",
