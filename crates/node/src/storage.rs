@@ -1294,34 +1294,10 @@ fn persister(node: &Arc<Node>, name: &str, epoch: u64) -> Persister {
     let name = name.to_string();
     let runtime = tokio::runtime::Handle::current();
     Arc::new(move |statuses: Vec<Status>| {
-        let node = node.clone();
-        let name = name.clone();
-        let work = runtime.spawn(async move {
-            let Some(node) = node.upgrade() else { return Err(PersistError::Failed("node stopped".into())) };
-            let Some(services) = node.services() else { return Err(PersistError::Failed("no catalog".into())) };
-            let me = node.config.node_id;
-            let mut deposed = false;
-            let states: Vec<ComponentState> = statuses.iter().map(to_state).collect();
-            let result = services
-                .catalog
-                .update_object(&name, |record| {
-                    deposed = record.owner != me || record.owner_epoch != epoch;
-                    if deposed || record.states == states {
-                        return None;
-                    }
-                    let mut updated = record.clone();
-                    updated.states = states.clone();
-                    Some(updated)
-                })
-                .await;
-            match result {
-                Ok(_) if deposed => Err(PersistError::Deposed),
-                Ok(_) => Ok(()),
-                Err(catalog::CatalogError::NotFound(_)) => Err(PersistError::Deposed),
-                Err(error) => Err(PersistError::Failed(error.to_string())),
-            }
-        });
-        Box::pin(async move { work.await.unwrap_or_else(|error| Err(PersistError::Failed(error.to_string()))) })
+        let states: Vec<ComponentState> = statuses.iter().map(to_state).collect();
+        update_owned(&runtime, node.clone(), name.clone(), epoch, move |record| {
+            Ok((record.states != states).then(|| ObjectRecord { states: states.clone(), ..record.clone() }))
+        })
     })
 }
 
@@ -1333,46 +1309,63 @@ fn rekeyer(node: &Arc<Node>, name: &str, epoch: u64) -> Rekeyer {
     let name = name.to_string();
     let runtime = tokio::runtime::Handle::current();
     Arc::new(move || {
-        let node = node.clone();
-        let name = name.clone();
-        let work = runtime.spawn(async move {
-            let Some(node) = node.upgrade() else { return Err(PersistError::Failed("node stopped".into())) };
-            let Some(services) = node.services() else { return Err(PersistError::Failed("no catalog".into())) };
-            let me = node.config.node_id;
-            let key = ObjectKey::random();
-            let mut refused = None;
-            let result = services
-                .catalog
-                .update_object(&name, |record| {
-                    refused = if record.owner != me || record.owner_epoch != epoch {
-                        Some(PersistError::Deposed)
-                    } else if record.key.is_none() {
-                        Some(PersistError::Failed("the object is recorded without a key".into()))
-                    } else {
-                        None
-                    };
-                    if refused.is_some() {
-                        return None;
-                    }
-                    let mut updated = record.clone();
-                    updated.key = Some(key.clone());
-                    Some(updated)
-                })
-                .await;
-            match result {
-                Ok(_) => match refused {
-                    Some(error) => Err(error),
-                    None => {
-                        tracing::info!(name, epoch, "object key replaced");
-                        Ok(DataKey(key.bytes()))
-                    }
-                },
-                Err(catalog::CatalogError::NotFound(_)) => Err(PersistError::Deposed),
-                Err(error) => Err(PersistError::Failed(error.to_string())),
-            }
+        let key = ObjectKey::random();
+        let recorded = key.clone();
+        let update = update_owned(&runtime, node.clone(), name.clone(), epoch, move |record| match record.key {
+            None => Err(PersistError::Failed("the object is recorded without a key".into())),
+            Some(_) => Ok(Some(ObjectRecord { key: Some(recorded.clone()), ..record.clone() })),
         });
-        Box::pin(async move { work.await.unwrap_or_else(|error| Err(PersistError::Failed(error.to_string()))) })
+        let (name, epoch) = (name.clone(), epoch);
+        Box::pin(async move {
+            update.await?;
+            tracing::info!(name, epoch, "object key replaced");
+            Ok(DataKey(key.bytes()))
+        })
     })
+}
+
+/// Changes object `name`'s record with `change` (`Ok(None)`: nothing to
+/// change; `Err`: refused) if the catalog still names this host its owner
+/// at `epoch`, else answers `Deposed`. Runs on `runtime`, the node's (the
+/// catalog's connections live there), whichever thread awaits it.
+fn update_owned(
+    runtime: &tokio::runtime::Handle,
+    node: std::sync::Weak<Node>,
+    name: String,
+    epoch: u64,
+    mut change: impl FnMut(&ObjectRecord) -> Result<Option<ObjectRecord>, PersistError> + Send + 'static,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PersistError>> + Send>> {
+    let work = runtime.spawn(async move {
+        let Some(node) = node.upgrade() else { return Err(PersistError::Failed("node stopped".into())) };
+        let Some(services) = node.services() else { return Err(PersistError::Failed("no catalog".into())) };
+        let me = node.config.node_id;
+        let mut refused = None;
+        let result = services
+            .catalog
+            .update_object(&name, |record| {
+                let changed = match record.owner == me && record.owner_epoch == epoch {
+                    true => change(record),
+                    false => Err(PersistError::Deposed),
+                };
+                match changed {
+                    Ok(updated) => {
+                        refused = None;
+                        updated
+                    }
+                    Err(error) => {
+                        refused = Some(error);
+                        None
+                    }
+                }
+            })
+            .await;
+        match result {
+            Ok(_) => refused.map_or(Ok(()), Err),
+            Err(catalog::CatalogError::NotFound(_)) => Err(PersistError::Deposed),
+            Err(error) => Err(PersistError::Failed(error.to_string())),
+        }
+    });
+    Box::pin(async move { work.await.unwrap_or_else(|error| Err(PersistError::Failed(error.to_string()))) })
 }
 
 /// Figures gathered from the owners, for status.

@@ -839,7 +839,7 @@ impl<T: Transport> Object<T> {
 
     async fn write_blocks(self: &Arc<Self>, offset: u64, data: Bytes) -> Result<(), ObjectError> {
         let (first, count) = self.check(offset, data.len() as u64)?;
-        let data = self.seal(first, data);
+        let data = self.through_cipher(first, data, true);
         if let Some(layout) = self.erasure {
             return self.write_erasure(layout, first, data).await;
         }
@@ -915,32 +915,17 @@ impl<T: Transport> Object<T> {
         }
     }
 
-    fn current_cipher(&self) -> Option<Arc<Xts>> {
-        self.cipher.read().expect("cipher lock").clone()
-    }
-
-    /// `data` (whole blocks from `first`) as the components are to hold it.
-    fn seal(&self, first: u64, data: Bytes) -> Bytes {
-        match self.current_cipher() {
-            Some(cipher) => {
-                let mut sealed = bytes::BytesMut::from(&data[..]);
-                cipher.encrypt(first, &mut sealed);
-                sealed.freeze()
-            }
-            None => data,
+    /// `data` (whole blocks from `first`) sealed under the object's key
+    /// (`seal`: as the components are to hold it), or opened (as read from
+    /// them); as it is when the object has no key.
+    fn through_cipher(&self, first: u64, data: Bytes, seal: bool) -> Bytes {
+        let Some(cipher) = self.cipher.read().expect("cipher lock").clone() else { return data };
+        let mut out = bytes::BytesMut::from(&data[..]);
+        match seal {
+            true => cipher.encrypt(first, &mut out),
+            false => cipher.decrypt(first, &mut out),
         }
-    }
-
-    /// Blocks read from the components, decrypted.
-    fn open_sealed(&self, first: u64, data: Bytes) -> Bytes {
-        match self.current_cipher() {
-            Some(cipher) => {
-                let mut opened = bytes::BytesMut::from(&data[..]);
-                cipher.decrypt(first, &mut opened);
-                opened.freeze()
-            }
-            None => data,
-        }
+        out.freeze()
     }
 
     fn submit(self: &Arc<Self>, op: Op, data: Payload) -> oneshot::Receiver<Result<Lsn, ObjectError>> {
@@ -1677,7 +1662,7 @@ impl<T: Transport> Object<T> {
     ) -> Result<Bytes, ObjectError> {
         let (first, count) = self.check(offset, length)?;
         let sealed = self.read_sealed(first, count, via).await?;
-        Ok(self.open_sealed(first, sealed))
+        Ok(self.through_cipher(first, sealed, false))
     }
 
     /// Blocks `first..first + count` as the components hold them

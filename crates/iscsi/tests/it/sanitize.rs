@@ -16,19 +16,28 @@ use iscsi::sense::status;
 const BLOCKS: u64 = 4096;
 const NEXUS: &str = "iqn.2026-11.test:initiator,i,0x1";
 
-/// A memory device whose writes wait while `held`, and fail while `broken`.
+/// A memory device whose writes wait while `held`, and fail while `broken`;
+/// one that says it `encrypted` counts the crypto erases asked of it.
 pub(crate) struct Gated {
     inner: MemoryDevice,
     pub(crate) held: tokio::sync::watch::Sender<bool>,
     broken: AtomicBool,
+    encrypted: bool,
+    erased: std::sync::atomic::AtomicU32,
 }
 
 impl Gated {
     pub(crate) fn new() -> Arc<Gated> {
+        Gated::encrypting(false)
+    }
+
+    fn encrypting(encrypted: bool) -> Arc<Gated> {
         Arc::new(Gated {
             inner: MemoryDevice::new(512, BLOCKS),
             held: tokio::sync::watch::channel(false).0,
             broken: AtomicBool::new(false),
+            encrypted,
+            erased: Default::default(),
         })
     }
 }
@@ -58,6 +67,13 @@ impl BlockDevice for Gated {
     }
     fn flush(&self) -> BoxFuture<'_, IoResult<()>> {
         self.inner.flush()
+    }
+    fn encrypted(&self) -> bool {
+        self.encrypted
+    }
+    fn crypto_erase(&self) -> BoxFuture<'_, IoResult<()>> {
+        self.erased.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
     }
     /// Runs of at most 100 blocks, as a volume answers per object: GET LBA
     /// STATUS must join them.
@@ -280,42 +296,6 @@ async fn a_paced_overwrite_takes_its_time_and_shows_its_progress_meanwhile() {
     assert!(data.iter().all(|&byte| byte == 0x33), "a block was not overwritten");
 }
 
-/// A memory device that says whether it encrypts, and counts the crypto
-/// erases asked of it.
-struct Keyed {
-    inner: MemoryDevice,
-    encrypted: bool,
-    erased: std::sync::atomic::AtomicU32,
-}
-
-impl BlockDevice for Keyed {
-    fn block_size(&self) -> u32 {
-        512
-    }
-    fn blocks(&self) -> u64 {
-        BLOCKS
-    }
-    fn read(&self, lba: u64, count: u32) -> BoxFuture<'_, IoResult<Bytes>> {
-        self.inner.read(lba, count)
-    }
-    fn write(&self, lba: u64, data: Bytes) -> BoxFuture<'_, IoResult<()>> {
-        self.inner.write(lba, data)
-    }
-    fn unmap(&self, lba: u64, count: u64) -> BoxFuture<'_, IoResult<()>> {
-        self.inner.unmap(lba, count)
-    }
-    fn flush(&self) -> BoxFuture<'_, IoResult<()>> {
-        self.inner.flush()
-    }
-    fn encrypted(&self) -> bool {
-        self.encrypted
-    }
-    fn crypto_erase(&self) -> BoxFuture<'_, IoResult<()>> {
-        self.erased.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async { Ok(()) })
-    }
-}
-
 /// REPORT SUPPORTED OPERATION CODES for one service action (reporting
 /// options 010b): the SUPPORT field.
 async fn support_of(unit: &LogicalUnit, opcode: u8, action: u16) -> u8 {
@@ -337,7 +317,7 @@ async fn erase_requirements(unit: &LogicalUnit) -> u8 {
 #[tokio::test]
 async fn crypto_erase_is_offered_and_carried_out_only_by_a_device_that_encrypts() {
     for encrypted in [false, true] {
-        let device = Arc::new(Keyed { inner: MemoryDevice::new(512, BLOCKS), encrypted, erased: Default::default() });
+        let device = Gated::encrypting(encrypted);
         let unit = LogicalUnit::new(device.clone(), 1, "s1");
         let (support, requirements) = (support_of(&unit, 0x48, 0x03).await, erase_requirements(&unit).await);
         let erase = run(&unit, &sanitize_cdb(0x03, 0), &[]).await;
