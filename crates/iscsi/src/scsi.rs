@@ -1366,11 +1366,12 @@ impl LogicalUnit {
             }
             0xb1 => {
                 let mut body = vec![0u8; 0x3c];
-                body[0..2].copy_from_slice(&1u16.to_be_bytes()); // non-rotating
-                                                                 // WABEREQ 01b: a read of a block-erased block succeeds
-                                                                 // (zeros); WACEREQ 01b, with a device that encrypts: so
-                                                                 // does one of a crypto-erased block (noise, or zeros if
-                                                                 // never written).
+                // Non-rotating.
+                body[0..2].copy_from_slice(&1u16.to_be_bytes());
+                // WABEREQ 01b: a read of a block-erased block succeeds
+                // (zeros); WACEREQ 01b, with a device that encrypts: so does
+                // one of a crypto-erased block (noise, or zeros if never
+                // written).
                 body[3] = 0x40 | if self.device.encrypted() { 0x10 } else { 0 };
                 body
             }
