@@ -100,6 +100,45 @@ pub(crate) fn now_micros() -> u64 {
 }
 
 /// Waits for the bootstrap config to exist (another host may be writing it).
+fn port_of(address: &str) -> Option<u16> {
+    address.rsplit_once(':').and_then(|(_, port)| port.parse().ok())
+}
+
+/// The kernel's ephemeral port range, from the text of
+/// /proc/sys/net/ipv4/ip_local_port_range ("32768\t60999\n").
+fn ephemeral_range(text: &str) -> Option<std::ops::RangeInclusive<u16>> {
+    let mut bounds = text.split_whitespace().map(str::parse::<u16>);
+    match (bounds.next(), bounds.next()) {
+        (Some(Ok(low)), Some(Ok(high))) if low <= high => Some(low..=high),
+        _ => None,
+    }
+}
+
+/// Warns of a port this node listens on that lies in the kernel's ephemeral
+/// range: any socket bound to port 0 (this node's component threads and
+/// outgoing calls among them) can take it before the node binds it, and the
+/// node then fails to start with "address in use", which is hard to trace.
+fn warn_of_ephemeral_ports(ports: &[(&str, Option<u16>)]) {
+    let Some(range) =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|text| ephemeral_range(&text))
+    else {
+        return;
+    };
+    for (service, port) in ports {
+        if let Some(port) = port.filter(|port| range.contains(port)) {
+            tracing::warn!(
+                service,
+                port,
+                "the port lies in the kernel's ephemeral range {}-{} (net.ipv4.ip_local_port_range), where another \
+                 socket may take it first: choose a port below {}, or reserve it in net.ipv4.ip_local_reserved_ports",
+                range.start(),
+                range.end(),
+                range.start()
+            );
+        }
+    }
+}
+
 async fn load_bootstrap(dir: &std::path::Path) -> Result<BootstrapConfig, NodeError> {
     let config_dir = ConfigDir::new(fsio::real(), dir.to_path_buf());
     let deadline = tokio::time::Instant::now() + BOOTSTRAP_WAIT;
@@ -133,6 +172,12 @@ impl Node {
             NodeError::Bootstrap(format!("node_id {} is not among the cluster's hosts", config.node_id))
         })?;
         let ip = me.address.rsplit_once(':').map(|(ip, _)| ip.trim_matches(['[', ']'])).unwrap_or("127.0.0.1");
+        let target_role = config.roles.iter().any(|role| role == "target");
+        warn_of_ephemeral_ports(&[
+            ("node-to-node", port_of(&me.address)),
+            ("admin API", port_of(&me.admin_address)),
+            ("iSCSI", target_role.then_some(config.iscsi_port)),
+        ]);
         // Calls to peers leave from the address they know this host by.
         let transport = TcpTransport::new().bound_to(ip.parse().ok());
         let replicas = bootstrap.log_replica_addresses();
@@ -178,7 +223,6 @@ impl Node {
         let membership = crate::membership::Membership::new(config.node_id, fanout, incarnation);
         let storage_role = config.roles.iter().any(|role| role == "storage");
         let storage = crate::storage::Storage::start(&config, ip, storage_role).map_err(NodeError::Storage)?;
-        let target_role = config.roles.iter().any(|role| role == "target");
         let iscsi_address = target_role.then(|| {
             if ip.contains(':') {
                 format!("[{ip}]:{}", config.iscsi_port)
@@ -527,4 +571,21 @@ async fn try_open_services(node: &Node) -> Result<Services, String> {
     };
     catalog.register_host(record).await.map_err(|error| error.to_string())?;
     Ok(Services { catalog, tasks })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ephemeral_range_is_read_from_the_kernels_text() {
+        assert_eq!(ephemeral_range("32768\t60999\n"), Some(32768..=60999));
+        assert_eq!(ephemeral_range("1024 65535"), Some(1024..=65535));
+        assert_eq!(ephemeral_range("60999 32768"), None);
+        assert_eq!(ephemeral_range("32768"), None);
+        assert_eq!(ephemeral_range(""), None);
+        assert_eq!(port_of("127.0.0.1:3260"), Some(3260));
+        assert_eq!(port_of("[::1]:42779"), Some(42779));
+        assert_eq!(port_of("host"), None);
+    }
 }

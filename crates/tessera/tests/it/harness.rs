@@ -1,6 +1,6 @@
 //! Starts and stops node processes for the scenarios.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -24,15 +24,39 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tessera"))
 }
 
-/// A port free on every given loopback address.
+/// A port free on every given loopback address, below the kernel's
+/// ephemeral range and never handed out before in this process.
+///
+/// A port in the ephemeral range that is free now can be taken a moment
+/// later by any socket bound to port 0 (a node's own component threads,
+/// its outgoing calls) before the node binds it; CI lost a run to that
+/// (the admin port taken by a component thread's listener).
 pub fn free_port(addresses: &[&str]) -> u16 {
-    for _ in 0..100 {
-        let port = 20_000 + rand::random::<u16>() % 30_000;
-        if addresses.iter().all(|address| std::net::TcpListener::bind((*address, port)).is_ok()) {
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let (low, _) = ephemeral_ports();
+    let span = low.saturating_sub(10_000).max(1);
+    let mut given = GIVEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    for _ in 0..200 {
+        let port = 10_000 + rand::random::<u16>() % span;
+        if !given.contains(&port)
+            && addresses.iter().all(|address| std::net::TcpListener::bind((*address, port)).is_ok())
+        {
+            given.insert(port);
             return port;
         }
     }
-    panic!("no free port found");
+    panic!("no free port found below the ephemeral range (starting at {low})");
+}
+
+/// The kernel's ephemeral port range (net.ipv4.ip_local_port_range), or
+/// Linux's default when it cannot be read.
+pub fn ephemeral_ports() -> (u16, u16) {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut bounds = text.split_whitespace().filter_map(|field| field.parse::<u16>().ok());
+    match (bounds.next(), bounds.next()) {
+        (Some(low), Some(high)) if low > 10_000 => (low, high),
+        _ => (32_768, 60_999),
+    }
 }
 
 pub struct TestHost {
