@@ -180,6 +180,7 @@ impl<T> Ring<T> {
                 if self.tail.compare_exchange_weak(tail, tail + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                     // Empty for the next lap's pusher.
                     slot.store(ptr::without_provenance_mut(lap ^ LAP), Ordering::Release);
+                    self.warm(tail + 1);
                     // SAFETY: a full slot's word is an owning reference's
                     // pointer plus state bits (the module's invariant), and
                     // the claim made this thread its one taker.
@@ -197,6 +198,29 @@ impl<T> Ring<T> {
             }
             // Another popper took this position: retry with the next one.
             backoff.spin();
+        }
+    }
+}
+
+impl<T> Ring<T> {
+    /// Asks the processor to bring the element queued at `position` into
+    /// its cache: the next pop takes it, and its evictor reads it at once
+    /// (its hash, state and frequency), on an insertion's path. In a cache
+    /// larger than the processor's, that read is a miss otherwise
+    /// (bench/RESULTS.md: at 100,000 entries, one thread alone inserting
+    /// ran at 0.66-0.87x quick_cache's speed without this, 0.86-1.06x with).
+    #[inline]
+    fn warm(&self, position: u64) {
+        let word = self.slot(position).load(Ordering::Relaxed);
+        if word.addr() & FULL != 0 {
+            // (Miri has no use for a hint, nor knows the instruction.)
+            #[cfg(all(target_arch = "x86_64", not(miri)))]
+            // SAFETY: a prefetch is a hint: it reads nothing the program
+            // sees and never faults, even if the element has been freed by
+            // the time it runs.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch(element_of(word).cast_const().cast(), std::arch::x86_64::_MM_HINT_T0)
+            };
         }
     }
 }
