@@ -10,9 +10,10 @@
 # Per LUN: 128 KiB sequential write over the whole LUN (which also fills it,
 # so no read hits a hole), 128 KiB sequential read, 4 KiB random write and
 # read at queue depth 32 (qemu-img bench with a prime stride), the same
-# 4 KiB reads once more (re-read: tgt serves both passes from the page
-# cache, Tessera the second from its block cache, the first from the
-# components' files), and 4 KiB random read at depth 32 with iscsi-perf. Prints a table with ratios to
+# 4 KiB reads twice more, the second timed (re-read: tgt serves every pass
+# from the page cache, Tessera the last from its block cache, the first
+# from the components' files), and 4 KiB random read at depth 32 with
+# iscsi-perf. Prints a table with ratios to
 # tgt; about 5 minutes with the defaults.
 #
 #   bench/iscsi.sh                    # defaults
@@ -25,7 +26,7 @@ cd "$(dirname "$0")/.."
 SECONDS_PER=${SECONDS_PER:-10}
 RANDOM_IOS=${RANDOM_IOS:-20000}
 SIZE_MIB=1024
-for tool in tgtd tgtadm qemu-img iscsi-perf; do
+for tool in tgtd tgtadm qemu-img iscsi-perf curl; do
     command -v "$tool" >/dev/null || { echo "bench/iscsi.sh needs $tool (scripts/test installs it)" >&2; exit 1; }
 done
 cargo build --release -q -p tessera
@@ -109,6 +110,23 @@ perf() { # url: 4 KiB random reads at depth 32 for SECONDS_PER seconds, IOPS
     grep -o "iops average [0-9]*" <<<"$out" | tail -1 | awk '{ print $3 + 0 }'
 }
 
+# Block cache hits and misses summed over Tessera's hosts ("hits misses"),
+# from each node's /metrics (the admin API, base port + 80).
+cache_reads() {
+    local hits=0 misses=0 host
+    for host in 1 2 3; do
+        read -r h m < <(curl -s "127.0.0.$host:7780/metrics" |
+            awk '/^objects_block_cache_hits / { h = $2 } /^objects_block_cache_misses / { m = $2 } END { print h + 0, m + 0 }')
+        hits=$((hits + h)) misses=$((misses + m))
+    done
+    echo "$hits $misses"
+}
+# The share of block lookups between two cache_reads that hit, or "-".
+cache_hit_share() {
+    awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " "); h = y[1] - x[1]; n = h + y[2] - x[2];
+        if (n > 0) printf "%.0f%%", 100 * h / n; else print "-" }'
+}
+
 names=(tgt-file tgt-sync tessera-none tessera-none-enc tessera-raid1)
 urls=("$tgt_url" "$sync_url" "$none_url" "$enc_url" "$raid1_url")
 seq_count=$((SIZE_MIB * 8))    # 128 KiB requests covering the LUN
@@ -122,7 +140,16 @@ for index in "${!names[@]}"; do
     result[$name,seqr]=$(bench "$url" r 131072 8 "$seq_count" 131072)
     result[$name,randw]=$(bench "$url" w 4096 32 "$RANDOM_IOS" "$stride")
     result[$name,randr]=$(bench "$url" r 4096 32 "$RANDOM_IOS" "$stride")
+    # Read once more before the timed re-read: a block read once into a
+    # full S3-FIFO cache is kept only once read again (as a ghost's return),
+    # so a first re-read hits or misses by what the node's cache held
+    # before (one run: 100% for the LUN whose objects came to host 1 with
+    # an empty cache, 13% for the next two). The timed one then compares
+    # cached reads alike.
+    bench "$url" r 4096 32 "$RANDOM_IOS" "$stride" >/dev/null
+    before=$(cache_reads)
     result[$name,reread]=$(bench "$url" r 4096 32 "$RANDOM_IOS" "$stride")
+    result[$name,rereadhits]=$(cache_hit_share "$before" "$(cache_reads)")
     result[$name,perf]=$(perf "$url")
 done
 
@@ -145,4 +172,18 @@ for name in tessera-none tessera-none-enc tessera-raid1; do
         "durable 4K write vs tgt-sync $(ratio "${result[$name,randw]}" "${result[tgt-sync,randw]}"), vs tgt-file $(ratio "${result[$name,randw]}" "${result[tgt-file,randw]}");" \
         "128K write vs tgt-sync $(ratio "${result[$name,seqw]}" "${result[tgt-sync,seqw]}"), 128K read vs tgt-file $(ratio "${result[$name,seqr]}" "${result[tgt-file,seqr]}")"
 done
+# Where each single-copy volume's one component and its owner sit: a copy
+# on the host serving iSCSI (host 1) is read without a network hop, one on
+# another host over loopback TCP, which moves these volumes' figures more
+# than anything else (bench/RESULTS.md).
+for volume in bench-none bench-enc; do
+    for object in $(seq 0 $((SIZE_MIB / 256 - 1))); do
+        placed=$("$tessera" object show "$volume.$object" --data "$work/cluster" 2>&1 |
+            grep -oE "owner host [0-9]+|on host [0-9]+" | tr '\n' ' ')
+        echo "Placement of $volume.$object (iSCSI served by host 1): $placed"
+    done
+done
+echo "Block cache hits in each Tessera LUN's timed 4K re-read (the third read of the same blocks):" \
+    "none $(printf %s "${result[tessera-none,rereadhits]}"), none-enc $(printf %s "${result[tessera-none-enc,rereadhits]}")," \
+    "raid1 $(printf %s "${result[tessera-raid1,rereadhits]}")"
 echo "Encryption at rest (tessera-none-enc / tessera-none): 128K write $(ratio "${result[tessera-none-enc,seqw]}" "${result[tessera-none,seqw]}"), 128K read $(ratio "${result[tessera-none-enc,seqr]}" "${result[tessera-none,seqr]}"), 4K write $(ratio "${result[tessera-none-enc,randw]}" "${result[tessera-none,randw]}"), 4K read $(ratio "${result[tessera-none-enc,randr]}" "${result[tessera-none,randr]}"), 4K re-read $(ratio "${result[tessera-none-enc,reread]}" "${result[tessera-none,reread]}")"
