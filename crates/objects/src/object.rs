@@ -310,7 +310,9 @@ pub struct Object<T: Transport> {
     stripes: Vec<tokio::sync::Mutex<()>>,
     /// Encrypted at rest: the cipher of the object's key, replaced only
     /// while no write is under way (`erase_key` holds `atomic` alone).
-    cipher: std::sync::RwLock<Option<Arc<Xts>>>,
+    /// Whether there is one is fixed at open, so an object without a key
+    /// takes no lock on its reads and writes.
+    cipher: Option<std::sync::RwLock<Arc<Xts>>>,
     rekeyer: Option<Rekeyer>,
 }
 
@@ -386,7 +388,7 @@ impl<T: Transport> Object<T> {
                 Some(_) => (0..STRIPE_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
                 None => Vec::new(),
             },
-            cipher: std::sync::RwLock::new(hooks.key.as_ref().map(|key| Arc::new(Xts::new(key)))),
+            cipher: hooks.key.as_ref().map(|key| std::sync::RwLock::new(Arc::new(Xts::new(key)))),
             rekeyer: hooks.rekeyer,
         })
     }
@@ -877,7 +879,7 @@ impl<T: Transport> Object<T> {
 
     /// Whether the object is encrypted at rest.
     pub fn is_encrypted(&self) -> bool {
-        self.cipher.read().expect("cipher lock").is_some()
+        self.cipher.is_some()
     }
 
     /// Replaces the object's key with a new one, recorded first: every
@@ -888,7 +890,7 @@ impl<T: Transport> Object<T> {
     /// the new key may not have been recorded, the object closes: its next
     /// owner opens it with whichever key the record holds.
     pub async fn erase_key(self: &Arc<Self>) -> Result<(), ObjectError> {
-        let (Some(rekeyer), true) = (&self.rekeyer, self.is_encrypted()) else {
+        let (Some(rekeyer), Some(cipher)) = (&self.rekeyer, &self.cipher) else {
             return Err(ObjectError::NotEncrypted);
         };
         let _alone = self.atomic.write().await;
@@ -900,7 +902,7 @@ impl<T: Transport> Object<T> {
         self.fenced().await;
         match rekeyer().await {
             Ok(key) => {
-                *self.cipher.write().expect("cipher lock") = Some(Arc::new(Xts::new(&key)));
+                *cipher.write().expect("cipher lock") = Arc::new(Xts::new(&key));
                 metrics::counter!("objects_keys_erased_total").increment(1);
                 Ok(())
             }
@@ -919,7 +921,8 @@ impl<T: Transport> Object<T> {
     /// (`seal`: as the components are to hold it), or opened (as read from
     /// them); as it is when the object has no key.
     fn through_cipher(&self, first: u64, data: Bytes, seal: bool) -> Bytes {
-        let Some(cipher) = self.cipher.read().expect("cipher lock").clone() else { return data };
+        let Some(cipher) = &self.cipher else { return data };
+        let cipher = cipher.read().expect("cipher lock").clone();
         let mut out = bytes::BytesMut::from(&data[..]);
         match seal {
             true => cipher.encrypt(first, &mut out),
