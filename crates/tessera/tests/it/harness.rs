@@ -32,16 +32,27 @@ pub fn binary() -> PathBuf {
 /// its outgoing calls) before the node binds it; CI lost a run to that
 /// (the admin port taken by a component thread's listener).
 pub fn free_port(addresses: &[&str]) -> u16 {
+    free_ports_at(addresses, &[0])
+}
+
+/// A port `p` such that `p + offset` is free in the same way as
+/// [`free_port`]'s for each offset (`tessera up` listens on its base port
+/// and on the base port + 80).
+pub fn free_ports_at(addresses: &[&str], offsets: &[u16]) -> u16 {
     static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     let (low, _) = ephemeral_ports();
-    let span = low.saturating_sub(10_000).max(1);
+    let highest = offsets.iter().copied().max().unwrap_or(0);
+    let span = low.saturating_sub(10_000 + highest).max(1);
     let mut given = GIVEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     for _ in 0..200 {
         let port = 10_000 + rand::random::<u16>() % span;
-        if !given.contains(&port)
-            && addresses.iter().all(|address| std::net::TcpListener::bind((*address, port)).is_ok())
-        {
-            given.insert(port);
+        let ports: Vec<u16> = offsets.iter().map(|offset| port + offset).collect();
+        let free = |port: &u16| {
+            !given.contains(port)
+                && addresses.iter().all(|address| std::net::TcpListener::bind((*address, *port)).is_ok())
+        };
+        if ports.iter().all(free) {
+            given.extend(ports);
             return port;
         }
     }

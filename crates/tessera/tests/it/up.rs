@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use node::status::ClusterStatus;
 
-use crate::harness::{binary, exclusive, free_port, run_bounded, stacks, which};
+use crate::harness::{binary, exclusive, free_port, free_ports_at, run_bounded, stacks, which};
 
 fn start_up(data: &std::path::Path, port: u16, iscsi_port: u16) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(binary())
@@ -105,7 +105,8 @@ fn up_then_status_shows_a_healthy_cluster_and_restart_reuses_data() {
     let _exclusive = exclusive();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("tessera-data");
-    let port = free_port(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
+    // The node-to-node port and the admin API's, 80 above it.
+    let port = free_ports_at(&["127.0.0.1", "127.0.0.2", "127.0.0.3"], &[0, 80]);
     let iscsi_port = free_port(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
     let (child, lines) = start_up(&data, port, iscsi_port);
     let mut printed = wait_for_line(&lines, "Tessera is up", Duration::from_secs(120));
