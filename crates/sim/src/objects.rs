@@ -77,6 +77,11 @@ pub struct Scenario {
     /// The object is encrypted at rest ([`KEY`]): the checker decrypts
     /// what it reads straight from the components.
     pub encrypted: bool,
+    /// Now and then the owner hands the object over to another live host,
+    /// as ownership following I/O does: it closes once idle
+    /// (`Object::close_when_idle`), and the other opens it without waiting
+    /// out a cache lease (`Hooks::handed_over`), under the same faults.
+    pub handovers: bool,
 }
 
 /// The key of an encrypted scenario's object.
@@ -104,6 +109,7 @@ impl Default for Scenario {
             loss_bursts: true,
             full_disks: false,
             encrypted: false,
+            handovers: false,
         }
     }
 }
@@ -123,6 +129,8 @@ pub struct Report {
     pub partitions: u64,
     pub loss_bursts: u64,
     pub owner_moves: u64,
+    /// Owner moves that were handovers (the owner consented, idle).
+    pub handovers: u64,
     /// Writes refused for want of space (checked to land nowhere).
     pub no_space_writes: u64,
     pub disks_filled: u64,
@@ -408,7 +416,7 @@ async fn cluster(world: Shared) {
                 else {
                     continue;
                 };
-                take_over(&world, host, &record).await;
+                take_over(&world, host, &record, false).await;
                 continue;
             }
         };
@@ -434,7 +442,10 @@ async fn cluster(world: Shared) {
     }
 }
 
-async fn take_over(world: &Shared, host: usize, record: &Record) {
+/// Host `host` takes the object over from the owner at `record`'s epoch,
+/// if the record still names that epoch. `handed_over`: that owner closed
+/// once idle and consented (see `handovers`).
+async fn take_over(world: &Shared, host: usize, record: &Record, handed_over: bool) {
     let epoch = record.epoch + 1;
     {
         // Compare-and-set on the record's epoch.
@@ -449,15 +460,18 @@ async fn take_over(world: &Shared, host: usize, record: &Record) {
         world.record.owner = host;
         world.record.epoch = epoch;
         world.report.owner_moves += 1;
+        world.report.handovers += u64::from(handed_over);
     }
-    note(world, format!("host {host} takes the object over at epoch {epoch}"));
+    let how = if handed_over { " (handed over)" } else { "" };
+    note(world, format!("host {host} takes the object over at epoch {epoch}{how}"));
     let (components, recorded, blocks) = {
         let world = lock(world);
         (clients(&world, host), world.record.states.clone(), world.scenario.blocks)
     };
     let persist = persister(world, host, epoch);
     let seed = lock(world).report.seed ^ epoch;
-    match Object::recover(epoch, blocks, components, recorded, hooks(world, persist, seed, false)).await {
+    let hooks = Hooks { handed_over, ..hooks(world, persist, seed, false) };
+    match Object::recover(epoch, blocks, components, recorded, hooks).await {
         Ok(object) => {
             let mut world = lock(world);
             if world.record.epoch == epoch && !world.down.contains_key(&host) {
@@ -498,13 +512,22 @@ async fn writer(world: Shared, index: usize, seed: u64) {
             continue;
         }
         if rng.gen_bool(0.25) {
-            let expected: Vec<BlockHistory> = {
+            let (expected, reader) = {
                 let world = lock(&world);
-                (start..start + count)
+                let expected: Vec<BlockHistory> = (start..start + count)
                     .map(|block| world.history.blocks.get(&block).cloned().unwrap_or_default())
-                    .collect()
+                    .collect();
+                // With handovers, a third of the reads go to the owner
+                // before this one, as from a host that has not heard of
+                // the move yet: what it still serves (from its cache, say)
+                // must be no older than what this writer was answered
+                // since. (No draw otherwise: the other scenarios' seeds
+                // replay as they did.)
+                let stale = world.scenario.handovers && rng.gen_bool(0.33);
+                let before = world.old_owners.last().map(|(_, owner)| owner.clone());
+                (expected, if stale { before.unwrap_or_else(|| owner.clone()) } else { owner.clone() })
             };
-            if let Ok(data) = owner.read_at(start * BLOCK_SIZE as u64, count * BLOCK_SIZE as u64).await {
+            if let Ok(data) = reader.read_at(start * BLOCK_SIZE as u64, count * BLOCK_SIZE as u64).await {
                 let mut world = lock(&world);
                 world.report.reads_checked += 1;
                 for (offset, history) in expected.iter().enumerate() {
@@ -656,6 +679,42 @@ async fn nemesis(world: Shared, seed: u64) {
     }
 }
 
+/// How long an owner asked to hand the object over waits for what it has
+/// under way (the node's `HAND_OVER_WAIT` plays this part).
+const HAND_OVER_WITHIN: Duration = Duration::from_millis(500);
+
+/// Now and then, while the nemesis runs, the owner hands the object over
+/// to another host that is up and reachable: it closes once idle, and
+/// that host opens it at the next epoch without a lease wait, as the
+/// node's `OBJECT_HAND_OVER` and the takeover after it do. A handover the
+/// owner cannot make in time leaves it as it is.
+async fn handovers(world: Shared, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0068_616e_646f_7665);
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
+        let (owner, record, to) = {
+            let world = lock(&world);
+            let Some(owner) = world.owner.clone() else { continue };
+            let record = world.record.clone();
+            let candidates: Vec<usize> = (0..world.scenario.copies)
+                .filter(|host| {
+                    *host != record.owner && !world.down.contains_key(host) && !world.isolated.contains_key(host)
+                })
+                .collect();
+            if owner.is_closed() || candidates.is_empty() || world.isolated.contains_key(&record.owner) {
+                continue;
+            }
+            (owner, record, candidates[rng.gen_range(0..candidates.len())])
+        };
+        note(&world, format!("hand the object over from host {} to host {to}", record.owner));
+        if owner.close_when_idle(HAND_OVER_WITHIN).await {
+            take_over(&world, to, &record, true).await;
+        } else {
+            note(&world, "the owner did not hand the object over".to_string());
+        }
+    }
+}
+
 async fn simulate(seed: u64, scenario: Scenario) -> Report {
     if let Some(layout) = scenario.erasure {
         assert_eq!(scenario.copies, layout.width(), "an erasure-coded object has a component per chunk of a stripe");
@@ -708,10 +767,15 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
         lock(&world).owner = Some(object);
     }
     let cluster = tokio::spawn(cluster(world.clone()));
+    let handing = scenario.handovers.then(|| tokio::spawn(handovers(world.clone(), seed)));
     let writers: Vec<_> = (0..scenario.writers)
         .map(|index| tokio::spawn(writer(world.clone(), index, seed.wrapping_mul(1000).wrapping_add(index as u64))))
         .collect();
     nemesis(world.clone(), seed).await;
+    if let Some(handing) = handing {
+        handing.abort();
+        let _ = handing.await;
+    }
     // Heal: every host back, no loss; writers go on a little, then stop.
     network.set_faults(Faults::default());
     tokio::time::sleep(Duration::from_secs(2)).await;

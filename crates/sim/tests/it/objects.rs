@@ -53,7 +53,7 @@ const REGRESSIONS: [u64; 3] = [58, 80, 167];
 
 fn assert_clean(report: &Report) {
     println!(
-        "seed {:>4}: {} writes acknowledged, {} failed, {} reads checked ({} blocks from the cache), {} crashes, {} partitions, {} loss bursts, {} owner moves, {} blocks resynced, {} full copies, {} readmissions, {:.0} virtual s, {} messages ({} dropped)",
+        "seed {:>4}: {} writes acknowledged, {} failed, {} reads checked ({} blocks from the cache), {} crashes, {} partitions, {} loss bursts, {} owner moves ({} handed over), {} blocks resynced, {} full copies, {} readmissions, {:.0} virtual s, {} messages ({} dropped)",
         report.seed,
         report.acknowledged_writes,
         report.failed_writes,
@@ -63,6 +63,7 @@ fn assert_clean(report: &Report) {
         report.partitions,
         report.loss_bursts,
         report.owner_moves,
+        report.handovers,
         report.blocks_resynced,
         report.full_copies,
         report.readmissions,
@@ -227,6 +228,30 @@ fn encrypted_objects_lose_no_acknowledged_write_and_their_components_hold_each_b
         }
     }
     println!("{acknowledged} writes acknowledged to encrypted objects");
+}
+
+/// Ownership handed over now and then, as it follows I/O (the owner closes
+/// once idle, the next host opens the object without waiting out a cache
+/// lease), to a copy object and a RAID-5 (2+1) one, under the same crashes,
+/// partitions and loss.
+#[test]
+fn handovers_under_faults_lose_no_acknowledged_write_and_copies_converge() {
+    let copies = Scenario { handovers: true, ..Scenario::default() };
+    let erasure = Scenario { handovers: true, ..erasure_scenario(Layout::new(2, 1)) };
+    let (mut handovers, mut hits) = (0, 0);
+    for scenario in [copies, erasure] {
+        for seed in seeds_up_to(6, 150) {
+            let report = run(seed, &scenario);
+            handovers += report.handovers;
+            hits += report.cache_hits;
+            assert_clean(&report);
+        }
+    }
+    println!("{handovers} handovers");
+    if std::env::var_os("TESSERA_SIM_SEED").is_none() {
+        assert!(handovers > 0, "over all seeds, the object must be handed over at least once");
+        assert!(hits > 0, "over all seeds, the owners' caches must serve some reads");
+    }
 }
 
 #[test]
