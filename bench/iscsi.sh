@@ -113,9 +113,10 @@ perf() { # url: 4 KiB random reads at depth 32 for SECONDS_PER seconds, IOPS
 # Block cache hits and misses summed over Tessera's hosts ("hits misses"),
 # from each node's /metrics (the admin API, base port + 80).
 cache_reads() {
-    local hits=0 misses=0 host
+    local hits=0 misses=0 host h m
     for host in 1 2 3; do
-        read -r h m < <(curl -s "127.0.0.$host:7780/metrics" |
+        # A node that does not answer in 5 s counts nothing.
+        read -r h m < <(curl -s --max-time 5 "127.0.0.$host:7780/metrics" |
             awk '/^objects_block_cache_hits / { h = $2 } /^objects_block_cache_misses / { m = $2 } END { print h + 0, m + 0 }')
         hits=$((hits + h)) misses=$((misses + m))
     done
@@ -179,7 +180,7 @@ done
 for volume in bench-none bench-enc; do
     for object in $(seq 0 $((SIZE_MIB / 256 - 1))); do
         placed=$("$tessera" object show "$volume.$object" --data "$work/cluster" 2>&1 |
-            grep -oE "owner host [0-9]+|on host [0-9]+" | tr '\n' ' ')
+            grep -oE "owner host [0-9]+|on host [0-9]+" | tr '\n' ' ') || placed="(not known)"
         echo "Placement of $volume.$object (iSCSI served by host 1): $placed"
     done
 done

@@ -99,7 +99,7 @@ pub(crate) fn now_micros() -> u64 {
         .unwrap_or(0)
 }
 
-/// Waits for the bootstrap config to exist (another host may be writing it).
+/// The port of a "host:port" address.
 fn port_of(address: &str) -> Option<u16> {
     address.rsplit_once(':').and_then(|(_, port)| port.parse().ok())
 }
@@ -139,6 +139,7 @@ fn warn_of_ephemeral_ports(ports: &[(&str, Option<u16>)]) {
     }
 }
 
+/// Waits for the bootstrap config to exist (another host may be writing it).
 async fn load_bootstrap(dir: &std::path::Path) -> Result<BootstrapConfig, NodeError> {
     let config_dir = ConfigDir::new(fsio::real(), dir.to_path_buf());
     let deadline = tokio::time::Instant::now() + BOOTSTRAP_WAIT;

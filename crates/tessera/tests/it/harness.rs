@@ -40,12 +40,24 @@ pub fn free_port(addresses: &[&str]) -> u16 {
 /// and on the base port + 80).
 pub fn free_ports_at(addresses: &[&str], offsets: &[u16]) -> u16 {
     static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    let (low, _) = ephemeral_ports();
+    let (low, high) = ephemeral_ports();
     let highest = offsets.iter().copied().max().unwrap_or(0);
-    let span = low.saturating_sub(10_000 + highest).max(1);
+    // Below the range, or above it if there is more room there; the whole
+    // span if the range leaves too little on either side (then a node's
+    // own sockets may take a port first, as the kernel's range allows).
+    let below = (10_000u32, u32::from(low).saturating_sub(u32::from(highest)));
+    let above = (u32::from(high) + 1, 65_536u32.saturating_sub(u32::from(highest)));
+    let width = |(from, to): (u32, u32)| to.saturating_sub(from);
+    let (from, to) = match [below, above].into_iter().max_by_key(|span| width(*span)) {
+        Some(span) if width(span) >= 1_000 => span,
+        _ => {
+            eprintln!("the ephemeral port range {low}-{high} leaves no room for fixed ports; picking within it");
+            (10_000, 60_000)
+        }
+    };
     let mut given = GIVEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     for _ in 0..200 {
-        let port = 10_000 + rand::random::<u16>() % span;
+        let port = (from + rand::random::<u32>() % (to - from)) as u16;
         let ports: Vec<u16> = offsets.iter().map(|offset| port + offset).collect();
         let free = |port: &u16| {
             !given.contains(port)
@@ -56,7 +68,7 @@ pub fn free_ports_at(addresses: &[&str], offsets: &[u16]) -> u16 {
             return port;
         }
     }
-    panic!("no free port found below the ephemeral range (starting at {low})");
+    panic!("no free port found in {from}-{to} (the ephemeral range is {low}-{high})");
 }
 
 /// The kernel's ephemeral port range (net.ipv4.ip_local_port_range), or
@@ -65,7 +77,7 @@ pub fn ephemeral_ports() -> (u16, u16) {
     let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
     let mut bounds = text.split_whitespace().filter_map(|field| field.parse::<u16>().ok());
     match (bounds.next(), bounds.next()) {
-        (Some(low), Some(high)) if low > 10_000 => (low, high),
+        (Some(low), Some(high)) if low <= high => (low, high),
         _ => (32_768, 60_999),
     }
 }
