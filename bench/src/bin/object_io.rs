@@ -2,7 +2,8 @@
 //! (`Object::write_at` / `read_at`) for policies none, raid1(2),
 //! raid1(3) and none encrypted at rest, side by side with pwrite+fdatasync and pread on a plain file in
 //! the same run; then raid1(2) with and without the owner's block cache, on
-//! uniform and hot-set reads and a read/write mix; then resync throughput.
+//! uniform and hot-set reads and a read/write mix; then resync throughput,
+//! alone and with writers busy meanwhile (and their latency while it runs).
 //!
 //! Three component hosts run in this process, each with its own disk
 //! directory and component threads serving real TCP on 127.0.0.1; the
@@ -543,6 +544,123 @@ fn resync(
         bytes as f64 / seconds / (1 << 20) as f64,
         copied as f64 / count as f64,
         object.resync_stats.full_copies.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    resync_under_load(args, hosts, owners, runtime, object, back)
+}
+
+/// Writers that keep the object busy during a resync.
+const LOAD_WRITERS: usize = 4;
+
+/// As [`resync`], with [`LOAD_WRITERS`] closed-loop clients writing random
+/// 4 KiB blocks from before the copy comes back until a second after its
+/// resync ends: how long the resync takes under that load, and the
+/// writes' latency while it runs and once it is over (what healing costs
+/// the volume's own I/O, unpaced). `running` is the copy's component
+/// threads, stopped here first.
+fn resync_under_load(
+    args: &Args,
+    hosts: &[Host],
+    owners: &OwnerThreads,
+    runtime: &tokio::runtime::Runtime,
+    object: &Arc<Object<TcpTransport>>,
+    running: ComponentThreads,
+) -> Result<()> {
+    running.stop();
+    drop(running);
+    let count = args.resync_blocks.min(args.blocks);
+    let writing = object.clone();
+    runtime.block_on(owners.run(0, move |_| async move {
+        let stride = (writing.size() / BLOCK_SIZE as u64 / count).max(1);
+        for chunk in (0..count).collect::<Vec<_>>().chunks(32) {
+            let waits: Vec<_> = chunk
+                .iter()
+                .map(|index| {
+                    let (object, at) = (writing.clone(), index * stride + 1);
+                    tokio::spawn(async move { object.write_at(at * BLOCK_SIZE as u64, block_data(at + 2)).await })
+                })
+                .collect();
+            for wait in waits {
+                wait.await.expect("task").expect("degraded write");
+            }
+        }
+    }))?;
+    anyhow::ensure!(matches!(object.statuses()[1], Status::Absent { .. }), "the copy did not go absent");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (loading, halt, blocks) = (object.clone(), stop.clone(), args.blocks);
+    let load = owners.run(0, move |_| async move {
+        let clients: Vec<_> = (0..LOAD_WRITERS)
+            .map(|client| {
+                let (object, halt) = (loading.clone(), halt.clone());
+                tokio::spawn(async move {
+                    let mut random = RandomBlocks::new(client + 7 * 1024, blocks);
+                    let mut samples: Vec<(Instant, Duration)> = Vec::new();
+                    while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                        let block = random.next_block();
+                        let started = Instant::now();
+                        object.write_at(block * BLOCK_SIZE as u64, block_data(block)).await.expect("write");
+                        samples.push((started, started.elapsed()));
+                    }
+                    samples
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for client in clients {
+            all.extend(client.await.expect("client task"));
+        }
+        all
+    });
+    let back = ComponentThreads::start(hosts[1].service.clone(), "127.0.0.1", 2, &LocalHandlers::default())?;
+    object.set_address(1, &back.addresses()[0]);
+    let copied_before = object.resync_stats.blocks_copied.load(std::sync::atomic::Ordering::Relaxed);
+    let watching = object.clone();
+    let watch = async move {
+        // The writers first run a moment with the copy still away.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        let probing = watching.clone();
+        let probed = owners.run(0, move |_| async move { probing.probe(1).await }).await;
+        while probed.as_ref().is_ok_and(|probed| *probed) && watching.statuses()[1] != Status::Active {
+            if started.elapsed() > Duration::from_secs(600) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let ended = Instant::now();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (started, ended, probed)
+    };
+    let (samples, (started, ended, probed)) = runtime.block_on(async { tokio::join!(load, watch) });
+    let samples = samples?;
+    anyhow::ensure!(probed? && object.statuses()[1] == Status::Active, "the resync under load did not finish");
+    let copied = object.resync_stats.blocks_copied.load(std::sync::atomic::Ordering::Relaxed) - copied_before;
+    let seconds = ended.duration_since(started).as_secs_f64();
+    let summary = |during: bool| {
+        let mut latencies = Latencies::default();
+        let (from, to) = if during { (started, ended) } else { (ended, ended + Duration::from_secs(1)) };
+        for (at, took) in &samples {
+            if *at >= from && *at < to {
+                latencies.record(*took);
+            }
+        }
+        let span = to.duration_since(from).as_secs_f64();
+        let done = latencies.0.len();
+        format!(
+            "{done} writes, {:.0} IOPS, p50 {} µs, p99 {} µs",
+            done as f64 / span,
+            latencies.percentile(0.5).as_micros(),
+            latencies.percentile(0.99).as_micros()
+        )
+    };
+    println!(
+        "resync under load: raid1(2), {count} distinct blocks written while one copy was away, {LOAD_WRITERS} clients \
+         writing random 4 KiB blocks throughout; copied {copied} blocks ({} MiB) in {seconds:.2} s: {:.1} MiB/s; \
+         writes while it ran: {}; in the second after: {}",
+        (copied * BLOCK_SIZE as u64) >> 20,
+        (copied * BLOCK_SIZE as u64) as f64 / seconds / (1 << 20) as f64,
+        summary(true),
+        summary(false)
     );
     drop(back);
     Ok(())
