@@ -301,6 +301,9 @@ pub struct Storage {
     /// Objects being opened, and when an attempt last failed.
     opening: Mutex<HashSet<String>>,
     failed_opens: Mutex<HashMap<String, Instant>>,
+    /// Woken when an object leaves `opening` (opened, or not): requests
+    /// that wait for an open (`owned_or_opening`) wait on it.
+    open_ended: tokio::sync::Notify,
     /// Per object this host does not own: I/Os forwarded to its owner in
     /// the current window.
     forwarded: Mutex<Forwarded>,
@@ -349,6 +352,7 @@ impl Storage {
             resync_pace: objects::pace::Pace::new(config.resync_mib_per_second.saturating_mul(1 << 20)).map(Arc::new),
             owned: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashSet::new()),
+            open_ended: tokio::sync::Notify::new(),
             failed_opens: Mutex::new(HashMap::new()),
             forwarded: Mutex::new(Forwarded::default()),
             followed: Mutex::new(HashMap::new()),
@@ -779,20 +783,26 @@ struct Serving {
 /// Object `name` if this host owns it, waiting for it if this host is
 /// opening it.
 async fn owned_or_opening(node: &Node, name: &str) -> Option<Serving> {
-    let mut owned = node.storage.owned(name);
-    if owned.is_none() && node.storage.opening.lock().expect("opening lock").contains(name) {
+    let storage = &node.storage;
+    let mut deadline = None;
+    loop {
+        // Listening before looking: an open that ends in between still
+        // wakes this.
+        let ended = storage.open_ended.notified();
+        let mut ended = std::pin::pin!(ended);
+        ended.as_mut().enable();
+        let owned = storage.owned(name);
+        if owned.is_some() || !storage.opening.lock().expect("opening lock").contains(name) {
+            return owned;
+        }
         // Being opened here (taken over, or after its owner failed): wait
         // for it rather than send the caller round the other hosts.
-        let deadline = Instant::now() + OPEN_WAIT;
-        while owned.is_none()
-            && Instant::now() < deadline
-            && node.storage.opening.lock().expect("opening lock").contains(name)
-        {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            owned = node.storage.owned(name);
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + OPEN_WAIT);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || tokio::time::timeout(left, ended).await.is_err() {
+            return storage.owned(name);
         }
     }
-    owned
 }
 
 /// Serves `io`, from this host, if this host owns the object (at whatever
@@ -961,6 +971,7 @@ fn start_open(node: &Arc<Node>, name: &str, follow: Option<(u64, Ownership)>) {
             node.storage.failed_opens.lock().expect("failed lock").insert(name.clone(), Instant::now());
         }
         node.storage.opening.lock().expect("opening lock").remove(&name);
+        node.storage.open_ended.notify_waiters();
     });
 }
 
