@@ -706,15 +706,28 @@ pub(crate) fn catalog_owner(node: &Node, name: &str) -> Option<(u64, Ownership)>
 /// for it, not carried out here (this host answered it as one that no
 /// longer owns the object, having written nothing of it), waits.
 pub(crate) async fn catalog_owner_past_hand_over(node: &Node, name: &str) -> Option<(u64, Ownership)> {
+    let mut changes = node.services()?.catalog.watch_objects();
     loop {
+        // Seen before looking: a change in between still wakes this.
+        changes.borrow_and_update();
         match catalog_owner(node, name) {
             Some((owner, ownership)) if owner == node.config.node_id && node.storage.handed_to(ownership).is_some() => {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                // Until the catalog names the host taking it, or the hold
+                // ends (looked at again at least every `HOLD_LOOK`).
+                match tokio::time::timeout(HOLD_LOOK, changes.changed()).await {
+                    Ok(Ok(())) | Err(_) => {}
+                    // No more changes will come (the catalog is closing).
+                    Ok(Err(_)) => tokio::time::sleep(HOLD_LOOK).await,
+                }
             }
             owner => return owner,
         }
     }
 }
+
+/// How often a request held back by a handover looks again for the end of
+/// the hold, which is a matter of time, not of a catalog change.
+const HOLD_LOOK: Duration = Duration::from_millis(50);
 
 /// Host `host`'s node address, from this host's copy of the catalog.
 pub(crate) fn host_address(node: &Node, host: u64) -> Option<String> {
