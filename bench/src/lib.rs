@@ -26,19 +26,22 @@ pub fn tessera_binary() -> Result<PathBuf> {
 }
 
 /// A port free on every given address, below the kernel's ephemeral range
-/// (from 32768 on Linux by default): a free port inside it can be taken by
-/// a node's own port-0 sockets before the node binds it.
+/// (`node::ephemeral_ports`, from 32768 on Linux by default): a free port
+/// inside it can be taken by a node's own port-0 sockets before the node
+/// binds it.
 fn free_port(ips: &[String]) -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let low = node::ephemeral_ports().map_or(32_768, |range| *range.start());
+    let span = low.saturating_sub(10_000).max(1_000);
     let mut given = GIVEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     for _ in 0..200 {
-        let port = 10_000 + rand::random::<u16>() % 22_000;
+        let port = 10_000 + rand::random::<u16>() % span;
         if !given.contains(&port) && ips.iter().all(|ip| std::net::TcpListener::bind((ip.as_str(), port)).is_ok()) {
             given.push(port);
             return port;
         }
     }
-    panic!("no free port below 32000");
+    panic!("no free port from 10000 to {}", 10_000 + span);
 }
 
 impl LocalCluster {

@@ -501,29 +501,9 @@ fn resync(
 ) -> Result<()> {
     hosts[1].threads.stop();
     let count = args.resync_blocks.min(args.blocks);
-    let writing = object.clone();
     let started = Instant::now();
-    runtime.block_on(owners.run(0, move |_| async move {
-        let stride = (writing.size() / BLOCK_SIZE as u64 / count).max(1);
-        let mut block = 0;
-        let mut waits = Vec::new();
-        for _ in 0..count {
-            let object = writing.clone();
-            let at = block;
-            waits.push(tokio::spawn(async move { object.write_at(at * BLOCK_SIZE as u64, block_data(at + 1)).await }));
-            block += stride;
-            if waits.len() >= 32 {
-                for wait in waits.drain(..) {
-                    wait.await.expect("task").expect("degraded write");
-                }
-            }
-        }
-        for wait in waits {
-            wait.await.expect("task").expect("degraded write");
-        }
-    }))?;
+    write_while_away(owners, runtime, object, count, 0)?;
     let degraded_seconds = started.elapsed().as_secs_f64();
-    anyhow::ensure!(matches!(object.statuses()[1], Status::Absent { .. }), "the copy did not go absent");
     let back = ComponentThreads::start(hosts[1].service.clone(), "127.0.0.1", 2, &LocalHandlers::default())?;
     object.set_address(1, &back.addresses()[0]);
     let copied_before = object.resync_stats.blocks_copied.load(std::sync::atomic::Ordering::Relaxed);
@@ -548,6 +528,36 @@ fn resync(
     resync_under_load(args, hosts, owners, runtime, object, back)
 }
 
+/// Writes `count` distinct blocks spread evenly over the object, from
+/// block `first` on, 32 at a time, while its copy 1 is away; checks that
+/// the copy went absent.
+fn write_while_away(
+    owners: &OwnerThreads,
+    runtime: &tokio::runtime::Runtime,
+    object: &Arc<Object<TcpTransport>>,
+    count: u64,
+    first: u64,
+) -> Result<()> {
+    let writing = object.clone();
+    runtime.block_on(owners.run(0, move |_| async move {
+        let stride = (writing.size() / BLOCK_SIZE as u64 / count).max(1);
+        for chunk in (0..count).collect::<Vec<_>>().chunks(32) {
+            let waits: Vec<_> = chunk
+                .iter()
+                .map(|index| {
+                    let (object, at) = (writing.clone(), first + index * stride);
+                    tokio::spawn(async move { object.write_at(at * BLOCK_SIZE as u64, block_data(at + 1)).await })
+                })
+                .collect();
+            for wait in waits {
+                wait.await.expect("task").expect("degraded write");
+            }
+        }
+    }))?;
+    anyhow::ensure!(matches!(object.statuses()[1], Status::Absent { .. }), "the copy did not go absent");
+    Ok(())
+}
+
 /// Writers that keep the object busy during a resync.
 const LOAD_WRITERS: usize = 4;
 
@@ -568,23 +578,7 @@ fn resync_under_load(
     running.stop();
     drop(running);
     let count = args.resync_blocks.min(args.blocks);
-    let writing = object.clone();
-    runtime.block_on(owners.run(0, move |_| async move {
-        let stride = (writing.size() / BLOCK_SIZE as u64 / count).max(1);
-        for chunk in (0..count).collect::<Vec<_>>().chunks(32) {
-            let waits: Vec<_> = chunk
-                .iter()
-                .map(|index| {
-                    let (object, at) = (writing.clone(), index * stride + 1);
-                    tokio::spawn(async move { object.write_at(at * BLOCK_SIZE as u64, block_data(at + 2)).await })
-                })
-                .collect();
-            for wait in waits {
-                wait.await.expect("task").expect("degraded write");
-            }
-        }
-    }))?;
-    anyhow::ensure!(matches!(object.statuses()[1], Status::Absent { .. }), "the copy did not go absent");
+    write_while_away(owners, runtime, object, count, 1)?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (loading, halt, blocks) = (object.clone(), stop.clone(), args.blocks);
     let load = owners.run(0, move |_| async move {

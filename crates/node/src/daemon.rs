@@ -114,16 +114,19 @@ fn ephemeral_range(text: &str) -> Option<std::ops::RangeInclusive<u16>> {
     }
 }
 
+/// The ports the kernel hands to sockets bound to port 0
+/// (net.ipv4.ip_local_port_range), if it says. A fixed port chosen among
+/// them may be taken before it is bound.
+pub fn ephemeral_ports() -> Option<std::ops::RangeInclusive<u16>> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|text| ephemeral_range(&text))
+}
+
 /// Warns of a port this node listens on that lies in the kernel's ephemeral
 /// range: any socket bound to port 0 (this node's component threads and
 /// outgoing calls among them) can take it before the node binds it, and the
 /// node then fails to start with "address in use", which is hard to trace.
 fn warn_of_ephemeral_ports(ports: &[(&str, Option<u16>)]) {
-    let Some(range) =
-        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok().and_then(|text| ephemeral_range(&text))
-    else {
-        return;
-    };
+    let Some(range) = ephemeral_ports() else { return };
     for (service, port) in ports {
         if let Some(port) = port.filter(|port| range.contains(port)) {
             tracing::warn!(

@@ -27,7 +27,7 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 
 pub use catalog::{ChapRecord, TargetRecord, VolumeRecord};
 pub use config::NodeConfig;
-pub use daemon::Node;
+pub use daemon::{ephemeral_ports, Node};
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

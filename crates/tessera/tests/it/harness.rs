@@ -71,15 +71,10 @@ pub fn free_ports_at(addresses: &[&str], offsets: &[u16]) -> u16 {
     panic!("no free port found in {from}-{to} (the ephemeral range is {low}-{high})");
 }
 
-/// The kernel's ephemeral port range (net.ipv4.ip_local_port_range), or
-/// Linux's default when it cannot be read.
+/// The kernel's ephemeral port range, or Linux's default when it cannot
+/// be read.
 pub fn ephemeral_ports() -> (u16, u16) {
-    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    let mut bounds = text.split_whitespace().filter_map(|field| field.parse::<u16>().ok());
-    match (bounds.next(), bounds.next()) {
-        (Some(low), Some(high)) if low <= high => (low, high),
-        _ => (32_768, 60_999),
-    }
+    node::ephemeral_ports().map_or((32_768, 60_999), |range| (*range.start(), *range.end()))
 }
 
 pub struct TestHost {
