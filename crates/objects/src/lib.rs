@@ -17,6 +17,7 @@ pub mod block_cache;
 pub mod component;
 pub mod crypt;
 pub mod ec;
+mod lease;
 pub mod object;
 pub mod owner;
 pub mod pace;

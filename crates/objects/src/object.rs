@@ -26,6 +26,7 @@ use crate::block_cache::{BlockCache, ObjectCache, WriteMark, LEASE};
 use crate::component::{Client, ClientError, ComponentError, Reply, Request};
 use crate::crypt::{DataKey, Xts};
 use crate::ec::{self, Layout};
+use crate::lease::{self, ServingLease};
 use crate::owner::{Action, Index, Input, Op, Owner, Source, Status};
 
 mod erasure;
@@ -52,6 +53,12 @@ const SOURCE_WAIT_MAX: Duration = Duration::from_secs(30);
 const ADMISSION_CHECK: Duration = Duration::from_millis(500);
 /// How long a new owner waits for each component's first answer.
 const RECOVER_ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a read waits for its owner to be able to vouch for what it
+/// serves (`Object::vouch`): a failed copy's absence recorded, say.
+const VOUCH_WAIT: Duration = Duration::from_secs(3);
+/// How often a read waiting for that looks again, besides when a renewal
+/// ends or states are recorded.
+const VOUCH_LOOK: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
@@ -258,6 +265,12 @@ struct State {
     barrier: bool,
     /// The statuses last recorded, and whether newer ones wait.
     persisted: Vec<Status>,
+    /// Statuses sent to be recorded since the last record (one that
+    /// failed may still have landed), and those recorded when this owner
+    /// opened, until it records its own: a newer owner could open from any
+    /// of them (`lease`).
+    recording: Vec<Vec<Status>>,
+    opened_from: Vec<Status>,
     persisting: bool,
     dirty: bool,
     /// Persists asked for so far, and how many of them the last record
@@ -309,6 +322,10 @@ pub struct Object<T: Transport> {
     /// A new owner takes no write before this: an older owner may serve
     /// blocks from its cache until its lease runs out.
     writes_after: Option<tokio::time::Instant>,
+    /// Data is served only while this holds (see [`crate::lease`]).
+    lease: ServingLease,
+    /// Signalled when a lease renewal ends and when statuses are recorded.
+    lease_changed: Notify,
     /// Erasure-coded: the layout, and the stripe locks. A write reads the
     /// data chunks of its rows before it writes them, so writes (and reads
     /// that rebuild a chunk from the others) to one stripe take turns; each
@@ -340,7 +357,21 @@ impl<T: Transport> Object<T> {
     ) -> Arc<Self> {
         let count = components.len();
         let owner = Owner::new(vec![Status::Active; count], committed);
-        Self::with_owner(epoch, blocks, components, owner, hooks, None)
+        Self::with_owner(epoch, blocks, components, owner, hooks, None, tokio::time::Instant::now())
+    }
+
+    /// Which components the serving lease needs, from what this owner
+    /// counts active (`statuses`) and what a newer owner could open from.
+    /// Without a persister there is no record to open from, only what
+    /// this owner counts active.
+    fn note_needed(&self, state: &State, statuses: &[Status]) {
+        let records = match self.persister {
+            Some(_) => [&state.persisted[..], &state.opened_from[..]],
+            None => [&[][..], &[][..]],
+        };
+        let records = records.into_iter().chain(state.recording.iter().map(Vec::as_slice));
+        let holders = self.erasure.map_or(1, |layout| layout.data);
+        self.lease.set_needed(lease::needed(statuses, records, holders));
     }
 
     fn with_owner(
@@ -350,13 +381,14 @@ impl<T: Transport> Object<T> {
         owner: Owner,
         hooks: Hooks,
         writes_after: Option<tokio::time::Instant>,
+        lease_origin: tokio::time::Instant,
     ) -> Arc<Self> {
         let count = components.len();
         // Plans unique to this owner (see `Owner::planning_above`).
         let owner = owner.planning_above(epoch << 32).needing_holders(hooks.erasure.map_or(1, |layout| layout.data));
         let persisted = owner.statuses();
         let (ids, clients) = components.into_iter().map(|(id, client)| (id, std::sync::RwLock::new(client))).unzip();
-        Arc::new(Object {
+        let object = Arc::new(Object {
             epoch,
             blocks,
             ids,
@@ -369,6 +401,8 @@ impl<T: Transport> Object<T> {
                 held: Vec::new(),
                 barrier: false,
                 persisted,
+                recording: Vec::new(),
+                opened_from: Vec::new(),
                 persisting: false,
                 dirty: false,
                 persist_asks: 0,
@@ -390,6 +424,8 @@ impl<T: Transport> Object<T> {
             full_stripe_writes: AtomicU64::new(0),
             cache: hooks.cache.map(ObjectCache::new),
             writes_after,
+            lease: ServingLease::new(count, lease_origin),
+            lease_changed: Notify::new(),
             erasure: hooks.erasure,
             stripes: match hooks.erasure {
                 Some(_) => (0..STRIPE_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -397,7 +433,12 @@ impl<T: Transport> Object<T> {
             },
             cipher: hooks.key.as_ref().map(|key| std::sync::RwLock::new(Arc::new(Xts::new(key)))),
             rekeyer: hooks.rekeyer,
-        })
+        });
+        {
+            let state = object.state.lock().expect("object lock");
+            object.note_needed(&state, &state.owner.statuses());
+        }
+        object
     }
 
     /// Opens an object as its new owner at `epoch` (higher than any owner
@@ -417,6 +458,9 @@ impl<T: Transport> Object<T> {
         recorded: Vec<Status>,
         hooks: Hooks,
     ) -> Result<Arc<Self>, ObjectError> {
+        // Before any ask is sent: an answer counts for the serving lease
+        // as if sent now (`lease`).
+        let asked = tokio::time::Instant::now();
         let asks = components.iter().map(|(id, client)| async move {
             match tokio::time::timeout(RECOVER_ASK_TIMEOUT, client.info(epoch, *id)).await {
                 Ok(Ok(info)) => Ok(info),
@@ -456,10 +500,19 @@ impl<T: Transport> Object<T> {
         // the k-th highest of the recorded stale LSNs (active counting as
         // above all) is at or above the newest write answered done: a
         // component recorded away at or above it that holds that much holds
-        // every such write (copies: the last copy to go).
+        // every such write (copies: the last copy to go). A component that
+        // answers counts only up to what it holds: a stale LSN may count
+        // LSNs a readmission rolled back everywhere as held (they were
+        // refused, so nothing holds them), and such a component, holding
+        // every write answered done below them, holds every one.
         let needed = hooks.erasure.map_or(1, |layout| layout.data);
         let all_away = recorded.iter().filter(|status| **status == Status::Active).count() < needed;
-        let mut levels: Vec<Lsn> = recorded.iter().map(|status| recorded_stale(status).unwrap_or(Lsn::MAX)).collect();
+        let level = |index: usize| match (recorded_stale(&recorded[index]), &infos[index]) {
+            (None, _) => Lsn::MAX,
+            (Some(stale), Ok(info)) => stale.min(info.committed_lsn),
+            (Some(stale), Err(_)) => stale,
+        };
+        let mut levels: Vec<Lsn> = (0..recorded.len()).map(level).collect();
         levels.sort_unstable_by(|a, b| b.cmp(a));
         let threshold = levels.get(needed - 1).copied().unwrap_or(0);
         let candidate = |index: usize| -> Option<Lsn> {
@@ -626,7 +679,13 @@ impl<T: Transport> Object<T> {
             }
         }
         tracing::info!(epoch, committed, start, current = ?current, behind = ?behind, missing = ?missing, "opened as the new owner");
-        let object = Self::with_owner(epoch, blocks, components, owner, hooks, writes_after);
+        let object = Self::with_owner(epoch, blocks, components, owner, hooks, writes_after, asked);
+        for (index, info) in infos.iter().enumerate() {
+            if info.is_ok() {
+                // Sent at the lease clock's origin, `asked`.
+                object.lease.answered(index, 1);
+            }
+        }
         *object.extra.lock().expect("extra lock") = extra;
         *object.reported_newest.lock().expect("reported lock") = reported_newest;
         // Mid-resync under an older owner: rows may have been rebuilt there
@@ -643,6 +702,8 @@ impl<T: Transport> Object<T> {
             let mut state = object.state.lock().expect("object lock");
             // Record the states found before taking I/O.
             state.persisted = Vec::new();
+            state.opened_from = recorded.clone();
+            object.note_needed(&state, &state.owner.statuses());
             let mut out = vec![Action::Persist];
             // A current copy still mid-resync on its disk ends it before
             // it takes writes.
@@ -686,6 +747,7 @@ impl<T: Transport> Object<T> {
     pub fn close(&self) {
         let mut state = self.state.lock().expect("object lock");
         state.closed = true;
+        self.lease.closed.store(true, Ordering::Release);
         self.recorded.notify_one();
         if let Some(cache) = &self.cache {
             cache.close();
@@ -1167,9 +1229,11 @@ impl<T: Transport> Object<T> {
         // not show so (resynced, readmitted, or all of them before a new
         // owner's first record): completions wait for the record, which
         // is what a new owner would go by.
-        if unrecorded(&state.owner.statuses(), &state.persisted) {
+        let statuses = state.owner.statuses();
+        if unrecorded(&statuses, &state.persisted) {
             state.barrier = true;
         }
+        self.note_needed(state, &statuses);
         state.dirty = true;
         state.persist_asks += 1;
         if state.persisting {
@@ -1190,12 +1254,22 @@ impl<T: Transport> Object<T> {
                     return;
                 }
                 state.dirty = false;
-                (state.owner.statuses(), state.persist_asks)
+                let statuses = state.owner.statuses();
+                // Retried while the catalog is out of reach: once each.
+                if !state.recording.contains(&statuses) {
+                    state.recording.push(statuses.clone());
+                }
+                self.note_needed(&state, &statuses);
+                (statuses, state.persist_asks)
             };
             match persister(statuses.clone()).await {
                 Ok(()) => {
                     let mut state = self.state.lock().expect("object lock");
                     state.persisted = statuses;
+                    state.recording.clear();
+                    state.opened_from.clear();
+                    self.note_needed(&state, &state.owner.statuses());
+                    self.lease_changed.notify_waiters();
                     state.recorded_asks = asks;
                     self.recorded.notify_one();
                     if state.barrier && !unrecorded(&state.owner.statuses(), &state.persisted) {
@@ -1244,7 +1318,11 @@ impl<T: Transport> Object<T> {
         tokio::spawn(async move {
             let client = object.client(component);
             let sent = object.cache.as_ref().map(|cache| cache.now());
+            let leased = object.lease.now();
             let result = client.call_in(object.epoch, session, seq, request, &data).await.map(|(reply, _)| reply);
+            if result.is_ok() {
+                object.lease.answered(component, leased);
+            }
             let input = match (&result, lsn) {
                 (Ok(_), Some(lsn)) => Some(Input::Acked { component, lsn }),
                 (Ok(_), None) => None,
@@ -1626,6 +1704,79 @@ impl<T: Transport> Object<T> {
         self.state.lock().expect("object lock").owner.active_count()
     }
 
+    /// Returns once this owner can vouch that no newer owner has answered
+    /// a write (its serving lease holds: see [`crate::lease`]), renewing
+    /// the lease when it runs low; `Unavailable` if it cannot within
+    /// `VOUCH_WAIT`, `Deposed` once closed. Before any data of copies is
+    /// served. Not yet for erasure-coded objects (`crate::lease`).
+    async fn vouch(self: &Arc<Self>) -> Result<(), ObjectError> {
+        if self.lease.closed.load(Ordering::Acquire) {
+            return Err(ObjectError::Deposed);
+        }
+        let left = self.lease.left(self.lease.now());
+        if left > lease::RENEW_WHEN_LEFT_MS {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + VOUCH_WAIT;
+        loop {
+            let changed = self.lease_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let state = self.state.lock().expect("object lock");
+                if state.closed {
+                    return Err(ObjectError::Deposed);
+                }
+                self.note_needed(&state, &state.owner.statuses());
+            }
+            let left = self.lease.left(self.lease.now());
+            if left <= lease::RENEW_WHEN_LEFT_MS {
+                self.renew_lease();
+            }
+            if left > 0 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ObjectError::Unavailable);
+            }
+            // A renewal's end, or a record that needs fewer components;
+            // looking again now and then for the rest (a renewal that
+            // found nothing to ask, say).
+            let _ = tokio::time::timeout(VOUCH_LOOK, changed).await;
+        }
+    }
+
+    /// Asks each component the lease needs whose last answer is getting
+    /// old for a provisioning state (a query a newer owner's fence makes
+    /// it refuse), unless a renewal is asking it already. An answer renews the
+    /// lease; a refusal of this epoch closes the object. A component that
+    /// does not answer is not failed for it: its writes fail it, or the
+    /// cluster does once its host is marked down, and once its absence is
+    /// recorded the lease no longer needs it.
+    fn renew_lease(self: &Arc<Self>) {
+        let components = self.lease.to_renew(self.lease.now());
+        if components.is_empty() {
+            return;
+        }
+        let object = self.clone();
+        tokio::spawn(async move {
+            let asks = components.into_iter().map(|index| {
+                let object = &object;
+                async move {
+                    let sent = object.lease.now();
+                    match object.client(index).provisioning(object.epoch, object.ids[index], 0, 1).await {
+                        Ok(_) => object.lease.answered(index, sent),
+                        Err(error) if object.deposed_by(&error) => {}
+                        Err(error) => tracing::debug!(component = index, %error, "no answer to a lease renewal"),
+                    }
+                    object.lease.asked(index);
+                    object.lease_changed.notify_waiters();
+                }
+            });
+            futures::future::join_all(asks).await;
+        });
+    }
+
     /// The copies that are up to date now, those on this host first (a read
     /// of a local copy skips the network).
     fn active(&self) -> Vec<Index> {
@@ -1645,6 +1796,7 @@ impl<T: Transport> Object<T> {
             if statuses.contains(&Status::Active) {
                 state.owner.served_data();
             }
+            self.note_needed(&state, &statuses);
             (statuses, state.owner.last_lsn())
         };
         (self.in_place_first(&statuses), written)
@@ -1684,6 +1836,7 @@ impl<T: Transport> Object<T> {
         if let Some(layout) = self.erasure {
             return self.read_erasure(layout, first, count, via).await;
         }
+        self.vouch().await?;
         if let Some(cache) = &self.cache {
             if let Some(data) = cache.lookup(first, count) {
                 return Ok(data);
@@ -1704,8 +1857,10 @@ impl<T: Transport> Object<T> {
                 client = client.with_transport(transport.clone());
             }
             let sent = self.cache.as_ref().map(|cache| cache.now());
+            let leased = self.lease.now();
             match client.read(self.epoch, *id, first, count).await {
                 Ok(data) => {
+                    self.lease.answered(index, leased);
                     if let (Some(cache), Some(sent)) = (&self.cache, sent) {
                         cache.answered(sent);
                         if let Some(ticket) = &ticket {
@@ -1738,6 +1893,7 @@ impl<T: Transport> Object<T> {
         if let Some(layout) = self.erasure {
             return self.provisioning_erasure(layout, first, count).await;
         }
+        self.vouch().await?;
         let (active, _) = self.active_serving();
         let mut errors = Misses::default();
         for index in active {

@@ -82,6 +82,13 @@ pub struct Scenario {
     /// (`Object::close_when_idle`), and the other opens it without waiting
     /// out a cache lease (`Hooks::handed_over`), under the same faults.
     pub handovers: bool,
+    /// Now and then the cluster wrongly declares the owner's host failed
+    /// (it was cut off from the failure detector alone, say): another host
+    /// takes the object over at once, as after a crash, while the old owner
+    /// still runs, still reaches every copy and still serves reads from its
+    /// cache until it hears of the new epoch (0-3 s later). The new owner
+    /// must wait out that cache's lease before its first write.
+    pub false_suspicions: bool,
 }
 
 /// The key of an encrypted scenario's object.
@@ -110,6 +117,7 @@ impl Default for Scenario {
             full_disks: false,
             encrypted: false,
             handovers: false,
+            false_suspicions: false,
         }
     }
 }
@@ -131,6 +139,10 @@ pub struct Report {
     pub owner_moves: u64,
     /// Owner moves that were handovers (the owner consented, idle).
     pub handovers: u64,
+    /// Owner moves on a false suspicion (the old owner still running).
+    pub false_suspicions: u64,
+    /// Reads an owner answered after it was deposed (before it heard).
+    pub reads_via_deposed: u64,
     /// Writes refused for want of space (checked to land nowhere).
     pub no_space_writes: u64,
     pub disks_filled: u64,
@@ -366,11 +378,23 @@ fn persister(world: &Shared, host: usize, epoch: u64) -> Persister {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 return Err(PersistError::Failed("the catalog is out of reach".into()));
             }
-            let mut world = lock(&world);
-            if world.record.epoch != epoch {
-                return Err(PersistError::Deposed);
+            {
+                let mut world = lock(&world);
+                if world.record.epoch != epoch {
+                    return Err(PersistError::Deposed);
+                }
+                world.record.states = statuses.clone();
             }
-            world.record.states = statuses;
+            // Not `since`, wall-clock time: the trace must replay exactly.
+            let shown: Vec<String> = statuses
+                .iter()
+                .map(|status| match status {
+                    Status::Active => "active".to_string(),
+                    Status::Absent { stale, .. } => format!("away at {stale}"),
+                    Status::Resyncing { stale, target } => format!("resyncing {stale} to {target}"),
+                })
+                .collect();
+            note(&world, format!("host {host} records [{}] at epoch {epoch}", shown.join(", ")));
             Ok(())
         })
     })
@@ -443,15 +467,16 @@ async fn cluster(world: Shared) {
 }
 
 /// Host `host` takes the object over from the owner at `record`'s epoch,
-/// if the record still names that epoch. `handed_over`: that owner closed
-/// once idle and consented (see `handovers`).
-async fn take_over(world: &Shared, host: usize, record: &Record, handed_over: bool) {
+/// if the record still names that epoch; returns whether it did.
+/// `handed_over`: that owner closed once idle and consented (see
+/// `handovers`).
+async fn take_over(world: &Shared, host: usize, record: &Record, handed_over: bool) -> bool {
     let epoch = record.epoch + 1;
     {
         // Compare-and-set on the record's epoch.
         let mut world = lock(world);
         if world.record.epoch != record.epoch {
-            return;
+            return false;
         }
         if let Some(owner) = world.owner.take() {
             let previous = world.record.owner;
@@ -482,6 +507,7 @@ async fn take_over(world: &Shared, host: usize, record: &Record, handed_over: bo
         }
         Err(error) => note(world, format!("host {host} cannot open the object at epoch {epoch}: {error}")),
     }
+    true
 }
 
 /// One writer: its own range of blocks, written in order, read back now
@@ -517,19 +543,22 @@ async fn writer(world: Shared, index: usize, seed: u64) {
                 let expected: Vec<BlockHistory> = (start..start + count)
                     .map(|block| world.history.blocks.get(&block).cloned().unwrap_or_default())
                     .collect();
-                // With handovers, a third of the reads go to the owner
-                // before this one, as from a host that has not heard of
-                // the move yet: what it still serves (from its cache, say)
-                // must be no older than what this writer was answered
-                // since. (No draw otherwise: the other scenarios' seeds
-                // replay as they did.)
-                let stale = world.scenario.handovers && rng.gen_bool(0.33);
+                // With handovers or false suspicions, a third of the reads
+                // go to the owner before this one, as from a host that has
+                // not heard of the move yet: what it still serves (from its
+                // cache, say) must be no older than what this writer was
+                // answered since. (No draw otherwise: the other scenarios'
+                // seeds replay as they did.)
+                let moves = world.scenario.handovers || world.scenario.false_suspicions;
+                let stale = moves && rng.gen_bool(0.33);
                 let before = world.old_owners.last().map(|(_, owner)| owner.clone());
                 (expected, if stale { before.unwrap_or_else(|| owner.clone()) } else { owner.clone() })
             };
             if let Ok(data) = reader.read_at(start * BLOCK_SIZE as u64, count * BLOCK_SIZE as u64).await {
                 let mut world = lock(&world);
                 world.report.reads_checked += 1;
+                let deposed = world.owner.as_ref().is_none_or(|current| !Arc::ptr_eq(current, &reader));
+                world.report.reads_via_deposed += u64::from(deposed);
                 for (offset, history) in expected.iter().enumerate() {
                     let block = start + offset as u64;
                     let at = offset * BLOCK_SIZE;
@@ -715,6 +744,42 @@ async fn handovers(world: Shared, seed: u64) {
     }
 }
 
+/// Now and then, while the nemesis runs, the cluster declares the owner's
+/// host failed though it is up and reaches every copy (`false_suspicions`):
+/// another such host takes the object over at once, waiting out the old
+/// owner's cache lease before its first write, and the old owner, which
+/// still serves reads meanwhile, hears of the new epoch and closes 0-3 s
+/// later.
+async fn false_suspicions(world: Shared, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0073_7573_7065_6374);
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..4000))).await;
+        let (owner, record, to) = {
+            let world = lock(&world);
+            let Some(owner) = world.owner.clone() else { continue };
+            let record = world.record.clone();
+            let reachable = |host: &usize| !world.down.contains_key(host) && !world.isolated.contains_key(host);
+            let candidates: Vec<usize> =
+                (0..world.scenario.copies).filter(|host| *host != record.owner && reachable(host)).collect();
+            if owner.is_closed() || candidates.is_empty() || !reachable(&record.owner) {
+                continue;
+            }
+            (owner, record, candidates[rng.gen_range(0..candidates.len())])
+        };
+        note(&world, format!("host {} wrongly declared failed: host {to} takes the object over", record.owner));
+        if take_over(&world, to, &record, false).await {
+            lock(&world).report.false_suspicions += 1;
+            let hears_after = Duration::from_millis(rng.gen_range(0..3000));
+            let world = world.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(hears_after).await;
+                note(&world, format!("host {} hears it was deposed and closes the object", record.owner));
+                owner.close();
+            });
+        }
+    }
+}
+
 async fn simulate(seed: u64, scenario: Scenario) -> Report {
     if let Some(layout) = scenario.erasure {
         assert_eq!(scenario.copies, layout.width(), "an erasure-coded object has a component per chunk of a stripe");
@@ -768,13 +833,14 @@ async fn simulate(seed: u64, scenario: Scenario) -> Report {
     }
     let cluster = tokio::spawn(cluster(world.clone()));
     let handing = scenario.handovers.then(|| tokio::spawn(handovers(world.clone(), seed)));
+    let suspecting = scenario.false_suspicions.then(|| tokio::spawn(false_suspicions(world.clone(), seed)));
     let writers: Vec<_> = (0..scenario.writers)
         .map(|index| tokio::spawn(writer(world.clone(), index, seed.wrapping_mul(1000).wrapping_add(index as u64))))
         .collect();
     nemesis(world.clone(), seed).await;
-    if let Some(handing) = handing {
-        handing.abort();
-        let _ = handing.await;
+    for task in [handing, suspecting].into_iter().flatten() {
+        task.abort();
+        let _ = task.await;
     }
     // Heal: every host back, no loss; writers go on a little, then stop.
     network.set_faults(Faults::default());
@@ -850,7 +916,16 @@ async fn check(world: &Shared, healed: bool) -> Report {
                             copy[at..at + BLOCK_SIZE] != copies[0][at..at + BLOCK_SIZE]
                         })
                         .collect();
-                    violations.push(format!("copy {index} differs from copy 0 in blocks {differ:?}"));
+                    let held = |copy: &[u8], block: u64| {
+                        let at = block as usize * BLOCK_SIZE;
+                        decode(block, &copy[at..at + BLOCK_SIZE]).ok().flatten()
+                    };
+                    let writes: Vec<String> = differ
+                        .iter()
+                        .map(|&block| format!("{block}: {:?} against {:?}", held(copy, block), held(&copies[0], block)))
+                        .collect();
+                    violations
+                        .push(format!("copy {index} differs from copy 0 in blocks {differ:?} (writes {writes:?})"));
                 }
                 for block in 0..scenario.blocks {
                     let at = block as usize * BLOCK_SIZE;
