@@ -501,16 +501,19 @@ impl<T: Transport> Object<T> {
         // above all) is at or above the newest write answered done: a
         // component recorded away at or above it that holds that much holds
         // every such write (copies: the last copy to go). A component that
-        // answers counts only up to what it holds: a stale LSN may count
-        // LSNs a readmission rolled back everywhere as held (they were
-        // refused, so nothing holds them), and such a component, holding
-        // every write answered done below them, holds every one.
+        // answers, not mid-resync, counts only up to what it holds: a stale
+        // LSN may count LSNs a readmission rolled back everywhere as held
+        // (they were refused, so nothing holds them), and such a component,
+        // holding every write answered done below them, holds every one
+        // (its committed LSN is at or above each). Mid-resync, a disk
+        // reports the resync's stale LSN as committed, which says nothing
+        // of what the record vouches for: it counts as recorded.
         let needed = hooks.erasure.map_or(1, |layout| layout.data);
         let all_away = recorded.iter().filter(|status| **status == Status::Active).count() < needed;
         let level = |index: usize| match (recorded_stale(&recorded[index]), &infos[index]) {
             (None, _) => Lsn::MAX,
-            (Some(stale), Ok(info)) => stale.min(info.committed_lsn),
-            (Some(stale), Err(_)) => stale,
+            (Some(stale), Ok(info)) if info.sync.is_none() => stale.min(info.committed_lsn),
+            (Some(stale), _) => stale,
         };
         let mut levels: Vec<Lsn> = (0..recorded.len()).map(level).collect();
         levels.sort_unstable_by(|a, b| b.cmp(a));

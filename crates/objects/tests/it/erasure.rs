@@ -784,3 +784,31 @@ async fn a_new_owner_lets_a_component_that_had_no_room_take_writes_again() {
     drop(hosts);
     drop((dir, tmpfs));
 }
+
+/// A readmission numbers the writes after it above the LSNs it rolled
+/// back, which were refused everywhere: a component readmitted then and
+/// recorded away later is recorded at a stale LSN above its own committed
+/// one. With fewer than k recorded active, a new owner counts each
+/// component that answers only up to what it holds, so such a component
+/// still counts: here the record says 0 is away at the LSN it holds, 1 at
+/// three LSNs above it (refused ones), 2 active. Counting 1 at its record
+/// found one current component of the two needed, and no owner could ever
+/// open the object (the `sim` crate's seed 30 of the more-than-m scenario
+/// once reached this).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_recorded_away_above_what_it_holds_still_counts_toward_a_new_owners_open() {
+    let layout = Layout::new(2, 1);
+    let Fixture { _dir, hosts, blocks, object, mut model } = Fixture::open(layout, 3, 700).await;
+    write(&object, &mut model, 0, blocks, 1).await;
+    write(&object, &mut model, 3, 5, 2).await;
+    object.close();
+    let held = committed(&hosts[0]);
+    assert!(hosts.iter().all(|host| committed(host) == held), "every chunk holds every write");
+    let recorded =
+        vec![Status::Absent { stale: held, since: 0 }, Status::Absent { stale: held + 3, since: 0 }, Status::Active];
+    let object = Object::recover(2, blocks, components(&hosts), recorded, hooks(layout)).await.unwrap();
+    assert!(read_all(&object, blocks).await == model);
+    write(&object, &mut model, 7, 3, 3).await;
+    check_stripes(&hosts, layout, &model).await;
+    assert!(read_all(&object, blocks).await == model);
+}
