@@ -15,7 +15,10 @@
 //! - **A hit** is served only within [`LEASE`] of the send of the last
 //!   request a copy the owner counts active answered; a new owner takes no
 //!   write until a lease has passed since the copies it reached fenced the
-//!   old one (so the old one has stopped serving its cache by then).
+//!   old one (so the old one has stopped serving its cache by then). An
+//!   object of copies also serves a hit only while its serving lease holds
+//!   (`crate::lease`): this one alone is renewed by a copy the new owner
+//!   could not reach, and so not fenced.
 //! - Each object, and each object again after a resync or after a copy
 //!   became the copy of record, reads and fills under a namespace of its
 //!   own, so nothing an earlier owner or state filled is served to a read

@@ -59,6 +59,8 @@ const VOUCH_WAIT: Duration = Duration::from_secs(3);
 /// How often a read waiting for that looks again, besides when a renewal
 /// ends or states are recorded.
 const VOUCH_LOOK: Duration = Duration::from_millis(50);
+/// How long a lease renewal waits for a copy's answer before failing it.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
@@ -265,11 +267,11 @@ struct State {
     barrier: bool,
     /// The statuses last recorded, and whether newer ones wait.
     persisted: Vec<Status>,
-    /// Statuses sent to be recorded since the last record (one that
-    /// failed may still have landed), and those recorded when this owner
-    /// opened, until it records its own: a newer owner could open from any
-    /// of them (`lease`).
-    recording: Vec<Vec<Status>>,
+    /// The components a newer owner could take as current opening from
+    /// any statuses sent to be recorded since the last record (one that
+    /// failed may still have landed: `lease::from_record`), and the
+    /// statuses recorded when this owner opened, until it records its own.
+    recording: u64,
     opened_from: Vec<Status>,
     persisting: bool,
     dirty: bool,
@@ -362,16 +364,23 @@ impl<T: Transport> Object<T> {
 
     /// Which components the serving lease needs, from what this owner
     /// counts active (`statuses`) and what a newer owner could open from.
-    /// Without a persister there is no record to open from, only what
-    /// this owner counts active.
+    /// Without a persister (tests, benchmarks) there is no catalog record
+    /// for a newer owner to open from: only what this owner counts active.
     fn note_needed(&self, state: &State, statuses: &[Status]) {
-        let records = match self.persister {
-            Some(_) => [&state.persisted[..], &state.opened_from[..]],
-            None => [&[][..], &[][..]],
+        let needed = match self.persister {
+            Some(_) => {
+                let records = [&state.persisted[..], &state.opened_from[..]];
+                lease::needed(statuses, records, self.holders()) | state.recording
+            }
+            None => lease::needed(statuses, [], self.holders()),
         };
-        let records = records.into_iter().chain(state.recording.iter().map(Vec::as_slice));
-        let holders = self.erasure.map_or(1, |layout| layout.data);
-        self.lease.set_needed(lease::needed(statuses, records, holders));
+        self.lease.set_needed(needed);
+    }
+
+    /// Components that must hold a write for it to be done (copies: 1;
+    /// erasure coding: k).
+    fn holders(&self) -> usize {
+        self.erasure.map_or(1, |layout| layout.data)
     }
 
     fn with_owner(
@@ -401,7 +410,7 @@ impl<T: Transport> Object<T> {
                 held: Vec::new(),
                 barrier: false,
                 persisted,
-                recording: Vec::new(),
+                recording: 0,
                 opened_from: Vec::new(),
                 persisting: false,
                 dirty: false,
@@ -502,17 +511,19 @@ impl<T: Transport> Object<T> {
         // component recorded away at or above it that holds that much holds
         // every such write (copies: the last copy to go). A component that
         // answers, not mid-resync, counts only up to what it holds: a stale
-        // LSN may count LSNs a readmission rolled back everywhere as held
-        // (they were refused, so nothing holds them), and such a component,
-        // holding every write answered done below them, holds every one
-        // (its committed LSN is at or above each). Mid-resync, a disk
-        // reports the resync's stale LSN as committed, which says nothing
-        // of what the record vouches for: it counts as recorded.
+        // LSN may count as held LSNs that were refused everywhere (a
+        // readmission rolled them back, or a copy of record was made above
+        // them), and such a component, holding every write answered done
+        // below them, holds every one (its committed LSN is at or above
+        // each). Mid-resync, a disk reports the resync's stale LSN as
+        // committed, which says nothing of what the record vouches for; a
+        // component created again reports 0, having lost what it held: both
+        // count as recorded, so neither lowers the bar.
         let needed = hooks.erasure.map_or(1, |layout| layout.data);
         let all_away = recorded.iter().filter(|status| **status == Status::Active).count() < needed;
         let level = |index: usize| match (recorded_stale(&recorded[index]), &infos[index]) {
             (None, _) => Lsn::MAX,
-            (Some(stale), Ok(info)) if info.sync.is_none() => stale.min(info.committed_lsn),
+            (Some(stale), Ok(info)) if info.sync.is_none() && info.committed_lsn > 0 => stale.min(info.committed_lsn),
             (Some(stale), _) => stale,
         };
         let mut levels: Vec<Lsn> = (0..recorded.len()).map(level).collect();
@@ -686,7 +697,7 @@ impl<T: Transport> Object<T> {
         for (index, info) in infos.iter().enumerate() {
             if info.is_ok() {
                 // Sent at the lease clock's origin, `asked`.
-                object.lease.answered(index, 1);
+                object.lease.answered(index, lease::AT_ORIGIN);
             }
         }
         *object.extra.lock().expect("extra lock") = extra;
@@ -751,6 +762,7 @@ impl<T: Transport> Object<T> {
         let mut state = self.state.lock().expect("object lock");
         state.closed = true;
         self.lease.closed.store(true, Ordering::Release);
+        self.lease_changed.notify_waiters();
         self.recorded.notify_one();
         if let Some(cache) = &self.cache {
             cache.close();
@@ -1258,10 +1270,7 @@ impl<T: Transport> Object<T> {
                 }
                 state.dirty = false;
                 let statuses = state.owner.statuses();
-                // Retried while the catalog is out of reach: once each.
-                if !state.recording.contains(&statuses) {
-                    state.recording.push(statuses.clone());
-                }
+                state.recording |= lease::from_record(&statuses, self.holders());
                 self.note_needed(&state, &statuses);
                 (statuses, state.persist_asks)
             };
@@ -1269,7 +1278,7 @@ impl<T: Transport> Object<T> {
                 Ok(()) => {
                     let mut state = self.state.lock().expect("object lock");
                     state.persisted = statuses;
-                    state.recording.clear();
+                    state.recording = 0;
                     state.opened_from.clear();
                     self.note_needed(&state, &state.owner.statuses());
                     self.lease_changed.notify_waiters();
@@ -1730,7 +1739,12 @@ impl<T: Transport> Object<T> {
                 if state.closed {
                     return Err(ObjectError::Deposed);
                 }
-                self.note_needed(&state, &state.owner.statuses());
+                let statuses = state.owner.statuses();
+                // Nothing to read from: no use waiting for the lease.
+                if !statuses.contains(&Status::Active) {
+                    return Err(ObjectError::Unavailable);
+                }
+                self.note_needed(&state, &statuses);
             }
             let left = self.lease.left(self.lease.now());
             if left <= lease::RENEW_WHEN_LEFT_MS {
@@ -1751,11 +1765,12 @@ impl<T: Transport> Object<T> {
 
     /// Asks each component the lease needs whose last answer is getting
     /// old for a provisioning state (a query a newer owner's fence makes
-    /// it refuse), unless a renewal is asking it already. An answer renews the
-    /// lease; a refusal of this epoch closes the object. A component that
-    /// does not answer is not failed for it: its writes fail it, or the
-    /// cluster does once its host is marked down, and once its absence is
-    /// recorded the lease no longer needs it.
+    /// it refuse), unless a renewal is asking it already. An answer renews
+    /// the lease; a refusal of this epoch closes the object; no answer
+    /// within `RENEW_TIMEOUT`, or an error, fails a component this owner
+    /// counts active, as a write's would, so its absence is recorded and
+    /// the lease stops needing it (reads do not wait on it for ever when
+    /// no write comes to find it out).
     fn renew_lease(self: &Arc<Self>) {
         let components = self.lease.to_renew(self.lease.now());
         if components.is_empty() {
@@ -1766,11 +1781,24 @@ impl<T: Transport> Object<T> {
             let asks = components.into_iter().map(|index| {
                 let object = &object;
                 async move {
+                    let session = object.state.lock().expect("object lock").sessions[index].0;
                     let sent = object.lease.now();
-                    match object.client(index).provisioning(object.epoch, object.ids[index], 0, 1).await {
-                        Ok(_) => object.lease.answered(index, sent),
-                        Err(error) if object.deposed_by(&error) => {}
-                        Err(error) => tracing::debug!(component = index, %error, "no answer to a lease renewal"),
+                    let client = object.client(index);
+                    let query = client.provisioning(object.epoch, object.ids[index], 0, 1);
+                    let failure = match tokio::time::timeout(RENEW_TIMEOUT, query).await {
+                        Ok(Ok(_)) => {
+                            object.lease.answered(index, sent);
+                            None
+                        }
+                        Ok(Err(error)) if object.deposed_by(&error) => None,
+                        Ok(Err(error)) => Some(error.to_string()),
+                        Err(_) => Some(format!("no answer within {RENEW_TIMEOUT:?}")),
+                    };
+                    if let Some(error) = failure {
+                        if object.statuses()[index] == Status::Active {
+                            tracing::warn!(component = index, %error, "component failed a lease renewal");
+                            object.input_from(index, session, Input::Failed { component: index }, None);
+                        }
                     }
                     object.lease.asked(index);
                     object.lease_changed.notify_waiters();
@@ -1900,8 +1928,12 @@ impl<T: Transport> Object<T> {
         let (active, _) = self.active_serving();
         let mut errors = Misses::default();
         for index in active {
+            let sent = self.lease.now();
             match self.client(index).provisioning(self.epoch, self.ids[index], first, count).await {
-                Ok((mapped, blocks)) => return Ok((mapped, blocks * BLOCK_SIZE as u64)),
+                Ok((mapped, blocks)) => {
+                    self.lease.answered(index, sent);
+                    return Ok((mapped, blocks * BLOCK_SIZE as u64));
+                }
                 Err(error) => errors.push(error.to_string(), &error),
             }
         }

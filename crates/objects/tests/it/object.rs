@@ -576,3 +576,29 @@ async fn an_owner_handing_over_answers_the_compare_and_writes_under_way_and_writ
         println!("owner {}: {answered:?} compare-and-writes answered before it handed over", epoch - 1);
     }
 }
+
+/// An owner serves data only while every copy a newer owner could take for
+/// current answered it within a lease (`objects::lease`). With only reads
+/// coming, the lease is renewed by asking the copies the reads do not go
+/// to; one that stops answering is failed by that renewal, as a write to it
+/// would fail it, so reads go on from the others within a few seconds
+/// rather than waiting for a write that never comes to find it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_alone_fail_a_copy_that_stops_answering_and_go_on_from_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 3, 900).await;
+    let object = Object::open(1, BLOCKS, components(&hosts), 0);
+    write(&object, 0, 8, 1).await;
+    hosts[2].online.store(false, Ordering::SeqCst);
+    // Well past the lease: reads alone must renew it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    for round in 0..20u64 {
+        let block = round % 8;
+        let read = object.read_at(block * BLOCK_SIZE as u64, BLOCK_SIZE as u64).await;
+        assert!(read.is_ok_and(|data| data[..] == pattern(block, 1)[..]), "read {round} after {:?}", started.elapsed());
+    }
+    assert!(matches!(object.statuses()[2], Status::Absent { .. }), "{:?}", object.statuses());
+    assert_eq!(object.statuses()[..2], [Status::Active, Status::Active]);
+}
