@@ -712,6 +712,21 @@ async fn nemesis(world: Shared, seed: u64) {
 /// under way (the node's `HAND_OVER_WAIT` plays this part).
 const HAND_OVER_WITHIN: Duration = Duration::from_millis(500);
 
+/// The open owner, if its host is up and reachable, the record, and
+/// another such host drawn at random to move the object to.
+fn owner_and_another_host(world: &World, rng: &mut StdRng) -> Option<(Arc<Object<SimTransport>>, Record, usize)> {
+    let owner = world.owner.clone()?;
+    let record = world.record.clone();
+    let reachable = |host: &usize| !world.down.contains_key(host) && !world.isolated.contains_key(host);
+    let others: Vec<usize> =
+        (0..world.scenario.copies).filter(|host| *host != record.owner && reachable(host)).collect();
+    if owner.is_closed() || others.is_empty() || !reachable(&record.owner) {
+        return None;
+    }
+    let to = others[rng.gen_range(0..others.len())];
+    Some((owner, record, to))
+}
+
 /// Now and then, while the nemesis runs, the owner hands the object over
 /// to another host that is up and reachable: it closes once idle, and
 /// that host opens it at the next epoch without a lease wait, as the
@@ -721,20 +736,7 @@ async fn handovers(world: Shared, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x0068_616e_646f_7665);
     loop {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
-        let (owner, record, to) = {
-            let world = lock(&world);
-            let Some(owner) = world.owner.clone() else { continue };
-            let record = world.record.clone();
-            let candidates: Vec<usize> = (0..world.scenario.copies)
-                .filter(|host| {
-                    *host != record.owner && !world.down.contains_key(host) && !world.isolated.contains_key(host)
-                })
-                .collect();
-            if owner.is_closed() || candidates.is_empty() || world.isolated.contains_key(&record.owner) {
-                continue;
-            }
-            (owner, record, candidates[rng.gen_range(0..candidates.len())])
-        };
+        let Some((owner, record, to)) = owner_and_another_host(&lock(&world), &mut rng) else { continue };
         note(&world, format!("hand the object over from host {} to host {to}", record.owner));
         if owner.close_when_idle(HAND_OVER_WITHIN).await {
             take_over(&world, to, &record, true).await;
@@ -754,18 +756,7 @@ async fn false_suspicions(world: Shared, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x0073_7573_7065_6374);
     loop {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..4000))).await;
-        let (owner, record, to) = {
-            let world = lock(&world);
-            let Some(owner) = world.owner.clone() else { continue };
-            let record = world.record.clone();
-            let reachable = |host: &usize| !world.down.contains_key(host) && !world.isolated.contains_key(host);
-            let candidates: Vec<usize> =
-                (0..world.scenario.copies).filter(|host| *host != record.owner && reachable(host)).collect();
-            if owner.is_closed() || candidates.is_empty() || !reachable(&record.owner) {
-                continue;
-            }
-            (owner, record, candidates[rng.gen_range(0..candidates.len())])
-        };
+        let Some((owner, record, to)) = owner_and_another_host(&lock(&world), &mut rng) else { continue };
         note(&world, format!("host {} wrongly declared failed: host {to} takes the object over", record.owner));
         if take_over(&world, to, &record, false).await {
             lock(&world).report.false_suspicions += 1;
