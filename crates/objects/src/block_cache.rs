@@ -174,14 +174,16 @@ fn stripes_of(first: u64, count: u64) -> impl Iterator<Item = usize> {
 }
 
 impl ObjectCache {
-    pub(crate) fn new(shared: Arc<BlockCache>) -> Arc<ObjectCache> {
+    /// `origin`: its lease clock's, which the object's serving lease
+    /// shares (one clock read per request stamps both).
+    pub(crate) fn new(shared: Arc<BlockCache>, origin: tokio::time::Instant) -> Arc<ObjectCache> {
         Arc::new(ObjectCache {
             shared,
             namespace: AtomicU64::new(new_namespace()),
             stripes: std::array::from_fn(|_| Stripe::default()),
             answered: AtomicU64::new(0),
             closed: AtomicBool::new(false),
-            origin: tokio::time::Instant::now(),
+            origin,
         })
     }
 
@@ -311,7 +313,7 @@ mod tests {
     }
 
     fn cache() -> Arc<ObjectCache> {
-        let cache = ObjectCache::new(BlockCache::new(1 << 20));
+        let cache = ObjectCache::new(BlockCache::new(1 << 20), tokio::time::Instant::now());
         cache.answered(cache.now());
         cache
     }
@@ -368,7 +370,7 @@ mod tests {
 
     #[test]
     fn a_hit_needs_the_lease() {
-        let cache = ObjectCache::new(BlockCache::new(1 << 20));
+        let cache = ObjectCache::new(BlockCache::new(1 << 20), tokio::time::Instant::now());
         let ticket = cache.ticket(1, 1).unwrap();
         cache.fill(&ticket, 1, &block(1));
         assert_eq!(cache.lookup(1, 1), None, "no component has answered yet");

@@ -431,7 +431,8 @@ impl<T: Transport> Object<T> {
             recorded: Notify::new(),
             resync_stats: ResyncStats::default(),
             full_stripe_writes: AtomicU64::new(0),
-            cache: hooks.cache.map(ObjectCache::new),
+            // One clock for both leases: a request's send time stamps each.
+            cache: hooks.cache.map(|shared| ObjectCache::new(shared, lease_origin)),
             writes_after,
             lease: ServingLease::new(count, lease_origin),
             lease_changed: Notify::new(),
@@ -1329,11 +1330,10 @@ impl<T: Transport> Object<T> {
         let object = self.clone();
         tokio::spawn(async move {
             let client = object.client(component);
-            let sent = object.cache.as_ref().map(|cache| cache.now());
-            let leased = object.lease.now();
+            let sent = object.lease.now();
             let result = client.call_in(object.epoch, session, seq, request, &data).await.map(|(reply, _)| reply);
             if result.is_ok() {
-                object.lease.answered(component, leased);
+                object.lease.answered(component, sent);
             }
             let input = match (&result, lsn) {
                 (Ok(_), Some(lsn)) => Some(Input::Acked { component, lsn }),
@@ -1352,7 +1352,7 @@ impl<T: Transport> Object<T> {
                 }
             };
             if let Some(input) = input {
-                object.input_from(component, session, input, sent.filter(|_| result.is_ok()));
+                object.input_from(component, session, input, result.is_ok().then_some(sent));
             }
             let _ = answered.send(result);
         });
@@ -1827,7 +1827,6 @@ impl<T: Transport> Object<T> {
             if statuses.contains(&Status::Active) {
                 state.owner.served_data();
             }
-            self.note_needed(&state, &statuses);
             (statuses, state.owner.last_lsn())
         };
         (self.in_place_first(&statuses), written)
@@ -1887,12 +1886,11 @@ impl<T: Transport> Object<T> {
             if let Some(transport) = via {
                 client = client.with_transport(transport.clone());
             }
-            let sent = self.cache.as_ref().map(|cache| cache.now());
-            let leased = self.lease.now();
+            let sent = self.lease.now();
             match client.read(self.epoch, *id, first, count).await {
                 Ok(data) => {
-                    self.lease.answered(index, leased);
-                    if let (Some(cache), Some(sent)) = (&self.cache, sent) {
+                    self.lease.answered(index, sent);
+                    if let Some(cache) = &self.cache {
                         cache.answered(sent);
                         if let Some(ticket) = &ticket {
                             cache.fill(ticket, first, &data);

@@ -274,7 +274,7 @@ impl<T: Transport> Object<T> {
             return Err(ObjectError::Unavailable);
         }
         let ticket = self.cache.as_ref().and_then(|cache| cache.ticket(first, count));
-        let sent = self.cache.as_ref().map(|cache| cache.now());
+        let sent = self.lease.now();
         let pieces = layout.pieces(first, count);
         let parts = first_error(
             futures::future::join_all(pieces.into_iter().map(|piece| self.read_piece(layout, piece, via))).await,
@@ -289,7 +289,7 @@ impl<T: Transport> Object<T> {
                 out.freeze()
             }
         };
-        if let (Some(cache), Some(sent)) = (&self.cache, sent) {
+        if let Some(cache) = &self.cache {
             // Every piece came from active components (read, or rebuilt
             // from others read).
             cache.answered(sent);
