@@ -754,10 +754,12 @@ impl Disk {
         self.write_records(id, first, data, |first, data| Record::Write { component: id, lsn, first, data }).await
     }
 
-    /// Resync data from a source component: lands only on blocks no newer
-    /// write has reached.
-    pub async fn sync_write(&self, id: ComponentId, first: u64, data: Bytes) -> Result<()> {
-        self.write_records(id, first, data, |first, data| Record::SyncWrite { component: id, first, data }).await
+    /// Resync data from a source component for resync `plan`: lands only on
+    /// blocks no newer write has reached, and only while that plan is the
+    /// resync under way (a job of a plan since superseded may still be
+    /// copying, from a source whose data the newer plan no longer trusts).
+    pub async fn sync_write(&self, id: ComponentId, plan: u64, first: u64, data: Bytes) -> Result<()> {
+        self.write_records(id, first, data, |first, data| Record::SyncWrite { component: id, plan, first, data }).await
     }
 
     /// Rewrites blocks found corrupt with good data from another replica.
@@ -986,6 +988,13 @@ impl Disk {
             if let Some((first, count)) = range {
                 check_range(id, first, count, state.blocks)?;
             }
+            if let Record::SyncWrite { plan, .. } = record {
+                match &state.sync {
+                    None => return Err(Error::Invalid(format!("component {id} is not resynchronizing"))),
+                    Some(sync) if *plan != 0 && *plan != sync.plan => return Err(superseded(id, *plan, sync.plan)),
+                    Some(_) => {}
+                }
+            }
         }
         self.inner.check_failed()
     }
@@ -1163,12 +1172,17 @@ impl Inner {
                     state.committed_lsn = *stale;
                 }
             }
-            Record::SyncWrite { first, data, .. } => {
+            Record::SyncWrite { plan, first, data, .. } => {
                 let count = (data.len() / BLOCK_SIZE) as u64;
                 check_range(id, *first, count, state.blocks)?;
                 let Some(sync) = state.sync.as_mut() else {
                     return Err(Error::Invalid(format!("component {id} is not resynchronizing")));
                 };
+                // Checked as it applies: a newer plan begun after this
+                // record was queued supersedes it just the same.
+                if *plan != 0 && *plan != sync.plan {
+                    return Err(superseded(id, *plan, sync.plan));
+                }
                 // Block by block: a block a newer write reached keeps it.
                 for index in 0..count {
                     let block = *first + index;
@@ -1719,11 +1733,16 @@ fn lsn_of(record: &Record) -> Option<(ComponentId, Lsn)> {
     }
 }
 
+/// A resync write of `plan` refused: `current` is the resync under way.
+fn superseded(id: ComponentId, plan: u64, current: u64) -> Error {
+    Error::Invalid(format!("component {id}: resync plan {plan} was superseded by plan {current}"))
+}
+
 /// The blocks a record writes that may fill holes: (component, first, count).
 fn filling(record: &Record) -> Option<(ComponentId, u64, u64)> {
     match record {
         Record::Write { component, first, data, .. }
-        | Record::SyncWrite { component, first, data }
+        | Record::SyncWrite { component, first, data, .. }
         | Record::Repair { component, first, data }
         | Record::ChunkWrite { component, first, data, .. } => {
             Some((*component, *first, (data.len() / BLOCK_SIZE) as u64))

@@ -63,9 +63,12 @@ pub enum Record {
         target: Lsn,
         plan: u64,
     },
-    /// Resync data: written only to blocks no newer write has touched.
+    /// Resync data: written only to blocks no newer write has touched, and
+    /// only while resync `plan` is the one under way (plan 0: journaled
+    /// before resync writes named their plan; lands in any).
     SyncWrite {
         component: ComponentId,
+        plan: u64,
         first: u64,
         data: Bytes,
     },
@@ -143,6 +146,7 @@ const UNMAP: u8 = 5;
 const TRACK: u8 = 6;
 const UNTRACK: u8 = 7;
 const BEGIN_SYNC: u8 = 8;
+/// A resync write without its plan (older journals; read, never written).
 const SYNC_WRITE: u8 = 9;
 const END_SYNC: u8 = 10;
 const REPAIR: u8 = 11;
@@ -152,6 +156,7 @@ const CHUNK_UNMAP: u8 = 14;
 const ROLL_BACK: u8 = 15;
 const UNDO: u8 = 16;
 const UNDO_UNMAP: u8 = 17;
+const SYNC_WRITE_OF_PLAN: u8 = 18;
 
 impl Record {
     pub fn component(&self) -> ComponentId {
@@ -206,8 +211,8 @@ impl Record {
             Record::BeginSync { component, stale, target, plan } => {
                 u64s(out, BEGIN_SYNC, &[*component, *stale, *target, *plan])
             }
-            Record::SyncWrite { component, first, data } => {
-                u64s(out, SYNC_WRITE, &[*component, *first]);
+            Record::SyncWrite { component, plan, first, data } => {
+                u64s(out, SYNC_WRITE_OF_PLAN, &[*component, *plan, *first]);
                 out.extend_from_slice(data);
             }
             Record::EndSync { component, plan } => u64s(out, END_SYNC, &[*component, *plan]),
@@ -293,7 +298,11 @@ impl Record {
             BEGIN_SYNC => Record::BeginSync { component: next()?, stale: next()?, target: next()?, plan: next()? },
             SYNC_WRITE => {
                 let (component, first) = (next()?, next()?);
-                Record::SyncWrite { component, first, data: blocks(rest)? }
+                Record::SyncWrite { component, plan: 0, first, data: blocks(rest)? }
+            }
+            SYNC_WRITE_OF_PLAN => {
+                let (component, plan, first) = (next()?, next()?, next()?);
+                Record::SyncWrite { component, plan, first, data: blocks(rest)? }
             }
             END_SYNC => Record::EndSync { component: next()?, plan: next()? },
             FENCE => Record::Fence { component: next()?, epoch: next()? },
@@ -369,7 +378,7 @@ mod tests {
             Record::Track { component: 6, stale: 11, seed: Some(vec![(1, 2), (9, 1)]) },
             Record::Untrack { component: 7, stale: 12 },
             Record::BeginSync { component: 8, stale: 3, target: 40, plan: 2 },
-            Record::SyncWrite { component: 9, first: 2, data: data.clone() },
+            Record::SyncWrite { component: 9, plan: 3, first: 2, data: data.clone() },
             Record::EndSync { component: 10, plan: 2 },
             Record::Fence { component: 12, epoch: 4 },
             Record::Repair { component: 11, first: 0, data },
@@ -383,6 +392,18 @@ mod tests {
             record.encode(&mut bytes);
             assert_eq!(Record::decode(&bytes), Some((record, bytes.len())));
         }
+    }
+
+    /// Journals from before resync writes named their plan still replay.
+    #[test]
+    fn a_resync_write_without_a_plan_reads_as_plan_0() {
+        let mut body = vec![SYNC_WRITE];
+        for value in [9u64, 2] {
+            body.extend_from_slice(&value.to_le_bytes());
+        }
+        body.extend_from_slice(&[7u8; BLOCK_SIZE]);
+        let data = Bytes::from(vec![7u8; BLOCK_SIZE]);
+        assert_eq!(Record::decode_body(&body), Some(Record::SyncWrite { component: 9, plan: 0, first: 2, data }));
     }
 
     #[test]

@@ -76,9 +76,11 @@ pub enum Request {
         target: Lsn,
         plan: u64,
     },
-    /// Data follows the header.
+    /// Data follows the header. Refused unless resync `plan` is the one
+    /// under way there.
     SyncWrite {
         component: ComponentId,
+        plan: u64,
         first: u64,
     },
     EndSync {
@@ -450,7 +452,7 @@ impl Service {
                 }
                 Record::BeginSync { component, stale, target, plan }
             }
-            Request::SyncWrite { first, .. } => Record::SyncWrite { component, first, data },
+            Request::SyncWrite { plan, first, .. } => Record::SyncWrite { component, plan, first, data },
             Request::Repair { first, .. } => Record::Repair { component, first, data },
             Request::ChunkWrite { lsn, first, stable, local: true, .. } => {
                 let undo =

@@ -1643,15 +1643,20 @@ impl<T: Transport> Object<T> {
                     pace.take(count * BLOCK_SIZE as u64).await;
                 }
                 if let Some(layout) = object.erasure {
-                    return object.resync_rows(layout, target, first, count).await;
+                    return object.resync_rows(layout, target, plan, first, count).await;
                 }
                 let data = source_client.read(object.epoch, source_id, first, count).await.map_err(|_| ())?;
                 let sent = {
                     let mut state = object.state.lock().expect("object lock");
-                    if state.owner.status(target) == &Status::Active {
+                    // Planned again since this job read its source (that
+                    // source failed, or every copy went away and another
+                    // is the copy of record now): its data may be what the
+                    // new plan undoes. The target refuses it too, in case
+                    // the new plan reaches it first.
+                    if !state.owner.resyncing_under(target, plan) {
                         return Err(());
                     }
-                    let request = Request::SyncWrite { component: target_id, first };
+                    let request = Request::SyncWrite { component: target_id, plan, first };
                     object.send(&mut state, target, request, data, None)
                 };
                 match sent.await {

@@ -242,7 +242,7 @@ async fn resync_data_never_overwrites_a_newer_write() {
     // A new write lands on block 4 during the resync (LSN 10) ...
     disk.write(1, 10, 4, blocks(4, 1, 10)).await.unwrap();
     // ... then older resync data for blocks 3-5 arrives.
-    disk.sync_write(1, 3, blocks(3, 3, 9)).await.unwrap();
+    disk.sync_write(1, 1, 3, blocks(3, 3, 9)).await.unwrap();
     assert_eq!(disk.read(1, 3, 1).unwrap(), blocks(3, 1, 9));
     assert_eq!(disk.read(1, 4, 1).unwrap(), blocks(4, 1, 10), "the newer write stays");
     assert_eq!(disk.read(1, 5, 1).unwrap(), blocks(5, 1, 9));
@@ -256,6 +256,33 @@ async fn resync_data_never_overwrites_a_newer_write() {
     assert!(disk.end_sync(1, 1).await.unwrap());
     let info = disk.component(1).unwrap();
     assert_eq!((info.committed_lsn, info.sync), (10, None));
+}
+
+/// A resync planned again (its source failed, say) must not take data from
+/// the job of the plan before it, which may still be copying from a source
+/// the new plan no longer trusts: such writes are refused and change nothing.
+#[tokio::test]
+async fn a_resync_write_of_a_superseded_plan_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 100).await.unwrap();
+    disk.write(1, 3, 0, blocks(0, 10, 1)).await.unwrap();
+    disk.begin_sync(1, 3, 9, 1).await.unwrap();
+    disk.sync_write(1, 1, 0, blocks(0, 1, 9)).await.unwrap();
+    // Planned again: a new synchronization bitmap, and plan 1 is over.
+    disk.begin_sync(1, 3, 12, 2).await.unwrap();
+    let refused = disk.sync_write(1, 1, 5, blocks(5, 2, 7)).await;
+    assert!(
+        matches!(&refused, Err(Error::Invalid(reason)) if reason.contains("superseded by plan 2")),
+        "{refused:?}"
+    );
+    assert_eq!(disk.read(1, 5, 2).unwrap(), blocks(5, 2, 1), "the refused data did not land");
+    assert!(disk.sync_bitmap(1).unwrap().unwrap().is_empty(), "nor does it count as copied");
+    disk.sync_write(1, 2, 5, blocks(5, 2, 12)).await.unwrap();
+    assert_eq!(disk.read(1, 5, 2).unwrap(), blocks(5, 2, 12));
+    // Not resyncing at all: refused as before.
+    assert!(disk.end_sync(1, 2).await.unwrap());
+    assert!(disk.sync_write(1, 2, 5, blocks(5, 1, 13)).await.is_err());
 }
 
 #[tokio::test]

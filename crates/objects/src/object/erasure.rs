@@ -393,12 +393,14 @@ impl<T: Transport> Object<T> {
         Err(errors.into_error())
     }
 
-    /// A resync step: rebuilds `target`'s chunks at rows `row..row + rows`
-    /// (in one stripe) from the other components and sends them to it.
+    /// A resync step of `plan`: rebuilds `target`'s chunks at rows
+    /// `row..row + rows` (in one stripe) from the other components and
+    /// sends them to it.
     pub(super) async fn resync_rows(
         self: &Arc<Self>,
         layout: Layout,
         target: Index,
+        plan: u64,
         row: u64,
         rows: u64,
     ) -> Result<u64, ()> {
@@ -412,13 +414,13 @@ impl<T: Transport> Object<T> {
             let mut slots = self.read_rows(layout, stripe, row, rows, &[position]).await.map_err(|_| ())?;
             let data = Bytes::from(slots[position].take().expect("rebuilt"));
             let mut state = self.state.lock().expect("object lock");
-            if state.owner.status(target) == &Status::Active {
-                return Err(());
+            if !state.owner.resyncing_under(target, plan) {
+                return Err(()); // active, or planned again (see `Object::resync`)
             }
             // Rebuilt rows have no before-image: it can no longer be
             // readmitted as it stands (see `Object::readmit`).
             self.rows_rebuilt.lock().expect("rebuilt lock").insert(target);
-            let request = Request::SyncWrite { component: self.ids[target], first: row };
+            let request = Request::SyncWrite { component: self.ids[target], plan, first: row };
             self.send(&mut state, target, request, data, None)
         };
         match sent.await {
