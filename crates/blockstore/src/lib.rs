@@ -759,6 +759,10 @@ impl Disk {
     /// resync under way (a job of a plan since superseded may still be
     /// copying, from a source whose data the newer plan no longer trusts).
     pub async fn sync_write(&self, id: ComponentId, plan: u64, first: u64, data: Bytes) -> Result<()> {
+        if plan == 0 {
+            // Plan 0 stands for journal records from before plans were named.
+            return Err(Error::Invalid("resync plan 0 is reserved".into()));
+        }
         self.write_records(id, first, data, |first, data| Record::SyncWrite { component: id, plan, first, data }).await
     }
 
@@ -1171,8 +1175,8 @@ impl Inner {
                 let Some(sync) = state.sync.as_mut() else {
                     return Err(Error::Invalid(format!("component {id} is not resynchronizing")));
                 };
-                // Checked as it applies: a newer plan begun after this
-                // record was queued supersedes it just the same.
+                // Checked as it applies, in journal order: the sync under
+                // way then is the one a replay finds too.
                 if *plan != 0 && *plan != sync.plan {
                     return Err(superseded(id, *plan, sync.plan));
                 }

@@ -452,7 +452,12 @@ impl Service {
                 }
                 Record::BeginSync { component, stale, target, plan }
             }
-            Request::SyncWrite { plan, first, .. } => Record::SyncWrite { component, plan, first, data },
+            Request::SyncWrite { plan, first, .. } => {
+                if plan == 0 {
+                    return Err(ComponentError::Invalid("a resync write of plan 0".into()));
+                }
+                Record::SyncWrite { component, plan, first, data }
+            }
             Request::Repair { first, .. } => Record::Repair { component, first, data },
             Request::ChunkWrite { lsn, first, stable, local: true, .. } => {
                 let undo =

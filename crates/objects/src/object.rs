@@ -301,7 +301,7 @@ pub struct Object<T: Transport> {
     /// Blocks a component's next resync copies besides its source's
     /// tracking bitmap: what an interrupted resync under the previous
     /// owner had marked (a write that owner had in flight may have reached
-    /// only that component).
+    /// only that component), and what this owner's resyncs sent it.
     extra: Mutex<HashMap<Index, RoaringBitmap>>,
     /// The newest LSN a returning copy said it holds: above its stale LSN,
     /// its resync also copies the blocks it wrote itself.
@@ -1475,6 +1475,14 @@ impl<T: Transport> Object<T> {
         }
     }
 
+    /// Blocks a resync sent `target`: until one of its resyncs ends, every
+    /// later plan copies them too (they came from a source that plan may
+    /// not trust, and may have landed before it began).
+    fn sent_by_resync(&self, target: Index, first: u64, count: u64) {
+        let mut extra = self.extra.lock().expect("extra lock");
+        extra.entry(target).or_default().insert_range(first as u32..(first + count) as u32);
+    }
+
     /// After resync `plan`'s task: one that stopped short while its plan
     /// still stands (a lost message, a step that failed) fails the target,
     /// which is then probed and resynced again, rather than resyncing
@@ -1656,6 +1664,7 @@ impl<T: Transport> Object<T> {
                     if !state.owner.resyncing_under(target, plan) {
                         return Err(());
                     }
+                    object.sent_by_resync(target, first, count);
                     let request = Request::SyncWrite { component: target_id, plan, first };
                     object.send(&mut state, target, request, data, None)
                 };
@@ -1674,6 +1683,9 @@ impl<T: Transport> Object<T> {
         }
         let ended = {
             let mut state = self.state.lock().expect("object lock");
+            if !state.owner.resyncing_under(target, plan) {
+                return;
+            }
             let request = Request::EndSync { component: target_id, plan };
             self.send(&mut state, target, request, Bytes::new(), None)
         };

@@ -272,14 +272,18 @@ async fn a_resync_write_of_a_superseded_plan_is_refused_and_changes_nothing() {
     // Planned again: a new synchronization bitmap, and plan 1 is over.
     disk.begin_sync(1, 3, 12, 2).await.unwrap();
     let refused = disk.sync_write(1, 1, 5, blocks(5, 2, 7)).await;
-    assert!(
-        matches!(&refused, Err(Error::Invalid(reason)) if reason.contains("superseded by plan 2")),
-        "{refused:?}"
-    );
+    assert!(matches!(&refused, Err(Error::Invalid(reason)) if reason.contains("superseded by plan 2")), "{refused:?}");
     assert_eq!(disk.read(1, 5, 2).unwrap(), blocks(5, 2, 1), "the refused data did not land");
     assert!(disk.sync_bitmap(1).unwrap().unwrap().is_empty(), "nor does it count as copied");
+    assert!(disk.sync_write(1, 0, 5, blocks(5, 2, 7)).await.is_err(), "plan 0 is for old journals only");
     disk.sync_write(1, 2, 5, blocks(5, 2, 12)).await.unwrap();
     assert_eq!(disk.read(1, 5, 2).unwrap(), blocks(5, 2, 12));
+    // A replay applies the journal as it ran: the refused write stays refused.
+    disk.close();
+    drop(disk);
+    let disk = open(dir.path());
+    assert_eq!(disk.read(1, 5, 2).unwrap(), blocks(5, 2, 12));
+    assert_eq!(disk.sync_bitmap(1).unwrap().unwrap().iter().collect::<Vec<u32>>(), vec![5, 6]);
     // Not resyncing at all: refused as before.
     assert!(disk.end_sync(1, 2).await.unwrap());
     assert!(disk.sync_write(1, 2, 5, blocks(5, 1, 13)).await.is_err());

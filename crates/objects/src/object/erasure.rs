@@ -420,6 +420,7 @@ impl<T: Transport> Object<T> {
             // Rebuilt rows have no before-image: it can no longer be
             // readmitted as it stands (see `Object::readmit`).
             self.rows_rebuilt.lock().expect("rebuilt lock").insert(target);
+            self.sent_by_resync(target, row, rows);
             let request = Request::SyncWrite { component: self.ids[target], plan, first: row };
             self.send(&mut state, target, request, data, None)
         };
