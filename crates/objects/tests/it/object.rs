@@ -602,3 +602,71 @@ async fn reads_alone_fail_a_copy_that_stops_answering_and_go_on_from_the_others(
     assert!(matches!(object.statuses()[2], Status::Absent { .. }), "{:?}", object.statuses());
     assert_eq!(object.statuses()[..2], [Status::Active, Status::Active]);
 }
+
+/// A resync planned again when its source fails must not take data from
+/// the job of the plan before it, which may still be copying from that
+/// source: the source may hold a write no other copy has (here written to
+/// it alone), and the new plan skips a block a write of any kind reached.
+/// The old job's piece, paced to come after the new plan began, reads that
+/// write from the failed source; it must not land, nor fail the copy being
+/// resynced (without the owner's check the copy refuses it and is failed:
+/// the test then times out; without either check the copies differ).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_planned_again_takes_nothing_from_the_job_it_superseded() {
+    let dir = tempfile::tempdir().unwrap();
+    let transport = TcpTransport::new();
+    let hosts = hosts(dir.path(), &transport, 3, 100).await;
+    // 2 KiB a second: each one-block piece waits its 2 s turn.
+    let pace = Arc::new(objects::pace::Pace::new(2048).unwrap());
+    let hooks = Hooks { resync_pace: Some(pace), ..Hooks::default() };
+    let object = Object::recover(1, BLOCKS, components(&hosts), vec![Status::Active; 3], hooks).await.unwrap();
+    write(&object, 0, BLOCKS, 1).await;
+    hosts[2].online.store(false, Ordering::SeqCst);
+    // Two blocks far apart: two pieces, the second paced 2 s after the first.
+    write(&object, 0, 1, 2).await;
+    write(&object, 100, 1, 2).await;
+    assert!(matches!(object.statuses()[2], Status::Absent { .. }), "{:?}", object.statuses());
+    hosts[2].online.store(true, Ordering::SeqCst);
+    assert!(object.probe(2).await);
+    assert!(matches!(object.statuses()[2], Status::Resyncing { .. }), "{:?}", object.statuses());
+
+    // The first plan's job has copied its first piece (block 0) and waits
+    // its turn for the second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while object.resync_stats.blocks_copied.load(Ordering::Relaxed) < 1 {
+        assert!(Instant::now() < deadline, "the first plan copied nothing: {:?}", object.statuses());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Copy 0, the first plan's source, takes a write no other copy has,
+    // and fails; copy 2's resync is planned again from copy 1.
+    let stray = Bytes::from(pattern(100, 99));
+    hosts[0]
+        .client
+        .call(1, Request::Write { component: 100, lsn: 1 << 20, first: 100, settled: 0 }, &stray)
+        .await
+        .unwrap();
+    object.fail_component(0);
+    assert!(matches!(object.statuses()[0], Status::Absent { .. }), "{:?}", object.statuses());
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while object.statuses()[1..] != [Status::Active, Status::Active] {
+        assert!(Instant::now() < deadline, "copy 2's resync did not finish: {:?}", object.statuses());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let held = |index: usize| {
+        let host = &hosts[index];
+        async move {
+            let mut held = Vec::new();
+            for first in (0..BLOCKS).step_by(64) {
+                held.extend_from_slice(&host.client.read(1, host.id, first, 64).await.unwrap());
+            }
+            held
+        }
+    };
+    let (one, two) = (held(1).await, held(2).await);
+    let at = 100 * BLOCK_SIZE;
+    assert!(two[at..at + BLOCK_SIZE] == pattern(100, 2)[..], "copy 2 holds the stray write in block 100");
+    assert!(one == two, "copies 1 and 2 differ");
+    assert_eq!(object.resync_stats.full_copies.load(Ordering::Relaxed), 0);
+}
