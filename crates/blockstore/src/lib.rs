@@ -147,6 +147,10 @@ pub struct ComponentInfo {
     pub tracking: Vec<(Lsn, u64, bool)>,
     /// While resynchronizing: (stale LSN, target LSN, blocks done).
     pub sync: Option<(Lsn, Lsn, u64)>,
+    /// While resynchronizing: nothing has landed here, under this resync
+    /// or an earlier one since the component was last complete (no resync
+    /// data, no write): it holds just what it held when the first began.
+    pub untouched_by_resync: bool,
     /// Bytes the component's data file holds on disk.
     pub allocated_bytes: u64,
     /// The LSN of the write it refused for want of room, while it takes no
@@ -163,6 +167,16 @@ struct Sync {
     /// The newest LSN written here during the resync: the committed LSN
     /// once it ends (until then the component is only current to `stale`).
     newest: Lsn,
+    /// Something landed under an earlier resync since the component was
+    /// last complete (a new plan begins an empty `done`, not the blocks).
+    landed_before: bool,
+}
+
+impl Sync {
+    /// Nothing landed under this resync or one before it.
+    fn untouched(&self) -> bool {
+        !self.landed_before && self.done.is_empty()
+    }
 }
 
 struct Component {
@@ -458,10 +472,16 @@ impl Disk {
     pub fn open(fs: Arc<dyn Fs>, dir: &Path, config: DiskConfig) -> Result<Disk> {
         fs.create_dir_all(dir).map_err(io)?;
         let name = dir.display().to_string();
-        let meta: Meta = match fs.read_file(&dir.join("meta")) {
-            Ok(bytes) => postcard::from_bytes(&bytes)
-                .map_err(|error| Error::Io(format!("{name}: unreadable metadata: {error}")))?,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Meta::default(),
+        let unreadable = |error: postcard::Error| Error::Io(format!("{name}: unreadable metadata: {error}"));
+        let (meta, landed): (Meta, Vec<ComponentId>) = match fs.read_file(&dir.join("meta")) {
+            Ok(bytes) => {
+                let (meta, rest) = postcard::take_from_bytes(&bytes).map_err(unreadable)?;
+                // Written after `Meta` (metadata from before it ends there).
+                let landed =
+                    if rest.is_empty() { Vec::new() } else { postcard::from_bytes(rest).map_err(unreadable)? };
+                (meta, landed)
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => (Meta::default(), Vec::new()),
             Err(error) => return Err(io(error)),
         };
         let inner = Arc::new(Inner {
@@ -502,6 +522,7 @@ impl Disk {
                             target: *target,
                             newest: *newest,
                             done: bitmap_from(bytes)?,
+                            landed_before: landed.contains(&component.id),
                         }),
                         None => None,
                     },
@@ -607,6 +628,7 @@ impl Disk {
                 .map(|(lsn, bitmap)| (*lsn, bitmap.len(), !state.incomplete.contains(lsn)))
                 .collect(),
             sync: state.sync.as_ref().map(|sync| (sync.stale, sync.target, sync.done.len())),
+            untouched_by_resync: state.sync.as_ref().is_some_and(Sync::untouched),
             allocated_bytes: component.data.allocated_bytes().unwrap_or(0),
             halted,
         })
@@ -1162,8 +1184,10 @@ impl Inner {
                 self.halted.lock().expect("halted lock").remove(&id);
                 if state.sync.as_ref().map(|sync| sync.plan) != Some(*plan) {
                     let newest = state.committed_lsn.max(*target);
+                    let landed_before = state.sync.as_ref().is_some_and(|sync| !sync.untouched());
+                    let done = RoaringBitmap::new();
                     state.sync =
-                        Some(Sync { plan: *plan, stale: *stale, target: *target, done: RoaringBitmap::new(), newest });
+                        Some(Sync { plan: *plan, stale: *stale, target: *target, done, newest, landed_before });
                     // Until the resync ends, this component is current only
                     // up to its stale LSN.
                     state.committed_lsn = *stale;
@@ -1252,6 +1276,11 @@ impl Inner {
                     if let Some(Undo::Blocks { first, data }) = state.undo.remove(&lsn) {
                         write_blocks(&component, first, &data)?;
                     }
+                }
+                // A resync under which nothing landed ends: the component
+                // holds what it held before it began, rolled back.
+                if state.sync.as_ref().is_some_and(Sync::untouched) {
+                    state.sync = None;
                 }
                 if state.sync.is_none() {
                     state.committed_lsn = state.committed_lsn.min(*to);
@@ -1625,6 +1654,7 @@ impl Inner {
         let components: Vec<(ComponentId, Arc<Component>)> =
             self.components.read().expect("components lock").iter().map(|(id, c)| (*id, c.clone())).collect();
         let mut metas = Vec::with_capacity(components.len());
+        let mut landed: Vec<ComponentId> = Vec::new();
         // Before-images not yet stable live on in the next journal.
         let mut kept = Vec::new();
         for (id, component) in components {
@@ -1644,6 +1674,9 @@ impl Inner {
                 component.data.sync_data().map_err(io)?;
                 component.crc.sync_data().map_err(io)?;
                 state.dirty = false;
+            }
+            if state.sync.as_ref().is_some_and(|sync| sync.landed_before) {
+                landed.push(id);
             }
             metas.push(ComponentMeta {
                 id,
@@ -1674,7 +1707,9 @@ impl Inner {
         journal.sync_data().map_err(full)?;
         self.fs.sync_dir(&self.dir).map_err(io)?;
         let meta = Meta { generation: generation + 1, components: metas };
-        let bytes = postcard::to_stdvec(&meta).map_err(|error| Error::Io(error.to_string()))?;
+        let mut bytes = postcard::to_stdvec(&meta).map_err(|error| Error::Io(error.to_string()))?;
+        // After `Meta`, where a build from before it stops reading.
+        bytes.extend(postcard::to_stdvec(&landed).map_err(|error| Error::Io(error.to_string()))?);
         // Written and synced aside first (lacking room there changes
         // nothing); the rename and the directory sync are past that point.
         let meta = self.dir.join("meta");

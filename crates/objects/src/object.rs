@@ -534,8 +534,11 @@ impl<T: Transport> Object<T> {
             let info = infos[index].as_ref().ok()?;
             match &recorded[index] {
                 Status::Active => Some(info.committed_lsn),
-                // A chunk mid-resync holds rebuilt rows no rollback undoes.
-                _ if hooks.erasure.is_some() && info.sync.is_some() => None,
+                // A chunk mid-resync holds rebuilt rows no rollback undoes,
+                // unless nothing landed under any resync since it was last
+                // complete: it holds what it held when the first began (a
+                // rollback then ends that resync, below).
+                _ if hooks.erasure.is_some() && info.sync.is_some() && !info.untouched_by_resync => None,
                 status if all_away && recorded_stale(status).is_some_and(|stale| stale >= threshold) => {
                     // Above its stale LSN it may hold a deposed owner's
                     // writes: it counts to there.
@@ -598,7 +601,10 @@ impl<T: Transport> Object<T> {
                     // And to one at `lowest` that declined the write above
                     // it for want of room: it takes no write until a
                     // rollback below that gives it up.
-                    if info.committed_lsn <= lowest && info.halted.is_none_or(|halted| halted <= lowest) {
+                    if info.committed_lsn <= lowest
+                        && info.halted.is_none_or(|halted| halted <= lowest)
+                        && !info.untouched_by_resync
+                    {
                         continue;
                     }
                     let (id, client) = &components[index];
@@ -703,13 +709,14 @@ impl<T: Transport> Object<T> {
         }
         *object.extra.lock().expect("extra lock") = extra;
         *object.reported_newest.lock().expect("reported lock") = reported_newest;
-        // Mid-resync under an older owner: rows may have been rebuilt there
-        // under a plan its disk no longer shows.
-        object
-            .rows_rebuilt
-            .lock()
-            .expect("rebuilt lock")
-            .extend((0..infos.len()).filter(|index| infos[*index].as_ref().is_ok_and(|info| info.sync.is_some())));
+        // Mid-resync under an older owner, and something landed: rows may
+        // have been rebuilt there, and that owner may have skipped a write
+        // for it that a later one's before-image assumes.
+        object.rows_rebuilt.lock().expect("rebuilt lock").extend(
+            (0..infos.len()).filter(|index| {
+                infos[*index].as_ref().is_ok_and(|info| info.sync.is_some() && !info.untouched_by_resync)
+            }),
+        );
         for stale in wanted {
             object.track_exactly(stale).await;
         }
@@ -1427,7 +1434,11 @@ impl<T: Transport> Object<T> {
         // A new session: the old one's messages are void.
         state.sessions[component] = (self.next_session.fetch_add(1, Ordering::Relaxed), 1);
         let mut out = Vec::new();
-        let mid_resync = rows_resynced(&info) || self.rows_rebuilt.lock().expect("rebuilt lock").contains(&component);
+        // Nothing landed under any resync since it was last complete: it
+        // holds what it held when the first began, whatever this owner sent
+        // it or skipped (a rollback ends that resync).
+        let mid_resync = !info.untouched_by_resync
+            && (rows_resynced(&info) || self.rows_rebuilt.lock().expect("rebuilt lock").contains(&component));
         let back = Input::Back { component, committed: info.committed_lsn, newest: info.newest_lsn, mid_resync };
         state.owner.handle(now_ms(), back, &mut out);
         let taken = !matches!(state.owner.status(component), Status::Absent { .. }) || !out.is_empty();
@@ -2007,14 +2018,17 @@ impl Drop for Progress<'_> {
 }
 
 /// Whether a component is in the middle of a resync whose blocks written
-/// no rollback can take back to what it held. One that has written none
-/// holds what it held at its stale LSN. One whose resync had nothing to
-/// bring (its stale LSN is its target) holds that too, plus the writes
-/// sent to it since, in order, each with the stripe's before-image, which
-/// was then its own; the rows a resync rebuilt, or a write it was not
-/// sent, the owner accounts for (`rows_rebuilt`).
+/// no rollback can take back to what it held. One on which nothing landed
+/// under this resync or one before it since it was last complete holds
+/// what it held at its stale LSN (its disk says so: a new plan empties
+/// the count of blocks done, not the account of what landed). One whose
+/// resync had nothing to bring (its stale LSN is its target) holds that
+/// too, plus the writes sent to it since, in
+/// order, each with the stripe's before-image, which was then its own; the
+/// rows a resync rebuilt, or a write it was not sent, the owner accounts
+/// for (`rows_rebuilt`).
 fn rows_resynced(info: &ComponentInfo) -> bool {
-    info.sync.is_some_and(|(stale, target, done)| done > 0 && stale != target)
+    info.sync.is_some_and(|(stale, target, _)| stale != target) && !info.untouched_by_resync
 }
 
 /// The stale LSNs a component holds complete tracking bitmaps for.

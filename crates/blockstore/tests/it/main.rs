@@ -583,3 +583,75 @@ async fn chunk_writes_roll_back_from_before_images_kept_across_checkpoints_until
     assert_eq!(disk.read(1, 4, 2).unwrap(), blocks(4, 2, 1), "write 6 was not: undone");
     assert!(disk.unmapped_above(1, 0).unwrap().is_empty(), "the unmap's entry went with the stable mark");
 }
+
+/// Whether anything landed under a resync since the component was last
+/// complete: a new plan empties the blocks it counts as done, not this
+/// account, which survives a restart; metadata written before the account
+/// existed reads as nothing landed.
+#[tokio::test]
+async fn what_landed_under_a_resync_is_kept_across_plans_and_restarts() {
+    use blockstore::Record;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 16).await.unwrap();
+    disk.create(2, 16).await.unwrap();
+    disk.write(1, 3, 0, blocks(0, 4, 3)).await.unwrap();
+    disk.begin_sync(1, 3, 5, 1).await.unwrap();
+    disk.begin_sync(2, 0, 5, 1).await.unwrap();
+    assert!(disk.component(1).unwrap().untouched_by_resync, "nothing landed yet");
+    disk.begin_sync(1, 3, 6, 2).await.unwrap();
+    assert!(disk.component(1).unwrap().untouched_by_resync, "a new plan lands nothing");
+    disk.sync_write(1, 2, 8, blocks(8, 1, 6)).await.unwrap();
+    assert!(!disk.component(1).unwrap().untouched_by_resync);
+    disk.begin_sync(1, 3, 7, 3).await.unwrap();
+    let info = disk.component(1).unwrap();
+    assert_eq!(info.sync, Some((3, 7, 0)), "the new plan counts no block done");
+    assert!(!info.untouched_by_resync, "but what the plan before landed is still there");
+    // A rollback leaves such a resync under way.
+    disk.submit_now(Record::RollBack { component: 1, to: 2 }).unwrap().await.unwrap();
+    assert_eq!(disk.component(1).unwrap().sync, Some((3, 7, 0)));
+    disk.close();
+    drop(disk);
+    let disk = open(dir.path());
+    let (one, two) = (disk.component(1).unwrap(), disk.component(2).unwrap());
+    assert!(!one.untouched_by_resync, "kept across a restart: {one:?}");
+    assert!(two.untouched_by_resync, "{two:?}");
+    disk.close();
+    drop(disk);
+    // Metadata from before the account: `Meta` alone. With nothing landed
+    // under a resync anywhere, the account is one byte (an empty list).
+    let disk = open(dir.path());
+    disk.end_sync(1, 0).await.unwrap();
+    disk.close();
+    drop(disk);
+    let meta = dir.path().join("meta");
+    let bytes = std::fs::read(&meta).unwrap();
+    assert_eq!(bytes.last(), Some(&0));
+    std::fs::write(&meta, &bytes[..bytes.len() - 1]).unwrap();
+    let disk = open(dir.path());
+    assert!(disk.component(2).unwrap().untouched_by_resync);
+    assert_eq!(disk.component(1).unwrap().sync, None);
+}
+
+/// A rollback ends a resync under which nothing landed: the component
+/// holds what it held before it began, rolled back, and counts as current
+/// only that far. One under which something landed goes on.
+#[tokio::test]
+async fn a_rollback_ends_a_resync_under_which_nothing_landed() {
+    use blockstore::Record;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = open(dir.path());
+    disk.create(1, 16).await.unwrap();
+    for lsn in 1..=4u64 {
+        let undo = disk.read(1, lsn, 1).unwrap();
+        let record = Record::ChunkWrite { component: 1, lsn, first: lsn, stable: 0, data: blocks(lsn, 1, lsn), undo };
+        disk.submit_now(record).unwrap().await.unwrap();
+    }
+    // Back at stale LSN 3 (it holds 4, a write no other chunk has).
+    disk.begin_sync(1, 3, 9, 1).await.unwrap();
+    disk.submit_now(Record::RollBack { component: 1, to: 2 }).unwrap().await.unwrap();
+    let info = disk.component(1).unwrap();
+    assert_eq!((info.sync, info.committed_lsn), (None, 2), "{info:?}");
+    assert_eq!(disk.read(1, 3, 2).unwrap(), vec![0u8; 2 * BLOCK_SIZE], "writes 3 and 4 rolled back");
+    assert_eq!(disk.read(1, 2, 1).unwrap(), blocks(2, 1, 2));
+}

@@ -241,7 +241,10 @@ fn handovers_under_faults_lose_no_acknowledged_write_and_copies_converge() {
     let erasure = Scenario { handovers: true, ..erasure_scenario(Layout::new(2, 1)) };
     let (mut handovers, mut hits) = (0, 0);
     for scenario in [copies, erasure] {
-        for seed in seeds_up_to(6, 150) {
+        // Seeds 36, 63 and 96: a chunk back in the middle of a resync under
+        // which nothing landed, which a new owner could not count, so the
+        // object never opened again.
+        for seed in with_regressions(seeds_up_to(6, 150), &[36, 63, 96]) {
             let report = run(seed, &scenario);
             handovers += report.handovers;
             hits += report.cache_hits;
