@@ -147,15 +147,16 @@ pub struct ComponentInfo {
     pub tracking: Vec<(Lsn, u64, bool)>,
     /// While resynchronizing: (stale LSN, target LSN, blocks done).
     pub sync: Option<(Lsn, Lsn, u64)>,
-    /// While resynchronizing: nothing has landed here, under this resync
-    /// or an earlier one since the component was last complete (no resync
-    /// data, no write): it holds just what it held when the first began.
-    pub untouched_by_resync: bool,
     /// Bytes the component's data file holds on disk.
     pub allocated_bytes: u64,
     /// The LSN of the write it refused for want of room, while it takes no
     /// later one (see [`Disk::resume`]).
     pub halted: Option<Lsn>,
+    /// While resynchronizing: nothing has landed here, under this resync
+    /// or an earlier one since the component was last complete (no resync
+    /// data, no write): it holds just what it held when the first began.
+    /// (Last: a build from before it decodes the rest and ignores it.)
+    pub untouched_by_resync: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -473,15 +474,16 @@ impl Disk {
         fs.create_dir_all(dir).map_err(io)?;
         let name = dir.display().to_string();
         let unreadable = |error: postcard::Error| Error::Io(format!("{name}: unreadable metadata: {error}"));
-        let (meta, landed): (Meta, Vec<ComponentId>) = match fs.read_file(&dir.join("meta")) {
+        // `landed`: written after `Meta`. Metadata from before it ends at
+        // `Meta` and cannot say: every resync under way counts as one under
+        // which something landed (`None`).
+        let (meta, landed): (Meta, Option<Vec<ComponentId>>) = match fs.read_file(&dir.join("meta")) {
             Ok(bytes) => {
                 let (meta, rest) = postcard::take_from_bytes(&bytes).map_err(unreadable)?;
-                // Written after `Meta` (metadata from before it ends there).
-                let landed =
-                    if rest.is_empty() { Vec::new() } else { postcard::from_bytes(rest).map_err(unreadable)? };
+                let landed = if rest.is_empty() { None } else { Some(postcard::from_bytes(rest).map_err(unreadable)?) };
                 (meta, landed)
             }
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => (Meta::default(), Vec::new()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => (Meta::default(), Some(Vec::new())),
             Err(error) => return Err(io(error)),
         };
         let inner = Arc::new(Inner {
@@ -522,7 +524,7 @@ impl Disk {
                             target: *target,
                             newest: *newest,
                             done: bitmap_from(bytes)?,
-                            landed_before: landed.contains(&component.id),
+                            landed_before: landed.as_ref().is_none_or(|landed| landed.contains(&component.id)),
                         }),
                         None => None,
                     },
@@ -628,9 +630,9 @@ impl Disk {
                 .map(|(lsn, bitmap)| (*lsn, bitmap.len(), !state.incomplete.contains(lsn)))
                 .collect(),
             sync: state.sync.as_ref().map(|sync| (sync.stale, sync.target, sync.done.len())),
-            untouched_by_resync: state.sync.as_ref().is_some_and(Sync::untouched),
             allocated_bytes: component.data.allocated_bytes().unwrap_or(0),
             halted,
+            untouched_by_resync: state.sync.as_ref().is_some_and(Sync::untouched),
         })
     }
 

@@ -310,6 +310,10 @@ pub struct Object<T: Transport> {
     /// rebuilt that has not ended (sent under this owner, under any plan,
     /// or found mid-resync by it): never readmitted as they stand.
     rows_rebuilt: Mutex<HashSet<Index>>,
+    /// Erasure-coded: components whose disks said, when last probed, that
+    /// nothing landed under the resync they are in (nor one before it). A
+    /// readmission checks that still holds once it has rolled them back.
+    untouched_when_probed: Mutex<HashSet<Index>>,
     /// Chunk unmaps rollbacks reported, to be completed on every component
     /// once a readmission takes k back (a rollback reports them once).
     unmaps_to_complete: Mutex<Vec<(u64, u64)>>,
@@ -427,6 +431,7 @@ impl<T: Transport> Object<T> {
             extra: Mutex::new(HashMap::new()),
             reported_newest: Mutex::new(HashMap::new()),
             rows_rebuilt: Mutex::new(HashSet::new()),
+            untouched_when_probed: Mutex::new(HashSet::new()),
             unmaps_to_complete: Mutex::new(Vec::new()),
             recorded: Notify::new(),
             resync_stats: ResyncStats::default(),
@@ -1175,11 +1180,13 @@ impl<T: Transport> Object<T> {
             if state.closed {
                 return;
             }
+            let untouched = self.untouched_when_probed.lock().expect("untouched lock").clone();
             let mut answers = Vec::new();
             for &index in &components {
                 let id = self.ids[index];
-                if matches!(state.owner.status(index), Status::Absent { .. }) {
-                    // A resync it began wrote nothing there (see
+                let absent = matches!(state.owner.status(index), Status::Absent { .. });
+                if absent && !untouched.contains(&index) {
+                    // A resync it began had nothing to bring (see
                     // `rows_resynced`): it ends as it stands, and the
                     // rollback then sets its committed LSN.
                     let request = Request::EndSync { component: id, plan: 0 };
@@ -1187,6 +1194,16 @@ impl<T: Transport> Object<T> {
                 }
                 let request = Request::RollBack { component: id, to };
                 answers.push((index, self.send(&mut state, index, request, Bytes::new(), None)));
+                if absent && untouched.contains(&index) {
+                    // Nothing had landed under its resync when probed, so
+                    // the rollback ends that resync; unless a message of
+                    // its old session landed since (an old owner's write,
+                    // say, whose before-image assumes one it skipped):
+                    // then the resync is still under way, and the
+                    // component not rolled back.
+                    let request = Request::Info { component: id };
+                    answers.push((index, self.send(&mut state, index, request, Bytes::new(), None)));
+                }
             }
             answers
         };
@@ -1197,6 +1214,7 @@ impl<T: Transport> Object<T> {
                     self.unmaps_to_complete.lock().expect("unmaps lock").extend(ranges)
                 }
                 Ok(Ok(Reply::Ended(_))) => {}
+                Ok(Ok(Reply::Info(info))) if info.sync.is_none() => {}
                 other => {
                     tracing::warn!(component = index, to, answer = ?other, "no rollback for a readmission");
                     rolled_back = false;
@@ -1439,6 +1457,13 @@ impl<T: Transport> Object<T> {
         // it or skipped (a rollback ends that resync).
         let mid_resync = !info.untouched_by_resync
             && (rows_resynced(&info) || self.rows_rebuilt.lock().expect("rebuilt lock").contains(&component));
+        {
+            let mut untouched = self.untouched_when_probed.lock().expect("untouched lock");
+            match info.untouched_by_resync {
+                true => untouched.insert(component),
+                false => untouched.remove(&component),
+            };
+        }
         let back = Input::Back { component, committed: info.committed_lsn, newest: info.newest_lsn, mid_resync };
         state.owner.handle(now_ms(), back, &mut out);
         let taken = !matches!(state.owner.status(component), Status::Absent { .. }) || !out.is_empty();
