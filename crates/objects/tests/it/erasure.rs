@@ -812,3 +812,53 @@ async fn a_component_recorded_away_above_what_it_holds_still_counts_toward_a_new
     check_stripes(&hosts, layout, &model).await;
     assert!(read_all(&object, blocks).await == model);
 }
+
+/// A chunk back in the middle of a resync under which nothing landed (one
+/// that waited for its turn, say) holds what it held when the resync began.
+/// A new owner that finds too few chunks recorded active counts it at its
+/// stale LSN, and its rollback ends that resync; before, such a chunk never
+/// counted, and with another chunk away the object never opened again.
+/// One under which a block landed, under this plan or one before, still
+/// does not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_owner_counts_a_chunk_in_the_middle_of_a_resync_under_which_nothing_landed() {
+    let layout = Layout::new(2, 1);
+    let Fixture { _dir, hosts, blocks, object, mut model } = Fixture::open(layout, 3, 720).await;
+    write(&object, &mut model, 0, blocks, 1).await;
+    write(&object, &mut model, 3, 5, 2).await;
+    object.close();
+    let held = committed(&hosts[0]);
+    assert!(hosts.iter().all(|host| committed(host) == held), "every chunk holds every write");
+    let begin = |plan| Request::BeginSync { component: hosts[1].id, stale: held, target: held + 2, plan };
+    let recorded = || {
+        vec![
+            Status::Absent { stale: held, since: 0 },
+            Status::Resyncing { stale: held, target: held + 2 },
+            Status::Absent { stale: held, since: 0 },
+        ]
+    };
+    hosts[2].online.store(false, Ordering::SeqCst);
+
+    // Something landed under an earlier plan: it cannot count.
+    hosts[1].client.call(1, begin(7), &[]).await.unwrap();
+    let own = hosts[1].client.read(1, hosts[1].id, 0, 1).await.unwrap();
+    hosts[1].client.call(1, Request::SyncWrite { component: hosts[1].id, plan: 7, first: 0 }, &own).await.unwrap();
+    hosts[1].client.call(1, begin(8), &[]).await.unwrap();
+    let refused = Object::recover(2, blocks, components(&hosts), recorded(), hooks(layout)).await;
+    assert!(refused.is_err(), "a chunk with resync data under it counted");
+
+    // Nothing landed: it counts, and the rollback ends its resync.
+    hosts[1].client.call(2, Request::EndSync { component: hosts[1].id, plan: 0 }, &[]).await.unwrap();
+    hosts[1].client.call(2, begin(9), &[]).await.unwrap();
+    let info = hosts[1].service.disks()[0].component(hosts[1].id).unwrap();
+    assert!(info.untouched_by_resync, "{info:?}");
+    let object = Object::recover(3, blocks, components(&hosts), recorded(), hooks(layout)).await.unwrap();
+    assert_eq!(object.statuses()[..2], [Status::Active, Status::Active]);
+    let info = hosts[1].service.disks()[0].component(hosts[1].id).unwrap();
+    assert_eq!((info.sync, info.committed_lsn), (None, held), "{info:?}");
+    assert!(read_all(&object, blocks).await == model);
+    write(&object, &mut model, 9, 4, 3).await;
+    bring_back(&object, &hosts, 2).await;
+    check_stripes(&hosts, layout, &model).await;
+    assert!(read_all(&object, blocks).await == model);
+}
