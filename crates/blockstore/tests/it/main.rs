@@ -610,6 +610,19 @@ async fn what_landed_under_a_resync_is_kept_across_plans_and_restarts() {
     // A rollback leaves such a resync under way.
     disk.submit_now(Record::RollBack { component: 1, to: 2 }).unwrap().await.unwrap();
     assert_eq!(disk.component(1).unwrap().sync, Some((3, 7, 0)));
+    // What a crash leaves (no checkpoint since the disk opened): the
+    // journal's replay finds the same.
+    let image = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), image.path().join(entry.file_name())).unwrap();
+    }
+    let replayed = open(image.path());
+    let (one, two) = (replayed.component(1).unwrap(), replayed.component(2).unwrap());
+    assert_eq!(one.sync, Some((3, 7, 0)));
+    assert!(!one.untouched_by_resync && two.untouched_by_resync, "replayed: {one:?} {two:?}");
+    replayed.close();
+    drop(replayed);
     disk.close();
     drop(disk);
     let disk = open(dir.path());
