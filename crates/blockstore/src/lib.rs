@@ -1204,7 +1204,10 @@ impl Inner {
                 // Checked as it applies, in journal order: the sync under
                 // way then is the one a replay finds too.
                 if *plan != 0 && *plan != sync.plan {
-                    return Err(superseded(id, *plan, sync.plan));
+                    return Err(Error::Invalid(format!(
+                        "component {id}: resync plan {plan} was superseded by plan {}",
+                        sync.plan
+                    )));
                 }
                 // Block by block: a block a newer write reached keeps it.
                 for index in 0..count {
@@ -1765,11 +1768,6 @@ fn lsn_of(record: &Record) -> Option<(ComponentId, Lsn)> {
         | Record::ChunkUnmap { component, lsn, .. } => Some((*component, *lsn)),
         _ => None,
     }
-}
-
-/// A resync write of `plan` refused: `current` is the resync under way.
-fn superseded(id: ComponentId, plan: u64, current: u64) -> Error {
-    Error::Invalid(format!("component {id}: resync plan {plan} was superseded by plan {current}"))
 }
 
 /// The blocks a record writes that may fill holes: (component, first, count).

@@ -2048,10 +2048,9 @@ impl Drop for Progress<'_> {
 /// what it held at its stale LSN (its disk says so: a new plan empties
 /// the count of blocks done, not the account of what landed). One whose
 /// resync had nothing to bring (its stale LSN is its target) holds that
-/// too, plus the writes sent to it since, in
-/// order, each with the stripe's before-image, which was then its own; the
-/// rows a resync rebuilt, or a write it was not sent, the owner accounts
-/// for (`rows_rebuilt`).
+/// too, plus the writes sent to it since, in order, each with the stripe's
+/// before-image, which was then its own; the rows a resync rebuilt, or a
+/// write it was not sent, the owner accounts for (`rows_rebuilt`).
 fn rows_resynced(info: &ComponentInfo) -> bool {
     info.sync.is_some_and(|(stale, target, _)| stale != target) && !info.untouched_by_resync
 }
