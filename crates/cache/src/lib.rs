@@ -24,10 +24,12 @@
 //!   no empty near slot reuses its slot.
 //! - **Each element carries its own lock word** (`Element::state`): the
 //!   queue it is in, or removed. Every move between queues and every
-//!   removal is a compare-and-swap on it, so two threads that race on one
-//!   element (an evictor moving it to main while a writer replaces it, two
-//!   evictors, a remover and an evictor) find out: exactly one wins, and
-//!   the loser drops its claim or retries with the element's new state.
+//!   removal that can race is a compare-and-swap on it, so two threads that
+//!   race on one element (an evictor moving it to main while a writer
+//!   replaces it or a remover removes it) find out: exactly one wins, and
+//!   the loser drops its claim or retries with the element's new state. An
+//!   evictor removes the element it popped under its bucket's lock, which
+//!   the others need to remove it, so there a load and a store do.
 //! - Two threads inserting the same key meet under the bucket's mutex: the
 //!   second replaces the first, so a key is never in the table twice.
 //! - The cache is split into a few shards per core by hash, each with the
@@ -62,8 +64,10 @@ mod ring;
 use std::borrow::Borrow;
 use std::cell::UnsafeCell;
 use std::hash::{BuildHasher, Hash};
+use std::ops::Range;
 use std::ptr;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 
 use bucket::{tag, List, Slot, View};
 use crossbeam_utils::{Backoff, CachePadded};
@@ -199,8 +203,12 @@ const EVICTION: usize = 1;
 /// One shard: a hash table and three queues for its share of the keys and
 /// of the capacity. Every operation on a key stays within its shard.
 struct Shard<K, V> {
-    buckets: Box<[Bucket<K, V>]>,
-    bucket_mask: u64,
+    /// The whole cache's table (`Cache::table`): this shard's buckets are
+    /// those whose index it is found by.
+    table: Arc<[Bucket<K, V>]>,
+    table_mask: u64,
+    /// This shard's buckets in the table, for audits.
+    own: Range<usize>,
     small: Ring<Element<K, V>>,
     main: Ring<Element<K, V>>,
     /// Ghosts pushed so far: the ghost queue's head. A ghost pushed at
@@ -222,8 +230,21 @@ struct Shard<K, V> {
 
 /// A concurrent S3-FIFO cache. See the crate documentation.
 pub struct Cache<K, V, W = UnitWeigher, S = foldhash::fast::RandomState> {
+    /// Every shard's buckets, one table: a key's bucket and its shard are
+    /// both found from this struct's own fields (`locate`), which every
+    /// operation reads, rather than from its shard's, which an operation
+    /// reads only for its shard's share of the keys: on one thread those
+    /// lines fall out of the processor's nearest cache between uses, and
+    /// a lookup waited for one before it could even ask for its bucket.
+    table: Arc<[Bucket<K, V>]>,
+    /// Bits 32 and up of a hash, masked, give its bucket's index; the
+    /// index's top bits (above `shard_shift`) give its shard.
+    table_mask: u64,
+    shard_shift: u32,
     shards: Box<[Shard<K, V>]>,
-    shard_mask: u64,
+    /// Each shard's share of the capacity: the heaviest entry cached.
+    shard_capacity: u64,
+    counting: bool,
     capacity: u64,
     weigher: W,
     hasher: S,
@@ -243,6 +264,23 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>> Cache<K, V, W> {
     pub fn with_weigher(estimated_items: usize, capacity: u64, weigher: W) -> Self {
         Cache::with(estimated_items, capacity, weigher, Default::default())
     }
+}
+
+/// The value listed in `bucket` for `key`, if any, marked read if `touch`.
+fn lookup<K, V, Q>(bucket: &Bucket<K, V>, hash: u64, key: &Q, touch: bool) -> Option<V>
+where
+    K: Borrow<Q>,
+    V: Clone,
+    Q: Eq + ?Sized,
+{
+    let bucket = bucket.lock();
+    bucket.live(tag(hash), |element| element.key.borrow() == key).map(|element| {
+        if touch {
+            element.touch();
+        }
+        // SAFETY: this bucket's lock is held (`bucket`).
+        unsafe { element.value.get() }.clone()
+    })
 }
 
 /// Shards for a cache of `estimated_items`: a few per core, each with at
@@ -270,19 +308,33 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
         let shards = shards.clamp(1, SHARDS_MAX).next_power_of_two();
         let items = estimated_items.max(1).div_ceil(shards);
         let share = (capacity / shards as u64).max(1);
+        let shard_buckets = (items / ITEMS_PER_BUCKET).max(16).next_power_of_two();
+        let buckets = shards * shard_buckets;
+        let table: Arc<[Bucket<K, V>]> = (0..buckets).map(|_| BucketLock::default()).collect();
+        let table_mask = buckets as u64 - 1;
         Cache {
-            shards: (0..shards).map(|_| Shard::new(items, share)).collect(),
-            shard_mask: shards as u64 - 1,
+            shards: (0..shards)
+                .map(|shard| {
+                    let own = shard * shard_buckets..(shard + 1) * shard_buckets;
+                    Shard::new(Arc::clone(&table), table_mask, own, items, share)
+                })
+                .collect(),
+            table,
+            table_mask,
+            shard_shift: shard_buckets.trailing_zeros(),
+            shard_capacity: share,
+            counting: false,
             capacity,
             weigher,
             hasher,
         }
     }
 
-    fn shard(&self, hash: u64) -> &Shard<K, V> {
-        // The top bits: the bucket index takes the bits from 32 up, the
-        // ghost tag the lowest.
-        &self.shards[((hash >> 58) & self.shard_mask) as usize]
+    /// The shard and the bucket of a hash: the bucket index takes the bits
+    /// from 32 up, the ghost tag the lowest 32.
+    fn locate(&self, hash: u64) -> (&Shard<K, V>, &Bucket<K, V>) {
+        let index = ((hash >> 32) & self.table_mask) as usize;
+        (&self.shards[index >> self.shard_shift], &self.table[index])
     }
 
     /// The value cached for `key`, marking it read (for eviction).
@@ -292,7 +344,7 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
         Q: Hash + Eq + ?Sized,
     {
         let hash = self.hasher.hash_one(key);
-        self.shard(hash).lookup(hash, key, true)
+        lookup(self.locate(hash).1, hash, key, true)
     }
 
     /// The value cached for `key`, without counting a read (eviction order
@@ -303,7 +355,7 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
         Q: Hash + Eq + ?Sized,
     {
         let hash = self.hasher.hash_one(key);
-        self.shard(hash).lookup(hash, key, false)
+        lookup(self.locate(hash).1, hash, key, false)
     }
 
     /// Caches `value` for `key`, replacing any value it had.
@@ -319,15 +371,21 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
     pub fn insert_if(&self, key: K, value: V, still_valid: impl FnOnce() -> bool) -> bool {
         let weight = self.weigher.weigh(&key, &value);
         let hash = self.hasher.hash_one(&key);
-        let shard = self.shard(hash);
-        match u32::try_from(weight) {
-            Ok(weight) if u64::from(weight) <= shard.capacity => shard.insert_if(hash, key, value, weight, still_valid),
+        let (shard, bucket) = self.locate(hash);
+        let inserted = match u32::try_from(weight) {
+            Ok(weight) if u64::from(weight) <= self.shard_capacity => {
+                shard.insert_if(bucket, hash, key, value, weight, still_valid)
+            }
             _ => {
                 // It can never fit: drop any older value so no reader sees it.
-                shard.remove(hash, &key);
+                shard.remove(bucket, hash, &key);
                 false
             }
+        };
+        if inserted && self.counting {
+            shard.counters[INSERT].fetch_add(1, Ordering::Relaxed);
         }
+        inserted
     }
 
     /// Drops `key`'s value; returns whether there was one.
@@ -337,7 +395,8 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
         Q: Hash + Eq + ?Sized,
     {
         let hash = self.hasher.hash_one(key);
-        self.shard(hash).remove(hash, key)
+        let (shard, bucket) = self.locate(hash);
+        shard.remove(bucket, hash, key)
     }
 
     /// Total weight of the cached entries.
@@ -351,7 +410,9 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
 
     /// Number of cached entries (walks every bucket: for reports, not hot paths).
     pub fn len(&self) -> usize {
-        self.shards.iter().map(Shard::len).sum()
+        let live =
+            |bucket: &Bucket<K, V>| bucket.lock().slots().filter(|(_, slot)| matches!(slot, View::Live(_))).count();
+        self.table.iter().map(live).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -366,6 +427,7 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
     /// behind this switch the check alone cost reads on one thread about a
     /// twentieth of their speed (bench/RESULTS.md).
     pub fn with_stats(mut self) -> Self {
+        self.counting = true;
         for shard in self.shards.iter_mut() {
             shard.counting = true;
         }
@@ -397,11 +459,17 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
 }
 
 impl<K: Eq, V: Clone> Shard<K, V> {
-    fn new(estimated_items: usize, capacity: u64) -> Self {
-        let buckets = (estimated_items / ITEMS_PER_BUCKET).max(16).next_power_of_two();
+    fn new(
+        table: Arc<[Bucket<K, V>]>,
+        table_mask: u64,
+        own: Range<usize>,
+        estimated_items: usize,
+        capacity: u64,
+    ) -> Self {
         Shard {
-            buckets: (0..buckets).map(|_| BucketLock::default()).collect(),
-            bucket_mask: buckets as u64 - 1,
+            table,
+            table_mask,
+            own,
             small: Ring::new(estimated_items),
             main: Ring::new(estimated_items),
             ghosts_pushed: CachePadded::new(AtomicU64::new(0)),
@@ -420,29 +488,9 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         weight.max(0) as u64
     }
 
-    fn len(&self) -> usize {
-        let live =
-            |bucket: &Bucket<K, V>| bucket.lock().slots().filter(|(_, slot)| matches!(slot, View::Live(_))).count();
-        self.buckets.iter().map(live).sum()
-    }
-
-    fn bucket_index(&self, hash: u64) -> usize {
-        ((hash >> 32) & self.bucket_mask) as usize
-    }
-
-    fn lookup<Q>(&self, hash: u64, key: &Q, touch: bool) -> Option<V>
-    where
-        K: Borrow<Q>,
-        Q: Eq + ?Sized,
-    {
-        let bucket = self.buckets[self.bucket_index(hash)].lock();
-        bucket.live(tag(hash), |element| element.key.borrow() == key).map(|element| {
-            if touch {
-                element.touch();
-            }
-            // SAFETY: this bucket's lock is held (`bucket`).
-            unsafe { element.value.get() }.clone()
-        })
+    /// The bucket of a hash (as `Cache::locate` finds it).
+    fn bucket(&self, hash: u64) -> &Bucket<K, V> {
+        &self.table[((hash >> 32) & self.table_mask) as usize]
     }
 
     /// Whether a ghost pushed at `position` is still in the ghost queue.
@@ -453,9 +501,19 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         head.wrapping_sub(position) <= self.ghost_window
     }
 
-    fn insert_if(&self, hash: u64, key: K, value: V, weight: u32, still_valid: impl FnOnce() -> bool) -> bool {
+    /// Inserts into `bucket`, the key's (`Cache::locate`). The caller
+    /// counts the insertion.
+    fn insert_if(
+        &self,
+        bucket: &Bucket<K, V>,
+        hash: u64,
+        key: K,
+        value: V,
+        weight: u32,
+        still_valid: impl FnOnce() -> bool,
+    ) -> bool {
         let element = {
-            let mut bucket = self.buckets[self.bucket_index(hash)].lock();
+            let mut bucket = bucket.lock();
             if !still_valid() {
                 return false;
             }
@@ -473,7 +531,6 @@ impl<K: Eq, V: Clone> Shard<K, V> {
                         // SAFETY: this bucket's lock is held (`bucket`).
                         let previous = unsafe { old.value.replace(value) };
                         old.touch();
-                        self.count(INSERT);
                         drop(bucket);
                         drop(previous);
                         return true;
@@ -501,7 +558,6 @@ impl<K: Eq, V: Clone> Shard<K, V> {
                 Some(position) => bucket.set(position, tag, listed),
                 None => bucket.add(tag, listed),
             }
-            self.count(INSERT);
             element
         };
         self.enqueue(element);
@@ -509,12 +565,13 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         true
     }
 
-    fn remove<Q>(&self, hash: u64, key: &Q) -> bool
+    /// Removes from `bucket`, the key's (`Cache::locate`).
+    fn remove<Q>(&self, bucket: &Bucket<K, V>, hash: u64, key: &Q) -> bool
     where
         K: Borrow<Q>,
         Q: Eq + ?Sized,
     {
-        let mut bucket = self.buckets[self.bucket_index(hash)].lock();
+        let mut bucket = bucket.lock();
         let tag = tag(hash);
         let is_key = |slot_tag, view: View<'_, Element<K, V>>| match view {
             View::Live(element) => slot_tag == tag && element.key.borrow() == key,
@@ -563,7 +620,7 @@ impl<K: Eq, V: Clone> Shard<K, V> {
     /// hold of the bucket's lock, which may not have ended yet: taking the
     /// lock once waits for it to.
     fn free_removed(&self, element: Owned<Element<K, V>>) {
-        drop(self.buckets[self.bucket_index(element.hash)].lock());
+        drop(self.bucket(element.hash).lock());
         // SAFETY: out of its bucket (above), in no ring (this thread owns
         // it), so no other thread can reach it.
         unsafe { element.free() };
@@ -651,15 +708,30 @@ impl<K: Eq, V: Clone> Shard<K, V> {
     }
 
     /// Evicts a popped element (leaving its ghost if asked to) and frees it.
+    ///
+    /// Its bucket's lock is taken first: under it, the element's state can
+    /// change only by this thread's hand. Others change it under that lock
+    /// (a writer replacing the key, a remover), or as its owner (an evictor
+    /// moving it to main), and this thread owns it. So a load and a store
+    /// retire it, with no compare-and-swap; and a remover's hold of the lock
+    /// has ended, so a removed element can be freed at once.
     fn evict_popped(&self, element: Owned<Element<K, V>>, leave_ghost: bool) {
-        if self.retire(&element).is_none() {
-            return self.free_removed(element);
-        }
         {
-            let mut bucket = self.buckets[self.bucket_index(element.hash)].lock();
-            // Not listed: a writer replaced the key meanwhile, under this
-            // lock, and the key is live again.
-            if let Some(position) = bucket.position_of(element.as_ptr()) {
+            let mut bucket = self.bucket(element.hash).lock();
+            let state = element.state.load(Ordering::Acquire);
+            if state == REMOVED {
+                drop(bucket);
+                // SAFETY: removed and unlisted under the lock just held, in
+                // no ring (this thread owns it): no other thread can reach it.
+                return unsafe { element.free() };
+            }
+            element.state.store(REMOVED, Ordering::Release);
+            self.queue_weight(state).fetch_sub(element.weight as i64, Ordering::Relaxed);
+            // Listed: an element leaves its bucket in the same hold of the
+            // lock that marks it removed.
+            let listed = bucket.position_of(element.as_ptr());
+            debug_assert!(listed.is_some(), "an element not removed is listed");
+            if let Some(position) = listed {
                 if leave_ghost {
                     let pushed = self.ghosts_pushed.fetch_add(1, Ordering::Relaxed);
                     bucket.set(position, tag(element.hash), Slot::Ghost(pushed));
@@ -698,8 +770,8 @@ impl<K: Eq, V: Clone> Shard<K, V> {
         let ghost_window = self.ghost_window;
         let ghosts_pushed = *self.ghosts_pushed.get_mut();
         let (mut small, mut main, mut ghosts, mut live) = (0i64, 0i64, 0u64, 0usize);
-        for bucket in self.buckets.iter_mut() {
-            let list = bucket.get_mut();
+        for bucket in &self.table[self.own.clone()] {
+            let list = bucket.lock();
             if !list.far_is_tidy() {
                 return Err("a bucket's far slots are empty, or could be near".into());
             }
@@ -869,8 +941,7 @@ mod tests {
     impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S> {
         fn elements_state(&self, key: &K) -> Option<u8> {
             let hash = self.hasher.hash_one(key);
-            let shard = self.shard(hash);
-            let bucket = shard.buckets[shard.bucket_index(hash)].lock();
+            let bucket = self.locate(hash).1.lock();
             bucket.live(tag(hash), |element| &element.key == key).map(|element| element.state.load(Ordering::Relaxed))
         }
     }

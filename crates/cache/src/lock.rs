@@ -10,7 +10,7 @@
 //! thread (bench/RESULTS.md).
 //!
 //! **Invariant:** `held` is true exactly while one `Guard` exists; the
-//! value is reached only through that guard or through `&mut self`.
+//! value is reached only through that guard.
 
 use std::cell::UnsafeCell;
 use std::marker::PhantomData;
@@ -58,10 +58,6 @@ impl<T> BucketLock<T> {
                 return;
             }
         }
-    }
-
-    pub(crate) fn get_mut(&mut self) -> &mut T {
-        self.value.get_mut()
     }
 }
 
