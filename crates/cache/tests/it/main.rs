@@ -40,7 +40,7 @@ impl Model {
     fn new(estimated_items: usize, capacity: u64) -> Self {
         Model {
             capacity,
-            small_capacity: (capacity * 2 / 100).max(1),
+            small_capacity: (capacity / 100).max(1),
             small: VecDeque::new(),
             main: VecDeque::new(),
             entries: HashMap::new(),
@@ -184,7 +184,7 @@ proptest! {
         ops in prop::collection::vec(op(KEYS, 6), 1..1000),
         // Up to a capacity whose small-queue share is several entries, so
         // that share is decided as the cache decides it.
-        capacity in 8u64..320,
+        capacity in 8u64..500,
         // Rings (at least 512 slots) larger than the capacity can fill, so
         // only the policy decides (the model has no ring limits); a ghost
         // queue of 102 to 409, so the longer runs see ghosts leave it.
