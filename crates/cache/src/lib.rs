@@ -33,10 +33,12 @@
 //! - Two threads inserting the same key meet under the bucket's mutex: the
 //!   second replaces the first, so a key is never in the table twice.
 //! - The cache is split into a few shards per core by hash, each with the
-//!   table and queues above for its share of the capacity: the queues'
-//!   counters and weights are shared by every insertion, and sharding
-//!   keeps two cores from writing the same ones (with one shard, 50/50
-//!   reads and inserts ran 3-6 times slower than quick_cache on 2 cores).
+//!   queues above for its share of the capacity and its own range of the
+//!   table's buckets: the queues' counters and weights are shared by every
+//!   insertion, and sharding keeps two cores from writing the same ones
+//!   (with one shard, 50/50 reads and inserts ran 3-6 times slower than
+//!   quick_cache on 2 cores). The table is one, so a key's bucket is found
+//!   without reading its shard (`Cache::table`).
 //!
 //! **Ownership:** an element is owned by exactly one party at a time: the
 //! thread that inserted it, until it pushes it into a ring; the ring slot

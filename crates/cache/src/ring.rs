@@ -214,11 +214,12 @@ impl<T> Ring<T> {
     /// push on that load).
     #[inline]
     fn warm_slot(&self, position: u64) {
+        let _slot = self.slot(position);
         #[cfg(all(target_arch = "x86_64", not(miri)))]
         // SAFETY: a prefetch is a hint: it reads nothing the program sees
         // and never faults; the address is a slot of this ring.
         unsafe {
-            std::arch::x86_64::_mm_prefetch(ptr::from_ref(self.slot(position)).cast(), std::arch::x86_64::_MM_HINT_T0)
+            std::arch::x86_64::_mm_prefetch(ptr::from_ref(_slot).cast(), std::arch::x86_64::_MM_HINT_T0)
         };
     }
 
