@@ -116,10 +116,13 @@ const SMALL_PERCENT: u64 = 1;
 /// their slots until reused. Short lists keep a lookup to a few compares in
 /// one cache line or two.
 const ITEMS_PER_BUCKET: usize = 2;
-/// Shards per core, at most (each shard has its own table, queues and
-/// weights, so threads on different shards share no cache line), and
-/// estimated items per shard, at least (a shard too small evicts by its
-/// own share rather than by the whole cache's).
+/// Shards per core, at most (each shard has its own queues, weights and
+/// range of the table, so threads on different shards share no cache
+/// line), and estimated items per shard, at least (a shard too small evicts
+/// by its own share rather than by the whole cache's). At the least, a
+/// shard's small queue (`SMALL_PERCENT`) holds two or three entries of
+/// the average weight: new keys then reach main mostly through their
+/// ghosts, which is what bench/cache.sh measured best.
 const SHARDS_PER_CORE: usize = 4;
 const SHARDS_MAX: usize = 64;
 const SHARD_ITEMS_MIN: usize = 256;
@@ -204,8 +207,9 @@ pub struct CacheStats {
 const INSERT: usize = 0;
 const EVICTION: usize = 1;
 
-/// One shard: a hash table and three queues for its share of the keys and
-/// of the capacity. Every operation on a key stays within its shard.
+/// One shard: three queues and a range of the cache's table, for its share
+/// of the keys and of the capacity. Every operation on a key stays within
+/// its shard.
 struct Shard<K, V> {
     /// The whole cache's table (`Cache::table`): this shard's buckets are
     /// those whose index it is found by.
@@ -270,6 +274,12 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>> Cache<K, V, W> {
     }
 }
 
+/// The table index of a hash's bucket: its bits from 32 up (the low 32 are
+/// its tag), masked to the table (at most 2^32 buckets: `with_shards`).
+fn bucket_index(hash: u64, table_mask: u64) -> usize {
+    ((hash >> 32) & table_mask) as usize
+}
+
 /// The value listed in `bucket` for `key`, if any, marked read if `touch`.
 fn lookup<K, V, Q>(bucket: &Bucket<K, V>, hash: u64, key: &Q, touch: bool) -> Option<V>
 where
@@ -312,7 +322,9 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
         let shards = shards.clamp(1, SHARDS_MAX).next_power_of_two();
         let items = estimated_items.max(1).div_ceil(shards);
         let share = (capacity / shards as u64).max(1);
+        // The index has 32 bits of hash (`bucket_index`).
         let shard_buckets = (items / ITEMS_PER_BUCKET).max(16).next_power_of_two();
+        let shard_buckets = shard_buckets.min(((1u64 << 32) / shards as u64) as usize);
         let buckets = shards * shard_buckets;
         let table: Arc<[Bucket<K, V>]> = (0..buckets).map(|_| BucketLock::default()).collect();
         let table_mask = buckets as u64 - 1;
@@ -337,7 +349,7 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
     /// The shard and the bucket of a hash: the bucket index takes the bits
     /// from 32 up, the ghost tag the lowest 32.
     fn locate(&self, hash: u64) -> (&Shard<K, V>, &Bucket<K, V>) {
-        let index = ((hash >> 32) & self.table_mask) as usize;
+        let index = bucket_index(hash, self.table_mask);
         (&self.shards[index >> self.shard_shift], &self.table[index])
     }
 
@@ -386,6 +398,9 @@ impl<K: Hash + Eq, V: Clone, W: Weigher<K, V>, S: BuildHasher> Cache<K, V, W, S>
                 false
             }
         };
+        // Counted once the insertion (and any eviction it made) is done: a
+        // `stats` meanwhile may see an eviction before its insertion; the
+        // counts are exact once no operation is in flight.
         if inserted && self.counting {
             shard.counters[INSERT].fetch_add(1, Ordering::Relaxed);
         }
@@ -494,7 +509,7 @@ impl<K: Eq, V: Clone> Shard<K, V> {
 
     /// The bucket of a hash (as `Cache::locate` finds it).
     fn bucket(&self, hash: u64) -> &Bucket<K, V> {
-        &self.table[((hash >> 32) & self.table_mask) as usize]
+        &self.table[bucket_index(hash, self.table_mask)]
     }
 
     /// Whether a ghost pushed at `position` is still in the ghost queue.

@@ -170,9 +170,9 @@ fn op(keys: u64, weight_max: u64) -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Keys of the model test: more than the largest capacity holds at the
-/// lightest weight, so every capacity evicts.
-const KEYS: u64 = 400;
+/// Keys of the model test: as many as the largest capacity holds at the
+/// lightest weight, and at 3.5 on average most capacities evict.
+const KEYS: u64 = 1000;
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
@@ -181,14 +181,16 @@ proptest! {
     /// values, match the model exactly; the cache's own invariants hold.
     #[test]
     fn the_cache_makes_every_decision_the_model_makes(
-        ops in prop::collection::vec(op(KEYS, 6), 1..1000),
-        // Up to a capacity whose small-queue share is several entries, so
-        // that share is decided as the cache decides it.
-        capacity in 8u64..500,
-        // Rings (at least 512 slots) larger than the capacity can fill, so
-        // only the policy decides (the model has no ring limits); a ghost
-        // queue of 102 to 409, so the longer runs see ghosts leave it.
-        estimated_items in 257usize..1024,
+        ops in prop::collection::vec(op(KEYS, 6), 1..2000),
+        // Up to a capacity whose small-queue share (1%) is several entries,
+        // so that share is decided as the cache decides it.
+        capacity in 8u64..1000,
+        // Rings (at least 2048 slots) that never fill, so only the policy
+        // decides (the model has no ring limits): an element is in one ring
+        // at most, so they hold no more than the insertions, fewer than
+        // 2000. A ghost queue of 410 to 819, so the longer runs with small
+        // capacities see ghosts leave it.
+        estimated_items in 1025usize..2048,
     ) {
         let mut cache = Cache::with_shards(1, estimated_items, capacity, weigh, FixedHasher::default());
         let mut model = Model::new(estimated_items, capacity);
