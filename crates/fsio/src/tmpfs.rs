@@ -36,8 +36,25 @@ impl Tmpfs {
 }
 
 impl Drop for Tmpfs {
+    /// A node a test started may still hold a file open here for a moment
+    /// after the test ends with it ("target is busy"): try again briefly,
+    /// then detach it lazily (the kernel frees it once the last file
+    /// closes), so no test run leaves a mount behind.
     fn drop(&mut self) {
-        let unmounted = Command::new("umount").arg(&self.dir).status().is_ok_and(|status| status.success());
+        let umount = |lazy: bool| {
+            let mut command = Command::new("umount");
+            if lazy {
+                command.arg("-l");
+            }
+            command.arg(&self.dir).stderr(std::process::Stdio::null());
+            command.status().is_ok_and(|status| status.success())
+        };
+        let unmounted = (0..5).any(|attempt| {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            umount(false)
+        }) || umount(true);
         if unmounted {
             let _ = std::fs::remove_dir(&self.dir);
         }
