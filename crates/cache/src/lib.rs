@@ -252,6 +252,9 @@ pub struct Cache<K, V, W = UnitWeigher, S = foldhash::fast::RandomState> {
     shards: Box<[Shard<K, V>]>,
     /// Each shard's share of the capacity: the heaviest entry cached.
     shard_capacity: u64,
+    /// Whether insertions are counted (each shard's `counting` says the
+    /// same for its evictions): both kept here, like the table, so an
+    /// insertion reads no shard's line to decide.
     counting: bool,
     capacity: u64,
     weigher: W,
